@@ -1,0 +1,263 @@
+#include "qtool/formats/dtype.hpp"
+
+#include <cmath>
+#include <cstring>
+
+#include "qtool/formats/error.hpp"
+
+namespace qtool {
+namespace {
+
+struct DTypeTraits {
+  DType dtype;
+  const char* name;
+  size_t size;
+  bool is_float;
+  const char* torch_name;
+};
+
+constexpr DTypeTraits kTraits[kNumDTypes] = {
+    {DType::BOOL, "BOOL", 1, false, "bool"},
+    {DType::U8, "U8", 1, false, "uint8"},
+    {DType::I8, "I8", 1, false, "int8"},
+    {DType::F8_E5M2, "F8_E5M2", 1, true, "float8_e5m2"},
+    {DType::F8_E4M3, "F8_E4M3", 1, true, "float8_e4m3fn"},
+    {DType::I16, "I16", 2, false, "int16"},
+    {DType::U16, "U16", 2, false, "uint16"},
+    {DType::F16, "F16", 2, true, "float16"},
+    {DType::BF16, "BF16", 2, true, "bfloat16"},
+    {DType::I32, "I32", 4, false, "int32"},
+    {DType::U32, "U32", 4, false, "uint32"},
+    {DType::F32, "F32", 4, true, "float32"},
+    {DType::F64, "F64", 8, true, "float64"},
+    {DType::I64, "I64", 8, false, "int64"},
+    {DType::U64, "U64", 8, false, "uint64"},
+};
+
+const DTypeTraits& traits(DType dt) {
+  const auto i = static_cast<size_t>(dt);
+  QTOOL_ASSERT(i < static_cast<size_t>(kNumDTypes));
+  return kTraits[i];
+}
+
+uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// A binary float with `man_bits` mantissa bits and exponent `bias`, decoded exactly.
+float decode_minifloat(uint32_t code, int exp_bits, int man_bits, int bias) {
+  const uint32_t sign = code >> (exp_bits + man_bits);
+  const uint32_t exp = (code >> man_bits) & ((1u << exp_bits) - 1);
+  const uint32_t man = code & ((1u << man_bits) - 1);
+  float mag;
+  if (exp == 0) mag = std::ldexp(static_cast<float>(man), 1 - bias - man_bits);
+  else mag = std::ldexp(static_cast<float>(man | (1u << man_bits)), static_cast<int>(exp) - bias - man_bits);
+  return sign ? -mag : mag;
+}
+
+// Rounds |f| to nearest even in a binary float with `man_bits` mantissa bits and exponent `bias`.
+// Returns the unsigned code; codes above `max_finite_code` are the caller's to map (inf or NaN).
+uint32_t encode_magnitude(float x, int man_bits, int bias) {
+  const int min_exp = 1 - bias;  // exponent of the smallest normal
+  int e;
+  std::frexp(x, &e);  // x = m * 2^e, m in [0.5, 1)
+  e -= 1;             // x = m' * 2^e, m' in [1, 2)
+  if (x == 0.0f) return 0;
+  if (e < min_exp) {
+    // Subnormal range: multiples of 2^(min_exp - man_bits). Scaling by a power of two is exact.
+    const float q = std::nearbyint(std::ldexp(x, man_bits - min_exp));
+    return static_cast<uint32_t>(q);  // q == 2^man_bits is the smallest normal, encoded the same
+  }
+  float q = std::nearbyint(std::ldexp(x, man_bits - e));  // in [2^M, 2^(M+1)]
+  if (q >= std::ldexp(1.0f, man_bits + 1)) {
+    q = std::ldexp(1.0f, man_bits);
+    e += 1;
+  }
+  const uint64_t biased = static_cast<uint64_t>(e + bias);
+  const uint64_t code = (biased << man_bits) | (static_cast<uint64_t>(q) - (1u << man_bits));
+  return code > 0xFFFFFFFFull ? 0xFFFFFFFFu : static_cast<uint32_t>(code);
+}
+
+template <typename T>
+float load_as_float(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return static_cast<float>(v);
+}
+
+}  // namespace
+
+size_t dtype_size(DType dt) { return traits(dt).size; }
+std::string_view dtype_name(DType dt) { return traits(dt).name; }
+bool dtype_is_float(DType dt) { return traits(dt).is_float; }
+std::string_view dtype_torch_name(DType dt) { return traits(dt).torch_name; }
+
+std::optional<DType> parse_dtype(std::string_view name, bool* known_unsupported) {
+  if (known_unsupported) *known_unsupported = false;
+  for (const auto& t : kTraits)
+    if (name == t.name) return t.dtype;
+  static const char* kUnsupported[] = {"F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64", "F8_E4M3FNUZ", "F8_E5M2FNUZ"};
+  for (const char* u : kUnsupported)
+    if (name == u && known_unsupported) *known_unsupported = true;
+  return std::nullopt;
+}
+
+std::optional<DType> parse_dtype_cli(std::string_view name) {
+  if (name == "bf16" || name == "bfloat16") return DType::BF16;
+  if (name == "f16" || name == "fp16" || name == "float16") return DType::F16;
+  if (name == "f32" || name == "fp32" || name == "float32") return DType::F32;
+  auto dt = parse_dtype(name);
+  if (dt && dtype_is_float(*dt)) return dt;
+  return std::nullopt;
+}
+
+float bf16_to_f32(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
+
+uint16_t f32_to_bf16(float f) {
+  const uint32_t u = bits_of(f);
+  if (std::isnan(f)) return static_cast<uint16_t>((u >> 16) | 0x40);
+  const uint32_t rounding = 0x7FFF + ((u >> 16) & 1);
+  return static_cast<uint16_t>((u + rounding) >> 16);
+}
+
+float f16_to_f32(uint16_t h) {
+  const uint32_t exp = (h >> 10) & 0x1F;
+  if (exp == 0x1F) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+    const uint32_t man = static_cast<uint32_t>(h & 0x3FF) << 13;
+    return float_of(sign | 0x7F800000u | man);
+  }
+  return decode_minifloat(h, 5, 10, 15);
+}
+
+uint16_t f32_to_f16(float f) {
+  const uint16_t sign = (bits_of(f) >> 16) & 0x8000;
+  if (std::isnan(f)) return static_cast<uint16_t>(sign | 0x7E00);
+  const uint32_t code = std::isinf(f) ? 0x7C00u : encode_magnitude(std::fabs(f), 10, 15);
+  return static_cast<uint16_t>(sign | (code >= 0x7C00u ? 0x7C00u : code));
+}
+
+float fp8_e4m3_to_f32(uint8_t v) {
+  if ((v & 0x7F) == 0x7F) return std::nanf("");
+  return decode_minifloat(v, 4, 3, 7);
+}
+
+float fp8_e5m2_to_f32(uint8_t v) { return f16_to_f32(static_cast<uint16_t>(v) << 8); }
+
+uint8_t f32_to_fp8_e4m3(float f) {
+  const uint8_t sign = (bits_of(f) >> 24) & 0x80;
+  if (!std::isfinite(f)) return static_cast<uint8_t>(sign | 0x7F);
+  const uint32_t code = encode_magnitude(std::fabs(f), 3, 7);
+  return static_cast<uint8_t>(sign | (code > 0x7E ? 0x7F : code));  // e4m3fn has no infinity
+}
+
+uint8_t f32_to_fp8_e5m2(float f) {
+  const uint8_t sign = (bits_of(f) >> 24) & 0x80;
+  if (std::isnan(f)) return static_cast<uint8_t>(sign | 0x7F);
+  const uint32_t code = std::isinf(f) ? 0x7Cu : encode_magnitude(std::fabs(f), 2, 15);
+  return static_cast<uint8_t>(sign | (code >= 0x7C ? 0x7C : code));
+}
+
+void convert_to_f32(DType dt, const void* src, float* dst, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(src);
+  switch (dt) {
+    case DType::BOOL:
+      for (size_t i = 0; i < n; ++i) dst[i] = p[i] ? 1.0f : 0.0f;
+      return;
+    case DType::U8:
+      for (size_t i = 0; i < n; ++i) dst[i] = p[i];
+      return;
+    case DType::I8:
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(p[i]);
+      return;
+    case DType::F8_E5M2:
+      for (size_t i = 0; i < n; ++i) dst[i] = fp8_e5m2_to_f32(p[i]);
+      return;
+    case DType::F8_E4M3:
+      for (size_t i = 0; i < n; ++i) dst[i] = fp8_e4m3_to_f32(p[i]);
+      return;
+    case DType::I16:
+      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<int16_t>(p + 2 * i);
+      return;
+    case DType::U16:
+      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<uint16_t>(p + 2 * i);
+      return;
+    case DType::F16:
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, p + 2 * i, 2);
+        dst[i] = f16_to_f32(h);
+      }
+      return;
+    case DType::BF16:
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, p + 2 * i, 2);
+        dst[i] = bf16_to_f32(h);
+      }
+      return;
+    case DType::I32:
+      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<int32_t>(p + 4 * i);
+      return;
+    case DType::U32:
+      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<uint32_t>(p + 4 * i);
+      return;
+    case DType::F32:
+      std::memcpy(dst, p, 4 * n);
+      return;
+    case DType::F64:
+      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<double>(p + 8 * i);
+      return;
+    case DType::I64:
+      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<int64_t>(p + 8 * i);
+      return;
+    case DType::U64:
+      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<uint64_t>(p + 8 * i);
+      return;
+  }
+}
+
+void convert_from_f32(DType dt, const float* src, void* dst, size_t n) {
+  auto* p = static_cast<uint8_t*>(dst);
+  switch (dt) {
+    case DType::F32:
+      std::memcpy(p, src, 4 * n);
+      return;
+    case DType::F64:
+      for (size_t i = 0; i < n; ++i) {
+        const double d = src[i];
+        std::memcpy(p + 8 * i, &d, 8);
+      }
+      return;
+    case DType::BF16:
+      for (size_t i = 0; i < n; ++i) {
+        const uint16_t h = f32_to_bf16(src[i]);
+        std::memcpy(p + 2 * i, &h, 2);
+      }
+      return;
+    case DType::F16:
+      for (size_t i = 0; i < n; ++i) {
+        const uint16_t h = f32_to_f16(src[i]);
+        std::memcpy(p + 2 * i, &h, 2);
+      }
+      return;
+    case DType::F8_E4M3:
+      for (size_t i = 0; i < n; ++i) p[i] = f32_to_fp8_e4m3(src[i]);
+      return;
+    case DType::F8_E5M2:
+      for (size_t i = 0; i < n; ++i) p[i] = f32_to_fp8_e5m2(src[i]);
+      return;
+    default:
+      fail(ErrorKind::Unsupported, "conversion from float32 to ", dtype_name(dt), " is not supported");
+  }
+}
+
+}  // namespace qtool
