@@ -1,0 +1,53 @@
+// The qtool CLI: each command lives in cmd_<name>.cpp and registers itself with add_<name>_command.
+// Commands only parse options into a plain struct and call one library entry; errors are thrown
+// as qtool::Error and mapped to exit codes in main.cpp.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+
+#include <CLI/CLI.hpp>
+
+#include "qtool/formats/progress.hpp"
+
+namespace qtool::cli {
+
+struct GlobalOptions {
+  bool quiet = false;
+  bool verbose = false;
+};
+
+// The function a command runs after parsing; returns the exit code (0, or 1 for a failed check).
+using CommandFn = std::function<int()>;
+
+// Each cmd_<name>.cpp registers its command with a static CommandRegistrar; `order` sets its place
+// in --help. `add` creates the subcommand on `app` and sets `run` when it is the one invoked.
+using AddCommandFn = void (*)(CLI::App& app, const GlobalOptions& global, CommandFn& run);
+struct CommandRegistrar {
+  CommandRegistrar(int order, AddCommandFn add);
+};
+void add_registered_commands(CLI::App& app, const GlobalOptions& global, CommandFn& run);
+
+// Human output goes to stderr; these respect --quiet, --verbose and NO_COLOR.
+void info(const GlobalOptions& global, std::string_view line);
+void verbose(const GlobalOptions& global, std::string_view line);
+void warn(std::string_view line);
+bool use_color();
+
+// A progress bar on stderr, drawn only when stderr is a terminal and not --quiet.
+// Thread-safe; redraws at most ~10 times a second.
+class ProgressBar {
+ public:
+  ProgressBar(const GlobalOptions& global, std::string title);
+  ~ProgressBar();
+  ProgressFn callback();
+  void finish();
+
+ private:
+  struct State;
+  State* state_;
+};
+
+}  // namespace qtool::cli
