@@ -15,8 +15,8 @@ uint64_t parse_size(std::string_view text, std::string_view option) {
   };
   size_t i = 0;
   while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
-  if (i == 0) return bad();
   const std::string number(text.substr(0, i));
+  if (number.find_first_of("0123456789") == std::string::npos) return bad();
   if (number.find('.') != number.rfind('.')) return bad();
   std::string unit(text.substr(i));
   while (!unit.empty() && unit.front() == ' ') unit.erase(unit.begin());

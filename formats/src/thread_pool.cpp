@@ -30,60 +30,64 @@ void ThreadPool::worker_loop() {
       job = std::move(queue_.back());
       queue_.pop_back();
     }
-    job();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      --pending_;
-    }
-    cv_done_.notify_all();
+    job();  // the job itself reports completion to its batch
   }
 }
 
 void ThreadPool::parallel_for(size_t n, size_t min_chunk, const std::function<void(size_t, size_t)>& fn) {
   if (n == 0) return;
   min_chunk = std::max<size_t>(1, min_chunk);
-  const size_t n_chunks = std::min(n_threads_, (n + min_chunk - 1) / min_chunk);
+  // Every chunk gets at least min_chunk items (the header's promise), so n / min_chunk at most.
+  const size_t n_chunks = std::min(n_threads_, std::max<size_t>(1, n / min_chunk));
   if (n_chunks <= 1) {
     fn(0, n);
     return;
   }
+  // Each call counts its own chunks: a caller waits for its batch only, so that a parallel_for
+  // nested inside a job, or calls from several threads at once, cannot wait on each other.
   std::exception_ptr first_error;
-  std::mutex err_mu;
+  size_t remaining = n_chunks - 1;  // chunks handed to the queue; guarded by mu_
   auto run = [&](size_t c) {
     const size_t begin = n * c / n_chunks, end = n * (c + 1) / n_chunks;
     try {
       fn(begin, end);
     } catch (...) {
-      std::lock_guard<std::mutex> lock(err_mu);
+      std::lock_guard<std::mutex> lock(mu_);
       if (!first_error) first_error = std::current_exception();
     }
   };
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (size_t c = 1; c < n_chunks; ++c) queue_.emplace_back([&run, c] { run(c); });
+    for (size_t c = 1; c < n_chunks; ++c) {
+      queue_.emplace_back([this, &run, &remaining, c] {
+        run(c);
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          --remaining;
+          --pending_;
+        }
+        cv_done_.notify_all();
+      });
+    }
     pending_ += n_chunks - 1;
   }
   cv_work_.notify_all();
+  cv_done_.notify_all();  // callers waiting for their own chunks may help with these
   run(0);
-  // Help drain the queue (nested use from a worker must not deadlock), then wait.
+  // Help with queued work (ours or anyone's) until our chunks are done.
   for (;;) {
     std::function<void()> job;
     {
       std::unique_lock<std::mutex> lock(mu_);
+      if (remaining == 0) break;
       if (queue_.empty()) {
-        cv_done_.wait(lock, [&] { return pending_ == 0 || !queue_.empty(); });
-        if (pending_ == 0) break;
-        if (queue_.empty()) continue;
+        cv_done_.wait(lock, [&] { return remaining == 0 || !queue_.empty(); });
+        continue;
       }
       job = std::move(queue_.back());
       queue_.pop_back();
     }
     job();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      --pending_;
-    }
-    cv_done_.notify_all();
   }
   if (first_error) std::rethrow_exception(first_error);
 }

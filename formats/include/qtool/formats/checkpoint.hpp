@@ -76,8 +76,10 @@ class Checkpoint {
   // Pipeline entries without weights (scheduler, tokenizer...): copied as they are.
   const std::vector<std::string>& other_components() const { return other_components_; }
 
-  // A structural fingerprint: 128-bit hex digest (two FNV-1a 64 lanes) over every component's tensor names, dtypes, shapes
-  // and byte sizes (not the values), so a plan can be matched to its checkpoint.
+  // A structural fingerprint: 128-bit hex digest (32 hex digits; two FNV-1a 64 lanes) over every
+  // component's name and its tensors' names, dtypes, shapes and byte sizes (not the values), tensors
+  // taken in name order: the same for any sharding of the same tensors, so a plan can be matched
+  // to its checkpoint.
   std::string fingerprint() const;
 
  private:
@@ -88,12 +90,27 @@ class Checkpoint {
   std::vector<std::string> other_components_;
 };
 
+// A summary of a checkpoint from its headers alone (no tensor data is read); what `qtool inspect
+// --json` prints, block lists aside:
+//   {"path", "layout": "file"|"model"|"pipeline", "fingerprint", "pipeline_class" (or null),
+//    "components": [{"name", "library", "class" (model_index.json entry, or null), "dir",
+//                    "weights_base", "index" (file name, or null), "tensors", "parameters", "bytes",
+//                    "dtypes": {"BF16": {"tensors", "parameters", "bytes"}, ...},
+//                    "shards": [{"file", "file_bytes", "header_bytes", "tensors", "bytes"}],
+//                    "config": {"architecture", "class_name", "model_type", "quant_method"} (each
+//                    string or null; the whole null without config.json),
+//                    "metadata": the first shard's __metadata__}],
+//    "other_components": [names], "totals": {"tensors", "parameters", "bytes", "files", "file_bytes"}}
+// Sizes in bytes; "bytes" counts tensor data, "file_bytes" whole files (headers included).
+nlohmann::json describe_checkpoint(const Checkpoint& ck);
+
 // Reads and parses a JSON file; errors name the file and the byte offset of a parse error.
 nlohmann::json read_json_file(const std::filesystem::path& path);
 // Writes JSON (indent 2) under a temporary name and renames it into place.
 void write_json_file(const std::filesystem::path& path, const nlohmann::json& value);
 
 // The shard file name: "model-00001-of-00004.safetensors", or "model.safetensors" when n_shards == 1.
+// `shard` is 0-based: shard 0 of 4 is "model-00001-of-00004.safetensors".
 std::string shard_file_name(std::string_view base, size_t shard, size_t n_shards);
 
 // Writes one component's weights: shards of at most `max_shard_size` bytes (0: one file) and,

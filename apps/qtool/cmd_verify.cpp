@@ -1,0 +1,92 @@
+// qtool verify CKPT --plan plan.json [--reference ORIGINAL] ...: runs the plan on its checkpoint
+// (CUDA backend, or the CPU backend without a GPU) and checks it; exit 0 when every check
+// passes, 1 when one fails (named), 2 for bad input such as a plan made for another checkpoint.
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "cli.hpp"
+#include "qtool/formats/error.hpp"
+#include "qtool/runner/verify.hpp"
+
+namespace qtool::cli {
+namespace {
+
+struct VerifyCliOptions {
+  std::string checkpoint;
+  std::string plan;
+  std::string reference;
+  std::string backend = "auto";
+  uint64_t tokens = 0;
+  uint32_t steps = 3;
+  uint64_t seed = 0;
+  bool poison = false;
+  double time_tolerance = -1;
+  std::string report;
+  std::string trace;
+  size_t threads = 0;
+  bool json = false;
+};
+
+int run_verify(const VerifyCliOptions& o, const GlobalOptions& global) {
+  runner::VerifyOptions v;
+  v.checkpoint = o.checkpoint;
+  v.plan = o.plan;
+  v.reference = o.reference;
+  v.backend = o.backend;
+  if (o.tokens) v.tokens = o.tokens;
+  v.steps = o.steps;
+  v.seed = o.seed;
+  v.poison = o.poison;
+  if (o.time_tolerance >= 0) v.time_tolerance = o.time_tolerance;
+  v.report = o.report;
+  v.trace = o.trace;
+  v.threads = o.threads;
+  v.log = [&global](std::string_view line) { info(global, line); };
+  const runner::VerifyReport report = runner::verify(v);
+  if (o.json) std::printf("%s\n", report.json.dump(2).c_str());
+  if (report.passed()) {
+    info(global, "verify: every check passed");
+    return 0;
+  }
+  std::string names;
+  for (const std::string& n : report.failed_names()) names += (names.empty() ? "" : ", ") + n;
+  std::fprintf(stderr, "qtool: verify failed: %s\n", names.c_str());
+  return 1;
+}
+
+void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
+  auto o = std::make_shared<VerifyCliOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "verify",
+      "Run a plan on its checkpoint and check it: fingerprint, finite outputs, streamed == all-resident bit for "
+      "bit, error against the original weights, peak memory and step time against the plan");
+  cmd->add_option("CKPT", o->checkpoint, "The checkpoint the plan was made for")->required();
+  cmd->add_option("--plan", o->plan, "The plan (qtool plan -o plan.json)")->required();
+  cmd->add_option("--reference", o->reference,
+                  "The original (unquantized) checkpoint: each linear's output is compared with the original's");
+  cmd->add_option("--backend", o->backend, "auto (CUDA when a GPU is present), cuda or cpu")
+      ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
+  cmd->add_option("--tokens", o->tokens, "Activation rows per linear (default: the plan's)");
+  cmd->add_option("--steps", o->steps, "Steps to run; the first is a warm-up for timing (default 3)")
+      ->check(CLI::Range(1u, 100000u));
+  cmd->add_option("--seed", o->seed, "Seed of the activations (step s uses seed + s)");
+  cmd->add_flag("--poison", o->poison,
+                "Also run once with every host arena overwritten right after its copy: outputs must not change");
+  cmd->add_option("--time-tolerance", o->time_tolerance,
+                  "Fail when the measured step time is off the plan's prediction by more than this fraction "
+                  "(e.g. 0.2); without it the step time is reported only")
+      ->check(CLI::Range(0.0, 100.0));
+  cmd->add_option("--report", o->report, "Write the report as JSON to this file");
+  cmd->add_option("--trace", o->trace,
+                  "Write a Chrome trace-event JSON of the copy and compute streams (Perfetto, chrome://tracing)");
+  cmd->add_option("--threads,-j", o->threads, "CPU threads (CPU backend and host checks; default: every core)");
+  cmd->add_flag("--json", o->json, "Print the report as JSON on stdout");
+  cmd->callback([o, &global, &run] { run = [o, &global] { return run_verify(*o, global); }; });
+}
+
+const CommandRegistrar kRegistrar(50, add_verify_command);
+
+}  // namespace
+}  // namespace qtool::cli

@@ -1,0 +1,161 @@
+// int8: bitsandbytes LLM.int8 row-wise quantization (int8_vectorwise_quant on the weight cast to
+// float16), bit for bit as bitsandbytes 0.50 computes it on the CPU:
+//   h      = float(fp16(w))                       (the weight cast to float16)
+//   SCB[r] = max_c |h[r, c]|                       (float32, exact)
+//   m      = fl(fl(1 / SCB[r]) * 127)              (`127.0 / row_stats` is reciprocal() * 127 in torch)
+//   q      = round_half_even(fl(h * m))            (float32 product, then torch.round)
+// A zero row gives SCB 0 and q 0. Layout: <m>.weight I8 [out, in], <m>.SCB F32 [out],
+// <m>.weight_format U8 [] = 0. Dequantize: fl(fl(q * SCB) * 0.007874016f) (int8_vectorwise_dequant).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "scheme.hpp"
+#include "simd.hpp"
+
+namespace qtool::quant::detail {
+namespace {
+
+constexpr float kInt8Max = 127.0f;
+constexpr float kInvInt8Max = 7.874015718698502e-3f;  // the constant bitsandbytes dequantizes with
+
+float f16_round(DType dtype, float v) { return dtype == DType::F16 ? v : f16_to_f32(f32_to_f16(v)); }
+
+float int8_multiplier(float scb) { return (1.0f / scb) * kInt8Max; }
+
+#if QTOOL_HAVE_X86_SIMD
+// 8 source elements rounded to float16 precision, as float32.
+template <DType D>
+QTOOL_AVX2 inline __m256 load_h8(const uint8_t* src, uint64_t c) {
+  const __m256 x = simd::load8<D>(src + c * simd::elem_size<D>());
+  if constexpr (D == DType::F16) return x;
+  else return simd::round_f16(x);
+}
+
+template <DType D>
+QTOOL_AVX2 inline __m256i quant8(const uint8_t* src, uint64_t c, __m256 vm) {
+  const __m256 p = _mm256_mul_ps(load_h8<D>(src, c), vm);
+  return _mm256_cvtps_epi32(_mm256_round_ps(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <DType D>
+QTOOL_AVX2 void int8_row_avx2(const uint8_t* src, uint64_t cols, uint8_t* q, uint8_t* scb_out) {
+  using namespace simd;
+  // Pass 1: absmax of the fp16-rounded row; any Inf/NaN (in the source, or from fp16 overflow).
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();
+  uint64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    const __m256 a = abs8(load_h8<D>(src, c));
+    bad = _mm256_or_ps(bad, not_finite8(a));
+    vmax = _mm256_max_ps(vmax, a);
+  }
+  float scb = hmax8(vmax);
+  bool any_bad = _mm256_movemask_ps(bad) != 0;
+  for (; c < cols; ++c) {
+    const float a = std::fabs(f16_round(D, load_element(D, src, c)));
+    if (!std::isfinite(a)) any_bad = true;
+    scb = std::max(scb, a);
+  }
+  if (any_bad) throw BadValueError(BadValue::NonFinite);
+  store_f32(scb_out, scb);
+  if (scb == 0.0f) {
+    std::memset(q, 0, cols);
+    return;
+  }
+  // Pass 2: q = rne(h * m).
+  const float m = int8_multiplier(scb);
+  const __m256 vm = _mm256_set1_ps(m);
+  c = 0;
+  for (; c + 32 <= cols; c += 32) {
+    const __m256i packed = pack_i8_32(quant8<D>(src, c, vm), quant8<D>(src, c + 8, vm),
+                                      quant8<D>(src, c + 16, vm), quant8<D>(src, c + 24, vm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c), packed);
+  }
+  for (; c < cols; ++c) {
+    const float h = f16_round(D, load_element(D, src, c));
+    q[c] = static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(h * m)));
+  }
+}
+#endif
+
+}  // namespace
+
+void int8_quantize_rows_ref(const WeightView& w, uint64_t row_begin, uint64_t row_end, uint8_t* q,
+                            uint8_t* scb) {
+  const uint64_t cols = w.cols;
+  for (uint64_t r = row_begin; r < row_end; ++r) {
+    float amax = 0.0f;
+    for (uint64_t c = 0; c < cols; ++c) {
+      const float v = load_element(w.dtype, w.data, r * cols + c);
+      if (!std::isfinite(v)) throw BadValueError(BadValue::NonFinite);
+      const float h = f16_round(w.dtype, v);
+      if (!std::isfinite(h)) throw BadValueError(BadValue::F16Overflow);
+      amax = std::max(amax, std::fabs(h));
+    }
+    store_f32(scb + 4 * r, amax);
+    uint8_t* qr = q + r * cols;
+    if (amax == 0.0f) {
+      std::memset(qr, 0, cols);
+      continue;
+    }
+    const float m = int8_multiplier(amax);
+    for (uint64_t c = 0; c < cols; ++c) {
+      const float h = f16_round(w.dtype, load_element(w.dtype, w.data, r * cols + c));
+      const float p = h * m;
+      qr[c] = static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(p)));
+    }
+  }
+}
+
+void int8_quantize_rows_fast(const WeightView& w, uint64_t row_begin, uint64_t row_end, uint8_t* q,
+                             uint8_t* scb) {
+#if QTOOL_HAVE_X86_SIMD
+  if (have_simd()) {
+    const uint64_t es = dtype_size(w.dtype);
+    for (uint64_t r = row_begin; r < row_end; ++r) {
+      const uint8_t* src = w.data + r * w.cols * es;
+      switch (w.dtype) {
+        case DType::BF16: int8_row_avx2<DType::BF16>(src, w.cols, q + r * w.cols, scb + 4 * r); break;
+        case DType::F16: int8_row_avx2<DType::F16>(src, w.cols, q + r * w.cols, scb + 4 * r); break;
+        default: int8_row_avx2<DType::F32>(src, w.cols, q + r * w.cols, scb + 4 * r); break;
+      }
+    }
+    return;
+  }
+#endif
+  int8_quantize_rows_ref(w, row_begin, row_end, q, scb);
+}
+
+void int8_dequantize_rows(const uint8_t* q, const uint8_t* scb, uint64_t cols, uint64_t row_begin,
+                          uint64_t row_end, float* out) {
+  for (uint64_t r = row_begin; r < row_end; ++r) {
+    const float s = load_f32(scb + 4 * r);
+    const uint8_t* qr = q + r * cols;
+    float* o = out + (r - row_begin) * cols;
+    for (uint64_t c = 0; c < cols; ++c) {
+      const float v = static_cast<float>(static_cast<int8_t>(qr[c])) * s;
+      o[c] = v * kInvInt8Max;
+    }
+  }
+}
+
+void int8_quantize(const WeightView& w, const SchemeOptions&, std::span<const std::span<uint8_t>> outs,
+                   ThreadPool& pool, Impl impl) {
+  uint8_t* q = outs[0].data();
+  uint8_t* scb = outs[1].data();
+  outs[2][0] = 0;  // weight_format: "row"
+  const uint64_t min_rows = std::max<uint64_t>(1, (uint64_t{1} << 16) / std::max<uint64_t>(1, w.cols));
+  pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
+    if (impl == Impl::Fast) int8_quantize_rows_fast(w, b, e, q, scb);
+    else int8_quantize_rows_ref(w, b, e, q, scb);
+  });
+}
+
+void int8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
+                            uint64_t row_begin, uint64_t row_end) {
+  int8_dequantize_rows(parts.weight.data(), parts.scale.data(), static_cast<uint64_t>(linear.cols()),
+                       row_begin, row_end, out);
+}
+
+}  // namespace qtool::quant::detail

@@ -1,0 +1,209 @@
+// Internal interface of the quant schemes: one file per scheme under libquant/schemes/, each with
+// its constants and tables, a scalar reference (the source of truth), a fast path checked against
+// it, and a dequantizer; one entry per scheme in the scheme table (scheme_table.cpp).
+//
+// Kernels take a range (rows for int8/fp8, flattened blocks for nf4/fp4) and never start threads;
+// the driver (src/quant.cpp) splits ranges across a ThreadPool. Outputs are written at their
+// positions in the full tensors, so disjoint ranges can run concurrently.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "qtool/formats/dtype.hpp"
+#include "qtool/formats/error.hpp"
+#include "qtool/libquant/quant.hpp"
+
+namespace qtool::quant::detail {
+
+enum class Impl { Reference, Fast };
+
+// True when the CPU has what the fast paths use (AVX2, F16C); otherwise Fast runs the reference.
+bool have_simd();
+
+// A [rows, cols] weight of `dtype` (BF16, F16, F32) as raw little-endian bytes, row-major.
+struct WeightView {
+  DType dtype = DType::BF16;
+  const uint8_t* data = nullptr;
+  uint64_t rows = 0;
+  uint64_t cols = 0;
+  uint64_t numel() const { return rows * cols; }
+};
+
+// Thrown by kernels for a value they cannot quantize; the driver rescans serially for the first
+// offending element and throws Error(InvalidInput) naming the tensor and the element.
+enum class BadValue { NonFinite, F16Overflow };
+struct BadValueError : std::exception {
+  BadValue what_kind;
+  explicit BadValueError(BadValue k) : what_kind(k) {}
+  const char* what() const noexcept override { return "bad value"; }
+};
+
+// --- Scalar element helpers -----------------------------------------------------------------
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float f32_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+inline void store_u16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
+inline float load_f32(const uint8_t* p) {
+  float v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline void store_f32(uint8_t* p, float v) { std::memcpy(p, &v, 4); }
+
+// Element i of a BF16/F16/F32 buffer as float32 (exact).
+inline float load_element(DType dtype, const uint8_t* data, uint64_t i) {
+  switch (dtype) {
+    case DType::BF16: return bf16_to_f32(load_u16(data + 2 * i));
+    case DType::F16: return f16_to_f32(load_u16(data + 2 * i));
+    default: return load_f32(data + 4 * i);
+  }
+}
+// Rounds a float32 to `dtype` (BF16, F16, F32) and back: the value torch holds after `.to(dtype)`.
+inline float round_to_dtype(DType dtype, float v) {
+  switch (dtype) {
+    case DType::BF16: return bf16_to_f32(f32_to_bf16(v));
+    case DType::F16: return f16_to_f32(f32_to_f16(v));
+    default: return v;
+  }
+}
+// Stores a float32 (already representable in `dtype`) as element i of a BF16/F16/F32 buffer.
+inline void store_element(DType dtype, uint8_t* data, uint64_t i, float v) {
+  switch (dtype) {
+    case DType::BF16: store_u16(data + 2 * i, f32_to_bf16(v)); return;
+    case DType::F16: store_u16(data + 2 * i, f32_to_f16(v)); return;
+    default: store_f32(data + 4 * i, v); return;
+  }
+}
+
+// --- int8 (schemes/int8.cpp) ------------------------------------------------------------------
+// Rows [row_begin, row_end): q is I8 [rows, cols], scb is F32 [rows] (bytes, full tensors).
+void int8_quantize_rows_ref(const WeightView& w, uint64_t row_begin, uint64_t row_end, uint8_t* q,
+                            uint8_t* scb);
+void int8_quantize_rows_fast(const WeightView& w, uint64_t row_begin, uint64_t row_end, uint8_t* q,
+                             uint8_t* scb);
+// out[(r - row_begin) * cols + c] = (q * scb[r]) * (float)(1/127), as bitsandbytes dequantizes.
+void int8_dequantize_rows(const uint8_t* q, const uint8_t* scb, uint64_t cols, uint64_t row_begin,
+                          uint64_t row_end, float* out);
+
+// --- fp8 (schemes/fp8.cpp) --------------------------------------------------------------------
+struct Fp8Format {
+  float max;                  // 448 (e4m3fn) or 57344 (e5m2)
+  uint8_t (*encode)(float);   // RNE, finite inputs within +-max
+  float (*decode)(uint8_t);
+};
+const Fp8Format& fp8_format(Scheme scheme);
+// The scale for an absolute maximum `amax` of a weight of `dtype`: amax / max rounded to dtype,
+// 0 replaced by dtype's epsilon. Returned as float32 (exactly representable in dtype).
+float fp8_scale(DType dtype, float amax, float fmt_max);
+// max |w| over rows [row_begin, row_end) (exact); BadValueError on NaN/Inf.
+float fp8_absmax_rows(const WeightView& w, uint64_t row_begin, uint64_t row_end, Impl impl);
+// Rows [row_begin, row_end): q is F8 [rows, cols]. Per channel (tensor_scale < 0): each row's
+// scale is computed and written to scales (weight dtype, [rows]); per tensor: `tensor_scale` is
+// used and scales is not touched.
+void fp8_quantize_rows_ref(const WeightView& w, Scheme scheme, float tensor_scale, uint64_t row_begin,
+                           uint64_t row_end, uint8_t* q, uint8_t* scales);
+void fp8_quantize_rows_fast(const WeightView& w, Scheme scheme, float tensor_scale, uint64_t row_begin,
+                            uint64_t row_end, uint8_t* q, uint8_t* scales);
+// out = float(q) * scale (exact in float32). scale_dtype is the weight's dtype; per_tensor: one scale.
+void fp8_dequantize_rows(Scheme scheme, const uint8_t* q, const uint8_t* scales, DType scale_dtype,
+                         bool per_tensor, uint64_t cols, uint64_t row_begin, uint64_t row_end, float* out);
+
+// --- nf4 / fp4 (schemes/nf4.cpp) ----------------------------------------------------------------
+struct Bnb4Table {
+  std::array<float, 16> code;         // value per 4-bit pattern (the quant_map)
+  std::array<float, 15> thresholds;   // midpoints of the sorted values (float32)
+  std::array<uint8_t, 16> pattern_of; // sorted index -> 4-bit pattern
+};
+const Bnb4Table& bnb4_table(Scheme scheme);
+// Flattened blocks [block_begin, block_end) of `blocksize` elements (the last may be short):
+// packed is U8 [(n+1)/2] (high nibble first, odd n padded with the code of 0.0), absmax F32
+// [n_blocks] (bytes, full tensors).
+void bnb4_quantize_blocks_ref(const WeightView& w, Scheme scheme, uint32_t blocksize,
+                              uint64_t block_begin, uint64_t block_end, uint8_t* packed, uint8_t* absmax);
+void bnb4_quantize_blocks_fast(const WeightView& w, Scheme scheme, uint32_t blocksize,
+                               uint64_t block_begin, uint64_t block_end, uint8_t* packed, uint8_t* absmax);
+// Elements [begin, end) of the flattened weight: out[i - begin] = code[q_i] * absmax[i / blocksize].
+// `code` is the 16-entry quant_map; `absmax` float32 of every block (decoded).
+void bnb4_dequantize_range(const uint8_t* packed, const float* code, const float* absmax,
+                           uint32_t blocksize, uint64_t begin, uint64_t end, float* out);
+
+// --- double quant of absmax (schemes/double_quant.cpp) ------------------------------------------
+// torch.mean of a contiguous float32 CPU tensor, reproduced bit for bit: torch's cascade sum
+// (aten/src/ATen/native/cpu/SumKernel.cpp) with `lanes` float lanes per vector, split across
+// `threads` OpenMP threads when n > 32768 (at::parallel_reduce's two-pass reduction), then divided
+// by n. The sum kernel runs its 8-lane (AVX2) build also on AVX512 CPUs. The defaults match
+// bitsandbytes run with torch's default thread count on a 2-core machine; the serial result
+// (threads = 1) is what torch.set_num_threads(1) gives.
+inline constexpr int kTorchMeanLanes = 8;
+inline constexpr int kTorchMeanThreads = 2;
+float torch_mean_f32(const float* x, uint64_t n, int lanes = kTorchMeanLanes,
+                     int threads = kTorchMeanThreads);
+// bitsandbytes' CPU quantize_blockwise of (x - offset) with the signed dynamic map, blocks of 256:
+// per block absmax2 = max |x - offset|; q from a 65536-entry lookup table of the map's midpoints
+// (index trunc(fma((clamp(v / absmax2) + 1) / 2, 65535, 0.5))); an all-zero block gives q = 0.
+// Blocks [block_begin, block_end) of ceil(n / 256); q U8 [n], absmax2 F32 [n_blocks2] (bytes).
+void dynamic_quantize_blocks(const float* x, uint64_t n, float offset, uint64_t block_begin,
+                             uint64_t block_end, uint8_t* q, uint8_t* absmax2);
+// absmax[i] = (map[q[i]] * nested_absmax[i / 256]) + offset for i in [begin, end).
+void dynamic_dequantize(const uint8_t* q, const float* map, const float* nested_absmax, float offset,
+                        uint64_t begin, uint64_t end, float* out);
+const std::array<float, 256>& dynamic_map_table();
+
+// --- The scheme table (scheme_table.cpp) ----------------------------------------------------------
+struct SchemeEntry {
+  Scheme scheme;
+  std::string_view name;
+  // Quantizes the whole weight into outs (scheme_parts order, sizes checked by the caller).
+  void (*quantize)(const WeightView& w, const SchemeOptions& options,
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+  // Rows [row_begin, row_end) of the dequantized weight in float32.
+  void (*dequantize_rows)(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
+                          uint64_t row_begin, uint64_t row_end);
+};
+const SchemeEntry& scheme_entry(Scheme scheme);
+
+// The whole-tensor drivers of each scheme (used by the table).
+void int8_quantize(const WeightView& w, const SchemeOptions& options,
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+void fp8_quantize(const WeightView& w, const SchemeOptions& options,
+                  std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+void int8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
+                            uint64_t row_begin, uint64_t row_end);
+void fp8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
+                           uint64_t row_begin, uint64_t row_end);
+void bnb4_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
+                            uint64_t row_begin, uint64_t row_end);
+
+// The quant_state JSON of a 4-bit weight (FORMATS.md), of a length that depends only on
+// (dtype, shape, options): nested_offset as %.8e, padded with spaces before the closing brace.
+std::string quant_state_json(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options,
+                             float nested_offset);
+
+// Quantizes with an explicit implementation (tests compare Reference and Fast).
+void quantize_weight_impl(std::string_view tensor_label, DType dtype, std::span<const int64_t> shape,
+                          std::span<const uint8_t> data, const SchemeOptions& options,
+                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+
+}  // namespace qtool::quant::detail

@@ -1,0 +1,942 @@
+// Whole-checkpoint conversion: quantize_checkpoint and dequantize_checkpoint (convert.hpp).
+#include "qtool/libquant/convert.hpp"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <thread>
+#include <cstdio>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <unordered_map>
+
+#include "qtool/formats/checkpoint.hpp"
+#include "qtool/formats/error.hpp"
+#include "qtool/formats/safetensors.hpp"
+#include "qtool/formats/size.hpp"
+#include "qtool/formats/thread_pool.hpp"
+
+#include "convert_stats.hpp"
+
+namespace fs = std::filesystem;
+
+namespace qtool::quant {
+namespace {
+
+using nlohmann::json;
+
+constexpr uint64_t kCopyChunk = 32ull << 20;      // copied tensors go out in pieces of this size
+constexpr uint64_t kPrefetchLimit = 256ull << 20;  // read-ahead hint for the next tensor
+constexpr size_t kStatsChunk = 16384;              // elements per error-statistics chunk
+
+uintptr_t page_size() {
+  static const uintptr_t size = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  return size;
+}
+
+// Drops the pages of a read range of the (read-only, shared) input mapping from this process:
+// the page cache keeps them, only our resident set shrinks. A page shared with a neighbouring
+// tensor is simply faulted in again if it is read later.
+void release_pages(std::span<const uint8_t> bytes) {
+  if (bytes.empty()) return;
+  const uintptr_t ps = page_size();
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(bytes.data()) & ~(ps - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(bytes.data()) + bytes.size() + ps - 1) & ~(ps - 1);
+  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
+// Asks the kernel to start reading a range we will need soon (cold page cache).
+void prefetch_pages(std::span<const uint8_t> bytes) {
+  if (bytes.empty()) return;
+  bytes = bytes.subspan(0, std::min<uint64_t>(bytes.size(), kPrefetchLimit));
+  const uintptr_t ps = page_size();
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(bytes.data()) & ~(ps - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(bytes.data()) + bytes.size() + ps - 1) & ~(ps - 1);
+  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+}
+
+// A reusable scratch buffer: grown when needed, never shrunk, so that the pages of one tensor's
+// output are reused by the next instead of being mapped and zeroed again.
+class Scratch {
+ public:
+  uint8_t* get(size_t n) {
+    if (n > cap_) {
+      buf_.reset();
+      buf_.reset(new uint8_t[n]);
+      cap_ = n;
+    }
+    return buf_.get();
+  }
+
+ private:
+  std::unique_ptr<uint8_t[]> buf_;
+  size_t cap_ = 0;
+};
+
+// Writes one component: a sharded folder (ComponentWriter) or a single file.
+class Sink {
+ public:
+  Sink(const fs::path& dir, const std::string& base, std::vector<std::vector<TensorDecl>> groups,
+       uint64_t max_shard_size, const std::map<std::string, std::string>& metadata) {
+    component_ = std::make_unique<ComponentWriter>(dir, base, std::move(groups), max_shard_size, metadata);
+  }
+  Sink(const fs::path& file, std::vector<std::vector<TensorDecl>> groups,
+       const std::map<std::string, std::string>& metadata) {
+    std::vector<TensorDecl> decls;
+    for (auto& g : groups) {
+      for (auto& d : g) decls.push_back(std::move(d));
+    }
+    file_ = std::make_unique<SafetensorsWriter>(file, std::move(decls), metadata);
+  }
+  void write(std::string_view name, std::span<const uint8_t> bytes, uint64_t offset = 0) {
+    if (component_) component_->write(name, bytes, offset);
+    else file_->write(name, bytes, offset);
+  }
+  void commit() {
+    if (component_) component_->commit();
+    else file_->commit();
+  }
+  size_t n_shards() const { return component_ ? component_->n_shards() : 1; }
+
+ private:
+  std::unique_ptr<ComponentWriter> component_;
+  std::unique_ptr<SafetensorsWriter> file_;
+};
+
+// Copies a tensor from the mapped input in pieces, releasing each piece once written.
+void copy_tensor(Sink& sink, const std::string& name, std::span<const uint8_t> data,
+                 const std::function<void(uint64_t)>& advance) {
+  for (uint64_t off = 0; off < data.size(); off += kCopyChunk) {
+    const uint64_t n = std::min<uint64_t>(kCopyChunk, data.size() - off);
+    sink.write(name, data.subspan(off, n), off);
+    release_pages(data.subspan(off, n));
+    advance(n);
+  }
+  if (data.empty()) sink.write(name, data, 0);
+}
+
+uint64_t default_max_shard_size(const Component& component, const ConvertOptions& options) {
+  if (options.max_shard_size > 0) return options.max_shard_size;
+  if (component.index_path().empty()) return 0;
+  uint64_t largest = 0;
+  for (const auto& shard : component.shards()) largest = std::max(largest, shard.file_size());
+  return largest;
+}
+
+// The input's own metadata (first shard), without "format" and earlier qtool keys, plus ours.
+std::map<std::string, std::string> output_metadata(const Component& component,
+                                                   const std::map<std::string, std::string>& provenance) {
+  std::map<std::string, std::string> meta;
+  if (!component.shards().empty()) {
+    for (const auto& [k, v] : component.shards().front().metadata()) {
+      if (k == "format" || k.rfind("qtool_", 0) == 0) continue;
+      meta[k] = v;
+    }
+  }
+  for (const auto& [k, v] : provenance) meta[k] = v;
+  return meta;
+}
+
+fs::path normal_abs(const fs::path& p) { return fs::absolute(p).lexically_normal(); }
+
+bool is_weight_file_name(const std::string& name) {
+  static const char* const kExt[] = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx"};
+  for (const char* ext : kExt) {
+    const std::string e(ext);
+    if (name.size() >= e.size() && name.compare(name.size() - e.size(), e.size(), e) == 0) return true;
+  }
+  return name.size() > 22 && name.find(".safetensors.index.json") != std::string::npos;
+}
+
+// Copies every file of the input folder that is not a component's weights and not in `skip`
+// (files the conversion writes itself) into `out_root`, keeping relative paths. Weight files that
+// no component reads (other variants, pickles) are not copied: a warning names each.
+uint64_t copy_other_files(const Checkpoint& checkpoint, const fs::path& out_root, const std::set<fs::path>& skip,
+                          std::vector<std::string>& warnings, const std::function<void(std::string_view)>& on_warning) {
+  if (checkpoint.layout() == Checkpoint::Layout::File) return 0;
+  std::set<fs::path> weights = skip;
+  for (const Component& c : checkpoint.components()) {
+    for (const auto& s : c.shards()) weights.insert(normal_abs(s.path()));
+    if (!c.index_path().empty()) weights.insert(normal_abs(c.index_path()));
+  }
+  const fs::path root = normal_abs(checkpoint.root());
+  uint64_t n_copied = 0;
+  std::error_code ec;
+  fs::recursive_directory_iterator it(root, fs::directory_options::follow_directory_symlink, ec);
+  if (ec) fail(ErrorKind::Io, root.string(), ": cannot list folder: ", ec.message());
+  for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (ec) fail(ErrorKind::Io, root.string(), ": cannot list folder: ", ec.message());
+    const fs::path path = it->path();
+    const std::string name = path.filename().string();
+    if (name.find(".tmp-") != std::string::npos) {  // another run's unfinished output
+      if (it->is_directory()) it.disable_recursion_pending();
+      continue;
+    }
+    std::error_code ec2;
+    if (!it->is_regular_file(ec2)) continue;
+    const fs::path abs = normal_abs(path);
+    if (weights.count(abs)) continue;
+    const fs::path rel = abs.lexically_relative(root);
+    if (is_weight_file_name(name)) {
+      const std::string w = str_cat("not copied: ", (checkpoint.root() / rel).string(),
+                                    " (weights that no component of the checkpoint reads)");
+      warnings.push_back(w);
+      if (on_warning) on_warning(w);
+      continue;
+    }
+    const fs::path dst = out_root / rel;
+    fs::create_directories(dst.parent_path(), ec2);
+    if (ec2) fail(ErrorKind::Io, dst.parent_path().string(), ": cannot create folder: ", ec2.message());
+    fs::copy_file(path, dst, fs::copy_options::overwrite_existing, ec2);
+    if (ec2) fail(ErrorKind::Io, path.string(), ": cannot copy to ", dst.string(), ": ", ec2.message());
+    ++n_copied;
+  }
+  return n_copied;
+}
+
+// The output folder of a component inside the output root.
+fs::path component_out_dir(const Checkpoint& checkpoint, const Component& component, const fs::path& out_root) {
+  if (checkpoint.layout() != Checkpoint::Layout::Pipeline) return out_root;
+  return out_root / normal_abs(component.dir()).lexically_relative(normal_abs(checkpoint.root()));
+}
+
+std::string tensor_label(const Component& component, const Component::Entry& e) {
+  return str_cat(component.shard_of(e).path().string(), ": tensor '", component.info(e).name, "'");
+}
+
+// A QuantizedLinear describing tensors we have just produced (for dequantizing them back).
+QuantizedLinear linear_from_output(const std::string& module, const SchemeOptions& options, DType dtype,
+                                   std::span<const int64_t> shape, const std::vector<TensorDecl>& decls,
+                                   const std::vector<std::span<uint8_t>>& outs) {
+  QuantizedLinear linear;
+  linear.module = module;
+  linear.options = options;
+  linear.orig_dtype = dtype;
+  linear.shape.assign(shape.begin(), shape.end());
+  linear.tensor_parts = scheme_parts(options);
+  for (const auto& d : decls) linear.tensor_names.push_back(d.name);
+  if (is_4bit(options.scheme) && options.double_quant) {
+    for (size_t i = 0; i < linear.tensor_parts.size(); ++i) {
+      if (linear.tensor_parts[i] != Part::QuantState) continue;
+      const auto& bytes = outs[i];
+      const json state = json::parse(bytes.begin(), bytes.end());
+      linear.nested_offset = state.at("nested_offset").get<float>();
+    }
+  }
+  return linear;
+}
+
+// Error statistics of one quantized weight, from the bytes written: rows split across the pool,
+// each range decoded and compared with the input in one pass (convert_stats.hpp).
+void error_stats(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                 std::span<const uint8_t> input, ThreadPool& pool, TensorReport& report) {
+  const size_t rows = static_cast<size_t>(linear.rows());
+  const size_t cols = static_cast<size_t>(linear.cols());
+  const size_t min_rows = std::max<size_t>(1, (size_t{1} << 16) / std::max<size_t>(cols, 1));
+  std::mutex mu;
+  detail::ErrorSums total;
+  pool.parallel_for(rows, min_rows, [&](size_t r0, size_t r1) {
+    detail::ErrorSums sums;
+    for (size_t r = r0; r < r1; r += min_rows) {
+      detail::accumulate_error(linear, parts, dtype, input.data(), r, std::min(r1, r + min_rows), sums);
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    total.add(sums);
+  });
+  report.sum_sq_ref = total.sum_sq_ref;
+  report.sum_sq_err = total.sum_sq_err;
+  report.max_abs_err = total.max_abs_err;
+  report.has_error = true;
+}
+
+// Runs write jobs in order on one thread, so that the next tensor is converted while the last one
+// is written. At most `max_pending` jobs wait; a failed job's error is rethrown to the caller.
+class WriteQueue {
+ public:
+  explicit WriteQueue(size_t max_pending) : max_pending_(max_pending), thread_([this] { loop(); }) {}
+  ~WriteQueue() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      jobs_.clear();
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  WriteQueue(const WriteQueue&) = delete;
+  WriteQueue& operator=(const WriteQueue&) = delete;
+
+  // Returns the job's sequence number (for wait_for).
+  uint64_t submit(std::function<void()> job) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return error_ || jobs_.size() < max_pending_; });
+    rethrow_locked();
+    jobs_.push_back(std::move(job));
+    const uint64_t seq = ++submitted_;
+    cv_.notify_all();
+    return seq;
+  }
+  void wait_for(uint64_t seq) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return error_ || done_ >= seq; });
+    rethrow_locked();
+  }
+  void finish() { wait_for(submitted_); }
+
+ private:
+  void rethrow_locked() {
+    if (error_) std::rethrow_exception(error_);
+  }
+  void loop() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+        if (stop_) return;
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      try {
+        job();
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!error_) error_ = std::current_exception();
+        jobs_.clear();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++done_;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  size_t max_pending_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> jobs_;
+  uint64_t submitted_ = 0;
+  uint64_t done_ = 0;
+  std::exception_ptr error_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+void add_warning(ConvertReport& report, const ConvertOptions& options, std::string w) {
+  if (options.on_warning) options.on_warning(w);
+  report.warnings.push_back(std::move(w));
+}
+
+std::optional<DType> dtype_from_torch_name(const json& value) {
+  if (!value.is_string()) return std::nullopt;
+  const std::string s = value.get<std::string>();
+  if (s == "bfloat16") return DType::BF16;
+  if (s == "float16" || s == "half") return DType::F16;
+  if (s == "float32" || s == "float") return DType::F32;
+  return std::nullopt;
+}
+
+double now_seconds(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+void finish_component_stats(ComponentReport& cr, const TensorReport& tr) {
+  if (!tr.has_error) return;
+  cr.sum_sq_ref += tr.sum_sq_ref;
+  cr.sum_sq_err += tr.sum_sq_err;
+  const double s = tr.sqnr_db();
+  if (cr.worst_tensor.empty() || s < cr.worst_sqnr_db) {
+    cr.worst_tensor = tr.name;
+    cr.worst_sqnr_db = s;
+  }
+}
+
+json finite_or_null(double v) { return std::isfinite(v) ? json(v) : json(nullptr); }
+
+double rel_rms_of(double sum_ref, double sum_err) {
+  if (sum_err == 0) return 0;
+  if (sum_ref == 0) return std::numeric_limits<double>::infinity();
+  return std::sqrt(sum_err / sum_ref);
+}
+
+double sqnr_of(double sum_ref, double sum_err) {
+  if (sum_err == 0) return std::numeric_limits<double>::infinity();
+  if (sum_ref == 0) return -std::numeric_limits<double>::infinity();
+  return 10.0 * std::log10(sum_ref / sum_err);
+}
+
+}  // namespace
+
+double TensorReport::rel_rms() const { return rel_rms_of(sum_sq_ref, sum_sq_err); }
+double TensorReport::sqnr_db() const { return sqnr_of(sum_sq_ref, sum_sq_err); }
+
+json quantization_config_json(const SchemeOptions& options, DType weight_dtype,
+                              const std::vector<std::string>& unquantized_modules) {
+  if (is_fp8(options.scheme)) {
+    const json weights = {{"num_bits", 8},
+                          {"type", "float"},
+                          {"symmetric", true},
+                          {"strategy", options.per_tensor ? "tensor" : "channel"},
+                          {"group_size", nullptr},
+                          {"block_structure", nullptr},
+                          {"dynamic", false},
+                          {"actorder", nullptr},
+                          {"observer", "minmax"},
+                          {"observer_kwargs", json::object()}};
+    return {{"quant_method", "compressed-tensors"},
+            {"format", "float-quantized"},
+            {"quantization_status", "compressed"},
+            {"ignore", unquantized_modules},
+            {"config_groups",
+             {{"group_0",
+               {{"targets", {"Linear"}},
+                {"format", "float-quantized"},
+                {"weights", weights},
+                {"input_activations", nullptr},
+                {"output_activations", nullptr}}}}},
+            {"kv_cache_scheme", nullptr},
+            {"sparsity_config", json::object()}};
+  }
+  const bool four = is_4bit(options.scheme);
+  return {{"quant_method", "bitsandbytes"},
+          {"_load_in_4bit", four},
+          {"_load_in_8bit", !four},
+          {"load_in_4bit", four},
+          {"load_in_8bit", !four},
+          {"llm_int8_threshold", 6.0},
+          {"llm_int8_skip_modules", unquantized_modules},
+          {"llm_int8_enable_fp32_cpu_offload", false},
+          {"llm_int8_has_fp16_weight", false},
+          {"bnb_4bit_quant_type", four ? std::string(scheme_name(options.scheme)) : std::string("fp4")},
+          {"bnb_4bit_use_double_quant", four && options.double_quant},
+          {"bnb_4bit_compute_dtype", four ? std::string(dtype_torch_name(weight_dtype)) : std::string("float32")},
+          {"bnb_4bit_quant_storage", "uint8"}};
+}
+
+json report_to_json(const ConvertReport& report) {
+  json j;
+  j["command"] = report.command;
+  j["qtool_version"] = report.tool_version;
+  j["input"] = report.input.string();
+  j["output"] = report.output.string();
+  j["threads"] = report.n_threads;
+  j["seconds"] = report.seconds;
+  j["bytes_in"] = report.bytes_in;
+  j["bytes_out"] = report.bytes_out;
+  j["input_bytes_per_second"] = report.seconds > 0 ? static_cast<double>(report.bytes_in) / report.seconds : 0.0;
+  j["files_copied"] = report.files_copied;
+  if (!report.config.is_null()) j["config"] = report.config;
+  double sum_ref = 0, sum_err = 0;
+  size_t n_quantized = 0, n_copied = 0;
+  json worst = nullptr;
+  double worst_sqnr = std::numeric_limits<double>::infinity();
+  json comps = json::array();
+  for (const auto& c : report.components) {
+    json cj = {{"name", c.name},
+               {"scheme", c.options.is_null() ? json(nullptr) : c.options.at("scheme")},
+               {"options", c.options},
+               {"tensors_converted", c.n_quantized},
+               {"tensors_copied", c.n_copied},
+               {"bytes_in", c.bytes_in},
+               {"bytes_out", c.bytes_out},
+               {"shards", c.n_shards},
+               {"unquantized_modules", c.unquantized_modules}};
+    if (report.command == "quantize" && c.n_quantized > 0) {
+      cj["rel_rms"] = finite_or_null(rel_rms_of(c.sum_sq_ref, c.sum_sq_err));
+      cj["sqnr_db"] = finite_or_null(sqnr_of(c.sum_sq_ref, c.sum_sq_err));
+      cj["worst_tensor"] = c.worst_tensor;
+      cj["worst_sqnr_db"] = finite_or_null(c.worst_sqnr_db);
+      if (!c.worst_tensor.empty() && c.worst_sqnr_db < worst_sqnr) {
+        worst_sqnr = c.worst_sqnr_db;
+        worst = {{"component", c.name}, {"tensor", c.worst_tensor}, {"sqnr_db", finite_or_null(c.worst_sqnr_db)}};
+      }
+    }
+    sum_ref += c.sum_sq_ref;
+    sum_err += c.sum_sq_err;
+    n_quantized += c.n_quantized;
+    n_copied += c.n_copied;
+    comps.push_back(cj);
+  }
+  j["components"] = comps;
+  json totals = {{"tensors_converted", n_quantized}, {"tensors_copied", n_copied},
+                 {"bytes_in", report.bytes_in}, {"bytes_out", report.bytes_out}};
+  if (report.command == "quantize") {
+    totals["rel_rms"] = finite_or_null(rel_rms_of(sum_ref, sum_err));
+    totals["sqnr_db"] = finite_or_null(sqnr_of(sum_ref, sum_err));
+    totals["worst"] = worst;
+  }
+  j["totals"] = totals;
+  json tensors = json::array();
+  for (const auto& t : report.tensors) {
+    json tj = {{"component", t.component},
+               {"name", t.name},
+               {"scheme", t.scheme.empty() ? json(nullptr) : json(t.scheme)},
+               {"dtype", std::string(dtype_name(t.dtype))},
+               {"shape", t.shape},
+               {"bytes_in", t.bytes_in},
+               {"bytes_out", t.bytes_out}};
+    if (t.has_error) {
+      tj["rel_rms"] = finite_or_null(t.rel_rms());
+      tj["sqnr_db"] = finite_or_null(t.sqnr_db());
+      tj["max_abs_err"] = t.max_abs_err;
+    }
+    tensors.push_back(tj);
+  }
+  j["tensors"] = tensors;
+  j["warnings"] = report.warnings;
+  return j;
+}
+
+std::string summary_text(const ConvertReport& report, bool per_tensor) {
+  std::string out;
+  char line[512];
+  const double gbps = report.seconds > 0 ? static_cast<double>(report.bytes_in) / report.seconds / 1e9 : 0.0;
+  std::snprintf(line, sizeof line, "%s: %s -> %s (%zu threads, %.2f s, %.2f GB/s of input)\n", report.command.c_str(),
+                report.input.string().c_str(), report.output.string().c_str(), report.n_threads, report.seconds, gbps);
+  out += line;
+  const bool quantize = report.command == "quantize";
+  if (per_tensor) {
+    for (const auto& t : report.tensors) {
+      if (t.scheme.empty()) continue;
+      std::string name = t.component.empty() ? t.name : t.component + "/" + t.name;
+      if (t.has_error) {
+        std::snprintf(line, sizeof line, "  %-60s %-8s %10s -> %10s  rel RMS %.4f  SQNR %6.2f dB\n", name.c_str(),
+                      t.scheme.c_str(), format_size(t.bytes_in).c_str(), format_size(t.bytes_out).c_str(), t.rel_rms(),
+                      t.sqnr_db());
+      } else {
+        std::snprintf(line, sizeof line, "  %-60s %-8s %10s -> %10s\n", name.c_str(), t.scheme.c_str(),
+                      format_size(t.bytes_in).c_str(), format_size(t.bytes_out).c_str());
+      }
+      out += line;
+    }
+  }
+  std::snprintf(line, sizeof line, "  %-16s %-9s %9s %7s %11s    %-11s%s\n", "component", "scheme", "converted", "copied",
+                "bytes in", "bytes out", quantize ? "  rel RMS      SQNR  worst tensor" : "");
+  out += line;
+  double sum_ref = 0, sum_err = 0;
+  size_t n_conv = 0, n_copied = 0;
+  for (const auto& c : report.components) {
+    const std::string scheme = c.options.is_null() ? "-" : c.options.at("scheme").get<std::string>();
+    const std::string name = c.name.empty() ? "(model)" : c.name;
+    std::snprintf(line, sizeof line, "  %-16s %-9s %9zu %7zu %11s -> %-11s", name.c_str(), scheme.c_str(), c.n_quantized,
+                  c.n_copied, format_size(c.bytes_in).c_str(), format_size(c.bytes_out).c_str());
+    out += line;
+    if (quantize && c.n_quantized > 0) {
+      std::snprintf(line, sizeof line, " %8.4f %6.2f dB  %.2f dB %s", rel_rms_of(c.sum_sq_ref, c.sum_sq_err),
+                    sqnr_of(c.sum_sq_ref, c.sum_sq_err), c.worst_sqnr_db, c.worst_tensor.c_str());
+      out += line;
+    }
+    out += "\n";
+    sum_ref += c.sum_sq_ref;
+    sum_err += c.sum_sq_err;
+    n_conv += c.n_quantized;
+    n_copied += c.n_copied;
+  }
+  std::snprintf(line, sizeof line, "  %-16s %-9s %9zu %7zu %11s -> %-11s", "total", "", n_conv, n_copied,
+                format_size(report.bytes_in).c_str(), format_size(report.bytes_out).c_str());
+  out += line;
+  if (quantize && n_conv > 0) {
+    std::snprintf(line, sizeof line, " %8.4f %6.2f dB", rel_rms_of(sum_ref, sum_err), sqnr_of(sum_ref, sum_err));
+    out += line;
+  }
+  out += "\n";
+  if (report.files_copied > 0) out += str_cat("  ", report.files_copied, " other files copied\n");
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// quantize
+
+ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& config, const fs::path& output,
+                                  const ConvertOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  OutputPath out(output, options.force, input);
+  const Checkpoint checkpoint = Checkpoint::open(input);
+  if (checkpoint.layout() == Checkpoint::Layout::File && options.max_shard_size > 0) {
+    fail(ErrorKind::Usage, "--max-shard-size: ", input.string(),
+         " is a single .safetensors file, whose output is one file; give a model folder to shard it");
+  }
+  const QuantPlan plan = plan_quantization(config, checkpoint);
+
+  ConvertReport report;
+  report.command = "quantize";
+  report.input = input;
+  report.output = output;
+  report.tool_version = options.tool_version;
+  report.config = config_to_json(config);
+  for (const auto& w : plan.warnings) add_warning(report, options, w);
+
+  ThreadPool pool(options.n_threads);
+  report.n_threads = pool.size();
+  const std::string fingerprint = checkpoint.fingerprint();
+
+  const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
+  if (!is_file) {
+    std::error_code ec;
+    fs::create_directories(out.tmp(), ec);
+    if (ec) fail(ErrorKind::Io, out.tmp().string(), ": cannot create folder: ", ec.message());
+  }
+
+  uint64_t total_bytes = 0;
+  for (const auto& c : checkpoint.components()) total_bytes += c.total_bytes();
+  std::atomic<uint64_t> done_bytes{0};
+  // Called from the write thread too.
+  auto advance = [&](uint64_t n, std::string_view label) {
+    const uint64_t done = done_bytes.fetch_add(n) + n;
+    if (options.progress) options.progress(done, total_bytes, label);
+  };
+
+  // Two output buffers: one being filled while the other is written.
+  constexpr size_t kBuffers = 2;
+  std::array<Scratch, kBuffers> scratch;
+  std::array<uint64_t, kBuffers> scratch_job{};
+  size_t next_buffer = 0;
+  std::set<fs::path> written_configs;
+  for (const Component& component : checkpoint.components()) {
+    const ComponentPlan* cp = plan.find(component.name());
+    QTOOL_ASSERT(cp != nullptr);
+    ComponentReport cr;
+    cr.name = component.name();
+    cr.options = cp->options ? options_to_json(*cp->options) : json(nullptr);
+    cr.unquantized_modules = cp->unquantized_modules;
+
+    // Declare every output tensor: a quantized weight and its quant state form one group.
+    const auto& entries = component.entries();
+    std::vector<std::vector<TensorDecl>> groups;
+    std::vector<bool> quantize(entries.size(), false);
+    groups.reserve(entries.size());
+    DType weight_dtype = DType::BF16;
+    bool have_weight_dtype = false;
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const TensorInfo& t = component.info(entries[i]);
+      const std::string module = module_of_tensor(t.name);
+      if (cp->options && t.name == module + ".weight" && cp->is_quantized(module)) {
+        quantize[i] = true;
+        groups.push_back(quantized_decls(module, t.dtype, t.shape, *cp->options));
+        if (!have_weight_dtype) {
+          weight_dtype = t.dtype;
+          have_weight_dtype = true;
+        }
+      } else {
+        groups.push_back({TensorDecl{t.name, t.dtype, t.shape}});
+      }
+    }
+    // The declared group sizes, kept to check what is written against them.
+    std::vector<std::vector<TensorDecl>> decls = groups;
+
+    std::map<std::string, std::string> provenance = {
+        {"qtool_version", options.tool_version},
+        {"qtool_command", "quantize"},
+        {"qtool_scheme", cp->options ? std::string(scheme_name(cp->options->scheme)) : std::string("none")},
+        {"qtool_options", cp->options ? options_to_json(*cp->options).dump() : std::string("null")},
+        {"qtool_component", component.name()},
+        {"qtool_source_fingerprint", fingerprint},
+        {"qtool_unquantized_modules", json(cp->unquantized_modules).dump()},
+    };
+    const auto metadata = output_metadata(component, provenance);
+    const fs::path out_dir = is_file ? fs::path() : component_out_dir(checkpoint, component, out.tmp());
+    if (!is_file) {
+      std::error_code ec;
+      fs::create_directories(out_dir, ec);
+      if (ec) fail(ErrorKind::Io, out_dir.string(), ": cannot create folder: ", ec.message());
+    }
+    Sink sink = is_file ? Sink(out.tmp(), std::move(groups), metadata)
+                        : Sink(out_dir, component.weights_base(), std::move(groups),
+                               default_max_shard_size(component, options), metadata);
+
+    WriteQueue writes(4);
+    scratch_job.fill(0);  // the previous component's writes are all done
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const auto& e = entries[i];
+      const TensorInfo& t = component.info(e);
+      const auto data = component.data(e);
+      if (i + 1 < entries.size()) prefetch_pages(component.data(entries[i + 1]));
+      TensorReport tr;
+      tr.component = component.name();
+      tr.name = t.name;
+      tr.dtype = t.dtype;
+      tr.shape = t.shape;
+      tr.bytes_in = t.nbytes();
+      if (!quantize[i]) {
+        const std::string* name = &t.name;
+        writes.submit([&sink, &advance, name, data] { copy_tensor(sink, *name, data, [&](uint64_t n) { advance(n, *name); }); });
+        tr.bytes_out = t.nbytes();
+        ++cr.n_copied;
+      } else {
+        const SchemeOptions& so = *cp->options;
+        const std::string module = module_of_tensor(t.name);
+        const auto& group = decls[i];
+        size_t total = 0;
+        for (const auto& d : group) total += (d.nbytes() + 63) & ~size_t{63};
+        const size_t buffer = next_buffer++ % kBuffers;
+        writes.wait_for(scratch_job[buffer]);  // its last contents are written
+        uint8_t* base = scratch[buffer].get(std::max<size_t>(total, 1));
+        std::vector<std::span<uint8_t>> outs;
+        size_t off = 0;
+        for (const auto& d : group) {
+          outs.emplace_back(base + off, d.nbytes());
+          off += (d.nbytes() + 63) & ~size_t{63};
+        }
+        quantize_weight_into(tensor_label(component, e), t.dtype, t.shape, data, so,
+                             std::span<const std::span<uint8_t>>(outs.data(), outs.size()), pool);
+        // The error of what is written, from the written bytes.
+        const QuantizedLinear linear = linear_from_output(module, so, t.dtype, t.shape, group, outs);
+        std::vector<std::span<const uint8_t>> parts(outs.begin(), outs.end());
+        const TensorBytes tb = tensor_bytes(linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
+        error_stats(linear, tb, t.dtype, data, pool, tr);
+        release_pages(data);
+        for (const auto& o : outs) tr.bytes_out += o.size();
+        scratch_job[buffer] = writes.submit([&sink, &advance, &group, outs, n = t.nbytes(), name = &t.name] {
+          for (size_t k = 0; k < group.size(); ++k) sink.write(group[k].name, outs[k], 0);
+          advance(n, *name);
+        });
+        tr.scheme = std::string(scheme_name(so.scheme));
+        ++cr.n_quantized;
+        finish_component_stats(cr, tr);
+      }
+      cr.bytes_in += tr.bytes_in;
+      cr.bytes_out += tr.bytes_out;
+      report.tensors.push_back(std::move(tr));
+    }
+    writes.finish();
+    sink.commit();
+    cr.n_shards = sink.n_shards();
+
+    // config.json with the quantization_config its loaders read.
+    if (!is_file && component.config()) {
+      json cfg = *component.config();
+      if (cp->options && !cp->quantized_modules.empty()) {
+        if (!cfg.is_object()) {
+          fail(ErrorKind::InvalidInput, (component.dir() / "config.json").string(), ": not a JSON object");
+        }
+        cfg["quantization_config"] = quantization_config_json(*cp->options, weight_dtype, cp->unquantized_modules);
+      }
+      write_json_file(out_dir / "config.json", cfg);
+      written_configs.insert(normal_abs(component.dir() / "config.json"));
+    }
+    if (cp->options && cp->options->scheme == Scheme::Fp8E5M2 && !cp->quantized_modules.empty()) {
+      add_warning(report, options,
+                  str_cat(component.name().empty() ? std::string("the model") : "component '" + component.name() + "'",
+                          ": fp8_e5m2 is read by qtool; compressed-tensors loaders expect fp8_e4m3 weights"));
+    }
+    report.bytes_in += cr.bytes_in;
+    report.bytes_out += cr.bytes_out;
+    report.components.push_back(std::move(cr));
+  }
+  std::vector<std::string> copy_warnings;
+  report.files_copied = copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
+  report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
+  out.commit();
+  report.seconds = now_seconds(start);
+  return report;
+}
+
+// ------------------------------------------------------------------------------------------------
+// dequantize
+
+ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& output, std::optional<DType> dtype,
+                                    const ConvertOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  if (dtype && !is_quantizable_dtype(*dtype)) {
+    fail(ErrorKind::Usage, "--dtype: ", dtype_name(*dtype), " is not bf16, f16 or f32");
+  }
+  OutputPath out(output, options.force, input);
+  const Checkpoint checkpoint = Checkpoint::open(input);
+  if (checkpoint.layout() == Checkpoint::Layout::File && options.max_shard_size > 0) {
+    fail(ErrorKind::Usage, "--max-shard-size: ", input.string(),
+         " is a single .safetensors file, whose output is one file; give a model folder to shard it");
+  }
+  ConvertReport report;
+  report.command = "dequantize";
+  report.input = input;
+  report.output = output;
+  report.tool_version = options.tool_version;
+
+  ThreadPool pool(options.n_threads);
+  report.n_threads = pool.size();
+  const std::string fingerprint = checkpoint.fingerprint();
+  const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
+  if (!is_file) {
+    std::error_code ec;
+    fs::create_directories(out.tmp(), ec);
+    if (ec) fail(ErrorKind::Io, out.tmp().string(), ": cannot create folder: ", ec.message());
+  }
+  uint64_t total_bytes = 0;
+  for (const auto& c : checkpoint.components()) total_bytes += c.total_bytes();
+  uint64_t done_bytes = 0;
+  auto advance = [&](uint64_t n, std::string_view label) {
+    done_bytes += n;
+    if (options.progress) options.progress(done_bytes, total_bytes, label);
+  };
+
+  size_t n_linears_total = 0;
+  std::set<fs::path> written_configs;
+  for (const Component& component : checkpoint.components()) {
+    const std::vector<QuantizedLinear> linears = find_quantized_linears(component);
+    n_linears_total += linears.size();
+    // Where each tensor of a quantized linear belongs.
+    std::unordered_map<std::string, std::pair<size_t, Part>> part_of;
+    for (size_t li = 0; li < linears.size(); ++li) {
+      for (size_t k = 0; k < linears[li].tensor_names.size(); ++k) {
+        part_of.emplace(linears[li].tensor_names[k], std::make_pair(li, linears[li].tensor_parts[k]));
+      }
+    }
+    // int8 does not record the weight's dtype: the config's, else the other float tensors'.
+    DType fallback = DType::BF16;
+    {
+      std::optional<DType> from_config;
+      if (component.config() && component.config()->is_object()) {
+        for (const char* key : {"torch_dtype", "dtype"}) {
+          if (!from_config && component.config()->contains(key)) from_config = dtype_from_torch_name((*component.config())[key]);
+        }
+      }
+      if (from_config) {
+        fallback = *from_config;
+      } else {
+        std::map<DType, uint64_t> counts;
+        for (const auto& e : component.entries()) {
+          const TensorInfo& t = component.info(e);
+          if (!part_of.count(t.name) && is_quantizable_dtype(t.dtype)) counts[t.dtype] += t.numel();
+        }
+        uint64_t best = 0;
+        for (const auto& [dt, n] : counts) {
+          if (n > best) {
+            best = n;
+            fallback = dt;
+          }
+        }
+      }
+    }
+    auto out_dtype_of = [&](const QuantizedLinear& l) {
+      if (dtype) return *dtype;
+      if (l.options.scheme == Scheme::Int8) return fallback;
+      return l.orig_dtype;
+    };
+
+    ComponentReport cr;
+    cr.name = component.name();
+    std::vector<std::vector<TensorDecl>> groups;
+    std::set<std::string> schemes;
+    for (const auto& e : component.entries()) {
+      const TensorInfo& t = component.info(e);
+      const auto it = part_of.find(t.name);
+      if (it == part_of.end()) {
+        groups.push_back({TensorDecl{t.name, t.dtype, t.shape}});
+      } else if (it->second.second == Part::Weight) {
+        const QuantizedLinear& l = linears[it->second.first];
+        groups.push_back({TensorDecl{l.module + ".weight", out_dtype_of(l), l.shape}});
+        schemes.insert(std::string(scheme_name(l.options.scheme)));
+      }
+    }
+    cr.options = linears.empty() ? json(nullptr) : options_to_json(linears.front().options);
+
+    const std::map<std::string, std::string> provenance = {
+        {"qtool_version", options.tool_version},
+        {"qtool_command", "dequantize"},
+        {"qtool_scheme", "none"},
+        {"qtool_component", component.name()},
+        {"qtool_source_fingerprint", fingerprint},
+    };
+    const auto metadata = output_metadata(component, provenance);
+    const fs::path out_dir = is_file ? fs::path() : component_out_dir(checkpoint, component, out.tmp());
+    if (!is_file) {
+      std::error_code ec;
+      fs::create_directories(out_dir, ec);
+      if (ec) fail(ErrorKind::Io, out_dir.string(), ": cannot create folder: ", ec.message());
+    }
+    Sink sink = is_file ? Sink(out.tmp(), std::move(groups), metadata)
+                        : Sink(out_dir, component.weights_base(), std::move(groups),
+                               default_max_shard_size(component, options), metadata);
+
+    for (const auto& e : component.entries()) {
+      const TensorInfo& t = component.info(e);
+      const auto it = part_of.find(t.name);
+      if (it == part_of.end()) {
+        TensorReport tr;
+        tr.component = component.name();
+        tr.name = t.name;
+        tr.dtype = t.dtype;
+        tr.shape = t.shape;
+        tr.bytes_in = tr.bytes_out = t.nbytes();
+        copy_tensor(sink, t.name, component.data(e), [&](uint64_t n) { advance(n, t.name); });
+        ++cr.n_copied;
+        cr.bytes_in += tr.bytes_in;
+        cr.bytes_out += tr.bytes_out;
+        report.tensors.push_back(std::move(tr));
+        continue;
+      }
+      if (it->second.second != Part::Weight) continue;  // read with its weight
+      const QuantizedLinear& l = linears[it->second.first];
+      const TensorBytes tb = tensor_bytes(l, component);
+      check_tensor_bytes(l, tb);
+      const DType odt = out_dtype_of(l);
+      const size_t rows = static_cast<size_t>(l.rows()), cols = static_cast<size_t>(l.cols());
+      const size_t osize = dtype_size(odt);
+      const std::string name = l.module + ".weight";
+      const size_t rows_per_chunk = std::max<size_t>(1, (kStatsChunk * 4) / std::max<size_t>(cols, 1));
+      pool.parallel_for(rows, rows_per_chunk, [&](size_t r0, size_t r1) {
+        std::vector<float> f(rows_per_chunk * cols);
+        std::vector<uint8_t> o(rows_per_chunk * cols * osize);
+        for (size_t r = r0; r < r1; r += rows_per_chunk) {
+          const size_t re = std::min(r1, r + rows_per_chunk);
+          const size_t n = (re - r) * cols;
+          dequantize_rows_f32(l, tb, f.data(), r, re);
+          convert_from_f32(odt, f.data(), o.data(), n);
+          sink.write(name, std::span<const uint8_t>(o.data(), n * osize), r * cols * osize);
+        }
+      });
+      TensorReport tr;
+      tr.component = component.name();
+      tr.name = t.name;
+      tr.scheme = std::string(scheme_name(l.options.scheme));
+      tr.dtype = t.dtype;
+      tr.shape = t.shape;
+      for (const auto& tn : l.tensor_names) {
+        const auto pe = component.find(tn);
+        QTOOL_ASSERT(pe.has_value());
+        tr.bytes_in += component.info(*pe).nbytes();
+        release_pages(component.data(*pe));
+      }
+      tr.bytes_out = static_cast<uint64_t>(rows) * cols * osize;
+      ++cr.n_quantized;
+      cr.bytes_in += tr.bytes_in;
+      cr.bytes_out += tr.bytes_out;
+      advance(tr.bytes_in, name);
+      report.tensors.push_back(std::move(tr));
+    }
+    sink.commit();
+    cr.n_shards = sink.n_shards();
+    if (!is_file && component.config()) {
+      json cfg = *component.config();
+      if (cfg.is_object()) cfg.erase("quantization_config");
+      write_json_file(out_dir / "config.json", cfg);
+      written_configs.insert(normal_abs(component.dir() / "config.json"));
+    }
+    report.bytes_in += cr.bytes_in;
+    report.bytes_out += cr.bytes_out;
+    report.components.push_back(std::move(cr));
+  }
+  if (n_linears_total == 0) {
+    add_warning(report, options, str_cat(input.string(), ": no quantized weights found; the tensors are copied unchanged"));
+  }
+  std::vector<std::string> copy_warnings;
+  report.files_copied = copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
+  report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
+  out.commit();
+  report.seconds = now_seconds(start);
+  return report;
+}
+
+}  // namespace qtool::quant

@@ -1,0 +1,355 @@
+// One-pass error statistics of a quantized weight (convert_stats.hpp).
+#include "convert_stats.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define QTOOL_STATS_SIMD 1
+#define QTOOL_STATS_TARGET __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace qtool::quant::detail {
+
+void ErrorSums::add(const ErrorSums& o) {
+  sum_sq_ref += o.sum_sq_ref;
+  sum_sq_err += o.sum_sq_err;
+  max_abs_err = std::max(max_abs_err, o.max_abs_err);
+}
+
+namespace {
+
+// bitsandbytes dequantizes LLM.int8 as (q * SCB) * float(1/127).
+constexpr float kInvInt8Max = 7.874015718698502e-3f;
+// Float partial sums are flushed into double at least this often (elements).
+constexpr size_t kFlushEvery = 4096;
+
+float load_original(DType dtype, const uint8_t* p, size_t i) {
+  switch (dtype) {
+    case DType::BF16: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      return bf16_to_f32(h);
+    }
+    case DType::F16: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      return f16_to_f32(h);
+    }
+    default: {
+      float f;
+      std::memcpy(&f, p + 4 * i, 4);
+      return f;
+    }
+  }
+}
+
+float load_f32(const uint8_t* p, size_t i) {
+  float f;
+  std::memcpy(&f, p + 4 * i, 4);
+  return f;
+}
+
+// Scalar accumulation into float partials flushed to double.
+struct ScalarAcc {
+  ErrorSums& sums;
+  float ref = 0, err = 0, max = 0;
+  size_t n = 0;
+  explicit ScalarAcc(ErrorSums& s) : sums(s) {}
+  void add(float w, float d) {
+    const float e = d - w;
+    ref += w * w;
+    err += e * e;
+    max = std::max(max, std::fabs(e));
+    if (++n == kFlushEvery) flush();
+  }
+  void flush() {
+    sums.sum_sq_ref += ref;
+    sums.sum_sq_err += err;
+    sums.max_abs_err = std::max(sums.max_abs_err, max);
+    ref = err = max = 0;
+    n = 0;
+  }
+  ~ScalarAcc() { flush(); }
+};
+
+std::array<float, 256> fp8_table(Scheme scheme) {
+  std::array<float, 256> t{};
+  for (int i = 0; i < 256; ++i) {
+    t[i] = scheme == Scheme::Fp8E4M3 ? fp8_e4m3_to_f32(static_cast<uint8_t>(i)) : fp8_e5m2_to_f32(static_cast<uint8_t>(i));
+  }
+  return t;
+}
+
+std::array<float, 16> bnb4_codes(const QuantizedLinear& linear, const TensorBytes& parts) {
+  std::array<float, 16> code{};
+  if (parts.quant_map.size() == sizeof(float) * 16) {
+    std::memcpy(code.data(), parts.quant_map.data(), sizeof code);
+  } else {
+    const auto t = code_table(linear.options.scheme);
+    std::copy(t.begin(), t.end(), code.begin());
+  }
+  return code;
+}
+
+uint8_t nibble(const uint8_t* packed, size_t i) {
+  const uint8_t byte = packed[i / 2];
+  return (i & 1) ? (byte & 0x0F) : (byte >> 4);
+}
+
+// ---- scalar paths ----------------------------------------------------------------------------
+
+void int8_scalar(const uint8_t* q, const uint8_t* scb, DType dtype, const uint8_t* w, size_t cols, size_t r0, size_t r1,
+                 ErrorSums& sums) {
+  ScalarAcc acc(sums);
+  for (size_t r = r0; r < r1; ++r) {
+    const float s = load_f32(scb, r);
+    for (size_t c = 0; c < cols; ++c) {
+      const size_t i = r * cols + c;
+      acc.add(load_original(dtype, w, i), (static_cast<float>(static_cast<int8_t>(q[i])) * s) * kInvInt8Max);
+    }
+  }
+}
+
+void fp8_scalar(const float* table, const uint8_t* q, const uint8_t* scales, DType dtype, bool per_tensor,
+                const uint8_t* w, size_t cols, size_t r0, size_t r1, ErrorSums& sums) {
+  ScalarAcc acc(sums);
+  for (size_t r = r0; r < r1; ++r) {
+    const float s = load_original(dtype, scales, per_tensor ? 0 : r);
+    for (size_t c = 0; c < cols; ++c) {
+      const size_t i = r * cols + c;
+      acc.add(load_original(dtype, w, i), table[q[i]] * s);
+    }
+  }
+}
+
+void bnb4_scalar(const float* code, const float* absmax, size_t block0, uint32_t bs, const uint8_t* packed, DType dtype,
+                 const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
+  ScalarAcc acc(sums);
+  for (size_t i = i0; i < i1; ++i) acc.add(load_original(dtype, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+}
+
+// ---- AVX2 paths ------------------------------------------------------------------------------
+
+#ifdef QTOOL_STATS_SIMD
+
+QTOOL_STATS_TARGET inline float hsum(__m256 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+
+QTOOL_STATS_TARGET inline float hmax(__m256 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  return std::max({t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]});
+}
+
+template <DType D>
+QTOOL_STATS_TARGET inline __m256 load8(const uint8_t* w, size_t i) {
+  if constexpr (D == DType::BF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (D == DType::F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i)));
+  } else {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(w + 4 * i));
+  }
+}
+
+// Elements [i, i + n) (n a multiple of 8) against what `dec(j)` decodes for elements [j, j + 8).
+// Two independent sets of accumulators, kept in registers and flushed every kFlushEvery elements.
+template <DType D, typename Dec>
+QTOOL_STATS_TARGET inline void run8(const uint8_t* w, size_t i, size_t n, const Dec& dec, ErrorSums& sums) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (size_t done = 0; done < n;) {
+    const size_t m = std::min(n - done, kFlushEvery);
+    __m256 r0 = _mm256_setzero_ps(), r1 = r0, e0 = r0, e1 = r0, x0 = r0, x1 = r0;
+    const size_t base = i + done;
+    size_t k = 0;
+    for (; k + 16 <= m; k += 16) {
+      const __m256 w0 = load8<D>(w, base + k), w1 = load8<D>(w, base + k + 8);
+      const __m256 d0 = _mm256_sub_ps(dec(base + k), w0), d1 = _mm256_sub_ps(dec(base + k + 8), w1);
+      r0 = _mm256_fmadd_ps(w0, w0, r0);
+      r1 = _mm256_fmadd_ps(w1, w1, r1);
+      e0 = _mm256_fmadd_ps(d0, d0, e0);
+      e1 = _mm256_fmadd_ps(d1, d1, e1);
+      x0 = _mm256_max_ps(x0, _mm256_andnot_ps(sign, d0));
+      x1 = _mm256_max_ps(x1, _mm256_andnot_ps(sign, d1));
+    }
+    for (; k < m; k += 8) {
+      const __m256 w0 = load8<D>(w, base + k);
+      const __m256 d0 = _mm256_sub_ps(dec(base + k), w0);
+      r0 = _mm256_fmadd_ps(w0, w0, r0);
+      e0 = _mm256_fmadd_ps(d0, d0, e0);
+      x0 = _mm256_max_ps(x0, _mm256_andnot_ps(sign, d0));
+    }
+    sums.sum_sq_ref += hsum(_mm256_add_ps(r0, r1));
+    sums.sum_sq_err += hsum(_mm256_add_ps(e0, e1));
+    sums.max_abs_err = std::max(sums.max_abs_err, hmax(_mm256_max_ps(x0, x1)));
+    done += m;
+  }
+}
+
+struct Int8Dec {
+  const uint8_t* q;
+  __m256 s, inv;
+  QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
+    const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), s), inv);
+  }
+};
+
+struct Fp8Dec {
+  const float* table;
+  const uint8_t* q;
+  __m256 s;
+  QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
+    const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
+    return _mm256_mul_ps(_mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(q8), 4), s);
+  }
+};
+
+// Element i + k of a group of 8 (i a multiple of 8) sits in byte i/2 + k/2, high nibble first.
+struct Bnb4Dec {
+  const float* code;
+  const uint8_t* packed;
+  __m256 am;
+  __m256i shifts, low4;
+  QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
+    uint32_t x;
+    std::memcpy(&x, packed + i / 2, 4);
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(x)), shifts), low4);
+    return _mm256_mul_ps(_mm256_i32gather_ps(code, idx, 4), am);
+  }
+};
+
+template <DType D>
+QTOOL_STATS_TARGET void int8_avx2(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols, size_t r0,
+                                  size_t r1, ErrorSums& sums) {
+  ScalarAcc tail(sums);
+  const size_t n8 = cols & ~size_t{7};
+  for (size_t r = r0; r < r1; ++r) {
+    const float s = load_f32(scb, r);
+    const size_t base = r * cols;
+    run8<D>(w, base, n8, Int8Dec{q, _mm256_set1_ps(s), _mm256_set1_ps(kInvInt8Max)}, sums);
+    for (size_t c = n8; c < cols; ++c) {
+      const size_t i = base + c;
+      tail.add(load_original(D, w, i), (static_cast<float>(static_cast<int8_t>(q[i])) * s) * kInvInt8Max);
+    }
+  }
+}
+
+template <DType D>
+QTOOL_STATS_TARGET void fp8_avx2(const float* table, const uint8_t* q, const uint8_t* scales, bool per_tensor,
+                                 const uint8_t* w, size_t cols, size_t r0, size_t r1, ErrorSums& sums) {
+  ScalarAcc tail(sums);
+  const size_t n8 = cols & ~size_t{7};
+  for (size_t r = r0; r < r1; ++r) {
+    const float s = load_original(D, scales, per_tensor ? 0 : r);
+    const size_t base = r * cols;
+    run8<D>(w, base, n8, Fp8Dec{table, q, _mm256_set1_ps(s)}, sums);
+    for (size_t c = n8; c < cols; ++c) {
+      const size_t i = base + c;
+      tail.add(load_original(D, w, i), table[q[i]] * s);
+    }
+  }
+}
+
+template <DType D>
+QTOOL_STATS_TARGET void bnb4_avx2(const float* code, const float* absmax, size_t block0, uint32_t bs,
+                                  const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
+  ScalarAcc tail(sums);
+  Bnb4Dec dec{code, packed, _mm256_setzero_ps(), _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24), _mm256_set1_epi32(0x0F)};
+  size_t i = i0;
+  while (i < i1) {
+    const size_t block = i / bs;
+    const size_t block_end = std::min(i1, (block + 1) * static_cast<size_t>(bs));
+    const float a = absmax[block - block0];
+    // Scalar up to a multiple of 8 (blocks are multiples of 8 long), then groups of 8.
+    for (; i < block_end && i % 8 != 0; ++i) tail.add(load_original(D, w, i), code[nibble(packed, i)] * a);
+    const size_t n8 = (block_end - i) & ~size_t{7};
+    dec.am = _mm256_set1_ps(a);
+    run8<D>(w, i, n8, dec, sums);
+    i += n8;
+    for (; i < block_end; ++i) tail.add(load_original(D, w, i), code[nibble(packed, i)] * a);
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+#endif  // QTOOL_STATS_SIMD
+
+}  // namespace
+
+void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype, const uint8_t* original,
+                      size_t row_begin, size_t row_end, ErrorSums& sums, bool simd) {
+  if (row_begin >= row_end) return;
+  const size_t cols = static_cast<size_t>(linear.cols());
+  ErrorSums local;
+#ifdef QTOOL_STATS_SIMD
+  simd = simd && cpu_has_avx2();
+#else
+  simd = false;
+#endif
+  const Scheme scheme = linear.options.scheme;
+  if (scheme == Scheme::Int8) {
+#ifdef QTOOL_STATS_SIMD
+    if (simd) {
+      switch (dtype) {
+        case DType::BF16: int8_avx2<DType::BF16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end, local); break;
+        case DType::F16: int8_avx2<DType::F16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end, local); break;
+        default: int8_avx2<DType::F32>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end, local); break;
+      }
+      sums.add(local);
+      return;
+    }
+#endif
+    int8_scalar(parts.weight.data(), parts.scale.data(), dtype, original, cols, row_begin, row_end, local);
+  } else if (is_fp8(scheme)) {
+    const auto table = fp8_table(scheme);
+    const bool per_tensor = linear.options.per_tensor;
+#ifdef QTOOL_STATS_SIMD
+    if (simd) {
+      switch (dtype) {
+        case DType::BF16: fp8_avx2<DType::BF16>(table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
+        case DType::F16: fp8_avx2<DType::F16>(table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
+        default: fp8_avx2<DType::F32>(table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
+      }
+      sums.add(local);
+      return;
+    }
+#endif
+    fp8_scalar(table.data(), parts.weight.data(), parts.scale.data(), dtype, per_tensor, original, cols, row_begin,
+               row_end, local);
+  } else {
+    const uint32_t bs = linear.options.blocksize;
+    const size_t i0 = row_begin * cols, i1 = row_end * cols;
+    const size_t b0 = i0 / bs, b1 = (i1 - 1) / bs + 1;
+    std::vector<float> absmax(b1 - b0);
+    decode_absmax(linear, parts, absmax.data(), b0, b1);
+    const auto code = bnb4_codes(linear, parts);
+#ifdef QTOOL_STATS_SIMD
+    if (simd) {
+      switch (dtype) {
+        case DType::BF16: bnb4_avx2<DType::BF16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1, local); break;
+        case DType::F16: bnb4_avx2<DType::F16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1, local); break;
+        default: bnb4_avx2<DType::F32>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1, local); break;
+      }
+      sums.add(local);
+      return;
+    }
+#endif
+    bnb4_scalar(code.data(), absmax.data(), b0, bs, parts.weight.data(), dtype, original, i0, i1, local);
+  }
+  sums.add(local);
+}
+
+}  // namespace qtool::quant::detail

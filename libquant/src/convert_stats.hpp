@@ -1,0 +1,28 @@
+// The error of a quantized weight against the original, computed in one pass from the quantized
+// bytes (decoded here, as dequantize_rows_f32 decodes them) and the original bytes, without
+// materialising either in float32. An AVX2 path beside a scalar one; both are checked against
+// dequantize_rows_f32 in tests/libquant/test_convert_stats.cpp.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "qtool/formats/dtype.hpp"
+#include "qtool/libquant/quant.hpp"
+
+namespace qtool::quant::detail {
+
+struct ErrorSums {
+  double sum_sq_ref = 0;  // sum of w^2
+  double sum_sq_err = 0;  // sum of (dequant - w)^2
+  float max_abs_err = 0;  // max |dequant - w|
+  void add(const ErrorSums& o);
+};
+
+// Adds rows [row_begin, row_end) of `linear` (whose tensors are `parts`) against the original
+// weight `original` (row-major [out, in] of `dtype`: BF16, F16 or F32) to `sums`.
+// `simd`: use the AVX2 path when the CPU has it.
+void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype, const uint8_t* original,
+                      size_t row_begin, size_t row_end, ErrorSums& sums, bool simd = true);
+
+}  // namespace qtool::quant::detail

@@ -1,0 +1,214 @@
+// The plan: where every module of a checkpoint lives and how offloaded weights are streamed, as
+// `qtool plan` writes it and the runner executes it. The file is versioned JSON
+// ("format": "qtool-plan", "version": kPlanVersion); plan_from_json() rejects other versions.
+//
+// What the runner does with a plan (the contract this header fixes):
+// - `schedule` is the execution order of one step. Each ScheduleStep runs on GPU `gpu`: either a
+//   resident unit (group == -1; its tensors were loaded once into that GPU's resident arena) or
+//   an offloaded group (group >= 0) that must be in one of that GPU's device slots when the step
+//   runs. The runner copies offloaded groups in the order their steps appear (a copy stream,
+//   `prefetch` slots ahead), then runs the step's linear layers in the listed tensor order.
+//   A group normally appears in one step; a tied weight's second user (a tied lm_head of an
+//   offloaded embedding) names the same group again, and it is copied again.
+// - Offloaded group g lives in one contiguous pinned host arena (target "cpu") or is read from
+//   the checkpoint files through a pinned staging ring (target "disk"). Its tensors sit at
+//   `arena_offset` (each 256-byte aligned, see layout_arena); the slot receives the arena image.
+// - Memory per GPU: the `reserve` items (gpu_reserve()) plus the resident arena. `predicted_peak`
+//   is their sum; `qtool verify` compares its measured peak to it.
+// - Sizes are bytes, times seconds, rates as in DeviceProfile.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "qtool/planner/device_profile.hpp"
+
+namespace qtool::planner {
+
+inline constexpr int kPlanVersion = 1;
+inline constexpr std::string_view kPlanFormat = "qtool-plan";
+inline constexpr uint64_t kArenaAlignment = 256;  // every tensor in an arena or slot starts here
+
+// Where a module lives: a GPU (resident), or offloaded to pinned host memory or to disk.
+// In JSON: the GPU index as an integer, "cpu" or "disk" (accelerate's device_map values).
+struct Location {
+  enum class Kind : uint8_t { Gpu, Cpu, Disk };
+  Kind kind = Kind::Gpu;
+  int32_t gpu = 0;  // Gpu only
+
+  static Location on_gpu(int32_t index) { return {Kind::Gpu, index}; }
+  static Location cpu() { return {Kind::Cpu, -1}; }
+  static Location disk() { return {Kind::Disk, -1}; }
+  bool is_gpu() const { return kind == Kind::Gpu; }
+  bool operator==(const Location&) const = default;
+  std::string str() const;  // "0", "cpu", "disk"
+};
+nlohmann::json location_to_json(const Location& loc);
+Location location_from_json(const nlohmann::json& j, std::string_view where);
+
+// One named part of a device's memory that is not a resident weight.
+struct ReserveItem {
+  std::string name;    // "cuda_context", "cublas_workspace", "activation_in", "activation_out",
+                       // "dequant_scratch", "device_slots"; host: "pinned_arenas", "disk_staging"
+  uint64_t bytes = 0;  // as allocated (rounded up to the allocation granularity)
+  std::string detail;  // how it was sized, e.g. "tokens 4096 x in 12288 x bf16"
+};
+
+// Inputs of the per-GPU reserve model, for the work one GPU executes.
+struct GpuWork {
+  uint64_t tokens = 0;             // activation rows per linear
+  uint64_t max_in = 0;             // largest input features of a linear run on this GPU
+  uint64_t max_out = 0;            // largest output features of a linear run on this GPU
+  uint64_t max_dequant_numel = 0;  // largest linear whose weight is not bf16 (quantized, f16, f32)
+  uint32_t n_slots = 0;            // device slots (0: this GPU streams nothing)
+  uint64_t slot_bytes = 0;         // one slot: the largest group arena streamed to this GPU
+  bool used = false;               // anything runs on this GPU (else the reserve is empty)
+};
+
+// The reserve the runner really allocates on one GPU, item by item, each allocation rounded up to
+// profile.alloc_granularity_bytes:
+//   cuda_context      = profile.context_bytes (not an allocation: context, handles, kernels)
+//   cublas_workspace  = profile.cublas_workspace_bytes
+//   activation_in     = tokens * max_in  * 2   (bf16 [tokens, in])
+//   activation_out    = tokens * max_out * 2   (bf16 [tokens, out])
+//   dequant_scratch   = max_dequant_numel * 2  (bf16 [out, in] of the largest non-bf16 linear)
+//   device_slots      = n_slots * slot_bytes   (one allocation holding the ring)
+// An unused GPU reserves nothing; items of 0 bytes are left out.
+std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork& work);
+uint64_t round_up(uint64_t bytes, uint64_t granularity);
+uint64_t sum_bytes(std::span<const ReserveItem> items);
+
+// Offsets of tensors of the given sizes laid out back to back, each at a multiple of
+// kArenaAlignment. `total` is the arena size (a multiple of kArenaAlignment).
+struct ArenaLayout {
+  std::vector<uint64_t> offsets;
+  uint64_t total = 0;
+};
+ArenaLayout layout_arena(std::span<const uint64_t> sizes);
+
+struct GroupTensor {
+  std::string name;           // tensor name within the component
+  uint64_t nbytes = 0;
+  uint64_t arena_offset = 0;  // within the group's arena / slot
+};
+
+// Consecutive offloaded units (blocks, or single layers in leaf mode) moved by one copy.
+struct OffloadGroup {
+  uint32_t id = 0;                    // index in Plan::groups (= order of first use)
+  uint32_t component = 0;             // index in Plan::components
+  std::vector<std::string> modules;   // module prefixes, in execution order
+  std::vector<GroupTensor> tensors;   // in arena order (= execution order of its modules)
+  uint64_t bytes = 0;                 // sum of tensor bytes
+  uint64_t arena_bytes = 0;           // layout_arena(...).total: what one slot must hold
+  Location target = Location::cpu();  // cpu or disk
+  int32_t gpu = 0;                    // the GPU whose slots receive it
+  double copy_s = 0;                  // predicted copy time (host or disk to device)
+};
+
+// One linear layer the runner executes: y[tokens, out] = x[tokens, in] * W^T, W dequantized (or
+// converted) to bf16 first unless it is bf16 already. Embeddings, norms, convolutions and biases
+// are placed and moved but not executed.
+struct LinearOp {
+  std::string module;  // "transformer_blocks.0.attn.to_q"; a tied head: "lm_head"
+  std::string weight;  // tensor holding W ("<module>.weight"; a tied head: the embedding's weight)
+  int64_t out = 0;     // W is [out, in] (before quantization)
+  int64_t in = 0;
+  std::string kind;    // "bf16", "f16", "f32", or the scheme: "int8", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4"
+};
+
+struct ScheduleStep {
+  uint32_t component = 0;            // index in Plan::components
+  std::vector<std::string> modules;  // units run in this step, in order
+  int32_t gpu = 0;                   // the GPU that runs it
+  int32_t group = -1;                // -1: resident; else the OffloadGroup streamed for it
+  std::vector<std::string> tensors;  // the step's tensors in execution order (tied copies left out)
+  std::vector<LinearOp> linears;     // the layers it runs, in order
+  uint64_t flops = 0;                // 2 * tokens * in * out summed over its linears
+  double compute_s = 0;              // predicted: GEMMs + dequant + launches
+};
+
+// Per device: GPUs first (by index), then "cpu", then "disk".
+struct DevicePlan {
+  std::string device;                 // "cuda:0", "cpu", "disk"
+  Location location;                  // on_gpu(i), cpu(), disk()
+  uint64_t budget = 0;                // bytes this device may use (UINT64_MAX: unlimited disk)
+  std::string budget_source;          // "--max-memory", "cudaMemGetInfo free", "/proc/meminfo MemAvailable"
+  uint64_t weights_bytes = 0;         // exact tensor bytes placed here (resident or offloaded)
+  uint64_t arena_bytes = 0;           // as laid out and rounded (GPU: resident arena; cpu: pinned arenas)
+  std::vector<ReserveItem> reserve;   // GPU: gpu_reserve(); cpu: disk_staging; disk: none
+  uint32_t n_slots = 0;               // GPU: device slots in its ring
+  uint64_t slot_bytes = 0;            // GPU: bytes per slot
+  uint64_t predicted_peak = 0;        // arena_bytes + sum(reserve)
+};
+
+// One entry of a component's accelerate-compatible device_map.
+struct DeviceMapEntry {
+  std::string prefix;   // module prefix ("" = the whole component), or a tensor name
+  Location location;
+  std::string reason;   // empty for GPUs; why it is not kept on a GPU otherwise
+  uint64_t bytes = 0;   // exact bytes under this key (tied copies counted once)
+};
+
+struct TiedAlias {
+  std::string alias;    // e.g. "lm_head.weight" (may be absent from the checkpoint)
+  std::string primary;  // e.g. "model.embed_tokens.weight": the alias uses its memory
+};
+
+struct ComponentPlan {
+  std::string name;                      // "" for a single model
+  std::string class_name;                // config's architectures[0] / _class_name, if any
+  std::string template_name;             // model template used for the order ("" = heuristic)
+  uint64_t bytes = 0;                    // exact bytes, tied copies counted once
+  // In execution order; keys never overlap. JSON: "device_map" {prefix: location} (what
+  // accelerate's dispatch_model takes), "offload_reasons" {prefix: reason} for keys not on a GPU,
+  // "module_bytes" {prefix: bytes}.
+  std::vector<DeviceMapEntry> device_map;
+  std::vector<TiedAlias> tied;
+  double step_s = 0;                     // predicted time of this component's steps
+};
+
+struct PlanSettings {
+  std::string strategy;         // "sequential", "balanced", "balanced_low_0" ("auto" resolved)
+  std::string offload_mode;     // "block" or "leaf" (resolved from "auto"), "none" when nothing is offloaded
+  uint32_t blocks_per_group = 0;  // block mode: units per group
+  uint32_t prefetch = 0;        // device slots per streaming GPU
+  uint64_t tokens = 0;
+  std::string profile_name;
+  std::string budget_note;      // where the budget came from
+};
+
+struct Plan {
+  std::string checkpoint;       // path as given
+  std::string fingerprint;      // Checkpoint::fingerprint()
+  std::string qtool_version;
+  PlanSettings settings;
+  DeviceProfile profile;
+  std::vector<ComponentPlan> components;
+  std::vector<DevicePlan> devices;
+  std::vector<OffloadGroup> groups;
+  std::vector<ScheduleStep> schedule;
+  double predicted_step_s = 0;  // simulated: copies overlapped with compute through the slots
+  double transfer_s = 0;        // sum of group copy times
+  double compute_s = 0;         // sum of step compute times
+  std::vector<std::string> notes;  // human remarks (assumptions, budget source)
+
+  const DevicePlan* find_device(const Location& loc) const;
+  uint64_t gpu_bytes() const;        // weights resident on GPUs
+  uint64_t offloaded_bytes() const;  // weights on cpu or disk
+};
+
+nlohmann::json plan_to_json(const Plan& plan);
+// Validates structure and version; Error(InvalidInput) naming `label` and the key.
+Plan plan_from_json(const nlohmann::json& j, std::string_view label);
+void write_plan(const std::filesystem::path& path, const Plan& plan);  // atomic (tmp + rename)
+Plan read_plan(const std::filesystem::path& path);
+
+}  // namespace qtool::planner

@@ -1,0 +1,436 @@
+#include "qtool/planner/plan.hpp"
+
+#include <limits>
+
+#include "qtool/formats/checkpoint.hpp"
+#include "qtool/formats/error.hpp"
+
+namespace qtool::planner {
+
+using nlohmann::json;
+using ojson = nlohmann::ordered_json;
+
+std::string Location::str() const {
+  switch (kind) {
+    case Kind::Gpu: return std::to_string(gpu);
+    case Kind::Cpu: return "cpu";
+    case Kind::Disk: return "disk";
+  }
+  return "?";
+}
+
+json location_to_json(const Location& loc) {
+  if (loc.is_gpu()) return json(loc.gpu);
+  return json(loc.str());
+}
+
+Location location_from_json(const json& j, std::string_view where) {
+  if (j.is_number_integer()) {
+    const int64_t v = j.get<int64_t>();
+    if (v < 0 || v > 1024) fail(ErrorKind::InvalidInput, where, ": GPU index ", v, " out of range");
+    return Location::on_gpu(static_cast<int32_t>(v));
+  }
+  if (j.is_string()) {
+    const std::string s = j.get<std::string>();
+    if (s == "cpu") return Location::cpu();
+    if (s == "disk") return Location::disk();
+  }
+  fail(ErrorKind::InvalidInput, where, ": a location is a GPU index, \"cpu\" or \"disk\" (got ", j.dump(), ")");
+}
+
+uint64_t round_up(uint64_t bytes, uint64_t granularity) {
+  if (granularity <= 1) return bytes;
+  return (bytes + granularity - 1) / granularity * granularity;
+}
+
+uint64_t sum_bytes(std::span<const ReserveItem> items) {
+  uint64_t s = 0;
+  for (const ReserveItem& i : items) s += i.bytes;
+  return s;
+}
+
+std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork& w) {
+  std::vector<ReserveItem> out;
+  if (!w.used) return out;
+  const uint64_t g = profile.alloc_granularity_bytes;
+  auto add = [&](std::string name, uint64_t bytes, std::string detail, bool allocation = true) {
+    if (bytes == 0) return;
+    out.push_back({std::move(name), allocation ? round_up(bytes, g) : bytes, std::move(detail)});
+  };
+  add("cuda_context", profile.context_bytes, "device profile '" + profile.name + "' context_bytes", false);
+  add("cublas_workspace", profile.cublas_workspace_bytes, "cublasSetWorkspace size from the device profile");
+  add("activation_in", w.tokens * w.max_in * 2,
+      str_cat("bf16 [tokens ", w.tokens, ", in ", w.max_in, "]"));
+  add("activation_out", w.tokens * w.max_out * 2,
+      str_cat("bf16 [tokens ", w.tokens, ", out ", w.max_out, "]"));
+  add("dequant_scratch", w.max_dequant_numel * 2,
+      str_cat("bf16 weight of the largest non-bf16 linear (", w.max_dequant_numel, " elements)"));
+  if (w.n_slots > 0) {
+    add("device_slots", static_cast<uint64_t>(w.n_slots) * w.slot_bytes,
+        str_cat(w.n_slots, " slots x ", w.slot_bytes, " bytes (largest group arena)"));
+  }
+  return out;
+}
+
+ArenaLayout layout_arena(std::span<const uint64_t> sizes) {
+  ArenaLayout a;
+  a.offsets.reserve(sizes.size());
+  uint64_t off = 0;
+  for (uint64_t s : sizes) {
+    a.offsets.push_back(off);
+    off = round_up(off + s, kArenaAlignment);
+  }
+  a.total = off;
+  return a;
+}
+
+const DevicePlan* Plan::find_device(const Location& loc) const {
+  for (const DevicePlan& d : devices) {
+    if (d.location == loc) return &d;
+  }
+  return nullptr;
+}
+
+uint64_t Plan::gpu_bytes() const {
+  uint64_t s = 0;
+  for (const DevicePlan& d : devices) {
+    if (d.location.is_gpu()) s += d.weights_bytes;
+  }
+  return s;
+}
+
+uint64_t Plan::offloaded_bytes() const {
+  uint64_t s = 0;
+  for (const DevicePlan& d : devices) {
+    if (!d.location.is_gpu()) s += d.weights_bytes;
+  }
+  return s;
+}
+
+// ---- JSON ---------------------------------------------------------------------------------------
+
+namespace {
+
+ojson reserve_to_json(const std::vector<ReserveItem>& items) {
+  ojson a = ojson::array();
+  for (const ReserveItem& r : items) a.push_back({{"name", r.name}, {"bytes", r.bytes}, {"detail", r.detail}});
+  return a;
+}
+
+ojson loc_oj(const Location& l) { return ojson::parse(location_to_json(l).dump()); }
+
+}  // namespace
+
+json plan_to_json(const Plan& p) {
+  ojson j;
+  j["format"] = kPlanFormat;
+  j["version"] = kPlanVersion;
+  j["qtool_version"] = p.qtool_version;
+  j["checkpoint"] = p.checkpoint;
+  j["fingerprint"] = p.fingerprint;
+  j["settings"] = {{"strategy", p.settings.strategy},
+                   {"offload", p.settings.offload_mode},
+                   {"blocks_per_group", p.settings.blocks_per_group},
+                   {"prefetch", p.settings.prefetch},
+                   {"tokens", p.settings.tokens},
+                   {"device_profile", p.settings.profile_name},
+                   {"budget_note", p.settings.budget_note}};
+  j["device_profile"] = ojson::parse(device_profile_to_json(p.profile).dump());
+  j["predicted_step_s"] = p.predicted_step_s;
+  j["transfer_s"] = p.transfer_s;
+  j["compute_s"] = p.compute_s;
+  j["gpu_bytes"] = p.gpu_bytes();
+  j["offloaded_bytes"] = p.offloaded_bytes();
+  ojson devs = ojson::array();
+  for (const DevicePlan& d : p.devices) {
+    ojson dj;
+    dj["device"] = d.device;
+    dj["location"] = loc_oj(d.location);
+    if (d.budget == std::numeric_limits<uint64_t>::max()) dj["budget"] = nullptr;
+    else dj["budget"] = d.budget;
+    dj["budget_source"] = d.budget_source;
+    dj["weights_bytes"] = d.weights_bytes;
+    dj["arena_bytes"] = d.arena_bytes;
+    dj["reserve"] = reserve_to_json(d.reserve);
+    dj["n_slots"] = d.n_slots;
+    dj["slot_bytes"] = d.slot_bytes;
+    dj["predicted_peak"] = d.predicted_peak;
+    devs.push_back(std::move(dj));
+  }
+  j["devices"] = std::move(devs);
+  ojson comps = ojson::array();
+  for (const ComponentPlan& c : p.components) {
+    ojson cj;
+    cj["name"] = c.name;
+    cj["class_name"] = c.class_name;
+    cj["template"] = c.template_name;
+    cj["bytes"] = c.bytes;
+    cj["step_s"] = c.step_s;
+    ojson dm = ojson::object();
+    ojson reasons = ojson::object();
+    ojson mbytes = ojson::object();
+    for (const DeviceMapEntry& e : c.device_map) {
+      dm[e.prefix] = loc_oj(e.location);
+      if (!e.reason.empty()) reasons[e.prefix] = e.reason;
+      mbytes[e.prefix] = e.bytes;
+    }
+    cj["device_map"] = std::move(dm);
+    cj["offload_reasons"] = std::move(reasons);
+    cj["module_bytes"] = std::move(mbytes);
+    ojson tied = ojson::array();
+    for (const TiedAlias& t : c.tied) tied.push_back({{"alias", t.alias}, {"primary", t.primary}});
+    cj["tied"] = std::move(tied);
+    comps.push_back(std::move(cj));
+  }
+  j["components"] = std::move(comps);
+  ojson groups = ojson::array();
+  for (const OffloadGroup& g : p.groups) {
+    ojson gj;
+    gj["id"] = g.id;
+    gj["component"] = g.component;
+    gj["modules"] = g.modules;
+    ojson ts = ojson::array();
+    for (const GroupTensor& t : g.tensors) ts.push_back({{"name", t.name}, {"nbytes", t.nbytes}, {"arena_offset", t.arena_offset}});
+    gj["tensors"] = std::move(ts);
+    gj["bytes"] = g.bytes;
+    gj["arena_bytes"] = g.arena_bytes;
+    gj["target"] = loc_oj(g.target);
+    gj["gpu"] = g.gpu;
+    gj["copy_s"] = g.copy_s;
+    groups.push_back(std::move(gj));
+  }
+  j["groups"] = std::move(groups);
+  ojson sched = ojson::array();
+  for (const ScheduleStep& s : p.schedule) {
+    ojson sj;
+    sj["component"] = s.component;
+    sj["modules"] = s.modules;
+    sj["gpu"] = s.gpu;
+    sj["group"] = s.group;
+    sj["tensors"] = s.tensors;
+    ojson lin = ojson::array();
+    for (const LinearOp& l : s.linears) {
+      lin.push_back({{"module", l.module}, {"weight", l.weight}, {"out", l.out}, {"in", l.in}, {"kind", l.kind}});
+    }
+    sj["linears"] = std::move(lin);
+    sj["flops"] = s.flops;
+    sj["compute_s"] = s.compute_s;
+    sched.push_back(std::move(sj));
+  }
+  j["schedule"] = std::move(sched);
+  j["notes"] = p.notes;
+  return json::parse(j.dump());
+}
+
+namespace {
+
+// Typed accessors that name the file and the key path in every error.
+struct Reader {
+  std::string_view label;
+
+  const json& at(const json& obj, std::string_view key, const std::string& path) const {
+    if (!obj.is_object()) fail(ErrorKind::InvalidInput, label, ": '", path, "' must be an object");
+    auto it = obj.find(std::string(key));
+    if (it == obj.end()) fail(ErrorKind::InvalidInput, label, ": missing key '", path.empty() ? "" : path + ".", key, "'");
+    return *it;
+  }
+  std::string str(const json& obj, std::string_view key, const std::string& path) const {
+    const json& v = at(obj, key, path);
+    if (!v.is_string()) fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be a string");
+    return v.get<std::string>();
+  }
+  uint64_t u64(const json& obj, std::string_view key, const std::string& path) const {
+    const json& v = at(obj, key, path);
+    if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<int64_t>() >= 0)) {
+      fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be a non-negative integer");
+    }
+    return v.get<uint64_t>();
+  }
+  int64_t i64(const json& obj, std::string_view key, const std::string& path) const {
+    const json& v = at(obj, key, path);
+    if (!v.is_number_integer()) fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be an integer");
+    return v.get<int64_t>();
+  }
+  double num(const json& obj, std::string_view key, const std::string& path) const {
+    const json& v = at(obj, key, path);
+    if (!v.is_number()) fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be a number");
+    return v.get<double>();
+  }
+  const json& arr(const json& obj, std::string_view key, const std::string& path) const {
+    const json& v = at(obj, key, path);
+    if (!v.is_array()) fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be an array");
+    return v;
+  }
+  std::vector<std::string> strs(const json& obj, std::string_view key, const std::string& path) const {
+    std::vector<std::string> out;
+    for (const json& v : arr(obj, key, path)) {
+      if (!v.is_string()) fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must hold strings");
+      out.push_back(v.get<std::string>());
+    }
+    return out;
+  }
+  std::vector<ReserveItem> reserve(const json& obj, const std::string& path) const {
+    std::vector<ReserveItem> out;
+    const json& a = arr(obj, "reserve", path);
+    for (size_t i = 0; i < a.size(); ++i) {
+      const std::string p = str_cat(path, ".reserve[", i, "]");
+      out.push_back({str(a[i], "name", p), u64(a[i], "bytes", p), str(a[i], "detail", p)});
+    }
+    return out;
+  }
+};
+
+}  // namespace
+
+Plan plan_from_json(const json& j, std::string_view label) {
+  Reader r{label};
+  if (!j.is_object()) fail(ErrorKind::InvalidInput, label, ": a plan must be a JSON object");
+  if (r.str(j, "format", "") != kPlanFormat) {
+    fail(ErrorKind::InvalidInput, label, ": not a qtool plan (key 'format' is not \"", kPlanFormat, "\")");
+  }
+  const int64_t version = r.i64(j, "version", "");
+  if (version != kPlanVersion) {
+    fail(ErrorKind::InvalidInput, label, ": plan version ", version, " is not supported (this qtool reads version ",
+         kPlanVersion, ")");
+  }
+  Plan p;
+  p.qtool_version = r.str(j, "qtool_version", "");
+  p.checkpoint = r.str(j, "checkpoint", "");
+  p.fingerprint = r.str(j, "fingerprint", "");
+  const json& s = r.at(j, "settings", "");
+  p.settings.strategy = r.str(s, "strategy", "settings");
+  p.settings.offload_mode = r.str(s, "offload", "settings");
+  p.settings.blocks_per_group = static_cast<uint32_t>(r.u64(s, "blocks_per_group", "settings"));
+  p.settings.prefetch = static_cast<uint32_t>(r.u64(s, "prefetch", "settings"));
+  p.settings.tokens = r.u64(s, "tokens", "settings");
+  p.settings.profile_name = r.str(s, "device_profile", "settings");
+  p.settings.budget_note = r.str(s, "budget_note", "settings");
+  p.profile = device_profile_from_json(r.at(j, "device_profile", ""), str_cat(label, ": device_profile"));
+  p.predicted_step_s = r.num(j, "predicted_step_s", "");
+  p.transfer_s = r.num(j, "transfer_s", "");
+  p.compute_s = r.num(j, "compute_s", "");
+  const json& devs = r.arr(j, "devices", "");
+  for (size_t i = 0; i < devs.size(); ++i) {
+    const std::string path = str_cat("devices[", i, "]");
+    const json& dj = devs[i];
+    DevicePlan d;
+    d.device = r.str(dj, "device", path);
+    d.location = location_from_json(r.at(dj, "location", path), str_cat(label, ": ", path, ".location"));
+    const json& b = r.at(dj, "budget", path);
+    d.budget = b.is_null() ? std::numeric_limits<uint64_t>::max() : r.u64(dj, "budget", path);
+    d.budget_source = r.str(dj, "budget_source", path);
+    d.weights_bytes = r.u64(dj, "weights_bytes", path);
+    d.arena_bytes = r.u64(dj, "arena_bytes", path);
+    d.reserve = r.reserve(dj, path);
+    d.n_slots = static_cast<uint32_t>(r.u64(dj, "n_slots", path));
+    d.slot_bytes = r.u64(dj, "slot_bytes", path);
+    d.predicted_peak = r.u64(dj, "predicted_peak", path);
+    p.devices.push_back(std::move(d));
+  }
+  const json& comps = r.arr(j, "components", "");
+  for (size_t i = 0; i < comps.size(); ++i) {
+    const std::string path = str_cat("components[", i, "]");
+    const json& cj = comps[i];
+    ComponentPlan c;
+    c.name = r.str(cj, "name", path);
+    c.class_name = r.str(cj, "class_name", path);
+    c.template_name = r.str(cj, "template", path);
+    c.bytes = r.u64(cj, "bytes", path);
+    c.step_s = r.num(cj, "step_s", path);
+    const json& dm = r.at(cj, "device_map", path);
+    const json& reasons = r.at(cj, "offload_reasons", path);
+    if (!dm.is_object() || !reasons.is_object()) {
+      fail(ErrorKind::InvalidInput, label, ": ", path, ".device_map and offload_reasons must be objects");
+    }
+    for (const auto& [key, v] : dm.items()) {
+      DeviceMapEntry e;
+      e.prefix = key;
+      e.location = location_from_json(v, str_cat(label, ": ", path, ".device_map['", key, "']"));
+      if (auto it = reasons.find(key); it != reasons.end() && it->is_string()) e.reason = it->get<std::string>();
+      if (auto it = cj.find("module_bytes"); it != cj.end() && it->is_object()) {
+        if (auto b = it->find(key); b != it->end() && b->is_number_unsigned()) e.bytes = b->get<uint64_t>();
+      }
+      c.device_map.push_back(std::move(e));
+    }
+    for (const json& t : r.arr(cj, "tied", path)) {
+      c.tied.push_back({r.str(t, "alias", path + ".tied"), r.str(t, "primary", path + ".tied")});
+    }
+    p.components.push_back(std::move(c));
+  }
+  const json& groups = r.arr(j, "groups", "");
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const std::string path = str_cat("groups[", i, "]");
+    const json& gj = groups[i];
+    OffloadGroup g;
+    g.id = static_cast<uint32_t>(r.u64(gj, "id", path));
+    if (g.id != i) fail(ErrorKind::InvalidInput, label, ": ", path, ".id is ", g.id, ", expected ", i);
+    g.component = static_cast<uint32_t>(r.u64(gj, "component", path));
+    if (g.component >= p.components.size()) {
+      fail(ErrorKind::InvalidInput, label, ": ", path, ".component ", g.component, " out of range");
+    }
+    g.modules = r.strs(gj, "modules", path);
+    const json& ts = r.arr(gj, "tensors", path);
+    for (size_t k = 0; k < ts.size(); ++k) {
+      const std::string tp = str_cat(path, ".tensors[", k, "]");
+      g.tensors.push_back({r.str(ts[k], "name", tp), r.u64(ts[k], "nbytes", tp), r.u64(ts[k], "arena_offset", tp)});
+    }
+    g.bytes = r.u64(gj, "bytes", path);
+    g.arena_bytes = r.u64(gj, "arena_bytes", path);
+    g.target = location_from_json(r.at(gj, "target", path), str_cat(label, ": ", path, ".target"));
+    if (g.target.is_gpu()) fail(ErrorKind::InvalidInput, label, ": ", path, ".target must be \"cpu\" or \"disk\"");
+    g.gpu = static_cast<int32_t>(r.i64(gj, "gpu", path));
+    g.copy_s = r.num(gj, "copy_s", path);
+    uint64_t end = 0;
+    for (const GroupTensor& t : g.tensors) {
+      if (t.arena_offset < end || t.arena_offset % kArenaAlignment != 0) {
+        fail(ErrorKind::InvalidInput, label, ": ", path, ": tensor '", t.name, "' arena_offset ", t.arena_offset,
+             " overlaps the previous tensor or is not ", kArenaAlignment, "-byte aligned");
+      }
+      end = t.arena_offset + t.nbytes;
+    }
+    if (end > g.arena_bytes) {
+      fail(ErrorKind::InvalidInput, label, ": ", path, ": tensors end at byte ", end, " beyond arena_bytes ", g.arena_bytes);
+    }
+    p.groups.push_back(std::move(g));
+  }
+  const json& sched = r.arr(j, "schedule", "");
+  for (size_t i = 0; i < sched.size(); ++i) {
+    const std::string path = str_cat("schedule[", i, "]");
+    const json& sj = sched[i];
+    ScheduleStep st;
+    st.component = static_cast<uint32_t>(r.u64(sj, "component", path));
+    if (st.component >= p.components.size()) {
+      fail(ErrorKind::InvalidInput, label, ": ", path, ".component ", st.component, " out of range");
+    }
+    st.modules = r.strs(sj, "modules", path);
+    st.gpu = static_cast<int32_t>(r.i64(sj, "gpu", path));
+    st.group = static_cast<int32_t>(r.i64(sj, "group", path));
+    if (st.group < -1 || st.group >= static_cast<int64_t>(p.groups.size())) {
+      fail(ErrorKind::InvalidInput, label, ": ", path, ".group ", st.group, " out of range");
+    }
+    st.tensors = r.strs(sj, "tensors", path);
+    const json& lin = r.arr(sj, "linears", path);
+    for (size_t k = 0; k < lin.size(); ++k) {
+      const std::string lp = str_cat(path, ".linears[", k, "]");
+      LinearOp l;
+      l.module = r.str(lin[k], "module", lp);
+      l.weight = r.str(lin[k], "weight", lp);
+      l.out = r.i64(lin[k], "out", lp);
+      l.in = r.i64(lin[k], "in", lp);
+      l.kind = r.str(lin[k], "kind", lp);
+      if (l.out <= 0 || l.in <= 0) fail(ErrorKind::InvalidInput, label, ": ", lp, ": shape must be positive");
+      st.linears.push_back(std::move(l));
+    }
+    st.flops = r.u64(sj, "flops", path);
+    st.compute_s = r.num(sj, "compute_s", path);
+    p.schedule.push_back(std::move(st));
+  }
+  p.notes = r.strs(j, "notes", "");
+  return p;
+}
+
+void write_plan(const std::filesystem::path& path, const Plan& plan) { write_json_file(path, plan_to_json(plan)); }
+
+Plan read_plan(const std::filesystem::path& path) { return plan_from_json(read_json_file(path), path.string()); }
+
+}  // namespace qtool::planner

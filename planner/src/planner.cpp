@@ -1,0 +1,1249 @@
+#include "qtool/planner/planner.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <unordered_map>
+
+#include "qtool/formats/error.hpp"
+#include "qtool/formats/size.hpp"
+#include "planner_internal.hpp"
+
+#ifdef QTOOL_PLANNER_HAVE_LIBQUANT
+#include "qtool/libquant/quant.hpp"
+#endif
+
+namespace qtool::planner {
+
+Strategy parse_strategy(std::string_view text) {
+  if (text == "sequential") return Strategy::Sequential;
+  if (text == "balanced") return Strategy::Balanced;
+  if (text == "balanced_low_0") return Strategy::BalancedLow0;
+  if (text == "auto") return Strategy::Auto;
+  fail(ErrorKind::Usage, "--device-map: unknown strategy '", text, "' (sequential, balanced, balanced_low_0, auto)");
+}
+
+std::string_view strategy_name(Strategy s) {
+  switch (s) {
+    case Strategy::Sequential: return "sequential";
+    case Strategy::Balanced: return "balanced";
+    case Strategy::BalancedLow0: return "balanced_low_0";
+    case Strategy::Auto: return "auto";
+  }
+  return "?";
+}
+
+OffloadMode parse_offload_mode(std::string_view text) {
+  if (text == "auto") return OffloadMode::Auto;
+  if (text == "block") return OffloadMode::Block;
+  if (text == "leaf") return OffloadMode::Leaf;
+  fail(ErrorKind::Usage, "--offload: unknown mode '", text, "' (auto, block, leaf)");
+}
+
+PipelineInput plan_input_of(const Checkpoint& checkpoint) {
+  PipelineInput in;
+  in.path = checkpoint.root().string();
+  in.fingerprint = checkpoint.fingerprint();
+  in.model_index = checkpoint.model_index();
+  for (const Component& c : checkpoint.components()) {
+    ComponentInput ci;
+    ci.name = c.name();
+    ci.config = c.config();
+    ci.tensors = tensor_descs(c);
+#ifdef QTOOL_PLANNER_HAVE_LIBQUANT
+    for (const quant::QuantizedLinear& q : quant::find_quantized_linears(c)) {
+      ci.quantized.push_back({q.module, q.rows(), q.cols(), std::string(quant::scheme_name(q.options.scheme))});
+    }
+#endif
+    in.components.push_back(std::move(ci));
+  }
+  return in;
+}
+
+namespace {
+
+bool glob_star(std::string_view pat, std::string_view s) {
+  if (pat.size() >= 2 && pat.front() == '*' && pat.back() == '*') {
+    return s.find(pat.substr(1, pat.size() - 2)) != std::string_view::npos;
+  }
+  if (!pat.empty() && pat.back() == '*') return s.starts_with(pat.substr(0, pat.size() - 1));
+  return s == pat;
+}
+
+// The embedding rule of libquant's linear_exclusion: these 2-D weights are looked up, not run.
+bool is_embedding_leaf(std::string_view leaf) {
+  static constexpr std::string_view kEmbedding[] = {"embed_tokens", "embed_*", "shared", "wte", "wpe",
+                                                    "*embedding*", "relative_attention_bias"};
+  for (std::string_view p : kEmbedding) {
+    if (glob_star(p, leaf)) return true;
+  }
+  return false;
+}
+
+std::string_view leaf_name(std::string_view module) {
+  const size_t dot = module.rfind('.');
+  return dot == std::string_view::npos ? module : module.substr(dot + 1);
+}
+
+std::string dtype_kind(DType dt) {
+  switch (dt) {
+    case DType::BF16: return "bf16";
+    case DType::F16: return "f16";
+    case DType::F32: return "f32";
+    default: return "";
+  }
+}
+
+}  // namespace
+
+double copy_seconds(uint64_t bytes, const Location& target, const DeviceProfile& p) {
+  double s = static_cast<double>(bytes) / (p.h2d_pinned_gbps * 1e9) + p.copy_latency_us * 1e-6;
+  if (target.kind == Location::Kind::Disk) s += static_cast<double>(bytes) / (p.disk_read_gbps * 1e9);
+  return s;
+}
+
+double linear_seconds(const LinearOp& l, uint64_t tokens, const DeviceProfile& p) {
+  const double numel = static_cast<double>(l.out) * static_cast<double>(l.in);
+  double s = 2.0 * static_cast<double>(tokens) * numel / (p.bf16_tflops * 1e12) + p.kernel_launch_us * 1e-6;
+  if (l.kind != "bf16") s += numel / p.dequant_rate(l.kind) + p.kernel_launch_us * 1e-6;
+  return s;
+}
+
+// ---- Contiguous partitions ---------------------------------------------------------------------
+
+size_t greedy_fill(const std::vector<uint32_t>& seq, size_t from, const std::vector<uint64_t>& size,
+                   const std::vector<size_t>& order, const std::vector<uint64_t>& limit, std::vector<uint64_t>& load,
+                   std::vector<int32_t>& gpu_of) {
+  size_t i = from;
+  for (size_t pos : order) {
+    while (i < seq.size() && load[pos] + size[seq[i]] <= limit[pos]) {
+      load[pos] += size[seq[i]];
+      gpu_of[seq[i]] = static_cast<int32_t>(pos);
+      ++i;
+    }
+    if (i == seq.size()) break;
+  }
+  return i;
+}
+
+namespace {
+
+// Leftover units seq[from..] go first fit to the GPUs in `order`: a GPU skipped by the
+// contiguous fill is revisited.
+bool revisit(const std::vector<uint32_t>& seq, size_t from, const std::vector<uint64_t>& size,
+             const std::vector<size_t>& order, const std::vector<uint64_t>& cap, std::vector<uint64_t>& load,
+             std::vector<int32_t>& gpu_of) {
+  for (size_t i = from; i < seq.size(); ++i) {
+    bool placed = false;
+    for (size_t pos : order) {
+      if (load[pos] + size[seq[i]] <= cap[pos]) {
+        load[pos] += size[seq[i]];
+        gpu_of[seq[i]] = static_cast<int32_t>(pos);
+        placed = true;
+        break;
+      }
+    }
+    if (!placed) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool partition(Strategy strategy, const std::vector<uint32_t>& seq, const std::vector<uint64_t>& size,
+               const std::vector<uint64_t>& cap, std::vector<int32_t>& gpu_of) {
+  const size_t k = cap.size();
+  if (seq.empty()) return true;
+  if (k == 0) return false;
+  std::vector<size_t> all(k);
+  std::iota(all.begin(), all.end(), 0);
+  auto run_sequential = [&](const std::vector<size_t>& order) {
+    std::vector<uint64_t> load(k, 0);
+    const size_t stop = greedy_fill(seq, 0, size, order, cap, load, gpu_of);
+    return stop == seq.size() || revisit(seq, stop, size, order, cap, load, gpu_of);
+  };
+  // The smallest largest-load L for which a contiguous fill of seq[from..] over `order` with
+  // limits min(L, cap) covers everything (greedy is optimal for a fixed device order).
+  auto balance = [&](const std::vector<size_t>& order, size_t from) -> bool {
+    uint64_t rest = 0, big = 0, hi = 0;
+    for (size_t i = from; i < seq.size(); ++i) {
+      rest += size[seq[i]];
+      big = std::max(big, size[seq[i]]);
+    }
+    if (from == seq.size()) return true;
+    for (size_t pos : order) hi = std::max(hi, cap[pos]);
+    uint64_t lo = std::max<uint64_t>(big, order.empty() ? 0 : rest / order.size());
+    if (lo > hi) return false;
+    std::vector<uint64_t> limit(k), load(k);
+    std::vector<int32_t> scratch = gpu_of;
+    auto fits = [&](uint64_t L) {
+      for (size_t pos = 0; pos < k; ++pos) limit[pos] = std::min(L, cap[pos]);
+      std::fill(load.begin(), load.end(), 0);
+      return greedy_fill(seq, from, size, order, limit, load, scratch) == seq.size();
+    };
+    if (!fits(hi)) return false;
+    while (lo < hi) {
+      const uint64_t mid = lo + (hi - lo) / 2;
+      if (fits(mid)) hi = mid;
+      else lo = mid + 1;
+    }
+    fits(lo);
+    for (size_t i = from; i < seq.size(); ++i) gpu_of[seq[i]] = scratch[seq[i]];
+    return true;
+  };
+  switch (strategy) {
+    case Strategy::Sequential:
+      return run_sequential(all);
+    case Strategy::Balanced:
+    case Strategy::Auto:
+      if (balance(all, 0)) return true;
+      return run_sequential(all);
+    case Strategy::BalancedLow0: {
+      if (k == 1) return run_sequential(all);
+      const std::vector<size_t> rest(all.begin() + 1, all.end());
+      // Shortest prefix for GPU 0 such that the suffix fits contiguously on GPUs 1..k-1
+      // (monotone in the prefix length), then the suffix balanced over them.
+      auto suffix_fits = [&](size_t p) {
+        std::vector<uint64_t> load(k, 0);
+        std::vector<int32_t> scratch = gpu_of;
+        return greedy_fill(seq, p, size, rest, cap, load, scratch) == seq.size();
+      };
+      size_t lo = 0, hi = seq.size();
+      while (lo < hi) {
+        const size_t mid = (lo + hi) / 2;
+        if (suffix_fits(mid)) hi = mid;
+        else lo = mid + 1;
+      }
+      uint64_t prefix = 0;
+      for (size_t i = 0; i < lo; ++i) prefix += size[seq[i]];
+      if (prefix <= cap[0]) {
+        for (size_t i = 0; i < lo; ++i) gpu_of[seq[i]] = 0;
+        if (balance(rest, lo)) return true;
+      }
+      std::vector<size_t> order = rest;
+      order.push_back(0);
+      return run_sequential(order);
+    }
+  }
+  return false;
+}
+
+// ---- The planner -------------------------------------------------------------------------------
+
+namespace {
+
+struct Leaf {
+  std::string prefix;
+  std::vector<uint32_t> tensors;  // component tensor indices, tied copies excluded
+  uint64_t bytes = 0;
+  uint64_t arena = 0;
+};
+
+struct UnitInfo {
+  uint32_t comp = 0;
+  int32_t node = -1;
+  std::string prefix;
+  bool is_block = false;
+  std::vector<uint32_t> tensors;  // every tensor, execution order (tied copies included)
+  uint64_t bytes = 0;             // counted bytes
+  uint64_t arena = 0;             // layout_arena of the tensors it holds
+  std::vector<Leaf> leaves;       // modules holding tensors, in order
+  std::vector<LinearOp> linears;
+  uint64_t flops = 0;
+  double compute_s = 0;
+  uint64_t max_in = 0, max_out = 0, max_dq = 0;
+  int32_t follow = -1;            // a pure tied alias: takes this unit's place
+};
+
+struct CompData {
+  std::string name;
+  std::string class_name;
+  const ModelTemplate* tmpl = nullptr;
+  ModuleTree tree;
+  std::vector<uint32_t> units;       // global unit ids in execution order
+  std::vector<int32_t> tensor_unit;  // per tensor: global unit id
+  uint64_t bytes = 0;
+};
+
+struct Candidate {
+  OffloadMode mode = OffloadMode::Block;  // Block or Leaf; meaningless when m == 0
+  uint32_t n = 1;                         // units per group (block mode)
+  uint32_t k = 0;                         // slots per streaming GPU
+};
+
+struct GroupDraft {
+  std::vector<uint32_t> units;  // block mode: the units; leaf mode: the one unit
+  int32_t leaf = -1;            // leaf mode: index into units_[units[0]].leaves
+  int32_t exec = 0;             // GPU position
+  uint64_t arena = 0;
+  uint64_t bytes = 0;
+  Location target = Location::cpu();
+};
+
+struct StepDraft {
+  std::vector<uint32_t> units;
+  int32_t leaf = -1;  // leaf-mode group step: the one leaf run
+  int32_t group = -1;
+  int32_t exec = 0;
+};
+
+struct Outcome {
+  bool ok = false;
+  size_t m = 0;
+  Candidate cand;
+  std::vector<int32_t> gpu_of;   // per unit: GPU position, -1 offloaded
+  std::vector<int32_t> exec_of;  // per unit: GPU position that runs it
+  std::vector<GroupDraft> groups;
+  std::vector<int32_t> unit_group;  // per unit: first group holding it (-1 resident)
+  std::vector<StepDraft> steps;
+  std::vector<GpuWork> work;        // per GPU position
+  uint64_t host_pinned = 0, host_staging = 0, host_needed = 0;
+  bool host_ok = true;
+  double step_s = std::numeric_limits<double>::infinity();
+  double transfer_s = 0, compute_s = 0;
+  uint64_t offloaded = 0;
+  uint64_t peak_sum = 0;
+};
+
+class Planner {
+ public:
+  Planner(const PipelineInput& in, const PlanOptions& opt) : in_(in), opt_(opt) {}
+  Plan run();
+
+ private:
+  void build_units();
+  void unit_work(UnitInfo& u, const CompData& cd,
+                 const std::unordered_map<std::string, const QuantizedShape*>& quantized) const;
+  std::vector<uint8_t> offload_set(size_t m, uint32_t n) const;
+  Outcome place(const Candidate& c, size_t m) const;
+  void make_groups(Outcome& o) const;
+  void make_steps(Outcome& o) const;
+  void assign_targets(Outcome& o) const;
+  void simulate(Outcome& o) const;
+  GpuWork base_work() const;
+  [[noreturn]] void infeasible_gpu(const Candidate& smallest) const;
+  [[noreturn]] void infeasible_host(uint64_t needed) const;
+  Plan assemble(const Outcome& o) const;
+  std::string unit_reason(const Outcome& o, uint32_t u) const;
+
+  const PipelineInput& in_;
+  const PlanOptions& opt_;
+  std::vector<CompData> comps_;       // in input order
+  std::vector<uint32_t> comp_order_;  // execution order of components
+  std::vector<UnitInfo> units_;       // global execution order
+  std::vector<uint64_t> arena_;       // per unit
+  std::vector<int32_t> gpu_index_;    // per position: the GPU's index
+  std::vector<uint64_t> gpu_budget_;  // per position
+  std::vector<std::string> gpu_source_;
+  std::vector<uint64_t> fixed_;       // per position: reserve without slots, global maxima
+  uint64_t host_budget_ = kUnlimited;
+  std::string host_source_;
+  const ModelTemplate* pipeline_tmpl_ = nullptr;
+  // Offload preference: blocks per component (in offload priority), then other units.
+  std::vector<std::vector<uint32_t>> offload_blocks_;
+  std::vector<uint32_t> offload_others_;
+  size_t n_offloadable_ = 0;
+  uint64_t total_bytes_ = 0;
+};
+
+void Planner::unit_work(UnitInfo& u, const CompData& cd,
+                        const std::unordered_map<std::string, const QuantizedShape*>& quantized) const {
+  const ModuleTree& tree = cd.tree;
+  std::vector<int32_t> modules;
+  for (uint32_t t : u.tensors) {
+    const int32_t m = tree.tensor_module()[t];
+    if (std::find(modules.begin(), modules.end(), m) == modules.end()) modules.push_back(m);
+  }
+  std::vector<uint64_t> all_sizes;
+  for (int32_t m : modules) {
+    const ModuleNode& node = tree.node(m);
+    Leaf leaf;
+    leaf.prefix = node.prefix;
+    std::vector<uint64_t> sizes;
+    for (uint32_t t : node.tensors) {
+      if (tree.tied_to()[t] >= 0 || tree.tensors()[t].absent) continue;
+      leaf.tensors.push_back(t);
+      leaf.bytes += tree.counted_bytes()[t];
+      sizes.push_back(tree.tensors()[t].nbytes);
+    }
+    all_sizes.insert(all_sizes.end(), sizes.begin(), sizes.end());
+    leaf.arena = layout_arena(sizes).total;
+    if (!leaf.tensors.empty()) u.leaves.push_back(std::move(leaf));
+    if (node.prefix.empty()) continue;
+    LinearOp op;
+    op.module = node.prefix;
+    if (auto q = quantized.find(node.prefix); q != quantized.end()) {
+      op.weight = node.prefix + ".weight";
+      op.out = q->second->out;
+      op.in = q->second->in;
+      op.kind = q->second->kind;
+    } else {
+      const int64_t w = tree.find_tensor(node.prefix + ".weight");
+      if (w < 0) continue;
+      const int64_t tied = tree.tied_to()[static_cast<size_t>(w)];
+      const TensorDesc& wd = tree.tensors()[static_cast<size_t>(tied >= 0 ? tied : w)];
+      if (wd.shape.size() != 2 || wd.shape[0] <= 0 || wd.shape[1] <= 0) continue;
+      if (is_embedding_leaf(leaf_name(node.prefix))) continue;
+      op.kind = dtype_kind(wd.dtype);
+      if (op.kind.empty()) continue;
+      op.weight = wd.name;
+      op.out = wd.shape[0];
+      op.in = wd.shape[1];
+    }
+    if (op.out <= 0 || op.in <= 0) continue;
+    u.flops += 2ull * opt_.tokens * static_cast<uint64_t>(op.out) * static_cast<uint64_t>(op.in);
+    u.compute_s += linear_seconds(op, opt_.tokens, opt_.profile);
+    u.max_in = std::max<uint64_t>(u.max_in, static_cast<uint64_t>(op.in));
+    u.max_out = std::max<uint64_t>(u.max_out, static_cast<uint64_t>(op.out));
+    if (op.kind != "bf16") u.max_dq = std::max<uint64_t>(u.max_dq, static_cast<uint64_t>(op.out * op.in));
+    u.linears.push_back(std::move(op));
+  }
+  u.arena = layout_arena(all_sizes).total;
+}
+
+void Planner::build_units() {
+  const std::string pipeline_class = class_name_of(in_.model_index);
+  if (opt_.templates && !pipeline_class.empty()) {
+    const ModelTemplate* t = opt_.templates->find(pipeline_class);
+    if (t && t->is_pipeline()) pipeline_tmpl_ = t;
+  }
+  std::vector<std::string> names;
+  for (const ComponentInput& c : in_.components) names.push_back(c.name);
+  for (size_t i : component_order(names, pipeline_tmpl_)) comp_order_.push_back(static_cast<uint32_t>(i));
+
+  comps_.resize(in_.components.size());
+  for (uint32_t ci : comp_order_) {
+    const ComponentInput& input = in_.components[ci];
+    CompData& cd = comps_[ci];
+    cd.name = input.name;
+    cd.class_name = class_name_of(input.config);
+    if (opt_.templates) {
+      const ModelTemplate* t = opt_.templates->find(cd.class_name);
+      if (t && !t->is_pipeline()) cd.tmpl = t;
+    }
+    const std::vector<TiedPair> ties = tied_pairs_for(cd.tmpl, input.config);
+    std::vector<TensorDesc> tensors = input.tensors;
+    // A tied alias the checkpoint dropped still gets a place (0 bytes) so the device map covers it.
+    std::unordered_map<std::string_view, size_t> by_name;
+    for (size_t i = 0; i < tensors.size(); ++i) by_name.emplace(tensors[i].name, i);
+    std::vector<TensorDesc> extra;
+    for (const TiedPair& t : ties) {
+      auto p = by_name.find(t.primary);
+      if (p == by_name.end() || by_name.count(t.alias)) continue;
+      TensorDesc d;
+      d.name = t.alias;
+      d.dtype = tensors[p->second].dtype;
+      d.shape = tensors[p->second].shape;
+      d.absent = true;
+      extra.push_back(std::move(d));
+    }
+    for (TensorDesc& d : extra) tensors.push_back(std::move(d));
+    cd.tree = ModuleTree::build(std::move(tensors), ties);
+    cd.bytes = cd.tree.total_bytes();
+    total_bytes_ += cd.bytes;
+    std::unordered_map<std::string, const QuantizedShape*> quantized;
+    for (const QuantizedShape& q : input.quantized) quantized.emplace(q.module, &q);
+
+    cd.tensor_unit.assign(cd.tree.tensors().size(), -1);
+    for (Unit& unit : execution_units(cd.tree, cd.tmpl)) {
+      UnitInfo u;
+      u.comp = ci;
+      u.node = unit.node;
+      u.prefix = cd.tree.node(unit.node).prefix;
+      u.is_block = unit.is_block;
+      u.tensors = std::move(unit.tensors);
+      for (uint32_t t : u.tensors) u.bytes += cd.tree.counted_bytes()[t];
+      unit_work(u, cd, quantized);
+      const auto id = static_cast<uint32_t>(units_.size());
+      for (uint32_t t : u.tensors) cd.tensor_unit[t] = static_cast<int32_t>(id);
+      cd.units.push_back(id);
+      units_.push_back(std::move(u));
+    }
+    // Pure tied aliases follow the unit holding their primary.
+    for (uint32_t id : cd.units) {
+      UnitInfo& u = units_[id];
+      if (u.bytes != 0 || u.tensors.empty()) continue;
+      int32_t follow = -1;
+      bool all_tied = true;
+      for (uint32_t t : u.tensors) {
+        const int64_t p = cd.tree.tied_to()[t];
+        if (p < 0) {
+          all_tied = false;
+          break;
+        }
+        follow = cd.tensor_unit[static_cast<size_t>(p)];
+      }
+      if (all_tied && follow >= 0 && follow != static_cast<int32_t>(id)) u.follow = follow;
+    }
+  }
+  arena_.resize(units_.size());
+  for (size_t i = 0; i < units_.size(); ++i) arena_[i] = units_[i].follow >= 0 ? 0 : units_[i].arena;
+
+  // Offload preference.
+  std::vector<uint32_t> prio = comp_order_;
+  std::stable_sort(prio.begin(), prio.end(), [&](uint32_t a, uint32_t b) {
+    auto rank = [&](uint32_t c) -> int64_t {
+      const std::string& n = comps_[c].name;
+      if (pipeline_tmpl_) {
+        const auto& op = pipeline_tmpl_->offload_priority;
+        auto it = std::find(op.begin(), op.end(), n);
+        if (it != op.end()) return it - op.begin();
+      }
+      // Without a template: text encoders (run once) first, the denoiser (runs every step) last.
+      if (n.find("text_encoder") != std::string::npos) return 1000;
+      if (n.find("transformer") != std::string::npos || n.find("unet") != std::string::npos) return 3000;
+      return 2000;
+    };
+    return rank(a) < rank(b);
+  });
+  for (uint32_t c : prio) {
+    std::vector<uint32_t> blocks;
+    for (uint32_t id : comps_[c].units) {
+      if (units_[id].follow >= 0) continue;
+      if (units_[id].is_block) blocks.push_back(id);
+    }
+    if (!blocks.empty()) offload_blocks_.push_back(std::move(blocks));
+  }
+  for (uint32_t c : prio) {
+    std::vector<uint32_t> others;
+    for (uint32_t id : comps_[c].units) {
+      if (units_[id].follow < 0 && !units_[id].is_block) others.push_back(id);
+    }
+    std::stable_sort(others.begin(), others.end(), [&](uint32_t a, uint32_t b) { return arena_[a] > arena_[b]; });
+    offload_others_.insert(offload_others_.end(), others.begin(), others.end());
+  }
+  n_offloadable_ = offload_others_.size();
+  for (const auto& b : offload_blocks_) n_offloadable_ += b.size();
+}
+
+// The first m units by offload preference: blocks of the first component spread evenly in runs
+// of n, then the next component's, then non-block units largest first.
+std::vector<uint8_t> Planner::offload_set(size_t m, uint32_t n) const {
+  std::vector<uint8_t> off(units_.size(), 0);
+  size_t left = m;
+  for (const std::vector<uint32_t>& blocks : offload_blocks_) {
+    if (left == 0) break;
+    const size_t B = blocks.size();
+    const size_t b = std::min(left, B);
+    left -= b;
+    if (b == B) {
+      for (uint32_t id : blocks) off[id] = 1;
+      continue;
+    }
+    const size_t runs = (b + n - 1) / n;
+    size_t taken = 0, prev_end = 0;
+    for (size_t r = 0; r < runs; ++r) {
+      const size_t len = std::min<size_t>(n, b - taken);
+      // Centre of the r-th of `runs` equal stretches; clamp so every run fits after the previous.
+      const double centre = (static_cast<double>(r) + 0.5) * static_cast<double>(B) / static_cast<double>(runs);
+      size_t start = static_cast<size_t>(std::max(0.0, std::floor(centre - static_cast<double>(len) / 2.0)));
+      start = std::max(start, prev_end);
+      start = std::min(start, B - (b - taken));
+      for (size_t i = start; i < start + len; ++i) off[blocks[i]] = 1;
+      prev_end = start + len;
+      taken += len;
+    }
+  }
+  for (size_t i = 0; i < left && i < offload_others_.size(); ++i) off[offload_others_[i]] = 1;
+  return off;
+}
+
+GpuWork Planner::base_work() const {
+  GpuWork w;
+  w.tokens = opt_.tokens;
+  for (const UnitInfo& u : units_) {
+    w.max_in = std::max(w.max_in, u.max_in);
+    w.max_out = std::max(w.max_out, u.max_out);
+    w.max_dequant_numel = std::max(w.max_dequant_numel, u.max_dq);
+  }
+  w.used = true;
+  return w;
+}
+
+void Planner::make_groups(Outcome& o) const {
+  const Candidate& c = o.cand;
+  o.groups.clear();
+  o.unit_group.assign(units_.size(), -1);
+  GroupDraft cur;
+  int32_t last = -2;  // the previous unit id in order that was offloaded into cur
+  auto flush = [&]() {
+    if (cur.units.empty()) return;
+    std::vector<uint64_t> sizes;
+    for (uint32_t u : cur.units) {
+      for (const Leaf& l : units_[u].leaves) {
+        for (uint32_t t : l.tensors) sizes.push_back(comps_[units_[u].comp].tree.tensors()[t].nbytes);
+      }
+      cur.bytes += units_[u].bytes;
+    }
+    cur.arena = layout_arena(sizes).total;
+    for (uint32_t u : cur.units) {
+      if (o.unit_group[u] < 0) o.unit_group[u] = static_cast<int32_t>(o.groups.size());
+    }
+    o.groups.push_back(std::move(cur));
+    cur = GroupDraft();
+  };
+  for (uint32_t id = 0; id < units_.size(); ++id) {
+    if (o.gpu_of[id] >= 0 || units_[id].follow >= 0) continue;
+    if (c.mode == OffloadMode::Leaf) {
+      flush();
+      const UnitInfo& u = units_[id];
+      for (size_t l = 0; l < u.leaves.size(); ++l) {
+        GroupDraft g;
+        g.units = {id};
+        g.leaf = static_cast<int32_t>(l);
+        g.exec = o.exec_of[id];
+        g.arena = u.leaves[l].arena;
+        g.bytes = u.leaves[l].bytes;
+        if (o.unit_group[id] < 0) o.unit_group[id] = static_cast<int32_t>(o.groups.size());
+        o.groups.push_back(std::move(g));
+      }
+      if (u.leaves.empty()) {
+        // A unit without stored tensors (should not happen for an offloaded unit): nothing to move.
+        o.gpu_of[id] = o.exec_of[id];
+      }
+      continue;
+    }
+    const bool extend = !cur.units.empty() && last == static_cast<int32_t>(id) - 1 &&
+                        units_[cur.units.back()].comp == units_[id].comp && cur.exec == o.exec_of[id] &&
+                        cur.units.size() < c.n;
+    if (!extend) {
+      flush();
+      cur.exec = o.exec_of[id];
+    }
+    cur.units.push_back(id);
+    last = static_cast<int32_t>(id);
+  }
+  flush();
+}
+
+void Planner::make_steps(Outcome& o) const {
+  o.steps.clear();
+  std::vector<uint8_t> done(o.groups.size(), 0);
+  for (uint32_t id = 0; id < units_.size(); ++id) {
+    const UnitInfo& u = units_[id];
+    if (u.follow >= 0) {
+      // A tied alias runs where its primary is: resident there, or from the primary's group.
+      const uint32_t p = static_cast<uint32_t>(u.follow);
+      StepDraft s;
+      s.units = {id};
+      s.exec = o.exec_of[id];
+      if (o.gpu_of[p] < 0) s.group = o.unit_group[p];
+      o.steps.push_back(std::move(s));
+      continue;
+    }
+    if (o.gpu_of[id] >= 0) {
+      o.steps.push_back({{id}, -1, -1, o.gpu_of[id]});
+      continue;
+    }
+    // Offloaded: one step per group at its first unit.
+    for (int32_t g = o.unit_group[id]; g >= 0 && g < static_cast<int32_t>(o.groups.size()); ++g) {
+      const GroupDraft& gd = o.groups[static_cast<size_t>(g)];
+      if (std::find(gd.units.begin(), gd.units.end(), id) == gd.units.end()) break;
+      if (done[static_cast<size_t>(g)]) break;
+      done[static_cast<size_t>(g)] = 1;
+      o.steps.push_back({gd.units, gd.leaf, g, gd.exec});
+    }
+  }
+}
+
+// cpu (pinned) while the host budget lasts, in execution order, the rest to disk; all groups of
+// one unit share a target.
+void Planner::assign_targets(Outcome& o) const {
+  const uint64_t hg = opt_.profile.host_alloc_granularity_bytes;
+  // Bundles: runs of groups sharing a unit.
+  std::vector<std::pair<size_t, size_t>> bundles;
+  for (size_t g = 0; g < o.groups.size();) {
+    size_t e = g + 1;
+    while (e < o.groups.size() && o.groups[e].units.front() == o.groups[g].units.back()) ++e;
+    bundles.push_back({g, e});
+    g = e;
+  }
+  std::vector<uint64_t> bundle_pinned(bundles.size(), 0), bundle_max(bundles.size(), 0);
+  uint64_t total_pinned = 0;
+  for (size_t b = 0; b < bundles.size(); ++b) {
+    for (size_t g = bundles[b].first; g < bundles[b].second; ++g) {
+      bundle_pinned[b] += round_up(o.groups[g].arena, hg);
+      bundle_max[b] = std::max(bundle_max[b], o.groups[g].arena);
+    }
+    total_pinned += bundle_pinned[b];
+  }
+  const uint64_t k = std::max<uint32_t>(o.cand.k, 1);
+  // suffix max of arenas for staging
+  std::vector<uint64_t> suffix_max(bundles.size() + 1, 0);
+  for (size_t b = bundles.size(); b-- > 0;) suffix_max[b] = std::max(suffix_max[b + 1], bundle_max[b]);
+  size_t n_cpu = bundles.size();
+  uint64_t pinned = total_pinned;
+  auto need = [&](size_t ncpu, uint64_t pin) {
+    const uint64_t staging = ncpu < bundles.size() ? round_up(k * suffix_max[ncpu], hg) : 0;
+    return pin + staging;
+  };
+  while (need(n_cpu, pinned) > host_budget_ && n_cpu > 0) {
+    --n_cpu;
+    pinned -= bundle_pinned[n_cpu];
+  }
+  o.host_pinned = pinned;
+  o.host_staging = n_cpu < bundles.size() ? round_up(k * suffix_max[n_cpu], hg) : 0;
+  o.host_needed = need(n_cpu, pinned);
+  o.host_ok = o.host_needed <= host_budget_;
+  for (size_t b = 0; b < bundles.size(); ++b) {
+    for (size_t g = bundles[b].first; g < bundles[b].second; ++g) {
+      o.groups[g].target = b < n_cpu ? Location::cpu() : Location::disk();
+    }
+  }
+}
+
+void Planner::simulate(Outcome& o) const {
+  const DeviceProfile& p = opt_.profile;
+  const size_t ngpu = gpu_budget_.size();
+  std::vector<double> copy_free(ngpu, 0.0);
+  std::vector<std::vector<double>> slot_free(ngpu);  // per GPU: release time of each copy's slot
+  const size_t k = std::max<uint32_t>(o.cand.k, 1);
+  double t = 0;
+  int32_t prev_exec = -1;
+  o.transfer_s = 0;
+  o.compute_s = 0;
+  for (const StepDraft& s : o.steps) {
+    double compute = 0;
+    uint64_t first_in = 0;
+    for (uint32_t id : s.units) {
+      const UnitInfo& u = units_[id];
+      if (s.leaf >= 0) {
+        const std::string& pre = u.leaves[static_cast<size_t>(s.leaf)].prefix;
+        for (const LinearOp& l : u.linears) {
+          if (l.module == pre) {
+            compute += linear_seconds(l, opt_.tokens, p);
+            if (!first_in) first_in = static_cast<uint64_t>(l.in);
+          }
+        }
+      } else {
+        compute += u.compute_s;
+        if (!first_in && !u.linears.empty()) first_in = static_cast<uint64_t>(u.linears.front().in);
+      }
+    }
+    double start = t;
+    if (prev_exec >= 0 && s.exec != prev_exec && first_in) {
+      start += static_cast<double>(opt_.tokens * first_in * 2) / (p.p2p_gbps * 1e9);
+    }
+    if (s.group >= 0) {
+      const GroupDraft& g = o.groups[static_cast<size_t>(s.group)];
+      const size_t e = static_cast<size_t>(s.exec);
+      std::vector<double>& ring = slot_free[e];
+      double copy_start = copy_free[e];
+      if (ring.size() >= k) copy_start = std::max(copy_start, ring[ring.size() - k]);
+      const double dur = copy_seconds(g.arena, g.target, p);
+      const double copy_end = copy_start + dur;
+      copy_free[e] = copy_end;
+      o.transfer_s += dur;
+      start = std::max(start, copy_end);
+      ring.push_back(start + compute);
+    }
+    t = start + compute;
+    o.compute_s += compute;
+    prev_exec = s.exec;
+  }
+  o.step_s = t;
+}
+
+Outcome Planner::place(const Candidate& c, size_t m) const {
+  Outcome o;
+  o.cand = c;
+  o.m = m;
+  const size_t ngpu = gpu_budget_.size();
+  const uint64_t gran = opt_.profile.alloc_granularity_bytes;
+  const std::vector<uint8_t> off = m ? offload_set(m, c.mode == OffloadMode::Block ? c.n : 1) : std::vector<uint8_t>(units_.size(), 0);
+  // Slot size estimate: the largest group these units can form (a GPU boundary only splits groups).
+  uint64_t slot = 0;
+  if (m) {
+    if (c.mode == OffloadMode::Leaf) {
+      for (uint32_t id = 0; id < units_.size(); ++id) {
+        if (!off[id]) continue;
+        for (const Leaf& l : units_[id].leaves) slot = std::max(slot, l.arena);
+      }
+    } else {
+      std::vector<uint64_t> sizes;
+      uint32_t run = 0;
+      uint32_t prev = 0;
+      auto close = [&]() {
+        slot = std::max(slot, layout_arena(sizes).total);
+        sizes.clear();
+        run = 0;
+      };
+      for (uint32_t id = 0; id < units_.size(); ++id) {
+        if (!off[id]) continue;
+        if (run > 0 && (prev + 1 != id || run == c.n || units_[prev].comp != units_[id].comp)) close();
+        for (const Leaf& l : units_[id].leaves) {
+          for (uint32_t t : l.tensors) sizes.push_back(comps_[units_[id].comp].tree.tensors()[t].nbytes);
+        }
+        ++run;
+        prev = id;
+      }
+      if (run) close();
+    }
+  }
+  const uint64_t slots = m ? round_up(static_cast<uint64_t>(c.k) * slot, gran) : 0;
+  std::vector<uint64_t> cap(ngpu, 0);
+  for (size_t pos = 0; pos < ngpu; ++pos) {
+    const uint64_t need = fixed_[pos] + slots;
+    cap[pos] = gpu_budget_[pos] > need ? (gpu_budget_[pos] - need) / gran * gran : 0;
+  }
+  std::vector<uint32_t> seq;
+  for (uint32_t id = 0; id < units_.size(); ++id) {
+    if (!off[id] && units_[id].follow < 0) seq.push_back(id);
+  }
+  o.gpu_of.assign(units_.size(), -1);
+  Strategy strategy = opt_.strategy;
+  if (strategy == Strategy::Auto) strategy = ngpu > 1 ? Strategy::Balanced : Strategy::Sequential;
+  if (!partition(strategy, seq, arena_, cap, o.gpu_of)) return o;
+  // Where offloaded units run: the GPU of the previous resident unit (else the next one, else the
+  // first GPU that can hold the reserve and the slots).
+  o.exec_of.assign(units_.size(), -1);
+  int32_t fallback = -1;
+  for (size_t pos = 0; pos < ngpu && fallback < 0; ++pos) {
+    if (gpu_budget_[pos] >= fixed_[pos] + slots) fallback = static_cast<int32_t>(pos);
+  }
+  int32_t first_resident = -1;
+  for (uint32_t id : seq) {
+    if (o.gpu_of[id] >= 0) {
+      first_resident = o.gpu_of[id];
+      break;
+    }
+  }
+  int32_t cur = first_resident >= 0 ? first_resident : fallback;
+  if (cur < 0) return o;
+  for (uint32_t id = 0; id < units_.size(); ++id) {
+    if (units_[id].follow >= 0) continue;
+    if (o.gpu_of[id] >= 0) cur = o.gpu_of[id];
+    o.exec_of[id] = cur;
+  }
+  make_groups(o);
+  for (uint32_t id = 0; id < units_.size(); ++id) {
+    const UnitInfo& u = units_[id];
+    if (u.follow < 0) continue;
+    const uint32_t p = static_cast<uint32_t>(u.follow);
+    o.gpu_of[id] = o.gpu_of[p];
+    o.exec_of[id] = o.gpu_of[p] >= 0 ? o.gpu_of[p]
+                                     : o.groups[static_cast<size_t>(o.unit_group[p])].exec;
+  }
+  make_steps(o);
+  assign_targets(o);
+  // Exact reserve per GPU, and the check against the budget.
+  o.work.assign(ngpu, GpuWork{});
+  std::vector<uint64_t> resident(ngpu, 0);
+  for (size_t pos = 0; pos < ngpu; ++pos) o.work[pos].tokens = opt_.tokens;
+  for (uint32_t id = 0; id < units_.size(); ++id) {
+    const int32_t e = o.exec_of[id];
+    if (e < 0) continue;
+    GpuWork& w = o.work[static_cast<size_t>(e)];
+    const UnitInfo& u = units_[id];
+    w.used = true;
+    w.max_in = std::max(w.max_in, u.max_in);
+    w.max_out = std::max(w.max_out, u.max_out);
+    w.max_dequant_numel = std::max(w.max_dequant_numel, u.max_dq);
+    if (o.gpu_of[id] >= 0 && u.follow < 0) resident[static_cast<size_t>(o.gpu_of[id])] += arena_[id];
+    if (o.gpu_of[id] < 0 && u.follow < 0) o.offloaded += u.bytes;
+  }
+  for (const GroupDraft& g : o.groups) {
+    GpuWork& w = o.work[static_cast<size_t>(g.exec)];
+    w.n_slots = c.k;
+    w.slot_bytes = std::max(w.slot_bytes, g.arena);
+  }
+  for (size_t pos = 0; pos < ngpu; ++pos) {
+    const uint64_t peak = round_up(resident[pos], gran) + sum_bytes(gpu_reserve(opt_.profile, o.work[pos]));
+    if (peak > gpu_budget_[pos]) return o;  // cannot happen with the conservative caps
+    o.peak_sum += peak;
+  }
+  if (!o.host_ok) return o;
+  simulate(o);
+  o.ok = true;
+  return o;
+}
+
+[[noreturn]] void Planner::infeasible_gpu(const Candidate& smallest) const {
+  // The smallest plan: everything streamed through `smallest` on one GPU.
+  GpuWork w = base_work();
+  uint64_t slot = 0;
+  for (const UnitInfo& u : units_) {
+    if (u.follow >= 0) continue;
+    if (smallest.mode == OffloadMode::Leaf) {
+      for (const Leaf& l : u.leaves) slot = std::max(slot, l.arena);
+    } else {
+      slot = std::max(slot, u.arena);
+    }
+  }
+  w.n_slots = smallest.k;
+  w.slot_bytes = slot * (smallest.mode == OffloadMode::Block ? smallest.n : 1);
+  const std::vector<ReserveItem> items = gpu_reserve(opt_.profile, w);
+  const uint64_t need = sum_bytes(items);
+  size_t best = 0;
+  for (size_t pos = 1; pos < gpu_budget_.size(); ++pos) {
+    if (gpu_budget_[pos] > gpu_budget_[best]) best = pos;
+  }
+  std::string parts;
+  for (const ReserveItem& r : items) parts += str_cat(parts.empty() ? "" : ", ", r.name, " ", r.bytes);
+  const uint64_t have = gpu_budget_[best];
+  fail(ErrorKind::InvalidInput, "--max-memory: the GPU budget is too small for any plan: the smallest one (every module "
+       "streamed, ", smallest.mode == OffloadMode::Leaf ? "one layer" : str_cat(smallest.n, " block(s)"),
+       " per group, ", smallest.k, " slot(s)) needs ", need, " bytes (", format_size(need), ") on one GPU: ", parts,
+       "; GPU ", gpu_index_[best], " has ", have, " bytes: short by ", need > have ? need - have : 0,
+       " bytes. Smallest budget that fits: --max-memory ", gpu_index_[best], "=", need);
+}
+
+[[noreturn]] void Planner::infeasible_host(uint64_t needed) const {
+  fail(ErrorKind::InvalidInput, "--max-memory: the cpu budget (", host_budget_, " bytes, ", host_source_,
+       ") is too small: even with every offloaded group read from disk, the pinned staging ring needs ", needed,
+       " bytes: short by ", needed - std::min(needed, host_budget_), " bytes. Smallest budget that fits: cpu=", needed);
+}
+
+Plan Planner::run() {
+  if (opt_.tokens == 0) fail(ErrorKind::Usage, "--tokens must be positive");
+  if (opt_.prefetch && *opt_.prefetch == 0) fail(ErrorKind::Usage, "--prefetch must be at least 1");
+  if (opt_.blocks_per_group && *opt_.blocks_per_group == 0) fail(ErrorKind::Usage, "--blocks-per-group must be at least 1");
+  if (opt_.budget.gpus.empty()) {
+    fail(ErrorKind::InvalidInput, "no GPU to plan for: ", opt_.budget.note.empty() ? "the budget names none" : opt_.budget.note,
+         "; give one with --max-memory (e.g. 0=20GiB,cpu=64GiB)");
+  }
+  if (in_.components.empty()) fail(ErrorKind::InvalidInput, in_.path, ": the checkpoint holds no weights");
+  for (const auto& [idx, bytes] : opt_.budget.gpus) {
+    gpu_index_.push_back(idx);
+    gpu_budget_.push_back(bytes);
+    auto it = opt_.budget.gpu_sources.find(idx);
+    gpu_source_.push_back(it == opt_.budget.gpu_sources.end() ? std::string() : it->second);
+  }
+  if (opt_.budget.cpu) {
+    host_budget_ = *opt_.budget.cpu;
+    host_source_ = opt_.budget.cpu_source;
+  } else if (const uint64_t avail = host_available_memory(); avail > 0) {
+    host_budget_ = avail;
+    host_source_ = "/proc/meminfo MemAvailable";
+  } else {
+    host_source_ = "unlimited (no cpu budget and /proc/meminfo unreadable)";
+  }
+  build_units();
+  const uint64_t fixed = sum_bytes(gpu_reserve(opt_.profile, base_work()));
+  fixed_.assign(gpu_budget_.size(), fixed);
+
+  // Everything resident, if it fits: no slots, nothing held back for streaming.
+  Outcome best = place(Candidate{OffloadMode::Block, 0, 0}, 0);
+  if (!best.ok) {
+    std::vector<Candidate> cands;
+    const bool block = opt_.offload != OffloadMode::Leaf;
+    const bool leaf = opt_.offload != OffloadMode::Block;
+    std::vector<uint32_t> ns = opt_.blocks_per_group ? std::vector<uint32_t>{*opt_.blocks_per_group}
+                                                     : std::vector<uint32_t>{1, 2, 3, 4, 6, 8};
+    std::vector<uint32_t> ks_block = opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 3, 4};
+    std::vector<uint32_t> ks_leaf = opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 4, 8};
+    if (block) {
+      for (uint32_t n : ns) {
+        for (uint32_t k : ks_block) cands.push_back({OffloadMode::Block, n, k});
+      }
+    }
+    if (leaf) {
+      for (uint32_t k : ks_leaf) cands.push_back({OffloadMode::Leaf, 1, k});
+    }
+    bool any_gpu_fit = false;
+    uint64_t host_needed = kUnlimited;
+    for (const Candidate& c : cands) {
+      const size_t M = n_offloadable_;
+      Outcome full = place(c, M);
+      if (!full.ok) {
+        if (!full.host_ok && full.host_needed > 0) {
+          any_gpu_fit = true;
+          host_needed = std::min(host_needed, full.host_needed);
+        }
+        continue;
+      }
+      any_gpu_fit = true;
+      size_t lo = 1, hi = M;
+      while (lo < hi) {
+        const size_t mid = lo + (hi - lo) / 2;
+        if (place(c, mid).ok) hi = mid;
+        else lo = mid + 1;
+      }
+      Outcome o = place(c, lo);
+      // The count is not strictly monotone (slot sizes change with the set): look a little lower.
+      for (size_t m = lo; m-- > 1 && m + 4 > lo;) {
+        Outcome lower = place(c, m);
+        if (lower.ok) o = std::move(lower);
+      }
+      if (!o.ok) o = std::move(full);
+      auto better = [](const Outcome& a, const Outcome& b) {
+        if (!b.ok) return true;
+        const double tol = 1e-3 * std::max(a.step_s, b.step_s);
+        if (std::abs(a.step_s - b.step_s) > tol) return a.step_s < b.step_s;
+        if (a.offloaded != b.offloaded) return a.offloaded < b.offloaded;
+        return a.peak_sum < b.peak_sum;
+      };
+      if (better(o, best)) best = std::move(o);
+    }
+    if (!best.ok) {
+      if (any_gpu_fit && host_needed != kUnlimited) infeasible_host(host_needed);
+      Candidate smallest{leaf ? OffloadMode::Leaf : OffloadMode::Block, block && !leaf ? ns.front() : 1,
+                         leaf ? ks_leaf.front() : ks_block.front()};
+      infeasible_gpu(smallest);
+    }
+  }
+  return assemble(best);
+}
+
+std::string Planner::unit_reason(const Outcome& o, uint32_t id) const {
+  const int32_t g = o.unit_group[id];
+  const GroupDraft& gd = o.groups[static_cast<size_t>(g)];
+  uint64_t gpu_budget = 0;
+  for (uint64_t b : gpu_budget_) gpu_budget += b;
+  std::string why = str_cat("the GPUs' budgets (", format_size(gpu_budget), " in all, less their reserve) cannot hold all ",
+                            format_size(total_bytes_), "; this module is streamed to GPU ", gpu_index_[static_cast<size_t>(gd.exec)],
+                            " in group ", g, " (", o.cand.mode == OffloadMode::Leaf ? "one layer per group" : str_cat(o.cand.n, " unit(s) per group"),
+                            ", ", o.cand.k, " slot(s))");
+  if (gd.target.kind == Location::Kind::Disk) {
+    why += str_cat(" from disk: the cpu budget (", format_size(host_budget_), ") is full with pinned groups");
+  } else {
+    why += " from pinned host memory";
+  }
+  return why;
+}
+
+Plan Planner::assemble(const Outcome& o) const {
+  Plan plan;
+  const DeviceProfile& prof = opt_.profile;
+  const uint64_t gran = prof.alloc_granularity_bytes;
+  plan.checkpoint = in_.path;
+  plan.fingerprint = in_.fingerprint;
+  plan.qtool_version = opt_.qtool_version;
+  Strategy strategy = opt_.strategy;
+  if (strategy == Strategy::Auto) strategy = gpu_budget_.size() > 1 ? Strategy::Balanced : Strategy::Sequential;
+  plan.settings.strategy = std::string(strategy_name(strategy));
+  plan.settings.offload_mode = o.groups.empty() ? "none" : (o.cand.mode == OffloadMode::Leaf ? "leaf" : "block");
+  plan.settings.blocks_per_group = o.groups.empty() ? 0 : (o.cand.mode == OffloadMode::Leaf ? 1 : o.cand.n);
+  plan.settings.prefetch = o.groups.empty() ? 0 : o.cand.k;
+  plan.settings.tokens = opt_.tokens;
+  plan.settings.profile_name = prof.name;
+  plan.settings.budget_note = opt_.budget.note;
+  plan.profile = prof;
+
+  // Components and their device maps.
+  for (size_t ci = 0; ci < comps_.size(); ++ci) {
+    const CompData& cd = comps_[ci];
+    ComponentPlan cp;
+    cp.name = cd.name;
+    cp.class_name = cd.class_name;
+    cp.template_name = cd.tmpl ? cd.tmpl->name : std::string();
+    cp.bytes = cd.bytes;
+    const ModuleTree& tree = cd.tree;
+    for (size_t t = 0; t < tree.tensors().size(); ++t) {
+      if (tree.tied_to()[t] >= 0) cp.tied.push_back({tree.tensors()[t].name, tree.tensors()[static_cast<size_t>(tree.tied_to()[t])].name});
+    }
+    // Location code per unit: GPU index >= 0, -1 cpu, -2 disk.
+    auto unit_code = [&](uint32_t id) -> int64_t {
+      const int32_t g = o.gpu_of[id];
+      if (g >= 0) return gpu_index_[static_cast<size_t>(g)];
+      const uint32_t owner = units_[id].follow >= 0 ? static_cast<uint32_t>(units_[id].follow) : id;
+      const GroupDraft& gd = o.groups[static_cast<size_t>(o.unit_group[owner])];
+      return gd.target.kind == Location::Kind::Disk ? -2 : -1;
+    };
+    auto to_loc = [](int64_t code) {
+      if (code >= 0) return Location::on_gpu(static_cast<int32_t>(code));
+      return code == -1 ? Location::cpu() : Location::disk();
+    };
+    constexpr int64_t kNone = std::numeric_limits<int64_t>::min(), kMixed = std::numeric_limits<int64_t>::max();
+    std::vector<int64_t> code(tree.nodes().size(), kNone);
+    std::vector<int64_t> first_unit(tree.nodes().size(), std::numeric_limits<int64_t>::max());
+    auto merge = [&](int64_t a, int64_t b) {
+      if (a == kNone) return b;
+      if (b == kNone) return a;
+      return a == b ? a : kMixed;
+    };
+    for (size_t t = 0; t < tree.tensors().size(); ++t) {
+      const int32_t u = cd.tensor_unit[t];
+      const int32_t n = tree.tensor_module()[t];
+      code[static_cast<size_t>(n)] = merge(code[static_cast<size_t>(n)], unit_code(static_cast<uint32_t>(u)));
+      first_unit[static_cast<size_t>(n)] = std::min<int64_t>(first_unit[static_cast<size_t>(n)], u);
+    }
+    // Own tensors only so far; fold children in (children have larger ids).
+    std::vector<int64_t> own = code;
+    for (size_t k = tree.nodes().size(); k-- > 1;) {
+      const size_t p = static_cast<size_t>(tree.node(static_cast<int32_t>(k)).parent);
+      code[p] = merge(code[p], code[k]);
+      first_unit[p] = std::min(first_unit[p], first_unit[k]);
+    }
+    std::vector<std::pair<int64_t, DeviceMapEntry>> entries;
+    std::vector<int32_t> stack = {0};
+    while (!stack.empty()) {
+      const int32_t id = stack.back();
+      stack.pop_back();
+      const ModuleNode& n = tree.node(id);
+      if (code[static_cast<size_t>(id)] != kMixed) {
+        entries.push_back({first_unit[static_cast<size_t>(id)], {n.prefix, to_loc(code[static_cast<size_t>(id)]), "", n.bytes}});
+        continue;
+      }
+      for (uint32_t t : n.tensors) {
+        entries.push_back({cd.tensor_unit[t], {tree.tensors()[t].name, to_loc(unit_code(static_cast<uint32_t>(cd.tensor_unit[t]))), "",
+                                               tree.counted_bytes()[t]}});
+      }
+      (void)own;
+      for (int32_t c : n.children) stack.push_back(c);
+    }
+    std::stable_sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (auto& [u, e] : entries) {
+      if (!e.location.is_gpu()) {
+        const uint32_t owner = units_[static_cast<size_t>(u)].follow >= 0 ? static_cast<uint32_t>(units_[static_cast<size_t>(u)].follow)
+                                                                          : static_cast<uint32_t>(u);
+        e.reason = unit_reason(o, owner);
+      }
+      cp.device_map.push_back(std::move(e));
+    }
+    plan.components.push_back(std::move(cp));
+  }
+
+  // Groups.
+  for (size_t g = 0; g < o.groups.size(); ++g) {
+    const GroupDraft& gd = o.groups[g];
+    OffloadGroup og;
+    og.id = static_cast<uint32_t>(g);
+    og.component = units_[gd.units.front()].comp;
+    std::vector<uint64_t> sizes;
+    const ModuleTree& tree = comps_[og.component].tree;
+    for (uint32_t id : gd.units) {
+      const UnitInfo& u = units_[id];
+      if (gd.leaf >= 0) {
+        const Leaf& l = u.leaves[static_cast<size_t>(gd.leaf)];
+        og.modules.push_back(l.prefix);
+        for (uint32_t t : l.tensors) og.tensors.push_back({tree.tensors()[t].name, tree.tensors()[t].nbytes, 0});
+      } else {
+        og.modules.push_back(u.prefix);
+        for (const Leaf& l : u.leaves) {
+          for (uint32_t t : l.tensors) og.tensors.push_back({tree.tensors()[t].name, tree.tensors()[t].nbytes, 0});
+        }
+      }
+    }
+    for (const GroupTensor& t : og.tensors) sizes.push_back(t.nbytes);
+    const ArenaLayout layout = layout_arena(sizes);
+    for (size_t i = 0; i < og.tensors.size(); ++i) og.tensors[i].arena_offset = layout.offsets[i];
+    og.bytes = gd.bytes;
+    og.arena_bytes = layout.total;
+    og.target = gd.target;
+    og.gpu = gpu_index_[static_cast<size_t>(gd.exec)];
+    og.copy_s = copy_seconds(og.arena_bytes, og.target, prof);
+    plan.groups.push_back(std::move(og));
+  }
+
+  // Schedule.
+  std::vector<double> comp_time(comps_.size(), 0.0);
+  for (const StepDraft& s : o.steps) {
+    ScheduleStep st;
+    const UnitInfo& first = units_[s.units.front()];
+    st.component = first.comp;
+    st.gpu = gpu_index_[static_cast<size_t>(s.exec)];
+    st.group = s.group;
+    const ModuleTree& tree = comps_[st.component].tree;
+    for (uint32_t id : s.units) {
+      const UnitInfo& u = units_[id];
+      if (s.leaf >= 0) {
+        const Leaf& l = u.leaves[static_cast<size_t>(s.leaf)];
+        st.modules.push_back(l.prefix);
+        for (uint32_t t : l.tensors) st.tensors.push_back(tree.tensors()[t].name);
+        for (const LinearOp& op : u.linears) {
+          if (op.module == l.prefix) st.linears.push_back(op);
+        }
+      } else {
+        st.modules.push_back(u.prefix);
+        for (uint32_t t : u.tensors) {
+          if (tree.tied_to()[t] < 0 && !tree.tensors()[t].absent) st.tensors.push_back(tree.tensors()[t].name);
+        }
+        st.linears.insert(st.linears.end(), u.linears.begin(), u.linears.end());
+      }
+    }
+    for (const LinearOp& op : st.linears) {
+      st.flops += 2ull * opt_.tokens * static_cast<uint64_t>(op.out) * static_cast<uint64_t>(op.in);
+      st.compute_s += linear_seconds(op, opt_.tokens, prof);
+    }
+    comp_time[st.component] += st.compute_s + (st.group >= 0 ? 0.0 : 0.0);
+    plan.schedule.push_back(std::move(st));
+  }
+  for (size_t ci = 0; ci < comps_.size(); ++ci) plan.components[ci].step_s = comp_time[ci];
+  // Components in execution order in the file.
+  {
+    std::vector<ComponentPlan> ordered;
+    std::vector<uint32_t> new_index(comps_.size());
+    for (size_t i = 0; i < comp_order_.size(); ++i) {
+      new_index[comp_order_[i]] = static_cast<uint32_t>(i);
+      ordered.push_back(std::move(plan.components[comp_order_[i]]));
+    }
+    plan.components = std::move(ordered);
+    for (OffloadGroup& g : plan.groups) g.component = new_index[g.component];
+    for (ScheduleStep& s : plan.schedule) s.component = new_index[s.component];
+  }
+
+  // Devices.
+  uint64_t cpu_weights = 0, disk_weights = 0;
+  for (const GroupDraft& g : o.groups) (g.target.kind == Location::Kind::Disk ? disk_weights : cpu_weights) += g.bytes;
+  for (size_t pos = 0; pos < gpu_budget_.size(); ++pos) {
+    DevicePlan d;
+    d.device = str_cat("cuda:", gpu_index_[pos]);
+    d.location = Location::on_gpu(gpu_index_[pos]);
+    d.budget = gpu_budget_[pos];
+    d.budget_source = gpu_source_[pos];
+    uint64_t arena = 0;
+    for (uint32_t id = 0; id < units_.size(); ++id) {
+      if (o.gpu_of[id] == static_cast<int32_t>(pos) && units_[id].follow < 0) {
+        d.weights_bytes += units_[id].bytes;
+        arena += arena_[id];
+      }
+    }
+    d.arena_bytes = round_up(arena, gran);
+    d.reserve = gpu_reserve(prof, o.work[pos]);
+    d.n_slots = o.work[pos].n_slots;
+    d.slot_bytes = o.work[pos].slot_bytes;
+    d.predicted_peak = d.arena_bytes + sum_bytes(d.reserve);
+    plan.devices.push_back(std::move(d));
+  }
+  {
+    DevicePlan d;
+    d.device = "cpu";
+    d.location = Location::cpu();
+    d.budget = host_budget_;
+    d.budget_source = host_source_;
+    d.weights_bytes = cpu_weights;
+    d.arena_bytes = o.host_pinned;
+    if (o.host_staging) {
+      d.reserve.push_back({"disk_staging", o.host_staging,
+                           str_cat(std::max<uint32_t>(o.cand.k, 1), " pinned staging buffers for groups read from disk")});
+    }
+    d.predicted_peak = d.arena_bytes + sum_bytes(d.reserve);
+    plan.devices.push_back(std::move(d));
+  }
+  if (disk_weights) {
+    DevicePlan d;
+    d.device = "disk";
+    d.location = Location::disk();
+    d.budget = kUnlimited;
+    d.budget_source = "the checkpoint files (read in place)";
+    d.weights_bytes = disk_weights;
+    plan.devices.push_back(std::move(d));
+  }
+  plan.predicted_step_s = o.step_s;
+  plan.transfer_s = o.transfer_s;
+  plan.compute_s = o.compute_s;
+  if (!opt_.budget.note.empty()) plan.notes.push_back(opt_.budget.note);
+  if (!opt_.budget.cpu) plan.notes.push_back(str_cat("cpu budget: ", host_source_));
+  plan.notes.push_back(str_cat("device profile '", prof.name, "': h2d ", prof.h2d_pinned_gbps, " GB/s pinned, bf16 ",
+                               prof.bf16_tflops, " TFLOP/s, context ", format_size(prof.context_bytes)));
+  for (const CompData& cd : comps_) {
+    if (!cd.tmpl) {
+      plan.notes.push_back(str_cat("component '", cd.name, "' (", cd.class_name.empty() ? "no class name" : cd.class_name,
+                                   "): no model template, heuristic execution order"));
+    }
+  }
+  return plan;
+}
+
+}  // namespace
+
+Plan make_plan(const PipelineInput& input, const PlanOptions& options) { return Planner(input, options).run(); }
+
+Plan make_plan(const Checkpoint& checkpoint, const PlanOptions& options) {
+  return make_plan(plan_input_of(checkpoint), options);
+}
+
+}  // namespace qtool::planner

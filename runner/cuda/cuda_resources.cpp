@@ -1,0 +1,238 @@
+#include "qtool/runner/cuda_resources.hpp"
+
+#include <cstdio>
+
+#include "qtool/formats/error.hpp"
+
+namespace qtool::runner::cuda {
+namespace {
+
+int current_device_or_minus_one() {
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) return -1;
+  return device;
+}
+
+// Releasing must not throw: report and carry on.
+void report_release_error(cudaError_t err, const char* what) {
+  if (err == cudaSuccess || err == cudaErrorCudartUnloading) return;
+  std::fprintf(stderr, "qtool: warning: %s failed: %s\n", what, cudaGetErrorString(err));
+}
+
+const char* cublas_status_name(cublasStatus_t status) {
+  switch (status) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
+  }
+  return "CUBLAS_STATUS_UNKNOWN";
+}
+
+}  // namespace
+
+void cuda_fail(cudaError_t err, const char* expr, const char* file, int line) {
+  const int device = current_device_or_minus_one();
+  (void)cudaGetLastError();  // clear a sticky launch error so the caller can report and go on
+  const ErrorKind kind = err == cudaErrorMemoryAllocation ? ErrorKind::InvalidInput : ErrorKind::Internal;
+  fail(kind, "CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ") in `", expr, "` at ", file,
+       ":", line, " on device ", device);
+}
+
+void cublas_fail(cublasStatus_t status, const char* expr, const char* file, int line) {
+  const int device = current_device_or_minus_one();
+  fail(status == CUBLAS_STATUS_ALLOC_FAILED ? ErrorKind::InvalidInput : ErrorKind::Internal, "cuBLAS error ",
+       cublas_status_name(status), " in `", expr, "` at ", file, ":", line, " on device ", device);
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::string describe_device(int device) {
+  cudaDeviceProp prop{};
+  QTOOL_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  char buf[96];
+  std::snprintf(buf, sizeof(buf), " (cc %d.%d, %d SMs, %.1f GiB)", prop.major, prop.minor, prop.multiProcessorCount,
+                static_cast<double>(prop.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
+  return std::string(prop.name) + buf;
+}
+
+DeviceScope::DeviceScope(int device) {
+  QTOOL_CUDA_CHECK(cudaGetDevice(&previous_));
+  if (previous_ != device) QTOOL_CUDA_CHECK(cudaSetDevice(device));
+}
+
+DeviceScope::~DeviceScope() {
+  int now = -1;
+  if (cudaGetDevice(&now) == cudaSuccess && now != previous_ && previous_ >= 0)
+    report_release_error(cudaSetDevice(previous_), "cudaSetDevice (restore)");
+}
+
+// --- Stream --------------------------------------------------------------------------------------
+
+Stream::Stream(int device, int priority) : device_(device) {
+  DeviceScope scope(device);
+  QTOOL_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority));
+}
+
+Stream& Stream::operator=(Stream&& other) noexcept {
+  if (this != &other) {
+    reset();
+    device_ = other.device_;
+    stream_ = std::exchange(other.stream_, nullptr);
+  }
+  return *this;
+}
+
+void Stream::synchronize() const { QTOOL_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+void Stream::wait(cudaEvent_t event) const { QTOOL_CUDA_CHECK(cudaStreamWaitEvent(stream_, event, 0)); }
+
+void Stream::reset() noexcept {
+  if (!stream_) return;
+  int prev = -1;
+  (void)cudaGetDevice(&prev);
+  (void)cudaSetDevice(device_);
+  report_release_error(cudaStreamDestroy(stream_), "cudaStreamDestroy");
+  if (prev >= 0) (void)cudaSetDevice(prev);
+  stream_ = nullptr;
+}
+
+// --- Event ---------------------------------------------------------------------------------------
+
+Event::Event(int device, Timing timing) : device_(device) {
+  DeviceScope scope(device);
+  const unsigned flags = timing == Timing::On ? cudaEventDefault : cudaEventDisableTiming;
+  QTOOL_CUDA_CHECK(cudaEventCreateWithFlags(&event_, flags));
+}
+
+Event& Event::operator=(Event&& other) noexcept {
+  if (this != &other) {
+    reset();
+    device_ = other.device_;
+    event_ = std::exchange(other.event_, nullptr);
+  }
+  return *this;
+}
+
+void Event::record(cudaStream_t stream) const { QTOOL_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+void Event::synchronize() const { QTOOL_CUDA_CHECK(cudaEventSynchronize(event_)); }
+
+bool Event::query() const {
+  const cudaError_t err = cudaEventQuery(event_);
+  if (err == cudaErrorNotReady) return false;
+  QTOOL_CUDA_CHECK(err);
+  return true;
+}
+
+float Event::elapsed_ms_since(const Event& start) const {
+  float ms = 0.0f;
+  QTOOL_CUDA_CHECK(cudaEventElapsedTime(&ms, start.event_, event_));
+  return ms;
+}
+
+void Event::reset() noexcept {
+  if (!event_) return;
+  report_release_error(cudaEventDestroy(event_), "cudaEventDestroy");
+  event_ = nullptr;
+}
+
+// --- DeviceBuffer --------------------------------------------------------------------------------
+
+DeviceBuffer::DeviceBuffer(int device, size_t nbytes) : device_(device), size_(nbytes) {
+  if (nbytes == 0) return;
+  DeviceScope scope(device);
+  QTOOL_CUDA_CHECK(cudaMalloc(&data_, nbytes));
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    reset();
+    device_ = other.device_;
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+  }
+  return *this;
+}
+
+void DeviceBuffer::reset() noexcept {
+  if (data_) {
+    int prev = -1;
+    (void)cudaGetDevice(&prev);
+    (void)cudaSetDevice(device_);
+    report_release_error(cudaFree(data_), "cudaFree");
+    if (prev >= 0) (void)cudaSetDevice(prev);
+  }
+  data_ = nullptr;
+  size_ = 0;
+}
+
+// --- PinnedBuffer --------------------------------------------------------------------------------
+
+PinnedBuffer::PinnedBuffer(size_t nbytes) : size_(nbytes) {
+  if (nbytes == 0) return;
+  QTOOL_CUDA_CHECK(cudaHostAlloc(&data_, nbytes, cudaHostAllocPortable));
+}
+
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& other) noexcept {
+  if (this != &other) {
+    reset();
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+  }
+  return *this;
+}
+
+void PinnedBuffer::reset() noexcept {
+  if (data_) report_release_error(cudaFreeHost(data_), "cudaFreeHost");
+  data_ = nullptr;
+  size_ = 0;
+}
+
+// --- CublasHandle --------------------------------------------------------------------------------
+
+CublasHandle::CublasHandle(int device) : device_(device) {
+  DeviceScope scope(device);
+  QTOOL_CUBLAS_CHECK(cublasCreate(&handle_));
+  QTOOL_CUBLAS_CHECK(cublasSetPointerMode(handle_, CUBLAS_POINTER_MODE_HOST));
+}
+
+CublasHandle& CublasHandle::operator=(CublasHandle&& other) noexcept {
+  if (this != &other) {
+    reset();
+    device_ = other.device_;
+    handle_ = std::exchange(other.handle_, nullptr);
+  }
+  return *this;
+}
+
+void CublasHandle::set_stream(cudaStream_t stream) const { QTOOL_CUBLAS_CHECK(cublasSetStream(handle_, stream)); }
+
+void CublasHandle::set_workspace(void* workspace, size_t nbytes) const {
+  QTOOL_CUBLAS_CHECK(cublasSetWorkspace(handle_, workspace, nbytes));
+}
+
+void CublasHandle::reset() noexcept {
+  if (!handle_) return;
+  int prev = -1;
+  (void)cudaGetDevice(&prev);
+  (void)cudaSetDevice(device_);
+  const cublasStatus_t st = cublasDestroy(handle_);
+  if (st != CUBLAS_STATUS_SUCCESS) std::fprintf(stderr, "qtool: warning: cublasDestroy failed: %d\n", static_cast<int>(st));
+  if (prev >= 0) (void)cudaSetDevice(prev);
+  handle_ = nullptr;
+}
+
+}  // namespace qtool::runner::cuda

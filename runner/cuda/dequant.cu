@@ -1,0 +1,192 @@
+// Dequantization to bf16 on the GPU: kernel -> launcher(stream) -> entry.
+//
+// Memory-bound: each thread moves 16 elements (16 bytes of int8/fp8 or 8 bytes of 4-bit codes in,
+// 32 bytes of bf16 out) with vector loads and stores; a grid-stride loop over a grid sized to the
+// machine. The per-element arithmetic is dq::element_f32's, so the values match the CPU bit for bit.
+#include <algorithm>
+#include <cstring>
+
+#include "qtool/runner/cuda_ops.hpp"
+#include "qtool/runner/dequant.hpp"
+
+namespace qtool::runner::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr uint64_t kChunk = 16;  // elements per thread per iteration
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return static_cast<uint32_t>(kmath::f32_to_bf16_bits(lo)) | (static_cast<uint32_t>(kmath::f32_to_bf16_bits(hi)) << 16);
+}
+
+__device__ __forceinline__ void store16(uint16_t* out, uint64_t chunk, const float (&v)[16]) {
+  uint4 a, b;
+  a.x = pack2(v[0], v[1]);
+  a.y = pack2(v[2], v[3]);
+  a.z = pack2(v[4], v[5]);
+  a.w = pack2(v[6], v[7]);
+  b.x = pack2(v[8], v[9]);
+  b.y = pack2(v[10], v[11]);
+  b.z = pack2(v[12], v[13]);
+  b.w = pack2(v[14], v[15]);
+  uint4* dst = reinterpret_cast<uint4*>(out + chunk * kChunk);
+  dst[0] = a;
+  dst[1] = b;
+}
+
+__device__ __forceinline__ uint8_t byte_of(const uint4& v, int i) {
+  const uint32_t w = i < 4 ? v.x : i < 8 ? v.y : i < 12 ? v.z : v.w;
+  return static_cast<uint8_t>(w >> (8 * (i & 3)));
+}
+
+// int8 / fp8 with cols % 16 == 0: chunk c is 16 elements of row c / chunks_per_row.
+template <WeightKind kKind>
+__global__ void dequant_rowwise_vec_kernel(DequantParams p, uint64_t n_chunks, uint64_t chunks_per_row,
+                                           uint16_t* out) {
+  const uint4* src = reinterpret_cast<const uint4*>(p.weight);
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t c = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < n_chunks; c += stride) {
+    const uint64_t row = c / chunks_per_row;
+    const float scale = dq::row_scale(p, row);
+    const uint4 q = src[c];
+    float v[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = dq::rowwise_value(kKind, byte_of(q, i), scale);
+    store16(out, c, v);
+  }
+}
+
+// nf4 / fp4 over the first n_chunks * 16 elements: chunk c is bytes [8c, 8c + 8), all in one
+// absmax block (blocksize is a multiple of 16).
+template <bool kDouble>
+__global__ void dequant_4bit_vec_kernel(DequantParams p, uint64_t n_chunks, const float* code_table,
+                                        const float* nested_map, uint16_t* out) {
+  __shared__ float s_code[16];
+  __shared__ float s_nested[kDouble ? 256 : 1];
+  if (threadIdx.x < 16) s_code[threadIdx.x] = code_table[threadIdx.x];
+  if constexpr (kDouble) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_nested[i] = nested_map[i];
+  }
+  __syncthreads();
+  const uint2* src = reinterpret_cast<const uint2*>(p.weight);
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t c = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < n_chunks; c += stride) {
+    const uint64_t block = (c * kChunk) / p.blocksize;
+    const float absmax = kDouble ? dq::block_absmax(p, block, s_nested) : dq::load_f32(p.scale, block);
+    const uint2 q = src[c];
+    float v[16];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t byte = ((i < 4 ? q.x : q.y) >> (8 * (i & 3))) & 0xFFu;
+      v[2 * i] = kmath::x86_mul(s_code[byte >> 4], absmax);
+      v[2 * i + 1] = kmath::x86_mul(s_code[byte & 0xFu], absmax);
+    }
+    store16(out, c, v);
+  }
+}
+
+// Any kind, element by element over [begin, end): the tails and the shapes the vector paths skip.
+__global__ void dequant_scalar_kernel(DequantParams p, uint64_t begin, uint64_t end, const float* code_table,
+                                      const float* nested_map, uint16_t* out) {
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t i = begin + static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride)
+    out[i] = kmath::f32_to_bf16_bits(dq::element_f32(p, i, code_table, nested_map));
+}
+
+int grid_for(uint64_t work_items) {
+  static int max_blocks = [] {
+    int device = 0;
+    cudaGetDevice(&device);
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    return std::max(1, sms) * 8;
+  }();
+  const uint64_t need = (work_items + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<uint64_t>(1, std::min<uint64_t>(need, static_cast<uint64_t>(max_blocks))));
+}
+
+void launch_scalar(const DequantParams& p, uint64_t begin, uint64_t end, const float* code_table,
+                   const float* nested_map, uint16_t* out, cudaStream_t stream) {
+  if (end <= begin) return;
+  dequant_scalar_kernel<<<grid_for(end - begin), kThreads, 0, stream>>>(p, begin, end, code_table, nested_map, out);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+template <WeightKind kKind>
+void launch_rowwise(const DequantParams& p, uint16_t* out, cudaStream_t stream) {
+  const uint64_t chunks_per_row = p.cols / kChunk;
+  const uint64_t n_chunks = p.rows * chunks_per_row;
+  dequant_rowwise_vec_kernel<kKind><<<grid_for(n_chunks), kThreads, 0, stream>>>(p, n_chunks, chunks_per_row, out);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+void launch_4bit(const DequantParams& p, const float* code_table, const float* nested_map, uint16_t* out,
+                 cudaStream_t stream) {
+  const uint64_t n_chunks = p.numel() / kChunk;
+  if (n_chunks > 0) {
+    if (p.double_quant)
+      dequant_4bit_vec_kernel<true><<<grid_for(n_chunks), kThreads, 0, stream>>>(p, n_chunks, code_table, nested_map, out);
+    else
+      dequant_4bit_vec_kernel<false><<<grid_for(n_chunks), kThreads, 0, stream>>>(p, n_chunks, code_table, nested_map, out);
+    QTOOL_CUDA_CHECK_LAUNCH();
+  }
+  launch_scalar(p, n_chunks * kChunk, p.numel(), code_table, nested_map, out, stream);
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+}  // namespace
+
+DeviceTables upload_tables(void* device_memory, cudaStream_t stream) {
+  float host[16 + 16 + 256];
+  float code[16];
+  float nested[256];
+  DequantParams nf4;
+  nf4.kind = WeightKind::Nf4;
+  resolve_tables(nf4, code, nested);
+  std::memcpy(host, code, sizeof(code));
+  DequantParams fp4;
+  fp4.kind = WeightKind::Fp4;
+  resolve_tables(fp4, code, nested);
+  std::memcpy(host + 16, code, sizeof(code));
+  std::memcpy(host + 32, nested, sizeof(nested));
+  QTOOL_CUDA_CHECK(cudaMemcpyAsync(device_memory, host, sizeof(host), cudaMemcpyHostToDevice, stream));
+  QTOOL_CUDA_CHECK(cudaStreamSynchronize(stream));  // `host` is on this stack frame
+  const float* base = static_cast<const float*>(device_memory);
+  return DeviceTables{base, base + 16, base + 32};
+}
+
+void dequantize_to_bf16(const DequantParams& p, const DeviceTables& tables, uint16_t* out, cudaStream_t stream) {
+  if (p.numel() == 0) return;
+  if (p.kind == WeightKind::Bf16) {
+    QTOOL_CUDA_CHECK(cudaMemcpyAsync(out, p.weight, p.numel() * 2, cudaMemcpyDeviceToDevice, stream));
+    return;
+  }
+  const float* code_table = nullptr;
+  const float* nested_map = tables.dynamic_map;
+  if (is_4bit(p.kind)) {
+    code_table = p.quant_map ? reinterpret_cast<const float*>(p.quant_map)
+                             : (p.kind == WeightKind::Nf4 ? tables.nf4 : tables.fp4);
+    if (p.nested_quant_map) nested_map = reinterpret_cast<const float*>(p.nested_quant_map);
+  }
+  const bool vec_ok = aligned16(out) && aligned16(p.weight);
+  switch (p.kind) {
+    case WeightKind::Int8:
+      if (vec_ok && p.cols % kChunk == 0) return launch_rowwise<WeightKind::Int8>(p, out, stream);
+      break;
+    case WeightKind::Fp8E4M3:
+      if (vec_ok && p.cols % kChunk == 0) return launch_rowwise<WeightKind::Fp8E4M3>(p, out, stream);
+      break;
+    case WeightKind::Fp8E5M2:
+      if (vec_ok && p.cols % kChunk == 0) return launch_rowwise<WeightKind::Fp8E5M2>(p, out, stream);
+      break;
+    case WeightKind::Nf4:
+    case WeightKind::Fp4:
+      if (vec_ok && p.blocksize % kChunk == 0) return launch_4bit(p, code_table, nested_map, out, stream);
+      break;
+    default: break;
+  }
+  launch_scalar(p, 0, p.numel(), code_table, nested_map, out, stream);
+}
+
+}  // namespace qtool::runner::cuda

@@ -1,0 +1,90 @@
+// Activations, output digests and the cuBLAS GEMM: kernel -> launcher(stream) -> entry.
+#include <algorithm>
+
+#include "qtool/runner/cuda_ops.hpp"
+#include "qtool/runner/kernel_math.hpp"
+
+namespace qtool::runner::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int grid_for(uint64_t work_items) {
+  static int max_blocks = [] {
+    int device = 0;
+    cudaGetDevice(&device);
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    return std::max(1, sms) * 8;
+  }();
+  const uint64_t need = (work_items + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<uint64_t>(1, std::min<uint64_t>(need, static_cast<uint64_t>(max_blocks))));
+}
+
+__global__ void activation_kernel(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin,
+                                  uint64_t width, uint16_t* out) {
+  const uint64_t n = tokens * width;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const uint64_t t = i / width;
+    const uint64_t c = col_begin + (i - t * width);
+    out[t * ld + c] = kmath::activation_bf16(stream_seed, t, c);
+  }
+}
+
+__global__ void digest_kernel(const uint16_t* y, uint64_t n, unsigned long long* digest) {
+  uint64_t sum = 0;
+  unsigned long long bad = 0;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const uint16_t v = y[i];
+    sum += kmath::digest_term(i, v);
+    bad += kmath::is_finite_bf16(v) ? 0 : 1;
+  }
+  // Integer sums commute: the result does not depend on the order of the atomics.
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    sum += __shfl_down_sync(0xFFFFFFFFu, sum, offset);
+    bad += __shfl_down_sync(0xFFFFFFFFu, bad, offset);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    atomicAdd(digest, static_cast<unsigned long long>(sum));
+    if (bad) atomicAdd(digest + 1, bad);
+  }
+}
+
+}  // namespace
+
+void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin, uint64_t col_end,
+                         uint16_t* out, cudaStream_t stream) {
+  if (col_end <= col_begin || tokens == 0) return;
+  const uint64_t width = col_end - col_begin;
+  activation_kernel<<<grid_for(tokens * width), kThreads, 0, stream>>>(stream_seed, tokens, ld, col_begin, width, out);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+void accumulate_digest(const uint16_t* y, uint64_t n, unsigned long long* digest, cudaStream_t stream) {
+  if (n == 0) return;
+  digest_kernel<<<grid_for(n), kThreads, 0, stream>>>(y, n, digest);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+void gemm_bf16(const CublasHandle& handle, const uint16_t* x, uint64_t ldx, const uint16_t* w, uint16_t* y,
+               uint64_t tokens, uint64_t in, uint64_t out) {
+  if (tokens == 0 || out == 0) return;
+  if (in == 0) {  // an empty sum: cuBLAS rejects lda 0
+    cudaStream_t stream = nullptr;
+    QTOOL_CUBLAS_CHECK(cublasGetStream(handle.get(), &stream));
+    QTOOL_CUDA_CHECK(cudaMemsetAsync(y, 0, tokens * out * sizeof(uint16_t), stream));
+    return;
+  }
+  // Column-major view: Y^T [out, tokens] = W [out, in] (stored as col-major [in, out], op T)
+  //                                       * X^T [in, tokens] (stored as col-major [ldx, tokens]).
+  const float alpha = 1.0f;
+  const float beta = 0.0f;
+  QTOOL_CUBLAS_CHECK(cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out),
+                                  static_cast<int>(tokens), static_cast<int>(in), &alpha, w, CUDA_R_16BF,
+                                  static_cast<int>(in), x, CUDA_R_16BF, static_cast<int>(ldx), &beta, y, CUDA_R_16BF,
+                                  static_cast<int>(out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace qtool::runner::cuda

@@ -1,0 +1,215 @@
+// The CUDA half of `qtool profile`: every rate measured with CUDA events, median of repeats after
+// a warm-up, with the runner's own kernels and cuBLAS call.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <ctime>
+#include <random>
+#include <vector>
+
+#include "qtool/formats/error.hpp"
+#include "qtool/formats/size.hpp"
+#include "qtool/runner/cuda_ops.hpp"
+#include "qtool/runner/cuda_resources.hpp"
+#include "qtool/runner/profile.hpp"
+
+namespace qtool::runner {
+namespace {
+
+using cuda::DeviceBuffer;
+using cuda::Event;
+using cuda::PinnedBuffer;
+using cuda::Stream;
+
+uint64_t used_bytes() {
+  size_t free_b = 0, total_b = 0;
+  QTOOL_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return static_cast<uint64_t>(total_b - free_b);
+}
+
+// Median milliseconds of `fn` enqueued on `stream`, between two events, after one warm-up call.
+template <typename Fn>
+double median_ms(const Stream& stream, uint32_t repeats, Fn&& fn) {
+  Event a(stream.device(), Event::Timing::On), b(stream.device(), Event::Timing::On);
+  fn();
+  stream.synchronize();
+  std::vector<double> t;
+  for (uint32_t i = 0; i < std::max<uint32_t>(1, repeats); ++i) {
+    a.record(stream.get());
+    fn();
+    b.record(stream.get());
+    b.synchronize();
+    t.push_back(b.elapsed_ms_since(a));
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+std::string today() {
+  const std::time_t now = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&now));
+  return buf;
+}
+
+}  // namespace
+
+planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
+  const auto log = [&](const std::string& s) {
+    if (o.log) o.log(s);
+  };
+  const int dev = o.device;
+  if (dev < 0 || dev >= cuda::device_count())
+    fail(ErrorKind::Usage, "--device ", dev, ": there are ", cuda::device_count(), " CUDA devices");
+  cuda::DeviceScope scope(dev);
+  planner::DeviceProfile p;
+  QTOOL_CUDA_CHECK(cudaFree(nullptr));
+  cudaDeviceProp prop{};
+  QTOOL_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  p.name = prop.name;
+  p.memory_bytes = prop.totalGlobalMem;
+  log("profiling " + cuda::describe_device(dev));
+
+  // cudaMalloc's rounding: the change in free memory for a buffer of just over 1 MiB.
+  {
+    const uint64_t before = used_bytes();
+    DeviceBuffer probe(dev, (1 << 20) + 1);
+    const uint64_t after = used_bytes();
+    uint64_t g = after > before ? after - before : (2ull << 20);
+    uint64_t pow2 = 1;
+    while (pow2 < g) pow2 <<= 1;
+    p.alloc_granularity_bytes = std::max<uint64_t>(pow2, 4096);
+  }
+  p.host_alloc_granularity_bytes = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+
+  Stream stream(dev);
+  const uint64_t n = std::max<uint64_t>(o.copy_bytes, 1 << 20);
+
+  // The context with cuBLAS and every kernel loaded, without this function's own buffers.
+  cuda::CublasHandle cublas(dev);
+  DeviceBuffer workspace(dev, p.cublas_workspace_bytes);
+  cublas.set_workspace(workspace.data(), workspace.size());
+  cublas.set_stream(stream.get());
+
+  // Bandwidths.
+  PinnedBuffer pinned(n);
+  std::memset(pinned.data(), 1, n);
+  std::vector<uint8_t> pageable(n, 2);
+  DeviceBuffer d_a(dev, n), d_b(dev, n);
+  const double pinned_ms = median_ms(stream, o.repeats, [&] {
+    QTOOL_CUDA_CHECK(cudaMemcpyAsync(d_a.data(), pinned.data(), n, cudaMemcpyHostToDevice, stream.get()));
+  });
+  p.h2d_pinned_gbps = static_cast<double>(n) / (pinned_ms * 1e6);
+  const double pageable_ms = median_ms(stream, std::max<uint32_t>(1, o.repeats / 2), [&] {
+    QTOOL_CUDA_CHECK(cudaMemcpyAsync(d_a.data(), pageable.data(), n, cudaMemcpyHostToDevice, stream.get()));
+  });
+  p.h2d_pageable_gbps = static_cast<double>(n) / (pageable_ms * 1e6);
+  const double d2d_ms = median_ms(stream, o.repeats, [&] {
+    QTOOL_CUDA_CHECK(cudaMemcpyAsync(d_b.data(), d_a.data(), n, cudaMemcpyDeviceToDevice, stream.get()));
+  });
+  p.device_bandwidth_gbps = 2.0 * static_cast<double>(n) / (d2d_ms * 1e6);  // read + write
+  log(str_cat("  h2d pinned ", p.h2d_pinned_gbps, " GB/s, pageable ", p.h2d_pageable_gbps, " GB/s, d2d ",
+              p.device_bandwidth_gbps, " GB/s (read + write)"));
+  if (cuda::device_count() > 1) {
+    const int peer = dev == 0 ? 1 : 0;
+    int can = 0;
+    QTOOL_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, dev, peer));
+    if (can) {
+      const cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
+      if (err == cudaErrorPeerAccessAlreadyEnabled) (void)cudaGetLastError();
+      else QTOOL_CUDA_CHECK(err);
+    }
+    DeviceBuffer d_peer(peer, n);
+    const double p2p_ms = median_ms(stream, o.repeats, [&] {
+      QTOOL_CUDA_CHECK(cudaMemcpyPeerAsync(d_a.data(), dev, d_peer.data(), peer, n, stream.get()));
+    });
+    p.p2p_gbps = static_cast<double>(n) / (p2p_ms * 1e6);
+    log(str_cat("  peer copy gpu", peer, " -> gpu", dev, " ", p.p2p_gbps, " GB/s", can ? "" : " (no direct peer access)"));
+  }
+  p.disk_read_gbps = measure_disk_read_gbps(o.tmp_dir, n, pinned.data());
+  log(str_cat("  checkpoint file reads ", p.disk_read_gbps, " GB/s"));
+
+  // GEMM: [tokens, 4096] x [4096, 4096]^T, bf16 in, fp32 accumulate, bf16 out: the runner's call.
+  {
+    const uint64_t t = std::max<uint64_t>(1, o.gemm_tokens), k = 4096, m = 4096;
+    DeviceBuffer x(dev, t * k * 2), w(dev, m * k * 2), y(dev, t * m * 2);
+    // Random bf16 data (METHOD.md: never time on zeros), made on the device.
+    cuda::generate_activation(11, t, k, 0, k, x.as<uint16_t>(), stream.get());
+    cuda::generate_activation(12, m, k, 0, k, w.as<uint16_t>(), stream.get());
+    const double ms = median_ms(stream, o.repeats, [&] {
+      cuda::gemm_bf16(cublas, x.as<uint16_t>(), k, w.as<uint16_t>(), y.as<uint16_t>(), t, k, m);
+    });
+    p.bf16_tflops = 2.0 * static_cast<double>(t * k * m) / (ms * 1e9);
+    log(str_cat("  bf16 GEMM [", t, ", ", k, "] x [", k, ", ", m, "]: ", p.bf16_tflops, " TFLOP/s"));
+  }
+
+  // Dequant kernels: an 8192 x 8192 weight of random codes per scheme.
+  {
+    const uint64_t rows = 8192, cols = 8192, numel = rows * cols;
+    DeviceBuffer q(dev, numel * 4), scales(dev, (numel / 64 + rows) * 4), out(dev, numel * 2), tables_mem(dev, cuda::kDeviceTablesBytes);
+    const cuda::DeviceTables tables = cuda::upload_tables(tables_mem.data(), stream.get());
+    {
+      std::vector<uint8_t> host(numel * 4);
+      std::mt19937_64 rng(3);
+      for (size_t i = 0; i < host.size(); i += 8) {
+        const uint64_t v = rng();
+        std::memcpy(host.data() + i, &v, 8);
+      }
+      for (uint64_t i = 0; i < numel; ++i) host[2 * i + 1] &= 0x3f;  // f16: finite values
+      QTOOL_CUDA_CHECK(cudaMemcpy(q.data(), host.data(), host.size(), cudaMemcpyHostToDevice));
+      std::vector<float> s(numel / 64 + rows, 0.01f);
+      QTOOL_CUDA_CHECK(cudaMemcpy(scales.data(), s.data(), s.size() * 4, cudaMemcpyHostToDevice));
+    }
+    const std::pair<const char*, WeightKind> kinds[] = {{"int8", WeightKind::Int8}, {"fp8_e4m3", WeightKind::Fp8E4M3},
+                                                        {"fp8_e5m2", WeightKind::Fp8E5M2}, {"nf4", WeightKind::Nf4},
+                                                        {"fp4", WeightKind::Fp4}, {"f16", WeightKind::F16},
+                                                        {"f32", WeightKind::F32}};
+    for (const auto& [key, kind] : kinds) {
+      DequantParams dp;
+      dp.kind = kind;
+      dp.rows = rows;
+      dp.cols = cols;
+      dp.weight = q.as<uint8_t>();
+      dp.scale = scales.as<uint8_t>();
+      const double ms = median_ms(stream, o.repeats, [&] { cuda::dequantize_to_bf16(dp, tables, out.as<uint16_t>(), stream.get()); });
+      p.dequant_gelems_per_s[key] = static_cast<double>(numel) / (ms * 1e6);
+      log(str_cat("  dequant ", key, ": ", p.dequant_gelems_per_s[key], " G weights/s"));
+    }
+    // Fixed costs: a launch of the smallest dequant, a 4 KiB pinned copy.
+    DequantParams tiny;
+    tiny.kind = WeightKind::Int8;
+    tiny.rows = 1;
+    tiny.cols = 16;
+    tiny.weight = q.as<uint8_t>();
+    tiny.scale = scales.as<uint8_t>();
+    constexpr int kLaunches = 1000;
+    const double launch_ms = median_ms(stream, 3, [&] {
+      for (int i = 0; i < kLaunches; ++i) cuda::dequantize_to_bf16(tiny, tables, out.as<uint16_t>(), stream.get());
+    });
+    p.kernel_launch_us = 1000.0 * launch_ms / kLaunches;
+    const double copy_ms = median_ms(stream, 3, [&] {
+      for (int i = 0; i < kLaunches; ++i)
+        QTOOL_CUDA_CHECK(cudaMemcpyAsync(d_a.data(), pinned.data(), 4096, cudaMemcpyHostToDevice, stream.get()));
+    });
+    p.copy_latency_us = 1000.0 * copy_ms / kLaunches;
+    stream.synchronize();
+    // Everything is loaded now: what is in use beyond the buffers above is the context's.
+    const uint64_t used = used_bytes();
+    uint64_t rounded = 0;
+    for (uint64_t b : {workspace.size(), d_a.size(), d_b.size(), q.size(), scales.size(), out.size(), tables_mem.size()})
+      rounded += (b + p.alloc_granularity_bytes - 1) / p.alloc_granularity_bytes * p.alloc_granularity_bytes;
+    p.context_bytes = used > rounded ? used - rounded : used;
+    log(str_cat("  context with cuBLAS and kernels: ", format_size(p.context_bytes), "; allocation granularity ",
+                format_size(p.alloc_granularity_bytes), "; launch ", p.kernel_launch_us, " us; copy ",
+                p.copy_latency_us, " us"));
+  }
+  p.description = "measured by qtool profile on " + today() + " on " + cuda::describe_device(dev) +
+                  ": medians of CUDA-event timings; h2d of " + format_size(n) +
+                  " buffers; device bandwidth counts bytes read plus written; bf16 GEMM [" +
+                  std::to_string(o.gemm_tokens) + ", 4096] x [4096, 4096]; dequant on 8192 x 8192 weights; "
+                  "context_bytes = (total - free) with cuBLAS and every kernel loaded, minus this run's buffers";
+  return p;
+}
+
+}  // namespace qtool::runner

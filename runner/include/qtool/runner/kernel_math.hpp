@@ -1,0 +1,129 @@
+// Scalar arithmetic shared by the CPU backend and the CUDA kernels, compiled for both, so that
+// activations, digests and dequantized weights come out bit-identical on either side.
+//
+// - Activations: one hidden state H[token, column] per step, a counter-based hash of (seed,
+//   token, column) mapped to a float in [-1, 1) with 24 significant bits and rounded to bf16. A
+//   linear with `in` inputs reads H[:, 0:in]. No state, so any element can be made anywhere.
+// - Digests: an order-independent 64-bit sum of hashed (index, bit pattern) pairs of a bf16
+//   output, so a GPU reduction with atomics gives the same value as a CPU loop.
+// - x86 float semantics: libquant's CPU dequantizers run on x86 SSE/AVX, where an operation on a
+//   NaN returns the first NaN operand, quieted, and an invalid operation (0 * inf) gives the
+//   "default NaN" 0xFFC00000. A GPU returns 0x7FFFFFFF instead. The helpers below give the x86
+//   result on both sides, so even corrupted weights dequantize to the same bits.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define QTOOL_HD __host__ __device__ __forceinline__
+#else
+#define QTOOL_HD inline
+#endif
+
+namespace qtool::runner::kmath {
+
+QTOOL_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+QTOOL_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+QTOOL_HD bool is_nan_bits(uint32_t u) { return (u & 0x7FFFFFFFu) > 0x7F800000u; }
+
+// float32 -> bf16, round to nearest even; NaN keeps its sign and top payload bits, quieted
+// (exactly qtool::f32_to_bf16).
+QTOOL_HD uint16_t f32_to_bf16_bits(float f) {
+  const uint32_t u = float_bits(f);
+  if (is_nan_bits(u)) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  const uint32_t rounding = 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>((u + rounding) >> 16);
+}
+
+QTOOL_HD float bf16_bits_to_f32(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+// The x86 NaN rule for a binary operation whose IEEE result `r` is NaN.
+QTOOL_HD float x86_nan_result(float a, float b) {
+  const uint32_t ua = float_bits(a);
+  const uint32_t ub = float_bits(b);
+  if (is_nan_bits(ua)) return bits_float(ua | 0x00400000u);
+  if (is_nan_bits(ub)) return bits_float(ub | 0x00400000u);
+  return bits_float(0xFFC00000u);
+}
+
+// a * b, a + b and a / b, each rounded once (never fused into an FMA), with x86 NaN results.
+QTOOL_HD float x86_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  const float r = __fmul_rn(a, b);
+#else
+  const float r = a * b;
+#endif
+  return is_nan_bits(float_bits(r)) ? x86_nan_result(a, b) : r;
+}
+
+QTOOL_HD float x86_add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  const float r = __fadd_rn(a, b);
+#else
+  const float r = a + b;
+#endif
+  return is_nan_bits(float_bits(r)) ? x86_nan_result(a, b) : r;
+}
+
+QTOOL_HD float x86_div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  const float r = __fdiv_rn(a, b);
+#else
+  const float r = a / b;
+#endif
+  return is_nan_bits(float_bits(r)) ? x86_nan_result(a, b) : r;
+}
+
+// splitmix64's finaliser: a bijective 64-bit mixer.
+QTOOL_HD uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  return x;
+}
+
+inline constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+
+// The stream of a step's hidden state, from the step's seed.
+QTOOL_HD uint64_t activation_stream(uint64_t seed) { return mix64(seed * kGolden + 0x5851F42D4C957F2Dull); }
+
+// H[token, column] of the hidden state of `stream`: uniform in [-1, 1) on a grid of 2^-23, then
+// rounded to bf16. Returns the bf16 bits. Independent of any width, so every GPU can make the
+// columns it needs.
+QTOOL_HD uint16_t activation_bf16(uint64_t stream, uint64_t token, uint64_t column) {
+  const uint64_t h = mix64(stream + ((token << 32) + column) * kGolden);
+  const int32_t m = static_cast<int32_t>(h >> 40) - (1 << 23);  // [-2^23, 2^23)
+  const float v = static_cast<float>(m) * (1.0f / 8388608.0f);  // exact: 24 significant bits
+  return f32_to_bf16_bits(v);
+}
+
+// One element's contribution to an output digest (its index and bf16 bits); the digest is the
+// wrapping sum over elements.
+QTOOL_HD uint64_t digest_term(uint64_t index, uint16_t bf16) {
+  return mix64(index * kGolden + bf16 + 0x632BE59BD9B4E019ull);
+}
+
+QTOOL_HD bool is_finite_bf16(uint16_t h) { return (h & 0x7F80u) != 0x7F80u; }
+
+}  // namespace qtool::runner::kmath

@@ -1,0 +1,44 @@
+// `qtool profile`: measures the device profile the planner's cost and reserve models use
+// (planner/device_profile.hpp) on the machine it runs on.
+//
+// CUDA: host-to-device bandwidth from pinned and from pageable memory, peer bandwidth (with two
+// GPUs), checkpoint-file reads into pinned memory, device-to-device copy bandwidth (bytes read
+// plus bytes written), the bf16 GEMM rate of the runner's own cuBLAS call, the runner's dequant
+// kernels per scheme, the memory a context with cuBLAS and the loaded kernels takes, cudaMalloc's
+// rounding, and the fixed costs of a launch and of a copy. Every rate is the median of repeats,
+// timed with CUDA events after a warm-up.
+// CPU: the same quantities for the CPU backend (memcpy stands in for host-to-device copies).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <string_view>
+
+#include "qtool/planner/device_profile.hpp"
+
+namespace qtool::runner {
+
+struct ProfileOptions {
+  std::string backend = "auto";          // auto | cuda | cpu
+  int device = 0;                        // CUDA: the GPU to measure
+  uint64_t copy_bytes = 256ull << 20;    // bytes per bandwidth measurement
+  uint64_t gemm_tokens = 4096;           // GEMM rate at [tokens, 4096] x [4096, 4096]
+  uint32_t repeats = 7;
+  std::filesystem::path tmp_dir;         // for the disk-read file (default: the system's temp dir)
+  size_t threads = 0;                    // CPU backend
+  std::function<void(std::string_view)> log;
+};
+
+planner::DeviceProfile measure_profile(const ProfileOptions& options);
+
+#if defined(QTOOL_HAVE_CUDA)
+planner::DeviceProfile measure_cuda_profile(const ProfileOptions& options);
+#endif
+
+// Shared by both: the read rate of a file written to `dir` and dropped from the page cache
+// (posix_fadvise DONTNEED after fsync), into `dst` (at least `bytes` long), in GB/s.
+double measure_disk_read_gbps(const std::filesystem::path& dir, uint64_t bytes, uint8_t* dst);
+
+}  // namespace qtool::runner

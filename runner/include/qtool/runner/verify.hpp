@@ -1,0 +1,76 @@
+// `qtool verify`: runs a plan on its checkpoint and checks it (DESIGN.md §5).
+//
+// Checks, each named in the report:
+//   plan matches checkpoint   the plan's fingerprint is the checkpoint's (a mismatch is bad input:
+//                             Error(InvalidInput), exit 2, before anything runs)
+//   finite outputs            no NaN or infinity in any linear's output, any step
+//   streamed == resident      the planned run's outputs are bitwise identical to an all-resident
+//                             run's (or, when everything cannot be resident at once, to each layer
+//                             run alone from the mapped checkpoint)
+//   no state left behind      (--poison) host arenas overwritten with garbage right after each
+//                             copy: outputs unchanged
+//   reference error           (--reference) each linear's output against the original weight's,
+//                             within the scheme's predicted bound (error_model.hpp); unquantized
+//                             linears stored alike must match exactly
+//   peak memory               per GPU, measured peak <= the plan's predicted peak
+//   step time                 measured against the plan's prediction: reported; a check only with
+//                             a time tolerance (--time-tolerance)
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "qtool/runner/executor.hpp"
+
+namespace qtool::runner {
+
+struct VerifyOptions {
+  std::filesystem::path checkpoint;
+  std::filesystem::path plan;
+  std::filesystem::path reference;     // empty: no reference check
+  std::string backend = "auto";        // auto | cuda | cpu
+  std::optional<uint64_t> tokens;      // default: the plan's
+  uint32_t steps = 3;                  // run steps (the first is a warm-up for timing)
+  uint64_t seed = 0;
+  bool poison = false;                 // add the "no state left behind" run
+  std::optional<double> time_tolerance;  // e.g. 0.2: fail when |measured/predicted - 1| > 0.2
+  std::filesystem::path report;        // JSON report
+  std::filesystem::path trace;         // Chrome trace-event JSON of the planned run
+  size_t threads = 0;                  // CPU backend and host work
+  std::function<void(std::string_view)> log;  // human-readable lines (stderr)
+};
+
+struct CheckResult {
+  std::string name;
+  enum class Status : uint8_t { Pass, Fail, Skip, Info } status = Status::Pass;
+  std::string detail;
+};
+const char* check_status_name(CheckResult::Status status);
+
+struct VerifyReport {
+  std::vector<CheckResult> checks;
+  nlohmann::json json;   // everything, as written by --report
+  bool passed() const;   // no check failed
+  std::vector<std::string> failed_names() const;
+};
+
+// Runs every check. Bad input (unreadable files, a plan for another checkpoint, a reference
+// without a layer) throws Error(InvalidInput/Io); failed checks are in the report.
+VerifyReport verify(const VerifyOptions& options);
+
+// Chrome trace-event JSON ("traceEvents", complete events "ph": "X" in microseconds, one process
+// per GPU and one thread per lane), for Perfetto or chrome://tracing.
+nlohmann::json trace_to_json(const std::vector<TraceEvent>& events);
+
+// The fraction of the copy time of streamed steps that overlaps the compute of another step on
+// the same GPU (0 when nothing is streamed): how well copies hide behind compute.
+double copy_compute_overlap(const std::vector<TraceEvent>& events, uint32_t step);
+
+}  // namespace qtool::runner

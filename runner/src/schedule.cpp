@@ -1,0 +1,406 @@
+#include "qtool/runner/schedule.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "qtool/formats/error.hpp"
+#include "qtool/libquant/config.hpp"
+#include "qtool/libquant/quant.hpp"
+
+namespace qtool::runner {
+namespace {
+
+WeightKind kind_of_scheme(quant::Scheme scheme) {
+  switch (scheme) {
+    case quant::Scheme::Int8: return WeightKind::Int8;
+    case quant::Scheme::Fp8E4M3: return WeightKind::Fp8E4M3;
+    case quant::Scheme::Fp8E5M2: return WeightKind::Fp8E5M2;
+    case quant::Scheme::Nf4: return WeightKind::Nf4;
+    case quant::Scheme::Fp4: return WeightKind::Fp4;
+  }
+  return WeightKind::Bf16;
+}
+
+std::optional<WeightKind> kind_of_dtype(DType dtype) {
+  switch (dtype) {
+    case DType::BF16: return WeightKind::Bf16;
+    case DType::F16: return WeightKind::F16;
+    case DType::F32: return WeightKind::F32;
+    default: return std::nullopt;
+  }
+}
+
+int part_slot(quant::Part part) {
+  switch (part) {
+    case quant::Part::Weight: return kPartWeight;
+    case quant::Part::Scale: return kPartScale;
+    case quant::Part::QuantMap: return kPartQuantMap;
+    case quant::Part::NestedAbsmax: return kPartNestedAbsmax;
+    case quant::Part::NestedQuantMap: return kPartNestedQuantMap;
+    case quant::Part::WeightFormat:
+    case quant::Part::QuantState: return -1;
+  }
+  return -1;
+}
+
+std::string label(const std::string& component, std::string_view name) {
+  return component.empty() ? std::string(name) : component + "/" + std::string(name);
+}
+
+std::string join_modules(const std::string& component, const std::vector<std::string>& modules) {
+  std::string s = component.empty() ? std::string() : component + ": ";
+  const size_t shown = std::min<size_t>(modules.size(), 3);
+  for (size_t i = 0; i < shown; ++i) s += (i ? ", " : "") + (modules[i].empty() ? std::string("(root)") : modules[i]);
+  if (modules.size() > shown) s += str_cat(" ... (", modules.size(), " units)");
+  return s;
+}
+
+// A linear of a component before it is placed: its kind, shape and part tensors by name.
+struct LinearDesc {
+  std::string module;
+  std::string scheme;
+  DequantParams params;
+  std::string part_name[kNumParts];
+  std::vector<std::string> all_tensors;  // weight and every quant-state tensor
+};
+
+std::unordered_map<std::string, LinearDesc> linears_of(const Component& comp) {
+  std::unordered_map<std::string, LinearDesc> by_weight;
+  std::unordered_set<std::string> quantized_tensors;
+  for (const quant::QuantizedLinear& ql : quant::find_quantized_linears(comp)) {
+    LinearDesc d;
+    d.module = ql.module;
+    d.scheme = std::string(quant::scheme_name(ql.options.scheme));
+    d.params.kind = kind_of_scheme(ql.options.scheme);
+    d.params.rows = static_cast<uint64_t>(ql.rows());
+    d.params.cols = static_cast<uint64_t>(ql.cols());
+    d.params.blocksize = ql.options.blocksize;
+    d.params.double_quant = ql.options.double_quant;
+    d.params.per_tensor = ql.options.per_tensor;
+    d.params.nested_offset = ql.nested_offset;
+    std::string weight;
+    for (size_t k = 0; k < ql.tensor_names.size(); ++k) {
+      quantized_tensors.insert(ql.tensor_names[k]);
+      d.all_tensors.push_back(ql.tensor_names[k]);
+      const int slot = part_slot(ql.tensor_parts[k]);
+      if (slot >= 0) d.part_name[slot] = ql.tensor_names[k];
+      if (ql.tensor_parts[k] == quant::Part::Weight) weight = ql.tensor_names[k];
+      if (ql.tensor_parts[k] == quant::Part::Scale && quant::is_fp8(ql.options.scheme)) {
+        const auto e = comp.find(ql.tensor_names[k]);
+        QTOOL_ASSERT(e.has_value());
+        switch (comp.info(*e).dtype) {
+          case DType::BF16: d.params.scale_type = ScaleType::Bf16; break;
+          case DType::F16: d.params.scale_type = ScaleType::F16; break;
+          default: d.params.scale_type = ScaleType::F32; break;
+        }
+      }
+    }
+    QTOOL_ASSERT(!weight.empty());
+    by_weight.emplace(weight, std::move(d));
+  }
+  for (const auto& e : comp.entries()) {
+    const TensorInfo& info = comp.info(e);
+    if (quantized_tensors.count(info.name)) continue;
+    // libquant's rule for what is a linear, plus the output head: it runs as a GEMM although
+    // loaders keep it unquantized (the planner's cost model counts it too).
+    const std::string module = quant::module_of_tensor(info.name);
+    const bool head = module.size() >= 7 && module.compare(module.size() - 7, 7, "lm_head") == 0 &&
+                      (module.size() == 7 || module[module.size() - 8] == '.') && info.shape.size() == 2 &&
+                      info.name == module + ".weight";
+    if (!head && quant::linear_exclusion(info.name, info.dtype, info.shape)) continue;
+    const auto kind = kind_of_dtype(info.dtype);
+    if (!kind) continue;
+    LinearDesc d;
+    d.module = quant::module_of_tensor(info.name);
+    d.scheme = *kind == WeightKind::Bf16 ? "bf16" : *kind == WeightKind::F16 ? "f16" : "f32";
+    d.params.kind = *kind;
+    d.params.rows = static_cast<uint64_t>(info.shape[0]);
+    d.params.cols = static_cast<uint64_t>(info.shape[1]);
+    d.part_name[kPartWeight] = info.name;
+    d.all_tensors.push_back(info.name);
+    by_weight.emplace(info.name, std::move(d));
+  }
+  return by_weight;
+}
+
+}  // namespace
+
+const char* placement_name(Placement placement) {
+  switch (placement) {
+    case Placement::Resident: return "gpu";
+    case Placement::Cpu: return "cpu";
+    case Placement::Disk: return "disk";
+  }
+  return "?";
+}
+
+Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan) {
+  Schedule s;
+  const auto& comps = checkpoint.components();
+  // Plan component index -> checkpoint component index.
+  std::vector<uint32_t> comp_of(plan.components.size());
+  for (size_t i = 0; i < plan.components.size(); ++i) {
+    const Component* c = checkpoint.find_component(plan.components[i].name);
+    if (!c)
+      fail(ErrorKind::InvalidInput, "the plan's component '", plan.components[i].name, "' is not in the checkpoint ",
+           checkpoint.root().string());
+    comp_of[i] = static_cast<uint32_t>(c - comps.data());
+  }
+  const auto lookup = [&](uint32_t ci, const std::string& name, const std::string& where) {
+    const auto e = comps[ci].find(name);
+    if (!e)
+      fail(ErrorKind::InvalidInput, where, ": tensor '", label(comps[ci].name(), name), "' is not in the checkpoint ",
+           checkpoint.root().string());
+    return *e;
+  };
+
+  // Tensor (component, shard, index) -> arena, offset; every tensor must end up somewhere.
+  const auto key_of = [](uint32_t ci, Component::Entry e) {
+    return (static_cast<uint64_t>(ci) << 48) | (static_cast<uint64_t>(e.shard) << 32) | e.index;
+  };
+  std::vector<std::unordered_map<uint64_t, uint64_t>> offset_in(plan.groups.size());
+  std::unordered_set<uint64_t> placed;
+  std::set<int> devices;
+
+  for (const planner::OffloadGroup& g : plan.groups) {
+    const std::string where = str_cat("plan group ", g.id);
+    if (g.gpu < 0) fail(ErrorKind::InvalidInput, where, ": gpu ", g.gpu, " is not a GPU index");
+    const uint32_t ci = comp_of.at(g.component);
+    Arena a;
+    a.name = str_cat("group ", g.id, " (", join_modules(comps[ci].name(), g.modules), ")");
+    a.placement = g.target.kind == planner::Location::Kind::Disk ? Placement::Disk : Placement::Cpu;
+    a.device = g.gpu;
+    a.bytes = g.arena_bytes;
+    for (const planner::GroupTensor& t : g.tensors) {
+      const Component::Entry e = lookup(ci, t.name, where);
+      const uint64_t nbytes = comps[ci].info(e).nbytes();
+      if (nbytes != t.nbytes)
+        fail(ErrorKind::InvalidInput, where, ": tensor '", label(comps[ci].name(), t.name), "' has ", nbytes,
+             " bytes in the checkpoint but ", t.nbytes, " in the plan");
+      if (t.arena_offset % kArenaAlign != 0 || t.arena_offset + nbytes > g.arena_bytes)
+        fail(ErrorKind::InvalidInput, where, ": tensor '", t.name, "' at arena_offset ", t.arena_offset,
+             " is misaligned or ends past arena_bytes ", g.arena_bytes);
+      a.tensors.push_back({ci, e, t.arena_offset, nbytes});
+      a.payload_bytes += nbytes;
+      offset_in[g.id].emplace(key_of(ci, e), t.arena_offset);
+      placed.insert(key_of(ci, e));
+    }
+    devices.insert(g.gpu);
+    s.arenas.push_back(std::move(a));
+  }
+
+  // Resident arenas: the tensors of each GPU's resident steps, in schedule order.
+  std::map<int, std::vector<std::pair<uint32_t, Component::Entry>>> resident_tensors;
+  std::map<int, std::unordered_map<uint64_t, uint64_t>> resident_offset;
+  for (size_t si = 0; si < plan.schedule.size(); ++si) {
+    const planner::ScheduleStep& st = plan.schedule[si];
+    if (st.gpu < 0) fail(ErrorKind::InvalidInput, "plan schedule[", si, "]: gpu ", st.gpu, " is not a GPU index");
+    devices.insert(st.gpu);
+    if (st.group >= 0) continue;
+    const uint32_t ci = comp_of.at(st.component);
+    auto& list = resident_tensors[st.gpu];
+    auto& offs = resident_offset[st.gpu];
+    for (const std::string& name : st.tensors) {
+      const Component::Entry e = lookup(ci, name, str_cat("plan schedule[", si, "]"));
+      if (offs.emplace(key_of(ci, e), 0).second) list.emplace_back(ci, e);
+    }
+  }
+  for (auto& [gpu, list] : resident_tensors) {
+    std::vector<uint64_t> sizes;
+    for (const auto& [ci, e] : list) sizes.push_back(comps[ci].info(e).nbytes());
+    const planner::ArenaLayout layout = planner::layout_arena(sizes);
+    Arena a;
+    a.name = str_cat("gpu", gpu, " resident");
+    a.placement = Placement::Resident;
+    a.device = gpu;
+    a.bytes = layout.total;
+    for (size_t i = 0; i < list.size(); ++i) {
+      a.tensors.push_back({list[i].first, list[i].second, layout.offsets[i], sizes[i]});
+      a.payload_bytes += sizes[i];
+      resident_offset[gpu][key_of(list[i].first, list[i].second)] = layout.offsets[i];
+      placed.insert(key_of(list[i].first, list[i].second));
+    }
+    s.resident_arena[gpu] = static_cast<uint32_t>(s.arenas.size());
+    s.arenas.push_back(std::move(a));
+  }
+  s.devices.assign(devices.begin(), devices.end());
+  s.n_slots = std::max<uint32_t>(1, plan.settings.prefetch);
+  for (const planner::DevicePlan& d : plan.devices)
+    if (d.location.is_gpu() && d.n_slots > 0) s.n_slots = std::max(s.n_slots, d.n_slots);
+
+  // Everything must be placed: tied aliases excepted (they use their primary's memory).
+  for (size_t pi = 0; pi < plan.components.size(); ++pi) {
+    const uint32_t ci = comp_of[pi];
+    std::unordered_set<std::string> aliases;
+    for (const planner::TiedAlias& t : plan.components[pi].tied) aliases.insert(t.alias);
+    for (const auto& e : comps[ci].entries()) {
+      const std::string& name = comps[ci].info(e).name;
+      if (!placed.count(key_of(ci, e)) && !aliases.count(name))
+        fail(ErrorKind::InvalidInput, "the plan places no group or resident step holding tensor '",
+             label(comps[ci].name(), name), "' of ", checkpoint.root().string(),
+             " (was the plan made for another checkpoint?)");
+    }
+  }
+
+  // Steps and the linears each runs.
+  std::vector<std::unordered_map<std::string, LinearDesc>> linears_by_comp(comps.size());
+  std::vector<bool> have_linears(comps.size(), false);
+  for (size_t si = 0; si < plan.schedule.size(); ++si) {
+    const planner::ScheduleStep& st = plan.schedule[si];
+    const uint32_t ci = comp_of.at(st.component);
+    if (!have_linears[ci]) {
+      linears_by_comp[ci] = linears_of(comps[ci]);
+      have_linears[ci] = true;
+    }
+    const std::string where = str_cat("plan schedule[", si, "]");
+    ExecStep x;
+    x.name = join_modules(comps[ci].name(), st.modules);
+    x.component = ci;
+    x.device = st.gpu;
+    x.streamed = st.group >= 0;
+    x.arena = x.streamed ? static_cast<uint32_t>(st.group) : s.resident_arena.at(st.gpu);
+    x.predicted_compute_s = st.compute_s;
+    if (x.streamed && plan.groups[static_cast<size_t>(st.group)].gpu != st.gpu)
+      fail(ErrorKind::InvalidInput, where, ": runs on gpu ", st.gpu, " but its group ", st.group, " is streamed to gpu ",
+           plan.groups[static_cast<size_t>(st.group)].gpu);
+    const auto offset_of = [&](const std::string& name) -> std::optional<uint64_t> {
+      const uint64_t k = key_of(ci, lookup(ci, name, where));
+      const auto& m = x.streamed ? offset_in[static_cast<size_t>(st.group)] : resident_offset[st.gpu];
+      const auto it = m.find(k);
+      if (it == m.end()) return std::nullopt;
+      return it->second;
+    };
+    for (const std::string& name : st.tensors) {
+      if (!offset_of(name))
+        fail(ErrorKind::InvalidInput, where, ": tensor '", label(comps[ci].name(), name), "' is not in ",
+             x.streamed ? str_cat("its group ", st.group) : str_cat("gpu ", st.gpu, "'s resident arena"));
+      const auto it = linears_by_comp[ci].find(name);
+      if (it == linears_by_comp[ci].end()) continue;
+      const LinearDesc& d = it->second;
+      LinearTask task;
+      task.id = static_cast<uint32_t>(s.linears.size());
+      task.step = static_cast<uint32_t>(s.steps.size());
+      task.component = comps[ci].name();
+      task.component_index = ci;
+      task.module = d.module;
+      task.scheme = d.scheme;
+      task.params = d.params;
+      for (const std::string& part : d.all_tensors) {
+        if (!offset_of(part))
+          fail(ErrorKind::InvalidInput, where, ": the quant state '", label(comps[ci].name(), part), "' of linear '",
+               d.module, "' is not in the same ", x.streamed ? "group" : "resident arena",
+               " as its weight: a weight and its quant state must travel together");
+        task.weight_bytes += comps[ci].info(lookup(ci, part, where)).nbytes();
+      }
+      for (int p = 0; p < kNumParts; ++p) {
+        if (d.part_name[p].empty()) continue;
+        const Component::Entry e = lookup(ci, d.part_name[p], where);
+        task.part_offset[p] = *offset_of(d.part_name[p]);
+        task.part_bytes[p] = comps[ci].info(e).nbytes();
+        task.part_entry[static_cast<size_t>(p)] = e;
+      }
+      x.flops_per_token += 2 * task.params.rows * task.params.cols;
+      x.linears.push_back(task.id);
+      s.linears.push_back(std::move(task));
+    }
+    s.steps.push_back(std::move(x));
+  }
+  return s;
+}
+
+DequantParams Schedule::bind(const LinearTask& linear, const uint8_t* base) const {
+  DequantParams p = linear.params;
+  const auto at = [&](int slot) -> const uint8_t* {
+    return linear.part_offset[slot] == kNoPart ? nullptr : base + linear.part_offset[slot];
+  };
+  p.weight = at(kPartWeight);
+  p.scale = at(kPartScale);
+  p.quant_map = at(kPartQuantMap);
+  p.nested_absmax = at(kPartNestedAbsmax);
+  p.nested_quant_map = at(kPartNestedQuantMap);
+  return p;
+}
+
+DequantParams Schedule::bind_mapped(const LinearTask& linear, const Checkpoint& checkpoint) const {
+  DequantParams p = linear.params;
+  const Component& comp = checkpoint.components()[linear.component_index];
+  const auto at = [&](int slot) -> const uint8_t* {
+    if (linear.part_offset[slot] == kNoPart) return nullptr;
+    return comp.data(linear.part_entry[static_cast<size_t>(slot)]).data();
+  };
+  p.weight = at(kPartWeight);
+  p.scale = at(kPartScale);
+  p.quant_map = at(kPartQuantMap);
+  p.nested_absmax = at(kPartNestedAbsmax);
+  p.nested_quant_map = at(kPartNestedQuantMap);
+  return p;
+}
+
+uint64_t Schedule::slot_bytes(int device) const {
+  uint64_t m = 0;
+  for (const ExecStep& st : steps)
+    if (st.device == device && st.streamed) m = std::max(m, arenas[st.arena].bytes);
+  return m;
+}
+
+uint64_t Schedule::max_in(int device) const {
+  uint64_t m = 0;
+  for (const LinearTask& l : linears)
+    if (steps[l.step].device == device) m = std::max(m, l.in());
+  return m;
+}
+
+uint64_t Schedule::max_out(int device) const {
+  uint64_t m = 0;
+  for (const LinearTask& l : linears)
+    if (steps[l.step].device == device) m = std::max(m, l.out());
+  return m;
+}
+
+uint64_t Schedule::max_scratch_elems(int device) const {
+  uint64_t m = 0;
+  for (const LinearTask& l : linears)
+    if (steps[l.step].device == device && l.needs_scratch()) m = std::max(m, l.params.numel());
+  return m;
+}
+
+size_t Schedule::n_linears(int device) const {
+  size_t n = 0;
+  for (const LinearTask& l : linears)
+    if (steps[l.step].device == device) ++n;
+  return n;
+}
+
+uint64_t Schedule::streamed_bytes() const {
+  uint64_t sum = 0;
+  for (const ExecStep& st : steps)
+    if (st.streamed) sum += arenas[st.arena].bytes;
+  return sum;
+}
+
+uint64_t Schedule::max_staging_bytes() const {
+  uint64_t m = 0;
+  for (const ExecStep& st : steps)
+    if (st.streamed && arenas[st.arena].placement == Placement::Disk) m = std::max(m, arenas[st.arena].bytes);
+  return m;
+}
+
+void fill_arena(const Checkpoint& checkpoint, const Arena& arena, uint8_t* dst) {
+  std::vector<const ArenaTensor*> order;
+  for (const ArenaTensor& t : arena.tensors) order.push_back(&t);
+  std::sort(order.begin(), order.end(), [](const ArenaTensor* a, const ArenaTensor* b) { return a->offset < b->offset; });
+  uint64_t pos = 0;
+  for (const ArenaTensor* t : order) {
+    if (t->offset > pos) std::memset(dst + pos, 0, t->offset - pos);
+    const auto src = checkpoint.components()[t->component].data(t->entry);
+    QTOOL_ASSERT(src.size() == t->nbytes);
+    if (t->nbytes) std::memcpy(dst + t->offset, src.data(), t->nbytes);
+    pos = t->offset + t->nbytes;
+  }
+  if (arena.bytes > pos) std::memset(dst + pos, 0, arena.bytes - pos);
+}
+
+}  // namespace qtool::runner

@@ -1,0 +1,511 @@
+#include "qtool/runner/verify.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <random>
+#include <set>
+
+#include "qtool/formats/checkpoint.hpp"
+#include "qtool/formats/error.hpp"
+#include "qtool/formats/size.hpp"
+#include "qtool/formats/thread_pool.hpp"
+#include "qtool/planner/plan.hpp"
+#include "qtool/runner/cpu_kernels.hpp"
+#include "qtool/runner/error_model.hpp"
+#include "qtool/runner/kernel_math.hpp"
+#include "qtool/runner/schedule.hpp"
+
+namespace qtool::runner {
+
+using nlohmann::json;
+
+const char* check_status_name(CheckResult::Status status) {
+  switch (status) {
+    case CheckResult::Status::Pass: return "pass";
+    case CheckResult::Status::Fail: return "FAIL";
+    case CheckResult::Status::Skip: return "skip";
+    case CheckResult::Status::Info: return "info";
+  }
+  return "?";
+}
+
+bool VerifyReport::passed() const {
+  return std::none_of(checks.begin(), checks.end(),
+                      [](const CheckResult& c) { return c.status == CheckResult::Status::Fail; });
+}
+
+std::vector<std::string> VerifyReport::failed_names() const {
+  std::vector<std::string> names;
+  for (const CheckResult& c : checks)
+    if (c.status == CheckResult::Status::Fail) names.push_back(c.name);
+  return names;
+}
+
+json trace_to_json(const std::vector<TraceEvent>& events) {
+  json out = json::array();
+  std::map<std::string, std::pair<int, int>> ids;  // lane -> (pid, tid)
+  std::map<int, std::string> processes;
+  for (const TraceEvent& e : events) {
+    if (ids.count(e.lane)) continue;
+    int pid = 0;
+    if (e.lane.rfind("gpu", 0) == 0) pid = std::atoi(e.lane.c_str() + 3);
+    else pid = 1000;  // host lanes (disk reads)
+    const int tid = static_cast<int>(ids.size()) + 1;
+    ids[e.lane] = {pid, tid};
+    processes[pid] = pid == 1000 ? "host" : "GPU " + std::to_string(pid);
+  }
+  for (const auto& [pid, name] : processes)
+    out.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", pid}, {"tid", 0}, {"args", {{"name", name}}}});
+  for (const auto& [lane, id] : ids)
+    out.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", id.first}, {"tid", id.second}, {"args", {{"name", lane}}}});
+  for (const TraceEvent& e : events) {
+    const auto& [pid, tid] = ids.at(e.lane);
+    const bool copy = e.lane.find("copy") != std::string::npos || e.lane.find("read") != std::string::npos;
+    json args = {{"step", e.step}, {"plan_step", e.plan_step}};
+    if (e.bytes) {
+      args["bytes"] = e.bytes;
+      if (e.dur_us > 0) args["GB/s"] = static_cast<double>(e.bytes) / (e.dur_us * 1e3);
+    }
+    out.push_back({{"name", e.name},
+                   {"cat", copy ? "copy" : "compute"},
+                   {"ph", "X"},
+                   {"ts", e.start_us},
+                   {"dur", e.dur_us},
+                   {"pid", pid},
+                   {"tid", tid},
+                   {"args", std::move(args)}});
+  }
+  return {{"traceEvents", std::move(out)}, {"displayTimeUnit", "ms"}};
+}
+
+namespace {
+
+bool is_copy_lane(const std::string& lane) { return lane.size() > 5 && lane.compare(lane.size() - 5, 5, " copy") == 0; }
+
+std::string compute_lane_of(const std::string& copy_lane) { return copy_lane.substr(0, copy_lane.size() - 5) + " compute"; }
+
+double overlap(double a0, double a1, double b0, double b1) { return std::max(0.0, std::min(a1, b1) - std::max(a0, b0)); }
+
+struct PrefetchStats {
+  size_t pairs = 0;        // streamed steps k followed by a streamed step k+1 on the same GPU
+  size_t overlapping = 0;  // ... whose copy of k+1 overlaps the compute of k
+};
+
+PrefetchStats prefetch_stats(const std::vector<TraceEvent>& events, uint32_t step) {
+  PrefetchStats s;
+  std::map<int32_t, const TraceEvent*> copies, computes;
+  for (const TraceEvent& e : events) {
+    if (e.step != step || e.plan_step < 0) continue;
+    if (is_copy_lane(e.lane)) copies[e.plan_step] = &e;
+    else if (e.lane.find("compute") != std::string::npos) computes[e.plan_step] = &e;
+  }
+  // Streamed steps in order; pair each with the next streamed step on the same GPU lane.
+  std::vector<const TraceEvent*> ordered;
+  for (const auto& [k, e] : copies) ordered.push_back(e);
+  for (size_t i = 0; i < ordered.size(); ++i) {
+    for (size_t j = i + 1; j < ordered.size(); ++j) {
+      if (ordered[j]->lane != ordered[i]->lane) continue;
+      const auto c = computes.find(ordered[i]->plan_step);
+      if (c != computes.end()) {
+        ++s.pairs;
+        if (overlap(ordered[j]->start_us, ordered[j]->start_us + ordered[j]->dur_us, c->second->start_us,
+                    c->second->start_us + c->second->dur_us) > 0)
+          ++s.overlapping;
+      }
+      break;
+    }
+  }
+  return s;
+}
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+WeightKind plain_kind(DType dt) {
+  switch (dt) {
+    case DType::BF16: return WeightKind::Bf16;
+    case DType::F16: return WeightKind::F16;
+    case DType::F32: return WeightKind::F32;
+    default: break;
+  }
+  fail(ErrorKind::Unsupported, "reference weight dtype ", dtype_name(dt), " is not bf16, f16 or f32");
+}
+
+}  // namespace
+
+double copy_compute_overlap(const std::vector<TraceEvent>& events, uint32_t step) {
+  double copy_total = 0, hidden = 0;
+  for (const TraceEvent& c : events) {
+    if (c.step != step || !is_copy_lane(c.lane)) continue;
+    copy_total += c.dur_us;
+    const std::string lane = compute_lane_of(c.lane);
+    // Compute intervals of other plan steps on that GPU (they do not overlap each other).
+    for (const TraceEvent& k : events) {
+      if (k.lane != lane || k.plan_step == c.plan_step || k.plan_step < 0) continue;
+      hidden += overlap(c.start_us, c.start_us + c.dur_us, k.start_us, k.start_us + k.dur_us);
+    }
+  }
+  return copy_total > 0 ? std::min(1.0, hidden / copy_total) : 0.0;
+}
+
+VerifyReport verify(const VerifyOptions& options) {
+  const auto log = [&](const std::string& line) {
+    if (options.log) options.log(line);
+  };
+  VerifyReport report;
+  json& j = report.json;
+  const auto add_check = [&](std::string name, CheckResult::Status st, std::string detail) {
+    log(str_cat("  [", check_status_name(st), "] ", name, ": ", detail));
+    report.checks.push_back({std::move(name), st, std::move(detail)});
+  };
+
+  const Checkpoint checkpoint = Checkpoint::open(options.checkpoint);
+  const planner::Plan plan = planner::read_plan(options.plan);
+  const std::string fingerprint = checkpoint.fingerprint();
+  if (plan.fingerprint != fingerprint)
+    fail(ErrorKind::InvalidInput, options.plan.string(), ": the plan was made for a checkpoint with fingerprint ",
+         plan.fingerprint, " (", plan.checkpoint, ") but ", options.checkpoint.string(), " has fingerprint ",
+         fingerprint, ": plan it again");
+  const Schedule schedule = build_schedule(checkpoint, plan);
+
+  std::unique_ptr<Backend> backend;
+  if (options.backend == "cpu") {
+    backend = make_cpu_backend(options.threads);
+  } else if (options.backend == "cuda") {
+    backend = make_cuda_backend();
+  } else if (options.backend == "auto") {
+    if (cuda_backend_available()) backend = make_cuda_backend();
+    else {
+      log("no CUDA device: using the CPU backend");
+      backend = make_cpu_backend(options.threads);
+    }
+  } else {
+    fail(ErrorKind::Usage, "--backend: '", options.backend, "' is not auto, cuda or cpu");
+  }
+  const bool on_gpu = backend->name() == "cuda";
+  const uint64_t tokens = options.tokens.value_or(plan.settings.tokens ? plan.settings.tokens : 16);
+  if (tokens == 0) fail(ErrorKind::Usage, "--tokens must be at least 1");
+  if (options.steps == 0) fail(ErrorKind::Usage, "--steps must be at least 1");
+  const bool plan_tokens = tokens == plan.settings.tokens;
+
+  size_t n_streamed = 0, n_disk = 0;
+  for (const ExecStep& st : schedule.steps) {
+    if (!st.streamed) continue;
+    ++n_streamed;
+    if (schedule.arenas[st.arena].placement == Placement::Disk) ++n_disk;
+  }
+  log(str_cat("verify ", options.checkpoint.string(), " with ", options.plan.string(), " on ", backend->device_names()));
+  log(str_cat("  ", schedule.steps.size(), " steps (", n_streamed, " streamed, ", n_disk, " from disk), ",
+              schedule.linears.size(), " linears, ", schedule.devices.size(), " GPU(s), ", schedule.n_slots,
+              " slots, tokens ", tokens, ", ", options.steps, " run steps"));
+
+  j["checkpoint"] = options.checkpoint.string();
+  j["plan"] = options.plan.string();
+  j["fingerprint"] = fingerprint;
+  j["backend"] = backend->name();
+  j["devices"] = backend->device_names();
+  j["tokens"] = tokens;
+  j["steps"] = options.steps;
+  j["seed"] = options.seed;
+  add_check("plan matches checkpoint", CheckResult::Status::Pass, str_cat("fingerprint ", fingerprint));
+
+  RunOptions run_opts;
+  run_opts.tokens = tokens;
+  run_opts.steps = options.steps;
+  run_opts.seed = options.seed;
+  run_opts.trace = !options.trace.empty();
+  run_opts.sizing.cublas_workspace_bytes = plan.profile.cublas_workspace_bytes;
+  run_opts.sizing.staging_buffers = schedule.n_slots;  // the planner's staging ring: K buffers
+
+  // --- The planned run. ------------------------------------------------------------------------
+  const RunResult planned = backend->run(checkpoint, schedule, run_opts);
+  const size_t n_linears = schedule.linears.size();
+  {
+    uint64_t bad = 0;
+    std::string first;
+    for (uint32_t s = 0; s < planned.digests.size(); ++s)
+      for (size_t li = 0; li < n_linears; ++li)
+        if (planned.digests[s][li].nonfinite) {
+          bad += planned.digests[s][li].nonfinite;
+          if (first.empty())
+            first = str_cat(schedule.linears[li].component.empty() ? "" : schedule.linears[li].component + "/",
+                            schedule.linears[li].module, " (step ", s, ")");
+        }
+    add_check("finite outputs", bad ? CheckResult::Status::Fail : CheckResult::Status::Pass,
+              bad ? str_cat(bad, " non-finite output values, first in ", first)
+                  : str_cat(n_linears, " linears x ", options.steps, " steps, every output finite"));
+  }
+
+  // --- Streamed against all-resident. ----------------------------------------------------------
+  std::string resident_how;
+  std::vector<std::vector<LayerDigest>> resident_digests;
+  std::vector<double> resident_ms;
+  {
+    RunOptions r = run_opts;
+    r.mode = Mode::AllResident;
+    r.trace = false;
+    try {
+      const RunResult res = backend->run(checkpoint, schedule, r);
+      resident_digests = res.digests;
+      resident_ms = res.step_ms;
+      resident_how = "an all-resident run";
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::InvalidInput) throw;
+      log(str_cat("  all-resident run impossible (", e.what(), "); comparing each layer run alone instead"));
+      resident_how = "each layer run alone from the mapped checkpoint (all-resident does not fit)";
+      resident_digests.assign(1, std::vector<LayerDigest>(n_linears));
+      for (size_t li = 0; li < n_linears; ++li) {
+        const LinearTask& l = schedule.linears[li];
+        const int dev = schedule.steps[l.step].device;
+        resident_digests[0][li] =
+            backend->run_layer(schedule.bind_mapped(l, checkpoint), tokens, schedule.max_in(dev), options.seed, dev).digest;
+      }
+    }
+    size_t mismatches = 0;
+    std::string first;
+    const size_t n_cmp = std::min(resident_digests.size(), planned.digests.size());
+    for (size_t s = 0; s < n_cmp; ++s)
+      for (size_t li = 0; li < n_linears; ++li)
+        if (!(resident_digests[s][li] == planned.digests[s][li])) {
+          if (!mismatches) first = str_cat(schedule.linears[li].module, " (step ", s, ")");
+          ++mismatches;
+        }
+    add_check("streamed == resident", mismatches ? CheckResult::Status::Fail : CheckResult::Status::Pass,
+              mismatches ? str_cat(mismatches, " layer outputs differ from ", resident_how, ", first ", first)
+                         : str_cat(n_linears * n_cmp, " layer outputs bitwise identical to ", resident_how,
+                                   n_streamed ? "" : " (nothing is streamed in this plan)"));
+  }
+
+  // --- No quant state left behind: poison each host arena right after its (last) copy. -------------
+  if (options.poison) {
+    if (n_streamed == 0) {
+      add_check("no state left behind", CheckResult::Status::Skip, "nothing is streamed");
+    } else {
+      std::vector<size_t> last_use(schedule.arenas.size(), SIZE_MAX);
+      for (size_t si = 0; si < schedule.steps.size(); ++si)
+        if (schedule.steps[si].streamed) last_use[schedule.steps[si].arena] = si;
+      RunOptions r = run_opts;
+      r.steps = 1;
+      r.trace = false;
+      size_t poisoned = 0;
+      std::mt19937_64 rng(options.seed ^ 0xBADC0FFEEull);
+      r.after_copy = [&](size_t step, std::span<uint8_t> host) {
+        const ExecStep& st = schedule.steps[step];
+        if (schedule.arenas[st.arena].placement == Placement::Cpu && last_use[st.arena] != step) return;
+        for (size_t i = 0; i + 8 <= host.size(); i += 8) {
+          const uint64_t v = rng();
+          std::memcpy(host.data() + i, &v, 8);
+        }
+        ++poisoned;
+      };
+      const RunResult res = backend->run(checkpoint, schedule, r);
+      size_t mismatches = 0;
+      for (size_t li = 0; li < n_linears; ++li) mismatches += res.digests[0][li] == planned.digests[0][li] ? 0 : 1;
+      add_check("no state left behind", mismatches ? CheckResult::Status::Fail : CheckResult::Status::Pass,
+                mismatches ? str_cat(mismatches, " outputs changed after host arenas were overwritten post-copy")
+                           : str_cat(poisoned, " host arenas overwritten with random bytes right after their copy; ",
+                                     n_linears, " outputs unchanged"));
+    }
+  }
+
+  // --- Against the original weights. -------------------------------------------------------------
+  json layers = json::array();
+  if (!options.reference.empty()) {
+    const Checkpoint ref = Checkpoint::open(options.reference);
+    ThreadPool pool(options.threads);
+    size_t fails = 0, direct_mismatch = 0, exact_mismatch = 0;
+    std::map<std::string, std::pair<double, double>> worst;  // scheme -> (max rel error, max error/bound)
+    std::string first_fail;
+    for (size_t li = 0; li < n_linears; ++li) {
+      const LinearTask& l = schedule.linears[li];
+      const Component* rc = ref.find_component(l.component);
+      const std::string ref_name = l.module + ".weight";
+      const auto re = rc ? rc->find(ref_name) : std::nullopt;
+      if (!re)
+        fail(ErrorKind::InvalidInput, options.reference.string(), ": no tensor '",
+             l.component.empty() ? ref_name : l.component + "/" + ref_name, "' to compare linear '", l.module, "' with");
+      const TensorInfo& ri = rc->info(*re);
+      if (ri.shape.size() != 2 || static_cast<uint64_t>(ri.shape[0]) != l.out() ||
+          static_cast<uint64_t>(ri.shape[1]) != l.in())
+        fail(ErrorKind::InvalidInput, options.reference.string(), ": tensor '", ref_name, "' has shape [",
+             ri.shape.empty() ? 0 : ri.shape[0], ", ", ri.shape.size() > 1 ? ri.shape[1] : 0, "] but the linear is [",
+             l.out(), ", ", l.in(), "]");
+      DequantParams rp;
+      rp.kind = plain_kind(ri.dtype);
+      rp.rows = l.out();
+      rp.cols = l.in();
+      rp.weight = rc->data(*re).data();
+      const int dev = schedule.steps[l.step].device;
+      const uint64_t ldx = schedule.max_in(dev);
+      const DequantParams qp = schedule.bind_mapped(l, checkpoint);
+      const LayerRun yq = backend->run_layer(qp, tokens, ldx, options.seed, dev);
+      const LayerRun yr = backend->run_layer(rp, tokens, ldx, options.seed, dev);
+      if (!(yq.digest == planned.digests[0][li])) ++direct_mismatch;
+      std::vector<uint16_t> x(tokens * ldx);
+      cpu::generate_activation(kmath::activation_stream(options.seed), tokens, ldx, 0, l.in(), x.data(), pool);
+      const std::vector<double> col_var = column_error_variance(qp, rp.kind, pool);
+      const ErrorPrediction e = predict_and_measure(yq.y, yr.y, x, ldx, tokens, l.in(), col_var);
+      bool ok = e.within();
+      const bool must_match = !l.quantized() && l.params.kind == rp.kind;
+      if (must_match && yq.y != yr.y) {
+        ok = false;
+        ++exact_mismatch;
+      }
+      if (!ok) {
+        if (!fails) first_fail = str_cat(l.component.empty() ? "" : l.component + "/", l.module, " (", l.scheme,
+                                         ": relative error ", fmt("%.3g", e.rel_error()), ", bound ",
+                                         fmt("%.3g", e.bound()), ")");
+        ++fails;
+      }
+      auto& w = worst[l.scheme];
+      w.first = std::max(w.first, e.rel_error());
+      w.second = std::max(w.second, e.bound() > 0 ? e.rel_error() / e.bound() : 0.0);
+      layers.push_back({{"component", l.component},
+                        {"module", l.module},
+                        {"scheme", l.scheme},
+                        {"gpu", dev},
+                        {"streamed", schedule.steps[l.step].streamed},
+                        {"rel_error", e.rel_error()},
+                        {"predicted_rel_error", e.predicted_rel()},
+                        {"bound", e.bound()},
+                        {"within", ok},
+                        {"digest_matches_planned", yq.digest == planned.digests[0][li]}});
+    }
+    std::string summary;
+    for (const auto& [scheme, w] : worst)
+      summary += str_cat(summary.empty() ? "" : "; ", scheme, " max rel error ", fmt("%.3g", w.first),
+                         " (", fmt("%.2f", w.second), " of its bound)");
+    add_check("reference error", fails ? CheckResult::Status::Fail : CheckResult::Status::Pass,
+              fails ? str_cat(fails, " of ", n_linears, " linears outside their bound", exact_mismatch ? str_cat(" (", exact_mismatch, " unquantized ones not exact)") : "", "; first ", first_fail)
+                    : str_cat(n_linears, " linears within their bound: ", summary));
+    add_check("planned == direct", direct_mismatch ? CheckResult::Status::Fail : CheckResult::Status::Pass,
+              direct_mismatch ? str_cat(direct_mismatch, " planned outputs differ from the same layer run alone")
+                              : str_cat("each layer run alone from the mapped checkpoint gives the planned run's output bit for bit"));
+  }
+  j["layers"] = std::move(layers);
+
+  // --- Peak memory per GPU. --------------------------------------------------------------------------
+  json memory = json::array();
+  {
+    size_t over = 0;
+    std::string detail;
+    for (const DeviceMemory& m : planned.memory) {
+      const planner::DevicePlan* dp = plan.find_device(planner::Location::on_gpu(m.device));
+      json mj = {{"gpu", m.device}, {"allocated_bytes", m.allocated_bytes}, {"measured_peak_bytes", m.measured_peak_bytes},
+                 {"baseline_bytes", m.baseline_bytes}, {"how", m.how}};
+      json items = json::array();
+      uint64_t modelled = 0;  // plan items the CPU backend has no counterpart for
+      for (const MemoryItem& it : m.items) {
+        uint64_t planned_bytes = 0;
+        if (dp) {
+          for (const planner::ReserveItem& ri : dp->reserve)
+            if (ri.name == it.name) planned_bytes = ri.bytes;
+          if (it.name == "resident_arena") planned_bytes = dp->arena_bytes;
+        }
+        items.push_back({{"name", it.name}, {"allocated", it.bytes}, {"planned", planned_bytes}});
+      }
+      if (dp)
+        for (const planner::ReserveItem& ri : dp->reserve)
+          if (ri.name == "cuda_context" || ri.name == "cublas_workspace") modelled += ri.bytes;
+      mj["items"] = std::move(items);
+      if (!dp) {
+        detail += str_cat(detail.empty() ? "" : "; ", "gpu ", m.device, ": not in the plan");
+        ++over;
+      } else {
+        const uint64_t measured = on_gpu ? m.measured_peak_bytes : m.measured_peak_bytes + modelled;
+        mj["predicted_peak_bytes"] = dp->predicted_peak;
+        mj["compared_bytes"] = measured;
+        const bool ok = measured <= dp->predicted_peak;
+        if (!ok) ++over;
+        detail += str_cat(detail.empty() ? "" : "; ", "gpu ", m.device, " ", format_size(measured),
+                          on_gpu ? " measured" : " (buffers + the plan's context and workspace)", " vs ",
+                          format_size(dp->predicted_peak), " predicted", ok ? "" : " OVER");
+      }
+      memory.push_back(std::move(mj));
+    }
+    if (!plan_tokens)
+      add_check("peak memory", CheckResult::Status::Skip,
+                str_cat("the plan was made for ", plan.settings.tokens, " tokens, this run used ", tokens, ": ", detail));
+    else
+      add_check("peak memory", over ? CheckResult::Status::Fail : CheckResult::Status::Pass, detail);
+  }
+  j["memory"] = std::move(memory);
+
+  // --- Step time. -----------------------------------------------------------------------------------
+  {
+    std::vector<double> ms = planned.step_ms;
+    if (ms.size() >= 2) ms.erase(ms.begin());  // the first step warms caches and loads kernels
+    const double measured = median(ms);
+    const double predicted = plan.predicted_step_s * 1000.0;
+    const double ratio = predicted > 0 ? measured / predicted : 0.0;
+    std::vector<double> rms = resident_ms;
+    if (rms.size() >= 2) rms.erase(rms.begin());
+    const double resident_median = median(rms);
+    const double gbps = measured > 0 ? static_cast<double>(planned.h2d_bytes_per_step) / (measured * 1e6) : 0.0;
+    j["timing"] = {{"step_ms", planned.step_ms},
+                   {"median_step_ms", measured},
+                   {"predicted_step_ms", predicted},
+                   {"ratio", ratio},
+                   {"all_resident_step_ms", resident_ms},
+                   {"all_resident_median_ms", resident_median},
+                   {"h2d_bytes_per_step", planned.h2d_bytes_per_step},
+                   {"peer_bytes_per_step", planned.peer_bytes_per_step},
+                   {"effective_h2d_gbps", gbps}};
+    std::string detail = str_cat(fmt("%.3f", measured), " ms measured (median), ", fmt("%.3f", predicted),
+                                 " ms predicted, ratio ", fmt("%.2f", ratio));
+    if (resident_median > 0) detail += str_cat("; all-resident ", fmt("%.3f", resident_median), " ms");
+    if (planned.h2d_bytes_per_step) detail += str_cat("; ", format_size(planned.h2d_bytes_per_step), " streamed per step (", fmt("%.1f", gbps), " GB/s)");
+    if (!on_gpu) {
+      add_check("step time", CheckResult::Status::Info, detail + " (CPU backend: the plan predicts a GPU)");
+    } else if (!plan_tokens) {
+      add_check("step time", CheckResult::Status::Skip, detail + str_cat(" (the plan was made for ", plan.settings.tokens, " tokens)"));
+    } else if (options.time_tolerance) {
+      const bool ok = std::fabs(ratio - 1.0) <= *options.time_tolerance;
+      add_check("step time", ok ? CheckResult::Status::Pass : CheckResult::Status::Fail,
+                detail + str_cat(" (tolerance ", fmt("%.0f", *options.time_tolerance * 100), "%)"));
+    } else {
+      add_check("step time", CheckResult::Status::Info, detail);
+    }
+  }
+
+  // --- Trace. ----------------------------------------------------------------------------------------
+  if (!options.trace.empty()) {
+    write_json_file(options.trace, trace_to_json(planned.trace));
+    const uint32_t last = options.steps - 1;
+    const PrefetchStats ps = prefetch_stats(planned.trace, last);
+    const double hidden = copy_compute_overlap(planned.trace, last);
+    j["trace"] = {{"file", options.trace.string()},
+                  {"events", planned.trace.size()},
+                  {"step", last},
+                  {"copy_hidden_fraction", hidden},
+                  {"prefetch_pairs", ps.pairs},
+                  {"prefetch_overlapping", ps.overlapping}};
+    log(str_cat("  trace: ", planned.trace.size(), " events to ", options.trace.string(), "; step ", last, ": ",
+                ps.overlapping, " of ", ps.pairs, " copies of group k+1 overlap the compute of group k, ",
+                fmt("%.0f", 100 * hidden), "% of copy time hidden behind compute"));
+  }
+
+  json checks = json::array();
+  for (const CheckResult& c : report.checks)
+    checks.push_back({{"name", c.name}, {"status", check_status_name(c.status)}, {"detail", c.detail}});
+  j["checks"] = std::move(checks);
+  j["passed"] = report.passed();
+  j["notes"] = planned.notes;
+  if (!options.report.empty()) write_json_file(options.report, j);
+  return report;
+}
+
+}  // namespace qtool::runner
