@@ -77,15 +77,17 @@ void quantize_block_ref(const WeightView& w, const Bnb4Table& t, uint32_t blocks
 }
 
 #if QTOOL_HAVE_X86_SIMD
-struct Bnb4Simd {
-  __m256 thr[15];
-  __m128i pattern_of;
-};
-
+// Number of thresholds strictly below each lane: 15 independent compares summed as a tree (a
+// serial chain of 15 adds would bound the loop by its latency).
 QTOOL_AVX2 inline __m256i count8(const __m256* thr, __m256 s) {
-  __m256i k = _mm256_setzero_si256();
-  for (int i = 0; i < 15; ++i) k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(thr[i], s, _CMP_LT_OQ)));
-  return k;
+#define QTOOL_LT(i) _mm256_castps_si256(_mm256_cmp_ps(thr[i], s, _CMP_LT_OQ))
+  const __m256i a = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(0), QTOOL_LT(1)), _mm256_add_epi32(QTOOL_LT(2), QTOOL_LT(3)));
+  const __m256i b = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(4), QTOOL_LT(5)), _mm256_add_epi32(QTOOL_LT(6), QTOOL_LT(7)));
+  const __m256i c = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(8), QTOOL_LT(9)), _mm256_add_epi32(QTOOL_LT(10), QTOOL_LT(11)));
+  const __m256i d = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(12), QTOOL_LT(13)), QTOOL_LT(14));
+#undef QTOOL_LT
+  // Each true compare is -1.
+  return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
 }
 
 template <DType D>
@@ -260,10 +262,18 @@ void bnb4_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& pa
     const uint64_t b = i / bs;
     const uint64_t stop = std::min(end, (b + 1) * bs);
     const float a = absmax[b - block_begin];
-    for (; i < stop; ++i) {
+    if (i & 1) {  // a range that starts on a low nibble
+      out[i - begin] = code[packed[i / 2] & 0x0F] * a;
+      ++i;
+    }
+    for (; i + 1 < stop; i += 2) {
       const uint8_t byte = packed[i / 2];
-      const uint8_t q = (i & 1) ? (byte & 0x0F) : (byte >> 4);
-      out[i - begin] = code[q] * a;
+      out[i - begin] = code[byte >> 4] * a;
+      out[i + 1 - begin] = code[byte & 0x0F] * a;
+    }
+    if (i < stop) {
+      out[i - begin] = code[packed[i / 2] >> 4] * a;
+      ++i;
     }
   }
 }

@@ -37,6 +37,7 @@ namespace {
 using nlohmann::json;
 
 constexpr uint64_t kCopyChunk = 32ull << 20;      // copied tensors go out in pieces of this size
+constexpr uint64_t kWritePiece = 4ull << 20;      // quantized tensors: at least this much per write job
 constexpr uint64_t kPrefetchLimit = 256ull << 20;  // read-ahead hint for the next tensor
 constexpr size_t kStatsChunk = 16384;              // elements per error-statistics chunk
 
@@ -260,11 +261,18 @@ void error_stats(const QuantizedLinear& linear, const TensorBytes& parts, DType 
   report.has_error = true;
 }
 
-// Runs write jobs in order on one thread, so that the next tensor is converted while the last one
-// is written. At most `max_pending` jobs wait; a failed job's error is rethrown to the caller.
+// Write jobs run on their own threads, so that the next tensor is converted while earlier ones are
+// written, and large writes are split between threads. A Batch counts its unfinished jobs. At most
+// `max_pending` jobs wait; a failed job's error is rethrown to the caller.
 class WriteQueue {
  public:
-  explicit WriteQueue(size_t max_pending) : max_pending_(max_pending), thread_([this] { loop(); }) {}
+  struct Batch {
+    size_t pending = 0;  // guarded by the queue's mutex
+  };
+
+  WriteQueue(size_t n_threads, size_t max_pending) : max_pending_(max_pending) {
+    for (size_t i = 0; i < std::max<size_t>(1, n_threads); ++i) threads_.emplace_back([this] { loop(); });
+  }
   ~WriteQueue() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -272,35 +280,42 @@ class WriteQueue {
       jobs_.clear();
     }
     cv_.notify_all();
-    thread_.join();
+    for (auto& t : threads_) t.join();
   }
   WriteQueue(const WriteQueue&) = delete;
   WriteQueue& operator=(const WriteQueue&) = delete;
 
-  // Returns the job's sequence number (for wait_for).
-  uint64_t submit(std::function<void()> job) {
+  void submit(Batch& batch, std::function<void()> job) {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return error_ || jobs_.size() < max_pending_; });
     rethrow_locked();
-    jobs_.push_back(std::move(job));
-    const uint64_t seq = ++submitted_;
+    ++batch.pending;
+    ++running_;
+    jobs_.push_back({std::move(job), &batch});
     cv_.notify_all();
-    return seq;
   }
-  void wait_for(uint64_t seq) {
+  void wait(const Batch& batch) {
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return error_ || done_ >= seq; });
+    cv_.wait(lock, [&] { return error_ || batch.pending == 0; });
     rethrow_locked();
   }
-  void finish() { wait_for(submitted_); }
+  void finish() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return error_ || running_ == 0; });
+    rethrow_locked();
+  }
 
  private:
+  struct Job {
+    std::function<void()> fn;
+    Batch* batch;
+  };
   void rethrow_locked() {
     if (error_) std::rethrow_exception(error_);
   }
   void loop() {
     for (;;) {
-      std::function<void()> job;
+      Job job;
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
@@ -308,16 +323,17 @@ class WriteQueue {
         job = std::move(jobs_.front());
         jobs_.pop_front();
       }
+      std::exception_ptr err;
       try {
-        job();
+        job.fn();
       } catch (...) {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (!error_) error_ = std::current_exception();
-        jobs_.clear();
+        err = std::current_exception();
       }
       {
         std::lock_guard<std::mutex> lock(mu_);
-        ++done_;
+        if (err && !error_) error_ = err;
+        --job.batch->pending;
+        --running_;
       }
       cv_.notify_all();
     }
@@ -326,13 +342,23 @@ class WriteQueue {
   size_t max_pending_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::function<void()>> jobs_;
-  uint64_t submitted_ = 0;
-  uint64_t done_ = 0;
+  std::deque<Job> jobs_;
+  size_t running_ = 0;  // submitted and not finished
   std::exception_ptr error_;
   bool stop_ = false;
-  std::thread thread_;
+  std::vector<std::thread> threads_;
 };
+
+// Splits [0, n) into pieces of at least `min_piece` bytes for the write threads.
+template <typename Fn>
+void for_pieces(uint64_t n, uint64_t min_piece, Fn&& fn) {
+  if (n == 0) {
+    fn(0, 0);
+    return;
+  }
+  const uint64_t pieces = std::max<uint64_t>(1, std::min<uint64_t>(8, n / std::max<uint64_t>(min_piece, 1)));
+  for (uint64_t p = 0; p < pieces; ++p) fn(n * p / pieces, n * (p + 1) / pieces);
+}
 
 void add_warning(ConvertReport& report, const ConvertOptions& options, std::string w) {
   if (options.on_warning) options.on_warning(w);
@@ -601,7 +627,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
   // Two output buffers: one being filled while the other is written.
   constexpr size_t kBuffers = 2;
   std::array<Scratch, kBuffers> scratch;
-  std::array<uint64_t, kBuffers> scratch_job{};
+  std::array<WriteQueue::Batch, kBuffers> scratch_batch{};
   size_t next_buffer = 0;
   std::set<fs::path> written_configs;
   for (const Component& component : checkpoint.components()) {
@@ -656,8 +682,8 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
                         : Sink(out_dir, component.weights_base(), std::move(groups),
                                default_max_shard_size(component, options), metadata);
 
-    WriteQueue writes(4);
-    scratch_job.fill(0);  // the previous component's writes are all done
+    WriteQueue::Batch copies;  // outlives the queue, whose threads count it down
+    WriteQueue writes(pool.size(), 8);
     for (size_t i = 0; i < entries.size(); ++i) {
       const auto& e = entries[i];
       const TensorInfo& t = component.info(e);
@@ -671,7 +697,14 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       tr.bytes_in = t.nbytes();
       if (!quantize[i]) {
         const std::string* name = &t.name;
-        writes.submit([&sink, &advance, name, data] { copy_tensor(sink, *name, data, [&](uint64_t n) { advance(n, *name); }); });
+        for_pieces(data.size(), kCopyChunk, [&](uint64_t b, uint64_t e) {
+          writes.submit(copies, [&sink, &advance, name, data, b, e] {
+            const auto piece = data.subspan(b, e - b);
+            sink.write(*name, piece, b);
+            release_pages(piece);
+            advance(piece.size(), *name);
+          });
+        });
         tr.bytes_out = t.nbytes();
         ++cr.n_copied;
       } else {
@@ -681,7 +714,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         size_t total = 0;
         for (const auto& d : group) total += (d.nbytes() + 63) & ~size_t{63};
         const size_t buffer = next_buffer++ % kBuffers;
-        writes.wait_for(scratch_job[buffer]);  // its last contents are written
+        writes.wait(scratch_batch[buffer]);  // its last contents are written
         uint8_t* base = scratch[buffer].get(std::max<size_t>(total, 1));
         std::vector<std::span<uint8_t>> outs;
         size_t off = 0;
@@ -698,10 +731,14 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         error_stats(linear, tb, t.dtype, data, pool, tr);
         release_pages(data);
         for (const auto& o : outs) tr.bytes_out += o.size();
-        scratch_job[buffer] = writes.submit([&sink, &advance, &group, outs, n = t.nbytes(), name = &t.name] {
-          for (size_t k = 0; k < group.size(); ++k) sink.write(group[k].name, outs[k], 0);
-          advance(n, *name);
-        });
+        for (size_t k = 0; k < group.size(); ++k) {
+          for_pieces(outs[k].size(), kWritePiece, [&](uint64_t b, uint64_t e) {
+            writes.submit(scratch_batch[buffer], [&sink, name = &group[k].name, piece = outs[k].subspan(b, e - b), b] {
+              sink.write(*name, piece, b);
+            });
+          });
+        }
+        advance(t.nbytes(), t.name);
         tr.scheme = std::string(scheme_name(so.scheme));
         ++cr.n_quantized;
         finish_component_stats(cr, tr);

@@ -204,27 +204,40 @@ struct Int8Dec {
   }
 };
 
+// fp8 codes decoded by moving their exponent and mantissa into a float32's and scaling by
+// 2^(127 - bias), which also turns their subnormals into the right values. Exact for every finite
+// code; the quantizers clamp, so NaN and Inf codes are never written.
 struct Fp8Dec {
-  const float* table;
   const uint8_t* q;
   __m256 s;
+  __m256 rescale;  // 2^120 (e4m3) or 2^112 (e5m2)
+  int shift;       // 20 (e4m3) or 21 (e5m2)
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
-    const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
-    return _mm256_mul_ps(_mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(q8), 4), s);
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
+    const __m256i mag = _mm256_sll_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7F)), _mm_cvtsi32_si128(shift));
+    const __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(mag), rescale);
+    return _mm256_mul_ps(_mm256_or_ps(f, _mm256_castsi256_ps(sign)), s);
   }
 };
 
 // Element i + k of a group of 8 (i a multiple of 8) sits in byte i/2 + k/2, high nibble first.
 struct Bnb4Dec {
-  const float* code;
+  __m256 code_lo, code_hi;  // code[0..7], code[8..15]
   const uint8_t* packed;
-  __m256 am;
+  const float* absmax;  // absmax of block (i >> log2_bs) - block0
+  size_t block0;
+  unsigned log2_bs;
   __m256i shifts, low4;
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
     uint32_t x;
     std::memcpy(&x, packed + i / 2, 4);
     const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(x)), shifts), low4);
-    return _mm256_mul_ps(_mm256_i32gather_ps(code, idx, 4), am);
+    // A 16-entry lookup: both halves permuted by the low 3 bits, bit 3 picks the half.
+    const __m256 lo = _mm256_permutevar8x32_ps(code_lo, idx);
+    const __m256 hi = _mm256_permutevar8x32_ps(code_hi, idx);
+    const __m256 v = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    return _mm256_mul_ps(v, _mm256_set1_ps(absmax[(i >> log2_bs) - block0]));
   }
 };
 
@@ -245,14 +258,17 @@ QTOOL_STATS_TARGET void int8_avx2(const uint8_t* q, const uint8_t* scb, const ui
 }
 
 template <DType D>
-QTOOL_STATS_TARGET void fp8_avx2(const float* table, const uint8_t* q, const uint8_t* scales, bool per_tensor,
-                                 const uint8_t* w, size_t cols, size_t r0, size_t r1, ErrorSums& sums) {
+QTOOL_STATS_TARGET void fp8_avx2(Scheme scheme, const float* table, const uint8_t* q, const uint8_t* scales,
+                                 bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1, ErrorSums& sums) {
+  const bool e4m3 = scheme == Scheme::Fp8E4M3;
+  const __m256 rescale = _mm256_set1_ps(e4m3 ? 0x1p120f : 0x1p112f);
+  const int shift = e4m3 ? 20 : 21;
   ScalarAcc tail(sums);
   const size_t n8 = cols & ~size_t{7};
   for (size_t r = r0; r < r1; ++r) {
     const float s = load_original(D, scales, per_tensor ? 0 : r);
     const size_t base = r * cols;
-    run8<D>(w, base, n8, Fp8Dec{table, q, _mm256_set1_ps(s)}, sums);
+    run8<D>(w, base, n8, Fp8Dec{q, _mm256_set1_ps(s), rescale, shift}, sums);
     for (size_t c = n8; c < cols; ++c) {
       const size_t i = base + c;
       tail.add(load_original(D, w, i), table[q[i]] * s);
@@ -264,20 +280,15 @@ template <DType D>
 QTOOL_STATS_TARGET void bnb4_avx2(const float* code, const float* absmax, size_t block0, uint32_t bs,
                                   const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
   ScalarAcc tail(sums);
-  Bnb4Dec dec{code, packed, _mm256_setzero_ps(), _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24), _mm256_set1_epi32(0x0F)};
+  // Groups of 8 never straddle a block: blocks are powers of two >= 32 long.
+  const Bnb4Dec dec{_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8), packed, absmax, block0,
+                    static_cast<unsigned>(__builtin_ctz(bs)), _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24),
+                    _mm256_set1_epi32(0x0F)};
   size_t i = i0;
-  while (i < i1) {
-    const size_t block = i / bs;
-    const size_t block_end = std::min(i1, (block + 1) * static_cast<size_t>(bs));
-    const float a = absmax[block - block0];
-    // Scalar up to a multiple of 8 (blocks are multiples of 8 long), then groups of 8.
-    for (; i < block_end && i % 8 != 0; ++i) tail.add(load_original(D, w, i), code[nibble(packed, i)] * a);
-    const size_t n8 = (block_end - i) & ~size_t{7};
-    dec.am = _mm256_set1_ps(a);
-    run8<D>(w, i, n8, dec, sums);
-    i += n8;
-    for (; i < block_end; ++i) tail.add(load_original(D, w, i), code[nibble(packed, i)] * a);
-  }
+  for (; i < i1 && i % 8 != 0; ++i) tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  const size_t n8 = (i1 - i) & ~size_t{7};
+  run8<D>(w, i, n8, dec, sums);
+  for (i += n8; i < i1; ++i) tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
 }
 
 bool cpu_has_avx2() {
@@ -319,9 +330,9 @@ void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, D
 #ifdef QTOOL_STATS_SIMD
     if (simd) {
       switch (dtype) {
-        case DType::BF16: fp8_avx2<DType::BF16>(table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
-        case DType::F16: fp8_avx2<DType::F16>(table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
-        default: fp8_avx2<DType::F32>(table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
+        case DType::BF16: fp8_avx2<DType::BF16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
+        case DType::F16: fp8_avx2<DType::F16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
+        default: fp8_avx2<DType::F32>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
       }
       sums.add(local);
       return;

@@ -556,7 +556,12 @@ void dequantize_rows_bf16(const QuantizedLinear& linear, const TensorBytes& part
     tmp.resize((re - r) * cols);
     dequantize_rows_f32(linear, parts, tmp.data(), r, re);
     uint16_t* o = out_bf16 + (r - row_begin) * cols;
-    for (size_t i = 0; i < tmp.size(); ++i) o[i] = f32_to_bf16(tmp[i]);
+    for (size_t i = 0; i < tmp.size(); ++i) {
+      // Round to nearest even; NaN (an fp8 NaN code) stays a quiet NaN.
+      const uint32_t u = detail::f32_bits(tmp[i]);
+      o[i] = std::isnan(tmp[i]) ? static_cast<uint16_t>((u >> 16) | 0x40)
+                                : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
   }
 }
 

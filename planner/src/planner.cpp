@@ -323,7 +323,13 @@ class Planner {
   void assign_targets(Outcome& o) const;
   void simulate(Outcome& o) const;
   GpuWork base_work() const;
-  [[noreturn]] void infeasible_gpu(const Candidate& smallest) const;
+  struct SearchResult {
+    Outcome best;
+    bool host_short = false;       // some plan fit the GPUs but not the cpu budget
+    uint64_t host_needed = kUnlimited;
+  };
+  SearchResult search() const;
+  [[noreturn]] void infeasible_gpu();
   [[noreturn]] void infeasible_host(uint64_t needed) const;
   Plan assemble(const Outcome& o) const;
   std::string unit_reason(const Outcome& o, uint32_t u) const;
@@ -538,7 +544,7 @@ std::vector<uint8_t> Planner::offload_set(size_t m, uint32_t n) const {
       const size_t len = std::min<size_t>(n, b - taken);
       // Centre of the r-th of `runs` equal stretches; clamp so every run fits after the previous.
       const double centre = (static_cast<double>(r) + 0.5) * static_cast<double>(B) / static_cast<double>(runs);
-      size_t start = static_cast<size_t>(std::max(0.0, std::floor(centre - static_cast<double>(len) / 2.0)));
+      size_t start = static_cast<size_t>(std::max(0.0, std::round(centre - static_cast<double>(len) / 2.0)));
       start = std::max(start, prev_end);
       start = std::min(start, B - (b - taken));
       for (size_t i = start; i < start + len; ++i) off[blocks[i]] = 1;
@@ -860,34 +866,46 @@ Outcome Planner::place(const Candidate& c, size_t m) const {
   return o;
 }
 
-[[noreturn]] void Planner::infeasible_gpu(const Candidate& smallest) const {
-  // The smallest plan: everything streamed through `smallest` on one GPU.
-  GpuWork w = base_work();
-  uint64_t slot = 0;
-  for (const UnitInfo& u : units_) {
-    if (u.follow >= 0) continue;
-    if (smallest.mode == OffloadMode::Leaf) {
-      for (const Leaf& l : u.leaves) slot = std::max(slot, l.arena);
-    } else {
-      slot = std::max(slot, u.arena);
-    }
-  }
-  w.n_slots = smallest.k;
-  w.slot_bytes = slot * (smallest.mode == OffloadMode::Block ? smallest.n : 1);
-  const std::vector<ReserveItem> items = gpu_reserve(opt_.profile, w);
-  const uint64_t need = sum_bytes(items);
+[[noreturn]] void Planner::infeasible_gpu() {
+  // The smallest budget for the GPU with the largest budget (the others as given) that admits a
+  // plan, by binary search over the planner itself (host memory taken as unlimited here).
   size_t best = 0;
   for (size_t pos = 1; pos < gpu_budget_.size(); ++pos) {
     if (gpu_budget_[pos] > gpu_budget_[best]) best = pos;
   }
-  std::string parts;
-  for (const ReserveItem& r : items) parts += str_cat(parts.empty() ? "" : ", ", r.name, " ", r.bytes);
   const uint64_t have = gpu_budget_[best];
-  fail(ErrorKind::InvalidInput, "--max-memory: the GPU budget is too small for any plan: the smallest one (every module "
-       "streamed, ", smallest.mode == OffloadMode::Leaf ? "one layer" : str_cat(smallest.n, " block(s)"),
-       " per group, ", smallest.k, " slot(s)) needs ", need, " bytes (", format_size(need), ") on one GPU: ", parts,
-       "; GPU ", gpu_index_[best], " has ", have, " bytes: short by ", need > have ? need - have : 0,
-       " bytes. Smallest budget that fits: --max-memory ", gpu_index_[best], "=", need);
+  const uint64_t saved_host = host_budget_;
+  host_budget_ = kUnlimited;
+  uint64_t lo = have, hi = std::max<uint64_t>(have, 1);
+  bool found = false;
+  for (int i = 0; i < 48 && !found; ++i) {
+    hi = hi > kUnlimited / 2 ? kUnlimited : hi * 2;
+    gpu_budget_[best] = hi;
+    found = search().best.ok;
+  }
+  if (!found) {
+    fail(ErrorKind::InvalidInput, "--max-memory: no GPU budget admits a plan for this checkpoint");
+  }
+  while (lo + 1 < hi) {
+    const uint64_t mid = lo + (hi - lo) / 2;
+    gpu_budget_[best] = mid;
+    if (search().best.ok) hi = mid;
+    else lo = mid;
+  }
+  gpu_budget_[best] = hi;
+  const Outcome o = search().best;
+  host_budget_ = saved_host;
+  std::string parts;
+  const std::vector<ReserveItem> items = gpu_reserve(opt_.profile, o.work[best]);
+  for (const ReserveItem& r : items) parts += str_cat(", ", r.name, " ", r.bytes);
+  uint64_t resident = 0;
+  for (uint32_t id = 0; id < units_.size(); ++id) {
+    if (o.gpu_of[id] == static_cast<int32_t>(best) && units_[id].follow < 0) resident += arena_[id];
+  }
+  fail(ErrorKind::InvalidInput, "--max-memory: GPU ", gpu_index_[best], " has ", have, " bytes (", format_size(have),
+       "), too little for any plan: the smallest plan needs ", hi, " bytes (", format_size(hi), ": resident weights ",
+       round_up(resident, opt_.profile.alloc_granularity_bytes), parts, "): short by ", hi - have,
+       " bytes. Smallest budget that fits: --max-memory ", gpu_index_[best], "=", hi);
 }
 
 [[noreturn]] void Planner::infeasible_host(uint64_t needed) const {
@@ -924,76 +942,86 @@ Plan Planner::run() {
   const uint64_t fixed = sum_bytes(gpu_reserve(opt_.profile, base_work()));
   fixed_.assign(gpu_budget_.size(), fixed);
 
+  SearchResult r = search();
+  if (!r.best.ok) {
+    if (r.host_short) infeasible_host(r.host_needed);
+    infeasible_gpu();
+  }
+  return assemble(r.best);
+}
+
+Planner::SearchResult Planner::search() const {
+  SearchResult r;
   // Everything resident, if it fits: no slots, nothing held back for streaming.
-  Outcome best = place(Candidate{OffloadMode::Block, 0, 0}, 0);
-  if (!best.ok) {
-    std::vector<Candidate> cands;
-    const bool block = opt_.offload != OffloadMode::Leaf;
-    const bool leaf = opt_.offload != OffloadMode::Block;
-    std::vector<uint32_t> ns = opt_.blocks_per_group ? std::vector<uint32_t>{*opt_.blocks_per_group}
-                                                     : std::vector<uint32_t>{1, 2, 3, 4, 6, 8};
-    std::vector<uint32_t> ks_block = opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 3, 4};
-    std::vector<uint32_t> ks_leaf = opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 4, 8};
-    if (block) {
-      for (uint32_t n : ns) {
-        for (uint32_t k : ks_block) cands.push_back({OffloadMode::Block, n, k});
-      }
-    }
-    if (leaf) {
-      for (uint32_t k : ks_leaf) cands.push_back({OffloadMode::Leaf, 1, k});
-    }
-    bool any_gpu_fit = false;
-    uint64_t host_needed = kUnlimited;
-    for (const Candidate& c : cands) {
-      const size_t M = n_offloadable_;
-      Outcome full = place(c, M);
-      if (!full.ok) {
-        if (!full.host_ok && full.host_needed > 0) {
-          any_gpu_fit = true;
-          host_needed = std::min(host_needed, full.host_needed);
-        }
-        continue;
-      }
-      any_gpu_fit = true;
-      size_t lo = 1, hi = M;
-      while (lo < hi) {
-        const size_t mid = lo + (hi - lo) / 2;
-        if (place(c, mid).ok) hi = mid;
-        else lo = mid + 1;
-      }
-      Outcome o = place(c, lo);
-      // The count is not strictly monotone (slot sizes change with the set): look a little lower.
-      for (size_t m = lo; m-- > 1 && m + 4 > lo;) {
-        Outcome lower = place(c, m);
-        if (lower.ok) o = std::move(lower);
-      }
-      if (!o.ok) o = std::move(full);
-      auto better = [](const Outcome& a, const Outcome& b) {
-        if (!b.ok) return true;
-        const double tol = 1e-3 * std::max(a.step_s, b.step_s);
-        if (std::abs(a.step_s - b.step_s) > tol) return a.step_s < b.step_s;
-        if (a.offloaded != b.offloaded) return a.offloaded < b.offloaded;
-        return a.peak_sum < b.peak_sum;
-      };
-      if (better(o, best)) best = std::move(o);
-    }
-    if (!best.ok) {
-      if (any_gpu_fit && host_needed != kUnlimited) infeasible_host(host_needed);
-      Candidate smallest{leaf ? OffloadMode::Leaf : OffloadMode::Block, block && !leaf ? ns.front() : 1,
-                         leaf ? ks_leaf.front() : ks_block.front()};
-      infeasible_gpu(smallest);
+  r.best = place(Candidate{OffloadMode::Block, 0, 0}, 0);
+  if (r.best.ok) return r;
+  std::vector<Candidate> cands;
+  const bool block = opt_.offload != OffloadMode::Leaf;
+  const bool leaf = opt_.offload != OffloadMode::Block;
+  const std::vector<uint32_t> ns = opt_.blocks_per_group ? std::vector<uint32_t>{*opt_.blocks_per_group}
+                                                         : std::vector<uint32_t>{1, 2, 3, 4, 6, 8};
+  const std::vector<uint32_t> ks_block =
+      opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 3, 4};
+  const std::vector<uint32_t> ks_leaf = opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 4, 8};
+  if (block) {
+    for (uint32_t n : ns) {
+      for (uint32_t k : ks_block) cands.push_back({OffloadMode::Block, n, k});
     }
   }
-  return assemble(best);
+  if (leaf) {
+    for (uint32_t k : ks_leaf) cands.push_back({OffloadMode::Leaf, 1, k});
+  }
+  auto better = [](const Outcome& a, const Outcome& b) {
+    if (!b.ok) return true;
+    const double tol = 1e-3 * std::max(a.step_s, b.step_s);
+    if (std::abs(a.step_s - b.step_s) > tol) return a.step_s < b.step_s;
+    if (a.offloaded != b.offloaded) return a.offloaded < b.offloaded;
+    return a.peak_sum < b.peak_sum;
+  };
+  for (const Candidate& c : cands) {
+    const size_t M = n_offloadable_;
+    Outcome full = place(c, M);
+    if (!full.ok) {
+      if (!full.host_ok && full.host_needed > 0) {
+        r.host_short = true;
+        r.host_needed = std::min(r.host_needed, full.host_needed);
+      }
+      continue;
+    }
+    // The fewest offloaded units that fit (binary search; the count is nearly monotone, as slot
+    // sizes change with the set, so a few counts below are tried as well).
+    size_t lo = 1, hi = M;
+    while (lo < hi) {
+      const size_t mid = lo + (hi - lo) / 2;
+      if (place(c, mid).ok) hi = mid;
+      else lo = mid + 1;
+    }
+    Outcome o = place(c, lo);
+    for (size_t m = lo; m-- > 1 && m + 4 > lo;) {
+      Outcome lower = place(c, m);
+      if (lower.ok) o = std::move(lower);
+    }
+    if (!o.ok) o = std::move(full);
+    if (better(o, r.best)) r.best = std::move(o);
+  }
+  if (r.best.ok) r.host_short = false;
+  return r;
 }
 
 std::string Planner::unit_reason(const Outcome& o, uint32_t id) const {
   const int32_t g = o.unit_group[id];
   const GroupDraft& gd = o.groups[static_cast<size_t>(g)];
-  uint64_t gpu_budget = 0;
-  for (uint64_t b : gpu_budget_) gpu_budget += b;
-  std::string why = str_cat("the GPUs' budgets (", format_size(gpu_budget), " in all, less their reserve) cannot hold all ",
-                            format_size(total_bytes_), "; this module is streamed to GPU ", gpu_index_[static_cast<size_t>(gd.exec)],
+  uint64_t resident = 0;
+  for (uint32_t u = 0; u < units_.size(); ++u) {
+    if (o.gpu_of[u] >= 0 && units_[u].follow < 0) resident += units_[u].bytes;
+  }
+  std::string gpus;
+  for (size_t pos = 0; pos < gpu_budget_.size(); ++pos) {
+    gpus += str_cat(pos ? "; " : "", "GPU ", gpu_index_[pos], ": budget ", format_size(gpu_budget_[pos]), ", reserve ",
+                    format_size(sum_bytes(gpu_reserve(opt_.profile, o.work[pos]))));
+  }
+  std::string why = str_cat("does not fit: the GPUs keep ", format_size(resident), " of the ", format_size(total_bytes_),
+                            " of weights (", gpus, "); streamed to GPU ", gpu_index_[static_cast<size_t>(gd.exec)],
                             " in group ", g, " (", o.cand.mode == OffloadMode::Leaf ? "one layer per group" : str_cat(o.cand.n, " unit(s) per group"),
                             ", ", o.cand.k, " slot(s))");
   if (gd.target.kind == Location::Kind::Disk) {

@@ -127,14 +127,15 @@ double ErrorPrediction::predicted_rel() const {
   return std::sqrt(predicted_sq / sum_sq_ref);
 }
 
-double ErrorPrediction::bound() const { return kErrorBoundFactor * predicted_rel() + kErrorFloor; }
+double ErrorPrediction::bound() const { return factor * predicted_rel() + kErrorFloor; }
 
 ErrorPrediction predict_and_measure(const std::vector<uint16_t>& y_q, const std::vector<uint16_t>& y_ref,
                                     const std::vector<uint16_t>& x, uint64_t ldx, uint64_t tokens, uint64_t in,
-                                    const std::vector<double>& col_var) {
+                                    const std::vector<double>& col_var, WeightKind kind) {
   QTOOL_ASSERT(y_q.size() == y_ref.size());
   QTOOL_ASSERT(col_var.size() == in);
   ErrorPrediction e;
+  e.factor = error_bound_factor(kind);
   for (size_t k = 0; k < y_q.size(); ++k) {
     const double a = kmath::bf16_bits_to_f32(y_q[k]);
     const double b = kmath::bf16_bits_to_f32(y_ref[k]);

@@ -74,13 +74,8 @@ std::unordered_map<std::string, LinearDesc> linears_of(const Component& comp) {
     LinearDesc d;
     d.module = ql.module;
     d.scheme = std::string(quant::scheme_name(ql.options.scheme));
-    d.params.kind = kind_of_scheme(ql.options.scheme);
-    d.params.rows = static_cast<uint64_t>(ql.rows());
-    d.params.cols = static_cast<uint64_t>(ql.cols());
-    d.params.blocksize = ql.options.blocksize;
-    d.params.double_quant = ql.options.double_quant;
-    d.params.per_tensor = ql.options.per_tensor;
-    d.params.nested_offset = ql.nested_offset;
+    d.params = quantized_params(ql, comp);
+    d.params.weight = d.params.scale = d.params.quant_map = d.params.nested_absmax = d.params.nested_quant_map = nullptr;
     std::string weight;
     for (size_t k = 0; k < ql.tensor_names.size(); ++k) {
       quantized_tensors.insert(ql.tensor_names[k]);
@@ -88,15 +83,6 @@ std::unordered_map<std::string, LinearDesc> linears_of(const Component& comp) {
       const int slot = part_slot(ql.tensor_parts[k]);
       if (slot >= 0) d.part_name[slot] = ql.tensor_names[k];
       if (ql.tensor_parts[k] == quant::Part::Weight) weight = ql.tensor_names[k];
-      if (ql.tensor_parts[k] == quant::Part::Scale && quant::is_fp8(ql.options.scheme)) {
-        const auto e = comp.find(ql.tensor_names[k]);
-        QTOOL_ASSERT(e.has_value());
-        switch (comp.info(*e).dtype) {
-          case DType::BF16: d.params.scale_type = ScaleType::Bf16; break;
-          case DType::F16: d.params.scale_type = ScaleType::F16; break;
-          default: d.params.scale_type = ScaleType::F32; break;
-        }
-      }
     }
     QTOOL_ASSERT(!weight.empty());
     by_weight.emplace(weight, std::move(d));
@@ -127,6 +113,38 @@ std::unordered_map<std::string, LinearDesc> linears_of(const Component& comp) {
 }
 
 }  // namespace
+
+DequantParams quantized_params(const quant::QuantizedLinear& ql, const Component& comp) {
+  DequantParams p;
+  p.kind = kind_of_scheme(ql.options.scheme);
+  p.rows = static_cast<uint64_t>(ql.rows());
+  p.cols = static_cast<uint64_t>(ql.cols());
+  p.blocksize = ql.options.blocksize;
+  p.double_quant = ql.options.double_quant;
+  p.per_tensor = ql.options.per_tensor;
+  p.nested_offset = ql.nested_offset;
+  for (size_t k = 0; k < ql.tensor_names.size(); ++k) {
+    const auto e = comp.find(ql.tensor_names[k]);
+    QTOOL_ASSERT(e.has_value());
+    const uint8_t* data = comp.data(*e).data();
+    switch (ql.tensor_parts[k]) {
+      case quant::Part::Weight: p.weight = data; break;
+      case quant::Part::Scale:
+        p.scale = data;
+        if (quant::is_fp8(ql.options.scheme)) {
+          const DType dt = comp.info(*e).dtype;
+          p.scale_type = dt == DType::BF16 ? ScaleType::Bf16 : dt == DType::F16 ? ScaleType::F16 : ScaleType::F32;
+        }
+        break;
+      case quant::Part::QuantMap: p.quant_map = data; break;
+      case quant::Part::NestedAbsmax: p.nested_absmax = data; break;
+      case quant::Part::NestedQuantMap: p.nested_quant_map = data; break;
+      case quant::Part::WeightFormat:
+      case quant::Part::QuantState: break;
+    }
+  }
+  return p;
+}
 
 const char* placement_name(Placement placement) {
   switch (placement) {

@@ -357,7 +357,7 @@ VerifyReport verify(const VerifyOptions& options) {
       std::vector<uint16_t> x(tokens * ldx);
       cpu::generate_activation(kmath::activation_stream(options.seed), tokens, ldx, 0, l.in(), x.data(), pool);
       const std::vector<double> col_var = column_error_variance(qp, rp.kind, pool);
-      const ErrorPrediction e = predict_and_measure(yq.y, yr.y, x, ldx, tokens, l.in(), col_var);
+      const ErrorPrediction e = predict_and_measure(yq.y, yr.y, x, ldx, tokens, l.in(), col_var, l.params.kind);
       bool ok = e.within();
       const bool must_match = !l.quantized() && l.params.kind == rp.kind;
       if (must_match && yq.y != yr.y) {

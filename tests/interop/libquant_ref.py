@@ -20,8 +20,10 @@ TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.contiguous().cpu()
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    # A fresh tensor has standard strides (a [1, 1] result may carry odd ones that view() rejects).
+    u = torch.empty(t.shape, dtype=t.dtype)
+    u.copy_(t)
+    return u.reshape(-1).view(torch.uint8).numpy().tobytes() if u.numel() else b""
 
 
 def int8_ref(w: torch.Tensor) -> dict:
@@ -73,7 +75,17 @@ def bnb4_ref(w: torch.Tensor, quant_type: str, blocksize: int, double_quant: boo
     if double_quant:
         out["nested_absmax"] = tensor_bytes(state.state2.absmax)
         out["nested_quant_map"] = tensor_bytes(state.state2.code)
-    out["dequant"] = tensor_bytes(F.dequantize_4bit(packed, state))  # in the weight's dtype
+    # bitsandbytes' portable dequantization (its default backend): code[q] * absmax in float32, then
+    # the weight's dtype. (Its native CPU kernel gives the same except where it is wrong: the
+    # AVX512 path indexes absmax per row, so rows shorter than a block read the wrong absmax, and
+    # AVX512-BF16 conversion flushes subnormals.)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    absmax = state.absmax
+    if double_quant:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    deq = _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), state.code, blocksize, list(w.shape), w.dtype)
+    out["dequant"] = tensor_bytes(deq)  # in the weight's dtype
+    out["native_dequant"] = tensor_bytes(F.dequantize_4bit(packed, state))
     packed_dict = state.as_dict(packed=True)
     key = "quant_state.bitsandbytes__" + quant_type
     out["quant_state"] = json.loads(bytes(packed_dict[key].numpy().tolist()).decode())

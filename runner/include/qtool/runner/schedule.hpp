@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "qtool/formats/checkpoint.hpp"
+#include "qtool/libquant/quant.hpp"
 #include "qtool/planner/plan.hpp"
 #include "qtool/runner/dequant.hpp"
 
@@ -110,6 +111,9 @@ struct Schedule {
 // neither its group nor resident, a linear whose quant state is not in the arena of its weight,
 // and a checkpoint tensor the plan places nowhere (tied aliases excepted).
 Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan);
+
+// The DequantParams of a quantized linear of `component`, pointing into its mapped tensors.
+DequantParams quantized_params(const quant::QuantizedLinear& linear, const Component& component);
 
 // Fills arena `arena` (arena.bytes bytes at `dst`) from the mapped checkpoint; gaps are zeroed.
 void fill_arena(const Checkpoint& checkpoint, const Arena& arena, uint8_t* dst);

@@ -1,0 +1,120 @@
+// Micro benchmark of the quant kernels: input GB/s per scheme on one weight (default 4096 x 4096
+// bf16) with N threads, the fast path against the scalar reference, and against reading the same
+// bytes (a memory-bandwidth floor for "cat" of a cached file).
+//
+//   quant_kernels [--rows R] [--cols C] [--dtype bf16|f16|f32] [--threads N] [--reps K]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "qtool/formats/dtype.hpp"
+#include "qtool/formats/thread_pool.hpp"
+#include "qtool/libquant/quant.hpp"
+#include "scheme.hpp"
+
+using namespace qtool;
+using namespace qtool::quant;
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Best of `reps` runs of fn, in seconds.
+template <typename F>
+double best_of(int reps, F fn) {
+  double best = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, seconds_since(t0));
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t rows = 4096, cols = 4096;
+  DType dtype = DType::BF16;
+  size_t threads = 2;
+  int reps = 5;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i], v = argv[i + 1];
+    if (a == "--rows") rows = std::stoll(v);
+    else if (a == "--cols") cols = std::stoll(v);
+    else if (a == "--threads") threads = std::stoul(v);
+    else if (a == "--reps") reps = std::stoi(v);
+    else if (a == "--dtype") dtype = *parse_dtype_cli(v);
+    else {
+      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  const uint64_t n = static_cast<uint64_t>(rows * cols);
+  std::vector<uint8_t> data(n * dtype_size(dtype));
+  {
+    std::mt19937_64 rng(42);
+    std::normal_distribution<float> nd(0.0f, 0.02f);
+    std::vector<float> row(static_cast<size_t>(cols));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (auto& x : row) x = nd(rng);
+      convert_from_f32(dtype, row.data(), data.data() + static_cast<uint64_t>(r * cols) * dtype_size(dtype), row.size());
+    }
+  }
+  ThreadPool pool(threads);
+  const std::vector<int64_t> shape{rows, cols};
+  const double gb = static_cast<double>(data.size()) / 1e9;
+  std::printf("weight [%lld, %lld] %s (%.1f MiB), %zu threads, SIMD %s, best of %d\n", static_cast<long long>(rows),
+              static_cast<long long>(cols), std::string(dtype_name(dtype)).c_str(), data.size() / 1048576.0, threads,
+              detail::have_simd() ? "AVX2+F16C" : "off", reps);
+
+  // Floor: read every byte once across the pool (what `cat` of a cached file costs at least).
+  std::vector<uint64_t> sink(threads * 8);
+  const double t_read = best_of(reps, [&] {
+    pool.parallel_for(data.size() / 64, 1024, [&](size_t b, size_t e) {
+      uint64_t acc = 0;
+      for (size_t i = b; i < e; ++i) {
+        uint64_t v;
+        std::memcpy(&v, data.data() + i * 64, 8);
+        acc ^= v;
+        std::memcpy(&v, data.data() + i * 64 + 32, 8);
+        acc += v;
+      }
+      sink[b % sink.size()] += acc;
+    });
+  });
+  std::printf("%-14s %8.2f GB/s\n", "read (floor)", gb / t_read);
+
+  struct Case {
+    const char* name;
+    SchemeOptions options;
+  };
+  const Case cases[] = {{"int8", {Scheme::Int8}},
+                        {"fp8_e4m3", {Scheme::Fp8E4M3}},
+                        {"fp8_e5m2", {Scheme::Fp8E5M2}},
+                        {"nf4", {Scheme::Nf4}},
+                        {"nf4 dq", {Scheme::Nf4, 64, true}},
+                        {"fp4", {Scheme::Fp4}}};
+  std::printf("%-14s %10s %10s %10s %12s\n", "scheme", "fast GB/s", "ref GB/s", "fast/ref", "fast/read");
+  for (const auto& c : cases) {
+    const auto decls = quantized_decls("m", dtype, shape, c.options);
+    std::vector<std::vector<uint8_t>> outs;
+    for (const auto& d : decls) outs.emplace_back(d.nbytes());
+    std::vector<std::span<uint8_t>> spans(outs.begin(), outs.end());
+    auto run = [&](detail::Impl impl) {
+      detail::quantize_weight_impl("bench", dtype, shape, data, c.options, spans, pool, impl);
+    };
+    const double t_fast = best_of(reps, [&] { run(detail::Impl::Fast); });
+    const double t_ref = best_of(std::max(1, reps / 2), [&] { run(detail::Impl::Reference); });
+    std::printf("%-14s %10.2f %10.2f %9.1fx %11.2fx\n", c.name, gb / t_fast, gb / t_ref, t_ref / t_fast,
+                t_read / t_fast);
+  }
+  return 0;
+}

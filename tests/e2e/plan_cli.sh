@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# qtool plan end to end: synthesizes tiny pipelines and models (bf16, and quantized by `qtool
+# quantize` with the sample configs), plans them for every strategy on one and two GPUs with
+# budgets from roomy down to the smallest one qtool reports, and checks each plan file with
+# plan_check.py (reads the checkpoint's headers itself). Also: the three --max-memory forms,
+# --json equal to the file, --svg, an infeasible budget (exit 2, shortfall, and the smallest
+# budget it names works), usage errors, --models-dir.
+#   plan_cli.sh QTOOL SOURCE_DIR
+set -eu
+QTOOL=$1
+SRC=$2
+CHECK="python3 $SRC/tests/e2e/plan_check.py"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+"$QTOOL" plan --help | grep -q -- '--max-memory'
+"$QTOOL" plan --help | grep -q -- '--device-map'
+
+"$QTOOL" synth --preset tiny-flux -o "$WORK/tf" -q
+"$QTOOL" synth --preset llama-tied --scale 0.05 -o "$WORK/lt" -q
+"$QTOOL" synth --preset tiny -o "$WORK/tiny" -q
+"$QTOOL" quantize "$WORK/tf" --config "$SRC/sample_configs/flux-nf4.json" -o "$WORK/tf-nf4" -q
+"$QTOOL" quantize "$WORK/tiny" --config "$SRC/sample_configs/llama-nf4-dq.json" -o "$WORK/tiny-nf4" -q
+"$QTOOL" quantize "$WORK/tiny" --config "$SRC/sample_configs/llama-int8.json" -o "$WORK/tiny-int8" -q
+
+# The smallest GPU budget qtool accepts, from its error message for a 1 MiB budget.
+smallest() {
+  set +e
+  "$QTOOL" plan "$1" --max-memory 0=1MiB --tokens 64 2>"$WORK/err" >/dev/null
+  local rc=$?
+  set -e
+  [ "$rc" -eq 2 ] || { echo "FAIL: 1 MiB budget for $1 exited $rc" >&2; exit 1; }
+  grep -q "short by [0-9]* bytes" "$WORK/err" || { echo "FAIL: no shortfall: $(cat "$WORK/err")" >&2; exit 1; }
+  sed -n 's/.*Smallest budget that fits: --max-memory 0=\([0-9]*\).*/\1/p' "$WORK/err"
+}
+
+n=0
+for ck in tf tf-nf4 lt tiny-nf4 tiny-int8; do
+  lo=$(smallest "$WORK/$ck")
+  total=$(du -sb "$WORK/$ck" | cut -f1)
+  hi=$((lo + total + 8 * 1048576))
+  for strategy in sequential balanced balanced_low_0 auto; do
+    for ngpu in 1 2; do
+      for step in 0 2 4 6 8; do
+        b=$((hi - (hi - lo) * step / 8))
+        mm="0=$b"
+        [ "$ngpu" -eq 2 ] && mm="0=$b,1=$b"
+        "$QTOOL" plan "$WORK/$ck" --device-map $strategy --max-memory "$mm,cpu=1GiB" --tokens 64 \
+          -o "$WORK/plan.json" -q
+        expect=""
+        [ "$step" -eq 0 ] && expect="--expect-offload no"
+        [ "$step" -eq 8 ] && [ "$ngpu" -eq 1 ] && expect="--expect-offload yes"
+        $CHECK "$WORK/$ck" "$WORK/plan.json" $expect >/dev/null || {
+          echo "FAIL: $ck $strategy $ngpu GPU(s) budget $b"; $CHECK "$WORK/$ck" "$WORK/plan.json" $expect; exit 1; }
+        n=$((n + 1))
+      done
+    done
+  done
+  # The smallest budget really is the smallest: one byte less is refused.
+  set +e
+  "$QTOOL" plan "$WORK/$ck" --max-memory "0=$((lo - 1))" --tokens 64 -q 2>/dev/null; rc=$?
+  set -e
+  [ "$rc" -eq 2 ] || { echo "FAIL: $ck: budget below the smallest exited $rc"; exit 1; }
+  "$QTOOL" plan "$WORK/$ck" --max-memory "0=$lo" --tokens 64 -q -o "$WORK/min.json"
+  $CHECK "$WORK/$ck" "$WORK/min.json" --expect-offload yes >/dev/null
+done
+echo "checked $n plans"
+
+# A cpu budget too small for pinned groups sends groups to disk; one too small for the staging
+# ring is refused with the cpu budget that fits, which then works.
+lo=$(smallest "$WORK/tf")
+"$QTOOL" plan "$WORK/tf" --max-memory "0=$lo,cpu=600KiB" --tokens 64 -o "$WORK/disk.json" -q
+$CHECK "$WORK/tf" "$WORK/disk.json" >/dev/null
+python3 -c "import json,sys; p=json.load(open(sys.argv[1])); assert any(g['target']=='disk' for g in p['groups']), 'no disk group'" "$WORK/disk.json"
+set +e
+"$QTOOL" plan "$WORK/tf" --max-memory "0=$lo,cpu=1KiB" --tokens 64 -q 2>"$WORK/err"; rc=$?
+set -e
+[ "$rc" -eq 2 ] && grep -q "short by" "$WORK/err" || { echo "FAIL: tiny cpu budget exited $rc: $(cat "$WORK/err")"; exit 1; }
+cpu=$(sed -n 's/.*Smallest budget that fits: cpu=\([0-9]*\).*/\1/p' "$WORK/err")
+"$QTOOL" plan "$WORK/tf" --max-memory "0=$lo,cpu=$cpu" --tokens 64 -o "$WORK/disk2.json" -q
+$CHECK "$WORK/tf" "$WORK/disk2.json" >/dev/null
+
+# The three --max-memory forms give the same plan; --json on stdout is the file's content.
+"$QTOOL" plan "$WORK/tf" --max-memory "0=600MiB,1=600MiB,cpu=1GiB" --tokens 64 -o "$WORK/a.json" -q
+"$QTOOL" plan "$WORK/tf" --max-memory '{"0": "600MiB", "1": 629145600, "cpu": "1GiB"}' --tokens 64 --json -q > "$WORK/b.json"
+echo '{"0": "600MiB", "1": "600MiB", "cpu": "1GiB"}' > "$WORK/budget.json"
+"$QTOOL" plan "$WORK/tf" --max-memory "$WORK/budget.json" --tokens 64 -o "$WORK/c.json" -q
+python3 - "$WORK" <<'PY'
+import json, sys
+w = sys.argv[1]
+a, b, c = (json.load(open(f"{w}/{x}.json")) for x in "abc")
+for p in (b, c):
+    for k in ("components", "devices", "groups", "schedule", "predicted_step_s"):
+        assert [d for d in p[k]] == [d for d in a[k]] if k != "devices" else \
+            [(d["device"], d["budget"], d["predicted_peak"]) for d in p[k]] == [(d["device"], d["budget"], d["predicted_peak"]) for d in a[k]], k
+# Pipeline components in execution order: text encoders, transformer, vae.
+assert [x["name"] for x in a["components"]] == ["text_encoder", "text_encoder_2", "transformer", "vae"], a["components"]
+assert a["components"][2]["template"] == "flux-transformer"
+PY
+
+# --svg draws one bar per device.
+"$QTOOL" plan "$WORK/tf-nf4" --max-memory "0=$(smallest "$WORK/tf-nf4"),cpu=1GiB" --tokens 64 --svg "$WORK/p.svg" -q
+grep -q '<svg' "$WORK/p.svg"
+grep -q 'cuda:0' "$WORK/p.svg"
+grep -q 'device_slots' "$WORK/p.svg"
+
+# The table on stderr names the reserve items and the offloaded modules' reason.
+"$QTOOL" plan "$WORK/lt" --max-memory "0=$(smallest "$WORK/lt")" --tokens 64 2>"$WORK/table" >/dev/null
+for word in cuda_context cublas_workspace activation_in device_slots "offloaded modules" reason; do
+  grep -q "$word" "$WORK/table" || { echo "FAIL: table lacks '$word'"; cat "$WORK/table"; exit 1; }
+done
+# A tied head is placed with its embedding.
+"$QTOOL" plan "$WORK/lt" --max-memory "0=4GiB" --json -q | python3 -c "
+import json, sys
+p = json.load(sys.stdin)
+c = p['components'][0]
+assert c['tied'] and c['tied'][0]['alias'] == 'lm_head.weight', c['tied']
+assert c['device_map'] == {'': 0}, c['device_map']
+"
+# Usage errors and bad files exit 2 and name the option.
+expect_2() {
+  set +e
+  "$QTOOL" plan "$@" -q 2>"$WORK/err" >/dev/null; local rc=$?
+  set -e
+  [ "$rc" -eq 2 ] || { echo "FAIL: plan $* exited $rc"; exit 1; }
+}
+expect_2 "$WORK/tf" --device-map greedy --max-memory 0=1GiB
+grep -q -- "--device-map" "$WORK/err"
+expect_2 "$WORK/tf" --max-memory 0=12XB
+grep -q -- "--max-memory" "$WORK/err"
+expect_2 "$WORK/tf" --max-memory cpu=1GiB
+expect_2 "$WORK/tf" --max-memory 0=1GiB --offload sideways
+expect_2 "$WORK/tf" --max-memory 0=1GiB --device-profile "$WORK/nope.json"
+expect_2 "$WORK/does-not-exist" --max-memory 0=1GiB
+expect_2 "$WORK/tf" --max-memory 0=1GiB --models-dir "$WORK/nope"
+echo '{"format": "qtool-device-profile", "version": 1, "h2d_pinned_gbps": -1}' > "$WORK/bad-profile.json"
+expect_2 "$WORK/tf" --max-memory 0=1GiB --device-profile "$WORK/bad-profile.json"
+grep -q "h2d_pinned_gbps" "$WORK/err"
+# Without templates the order falls back to the heuristic and says so.
+mkdir "$WORK/empty-models"
+"$QTOOL" plan "$WORK/tf" --max-memory 0=1GiB --models-dir "$WORK/empty-models" 2>"$WORK/table" >/dev/null
+grep -q "heuristic" "$WORK/table"
+# Named device profiles from sample_configs/devices.
+"$QTOOL" plan "$WORK/tf" --max-memory 0=1GiB --device-profile h200 --json -q | python3 -c "
+import json, sys; p = json.load(sys.stdin); assert p['settings']['device_profile'] == 'h200'"
+echo "plan e2e ok"

@@ -1,0 +1,191 @@
+// The runner's dequantization (the element functions its CUDA kernels run) against libquant's CPU
+// reference, bit for bit: every scheme and option, odd sizes, all-zero rows and blocks, and weights
+// whose bytes were overwritten with garbage (NaN codes, NaN and negative scales).
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <cstring>
+#include <random>
+
+#include "qtool/runner/dequant.hpp"
+#include "qtool/runner/cpu_kernels.hpp"
+#include "qtool/runner/error_model.hpp"
+#include "qtool/runner/executor.hpp"
+#include "qtool/runner/kernel_math.hpp"
+#include "qtool/runner/schedule.hpp"
+#include "runner_test_util.hpp"
+
+using namespace qtool;
+using namespace qtool::runner;
+
+namespace {
+
+struct Built {
+  test::TempDir dir{"dq"};
+  std::filesystem::path file;
+};
+
+// Writes one quantized linear per shape into a safetensors file and opens it.
+Component write_linears(const std::filesystem::path& file, const quant::SchemeOptions& so, DType dtype,
+                        const std::vector<std::pair<uint64_t, uint64_t>>& shapes, std::mt19937_64& rng,
+                        bool zero_rows, std::vector<std::vector<uint8_t>>* originals = nullptr) {
+  ThreadPool pool(2);
+  std::vector<quant::OwnedTensor> all;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto [rows, cols] = shapes[i];
+    std::vector<uint8_t> w = test::random_weight(rows, cols, dtype, rng);
+    if (zero_rows && rows > 1) {
+      std::memset(w.data(), 0, cols * dtype_size(dtype));  // an all-zero first row (and its blocks)
+    }
+    if (originals) originals->push_back(w);
+    const std::vector<int64_t> shape = {static_cast<int64_t>(rows), static_cast<int64_t>(cols)};
+    auto t = quant::quantize_weight("l" + std::to_string(i), "l" + std::to_string(i) + ".weight", dtype, shape, w, so, pool);
+    for (auto& x : t) all.push_back(std::move(x));
+  }
+  std::vector<TensorDecl> decls;
+  for (const auto& t : all) decls.push_back(t.decl);
+  {
+    SafetensorsWriter writer(file, decls);
+    for (const auto& t : all) writer.write(t.decl.name, t.bytes);
+    writer.commit();
+  }
+  return Component::open_file(file, "");
+}
+
+void check_equal_to_libquant(const Component& comp, const std::string& what) {
+  CAPTURE(what);
+  const auto linears = quant::find_quantized_linears(comp);
+  REQUIRE(!linears.empty());
+  for (const quant::QuantizedLinear& ql : linears) {
+    CAPTURE(ql.module);
+    const DequantParams p = quantized_params(ql, comp);
+    std::vector<uint16_t> ours(p.numel()), ref(p.numel());
+    dequantize_to_bf16_cpu(p, ours.data(), 0, p.numel());
+    quant::dequantize_rows_bf16(ql, quant::tensor_bytes(ql, comp), ref.data(), 0, static_cast<size_t>(ql.rows()));
+    size_t first_diff = SIZE_MAX;
+    for (size_t i = 0; i < ours.size() && first_diff == SIZE_MAX; ++i)
+      if (ours[i] != ref[i]) first_diff = i;
+    CAPTURE(first_diff);
+    CHECK(first_diff == SIZE_MAX);
+  }
+}
+
+std::vector<quant::SchemeOptions> every_option() {
+  std::vector<quant::SchemeOptions> v;
+  for (const auto& c : test::all_scheme_cases()) {
+    if (c.scheme.empty()) continue;
+    quant::SchemeOptions so;
+    so.scheme = *quant::parse_scheme(c.scheme);
+    so.blocksize = c.blocksize;
+    so.double_quant = c.double_quant;
+    so.per_tensor = c.per_tensor;
+    v.push_back(so);
+  }
+  quant::SchemeOptions fp8_tensor_e5m2;
+  fp8_tensor_e5m2.scheme = quant::Scheme::Fp8E5M2;
+  fp8_tensor_e5m2.per_tensor = true;
+  v.push_back(fp8_tensor_e5m2);
+  quant::SchemeOptions nf4_32;
+  nf4_32.scheme = quant::Scheme::Nf4;
+  nf4_32.blocksize = 32;
+  v.push_back(nf4_32);
+  return v;
+}
+
+const std::vector<std::pair<uint64_t, uint64_t>> kShapes = {{1, 1}, {1, 7}, {3, 5}, {2, 16}, {5, 33}, {7, 64},
+                                                            {17, 31}, {16, 128}, {33, 257}, {64, 300}};
+
+}  // namespace
+
+TEST_CASE("dequantization equals libquant's for every scheme, dtype and odd shape") {
+  const uint64_t seed = 20261122;
+  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  for (const quant::SchemeOptions& so : every_option()) {
+    for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
+      Built b;
+      const Component comp = write_linears(b.dir.path / "w.safetensors", so, dtype, kShapes, rng, true);
+      check_equal_to_libquant(comp, str_cat(quant::scheme_name(so.scheme), " bs ", so.blocksize, " dq ",
+                                            so.double_quant, " pt ", so.per_tensor, " ", dtype_name(dtype)));
+    }
+  }
+}
+
+TEST_CASE("dequantization equals libquant's on garbage bytes: NaN codes, NaN and negative scales") {
+  const uint64_t seed = 77;
+  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  for (const quant::SchemeOptions& so : every_option()) {
+    Built b;
+    Component comp = write_linears(b.dir.path / "w.safetensors", so, DType::BF16, kShapes, rng, false);
+    // Overwrite every weight and scale tensor with random bytes (the quant_state JSON and tables are
+    // left alone, so libquant still reads the layout).
+    const auto linears = quant::find_quantized_linears(comp);
+    std::vector<std::pair<uint64_t, uint64_t>> ranges;  // file offsets to garble
+    for (const auto& ql : linears)
+      for (size_t k = 0; k < ql.tensor_names.size(); ++k)
+        if (ql.tensor_parts[k] == quant::Part::Weight || ql.tensor_parts[k] == quant::Part::Scale ||
+            ql.tensor_parts[k] == quant::Part::NestedAbsmax) {
+          const auto e = comp.find(ql.tensor_names[k]);
+          const SafetensorsFile& f = comp.shard_of(*e);
+          ranges.emplace_back(f.file_offset(comp.info(*e)), comp.info(*e).nbytes());
+        }
+    const auto path = comp.shards()[0].path();
+    {
+      std::vector<uint8_t> bytes(std::filesystem::file_size(path));
+      FILE* fp = std::fopen(path.c_str(), "r+b");
+      REQUIRE(fp);
+      REQUIRE(std::fread(bytes.data(), 1, bytes.size(), fp) == bytes.size());
+      for (const auto& [off, n] : ranges)
+        for (uint64_t i = 0; i < n; ++i) bytes[off + i] = static_cast<uint8_t>(rng());
+      std::fseek(fp, 0, SEEK_SET);
+      REQUIRE(std::fwrite(bytes.data(), 1, bytes.size(), fp) == bytes.size());
+      std::fclose(fp);
+    }
+    comp = Component::open_file(path, "");
+    check_equal_to_libquant(comp, str_cat("garbage ", quant::scheme_name(so.scheme), " dq ", so.double_quant));
+  }
+}
+
+TEST_CASE("the error model predicts the measured error of every scheme and flags corruption") {
+  const uint64_t seed = 31337;
+  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  ThreadPool pool(2);
+  auto backend = make_cpu_backend(2);
+  const uint64_t tokens = 32, rows = 96, cols = 256;
+  for (const quant::SchemeOptions& so : every_option()) {
+    CAPTURE(quant::scheme_name(so.scheme));
+    CAPTURE(so.double_quant);
+    CAPTURE(so.per_tensor);
+    Built b;
+    std::vector<std::vector<uint8_t>> originals;
+    const Component comp = write_linears(b.dir.path / "w.safetensors", so, DType::BF16, {{rows, cols}}, rng, false, &originals);
+    const quant::QuantizedLinear ql = quant::find_quantized_linears(comp).at(0);
+    const DequantParams qp = quantized_params(ql, comp);
+    DequantParams rp;
+    rp.kind = WeightKind::Bf16;
+    rp.rows = rows;
+    rp.cols = cols;
+    rp.weight = originals[0].data();
+    const LayerRun yq = backend->run_layer(qp, tokens, cols, 5, 0);
+    const LayerRun yr = backend->run_layer(rp, tokens, cols, 5, 0);
+    std::vector<uint16_t> x(tokens * cols);
+    cpu::generate_activation(kmath::activation_stream(5), tokens, cols, 0, cols, x.data(), pool);
+    const auto col_var = column_error_variance(qp, WeightKind::Bf16, pool);
+    const ErrorPrediction e = predict_and_measure(yq.y, yr.y, x, cols, tokens, cols, col_var, qp.kind);
+    std::printf("%s%s%s: measured %.4f predicted %.4f\n", std::string(quant::scheme_name(so.scheme)).c_str(),
+                so.double_quant ? " dq" : "", so.per_tensor ? " per-tensor" : "", e.rel_error(), e.predicted_rel());
+    CHECK(e.within());
+    // The model is close, not merely an upper bound.
+    CHECK(e.rel_error() > 0.5 * e.predicted_rel());
+    // One weight byte in ten overwritten: far outside the bound.
+    std::vector<uint8_t> corrupt(qp.weight, qp.weight + part_sizes(qp).bytes[kPartWeight]);
+    for (size_t i = 0; i < corrupt.size(); i += 10) corrupt[i] = static_cast<uint8_t>(corrupt[i] ^ 0x5A);
+    DequantParams cp = qp;
+    cp.weight = corrupt.data();
+    const LayerRun yc = backend->run_layer(cp, tokens, cols, 5, 0);
+    const ErrorPrediction ec = predict_and_measure(yc.y, yr.y, x, cols, tokens, cols, col_var, qp.kind);
+    CHECK_FALSE(ec.within());
+  }
+}
