@@ -47,11 +47,16 @@ int main(int argc, char** argv) {
   int reps = 5;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
-    if (a == "--rows") rows = std::stoll(v);
-    else if (a == "--cols") cols = std::stoll(v);
-    else if (a == "--threads") threads = std::stoul(v);
-    else if (a == "--reps") reps = std::stoi(v);
-    else if (a == "--dtype") dtype = *parse_dtype_cli(v);
+    if (a == "--rows")
+      rows = std::stoll(v);
+    else if (a == "--cols")
+      cols = std::stoll(v);
+    else if (a == "--threads")
+      threads = std::stoul(v);
+    else if (a == "--reps")
+      reps = std::stoi(v);
+    else if (a == "--dtype")
+      dtype = *parse_dtype_cli(v);
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -65,14 +70,16 @@ int main(int argc, char** argv) {
     std::vector<float> row(static_cast<size_t>(cols));
     for (int64_t r = 0; r < rows; ++r) {
       for (auto& x : row) x = nd(rng);
-      convert_from_f32(dtype, row.data(), data.data() + static_cast<uint64_t>(r * cols) * dtype_size(dtype), row.size());
+      convert_from_f32(dtype, row.data(), data.data() + static_cast<uint64_t>(r * cols) * dtype_size(dtype),
+                       row.size());
     }
   }
   ThreadPool pool(threads);
   const std::vector<int64_t> shape{rows, cols};
   const double gb = static_cast<double>(data.size()) / 1e9;
-  std::printf("weight [%lld, %lld] %s (%.1f MiB), %zu threads, SIMD %s, best of %d\n", static_cast<long long>(rows),
-              static_cast<long long>(cols), std::string(dtype_name(dtype)).c_str(), data.size() / 1048576.0, threads,
+  std::printf("weight [%lld, %lld] %s (%.1f MiB), %zu threads, SIMD %s, best of %d\n",
+              static_cast<long long>(rows), static_cast<long long>(cols),
+              std::string(dtype_name(dtype)).c_str(), data.size() / 1048576.0, threads,
               detail::have_simd() ? "AVX2+F16C" : "off", reps);
 
   // Floor: read every byte once across the pool (what `cat` of a cached file costs at least).
@@ -96,12 +103,9 @@ int main(int argc, char** argv) {
     const char* name;
     SchemeOptions options;
   };
-  const Case cases[] = {{"int8", {Scheme::Int8}},
-                        {"fp8_e4m3", {Scheme::Fp8E4M3}},
-                        {"fp8_e5m2", {Scheme::Fp8E5M2}},
-                        {"nf4", {Scheme::Nf4}},
-                        {"nf4 dq", {Scheme::Nf4, 64, true}},
-                        {"fp4", {Scheme::Fp4}}};
+  const Case cases[] = {
+      {"int8", {Scheme::Int8}}, {"fp8_e4m3", {Scheme::Fp8E4M3}},     {"fp8_e5m2", {Scheme::Fp8E5M2}},
+      {"nf4", {Scheme::Nf4}},   {"nf4 dq", {Scheme::Nf4, 64, true}}, {"fp4", {Scheme::Fp4}}};
   std::printf("%-14s %10s %10s %10s %12s\n", "scheme", "fast GB/s", "ref GB/s", "fast/ref", "fast/read");
   for (const auto& c : cases) {
     const auto decls = quantized_decls("m", dtype, shape, c.options);

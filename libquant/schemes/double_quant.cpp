@@ -118,14 +118,16 @@ std::array<Item, 4> multi_row_sum(int64_t size, const Item& zero, Load load, Add
 template <typename Item, typename Load, typename Add>
 Item row_sum(int64_t size, const Item& zero, Load load, Add add) {
   const int64_t size_ilp = size / 4;
-  auto partial = multi_row_sum<Item>(size_ilp, zero, [&](int64_t i, int64_t k) { return load(4 * i + k); }, add);
+  auto partial = multi_row_sum<Item>(
+      size_ilp, zero, [&](int64_t i, int64_t k) { return load(4 * i + k); }, add);
   for (int64_t i = size_ilp * 4; i < size; ++i) add(partial[0], load(i));
   for (int k = 1; k < 4; ++k) add(partial[0], partial[k]);
   return partial[0];
 }
 
 float scalar_row_sum(const float* x, int64_t n) {
-  return row_sum<float>(n, 0.0f, [&](int64_t i) { return x[i]; }, [](float& a, float b) { a += b; });
+  return row_sum<float>(
+      n, 0.0f, [&](int64_t i) { return x[i]; }, [](float& a, float b) { a += b; });
 }
 
 // One contiguous inner reduction (cascade_sum's loop on [x, x + n)).
@@ -147,6 +149,14 @@ float inner_sum(const float* x, int64_t n, int lanes) {
   for (int64_t k = vec_size * lanes; k < n; ++k) final_acc += x[k];
   for (int l = 0; l < lanes; ++l) final_acc += acc.v[static_cast<size_t>(l)];
   return final_acc;
+}
+
+// float -> int32 by truncation as x86's cvttss2si does it (bitsandbytes' binary relies on it):
+// NaN and out-of-range values give INT32_MIN. (A NaN arises when absmax2 is so small that
+// 1 / absmax2 overflows and a zero difference is multiplied by it.)
+int32_t truncate_like_cvttss2si(float x) {
+  if (!(x > -2147483904.0f && x < 2147483648.0f)) return INT32_MIN;
+  return static_cast<int32_t>(x);
 }
 
 }  // namespace
@@ -206,7 +216,7 @@ void dynamic_quantize_blocks(const float* x, uint64_t n, float offset, uint64_t 
       const float v = std::clamp((x[i] - offset) * inv, -1.0f, 1.0f);
       // bitsandbytes' x86 build contracts `(v + 1) * 0.5 * 65535 + 0.5` into one FMA.
       const float idx = std::fma((v + 1.0f) * 0.5f, 65535.0f, 0.5f);
-      q[i] = lut[static_cast<uint16_t>(static_cast<int32_t>(idx))];
+      q[i] = lut[static_cast<uint16_t>(truncate_like_cvttss2si(idx))];
     }
   }
 }

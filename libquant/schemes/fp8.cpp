@@ -35,20 +35,18 @@ QTOOL_AVX2 inline __m256i encode_fp8(__m256 x) {
   const __m256i u = _mm256_castps_si256(x);
   const __m256i sign = _mm256_and_si256(u, _mm256_set1_epi32(INT32_MIN));
   const __m256i a = _mm256_xor_si256(u, sign);
-  constexpr int kManShift = E5M2 ? 21 : 20;                       // 23 - mantissa bits
+  constexpr int kManShift = E5M2 ? 21 : 20;  // 23 - mantissa bits
   constexpr uint32_t kMinNormal = E5M2 ? (113u << 23) : (121u << 23);
   constexpr uint32_t kDenormMask = E5M2 ? (134u << 23) : (141u << 23);
   constexpr uint32_t kRebias = static_cast<uint32_t>(E5M2 ? (15 - 127) : (7 - 127)) << 23;
   constexpr uint32_t kHalfUlp = E5M2 ? 0xFFFFFu : 0x7FFFFu;
   // Subnormal codes: adding 2^(bias + mantissa) rounds to the code's spacing in float32 hardware.
   const __m256 dm = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(kDenormMask)));
-  const __m256i denorm = _mm256_sub_epi32(
-      _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), dm)),
-      _mm256_set1_epi32(static_cast<int32_t>(kDenormMask)));
+  const __m256i denorm = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), dm)),
+                                          _mm256_set1_epi32(static_cast<int32_t>(kDenormMask)));
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(a, kManShift), _mm256_set1_epi32(1));
   const __m256i normal = _mm256_srli_epi32(
-      _mm256_add_epi32(_mm256_add_epi32(a, odd),
-                       _mm256_set1_epi32(static_cast<int32_t>(kRebias + kHalfUlp))),
+      _mm256_add_epi32(_mm256_add_epi32(a, odd), _mm256_set1_epi32(static_cast<int32_t>(kRebias + kHalfUlp))),
       kManShift);
   const __m256i is_denorm = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(kMinNormal)), a);
   const __m256i code = _mm256_blendv_epi8(normal, denorm, is_denorm);
@@ -92,9 +90,9 @@ QTOOL_AVX2 void quant_row_avx2(const uint8_t* src, uint64_t cols, float scale, u
   const __m256 vmax = _mm256_set1_ps(fmt.max);
   uint64_t c = 0;
   for (; c + 32 <= cols; c += 32) {
-    const __m256i packed =
-        simd::pack_u8_32(quant8<D, E5M2>(src, c, vscale, vmax), quant8<D, E5M2>(src, c + 8, vscale, vmax),
-                         quant8<D, E5M2>(src, c + 16, vscale, vmax), quant8<D, E5M2>(src, c + 24, vscale, vmax));
+    const __m256i packed = simd::pack_u8_32(
+        quant8<D, E5M2>(src, c, vscale, vmax), quant8<D, E5M2>(src, c + 8, vscale, vmax),
+        quant8<D, E5M2>(src, c + 16, vscale, vmax), quant8<D, E5M2>(src, c + 24, vscale, vmax));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c), packed);
   }
   for (; c < cols; ++c) {
@@ -114,8 +112,10 @@ QTOOL_AVX2 void fp8_rows_avx2(const uint8_t* data, uint64_t cols, bool e5m2, flo
       scale = fp8_scale(D, absmax_avx2<D>(src, cols), fmt_max);
       store_element(D, scales, r, scale);
     }
-    if (e5m2) quant_row_avx2<D, true>(src, cols, scale, q + r * cols);
-    else quant_row_avx2<D, false>(src, cols, scale, q + r * cols);
+    if (e5m2)
+      quant_row_avx2<D, true>(src, cols, scale, q + r * cols);
+    else
+      quant_row_avx2<D, false>(src, cols, scale, q + r * cols);
   }
 }
 #endif
@@ -223,8 +223,10 @@ void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<c
     store_element(w.dtype, scales, 0, tensor_scale);
   }
   pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
-    if (impl == Impl::Fast) fp8_quantize_rows_fast(w, options.scheme, tensor_scale, b, e, q, scales);
-    else fp8_quantize_rows_ref(w, options.scheme, tensor_scale, b, e, q, scales);
+    if (impl == Impl::Fast)
+      fp8_quantize_rows_fast(w, options.scheme, tensor_scale, b, e, q, scales);
+    else
+      fp8_quantize_rows_ref(w, options.scheme, tensor_scale, b, e, q, scales);
   });
 }
 

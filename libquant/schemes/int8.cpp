@@ -28,8 +28,10 @@ float int8_multiplier(float scb) { return (1.0f / scb) * kInt8Max; }
 template <DType D>
 QTOOL_AVX2 inline __m256 load_h8(const uint8_t* src, uint64_t c) {
   const __m256 x = simd::load8<D>(src + c * simd::elem_size<D>());
-  if constexpr (D == DType::F16) return x;
-  else return simd::round_f16(x);
+  if constexpr (D == DType::F16)
+    return x;
+  else
+    return simd::round_f16(x);
 }
 
 template <DType D>
@@ -147,8 +149,10 @@ void int8_quantize(const WeightView& w, const SchemeOptions&, std::span<const st
   outs[2][0] = 0;  // weight_format: "row"
   const uint64_t min_rows = std::max<uint64_t>(1, (uint64_t{1} << 16) / std::max<uint64_t>(1, w.cols));
   pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
-    if (impl == Impl::Fast) int8_quantize_rows_fast(w, b, e, q, scb);
-    else int8_quantize_rows_ref(w, b, e, q, scb);
+    if (impl == Impl::Fast)
+      int8_quantize_rows_fast(w, b, e, q, scb);
+    else
+      int8_quantize_rows_ref(w, b, e, q, scb);
   });
 }
 

@@ -81,13 +81,17 @@ void quantize_block_ref(const WeightView& w, const Bnb4Table& t, uint32_t blocks
 // serial chain of 15 adds would bound the loop by its latency).
 QTOOL_AVX2 inline __m256i count8(const __m256* thr, __m256 s) {
 #define QTOOL_LT(i) _mm256_castps_si256(_mm256_cmp_ps(thr[i], s, _CMP_LT_OQ))
-  const __m256i a = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(0), QTOOL_LT(1)), _mm256_add_epi32(QTOOL_LT(2), QTOOL_LT(3)));
-  const __m256i b = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(4), QTOOL_LT(5)), _mm256_add_epi32(QTOOL_LT(6), QTOOL_LT(7)));
-  const __m256i c = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(8), QTOOL_LT(9)), _mm256_add_epi32(QTOOL_LT(10), QTOOL_LT(11)));
+  const __m256i a = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(0), QTOOL_LT(1)),
+                                     _mm256_add_epi32(QTOOL_LT(2), QTOOL_LT(3)));
+  const __m256i b = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(4), QTOOL_LT(5)),
+                                     _mm256_add_epi32(QTOOL_LT(6), QTOOL_LT(7)));
+  const __m256i c = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(8), QTOOL_LT(9)),
+                                     _mm256_add_epi32(QTOOL_LT(10), QTOOL_LT(11)));
   const __m256i d = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(12), QTOOL_LT(13)), QTOOL_LT(14));
 #undef QTOOL_LT
   // Each true compare is -1.
-  return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
+  return _mm256_sub_epi32(_mm256_setzero_si256(),
+                          _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
 }
 
 template <DType D>
@@ -100,7 +104,8 @@ QTOOL_AVX2 inline __m256 scaled8(const uint8_t* src, uint64_t i, __m256 vr) {
 // Quantizes the full blocks [block_begin, block_end) (blocksize a multiple of 16).
 template <DType D, bool Fp4>
 QTOOL_AVX2 void full_blocks_avx2(const uint8_t* data, const Bnb4Table& t, uint32_t blocksize,
-                                 uint64_t block_begin, uint64_t block_end, uint8_t* packed, uint8_t* absmax_out) {
+                                 uint64_t block_begin, uint64_t block_end, uint8_t* packed,
+                                 uint8_t* absmax_out) {
   using namespace simd;
   __m256 thr[15];
   for (int i = 0; i < 15; ++i) thr[i] = _mm256_set1_ps(t.thresholds[static_cast<size_t>(i)]);
@@ -135,10 +140,13 @@ QTOOL_AVX2 void full_blocks_avx2(const uint8_t* data, const Bnb4Table& t, uint32
 }
 
 template <DType D>
-QTOOL_AVX2 void full_blocks_dispatch(const uint8_t* data, Scheme scheme, const Bnb4Table& t, uint32_t blocksize,
-                                     uint64_t block_begin, uint64_t block_end, uint8_t* packed, uint8_t* absmax) {
-  if (scheme == Scheme::Fp4) full_blocks_avx2<D, true>(data, t, blocksize, block_begin, block_end, packed, absmax);
-  else full_blocks_avx2<D, false>(data, t, blocksize, block_begin, block_end, packed, absmax);
+QTOOL_AVX2 void full_blocks_dispatch(const uint8_t* data, Scheme scheme, const Bnb4Table& t,
+                                     uint32_t blocksize, uint64_t block_begin, uint64_t block_end,
+                                     uint8_t* packed, uint8_t* absmax) {
+  if (scheme == Scheme::Fp4)
+    full_blocks_avx2<D, true>(data, t, blocksize, block_begin, block_end, packed, absmax);
+  else
+    full_blocks_avx2<D, false>(data, t, blocksize, block_begin, block_end, packed, absmax);
 }
 #endif
 
@@ -166,13 +174,16 @@ void bnb4_quantize_blocks_fast(const WeightView& w, Scheme scheme, uint32_t bloc
     if (block_begin < full_end) {
       switch (w.dtype) {
         case DType::BF16:
-          full_blocks_dispatch<DType::BF16>(w.data, scheme, t, blocksize, block_begin, full_end, packed, absmax);
+          full_blocks_dispatch<DType::BF16>(w.data, scheme, t, blocksize, block_begin, full_end, packed,
+                                            absmax);
           break;
         case DType::F16:
-          full_blocks_dispatch<DType::F16>(w.data, scheme, t, blocksize, block_begin, full_end, packed, absmax);
+          full_blocks_dispatch<DType::F16>(w.data, scheme, t, blocksize, block_begin, full_end, packed,
+                                           absmax);
           break;
         default:
-          full_blocks_dispatch<DType::F32>(w.data, scheme, t, blocksize, block_begin, full_end, packed, absmax);
+          full_blocks_dispatch<DType::F32>(w.data, scheme, t, blocksize, block_begin, full_end, packed,
+                                           absmax);
           break;
       }
     }
@@ -195,24 +206,24 @@ void bnb4_dequantize_range(const uint8_t* packed, const float* code, const float
 
 std::string quant_state_json(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options,
                              float nested_offset) {
-  std::string json = str_cat("{\"quant_type\": \"", scheme_name(options.scheme), "\", \"blocksize\": ",
-                             options.blocksize, ", \"dtype\": \"", dtype_torch_name(dtype), "\", \"shape\": [",
-                             rows, ", ", cols, "]");
+  std::string json =
+      str_cat("{\"quant_type\": \"", scheme_name(options.scheme), "\", \"blocksize\": ", options.blocksize,
+              ", \"dtype\": \"", dtype_torch_name(dtype), "\", \"shape\": [", rows, ", ", cols, "]");
   if (options.double_quant) {
     // %.8e: 9 significant digits (float32 round-trips) in a fixed number of characters.
     char offset[32];
     std::snprintf(offset, sizeof offset, "%.8e", static_cast<double>(nested_offset));
     constexpr size_t kOffsetWidth = sizeof("-0.00000000e+000") - 1;
-    json += str_cat(", \"nested_blocksize\": ", kNestedBlocksize, ", \"nested_dtype\": \"float32\", \"nested_offset\": ",
-                    offset);
+    json += str_cat(", \"nested_blocksize\": ", kNestedBlocksize,
+                    ", \"nested_dtype\": \"float32\", \"nested_offset\": ", offset);
     json.append(kOffsetWidth - std::min(kOffsetWidth, std::strlen(offset)), ' ');
   }
   json += "}";
   return json;
 }
 
-void bnb4_quantize(const WeightView& w, const SchemeOptions& options, std::span<const std::span<uint8_t>> outs,
-                   ThreadPool& pool, Impl impl) {
+void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl) {
   const uint64_t n = w.numel();
   const uint64_t n_blocks = (n + options.blocksize - 1) / options.blocksize;
   uint8_t* packed = outs[0].data();
@@ -224,8 +235,10 @@ void bnb4_quantize(const WeightView& w, const SchemeOptions& options, std::span<
   }
   const uint64_t min_blocks = std::max<uint64_t>(1, (uint64_t{1} << 16) / options.blocksize);
   pool.parallel_for(n_blocks, min_blocks, [&](size_t b, size_t e) {
-    if (impl == Impl::Fast) bnb4_quantize_blocks_fast(w, options.scheme, options.blocksize, b, e, packed, absmax);
-    else bnb4_quantize_blocks_ref(w, options.scheme, options.blocksize, b, e, packed, absmax);
+    if (impl == Impl::Fast)
+      bnb4_quantize_blocks_fast(w, options.scheme, options.blocksize, b, e, packed, absmax);
+    else
+      bnb4_quantize_blocks_ref(w, options.scheme, options.blocksize, b, e, packed, absmax);
   });
   const Bnb4Table& t = bnb4_table(options.scheme);
   std::memcpy(outs[2].data(), t.code.data(), sizeof(float) * 16);
@@ -233,7 +246,8 @@ void bnb4_quantize(const WeightView& w, const SchemeOptions& options, std::span<
   if (options.double_quant) {
     offset = torch_mean_f32(absmax_f32.data(), n_blocks);
     if (!std::isfinite(offset))
-      fail(ErrorKind::InvalidInput, "the mean of the block absmax overflows float32; double quant cannot encode it");
+      fail(ErrorKind::InvalidInput,
+           "the mean of the block absmax overflows float32; double quant cannot encode it");
     const uint64_t n_blocks2 = (n_blocks + kNestedBlocksize - 1) / kNestedBlocksize;
     pool.parallel_for(n_blocks2, 64, [&](size_t b, size_t e) {
       dynamic_quantize_blocks(absmax_f32.data(), n_blocks, offset, b, e, outs[1].data(), outs[3].data());

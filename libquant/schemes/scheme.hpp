@@ -107,8 +107,8 @@ void int8_dequantize_rows(const uint8_t* q, const uint8_t* scb, uint64_t cols, u
 
 // --- fp8 (schemes/fp8.cpp) --------------------------------------------------------------------
 struct Fp8Format {
-  float max;                  // 448 (e4m3fn) or 57344 (e5m2)
-  uint8_t (*encode)(float);   // RNE, finite inputs within +-max
+  float max;                 // 448 (e4m3fn) or 57344 (e5m2)
+  uint8_t (*encode)(float);  // RNE, finite inputs within +-max
   float (*decode)(uint8_t);
 };
 const Fp8Format& fp8_format(Scheme scheme);
@@ -130,22 +130,22 @@ void fp8_dequantize_rows(Scheme scheme, const uint8_t* q, const uint8_t* scales,
 
 // --- nf4 / fp4 (schemes/nf4.cpp) ----------------------------------------------------------------
 struct Bnb4Table {
-  std::array<float, 16> code;         // value per 4-bit pattern (the quant_map)
-  std::array<float, 15> thresholds;   // midpoints of the sorted values (float32)
-  std::array<uint8_t, 16> pattern_of; // sorted index -> 4-bit pattern
+  std::array<float, 16> code;          // value per 4-bit pattern (the quant_map)
+  std::array<float, 15> thresholds;    // midpoints of the sorted values (float32)
+  std::array<uint8_t, 16> pattern_of;  // sorted index -> 4-bit pattern
 };
 const Bnb4Table& bnb4_table(Scheme scheme);
 // Flattened blocks [block_begin, block_end) of `blocksize` elements (the last may be short):
 // packed is U8 [(n+1)/2] (high nibble first, odd n padded with the code of 0.0), absmax F32
 // [n_blocks] (bytes, full tensors).
-void bnb4_quantize_blocks_ref(const WeightView& w, Scheme scheme, uint32_t blocksize,
-                              uint64_t block_begin, uint64_t block_end, uint8_t* packed, uint8_t* absmax);
-void bnb4_quantize_blocks_fast(const WeightView& w, Scheme scheme, uint32_t blocksize,
-                               uint64_t block_begin, uint64_t block_end, uint8_t* packed, uint8_t* absmax);
+void bnb4_quantize_blocks_ref(const WeightView& w, Scheme scheme, uint32_t blocksize, uint64_t block_begin,
+                              uint64_t block_end, uint8_t* packed, uint8_t* absmax);
+void bnb4_quantize_blocks_fast(const WeightView& w, Scheme scheme, uint32_t blocksize, uint64_t block_begin,
+                               uint64_t block_end, uint8_t* packed, uint8_t* absmax);
 // Elements [begin, end) of the flattened weight: out[i - begin] = code[q_i] * absmax[i / blocksize].
 // `code` is the 16-entry quant_map; `absmax` float32 of every block (decoded).
-void bnb4_dequantize_range(const uint8_t* packed, const float* code, const float* absmax,
-                           uint32_t blocksize, uint64_t begin, uint64_t end, float* out);
+void bnb4_dequantize_range(const uint8_t* packed, const float* code, const float* absmax, uint32_t blocksize,
+                           uint64_t begin, uint64_t end, float* out);
 
 // --- double quant of absmax (schemes/double_quant.cpp) ------------------------------------------
 // torch.mean of a contiguous float32 CPU tensor, reproduced bit for bit: torch's cascade sum
@@ -185,8 +185,8 @@ const SchemeEntry& scheme_entry(Scheme scheme);
 // The whole-tensor drivers of each scheme (used by the table).
 void int8_quantize(const WeightView& w, const SchemeOptions& options,
                    std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
-void fp8_quantize(const WeightView& w, const SchemeOptions& options,
-                  std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<const std::span<uint8_t>> outs,
+                  ThreadPool& pool, Impl impl);
 void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
                    std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
 void int8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,

@@ -64,9 +64,12 @@ QTOOL_AVX2 inline __m256 round_bf16(__m256 x) {
 
 template <DType D>
 QTOOL_AVX2 inline __m256 round_to(__m256 x) {
-  if constexpr (D == DType::BF16) return round_bf16(x);
-  else if constexpr (D == DType::F16) return round_f16(x);
-  else return x;
+  if constexpr (D == DType::BF16)
+    return round_bf16(x);
+  else if constexpr (D == DType::F16)
+    return round_f16(x);
+  else
+    return x;
 }
 
 // 32 lanes of 0..255 in four epi32 vectors -> 32 bytes in order.

@@ -659,7 +659,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         groups.push_back({TensorDecl{t.name, t.dtype, t.shape}});
       }
     }
-    // The declared group sizes, kept to check what is written against them.
+    // `groups` moves into the writer; the conversion keeps the names and sizes.
     std::vector<std::vector<TensorDecl>> decls = groups;
 
     std::map<std::string, std::string> provenance = {
@@ -697,10 +697,10 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       tr.bytes_in = t.nbytes();
       if (!quantize[i]) {
         const std::string* name = &t.name;
-        for_pieces(data.size(), kCopyChunk, [&](uint64_t b, uint64_t e) {
-          writes.submit(copies, [&sink, &advance, name, data, b, e] {
-            const auto piece = data.subspan(b, e - b);
-            sink.write(*name, piece, b);
+        for_pieces(data.size(), kCopyChunk, [&](uint64_t begin, uint64_t end) {
+          writes.submit(copies, [&sink, &advance, name, data, begin, end] {
+            const auto piece = data.subspan(begin, end - begin);
+            sink.write(*name, piece, begin);
             release_pages(piece);
             advance(piece.size(), *name);
           });
@@ -732,10 +732,11 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         release_pages(data);
         for (const auto& o : outs) tr.bytes_out += o.size();
         for (size_t k = 0; k < group.size(); ++k) {
-          for_pieces(outs[k].size(), kWritePiece, [&](uint64_t b, uint64_t e) {
-            writes.submit(scratch_batch[buffer], [&sink, name = &group[k].name, piece = outs[k].subspan(b, e - b), b] {
-              sink.write(*name, piece, b);
-            });
+          for_pieces(outs[k].size(), kWritePiece, [&](uint64_t begin, uint64_t end) {
+            writes.submit(scratch_batch[buffer],
+                          [&sink, name = &group[k].name, piece = outs[k].subspan(begin, end - begin), begin] {
+                            sink.write(*name, piece, begin);
+                          });
           });
         }
         advance(t.nbytes(), t.name);

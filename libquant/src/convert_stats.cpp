@@ -204,24 +204,27 @@ struct Int8Dec {
   }
 };
 
-// fp8 codes decoded by moving their exponent and mantissa into a float32's and scaling by
-// 2^(127 - bias), which also turns their subnormals into the right values. Exact for every finite
-// code; the quantizers clamp, so NaN and Inf codes are never written.
+// fp8 codes decoded through float16: e5m2 is the high byte of a float16; e4m3 moves its exponent
+// and mantissa three bits down, which reads as a float16 2^8 times too small (subnormals
+// included), and the scale carries the 2^8. Exact for every finite code (the quantizers clamp, so
+// NaN and Inf codes are never written), and the product rounds once, as table[q] * s does.
 struct Fp8Dec {
   const uint8_t* q;
-  __m256 s;
-  __m256 rescale;  // 2^120 (e4m3) or 2^112 (e5m2)
-  int shift;       // 20 (e4m3) or 21 (e5m2)
+  __m256 s;   // the row's scale, times 2^8 for e4m3
+  bool e4m3;
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
-    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
-    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
-    const __m256i mag = _mm256_sll_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7F)), _mm_cvtsi32_si128(shift));
-    const __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(mag), rescale);
-    return _mm256_mul_ps(_mm256_or_ps(f, _mm256_castsi256_ps(sign)), s);
+    const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+    __m128i h;
+    if (e4m3) {
+      h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8),
+                       _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7F)), 7));
+    } else {
+      h = _mm_slli_epi16(v, 8);
+    }
+    return _mm256_mul_ps(_mm256_cvtph_ps(h), s);
   }
 };
 
-// Element i + k of a group of 8 (i a multiple of 8) sits in byte i/2 + k/2, high nibble first.
 struct Bnb4Dec {
   __m256 code_lo, code_hi;  // code[0..7], code[8..15]
   const uint8_t* packed;
@@ -261,14 +264,12 @@ template <DType D>
 QTOOL_STATS_TARGET void fp8_avx2(Scheme scheme, const float* table, const uint8_t* q, const uint8_t* scales,
                                  bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1, ErrorSums& sums) {
   const bool e4m3 = scheme == Scheme::Fp8E4M3;
-  const __m256 rescale = _mm256_set1_ps(e4m3 ? 0x1p120f : 0x1p112f);
-  const int shift = e4m3 ? 20 : 21;
   ScalarAcc tail(sums);
   const size_t n8 = cols & ~size_t{7};
   for (size_t r = r0; r < r1; ++r) {
     const float s = load_original(D, scales, per_tensor ? 0 : r);
     const size_t base = r * cols;
-    run8<D>(w, base, n8, Fp8Dec{q, _mm256_set1_ps(s), rescale, shift}, sums);
+    run8<D>(w, base, n8, Fp8Dec{q, _mm256_set1_ps(e4m3 ? s * 0x1p8f : s), e4m3}, sums);
     for (size_t c = n8; c < cols; ++c) {
       const size_t i = base + c;
       tail.add(load_original(D, w, i), table[q[i]] * s);

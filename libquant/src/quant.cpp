@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstring>
 #include <map>
-
 #include <nlohmann/json.hpp>
 
 #include "scheme.hpp"
@@ -41,7 +40,8 @@ std::string shape_str(std::span<const int64_t> shape) {
 }
 
 // Checks a weight's dtype and shape; returns (rows, cols).
-std::pair<uint64_t, uint64_t> check_weight(std::string_view what, DType dtype, std::span<const int64_t> shape) {
+std::pair<uint64_t, uint64_t> check_weight(std::string_view what, DType dtype,
+                                           std::span<const int64_t> shape) {
   if (!is_quantizable_dtype(dtype))
     fail(ErrorKind::Unsupported, what, ": dtype ", dtype_name(dtype),
          " cannot be quantized (expected BF16, F16 or F32)");
@@ -64,8 +64,8 @@ size_t quant_state_size(DType dtype, uint64_t rows, uint64_t cols, const SchemeO
     const float v = detail::load_element(w.dtype, w.data, i);
     const uint64_t r = i / w.cols, c = i % w.cols;
     if (std::isnan(v))
-      fail(ErrorKind::InvalidInput, label, ": element (", r, ", ", c, ") is NaN; ", scheme_name(options.scheme),
-           " cannot quantize it");
+      fail(ErrorKind::InvalidInput, label, ": element (", r, ", ", c, ") is NaN; ",
+           scheme_name(options.scheme), " cannot quantize it");
     if (std::isinf(v))
       fail(ErrorKind::InvalidInput, label, ": element (", r, ", ", c, ") is ", v < 0 ? "-Inf" : "Inf", "; ",
            scheme_name(options.scheme), " cannot quantize it");
@@ -104,13 +104,16 @@ void validate_options(const SchemeOptions& options, std::string_view where) {
       fail(ErrorKind::InvalidInput, at, "blocksize ", bs, " is not allowed for ", scheme_name(options.scheme),
            " (expected a power of two from ", kMinBlocksize, " to ", kMaxBlocksize, ")");
   } else if (options.double_quant) {
-    fail(ErrorKind::InvalidInput, at, "double_quant applies to nf4 and fp4 only, not to ", scheme_name(options.scheme));
+    fail(ErrorKind::InvalidInput, at, "double_quant applies to nf4 and fp4 only, not to ",
+         scheme_name(options.scheme));
   }
   if (options.per_tensor && !is_fp8(options.scheme))
     fail(ErrorKind::InvalidInput, at, "per_tensor applies to fp8 only, not to ", scheme_name(options.scheme));
 }
 
-bool is_quantizable_dtype(DType dtype) { return dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F32; }
+bool is_quantizable_dtype(DType dtype) {
+  return dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F32;
+}
 
 std::string_view part_name(Part part) {
   switch (part) {
@@ -129,7 +132,8 @@ std::vector<Part> scheme_parts(const SchemeOptions& options) {
   if (options.scheme == Scheme::Int8) return {Part::Weight, Part::Scale, Part::WeightFormat};
   if (is_fp8(options.scheme)) return {Part::Weight, Part::Scale};
   if (options.double_quant)
-    return {Part::Weight, Part::Scale, Part::QuantMap, Part::NestedAbsmax, Part::NestedQuantMap, Part::QuantState};
+    return {Part::Weight,       Part::Scale,          Part::QuantMap,
+            Part::NestedAbsmax, Part::NestedQuantMap, Part::QuantState};
   return {Part::Weight, Part::Scale, Part::QuantMap, Part::QuantState};
 }
 
@@ -148,22 +152,27 @@ std::vector<TensorDecl> quantized_decls(std::string_view module, DType dtype, st
   } else if (is_fp8(options.scheme)) {
     const DType q = options.scheme == Scheme::Fp8E5M2 ? DType::F8_E5M2 : DType::F8_E4M3;
     decls.push_back({join_name(module, "weight"), q, {out, in}});
-    if (options.per_tensor) decls.push_back({join_name(module, "weight_scale"), dtype, {1}});
-    else decls.push_back({join_name(module, "weight_scale"), dtype, {out, 1}});
+    if (options.per_tensor)
+      decls.push_back({join_name(module, "weight_scale"), dtype, {1}});
+    else
+      decls.push_back({join_name(module, "weight_scale"), dtype, {out, 1}});
   } else {
     const uint64_t n = rows * cols;
     const auto n_blocks = static_cast<int64_t>(ceil_div(n, options.blocksize));
     decls.push_back({join_name(module, "weight"), DType::U8, {static_cast<int64_t>((n + 1) / 2), 1}});
-    decls.push_back({join_name(module, "weight.absmax"), options.double_quant ? DType::U8 : DType::F32, {n_blocks}});
+    decls.push_back(
+        {join_name(module, "weight.absmax"), options.double_quant ? DType::U8 : DType::F32, {n_blocks}});
     decls.push_back({join_name(module, "weight.quant_map"), DType::F32, {16}});
     if (options.double_quant) {
-      decls.push_back({join_name(module, "weight.nested_absmax"), DType::F32,
+      decls.push_back({join_name(module, "weight.nested_absmax"),
+                       DType::F32,
                        {static_cast<int64_t>(ceil_div(static_cast<uint64_t>(n_blocks), kNestedBlocksize))}});
       decls.push_back({join_name(module, "weight.nested_quant_map"), DType::F32, {256}});
     }
-    decls.push_back({join_name(module, str_cat("weight.quant_state.bitsandbytes__", scheme_name(options.scheme))),
-                     DType::U8,
-                     {static_cast<int64_t>(quant_state_size(dtype, rows, cols, options))}});
+    decls.push_back(
+        {join_name(module, str_cat("weight.quant_state.bitsandbytes__", scheme_name(options.scheme))),
+         DType::U8,
+         {static_cast<int64_t>(quant_state_size(dtype, rows, cols, options))}});
   }
   return decls;
 }
@@ -185,14 +194,14 @@ void quantize_weight_impl(std::string_view tensor_label, DType dtype, std::span<
   const auto [rows, cols] = check_weight(tensor_label, dtype, shape);
   const uint64_t expect = rows * cols * dtype_size(dtype);
   if (data.size() != expect)
-    fail(ErrorKind::InvalidInput, tensor_label, ": ", data.size(), " bytes of data for shape ", shape_str(shape),
-         " ", dtype_name(dtype), " (expected ", expect, ")");
+    fail(ErrorKind::InvalidInput, tensor_label, ": ", data.size(), " bytes of data for shape ",
+         shape_str(shape), " ", dtype_name(dtype), " (expected ", expect, ")");
   const auto decls = quantized_decls("m", dtype, shape, options);
   QTOOL_ASSERT_MSG(outs.size() == decls.size(), "quantize_weight: ", outs.size(), " output buffers for ",
                    decls.size(), " tensors");
   for (size_t i = 0; i < decls.size(); ++i)
-    QTOOL_ASSERT_MSG(outs[i].size() == decls[i].nbytes(), "quantize_weight: output ", i, " has ", outs[i].size(),
-                     " bytes, expected ", decls[i].nbytes());
+    QTOOL_ASSERT_MSG(outs[i].size() == decls[i].nbytes(), "quantize_weight: output ", i, " has ",
+                     outs[i].size(), " bytes, expected ", decls[i].nbytes());
   const WeightView w{dtype, data.data(), rows, cols};
   try {
     scheme_entry(options.scheme).quantize(w, options, outs, pool, impl);
@@ -238,12 +247,13 @@ std::string module_of_tensor(std::string_view name) {
   // Quant-state suffixes that contain dots come first, with or without a module before them.
   auto strip = [&](std::string_view suffix) -> std::optional<std::string> {
     if (name == suffix) return std::string();
-    if (name.size() > suffix.size() && ends_with(name, suffix) && name[name.size() - suffix.size() - 1] == '.')
+    if (name.size() > suffix.size() && ends_with(name, suffix) &&
+        name[name.size() - suffix.size() - 1] == '.')
       return std::string(name.substr(0, name.size() - suffix.size() - 1));
     return std::nullopt;
   };
-  static constexpr std::string_view kStateSuffixes[] = {"weight.absmax", "weight.quant_map", "weight.nested_absmax",
-                                                        "weight.nested_quant_map"};
+  static constexpr std::string_view kStateSuffixes[] = {"weight.absmax", "weight.quant_map",
+                                                        "weight.nested_absmax", "weight.nested_quant_map"};
   for (std::string_view s : kStateSuffixes)
     if (auto m = strip(s)) return *m;
   constexpr std::string_view kState = "weight.quant_state.bitsandbytes__";
@@ -288,7 +298,8 @@ struct Finder {
     const TensorInfo& st = comp.info(state_entry);
     const std::string module = module_of_tensor(st.name);
     if (st.dtype != DType::U8)
-      fail(ErrorKind::InvalidInput, where(state_entry), ": dtype ", dtype_name(st.dtype), ", expected U8 JSON bytes");
+      fail(ErrorKind::InvalidInput, where(state_entry), ": dtype ", dtype_name(st.dtype),
+           ", expected U8 JSON bytes");
     const auto bytes = comp.data(state_entry);
     nlohmann::json j;
     try {
@@ -322,19 +333,25 @@ struct Finder {
     }
     const auto& dt = get("dtype");
     const std::string dts = dt.is_string() ? dt.get<std::string>() : "";
-    if (dts == "bfloat16") q.orig_dtype = DType::BF16;
-    else if (dts == "float16") q.orig_dtype = DType::F16;
-    else if (dts == "float32") q.orig_dtype = DType::F32;
-    else bad("dtype", str_cat("= '", dts, "' is not bfloat16, float16 or float32"));
+    if (dts == "bfloat16")
+      q.orig_dtype = DType::BF16;
+    else if (dts == "float16")
+      q.orig_dtype = DType::F16;
+    else if (dts == "float32")
+      q.orig_dtype = DType::F32;
+    else
+      bad("dtype", str_cat("= '", dts, "' is not bfloat16, float16 or float32"));
     const auto& shape = get("shape");
-    if (!shape.is_array() || shape.size() != 2 || !shape[0].is_number_unsigned() || !shape[1].is_number_unsigned())
+    if (!shape.is_array() || shape.size() != 2 || !shape[0].is_number_unsigned() ||
+        !shape[1].is_number_unsigned())
       bad("shape", "is not a 2-D shape [out, in]");
     q.shape = {shape[0].get<int64_t>(), shape[1].get<int64_t>()};
     if (q.shape[0] <= 0 || q.shape[1] <= 0) bad("shape", "is empty");
     if (j.contains("nested_absmax") || j.contains("nested_offset") || j.contains("nested_blocksize")) {
       q.options.double_quant = true;
       const auto& nb = get("nested_blocksize");
-      if (!nb.is_number_unsigned() || nb.get<uint64_t>() != kNestedBlocksize) bad("nested_blocksize", "is not 256");
+      if (!nb.is_number_unsigned() || nb.get<uint64_t>() != kNestedBlocksize)
+        bad("nested_blocksize", "is not 256");
       const auto& nd = get("nested_dtype");
       if (!nd.is_string() || nd.get<std::string>() != "float32") bad("nested_dtype", "is not \"float32\"");
       const auto& off = get("nested_offset");
@@ -409,8 +426,9 @@ struct Finder {
     const TensorInfo& si = comp.info(scale_entry);
     const std::string module = module_of_tensor(si.name);
     const auto w = comp.find(join_name(module, "weight"));
-    if (!w) fail(ErrorKind::InvalidInput, where_missing(join_name(module, "weight"), scale_entry),
-                 " is missing (the weight of this weight_scale)");
+    if (!w)
+      fail(ErrorKind::InvalidInput, where_missing(join_name(module, "weight"), scale_entry),
+           " is missing (the weight of this weight_scale)");
     const TensorInfo& wi = comp.info(*w);
     if (wi.dtype != DType::F8_E4M3 && wi.dtype != DType::F8_E5M2) return std::nullopt;  // not an fp8 weight
     if (wi.shape.size() != 2) fail(ErrorKind::InvalidInput, where(*w), ": shape is not 2-D [out, in]");
@@ -430,7 +448,8 @@ struct Finder {
       q.options.per_tensor = true;
     } else {
       fail(ErrorKind::Unsupported, where(scale_entry), ": shape ", shape_str(si.shape),
-           " is neither per channel [", out, ", 1] nor per tensor [1] (group and block scales are not supported)");
+           " is neither per channel [", out,
+           ", 1] nor per tensor [1] (group and block scales are not supported)");
     }
     q.tensor_names = {wi.name, si.name};
     q.tensor_parts = {Part::Weight, Part::Scale};
@@ -445,13 +464,15 @@ std::vector<QuantizedLinear> find_quantized_linears(const Component& component) 
   std::map<std::string, QuantizedLinear> found;
   auto add = [&](QuantizedLinear q, Component::Entry e) {
     if (found.count(q.module))
-      fail(ErrorKind::InvalidInput, f.where(e), ": module '", q.module, "' has quant state of more than one scheme");
+      fail(ErrorKind::InvalidInput, f.where(e), ": module '", q.module,
+           "' has quant state of more than one scheme");
     found.emplace(q.module, std::move(q));
   };
   for (const auto e : component.entries()) {
     const std::string& name = component.info(e).name;
     if (const size_t p = name.rfind(kQuantStatePrefix);
-        p != std::string::npos && (p == 0 || name[p - 1] == '.') && name.find('.', p + kQuantStatePrefix.size()) == std::string::npos) {
+        p != std::string::npos && (p == 0 || name[p - 1] == '.') &&
+        name.find('.', p + kQuantStatePrefix.size()) == std::string::npos) {
       const std::string type = name.substr(p + kQuantStatePrefix.size());
       if (type != "nf4" && type != "fp4")
         fail(ErrorKind::Unsupported, f.where(e), ": quant type '", type, "' is not supported (nf4, fp4)");
@@ -466,15 +487,15 @@ std::vector<QuantizedLinear> find_quantized_linears(const Component& component) 
   for (const auto e : component.entries()) {
     const std::string& name = component.info(e).name;
     if (ends_with(name, ".weight.absmax") && !found.count(module_of_tensor(name)))
-      fail(ErrorKind::InvalidInput, f.where(e), ": 4-bit absmax without a weight.quant_state.bitsandbytes__nf4/fp4");
+      fail(ErrorKind::InvalidInput, f.where(e),
+           ": 4-bit absmax without a weight.quant_state.bitsandbytes__nf4/fp4");
   }
   std::vector<QuantizedLinear> result;
   for (auto& [_, q] : found) result.push_back(std::move(q));
   return result;
 }
 
-TensorBytes tensor_bytes(const QuantizedLinear& linear,
-                         std::span<const std::span<const uint8_t>> parts) {
+TensorBytes tensor_bytes(const QuantizedLinear& linear, std::span<const std::span<const uint8_t>> parts) {
   QTOOL_ASSERT_MSG(parts.size() == linear.tensor_names.size(), "tensor_bytes: ", parts.size(), " spans for ",
                    linear.tensor_names.size(), " tensors of ", linear.module);
   TensorBytes b;
@@ -496,7 +517,8 @@ TensorBytes tensor_bytes(const QuantizedLinear& linear, const Component& compone
   std::vector<std::span<const uint8_t>> parts;
   for (const auto& name : linear.tensor_names) {
     const auto e = component.find(name);
-    if (!e) fail(ErrorKind::InvalidInput, "component '", component.name(), "': tensor '", name, "' is missing");
+    if (!e)
+      fail(ErrorKind::InvalidInput, "component '", component.name(), "': tensor '", name, "' is missing");
     parts.push_back(component.data(*e));
   }
   return tensor_bytes(linear, parts);
@@ -510,8 +532,8 @@ void check_tensor_bytes(const QuantizedLinear& linear, const TensorBytes& parts)
       if (roles[i] != part) continue;
       if (optional && bytes.empty()) return;
       if (bytes.size() != decls[i].nbytes())
-        fail(ErrorKind::InvalidInput, "module '", linear.module, "': ", part_name(part), " has ", bytes.size(),
-             " bytes, expected ", decls[i].nbytes());
+        fail(ErrorKind::InvalidInput, "module '", linear.module, "': ", part_name(part), " has ",
+             bytes.size(), " bytes, expected ", decls[i].nbytes());
       return;
     }
   };
@@ -532,16 +554,18 @@ void decode_absmax(const QuantizedLinear& linear, const TensorBytes& parts, floa
     return;
   }
   std::array<float, 256> map = detail::dynamic_map_table();
-  if (!parts.nested_quant_map.empty()) std::memcpy(map.data(), parts.nested_quant_map.data(), sizeof(float) * 256);
-  const uint64_t b2_begin = block_begin / kNestedBlocksize, b2_end = (block_end + kNestedBlocksize - 1) / kNestedBlocksize;
+  if (!parts.nested_quant_map.empty())
+    std::memcpy(map.data(), parts.nested_quant_map.data(), sizeof(float) * 256);
+  const uint64_t b2_begin = block_begin / kNestedBlocksize,
+                 b2_end = (block_end + kNestedBlocksize - 1) / kNestedBlocksize;
   std::vector<float> nested(b2_end);
   std::memcpy(nested.data() + b2_begin, parts.nested_absmax.data() + 4 * b2_begin, 4 * (b2_end - b2_begin));
   detail::dynamic_dequantize(parts.scale.data(), map.data(), nested.data(), linear.nested_offset, block_begin,
                              block_end, out);
 }
 
-void dequantize_rows_f32(const QuantizedLinear& linear, const TensorBytes& parts, float* out, size_t row_begin,
-                         size_t row_end) {
+void dequantize_rows_f32(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
+                         size_t row_begin, size_t row_end) {
   QTOOL_ASSERT(row_begin <= row_end && row_end <= static_cast<size_t>(linear.rows()));
   detail::scheme_entry(linear.options.scheme).dequantize_rows(linear, parts, out, row_begin, row_end);
 }
@@ -565,7 +589,8 @@ void dequantize_rows_bf16(const QuantizedLinear& linear, const TensorBytes& part
   }
 }
 
-void dequantize_weight(const QuantizedLinear& linear, const TensorBytes& parts, float* out, ThreadPool& pool) {
+void dequantize_weight(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
+                       ThreadPool& pool) {
   check_tensor_bytes(linear, parts);
   const auto rows = static_cast<size_t>(linear.rows()), cols = static_cast<size_t>(linear.cols());
   const size_t min_rows = std::max<size_t>(1, (size_t{1} << 16) / std::max<size_t>(1, cols));
@@ -573,7 +598,8 @@ void dequantize_weight(const QuantizedLinear& linear, const TensorBytes& parts, 
                     [&](size_t b, size_t e) { dequantize_rows_f32(linear, parts, out + b * cols, b, e); });
 }
 
-void dequantize_weight(const QuantizedLinear& linear, const Component& component, float* out, ThreadPool& pool) {
+void dequantize_weight(const QuantizedLinear& linear, const Component& component, float* out,
+                       ThreadPool& pool) {
   dequantize_weight(linear, tensor_bytes(linear, component), out, pool);
 }
 

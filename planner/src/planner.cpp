@@ -271,6 +271,9 @@ struct Candidate {
   OffloadMode mode = OffloadMode::Block;  // Block or Leaf; meaningless when m == 0
   uint32_t n = 1;                         // units per group (block mode)
   uint32_t k = 0;                         // slots per streaming GPU
+  // -1: each GPU streams the offloaded units that fall in its part of the order; p >= 0: only GPU
+  // position p streams (holds slots) and runs every offloaded unit, the others hold no slots.
+  int32_t stream = -1;
 };
 
 struct GroupDraft {
@@ -789,10 +792,14 @@ Outcome Planner::place(const Candidate& c, size_t m) const {
     }
   }
   const uint64_t slots = m ? round_up(static_cast<uint64_t>(c.k) * slot, gran) : 0;
+  auto slots_on = [&](size_t pos) { return c.stream < 0 || static_cast<size_t>(c.stream) == pos ? slots : 0; };
   std::vector<uint64_t> cap(ngpu, 0);
   for (size_t pos = 0; pos < ngpu; ++pos) {
-    const uint64_t need = fixed_[pos] + slots;
+    const uint64_t need = fixed_[pos] + slots_on(pos);
     cap[pos] = gpu_budget_[pos] > need ? (gpu_budget_[pos] - need) / gran * gran : 0;
+  }
+  if (m && c.stream >= 0 && gpu_budget_[static_cast<size_t>(c.stream)] < fixed_[static_cast<size_t>(c.stream)] + slots) {
+    return o;
   }
   std::vector<uint32_t> seq;
   for (uint32_t id = 0; id < units_.size(); ++id) {
@@ -805,7 +812,7 @@ Outcome Planner::place(const Candidate& c, size_t m) const {
   // Where offloaded units run: the GPU of the previous resident unit (else the next one, else the
   // first GPU that can hold the reserve and the slots).
   o.exec_of.assign(units_.size(), -1);
-  int32_t fallback = -1;
+  int32_t fallback = c.stream;
   for (size_t pos = 0; pos < ngpu && fallback < 0; ++pos) {
     if (gpu_budget_[pos] >= fixed_[pos] + slots) fallback = static_cast<int32_t>(pos);
   }
@@ -821,7 +828,7 @@ Outcome Planner::place(const Candidate& c, size_t m) const {
   for (uint32_t id = 0; id < units_.size(); ++id) {
     if (units_[id].follow >= 0) continue;
     if (o.gpu_of[id] >= 0) cur = o.gpu_of[id];
-    o.exec_of[id] = cur;
+    o.exec_of[id] = o.gpu_of[id] < 0 && c.stream >= 0 ? c.stream : cur;
   }
   make_groups(o);
   for (uint32_t id = 0; id < units_.size(); ++id) {
@@ -963,13 +970,21 @@ Planner::SearchResult Planner::search() const {
   const std::vector<uint32_t> ks_block =
       opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 3, 4};
   const std::vector<uint32_t> ks_leaf = opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 4, 8};
-  if (block) {
-    for (uint32_t n : ns) {
-      for (uint32_t k : ks_block) cands.push_back({OffloadMode::Block, n, k});
-    }
+  // With several GPUs, streaming through every GPU's slots or through one GPU only (the others
+  // then hold no slots at all).
+  std::vector<int32_t> streams = {-1};
+  if (gpu_budget_.size() > 1) {
+    for (size_t pos = 0; pos < gpu_budget_.size(); ++pos) streams.push_back(static_cast<int32_t>(pos));
   }
-  if (leaf) {
-    for (uint32_t k : ks_leaf) cands.push_back({OffloadMode::Leaf, 1, k});
+  for (int32_t st : streams) {
+    if (block) {
+      for (uint32_t n : ns) {
+        for (uint32_t k : ks_block) cands.push_back({OffloadMode::Block, n, k, st});
+      }
+    }
+    if (leaf) {
+      for (uint32_t k : ks_leaf) cands.push_back({OffloadMode::Leaf, 1, k, st});
+    }
   }
   auto better = [](const Outcome& a, const Outcome& b) {
     if (!b.ok) return true;

@@ -5,7 +5,9 @@ locations, that every device's predicted peak adds up and stays within its budge
 groups hold whole, 256-byte aligned tensors on the location the device map names, and that the
 schedule runs every stored tensor exactly once.
 
-    plan_check.py CHECKPOINT PLAN.json [--expect-offload yes|no]
+    plan_check.py CHECKPOINT PLAN.json[:yes|:no] [PLAN.json[:yes|:no] ...]
+
+`:yes` / `:no` after a plan also requires that it does / does not offload anything.
 """
 import json
 import os
@@ -88,14 +90,27 @@ def covers(key, name):
 
 
 def main():
-    ckpt, plan_path = sys.argv[1], sys.argv[2]
-    expect = None
-    if len(sys.argv) > 4 and sys.argv[3] == "--expect-offload":
-        expect = sys.argv[4] == "yes"
-    plan = json.load(open(plan_path))
-    errors = []
-    assert plan["format"] == "qtool-plan" and plan["version"] == 1, "not a version-1 plan"
+    ckpt = sys.argv[1]
     comps = components(ckpt)
+    failed = False
+    for arg in sys.argv[2:]:
+        expect = None
+        if arg.endswith(":yes") or arg.endswith(":no"):
+            arg, flag = arg.rsplit(":", 1)
+            expect = flag == "yes"
+        errors = check(comps, json.load(open(arg)), expect)
+        for e in errors[:20]:
+            print(f"FAIL: {arg}: {e}")
+        failed = failed or bool(errors)
+    if failed:
+        sys.exit(1)
+    print(f"ok: {len(sys.argv) - 2} plan(s), {sum(len(t) for t in comps.values())} tensors")
+
+
+def check(comps, plan, expect):
+    errors = []
+    if plan.get("format") != "qtool-plan" or plan.get("version") != 1:
+        return ["not a version-1 qtool plan"]
     pcomps = {c["name"]: c for c in plan["components"]}
     if set(comps) != set(pcomps):
         errors.append(f"components differ: checkpoint {sorted(comps)} plan {sorted(pcomps)}")
@@ -157,12 +172,7 @@ def main():
     offloaded = any(not isinstance(v, int) for v in loc.values())
     if expect is not None and offloaded != expect:
         errors.append(f"expected offload {expect}, plan offloads {offloaded}")
-    for e in errors[:20]:
-        print("FAIL:", e)
-    if errors:
-        sys.exit(1)
-    ntensors = sum(len(t) for t in comps.values())
-    print(f"ok: {ntensors} tensors, {len(plan['groups'])} groups, offloaded {plan['offloaded_bytes']} bytes")
+    return errors
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ using namespace qtool;
 
 namespace {
 
-int quantize(const std::string& in, const std::string& out, const quant::SchemeOptions& options, ThreadPool& pool) {
+int quantize(const std::string& in, const std::string& out, const quant::SchemeOptions& options,
+             ThreadPool& pool) {
   const SafetensorsFile file = SafetensorsFile::open(in);
   std::vector<quant::OwnedTensor> tensors;
   for (const TensorInfo& t : file.tensors()) {
     const std::string module = quant::module_of_tensor(t.name);
-    auto q = quant::quantize_weight(module, str_cat(in, ": tensor '", t.name, "'"), t.dtype, t.shape, file.data(t),
-                                    options, pool);
+    auto q = quant::quantize_weight(module, str_cat(in, ": tensor '", t.name, "'"), t.dtype, t.shape,
+                                    file.data(t), options, pool);
     for (auto& x : q) tensors.push_back(std::move(x));
   }
   std::vector<TensorDecl> decls;
@@ -73,11 +74,16 @@ int main(int argc, char** argv) {
       options.scheme = *s;
     }
     for (; i < args.size(); ++i) {
-      if (args[i] == "--blocksize") options.blocksize = static_cast<uint32_t>(std::stoul(args.at(++i)));
-      else if (args[i] == "--double-quant") options.double_quant = true;
-      else if (args[i] == "--per-tensor") options.per_tensor = true;
-      else if (args[i] == "--threads") threads = std::stoul(args.at(++i));
-      else fail(ErrorKind::Usage, "unknown option ", args[i]);
+      if (args[i] == "--blocksize")
+        options.blocksize = static_cast<uint32_t>(std::stoul(args.at(++i)));
+      else if (args[i] == "--double-quant")
+        options.double_quant = true;
+      else if (args[i] == "--per-tensor")
+        options.per_tensor = true;
+      else if (args[i] == "--threads")
+        threads = std::stoul(args.at(++i));
+      else
+        fail(ErrorKind::Usage, "unknown option ", args[i]);
     }
     ThreadPool pool(threads);
     if (args[0] == "quantize") return quantize(args[1], args[2], options, pool);

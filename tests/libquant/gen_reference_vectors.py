@@ -74,6 +74,13 @@ def main():
     row = torch.tensor(vals + [0.25] * (64 - len(vals)), dtype=torch.float32).reshape(1, 64)
     for scheme in ("nf4", "fp4"):
         cases.append(case(f"{scheme}-F32-ties", scheme, "F32", row))
+    # Double quant whose nested absmax is so small that 1 / absmax2 overflows: blocks equal to the
+    # mean (0 * inf = NaN in bitsandbytes' index arithmetic) and a zero block.
+    w = torch.zeros(6, 64)
+    for i, v in enumerate([1e-40, 1e-40, 1e-40, 1e-40, 2e-40, 0.0]):
+        w[i, 0] = v
+    for scheme in ("nf4", "fp4"):
+        cases.append(case(f"{scheme}-F32-tiny-absmax-dq", scheme, "F32", w, blocksize=64, double_quant=True))
     # int8 ties: h * (127 / SCB) landing on .5 (SCB 2 -> multiplier 63.5).
     row = torch.tensor([[2.0, 1.0, -1.0, 0.5, -3.0 / 127 * 2, 1.0 / 63.5, 3.0, -2.0]], dtype=torch.float16)
     cases.append(case("int8-F16-ties", "int8", "F16", row))

@@ -31,8 +31,8 @@ std::vector<SchemeOptions> option_variants(Scheme s) {
 }
 
 std::string describe(const SchemeOptions& o, DType dt, int64_t rows, int64_t cols) {
-  return str_cat(scheme_name(o.scheme), " ", test::dtype_str(dt), " [", rows, ", ", cols, "] bs=", o.blocksize,
-                 o.double_quant ? " dq" : "", o.per_tensor ? " per-tensor" : "");
+  return str_cat(scheme_name(o.scheme), " ", test::dtype_str(dt), " [", rows, ", ", cols,
+                 "] bs=", o.blocksize, o.double_quant ? " dq" : "", o.per_tensor ? " per-tensor" : "");
 }
 
 void check_fast_equals_ref(const test::TestWeight& w, const SchemeOptions& o, ThreadPool& pool) {
@@ -104,7 +104,8 @@ TEST_CASE("every finite 16-bit value: fp8 and int8 fast paths equal the referenc
       const float limit = s == Scheme::Fp8E4M3 ? 448.0f : s == Scheme::Fp8E5M2 ? 57344.0f : 65280.0f;
       std::vector<uint16_t> patterns;
       for (uint32_t b = 0; b < 65536; ++b) {
-        const float v = dt == DType::BF16 ? bf16_to_f32(static_cast<uint16_t>(b)) : f16_to_f32(static_cast<uint16_t>(b));
+        const float v =
+            dt == DType::BF16 ? bf16_to_f32(static_cast<uint16_t>(b)) : f16_to_f32(static_cast<uint16_t>(b));
         if (std::isfinite(v) && std::fabs(v) <= limit) patterns.push_back(static_cast<uint16_t>(b));
       }
       test::TestWeight w(dt, 1, static_cast<int64_t>(patterns.size()) + 1);
@@ -213,7 +214,8 @@ TEST_CASE("dequant(quant(x)) stays within each scheme's error bound") {
           } else if (is_fp8(s)) {
             const float scale = detail::load_element(dt, outs[1].data(), o.per_tensor ? 0 : r);
             const int man = s == Scheme::Fp8E4M3 ? 3 : 2;
-            bound = std::fabs(x) * (std::ldexp(1.0f, -man - 1) + 0x1p-8f) + scale * (s == Scheme::Fp8E4M3 ? 0x1p-9f : 0x1p-16f);
+            bound = std::fabs(x) * (std::ldexp(1.0f, -man - 1) + 0x1p-8f) +
+                    scale * (s == Scheme::Fp8E4M3 ? 0x1p-9f : 0x1p-16f);
           } else {
             const float a = absmax_true[i / o.blocksize];
             // Half the widest gap of the code values: nf4 (-1, -0.696), fp4 (8/12, 12/12).
@@ -228,7 +230,8 @@ TEST_CASE("dequant(quant(x)) stays within each scheme's error bound") {
             }
             bound = a * half_gap * 1.0001f + da * 1.17f;
           }
-          if (!(std::fabs(x - d) <= bound)) FAIL_CHECK("element ", i, ": ", x, " -> ", d, " (bound ", bound, ")");
+          if (!(std::fabs(x - d) <= bound))
+            FAIL_CHECK("element ", i, ": ", x, " -> ", d, " (bound ", bound, ")");
           err2 += double(x - d) * double(x - d);
           ref2 += double(x) * double(x);
         }

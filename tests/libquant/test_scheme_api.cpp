@@ -34,14 +34,16 @@ class TempDir {
 };
 
 // Runs fn, expecting Error of `kind` whose message contains every string in `needles`.
-void expect_error(const std::function<void()>& fn, ErrorKind kind, std::initializer_list<std::string> needles) {
+void expect_error(const std::function<void()>& fn, ErrorKind kind,
+                  std::initializer_list<std::string> needles) {
   try {
     fn();
     FAIL("no error thrown; expected one containing '", *needles.begin(), "'");
   } catch (const Error& e) {
     CAPTURE(e.what());
     CHECK(e.kind() == kind);
-    for (const auto& n : needles) CHECK_MESSAGE(std::string(e.what()).find(n) != std::string::npos, "missing: ", n);
+    for (const auto& n : needles)
+      CHECK_MESSAGE(std::string(e.what()).find(n) != std::string::npos, "missing: ", n);
   }
 }
 
@@ -58,10 +60,11 @@ void write_file(const std::filesystem::path& path, const std::vector<FileTensor>
   w.commit();
 }
 
-std::vector<FileTensor> quantized(const std::string& module, const test::TestWeight& w, const SchemeOptions& o,
-                                  ThreadPool& pool) {
+std::vector<FileTensor> quantized(const std::string& module, const test::TestWeight& w,
+                                  const SchemeOptions& o, ThreadPool& pool) {
   std::vector<FileTensor> out;
-  for (auto& t : quantize_weight(module, str_cat("'", module, ".weight'"), w.dtype, w.shape(), w.bytes, o, pool))
+  for (auto& t :
+       quantize_weight(module, str_cat("'", module, ".weight'"), w.dtype, w.shape(), w.bytes, o, pool))
     out.push_back({std::move(t.decl), std::move(t.bytes)});
   return out;
 }
@@ -82,10 +85,17 @@ TEST_CASE("scheme names and options") {
 
   for (uint32_t bs : {32u, 64u, 256u, 4096u}) CHECK_NOTHROW(validate_options({Scheme::Nf4, bs}));
   for (uint32_t bs : {0u, 16u, 48u, 100u, 8192u})
-    expect_error([&] { validate_options({Scheme::Fp4, bs}, "quant_kwargs"); }, ErrorKind::InvalidInput,
-                 {"quant_kwargs", "blocksize", std::to_string(bs)});
+    expect_error(
+        [&] {
+          validate_options({Scheme::Fp4, bs}, "quant_kwargs");
+        },
+        ErrorKind::InvalidInput, {"quant_kwargs", "blocksize", std::to_string(bs)});
   expect_error([] { validate_options({Scheme::Int8, 64, true}); }, ErrorKind::InvalidInput, {"double_quant"});
-  expect_error([] { validate_options({Scheme::Nf4, 64, false, true}); }, ErrorKind::InvalidInput, {"per_tensor"});
+  expect_error(
+      [] {
+        validate_options({Scheme::Nf4, 64, false, true});
+      },
+      ErrorKind::InvalidInput, {"per_tensor"});
   CHECK_NOTHROW(validate_options({Scheme::Fp8E5M2, 64, false, true}));
 }
 
@@ -111,23 +121,34 @@ TEST_CASE("layouts: names, dtypes and shapes per scheme") {
 
   const uint64_t n = 3072ull * 3073;
   const auto nf = quantized_decls("a.b", DType::BF16, shape, {Scheme::Nf4, 64, true});
-  CHECK(names(nf) == std::vector<std::string>{"a.b.weight:U8", "a.b.weight.absmax:U8", "a.b.weight.quant_map:F32",
-                                              "a.b.weight.nested_absmax:F32", "a.b.weight.nested_quant_map:F32",
+  CHECK(names(nf) == std::vector<std::string>{"a.b.weight:U8", "a.b.weight.absmax:U8",
+                                              "a.b.weight.quant_map:F32", "a.b.weight.nested_absmax:F32",
+                                              "a.b.weight.nested_quant_map:F32",
                                               "a.b.weight.quant_state.bitsandbytes__nf4:U8"});
   CHECK(nf[0].shape == std::vector<int64_t>{static_cast<int64_t>((n + 1) / 2), 1});
   CHECK(nf[1].shape == std::vector<int64_t>{static_cast<int64_t>((n + 63) / 64)});
   CHECK(nf[3].shape == std::vector<int64_t>{static_cast<int64_t>(((n + 63) / 64 + 255) / 256)});
   const auto fp = quantized_decls("a.b", DType::F32, shape, {Scheme::Fp4, 128});
-  CHECK(names(fp) == std::vector<std::string>{"a.b.weight:U8", "a.b.weight.absmax:F32", "a.b.weight.quant_map:F32",
+  CHECK(names(fp) == std::vector<std::string>{"a.b.weight:U8", "a.b.weight.absmax:F32",
+                                              "a.b.weight.quant_map:F32",
                                               "a.b.weight.quant_state.bitsandbytes__fp4:U8"});
   CHECK(quantized_nbytes(DType::BF16, shape, {Scheme::Int8}) == n + 3072 * 4 + 1);
 
-  expect_error([] { quantized_decls("m", DType::BF16, std::vector<int64_t>{4, 4, 4}, {Scheme::Nf4}); },
-               ErrorKind::InvalidInput, {"'m'", "2-D"});
-  expect_error([] { quantized_decls("m", DType::I32, std::vector<int64_t>{4, 4}, {Scheme::Nf4}); },
-               ErrorKind::Unsupported, {"I32"});
-  expect_error([] { quantized_decls("m", DType::BF16, std::vector<int64_t>{0, 4}, {Scheme::Int8}); },
-               ErrorKind::InvalidInput, {"empty"});
+  expect_error(
+      [] {
+        quantized_decls("m", DType::BF16, std::vector<int64_t>{4, 4, 4}, {Scheme::Nf4});
+      },
+      ErrorKind::InvalidInput, {"'m'", "2-D"});
+  expect_error(
+      [] {
+        quantized_decls("m", DType::I32, std::vector<int64_t>{4, 4}, {Scheme::Nf4});
+      },
+      ErrorKind::Unsupported, {"I32"});
+  expect_error(
+      [] {
+        quantized_decls("m", DType::BF16, std::vector<int64_t>{0, 4}, {Scheme::Int8});
+      },
+      ErrorKind::InvalidInput, {"empty"});
 }
 
 TEST_CASE("sizes do not depend on the data: the quant_state JSON has a fixed length") {
@@ -164,7 +185,8 @@ TEST_CASE("NaN or Inf in a weight is an error naming the tensor and the first ba
   std::mt19937_64 rng(test::scheme_test_seed("non-finite"));
   for (Scheme s : {Scheme::Int8, Scheme::Fp8E4M3, Scheme::Fp8E5M2, Scheme::Nf4, Scheme::Fp4})
     for (DType dt : {DType::BF16, DType::F16, DType::F32})
-      for (float bad : {std::nanf(""), -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity()}) {
+      for (float bad :
+           {std::nanf(""), -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity()}) {
         auto w = test::random_weight(dt, 300, 70, rng, false, s);
         w.set(299 * 70 + 69, bad);  // the last element, in the last thread's range
         w.set(5 * 70 + 3, bad);     // the first one, which the message must name
@@ -188,8 +210,11 @@ TEST_CASE("int8: a value beyond the float16 range is an error naming the element
   ThreadPool p1(1);
   test::TestWeight w(DType::BF16, 1, 2);
   w.set(0, 1.0f);
-  expect_error([&] { quantize_weight("m", "lbl", DType::BF16, w.shape(), std::span(w.bytes).first(3), {Scheme::Int8}, p1); },
-               ErrorKind::InvalidInput, {"lbl", "3 bytes"});
+  expect_error(
+      [&] {
+        quantize_weight("m", "lbl", DType::BF16, w.shape(), std::span(w.bytes).first(3), {Scheme::Int8}, p1);
+      },
+      ErrorKind::InvalidInput, {"lbl", "3 bytes"});
 }
 
 TEST_CASE("module_of_tensor keeps quant state with its weight") {
@@ -244,7 +269,8 @@ TEST_CASE("find_quantized_linears recognises every scheme in a safetensors file 
   REQUIRE(found.size() == wants.size());
   for (const auto& wt : wants) {
     CAPTURE(wt.module);
-    const auto it = std::find_if(found.begin(), found.end(), [&](const auto& q) { return q.module == wt.module; });
+    const auto it =
+        std::find_if(found.begin(), found.end(), [&](const auto& q) { return q.module == wt.module; });
     REQUIRE(it != found.end());
     const QuantizedLinear& q = *it;
     CHECK(q.options.scheme == wt.o.scheme);
@@ -278,7 +304,8 @@ TEST_CASE("inconsistent quant state is an error naming the file and the tensor")
   const auto base_i8 = quantized("l", w, {Scheme::Int8}, pool);
   const auto base_f8 = quantized("l", w, {Scheme::Fp8E4M3}, pool);
   int n = 0;
-  auto check_case = [&](std::vector<FileTensor> tensors, ErrorKind kind, std::initializer_list<std::string> needles) {
+  auto check_case = [&](std::vector<FileTensor> tensors, ErrorKind kind,
+                        std::initializer_list<std::string> needles) {
     const auto path = dir / str_cat("case", n++, ".safetensors");
     write_file(path, tensors);
     const Component comp = Component::open_file(path, "");
@@ -290,7 +317,8 @@ TEST_CASE("inconsistent quant state is an error naming the file and the tensor")
     } catch (const Error& e) {
       CAPTURE(e.what());
       CHECK(e.kind() == kind);
-      for (const auto& s : all) CHECK_MESSAGE(std::string(e.what()).find(s) != std::string::npos, "missing: ", s);
+      for (const auto& s : all)
+        CHECK_MESSAGE(std::string(e.what()).find(s) != std::string::npos, "missing: ", s);
     }
   };
   auto without = [](std::vector<FileTensor> t, const std::string& name) {
@@ -307,16 +335,25 @@ TEST_CASE("inconsistent quant state is an error naming the file and the tensor")
   };
   const std::string qs = "l.weight.quant_state.bitsandbytes__nf4";
   check_case(without(base_nf4, "l.weight.absmax"), ErrorKind::InvalidInput, {"l.weight.absmax", "missing"});
-  check_case(without(base_nf4, "l.weight.nested_absmax"), ErrorKind::InvalidInput, {"l.weight.nested_absmax"});
+  check_case(without(base_nf4, "l.weight.nested_absmax"), ErrorKind::InvalidInput,
+             {"l.weight.nested_absmax"});
   check_case(without(base_nf4, qs), ErrorKind::InvalidInput, {"l.weight.absmax", "quant_state"});
   check_case(with_bytes(base_nf4, qs, "{not json"), ErrorKind::InvalidInput, {qs, "JSON"});
-  check_case(with_bytes(base_nf4, qs, R"({"quant_type": "fp4", "blocksize": 64, "dtype": "bfloat16", "shape": [8, 64]})"),
+  check_case(with_bytes(base_nf4, qs,
+                        R"({"quant_type": "fp4", "blocksize": 64, "dtype": "bfloat16", "shape": [8, 64]})"),
              ErrorKind::InvalidInput, {qs, "quant_type"});
-  check_case(with_bytes(base_nf4, qs, R"({"quant_type": "nf4", "blocksize": 48, "dtype": "bfloat16", "shape": [8, 64], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1})"),
-             ErrorKind::InvalidInput, {qs, "blocksize"});
-  check_case(with_bytes(base_nf4, qs, R"({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [8, 65], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1})"),
-             ErrorKind::InvalidInput, {"l.weight'", "elements"});
-  check_case(with_bytes(base_nf4, qs, R"({"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [8, 64]})"),
+  check_case(
+      with_bytes(
+          base_nf4, qs,
+          R"({"quant_type": "nf4", "blocksize": 48, "dtype": "bfloat16", "shape": [8, 64], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1})"),
+      ErrorKind::InvalidInput, {qs, "blocksize"});
+  check_case(
+      with_bytes(
+          base_nf4, qs,
+          R"({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [8, 65], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1})"),
+      ErrorKind::InvalidInput, {"l.weight'", "elements"});
+  check_case(with_bytes(base_nf4, qs,
+                        R"({"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [8, 64]})"),
              ErrorKind::InvalidInput, {qs, "dtype"});
   // int8: SCB of the wrong dtype; an SCB without its weight.
   auto i8 = base_i8;
@@ -343,6 +380,6 @@ TEST_CASE("tensor_bytes from raw spans is checked against the layout") {
   const auto q = test::linear_for(w, o, test::offset_of(outs));
   CHECK_NOTHROW(check_tensor_bytes(q, tensor_bytes(q, test::const_spans(outs))));
   outs[1].pop_back();
-  expect_error([&] { check_tensor_bytes(q, tensor_bytes(q, test::const_spans(outs))); }, ErrorKind::InvalidInput,
-               {"module 'm'", "scale"});
+  expect_error([&] { check_tensor_bytes(q, tensor_bytes(q, test::const_spans(outs))); },
+               ErrorKind::InvalidInput, {"module 'm'", "scale"});
 }

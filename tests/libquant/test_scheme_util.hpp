@@ -2,6 +2,7 @@
 // edge cases, quantization through the reference or the fast path, and hex decoding.
 #pragma once
 
+#include <doctest/doctest.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -15,8 +16,6 @@
 #include <string_view>
 #include <vector>
 
-#include <doctest/doctest.h>
-
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/libquant/quant.hpp"
@@ -27,15 +26,18 @@ namespace qtool::test {
 // QTOOL_TEST_SEED if set, else from the clock; printed so that a failure can be replayed.
 inline uint64_t scheme_test_seed(const char* what) {
   uint64_t seed;
-  if (const char* env = std::getenv("QTOOL_TEST_SEED")) seed = std::strtoull(env, nullptr, 10);
-  else seed = static_cast<uint64_t>(std::random_device{}()) ^ (static_cast<uint64_t>(::getpid()) << 20);
+  if (const char* env = std::getenv("QTOOL_TEST_SEED"))
+    seed = std::strtoull(env, nullptr, 10);
+  else
+    seed = static_cast<uint64_t>(std::random_device{}()) ^ (static_cast<uint64_t>(::getpid()) << 20);
   std::fprintf(stderr, "[%s] QTOOL_TEST_SEED=%llu\n", what, static_cast<unsigned long long>(seed));
   return seed;
 }
 
 inline std::vector<uint8_t> from_hex(std::string_view hex) {
   std::vector<uint8_t> out(hex.size() / 2);
-  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<uint8_t>(std::stoul(std::string(hex.substr(2 * i, 2)), nullptr, 16));
+  for (size_t i = 0; i < out.size(); ++i)
+    out[i] = static_cast<uint8_t>(std::stoul(std::string(hex.substr(2 * i, 2)), nullptr, 16));
   return out;
 }
 
@@ -45,12 +47,14 @@ struct TestWeight {
   int64_t rows = 0, cols = 0;
   std::vector<uint8_t> bytes;
 
-  TestWeight(DType dt, int64_t r, int64_t c) : dtype(dt), rows(r), cols(c), bytes(static_cast<size_t>(r * c) * dtype_size(dt)) {}
+  TestWeight(DType dt, int64_t r, int64_t c)
+      : dtype(dt), rows(r), cols(c), bytes(static_cast<size_t>(r * c) * dtype_size(dt)) {}
   std::vector<int64_t> shape() const { return {rows, cols}; }
   uint64_t numel() const { return static_cast<uint64_t>(rows * cols); }
   void set(uint64_t i, float v) { convert_from_f32(dtype, &v, bytes.data() + i * dtype_size(dtype), 1); }
   void set_bits(uint64_t i, uint32_t bits) {
-    if (dtype == DType::F32) std::memcpy(bytes.data() + 4 * i, &bits, 4);
+    if (dtype == DType::F32)
+      std::memcpy(bytes.data() + 4 * i, &bits, 4);
     else {
       const auto h = static_cast<uint16_t>(bits);
       std::memcpy(bytes.data() + 2 * i, &h, 2);
@@ -75,7 +79,9 @@ inline TestWeight random_weight(DType dtype, int64_t rows, int64_t cols, std::mt
     }
   }
   if (!edges) return w;
-  const float max_val = dtype == DType::F16 ? 65504.0f : dtype == DType::BF16 ? 3.3895313892515355e38f : 3.4028234663852886e38f;
+  const float max_val = dtype == DType::F16    ? 65504.0f
+                        : dtype == DType::BF16 ? 3.3895313892515355e38f
+                                               : 3.4028234663852886e38f;
   const float big = scheme == quant::Scheme::Int8 ? (dtype == DType::BF16 ? 65280.0f : 65504.0f) : max_val;
   const float tiny = dtype == DType::F16 ? 5.9604644775390625e-08f : 1e-39f;  // subnormal of the dtype
   auto row = [&](int64_t r, auto fn) {
@@ -90,25 +96,29 @@ inline TestWeight random_weight(DType dtype, int64_t rows, int64_t cols, std::mt
 }
 
 // Quantizes through one implementation; returns the tensors' bytes in quantized_decls order.
-inline std::vector<std::vector<uint8_t>> quantize_with(const TestWeight& w, const quant::SchemeOptions& options,
+inline std::vector<std::vector<uint8_t>> quantize_with(const TestWeight& w,
+                                                       const quant::SchemeOptions& options,
                                                        quant::detail::Impl impl, ThreadPool& pool) {
   const auto shape = w.shape();
   const auto decls = quant::quantized_decls("m", w.dtype, shape, options);
   std::vector<std::vector<uint8_t>> outs;
   for (const auto& d : decls) outs.emplace_back(d.nbytes(), uint8_t{0xA5});
   std::vector<std::span<uint8_t>> spans(outs.begin(), outs.end());
-  quant::detail::quantize_weight_impl("test tensor 'm.weight'", w.dtype, shape, w.bytes, options, spans, pool, impl);
+  quant::detail::quantize_weight_impl("test tensor 'm.weight'", w.dtype, shape, w.bytes, options, spans, pool,
+                                      impl);
   return outs;
 }
 
 // A QuantizedLinear for bytes produced by quantize_with (module "m").
-inline quant::QuantizedLinear linear_for(const TestWeight& w, const quant::SchemeOptions& options, float nested_offset) {
+inline quant::QuantizedLinear linear_for(const TestWeight& w, const quant::SchemeOptions& options,
+                                         float nested_offset) {
   quant::QuantizedLinear q;
   q.module = std::string(1, 'm');  // (assigning a literal trips a GCC 12 -Wrestrict false positive)
   q.options = options;
   q.orig_dtype = quant::is_fp8(options.scheme) || quant::is_4bit(options.scheme) ? w.dtype : DType::F16;
   q.shape = w.shape();
-  for (const auto& d : quant::quantized_decls("m", w.dtype, q.shape, options)) q.tensor_names.push_back(d.name);
+  for (const auto& d : quant::quantized_decls("m", w.dtype, q.shape, options))
+    q.tensor_names.push_back(d.name);
   q.tensor_parts = quant::scheme_parts(options);
   q.nested_offset = nested_offset;
   return q;
@@ -125,6 +135,8 @@ inline float offset_of(const std::vector<std::vector<uint8_t>>& outs) {
   return p == std::string::npos ? 0.0f : std::strtof(json.c_str() + p + 17, nullptr);
 }
 
-inline const char* dtype_str(DType dt) { return dt == DType::BF16 ? "BF16" : dt == DType::F16 ? "F16" : "F32"; }
+inline const char* dtype_str(DType dt) {
+  return dt == DType::BF16 ? "BF16" : dt == DType::F16 ? "F16" : "F32";
+}
 
 }  // namespace qtool::test

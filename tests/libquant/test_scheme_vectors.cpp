@@ -2,7 +2,6 @@
 // compressed-tensors 0.20 and torch 2.15 on the CPU (gen_reference_vectors.py): every scheme,
 // dtype and edge case, through both the scalar reference and the fast path.
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "test_scheme_util.hpp"
@@ -24,7 +23,9 @@ const nlohmann::json& vectors() {
 
 uint32_t bits(float f) { return detail::f32_bits(f); }
 
-DType dtype_of(const std::string& s) { return s == "BF16" ? DType::BF16 : s == "F16" ? DType::F16 : DType::F32; }
+DType dtype_of(const std::string& s) {
+  return s == "BF16" ? DType::BF16 : s == "F16" ? DType::F16 : DType::F32;
+}
 
 std::string hex_of(std::span<const uint8_t> b) {
   static const char* d = "0123456789abcdef";
@@ -47,7 +48,8 @@ TEST_CASE("tables equal bitsandbytes' code values, thresholds, order and dynamic
       CHECK(bits(code_table(s)[i]) == t[name + "_code"][i].get<uint32_t>());
       CHECK(int{table.pattern_of[i]} == t[name + "_order"][i].get<int>());
     }
-    for (size_t i = 0; i < 15; ++i) CHECK(bits(table.thresholds[i]) == t[name + "_thresholds"][i].get<uint32_t>());
+    for (size_t i = 0; i < 15; ++i)
+      CHECK(bits(table.thresholds[i]) == t[name + "_thresholds"][i].get<uint32_t>());
   }
   for (size_t i = 0; i < 256; ++i) CHECK(bits(dynamic_map()[i]) == t["dynamic_map"][i].get<uint32_t>());
 }
@@ -58,8 +60,7 @@ TEST_CASE("torch.mean emulation equals torch's float32 mean") {
     const auto n = c["n"].get<uint64_t>();
     const int threads = c["threads"].get<int>();
     std::vector<float> x(n);
-    for (uint64_t i = 0; i < n; ++i)
-      x[i] = static_cast<float>((i * 2654435761ull) % 1000003ull) / 1000003.0f;
+    for (uint64_t i = 0; i < n; ++i) x[i] = static_cast<float>((i * 2654435761ull) % 1000003ull) / 1000003.0f;
     CAPTURE(n);
     CAPTURE(threads);
     CHECK(bits(detail::torch_mean_f32(x.data(), n, lanes, threads)) == c["mean_bits"].get<uint32_t>());
@@ -89,11 +90,11 @@ TEST_CASE("every scheme is bit-exact with the reference packages on fixed vector
       CAPTURE(static_cast<int>(impl));
       const auto outs = test::quantize_with(w, o, impl, pool);
       for (size_t i = 0; i < parts.size(); ++i) {
-        const std::string key = parts[i] == Part::Weight ? "weight"
-                                : parts[i] == Part::Scale ? "scale"
+        const std::string key = parts[i] == Part::Weight         ? "weight"
+                                : parts[i] == Part::Scale        ? "scale"
                                 : parts[i] == Part::WeightFormat ? "weight_format"
                                 : parts[i] == Part::NestedAbsmax ? "nested_absmax"
-                                : "";
+                                                                 : "";
         if (key.empty()) continue;
         CAPTURE(key);
         CHECK(hex_of(outs[i]) == c["outputs"][key].get<std::string>());

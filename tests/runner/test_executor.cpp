@@ -222,3 +222,21 @@ TEST_CASE("trace JSON and copy/compute overlap") {
   for (const auto& e : j["traceEvents"]) complete += e["ph"] == "X";
   CHECK(complete == ev.size());
 }
+
+TEST_CASE("a two-GPU plan on the CPU backend: steps on both devices, activations cross, outputs as resident") {
+  Fixture& f = fixture();
+  test::TempDir q("two");
+  const Checkpoint ckpt = Checkpoint::open(test::quantize(f.bf16, q.path / "model", {"nf4 dq", "nf4", 64, true}));
+  const Schedule s = build_schedule(ckpt, test::plan_streamed(ckpt, 0.3, 0.5, 8, 2, 2));
+  REQUIRE(s.devices == std::vector<int>{0, 1});
+  auto backend = make_cpu_backend(2);
+  RunOptions o;
+  o.tokens = 8;
+  o.steps = 2;
+  const RunResult planned = backend->run(ckpt, s, o);
+  o.mode = Mode::AllResident;
+  const RunResult resident = backend->run(ckpt, s, o);
+  CHECK(planned.digests == resident.digests);
+  CHECK(planned.peer_bytes_per_step > 0);
+  CHECK(planned.memory.size() == 2);
+}

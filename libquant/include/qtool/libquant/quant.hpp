@@ -24,10 +24,10 @@ namespace qtool::quant {
 
 enum class Scheme : uint8_t { Int8, Fp8E4M3, Fp8E5M2, Nf4, Fp4 };
 
-inline constexpr uint32_t kDefaultBlocksize = 64;    // nf4/fp4 elements per absmax block
+inline constexpr uint32_t kDefaultBlocksize = 64;  // nf4/fp4 elements per absmax block
 inline constexpr uint32_t kMinBlocksize = 32;
 inline constexpr uint32_t kMaxBlocksize = 4096;
-inline constexpr uint32_t kNestedBlocksize = 256;    // double quant: absmax values per nested block
+inline constexpr uint32_t kNestedBlocksize = 256;  // double quant: absmax values per nested block
 
 struct SchemeOptions {
   Scheme scheme = Scheme::Nf4;
@@ -78,8 +78,8 @@ std::vector<Part> scheme_parts(const SchemeOptions& options);
 // on the data: the nf4/fp4 quant_state JSON has a data-independent length (nested_offset is
 // printed as %.8e and the object padded with spaces before its closing brace to a fixed width).
 // Throws Error(InvalidInput) for a shape that is not 2-D or an unsupported dtype.
-std::vector<TensorDecl> quantized_decls(std::string_view module, DType dtype,
-                                        std::span<const int64_t> shape, const SchemeOptions& options);
+std::vector<TensorDecl> quantized_decls(std::string_view module, DType dtype, std::span<const int64_t> shape,
+                                        const SchemeOptions& options);
 // Sum of the decls' byte sizes.
 uint64_t quantized_nbytes(DType dtype, std::span<const int64_t> shape, const SchemeOptions& options);
 
@@ -91,10 +91,9 @@ struct OwnedTensor {
 // Quantizes one weight given as raw little-endian bytes of `dtype` ([out, in], out*in elements).
 // NaN or Inf -> Error(InvalidInput) naming `tensor_label` and the element (row, col). Rows and
 // blocks are split across `pool`. Returns the tensors in the order of quantized_decls.
-std::vector<OwnedTensor> quantize_weight(std::string_view module, std::string_view tensor_label,
-                                         DType dtype, std::span<const int64_t> shape,
-                                         std::span<const uint8_t> data, const SchemeOptions& options,
-                                         ThreadPool& pool);
+std::vector<OwnedTensor> quantize_weight(std::string_view module, std::string_view tensor_label, DType dtype,
+                                         std::span<const int64_t> shape, std::span<const uint8_t> data,
+                                         const SchemeOptions& options, ThreadPool& pool);
 // Same, into caller-owned buffers: `outs[i]` has exactly quantized_decls(...)[i].nbytes() bytes.
 void quantize_weight_into(std::string_view tensor_label, DType dtype, std::span<const int64_t> shape,
                           std::span<const uint8_t> data, const SchemeOptions& options,
@@ -103,7 +102,7 @@ void quantize_weight_into(std::string_view tensor_label, DType dtype, std::span<
 // --- Reading quantized checkpoints --------------------------------------------------------------
 
 struct QuantizedLinear {
-  std::string module;                     // "transformer_blocks.0.attn.to_q"
+  std::string module;  // "transformer_blocks.0.attn.to_q"
   SchemeOptions options;
   DType orig_dtype = DType::BF16;         // dtype of the weight before quantization
   std::vector<int64_t> shape;             // [out, in] of the original weight
@@ -155,14 +154,13 @@ void dequantize_rows_bf16(const QuantizedLinear& linear, const TensorBytes& part
                           size_t row_begin, size_t row_end);
 // 4-bit: the float32 absmax of blocks [block_begin, block_end) (double quant decoded:
 // nested_quant_map[q] * nested_absmax[i / 256] + nested_offset). `out` has block_end - block_begin values.
-void decode_absmax(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
-                   size_t block_begin, size_t block_end);
+void decode_absmax(const QuantizedLinear& linear, const TensorBytes& parts, float* out, size_t block_begin,
+                   size_t block_end);
 
 // The whole weight to float32 [out * in], rows split across `pool`.
 void dequantize_weight(const QuantizedLinear& linear, const Component& component, float* out,
                        ThreadPool& pool);
-void dequantize_weight(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
-                       ThreadPool& pool);
+void dequantize_weight(const QuantizedLinear& linear, const TensorBytes& parts, float* out, ThreadPool& pool);
 
 // --- Tables --------------------------------------------------------------------------------------
 // The 16 code values by 4-bit pattern (nf4: ascending; fp4: bit 3 is the sign), float32.

@@ -13,6 +13,9 @@
 // - Offloaded group g lives in one contiguous pinned host arena (target "cpu") or is read from
 //   the checkpoint files through a pinned staging ring (target "disk"). Its tensors sit at
 //   `arena_offset` (each 256-byte aligned, see layout_arena); the slot receives the arena image.
+// - The resident weights of one GPU are one arena: layout_arena() over the tensors of that GPU's
+//   resident steps in schedule order, one allocation rounded up to the profile's granularity
+//   (DevicePlan::arena_bytes).
 // - Memory per GPU: the `reserve` items (gpu_reserve()) plus the resident arena. `predicted_peak`
 //   is their sum; `qtool verify` compares its measured peak to it.
 // - Sizes are bytes, times seconds, rates as in DeviceProfile.

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""The loaders read what `qtool quantize` writes, on the CPU.
+
+bitsandbytes (transformers' bitsandbytes quantizer, bitsandbytes >= 0.48 runs on the CPU): qtool's
+int8, nf4 and nf4 with double quant of the synthesized tiny Llama load as Linear8bitLt / Linear4bit
+(lm_head and the embeddings stay plain), and the logits on random token ids are compared with
+  - the bf16 model (L), and
+  - the same model with the weights of `qtool dequantize` (D), which isolates the loader.
+Bounds: with n = |logits(bf16) - logits(f32)| / |logits(f32)|, the bf16 compute noise of the
+original model, and e_w = |D - L| / |L|, the error the scheme's weights alone cause:
+  nf4: the loader dequantizes the same values qtool does and runs a bf16 GEMM, so
+       |B - D| / |D| <= 3n and |B - L| / |L| <= e_w + 3n;
+  int8: LLM.int8 also quantizes the activations to 8 bits per row (absmax / 127, the same
+       resolution as the weights), so |B - D| / |D| <= e_w + 3n and |B - L| / |L| <= 2 e_w + 3n.
+A loader that misread the layout (a wrong absmax, nibble order, scale or skip list) gives errors of
+order 1, far outside these.
+
+compressed-tensors: qtool's fp8 (e4m3, per channel and per tensor) decompresses, through the
+float-quantized compressor and through transformers' CompressedTensorsHfQuantizer (both compressed
+on the CPU and decompressed on load), to exactly the values of `qtool dequantize`. For fp8_e5m2,
+which compressed-tensors' schema cannot name (its 8-bit float is e4m3), the decompressor alone is
+checked.
+
+  quantize_interop.py --qtool QTOOL --samples SAMPLE_CONFIGS_DIR [--work DIR]
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+FAILS = []
+
+
+def check(cond, msg):
+    print(("ok   " if cond else "FAIL ") + msg)
+    if not cond:
+        FAILS.append(msg)
+
+
+def run(*args):
+    subprocess.run([str(a) for a in args], check=True)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def load_dir(path):
+    sd = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        sd.update(load_file(f))
+    return sd
+
+
+def logits(path, ids, **kw):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    m = AutoModelForCausalLM.from_pretrained(path, **kw)
+    m.eval()
+    with torch.no_grad():
+        return m, m(ids).logits.float()
+
+
+def bnb_case(qtool, tiny, work, name, config, ids, ref_bf16, noise):
+    import bitsandbytes as bnb
+    out, deq = os.path.join(work, "q-" + name), os.path.join(work, "dq-" + name)
+    run(qtool, "quantize", tiny, "--config", config, "-o", out, "-q")
+    run(qtool, "dequantize", out, "-o", deq, "-q")
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    int8 = qc["load_in_8bit"]
+    model, lq = logits(out, ids, device_map="cpu")
+    lin_type = bnb.nn.Linear8bitLt if int8 else bnb.nn.Linear4bit
+    layer = model.model.layers[0]
+    check(isinstance(layer.mlp.up_proj, lin_type) and isinstance(layer.self_attn.q_proj, lin_type),
+          "%s: linears load as %s" % (name, lin_type.__name__))
+    check(type(model.lm_head) is torch.nn.Linear and type(model.model.embed_tokens) is torch.nn.Embedding,
+          "%s: lm_head and embeddings stay plain (llm_int8_skip_modules %s)" % (name, qc["llm_int8_skip_modules"]))
+    _, ld = logits(deq, ids, dtype=torch.bfloat16)
+    e_w = rel(ld, ref_bf16)
+    e_bd, e_bl = rel(lq, ld), rel(lq, ref_bf16)
+    b_bd = e_w + 3 * noise if int8 else 3 * noise
+    b_bl = 2 * e_w + 3 * noise if int8 else e_w + 3 * noise
+    print("     %s: weights alone e_w=%.4f, bf16 noise n=%.4f" % (name, e_w, noise))
+    check(e_bd <= b_bd, "%s: |bnb - dequantized| / |dequantized| = %.4f <= %.4f" % (name, e_bd, b_bd))
+    check(e_bl <= b_bl, "%s: |bnb - bf16| / |bf16| = %.4f <= %.4f" % (name, e_bl, b_bl))
+
+
+def fp8_case(qtool, tiny, work, name, config_text, ids):
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    cfg_path = os.path.join(work, name + ".json")
+    open(cfg_path, "w").write(config_text)
+    out, deq = os.path.join(work, "q-" + name), os.path.join(work, "dq-" + name)
+    run(qtool, "quantize", tiny, "--config", cfg_path, "-o", out, "-q")
+    run(qtool, "dequantize", out, "-o", deq, "-q")
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    cfg = QuantizationConfig.model_validate(qc)
+    scheme = cfg.config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(cfg.format)
+    sd, dq = load_dir(out), load_dir(deq)
+    n = bad = 0
+    for k in sd:
+        if not k.endswith(".weight_scale"):
+            continue
+        m = k[: -len(".weight_scale")]
+        got = compressor.decompress({"weight": sd[m + ".weight"], "weight_scale": sd[k]}, scheme)["weight"]
+        n += 1
+        if got.dtype != dq[m + ".weight"].dtype or not torch.equal(got, dq[m + ".weight"]):
+            bad += 1
+    check(n > 0 and bad == 0, "%s: %s decompresses %d weights to qtool dequantize's values (%d differ)"
+          % (name, compressor.__name__, n, bad))
+    if sd[next(k for k in sd if k.endswith(".weight_scale"))[: -len("_scale")]].dtype != torch.float8_e4m3fn:
+        return
+    from transformers import CompressedTensorsConfig
+    model, lq = logits(out, ids, device_map="cpu", quantization_config=CompressedTensorsConfig(dequantize=True))
+    msd = model.state_dict()
+    diff = [k for k, v in dq.items() if k in msd and not torch.equal(msd[k].to(v.dtype), v)]
+    check(not diff, "%s: transformers decompresses on load to qtool dequantize's weights (%d differ)" % (name, len(diff)))
+    _, lc = logits(out, ids, device_map="cpu")
+    _, ld = logits(deq, ids, dtype=torch.bfloat16)
+    check(torch.equal(lc, ld), "%s: compressed model's logits equal the dequantized model's (max diff %.3g)"
+          % (name, (lc - ld).abs().max().item()))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--qtool", required=True)
+    ap.add_argument("--samples", required=True)
+    ap.add_argument("--work")
+    args = ap.parse_args()
+    seed = int(os.environ.get("QTOOL_TEST_SEED", random.randrange(1 << 30)))
+    print("QTOOL_TEST_SEED=%d" % seed)
+    work = args.work or tempfile.mkdtemp(prefix="qtool-quantize-interop-")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    try:
+        tiny = os.path.join(work, "tiny")
+        run(args.qtool, "synth", "--preset", "tiny", "--seed", seed, "-o", tiny, "-q")
+        torch.manual_seed(seed)
+        ids = torch.randint(0, 1000, (2, 24))
+        _, ref_bf16 = logits(tiny, ids, dtype=torch.bfloat16)
+        _, ref_f32 = logits(tiny, ids, dtype=torch.float32)
+        noise = rel(ref_bf16, ref_f32)
+        nf4_plain = os.path.join(work, "nf4.json")
+        open(nf4_plain, "w").write('{"quant_backend": "nf4"}')
+        for name, cfg in (("int8", os.path.join(args.samples, "llama-int8.json")),
+                          ("nf4-dq", os.path.join(args.samples, "llama-nf4-dq.json")), ("nf4", nf4_plain)):
+            bnb_case(args.qtool, tiny, work, name, cfg, ids, ref_bf16, noise)
+        fp8_case(args.qtool, tiny, work, "fp8-channel", open(os.path.join(args.samples, "llama-fp8.json")).read(), ids)
+        fp8_case(args.qtool, tiny, work, "fp8-tensor", '{"quant_backend": "fp8_e4m3", "quant_kwargs": {"per_tensor": true}}', ids)
+        fp8_case(args.qtool, tiny, work, "fp8-e5m2", '{"quant_backend": "fp8_e5m2"}', ids)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    if FAILS:
+        print("%d check(s) failed" % len(FAILS))
+        sys.exit(1)
+    print("all ok")
+
+
+if __name__ == "__main__":
+    main()
