@@ -15,6 +15,7 @@
 // any plan fits in + --resident-fraction of the weights.
 //
 //   bench_stream [--scale 0.5] [--tokens 4096] [--stream-tokens 256] [--work DIR] [--json FILE]
+//                [--data DIR]   (DIR/bf16, DIR/nf4, DIR/int8 already made: no synthesis)
 #include <unistd.h>
 
 #include <algorithm>
@@ -60,6 +61,7 @@ struct Args {
   std::filesystem::path work;
   std::filesystem::path json_out;
   std::filesystem::path models_dir = "sample_configs/models";
+  std::filesystem::path data;     // reuse DIR/bf16, DIR/nf4, DIR/int8 instead of synthesizing
 };
 
 double median(std::vector<double> v) {
@@ -89,8 +91,11 @@ double median_ms(const rc::Stream& s, int repeats, Fn&& fn) {
 }
 
 planner::Plan plan_streaming(const Checkpoint& ckpt, const planner::DeviceProfile& profile, uint64_t tokens,
-                             double resident_fraction, const planner::TemplateLibrary* templates) {
+                             double resident_fraction, const planner::TemplateLibrary* templates,
+                             planner::OffloadMode mode = planner::OffloadMode::Auto) {
   planner::PlanOptions o;
+  o.offload = mode;
+  if (mode == planner::OffloadMode::Block) o.blocks_per_group = 1;
   o.profile = profile;
   o.tokens = tokens;
   o.templates = templates;
@@ -148,9 +153,10 @@ int main(int argc, char** argv) {
     else if (k == "--work") a.work = next();
     else if (k == "--json") a.json_out = next();
     else if (k == "--models-dir") a.models_dir = next();
+    else if (k == "--data") a.data = next();
     else {
       std::fprintf(stderr, "usage: bench_stream [--scale S] [--tokens N] [--stream-tokens N] [--resident-fraction F] "
-                           "[--steps K] [--work DIR] [--json FILE] [--models-dir DIR]\n");
+                           "[--steps K] [--work DIR] [--json FILE] [--models-dir DIR] [--data DIR]\n");
       return 2;
     }
   }
@@ -197,6 +203,8 @@ int main(int argc, char** argv) {
 
     // Data.
     const auto t0 = std::chrono::steady_clock::now();
+    const std::filesystem::path data = a.data.empty() ? a.work : a.data;
+    if (a.data.empty()) {
     SynthSpec spec;
     spec.preset = "flux";
     spec.scale = a.scale;
@@ -209,6 +217,7 @@ int main(int argc, char** argv) {
       so.scheme = *quant::parse_scheme(scheme);
       quant::ConvertOptions co;
       quant::quantize_checkpoint(a.work / "bf16", quant::config_for_scheme(so), a.work / scheme, co);
+    }
     }
     std::fprintf(stderr, "data ready in %.1f s\n",
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -285,8 +294,9 @@ int main(int argc, char** argv) {
 
     // 1. bf16 streaming bandwidth.
     {
-      const Checkpoint ckpt = Checkpoint::open(a.work / "bf16");
-      const planner::Plan plan = plan_streaming(ckpt, profile, a.stream_tokens, a.resident_fraction, tl);
+      const Checkpoint ckpt = Checkpoint::open(data / "bf16");
+      // Stream everything it can, a block per group (what a user streaming a bf16 model runs).
+      const planner::Plan plan = plan_streaming(ckpt, profile, a.stream_tokens, 0.0, tl, planner::OffloadMode::Block);
       const Schedule s = build_schedule(ckpt, plan);
       RunOptions o;
       o.tokens = a.stream_tokens;
@@ -326,7 +336,7 @@ int main(int argc, char** argv) {
 
     // 2. nf4 and int8 steps against transfer and all-resident.
     for (const char* scheme : {"nf4", "int8"}) {
-      const Checkpoint ckpt = Checkpoint::open(a.work / scheme);
+      const Checkpoint ckpt = Checkpoint::open(data / scheme);
       const planner::Plan plan = plan_streaming(ckpt, profile, a.tokens, a.resident_fraction, tl);
       const Schedule s = build_schedule(ckpt, plan);
       RunOptions o;

@@ -4,9 +4,8 @@
 #include <cstdio>
 #include <iostream>
 #include <memory>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "cli.hpp"
 #include "qtool/formats/checkpoint.hpp"
@@ -30,14 +29,20 @@ struct InspectOptions {
 std::string format_count(uint64_t n) {
   char buf[32];
   const double v = static_cast<double>(n);
-  if (n >= 1'000'000'000) std::snprintf(buf, sizeof buf, "%.2fB", v / 1e9);
-  else if (n >= 1'000'000) std::snprintf(buf, sizeof buf, "%.2fM", v / 1e6);
-  else if (n >= 1'000) std::snprintf(buf, sizeof buf, "%.2fK", v / 1e3);
-  else std::snprintf(buf, sizeof buf, "%llu", static_cast<unsigned long long>(n));
+  if (n >= 1'000'000'000)
+    std::snprintf(buf, sizeof buf, "%.2fB", v / 1e9);
+  else if (n >= 1'000'000)
+    std::snprintf(buf, sizeof buf, "%.2fM", v / 1e6);
+  else if (n >= 1'000)
+    std::snprintf(buf, sizeof buf, "%.2fK", v / 1e3);
+  else
+    std::snprintf(buf, sizeof buf, "%llu", static_cast<unsigned long long>(n));
   return buf;
 }
 
-std::string json_text(const nlohmann::json& j) { return j.is_string() ? j.get<std::string>() : std::string(); }
+std::string json_text(const nlohmann::json& j) {
+  return j.is_string() ? j.get<std::string>() : std::string();
+}
 
 std::string pad(std::string s, size_t width) {
   if (s.size() < width) s.append(width - s.size(), ' ');
@@ -63,8 +68,9 @@ void print_table(const GlobalOptions& global, const nlohmann::json& d) {
   const auto& totals = d["totals"];
   std::string title = d["path"].get<std::string>() + ": " + d["layout"].get<std::string>();
   if (d["pipeline_class"].is_string()) title += " " + d["pipeline_class"].get<std::string>();
-  title += ", " + std::to_string(d["components"].size()) + " component" + (d["components"].size() == 1 ? "" : "s") +
-           ", " + format_count(totals["parameters"]) + " parameters, " + format_size(totals["bytes"]) + " in " +
+  title += ", " + std::to_string(d["components"].size()) + " component" +
+           (d["components"].size() == 1 ? "" : "s") + ", " + format_count(totals["parameters"]) +
+           " parameters, " + format_size(totals["bytes"]) + " in " +
            std::to_string(totals["files"].get<uint64_t>()) + " file" + (totals["files"] == 1 ? "" : "s");
   info(global, title);
   info(global, "fingerprint " + d["fingerprint"].get<std::string>());
@@ -73,7 +79,8 @@ void print_table(const GlobalOptions& global, const nlohmann::json& d) {
                    lpad("bytes", 12) + lpad("shards", 8));
   for (const auto& c : d["components"]) {
     const std::string name = c["name"].get<std::string>().empty() ? "(model)" : c["name"].get<std::string>();
-    info(global, pad(name, 18) + pad(component_class(c), 30) + lpad(std::to_string(c["tensors"].get<uint64_t>()), 9) +
+    info(global, pad(name, 18) + pad(component_class(c), 30) +
+                     lpad(std::to_string(c["tensors"].get<uint64_t>()), 9) +
                      lpad(format_count(c["parameters"]), 10) + lpad(format_size(c["bytes"]), 12) +
                      lpad(std::to_string(c["shards"].size()), 8));
   }
@@ -96,8 +103,8 @@ void print_table(const GlobalOptions& global, const nlohmann::json& d) {
       info(global, "  config: none");
     }
     info(global, "  tensors " + std::to_string(c["tensors"].get<uint64_t>()) + ", parameters " +
-                     format_count(c["parameters"]) + " (" + std::to_string(c["parameters"].get<uint64_t>()) + "), " +
-                     format_size(c["bytes"]));
+                     format_count(c["parameters"]) + " (" + std::to_string(c["parameters"].get<uint64_t>()) +
+                     "), " + format_size(c["bytes"]));
     std::string dtypes = "  dtypes:";
     bool first = true;
     for (const auto& [dt, k] : c["dtypes"].items()) {

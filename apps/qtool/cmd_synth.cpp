@@ -108,8 +108,10 @@ void print_summary(const GlobalOptions& global, const SynthModel& model, const S
     return;
   }
   const double rate = r.seconds > 0 ? static_cast<double>(r.n_bytes) / r.seconds : 0.0;
+  char secs[32];
+  std::snprintf(secs, sizeof secs, "%.1f s", r.seconds);
   info(global, str_cat("wrote ", r.output.string(), ": ", format_count(r.n_params), " parameters, ", format_size(r.n_bytes),
-                       " in ", r.seconds, " s (", format_size(static_cast<uint64_t>(rate)), "/s)"));
+                       " in ", secs, " (", format_size(static_cast<uint64_t>(rate)), "/s)"));
 }
 
 void add_synth(CLI::App& app, const GlobalOptions& global, CommandFn& run) {

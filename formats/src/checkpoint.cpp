@@ -45,7 +45,8 @@ Json parse_json_text(const std::string& text, const fs::path& path) {
   } catch (const nlohmann::json::parse_error& e) {
     std::string what = e.what();
     if (const size_t p = what.find("] "); p != std::string::npos) what = what.substr(p + 2);
-    fail(ErrorKind::InvalidInput, path.string(), ": invalid JSON at byte ", e.byte > 0 ? e.byte - 1 : 0, ": ", what);
+    fail(ErrorKind::InvalidInput, path.string(), ": invalid JSON at byte ", e.byte > 0 ? e.byte - 1 : 0, ": ",
+         what);
   }
 }
 
@@ -63,14 +64,16 @@ std::vector<std::string> list_files(const fs::path& dir) {
 }
 
 bool has_safetensors(const std::vector<std::string>& files) {
-  return std::any_of(files.begin(), files.end(),
-                     [](const std::string& f) { return ends_with(f, kSafetensorsSuffix) || ends_with(f, kIndexSuffix); });
+  return std::any_of(files.begin(), files.end(), [](const std::string& f) {
+    return ends_with(f, kSafetensorsSuffix) || ends_with(f, kIndexSuffix);
+  });
 }
 
 // PyTorch pickle weights, which qtool does not read.
 std::optional<std::string> find_pickle_weights(const std::vector<std::string>& files) {
   for (const auto& f : files)
-    if (ends_with(f, ".bin") || ends_with(f, ".pt") || ends_with(f, ".pth") || ends_with(f, ".ckpt")) return f;
+    if (ends_with(f, ".bin") || ends_with(f, ".pt") || ends_with(f, ".pth") || ends_with(f, ".ckpt"))
+      return f;
   return std::nullopt;
 }
 
@@ -141,7 +144,8 @@ void Component::build_entries() {
       const auto [it, inserted] = by_name_.emplace(ts[ti].name, e);
       if (!inserted)
         fail(ErrorKind::InvalidInput, shards_[si].path().string(), ": tensor '", ts[ti].name, "' is also in ",
-             shards_[it->second.shard].path().string(), " (file offset ", shards_[si].file_offset(ts[ti]), ")");
+             shards_[it->second.shard].path().string(), " (file offset ", shards_[si].file_offset(ts[ti]),
+             ")");
       entries_.push_back(e);
     }
   }
@@ -188,8 +192,10 @@ Component Component::open_folder(const fs::path& dir, std::string name) {
     // Other names: one index, or one file.
     std::vector<std::string> indexes, singles;
     for (const auto& f : files) {
-      if (ends_with(f, kIndexSuffix)) indexes.push_back(f);
-      else if (ends_with(f, kSafetensorsSuffix)) singles.push_back(f);
+      if (ends_with(f, kIndexSuffix))
+        indexes.push_back(f);
+      else if (ends_with(f, kSafetensorsSuffix))
+        singles.push_back(f);
     }
     if (indexes.size() == 1) {
       index = indexes[0];
@@ -201,10 +207,12 @@ Component Component::open_folder(const fs::path& dir, std::string name) {
       single = singles[0];
       c.weights_base_ = single.substr(0, single.size() - kSafetensorsSuffix.size());
     } else if (singles.size() > 1) {
-      fail(ErrorKind::InvalidInput, dir.string(), ": ", singles.size(), " .safetensors files (", singles[0], ", ",
-           singles[1], ", ...) and no index (model.safetensors.index.json) saying how they belong together");
+      fail(ErrorKind::InvalidInput, dir.string(), ": ", singles.size(), " .safetensors files (", singles[0],
+           ", ", singles[1],
+           ", ...) and no index (model.safetensors.index.json) saying how they belong together");
     } else if (const auto pickle = find_pickle_weights(files)) {
-      fail(ErrorKind::Unsupported, (dir / *pickle).string(), ": PyTorch pickle weights are not supported; qtool reads .safetensors");
+      fail(ErrorKind::Unsupported, (dir / *pickle).string(),
+           ": PyTorch pickle weights are not supported; qtool reads .safetensors");
     } else {
       fail(ErrorKind::InvalidInput, dir.string(), ": no .safetensors weights in this folder");
     }
@@ -228,9 +236,11 @@ Component Component::open_folder(const fs::path& dir, std::string name) {
   std::map<std::string, std::string> shard_files;  // file -> first tensor mapped to it
   for (const auto& [tensor, file] : wm->items()) {
     if (!file.is_string())
-      fail(ErrorKind::InvalidInput, index_label, ": tensor '", tensor, "': weight_map value is not a file name");
+      fail(ErrorKind::InvalidInput, index_label, ": tensor '", tensor,
+           "': weight_map value is not a file name");
     const std::string f = file.get<std::string>();
-    if (f.empty() || f == "." || f == ".." || f.find('/') != std::string::npos || f.find('\\') != std::string::npos)
+    if (f.empty() || f == "." || f == ".." || f.find('/') != std::string::npos ||
+        f.find('\\') != std::string::npos)
       fail(ErrorKind::InvalidInput, index_label, ": tensor '", tensor, "': shard '", f,
            "' is not a file name in the folder");
     weight_map.emplace(tensor, f);
@@ -239,8 +249,8 @@ Component Component::open_folder(const fs::path& dir, std::string name) {
   if (weight_map.empty()) fail(ErrorKind::InvalidInput, index_label, ": weight_map is empty");
   for (const auto& [file, tensor] : shard_files) {
     if (!has(file))
-      fail(ErrorKind::InvalidInput, index_label, ": tensor '", tensor, "': shard '", file, "' does not exist in ",
-           dir.string());
+      fail(ErrorKind::InvalidInput, index_label, ": tensor '", tensor, "': shard '", file,
+           "' does not exist in ", dir.string());
   }
   std::vector<std::string> shard_names;
   for (const auto& [file, tensor] : shard_files) {
@@ -255,15 +265,16 @@ Component Component::open_folder(const fs::path& dir, std::string name) {
       data_bytes += t.nbytes();
       const auto it = weight_map.find(t.name);
       if (it == weight_map.end())
-        fail(ErrorKind::InvalidInput, shard.path().string(), ": tensor '", t.name, "' is not in the index ", index,
-             " (file offset ", shard.file_offset(t), ")");
+        fail(ErrorKind::InvalidInput, shard.path().string(), ": tensor '", t.name, "' is not in the index ",
+             index, " (file offset ", shard.file_offset(t), ")");
       if (it->second != shard_names[s])
         fail(ErrorKind::InvalidInput, shard.path().string(), ": tensor '", t.name, "' is here (file offset ",
              shard.file_offset(t), ") but ", index, " maps it to '", it->second, "'");
     }
   }
   for (const auto& [tensor, file] : weight_map) {
-    const size_t s = static_cast<size_t>(std::find(shard_names.begin(), shard_names.end(), file) - shard_names.begin());
+    const size_t s =
+        static_cast<size_t>(std::find(shard_names.begin(), shard_names.end(), file) - shard_names.begin());
     if (!c.shards_[s].find(tensor))
       fail(ErrorKind::InvalidInput, index_label, ": tensor '", tensor, "' is mapped to '", file,
            "', which does not contain it");
@@ -275,8 +286,8 @@ Component Component::open_folder(const fs::path& dir, std::string name) {
       const double total = ts->get<double>();
       // Writers count tensor bytes (sometimes whole storages): it cannot be far from the data.
       if (total > 2.0 * static_cast<double>(file_bytes) || total < 0.5 * static_cast<double>(data_bytes))
-        fail(ErrorKind::InvalidInput, index_label, ": metadata.total_size ", ts->dump(), " is implausible: the shards hold ",
-             data_bytes, " bytes of tensors");
+        fail(ErrorKind::InvalidInput, index_label, ": metadata.total_size ", ts->dump(),
+             " is implausible: the shards hold ", data_bytes, " bytes of tensors");
     }
   } else if (meta != j.end() && !meta->is_null()) {
     fail(ErrorKind::InvalidInput, index_label, ": 'metadata' is not an object");
@@ -321,11 +332,13 @@ Checkpoint Checkpoint::open(const fs::path& path) {
       // Pipeline options (requires_safety_checker: true, ...) are not components; a component
       // folder whose entry is not [library, class] is a broken file.
       if (fs::is_directory(path / key))
-        fail(ErrorKind::InvalidInput, label, ": component '", key, "': expected [library, class], got ", value.dump());
+        fail(ErrorKind::InvalidInput, label, ": component '", key, "': expected [library, class], got ",
+             value.dump());
       continue;
     }
     if (value.size() != 2)
-      fail(ErrorKind::InvalidInput, label, ": component '", key, "': expected [library, class], got ", value.dump());
+      fail(ErrorKind::InvalidInput, label, ": component '", key, "': expected [library, class], got ",
+           value.dump());
     if (value[0].is_null() && value[1].is_null()) continue;  // an absent optional component
     if (!value[0].is_string() || !value[1].is_string())
       fail(ErrorKind::InvalidInput, label, ": component '", key, "': expected [library, class] strings, got ",
@@ -367,7 +380,8 @@ std::string Checkpoint::fingerprint() const {
     std::vector<const TensorInfo*> ts;
     ts.reserve(c.entries().size());
     for (const auto& e : c.entries()) ts.push_back(&c.info(e));
-    std::sort(ts.begin(), ts.end(), [](const TensorInfo* a, const TensorInfo* b) { return a->name < b->name; });
+    std::sort(ts.begin(), ts.end(),
+              [](const TensorInfo* a, const TensorInfo* b) { return a->name < b->name; });
     for (const TensorInfo* t : ts) {
       h.str(t->name);
       h.str(dtype_name(t->dtype));

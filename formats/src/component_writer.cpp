@@ -35,8 +35,8 @@ ComponentWriter::ComponentWriter(std::filesystem::path dir, std::string base,
   writers_.reserve(n);
   for (size_t s = 0; s < n; ++s) {
     for (const TensorDecl& d : shards[s]) shard_of_.emplace(d.name, s);
-    writers_.push_back(
-        std::make_unique<SafetensorsWriter>(dir_ / shard_file_name(base_, s, n), std::move(shards[s]), metadata));
+    writers_.push_back(std::make_unique<SafetensorsWriter>(dir_ / shard_file_name(base_, s, n),
+                                                           std::move(shards[s]), metadata));
   }
 }
 
@@ -53,7 +53,8 @@ void ComponentWriter::commit() {
   for (auto& w : writers_) w->commit();
   if (writers_.size() > 1) {
     nlohmann::json weight_map = nlohmann::json::object();
-    for (const auto& [name, shard] : shard_of_) weight_map[name] = writers_[shard]->path().filename().string();
+    for (const auto& [name, shard] : shard_of_)
+      weight_map[name] = writers_[shard]->path().filename().string();
     const nlohmann::json index = {{"metadata", {{"total_size", total_size_}}}, {"weight_map", weight_map}};
     write_json_file(dir_ / (base_ + ".safetensors.index.json"), index);
   }

@@ -40,7 +40,8 @@ const char* layout_name(Checkpoint::Layout l) {
 }  // namespace
 
 nlohmann::json describe_checkpoint(const Checkpoint& ck) {
-  const nlohmann::json* pipeline_class = ck.model_index() ? member(*ck.model_index(), "_class_name") : nullptr;
+  const nlohmann::json* pipeline_class =
+      ck.model_index() ? member(*ck.model_index(), "_class_name") : nullptr;
   nlohmann::json components = nlohmann::json::array();
   uint64_t total_tensors = 0, total_params = 0, total_bytes = 0, total_files = 0, total_file_bytes = 0;
   for (const Component& c : ck.components()) {
@@ -86,20 +87,21 @@ nlohmann::json describe_checkpoint(const Checkpoint& ck) {
     if (!c.shards().empty())
       for (const auto& [k, v] : c.shards()[0].metadata()) metadata[k] = v;
 
-    components.push_back({{"name", c.name()},
-                          {"library", library},
-                          {"class", class_name},
-                          {"dir", c.dir().string()},
-                          {"weights_base", c.weights_base()},
-                          {"index", c.index_path().empty() ? nlohmann::json(nullptr)
-                                                           : nlohmann::json(c.index_path().filename().string())},
-                          {"tensors", tensors},
-                          {"parameters", params},
-                          {"bytes", bytes},
-                          {"dtypes", std::move(dtypes)},
-                          {"shards", std::move(shards)},
-                          {"config", config_summary(c.config())},
-                          {"metadata", std::move(metadata)}});
+    components.push_back(
+        {{"name", c.name()},
+         {"library", library},
+         {"class", class_name},
+         {"dir", c.dir().string()},
+         {"weights_base", c.weights_base()},
+         {"index", c.index_path().empty() ? nlohmann::json(nullptr)
+                                          : nlohmann::json(c.index_path().filename().string())},
+         {"tensors", tensors},
+         {"parameters", params},
+         {"bytes", bytes},
+         {"dtypes", std::move(dtypes)},
+         {"shards", std::move(shards)},
+         {"config", config_summary(c.config())},
+         {"metadata", std::move(metadata)}});
     total_tensors += tensors;
     total_params += params;
     total_bytes += bytes;

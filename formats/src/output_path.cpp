@@ -41,7 +41,8 @@ void remove_stale_temporaries(const fs::path& final_path) {
     const std::string name = e.path().filename().string();
     if (name.rfind(prefix, 0) != 0) continue;
     const std::string pid_text = name.substr(prefix.size());
-    if (pid_text.empty() || pid_text.size() > 9 || pid_text.find_first_not_of("0123456789") != std::string::npos)
+    if (pid_text.empty() || pid_text.size() > 9 ||
+        pid_text.find_first_not_of("0123456789") != std::string::npos)
       continue;
     const pid_t pid = static_cast<pid_t>(std::stol(pid_text));
     if (pid == ::getpid()) continue;
@@ -60,7 +61,8 @@ OutputPath::OutputPath(fs::path final_path, bool force, const fs::path& input) :
     const fs::path in = absolute_normal(input);
     if (final_ == in) fail(ErrorKind::InvalidInput, final_path.string(), ": the output is the input");
     if (is_within(final_, in))
-      fail(ErrorKind::InvalidInput, final_path.string(), ": the output lies inside the input ", input.string());
+      fail(ErrorKind::InvalidInput, final_path.string(), ": the output lies inside the input ",
+           input.string());
     if (is_within(in, final_))
       fail(ErrorKind::InvalidInput, final_path.string(), ": the input ", input.string(),
            " lies inside the output, which would be replaced");
@@ -90,7 +92,8 @@ void OutputPath::commit() {
     fail(ErrorKind::Internal, tmp_.string(), ": nothing was written to the temporary output");
   const bool exists = fs::symlink_status(final_, ec).type() != fs::file_type::not_found;
   if (exists && !force_)
-    fail(ErrorKind::InvalidInput, final_.string(), ": output appeared while writing (use --force to replace it)");
+    fail(ErrorKind::InvalidInput, final_.string(),
+         ": output appeared while writing (use --force to replace it)");
   if (exists && !fs::is_directory(final_) && !fs::is_directory(tmp_)) {
     // A file replaces a file atomically.
     if (::rename(tmp_.c_str(), final_.c_str()) != 0)

@@ -10,11 +10,10 @@
 #include <cstring>
 #include <iterator>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <unordered_set>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/safetensors.hpp"
@@ -182,8 +181,8 @@ class HeaderSax {
   std::string float_text_;
   std::string* string_ = nullptr;
 
-  std::unordered_set<std::string> names_;       // top-level keys seen
-  std::unordered_set<std::string> meta_keys_;   // __metadata__ keys seen
+  std::unordered_set<std::string> names_;      // top-level keys seen
+  std::unordered_set<std::string> meta_keys_;  // __metadata__ keys seen
   std::string meta_key_;
   bool seen_metadata_ = false;
 
@@ -215,18 +214,20 @@ bool HeaderSax::key(std::string& k) {
       meta_key_ = k;
       return true;
     case State::Entry:
-      if (k == "dtype") field_ = Field::DType;
-      else if (k == "shape") field_ = Field::Shape;
-      else if (k == "data_offsets") field_ = Field::Offsets;
-      else field_ = Field::Unknown;  // like the reference reader, other keys are ignored
+      if (k == "dtype")
+        field_ = Field::DType;
+      else if (k == "shape")
+        field_ = Field::Shape;
+      else if (k == "data_offsets")
+        field_ = Field::Offsets;
+      else
+        field_ = Field::Unknown;  // like the reference reader, other keys are ignored
       if ((field_ == Field::DType && has_dtype_) || (field_ == Field::Shape && has_shape_) ||
           (field_ == Field::Offsets && has_offsets_))
         fail_tensor("duplicate key '", k, "'");
       return true;
-    case State::Skip:
-      return true;
-    default:
-      fail_header("unexpected key '", k, "'");
+    case State::Skip: return true;
+    default: fail_header("unexpected key '", k, "'");
   }
 }
 
@@ -288,13 +289,13 @@ bool HeaderSax::value(Kind kind) {
             state_ = State::Skip;
           }
           return true;
-        case Field::None:
-          break;
+        case Field::None: break;
       }
       fail_tensor("unexpected value");
     case State::Shape:
       if (kind == Kind::Float) fail_tensor("shape entry ", float_text_, " is not an integer");
-      if (kind != Kind::Unsigned) fail_tensor("shape entry is ", kind_name(kind), ", not a non-negative integer");
+      if (kind != Kind::Unsigned)
+        fail_tensor("shape entry is ", kind_name(kind), ", not a non-negative integer");
       if (number_ > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
         fail_tensor("shape entry ", number_, " is too large");
       entry_.shape.push_back(static_cast<int64_t>(number_));
@@ -309,17 +310,14 @@ bool HeaderSax::value(Kind kind) {
     case State::Skip:
       if (kind == Kind::Object || kind == Kind::Array) ++skip_depth_;
       return true;
-    case State::Done:
-      break;
+    case State::Done: break;
   }
   fail_header("unexpected value after the end of the header object");
 }
 
 bool HeaderSax::end_array() {
   switch (state_) {
-    case State::Shape:
-      state_ = State::Entry;
-      return true;
+    case State::Shape: state_ = State::Entry; return true;
     case State::Offsets:
       if (offsets_.size() != 2) fail_tensor("data_offsets has ", offsets_.size(), " entries, not 2");
       entry_.begin = offsets_[0];
@@ -329,16 +327,13 @@ bool HeaderSax::end_array() {
     case State::Skip:
       if (--skip_depth_ == 0) state_ = skip_return_;
       return true;
-    default:
-      fail_header("unexpected end of array");
+    default: fail_header("unexpected end of array");
   }
 }
 
 bool HeaderSax::end_object() {
   switch (state_) {
-    case State::Top:
-      state_ = State::Done;
-      return true;
+    case State::Top: state_ = State::Done; return true;
     case State::Metadata:
       state_ = State::Top;
       entry_ = TensorInfo{};
@@ -351,8 +346,7 @@ bool HeaderSax::end_object() {
     case State::Skip:
       if (--skip_depth_ == 0) state_ = skip_return_;
       return true;
-    default:
-      fail_header("unexpected end of object");
+    default: fail_header("unexpected end of object");
   }
 }
 
@@ -365,7 +359,8 @@ void HeaderSax::finish_entry() {
   // The byte size must be representable: numel * dtype size without overflow.
   uint64_t n = 1;
   for (int64_t d : entry_.shape) {
-    if (__builtin_mul_overflow(n, static_cast<uint64_t>(d), &n)) fail_tensor("shape product overflows 64 bits");
+    if (__builtin_mul_overflow(n, static_cast<uint64_t>(d), &n))
+      fail_tensor("shape product overflows 64 bits");
   }
   uint64_t bytes = 0;
   if (__builtin_mul_overflow(n, static_cast<uint64_t>(dtype_size(entry_.dtype)), &bytes))
@@ -380,8 +375,8 @@ bool HeaderSax::parse_error(size_t position, const std::string&, const nlohmann:
     what = what.substr(p + 2);
   const uint64_t at = 8 + (position > 0 ? position - 1 : 0);
   if (state_ == State::Entry || state_ == State::Shape || state_ == State::Offsets || state_ == State::Skip)
-    fail(ErrorKind::InvalidInput, label_, ": tensor '", entry_.name, "': header is not valid JSON at file offset ",
-         at, ": ", what);
+    fail(ErrorKind::InvalidInput, label_, ": tensor '", entry_.name,
+         "': header is not valid JSON at file offset ", at, ": ", what);
   fail(ErrorKind::InvalidInput, label_, ": header is not valid JSON at file offset ", at, ": ", what);
 }
 
@@ -431,8 +426,9 @@ SafetensorsHeader parse_safetensors_header(std::span<const uint8_t> head, uint64
   nlohmann::json::sax_parse(first, last, &sax);
 
   if (sax.unsupported_tensor())
-    fail(ErrorKind::Unsupported, label, ": tensor '", *sax.unsupported_tensor(), "': dtype ", sax.unsupported_dtype(),
-         " is not supported by qtool (header, file offset ", sax.unsupported_offset(), ")");
+    fail(ErrorKind::Unsupported, label, ": tensor '", *sax.unsupported_tensor(), "': dtype ",
+         sax.unsupported_dtype(), " is not supported by qtool (header, file offset ",
+         sax.unsupported_offset(), ")");
 
   // Offsets: sorted by position, they must tile [0, data size) exactly.
   auto& ts = header.tensors;
@@ -448,24 +444,26 @@ SafetensorsHeader parse_safetensors_header(std::span<const uint8_t> head, uint64
       fail(ErrorKind::InvalidInput, label, ": tensor '", t.name, "': ", args...);
     };
     if (t.end < t.begin)
-      bad("data_offsets end ", t.end, " is before begin ", t.begin, " (file offset ", data_offset + t.begin, ")");
+      bad("data_offsets end ", t.end, " is before begin ", t.begin, " (file offset ", data_offset + t.begin,
+          ")");
     const uint64_t want = t.numel() * dtype_size(t.dtype);
     if (t.end - t.begin != want) {
       std::string shape = "[";
       for (size_t i = 0; i < t.shape.size(); ++i) shape += (i ? ", " : "") + std::to_string(t.shape[i]);
       shape += "]";
-      bad("data_offsets [", t.begin, ", ", t.end, ") hold ", t.end - t.begin, " bytes but ", dtype_name(t.dtype),
-          " ", shape, " needs ", want, " (file offset ", data_offset + t.begin, ")");
+      bad("data_offsets [", t.begin, ", ", t.end, ") hold ", t.end - t.begin, " bytes but ",
+          dtype_name(t.dtype), " ", shape, " needs ", want, " (file offset ", data_offset + t.begin, ")");
     }
     if (t.begin > expected) {
-      if (!prev) bad("data_offsets begin ", t.begin, ": the first tensor must start at data offset 0 (file offset ",
-                     data_offset, ")");
+      if (!prev)
+        bad("data_offsets begin ", t.begin, ": the first tensor must start at data offset 0 (file offset ",
+            data_offset, ")");
       bad("gap of ", t.begin - expected, " bytes before this tensor: it begins at data offset ", t.begin,
           " but tensor '", prev->name, "' ends at ", expected, " (file offset ", data_offset + expected, ")");
     }
     if (t.begin < expected)
-      bad("data_offsets [", t.begin, ", ", t.end, ") overlap tensor '", prev->name, "' which ends at ", expected,
-          " (file offset ", data_offset + t.begin, ")");
+      bad("data_offsets [", t.begin, ", ", t.end, ") overlap tensor '", prev->name, "' which ends at ",
+          expected, " (file offset ", data_offset + t.begin, ")");
     if (t.end > data_size)
       bad("data_offsets end ", t.end, " exceeds data size ", data_size, " (file offset ", data_offset + t.end,
           " > file size ", file_size, ")");
@@ -474,8 +472,8 @@ SafetensorsHeader parse_safetensors_header(std::span<const uint8_t> head, uint64
   }
   if (expected < data_size) {
     if (!prev)
-      fail(ErrorKind::InvalidInput, label, ": no tensors, but ", data_size, " data bytes follow the header (file offset ",
-           data_offset, ")");
+      fail(ErrorKind::InvalidInput, label, ": no tensors, but ", data_size,
+           " data bytes follow the header (file offset ", data_offset, ")");
     fail(ErrorKind::InvalidInput, label, ": tensor '", prev->name, "': ", data_size - expected,
          " trailing bytes after the last tensor, which ends at data offset ", expected, " (file offset ",
          data_offset + expected, " < file size ", file_size, ")");

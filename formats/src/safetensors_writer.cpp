@@ -8,11 +8,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <string>
 #include <unordered_set>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/safetensors.hpp"
@@ -71,7 +70,8 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
     if (!seen.insert(d.name).second)
       fail(ErrorKind::InvalidInput, path_.string(), ": tensor '", d.name, "' declared twice");
     for (int64_t dim : d.shape)
-      if (dim < 0) fail(ErrorKind::InvalidInput, path_.string(), ": tensor '", d.name, "': negative dimension ", dim);
+      if (dim < 0)
+        fail(ErrorKind::InvalidInput, path_.string(), ": tensor '", d.name, "': negative dimension ", dim);
   }
 
   // Larger elements first, so that every tensor starts at a multiple of its element size.
@@ -94,7 +94,8 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
   for (size_t i : order) {
     const TensorDecl& d = decls[i];
     const uint64_t nbytes = d.nbytes();
-    header += "," + json_string(d.name) + ":{\"dtype\":\"" + std::string(dtype_name(d.dtype)) + "\",\"shape\":[";
+    header +=
+        "," + json_string(d.name) + ":{\"dtype\":\"" + std::string(dtype_name(d.dtype)) + "\",\"shape\":[";
     for (size_t k = 0; k < d.shape.size(); ++k) header += (k ? "," : "") + std::to_string(d.shape[k]);
     header += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + nbytes) + "]}";
     begins[i] = offset;
@@ -116,9 +117,11 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
   if (fd_ < 0) fail(ErrorKind::Io, tmp_path_.string(), ": cannot create: ", std::strerror(errno));
   try {
     if (::ftruncate(fd_, static_cast<off_t>(file_size_)) != 0)
-      fail(ErrorKind::Io, tmp_path_.string(), ": cannot size to ", file_size_, " bytes: ", std::strerror(errno));
+      fail(ErrorKind::Io, tmp_path_.string(), ": cannot size to ", file_size_,
+           " bytes: ", std::strerror(errno));
     uint8_t len[8];
-    for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(header.size()) >> (8 * i));
+    for (int i = 0; i < 8; ++i)
+      len[i] = static_cast<uint8_t>(static_cast<uint64_t>(header.size()) >> (8 * i));
     pwrite_all(fd_, len, 8, 0, tmp_path_);
     pwrite_all(fd_, reinterpret_cast<const uint8_t*>(header.data()), header.size(), 8, tmp_path_);
   } catch (...) {
@@ -138,8 +141,8 @@ void SafetensorsWriter::write(std::string_view name, std::span<const uint8_t> by
   if (it == slots_.end()) fail(ErrorKind::Internal, path_.string(), ": tensor '", name, "' was not declared");
   Slot& slot = it->second;
   if (offset > slot.nbytes || bytes.size() > slot.nbytes - offset)
-    fail(ErrorKind::Internal, path_.string(), ": tensor '", name, "': write of ", bytes.size(), " bytes at offset ",
-         offset, " exceeds its ", slot.nbytes, " bytes");
+    fail(ErrorKind::Internal, path_.string(), ": tensor '", name, "': write of ", bytes.size(),
+         " bytes at offset ", offset, " exceeds its ", slot.nbytes, " bytes");
   {
     std::lock_guard<std::mutex> lock(*mu_);
     if (committed_ || fd_ < 0) fail(ErrorKind::Internal, path_.string(), ": write after commit");
@@ -156,8 +159,8 @@ void SafetensorsWriter::commit() {
   if (committed_) return;
   for (const auto& [name, slot] : slots_)
     if (slot.written != slot.nbytes)
-      fail(ErrorKind::Internal, path_.string(), ": tensor '", name, "': only ", slot.written, " of ", slot.nbytes,
-           " bytes written (file offset ", slot.file_offset, ")");
+      fail(ErrorKind::Internal, path_.string(), ": tensor '", name, "': only ", slot.written, " of ",
+           slot.nbytes, " bytes written (file offset ", slot.file_offset, ")");
   if (::fsync(fd_) != 0) fail(ErrorKind::Io, tmp_path_.string(), ": fsync failed: ", std::strerror(errno));
   if (::close(fd_) != 0) {
     fd_ = -1;
@@ -165,7 +168,8 @@ void SafetensorsWriter::commit() {
   }
   fd_ = -1;
   if (::rename(tmp_path_.c_str(), path_.c_str()) != 0)
-    fail(ErrorKind::Io, tmp_path_.string(), ": cannot rename to ", path_.string(), ": ", std::strerror(errno));
+    fail(ErrorKind::Io, tmp_path_.string(), ": cannot rename to ", path_.string(), ": ",
+         std::strerror(errno));
   committed_ = true;
   fsync_dir(path_.parent_path());
 }

@@ -161,6 +161,20 @@ std::string loader_library(const Checkpoint& checkpoint, const Component& compon
   return "";
 }
 
+// Linear modules that a loader keeps in full precision whatever the quantization config says
+// (transformers' _keep_in_fp32_modules, which its bitsandbytes and compressed-tensors quantizers
+// never convert), by config.json model_type.
+std::vector<std::string> loader_kept_modules(const Component& component) {
+  const auto& config = component.config();
+  if (!config || !config->is_object()) return {};
+  const auto it = config->find("model_type");
+  if (it == config->end() || !it->is_string()) return {};
+  static const std::map<std::string, std::vector<std::string>> kKept = {
+      {"t5", {"wo"}}, {"mt5", {"wo"}}, {"umt5", {"wo"}}, {"pop2piano", {"wo"}}, {"udop", {"wo"}}};
+  const auto kept = kKept.find(it->get<std::string>());
+  return kept == kKept.end() ? std::vector<std::string>{} : kept->second;
+}
+
 bool tied_embeddings(const Component& component) {
   const auto& config = component.config();
   if (!config || !config->is_object()) return false;
@@ -409,6 +423,7 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
     std::set<std::string> quantized;
     std::set<std::string> unquantized;
     std::set<std::string> modules;
+    const std::vector<std::string> kept = loader_kept_modules(component);
     for (const auto& e : component.entries()) {
       const TensorInfo& t = component.info(e);
       modules.insert(module_of_tensor(t.name));
@@ -422,6 +437,7 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
       }
       bool skip = false;
       for (const auto& p : cp.patterns) skip = skip || pattern_matches(p, module);
+      for (const auto& p : kept) skip = skip || pattern_matches(p, module);
       (skip ? unquantized : quantized).insert(module);
     }
     for (const auto& module : modules) {

@@ -579,14 +579,12 @@ void Planner::make_groups(Outcome& o) const {
   int32_t last = -2;  // the previous unit id in order that was offloaded into cur
   auto flush = [&]() {
     if (cur.units.empty()) return;
-    std::vector<uint64_t> sizes;
+    // Tensors laid out back to back at 256-byte boundaries: the group's arena is the sum of its
+    // units' arenas.
     for (uint32_t u : cur.units) {
-      for (const Leaf& l : units_[u].leaves) {
-        for (uint32_t t : l.tensors) sizes.push_back(comps_[units_[u].comp].tree.tensors()[t].nbytes);
-      }
       cur.bytes += units_[u].bytes;
+      cur.arena += arena_[u];
     }
-    cur.arena = layout_arena(sizes).total;
     for (uint32_t u : cur.units) {
       if (o.unit_group[u] < 0) o.unit_group[u] = static_cast<int32_t>(o.groups.size());
     }
@@ -771,20 +769,18 @@ Outcome Planner::place(const Candidate& c, size_t m) const {
         for (const Leaf& l : units_[id].leaves) slot = std::max(slot, l.arena);
       }
     } else {
-      std::vector<uint64_t> sizes;
+      uint64_t run_arena = 0;
       uint32_t run = 0;
       uint32_t prev = 0;
       auto close = [&]() {
-        slot = std::max(slot, layout_arena(sizes).total);
-        sizes.clear();
+        slot = std::max(slot, run_arena);
+        run_arena = 0;
         run = 0;
       };
       for (uint32_t id = 0; id < units_.size(); ++id) {
         if (!off[id]) continue;
         if (run > 0 && (prev + 1 != id || run == c.n || units_[prev].comp != units_[id].comp)) close();
-        for (const Leaf& l : units_[id].leaves) {
-          for (uint32_t t : l.tensors) sizes.push_back(comps_[units_[id].comp].tree.tensors()[t].nbytes);
-        }
+        run_arena += arena_[id];
         ++run;
         prev = id;
       }

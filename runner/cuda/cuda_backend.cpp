@@ -79,7 +79,7 @@ struct GpuState {
   uint64_t slot_bytes = 0;
   DeviceBuffer activation_in;     // [tokens, max_in] bf16
   uint64_t max_in = 0;
-  DeviceBuffer activation_out;    // [tokens, max_out] bf16, then the tables, then the digests
+  DeviceBuffer activation_out;    // [tokens, max_out] bf16
   uint16_t* y = nullptr;
   cuda::DeviceTables tables;
   unsigned long long* digests = nullptr;  // [n_linears][2]
@@ -145,10 +145,9 @@ class CudaBackend final : public Backend {
 class DiskReader {
  public:
   DiskReader(const Checkpoint& checkpoint, const Schedule& schedule, const ShardFiles& files,
-             std::vector<size_t> disk_steps, std::vector<PinnedBuffer>& staging, std::vector<Event>& staging_free,
-             uint32_t n_run_steps)
+             std::vector<size_t> disk_steps, std::vector<PinnedBuffer>& staging, uint32_t n_run_steps)
       : checkpoint_(checkpoint), schedule_(schedule), files_(files), steps_(std::move(disk_steps)),
-        staging_(staging), staging_free_(staging_free), total_(steps_.size() * n_run_steps) {
+        staging_(staging), free_event_(staging.size(), nullptr), total_(steps_.size() * n_run_steps) {
     if (total_ > 0) thread_ = std::thread([this] { loop(); });
   }
   ~DiskReader() { stop(); }
@@ -161,10 +160,12 @@ class DiskReader {
     if (read_us) *read_us = read_us_[u % staging_.size()];
     return staging_[u % staging_.size()];
   }
-  // The copy out of read `u` has been enqueued and staging_free recorded after it.
-  void issued(uint64_t u) {
+  // The copy out of read `u` has been enqueued and `done` recorded after it (an event of the GPU
+  // whose copy stream moved it).
+  void issued(uint64_t u, const Event* done) {
     {
       std::lock_guard<std::mutex> lock(mu_);
+      free_event_[u % staging_.size()] = done;
       issued_ = u + 1;
     }
     cv_.notify_all();
@@ -188,8 +189,9 @@ class DiskReader {
           std::unique_lock<std::mutex> lock(mu_);
           cv_.wait(lock, [&] { return stop_ || issued_ > u - n_staging; });
           if (stop_) return;
+          const Event* done = free_event_[b];
           lock.unlock();
-          staging_free_[b].synchronize();  // the copy out of this buffer has finished
+          done->synchronize();  // the copy out of this buffer has finished
         }
         const Arena& a = schedule_.arenas[schedule_.steps[steps_[u % steps_.size()]].arena];
         const auto t0 = std::chrono::steady_clock::now();
@@ -216,7 +218,7 @@ class DiskReader {
   const ShardFiles& files_;
   std::vector<size_t> steps_;
   std::vector<PinnedBuffer>& staging_;
-  std::vector<Event>& staging_free_;
+  std::vector<const Event*> free_event_;  // per staging buffer: recorded after the copy out of it
   uint64_t total_;
   std::mutex mu_;
   std::condition_variable cv_;
@@ -292,25 +294,46 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
     g.cublas.set_workspace(g.workspace.data(), g.workspace.size());
     g.cublas.set_stream(g.compute.get());
     g.max_in = schedule.max_in(d);
-    g.activation_in = g.alloc("activation_in", tokens * g.max_in * 2);
-    const uint64_t y_bytes = align256(tokens * schedule.max_out(d) * 2);
-    const uint64_t tables_bytes = align256(cuda::kDeviceTablesBytes);
-    const uint64_t digest_bytes = std::max<uint64_t>(1, schedule.linears.size()) * 2 * sizeof(unsigned long long);
-    g.activation_out = g.alloc("activation_out", y_bytes + tables_bytes + digest_bytes);
-    g.y = g.activation_out.as<uint16_t>();
-    g.tables = cuda::upload_tables(g.activation_out.as<uint8_t>() + y_bytes, g.compute.get());
-    g.digests = reinterpret_cast<unsigned long long*>(g.activation_out.as<uint8_t>() + y_bytes + tables_bytes);
-    g.scratch = g.alloc("dequant_scratch", schedule.max_scratch_elems(d) * 2);
-    if (planned) {
-      g.slot_bytes = schedule.slot_bytes(d);
-      if (g.slot_bytes) {
-        g.slots = g.alloc("device_slots", n_slots * g.slot_bytes);
-        for (uint64_t k = 0; k < n_slots; ++k) {
-          g.slot_free.emplace_back(d);
-          g.copy_done.emplace_back(d);
-        }
+    // The planner's reserve items, each its own allocation. The tables and the digests (a few KiB)
+    // ride in the rounding slack of whichever allocation has room, so they cost no granule of
+    // their own; without room anywhere they extend activation_out.
+    const uint64_t gran = std::max<uint64_t>(1, options.sizing.alloc_granularity_bytes);
+    const auto rounded = [&](uint64_t b) { return (b + gran - 1) / gran * gran; };
+    const uint64_t in_bytes = tokens * g.max_in * 2;
+    const uint64_t out_bytes = tokens * schedule.max_out(d) * 2;
+    const uint64_t scratch_bytes = schedule.max_scratch_elems(d) * 2;
+    g.slot_bytes = planned ? schedule.slot_bytes(d) : 0;
+    const uint64_t slots_bytes = n_slots * g.slot_bytes;
+    const uint64_t extras = align256(cuda::kDeviceTablesBytes) +
+                            std::max<uint64_t>(1, schedule.linears.size()) * 2 * sizeof(unsigned long long);
+    enum Host { kIn, kOut, kScratch, kSlots };
+    const uint64_t sizes[4] = {in_bytes, out_bytes, scratch_bytes, slots_bytes};
+    int host = kOut;
+    uint64_t best = 0;
+    for (int h = 0; h < 4; ++h) {
+      if (sizes[h] == 0) continue;
+      const uint64_t slack = rounded(sizes[h]) - align256(sizes[h]);
+      if (slack >= extras && slack > best) {
+        best = slack;
+        host = h;
       }
     }
+    const auto with_extras = [&](int h) { return h == host ? align256(sizes[h]) + extras : sizes[h]; };
+    g.activation_in = g.alloc("activation_in", with_extras(kIn));
+    g.activation_out = g.alloc("activation_out", with_extras(kOut));
+    g.y = g.activation_out.as<uint16_t>();
+    g.scratch = g.alloc("dequant_scratch", with_extras(kScratch));
+    if (slots_bytes) {
+      g.slots = g.alloc("device_slots", with_extras(kSlots));
+      for (uint64_t k = 0; k < n_slots; ++k) {
+        g.slot_free.emplace_back(d);
+        g.copy_done.emplace_back(d);
+      }
+    }
+    DeviceBuffer* const host_buf[4] = {&g.activation_in, &g.activation_out, &g.scratch, &g.slots};
+    uint8_t* const extra = host_buf[host]->as<uint8_t>() + align256(sizes[host]);
+    g.tables = cuda::upload_tables(extra, g.compute.get());
+    g.digests = reinterpret_cast<unsigned long long*>(extra + align256(cuda::kDeviceTablesBytes));
     g.h_ready = Event(d);
     g.peer_done = Event(d);
     g.last_work = Event(d);
@@ -342,7 +365,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
   }
   const ShardFiles files(checkpoint);
   std::vector<PinnedBuffer> staging;
-  std::vector<Event> staging_free;
+  std::map<int, std::vector<Event>> staging_free;  // per GPU, per staging buffer
   std::vector<size_t> disk_steps;
   std::vector<size_t> streamed_steps;
   for (size_t si = 0; si < schedule.steps.size(); ++si) {
@@ -354,9 +377,10 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
   }
   if (!disk_steps.empty()) {
     const uint64_t n_staging = std::max<uint64_t>(1, options.sizing.staging_buffers);
-    for (uint64_t i = 0; i < n_staging; ++i) {
-      staging.emplace_back(schedule.max_staging_bytes());
-      staging_free.emplace_back(schedule.steps[disk_steps.front()].device);
+    for (uint64_t i = 0; i < n_staging; ++i) staging.emplace_back(schedule.max_staging_bytes());
+    for (size_t si : disk_steps) {
+      auto& events = staging_free[schedule.steps[si].device];
+      while (events.size() < n_staging) events.emplace_back(schedule.steps[si].device);
     }
   }
   for (auto& [d, g] : gpus) {
@@ -381,7 +405,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
   std::map<int, uint64_t> streamed_per_device;  // per run step
   for (size_t si : streamed_steps) seq_of[si] = streamed_per_device[schedule.steps[si].device]++;
   const uint64_t streamed_per_run_step = streamed_steps.size();
-  DiskReader reader(checkpoint, schedule, files, disk_steps, staging, staging_free, options.steps);
+  DiskReader reader(checkpoint, schedule, files, disk_steps, staging, options.steps);
 
   struct TraceRef {
     const Event* start;
@@ -460,14 +484,16 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
         traces.push_back({t0, t1, st.device, rstep, static_cast<int32_t>(si), st.name,
                           "gpu" + std::to_string(st.device) + " copy", a.bytes});
       }
-      if (a.placement == Placement::Disk) {
-        staging_free[disk_issued % staging.size()].record(g.copy.get());
-        reader.issued(disk_issued);
-        ++disk_issued;
-      }
       if (options.after_copy) {
+        // Before the reader may reuse a staging buffer: the hook sees the bytes of this copy.
         g.copy_done[slot].synchronize();
         options.after_copy(si, host);
+      }
+      if (a.placement == Placement::Disk) {
+        const Event& done = staging_free.at(st.device)[disk_issued % staging.size()];
+        done.record(g.copy.get());
+        reader.issued(disk_issued, &done);
+        ++disk_issued;
       }
       ++next_copy;
     }
@@ -479,7 +505,10 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
       const uint64_t stream_seed = kmath::activation_stream(options.seed + rstep);
       GpuState& first = gpus.at(first_device);
       const Event& step_start = first.timing->next();
-      step_start.record(first.compute.get());
+      {
+        DeviceScope scope(first_device);
+        step_start.record(first.compute.get());
+      }
       int act_device = -1;
       for (size_t si = 0; si < schedule.steps.size(); ++si) {
         const ExecStep& x = schedule.steps[si];
@@ -489,7 +518,8 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
         const std::string compute_lane = "gpu" + std::to_string(x.device) + " compute";
         if (g.activation_step != rstep) {
           // First use of this GPU in the step: clear its digests, bring the hidden state here.
-          QTOOL_CUDA_CHECK(cudaMemsetAsync(g.digests, 0, digest_words * sizeof(unsigned long long), cs));
+          if (options.digests)
+            QTOOL_CUDA_CHECK(cudaMemsetAsync(g.digests, 0, digest_words * sizeof(unsigned long long), cs));
           auto* h = g.activation_in.as<uint16_t>();
           const Event* t0 = options.trace ? &g.timing->next() : nullptr;
           const Event* t1 = options.trace ? &g.timing->next() : nullptr;
@@ -501,7 +531,10 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
             cuda::generate_activation(stream_seed, tokens, g.max_in, 0, g.max_in, h, cs);
           } else {
             GpuState& src = gpus.at(act_device);
-            src.h_ready.record(src.compute.get());
+            {
+              DeviceScope src_scope(act_device);
+              src.h_ready.record(src.compute.get());
+            }
             g.compute.wait(src.h_ready.get());
             const uint64_t cols = std::min(src.max_in, g.max_in);
             QTOOL_CUDA_CHECK(cudaMemcpy2DAsync(h, g.max_in * 2, src.activation_in.data(), src.max_in * 2, cols * 2,
@@ -542,7 +575,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
             w = g.scratch.as<uint16_t>();
           }
           cuda::gemm_bf16(g.cublas, g.activation_in.as<uint16_t>(), g.max_in, w, g.y, tokens, l.in(), l.out());
-          cuda::accumulate_digest(g.y, tokens * l.out(), g.digests + 2 * li, cs);
+          if (options.digests) cuda::accumulate_digest(g.y, tokens * l.out(), g.digests + 2 * li, cs);
         }
         if (t1) {
           t1->record(cs);
@@ -558,7 +591,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
       // End of the step: each GPU sends its digests home; all GPUs join the first one's timeline.
       for (auto& [d, g] : gpus) {
         DeviceScope scope(d);
-        if (g.activation_step == rstep) {
+        if (g.activation_step == rstep && options.digests) {
           auto* dst = reinterpret_cast<unsigned long long*>(digest_host.at(d).data()) + rstep * digest_words;
           QTOOL_CUDA_CHECK(cudaMemcpyAsync(dst, g.digests, digest_words * sizeof(unsigned long long),
                                            cudaMemcpyDeviceToHost, g.compute.get()));
@@ -569,7 +602,10 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
         }
       }
       const Event& step_end = first.timing->next();
-      step_end.record(first.compute.get());
+      {
+        DeviceScope scope(first_device);
+        step_end.record(first.compute.get());
+      }
       step_events.emplace_back(&step_start, &step_end);
     }
     for (auto& [d, g] : gpus) {

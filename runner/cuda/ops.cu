@@ -3,6 +3,7 @@
 
 #include "qtool/runner/cuda_ops.hpp"
 #include "qtool/runner/kernel_math.hpp"
+#include "qtool/formats/error.hpp"
 
 namespace qtool::runner::cuda {
 namespace {
@@ -32,14 +33,29 @@ __global__ void activation_kernel(uint64_t stream_seed, uint64_t tokens, uint64_
   }
 }
 
+// Sums the digest terms of y's words: eight elements (one 16-byte load) per thread and iteration,
+// then the odd words and the last odd element.
 __global__ void digest_kernel(const uint16_t* y, uint64_t n, unsigned long long* digest) {
   uint64_t sum = 0;
   unsigned long long bad = 0;
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
-  for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const uint16_t v = y[i];
-    sum += kmath::digest_term(i, v);
-    bad += kmath::is_finite_bf16(v) ? 0 : 1;
+  const uint64_t tid = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const uint64_t n_vec = n / 8;
+  const uint4* v = reinterpret_cast<const uint4*>(y);
+  for (uint64_t i = tid; i < n_vec; i += stride) {
+    const uint4 q = v[i];
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sum += kmath::digest_term(4 * i + j, w[j]);
+      bad += kmath::nonfinite_in_word(w[j]);
+    }
+  }
+  const uint64_t n_words = (n + 1) / 2;
+  for (uint64_t k = 4 * n_vec + tid; k < n_words; k += stride) {
+    const uint32_t word = static_cast<uint32_t>(y[2 * k]) | (2 * k + 1 < n ? static_cast<uint32_t>(y[2 * k + 1]) << 16 : 0u);
+    sum += kmath::digest_term(k, word);
+    bad += kmath::nonfinite_in_word(word);
   }
   // Integer sums commute: the result does not depend on the order of the atomics.
   for (int offset = 16; offset > 0; offset >>= 1) {
@@ -64,7 +80,8 @@ void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uin
 
 void accumulate_digest(const uint16_t* y, uint64_t n, unsigned long long* digest, cudaStream_t stream) {
   if (n == 0) return;
-  digest_kernel<<<grid_for(n), kThreads, 0, stream>>>(y, n, digest);
+  QTOOL_ASSERT((reinterpret_cast<uintptr_t>(y) & 15u) == 0);  // 16-byte loads
+  digest_kernel<<<grid_for(n / 8 + 1), kThreads, 0, stream>>>(y, n, digest);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 

@@ -130,18 +130,43 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
   p.disk_read_gbps = measure_disk_read_gbps(o.tmp_dir, n, pinned.data());
   log(str_cat("  checkpoint file reads ", p.disk_read_gbps, " GB/s"));
 
-  // GEMM: [tokens, 4096] x [4096, 4096]^T, bf16 in, fp32 accumulate, bf16 out: the runner's call.
+  // GEMM: the runner's call (bf16 in, fp32 accumulate, bf16 out) over a mix of the linear shapes
+  // of the models qtool plans (FLUX widths 3072/12288 and half of them, Llama's 4096/14336), each
+  // [tokens, in] x [in, out]: the rate is the mix's total FLOPs over its total time, which is what
+  // a step of such layers sees (small GEMMs run well below the large-square peak).
   {
-    const uint64_t t = std::max<uint64_t>(1, o.gemm_tokens), k = 4096, m = 4096;
-    DeviceBuffer x(dev, t * k * 2), w(dev, m * k * 2), y(dev, t * m * 2);
-    // Random bf16 data (METHOD.md: never time on zeros), made on the device.
-    cuda::generate_activation(11, t, k, 0, k, x.as<uint16_t>(), stream.get());
-    cuda::generate_activation(12, m, k, 0, k, w.as<uint16_t>(), stream.get());
-    const double ms = median_ms(stream, o.repeats, [&] {
-      cuda::gemm_bf16(cublas, x.as<uint16_t>(), k, w.as<uint16_t>(), y.as<uint16_t>(), t, k, m);
-    });
-    p.bf16_tflops = 2.0 * static_cast<double>(t * k * m) / (ms * 1e9);
-    log(str_cat("  bf16 GEMM [", t, ", ", k, "] x [", k, ", ", m, "]: ", p.bf16_tflops, " TFLOP/s"));
+    const uint64_t t = std::max<uint64_t>(1, o.gemm_tokens);
+    const std::pair<uint64_t, uint64_t> shapes[] = {{1536, 1536}, {1536, 6144},  {6144, 1536},  {3072, 3072},
+                                                    {3072, 12288}, {12288, 3072}, {4096, 4096}, {4096, 14336},
+                                                    {14336, 4096}};
+    uint64_t max_in = 0, max_w = 0, max_out = 0;
+    for (const auto& [in, out] : shapes) {
+      max_in = std::max(max_in, in);
+      max_out = std::max(max_out, out);
+      max_w = std::max(max_w, in * out);
+    }
+    DeviceBuffer x(dev, t * max_in * 2), w(dev, max_w * 2), y(dev, t * max_out * 2);
+    // Random bf16 data (never time on zeros), made on the device.
+    cuda::generate_activation(11, t, max_in, 0, max_in, x.as<uint16_t>(), stream.get());
+    cuda::generate_activation(12, max_w / 4096, 4096, 0, 4096, w.as<uint16_t>(), stream.get());
+    double flops = 0, ms = 0;
+    for (const auto& [in, out] : shapes) {
+      ms += median_ms(stream, o.repeats, [&] {
+        cuda::gemm_bf16(cublas, x.as<uint16_t>(), in, w.as<uint16_t>(), y.as<uint16_t>(), t, in, out);
+      });
+      flops += 2.0 * static_cast<double>(t * in * out);
+    }
+    p.bf16_tflops = flops / (ms * 1e9);
+    log(str_cat("  bf16 GEMM, mix of 9 shapes at ", t, " tokens: ", p.bf16_tflops, " TFLOP/s"));
+    // Other token counts load other cuBLAS kernels: run them once, so that the context measured
+    // below holds what a run of the runner loads.
+    for (uint64_t tt : {16ull, 64ull, 256ull, 1024ull})
+      for (const auto& [in, out] : shapes)
+        cuda::gemm_bf16(cublas, x.as<uint16_t>(), in, w.as<uint16_t>(), y.as<uint16_t>(), std::min(tt, t), in, out);
+    DeviceBuffer digest(dev, 16);
+    QTOOL_CUDA_CHECK(cudaMemsetAsync(digest.data(), 0, 16, stream.get()));
+    cuda::accumulate_digest(y.as<uint16_t>(), t * 1536, digest.as<unsigned long long>(), stream.get());
+    stream.synchronize();
   }
 
   // Dequant kernels: an 8192 x 8192 weight of random codes per scheme.
@@ -176,6 +201,34 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
       p.dequant_gelems_per_s[key] = static_cast<double>(numel) / (ms * 1e6);
       log(str_cat("  dequant ", key, ": ", p.dequant_gelems_per_s[key], " G weights/s"));
     }
+    // The scalar paths (odd widths, 4-bit tails) load their own kernel.
+    for (const auto& [key, kind] : kinds) {
+      DequantParams odd;
+      odd.kind = kind;
+      odd.rows = 3;
+      odd.cols = 17;
+      odd.weight = q.as<uint8_t>();
+      odd.scale = scales.as<uint8_t>();
+      cuda::dequantize_to_bf16(odd, tables, out.as<uint16_t>(), stream.get());
+    }
+    {
+      DequantParams dq;
+      dq.kind = WeightKind::Nf4;
+      dq.rows = 64;
+      dq.cols = 64;
+      dq.double_quant = true;
+      dq.weight = q.as<uint8_t>();
+      dq.scale = q.as<uint8_t>();
+      dq.nested_absmax = scales.as<uint8_t>();
+      cuda::dequantize_to_bf16(dq, tables, out.as<uint16_t>(), stream.get());
+    }
+    // A second stream pair and events, as the runner makes.
+    Stream copy_stream(dev), compute_stream(dev);
+    Event e1(dev), e2(dev, Event::Timing::On);
+    e1.record(copy_stream.get());
+    compute_stream.wait(e1.get());
+    e2.record(compute_stream.get());
+    e2.synchronize();
     // Fixed costs: a launch of the smallest dequant, a 4 KiB pinned copy.
     DequantParams tiny;
     tiny.kind = WeightKind::Int8;
@@ -206,8 +259,8 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
   }
   p.description = "measured by qtool profile on " + today() + " on " + cuda::describe_device(dev) +
                   ": medians of CUDA-event timings; h2d of " + format_size(n) +
-                  " buffers; device bandwidth counts bytes read plus written; bf16 GEMM [" +
-                  std::to_string(o.gemm_tokens) + ", 4096] x [4096, 4096]; dequant on 8192 x 8192 weights; "
+                  " buffers; device bandwidth counts bytes read plus written; bf16 GEMM rate over 9 linear shapes "
+                  "(1536..14336 wide) at " + std::to_string(o.gemm_tokens) + " tokens; dequant on 8192 x 8192 weights; "
                   "context_bytes = (total - free) with cuBLAS and every kernel loaded, minus this run's buffers";
   return p;
 }

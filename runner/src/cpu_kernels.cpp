@@ -51,9 +51,10 @@ void gemm_bf16(const uint16_t* x, uint64_t ldx, const uint16_t* w, uint16_t* y, 
 
 Digest digest(const uint16_t* y, uint64_t n) {
   Digest d;
-  for (uint64_t i = 0; i < n; ++i) {
-    d.hash += kmath::digest_term(i, y[i]);
-    d.nonfinite += kmath::is_finite_bf16(y[i]) ? 0 : 1;
+  for (uint64_t k = 0; 2 * k < n; ++k) {
+    const uint32_t word = static_cast<uint32_t>(y[2 * k]) | (2 * k + 1 < n ? static_cast<uint32_t>(y[2 * k + 1]) << 16 : 0u);
+    d.hash += kmath::digest_term(k, word);
+    d.nonfinite += kmath::nonfinite_in_word(word);
   }
   return d;
 }

@@ -228,6 +228,7 @@ VerifyReport verify(const VerifyOptions& options) {
   run_opts.seed = options.seed;
   run_opts.trace = !options.trace.empty();
   run_opts.sizing.cublas_workspace_bytes = plan.profile.cublas_workspace_bytes;
+  run_opts.sizing.alloc_granularity_bytes = plan.profile.alloc_granularity_bytes;
   run_opts.sizing.staging_buffers = schedule.n_slots;  // the planner's staging ring: K buffers
 
   // --- The planned run. ------------------------------------------------------------------------

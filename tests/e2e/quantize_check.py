@@ -68,13 +68,16 @@ def other_files(root):
     return out
 
 
-def is_linear_weight(name, entry):
-    """qtool's rule (config.hpp: linear_exclusion), restated."""
+def is_linear_weight(name, entry, model_type=None):
+    """qtool's rule (config.hpp: linear_exclusion, and T5's "wo" that transformers keeps in full
+    precision), restated."""
     if not name.endswith(".weight") or len(entry["shape"]) != 2 or 0 in entry["shape"]:
         return False
     if entry["dtype"] not in ("BF16", "F16", "F32"):
         return False
     leaf = name[: -len(".weight")].split(".")[-1]
+    if model_type in ("t5", "mt5", "umt5") and leaf == "wo":
+        return False
     for p in ("embed_tokens", "embed_*", "shared", "wte", "wpe", "*embedding*", "relative_attention_bias", "*norm*",
               "ln_*", "lm_head"):
         if fnmatch.fnmatchcase(leaf, p):
@@ -142,7 +145,8 @@ def check_quantized(inp, out, config_path, report_path, version):
         n_quant = 0
         for t, (f, e) in tin.items():
             m = t[: -len(".weight")] if t.endswith(".weight") else None
-            if m is not None and is_linear_weight(t, e) and not any(pattern_matches(p, m) for p in patterns):
+            if m is not None and is_linear_weight(t, e, cfg_in.get("model_type")) and \
+                    not any(pattern_matches(p, m) for p in patterns):
                 n_quant += 1
                 w_file = tout[t][0]
                 if scheme == "int8":

@@ -4,7 +4,6 @@
 //   formats_dump CKPT OUT
 #include <cstdio>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "qtool/formats/checkpoint.hpp"

@@ -2,6 +2,7 @@
 // malformed-input cases), a printed random seed, and error checks.
 #pragma once
 
+#include <doctest/doctest.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -17,8 +18,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <doctest/doctest.h>
 
 #include "qtool/formats/error.hpp"
 
@@ -49,17 +48,20 @@ class TempDir {
 // so that a failure can be replayed.
 inline uint64_t test_seed(const char* what) {
   uint64_t seed;
-  if (const char* env = std::getenv("QTOOL_TEST_SEED")) seed = std::strtoull(env, nullptr, 10);
-  else seed = static_cast<uint64_t>(std::random_device{}()) ^ (static_cast<uint64_t>(::getpid()) << 20);
+  if (const char* env = std::getenv("QTOOL_TEST_SEED"))
+    seed = std::strtoull(env, nullptr, 10);
+  else
+    seed = static_cast<uint64_t>(std::random_device{}()) ^ (static_cast<uint64_t>(::getpid()) << 20);
   std::fprintf(stderr, "[%s] QTOOL_TEST_SEED=%llu\n", what, static_cast<unsigned long long>(seed));
   return seed;
 }
 
 // One header entry: "name":{"dtype":...,"shape":[...],"data_offsets":[b,e]}.
-inline std::string st_entry(std::string_view name, std::string_view dtype, std::string_view shape, uint64_t begin,
-                            uint64_t end) {
-  return "\"" + std::string(name) + "\":{\"dtype\":\"" + std::string(dtype) + "\",\"shape\":" + std::string(shape) +
-         ",\"data_offsets\":[" + std::to_string(begin) + "," + std::to_string(end) + "]}";
+inline std::string st_entry(std::string_view name, std::string_view dtype, std::string_view shape,
+                            uint64_t begin, uint64_t end) {
+  return "\"" + std::string(name) + "\":{\"dtype\":\"" + std::string(dtype) +
+         "\",\"shape\":" + std::string(shape) + ",\"data_offsets\":[" + std::to_string(begin) + "," +
+         std::to_string(end) + "]}";
 }
 
 // "{" + entries joined by "," + "}".
@@ -103,7 +105,8 @@ inline std::vector<uint8_t> read_file(const std::filesystem::path& path) {
 }
 
 // Runs `fn`, which must throw qtool::Error of `kind` whose message contains every needle.
-inline void check_error(const std::function<void()>& fn, ErrorKind kind, std::initializer_list<std::string> needles) {
+inline void check_error(const std::function<void()>& fn, ErrorKind kind,
+                        std::initializer_list<std::string> needles) {
   bool threw = false;
   try {
     fn();
@@ -111,8 +114,10 @@ inline void check_error(const std::function<void()>& fn, ErrorKind kind, std::in
     threw = true;
     const std::string msg = e.what();
     INFO("message: ", msg);
-    CHECK_MESSAGE(e.kind() == kind, "kind was ", error_kind_name(e.kind()), ", expected ", error_kind_name(kind));
-    for (const auto& needle : needles) CHECK_MESSAGE(msg.find(needle) != std::string::npos, "missing '", needle, "'");
+    CHECK_MESSAGE(e.kind() == kind, "kind was ", error_kind_name(e.kind()), ", expected ",
+                  error_kind_name(kind));
+    for (const auto& needle : needles)
+      CHECK_MESSAGE(msg.find(needle) != std::string::npos, "missing '", needle, "'");
   }
   CHECK_MESSAGE(threw, "no qtool::Error was thrown");
 }

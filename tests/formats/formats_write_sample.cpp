@@ -8,9 +8,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <random>
-
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
@@ -38,15 +37,22 @@ int main(int argc, char** argv) {
       add({{p + "mlp.up_proj.weight", qtool::DType::F8_E4M3, {rows, cols}},
            {p + "mlp.up_proj.weight_scale", qtool::DType::BF16, {rows, 1}}});
       add({{p + "mlp.down_proj.weight", qtool::DType::F8_E5M2, {cols, rows}}});
-      add({{p + "mlp.gate_proj.weight", qtool::DType::I8, {rows, cols}}, {p + "mlp.gate_proj.SCB", qtool::DType::F32, {rows}},
+      add({{p + "mlp.gate_proj.weight", qtool::DType::I8, {rows, cols}},
+           {p + "mlp.gate_proj.SCB", qtool::DType::F32, {rows}},
            {p + "mlp.gate_proj.weight_format", qtool::DType::U8, {}}});
       add({{p + "input_layernorm.weight", qtool::DType::F16, {cols}}});
     }
-    add({{"misc.f64", qtool::DType::F64, {3, 5}}, {"misc.i16", qtool::DType::I16, {7}}, {"misc.u16", qtool::DType::U16, {9}},
-         {"misc.i32", qtool::DType::I32, {2, 3}}, {"misc.u32", qtool::DType::U32, {4}},
-         {"misc.i64", qtool::DType::I64, {5}}, {"misc.u64", qtool::DType::U64, {3}},
-         {"misc.bool", qtool::DType::BOOL, {11}}, {"misc.scalar_f32", qtool::DType::F32, {}},
-         {"misc.empty_bf16", qtool::DType::BF16, {4, 0}}, {"misc.empty_u8", qtool::DType::U8, {0}}});
+    add({{"misc.f64", qtool::DType::F64, {3, 5}},
+         {"misc.i16", qtool::DType::I16, {7}},
+         {"misc.u16", qtool::DType::U16, {9}},
+         {"misc.i32", qtool::DType::I32, {2, 3}},
+         {"misc.u32", qtool::DType::U32, {4}},
+         {"misc.i64", qtool::DType::I64, {5}},
+         {"misc.u64", qtool::DType::U64, {3}},
+         {"misc.bool", qtool::DType::BOOL, {11}},
+         {"misc.scalar_f32", qtool::DType::F32, {}},
+         {"misc.empty_bf16", qtool::DType::BF16, {4, 0}},
+         {"misc.empty_u8", qtool::DType::U8, {0}}});
 
     // Values: floats from a normal distribution rounded to the dtype (specials too), integers random.
     nlohmann::json manifest = nlohmann::json::array();
@@ -84,7 +90,8 @@ int main(int argc, char** argv) {
     fs::create_directories(dir);
     qtool::OutputPath out(dir / "ckpt", true);
     fs::create_directories(out.tmp());
-    qtool::ComponentWriter writer(out.tmp(), "model", groups, max_shard, {{"qtool.sample_seed", std::to_string(seed)}});
+    qtool::ComponentWriter writer(out.tmp(), "model", groups, max_shard,
+                                  {{"qtool.sample_seed", std::to_string(seed)}});
     size_t k = 0;
     for (const auto& g : groups)
       for (const auto& d : g) {
@@ -95,13 +102,16 @@ int main(int argc, char** argv) {
         writer.write(d.name, std::span<const uint8_t>(b.data(), half), 0);
       }
     writer.commit();
-    qtool::write_json_file(out.tmp() / "config.json", {{"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"}});
+    qtool::write_json_file(out.tmp() / "config.json",
+                           {{"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"}});
     out.commit();
 
     std::ofstream bin(dir / "expected.bin", std::ios::binary | std::ios::trunc);
     bin.write(reinterpret_cast<const char*>(expected.data()), static_cast<std::streamsize>(expected.size()));
-    qtool::write_json_file(dir / "expected.json", {{"seed", seed}, {"n_shards", writer.n_shards()}, {"tensors", manifest}});
-    std::printf("wrote %zu tensors in %zu shards to %s\n", manifest.size(), writer.n_shards(), (dir / "ckpt").c_str());
+    qtool::write_json_file(dir / "expected.json",
+                           {{"seed", seed}, {"n_shards", writer.n_shards()}, {"tensors", manifest}});
+    std::printf("wrote %zu tensors in %zu shards to %s\n", manifest.size(), writer.n_shards(),
+                (dir / "ckpt").c_str());
     return 0;
   } catch (const qtool::Error& e) {
     std::fprintf(stderr, "formats_write_sample: %s\n", e.what());

@@ -1,5 +1,6 @@
 // Checkpoints: sharded writing and reading, model and pipeline folders, their malformed forms,
 // the fingerprint, JSON files and OutputPath.
+#include <doctest/doctest.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -8,8 +9,6 @@
 #include <map>
 #include <random>
 #include <set>
-
-#include <doctest/doctest.h>
 
 #include "formats_test_util.hpp"
 #include "qtool/formats/checkpoint.hpp"
@@ -82,7 +81,8 @@ TEST_CASE("shard_file_name") {
   CHECK(shard_file_name("model", 0, 1) == "model.safetensors");
   CHECK(shard_file_name("model", 0, 4) == "model-00001-of-00004.safetensors");
   CHECK(shard_file_name("model", 3, 4) == "model-00004-of-00004.safetensors");
-  CHECK(shard_file_name("diffusion_pytorch_model", 1, 3) == "diffusion_pytorch_model-00002-of-00003.safetensors");
+  CHECK(shard_file_name("diffusion_pytorch_model", 1, 3) ==
+        "diffusion_pytorch_model-00002-of-00003.safetensors");
 }
 
 TEST_CASE("sharded write and read: groups never split, index complete, bytes identical") {
@@ -130,7 +130,8 @@ TEST_CASE("sharded write and read: groups never split, index complete, bytes ide
   }
 }
 
-TEST_CASE("unsharded write: one model.safetensors, no index; a group larger than the limit gets its own shard") {
+TEST_CASE(
+    "unsharded write: one model.safetensors, no index; a group larger than the limit gets its own shard") {
   std::mt19937_64 rng(test::test_seed("unsharded write"));
   TempDir dir;
   const Written w = make_groups(rng, 3);
@@ -176,7 +177,8 @@ void make_pipeline(const fs::path& root, std::mt19937_64& rng) {
                        "force_zeros_for_empty_prompt": true})");
   const Written w = make_groups(rng, 4);
   write_component(root / "transformer", "diffusion_pytorch_model", w, 600);  // >= 4 * 170 bytes: 2+ shards
-  test::write_file(root / "transformer" / "config.json", R"({"_class_name": "FluxTransformer2DModel", "num_layers": 4})");
+  test::write_file(root / "transformer" / "config.json",
+                   R"({"_class_name": "FluxTransformer2DModel", "num_layers": 4})");
   write_component(root / "vae", "diffusion_pytorch_model", make_groups(rng, 1), 0);
   test::write_file(root / "vae" / "config.json", R"({"_class_name": "AutoencoderKL"})");
   write_component(root / "text_encoder", "model", make_groups(rng, 2), 0);
@@ -245,9 +247,11 @@ TEST_CASE("fingerprint: structure only, independent of sharding; changes with an
 // A two-shard model folder: shard 1 holds a, b; shard 2 holds c.
 void make_sharded(const fs::path& dir, const std::string& index_text = "") {
   fs::create_directories(dir);
-  test::write_file(dir / "model-00001-of-00002.safetensors",
-                   st_bytes(st_header({st_entry("a", "F32", "[2]", 0, 8), st_entry("b", "U8", "[3]", 8, 11)}), 11));
-  test::write_file(dir / "model-00002-of-00002.safetensors", st_bytes(st_header({st_entry("c", "I8", "[4]", 0, 4)}), 4));
+  test::write_file(
+      dir / "model-00001-of-00002.safetensors",
+      st_bytes(st_header({st_entry("a", "F32", "[2]", 0, 8), st_entry("b", "U8", "[3]", 8, 11)}), 11));
+  test::write_file(dir / "model-00002-of-00002.safetensors",
+                   st_bytes(st_header({st_entry("c", "I8", "[4]", 0, 4)}), 4));
   test::write_file(dir / "model.safetensors.index.json",
                    index_text.empty() ? R"({"metadata": {"total_size": 15}, "weight_map": {
                        "a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
@@ -267,8 +271,9 @@ TEST_CASE("malformed 53: index names a shard that does not exist") {
   TempDir dir;
   make_sharded(dir / "m", R"({"weight_map": {"a": "model-00001-of-00002.safetensors",
       "b": "model-00001-of-00002.safetensors", "c": "model-00003-of-00002.safetensors"}})");
-  test::check_error([&] { Checkpoint::open(dir / "m"); }, ErrorKind::InvalidInput,
-                    {"model.safetensors.index.json", "'c'", "model-00003-of-00002.safetensors", "does not exist"});
+  test::check_error(
+      [&] { Checkpoint::open(dir / "m"); }, ErrorKind::InvalidInput,
+      {"model.safetensors.index.json", "'c'", "model-00003-of-00002.safetensors", "does not exist"});
 }
 
 TEST_CASE("malformed 54: a tensor in another shard than the index says") {
@@ -276,8 +281,8 @@ TEST_CASE("malformed 54: a tensor in another shard than the index says") {
   make_sharded(dir / "m", R"({"weight_map": {"a": "model-00001-of-00002.safetensors",
       "b": "model-00002-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}})");
   test::check_error([&] { Checkpoint::open(dir / "m"); }, ErrorKind::InvalidInput,
-                    {"model-00001-of-00002.safetensors", "'b'", "maps it to 'model-00002-of-00002.safetensors'",
-                     "file offset"});
+                    {"model-00001-of-00002.safetensors", "'b'",
+                     "maps it to 'model-00002-of-00002.safetensors'", "file offset"});
 }
 
 TEST_CASE("malformed 55: a shard tensor missing from the index") {
@@ -332,8 +337,9 @@ TEST_CASE("malformed 61: a malformed shard inside a model folder is named by its
   make_sharded(dir / "m");
   test::write_file(dir / "m" / "model-00002-of-00002.safetensors",
                    st_bytes(st_header({st_entry("c", "I8", "[4]", 0, 4)}), 3));
-  test::check_error([&] { Checkpoint::open(dir / "m"); }, ErrorKind::InvalidInput,
-                    {(dir / "m" / "model-00002-of-00002.safetensors").string(), "'c'", "exceeds data size 3"});
+  test::check_error(
+      [&] { Checkpoint::open(dir / "m"); }, ErrorKind::InvalidInput,
+      {(dir / "m" / "model-00002-of-00002.safetensors").string(), "'c'", "exceeds data size 3"});
 }
 
 TEST_CASE("malformed 62: model_index.json that is not valid JSON") {
@@ -349,7 +355,8 @@ TEST_CASE("malformed 63: model_index.json entry that is not [library, class]") {
   std::mt19937_64 rng(test::test_seed("broken pipeline"));
   TempDir dir;
   make_pipeline(dir / "p", rng);
-  test::write_file(dir / "p" / "model_index.json", R"({"transformer": ["diffusers"], "vae": ["diffusers", "AutoencoderKL"]})");
+  test::write_file(dir / "p" / "model_index.json",
+                   R"({"transformer": ["diffusers"], "vae": ["diffusers", "AutoencoderKL"]})");
   test::check_error([&] { Checkpoint::open(dir / "p"); }, ErrorKind::InvalidInput,
                     {"model_index.json", "'transformer'", "[library, class]"});
   test::write_file(dir / "p" / "model_index.json", R"({"transformer": "FluxTransformer2DModel"})");
@@ -484,13 +491,14 @@ TEST_CASE("OutputPath: refuses an existing output without force; with force, com
 TEST_CASE("OutputPath: refuses the input itself, a path inside the input, and an output holding the input") {
   TempDir dir;
   fs::create_directories(dir / "ckpt" / "sub");
-  test::check_error([&] { OutputPath o(dir / "ckpt", true, dir / "ckpt"); }, ErrorKind::InvalidInput, {"input"});
+  test::check_error([&] { OutputPath o(dir / "ckpt", true, dir / "ckpt"); }, ErrorKind::InvalidInput,
+                    {"input"});
   test::check_error([&] { OutputPath o(dir / "ckpt" / "q", true, dir / "ckpt"); }, ErrorKind::InvalidInput,
                     {"inside the input"});
   test::check_error([&] { OutputPath o(dir.path(), true, dir / "ckpt" / "sub"); }, ErrorKind::InvalidInput,
                     {"inside the output"});
-  test::check_error([&] { OutputPath o(dir / "ckpt/", true, dir / "ckpt/./sub/.."); }, ErrorKind::InvalidInput,
-                    {"input"});
+  test::check_error([&] { OutputPath o(dir / "ckpt/", true, dir / "ckpt/./sub/.."); },
+                    ErrorKind::InvalidInput, {"input"});
   OutputPath ok(dir / "ckpt-q", false, dir / "ckpt");
   CHECK(ok.final_path().filename() == "ckpt-q");
 }

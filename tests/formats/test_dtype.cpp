@@ -1,14 +1,14 @@
 // Dtype conversions against an independent formulation: every code of every narrow float format is
 // decoded in double arithmetic from its fields, and float32 -> narrow rounding is checked against
 // a nearest-value search over the sorted table of all values (ties to the even code).
+#include <doctest/doctest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
-
-#include <doctest/doctest.h>
 
 #include "formats_test_util.hpp"
 #include "qtool/formats/dtype.hpp"
@@ -39,8 +39,10 @@ double field_value(const Format& f, uint32_t code) {
   const uint32_t exp = (code >> f.man_bits) & ((1u << f.exp_bits) - 1);
   double m = static_cast<double>(man) / static_cast<double>(1u << f.man_bits);
   int e = static_cast<int>(exp) - f.bias;
-  if (exp == 0) e = 1 - f.bias;  // subnormal
-  else m += 1.0;
+  if (exp == 0)
+    e = 1 - f.bias;  // subnormal
+  else
+    m += 1.0;
   double scale = 1.0;
   for (int i = 0; i < std::abs(e); ++i) scale = e > 0 ? scale * 2.0 : scale * 0.5;
   const double v = m * scale;
@@ -89,9 +91,12 @@ class RefEncoder {
       const uint32_t hi = static_cast<uint32_t>(it - values_.begin());
       const uint32_t lo = hi - 1;
       const double dlo = a - values_[lo], dhi = values_[hi] - a;
-      if (dlo < dhi) code = lo;
-      else if (dhi < dlo) code = hi;
-      else code = (lo % 2 == 0) ? lo : hi;
+      if (dlo < dhi)
+        code = lo;
+      else if (dhi < dlo)
+        code = hi;
+      else
+        code = (lo % 2 == 0) ? lo : hi;
     }
     if (is_nan_code(f_, code)) return std::nullopt;
     return sign | code;
@@ -164,7 +169,9 @@ void check_format(const Format& f) {
   }
 }
 
-TEST_CASE("F16: every code decodes exactly and round-trips; f32 -> f16 rounds to nearest even") { check_format(kF16); }
+TEST_CASE("F16: every code decodes exactly and round-trips; f32 -> f16 rounds to nearest even") {
+  check_format(kF16);
+}
 TEST_CASE("BF16: every code decodes exactly and round-trips; f32 -> bf16 rounds to nearest even") {
   check_format(kBF16);
 }
@@ -279,16 +286,31 @@ TEST_CASE("array conversions match the scalar ones at any alignment") {
           // Little-endian assembly, independent of memcpy.
           uint64_t u = 0;
           for (size_t b = 0; b < es; ++b) u |= static_cast<uint64_t>(p[b]) << (8 * b);
-          if (dt == DType::I16) want = static_cast<int16_t>(u);
-          else if (dt == DType::U16) want = static_cast<uint16_t>(u);
-          else if (dt == DType::F16) want = f16_to_f32(static_cast<uint16_t>(u));
-          else if (dt == DType::BF16) want = bf16_to_f32(static_cast<uint16_t>(u));
-          else if (dt == DType::I32) want = static_cast<int32_t>(u);
-          else if (dt == DType::U32) want = static_cast<uint32_t>(u);
-          else if (dt == DType::F32) { uint32_t w = static_cast<uint32_t>(u); float f; std::memcpy(&f, &w, 4); want = f; }
-          else if (dt == DType::F64) { double d; std::memcpy(&d, &u, 8); want = d; }
-          else if (dt == DType::I64) want = static_cast<double>(static_cast<int64_t>(u));
-          else want = static_cast<double>(u);
+          if (dt == DType::I16)
+            want = static_cast<int16_t>(u);
+          else if (dt == DType::U16)
+            want = static_cast<uint16_t>(u);
+          else if (dt == DType::F16)
+            want = f16_to_f32(static_cast<uint16_t>(u));
+          else if (dt == DType::BF16)
+            want = bf16_to_f32(static_cast<uint16_t>(u));
+          else if (dt == DType::I32)
+            want = static_cast<int32_t>(u);
+          else if (dt == DType::U32)
+            want = static_cast<uint32_t>(u);
+          else if (dt == DType::F32) {
+            uint32_t w = static_cast<uint32_t>(u);
+            float f;
+            std::memcpy(&f, &w, 4);
+            want = f;
+          } else if (dt == DType::F64) {
+            double d;
+            std::memcpy(&d, &u, 8);
+            want = d;
+          } else if (dt == DType::I64)
+            want = static_cast<double>(static_cast<int64_t>(u));
+          else
+            want = static_cast<double>(u);
         }
       }
       const float w = static_cast<float>(want);  // rounding of wide integers/doubles: to nearest
@@ -306,11 +328,16 @@ TEST_CASE("array conversions match the scalar ones at any alignment") {
     std::vector<float> back(kN), scalar(kN);
     convert_to_f32(dt, out.data() + 1, back.data(), kN);
     for (size_t k = 0; k < kN; ++k) {
-      if (dt == DType::F16) scalar[k] = f16_to_f32(f32_to_f16(src[k]));
-      else if (dt == DType::BF16) scalar[k] = bf16_to_f32(f32_to_bf16(src[k]));
-      else if (dt == DType::F8_E4M3) scalar[k] = fp8_e4m3_to_f32(f32_to_fp8_e4m3(src[k]));
-      else if (dt == DType::F8_E5M2) scalar[k] = fp8_e5m2_to_f32(f32_to_fp8_e5m2(src[k]));
-      else scalar[k] = src[k];
+      if (dt == DType::F16)
+        scalar[k] = f16_to_f32(f32_to_f16(src[k]));
+      else if (dt == DType::BF16)
+        scalar[k] = bf16_to_f32(f32_to_bf16(src[k]));
+      else if (dt == DType::F8_E4M3)
+        scalar[k] = fp8_e4m3_to_f32(f32_to_fp8_e4m3(src[k]));
+      else if (dt == DType::F8_E5M2)
+        scalar[k] = fp8_e5m2_to_f32(f32_to_fp8_e5m2(src[k]));
+      else
+        scalar[k] = src[k];
     }
     CHECK_MESSAGE(std::memcmp(back.data(), scalar.data(), 4 * kN) == 0, dtype_name(dt));
   }

@@ -15,7 +15,8 @@ using test::st_header;
 
 constexpr const char* kLabel = "model-00002-of-00003.safetensors";
 
-void expect_bad(const std::vector<uint8_t>& bytes, ErrorKind kind, std::initializer_list<std::string> needles) {
+void expect_bad(const std::vector<uint8_t>& bytes, ErrorKind kind,
+                std::initializer_list<std::string> needles) {
   test::check_error([&] { parse_safetensors_header(bytes, bytes.size(), kLabel); }, kind, needles);
   test::check_error([&] { parse_safetensors_header(bytes, bytes.size(), kLabel); }, kind, {kLabel});
 }
@@ -45,7 +46,8 @@ TEST_CASE("malformed 02: file shorter than the 8-byte length") {
 
 TEST_CASE("malformed 03: header length above 100,000,000") {
   // The JSON that follows is garbage: the length is rejected before it is looked at.
-  expect_bad(st_bytes("not json", 0, 100'000'001), ErrorKind::InvalidInput, {"100000001", "limit", "offset 0"});
+  expect_bad(st_bytes("not json", 0, 100'000'001), ErrorKind::InvalidInput,
+             {"100000001", "limit", "offset 0"});
 }
 
 TEST_CASE("malformed 04: header length past the end of the file") {
@@ -136,7 +138,8 @@ TEST_CASE("malformed 20: known but unsupported dtype F8_E8M0") {
 }
 
 TEST_CASE("malformed 21: known but unsupported dtypes F4 and C64") {
-  expect_bad(st_header({st_entry("packed", "F4", "[8]", 0, 4)}), 4, ErrorKind::Unsupported, {"'packed'", "F4"});
+  expect_bad(st_header({st_entry("packed", "F4", "[8]", 0, 4)}), 4, ErrorKind::Unsupported,
+             {"'packed'", "F4"});
   expect_bad(st_header({st_entry("cplx", "C64", "[1]", 0, 8)}), 8, ErrorKind::Unsupported, {"'cplx'", "C64"});
 }
 
@@ -166,8 +169,8 @@ TEST_CASE("malformed 26: shape that is not an array") {
 }
 
 TEST_CASE("malformed 27: shape entry beyond int64") {
-  expect_bad(st_header({st_entry("a.weight", "U8", "[9223372036854775808]", 0, 16)}), 16, ErrorKind::InvalidInput,
-             {"'a.weight'", "too large", "file offset"});
+  expect_bad(st_header({st_entry("a.weight", "U8", "[9223372036854775808]", 0, 16)}), 16,
+             ErrorKind::InvalidInput, {"'a.weight'", "too large", "file offset"});
 }
 
 TEST_CASE("malformed 28: shape product overflows") {
@@ -176,8 +179,8 @@ TEST_CASE("malformed 28: shape product overflows") {
 }
 
 TEST_CASE("malformed 29: byte size (numel * dtype size) overflows") {
-  expect_bad(st_header({st_entry("a.weight", "F64", "[4611686018427387904]", 0, 16)}), 16, ErrorKind::InvalidInput,
-             {"'a.weight'", "overflow", "file offset"});
+  expect_bad(st_header({st_entry("a.weight", "F64", "[4611686018427387904]", 0, 16)}), 16,
+             ErrorKind::InvalidInput, {"'a.weight'", "overflow", "file offset"});
 }
 
 TEST_CASE("malformed 30: negative data offset") {
@@ -216,7 +219,8 @@ TEST_CASE("malformed 36: missing data_offsets") {
 }
 
 TEST_CASE("malformed 37: entry that is not an object") {
-  expect_bad("{\"a.weight\":[0,16]}", 16, ErrorKind::InvalidInput, {"'a.weight'", "an array, not an object", "file offset"});
+  expect_bad("{\"a.weight\":[0,16]}", 16, ErrorKind::InvalidInput,
+             {"'a.weight'", "an array, not an object", "file offset"});
 }
 
 TEST_CASE("malformed 38: duplicate key inside an entry") {
@@ -233,13 +237,15 @@ TEST_CASE("malformed 39: end before begin") {
 }
 
 TEST_CASE("malformed 40: end - begin differs from numel * dtype size") {
-  expect_bad(st_header({st_entry("a.weight", "F32", "[2,2]", 0, 12), st_entry("b.weight", "BF16", "[3]", 12, 18)}),
-             18, ErrorKind::InvalidInput, {"'a.weight'", "hold 12 bytes", "needs 16", "file offset"});
+  expect_bad(
+      st_header({st_entry("a.weight", "F32", "[2,2]", 0, 12), st_entry("b.weight", "BF16", "[3]", 12, 18)}),
+      18, ErrorKind::InvalidInput, {"'a.weight'", "hold 12 bytes", "needs 16", "file offset"});
 }
 
 TEST_CASE("malformed 41: offsets do not start at 0") {
-  expect_bad(st_header({st_entry("a.weight", "F32", "[2,2]", 4, 20), st_entry("b.weight", "BF16", "[3]", 20, 26)}),
-             26, ErrorKind::InvalidInput, {"'a.weight'", "start at data offset 0", "file offset"});
+  expect_bad(
+      st_header({st_entry("a.weight", "F32", "[2,2]", 4, 20), st_entry("b.weight", "BF16", "[3]", 20, 26)}),
+      26, ErrorKind::InvalidInput, {"'a.weight'", "start at data offset 0", "file offset"});
 }
 
 TEST_CASE("malformed 42: gap between tensors") {
@@ -248,8 +254,9 @@ TEST_CASE("malformed 42: gap between tensors") {
 }
 
 TEST_CASE("malformed 43: overlapping tensors") {
-  expect_bad(st_header({good_a(), st_entry("b.weight", "BF16", "[3]", 10, 16), st_entry("c", "U8", "[6]", 16, 22)}),
-             22, ErrorKind::InvalidInput, {"'b.weight'", "overlap", "'a.weight'", "file offset"});
+  expect_bad(
+      st_header({good_a(), st_entry("b.weight", "BF16", "[3]", 10, 16), st_entry("c", "U8", "[6]", 16, 22)}),
+      22, ErrorKind::InvalidInput, {"'b.weight'", "overlap", "'a.weight'", "file offset"});
 }
 
 TEST_CASE("malformed 44: two tensors sharing the same bytes") {
@@ -266,7 +273,8 @@ TEST_CASE("malformed 45: duplicate tensor names (a JSON DOM would keep the last 
 
 TEST_CASE("malformed 46: __metadata__ value that is not a string") {
   const std::string h = "{\"__metadata__\":{\"format\":\"pt\",\"step\":100}," + good_a() + "}";
-  expect_bad(h, 16, ErrorKind::InvalidInput, {"__metadata__", "'step'", "a number, not a string", "file offset"});
+  expect_bad(h, 16, ErrorKind::InvalidInput,
+             {"__metadata__", "'step'", "a number, not a string", "file offset"});
 }
 
 TEST_CASE("malformed 47: __metadata__ value that is an object") {

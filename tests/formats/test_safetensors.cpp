@@ -1,12 +1,12 @@
 // safetensors writer -> reader round trips, and the layout rules of the writer.
+#include <doctest/doctest.h>
+
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
-
-#include <doctest/doctest.h>
-#include <nlohmann/json.hpp>
 
 #include "formats_test_util.hpp"
 #include "qtool/formats/safetensors.hpp"
@@ -43,8 +43,8 @@ std::vector<Sample> random_samples(std::mt19937_64& rng, size_t n) {
 }
 
 // Writes `samples` in a random order, each tensor in random pieces, from several threads.
-void write_samples(const std::filesystem::path& path, const std::vector<Sample>& samples, std::mt19937_64& rng,
-                   std::map<std::string, std::string> metadata = {}) {
+void write_samples(const std::filesystem::path& path, const std::vector<Sample>& samples,
+                   std::mt19937_64& rng, std::map<std::string, std::string> metadata = {}) {
   std::vector<TensorDecl> decls;
   for (const auto& s : samples) decls.push_back(s.decl);
   SafetensorsWriter w(path, decls, std::move(metadata));
@@ -117,7 +117,7 @@ TEST_CASE("writer layout: descending dtype size, then declaration order; padded 
   TempDir dir;
   const auto path = dir / "a.safetensors";
   std::vector<TensorDecl> decls = {
-      {"u8", DType::U8, {3}}, {"f32_a", DType::F32, {2}}, {"bf16", DType::BF16, {1}},
+      {"u8", DType::U8, {3}},   {"f32_a", DType::F32, {2}}, {"bf16", DType::BF16, {1}},
       {"f64", DType::F64, {1}}, {"f32_b", DType::F32, {1}}, {"scalar_i8", DType::I8, {}},
   };
   SafetensorsWriter w(path, decls, {});
@@ -151,7 +151,8 @@ TEST_CASE("many tensors") {
   std::vector<Sample> samples;
   for (size_t i = 0; i < 5000; ++i) {
     Sample s;
-    s.decl = {"blocks." + std::to_string(i / 10) + ".p" + std::to_string(i % 10), (i % 3) ? DType::BF16 : DType::F32,
+    s.decl = {"blocks." + std::to_string(i / 10) + ".p" + std::to_string(i % 10),
+              (i % 3) ? DType::BF16 : DType::F32,
               {static_cast<int64_t>(1 + rng() % 5)}};
     s.bytes.resize(s.decl.nbytes());
     for (auto& b : s.bytes) b = static_cast<uint8_t>(rng());
@@ -189,22 +190,30 @@ TEST_CASE("writer: no commit leaves nothing; commit refuses a tensor not fully w
     w.write("a", std::vector<uint8_t>(8, 1), 0);  // half of 'a', none of 'b'
     test::check_error([&] { w.commit(); }, ErrorKind::Internal, {"x.safetensors", "only"});
     CHECK_FALSE(std::filesystem::exists(path));
-    test::check_error([&] { w.write("a", std::vector<uint8_t>(9, 1), 8); }, ErrorKind::Internal, {"'a'", "exceeds"});
+    test::check_error([&] { w.write("a", std::vector<uint8_t>(9, 1), 8); }, ErrorKind::Internal,
+                      {"'a'", "exceeds"});
     test::check_error([&] { w.write("zz", std::vector<uint8_t>(1, 1)); }, ErrorKind::Internal, {"'zz'"});
   }
   CHECK(std::filesystem::is_empty(dir.path()));
-  test::check_error([&] { SafetensorsWriter w(path, {{"a", DType::U8, {1}}, {"a", DType::U8, {1}}}, {}); },
-                    ErrorKind::InvalidInput, {"'a'", "twice"});
-  test::check_error([&] { SafetensorsWriter w(path, {{"__metadata__", DType::U8, {1}}}, {}); },
-                    ErrorKind::InvalidInput, {"__metadata__"});
-  test::check_error([&] { SafetensorsWriter w(dir / "no" / "such" / "dir.safetensors", {}, {}); }, ErrorKind::Io,
-                    {"dir.safetensors"});
+  test::check_error(
+      [&] {
+        SafetensorsWriter w(path, {{"a", DType::U8, {1}}, {"a", DType::U8, {1}}}, {});
+      },
+      ErrorKind::InvalidInput, {"'a'", "twice"});
+  test::check_error(
+      [&] {
+        SafetensorsWriter w(path, {{"__metadata__", DType::U8, {1}}}, {});
+      },
+      ErrorKind::InvalidInput, {"__metadata__"});
+  test::check_error([&] { SafetensorsWriter w(dir / "no" / "such" / "dir.safetensors", {}, {}); },
+                    ErrorKind::Io, {"dir.safetensors"});
 }
 
 TEST_CASE("reader accepts what the reference accepts: entries in any order, whitespace, unknown entry keys") {
-  const std::string h = "{\"b\":{\"shape\":[2],\"data_offsets\":[4,6],\"dtype\":\"U8\",\"extra\":{\"x\":[1,{}]}},"
-                        "\"__metadata__\":{},\n \"a\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[0,4]},"
-                        "\"z\":{\"dtype\":\"BF16\",\"shape\":[3,0],\"data_offsets\":[6,6]}}    \n\t ";
+  const std::string h =
+      "{\"b\":{\"shape\":[2],\"data_offsets\":[4,6],\"dtype\":\"U8\",\"extra\":{\"x\":[1,{}]}},"
+      "\"__metadata__\":{},\n \"a\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[0,4]},"
+      "\"z\":{\"dtype\":\"BF16\",\"shape\":[3,0],\"data_offsets\":[6,6]}}    \n\t ";
   const auto bytes = test::st_bytes(h, 6);
   const auto hdr = parse_safetensors_header(bytes, bytes.size(), "ok.safetensors");
   REQUIRE(hdr.tensors.size() == 3);

@@ -24,7 +24,8 @@ TEST_CASE("parse_size: bytes, decimal and binary units") {
 }
 
 TEST_CASE("parse_size: malformed sizes are usage errors naming the option") {
-  for (const char* bad : {"", "GiB", "abc", "-5", "1.2.3", "5XB", "1e3", ".", " 5", "5 G i B", "99999999999TiB"}) {
+  for (const char* bad :
+       {"", "GiB", "abc", "-5", "1.2.3", "5XB", "1e3", ".", " 5", "5 G i B", "99999999999TiB"}) {
     INFO("text: '", bad, "'");
     test::check_error([&] { parse_size(bad, "--max-shard-size"); }, ErrorKind::Usage, {"--max-shard-size"});
   }

@@ -1,9 +1,9 @@
+#include <doctest/doctest.h>
+
 #include <atomic>
 #include <stdexcept>
 #include <thread>
 #include <vector>
-
-#include <doctest/doctest.h>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
@@ -73,7 +73,8 @@ TEST_CASE("nested parallel_for and calls from several threads do not deadlock") 
   std::vector<std::thread> callers;
   for (int t = 0; t < 4; ++t)
     callers.emplace_back([&] {
-      for (int k = 0; k < 50; ++k) pool.parallel_for(64, 1, [&](size_t b, size_t e) { total.fetch_add(e - b); });
+      for (int k = 0; k < 50; ++k)
+        pool.parallel_for(64, 1, [&](size_t b, size_t e) { total.fetch_add(e - b); });
     });
   for (auto& t : callers) t.join();
   CHECK(total.load() == 4 * 50 * 64);

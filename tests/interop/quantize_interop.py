@@ -15,6 +15,12 @@ original model, and e_w = |D - L| / |L|, the error the scheme's weights alone ca
 A loader that misread the layout (a wrong absmax, nibble order, scale or skip list) gives errors of
 order 1, far outside these.
 
+The same for the T5 text encoder of the tiny flux pipeline quantized with sample_configs/flux-nf4.json
+(text_encoder_2 in int8): transformers loads it with Linear8bitLt except T5's "wo" projections,
+which it keeps in full precision and qtool leaves unquantized, and its hidden states are compared
+like the int8 logits. (diffusers' bitsandbytes loader of the flux transformer refuses to run without
+a GPU, so the pipeline's transformer is not loaded here.)
+
 compressed-tensors: qtool's fp8 (e4m3, per channel and per tensor) decompresses, through the
 float-quantized compressor and through transformers' CompressedTensorsHfQuantizer (both compressed
 on the CPU and decompressed on load), to exactly the values of `qtool dequantize`. For fp8_e5m2,
@@ -98,6 +104,38 @@ def bnb_case(qtool, tiny, work, name, config, ids, ref_bf16, noise):
     check(e_bl <= b_bl, "%s: |bnb - bf16| / |bf16| = %.4f <= %.4f" % (name, e_bl, b_bl))
 
 
+def t5_case(qtool, samples, work, seed):
+    import bitsandbytes as bnb
+    from transformers import T5EncoderModel
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    flux = os.path.join(work, "tiny-flux")
+    out, deq = os.path.join(work, "q-flux"), os.path.join(work, "dq-flux")
+    run(qtool, "synth", "--preset", "tiny-flux", "--seed", seed, "-o", flux, "-q")
+    run(qtool, "quantize", flux, "--config", os.path.join(samples, "flux-nf4.json"), "-o", out, "-q")
+    run(qtool, "dequantize", out, "-o", deq, "-q")
+    ids = torch.randint(0, 500, (2, 16))
+
+    def hidden(path, **kw):
+        m = T5EncoderModel.from_pretrained(os.path.join(path, "text_encoder_2"), **kw)
+        with torch.no_grad():
+            return m, m(ids).last_hidden_state.float()
+
+    m, hq = hidden(out, device_map="cpu")
+    block = m.encoder.block[0].layer
+    check(isinstance(block[0].SelfAttention.q, bnb.nn.Linear8bitLt) and isinstance(block[1].DenseReluDense.wi_0, bnb.nn.Linear8bitLt),
+          "t5 int8: attention and wi_* load as Linear8bitLt")
+    check(type(block[1].DenseReluDense.wo) is torch.nn.Linear and block[1].DenseReluDense.wo.weight.is_floating_point(),
+          "t5 int8: wo stays a float Linear, as transformers keeps it")
+    _, href = hidden(flux, dtype=torch.bfloat16)
+    _, h32 = hidden(flux, dtype=torch.float32)
+    _, hd = hidden(deq, dtype=torch.bfloat16)
+    noise, e_w = rel(href, h32), rel(hd, href)
+    print("     t5 int8: weights alone e_w=%.4f, bf16 noise n=%.4f" % (e_w, noise))
+    check(rel(hq, hd) <= e_w + 3 * noise, "t5 int8: |bnb - dequantized| = %.4f <= %.4f" % (rel(hq, hd), e_w + 3 * noise))
+    check(rel(hq, href) <= 2 * e_w + 3 * noise, "t5 int8: |bnb - bf16| = %.4f <= %.4f" % (rel(hq, href), 2 * e_w + 3 * noise))
+
+
 def fp8_case(qtool, tiny, work, name, config_text, ids):
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -159,6 +197,7 @@ def main():
         for name, cfg in (("int8", os.path.join(args.samples, "llama-int8.json")),
                           ("nf4-dq", os.path.join(args.samples, "llama-nf4-dq.json")), ("nf4", nf4_plain)):
             bnb_case(args.qtool, tiny, work, name, cfg, ids, ref_bf16, noise)
+        t5_case(args.qtool, args.samples, work, seed)
         fp8_case(args.qtool, tiny, work, "fp8-channel", open(os.path.join(args.samples, "llama-fp8.json")).read(), ids)
         fp8_case(args.qtool, tiny, work, "fp8-tensor", '{"quant_backend": "fp8_e4m3", "quant_kwargs": {"per_tensor": true}}', ids)
         fp8_case(args.qtool, tiny, work, "fp8-e5m2", '{"quant_backend": "fp8_e5m2"}', ids)

@@ -232,8 +232,13 @@ TEST_CASE("config: resolution against a pipeline") {
       CHECK(t->is_quantized(m) != has(t->unquantized_modules, m));
     }
     CHECK(n_2d == t->quantized_modules.size() + t->unquantized_modules.size());
-    // T5's embedding stays, named for the loader.
+    // T5's embedding stays, named for the loader, and so do its "wo" projections, which
+    // transformers keeps in full precision (T5's _keep_in_fp32_modules).
     CHECK(has(t5->unquantized_modules, "shared"));
+    CHECK(has(t5->unquantized_modules, "encoder.block.0.layer.1.DenseReluDense.wo"));
+    CHECK_FALSE(t5->is_quantized("encoder.block.1.layer.1.DenseReluDense.wo"));
+    CHECK(t5->is_quantized("encoder.block.1.layer.1.DenseReluDense.wi_0"));
+    CHECK(t5->is_quantized("encoder.block.0.layer.0.SelfAttention.q"));
     // The pattern matching nothing is a warning naming it.
     bool warned = false;
     for (const auto& w : plan.warnings) {

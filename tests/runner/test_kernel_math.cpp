@@ -114,10 +114,19 @@ TEST_CASE("digest is order-independent and sees every bit") {
   std::vector<uint16_t> y(1001);
   for (auto& v : y) v = f32_to_bf16(nd(rng));
   const cpu::Digest d = cpu::digest(y.data(), y.size());
-  // Summing the terms in reverse gives the same digest.
+  // Summing the word terms in reverse gives the same digest (the last word holds one element).
   uint64_t reversed = 0;
-  for (size_t i = y.size(); i-- > 0;) reversed += kmath::digest_term(i, y[i]);
+  for (size_t k = (y.size() + 1) / 2; k-- > 0;) {
+    const uint32_t word = y[2 * k] | (2 * k + 1 < y.size() ? static_cast<uint32_t>(y[2 * k + 1]) << 16 : 0u);
+    reversed += kmath::digest_term(k, word);
+  }
   CHECK(reversed == d.hash);
+  // The last, unpaired element counts.
+  {
+    auto z = y;
+    z.back() = static_cast<uint16_t>(z.back() ^ 1);
+    CHECK(cpu::digest(z.data(), z.size()).hash != d.hash);
+  }
   CHECK(d.nonfinite == 0);
   for (size_t i : {size_t{0}, size_t{500}, size_t{1000}}) {
     for (int bit : {0, 7, 15}) {

@@ -6,13 +6,12 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/formats/safetensors.hpp"
 
@@ -118,9 +117,8 @@ std::string shard_file_name(std::string_view base, size_t shard, size_t n_shards
 // never split across shards. Every file is written under a temporary name and renamed on commit.
 class ComponentWriter {
  public:
-  ComponentWriter(std::filesystem::path dir, std::string base,
-                  std::vector<std::vector<TensorDecl>> groups, uint64_t max_shard_size,
-                  std::map<std::string, std::string> metadata = {});
+  ComponentWriter(std::filesystem::path dir, std::string base, std::vector<std::vector<TensorDecl>> groups,
+                  uint64_t max_shard_size, std::map<std::string, std::string> metadata = {});
   ~ComponentWriter();
 
   // Thread-safe; see SafetensorsWriter::write.
@@ -143,8 +141,7 @@ class ComponentWriter {
 // output that is the input or lies inside it.
 class OutputPath {
  public:
-  OutputPath(std::filesystem::path final_path, bool force,
-             const std::filesystem::path& input = {});
+  OutputPath(std::filesystem::path final_path, bool force, const std::filesystem::path& input = {});
   ~OutputPath();
   OutputPath(const OutputPath&) = delete;
   OutputPath& operator=(const OutputPath&) = delete;

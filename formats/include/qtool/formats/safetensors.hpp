@@ -33,11 +33,11 @@ struct TensorInfo {
 
 // The parsed, validated header of one file.
 struct SafetensorsHeader {
-  uint64_t header_size = 0;               // N: the JSON length
-  std::vector<TensorInfo> tensors;        // in data order (ascending begin)
+  uint64_t header_size = 0;         // N: the JSON length
+  std::vector<TensorInfo> tensors;  // in data order (ascending begin)
   std::map<std::string, std::string> metadata;
   uint64_t data_offset() const { return 8 + header_size; }
-  uint64_t data_size() const;             // sum of tensor sizes == file size - data_offset()
+  uint64_t data_size() const;  // sum of tensor sizes == file size - data_offset()
 };
 
 // Validates and parses a header. `head` holds at least the first min(file_size, 8 + N) bytes of

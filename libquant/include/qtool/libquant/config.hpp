@@ -99,7 +99,9 @@ struct ComponentPlan {
   std::vector<std::string> patterns;          // modules_to_not_convert that apply to it
   std::vector<std::string> quantized_modules; // sorted: modules whose "<m>.weight" is quantized
   // Sorted: every module with a 2-D float "<m>.weight" that stays unquantized (skipped by a
-  // pattern or by the linear rule), plus "lm_head" when it is tied to the embeddings and absent.
+  // pattern, by the linear rule, or because its loader keeps it in full precision: T5's "wo",
+  // transformers' _keep_in_fp32_modules for model_type t5/mt5/umt5), plus "lm_head" when it is
+  // tied to the embeddings and absent.
   // This is what loaders get as llm_int8_skip_modules / ignore.
   std::vector<std::string> unquantized_modules;
   bool is_quantized(std::string_view module) const;

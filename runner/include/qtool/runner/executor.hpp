@@ -12,8 +12,8 @@
 //
 // Device memory per GPU is the plan's reserve model (planner::gpu_reserve): the resident arena,
 // one allocation for the ring of slots, activation_in [tokens, max_in], activation_out
-// [tokens, max_out] (the digests and tables ride in its tail), dequant_scratch and the cuBLAS
-// workspace. Nothing is allocated while steps run.
+// [tokens, max_out], dequant_scratch and the cuBLAS workspace (the digests and the 4-bit tables
+// ride in the rounding slack of one of them). Nothing is allocated while steps run.
 #pragma once
 
 #include <cstdint>
@@ -37,6 +37,7 @@ enum class Mode : uint8_t {
 // Sizes the plan does not derive from the schedule.
 struct DeviceSizing {
   uint64_t cublas_workspace_bytes = 32ull << 20;  // the device profile's, as the plan reserved it
+  uint64_t alloc_granularity_bytes = 2ull << 20;  // the device profile's: cudaMalloc's rounding
   uint64_t staging_buffers = 2;                   // pinned staging buffers for disk groups (host memory)
 };
 
@@ -46,6 +47,9 @@ struct RunOptions {
   uint32_t steps = 1;
   uint64_t seed = 0;       // step s uses seed + s
   bool trace = false;      // record copy/compute intervals of every group
+  // Reduce every output to a digest (a kernel per linear). Off for timing runs: a step then does
+  // only a model's work (dequantize, multiply); digests are left zero.
+  bool digests = true;
   DeviceSizing sizing;
   // Tests: called on the host once the copy of streamed step `step`'s arena into its device slot
   // has completed and before the step computes, with the host bytes it was copied from (the

@@ -4,8 +4,9 @@
 // - Activations: one hidden state H[token, column] per step, a counter-based hash of (seed,
 //   token, column) mapped to a float in [-1, 1) with 24 significant bits and rounded to bf16. A
 //   linear with `in` inputs reads H[:, 0:in]. No state, so any element can be made anywhere.
-// - Digests: an order-independent 64-bit sum of hashed (index, bit pattern) pairs of a bf16
-//   output, so a GPU reduction with atomics gives the same value as a CPU loop.
+// - Digests: an order-independent 64-bit sum of hashed (index, bits) terms over the 32-bit words
+//   (pairs of bf16 elements) of an output, so a GPU reduction with atomics gives the same value as
+//   a CPU loop. Two independent 32-bit mixes per word keep it cheap next to the GEMM it checks.
 // - x86 float semantics: libquant's CPU dequantizers run on x86 SSE/AVX, where an operation on a
 //   NaN returns the first NaN operand, quieted, and an invalid operation (0 * inf) gives the
 //   "default NaN" 0xFFC00000. A GPU returns 0x7FFFFFFF instead. The helpers below give the x86
@@ -118,10 +119,28 @@ QTOOL_HD uint16_t activation_bf16(uint64_t stream, uint64_t token, uint64_t colu
   return f32_to_bf16_bits(v);
 }
 
-// One element's contribution to an output digest (its index and bf16 bits); the digest is the
-// wrapping sum over elements.
-QTOOL_HD uint64_t digest_term(uint64_t index, uint16_t bf16) {
-  return mix64(index * kGolden + bf16 + 0x632BE59BD9B4E019ull);
+// murmur3's 32-bit finaliser: a bijective mixer.
+QTOOL_HD uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// Word k's contribution to an output digest: the bf16 elements 2k (low half) and 2k + 1 (high
+// half; 0 past the end of an odd-length output). The digest is the wrapping sum over words.
+QTOOL_HD uint64_t digest_term(uint64_t k, uint32_t word) {
+  const uint32_t kk = static_cast<uint32_t>(k) ^ (static_cast<uint32_t>(k >> 32) * 0x27D4EB2Fu);
+  const uint32_t a = fmix32(word ^ (kk * 0x9E3779B1u));
+  const uint32_t b = fmix32(word + kk * 0x85EBCA77u + 0x165667B1u);
+  return (static_cast<uint64_t>(a) << 32) | b;
+}
+
+// Non-finite bf16 elements in a word (0, 1 or 2).
+QTOOL_HD uint32_t nonfinite_in_word(uint32_t word) {
+  return ((word & 0x7F80u) == 0x7F80u ? 1u : 0u) + (((word >> 16) & 0x7F80u) == 0x7F80u ? 1u : 0u);
 }
 
 QTOOL_HD bool is_finite_bf16(uint16_t h) { return (h & 0x7F80u) != 0x7F80u; }
