@@ -302,6 +302,8 @@ int main(int argc, char** argv) {
       o.tokens = a.stream_tokens;
       o.steps = a.steps;
       o.trace = true;
+      o.digests = false;
+      o.sizing.alloc_granularity_bytes = profile.alloc_granularity_bytes;
       o.sizing.cublas_workspace_bytes = profile.cublas_workspace_bytes;
       o.sizing.staging_buffers = s.n_slots;
       const RunResult r = backend->run(ckpt, s, o);
@@ -341,13 +343,19 @@ int main(int argc, char** argv) {
       const Schedule s = build_schedule(ckpt, plan);
       RunOptions o;
       o.tokens = a.tokens;
-      o.steps = a.steps;
+      o.steps = 2;
       o.sizing.cublas_workspace_bytes = profile.cublas_workspace_bytes;
+      o.sizing.alloc_granularity_bytes = profile.alloc_granularity_bytes;
       o.sizing.staging_buffers = s.n_slots;
-      const RunResult streamed = backend->run(ckpt, s, o);
+      // Outputs first (digests on), then the timed runs (digests off: only the model's work).
+      const RunResult checked = backend->run(ckpt, s, o);
       o.mode = Mode::AllResident;
+      const bool same = checked.digests == backend->run(ckpt, s, o).digests;
+      o.digests = false;
+      o.steps = a.steps;
       const RunResult resident = backend->run(ckpt, s, o);
-      const bool same = streamed.digests == resident.digests;
+      o.mode = Mode::Planned;
+      const RunResult streamed = backend->run(ckpt, s, o);
       const double plain = plain_pinned_gbps(streamed.h2d_bytes_per_step);
       const double transfer_ms = static_cast<double>(streamed.h2d_bytes_per_step) / (plain * 1e6);
       const double st_ms = median(tail(streamed.step_ms));

@@ -98,8 +98,17 @@ ModuleTree ModuleTree::build(const Component& component, const std::vector<TiedP
 
 ModuleTree ModuleTree::build(std::vector<TensorDesc> tensors, const std::vector<TiedPair>& ties) {
   ModuleTree t;
-  std::sort(tensors.begin(), tensors.end(),
-            [](const TensorDesc& a, const TensorDesc& b) { return a.name < b.name; });
+  // Sort by name through an index (moving 100k descriptors around in a sort is slow).
+  {
+    std::vector<uint32_t> order(tensors.size());
+    std::iota(order.begin(), order.end(), 0u);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](uint32_t a, uint32_t b) { return tensors[a].name < tensors[b].name; });
+    std::vector<TensorDesc> sorted;
+    sorted.reserve(tensors.size());
+    for (uint32_t i : order) sorted.push_back(std::move(tensors[i]));
+    tensors = std::move(sorted);
+  }
   for (size_t i = 1; i < tensors.size(); ++i) {
     if (tensors[i].name == tensors[i - 1].name) {
       fail(ErrorKind::InvalidInput, "tensor '", tensors[i].name, "' appears twice");
@@ -109,6 +118,8 @@ ModuleTree ModuleTree::build(std::vector<TensorDesc> tensors, const std::vector<
   const size_t n = t.tensors_.size();
 
   std::unordered_map<std::string, int32_t> by_prefix;
+  by_prefix.reserve(n + 1);
+  t.nodes_.reserve(n + 1);
   t.nodes_.emplace_back();
   by_prefix.emplace("", 0);
   // Returns the node for `prefix`, creating it and its missing ancestors.
@@ -146,8 +157,16 @@ ModuleTree ModuleTree::build(std::vector<TensorDesc> tensors, const std::vector<
   };
 
   t.tensor_module_.resize(n);
+  std::string last_module;
+  int32_t last_id = -1;
   for (size_t i = 0; i < n; ++i) {
-    const int32_t id = node_for(module_of_tensor(t.tensors_[i].name));
+    // A module's tensors are adjacent in name order (weight, bias, quant state): look it up once.
+    std::string module = module_of_tensor(t.tensors_[i].name);
+    if (last_id < 0 || module != last_module) {
+      last_id = node_for(module);
+      last_module = std::move(module);
+    }
+    const int32_t id = last_id;
     t.tensor_module_[i] = id;
     t.nodes_[static_cast<size_t>(id)].tensors.push_back(static_cast<uint32_t>(i));
   }

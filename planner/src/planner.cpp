@@ -320,7 +320,8 @@ class Planner {
   void unit_work(UnitInfo& u, const CompData& cd,
                  const std::unordered_map<std::string, const QuantizedShape*>& quantized) const;
   std::vector<uint8_t> offload_set(size_t m, uint32_t n) const;
-  Outcome place(const Candidate& c, size_t m) const;
+  // full == false: only whether it fits (partition, groups, host budget), for the searches.
+  Outcome place(const Candidate& c, size_t m, bool full = true) const;
   void make_groups(Outcome& o) const;
   void make_steps(Outcome& o) const;
   void assign_targets(Outcome& o) const;
@@ -753,7 +754,7 @@ void Planner::simulate(Outcome& o) const {
   o.step_s = t;
 }
 
-Outcome Planner::place(const Candidate& c, size_t m) const {
+Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
   Outcome o;
   o.cand = c;
   o.m = m;
@@ -835,8 +836,12 @@ Outcome Planner::place(const Candidate& c, size_t m) const {
     o.exec_of[id] = o.gpu_of[p] >= 0 ? o.gpu_of[p]
                                      : o.groups[static_cast<size_t>(o.unit_group[p])].exec;
   }
-  make_steps(o);
   assign_targets(o);
+  if (!full) {
+    o.ok = o.host_ok;
+    return o;
+  }
+  make_steps(o);
   // Exact reserve per GPU, and the check against the budget.
   o.work.assign(ngpu, GpuWork{});
   std::vector<uint64_t> resident(ngpu, 0);
@@ -991,11 +996,11 @@ Planner::SearchResult Planner::search() const {
   };
   for (const Candidate& c : cands) {
     const size_t M = n_offloadable_;
-    Outcome full = place(c, M);
-    if (!full.ok) {
-      if (!full.host_ok && full.host_needed > 0) {
+    const Outcome all = place(c, M, false);
+    if (!all.ok) {
+      if (!all.host_ok && all.host_needed > 0) {
         r.host_short = true;
-        r.host_needed = std::min(r.host_needed, full.host_needed);
+        r.host_needed = std::min(r.host_needed, all.host_needed);
       }
       continue;
     }
@@ -1004,15 +1009,15 @@ Planner::SearchResult Planner::search() const {
     size_t lo = 1, hi = M;
     while (lo < hi) {
       const size_t mid = lo + (hi - lo) / 2;
-      if (place(c, mid).ok) hi = mid;
+      if (place(c, mid, false).ok) hi = mid;
       else lo = mid + 1;
     }
-    Outcome o = place(c, lo);
+    size_t chosen = lo;
     for (size_t m = lo; m-- > 1 && m + 4 > lo;) {
-      Outcome lower = place(c, m);
-      if (lower.ok) o = std::move(lower);
+      if (place(c, m, false).ok) chosen = m;
     }
-    if (!o.ok) o = std::move(full);
+    Outcome o = place(c, chosen);
+    if (!o.ok) o = place(c, M);
     if (better(o, r.best)) r.best = std::move(o);
   }
   if (r.best.ok) r.host_short = false;

@@ -655,6 +655,8 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
     m.allocated_bytes = g.allocated;
     m.baseline_bytes = g.baseline;
     m.measured_peak_bytes = peak[d];
+    for (const PinnedBuffer& b : host_arena) m.pinned_host_bytes += b.size();
+    for (const PinnedBuffer& b : staging) m.pinned_host_bytes += b.size();
     m.how = "cudaMemGetInfo (total - free), sampled after set-up and after the last step; includes the CUDA "
             "context, cuBLAS, loaded kernels and allocator rounding";
     result.memory.push_back(std::move(m));

@@ -257,6 +257,17 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
                 format_size(p.alloc_granularity_bytes), "; launch ", p.kernel_launch_us, " us; copy ",
                 p.copy_latency_us, " us"));
   }
+  // Pinned host memory is mapped into the GPU's address space: its page tables take device memory.
+  // Logged for the reserve model (not a key of the profile).
+  {
+    const uint64_t before = used_bytes();
+    std::vector<PinnedBuffer> pins;
+    for (int gib = 1; gib <= 3; ++gib) {
+      pins.emplace_back(1ull << 30);
+      log(str_cat("  device memory in use after pinning ", gib, " GiB more host memory: +",
+                  format_size(used_bytes() - before)));
+    }
+  }
   p.description = "measured by qtool profile on " + today() + " on " + cuda::describe_device(dev) +
                   ": medians of CUDA-event timings; h2d of " + format_size(n) +
                   " buffers; device bandwidth counts bytes read plus written; bf16 GEMM rate over 9 linear shapes "

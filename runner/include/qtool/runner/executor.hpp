@@ -88,6 +88,7 @@ struct DeviceMemory {
   // allocator rounding and everything above included); CPU: allocated_bytes.
   uint64_t measured_peak_bytes = 0;
   uint64_t baseline_bytes = 0;    // CUDA: (total - free) once the context existed, before any allocation
+  uint64_t pinned_host_bytes = 0; // pinned host arenas and staging of the run (all GPUs)
   std::string how;                // how the peak was measured
 };
 
