@@ -3,7 +3,9 @@
 
 For each scheme, on a synthetic checkpoint whose files are in the page cache (read twice first)
 and with the output on tmpfs (/dev/shm), in one run:
-  - qtool's input GB/s (checkpoint bytes / wall time of the whole command, best of --repeats);
+  - qtool's input GB/s (checkpoint bytes / wall time of the whole command, best of --repeats), and
+    the same over the conversion alone (the report's `seconds`: from opening the checkpoint to the
+    output's rename, without the process start, which in a CUDA build loads cuBLAS);
   - the ratio to `cat FILES > /dev/null` of the same files, timed just before each qtool run;
   - the ratio to the reference implementation on the same tensors: bitsandbytes' CPU
     `int8_vectorwise_quant` (int8), `quantize_4bit` (nf4, fp4; `compress_statistics` for double
@@ -164,6 +166,13 @@ def main():
     nbytes = sum(os.path.getsize(f) for f in files)
     biggest = largest_tensor(files)
     load_before = os.getloadavg()
+    # What the process holds before converting anything (a CUDA build maps cuBLAS at start).
+    p = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", args.qtool, "--version"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, check=True)
+    baseline_rss = int(re.search(r"maxrss_kb=(\d+)", p.stderr).group(1)) * 1024
+    t = time.perf_counter()
+    subprocess.run([args.qtool, "--version"], stdout=subprocess.DEVNULL, check=True)
+    startup = time.perf_counter() - t
     for _ in range(2):
         time_cat(files)
 
@@ -171,19 +180,23 @@ def main():
     for scheme in args.schemes.split(","):
         config = os.path.join(args.work, "bench-%s.json" % scheme)
         open(config, "w").write(SCHEMES[scheme])
-        cats, walls, rsss, report = [], [], [], None
+        cats, walls, inprocs, rsss, report = [], [], [], [], None
         for _ in range(args.repeats):
             cats.append(time_cat(files))
             wall, rss, report = time_qtool(args.qtool, ckpt, config, args.out, args.threads)
             walls.append(wall)
+            inprocs.append(report["seconds"])
             rsss.append(rss)
         quantized_bytes = sum(t["bytes_in"] for t in report["tensors"] if t["scheme"] is not None)
         ref_rate, ref_bytes = reference_rate(scheme, ckpt, report, args.threads, args.reference_bytes)
         wall, cat = min(walls), min(cats)
+        inproc = min(inprocs)
         row = {
             "scheme": scheme,
             "qtool_gbps": nbytes / wall / 1e9,
             "qtool_gbps_median": nbytes / statistics.median(walls) / 1e9,
+            "inproc_gbps": nbytes / inproc / 1e9,
+            "vs_cat_inproc": cat / inproc,
             "cat_gbps": nbytes / cat / 1e9,
             "vs_cat": cat / wall,
             "vs_cat_median": statistics.median(cats) / statistics.median(walls),
@@ -192,15 +205,17 @@ def main():
             "ref_bytes": ref_bytes,
             "rss": max(rsss),
             "rss_vs_largest": max(rsss) / biggest,
+            "rss_above_start": max(rsss) - baseline_rss,
             "sqnr_db": report["totals"]["sqnr_db"],
         }
         row["ok"] = row["vs_cat"] >= CAT_TARGET[scheme] and row["vs_ref"] >= REF_TARGET
         rows.append(row)
-        print("%-9s qtool %.2f GB/s (median %.2f), cat %.2f GB/s -> %.2fx cat (target %.1fx); reference %.3f GB/s "
-              "-> %.0fx (target %.0fx); peak RSS %.0f MiB = %.1fx the largest tensor; SQNR %.1f dB"
-              % (scheme, row["qtool_gbps"], row["qtool_gbps_median"], row["cat_gbps"], row["vs_cat"],
-                 CAT_TARGET[scheme], row["ref_gbps"], row["vs_ref"], REF_TARGET, row["rss"] / 2**20,
-                 row["rss_vs_largest"], row["sqnr_db"]), flush=True)
+        print("%-9s qtool %.2f GB/s (median %.2f; conversion alone %.2f), cat %.2f GB/s -> %.2fx cat (conversion "
+              "alone %.2fx; target %.1fx); reference %.3f GB/s -> %.0fx (target %.0fx); peak RSS %.0f MiB (%.0f MiB "
+              "above the process start) = %.1fx the largest tensor; SQNR %.1f dB"
+              % (scheme, row["qtool_gbps"], row["qtool_gbps_median"], row["inproc_gbps"], row["cat_gbps"], row["vs_cat"],
+                 row["vs_cat_inproc"], CAT_TARGET[scheme], row["ref_gbps"], row["vs_ref"], REF_TARGET,
+                 row["rss"] / 2**20, row["rss_above_start"] / 2**20, row["rss_vs_largest"], row["sqnr_db"]), flush=True)
     load_after = os.getloadavg()
     if not args.keep:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -224,15 +239,18 @@ def main():
             % (args.preset, args.scale, args.components, args.threads, args.repeats, os.path.basename(ckpt), len(files),
                nbytes / 1e9, biggest / 1e6, args.repeats, rows[0]["ref_bytes"] / 1e6, args.threads, bnb_version()),
             "",
-            "| scheme | qtool GB/s (best / median) | cat GB/s | qtool / cat | target | reference GB/s | qtool / reference | target | peak RSS | RSS / largest tensor | SQNR |",
+            "`qtool --version` alone takes %.2f s and %.0f MiB of RSS in this build (process start; a CUDA build "
+            "maps cuBLAS). \"conversion alone\" is the report's `seconds`, without that start." % (startup, baseline_rss / 2**20),
+            "",
+            "| scheme | qtool GB/s (best / median / conversion alone) | cat GB/s | qtool / cat (conversion alone) | target | reference GB/s | qtool / reference | target | peak RSS (above start) | RSS / largest tensor | SQNR |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            lines.append("| %s | %.2f / %.2f | %.2f | %.2fx %s | %.1fx | %.3f | %.0fx %s | %.0fx | %.0f MiB | %.1fx | %.1f dB |" % (
-                r["scheme"], r["qtool_gbps"], r["qtool_gbps_median"], r["cat_gbps"], r["vs_cat"],
-                "" if r["vs_cat"] >= CAT_TARGET[r["scheme"]] else "(below)", CAT_TARGET[r["scheme"]], r["ref_gbps"],
-                r["vs_ref"], "" if r["vs_ref"] >= REF_TARGET else "(below)", REF_TARGET, r["rss"] / 2**20,
-                r["rss_vs_largest"], r["sqnr_db"]))
+            lines.append("| %s | %.2f / %.2f / %.2f | %.2f | %.2fx (%.2fx) %s | %.1fx | %.3f | %.0fx %s | %.0fx | %.0f MiB (%.0f MiB) | %.1fx | %.1f dB |" % (
+                r["scheme"], r["qtool_gbps"], r["qtool_gbps_median"], r["inproc_gbps"], r["cat_gbps"], r["vs_cat"],
+                r["vs_cat_inproc"], "" if r["vs_cat"] >= CAT_TARGET[r["scheme"]] else "(below)", CAT_TARGET[r["scheme"]],
+                r["ref_gbps"], r["vs_ref"], "" if r["vs_ref"] >= REF_TARGET else "(below)", REF_TARGET,
+                r["rss"] / 2**20, r["rss_above_start"] / 2**20, r["rss_vs_largest"], r["sqnr_db"]))
         lines.append("")
         with open(args.results, "a") as f:
             f.write("\n".join(lines) + "\n")

@@ -25,11 +25,10 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
@@ -54,14 +53,14 @@ namespace {
 
 struct Args {
   double scale = 0.5;
-  uint64_t tokens = 4096;         // quantized steps: compute comparable with transfer
-  uint64_t stream_tokens = 256;   // bf16 streaming: copy-bound
+  uint64_t tokens = 4096;        // quantized steps: compute comparable with transfer
+  uint64_t stream_tokens = 256;  // bf16 streaming: copy-bound
   double resident_fraction = 0.1;
   uint32_t steps = 6;
   std::filesystem::path work;
   std::filesystem::path json_out;
   std::filesystem::path models_dir = "sample_configs/models";
-  std::filesystem::path data;     // reuse DIR/bf16, DIR/nf4, DIR/int8 instead of synthesizing
+  std::filesystem::path data;  // reuse DIR/bf16, DIR/nf4, DIR/int8 instead of synthesizing
 };
 
 double median(std::vector<double> v) {
@@ -122,13 +121,16 @@ planner::Plan plan_streaming(const Checkpoint& ckpt, const planner::DeviceProfil
 }
 
 std::string ratio_line(const char* what, double value, const char* op, double target) {
-  const bool ok = std::string(op) == ">=" ? value >= target : std::string(op) == "<=" ? value <= target
-                                                                                     : std::fabs(value - 1) <= target;
+  const bool ok = std::string(op) == ">="   ? value >= target
+                  : std::string(op) == "<=" ? value <= target
+                                            : std::fabs(value - 1) <= target;
   char buf[256];
   if (std::string(op) == "+-")
-    std::snprintf(buf, sizeof buf, "| %s | %.3f | within +-%.0f%% | %s |", what, value, target * 100, ok ? "yes" : "NO");
+    std::snprintf(buf, sizeof buf, "| %s | %.3f | within +-%.0f%% | %s |", what, value, target * 100,
+                  ok ? "yes" : "NO");
   else
-    std::snprintf(buf, sizeof buf, "| %s | %.3f | %s %.2f | %s |", what, value, op, target, ok ? "yes" : "NO");
+    std::snprintf(buf, sizeof buf, "| %s | %.3f | %s %.2f | %s |", what, value, op, target,
+                  ok ? "yes" : "NO");
   return buf;
 }
 
@@ -145,18 +147,28 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (k == "--scale") a.scale = std::stod(next());
-    else if (k == "--tokens") a.tokens = std::stoull(next());
-    else if (k == "--stream-tokens") a.stream_tokens = std::stoull(next());
-    else if (k == "--resident-fraction") a.resident_fraction = std::stod(next());
-    else if (k == "--steps") a.steps = static_cast<uint32_t>(std::stoul(next()));
-    else if (k == "--work") a.work = next();
-    else if (k == "--json") a.json_out = next();
-    else if (k == "--models-dir") a.models_dir = next();
-    else if (k == "--data") a.data = next();
+    if (k == "--scale")
+      a.scale = std::stod(next());
+    else if (k == "--tokens")
+      a.tokens = std::stoull(next());
+    else if (k == "--stream-tokens")
+      a.stream_tokens = std::stoull(next());
+    else if (k == "--resident-fraction")
+      a.resident_fraction = std::stod(next());
+    else if (k == "--steps")
+      a.steps = static_cast<uint32_t>(std::stoul(next()));
+    else if (k == "--work")
+      a.work = next();
+    else if (k == "--json")
+      a.json_out = next();
+    else if (k == "--models-dir")
+      a.models_dir = next();
+    else if (k == "--data")
+      a.data = next();
     else {
-      std::fprintf(stderr, "usage: bench_stream [--scale S] [--tokens N] [--stream-tokens N] [--resident-fraction F] "
-                           "[--steps K] [--work DIR] [--json FILE] [--models-dir DIR] [--data DIR]\n");
+      std::fprintf(stderr,
+                   "usage: bench_stream [--scale S] [--tokens N] [--stream-tokens N] [--resident-fraction F] "
+                   "[--steps K] [--work DIR] [--json FILE] [--models-dir DIR] [--data DIR]\n");
       return 2;
     }
   }
@@ -165,7 +177,8 @@ int main(int argc, char** argv) {
     return 77;
   }
   try {
-    if (a.work.empty()) a.work = std::filesystem::temp_directory_path() / ("qtool-bench-stream-" + std::to_string(::getpid()));
+    if (a.work.empty())
+      a.work = std::filesystem::temp_directory_path() / ("qtool-bench-stream-" + std::to_string(::getpid()));
     std::filesystem::remove_all(a.work);
     std::filesystem::create_directories(a.work);
     struct Cleanup {
@@ -205,19 +218,19 @@ int main(int argc, char** argv) {
     const auto t0 = std::chrono::steady_clock::now();
     const std::filesystem::path data = a.data.empty() ? a.work : a.data;
     if (a.data.empty()) {
-    SynthSpec spec;
-    spec.preset = "flux";
-    spec.scale = a.scale;
-    spec.components = {"transformer"};
-    SynthWriteOptions sw;
-    sw.seed = 1;
-    write_synth_model(make_synth_model(spec), a.work / "bf16", sw);
-    for (const char* scheme : {"nf4", "int8"}) {
-      quant::SchemeOptions so;
-      so.scheme = *quant::parse_scheme(scheme);
-      quant::ConvertOptions co;
-      quant::quantize_checkpoint(a.work / "bf16", quant::config_for_scheme(so), a.work / scheme, co);
-    }
+      SynthSpec spec;
+      spec.preset = "flux";
+      spec.scale = a.scale;
+      spec.components = {"transformer"};
+      SynthWriteOptions sw;
+      sw.seed = 1;
+      write_synth_model(make_synth_model(spec), a.work / "bf16", sw);
+      for (const char* scheme : {"nf4", "int8"}) {
+        quant::SchemeOptions so;
+        so.scheme = *quant::parse_scheme(scheme);
+        quant::ConvertOptions co;
+        quant::quantize_checkpoint(a.work / "bf16", quant::config_for_scheme(so), a.work / scheme, co);
+      }
     }
     std::fprintf(stderr, "data ready in %.1f s\n",
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -256,9 +269,10 @@ int main(int argc, char** argv) {
         bool dq;
         double in_bytes_per_elem;
       };
-      for (const K& k : {K{"int8", WeightKind::Int8, false, 1.0}, K{"fp8_e4m3", WeightKind::Fp8E4M3, false, 1.0},
-                         K{"fp8_e5m2", WeightKind::Fp8E5M2, false, 1.0}, K{"nf4", WeightKind::Nf4, false, 0.5},
-                         K{"nf4 double quant", WeightKind::Nf4, true, 0.5}, K{"fp4", WeightKind::Fp4, false, 0.5}}) {
+      for (const K& k :
+           {K{"int8", WeightKind::Int8, false, 1.0}, K{"fp8_e4m3", WeightKind::Fp8E4M3, false, 1.0},
+            K{"fp8_e5m2", WeightKind::Fp8E5M2, false, 1.0}, K{"nf4", WeightKind::Nf4, false, 0.5},
+            K{"nf4 double quant", WeightKind::Nf4, true, 0.5}, K{"fp4", WeightKind::Fp4, false, 0.5}}) {
         DequantParams p;
         p.kind = k.kind;
         p.rows = rows;
@@ -270,11 +284,13 @@ int main(int argc, char** argv) {
           p.nested_absmax = scales.as<uint8_t>();
           p.nested_offset = 0.01f;
         }
-        const double kms = median_ms(stream, 20, [&] { rc::dequantize_to_bf16(p, tables, o.as<uint16_t>(), stream.get()); });
+        const double kms =
+            median_ms(stream, 20, [&] { rc::dequantize_to_bf16(p, tables, o.as<uint16_t>(), stream.get()); });
         const double bytes = static_cast<double>(numel) * (k.in_bytes_per_elem + 2.0);
         const double gbps = bytes / (kms * 1e6);
         dq[k.name] = {{"ms", kms}, {"gbps", gbps}, {"ratio_to_d2d", gbps / d2d}};
-        table.push_back(ratio_line((std::string("dequant ") + k.name + " bandwidth / d2d copy").c_str(), gbps / d2d, ">=", 0.6));
+        table.push_back(ratio_line((std::string("dequant ") + k.name + " bandwidth / d2d copy").c_str(),
+                                   gbps / d2d, ">=", 0.6));
       }
       out["dequant"] = dq;
       std::fprintf(stderr, "d2d %.0f GB/s (read + write)\n", d2d);
@@ -296,7 +312,8 @@ int main(int argc, char** argv) {
     {
       const Checkpoint ckpt = Checkpoint::open(data / "bf16");
       // Stream everything it can, a block per group (what a user streaming a bf16 model runs).
-      const planner::Plan plan = plan_streaming(ckpt, profile, a.stream_tokens, 0.0, tl, planner::OffloadMode::Block);
+      const planner::Plan plan =
+          plan_streaming(ckpt, profile, a.stream_tokens, 0.0, tl, planner::OffloadMode::Block);
       const Schedule s = build_schedule(ckpt, plan);
       RunOptions o;
       o.tokens = a.stream_tokens;
@@ -330,9 +347,12 @@ int main(int argc, char** argv) {
                             {"ratio", eff / plain},
                             {"step_ms", step_ms},
                             {"predicted_step_ms", plan.predicted_step_s * 1e3}};
-      table.push_back(ratio_line("streamed bf16 groups bandwidth / plain pinned cudaMemcpyAsync", eff / plain, ">=", 0.9));
-      table.push_back(ratio_line("bf16 streamed step: measured / predicted", step_ms / (plan.predicted_step_s * 1e3), "+-", 0.2));
-      std::fprintf(stderr, "bf16: %s streamed per step in %zu groups, %.1f GB/s effective vs %.1f GB/s plain\n",
+      table.push_back(ratio_line("streamed bf16 groups bandwidth / plain pinned cudaMemcpyAsync", eff / plain,
+                                 ">=", 0.9));
+      table.push_back(ratio_line("bf16 streamed step: measured / predicted",
+                                 step_ms / (plan.predicted_step_s * 1e3), "+-", 0.2));
+      std::fprintf(stderr,
+                   "bf16: %s streamed per step in %zu groups, %.1f GB/s effective vs %.1f GB/s plain\n",
                    format_size(r.h2d_bytes_per_step).c_str(), plan.groups.size(), eff, plain);
     }
 
@@ -374,11 +394,14 @@ int main(int argc, char** argv) {
                      {"bitwise_equal", same},
                      {"peak_bytes", streamed.memory.at(0).measured_peak_bytes},
                      {"predicted_peak_bytes", plan.devices.at(0).predicted_peak}};
-      table.push_back(ratio_line((std::string("streamed ") + scheme + " step / max(transfer, all-resident)").c_str(), ratio,
-                                 "<=", 1.15));
-      table.push_back(ratio_line((std::string(scheme) + " streamed step: measured / predicted").c_str(), st_ms / pred_ms, "+-", 0.2));
-      std::fprintf(stderr, "%s: streamed %.2f ms, resident %.2f ms, transfer %.2f ms, predicted %.2f ms, %s\n", scheme,
-                   st_ms, res_ms, transfer_ms, pred_ms, same ? "bitwise equal" : "OUTPUTS DIFFER");
+      table.push_back(
+          ratio_line((std::string("streamed ") + scheme + " step / max(transfer, all-resident)").c_str(),
+                     ratio, "<=", 1.15));
+      table.push_back(ratio_line((std::string(scheme) + " streamed step: measured / predicted").c_str(),
+                                 st_ms / pred_ms, "+-", 0.2));
+      std::fprintf(stderr,
+                   "%s: streamed %.2f ms, resident %.2f ms, transfer %.2f ms, predicted %.2f ms, %s\n",
+                   scheme, st_ms, res_ms, transfer_ms, pred_ms, same ? "bitwise equal" : "OUTPUTS DIFFER");
     }
 
     std::printf("\n| measurement | ratio | target | met |\n|---|---|---|---|\n");

@@ -58,10 +58,12 @@ void add_profile_command(CLI::App& app, const GlobalOptions& global, CommandFn& 
       ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
   cmd->add_option("--device", o->device, "The GPU to measure (default 0)");
   cmd->add_option("--copy-size", o->copy_size, "Bytes per bandwidth measurement (default 256MiB)");
-  cmd->add_option("--tokens", o->tokens, "GEMM rate measured at [tokens, 4096] x [4096, 4096] (default 4096)");
+  cmd->add_option("--tokens", o->tokens,
+                  "GEMM rate measured at [tokens, 4096] x [4096, 4096] (default 4096)");
   cmd->add_option("--repeats", o->repeats, "Timed repeats per measurement; the median is kept (default 7)")
       ->check(CLI::Range(1u, 1000u));
-  cmd->add_option("--tmp-dir", o->tmp_dir, "Folder for the disk-read test file (default: the system's temp dir)");
+  cmd->add_option("--tmp-dir", o->tmp_dir,
+                  "Folder for the disk-read test file (default: the system's temp dir)");
   cmd->add_option("--threads,-j", o->threads, "CPU threads for the CPU backend (default: every core)");
   cmd->add_option("--name", o->name, "The profile's name (default: the device's)");
   cmd->callback([o, &global, &run] { run = [o, &global] { return run_profile(*o, global); }; });

@@ -2,11 +2,10 @@
 #include <cstdio>
 #include <iostream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "cli.hpp"
 #include "qtool/formats/dtype.hpp"
@@ -35,10 +34,14 @@ struct SynthCliOptions {
 std::string format_count(uint64_t n) {
   char buf[32];
   const double v = static_cast<double>(n);
-  if (n >= 1'000'000'000) std::snprintf(buf, sizeof buf, "%.3fB", v / 1e9);
-  else if (n >= 1'000'000) std::snprintf(buf, sizeof buf, "%.2fM", v / 1e6);
-  else if (n >= 1'000) std::snprintf(buf, sizeof buf, "%.2fK", v / 1e3);
-  else std::snprintf(buf, sizeof buf, "%llu", static_cast<unsigned long long>(n));
+  if (n >= 1'000'000'000)
+    std::snprintf(buf, sizeof buf, "%.3fB", v / 1e9);
+  else if (n >= 1'000'000)
+    std::snprintf(buf, sizeof buf, "%.2fM", v / 1e6);
+  else if (n >= 1'000)
+    std::snprintf(buf, sizeof buf, "%.2fK", v / 1e3);
+  else
+    std::snprintf(buf, sizeof buf, "%llu", static_cast<unsigned long long>(n));
   return buf;
 }
 
@@ -52,7 +55,8 @@ nlohmann::json summary_json(const SynthModel& model, const SynthResult& r, const
         {"library", mc.library},
         {"class", c.class_name},
         {"params", c.n_params},
-        {"published_params", c.published_params ? nlohmann::json(c.published_params) : nlohmann::json(nullptr)},
+        {"published_params",
+         c.published_params ? nlohmann::json(c.published_params) : nlohmann::json(nullptr)},
         {"bytes", c.n_bytes},
         {"max_shard_size", c.max_shard_size},
         {"shards", c.n_shards},
@@ -60,7 +64,8 @@ nlohmann::json summary_json(const SynthModel& model, const SynthResult& r, const
     if (o.dry_run) {
       nlohmann::json tensors = nlohmann::json::array();
       for (const auto& t : mc.tensors)
-        tensors.push_back({{"name", t.decl.name}, {"dtype", dtype_name(t.decl.dtype)}, {"shape", t.decl.shape}});
+        tensors.push_back(
+            {{"name", t.decl.name}, {"dtype", dtype_name(t.decl.dtype)}, {"shape", t.decl.shape}});
       j["tensors"] = std::move(tensors);
       nlohmann::json files = nlohmann::json::object();
       for (const auto& [name, value] : mc.json_files) files[name] = value;
@@ -83,22 +88,25 @@ nlohmann::json summary_json(const SynthModel& model, const SynthResult& r, const
   };
 }
 
-void print_summary(const GlobalOptions& global, const SynthModel& model, const SynthResult& r, const SynthCliOptions& o) {
+void print_summary(const GlobalOptions& global, const SynthModel& model, const SynthResult& r,
+                   const SynthCliOptions& o) {
   if (global.quiet) return;
   char line[256];
-  std::snprintf(line, sizeof line, "%-16s %-32s %12s %22s %6s %12s", "component", "class", "params", "published", "shards",
-                "size");
+  std::snprintf(line, sizeof line, "%-16s %-32s %12s %22s %6s %12s", "component", "class", "params",
+                "published", "shards", "size");
   info(global, line);
   for (const auto& c : r.components) {
     std::string published = "-";
     if (c.published_params) {
       char p[64];
-      const double dev = 100.0 * (static_cast<double>(c.n_params) / static_cast<double>(c.published_params) - 1.0);
+      const double dev =
+          100.0 * (static_cast<double>(c.n_params) / static_cast<double>(c.published_params) - 1.0);
       std::snprintf(p, sizeof p, "%s (%+.2f%%)", format_count(c.published_params).c_str(), dev);
       published = p;
     }
-    std::snprintf(line, sizeof line, "%-16s %-32s %12s %22s %6zu %12s", c.name.empty() ? "(model)" : c.name.c_str(),
-                  c.class_name.c_str(), c.n_params ? format_count(c.n_params).c_str() : "-", published.c_str(), c.n_shards,
+    std::snprintf(line, sizeof line, "%-16s %-32s %12s %22s %6zu %12s",
+                  c.name.empty() ? "(model)" : c.name.c_str(), c.class_name.c_str(),
+                  c.n_params ? format_count(c.n_params).c_str() : "-", published.c_str(), c.n_shards,
                   c.n_bytes ? format_size(c.n_bytes).c_str() : "-");
     info(global, line);
   }
@@ -110,8 +118,9 @@ void print_summary(const GlobalOptions& global, const SynthModel& model, const S
   const double rate = r.seconds > 0 ? static_cast<double>(r.n_bytes) / r.seconds : 0.0;
   char secs[32];
   std::snprintf(secs, sizeof secs, "%.1f s", r.seconds);
-  info(global, str_cat("wrote ", r.output.string(), ": ", format_count(r.n_params), " parameters, ", format_size(r.n_bytes),
-                       " in ", secs, " (", format_size(static_cast<uint64_t>(rate)), "/s)"));
+  info(global,
+       str_cat("wrote ", r.output.string(), ": ", format_count(r.n_params), " parameters, ",
+               format_size(r.n_bytes), " in ", secs, " (", format_size(static_cast<uint64_t>(rate)), "/s)"));
 }
 
 void add_synth(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
@@ -122,9 +131,11 @@ void add_synth(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
       "synth",
       "Write a synthetic checkpoint with a real architecture's tensor names, shapes, configs and folder "
       "layout, and deterministic weights that look trained (normal, per-row scales, rare outliers).\n"
-      "Presets:" + presets + "\n"
-      "--scale S shrinks widths (head counts, FFN sizes, channels, vocabularies) and depths (blocks, "
-      "at least 2 per list) by S, keeping head dims and every config consistent with the shapes.");
+      "Presets:" +
+          presets +
+          "\n"
+          "--scale S shrinks widths (head counts, FFN sizes, channels, vocabularies) and depths (blocks, "
+          "at least 2 per list) by S, keeping head dims and every config consistent with the shapes.");
   cmd->add_option("--preset", o->preset, "Preset name")->required();
   cmd->add_option("--scale", o->scale, "Shrink factor, 0 < S <= 1")->default_val(1.0);
   cmd->add_option("--dtype", o->dtype, "bf16, f16 or f32")->default_val("bf16");
@@ -132,11 +143,13 @@ void add_synth(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
                   "Largest shard (e.g. 5GB, 512MiB; 0: never shard). Default: the real model's sharding "
                   "(10GB diffusers, 5GB transformers), shrunk with --scale");
   cmd->add_option("--seed", o->seed, "Seed of the values")->default_val(0);
-  cmd->add_option("--components", o->components, "Pipeline components to write (comma separated); default all")
+  cmd->add_option("--components", o->components,
+                  "Pipeline components to write (comma separated); default all")
       ->delimiter(',');
   cmd->add_option("--threads", o->threads, "Worker threads (0: all cores)")->default_val(0);
   cmd->add_flag("--force", o->force, "Replace an existing output");
-  cmd->add_flag("--dry-run", o->dry_run, "Describe the checkpoint (with --json: every tensor and config) without writing");
+  cmd->add_flag("--dry-run", o->dry_run,
+                "Describe the checkpoint (with --json: every tensor and config) without writing");
   cmd->add_flag("--json", o->json, "Print a JSON summary on stdout");
   cmd->add_option("-o,--output", o->output, "Output folder");
   cmd->callback([&global, &run, o] {

@@ -60,28 +60,33 @@ void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& r
   auto o = std::make_shared<VerifyCliOptions>();
   CLI::App* cmd = app.add_subcommand(
       "verify",
-      "Run a plan on its checkpoint and check it: fingerprint, finite outputs, streamed == all-resident bit for "
+      "Run a plan on its checkpoint and check it: fingerprint, finite outputs, streamed == all-resident bit "
+      "for "
       "bit, error against the original weights, peak memory and step time against the plan");
   cmd->add_option("CKPT", o->checkpoint, "The checkpoint the plan was made for")->required();
   cmd->add_option("--plan", o->plan, "The plan (qtool plan -o plan.json)")->required();
-  cmd->add_option("--reference", o->reference,
-                  "The original (unquantized) checkpoint: each linear's output is compared with the original's");
+  cmd->add_option(
+      "--reference", o->reference,
+      "The original (unquantized) checkpoint: each linear's output is compared with the original's");
   cmd->add_option("--backend", o->backend, "auto (CUDA when a GPU is present), cuda or cpu")
       ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
   cmd->add_option("--tokens", o->tokens, "Activation rows per linear (default: the plan's)");
   cmd->add_option("--steps", o->steps, "Steps to run; the first is a warm-up for timing (default 3)")
       ->check(CLI::Range(1u, 100000u));
   cmd->add_option("--seed", o->seed, "Seed of the activations (step s uses seed + s)");
-  cmd->add_flag("--poison", o->poison,
-                "Also run once with every host arena overwritten right after its copy: outputs must not change");
+  cmd->add_flag(
+      "--poison", o->poison,
+      "Also run once with every host arena overwritten right after its copy: outputs must not change");
   cmd->add_option("--time-tolerance", o->time_tolerance,
                   "Fail when the measured step time is off the plan's prediction by more than this fraction "
                   "(e.g. 0.2); without it the step time is reported only")
       ->check(CLI::Range(0.0, 100.0));
   cmd->add_option("--report", o->report, "Write the report as JSON to this file");
-  cmd->add_option("--trace", o->trace,
-                  "Write a Chrome trace-event JSON of the copy and compute streams (Perfetto, chrome://tracing)");
-  cmd->add_option("--threads,-j", o->threads, "CPU threads (CPU backend and host checks; default: every core)");
+  cmd->add_option(
+      "--trace", o->trace,
+      "Write a Chrome trace-event JSON of the copy and compute streams (Perfetto, chrome://tracing)");
+  cmd->add_option("--threads,-j", o->threads,
+                  "CPU threads (CPU backend and host checks; default: every core)");
   cmd->add_flag("--json", o->json, "Print the report as JSON on stdout");
   cmd->callback([o, &global, &run] { run = [o, &global] { return run_verify(*o, global); }; });
 }

@@ -35,7 +35,9 @@ class Builder {
   void add(std::string name, std::vector<int64_t> shape, SynthInit init) {
     out_.push_back(SynthTensor{TensorDecl{std::move(name), dtype_, std::move(shape)}, init});
   }
-  void weight(const std::string& name, std::vector<int64_t> shape) { add(name, std::move(shape), SynthInit::Weight); }
+  void weight(const std::string& name, std::vector<int64_t> shape) {
+    add(name, std::move(shape), SynthInit::Weight);
+  }
   void linear(const std::string& prefix, int64_t out, int64_t in, bool bias = true) {
     weight(prefix + ".weight", {out, in});
     if (bias) add(prefix + ".bias", {out}, SynthInit::Bias);
@@ -123,7 +125,7 @@ SynthComponent flux_transformer(const FluxDims& d, DType dt) {
     b.linear(p + ".attn.to_k", D, D);
     b.linear(p + ".attn.to_v", D, D);
   }
-  b.linear("norm_out.linear", 2 * D, D);  // AdaLayerNormContinuous: scale, shift
+  b.linear("norm_out.linear", 2 * D, D);   // AdaLayerNormContinuous: scale, shift
   b.linear("proj_out", d.in_channels, D);  // patch_size^2 * out_channels (= in_channels)
 
   c.json_files["config.json"] = json{
@@ -186,7 +188,8 @@ SynthComponent flux_vae(const VaeDims& d, DType dt) {
   int64_t prev = ch[0];
   for (int64_t i = 0; i < n_blocks; ++i) {
     const std::string p = idx("encoder.down_blocks", i);
-    for (int64_t j = 0; j < d.layers_per_block; ++j) resnet(idx(p + ".resnets", j), j == 0 ? prev : ch[i], ch[i]);
+    for (int64_t j = 0; j < d.layers_per_block; ++j)
+      resnet(idx(p + ".resnets", j), j == 0 ? prev : ch[i], ch[i]);
     if (i + 1 < n_blocks) b.conv(p + ".downsamplers.0.conv", ch[i], ch[i], 3);
     prev = ch[i];
   }
@@ -200,7 +203,8 @@ SynthComponent flux_vae(const VaeDims& d, DType dt) {
   prev = rev[0];
   for (int64_t i = 0; i < n_blocks; ++i) {
     const std::string p = idx("decoder.up_blocks", i);
-    for (int64_t j = 0; j <= d.layers_per_block; ++j) resnet(idx(p + ".resnets", j), j == 0 ? prev : rev[i], rev[i]);
+    for (int64_t j = 0; j <= d.layers_per_block; ++j)
+      resnet(idx(p + ".resnets", j), j == 0 ? prev : rev[i], rev[i]);
     if (i + 1 < n_blocks) b.conv(p + ".upsamplers.0.conv", rev[i], rev[i], 3);
     prev = rev[i];
   }
@@ -377,14 +381,10 @@ SynthComponent flux_scheduler() {
   c.library = "diffusers";
   c.class_name = "FlowMatchEulerDiscreteScheduler";
   c.json_files["scheduler_config.json"] = json{
-      {"_class_name", c.class_name},
-      {"_diffusers_version", kDiffusersVersion},
-      {"base_image_seq_len", 256},
-      {"base_shift", 0.5},
-      {"max_image_seq_len", 4096},
-      {"max_shift", 1.15},
-      {"num_train_timesteps", 1000},
-      {"shift", 3.0},
+      {"_class_name", c.class_name},  {"_diffusers_version", kDiffusersVersion},
+      {"base_image_seq_len", 256},    {"base_shift", 0.5},
+      {"max_image_seq_len", 4096},    {"max_shift", 1.15},
+      {"num_train_timesteps", 1000},  {"shift", 3.0},
       {"use_dynamic_shifting", true},
   };
   return c;
@@ -424,7 +424,8 @@ struct LlamaDims {
   int64_t hidden() const { return heads * head_dim; }
 };
 
-SynthComponent llama(const LlamaDims& d, DType dt, uint64_t published, uint64_t max_shard, const char* version) {
+SynthComponent llama(const LlamaDims& d, DType dt, uint64_t published, uint64_t max_shard,
+                     const char* version) {
   SynthComponent c;
   c.name = "";
   c.library = "transformers";
@@ -595,12 +596,14 @@ std::vector<SynthComponent> flux_components(const FluxPipelineDims& in, DType dt
 
 // At scale < 1 the default shard size shrinks with the component, so a scaled checkpoint keeps
 // the real one's shard count.
-void scale_shard_defaults(std::vector<SynthComponent>& scaled_components, const std::vector<SynthComponent>& full) {
+void scale_shard_defaults(std::vector<SynthComponent>& scaled_components,
+                          const std::vector<SynthComponent>& full) {
   for (size_t i = 0; i < scaled_components.size(); ++i) {
     auto& c = scaled_components[i];
     if (c.default_max_shard_size == 0 || full[i].n_params() == 0) continue;
     const double ratio = static_cast<double>(c.n_params()) / static_cast<double>(full[i].n_params());
-    c.default_max_shard_size = std::max<uint64_t>(1, static_cast<uint64_t>(std::llround(static_cast<double>(c.default_max_shard_size) * ratio)));
+    c.default_max_shard_size = std::max<uint64_t>(
+        1, static_cast<uint64_t>(std::llround(static_cast<double>(c.default_max_shard_size) * ratio)));
   }
 }
 
@@ -609,7 +612,9 @@ void clear_published(std::vector<SynthComponent>& components) {
 }
 
 const std::vector<SynthPresetInfo> kPresets = {
-    {"flux", "FLUX.1-dev-like diffusers pipeline: transformer (11.90B), CLIP-L text_encoder, T5-XXL text_encoder_2, vae, scheduler, tokenizers"},
+    {"flux",
+     "FLUX.1-dev-like diffusers pipeline: transformer (11.90B), CLIP-L text_encoder, T5-XXL text_encoder_2, "
+     "vae, scheduler, tokenizers"},
     {"tiny-flux", "a flux pipeline of a few MB, 2 blocks per block list, for tests"},
     {"llama", "Llama-3-8B-like LlamaForCausalLM (8.03B, 4 shards)"},
     {"llama-tied", "Llama-3.2-1B-like LlamaForCausalLM with tied embeddings (1.24B)"},
@@ -683,8 +688,10 @@ SynthModel make_synth_model(const SynthSpec& spec) {
         clear_published(components);
         // Small shards so that the tests see sharded components with an index.
         for (auto& c : components) {
-          if (c.name == "transformer") c.default_max_shard_size = 400'000;
-          else if (c.name == "text_encoder_2") c.default_max_shard_size = 200'000;
+          if (c.name == "transformer")
+            c.default_max_shard_size = 400'000;
+          else if (c.name == "text_encoder_2")
+            c.default_max_shard_size = 200'000;
         }
       }
       return components;
@@ -705,7 +712,8 @@ SynthModel make_synth_model(const SynthSpec& spec) {
         if (!known) {
           std::string all;
           for (const auto& c : m.components) all += (all.empty() ? "" : ", ") + c.name;
-          fail(ErrorKind::Usage, "--components: '", name, "' is not a component of preset '", spec.preset, "' (", all, ")");
+          fail(ErrorKind::Usage, "--components: '", name, "' is not a component of preset '", spec.preset,
+               "' (", all, ")");
         }
         wanted.insert(name);
       }
@@ -735,7 +743,8 @@ SynthModel make_synth_model(const SynthSpec& spec) {
   }
   if (!spec.components.empty())
     fail(ErrorKind::Usage, "--components: preset '", spec.preset, "' is a single model, not a pipeline");
-  m.components.push_back(llama(s < 1.0 ? scale_llama(base, s) : base, dt, s < 1.0 ? 0 : published, max_shard, version));
+  m.components.push_back(
+      llama(s < 1.0 ? scale_llama(base, s) : base, dt, s < 1.0 ? 0 : published, max_shard, version));
   if (s < 1.0) {
     std::vector<SynthComponent> full{llama(base, dt, published, max_shard, version)};
     scale_shard_defaults(m.components, full);

@@ -46,12 +46,16 @@ std::vector<std::string> byte_level_alphabet() {
 }
 
 json added_token(const std::string& content, bool normalized) {
-  return json{{"content", content}, {"lstrip", false}, {"normalized", normalized},
+  return json{{"content", content}, {"lstrip", false},      {"normalized", normalized},
               {"rstrip", false},    {"single_word", false}, {"special", true}};
 }
 
 json special_token(const std::string& content, bool normalized) {
-  return json{{"content", content}, {"lstrip", false}, {"normalized", normalized}, {"rstrip", false}, {"single_word", false}};
+  return json{{"content", content},
+              {"lstrip", false},
+              {"normalized", normalized},
+              {"rstrip", false},
+              {"single_word", false}};
 }
 
 }  // namespace
@@ -70,7 +74,8 @@ void add_clip_tokenizer_files(SynthComponent& c, int64_t max_length) {
   c.json_files["tokenizer_config.json"] = json{
       {"add_prefix_space", false},
       {"added_tokens_decoder",
-       {{std::to_string(bos), added_token("<|startoftext|>", true)}, {std::to_string(eos), added_token("<|endoftext|>", false)}}},
+       {{std::to_string(bos), added_token("<|startoftext|>", true)},
+        {std::to_string(eos), added_token("<|endoftext|>", false)}}},
       {"bos_token", "<|startoftext|>"},
       {"clean_up_tokenization_spaces", true},
       {"do_lower_case", true},
@@ -91,7 +96,8 @@ void add_clip_tokenizer_files(SynthComponent& c, int64_t max_length) {
 
 void add_t5_tokenizer_files(SynthComponent& c) {
   const std::string kSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's word boundary
-  json vocab = json::array({json::array({"<pad>", 0.0}), json::array({"</s>", 0.0}), json::array({"<unk>", 0.0})});
+  json vocab =
+      json::array({json::array({"<pad>", 0.0}), json::array({"</s>", 0.0}), json::array({"<unk>", 0.0})});
   vocab.push_back(json::array({kSpace, -2.0}));
   for (char ch = '!'; ch <= '~'; ++ch) vocab.push_back(json::array({std::string(1, ch), -4.0}));
   json added = json::array();
@@ -101,7 +107,8 @@ void add_t5_tokenizer_files(SynthComponent& c) {
     t["id"] = i;
     added.push_back(t);
   }
-  const json metaspace{{"type", "Metaspace"}, {"replacement", kSpace}, {"prepend_scheme", "always"}, {"split", true}};
+  const json metaspace{
+      {"type", "Metaspace"}, {"replacement", kSpace}, {"prepend_scheme", "always"}, {"split", true}};
   c.json_files["tokenizer.json"] = json{
       {"version", "1.0"},
       {"truncation", nullptr},
@@ -111,7 +118,8 @@ void add_t5_tokenizer_files(SynthComponent& c) {
       {"pre_tokenizer", metaspace},
       {"post_processor",
        {{"type", "TemplateProcessing"},
-        {"single", json::array({{{"Sequence", {{"id", "A"}, {"type_id", 0}}}}, {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}})},
+        {"single", json::array({{{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                                {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}})},
         {"pair", json::array({{{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
                               {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}},
                               {{"Sequence", {{"id", "B"}, {"type_id", 0}}}},

@@ -56,11 +56,16 @@ QTOOL_SYNTH_INLINE float log_unit(float u) {
 // sin and cos of x in [0, pi/2) by Taylor polynomials (|error| < 1e-7).
 QTOOL_SYNTH_INLINE float sin_quarter(float x) {
   const float x2 = x * x;
-  return x * (1.0f + x2 * (-1.0f / 6 + x2 * (1.0f / 120 + x2 * (-1.0f / 5040 + x2 * (1.0f / 362880 + x2 * (-1.0f / 39916800))))));
+  return x * (1.0f +
+              x2 * (-1.0f / 6 + x2 * (1.0f / 120 +
+                                      x2 * (-1.0f / 5040 + x2 * (1.0f / 362880 + x2 * (-1.0f / 39916800))))));
 }
 QTOOL_SYNTH_INLINE float cos_quarter(float x) {
   const float x2 = x * x;
-  return 1.0f + x2 * (-0.5f + x2 * (1.0f / 24 + x2 * (-1.0f / 720 + x2 * (1.0f / 40320 + x2 * (-1.0f / 3628800 + x2 * (1.0f / 479001600))))));
+  return 1.0f +
+         x2 * (-0.5f + x2 * (1.0f / 24 +
+                             x2 * (-1.0f / 720 +
+                                   x2 * (1.0f / 40320 + x2 * (-1.0f / 3628800 + x2 * (1.0f / 479001600))))));
 }
 
 // sqrt(x) for x >= 0 (relative error < 3e-7): an estimate of 1/sqrt(x) from the bits, two
@@ -127,8 +132,8 @@ void fill_normals(uint64_t key, uint64_t begin, uint64_t end, float* out) {
 
 inline double uniform53(uint64_t h) { return static_cast<double>(h >> 11) * 0x1p-53; }
 
-constexpr double kRowSigma = 0.35;       // log-normal spread of per-row scales
-constexpr double kOutlierRate = 1e-4;    // fraction of elements replaced by outliers
+constexpr double kRowSigma = 0.35;     // log-normal spread of per-row scales
+constexpr double kOutlierRate = 1e-4;  // fraction of elements replaced by outliers
 constexpr uint64_t kOutlierBlock = 1u << 16;
 constexpr uint64_t kMaxOutliersPerBlock = 63;
 constexpr float kNormSpread = 0.05f;
@@ -156,7 +161,8 @@ uint64_t synth_tensor_key(uint64_t seed, std::string_view tensor_name) {
 void synth_fill(const SynthTensor& t, uint64_t seed, uint64_t begin, uint64_t end, float* out) {
   uint64_t numel = 1;
   for (int64_t d : t.decl.shape) numel *= static_cast<uint64_t>(d);
-  QTOOL_ASSERT_MSG(begin <= end && end <= numel, "tensor '", t.decl.name, "': range [", begin, ", ", end, ") of ", numel);
+  QTOOL_ASSERT_MSG(begin <= end && end <= numel, "tensor '", t.decl.name, "': range [", begin, ", ", end,
+                   ") of ", numel);
   if (begin == end) return;
   const uint64_t key = synth_tensor_key(seed, t.decl.name);
   fill_normals(key, begin, end, out);

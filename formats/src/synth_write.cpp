@@ -84,7 +84,8 @@ SynthResult synth_summary(const SynthModel& model, const SynthWriteOptions& opti
   return r;
 }
 
-SynthResult write_synth_model(const SynthModel& model, const fs::path& out, const SynthWriteOptions& options) {
+SynthResult write_synth_model(const SynthModel& model, const fs::path& out,
+                              const SynthWriteOptions& options) {
   const auto t0 = std::chrono::steady_clock::now();
   SynthResult result = synth_summary(model, options);
   OutputPath output(out, options.force);
@@ -119,7 +120,8 @@ SynthResult write_synth_model(const SynthModel& model, const fs::path& out, cons
     std::vector<std::vector<TensorDecl>> groups;
     groups.reserve(c.tensors.size());
     for (const auto& t : c.tensors) groups.push_back({t.decl});
-    ComponentWriter writer(dir, c.weights_base, std::move(groups), result.components[ci].max_shard_size, metadata);
+    ComponentWriter writer(dir, c.weights_base, std::move(groups), result.components[ci].max_shard_size,
+                           metadata);
     result.components[ci].n_shards = writer.n_shards();
 
     std::vector<Chunk> chunks;
@@ -134,25 +136,25 @@ SynthResult write_synth_model(const SynthModel& model, const fs::path& out, cons
       std::vector<float> values;
       std::vector<uint8_t> bytes;
       try {
-      for (size_t k = next++; k < chunks.size(); k = next++) {
-        const Chunk& ch = chunks[k];
-        const SynthTensor& t = c.tensors[ch.tensor];
-        const uint64_t n = ch.end - ch.begin;
-        const size_t esize = dtype_size(t.decl.dtype);
-        values.resize(n);
-        synth_fill(t, options.seed, ch.begin, ch.end, values.data());
-        std::span<const uint8_t> data;
-        if (t.decl.dtype == DType::F32) {
-          data = {reinterpret_cast<const uint8_t*>(values.data()), n * 4};
-        } else {
-          bytes.resize(n * esize);
-          convert_from_f32(t.decl.dtype, values.data(), bytes.data(), n);
-          data = {bytes.data(), bytes.size()};
+        for (size_t k = next++; k < chunks.size(); k = next++) {
+          const Chunk& ch = chunks[k];
+          const SynthTensor& t = c.tensors[ch.tensor];
+          const uint64_t n = ch.end - ch.begin;
+          const size_t esize = dtype_size(t.decl.dtype);
+          values.resize(n);
+          synth_fill(t, options.seed, ch.begin, ch.end, values.data());
+          std::span<const uint8_t> data;
+          if (t.decl.dtype == DType::F32) {
+            data = {reinterpret_cast<const uint8_t*>(values.data()), n * 4};
+          } else {
+            bytes.resize(n * esize);
+            convert_from_f32(t.decl.dtype, values.data(), bytes.data(), n);
+            data = {bytes.data(), bytes.size()};
+          }
+          writer.write(t.decl.name, data, ch.begin * esize);
+          const uint64_t done = done_bytes += data.size();
+          if (options.progress) options.progress(done, total_bytes, t.decl.name);
         }
-        writer.write(t.decl.name, data, ch.begin * esize);
-        const uint64_t done = done_bytes += data.size();
-        if (options.progress) options.progress(done, total_bytes, t.decl.name);
-      }
       } catch (...) {
         next = chunks.size();  // the other workers stop at their next chunk
         throw;

@@ -32,6 +32,7 @@ nlohmann::json device_profile_to_json(const DeviceProfile& p) {
   j["cublas_workspace_bytes"] = p.cublas_workspace_bytes;
   j["alloc_granularity_bytes"] = p.alloc_granularity_bytes;
   j["host_alloc_granularity_bytes"] = p.host_alloc_granularity_bytes;
+  j["pinned_page_table_bytes_per_gib"] = p.pinned_page_table_bytes_per_gib;
   j["kernel_launch_us"] = p.kernel_launch_us;
   j["copy_latency_us"] = p.copy_latency_us;
   return nlohmann::json(j);
@@ -109,6 +110,8 @@ DeviceProfile device_profile_from_json(const nlohmann::json& j, std::string_view
       p.alloc_granularity_bytes = byte_count(v, label, key, false);
     } else if (key == "host_alloc_granularity_bytes") {
       p.host_alloc_granularity_bytes = byte_count(v, label, key, false);
+    } else if (key == "pinned_page_table_bytes_per_gib") {
+      p.pinned_page_table_bytes_per_gib = byte_count(v, label, key, true);
     } else if (key == "kernel_launch_us") {
       p.kernel_launch_us = positive_number(v, label, key, true);
     } else if (key == "copy_latency_us") {

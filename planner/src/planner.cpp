@@ -325,8 +325,11 @@ class Planner {
   void make_groups(Outcome& o) const;
   void make_steps(Outcome& o) const;
   void assign_targets(Outcome& o) const;
+  size_t decide_targets(Outcome& o, const std::vector<uint64_t>& bundle_pinned,
+                        const std::vector<uint64_t>& bundle_max) const;
   void simulate(Outcome& o) const;
   GpuWork base_work() const;
+  uint64_t page_tables_bound() const;
   struct SearchResult {
     Outcome best;
     bool host_short = false;       // some plan fit the GPUs but not the cpu budget
@@ -344,12 +347,15 @@ class Planner {
   std::vector<uint32_t> comp_order_;  // execution order of components
   std::vector<UnitInfo> units_;       // global execution order
   std::vector<uint64_t> arena_;       // per unit
+  std::vector<uint64_t> leaf_pinned_; // per unit: its leaves' arenas, each rounded to host pages
+  std::vector<uint64_t> leaf_max_;    // per unit: its largest leaf arena
   std::vector<int32_t> gpu_index_;    // per position: the GPU's index
   std::vector<uint64_t> gpu_budget_;  // per position
   std::vector<std::string> gpu_source_;
   std::vector<uint64_t> fixed_;       // per position: reserve without slots, global maxima
   uint64_t host_budget_ = kUnlimited;
   std::string host_source_;
+  uint64_t page_tables_bound_ = 0;    // pinned page tables for the most host memory a plan can pin
   const ModelTemplate* pipeline_tmpl_ = nullptr;
   // Offload preference: blocks per component (in offload priority), then other units.
   std::vector<std::vector<uint32_t>> offload_blocks_;
@@ -362,9 +368,11 @@ void Planner::unit_work(UnitInfo& u, const CompData& cd,
                         const std::unordered_map<std::string, const QuantizedShape*>& quantized) const {
   const ModuleTree& tree = cd.tree;
   std::vector<int32_t> modules;
+  // A unit's tensors come module by module (execution_units), so a module starts where the
+  // previous tensor's module differs.
   for (uint32_t t : u.tensors) {
     const int32_t m = tree.tensor_module()[t];
-    if (std::find(modules.begin(), modules.end(), m) == modules.end()) modules.push_back(m);
+    if (modules.empty() || modules.back() != m) modules.push_back(m);
   }
   std::vector<uint64_t> all_sizes;
   for (int32_t m : modules) {
@@ -390,7 +398,11 @@ void Planner::unit_work(UnitInfo& u, const CompData& cd,
       op.in = q->second->in;
       op.kind = q->second->kind;
     } else {
-      const int64_t w = tree.find_tensor(node.prefix + ".weight");
+      int64_t w = -1;
+      for (uint32_t t : node.tensors) {
+        const std::string& name = tree.tensors()[t].name;
+        if (name.size() == node.prefix.size() + 7 && name.ends_with(".weight")) w = t;
+      }
       if (w < 0) continue;
       const int64_t tied = tree.tied_to()[static_cast<size_t>(w)];
       const TensorDesc& wd = tree.tensors()[static_cast<size_t>(tied >= 0 ? tied : w)];
@@ -490,6 +502,14 @@ void Planner::build_units() {
   }
   arena_.resize(units_.size());
   for (size_t i = 0; i < units_.size(); ++i) arena_[i] = units_[i].follow >= 0 ? 0 : units_[i].arena;
+  leaf_pinned_.assign(units_.size(), 0);
+  leaf_max_.assign(units_.size(), 0);
+  for (size_t i = 0; i < units_.size(); ++i) {
+    for (const Leaf& l : units_[i].leaves) {
+      leaf_pinned_[i] += round_up(l.arena, opt_.profile.host_alloc_granularity_bytes);
+      leaf_max_[i] = std::max(leaf_max_[i], l.arena);
+    }
+  }
 
   // Offload preference.
   std::vector<uint32_t> prio = comp_order_;
@@ -558,6 +578,29 @@ std::vector<uint8_t> Planner::offload_set(size_t m, uint32_t n) const {
   }
   for (size_t i = 0; i < left && i < offload_others_.size(); ++i) off[offload_others_[i]] = 1;
   return off;
+}
+
+// The page tables of the most pinned host memory any plan can use: every unit's leaves pinned
+// (each rounded to host pages) plus a staging ring, but no more than the cpu budget.
+uint64_t Planner::page_tables_bound() const {
+  uint64_t pinned = 0, largest = 0;
+  for (size_t i = 0; i < units_.size(); ++i) {
+    pinned += std::max(leaf_pinned_[i], round_up(arena_[i], opt_.profile.host_alloc_granularity_bytes));
+    largest = std::max(largest, arena_[i]);
+  }
+  uint32_t max_k = 8;
+  if (opt_.prefetch) max_k = *opt_.prefetch;
+  uint32_t max_n = 8;
+  if (opt_.blocks_per_group) max_n = *opt_.blocks_per_group;
+  pinned = std::min(pinned + static_cast<uint64_t>(max_k) * max_n * largest, host_budget_);
+  GpuWork w;
+  w.pinned_host_bytes = pinned;
+  w.used = true;
+  uint64_t b = 0;
+  for (const ReserveItem& r : gpu_reserve(opt_.profile, w)) {
+    if (r.name == "pinned_page_tables") b = r.bytes;
+  }
+  return b;
 }
 
 GpuWork Planner::base_work() const {
@@ -669,22 +712,37 @@ void Planner::assign_targets(Outcome& o) const {
     g = e;
   }
   std::vector<uint64_t> bundle_pinned(bundles.size(), 0), bundle_max(bundles.size(), 0);
-  uint64_t total_pinned = 0;
   for (size_t b = 0; b < bundles.size(); ++b) {
     for (size_t g = bundles[b].first; g < bundles[b].second; ++g) {
       bundle_pinned[b] += round_up(o.groups[g].arena, hg);
       bundle_max[b] = std::max(bundle_max[b], o.groups[g].arena);
     }
-    total_pinned += bundle_pinned[b];
   }
+  const size_t n_cpu = decide_targets(o, bundle_pinned, bundle_max);
+  for (size_t b = 0; b < bundles.size(); ++b) {
+    for (size_t g = bundles[b].first; g < bundles[b].second; ++g) {
+      o.groups[g].target = b < n_cpu ? Location::cpu() : Location::disk();
+    }
+  }
+}
+
+// The first bundles (in execution order) pinned in host memory while the cpu budget lasts, the
+// rest read from disk through a staging ring of K buffers of the largest of them. Returns the
+// number of pinned bundles and sets the outcome's host figures.
+size_t Planner::decide_targets(Outcome& o, const std::vector<uint64_t>& bundle_pinned,
+                               const std::vector<uint64_t>& bundle_max) const {
+  const uint64_t hg = opt_.profile.host_alloc_granularity_bytes;
+  const size_t n_bundles = bundle_pinned.size();
+  uint64_t total_pinned = 0;
+  for (uint64_t b : bundle_pinned) total_pinned += b;
   const uint64_t k = std::max<uint32_t>(o.cand.k, 1);
-  // suffix max of arenas for staging
-  std::vector<uint64_t> suffix_max(bundles.size() + 1, 0);
-  for (size_t b = bundles.size(); b-- > 0;) suffix_max[b] = std::max(suffix_max[b + 1], bundle_max[b]);
-  size_t n_cpu = bundles.size();
+  // The largest arena among the bundles from b on, for the staging ring.
+  std::vector<uint64_t> suffix_max(n_bundles + 1, 0);
+  for (size_t b = n_bundles; b-- > 0;) suffix_max[b] = std::max(suffix_max[b + 1], bundle_max[b]);
+  size_t n_cpu = n_bundles;
   uint64_t pinned = total_pinned;
   auto need = [&](size_t ncpu, uint64_t pin) {
-    const uint64_t staging = ncpu < bundles.size() ? round_up(k * suffix_max[ncpu], hg) : 0;
+    const uint64_t staging = ncpu < n_bundles ? round_up(k * suffix_max[ncpu], hg) : 0;
     return pin + staging;
   };
   while (need(n_cpu, pinned) > host_budget_ && n_cpu > 0) {
@@ -692,14 +750,10 @@ void Planner::assign_targets(Outcome& o) const {
     pinned -= bundle_pinned[n_cpu];
   }
   o.host_pinned = pinned;
-  o.host_staging = n_cpu < bundles.size() ? round_up(k * suffix_max[n_cpu], hg) : 0;
+  o.host_staging = n_cpu < n_bundles ? round_up(k * suffix_max[n_cpu], hg) : 0;
   o.host_needed = need(n_cpu, pinned);
   o.host_ok = o.host_needed <= host_budget_;
-  for (size_t b = 0; b < bundles.size(); ++b) {
-    for (size_t g = bundles[b].first; g < bundles[b].second; ++g) {
-      o.groups[g].target = b < n_cpu ? Location::cpu() : Location::disk();
-    }
-  }
+  return n_cpu;
 }
 
 void Planner::simulate(Outcome& o) const {
@@ -790,12 +844,15 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
   }
   const uint64_t slots = m ? round_up(static_cast<uint64_t>(c.k) * slot, gran) : 0;
   auto slots_on = [&](size_t pos) { return c.stream < 0 || static_cast<size_t>(c.stream) == pos ? slots : 0; };
+  // Page tables of the pinned host memory, at most what the host budget or the model allow.
+  const uint64_t page_tables = m ? page_tables_bound_ : 0;
   std::vector<uint64_t> cap(ngpu, 0);
   for (size_t pos = 0; pos < ngpu; ++pos) {
-    const uint64_t need = fixed_[pos] + slots_on(pos);
+    const uint64_t need = fixed_[pos] + slots_on(pos) + page_tables;
     cap[pos] = gpu_budget_[pos] > need ? (gpu_budget_[pos] - need) / gran * gran : 0;
   }
-  if (m && c.stream >= 0 && gpu_budget_[static_cast<size_t>(c.stream)] < fixed_[static_cast<size_t>(c.stream)] + slots) {
+  if (m && c.stream >= 0 &&
+      gpu_budget_[static_cast<size_t>(c.stream)] < fixed_[static_cast<size_t>(c.stream)] + slots + page_tables) {
     return o;
   }
   std::vector<uint32_t> seq;
@@ -811,7 +868,7 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
   o.exec_of.assign(units_.size(), -1);
   int32_t fallback = c.stream;
   for (size_t pos = 0; pos < ngpu && fallback < 0; ++pos) {
-    if (gpu_budget_[pos] >= fixed_[pos] + slots) fallback = static_cast<int32_t>(pos);
+    if (gpu_budget_[pos] >= fixed_[pos] + slots + page_tables) fallback = static_cast<int32_t>(pos);
   }
   int32_t first_resident = -1;
   for (uint32_t id : seq) {
@@ -827,6 +884,40 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
     if (o.gpu_of[id] >= 0) cur = o.gpu_of[id];
     o.exec_of[id] = o.gpu_of[id] < 0 && c.stream >= 0 ? c.stream : cur;
   }
+  if (!full) {
+    // The host budget from per-unit sums, without building the groups.
+    std::vector<uint64_t> pinned, largest;
+    const uint64_t hg = opt_.profile.host_alloc_granularity_bytes;
+    uint64_t run_arena = 0;
+    uint32_t run = 0, prev = 0;
+    auto close = [&]() {
+      if (run) {
+        pinned.push_back(round_up(run_arena, hg));
+        largest.push_back(run_arena);
+      }
+      run = 0;
+      run_arena = 0;
+    };
+    for (uint32_t id = 0; id < units_.size(); ++id) {
+      if (o.gpu_of[id] >= 0 || units_[id].follow >= 0 || units_[id].leaves.empty()) continue;
+      if (c.mode == OffloadMode::Leaf) {
+        pinned.push_back(leaf_pinned_[id]);
+        largest.push_back(leaf_max_[id]);
+        continue;
+      }
+      if (run > 0 && (prev + 1 != id || run == c.n || units_[prev].comp != units_[id].comp ||
+                      o.exec_of[prev] != o.exec_of[id])) {
+        close();
+      }
+      run_arena += arena_[id];
+      ++run;
+      prev = id;
+    }
+    close();
+    decide_targets(o, pinned, largest);
+    o.ok = o.host_ok;
+    return o;
+  }
   make_groups(o);
   for (uint32_t id = 0; id < units_.size(); ++id) {
     const UnitInfo& u = units_[id];
@@ -837,10 +928,6 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
                                      : o.groups[static_cast<size_t>(o.unit_group[p])].exec;
   }
   assign_targets(o);
-  if (!full) {
-    o.ok = o.host_ok;
-    return o;
-  }
   make_steps(o);
   // Exact reserve per GPU, and the check against the budget.
   o.work.assign(ngpu, GpuWork{});
@@ -863,6 +950,7 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
     w.n_slots = c.k;
     w.slot_bytes = std::max(w.slot_bytes, g.arena);
   }
+  for (GpuWork& w : o.work) w.pinned_host_bytes = o.host_pinned + o.host_staging;
   for (size_t pos = 0; pos < ngpu; ++pos) {
     const uint64_t peak = round_up(resident[pos], gran) + sum_bytes(gpu_reserve(opt_.profile, o.work[pos]));
     if (peak > gpu_budget_[pos]) return o;  // cannot happen with the conservative caps
@@ -949,6 +1037,7 @@ Plan Planner::run() {
   build_units();
   const uint64_t fixed = sum_bytes(gpu_reserve(opt_.profile, base_work()));
   fixed_.assign(gpu_budget_.size(), fixed);
+  page_tables_bound_ = page_tables_bound();
 
   SearchResult r = search();
   if (!r.best.ok) {

@@ -74,22 +74,22 @@ struct GpuState {
   Stream compute;
   cuda::CublasHandle cublas;
   DeviceBuffer workspace;
-  DeviceBuffer resident;          // the resident arena
-  DeviceBuffer slots;             // n_slots * slot_bytes
+  DeviceBuffer resident;  // the resident arena
+  DeviceBuffer slots;     // n_slots * slot_bytes
   uint64_t slot_bytes = 0;
-  DeviceBuffer activation_in;     // [tokens, max_in] bf16
+  DeviceBuffer activation_in;  // [tokens, max_in] bf16
   uint64_t max_in = 0;
-  DeviceBuffer activation_out;    // [tokens, max_out] bf16
+  DeviceBuffer activation_out;  // [tokens, max_out] bf16
   uint16_t* y = nullptr;
   cuda::DeviceTables tables;
   unsigned long long* digests = nullptr;  // [n_linears][2]
-  DeviceBuffer scratch;           // [max_scratch] bf16
-  std::vector<Event> slot_free;   // per slot: its last compute is done
-  std::vector<Event> copy_done;   // per slot: its last copy is done
-  Event h_ready;                  // the hidden state is readable (for a peer copy out of it)
-  Event peer_done;                // a peer copy out of this GPU's hidden state has finished
-  bool peer_pending = false;
-  Event last_work;                // end of this GPU's work in the step
+  DeviceBuffer scratch;                   // [max_scratch] bf16
+  std::vector<Event> slot_free;           // per slot: its last compute is done
+  std::vector<Event> copy_done;           // per slot: its last copy is done
+  Event h_ready;                          // the hidden state is readable (for a peer copy out of it)
+  Event peer_in_done;                     // this GPU's copy of another GPU's hidden state has finished
+  std::vector<const Event*> readers;      // peer_in_done of the GPUs that copied this one's hidden state
+  Event last_work;                        // end of this GPU's work in the step
   std::unique_ptr<EventPool> timing;
   std::vector<MemoryItem> items;
   uint64_t allocated = 0;
@@ -133,7 +133,8 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda"; }
   std::string device_names() const override { return names_; }
   RunResult run(const Checkpoint& checkpoint, const Schedule& schedule, const RunOptions& options) override;
-  LayerRun run_layer(const DequantParams& params, uint64_t tokens, uint64_t ldx, uint64_t seed, int device) override;
+  LayerRun run_layer(const DequantParams& params, uint64_t tokens, uint64_t ldx, uint64_t seed,
+                     int device) override;
 
  private:
   std::string names_;
@@ -146,8 +147,13 @@ class DiskReader {
  public:
   DiskReader(const Checkpoint& checkpoint, const Schedule& schedule, const ShardFiles& files,
              std::vector<size_t> disk_steps, std::vector<PinnedBuffer>& staging, uint32_t n_run_steps)
-      : checkpoint_(checkpoint), schedule_(schedule), files_(files), steps_(std::move(disk_steps)),
-        staging_(staging), free_event_(staging.size(), nullptr), total_(steps_.size() * n_run_steps) {
+      : checkpoint_(checkpoint),
+        schedule_(schedule),
+        files_(files),
+        steps_(std::move(disk_steps)),
+        staging_(staging),
+        free_event_(staging.size(), nullptr),
+        total_(steps_.size() * n_run_steps) {
     if (total_ > 0) thread_ = std::thread([this] { loop(); });
   }
   ~DiskReader() { stop(); }
@@ -196,7 +202,8 @@ class DiskReader {
         const Arena& a = schedule_.arenas[schedule_.steps[steps_[u % steps_.size()]].arena];
         const auto t0 = std::chrono::steady_clock::now();
         files_.read_group(checkpoint_, a, staging_[b].data());
-        const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+        const double us =
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
         {
           std::lock_guard<std::mutex> lock(mu_);
           read_us_.resize(n_staging);
@@ -230,7 +237,8 @@ class DiskReader {
   std::thread thread_;
 };
 
-RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedule, const RunOptions& options) {
+RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedule,
+                           const RunOptions& options) {
   RunResult result;
   result.backend = name();
   result.device_names = names_;
@@ -264,8 +272,10 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
       if (!can) continue;
       DeviceScope scope(dst);
       const cudaError_t err = cudaDeviceEnablePeerAccess(src, 0);
-      if (err == cudaErrorPeerAccessAlreadyEnabled) (void)cudaGetLastError();
-      else QTOOL_CUDA_CHECK(err);
+      if (err == cudaErrorPeerAccessAlreadyEnabled)
+        (void)cudaGetLastError();
+      else
+        QTOOL_CUDA_CHECK(err);
     }
   }
 
@@ -335,7 +345,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
     g.tables = cuda::upload_tables(extra, g.compute.get());
     g.digests = reinterpret_cast<unsigned long long*>(extra + align256(cuda::kDeviceTablesBytes));
     g.h_ready = Event(d);
-    g.peer_done = Event(d);
+    g.peer_in_done = Event(d);
     g.last_work = Event(d);
     g.timing = std::make_unique<EventPool>(d);
   }
@@ -356,7 +366,8 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
       for (const ArenaTensor& t : a.tensors) {
         const auto src = checkpoint.components()[t.component].data(t.entry);
         if (t.nbytes)
-          QTOOL_CUDA_CHECK(cudaMemcpy(on_device[ai].as<uint8_t>() + t.offset, src.data(), t.nbytes, cudaMemcpyHostToDevice));
+          QTOOL_CUDA_CHECK(cudaMemcpy(on_device[ai].as<uint8_t>() + t.offset, src.data(), t.nbytes,
+                                      cudaMemcpyHostToDevice));
       }
     } else if (a.placement == Placement::Cpu) {
       host_arena[ai] = PinnedBuffer(a.bytes);
@@ -429,6 +440,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
   // Origins for the trace: one timed event per GPU; host time is aligned to the first one's.
   std::map<int, const Event*> origin;
   for (auto& [d, g] : gpus) {
+    DeviceScope scope(d);
     origin[d] = &g.timing->next();
     origin[d]->record(g.compute.get());
   }
@@ -465,8 +477,9 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
         PinnedBuffer& buf = reader.wait_ready(disk_issued, &us);
         if (options.trace) {
           // The read ended no later than now; its start is its duration before that.
-          const double end_us =
-              std::chrono::duration<double, std::micro>(std::max(w0, std::chrono::steady_clock::now()) - host_origin).count();
+          const double end_us = std::chrono::duration<double, std::micro>(
+                                    std::max(w0, std::chrono::steady_clock::now()) - host_origin)
+                                    .count();
           disk_traces.push_back({std::max(0.0, end_us - us), us, rstep, si, a.payload_bytes});
         }
         host = {buf.data(), a.bytes};
@@ -525,7 +538,8 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
           const Event* t1 = options.trace ? &g.timing->next() : nullptr;
           if (t0) t0->record(cs);
           // No earlier peer copy may still be reading this GPU's hidden state.
-          if (g.peer_pending) g.compute.wait(g.peer_done.get());
+          for (const Event* r : g.readers) g.compute.wait(r->get());
+          g.readers.clear();
           uint64_t bytes = 0;
           if (act_device < 0) {
             cuda::generate_activation(stream_seed, tokens, g.max_in, 0, g.max_in, h, cs);
@@ -537,17 +551,19 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
             }
             g.compute.wait(src.h_ready.get());
             const uint64_t cols = std::min(src.max_in, g.max_in);
-            QTOOL_CUDA_CHECK(cudaMemcpy2DAsync(h, g.max_in * 2, src.activation_in.data(), src.max_in * 2, cols * 2,
-                                               tokens, cudaMemcpyDefault, cs));
-            src.peer_done.record(cs);
-            src.peer_pending = true;
-            if (g.max_in > cols) cuda::generate_activation(stream_seed, tokens, g.max_in, cols, g.max_in, h, cs);
+            QTOOL_CUDA_CHECK(cudaMemcpy2DAsync(h, g.max_in * 2, src.activation_in.data(), src.max_in * 2,
+                                               cols * 2, tokens, cudaMemcpyDefault, cs));
+            g.peer_in_done.record(cs);
+            src.readers.push_back(&g.peer_in_done);
+            if (g.max_in > cols)
+              cuda::generate_activation(stream_seed, tokens, g.max_in, cols, g.max_in, h, cs);
             bytes = tokens * cols * 2;
             if (rstep == 0) result.peer_bytes_per_step += bytes;
           }
           if (t1) {
             t1->record(cs);
-            traces.push_back({t0, t1, x.device, rstep, -1, act_device < 0 ? "activations" : "peer copy", compute_lane, bytes});
+            traces.push_back({t0, t1, x.device, rstep, -1, act_device < 0 ? "activations" : "peer copy",
+                              compute_lane, bytes});
           }
           g.activation_step = rstep;
         }
@@ -574,7 +590,8 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
             cuda::dequantize_to_bf16(p, g.tables, g.scratch.as<uint16_t>(), cs);
             w = g.scratch.as<uint16_t>();
           }
-          cuda::gemm_bf16(g.cublas, g.activation_in.as<uint16_t>(), g.max_in, w, g.y, tokens, l.in(), l.out());
+          cuda::gemm_bf16(g.cublas, g.activation_in.as<uint16_t>(), g.max_in, w, g.y, tokens, l.in(),
+                          l.out());
           if (options.digests) cuda::accumulate_digest(g.y, tokens * l.out(), g.digests + 2 * li, cs);
         }
         if (t1) {
@@ -630,7 +647,8 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
   for (uint32_t rstep = 0; rstep < options.steps; ++rstep) {
     for (size_t li = 0; li < n_linears; ++li) {
       const int d = schedule.steps[schedule.linears[li].step].device;
-      const auto* src = reinterpret_cast<const unsigned long long*>(digest_host.at(d).data()) + rstep * digest_words;
+      const auto* src =
+          reinterpret_cast<const unsigned long long*>(digest_host.at(d).data()) + rstep * digest_words;
       result.digests[rstep][li] = {src[2 * li], src[2 * li + 1]};
     }
   }
@@ -643,8 +661,8 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
       result.trace.push_back({t.name, t.lane, t.step, t.plan_step, start_us, end_us - start_us, t.bytes});
     }
     for (const DiskTrace& t : disk_traces)
-      result.trace.push_back({schedule.steps[t.plan_step].name, "disk read", t.step, static_cast<int32_t>(t.plan_step),
-                              t.start_us, t.dur_us, t.bytes});
+      result.trace.push_back({schedule.steps[t.plan_step].name, "disk read", t.step,
+                              static_cast<int32_t>(t.plan_step), t.start_us, t.dur_us, t.bytes});
     std::sort(result.trace.begin(), result.trace.end(),
               [](const TraceEvent& a, const TraceEvent& b) { return a.start_us < b.start_us; });
   }
@@ -657,14 +675,16 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
     m.measured_peak_bytes = peak[d];
     for (const PinnedBuffer& b : host_arena) m.pinned_host_bytes += b.size();
     for (const PinnedBuffer& b : staging) m.pinned_host_bytes += b.size();
-    m.how = "cudaMemGetInfo (total - free), sampled after set-up and after the last step; includes the CUDA "
-            "context, cuBLAS, loaded kernels and allocator rounding";
+    m.how =
+        "cudaMemGetInfo (total - free), sampled after set-up and after the last step; includes the CUDA "
+        "context, cuBLAS, loaded kernels and allocator rounding";
     result.memory.push_back(std::move(m));
   }
   return result;
 }
 
-LayerRun CudaBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64_t ldx, uint64_t seed, int device) {
+LayerRun CudaBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64_t ldx, uint64_t seed,
+                                int device) {
   DeviceScope scope(device);
   auto& slot = layer_ctx_[device];
   if (!slot) {
@@ -683,7 +703,8 @@ LayerRun CudaBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64
   ldx = std::max<uint64_t>(ldx, hp.cols);
   // The weight's parts side by side, 256-byte aligned, as in an arena.
   const PartSizes sizes = part_sizes(hp);
-  const uint8_t* host_parts[kNumParts] = {hp.weight, hp.scale, hp.quant_map, hp.nested_absmax, hp.nested_quant_map};
+  const uint8_t* host_parts[kNumParts] = {hp.weight, hp.scale, hp.quant_map, hp.nested_absmax,
+                                          hp.nested_quant_map};
   uint64_t offsets[kNumParts] = {};
   uint64_t total = 0;
   for (int p = 0; p < kNumParts; ++p) {
@@ -696,7 +717,9 @@ LayerRun CudaBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64
       QTOOL_CUDA_CHECK(cudaMemcpyAsync(c.weight.as<uint8_t>() + offsets[p], host_parts[p], sizes.bytes[p],
                                        cudaMemcpyHostToDevice, cs));
   DequantParams dp = hp;
-  const auto at = [&](int p) -> const uint8_t* { return host_parts[p] ? c.weight.as<uint8_t>() + offsets[p] : nullptr; };
+  const auto at = [&](int p) -> const uint8_t* {
+    return host_parts[p] ? c.weight.as<uint8_t>() + offsets[p] : nullptr;
+  };
   dp.weight = at(kPartWeight);
   dp.scale = at(kPartScale);
   dp.quant_map = at(kPartQuantMap);

@@ -41,8 +41,8 @@ void cuda_fail(cudaError_t err, const char* expr, const char* file, int line) {
   const int device = current_device_or_minus_one();
   (void)cudaGetLastError();  // clear a sticky launch error so the caller can report and go on
   const ErrorKind kind = err == cudaErrorMemoryAllocation ? ErrorKind::InvalidInput : ErrorKind::Internal;
-  fail(kind, "CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ") in `", expr, "` at ", file,
-       ":", line, " on device ", device);
+  fail(kind, "CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ") in `", expr, "` at ",
+       file, ":", line, " on device ", device);
 }
 
 void cublas_fail(cublasStatus_t status, const char* expr, const char* file, int line) {
@@ -64,7 +64,8 @@ std::string describe_device(int device) {
   cudaDeviceProp prop{};
   QTOOL_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   char buf[96];
-  std::snprintf(buf, sizeof(buf), " (cc %d.%d, %d SMs, %.1f GiB)", prop.major, prop.minor, prop.multiProcessorCount,
+  std::snprintf(buf, sizeof(buf), " (cc %d.%d, %d SMs, %.1f GiB)", prop.major, prop.minor,
+                prop.multiProcessorCount,
                 static_cast<double>(prop.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
   return std::string(prop.name) + buf;
 }
@@ -218,7 +219,9 @@ CublasHandle& CublasHandle::operator=(CublasHandle&& other) noexcept {
   return *this;
 }
 
-void CublasHandle::set_stream(cudaStream_t stream) const { QTOOL_CUBLAS_CHECK(cublasSetStream(handle_, stream)); }
+void CublasHandle::set_stream(cudaStream_t stream) const {
+  QTOOL_CUBLAS_CHECK(cublasSetStream(handle_, stream));
+}
 
 void CublasHandle::set_workspace(void* workspace, size_t nbytes) const {
   QTOOL_CUBLAS_CHECK(cublasSetWorkspace(handle_, workspace, nbytes));
@@ -230,7 +233,8 @@ void CublasHandle::reset() noexcept {
   (void)cudaGetDevice(&prev);
   (void)cudaSetDevice(device_);
   const cublasStatus_t st = cublasDestroy(handle_);
-  if (st != CUBLAS_STATUS_SUCCESS) std::fprintf(stderr, "qtool: warning: cublasDestroy failed: %d\n", static_cast<int>(st));
+  if (st != CUBLAS_STATUS_SUCCESS)
+    std::fprintf(stderr, "qtool: warning: cublasDestroy failed: %d\n", static_cast<int>(st));
   if (prev >= 0) (void)cudaSetDevice(prev);
   handle_ = nullptr;
 }

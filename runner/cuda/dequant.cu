@@ -24,7 +24,8 @@ constexpr uint64_t kChunk = 16;  // elements per thread per iteration
 // hardware returns a canonical NaN, the CPU keeps the payload).
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if (lo != lo || hi != hi)
-    return static_cast<uint32_t>(kmath::f32_to_bf16_bits(lo)) | (static_cast<uint32_t>(kmath::f32_to_bf16_bits(hi)) << 16);
+    return static_cast<uint32_t>(kmath::f32_to_bf16_bits(lo)) |
+           (static_cast<uint32_t>(kmath::f32_to_bf16_bits(hi)) << 16);
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
@@ -40,8 +41,12 @@ __device__ __forceinline__ float2 fp8x2_to_float2(uint32_t pair) {
   const auto is_nan = [](uint32_t b) {
     return kKind == WeightKind::Fp8E4M3 ? (b & 0x7Fu) == 0x7Fu : (b & 0x7Fu) > 0x7Cu;
   };
-  if (is_nan(b0)) f.x = kKind == WeightKind::Fp8E4M3 ? dq::e4m3_to_f32(static_cast<uint8_t>(b0)) : dq::e5m2_to_f32(static_cast<uint8_t>(b0));
-  if (is_nan(b1)) f.y = kKind == WeightKind::Fp8E4M3 ? dq::e4m3_to_f32(static_cast<uint8_t>(b1)) : dq::e5m2_to_f32(static_cast<uint8_t>(b1));
+  if (is_nan(b0))
+    f.x = kKind == WeightKind::Fp8E4M3 ? dq::e4m3_to_f32(static_cast<uint8_t>(b0))
+                                       : dq::e5m2_to_f32(static_cast<uint8_t>(b0));
+  if (is_nan(b1))
+    f.y = kKind == WeightKind::Fp8E4M3 ? dq::e4m3_to_f32(static_cast<uint8_t>(b1))
+                                       : dq::e5m2_to_f32(static_cast<uint8_t>(b1));
   return f;
 }
 
@@ -68,7 +73,8 @@ __device__ __forceinline__ uint8_t byte_of(const uint4& v, int i) {
 // int8 / fp8 with cols % 16 == 0: chunk c is 16 elements of row c / chunks_per_row. Index is
 // uint32_t when the chunks fit (a 32-bit division per chunk instead of a 64-bit one).
 template <WeightKind kKind, typename Index>
-__global__ void dequant_rowwise_vec_kernel(DequantParams p, Index n_chunks, Index chunks_per_row, uint16_t* out) {
+__global__ void dequant_rowwise_vec_kernel(DequantParams p, Index n_chunks, Index chunks_per_row,
+                                           uint16_t* out) {
   const uint4* src = reinterpret_cast<const uint4*>(p.weight);
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index c = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; c < n_chunks; c += stride) {
@@ -126,7 +132,8 @@ __global__ void dequant_4bit_vec_kernel(DequantParams p, uint64_t n_chunks, cons
 __global__ void dequant_scalar_kernel(DequantParams p, uint64_t begin, uint64_t end, const float* code_table,
                                       const float* nested_map, uint16_t* out) {
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
-  for (uint64_t i = begin + static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride)
+  for (uint64_t i = begin + static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
+       i += stride)
     out[i] = kmath::f32_to_bf16_bits(dq::element_f32(p, i, code_table, nested_map));
 }
 
@@ -145,7 +152,8 @@ int grid_for(uint64_t work_items) {
 void launch_scalar(const DequantParams& p, uint64_t begin, uint64_t end, const float* code_table,
                    const float* nested_map, uint16_t* out, cudaStream_t stream) {
   if (end <= begin) return;
-  dequant_scalar_kernel<<<grid_for(end - begin), kThreads, 0, stream>>>(p, begin, end, code_table, nested_map, out);
+  dequant_scalar_kernel<<<grid_for(end - begin), kThreads, 0, stream>>>(p, begin, end, code_table, nested_map,
+                                                                        out);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 
@@ -158,7 +166,8 @@ void launch_rowwise(const DequantParams& p, uint16_t* out, cudaStream_t stream) 
     dequant_rowwise_vec_kernel<kKind, uint32_t><<<grid_for(n_chunks), kThreads, 0, stream>>>(
         p, static_cast<uint32_t>(n_chunks), static_cast<uint32_t>(chunks_per_row), out);
   else
-    dequant_rowwise_vec_kernel<kKind, uint64_t><<<grid_for(n_chunks), kThreads, 0, stream>>>(p, n_chunks, chunks_per_row, out);
+    dequant_rowwise_vec_kernel<kKind, uint64_t>
+        <<<grid_for(n_chunks), kThreads, 0, stream>>>(p, n_chunks, chunks_per_row, out);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 
@@ -167,9 +176,11 @@ void launch_4bit(const DequantParams& p, const float* code_table, const float* n
   const uint64_t n_chunks = p.numel() / kChunk;
   if (n_chunks > 0) {
     if (p.double_quant)
-      dequant_4bit_vec_kernel<true><<<grid_for(n_chunks), kThreads, 0, stream>>>(p, n_chunks, code_table, nested_map, out);
+      dequant_4bit_vec_kernel<true>
+          <<<grid_for(n_chunks), kThreads, 0, stream>>>(p, n_chunks, code_table, nested_map, out);
     else
-      dequant_4bit_vec_kernel<false><<<grid_for(n_chunks), kThreads, 0, stream>>>(p, n_chunks, code_table, nested_map, out);
+      dequant_4bit_vec_kernel<false>
+          <<<grid_for(n_chunks), kThreads, 0, stream>>>(p, n_chunks, code_table, nested_map, out);
     QTOOL_CUDA_CHECK_LAUNCH();
   }
   launch_scalar(p, n_chunks * kChunk, p.numel(), code_table, nested_map, out, stream);
@@ -199,7 +210,8 @@ DeviceTables upload_tables(void* device_memory, cudaStream_t stream) {
   return DeviceTables{base, base + 16, base + 32};
 }
 
-void dequantize_to_bf16(const DequantParams& p, const DeviceTables& tables, uint16_t* out, cudaStream_t stream) {
+void dequantize_to_bf16(const DequantParams& p, const DeviceTables& tables, uint16_t* out,
+                        cudaStream_t stream) {
   if (p.numel() == 0) return;
   if (p.kind == WeightKind::Bf16) {
     QTOOL_CUDA_CHECK(cudaMemcpyAsync(out, p.weight, p.numel() * 2, cudaMemcpyDeviceToDevice, stream));
@@ -225,7 +237,8 @@ void dequantize_to_bf16(const DequantParams& p, const DeviceTables& tables, uint
       break;
     case WeightKind::Nf4:
     case WeightKind::Fp4:
-      if (vec_ok && is_pow2(p.blocksize) && p.blocksize % kChunk == 0) return launch_4bit(p, code_table, nested_map, out, stream);
+      if (vec_ok && is_pow2(p.blocksize) && p.blocksize % kChunk == 0)
+        return launch_4bit(p, code_table, nested_map, out, stream);
       break;
     default: break;
   }

@@ -1,9 +1,9 @@
 // Activations, output digests and the cuBLAS GEMM: kernel -> launcher(stream) -> entry.
 #include <algorithm>
 
+#include "qtool/formats/error.hpp"
 #include "qtool/runner/cuda_ops.hpp"
 #include "qtool/runner/kernel_math.hpp"
-#include "qtool/formats/error.hpp"
 
 namespace qtool::runner::cuda {
 namespace {
@@ -53,7 +53,8 @@ __global__ void digest_kernel(const uint16_t* y, uint64_t n, unsigned long long*
   }
   const uint64_t n_words = (n + 1) / 2;
   for (uint64_t k = 4 * n_vec + tid; k < n_words; k += stride) {
-    const uint32_t word = static_cast<uint32_t>(y[2 * k]) | (2 * k + 1 < n ? static_cast<uint32_t>(y[2 * k + 1]) << 16 : 0u);
+    const uint32_t word =
+        static_cast<uint32_t>(y[2 * k]) | (2 * k + 1 < n ? static_cast<uint32_t>(y[2 * k + 1]) << 16 : 0u);
     sum += kmath::digest_term(k, word);
     bad += kmath::nonfinite_in_word(word);
   }
@@ -70,11 +71,12 @@ __global__ void digest_kernel(const uint16_t* y, uint64_t n, unsigned long long*
 
 }  // namespace
 
-void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin, uint64_t col_end,
-                         uint16_t* out, cudaStream_t stream) {
+void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin,
+                         uint64_t col_end, uint16_t* out, cudaStream_t stream) {
   if (col_end <= col_begin || tokens == 0) return;
   const uint64_t width = col_end - col_begin;
-  activation_kernel<<<grid_for(tokens * width), kThreads, 0, stream>>>(stream_seed, tokens, ld, col_begin, width, out);
+  activation_kernel<<<grid_for(tokens * width), kThreads, 0, stream>>>(stream_seed, tokens, ld, col_begin,
+                                                                       width, out);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 
@@ -100,8 +102,9 @@ void gemm_bf16(const CublasHandle& handle, const uint16_t* x, uint64_t ldx, cons
   const float beta = 0.0f;
   QTOOL_CUBLAS_CHECK(cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out),
                                   static_cast<int>(tokens), static_cast<int>(in), &alpha, w, CUDA_R_16BF,
-                                  static_cast<int>(in), x, CUDA_R_16BF, static_cast<int>(ldx), &beta, y, CUDA_R_16BF,
-                                  static_cast<int>(out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                  static_cast<int>(in), x, CUDA_R_16BF, static_cast<int>(ldx), &beta, y,
+                                  CUDA_R_16BF, static_cast<int>(out), CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace qtool::runner::cuda

@@ -117,15 +117,18 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
     QTOOL_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, dev, peer));
     if (can) {
       const cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
-      if (err == cudaErrorPeerAccessAlreadyEnabled) (void)cudaGetLastError();
-      else QTOOL_CUDA_CHECK(err);
+      if (err == cudaErrorPeerAccessAlreadyEnabled)
+        (void)cudaGetLastError();
+      else
+        QTOOL_CUDA_CHECK(err);
     }
     DeviceBuffer d_peer(peer, n);
     const double p2p_ms = median_ms(stream, o.repeats, [&] {
       QTOOL_CUDA_CHECK(cudaMemcpyPeerAsync(d_a.data(), dev, d_peer.data(), peer, n, stream.get()));
     });
     p.p2p_gbps = static_cast<double>(n) / (p2p_ms * 1e6);
-    log(str_cat("  peer copy gpu", peer, " -> gpu", dev, " ", p.p2p_gbps, " GB/s", can ? "" : " (no direct peer access)"));
+    log(str_cat("  peer copy gpu", peer, " -> gpu", dev, " ", p.p2p_gbps, " GB/s",
+                can ? "" : " (no direct peer access)"));
   }
   p.disk_read_gbps = measure_disk_read_gbps(o.tmp_dir, n, pinned.data());
   log(str_cat("  checkpoint file reads ", p.disk_read_gbps, " GB/s"));
@@ -136,9 +139,9 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
   // a step of such layers sees (small GEMMs run well below the large-square peak).
   {
     const uint64_t t = std::max<uint64_t>(1, o.gemm_tokens);
-    const std::pair<uint64_t, uint64_t> shapes[] = {{1536, 1536}, {1536, 6144},  {6144, 1536},  {3072, 3072},
-                                                    {3072, 12288}, {12288, 3072}, {4096, 4096}, {4096, 14336},
-                                                    {14336, 4096}};
+    const std::pair<uint64_t, uint64_t> shapes[] = {{1536, 1536}, {1536, 6144},  {6144, 1536},
+                                                    {3072, 3072}, {3072, 12288}, {12288, 3072},
+                                                    {4096, 4096}, {4096, 14336}, {14336, 4096}};
     uint64_t max_in = 0, max_w = 0, max_out = 0;
     for (const auto& [in, out] : shapes) {
       max_in = std::max(max_in, in);
@@ -162,7 +165,8 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
     // below holds what a run of the runner loads.
     for (uint64_t tt : {16ull, 64ull, 256ull, 1024ull})
       for (const auto& [in, out] : shapes)
-        cuda::gemm_bf16(cublas, x.as<uint16_t>(), in, w.as<uint16_t>(), y.as<uint16_t>(), std::min(tt, t), in, out);
+        cuda::gemm_bf16(cublas, x.as<uint16_t>(), in, w.as<uint16_t>(), y.as<uint16_t>(), std::min(tt, t), in,
+                        out);
     DeviceBuffer digest(dev, 16);
     QTOOL_CUDA_CHECK(cudaMemsetAsync(digest.data(), 0, 16, stream.get()));
     cuda::accumulate_digest(y.as<uint16_t>(), t * 1536, digest.as<unsigned long long>(), stream.get());
@@ -172,7 +176,8 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
   // Dequant kernels: an 8192 x 8192 weight of random codes per scheme.
   {
     const uint64_t rows = 8192, cols = 8192, numel = rows * cols;
-    DeviceBuffer q(dev, numel * 4), scales(dev, (numel / 64 + rows) * 4), out(dev, numel * 2), tables_mem(dev, cuda::kDeviceTablesBytes);
+    DeviceBuffer q(dev, numel * 4), scales(dev, (numel / 64 + rows) * 4), out(dev, numel * 2),
+        tables_mem(dev, cuda::kDeviceTablesBytes);
     const cuda::DeviceTables tables = cuda::upload_tables(tables_mem.data(), stream.get());
     {
       std::vector<uint8_t> host(numel * 4);
@@ -186,10 +191,10 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
       std::vector<float> s(numel / 64 + rows, 0.01f);
       QTOOL_CUDA_CHECK(cudaMemcpy(scales.data(), s.data(), s.size() * 4, cudaMemcpyHostToDevice));
     }
-    const std::pair<const char*, WeightKind> kinds[] = {{"int8", WeightKind::Int8}, {"fp8_e4m3", WeightKind::Fp8E4M3},
-                                                        {"fp8_e5m2", WeightKind::Fp8E5M2}, {"nf4", WeightKind::Nf4},
-                                                        {"fp4", WeightKind::Fp4}, {"f16", WeightKind::F16},
-                                                        {"f32", WeightKind::F32}};
+    const std::pair<const char*, WeightKind> kinds[] = {
+        {"int8", WeightKind::Int8}, {"fp8_e4m3", WeightKind::Fp8E4M3}, {"fp8_e5m2", WeightKind::Fp8E5M2},
+        {"nf4", WeightKind::Nf4},   {"fp4", WeightKind::Fp4},          {"f16", WeightKind::F16},
+        {"f32", WeightKind::F32}};
     for (const auto& [key, kind] : kinds) {
       DequantParams dp;
       dp.kind = kind;
@@ -197,7 +202,8 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
       dp.cols = cols;
       dp.weight = q.as<uint8_t>();
       dp.scale = scales.as<uint8_t>();
-      const double ms = median_ms(stream, o.repeats, [&] { cuda::dequantize_to_bf16(dp, tables, out.as<uint16_t>(), stream.get()); });
+      const double ms = median_ms(
+          stream, o.repeats, [&] { cuda::dequantize_to_bf16(dp, tables, out.as<uint16_t>(), stream.get()); });
       p.dequant_gelems_per_s[key] = static_cast<double>(numel) / (ms * 1e6);
       log(str_cat("  dequant ", key, ": ", p.dequant_gelems_per_s[key], " G weights/s"));
     }
@@ -238,24 +244,27 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
     tiny.scale = scales.as<uint8_t>();
     constexpr int kLaunches = 1000;
     const double launch_ms = median_ms(stream, 3, [&] {
-      for (int i = 0; i < kLaunches; ++i) cuda::dequantize_to_bf16(tiny, tables, out.as<uint16_t>(), stream.get());
+      for (int i = 0; i < kLaunches; ++i)
+        cuda::dequantize_to_bf16(tiny, tables, out.as<uint16_t>(), stream.get());
     });
     p.kernel_launch_us = 1000.0 * launch_ms / kLaunches;
     const double copy_ms = median_ms(stream, 3, [&] {
       for (int i = 0; i < kLaunches; ++i)
-        QTOOL_CUDA_CHECK(cudaMemcpyAsync(d_a.data(), pinned.data(), 4096, cudaMemcpyHostToDevice, stream.get()));
+        QTOOL_CUDA_CHECK(
+            cudaMemcpyAsync(d_a.data(), pinned.data(), 4096, cudaMemcpyHostToDevice, stream.get()));
     });
     p.copy_latency_us = 1000.0 * copy_ms / kLaunches;
     stream.synchronize();
     // Everything is loaded now: what is in use beyond the buffers above is the context's.
     const uint64_t used = used_bytes();
     uint64_t rounded = 0;
-    for (uint64_t b : {workspace.size(), d_a.size(), d_b.size(), q.size(), scales.size(), out.size(), tables_mem.size()})
+    for (uint64_t b :
+         {workspace.size(), d_a.size(), d_b.size(), q.size(), scales.size(), out.size(), tables_mem.size()})
       rounded += (b + p.alloc_granularity_bytes - 1) / p.alloc_granularity_bytes * p.alloc_granularity_bytes;
     p.context_bytes = used > rounded ? used - rounded : used;
-    log(str_cat("  context with cuBLAS and kernels: ", format_size(p.context_bytes), "; allocation granularity ",
-                format_size(p.alloc_granularity_bytes), "; launch ", p.kernel_launch_us, " us; copy ",
-                p.copy_latency_us, " us"));
+    log(str_cat("  context with cuBLAS and kernels: ", format_size(p.context_bytes),
+                "; allocation granularity ", format_size(p.alloc_granularity_bytes), "; launch ",
+                p.kernel_launch_us, " us; copy ", p.copy_latency_us, " us"));
   }
   // Pinned host memory is mapped into the GPU's address space: its page tables take device memory.
   // Logged for the reserve model (not a key of the profile).
@@ -268,11 +277,14 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
                   format_size(used_bytes() - before)));
     }
   }
-  p.description = "measured by qtool profile on " + today() + " on " + cuda::describe_device(dev) +
-                  ": medians of CUDA-event timings; h2d of " + format_size(n) +
-                  " buffers; device bandwidth counts bytes read plus written; bf16 GEMM rate over 9 linear shapes "
-                  "(1536..14336 wide) at " + std::to_string(o.gemm_tokens) + " tokens; dequant on 8192 x 8192 weights; "
-                  "context_bytes = (total - free) with cuBLAS and every kernel loaded, minus this run's buffers";
+  p.description =
+      "measured by qtool profile on " + today() + " on " + cuda::describe_device(dev) +
+      ": medians of CUDA-event timings; h2d of " + format_size(n) +
+      " buffers; device bandwidth counts bytes read plus written; bf16 GEMM rate over 9 linear shapes "
+      "(1536..14336 wide) at " +
+      std::to_string(o.gemm_tokens) +
+      " tokens; dequant on 8192 x 8192 weights; "
+      "context_bytes = (total - free) with cuBLAS and every kernel loaded, minus this run's buffers";
   return p;
 }
 

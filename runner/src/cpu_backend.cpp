@@ -34,11 +34,14 @@ class AlignedBuffer {
   AlignedBuffer() = default;
   explicit AlignedBuffer(uint64_t nbytes) : size_(nbytes) {
     if (nbytes == 0) return;
-    data_ = static_cast<uint8_t*>(std::aligned_alloc(kArenaAlign, (nbytes + kArenaAlign - 1) / kArenaAlign * kArenaAlign));
-    if (!data_) fail(ErrorKind::InvalidInput, "cannot allocate ", nbytes, " bytes of host memory for the CPU backend");
+    data_ = static_cast<uint8_t*>(
+        std::aligned_alloc(kArenaAlign, (nbytes + kArenaAlign - 1) / kArenaAlign * kArenaAlign));
+    if (!data_)
+      fail(ErrorKind::InvalidInput, "cannot allocate ", nbytes, " bytes of host memory for the CPU backend");
   }
   ~AlignedBuffer() { std::free(data_); }
-  AlignedBuffer(AlignedBuffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  AlignedBuffer(AlignedBuffer&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
   AlignedBuffer& operator=(AlignedBuffer&& o) noexcept {
     std::swap(data_, o.data_);
     std::swap(size_, o.size_);
@@ -58,11 +61,13 @@ class CpuBackend final : public Backend {
   std::string name() const override { return "cpu"; }
   std::string device_names() const override { return "CPU (" + std::to_string(pool_.size()) + " threads)"; }
   RunResult run(const Checkpoint& checkpoint, const Schedule& schedule, const RunOptions& options) override;
-  LayerRun run_layer(const DequantParams& params, uint64_t tokens, uint64_t ldx, uint64_t seed, int device) override;
+  LayerRun run_layer(const DequantParams& params, uint64_t tokens, uint64_t ldx, uint64_t seed,
+                     int device) override;
 
  private:
   void dequantize(const DequantParams& p, uint16_t* out) {
-    pool_.parallel_for(p.numel(), 1 << 16, [&](size_t b, size_t e) { dequantize_to_bf16_cpu(p, out + b, b, e); });
+    pool_.parallel_for(p.numel(), 1 << 16,
+                       [&](size_t b, size_t e) { dequantize_to_bf16_cpu(p, out + b, b, e); });
   }
   ThreadPool pool_;
 };
@@ -70,7 +75,7 @@ class CpuBackend final : public Backend {
 // Per "device": the buffers the CUDA backend holds on that GPU.
 struct DeviceState {
   std::vector<AlignedBuffer> slots;
-  AlignedBuffer activation_in;   // [tokens, max_in] bf16
+  AlignedBuffer activation_in;  // [tokens, max_in] bf16
   uint64_t max_in = 0;
   AlignedBuffer activation_out;  // [tokens, max_out] bf16
   AlignedBuffer scratch;         // [max_scratch] bf16
@@ -149,8 +154,8 @@ RunResult CpuBackend::run(const Checkpoint& checkpoint, const Schedule& schedule
 
   const auto t_origin = Clock::now();
   std::mutex trace_mu;
-  const auto add_trace = [&](std::string nm, std::string lane, uint32_t step, int32_t plan_step, Clock::time_point a,
-                             Clock::time_point b, uint64_t bytes) {
+  const auto add_trace = [&](std::string nm, std::string lane, uint32_t step, int32_t plan_step,
+                             Clock::time_point a, Clock::time_point b, uint64_t bytes) {
     if (!options.trace) return;
     std::lock_guard<std::mutex> lock(trace_mu);
     result.trace.push_back({std::move(nm), std::move(lane), step, plan_step,
@@ -190,7 +195,8 @@ RunResult CpuBackend::run(const Checkpoint& checkpoint, const Schedule& schedule
             AlignedBuffer& stage = staging[staging_next++ % staging.size()];
             const auto t0 = Clock::now();
             files.read_group(checkpoint, a, stage.data());
-            add_trace(st.name, "disk read", step, static_cast<int32_t>(si), t0, Clock::now(), a.payload_bytes);
+            add_trace(st.name, "disk read", step, static_cast<int32_t>(si), t0, Clock::now(),
+                      a.payload_bytes);
             host = {stage.data(), a.bytes};
           } else {
             host = {host_arena[st.arena].data(), a.bytes};
@@ -232,8 +238,10 @@ RunResult CpuBackend::run(const Checkpoint& checkpoint, const Schedule& schedule
             const DeviceState& src = devs.at(act_device);
             const uint64_t cols = std::min(src.max_in, st.max_in);
             const auto* hs = reinterpret_cast<const uint16_t*>(src.activation_in.data());
-            for (uint64_t t = 0; t < tokens; ++t) std::memcpy(h + t * st.max_in, hs + t * src.max_in, cols * 2);
-            if (st.max_in > cols) cpu::generate_activation(stream_seed, tokens, st.max_in, cols, st.max_in, h, pool_);
+            for (uint64_t t = 0; t < tokens; ++t)
+              std::memcpy(h + t * st.max_in, hs + t * src.max_in, cols * 2);
+            if (st.max_in > cols)
+              cpu::generate_activation(stream_seed, tokens, st.max_in, cols, st.max_in, h, pool_);
             if (step == 0) result.peer_bytes_per_step += tokens * cols * 2;
             add_trace("peer copy", compute_lane, step, -1, t0, Clock::now(), tokens * cols * 2);
           }
@@ -310,8 +318,10 @@ LayerRun CpuBackend::run_layer(const DequantParams& p, uint64_t tokens, uint64_t
   std::vector<uint16_t> x(tokens * ldx);
   cpu::generate_activation(kmath::activation_stream(seed), tokens, ldx, 0, p.cols, x.data(), pool_);
   std::vector<uint16_t> w(p.numel());
-  if (p.kind == WeightKind::Bf16) std::memcpy(w.data(), p.weight, p.numel() * 2);  // mapped bytes: maybe unaligned
-  else dequantize(p, w.data());
+  if (p.kind == WeightKind::Bf16)
+    std::memcpy(w.data(), p.weight, p.numel() * 2);  // mapped bytes: maybe unaligned
+  else
+    dequantize(p, w.data());
   r.y.assign(tokens * p.rows, 0);
   cpu::gemm_bf16(x.data(), ldx, w.data(), r.y.data(), tokens, p.cols, p.rows, pool_);
   const cpu::Digest dg = cpu::digest(r.y.data(), r.y.size());
@@ -321,7 +331,9 @@ LayerRun CpuBackend::run_layer(const DequantParams& p, uint64_t tokens, uint64_t
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(size_t n_threads) { return std::make_unique<CpuBackend>(n_threads); }
+std::unique_ptr<Backend> make_cpu_backend(size_t n_threads) {
+  return std::make_unique<CpuBackend>(n_threads);
+}
 
 PartSizes part_sizes(const DequantParams& p) {
   PartSizes s;

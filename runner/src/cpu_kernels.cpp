@@ -10,11 +10,12 @@ namespace qtool::runner::cpu {
 void generate_activation_rows(uint64_t stream_seed, uint64_t ld, uint64_t col_begin, uint64_t col_end,
                               uint16_t* out, uint64_t row_begin, uint64_t row_end) {
   for (uint64_t t = row_begin; t < row_end; ++t)
-    for (uint64_t c = col_begin; c < col_end; ++c) out[t * ld + c] = kmath::activation_bf16(stream_seed, t, c);
+    for (uint64_t c = col_begin; c < col_end; ++c)
+      out[t * ld + c] = kmath::activation_bf16(stream_seed, t, c);
 }
 
-void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin, uint64_t col_end,
-                         uint16_t* out, ThreadPool& pool) {
+void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin,
+                         uint64_t col_end, uint16_t* out, ThreadPool& pool) {
   pool.parallel_for(tokens, 1, [&](size_t b, size_t e) {
     generate_activation_rows(stream_seed, ld, col_begin, col_end, out, b, e);
   });
@@ -46,13 +47,15 @@ void gemm_bf16(const uint16_t* x, uint64_t ldx, const uint16_t* w, uint16_t* y, 
   for (uint64_t t = 0; t < tokens; ++t)
     for (uint64_t k = 0; k < in; ++k) xf[t * in + k] = kmath::bf16_bits_to_f32(x[t * ldx + k]);
   const uint64_t min_rows = std::max<uint64_t>(1, (uint64_t{1} << 16) / std::max<uint64_t>(1, tokens * in));
-  pool.parallel_for(out, min_rows, [&](size_t b, size_t e) { gemm_rows(xf.data(), w, y, tokens, in, out, b, e); });
+  pool.parallel_for(out, min_rows,
+                    [&](size_t b, size_t e) { gemm_rows(xf.data(), w, y, tokens, in, out, b, e); });
 }
 
 Digest digest(const uint16_t* y, uint64_t n) {
   Digest d;
   for (uint64_t k = 0; 2 * k < n; ++k) {
-    const uint32_t word = static_cast<uint32_t>(y[2 * k]) | (2 * k + 1 < n ? static_cast<uint32_t>(y[2 * k + 1]) << 16 : 0u);
+    const uint32_t word =
+        static_cast<uint32_t>(y[2 * k]) | (2 * k + 1 < n ? static_cast<uint32_t>(y[2 * k + 1]) << 16 : 0u);
     d.hash += kmath::digest_term(k, word);
     d.nonfinite += kmath::nonfinite_in_word(word);
   }

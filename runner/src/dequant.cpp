@@ -24,13 +24,17 @@ const char* weight_kind_name(WeightKind kind) {
 }
 
 void resolve_tables(const DequantParams& params, float code_table[16], float nested_map[256]) {
-  if (params.quant_map) std::memcpy(code_table, params.quant_map, 16 * sizeof(float));
+  if (params.quant_map)
+    std::memcpy(code_table, params.quant_map, 16 * sizeof(float));
   else {
-    const auto table = quant::code_table(params.kind == WeightKind::Fp4 ? quant::Scheme::Fp4 : quant::Scheme::Nf4);
+    const auto table =
+        quant::code_table(params.kind == WeightKind::Fp4 ? quant::Scheme::Fp4 : quant::Scheme::Nf4);
     std::memcpy(code_table, table.data(), 16 * sizeof(float));
   }
-  if (params.nested_quant_map) std::memcpy(nested_map, params.nested_quant_map, 256 * sizeof(float));
-  else std::memcpy(nested_map, quant::dynamic_map().data(), 256 * sizeof(float));
+  if (params.nested_quant_map)
+    std::memcpy(nested_map, params.nested_quant_map, 256 * sizeof(float));
+  else
+    std::memcpy(nested_map, quant::dynamic_map().data(), 256 * sizeof(float));
 }
 
 void dequantize_to_bf16_cpu(const DequantParams& params, uint16_t* out, uint64_t begin, uint64_t end) {

@@ -20,8 +20,10 @@ void code_widths(const float* table, size_t n, double* width) {
   for (size_t i = 0; i < n; ++i) sorted.emplace_back(table[i], i);
   std::sort(sorted.begin(), sorted.end());
   for (size_t k = 0; k < n; ++k) {
-    const double lo = k == 0 ? std::min(-1.0, sorted[0].first) : 0.5 * (sorted[k - 1].first + sorted[k].first);
-    const double hi = k + 1 == n ? std::max(1.0, sorted[k].first) : 0.5 * (sorted[k].first + sorted[k + 1].first);
+    const double lo =
+        k == 0 ? std::min(-1.0, sorted[0].first) : 0.5 * (sorted[k - 1].first + sorted[k].first);
+    const double hi =
+        k + 1 == n ? std::max(1.0, sorted[k].first) : 0.5 * (sorted[k].first + sorted[k + 1].first);
     width[sorted[k].second] = std::max(0.0, hi - lo);
   }
 }
@@ -53,8 +55,10 @@ std::vector<double> column_error_variance(const DequantParams& p, WeightKind ref
     for (size_t i = 0; i < 256; ++i) sorted.emplace_back(nested_map[i], i);
     std::sort(sorted.begin(), sorted.end());
     for (size_t k = 0; k < 256; ++k) {
-      const double lo = k == 0 ? std::min(-1.0, sorted[0].first) : 0.5 * (sorted[k - 1].first + sorted[k].first);
-      const double hi = k + 1 == 256 ? std::max(1.0, sorted[k].first) : 0.5 * (sorted[k].first + sorted[k + 1].first);
+      const double lo =
+          k == 0 ? std::min(-1.0, sorted[0].first) : 0.5 * (sorted[k - 1].first + sorted[k].first);
+      const double hi =
+          k + 1 == 256 ? std::max(1.0, sorted[k].first) : 0.5 * (sorted[k].first + sorted[k + 1].first);
       nested_width[sorted[k].second] = std::max(0.0, hi - lo);
     }
   }
@@ -63,9 +67,10 @@ std::vector<double> column_error_variance(const DequantParams& p, WeightKind ref
   pool.parallel_for(rows, std::max<uint64_t>(1, 4096 / cols), [&](size_t r0, size_t r1) {
     std::vector<double> local(cols, 0.0);
     for (uint64_t r = r0; r < r1; ++r) {
-      const double row_scale = (p.kind == WeightKind::Int8 || p.kind == WeightKind::Fp8E4M3 || p.kind == WeightKind::Fp8E5M2)
-                                   ? static_cast<double>(dq::row_scale(p, r))
-                                   : 0.0;
+      const double row_scale =
+          (p.kind == WeightKind::Int8 || p.kind == WeightKind::Fp8E4M3 || p.kind == WeightKind::Fp8E5M2)
+              ? static_cast<double>(dq::row_scale(p, r))
+              : 0.0;
       for (uint64_t c = 0; c < cols; ++c) {
         const uint64_t i = r * cols + c;
         const double w = dq::element_f32(p, i, code_table, nested_map);
@@ -130,8 +135,8 @@ double ErrorPrediction::predicted_rel() const {
 double ErrorPrediction::bound() const { return factor * predicted_rel() + kErrorFloor; }
 
 ErrorPrediction predict_and_measure(const std::vector<uint16_t>& y_q, const std::vector<uint16_t>& y_ref,
-                                    const std::vector<uint16_t>& x, uint64_t ldx, uint64_t tokens, uint64_t in,
-                                    const std::vector<double>& col_var, WeightKind kind) {
+                                    const std::vector<uint16_t>& x, uint64_t ldx, uint64_t tokens,
+                                    uint64_t in, const std::vector<double>& col_var, WeightKind kind) {
   QTOOL_ASSERT(y_q.size() == y_ref.size());
   QTOOL_ASSERT(col_var.size() == in);
   ErrorPrediction e;

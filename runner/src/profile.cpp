@@ -72,10 +72,10 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
   for (auto& v : q) v = static_cast<uint8_t>(rng());
   std::vector<float> scales(numel / 64 + rows, 0.01f);
   std::vector<uint16_t> out(numel);
-  const std::pair<const char*, WeightKind> kinds[] = {{"int8", WeightKind::Int8}, {"fp8_e4m3", WeightKind::Fp8E4M3},
-                                                      {"fp8_e5m2", WeightKind::Fp8E5M2}, {"nf4", WeightKind::Nf4},
-                                                      {"fp4", WeightKind::Fp4}, {"f16", WeightKind::F16},
-                                                      {"f32", WeightKind::F32}};
+  const std::pair<const char*, WeightKind> kinds[] = {
+      {"int8", WeightKind::Int8}, {"fp8_e4m3", WeightKind::Fp8E4M3}, {"fp8_e5m2", WeightKind::Fp8E5M2},
+      {"nf4", WeightKind::Nf4},   {"fp4", WeightKind::Fp4},          {"f16", WeightKind::F16},
+      {"f32", WeightKind::F32}};
   for (const auto& [key, kind] : kinds) {
     DequantParams dp;
     dp.kind = kind;
@@ -86,7 +86,8 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
     if (kind == WeightKind::F16)  // finite halves only
       for (uint64_t i = 0; i < numel; ++i) q[2 * i + 1] &= 0x3f;
     const double s = median_seconds(std::max<uint32_t>(1, o.repeats / 2), [&] {
-      pool.parallel_for(numel, 1 << 16, [&](size_t b0, size_t e0) { dequantize_to_bf16_cpu(dp, out.data() + b0, b0, e0); });
+      pool.parallel_for(numel, 1 << 16,
+                        [&](size_t b0, size_t e0) { dequantize_to_bf16_cpu(dp, out.data() + b0, b0, e0); });
     });
     p.dequant_gelems_per_s[key] = static_cast<double>(numel) / s / 1e9;
   }
@@ -96,8 +97,10 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
   p.host_alloc_granularity_bytes = p.alloc_granularity_bytes;
   p.kernel_launch_us = 1.0;
   p.copy_latency_us = 1.0;
-  p.memory_bytes = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-  p.description = "measured by qtool profile on " + today() + " for the CPU backend (" + std::to_string(pool.size()) +
+  p.memory_bytes =
+      static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  p.description = "measured by qtool profile on " + today() + " for the CPU backend (" +
+                  std::to_string(pool.size()) +
                   " threads): memcpy stands in for host-to-device copies; GEMM and dequant rates are the CPU "
                   "kernels'";
   return p;
@@ -134,11 +137,13 @@ double measure_disk_read_gbps(const std::filesystem::path& dir_in, uint64_t byte
     ::posix_fadvise(fd, 0, static_cast<off_t>(bytes), POSIX_FADV_DONTNEED);
     const auto a = Clock::now();
     for (uint64_t done = 0; done < bytes;) {
-      const ssize_t n = ::pread(fd, dst + done, std::min<uint64_t>(64ull << 20, bytes - done), static_cast<off_t>(done));
+      const ssize_t n =
+          ::pread(fd, dst + done, std::min<uint64_t>(64ull << 20, bytes - done), static_cast<off_t>(done));
       if (n <= 0) fail(ErrorKind::Io, "cannot read ", path.string(), " at offset ", done);
       done += static_cast<uint64_t>(n);
     }
-    rates.push_back(static_cast<double>(bytes) / std::chrono::duration<double>(Clock::now() - a).count() / 1e9);
+    rates.push_back(static_cast<double>(bytes) / std::chrono::duration<double>(Clock::now() - a).count() /
+                    1e9);
   }
   return median_of(rates);
 }
@@ -150,7 +155,8 @@ planner::DeviceProfile measure_profile(const ProfileOptions& options) {
 #if defined(QTOOL_HAVE_CUDA)
   if (cuda_backend_available()) return measure_cuda_profile(options);
 #endif
-  if (options.backend == "cuda") fail(ErrorKind::Unsupported, "no CUDA device is present (use --backend cpu)");
+  if (options.backend == "cuda")
+    fail(ErrorKind::Unsupported, "no CUDA device is present (use --backend cpu)");
   if (options.log) options.log("no CUDA device: profiling the CPU backend");
   return measure_cpu_profile(options);
 }

@@ -43,11 +43,12 @@ void ShardFiles::read_group(const Checkpoint& checkpoint, const Arena& group, ui
     const int fd = fds_[t.component][t.entry.shard];
     uint64_t done = 0;
     while (done < t.nbytes) {
-      const ssize_t n = ::pread(fd, dst + t.offset + done, t.nbytes - done, static_cast<off_t>(file_offset + done));
+      const ssize_t n =
+          ::pread(fd, dst + t.offset + done, t.nbytes - done, static_cast<off_t>(file_offset + done));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0)
-        fail(ErrorKind::Io, "could not read ", t.nbytes, " bytes of tensor '", comp.info(t.entry).name, "' from ",
-             file.path().string(), " at offset ", file_offset + done,
+        fail(ErrorKind::Io, "could not read ", t.nbytes, " bytes of tensor '", comp.info(t.entry).name,
+             "' from ", file.path().string(), " at offset ", file_offset + done,
              n < 0 ? std::string(": ") + std::strerror(errno) : std::string(": unexpected end of file"));
       done += static_cast<uint64_t>(n);
     }

@@ -53,7 +53,8 @@ std::string label(const std::string& component, std::string_view name) {
 std::string join_modules(const std::string& component, const std::vector<std::string>& modules) {
   std::string s = component.empty() ? std::string() : component + ": ";
   const size_t shown = std::min<size_t>(modules.size(), 3);
-  for (size_t i = 0; i < shown; ++i) s += (i ? ", " : "") + (modules[i].empty() ? std::string("(root)") : modules[i]);
+  for (size_t i = 0; i < shown; ++i)
+    s += (i ? ", " : "") + (modules[i].empty() ? std::string("(root)") : modules[i]);
   if (modules.size() > shown) s += str_cat(" ... (", modules.size(), " units)");
   return s;
 }
@@ -75,7 +76,8 @@ std::unordered_map<std::string, LinearDesc> linears_of(const Component& comp) {
     d.module = ql.module;
     d.scheme = std::string(quant::scheme_name(ql.options.scheme));
     d.params = quantized_params(ql, comp);
-    d.params.weight = d.params.scale = d.params.quant_map = d.params.nested_absmax = d.params.nested_quant_map = nullptr;
+    d.params.weight = d.params.scale = d.params.quant_map = d.params.nested_absmax =
+        d.params.nested_quant_map = nullptr;
     std::string weight;
     for (size_t k = 0; k < ql.tensor_names.size(); ++k) {
       quantized_tensors.insert(ql.tensor_names[k]);
@@ -133,7 +135,9 @@ DequantParams quantized_params(const quant::QuantizedLinear& ql, const Component
         p.scale = data;
         if (quant::is_fp8(ql.options.scheme)) {
           const DType dt = comp.info(*e).dtype;
-          p.scale_type = dt == DType::BF16 ? ScaleType::Bf16 : dt == DType::F16 ? ScaleType::F16 : ScaleType::F32;
+          p.scale_type = dt == DType::BF16  ? ScaleType::Bf16
+                         : dt == DType::F16 ? ScaleType::F16
+                                            : ScaleType::F32;
         }
         break;
       case quant::Part::QuantMap: p.quant_map = data; break;
@@ -163,15 +167,15 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
   for (size_t i = 0; i < plan.components.size(); ++i) {
     const Component* c = checkpoint.find_component(plan.components[i].name);
     if (!c)
-      fail(ErrorKind::InvalidInput, "the plan's component '", plan.components[i].name, "' is not in the checkpoint ",
-           checkpoint.root().string());
+      fail(ErrorKind::InvalidInput, "the plan's component '", plan.components[i].name,
+           "' is not in the checkpoint ", checkpoint.root().string());
     comp_of[i] = static_cast<uint32_t>(c - comps.data());
   }
   const auto lookup = [&](uint32_t ci, const std::string& name, const std::string& where) {
     const auto e = comps[ci].find(name);
     if (!e)
-      fail(ErrorKind::InvalidInput, where, ": tensor '", label(comps[ci].name(), name), "' is not in the checkpoint ",
-           checkpoint.root().string());
+      fail(ErrorKind::InvalidInput, where, ": tensor '", label(comps[ci].name(), name),
+           "' is not in the checkpoint ", checkpoint.root().string());
     return *e;
   };
 
@@ -215,7 +219,8 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
   std::map<int, std::unordered_map<uint64_t, uint64_t>> resident_offset;
   for (size_t si = 0; si < plan.schedule.size(); ++si) {
     const planner::ScheduleStep& st = plan.schedule[si];
-    if (st.gpu < 0) fail(ErrorKind::InvalidInput, "plan schedule[", si, "]: gpu ", st.gpu, " is not a GPU index");
+    if (st.gpu < 0)
+      fail(ErrorKind::InvalidInput, "plan schedule[", si, "]: gpu ", st.gpu, " is not a GPU index");
     devices.insert(st.gpu);
     if (st.group >= 0) continue;
     const uint32_t ci = comp_of.at(st.component);
@@ -282,8 +287,8 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
     x.arena = x.streamed ? static_cast<uint32_t>(st.group) : s.resident_arena.at(st.gpu);
     x.predicted_compute_s = st.compute_s;
     if (x.streamed && plan.groups[static_cast<size_t>(st.group)].gpu != st.gpu)
-      fail(ErrorKind::InvalidInput, where, ": runs on gpu ", st.gpu, " but its group ", st.group, " is streamed to gpu ",
-           plan.groups[static_cast<size_t>(st.group)].gpu);
+      fail(ErrorKind::InvalidInput, where, ": runs on gpu ", st.gpu, " but its group ", st.group,
+           " is streamed to gpu ", plan.groups[static_cast<size_t>(st.group)].gpu);
     const auto offset_of = [&](const std::string& name) -> std::optional<uint64_t> {
       const uint64_t k = key_of(ci, lookup(ci, name, where));
       const auto& m = x.streamed ? offset_in[static_cast<size_t>(st.group)] : resident_offset[st.gpu];
@@ -308,8 +313,8 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
       task.params = d.params;
       for (const std::string& part : d.all_tensors) {
         if (!offset_of(part))
-          fail(ErrorKind::InvalidInput, where, ": the quant state '", label(comps[ci].name(), part), "' of linear '",
-               d.module, "' is not in the same ", x.streamed ? "group" : "resident arena",
+          fail(ErrorKind::InvalidInput, where, ": the quant state '", label(comps[ci].name(), part),
+               "' of linear '", d.module, "' is not in the same ", x.streamed ? "group" : "resident arena",
                " as its weight: a weight and its quant state must travel together");
         task.weight_bytes += comps[ci].info(lookup(ci, part, where)).nbytes();
       }
@@ -409,7 +414,8 @@ uint64_t Schedule::max_staging_bytes() const {
 void fill_arena(const Checkpoint& checkpoint, const Arena& arena, uint8_t* dst) {
   std::vector<const ArenaTensor*> order;
   for (const ArenaTensor& t : arena.tensors) order.push_back(&t);
-  std::sort(order.begin(), order.end(), [](const ArenaTensor* a, const ArenaTensor* b) { return a->offset < b->offset; });
+  std::sort(order.begin(), order.end(),
+            [](const ArenaTensor* a, const ArenaTensor* b) { return a->offset < b->offset; });
   uint64_t pos = 0;
   for (const ArenaTensor* t : order) {
     if (t->offset > pos) std::memset(dst + pos, 0, t->offset - pos);

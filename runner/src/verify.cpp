@@ -51,16 +51,23 @@ json trace_to_json(const std::vector<TraceEvent>& events) {
   for (const TraceEvent& e : events) {
     if (ids.count(e.lane)) continue;
     int pid = 0;
-    if (e.lane.rfind("gpu", 0) == 0) pid = std::atoi(e.lane.c_str() + 3);
-    else pid = 1000;  // host lanes (disk reads)
+    if (e.lane.rfind("gpu", 0) == 0)
+      pid = std::atoi(e.lane.c_str() + 3);
+    else
+      pid = 1000;  // host lanes (disk reads)
     const int tid = static_cast<int>(ids.size()) + 1;
     ids[e.lane] = {pid, tid};
     processes[pid] = pid == 1000 ? "host" : "GPU " + std::to_string(pid);
   }
   for (const auto& [pid, name] : processes)
-    out.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", pid}, {"tid", 0}, {"args", {{"name", name}}}});
+    out.push_back(
+        {{"name", "process_name"}, {"ph", "M"}, {"pid", pid}, {"tid", 0}, {"args", {{"name", name}}}});
   for (const auto& [lane, id] : ids)
-    out.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", id.first}, {"tid", id.second}, {"args", {{"name", lane}}}});
+    out.push_back({{"name", "thread_name"},
+                   {"ph", "M"},
+                   {"pid", id.first},
+                   {"tid", id.second},
+                   {"args", {{"name", lane}}}});
   for (const TraceEvent& e : events) {
     const auto& [pid, tid] = ids.at(e.lane);
     const bool copy = e.lane.find("copy") != std::string::npos || e.lane.find("read") != std::string::npos;
@@ -83,11 +90,17 @@ json trace_to_json(const std::vector<TraceEvent>& events) {
 
 namespace {
 
-bool is_copy_lane(const std::string& lane) { return lane.size() > 5 && lane.compare(lane.size() - 5, 5, " copy") == 0; }
+bool is_copy_lane(const std::string& lane) {
+  return lane.size() > 5 && lane.compare(lane.size() - 5, 5, " copy") == 0;
+}
 
-std::string compute_lane_of(const std::string& copy_lane) { return copy_lane.substr(0, copy_lane.size() - 5) + " compute"; }
+std::string compute_lane_of(const std::string& copy_lane) {
+  return copy_lane.substr(0, copy_lane.size() - 5) + " compute";
+}
 
-double overlap(double a0, double a1, double b0, double b1) { return std::max(0.0, std::min(a1, b1) - std::max(a0, b0)); }
+double overlap(double a0, double a1, double b0, double b1) {
+  return std::max(0.0, std::min(a1, b1) - std::max(a0, b0));
+}
 
 struct PrefetchStats {
   size_t pairs = 0;        // streamed steps k followed by a streamed step k+1 on the same GPU
@@ -99,8 +112,10 @@ PrefetchStats prefetch_stats(const std::vector<TraceEvent>& events, uint32_t ste
   std::map<int32_t, const TraceEvent*> copies, computes;
   for (const TraceEvent& e : events) {
     if (e.step != step || e.plan_step < 0) continue;
-    if (is_copy_lane(e.lane)) copies[e.plan_step] = &e;
-    else if (e.lane.find("compute") != std::string::npos) computes[e.plan_step] = &e;
+    if (is_copy_lane(e.lane))
+      copies[e.plan_step] = &e;
+    else if (e.lane.find("compute") != std::string::npos)
+      computes[e.plan_step] = &e;
   }
   // Streamed steps in order; pair each with the next streamed step on the same GPU lane.
   std::vector<const TraceEvent*> ordered;
@@ -176,9 +191,9 @@ VerifyReport verify(const VerifyOptions& options) {
   const planner::Plan plan = planner::read_plan(options.plan);
   const std::string fingerprint = checkpoint.fingerprint();
   if (plan.fingerprint != fingerprint)
-    fail(ErrorKind::InvalidInput, options.plan.string(), ": the plan was made for a checkpoint with fingerprint ",
-         plan.fingerprint, " (", plan.checkpoint, ") but ", options.checkpoint.string(), " has fingerprint ",
-         fingerprint, ": plan it again");
+    fail(ErrorKind::InvalidInput, options.plan.string(),
+         ": the plan was made for a checkpoint with fingerprint ", plan.fingerprint, " (", plan.checkpoint,
+         ") but ", options.checkpoint.string(), " has fingerprint ", fingerprint, ": plan it again");
   const Schedule schedule = build_schedule(checkpoint, plan);
 
   std::unique_ptr<Backend> backend;
@@ -187,7 +202,8 @@ VerifyReport verify(const VerifyOptions& options) {
   } else if (options.backend == "cuda") {
     backend = make_cuda_backend();
   } else if (options.backend == "auto") {
-    if (cuda_backend_available()) backend = make_cuda_backend();
+    if (cuda_backend_available())
+      backend = make_cuda_backend();
     else {
       log("no CUDA device: using the CPU backend");
       backend = make_cpu_backend(options.threads);
@@ -207,7 +223,8 @@ VerifyReport verify(const VerifyOptions& options) {
     ++n_streamed;
     if (schedule.arenas[st.arena].placement == Placement::Disk) ++n_disk;
   }
-  log(str_cat("verify ", options.checkpoint.string(), " with ", options.plan.string(), " on ", backend->device_names()));
+  log(str_cat("verify ", options.checkpoint.string(), " with ", options.plan.string(), " on ",
+              backend->device_names()));
   log(str_cat("  ", schedule.steps.size(), " steps (", n_streamed, " streamed, ", n_disk, " from disk), ",
               schedule.linears.size(), " linears, ", schedule.devices.size(), " GPU(s), ", schedule.n_slots,
               " slots, tokens ", tokens, ", ", options.steps, " run steps"));
@@ -242,8 +259,9 @@ VerifyReport verify(const VerifyOptions& options) {
         if (planned.digests[s][li].nonfinite) {
           bad += planned.digests[s][li].nonfinite;
           if (first.empty())
-            first = str_cat(schedule.linears[li].component.empty() ? "" : schedule.linears[li].component + "/",
-                            schedule.linears[li].module, " (step ", s, ")");
+            first =
+                str_cat(schedule.linears[li].component.empty() ? "" : schedule.linears[li].component + "/",
+                        schedule.linears[li].module, " (step ", s, ")");
         }
     add_check("finite outputs", bad ? CheckResult::Status::Fail : CheckResult::Status::Pass,
               bad ? str_cat(bad, " non-finite output values, first in ", first)
@@ -271,8 +289,10 @@ VerifyReport verify(const VerifyOptions& options) {
       for (size_t li = 0; li < n_linears; ++li) {
         const LinearTask& l = schedule.linears[li];
         const int dev = schedule.steps[l.step].device;
-        resident_digests[0][li] =
-            backend->run_layer(schedule.bind_mapped(l, checkpoint), tokens, schedule.max_in(dev), options.seed, dev).digest;
+        resident_digests[0][li] = backend
+                                      ->run_layer(schedule.bind_mapped(l, checkpoint), tokens,
+                                                  schedule.max_in(dev), options.seed, dev)
+                                      .digest;
       }
     }
     size_t mismatches = 0;
@@ -314,11 +334,13 @@ VerifyReport verify(const VerifyOptions& options) {
       };
       const RunResult res = backend->run(checkpoint, schedule, r);
       size_t mismatches = 0;
-      for (size_t li = 0; li < n_linears; ++li) mismatches += res.digests[0][li] == planned.digests[0][li] ? 0 : 1;
+      for (size_t li = 0; li < n_linears; ++li)
+        mismatches += res.digests[0][li] == planned.digests[0][li] ? 0 : 1;
       add_check("no state left behind", mismatches ? CheckResult::Status::Fail : CheckResult::Status::Pass,
-                mismatches ? str_cat(mismatches, " outputs changed after host arenas were overwritten post-copy")
-                           : str_cat(poisoned, " host arenas overwritten with random bytes right after their copy; ",
-                                     n_linears, " outputs unchanged"));
+                mismatches
+                    ? str_cat(mismatches, " outputs changed after host arenas were overwritten post-copy")
+                    : str_cat(poisoned, " host arenas overwritten with random bytes right after their copy; ",
+                              n_linears, " outputs unchanged"));
     }
   }
 
@@ -337,13 +359,14 @@ VerifyReport verify(const VerifyOptions& options) {
       const auto re = rc ? rc->find(ref_name) : std::nullopt;
       if (!re)
         fail(ErrorKind::InvalidInput, options.reference.string(), ": no tensor '",
-             l.component.empty() ? ref_name : l.component + "/" + ref_name, "' to compare linear '", l.module, "' with");
+             l.component.empty() ? ref_name : l.component + "/" + ref_name, "' to compare linear '", l.module,
+             "' with");
       const TensorInfo& ri = rc->info(*re);
       if (ri.shape.size() != 2 || static_cast<uint64_t>(ri.shape[0]) != l.out() ||
           static_cast<uint64_t>(ri.shape[1]) != l.in())
         fail(ErrorKind::InvalidInput, options.reference.string(), ": tensor '", ref_name, "' has shape [",
-             ri.shape.empty() ? 0 : ri.shape[0], ", ", ri.shape.size() > 1 ? ri.shape[1] : 0, "] but the linear is [",
-             l.out(), ", ", l.in(), "]");
+             ri.shape.empty() ? 0 : ri.shape[0], ", ", ri.shape.size() > 1 ? ri.shape[1] : 0,
+             "] but the linear is [", l.out(), ", ", l.in(), "]");
       DequantParams rp;
       rp.kind = plain_kind(ri.dtype);
       rp.rows = l.out();
@@ -356,9 +379,11 @@ VerifyReport verify(const VerifyOptions& options) {
       const LayerRun yr = backend->run_layer(rp, tokens, ldx, options.seed, dev);
       if (!(yq.digest == planned.digests[0][li])) ++direct_mismatch;
       std::vector<uint16_t> x(tokens * ldx);
-      cpu::generate_activation(kmath::activation_stream(options.seed), tokens, ldx, 0, l.in(), x.data(), pool);
+      cpu::generate_activation(kmath::activation_stream(options.seed), tokens, ldx, 0, l.in(), x.data(),
+                               pool);
       const std::vector<double> col_var = column_error_variance(qp, rp.kind, pool);
-      const ErrorPrediction e = predict_and_measure(yq.y, yr.y, x, ldx, tokens, l.in(), col_var, l.params.kind);
+      const ErrorPrediction e =
+          predict_and_measure(yq.y, yr.y, x, ldx, tokens, l.in(), col_var, l.params.kind);
       bool ok = e.within();
       const bool must_match = !l.quantized() && l.params.kind == rp.kind;
       if (must_match && yq.y != yr.y) {
@@ -366,9 +391,10 @@ VerifyReport verify(const VerifyOptions& options) {
         ++exact_mismatch;
       }
       if (!ok) {
-        if (!fails) first_fail = str_cat(l.component.empty() ? "" : l.component + "/", l.module, " (", l.scheme,
-                                         ": relative error ", fmt("%.3g", e.rel_error()), ", bound ",
-                                         fmt("%.3g", e.bound()), ")");
+        if (!fails)
+          first_fail = str_cat(l.component.empty() ? "" : l.component + "/", l.module, " (", l.scheme,
+                               ": relative error ", fmt("%.3g", e.rel_error()), ", bound ",
+                               fmt("%.3g", e.bound()), ")");
         ++fails;
       }
       auto& w = worst[l.scheme];
@@ -387,14 +413,19 @@ VerifyReport verify(const VerifyOptions& options) {
     }
     std::string summary;
     for (const auto& [scheme, w] : worst)
-      summary += str_cat(summary.empty() ? "" : "; ", scheme, " max rel error ", fmt("%.3g", w.first),
-                         " (", fmt("%.2f", w.second), " of its bound)");
-    add_check("reference error", fails ? CheckResult::Status::Fail : CheckResult::Status::Pass,
-              fails ? str_cat(fails, " of ", n_linears, " linears outside their bound", exact_mismatch ? str_cat(" (", exact_mismatch, " unquantized ones not exact)") : "", "; first ", first_fail)
-                    : str_cat(n_linears, " linears within their bound: ", summary));
+      summary += str_cat(summary.empty() ? "" : "; ", scheme, " max rel error ", fmt("%.3g", w.first), " (",
+                         fmt("%.2f", w.second), " of its bound)");
+    add_check(
+        "reference error", fails ? CheckResult::Status::Fail : CheckResult::Status::Pass,
+        fails ? str_cat(fails, " of ", n_linears, " linears outside their bound",
+                        exact_mismatch ? str_cat(" (", exact_mismatch, " unquantized ones not exact)") : "",
+                        "; first ", first_fail)
+              : str_cat(n_linears, " linears within their bound: ", summary));
     add_check("planned == direct", direct_mismatch ? CheckResult::Status::Fail : CheckResult::Status::Pass,
-              direct_mismatch ? str_cat(direct_mismatch, " planned outputs differ from the same layer run alone")
-                              : str_cat("each layer run alone from the mapped checkpoint gives the planned run's output bit for bit"));
+              direct_mismatch
+                  ? str_cat(direct_mismatch, " planned outputs differ from the same layer run alone")
+                  : str_cat("each layer run alone from the mapped checkpoint gives the planned run's output "
+                            "bit for bit"));
   }
   j["layers"] = std::move(layers);
 
@@ -405,8 +436,12 @@ VerifyReport verify(const VerifyOptions& options) {
     std::string detail;
     for (const DeviceMemory& m : planned.memory) {
       const planner::DevicePlan* dp = plan.find_device(planner::Location::on_gpu(m.device));
-      json mj = {{"gpu", m.device}, {"allocated_bytes", m.allocated_bytes}, {"measured_peak_bytes", m.measured_peak_bytes},
-                 {"baseline_bytes", m.baseline_bytes}, {"pinned_host_bytes", m.pinned_host_bytes}, {"how", m.how}};
+      json mj = {{"gpu", m.device},
+                 {"allocated_bytes", m.allocated_bytes},
+                 {"measured_peak_bytes", m.measured_peak_bytes},
+                 {"baseline_bytes", m.baseline_bytes},
+                 {"pinned_host_bytes", m.pinned_host_bytes},
+                 {"how", m.how}};
       json items = json::array();
       uint64_t modelled = 0;  // plan items the CPU backend has no counterpart for
       for (const MemoryItem& it : m.items) {
@@ -439,7 +474,8 @@ VerifyReport verify(const VerifyOptions& options) {
     }
     if (!plan_tokens)
       add_check("peak memory", CheckResult::Status::Skip,
-                str_cat("the plan was made for ", plan.settings.tokens, " tokens, this run used ", tokens, ": ", detail));
+                str_cat("the plan was made for ", plan.settings.tokens, " tokens, this run used ", tokens,
+                        ": ", detail));
     else
       add_check("peak memory", over ? CheckResult::Status::Fail : CheckResult::Status::Pass, detail);
   }
@@ -467,7 +503,8 @@ VerifyReport verify(const VerifyOptions& options) {
     std::vector<double> rms = resident_ms;
     if (rms.size() >= 2) rms.erase(rms.begin());
     const double resident_median = median(rms);
-    const double gbps = measured > 0 ? static_cast<double>(planned.h2d_bytes_per_step) / (measured * 1e6) : 0.0;
+    const double gbps =
+        measured > 0 ? static_cast<double>(planned.h2d_bytes_per_step) / (measured * 1e6) : 0.0;
     j["timing"] = {{"step_ms", planned_ms},
                    {"timed_without_digests", on_gpu},
                    {"median_step_ms", measured},
@@ -481,11 +518,14 @@ VerifyReport verify(const VerifyOptions& options) {
     std::string detail = str_cat(fmt("%.3f", measured), " ms measured (median), ", fmt("%.3f", predicted),
                                  " ms predicted, ratio ", fmt("%.2f", ratio));
     if (resident_median > 0) detail += str_cat("; all-resident ", fmt("%.3f", resident_median), " ms");
-    if (planned.h2d_bytes_per_step) detail += str_cat("; ", format_size(planned.h2d_bytes_per_step), " streamed per step (", fmt("%.1f", gbps), " GB/s)");
+    if (planned.h2d_bytes_per_step)
+      detail += str_cat("; ", format_size(planned.h2d_bytes_per_step), " streamed per step (",
+                        fmt("%.1f", gbps), " GB/s)");
     if (!on_gpu) {
       add_check("step time", CheckResult::Status::Info, detail + " (CPU backend: the plan predicts a GPU)");
     } else if (!plan_tokens) {
-      add_check("step time", CheckResult::Status::Skip, detail + str_cat(" (the plan was made for ", plan.settings.tokens, " tokens)"));
+      add_check("step time", CheckResult::Status::Skip,
+                detail + str_cat(" (the plan was made for ", plan.settings.tokens, " tokens)"));
     } else if (options.time_tolerance) {
       const bool ok = std::fabs(ratio - 1.0) <= *options.time_tolerance;
       add_check("step time", ok ? CheckResult::Status::Pass : CheckResult::Status::Fail,
@@ -507,9 +547,10 @@ VerifyReport verify(const VerifyOptions& options) {
                   {"copy_hidden_fraction", hidden},
                   {"prefetch_pairs", ps.pairs},
                   {"prefetch_overlapping", ps.overlapping}};
-    log(str_cat("  trace: ", planned.trace.size(), " events to ", options.trace.string(), "; step ", last, ": ",
-                ps.overlapping, " of ", ps.pairs, " copies of group k+1 overlap the compute of group k, ",
-                fmt("%.0f", 100 * hidden), "% of copy time hidden behind compute"));
+    log(str_cat("  trace: ", planned.trace.size(), " events to ", options.trace.string(), "; step ", last,
+                ": ", ps.overlapping, " of ", ps.pairs,
+                " copies of group k+1 overlap the compute of group k, ", fmt("%.0f", 100 * hidden),
+                "% of copy time hidden behind compute"));
   }
 
   json checks = json::array();

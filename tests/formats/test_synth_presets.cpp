@@ -84,9 +84,11 @@ void check_flux_transformer(const SynthModel& m) {
   CHECK(count_blocks(s, "single_transformer_blocks") == j(cfg, "num_single_layers"));
   CHECK(shape_of(s, "x_embedder.weight") == Shape{D, j(cfg, "in_channels")});
   CHECK(shape_of(s, "context_embedder.weight") == Shape{D, j(cfg, "joint_attention_dim")});
-  CHECK(shape_of(s, "time_text_embed.text_embedder.linear_1.weight") == Shape{D, j(cfg, "pooled_projection_dim")});
+  CHECK(shape_of(s, "time_text_embed.text_embedder.linear_1.weight") ==
+        Shape{D, j(cfg, "pooled_projection_dim")});
   CHECK(shape_of(s, "time_text_embed.timestep_embedder.linear_1.weight") == Shape{D, 256});
-  CHECK(s.count("time_text_embed.guidance_embedder.linear_2.weight") == (cfg.at("guidance_embeds").get<bool>() ? 1u : 0u));
+  CHECK(s.count("time_text_embed.guidance_embedder.linear_2.weight") ==
+        (cfg.at("guidance_embeds").get<bool>() ? 1u : 0u));
   CHECK(shape_of(s, "transformer_blocks.0.norm1.linear.weight") == Shape{6 * D, D});
   CHECK(shape_of(s, "transformer_blocks.0.attn.norm_added_k.weight") == Shape{hd});
   CHECK(shape_of(s, "transformer_blocks.0.attn.to_add_out.weight") == Shape{D, D});
@@ -98,10 +100,12 @@ void check_flux_transformer(const SynthModel& m) {
   CHECK(shape_of(s, "norm_out.linear.weight") == Shape{2 * D, D});
   CHECK(shape_of(s, "proj_out.weight") == Shape{j(cfg, "in_channels"), D});
   // The transformer reads the text encoders' outputs and the VAE's latents (2x2 patches).
-  if (const auto* t5 = m.find("text_encoder_2")) CHECK(j(*t5->config(), "d_model") == j(cfg, "joint_attention_dim"));
+  if (const auto* t5 = m.find("text_encoder_2"))
+    CHECK(j(*t5->config(), "d_model") == j(cfg, "joint_attention_dim"));
   if (const auto* clip = m.find("text_encoder"))
     CHECK(j(*clip->config(), "hidden_size") == j(cfg, "pooled_projection_dim"));
-  if (const auto* vae = m.find("vae")) CHECK(4 * j(*vae->config(), "latent_channels") == j(cfg, "in_channels"));
+  if (const auto* vae = m.find("vae"))
+    CHECK(4 * j(*vae->config(), "latent_channels") == j(cfg, "in_channels"));
 }
 
 void check_clip(const SynthModel& m) {
@@ -114,7 +118,8 @@ void check_clip(const SynthModel& m) {
   CHECK(cfg.at("model_type") == "clip_text_model");
   CHECK(count_blocks(s, "text_model.encoder.layers") == j(cfg, "num_hidden_layers"));
   CHECK(shape_of(s, "text_model.embeddings.token_embedding.weight") == Shape{j(cfg, "vocab_size"), H});
-  CHECK(shape_of(s, "text_model.embeddings.position_embedding.weight") == Shape{j(cfg, "max_position_embeddings"), H});
+  CHECK(shape_of(s, "text_model.embeddings.position_embedding.weight") ==
+        Shape{j(cfg, "max_position_embeddings"), H});
   CHECK(shape_of(s, "text_model.encoder.layers.0.self_attn.q_proj.weight") == Shape{H, H});
   CHECK(shape_of(s, "text_model.encoder.layers.0.mlp.fc1.weight") == Shape{I, H});
   CHECK(shape_of(s, "text_model.encoder.layers.0.mlp.fc2.weight") == Shape{H, I});
@@ -146,7 +151,8 @@ void check_t5(const SynthModel& m) {
   CHECK(shape_of(s, "encoder.block.0.layer.1.DenseReluDense.wo.weight") == Shape{M, F});
   CHECK(shape_of(s, "encoder.final_layer_norm.weight") == Shape{M});
   if (const auto* tok = m.find("tokenizer_2"))
-    CHECK(static_cast<int64_t>(tok->json_files.at("tokenizer.json").at("model").at("vocab").size()) <= j(cfg, "vocab_size"));
+    CHECK(static_cast<int64_t>(tok->json_files.at("tokenizer.json").at("model").at("vocab").size()) <=
+          j(cfg, "vocab_size"));
 }
 
 void check_vae(const SynthModel& m) {
@@ -155,7 +161,8 @@ void check_vae(const SynthModel& m) {
   const auto s = shapes(c);
   std::vector<int64_t> ch;
   for (const auto& x : cfg.at("block_out_channels")) ch.push_back(x.get<int64_t>());
-  const int64_t L = j(cfg, "latent_channels"), lpb = j(cfg, "layers_per_block"), G = j(cfg, "norm_num_groups");
+  const int64_t L = j(cfg, "latent_channels"), lpb = j(cfg, "layers_per_block"),
+                G = j(cfg, "norm_num_groups");
   const auto n = static_cast<int64_t>(ch.size());
   for (int64_t x : ch) CHECK(x % G == 0);
   CHECK(static_cast<int64_t>(cfg.at("down_block_types").size()) == n);
@@ -168,8 +175,10 @@ void check_vae(const SynthModel& m) {
   for (int64_t i = 0; i < n; ++i) {
     CHECK(count_blocks(s, "encoder.down_blocks." + std::to_string(i) + ".resnets") == lpb);
     CHECK(count_blocks(s, "decoder.up_blocks." + std::to_string(i) + ".resnets") == lpb + 1);
-    CHECK(shape_of(s, "encoder.down_blocks." + std::to_string(i) + ".resnets.0.conv2.weight") == Shape{ch[i], ch[i], 3, 3});
-    CHECK(s.count("encoder.down_blocks." + std::to_string(i) + ".downsamplers.0.conv.weight") == (i + 1 < n ? 1u : 0u));
+    CHECK(shape_of(s, "encoder.down_blocks." + std::to_string(i) + ".resnets.0.conv2.weight") ==
+          Shape{ch[i], ch[i], 3, 3});
+    CHECK(s.count("encoder.down_blocks." + std::to_string(i) + ".downsamplers.0.conv.weight") ==
+          (i + 1 < n ? 1u : 0u));
   }
   CHECK(shape_of(s, "encoder.mid_block.attentions.0.to_q.weight") == Shape{ch.back(), ch.back()});
   CHECK(cfg.at("use_quant_conv") == false);
@@ -228,8 +237,8 @@ void check_preset(const std::string& preset, double scale) {
   // Block lists keep at least two blocks at any scale.
   for (const auto& c : m.components) {
     const auto s = shapes(c);
-    for (const char* list : {"transformer_blocks", "single_transformer_blocks", "encoder.block", "model.layers",
-                             "text_model.encoder.layers"}) {
+    for (const char* list : {"transformer_blocks", "single_transformer_blocks", "encoder.block",
+                             "model.layers", "text_model.encoder.layers"}) {
       const int64_t n = count_blocks(s, list);
       if (n) CHECK(n >= 2);
     }
@@ -250,7 +259,7 @@ TEST_CASE("synth: parameter counts at scale 1 are within 1% of the published mod
   // About 34 GB in bf16.
   CHECK(flux.n_bytes() > 33'000'000'000ull);
   CHECK(flux.n_bytes() < 35'000'000'000ull);
-  check_within(make("llama").components[0].n_params(), 8.030e9, 0.01);  // Meta-Llama-3-8B
+  check_within(make("llama").components[0].n_params(), 8.030e9, 0.01);       // Meta-Llama-3-8B
   check_within(make("llama-tied").components[0].n_params(), 1.236e9, 0.01);  // Llama-3.2-1B
   // The counts the presets carry to print beside their own agree too.
   for (const auto& c : flux.components)
@@ -286,7 +295,7 @@ TEST_CASE("synth: configs are consistent with the shapes at every scale") {
 TEST_CASE("synth: scaling shrinks widths and depths, never below two blocks") {
   const SynthModel full = make("flux"), half = make("flux", 0.5), small = make("flux", 0.05);
   CHECK(j(*component(half, "transformer").config(), "num_attention_heads") == 12);
-  CHECK(j(*component(half, "transformer").config(), "num_layers") == 10);   // round(9.5)
+  CHECK(j(*component(half, "transformer").config(), "num_layers") == 10);  // round(9.5)
   CHECK(j(*component(half, "transformer").config(), "num_single_layers") == 19);
   CHECK(j(*component(half, "transformer").config(), "attention_head_dim") == 128);
   CHECK(j(*component(small, "transformer").config(), "num_layers") == 2);

@@ -124,7 +124,9 @@ TEST_CASE("synth values: weights look trained (normal rows, varying row scales, 
   double log_var = 0;
   for (double s : row_std) log_var += std::pow(std::log(s) - log_sum / rows, 2);
   CHECK(std::sqrt(log_var / rows) == doctest::Approx(0.35).epsilon(0.15));
-  CHECK(*std::max_element(row_std.begin(), row_std.end()) / *std::min_element(row_std.begin(), row_std.end()) > 3.0);
+  CHECK(*std::max_element(row_std.begin(), row_std.end()) /
+            *std::min_element(row_std.begin(), row_std.end()) >
+        3.0);
   // Outliers: about 1e-4 of the elements (419 expected here).
   CHECK(n_outliers > 0.5e-4 * n);
   CHECK(n_outliers < 2e-4 * n);

@@ -64,8 +64,9 @@ TEST_CASE("synth write: tiny-flux is a diffusers pipeline folder that qtool read
   const auto result = write(m, tmp / "flux", seed, 2);
   const fs::path root = tmp / "flux";
   CHECK(entries_of(tmp.path()) == std::vector<std::string>{"flux"});  // no temporaries left
-  CHECK(entries_of(root) == std::vector<std::string>{"model_index.json", "scheduler", "text_encoder", "text_encoder_2",
-                                                      "tokenizer", "tokenizer_2", "transformer", "vae"});
+  CHECK(entries_of(root) == std::vector<std::string>{"model_index.json", "scheduler", "text_encoder",
+                                                     "text_encoder_2", "tokenizer", "tokenizer_2",
+                                                     "transformer", "vae"});
   const auto index = qtool::read_json_file(root / "model_index.json");
   CHECK(index.at("transformer") == nlohmann::json::array({"diffusers", "FluxTransformer2DModel"}));
   CHECK(index.at("text_encoder_2") == nlohmann::json::array({"transformers", "T5EncoderModel"}));
@@ -125,7 +126,7 @@ TEST_CASE("synth write: bytes do not depend on the thread count or the sharding"
   qtool::test::TempDir tmp;
   const SynthModel m = make("tiny-flux");
   write(m, tmp / "t1", seed, 1);
-  write(m, tmp / "t3", seed, 3, uint64_t{0});       // one file per component
+  write(m, tmp / "t3", seed, 3, uint64_t{0});        // one file per component
   write(m, tmp / "t2", seed, 2, uint64_t{150'000});  // many shards
   const auto a = read_all(tmp / "t1"), b = read_all(tmp / "t3"), c = read_all(tmp / "t2");
   CHECK(a == b);

@@ -21,6 +21,7 @@ DeviceProfile bare_profile() {
   p.cublas_workspace_bytes = 0;
   p.alloc_granularity_bytes = 1;
   p.host_alloc_granularity_bytes = 1;
+  p.pinned_page_table_bytes_per_gib = 0;
   return p;
 }
 

@@ -41,7 +41,8 @@ struct DeviceLinear {
 
 DeviceLinear upload(const DequantParams& hp) {
   const PartSizes sizes = part_sizes(hp);
-  const uint8_t* parts[kNumParts] = {hp.weight, hp.scale, hp.quant_map, hp.nested_absmax, hp.nested_quant_map};
+  const uint8_t* parts[kNumParts] = {hp.weight, hp.scale, hp.quant_map, hp.nested_absmax,
+                                     hp.nested_quant_map};
   uint64_t off[kNumParts] = {}, total = 0;
   for (int p = 0; p < kNumParts; ++p) {
     off[p] = total;
@@ -51,7 +52,8 @@ DeviceLinear upload(const DequantParams& hp) {
   d.mem = rc::DeviceBuffer(0, std::max<uint64_t>(total, 256));
   for (int p = 0; p < kNumParts; ++p)
     if (parts[p] && sizes.bytes[p])
-      QTOOL_CUDA_CHECK(cudaMemcpy(d.mem.as<uint8_t>() + off[p], parts[p], sizes.bytes[p], cudaMemcpyHostToDevice));
+      QTOOL_CUDA_CHECK(
+          cudaMemcpy(d.mem.as<uint8_t>() + off[p], parts[p], sizes.bytes[p], cudaMemcpyHostToDevice));
   d.params = hp;
   const auto at = [&](int p) -> const uint8_t* { return parts[p] ? d.mem.as<uint8_t>() + off[p] : nullptr; };
   d.params.weight = at(kPartWeight);
@@ -71,7 +73,8 @@ std::vector<uint16_t> gpu_dequant(const DequantParams& hp) {
   QTOOL_CUDA_CHECK(cudaMemsetAsync(out.data(), 0xFF, out.size(), stream.get()));  // poison
   rc::dequantize_to_bf16(d.params, tables, out.as<uint16_t>(), stream.get());
   std::vector<uint16_t> host(hp.numel());
-  QTOOL_CUDA_CHECK(cudaMemcpyAsync(host.data(), out.data(), host.size() * 2, cudaMemcpyDeviceToHost, stream.get()));
+  QTOOL_CUDA_CHECK(
+      cudaMemcpyAsync(host.data(), out.data(), host.size() * 2, cudaMemcpyDeviceToHost, stream.get()));
   stream.synchronize();
   return host;
 }
@@ -97,8 +100,8 @@ TEST_CASE("GPU dequantization equals libquant's CPU reference bit for bit, tails
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
   ThreadPool pool(4);
-  const std::vector<std::pair<uint64_t, uint64_t>> shapes = {{1, 1}, {3, 5}, {2, 16}, {17, 31}, {33, 257},
-                                                             {64, 4096}, {257, 1024}, {5, 48}};
+  const std::vector<std::pair<uint64_t, uint64_t>> shapes = {{1, 1},    {3, 5},     {2, 16},     {17, 31},
+                                                             {33, 257}, {64, 4096}, {257, 1024}, {5, 48}};
   for (const quant::SchemeOptions& so : every_option()) {
     for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
       for (bool garbage : {false, true}) {

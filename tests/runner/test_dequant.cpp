@@ -7,8 +7,8 @@
 #include <cstring>
 #include <random>
 
-#include "qtool/runner/dequant.hpp"
 #include "qtool/runner/cpu_kernels.hpp"
+#include "qtool/runner/dequant.hpp"
 #include "qtool/runner/error_model.hpp"
 #include "qtool/runner/executor.hpp"
 #include "qtool/runner/kernel_math.hpp"
@@ -39,7 +39,8 @@ Component write_linears(const std::filesystem::path& file, const quant::SchemeOp
     }
     if (originals) originals->push_back(w);
     const std::vector<int64_t> shape = {static_cast<int64_t>(rows), static_cast<int64_t>(cols)};
-    auto t = quant::quantize_weight("l" + std::to_string(i), "l" + std::to_string(i) + ".weight", dtype, shape, w, so, pool);
+    auto t = quant::quantize_weight("l" + std::to_string(i), "l" + std::to_string(i) + ".weight", dtype,
+                                    shape, w, so, pool);
     for (auto& x : t) all.push_back(std::move(x));
   }
   std::vector<TensorDecl> decls;
@@ -61,7 +62,8 @@ void check_equal_to_libquant(const Component& comp, const std::string& what) {
     const DequantParams p = quantized_params(ql, comp);
     std::vector<uint16_t> ours(p.numel()), ref(p.numel());
     dequantize_to_bf16_cpu(p, ours.data(), 0, p.numel());
-    quant::dequantize_rows_bf16(ql, quant::tensor_bytes(ql, comp), ref.data(), 0, static_cast<size_t>(ql.rows()));
+    quant::dequantize_rows_bf16(ql, quant::tensor_bytes(ql, comp), ref.data(), 0,
+                                static_cast<size_t>(ql.rows()));
     size_t first_diff = SIZE_MAX;
     for (size_t i = 0; i < ours.size() && first_diff == SIZE_MAX; ++i)
       if (ours[i] != ref[i]) first_diff = i;
@@ -92,8 +94,8 @@ std::vector<quant::SchemeOptions> every_option() {
   return v;
 }
 
-const std::vector<std::pair<uint64_t, uint64_t>> kShapes = {{1, 1}, {1, 7}, {3, 5}, {2, 16}, {5, 33}, {7, 64},
-                                                            {17, 31}, {16, 128}, {33, 257}, {64, 300}};
+const std::vector<std::pair<uint64_t, uint64_t>> kShapes = {
+    {1, 1}, {1, 7}, {3, 5}, {2, 16}, {5, 33}, {7, 64}, {17, 31}, {16, 128}, {33, 257}, {64, 300}};
 
 }  // namespace
 
@@ -143,7 +145,8 @@ TEST_CASE("dequantization equals libquant's on garbage bytes: NaN codes, NaN and
       std::fclose(fp);
     }
     comp = Component::open_file(path, "");
-    check_equal_to_libquant(comp, str_cat("garbage ", quant::scheme_name(so.scheme), " dq ", so.double_quant));
+    check_equal_to_libquant(comp,
+                            str_cat("garbage ", quant::scheme_name(so.scheme), " dq ", so.double_quant));
   }
 }
 
@@ -160,7 +163,8 @@ TEST_CASE("the error model predicts the measured error of every scheme and flags
     CAPTURE(so.per_tensor);
     Built b;
     std::vector<std::vector<uint8_t>> originals;
-    const Component comp = write_linears(b.dir.path / "w.safetensors", so, DType::BF16, {{rows, cols}}, rng, false, &originals);
+    const Component comp =
+        write_linears(b.dir.path / "w.safetensors", so, DType::BF16, {{rows, cols}}, rng, false, &originals);
     const quant::QuantizedLinear ql = quant::find_quantized_linears(comp).at(0);
     const DequantParams qp = quantized_params(ql, comp);
     DequantParams rp;
@@ -175,7 +179,8 @@ TEST_CASE("the error model predicts the measured error of every scheme and flags
     const auto col_var = column_error_variance(qp, WeightKind::Bf16, pool);
     const ErrorPrediction e = predict_and_measure(yq.y, yr.y, x, cols, tokens, cols, col_var, qp.kind);
     std::printf("%s%s%s: measured %.4f predicted %.4f\n", std::string(quant::scheme_name(so.scheme)).c_str(),
-                so.double_quant ? " dq" : "", so.per_tensor ? " per-tensor" : "", e.rel_error(), e.predicted_rel());
+                so.double_quant ? " dq" : "", so.per_tensor ? " per-tensor" : "", e.rel_error(),
+                e.predicted_rel());
     CHECK(e.within());
     // The model is close, not merely an upper bound.
     CHECK(e.rel_error() > 0.5 * e.predicted_rel());

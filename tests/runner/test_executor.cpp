@@ -134,7 +134,8 @@ TEST_CASE("dequantizing through the arena layout matches libquant's CPU referenc
           if (x.module == l.module) ql = x;
         REQUIRE(ql.module == l.module);
         std::vector<uint16_t> ref(p.numel());
-        quant::dequantize_rows_bf16(ql, quant::tensor_bytes(ql, comp), ref.data(), 0, static_cast<size_t>(ql.rows()));
+        quant::dequantize_rows_bf16(ql, quant::tensor_bytes(ql, comp), ref.data(), 0,
+                                    static_cast<size_t>(ql.rows()));
         CHECK(ours == ref);
         ++checked;
       }
@@ -150,7 +151,9 @@ TEST_CASE("a plan that splits a weight from its quant state, or lacks a tensor, 
   planner::Plan plan = test::plan_streamed(ckpt, 0.2, 1.0);
   REQUIRE(!plan.groups.empty());
   // Move one absmax out of its group: the step now lacks its quant state.
-  const auto is_absmax = [](const planner::GroupTensor& t) { return t.name.find(".absmax") != std::string::npos; };
+  const auto is_absmax = [](const planner::GroupTensor& t) {
+    return t.name.find(".absmax") != std::string::npos;
+  };
   auto gi = std::find_if(plan.groups.begin(), plan.groups.end(), [&](const planner::OffloadGroup& g) {
     return std::any_of(g.tensors.begin(), g.tensors.end(), is_absmax);
   });
@@ -190,7 +193,8 @@ TEST_CASE("verify on the CPU: passes on a good plan, exit-2 error on another che
   v.threads = 2;
   const VerifyReport r = verify(v);
   if (!r.passed())
-    for (const CheckResult& c : r.checks) MESSAGE(c.name << ": " << check_status_name(c.status) << " " << c.detail);
+    for (const CheckResult& c : r.checks)
+      MESSAGE(c.name << ": " << check_status_name(c.status) << " " << c.detail);
   CHECK(r.passed());
   const auto trace = read_json_file(q.path / "trace.json");
   CHECK(trace["traceEvents"].size() > 4);
@@ -210,8 +214,8 @@ TEST_CASE("verify on the CPU: passes on a good plan, exit-2 error on another che
 
 TEST_CASE("trace JSON and copy/compute overlap") {
   std::vector<TraceEvent> ev = {
-      {"g0", "gpu0 copy", 0, 0, 0, 10, 100},    {"g0", "gpu0 compute", 0, 0, 10, 20, 0},
-      {"g1", "gpu0 copy", 0, 1, 12, 10, 100},   {"g1", "gpu0 compute", 0, 1, 30, 20, 0},
+      {"g0", "gpu0 copy", 0, 0, 0, 10, 100},  {"g0", "gpu0 compute", 0, 0, 10, 20, 0},
+      {"g1", "gpu0 copy", 0, 1, 12, 10, 100}, {"g1", "gpu0 compute", 0, 1, 30, 20, 0},
       {"a", "gpu0 compute", 0, -1, 0, 1, 0},
   };
   // g0's copy overlaps nothing but the activation event (plan_step -1, ignored); g1's copy [12, 22)
@@ -223,10 +227,12 @@ TEST_CASE("trace JSON and copy/compute overlap") {
   CHECK(complete == ev.size());
 }
 
-TEST_CASE("a two-GPU plan on the CPU backend: steps on both devices, activations cross, outputs as resident") {
+TEST_CASE(
+    "a two-GPU plan on the CPU backend: steps on both devices, activations cross, outputs as resident") {
   Fixture& f = fixture();
   test::TempDir q("two");
-  const Checkpoint ckpt = Checkpoint::open(test::quantize(f.bf16, q.path / "model", {"nf4 dq", "nf4", 64, true}));
+  const Checkpoint ckpt =
+      Checkpoint::open(test::quantize(f.bf16, q.path / "model", {"nf4 dq", "nf4", 64, true}));
   const Schedule s = build_schedule(ckpt, test::plan_streamed(ckpt, 0.3, 0.5, 8, 2, 2));
   REQUIRE(s.devices == std::vector<int>{0, 1});
   auto backend = make_cpu_backend(2);

@@ -12,7 +12,7 @@
 //               (CLIPTextModel, CLIP-L, 123.06M), text_encoder_2 (T5EncoderModel, T5-v1.1-XXL
 //               encoder, 4.762B), vae (AutoencoderKL, 16 latent channels, 83.82M), scheduler,
 //               tokenizer, tokenizer_2.
-//   tiny-flux   the same pipeline with every component a few hundred KB (2 blocks per list).
+//   tiny-flux   the same pipeline in about 4 MB (2 blocks per list; transformer and T5 sharded).
 //   llama       Llama-3-8B-like LlamaForCausalLM (8.03B, GQA 32/8 heads, untied lm_head).
 //   llama-tied  Llama-3.2-1B-like LlamaForCausalLM (1.24B, tie_word_embeddings, no lm_head).
 //   tiny        a Llama-like model of a few MB that transformers loads (hidden 256, 4 layers,
@@ -45,12 +45,11 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/progress.hpp"

@@ -20,6 +20,8 @@
 //     "cublas_workspace_bytes": 33554432,       // the workspace the runner sets with cublasSetWorkspace
 //     "alloc_granularity_bytes": 2097152,       // cudaMalloc rounds every buffer up to this
 //     "host_alloc_granularity_bytes": 4096,     // pinned host allocations round up to this
+//     "pinned_page_table_bytes_per_gib": 2097152,  // device memory per started GiB of pinned host
+//                                               // memory mapped into the GPU (its page tables)
 //     "kernel_launch_us": 4.0,                  // fixed cost per kernel launched (GEMM, dequant)
 //     "copy_latency_us": 8.0                    // fixed cost per host->device copy issued
 //   }
@@ -57,6 +59,9 @@ struct DeviceProfile {
   uint64_t cublas_workspace_bytes = 32ull << 20;
   uint64_t alloc_granularity_bytes = 2ull << 20;
   uint64_t host_alloc_granularity_bytes = 4096;
+  // Pinned host memory is mapped into every GPU's address space; its page tables take device
+  // memory: 2 MiB per GiB pinned on H100 (`qtool profile` logs +2/+4/+6 MiB for 1/2/3 GiB).
+  uint64_t pinned_page_table_bytes_per_gib = 2ull << 20;
   double kernel_launch_us = 4.0;
   double copy_latency_us = 8.0;
 

@@ -73,6 +73,7 @@ struct GpuWork {
   uint64_t max_dequant_numel = 0;  // largest linear whose weight is not bf16 (quantized, f16, f32)
   uint32_t n_slots = 0;            // device slots (0: this GPU streams nothing)
   uint64_t slot_bytes = 0;         // one slot: the largest group arena streamed to this GPU
+  uint64_t pinned_host_bytes = 0;  // pinned host memory of the whole plan (arenas + staging ring)
   bool used = false;               // anything runs on this GPU (else the reserve is empty)
 };
 
@@ -84,6 +85,8 @@ struct GpuWork {
 //   activation_out    = tokens * max_out * 2   (bf16 [tokens, out])
 //   dequant_scratch   = max_dequant_numel * 2  (bf16 [out, in] of the largest non-bf16 linear)
 //   device_slots      = n_slots * slot_bytes   (one allocation holding the ring)
+//   pinned_page_tables = ceil(pinned_host_bytes / GiB) * profile.pinned_page_table_bytes_per_gib
+//                        (not an allocation: the GPU's mapping of the pinned host memory)
 // An unused GPU reserves nothing; items of 0 bytes are left out.
 std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork& work);
 uint64_t round_up(uint64_t bytes, uint64_t granularity);

@@ -13,8 +13,8 @@ namespace qtool::runner::cpu {
 // `stream_seed`, stored [tokens, ld]: kmath::activation_bf16 of each element.
 void generate_activation_rows(uint64_t stream_seed, uint64_t ld, uint64_t col_begin, uint64_t col_end,
                               uint16_t* out, uint64_t row_begin, uint64_t row_end);
-void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin, uint64_t col_end,
-                         uint16_t* out, ThreadPool& pool);
+void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin,
+                         uint64_t col_end, uint16_t* out, ThreadPool& pool);
 
 // Output rows [o_begin, o_end) of y[tokens, out] (bf16 bits) = x[tokens, in] * w[out, in]^T, where
 // `xf` is x widened to float32 ([tokens, in], dense) and w is bf16 bits. Products are exact in

@@ -30,8 +30,8 @@ void dequantize_to_bf16(const DequantParams& params, const DeviceTables& tables,
 
 // Columns [col_begin, col_end) of the hidden state H [tokens, ld] (bf16 bits) of a step:
 // kmath::activation_bf16 of every element.
-void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin, uint64_t col_end,
-                         uint16_t* out, cudaStream_t stream);
+void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin,
+                         uint64_t col_end, uint16_t* out, cudaStream_t stream);
 
 // Adds the digest of y[0, n) (bf16 bits) to digest[0] (wrapping sum of kmath::digest_term) and the
 // count of non-finite elements to digest[1]. The caller zeroes `digest` first.

@@ -7,8 +7,8 @@
 // wrapper may be destroyed with any device current.
 #pragma once
 
-#include <cuda_runtime.h>
 #include <cublas_v2.h>
+#include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -30,18 +30,18 @@ std::string describe_device(int device);
 
 }  // namespace qtool::runner::cuda
 
-#define QTOOL_CUDA_CHECK(expr)                                                          \
-  do {                                                                                  \
-    const cudaError_t qtool_cuda_err_ = (expr);                                         \
-    if (qtool_cuda_err_ != cudaSuccess)                                                 \
-      ::qtool::runner::cuda::cuda_fail(qtool_cuda_err_, #expr, __FILE__, __LINE__);     \
+#define QTOOL_CUDA_CHECK(expr)                                                      \
+  do {                                                                              \
+    const cudaError_t qtool_cuda_err_ = (expr);                                     \
+    if (qtool_cuda_err_ != cudaSuccess)                                             \
+      ::qtool::runner::cuda::cuda_fail(qtool_cuda_err_, #expr, __FILE__, __LINE__); \
   } while (0)
 
-#define QTOOL_CUBLAS_CHECK(expr)                                                        \
-  do {                                                                                  \
-    const cublasStatus_t qtool_cublas_st_ = (expr);                                     \
-    if (qtool_cublas_st_ != CUBLAS_STATUS_SUCCESS)                                      \
-      ::qtool::runner::cuda::cublas_fail(qtool_cublas_st_, #expr, __FILE__, __LINE__);  \
+#define QTOOL_CUBLAS_CHECK(expr)                                                       \
+  do {                                                                                 \
+    const cublasStatus_t qtool_cublas_st_ = (expr);                                    \
+    if (qtool_cublas_st_ != CUBLAS_STATUS_SUCCESS)                                     \
+      ::qtool::runner::cuda::cublas_fail(qtool_cublas_st_, #expr, __FILE__, __LINE__); \
   } while (0)
 
 // After a kernel launch: the launch's own error (bad configuration), without synchronising.
@@ -117,14 +117,18 @@ class DeviceBuffer {
   DeviceBuffer(int device, size_t nbytes);
   ~DeviceBuffer() { reset(); }
   DeviceBuffer(DeviceBuffer&& other) noexcept
-      : device_(other.device_), data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+      : device_(other.device_),
+        data_(std::exchange(other.data_, nullptr)),
+        size_(std::exchange(other.size_, 0)) {}
   DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 
   void* data() const { return data_; }
   template <typename T>
-  T* as() const { return static_cast<T*>(data_); }
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
   size_t size() const { return size_; }
   int device() const { return device_; }
   void reset() noexcept;

@@ -31,13 +31,13 @@ struct DequantParams {
   WeightKind kind = WeightKind::Bf16;
   uint64_t rows = 0;
   uint64_t cols = 0;
-  uint32_t blocksize = 64;         // 4-bit: elements per absmax block
-  bool double_quant = false;       // 4-bit: absmax stored as U8 codes + nested state
-  bool per_tensor = false;         // fp8: one scale for the whole weight
+  uint32_t blocksize = 64;                // 4-bit: elements per absmax block
+  bool double_quant = false;              // 4-bit: absmax stored as U8 codes + nested state
+  bool per_tensor = false;                // fp8: one scale for the whole weight
   ScaleType scale_type = ScaleType::F32;  // fp8 only
-  float nested_offset = 0.0f;      // 4-bit double quant
-  const uint8_t* weight = nullptr;            // [rows, cols] of kind, or packed 4-bit codes
-  const uint8_t* scale = nullptr;             // SCB F32 [rows] | weight_scale [rows] or [1] | absmax F32/U8 [n_blocks]
+  float nested_offset = 0.0f;             // 4-bit double quant
+  const uint8_t* weight = nullptr;        // [rows, cols] of kind, or packed 4-bit codes
+  const uint8_t* scale = nullptr;  // SCB F32 [rows] | weight_scale [rows] or [1] | absmax F32/U8 [n_blocks]
   const uint8_t* quant_map = nullptr;         // 4-bit: F32 [16]; null: the built-in table
   const uint8_t* nested_absmax = nullptr;     // 4-bit double quant: F32 [ceil(n_blocks / 256)]
   const uint8_t* nested_quant_map = nullptr;  // 4-bit double quant: F32 [256]; null: built-in
@@ -105,9 +105,9 @@ QTOOL_HD float e4m3_to_f32(uint8_t v) {
 QTOOL_HD float e5m2_to_f32(uint8_t v) { return f16_to_f32(static_cast<uint16_t>(v) << 8); }
 
 // nf4 and fp4 code values by 4-bit pattern (FORMATS.md), as float32 bit patterns.
-inline constexpr uint32_t kNf4Bits[16] = {0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f,
-                                          0xbdba7871, 0x00000000, 0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a,
-                                          0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000};
+inline constexpr uint32_t kNf4Bits[16] = {
+    0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f, 0xbdba7871, 0x00000000,
+    0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a, 0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000};
 
 // The scale of row `row` for int8 (SCB) and fp8 (weight_scale), as float32.
 QTOOL_HD float row_scale(const DequantParams& p, uint64_t row) {
@@ -160,7 +160,8 @@ QTOOL_HD uint32_t code_of(const uint8_t* packed, uint64_t i) {
 
 // Element i of any weight as float32 (the scalar reference path; kernels vectorise it).
 // `code_table` (16) and `nested_map` (256) are the tables in use (file's or built-in).
-QTOOL_HD float element_f32(const DequantParams& p, uint64_t i, const float* code_table, const float* nested_map) {
+QTOOL_HD float element_f32(const DequantParams& p, uint64_t i, const float* code_table,
+                           const float* nested_map) {
   switch (p.kind) {
     case WeightKind::Bf16:
     case WeightKind::F16:

@@ -46,13 +46,13 @@ inline double error_bound_factor(WeightKind kind) {
 std::vector<double> column_error_variance(const DequantParams& params, WeightKind ref_kind, ThreadPool& pool);
 
 struct ErrorPrediction {
-  double sum_sq_ref = 0;      // ||y_ref||^2
-  double sum_sq_err = 0;      // ||y_q - y_ref||^2 (measured)
-  double predicted_sq = 0;    // E ||y_q - y_ref||^2 (model)
-  double rel_error() const;   // sqrt(sum_sq_err / sum_sq_ref), 0 when both are 0
+  double sum_sq_ref = 0;     // ||y_ref||^2
+  double sum_sq_err = 0;     // ||y_q - y_ref||^2 (measured)
+  double predicted_sq = 0;   // E ||y_q - y_ref||^2 (model)
+  double rel_error() const;  // sqrt(sum_sq_err / sum_sq_ref), 0 when both are 0
   double predicted_rel() const;
   double factor = kErrorBoundFactor;
-  double bound() const;       // factor * predicted_rel + kErrorFloor
+  double bound() const;  // factor * predicted_rel + kErrorFloor
   bool within() const { return rel_error() <= bound(); }
 };
 
@@ -60,7 +60,7 @@ struct ErrorPrediction {
 // on (bf16 bits, [tokens, ldx], first `in` columns used), `col_var` from column_error_variance.
 // `kind` is the quantized weight's (it sets the bound's factor).
 ErrorPrediction predict_and_measure(const std::vector<uint16_t>& y_q, const std::vector<uint16_t>& y_ref,
-                                    const std::vector<uint16_t>& x, uint64_t ldx, uint64_t tokens, uint64_t in,
-                                    const std::vector<double>& col_var, WeightKind kind);
+                                    const std::vector<uint16_t>& x, uint64_t ldx, uint64_t tokens,
+                                    uint64_t in, const std::vector<double>& col_var, WeightKind kind);
 
 }  // namespace qtool::runner

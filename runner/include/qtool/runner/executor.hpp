@@ -45,8 +45,8 @@ struct RunOptions {
   Mode mode = Mode::Planned;
   uint64_t tokens = 16;
   uint32_t steps = 1;
-  uint64_t seed = 0;       // step s uses seed + s
-  bool trace = false;      // record copy/compute intervals of every group
+  uint64_t seed = 0;   // step s uses seed + s
+  bool trace = false;  // record copy/compute intervals of every group
   // Reduce every output to a digest (a kernel per linear). Off for timing runs: a step then does
   // only a model's work (dequantize, multiply); digests are left zero.
   bool digests = true;
@@ -65,18 +65,18 @@ struct LayerDigest {
 
 // One interval of the trace: a copy or a compute of one plan step (or activations, a peer copy).
 struct TraceEvent {
-  std::string name;   // the plan step's name, or "activations", "peer copy"
-  std::string lane;   // "gpu0 copy", "gpu0 compute", "disk read"
-  uint32_t step = 0;  // the run's step (0 .. steps-1)
+  std::string name;        // the plan step's name, or "activations", "peer copy"
+  std::string lane;        // "gpu0 copy", "gpu0 compute", "disk read"
+  uint32_t step = 0;       // the run's step (0 .. steps-1)
   int32_t plan_step = -1;  // index into Schedule::steps, -1 for activations and peer copies
-  double start_us = 0;  // from the start of the run
+  double start_us = 0;     // from the start of the run
   double dur_us = 0;
-  uint64_t bytes = 0;   // copies: bytes moved
+  uint64_t bytes = 0;  // copies: bytes moved
 };
 
 // One buffer class the backend allocated on a GPU (or, on the CPU backend, would have).
 struct MemoryItem {
-  std::string name;   // "resident weights", "slots", "activations", ...
+  std::string name;  // "resident weights", "slots", "activations", ...
   uint64_t bytes = 0;
 };
 
@@ -87,20 +87,20 @@ struct DeviceMemory {
   // CUDA: max over the run of (total - free) from cudaMemGetInfo (context, cuBLAS, module images,
   // allocator rounding and everything above included); CPU: allocated_bytes.
   uint64_t measured_peak_bytes = 0;
-  uint64_t baseline_bytes = 0;    // CUDA: (total - free) once the context existed, before any allocation
-  uint64_t pinned_host_bytes = 0; // pinned host arenas and staging of the run (all GPUs)
-  std::string how;                // how the peak was measured
+  uint64_t baseline_bytes = 0;     // CUDA: (total - free) once the context existed, before any allocation
+  uint64_t pinned_host_bytes = 0;  // pinned host arenas and staging of the run (all GPUs)
+  std::string how;                 // how the peak was measured
 };
 
 struct RunResult {
-  std::string backend;                        // "cuda" or "cpu"
-  std::string device_names;                   // "NVIDIA H100 80GB HBM3"
+  std::string backend;       // "cuda" or "cpu"
+  std::string device_names;  // "NVIDIA H100 80GB HBM3"
   Mode mode = Mode::Planned;
   std::vector<std::vector<LayerDigest>> digests;  // [step][linear id]
-  std::vector<double> step_ms;                // wall time of each step, device-measured on CUDA
-  std::vector<DeviceMemory> memory;           // per GPU of the schedule
+  std::vector<double> step_ms;                    // wall time of each step, device-measured on CUDA
+  std::vector<DeviceMemory> memory;               // per GPU of the schedule
   std::vector<TraceEvent> trace;
-  uint64_t h2d_bytes_per_step = 0;            // streamed bytes copied to the devices per step
+  uint64_t h2d_bytes_per_step = 0;  // streamed bytes copied to the devices per step
   uint64_t peer_bytes_per_step = 0;
   std::vector<std::string> notes;
 };
@@ -118,7 +118,8 @@ class Backend {
   virtual std::string device_names() const = 0;
   // Runs `options.steps` steps of the schedule. Throws Error(InvalidInput) when the devices cannot
   // hold what the schedule needs.
-  virtual RunResult run(const Checkpoint& checkpoint, const Schedule& schedule, const RunOptions& options) = 0;
+  virtual RunResult run(const Checkpoint& checkpoint, const Schedule& schedule,
+                        const RunOptions& options) = 0;
   // y = H(seed)[:, 0:in] * dequant(weight)^T for one weight given by host pointers (the mapped
   // checkpoint), on GPU `device` (CUDA): the same kernels as the schedule's, so its digest equals
   // the schedule's for the same weight bytes and seed.

@@ -21,13 +21,13 @@
 namespace qtool::runner {
 
 struct ProfileOptions {
-  std::string backend = "auto";          // auto | cuda | cpu
-  int device = 0;                        // CUDA: the GPU to measure
-  uint64_t copy_bytes = 256ull << 20;    // bytes per bandwidth measurement
-  uint64_t gemm_tokens = 4096;           // GEMM rate at [tokens, 4096] x [4096, 4096]
+  std::string backend = "auto";        // auto | cuda | cpu
+  int device = 0;                      // CUDA: the GPU to measure
+  uint64_t copy_bytes = 256ull << 20;  // bytes per bandwidth measurement
+  uint64_t gemm_tokens = 4096;         // GEMM rate at [tokens, 4096] x [4096, 4096]
   uint32_t repeats = 7;
-  std::filesystem::path tmp_dir;         // for the disk-read file (default: the system's temp dir)
-  size_t threads = 0;                    // CPU backend
+  std::filesystem::path tmp_dir;  // for the disk-read file (default: the system's temp dir)
+  size_t threads = 0;             // CPU backend
   std::function<void(std::string_view)> log;
 };
 

@@ -30,65 +30,75 @@ const char* placement_name(Placement placement);  // "gpu", "cpu", "disk"
 
 // One tensor inside an arena.
 struct ArenaTensor {
-  uint32_t component = 0;     // index into Checkpoint::components()
-  Component::Entry entry{};   // the tensor in that component
-  uint64_t offset = 0;        // byte offset in the arena (multiple of kArenaAlign)
+  uint32_t component = 0;    // index into Checkpoint::components()
+  Component::Entry entry{};  // the tensor in that component
+  uint64_t offset = 0;       // byte offset in the arena (multiple of kArenaAlign)
   uint64_t nbytes = 0;
 };
 
 struct Arena {
-  std::string name;             // "group 3 (transformer: transformer_blocks.6, transformer_blocks.7)" or "gpu0 resident"
+  std::string name;  // "group 3 (transformer: transformer_blocks.6, transformer_blocks.7)" or "gpu0 resident"
   Placement placement = Placement::Resident;
-  int device = 0;               // the GPU that holds it (resident) or receives it (cpu, disk)
+  int device = 0;  // the GPU that holds it (resident) or receives it (cpu, disk)
   std::vector<ArenaTensor> tensors;
-  uint64_t bytes = 0;           // arena size: offsets aligned, end rounded up to kArenaAlign
-  uint64_t payload_bytes = 0;   // sum of tensor bytes
+  uint64_t bytes = 0;          // arena size: offsets aligned, end rounded up to kArenaAlign
+  uint64_t payload_bytes = 0;  // sum of tensor bytes
   bool streamed() const { return placement != Placement::Resident; }
 };
 
 // The parts of a linear (DequantParams pointers), as byte offsets in its arena.
-enum LinearPart : int { kPartWeight = 0, kPartScale, kPartQuantMap, kPartNestedAbsmax, kPartNestedQuantMap, kNumParts };
+enum LinearPart : int {
+  kPartWeight = 0,
+  kPartScale,
+  kPartQuantMap,
+  kPartNestedAbsmax,
+  kPartNestedQuantMap,
+  kNumParts
+};
 inline constexpr uint64_t kNoPart = UINT64_MAX;
 
 struct LinearTask {
-  uint32_t id = 0;              // position in Schedule::linears (execution order); digest index
-  uint32_t step = 0;            // index into Schedule::steps
+  uint32_t id = 0;    // position in Schedule::linears (execution order); digest index
+  uint32_t step = 0;  // index into Schedule::steps
   std::string component;
-  std::string module;           // "transformer_blocks.0.attn.to_q"
-  std::string scheme;           // "nf4", "int8", ..., or the dtype of an unquantized weight ("bf16")
-  DequantParams params;         // kind, shape and layout; pointers null (see Schedule::bind)
+  std::string module;    // "transformer_blocks.0.attn.to_q"
+  std::string scheme;    // "nf4", "int8", ..., or the dtype of an unquantized weight ("bf16")
+  DequantParams params;  // kind, shape and layout; pointers null (see Schedule::bind)
   uint64_t part_offset[kNumParts] = {kNoPart, kNoPart, kNoPart, kNoPart, kNoPart};
   uint64_t part_bytes[kNumParts] = {};
   std::vector<Component::Entry> part_entry = std::vector<Component::Entry>(kNumParts);
   uint32_t component_index = 0;
-  uint64_t weight_bytes = 0;    // bytes of the weight and all its quant state
+  uint64_t weight_bytes = 0;  // bytes of the weight and all its quant state
 
   uint64_t in() const { return params.cols; }
   uint64_t out() const { return params.rows; }
   uint64_t flops(uint64_t tokens) const { return 2 * tokens * params.rows * params.cols; }
-  bool quantized() const { return params.kind != WeightKind::Bf16 && params.kind != WeightKind::F16 && params.kind != WeightKind::F32; }
+  bool quantized() const {
+    return params.kind != WeightKind::Bf16 && params.kind != WeightKind::F16 &&
+           params.kind != WeightKind::F32;
+  }
   // Needs a bf16 scratch copy of its weight before the GEMM (every kind but bf16).
   bool needs_scratch() const { return params.kind != WeightKind::Bf16; }
 };
 
 struct ExecStep {
-  std::string name;             // "transformer: transformer_blocks.0, transformer_blocks.1"
+  std::string name;  // "transformer: transformer_blocks.0, transformer_blocks.1"
   uint32_t component = 0;
   int device = 0;
-  uint32_t arena = 0;           // index into Schedule::arenas
-  bool streamed = false;        // its arena is copied into a device slot before it runs
-  std::vector<uint32_t> linears;  // into Schedule::linears, in execution order
-  uint64_t flops_per_token = 0;   // 2 * in * out summed over its linears
-  double predicted_compute_s = 0; // the plan's prediction (at the plan's tokens)
+  uint32_t arena = 0;              // index into Schedule::arenas
+  bool streamed = false;           // its arena is copied into a device slot before it runs
+  std::vector<uint32_t> linears;   // into Schedule::linears, in execution order
+  uint64_t flops_per_token = 0;    // 2 * in * out summed over its linears
+  double predicted_compute_s = 0;  // the plan's prediction (at the plan's tokens)
 };
 
 struct Schedule {
-  std::vector<Arena> arenas;       // the plan's groups (same indices), then one resident arena per GPU
-  std::vector<ExecStep> steps;     // execution order
-  std::vector<LinearTask> linears; // execution order
-  std::vector<int> devices;        // the GPUs the plan uses, ascending
+  std::vector<Arena> arenas;        // the plan's groups (same indices), then one resident arena per GPU
+  std::vector<ExecStep> steps;      // execution order
+  std::vector<LinearTask> linears;  // execution order
+  std::vector<int> devices;         // the GPUs the plan uses, ascending
   std::map<int, uint32_t> resident_arena;  // GPU -> index into arenas
-  uint32_t n_slots = 2;            // device slots per streaming GPU (the plan's prefetch)
+  uint32_t n_slots = 2;                    // device slots per streaming GPU (the plan's prefetch)
 
   // The DequantParams of `linear` with its pointers set into a copy of its arena at `base`.
   DequantParams bind(const LinearTask& linear, const uint8_t* base) const;
@@ -102,7 +112,7 @@ struct Schedule {
   uint64_t max_out(int device) const;
   uint64_t max_scratch_elems(int device) const;
   size_t n_linears(int device) const;
-  uint64_t streamed_bytes() const;  // bytes copied host-to-device in one step (all GPUs)
+  uint64_t streamed_bytes() const;     // bytes copied host-to-device in one step (all GPUs)
   uint64_t max_staging_bytes() const;  // the largest disk arena
 };
 

@@ -20,12 +20,11 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/runner/executor.hpp"
 
@@ -34,16 +33,16 @@ namespace qtool::runner {
 struct VerifyOptions {
   std::filesystem::path checkpoint;
   std::filesystem::path plan;
-  std::filesystem::path reference;     // empty: no reference check
-  std::string backend = "auto";        // auto | cuda | cpu
-  std::optional<uint64_t> tokens;      // default: the plan's
-  uint32_t steps = 3;                  // run steps (the first is a warm-up for timing)
+  std::filesystem::path reference;  // empty: no reference check
+  std::string backend = "auto";     // auto | cuda | cpu
+  std::optional<uint64_t> tokens;   // default: the plan's
+  uint32_t steps = 3;               // run steps (the first is a warm-up for timing)
   uint64_t seed = 0;
-  bool poison = false;                 // add the "no state left behind" run
-  std::optional<double> time_tolerance;  // e.g. 0.2: fail when |measured/predicted - 1| > 0.2
-  std::filesystem::path report;        // JSON report
-  std::filesystem::path trace;         // Chrome trace-event JSON of the planned run
-  size_t threads = 0;                  // CPU backend and host work
+  bool poison = false;                        // add the "no state left behind" run
+  std::optional<double> time_tolerance;       // e.g. 0.2: fail when |measured/predicted - 1| > 0.2
+  std::filesystem::path report;               // JSON report
+  std::filesystem::path trace;                // Chrome trace-event JSON of the planned run
+  size_t threads = 0;                         // CPU backend and host work
   std::function<void(std::string_view)> log;  // human-readable lines (stderr)
 };
 
@@ -56,8 +55,8 @@ const char* check_status_name(CheckResult::Status status);
 
 struct VerifyReport {
   std::vector<CheckResult> checks;
-  nlohmann::json json;   // everything, as written by --report
-  bool passed() const;   // no check failed
+  nlohmann::json json;  // everything, as written by --report
+  bool passed() const;  // no check failed
   std::vector<std::string> failed_names() const;
 };
 
