@@ -255,6 +255,8 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
     });
     p.copy_latency_us = 1000.0 * copy_ms / kLaunches;
     stream.synchronize();
+    // The pinned buffer's page tables are the plan's pinned_page_tables item, not the context's.
+    pinned.reset();
     // Everything is loaded now: what is in use beyond the buffers above is the context's.
     const uint64_t used = used_bytes();
     uint64_t rounded = 0;
@@ -266,16 +268,19 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
                 "; allocation granularity ", format_size(p.alloc_granularity_bytes), "; launch ",
                 p.kernel_launch_us, " us; copy ", p.copy_latency_us, " us"));
   }
-  // Pinned host memory is mapped into the GPU's address space: its page tables take device memory.
-  // Logged for the reserve model (not a key of the profile).
+  // Pinned host memory is mapped into the GPU's address space: its page tables take device memory
+  // (the plan's pinned_page_tables item), per started GiB pinned.
   {
     const uint64_t before = used_bytes();
     std::vector<PinnedBuffer> pins;
-    for (int gib = 1; gib <= 3; ++gib) {
+    constexpr int kGiB = 3;
+    for (int gib = 1; gib <= kGiB; ++gib) {
       pins.emplace_back(1ull << 30);
       log(str_cat("  device memory in use after pinning ", gib, " GiB more host memory: +",
                   format_size(used_bytes() - before)));
     }
+    const uint64_t delta = used_bytes() - before;
+    p.pinned_page_table_bytes_per_gib = (delta + kGiB - 1) / kGiB;
   }
   p.description =
       "measured by qtool profile on " + today() + " on " + cuda::describe_device(dev) +
@@ -284,7 +289,8 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
       "(1536..14336 wide) at " +
       std::to_string(o.gemm_tokens) +
       " tokens; dequant on 8192 x 8192 weights; "
-      "context_bytes = (total - free) with cuBLAS and every kernel loaded, minus this run's buffers";
+      "context_bytes = (total - free) with cuBLAS and every kernel loaded, minus this run's buffers and "
+      "without pinned host memory; pinned_page_table_bytes_per_gib from pinning 3 GiB";
   return p;
 }
 
