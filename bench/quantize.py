@@ -17,7 +17,7 @@ and with the output on tmpfs (/dev/shm), in one run:
 Targets (DESIGN.md 7, the quantize issue): int8 and fp8 >= 0.4x cat, nf4 >= 0.2x cat, every scheme
 >= 10x its reference. Results are printed and, with --results, appended to bench/RESULTS.md.
 
-  quantize.py --qtool QTOOL [--preset flux --scale 0.35 --components transformer] [--threads 2]
+  quantize.py --qtool QTOOL [--preset flux --scale 0.45 --components transformer] [--threads 2]
               [--schemes int8,fp8_e4m3,nf4,nf4-dq] [--repeats 3] [--work DIR] [--results FILE]
 """
 import argparse
@@ -142,7 +142,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--qtool", required=True)
     ap.add_argument("--preset", default="flux")
-    ap.add_argument("--scale", default="0.35")
+    ap.add_argument("--scale", default="0.45")
     ap.add_argument("--components", default="transformer")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--schemes", default="int8,fp8_e4m3,nf4,nf4-dq")

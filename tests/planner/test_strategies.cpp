@@ -494,8 +494,33 @@ TEST_CASE("gpu_reserve names each item and rounds allocations") {
   CHECK(by["activation_out"] == 4096ull * 12288 * 2);
   CHECK(by["dequant_scratch"] == 3072ull * 12288 * 2);
   CHECK(by["device_slots"] == round_up(200'000'000, 2ull << 20));
+  CHECK(by.count("pinned_page_tables") == 0);  // nothing pinned
+  w.pinned_host_bytes = (3ull << 30) + 1;       // 4 GiB started: 4 x 2 MiB of page tables
+  by.clear();
+  for (const auto& r : gpu_reserve(prof, w)) by[r.name] = r.bytes;
+  CHECK(by["pinned_page_tables"] == 8ull << 20);
   w.used = false;
   CHECK(gpu_reserve(prof, w).empty());
+}
+
+TEST_CASE("streaming GPUs reserve the page tables of the pinned host memory") {
+  const PipelineInput in = blocks_model({4, 4, 4, 4, 4, 4, 4, 4, 4, 4});
+  PlanOptions o = options(Strategy::Sequential, {{0, 20 + 2048}});  // 2 MiB (in KiB units) for the tables
+  o.profile.pinned_page_table_bytes_per_gib = 2ull << 20;
+  o.offload = OffloadMode::Block;
+  o.blocks_per_group = 1;
+  o.prefetch = 2;
+  const Plan p = make_plan(in, o);
+  const auto problems = check_plan(p, in);
+  REQUIRE(problems.empty());
+  const DevicePlan* d = p.find_device(Location::on_gpu(0));
+  uint64_t tables = 0;
+  for (const ReserveItem& r : d->reserve) {
+    if (r.name == "pinned_page_tables") tables = r.bytes;
+  }
+  CHECK(tables == 2ull << 20);  // 28 KiB pinned: one GiB started
+  CHECK(gpu_weights(p, 0) == 12 * kU);
+  CHECK(d->predicted_peak == (20 + 2048) * kU);
 }
 
 TEST_CASE("cost model: copies overlap compute through the slots") {
