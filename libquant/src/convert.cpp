@@ -57,6 +57,20 @@ void release_pages(std::span<const uint8_t> bytes) {
   ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
+// After a whole tensor: its pages and those within kReleaseMargin around it, clamped to its file's
+// mapping. Page faults map neighbouring pages too (fault-around), so reading one chunk maps a
+// little of the previous one, which may already have been released.
+constexpr uint64_t kReleaseMargin = uint64_t{1} << 20;
+void release_tensor_pages(const Component& component, const Component::Entry& e) {
+  const auto bytes = component.data(e);
+  const SafetensorsFile& file = component.shard_of(e);
+  const uint8_t* base = bytes.data() - file.file_offset(component.info(e));
+  const uint8_t* begin = bytes.data() - std::min<uint64_t>(kReleaseMargin, static_cast<uint64_t>(bytes.data() - base));
+  const uint8_t* end = bytes.data() + bytes.size();
+  end += std::min<uint64_t>(kReleaseMargin, static_cast<uint64_t>(base + file.file_size() - end));
+  release_pages(std::span<const uint8_t>(begin, static_cast<size_t>(end - begin)));
+}
+
 // Asks the kernel to start reading a range we will need soon (cold page cache).
 void prefetch_pages(std::span<const uint8_t> bytes) {
   if (bytes.empty()) return;
@@ -697,14 +711,19 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       tr.bytes_in = t.nbytes();
       if (!quantize[i]) {
         const std::string* name = &t.name;
-        for_pieces(data.size(), kCopyChunk, [&](uint64_t begin, uint64_t end) {
-          writes.submit(copies, [&sink, &advance, name, data, begin, end] {
+        std::vector<std::pair<uint64_t, uint64_t>> pieces;
+        for_pieces(data.size(), kCopyChunk, [&](uint64_t begin, uint64_t end) { pieces.emplace_back(begin, end); });
+        // The last piece to finish releases the tensor's pages and its neighbourhood.
+        auto left = std::make_shared<std::atomic<size_t>>(pieces.size());
+        for (const auto& [begin, end] : pieces) {
+          writes.submit(copies, [&sink, &advance, &component, e, name, data, begin = begin, end = end, left] {
             const auto piece = data.subspan(begin, end - begin);
             sink.write(*name, piece, begin);
             release_pages(piece);
+            if (left->fetch_sub(1) == 1) release_tensor_pages(component, e);
             advance(piece.size(), *name);
           });
-        });
+        }
         tr.bytes_out = t.nbytes();
         ++cr.n_copied;
       } else {
@@ -729,7 +748,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         std::vector<std::span<const uint8_t>> parts(outs.begin(), outs.end());
         const TensorBytes tb = tensor_bytes(linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
         error_stats(linear, tb, t.dtype, data, pool, tr);
-        release_pages(data);
+        release_tensor_pages(component, e);
         for (const auto& o : outs) tr.bytes_out += o.size();
         for (size_t k = 0; k < group.size(); ++k) {
           for_pieces(outs[k].size(), kWritePiece, [&](uint64_t begin, uint64_t end) {
@@ -909,6 +928,7 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
         tr.shape = t.shape;
         tr.bytes_in = tr.bytes_out = t.nbytes();
         copy_tensor(sink, t.name, component.data(e), [&](uint64_t n) { advance(n, t.name); });
+        release_tensor_pages(component, e);
         ++cr.n_copied;
         cr.bytes_in += tr.bytes_in;
         cr.bytes_out += tr.bytes_out;
@@ -945,7 +965,7 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
         const auto pe = component.find(tn);
         QTOOL_ASSERT(pe.has_value());
         tr.bytes_in += component.info(*pe).nbytes();
-        release_pages(component.data(*pe));
+        release_tensor_pages(component, *pe);
       }
       tr.bytes_out = static_cast<uint64_t>(rows) * cols * osize;
       ++cr.n_quantized;

@@ -204,8 +204,13 @@ ModuleTree ModuleTree::build(std::vector<TensorDesc> tensors, const std::vector<
     bool all_int = !node.children.empty() && node.tensors.empty();
     for (int32_t c : node.children) all_int = all_int && t.nodes_[static_cast<size_t>(c)].index >= 0;
     node.is_block_list = all_int;
+    // natural_less on single path elements: numbers by value, before names.
     std::sort(node.children.begin(), node.children.end(), [&](int32_t a, int32_t b) {
-      return natural_less(t.nodes_[static_cast<size_t>(a)].name, t.nodes_[static_cast<size_t>(b)].name);
+      const ModuleNode& na = t.nodes_[static_cast<size_t>(a)];
+      const ModuleNode& nb = t.nodes_[static_cast<size_t>(b)];
+      if (na.index >= 0 && nb.index >= 0) return na.index != nb.index ? na.index < nb.index : na.name < nb.name;
+      if (na.index >= 0 || nb.index >= 0) return na.index >= 0;
+      return na.name < nb.name;
     });
   }
   for (size_t k = t.nodes_.size(); k-- > 0;) {

@@ -239,6 +239,8 @@ struct Leaf {
   std::vector<uint32_t> tensors;  // component tensor indices, tied copies excluded
   uint64_t bytes = 0;
   uint64_t arena = 0;
+  double compute_s = 0;   // its linear, if it runs one
+  uint64_t first_in = 0;  // that linear's input features (0: none)
 };
 
 struct UnitInfo {
@@ -416,7 +418,12 @@ void Planner::unit_work(UnitInfo& u, const CompData& cd,
     }
     if (op.out <= 0 || op.in <= 0) continue;
     u.flops += 2ull * opt_.tokens * static_cast<uint64_t>(op.out) * static_cast<uint64_t>(op.in);
-    u.compute_s += linear_seconds(op, opt_.tokens, opt_.profile);
+    const double secs = linear_seconds(op, opt_.tokens, opt_.profile);
+    u.compute_s += secs;
+    if (!u.leaves.empty() && u.leaves.back().prefix == node.prefix) {
+      u.leaves.back().compute_s += secs;
+      if (!u.leaves.back().first_in) u.leaves.back().first_in = static_cast<uint64_t>(op.in);
+    }
     u.max_in = std::max<uint64_t>(u.max_in, static_cast<uint64_t>(op.in));
     u.max_out = std::max<uint64_t>(u.max_out, static_cast<uint64_t>(op.out));
     if (op.kind != "bf16") u.max_dq = std::max<uint64_t>(u.max_dq, static_cast<uint64_t>(op.out * op.in));
@@ -449,7 +456,9 @@ void Planner::build_units() {
     std::vector<TensorDesc> tensors = input.tensors;
     // A tied alias the checkpoint dropped still gets a place (0 bytes) so the device map covers it.
     std::unordered_map<std::string_view, size_t> by_name;
-    for (size_t i = 0; i < tensors.size(); ++i) by_name.emplace(tensors[i].name, i);
+    if (!ties.empty()) {
+      for (size_t i = 0; i < tensors.size(); ++i) by_name.emplace(tensors[i].name, i);
+    }
     std::vector<TensorDesc> extra;
     for (const TiedPair& t : ties) {
       auto p = by_name.find(t.primary);
@@ -590,7 +599,7 @@ uint64_t Planner::page_tables_bound() const {
   }
   uint32_t max_k = 8;
   if (opt_.prefetch) max_k = *opt_.prefetch;
-  uint32_t max_n = 8;
+  uint32_t max_n = 4;  // the largest blocks-per-group candidate
   if (opt_.blocks_per_group) max_n = *opt_.blocks_per_group;
   pinned = std::min(pinned + static_cast<uint64_t>(max_k) * max_n * largest, host_budget_);
   GpuWork w;
@@ -772,13 +781,9 @@ void Planner::simulate(Outcome& o) const {
     for (uint32_t id : s.units) {
       const UnitInfo& u = units_[id];
       if (s.leaf >= 0) {
-        const std::string& pre = u.leaves[static_cast<size_t>(s.leaf)].prefix;
-        for (const LinearOp& l : u.linears) {
-          if (l.module == pre) {
-            compute += linear_seconds(l, opt_.tokens, p);
-            if (!first_in) first_in = static_cast<uint64_t>(l.in);
-          }
-        }
+        const Leaf& l = u.leaves[static_cast<size_t>(s.leaf)];
+        compute += l.compute_s;
+        if (!first_in) first_in = l.first_in;
       } else {
         compute += u.compute_s;
         if (!first_in && !u.linears.empty()) first_in = static_cast<uint64_t>(u.linears.front().in);
@@ -820,8 +825,7 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
   if (m) {
     if (c.mode == OffloadMode::Leaf) {
       for (uint32_t id = 0; id < units_.size(); ++id) {
-        if (!off[id]) continue;
-        for (const Leaf& l : units_[id].leaves) slot = std::max(slot, l.arena);
+        if (off[id]) slot = std::max(slot, leaf_max_[id]);
       }
     } else {
       uint64_t run_arena = 0;
@@ -1056,7 +1060,7 @@ Planner::SearchResult Planner::search() const {
   const bool block = opt_.offload != OffloadMode::Leaf;
   const bool leaf = opt_.offload != OffloadMode::Block;
   const std::vector<uint32_t> ns = opt_.blocks_per_group ? std::vector<uint32_t>{*opt_.blocks_per_group}
-                                                         : std::vector<uint32_t>{1, 2, 3, 4, 6, 8};
+                                                         : std::vector<uint32_t>{1, 2, 4};
   const std::vector<uint32_t> ks_block =
       opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 3, 4};
   const std::vector<uint32_t> ks_leaf = opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 4, 8};

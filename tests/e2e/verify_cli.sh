@@ -14,7 +14,8 @@ trap 'rm -rf "$WORK"' EXIT
 # A profile with small fixed costs so that MiB budgets force streaming on tiny models.
 cat > "$WORK/small.json" <<'JSON'
 {"format": "qtool-device-profile", "version": 1, "name": "small-test",
- "context_bytes": 1048576, "cublas_workspace_bytes": 1048576, "alloc_granularity_bytes": 4096}
+ "context_bytes": 1048576, "cublas_workspace_bytes": 1048576, "alloc_granularity_bytes": 4096,
+ "pinned_page_table_bytes_per_gib": 4096}
 JSON
 
 "$QTOOL" synth --preset tiny -o "$WORK/tiny" -q

@@ -537,3 +537,69 @@ TEST_CASE("quantize: the JSON report") {
   CHECK(contains(text, "int8"));
   CHECK(contains(text, "model.layers.0.mlp.up_proj.weight"));
 }
+
+TEST_CASE("quantize: the written tensors are the whole-weight quantization, byte for byte") {
+  // What quantize_checkpoint writes (rows split across threads, parts written from reused
+  // buffers by the write threads) equals quantize_weight on the whole tensor, for shapes that cross
+  // the kernels' block and thread-split boundaries in every way.
+  const uint64_t seed = test::printed_seed("quantize whole");
+  std::mt19937_64 rng(seed);
+  test::ScratchDir dir;
+  const std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
+      {"a.weight", {1, 1}},     {"b.weight", {3, 5}},       {"c.weight", {7, 33}},   {"d.weight", {130, 7}},
+      {"e.weight", {200, 1000}}, {"f.weight", {1, 70000}},  {"g.weight", {300, 256}}, {"h.weight", {129, 1023}}};
+  for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
+    CAPTURE(dtype_name(dtype));
+    const fs::path model = dir / ("m-" + std::string(dtype_name(dtype)));
+    fs::create_directories(model);
+    write_json_file(model / "config.json", json{{"model_type", "llama"}});
+    std::vector<std::vector<TensorDecl>> groups;
+    for (const auto& [name, shape] : shapes) groups.push_back({TensorDecl{name, dtype, shape}});
+    std::map<std::string, std::vector<uint8_t>> values;
+    {
+      ComponentWriter w(model, "model", groups, 0);
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      for (const auto& [name, shape] : shapes) {
+        std::vector<float> f(static_cast<size_t>(shape[0] * shape[1]));
+        for (size_t i = 0; i < f.size(); ++i) f[i] = (i % 97 == 3 ? 0.0f : 0.02f * nd(rng)) * (i % 501 == 7 ? 40.0f : 1.0f);
+        std::vector<uint8_t> bytes(f.size() * dtype_size(dtype));
+        convert_from_f32(dtype, f.data(), bytes.data(), f.size());
+        w.write(name, bytes);
+        values[name] = bytes;
+      }
+      w.commit();
+    }
+    ThreadPool pool(2);
+    for (const SchemeOptions& so : all_schemes()) {
+      const std::string tag = options_to_json(so).dump();
+      CAPTURE(tag);
+      const fs::path out = dir / "q";
+      const ConvertReport r = quantize_checkpoint(model, config_for_scheme(so), out, quiet_options());
+      const Checkpoint q = Checkpoint::open(out);
+      const Component& qc = q.components()[0];
+      for (const auto& [name, shape] : shapes) {
+        CAPTURE(name);
+        const std::string module = name.substr(0, name.size() - 7);
+        const auto whole = quantize_weight(module, name, dtype, shape, values[name], so, pool);
+        for (const auto& t : whole) {
+          const auto e = qc.find(t.decl.name);
+          REQUIRE(e.has_value());
+          const auto got = qc.data(*e);
+          CHECK_MESSAGE(std::equal(got.begin(), got.end(), t.bytes.begin(), t.bytes.end()), t.decl.name);
+        }
+      }
+      // The error of every tensor equals the one measured from the whole weight.
+      for (const auto& tr : r.tensors) {
+        CAPTURE(tr.name);
+        const auto linears = find_quantized_linears(qc);
+        const auto l = std::find_if(linears.begin(), linears.end(),
+                                    [&](const QuantizedLinear& x) { return x.module + ".weight" == tr.name; });
+        REQUIRE(l != linears.end());
+        std::vector<float> ref(l->numel());
+        convert_to_f32(dtype, values[tr.name].data(), ref.data(), ref.size());
+        CHECK(tr.rel_rms() == doctest::Approx(independent_rel_rms(*l, qc, ref, pool)).epsilon(1e-4));
+      }
+      fs::remove_all(out);
+    }
+  }
+}

@@ -505,8 +505,8 @@ TEST_CASE("gpu_reserve names each item and rounds allocations") {
 
 TEST_CASE("streaming GPUs reserve the page tables of the pinned host memory") {
   const PipelineInput in = blocks_model({4, 4, 4, 4, 4, 4, 4, 4, 4, 4});
-  PlanOptions o = options(Strategy::Sequential, {{0, 20 + 2048}});  // 2 MiB (in KiB units) for the tables
-  o.profile.pinned_page_table_bytes_per_gib = 2ull << 20;
+  PlanOptions o = options(Strategy::Sequential, {{0, 22}});  // 2 KiB for the tables
+  o.profile.pinned_page_table_bytes_per_gib = 2 * kU;
   o.offload = OffloadMode::Block;
   o.blocks_per_group = 1;
   o.prefetch = 2;
@@ -518,9 +518,14 @@ TEST_CASE("streaming GPUs reserve the page tables of the pinned host memory") {
   for (const ReserveItem& r : d->reserve) {
     if (r.name == "pinned_page_tables") tables = r.bytes;
   }
-  CHECK(tables == 2ull << 20);  // 28 KiB pinned: one GiB started
+  CHECK(tables == 2 * kU);  // 28 KiB pinned: one GiB started
   CHECK(gpu_weights(p, 0) == 12 * kU);
-  CHECK(d->predicted_peak == (20 + 2048) * kU);
+  CHECK(d->predicted_peak == 22 * kU);
+  // Without the room for the tables, one more block is streamed.
+  o.budget.gpus[0] = 21 * kU;
+  const Plan q = make_plan(in, o);
+  REQUIRE(check_plan(q, in).empty());
+  CHECK(gpu_weights(q, 0) == 8 * kU);
 }
 
 TEST_CASE("cost model: copies overlap compute through the slots") {

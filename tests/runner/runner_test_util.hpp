@@ -98,6 +98,7 @@ inline planner::DeviceProfile small_profile() {
   p.context_bytes = 1 << 20;
   p.cublas_workspace_bytes = 1 << 20;
   p.alloc_granularity_bytes = 4096;
+  p.pinned_page_table_bytes_per_gib = 4096;
   return p;
 }
 
