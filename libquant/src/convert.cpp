@@ -8,17 +8,17 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
+#include <cstdio>
 #include <deque>
 #include <exception>
-#include <thread>
-#include <cstdio>
-#include <cmath>
 #include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <set>
+#include <thread>
 #include <unordered_map>
 
 #include "qtool/formats/checkpoint.hpp"
@@ -58,8 +58,8 @@ void release_pages(std::span<const uint8_t> bytes) {
 }
 
 // After a whole tensor: its pages and those within kReleaseMargin around it, clamped to its file's
-// mapping. Page faults map neighbouring pages too (fault-around), so reading one chunk maps a
-// little of the previous one, which may already have been released.
+// mapping. A page fault maps neighbouring pages too (fault-around), so reading one tensor maps a
+// little of the tensors beside it, which may already have been released.
 constexpr uint64_t kReleaseMargin = uint64_t{1} << 20;
 void release_tensor_pages(const Component& component, const Component::Entry& e) {
   const auto bytes = component.data(e);

@@ -8,7 +8,8 @@ namespace qtool::runner {
 bool cuda_backend_available() { return false; }
 
 std::unique_ptr<Backend> make_cuda_backend() {
-  fail(ErrorKind::Unsupported, "this qtool was built without CUDA: only the CPU backend is available (--backend cpu)");
+  fail(ErrorKind::Unsupported,
+       "this qtool was built without CUDA: only the CPU backend is available (--backend cpu)");
 }
 
 }  // namespace qtool::runner
