@@ -6,7 +6,7 @@
 // predicted peak is within its budget (check_plan), and less budget never keeps more on the GPUs.
 #include <doctest/doctest.h>
 
-#include <regex>
+#include <string>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/synth.hpp"
@@ -67,11 +67,9 @@ uint64_t smallest_budget(const PipelineInput& in, PlanOptions o) {
   try {
     (void)make_plan(in, o);
   } catch (const Error& e) {
-    std::smatch m;
     const std::string msg = e.what();
-    if (std::regex_search(msg, m, std::regex("Smallest budget that fits: --max-memory 0=([0-9]+)"))) {
-      return std::stoull(m[1].str());
-    }
+    const std::string key = "Smallest budget that fits: --max-memory 0=";
+    if (const size_t at = msg.find(key); at != std::string::npos) return std::stoull(msg.substr(at + key.size()));
     FAIL("unexpected error: " << msg);
   }
   FAIL("a 1-byte budget was accepted");
