@@ -5,29 +5,19 @@
 #include <string>
 
 #include "cli.hpp"
+#include "convert_cli.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/size.hpp"
 #include "qtool/libquant/config.hpp"
 #include "qtool/libquant/convert.hpp"
 
-#ifndef QTOOL_VERSION
-#define QTOOL_VERSION "0.0.0"
-#endif
-
 namespace qtool::cli {
 namespace {
 
-struct QuantizeOptions {
-  std::string input;
+struct QuantizeOptions : ConvertCliOptions {
   std::string config;
   std::string scheme;
-  std::string output;
-  size_t threads = 0;
-  std::string max_shard_size;
-  std::string report;
-  bool json = false;
-  bool force = false;
 };
 
 int run_quantize(const QuantizeOptions& o, const GlobalOptions& global) {
@@ -47,23 +37,12 @@ int run_quantize(const QuantizeOptions& o, const GlobalOptions& global) {
     so.scheme = *scheme;
     config = quant::config_for_scheme(so);
   }
-  quant::ConvertOptions options;
-  options.n_threads = o.threads;
-  if (!o.max_shard_size.empty()) {
-    options.max_shard_size = parse_size(o.max_shard_size, "--max-shard-size");
-    if (options.max_shard_size == 0) fail(ErrorKind::Usage, "--max-shard-size: must be more than 0 bytes");
-  }
-  options.force = o.force;
-  options.tool_version = QTOOL_VERSION;
-  options.on_warning = [](std::string_view w) { warn(w); };
+  quant::ConvertOptions options = make_convert_options(o);
   ProgressBar bar(global, "quantize");
   options.progress = bar.callback();
   const quant::ConvertReport report = quant::quantize_checkpoint(o.input, config, o.output, options);
   bar.finish();
-  if (!global.quiet) std::fputs(quant::summary_text(report, global.verbose).c_str(), stderr);
-  const nlohmann::json j = quant::report_to_json(report);
-  if (!o.report.empty()) write_json_file(o.report, j);
-  if (o.json) std::printf("%s\n", j.dump(2).c_str());
+  emit_convert_report(report, o, global);
   return 0;
 }
 
@@ -73,8 +52,7 @@ void add_quantize_command(CLI::App& app, const GlobalOptions& global, CommandFn&
       "quantize",
       "Quantize a checkpoint (int8, fp8, nf4/fp4) as a quant-mapping config says, in the layouts that "
       "bitsandbytes and compressed-tensors loaders read");
-  cmd->add_option("CKPT", o->input, "Input: a .safetensors file, a model folder or a diffusers pipeline folder")
-      ->required();
+  add_convert_options(cmd, *o, "Write the report (bytes, time, per-tensor error) as JSON to this file");
   auto* config = cmd->add_option("--config,-c", o->config,
                                  "Quant-mapping config (JSON; see sample_configs/): quant_backend, quant_kwargs, "
                                  "components_to_quantize, quant_mapping, modules_to_not_convert");
@@ -83,14 +61,6 @@ void add_quantize_command(CLI::App& app, const GlobalOptions& global, CommandFn&
                                  "options (int8, fp8_e4m3, fp8_e5m2, nf4, fp4)");
   config->excludes(scheme);
   scheme->excludes(config);
-  cmd->add_option("-o,--output", o->output, "Output file or folder (appears only when complete)")->required();
-  cmd->add_option("--threads,-j", o->threads, "Worker threads (default: every core)");
-  cmd->add_option("--max-shard-size", o->max_shard_size,
-                  "Largest output shard, e.g. 5GB or 2GiB (default: as the input: one file stays one file, "
-                  "shards stay at most the size of the largest input shard)");
-  cmd->add_option("--report", o->report, "Write the report (bytes, time, per-tensor error) as JSON to this file");
-  cmd->add_flag("--json", o->json, "Print the report as JSON on stdout");
-  cmd->add_flag("--force,-f", o->force, "Replace an existing output");
   cmd->callback([o, &global, &run] { run = [o, &global] { return run_quantize(*o, global); }; });
 }
 
