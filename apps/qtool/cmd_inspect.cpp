@@ -25,21 +25,6 @@ struct InspectOptions {
   bool json = false;
 };
 
-// "11.90B", "123.06M", "83.82K", "42".
-std::string format_count(uint64_t n) {
-  char buf[32];
-  const double v = static_cast<double>(n);
-  if (n >= 1'000'000'000)
-    std::snprintf(buf, sizeof buf, "%.2fB", v / 1e9);
-  else if (n >= 1'000'000)
-    std::snprintf(buf, sizeof buf, "%.2fM", v / 1e6);
-  else if (n >= 1'000)
-    std::snprintf(buf, sizeof buf, "%.2fK", v / 1e3);
-  else
-    std::snprintf(buf, sizeof buf, "%llu", static_cast<unsigned long long>(n));
-  return buf;
-}
-
 std::string json_text(const nlohmann::json& j) {
   return j.is_string() ? j.get<std::string>() : std::string();
 }

@@ -30,21 +30,6 @@ struct SynthCliOptions {
   std::string output;
 };
 
-// "11.90B", "123.06M", "83.82M", "4.10K".
-std::string format_count(uint64_t n) {
-  char buf[32];
-  const double v = static_cast<double>(n);
-  if (n >= 1'000'000'000)
-    std::snprintf(buf, sizeof buf, "%.3fB", v / 1e9);
-  else if (n >= 1'000'000)
-    std::snprintf(buf, sizeof buf, "%.2fM", v / 1e6);
-  else if (n >= 1'000)
-    std::snprintf(buf, sizeof buf, "%.2fK", v / 1e3);
-  else
-    std::snprintf(buf, sizeof buf, "%llu", static_cast<unsigned long long>(n));
-  return buf;
-}
-
 nlohmann::json summary_json(const SynthModel& model, const SynthResult& r, const SynthCliOptions& o) {
   nlohmann::json components = nlohmann::json::array();
   for (size_t i = 0; i < r.components.size(); ++i) {
@@ -101,17 +86,17 @@ void print_summary(const GlobalOptions& global, const SynthModel& model, const S
       char p[64];
       const double dev =
           100.0 * (static_cast<double>(c.n_params) / static_cast<double>(c.published_params) - 1.0);
-      std::snprintf(p, sizeof p, "%s (%+.2f%%)", format_count(c.published_params).c_str(), dev);
+      std::snprintf(p, sizeof p, "%s (%+.2f%%)", format_count(c.published_params, 3).c_str(), dev);
       published = p;
     }
     std::snprintf(line, sizeof line, "%-16s %-32s %12s %22s %6zu %12s",
                   c.name.empty() ? "(model)" : c.name.c_str(), c.class_name.c_str(),
-                  c.n_params ? format_count(c.n_params).c_str() : "-", published.c_str(), c.n_shards,
+                  c.n_params ? format_count(c.n_params, 3).c_str() : "-", published.c_str(), c.n_shards,
                   c.n_bytes ? format_size(c.n_bytes).c_str() : "-");
     info(global, line);
   }
   if (o.dry_run) {
-    info(global, str_cat("dry run: ", model.preset, " would have ", format_count(r.n_params), " parameters, ",
+    info(global, str_cat("dry run: ", model.preset, " would have ", format_count(r.n_params, 3), " parameters, ",
                          format_size(r.n_bytes), "; nothing written"));
     return;
   }
@@ -119,7 +104,7 @@ void print_summary(const GlobalOptions& global, const SynthModel& model, const S
   char secs[32];
   std::snprintf(secs, sizeof secs, "%.1f s", r.seconds);
   info(global,
-       str_cat("wrote ", r.output.string(), ": ", format_count(r.n_params), " parameters, ",
+       str_cat("wrote ", r.output.string(), ": ", format_count(r.n_params, 3), " parameters, ",
                format_size(r.n_bytes), " in ", secs, " (", format_size(static_cast<uint64_t>(rate)), "/s)"));
 }
 

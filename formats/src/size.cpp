@@ -64,4 +64,18 @@ std::string format_size(uint64_t bytes) {
   return buf;
 }
 
+std::string format_count(uint64_t n, int billion_digits) {
+  char buf[48];
+  const double v = static_cast<double>(n);
+  if (n >= 1'000'000'000)
+    std::snprintf(buf, sizeof buf, "%.*fB", billion_digits, v / 1e9);
+  else if (n >= 1'000'000)
+    std::snprintf(buf, sizeof buf, "%.2fM", v / 1e6);
+  else if (n >= 1'000)
+    std::snprintf(buf, sizeof buf, "%.2fK", v / 1e3);
+  else
+    std::snprintf(buf, sizeof buf, "%llu", static_cast<unsigned long long>(n));
+  return buf;
+}
+
 }  // namespace qtool

@@ -596,47 +596,65 @@ std::string summary_text(const ConvertReport& report, bool per_tensor) {
   return out;
 }
 
+// What quantize and dequantize share: the output's temporary (created first, so that a bad output
+// name fails before any work), the opened checkpoint, the threads, the report's header and the
+// progress count.
+struct ConvertProgress {
+  const ConvertOptions& options;
+  uint64_t total_bytes = 0;
+  std::atomic<uint64_t> done_bytes{0};
+  void advance(uint64_t n, std::string_view label) {
+    const uint64_t done = done_bytes.fetch_add(n) + n;
+    if (options.progress) options.progress(done, total_bytes, label);
+  }
+};
+
+struct ConvertRun {
+  std::chrono::steady_clock::time_point start;
+  OutputPath out;
+  Checkpoint checkpoint;
+  ThreadPool pool;
+  ConvertReport report;
+  ConvertProgress progress;
+
+  ConvertRun(const char* command, const fs::path& input, const fs::path& output, const ConvertOptions& options)
+      : start(std::chrono::steady_clock::now()),
+        out(output, options.force, input),
+        checkpoint(Checkpoint::open(input)),
+        pool(options.n_threads),
+        progress{options} {
+    if (checkpoint.layout() == Checkpoint::Layout::File && options.max_shard_size > 0) {
+      fail(ErrorKind::Usage, "--max-shard-size: ", input.string(),
+           " is a single .safetensors file, whose output is one file; give a model folder to shard it");
+    }
+    report.command = command;
+    report.input = input;
+    report.output = output;
+    report.tool_version = options.tool_version;
+    report.n_threads = pool.size();
+    if (checkpoint.layout() != Checkpoint::Layout::File) {
+      std::error_code ec;
+      fs::create_directories(out.tmp(), ec);
+      if (ec) fail(ErrorKind::Io, out.tmp().string(), ": cannot create folder: ", ec.message());
+    }
+    for (const auto& c : checkpoint.components()) progress.total_bytes += c.total_bytes();
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // quantize
 
 ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& config, const fs::path& output,
                                   const ConvertOptions& options) {
-  const auto start = std::chrono::steady_clock::now();
-  OutputPath out(output, options.force, input);
-  const Checkpoint checkpoint = Checkpoint::open(input);
-  if (checkpoint.layout() == Checkpoint::Layout::File && options.max_shard_size > 0) {
-    fail(ErrorKind::Usage, "--max-shard-size: ", input.string(),
-         " is a single .safetensors file, whose output is one file; give a model folder to shard it");
-  }
+  ConvertRun run("quantize", input, output, options);
+  auto& [start, out, checkpoint, pool, report, progress] = run;
   const QuantPlan plan = plan_quantization(config, checkpoint);
-
-  ConvertReport report;
-  report.command = "quantize";
-  report.input = input;
-  report.output = output;
-  report.tool_version = options.tool_version;
   report.config = config_to_json(config);
   for (const auto& w : plan.warnings) add_warning(report, options, w);
-
-  ThreadPool pool(options.n_threads);
-  report.n_threads = pool.size();
   const std::string fingerprint = checkpoint.fingerprint();
-
   const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
-  if (!is_file) {
-    std::error_code ec;
-    fs::create_directories(out.tmp(), ec);
-    if (ec) fail(ErrorKind::Io, out.tmp().string(), ": cannot create folder: ", ec.message());
-  }
-
-  uint64_t total_bytes = 0;
-  for (const auto& c : checkpoint.components()) total_bytes += c.total_bytes();
-  std::atomic<uint64_t> done_bytes{0};
-  // Called from the write thread too.
-  auto advance = [&](uint64_t n, std::string_view label) {
-    const uint64_t done = done_bytes.fetch_add(n) + n;
-    if (options.progress) options.progress(done, total_bytes, label);
-  };
+  // Called from the write threads too.
+  auto advance = [&progress](uint64_t n, std::string_view label) { progress.advance(n, label); };
 
   // Two output buffers: one being filled while the other is written.
   constexpr size_t kBuffers = 2;
@@ -805,38 +823,14 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
 
 ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& output, std::optional<DType> dtype,
                                     const ConvertOptions& options) {
-  const auto start = std::chrono::steady_clock::now();
   if (dtype && !is_quantizable_dtype(*dtype)) {
     fail(ErrorKind::Usage, "--dtype: ", dtype_name(*dtype), " is not bf16, f16 or f32");
   }
-  OutputPath out(output, options.force, input);
-  const Checkpoint checkpoint = Checkpoint::open(input);
-  if (checkpoint.layout() == Checkpoint::Layout::File && options.max_shard_size > 0) {
-    fail(ErrorKind::Usage, "--max-shard-size: ", input.string(),
-         " is a single .safetensors file, whose output is one file; give a model folder to shard it");
-  }
-  ConvertReport report;
-  report.command = "dequantize";
-  report.input = input;
-  report.output = output;
-  report.tool_version = options.tool_version;
-
-  ThreadPool pool(options.n_threads);
-  report.n_threads = pool.size();
+  ConvertRun run("dequantize", input, output, options);
+  auto& [start, out, checkpoint, pool, report, progress] = run;
   const std::string fingerprint = checkpoint.fingerprint();
   const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
-  if (!is_file) {
-    std::error_code ec;
-    fs::create_directories(out.tmp(), ec);
-    if (ec) fail(ErrorKind::Io, out.tmp().string(), ": cannot create folder: ", ec.message());
-  }
-  uint64_t total_bytes = 0;
-  for (const auto& c : checkpoint.components()) total_bytes += c.total_bytes();
-  uint64_t done_bytes = 0;
-  auto advance = [&](uint64_t n, std::string_view label) {
-    done_bytes += n;
-    if (options.progress) options.progress(done_bytes, total_bytes, label);
-  };
+  auto advance = [&progress](uint64_t n, std::string_view label) { progress.advance(n, label); };
 
   size_t n_linears_total = 0;
   std::set<fs::path> written_configs;
