@@ -1,6 +1,11 @@
 #include "qtool/runner/cuda_resources.hpp"
 
+#include <dlfcn.h>
+
 #include <cstdio>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 #include "qtool/formats/error.hpp"
 
@@ -35,7 +40,52 @@ const char* cublas_status_name(cublasStatus_t status) {
   return "CUBLAS_STATUS_UNKNOWN";
 }
 
+CublasApi load_cublas() {
+  const std::string soname = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
+  // The loader's search (LD_LIBRARY_PATH, the cache, the binary's run path), then the toolkit
+  // qtool was built with, then the usual toolkit folders.
+  std::vector<std::string> candidates = {soname};
+#ifdef QTOOL_CUDA_LIBRARY_DIR
+  candidates.push_back(std::string(QTOOL_CUDA_LIBRARY_DIR) + "/" + soname);
+#endif
+  for (const char* dir : {"/usr/local/cuda/lib64", "/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib"})
+    candidates.push_back(std::string(dir) + "/" + soname);
+  void* lib = nullptr;
+  std::string first_error;
+  for (const std::string& name : candidates) {
+    lib = ::dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib) break;
+    if (first_error.empty()) {
+      const char* e = ::dlerror();
+      first_error = e ? e : "not found";
+    }
+  }
+  if (!lib) {
+    fail(ErrorKind::Unsupported, "cannot load cuBLAS (", soname, "): ", first_error,
+         "; install the CUDA toolkit's cuBLAS or add its folder to LD_LIBRARY_PATH");
+  }
+  auto sym = [&](auto& fn, const char* name) {
+    void* p = ::dlsym(lib, name);
+    if (!p) fail(ErrorKind::Unsupported, soname, " has no symbol ", name, ": is it cuBLAS ", CUBLAS_VER_MAJOR, "?");
+    fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
+  };
+  CublasApi api{};
+  sym(api.create, "cublasCreate_v2");
+  sym(api.destroy, "cublasDestroy_v2");
+  sym(api.set_stream, "cublasSetStream_v2");
+  sym(api.get_stream, "cublasGetStream_v2");
+  sym(api.set_pointer_mode, "cublasSetPointerMode_v2");
+  sym(api.set_workspace, "cublasSetWorkspace_v2");
+  sym(api.gemm_ex, "cublasGemmEx");
+  return api;  // the library stays loaded for the process's life
+}
+
 }  // namespace
+
+const CublasApi& cublas() {
+  static const CublasApi api = load_cublas();  // a failed load is tried again on the next call
+  return api;
+}
 
 void cuda_fail(cudaError_t err, const char* expr, const char* file, int line) {
   const int device = current_device_or_minus_one();
@@ -206,8 +256,8 @@ void PinnedBuffer::reset() noexcept {
 
 CublasHandle::CublasHandle(int device) : device_(device) {
   DeviceScope scope(device);
-  QTOOL_CUBLAS_CHECK(cublasCreate(&handle_));
-  QTOOL_CUBLAS_CHECK(cublasSetPointerMode(handle_, CUBLAS_POINTER_MODE_HOST));
+  QTOOL_CUBLAS_CHECK(cublas().create(&handle_));
+  QTOOL_CUBLAS_CHECK(cublas().set_pointer_mode(handle_, CUBLAS_POINTER_MODE_HOST));
 }
 
 CublasHandle& CublasHandle::operator=(CublasHandle&& other) noexcept {
@@ -220,11 +270,11 @@ CublasHandle& CublasHandle::operator=(CublasHandle&& other) noexcept {
 }
 
 void CublasHandle::set_stream(cudaStream_t stream) const {
-  QTOOL_CUBLAS_CHECK(cublasSetStream(handle_, stream));
+  QTOOL_CUBLAS_CHECK(cublas().set_stream(handle_, stream));
 }
 
 void CublasHandle::set_workspace(void* workspace, size_t nbytes) const {
-  QTOOL_CUBLAS_CHECK(cublasSetWorkspace(handle_, workspace, nbytes));
+  QTOOL_CUBLAS_CHECK(cublas().set_workspace(handle_, workspace, nbytes));
 }
 
 void CublasHandle::reset() noexcept {
@@ -232,7 +282,7 @@ void CublasHandle::reset() noexcept {
   int prev = -1;
   (void)cudaGetDevice(&prev);
   (void)cudaSetDevice(device_);
-  const cublasStatus_t st = cublasDestroy(handle_);
+  const cublasStatus_t st = cublas().destroy(handle_);
   if (st != CUBLAS_STATUS_SUCCESS)
     std::fprintf(stderr, "qtool: warning: cublasDestroy failed: %d\n", static_cast<int>(st));
   if (prev >= 0) (void)cudaSetDevice(prev);

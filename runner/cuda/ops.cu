@@ -92,7 +92,7 @@ void gemm_bf16(const CublasHandle& handle, const uint16_t* x, uint64_t ldx, cons
   if (tokens == 0 || out == 0) return;
   if (in == 0) {  // an empty sum: cuBLAS rejects lda 0
     cudaStream_t stream = nullptr;
-    QTOOL_CUBLAS_CHECK(cublasGetStream(handle.get(), &stream));
+    QTOOL_CUBLAS_CHECK(cublas().get_stream(handle.get(), &stream));
     QTOOL_CUDA_CHECK(cudaMemsetAsync(y, 0, tokens * out * sizeof(uint16_t), stream));
     return;
   }
@@ -100,7 +100,7 @@ void gemm_bf16(const CublasHandle& handle, const uint16_t* x, uint64_t ldx, cons
   //                                       * X^T [in, tokens] (stored as col-major [ldx, tokens]).
   const float alpha = 1.0f;
   const float beta = 0.0f;
-  QTOOL_CUBLAS_CHECK(cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out),
+  QTOOL_CUBLAS_CHECK(cublas().gemm_ex(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out),
                                   static_cast<int>(tokens), static_cast<int>(in), &alpha, w, CUDA_R_16BF,
                                   static_cast<int>(in), x, CUDA_R_16BF, static_cast<int>(ldx), &beta, y,
                                   CUDA_R_16BF, static_cast<int>(out), CUBLAS_COMPUTE_32F,

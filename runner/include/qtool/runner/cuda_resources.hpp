@@ -23,6 +23,22 @@ namespace qtool::runner::cuda {
 [[noreturn]] void cuda_fail(cudaError_t err, const char* expr, const char* file, int line);
 [[noreturn]] void cublas_fail(cublasStatus_t status, const char* expr, const char* file, int line);
 
+// cuBLAS, loaded on first use with dlopen (libcublas.so.<major> of the toolkit qtool was built
+// with), so that commands which never touch a GPU do not map its half a gigabyte of libraries at
+// start-up. Throws Error(Unsupported) naming the library and dlerror() when it cannot be loaded.
+struct CublasApi {
+  decltype(&::cublasCreate_v2) create;
+  decltype(&::cublasDestroy_v2) destroy;
+  decltype(&::cublasSetStream_v2) set_stream;
+  decltype(&::cublasGetStream_v2) get_stream;
+  decltype(&::cublasSetPointerMode_v2) set_pointer_mode;
+  decltype(&::cublasSetWorkspace_v2) set_workspace;
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                            const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                            cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+};
+const CublasApi& cublas();
+
 // The number of CUDA devices; 0 when there is no driver or no device (never throws).
 int device_count();
 // "NVIDIA H100 80GB HBM3 (cc 9.0, 132 SMs, 79.6 GiB)".
