@@ -69,8 +69,9 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-std::vector<double> tail(const std::vector<double>& v) {  // drop the warm-up step
-  return v.size() > 1 ? std::vector<double>(v.begin() + 1, v.end()) : v;
+std::vector<double> tail(std::vector<double> v) {  // drop the warm-up step
+  if (v.size() > 1) v.erase(v.begin());
+  return v;
 }
 
 template <typename Fn>

@@ -88,9 +88,9 @@ cpu=$(sed -n 's/.*Smallest budget that fits: cpu=\([0-9]*\).*/\1/p' "$WORK/err")
 $CHECK "$WORK/f01" "$WORK/disk2.json"
 
 # The three --max-memory forms give the same plan; --json on stdout is the file's content.
-"$QTOOL" plan "$WORK/tf" --max-memory "0=600MiB,1=600MiB,cpu=1GiB" --tokens 64 -o "$WORK/a.json" -q
-"$QTOOL" plan "$WORK/tf" --max-memory '{"0": "600MiB", "1": 629145600, "cpu": "1GiB"}' --tokens 64 --json -q > "$WORK/b.json"
-echo '{"0": "600MiB", "1": "600MiB", "cpu": "1GiB"}' > "$WORK/budget.json"
+"$QTOOL" plan "$WORK/tf" --max-memory "0=700MiB,1=700MiB,cpu=1GiB" --tokens 64 -o "$WORK/a.json" -q
+"$QTOOL" plan "$WORK/tf" --max-memory '{"0": "700MiB", "1": 734003200, "cpu": "1GiB"}' --tokens 64 --json -q > "$WORK/b.json"
+echo '{"0": "700MiB", "1": "700MiB", "cpu": "1GiB"}' > "$WORK/budget.json"
 "$QTOOL" plan "$WORK/tf" --max-memory "$WORK/budget.json" --tokens 64 -o "$WORK/c.json" -q
 python3 - "$WORK" <<'PY'
 import json, sys

@@ -8,6 +8,7 @@
 #include <regex>
 #include <set>
 #include <string>
+#include <string_view>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/synth.hpp"
@@ -28,7 +29,7 @@ SynthModel make(const std::string& preset, double scale = 1.0, DType dt = DType:
   return qtool::make_synth_model(spec);
 }
 
-const SynthComponent& component(const SynthModel& m, const std::string& name) {
+const SynthComponent& component(const SynthModel& m, std::string_view name) {
   const SynthComponent* c = m.find(name);
   REQUIRE_MESSAGE(c != nullptr, "component '", name, "' missing from ", m.preset);
   return *c;

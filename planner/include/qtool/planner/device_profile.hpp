@@ -16,7 +16,7 @@
 //     "bf16_tflops": 650.0,                     // effective dense bf16 GEMM rate, 1e12 FLOP/s
 //     "dequant_gelems_per_s": {"int8": 600, "fp8_e4m3": 600, "fp8_e5m2": 600, "nf4": 500,
 //                              "fp4": 500, "f16": 700, "f32": 400},  // 1e9 bf16 weights out/s
-//     "context_bytes": 536870912,               // CUDA context + cuBLAS handle + module images
+//     "context_bytes": 629145600,               // CUDA context + cuBLAS handle + module images
 //     "cublas_workspace_bytes": 33554432,       // the workspace the runner sets with cublasSetWorkspace
 //     "alloc_granularity_bytes": 2097152,       // cudaMalloc rounds every buffer up to this
 //     "host_alloc_granularity_bytes": 4096,     // pinned host allocations round up to this
@@ -55,7 +55,7 @@ struct DeviceProfile {
   std::map<std::string, double> dequant_gelems_per_s = {
       {"int8", 600.0}, {"fp8_e4m3", 600.0}, {"fp8_e5m2", 600.0}, {"nf4", 500.0},
       {"fp4", 500.0},  {"f16", 700.0},      {"f32", 400.0}};
-  uint64_t context_bytes = 512ull << 20;
+  uint64_t context_bytes = 600ull << 20;
   uint64_t cublas_workspace_bytes = 32ull << 20;
   uint64_t alloc_granularity_bytes = 2ull << 20;
   uint64_t host_alloc_granularity_bytes = 4096;
