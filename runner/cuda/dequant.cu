@@ -23,13 +23,11 @@ constexpr uint64_t kChunk = 16;  // elements per thread per iteration
 // which equals kmath::f32_to_bf16_bits on every non-NaN input; NaNs take the software path (the
 // hardware returns a canonical NaN, the CPU keeps the payload).
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if (lo != lo || hi != hi)
+    return static_cast<uint32_t>(kmath::f32_to_bf16_bits(lo)) |
+           (static_cast<uint32_t>(kmath::f32_to_bf16_bits(hi)) << 16);
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  uint32_t r = *reinterpret_cast<const uint32_t*>(&v);
-  // Selects, not branches: random or corrupted codes make NaNs common, and a branch taken by
-  // any lane of a warp would slow the whole warp.
-  r = lo != lo ? (r & 0xFFFF0000u) | kmath::f32_to_bf16_bits(lo) : r;
-  r = hi != hi ? (r & 0x0000FFFFu) | (static_cast<uint32_t>(kmath::f32_to_bf16_bits(hi)) << 16) : r;
-  return r;
+  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 // Two fp8 codes (first in the low byte) to floats through the hardware's exact fp8 -> f16 -> f32
@@ -43,13 +41,12 @@ __device__ __forceinline__ float2 fp8x2_to_float2(uint32_t pair) {
   const auto is_nan = [](uint32_t b) {
     return kKind == WeightKind::Fp8E4M3 ? (b & 0x7Fu) == 0x7Fu : (b & 0x7Fu) > 0x7Cu;
   };
-  // dq's NaN for a code, without a branch: e4m3fn 0x7FC00000; e5m2 the f16 NaN's payload widened.
-  const auto nan_of = [](uint32_t b) {
-    return __uint_as_float(kKind == WeightKind::Fp8E4M3 ? 0x7FC00000u
-                                                        : ((b & 0x80u) << 24) | 0x7F800000u | ((b & 3u) << 21));
-  };
-  f.x = is_nan(b0) ? nan_of(b0) : f.x;
-  f.y = is_nan(b1) ? nan_of(b1) : f.y;
+  if (is_nan(b0))
+    f.x = kKind == WeightKind::Fp8E4M3 ? dq::e4m3_to_f32(static_cast<uint8_t>(b0))
+                                       : dq::e5m2_to_f32(static_cast<uint8_t>(b0));
+  if (is_nan(b1))
+    f.y = kKind == WeightKind::Fp8E4M3 ? dq::e4m3_to_f32(static_cast<uint8_t>(b1))
+                                       : dq::e5m2_to_f32(static_cast<uint8_t>(b1));
   return f;
 }
 

@@ -61,7 +61,9 @@ QTOOL_HD float bf16_bits_to_f32(uint16_t h) { return bits_float(static_cast<uint
 QTOOL_HD float x86_nan_result(float a, float b) {
   const uint32_t ua = float_bits(a);
   const uint32_t ub = float_bits(b);
-  return bits_float(is_nan_bits(ua) ? ua | 0x00400000u : is_nan_bits(ub) ? ub | 0x00400000u : 0xFFC00000u);
+  if (is_nan_bits(ua)) return bits_float(ua | 0x00400000u);
+  if (is_nan_bits(ub)) return bits_float(ub | 0x00400000u);
+  return bits_float(0xFFC00000u);
 }
 
 // a * b, a + b and a / b, each rounded once (never fused into an FMA), with x86 NaN results.
