@@ -34,32 +34,57 @@ QTOOL_AVX2 inline __m256 load_h8(const uint8_t* src, uint64_t c) {
     return simd::round_f16(x);
 }
 
-template <DType D>
+template <DType D, bool kRoundF16>
 QTOOL_AVX2 inline __m256i quant8(const uint8_t* src, uint64_t c, __m256 vm) {
-  const __m256 p = _mm256_mul_ps(load_h8<D>(src, c), vm);
+  const __m256 h = kRoundF16 ? load_h8<D>(src, c) : simd::load8<D>(src + c * simd::elem_size<D>());
+  const __m256 p = _mm256_mul_ps(h, vm);
   return _mm256_cvtps_epi32(_mm256_round_ps(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+template <DType D, bool kRoundF16>
+QTOOL_AVX2 void quant_row(const uint8_t* src, uint64_t cols, float m, uint8_t* q) {
+  const __m256 vm = _mm256_set1_ps(m);
+  uint64_t c = 0;
+  for (; c + 32 <= cols; c += 32) {
+    const __m256i packed =
+        simd::pack_i8_32(quant8<D, kRoundF16>(src, c, vm), quant8<D, kRoundF16>(src, c + 8, vm),
+                         quant8<D, kRoundF16>(src, c + 16, vm), quant8<D, kRoundF16>(src, c + 24, vm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c), packed);
+  }
+  for (; c < cols; ++c) {
+    const float h = f16_round(D, load_element(D, src, c));
+    q[c] = static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(h * m)));
+  }
+}
+
+// A bf16 value is exact in float16 unless |x| < 2^-17 (below float16's subnormal spacing) or it
+// overflows (rejected with the row). When SCB >= 2^-8, m <= 32513 and every |x| <= 2^-17 gives
+// |x * m| < 0.25 whether rounded to float16 or not: q = 0 either way, so the rounding is skipped.
+constexpr float kBf16NoRoundScb = 0.00390625f;
 
 template <DType D>
 QTOOL_AVX2 void int8_row_avx2(const uint8_t* src, uint64_t cols, uint8_t* q, uint8_t* scb_out) {
   using namespace simd;
-  // Pass 1: absmax of the fp16-rounded row; any Inf/NaN (in the source, or from fp16 overflow).
+  // Pass 1: absmax of the source row. Rounding to float16 is monotonic and odd, so the absmax of
+  // the rounded row is the rounded absmax; any Inf/NaN in the source, or a float16 overflow of
+  // the largest element, rejects the row.
   __m256 vmax = _mm256_setzero_ps();
   __m256 bad = _mm256_setzero_ps();
   uint64_t c = 0;
   for (; c + 8 <= cols; c += 8) {
-    const __m256 a = abs8(load_h8<D>(src, c));
+    const __m256 a = abs8(load8<D>(src + c * elem_size<D>()));
     bad = _mm256_or_ps(bad, not_finite8(a));
     vmax = _mm256_max_ps(vmax, a);
   }
-  float scb = hmax8(vmax);
+  float amax = hmax8(vmax);
   bool any_bad = _mm256_movemask_ps(bad) != 0;
   for (; c < cols; ++c) {
-    const float a = std::fabs(f16_round(D, load_element(D, src, c)));
+    const float a = std::fabs(load_element(D, src, c));
     if (!std::isfinite(a)) any_bad = true;
-    scb = std::max(scb, a);
+    amax = std::max(amax, a);
   }
-  if (any_bad) throw BadValueError(BadValue::NonFinite);
+  const float scb = f16_round(D, amax);
+  if (any_bad || !std::isfinite(scb)) throw BadValueError(BadValue::NonFinite);
   store_f32(scb_out, scb);
   if (scb == 0.0f) {
     std::memset(q, 0, cols);
@@ -67,17 +92,10 @@ QTOOL_AVX2 void int8_row_avx2(const uint8_t* src, uint64_t cols, uint8_t* q, uin
   }
   // Pass 2: q = rne(h * m).
   const float m = int8_multiplier(scb);
-  const __m256 vm = _mm256_set1_ps(m);
-  c = 0;
-  for (; c + 32 <= cols; c += 32) {
-    const __m256i packed = pack_i8_32(quant8<D>(src, c, vm), quant8<D>(src, c + 8, vm),
-                                      quant8<D>(src, c + 16, vm), quant8<D>(src, c + 24, vm));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c), packed);
-  }
-  for (; c < cols; ++c) {
-    const float h = f16_round(D, load_element(D, src, c));
-    q[c] = static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(h * m)));
-  }
+  if (D == DType::F16 || (D == DType::BF16 && scb >= kBf16NoRoundScb))
+    quant_row<D, false>(src, cols, m, q);
+  else
+    quant_row<D, true>(src, cols, m, q);
 }
 #endif
 

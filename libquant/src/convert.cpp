@@ -715,7 +715,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
                                default_max_shard_size(component, options), metadata);
 
     WriteQueue::Batch copies;  // outlives the queue, whose threads count it down
-    WriteQueue writes(pool.size(), 8);
+    WriteQueue writes(1, 8);
     for (size_t i = 0; i < entries.size(); ++i) {
       const auto& e = entries[i];
       const TensorInfo& t = component.info(e);

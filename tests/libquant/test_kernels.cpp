@@ -128,6 +128,27 @@ TEST_CASE("every finite 16-bit value: fp8 and int8 fast paths equal the referenc
   }
 }
 
+TEST_CASE("int8 bf16: every absmax from 2^-12 to 2^-6 with every value under 2^-17") {
+  // The fast path skips rounding bf16 values to float16 when SCB >= 2^-8, where values under
+  // 2^-17 (the only ones the rounding changes) quantize to 0 either way. One row per bf16 absmax
+  // in [2^-12, 2^-6), each holding every bf16 value of magnitude under 2^-17: below the
+  // threshold the rounding changes some codes, so a wrong threshold shows here.
+  ThreadPool pool(2);
+  std::vector<uint16_t> tiny;
+  for (uint32_t b = 0; b < 65536; ++b) {
+    const float v = bf16_to_f32(static_cast<uint16_t>(b));
+    if (std::fabs(v) < 0x1p-17f) tiny.push_back(static_cast<uint16_t>(b));
+  }
+  const uint16_t lo = f32_to_bf16(0x1p-12f), hi = f32_to_bf16(0x1p-6f);
+  test::TestWeight w(DType::BF16, hi - lo, static_cast<int64_t>(tiny.size()) + 1);
+  for (uint16_t top = lo; top < hi; ++top) {
+    const uint64_t row = top - lo;
+    w.set(row * w.cols, bf16_to_f32(top));
+    for (size_t i = 0; i < tiny.size(); ++i) w.set_bits(row * w.cols + i + 1, tiny[i]);
+  }
+  check_fast_equals_ref(w, {Scheme::Int8}, pool);
+}
+
 TEST_CASE("float32 inputs halfway between float16 values and at subnormal boundaries (int8)") {
   ThreadPool pool(2);
   std::mt19937_64 rng(test::scheme_test_seed("f16 ties"));
