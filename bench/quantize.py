@@ -203,7 +203,7 @@ def main():
     nbytes = sum(os.path.getsize(f) for f in files)
     biggest = largest_tensor(files)
     load_before = os.getloadavg()
-    # What the process holds before converting anything (a CUDA build maps cuBLAS at start).
+    # What the process holds before converting anything.
     p = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", args.qtool, "--version"], stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True, check=True)
     baseline_rss = int(re.search(r"maxrss_kb=(\d+)", p.stderr).group(1)) * 1024
@@ -286,8 +286,8 @@ def main():
             % (args.preset, args.scale, args.components, args.threads, args.repeats, os.path.basename(ckpt), len(files),
                nbytes / 1e9, biggest / 1e6, args.repeats, rows[0]["ref_bytes"] / 1e6, args.threads, bnb_version()),
             "",
-            "`qtool --version` alone takes %.2f s and %.0f MiB of RSS in this build (process start; a CUDA build "
-            "maps cuBLAS). \"conversion alone\" is the report's `seconds`, without that start." % (startup, baseline_rss / 2**20),
+            "`qtool --version` alone takes %.2f s and %.0f MiB of RSS in this build (process start; "
+            "a CUDA build loads cuBLAS only when it runs on a GPU). \"conversion alone\" is the report's `seconds`, without that start." % (startup, baseline_rss / 2**20),
             "",
             "| scheme | qtool GB/s (best / median / conversion alone) | cat GB/s | qtool / cat (conversion alone) | target | output write alone: GB/s, time / cat's | qtool / I/O floor (cat + write) | reference GB/s | libquant in memory, same tensors: GB/s, / reference | target | qtool end to end / reference | peak RSS (above start) | RSS / largest tensor | SQNR |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
