@@ -77,21 +77,32 @@ void quantize_block_ref(const WeightView& w, const Bnb4Table& t, uint32_t blocks
 }
 
 #if QTOOL_HAVE_X86_SIMD
-// Number of thresholds strictly below each lane: 15 independent compares summed as a tree (a
-// serial chain of 15 adds would bound the loop by its latency).
-QTOOL_AVX2 inline __m256i count8(const __m256* thr, __m256 s) {
-#define QTOOL_LT(i) _mm256_castps_si256(_mm256_cmp_ps(thr[i], s, _CMP_LT_OQ))
-  const __m256i a = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(0), QTOOL_LT(1)),
-                                     _mm256_add_epi32(QTOOL_LT(2), QTOOL_LT(3)));
-  const __m256i b = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(4), QTOOL_LT(5)),
-                                     _mm256_add_epi32(QTOOL_LT(6), QTOOL_LT(7)));
-  const __m256i c = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(8), QTOOL_LT(9)),
-                                     _mm256_add_epi32(QTOOL_LT(10), QTOOL_LT(11)));
-  const __m256i d = _mm256_add_epi32(_mm256_add_epi32(QTOOL_LT(12), QTOOL_LT(13)), QTOOL_LT(14));
-#undef QTOOL_LT
-  // Each true compare is -1.
-  return _mm256_sub_epi32(_mm256_setzero_si256(),
-                          _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
+// Number of thresholds strictly below each lane, by a four-step binary search over the 15 sorted
+// thresholds (t[k] < s holds for a prefix of k): step 1 compares with t[7], step 2 with t[3] or
+// t[11], step 3 with t[1 + 4j] and step 4 with t[2j], each picked per lane by a blend or a permute.
+struct Thresholds {
+  __m256 t7, t3, t11;
+  __m256 quarter;  // t[1], t[5], t[9], t[13] in lanes 0-3
+  __m256 even;     // t[0], t[2], ..., t[14]
+};
+
+QTOOL_AVX2 inline Thresholds make_thresholds(const float* t) {
+  return {_mm256_set1_ps(t[7]), _mm256_set1_ps(t[3]), _mm256_set1_ps(t[11]),
+          _mm256_setr_ps(t[1], t[5], t[9], t[13], t[13], t[13], t[13], t[13]),
+          _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14])};
+}
+
+QTOOL_AVX2 inline __m256i count8(const Thresholds& th, __m256 s) {
+  const __m256 m1 = _mm256_cmp_ps(th.t7, s, _CMP_LT_OQ);
+  __m256i idx = _mm256_and_si256(_mm256_castps_si256(m1), _mm256_set1_epi32(8));
+  const __m256 m2 = _mm256_cmp_ps(_mm256_blendv_ps(th.t3, th.t11, m1), s, _CMP_LT_OQ);
+  idx = _mm256_add_epi32(idx, _mm256_and_si256(_mm256_castps_si256(m2), _mm256_set1_epi32(4)));
+  const __m256 t3 = _mm256_permutevar8x32_ps(th.quarter, _mm256_srli_epi32(idx, 2));
+  const __m256 m3 = _mm256_cmp_ps(t3, s, _CMP_LT_OQ);
+  idx = _mm256_add_epi32(idx, _mm256_and_si256(_mm256_castps_si256(m3), _mm256_set1_epi32(2)));
+  const __m256 t4 = _mm256_permutevar8x32_ps(th.even, _mm256_srli_epi32(idx, 1));
+  const __m256 m4 = _mm256_cmp_ps(t4, s, _CMP_LT_OQ);
+  return _mm256_add_epi32(idx, _mm256_and_si256(_mm256_castps_si256(m4), _mm256_set1_epi32(1)));
 }
 
 template <DType D>
@@ -107,8 +118,7 @@ QTOOL_AVX2 void full_blocks_avx2(const uint8_t* data, const Bnb4Table& t, uint32
                                  uint64_t block_begin, uint64_t block_end, uint8_t* packed,
                                  uint8_t* absmax_out) {
   using namespace simd;
-  __m256 thr[15];
-  for (int i = 0; i < 15; ++i) thr[i] = _mm256_set1_ps(t.thresholds[static_cast<size_t>(i)]);
+  const Thresholds thr = make_thresholds(t.thresholds.data());
   const __m128i pattern_of = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t.pattern_of.data()));
   const __m128i nibble_weights = _mm_set1_epi16(0x0110);  // bytes (16, 1): 16 * even + odd
   for (uint64_t b = block_begin; b < block_end; ++b) {
