@@ -328,6 +328,16 @@ bool pattern_matches(std::string_view pattern, std::string_view module) {
   return false;
 }
 
+bool is_embedding_module(std::string_view module) {
+  const std::string leaf(leaf_of(module));
+  static const char* const kEmbedding[] = {"embed_tokens", "embed_*", "shared", "wte", "wpe", "*embedding*",
+                                           "relative_attention_bias"};
+  for (const char* p : kEmbedding) {
+    if (glob_match(p, leaf)) return true;
+  }
+  return false;
+}
+
 std::optional<std::string> linear_exclusion(std::string_view tensor_name, DType dtype, std::span<const int64_t> shape) {
   constexpr std::string_view kSuffix = ".weight";
   if (tensor_name.size() <= kSuffix.size() || tensor_name.substr(tensor_name.size() - kSuffix.size()) != kSuffix) {
@@ -337,12 +347,8 @@ std::optional<std::string> linear_exclusion(std::string_view tensor_name, DType 
   if (shape[0] == 0 || shape[1] == 0) return "empty";
   if (!is_quantizable_dtype(dtype)) return str_cat("dtype ", dtype_name(dtype), " (not BF16, F16 or F32)");
   const std::string module(tensor_name.substr(0, tensor_name.size() - kSuffix.size()));
+  if (is_embedding_module(module)) return "an embedding";
   const std::string leaf(leaf_of(module));
-  static const char* const kEmbedding[] = {"embed_tokens", "embed_*", "shared", "wte", "wpe", "*embedding*",
-                                           "relative_attention_bias"};
-  for (const char* p : kEmbedding) {
-    if (glob_match(p, leaf)) return "an embedding";
-  }
   if (glob_match("*norm*", leaf) || glob_match("ln_*", leaf)) return "a norm";
   if (leaf == "lm_head") return "the output head (kept in full precision as bitsandbytes loaders do)";
   return std::nullopt;

@@ -8,9 +8,7 @@
 
 #include "qtool/formats/error.hpp"
 
-#ifdef QTOOL_PLANNER_HAVE_LIBQUANT
 #include "qtool/libquant/quant.hpp"
-#endif
 
 namespace qtool::planner {
 namespace {
@@ -33,22 +31,6 @@ std::string_view next_element(std::string_view s, size_t& pos) {
 }
 
 }  // namespace
-
-std::string module_of_tensor(std::string_view tensor_name) {
-#ifdef QTOOL_PLANNER_HAVE_LIBQUANT
-  return quant::module_of_tensor(tensor_name);
-#else
-  // Quant state hangs off the weight: `<m>.weight.absmax`, `<m>.weight.quant_state.*`, ...
-  if (tensor_name.starts_with("weight.")) return std::string();
-  const size_t w = tensor_name.find(".weight.");
-  if (w != std::string_view::npos) return std::string(tensor_name.substr(0, w));
-  // Everything else (`<m>.weight`, `<m>.bias`, `<m>.SCB`, `<m>.weight_scale`, ...): drop the
-  // parameter name.
-  const size_t dot = tensor_name.rfind('.');
-  if (dot == std::string_view::npos) return std::string();
-  return std::string(tensor_name.substr(0, dot));
-#endif
-}
 
 bool natural_less(std::string_view a, std::string_view b) {
   size_t pa = 0, pb = 0;
@@ -161,7 +143,7 @@ ModuleTree ModuleTree::build(std::vector<TensorDesc> tensors, const std::vector<
   int32_t last_id = -1;
   for (size_t i = 0; i < n; ++i) {
     // A module's tensors are adjacent in name order (weight, bias, quant state): look it up once.
-    std::string module = module_of_tensor(t.tensors_[i].name);
+    std::string module = quant::module_of_tensor(t.tensors_[i].name);
     if (last_id < 0 || module != last_module) {
       last_id = node_for(module);
       last_module = std::move(module);

@@ -11,9 +11,8 @@
 #include "qtool/formats/size.hpp"
 #include "planner_internal.hpp"
 
-#ifdef QTOOL_PLANNER_HAVE_LIBQUANT
+#include "qtool/libquant/config.hpp"
 #include "qtool/libquant/quant.hpp"
-#endif
 
 namespace qtool::planner {
 
@@ -52,40 +51,15 @@ PipelineInput plan_input_of(const Checkpoint& checkpoint) {
     ci.name = c.name();
     ci.config = c.config();
     ci.tensors = tensor_descs(c);
-#ifdef QTOOL_PLANNER_HAVE_LIBQUANT
     for (const quant::QuantizedLinear& q : quant::find_quantized_linears(c)) {
       ci.quantized.push_back({q.module, q.rows(), q.cols(), std::string(quant::scheme_name(q.options.scheme))});
     }
-#endif
     in.components.push_back(std::move(ci));
   }
   return in;
 }
 
 namespace {
-
-bool glob_star(std::string_view pat, std::string_view s) {
-  if (pat.size() >= 2 && pat.front() == '*' && pat.back() == '*') {
-    return s.find(pat.substr(1, pat.size() - 2)) != std::string_view::npos;
-  }
-  if (!pat.empty() && pat.back() == '*') return s.starts_with(pat.substr(0, pat.size() - 1));
-  return s == pat;
-}
-
-// The embedding rule of libquant's linear_exclusion: these 2-D weights are looked up, not run.
-bool is_embedding_leaf(std::string_view leaf) {
-  static constexpr std::string_view kEmbedding[] = {"embed_tokens", "embed_*", "shared", "wte", "wpe",
-                                                    "*embedding*", "relative_attention_bias"};
-  for (std::string_view p : kEmbedding) {
-    if (glob_star(p, leaf)) return true;
-  }
-  return false;
-}
-
-std::string_view leaf_name(std::string_view module) {
-  const size_t dot = module.rfind('.');
-  return dot == std::string_view::npos ? module : module.substr(dot + 1);
-}
 
 std::string dtype_kind(DType dt) {
   switch (dt) {
@@ -409,7 +383,7 @@ void Planner::unit_work(UnitInfo& u, const CompData& cd,
       const int64_t tied = tree.tied_to()[static_cast<size_t>(w)];
       const TensorDesc& wd = tree.tensors()[static_cast<size_t>(tied >= 0 ? tied : w)];
       if (wd.shape.size() != 2 || wd.shape[0] <= 0 || wd.shape[1] <= 0) continue;
-      if (is_embedding_leaf(leaf_name(node.prefix))) continue;
+      if (quant::is_embedding_module(node.prefix)) continue;
       op.kind = dtype_kind(wd.dtype);
       if (op.kind.empty()) continue;
       op.weight = wd.name;

@@ -1,10 +1,12 @@
 #include <doctest/doctest.h>
 
 #include "qtool/formats/error.hpp"
+#include "qtool/libquant/quant.hpp"
 #include "qtool/planner/module_tree.hpp"
 
 using namespace qtool;
 using namespace qtool::planner;
+using qtool::quant::module_of_tensor;  // the tree groups tensors by it
 
 namespace {
 

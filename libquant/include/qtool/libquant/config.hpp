@@ -90,6 +90,9 @@ bool pattern_matches(std::string_view pattern, std::string_view module);
 // (`x_embedder`, `timestep_embedder.linear_1`) are quantized.
 std::optional<std::string> linear_exclusion(std::string_view tensor_name, DType dtype,
                                             std::span<const int64_t> shape);
+// Whether a module is an embedding by its own name (its last dotted part), as linear_exclusion
+// says: a lookup table, not a layer that runs a matrix product.
+bool is_embedding_module(std::string_view module);
 
 // The resolved plan for one component.
 struct ComponentPlan {

@@ -108,10 +108,6 @@ class ModuleTree {
   std::vector<std::pair<std::string, uint32_t>> absent_aliases_;
 };
 
-// The module a tensor belongs to (qtool::quant::module_of_tensor's rule): "" for a name without
-// a dot.
-std::string module_of_tensor(std::string_view tensor_name);
-
 // Natural order of dotted names: numeric path elements compare as numbers ("2" < "10").
 bool natural_less(std::string_view a, std::string_view b);
 
