@@ -180,16 +180,7 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
         tables_mem(dev, cuda::kDeviceTablesBytes);
     const cuda::DeviceTables tables = cuda::upload_tables(tables_mem.data(), stream.get());
     {
-      std::vector<uint8_t> host(numel * 4);
-      std::mt19937_64 rng(3);
-      for (size_t i = 0; i < host.size(); i += 8) {
-        const uint64_t v = rng();
-        std::memcpy(host.data() + i, &v, 8);
-      }
-      // Codes a quantizer writes: no fp8 NaN or Inf (exponent bits all set), which real weights never
-      // give and which would send the kernels to their (bit-exact, slower) NaN path.
-      for (auto& b : host) b = (b & 0x7Cu) == 0x7Cu ? static_cast<uint8_t>(b & ~0x04u) : b;
-      for (uint64_t i = 0; i < numel; ++i) host[2 * i + 1] &= 0x3f;  // f16: finite values
+      const std::vector<uint8_t> host = random_finite_codes(numel * 4, 3);
       QTOOL_CUDA_CHECK(cudaMemcpy(q.data(), host.data(), host.size(), cudaMemcpyHostToDevice));
       std::vector<float> s(numel / 64 + rows, 0.01f);
       QTOOL_CUDA_CHECK(cudaMemcpy(scales.data(), s.data(), s.size() * 4, cudaMemcpyHostToDevice));

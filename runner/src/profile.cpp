@@ -65,11 +65,9 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
     cpu::gemm_bf16(x.data(), k, w.data(), y.data(), t, k, m, pool);
   });
   p.bf16_tflops = 2.0 * static_cast<double>(t * k * m) / gemm_s / 1e12;
-  // Dequant per scheme on a 1024 x 4096 weight of random codes.
+  // Dequant per scheme on a 1024 x 4096 weight of random (finite) codes.
   const uint64_t rows = 1024, cols = 4096, numel = rows * cols;
-  std::mt19937_64 rng(1);
-  std::vector<uint8_t> q(numel * 4);
-  for (auto& v : q) v = static_cast<uint8_t>(rng());
+  const std::vector<uint8_t> q = random_finite_codes(numel * 4, 1);
   std::vector<float> scales(numel / 64 + rows, 0.01f);
   std::vector<uint16_t> out(numel);
   const std::pair<const char*, WeightKind> kinds[] = {
@@ -83,8 +81,6 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
     dp.cols = cols;
     dp.weight = q.data();
     dp.scale = reinterpret_cast<const uint8_t*>(scales.data());
-    if (kind == WeightKind::F16)  // finite halves only
-      for (uint64_t i = 0; i < numel; ++i) q[2 * i + 1] &= 0x3f;
     const double s = median_seconds(std::max<uint32_t>(1, o.repeats / 2), [&] {
       pool.parallel_for(numel, 1 << 16,
                         [&](size_t b0, size_t e0) { dequantize_to_bf16_cpu(dp, out.data() + b0, b0, e0); });
@@ -107,6 +103,17 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
 }
 
 }  // namespace
+
+std::vector<uint8_t> random_finite_codes(size_t bytes, uint64_t seed) {
+  std::vector<uint8_t> v(bytes);
+  std::mt19937_64 rng(seed);
+  for (size_t i = 0; i < bytes; ++i) {
+    uint8_t b = static_cast<uint8_t>(rng());
+    if (i & 1) b &= 0x3F;
+    v[i] = (b & 0x7Cu) == 0x7Cu ? static_cast<uint8_t>(b & ~0x04u) : b;
+  }
+  return v;
+}
 
 double measure_disk_read_gbps(const std::filesystem::path& dir_in, uint64_t bytes, uint8_t* dst) {
   const std::filesystem::path dir = dir_in.empty() ? std::filesystem::temp_directory_path() : dir_in;

@@ -15,6 +15,7 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "qtool/planner/device_profile.hpp"
 
@@ -40,5 +41,11 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& options);
 // Shared by both: the read rate of a file written to `dir` and dropped from the page cache
 // (posix_fadvise DONTNEED after fsync), into `dst` (at least `bytes` long), in GB/s.
 double measure_disk_read_gbps(const std::filesystem::path& dir, uint64_t bytes, uint8_t* dst);
+
+// `bytes` random weight bytes for timing the dequant kernels, which every kind reads as finite
+// values, as a quantizer writes them: no fp8 NaN or Inf codes (exponent bits all set; real
+// weights never have them, and they would send the kernels to their bit-exact, slower NaN path),
+// and every odd byte below 0x40, so that f16 and f32 views are finite too.
+std::vector<uint8_t> random_finite_codes(size_t bytes, uint64_t seed);
 
 }  // namespace qtool::runner
