@@ -20,6 +20,8 @@
 #include "qtool/libquant/convert.hpp"
 #include "qtool/libquant/quant.hpp"
 #include "qtool/planner/planner.hpp"
+#include "qtool/runner/executor.hpp"
+#include "qtool/runner/schedule.hpp"
 
 namespace qtool::test {
 
@@ -150,6 +152,21 @@ inline std::vector<uint8_t> random_weight(uint64_t rows, uint64_t cols, DType dt
   std::vector<uint8_t> bytes(rows * cols * dtype_size(dtype));
   convert_from_f32(dtype, f.data(), bytes.data(), f.size());
   return bytes;
+}
+
+// A run as the plan says, then an all-resident run of the same schedule with the same options
+// (no trace): the reference that streamed outputs must equal bit for bit.
+struct PlannedAndResident {
+  runner::RunResult planned, resident;
+};
+inline PlannedAndResident run_planned_and_resident(runner::Backend& backend, const Checkpoint& ckpt,
+                                                   const runner::Schedule& s, runner::RunOptions o) {
+  o.mode = runner::Mode::Planned;
+  PlannedAndResident r{backend.run(ckpt, s, o), {}};
+  o.mode = runner::Mode::AllResident;
+  o.trace = false;
+  r.resident = backend.run(ckpt, s, o);
+  return r;
 }
 
 }  // namespace qtool::test

@@ -230,10 +230,7 @@ TEST_CASE("CUDA backend: streamed == all-resident for every scheme, disk groups,
     o.seed = 3;
     o.trace = true;
     o.sizing.staging_buffers = s.n_slots;
-    const RunResult planned = backend->run(ckpt, s, o);
-    o.mode = Mode::AllResident;
-    o.trace = false;
-    const RunResult resident = backend->run(ckpt, s, o);
+    const auto [planned, resident] = test::run_planned_and_resident(*backend, ckpt, s, o);
     CHECK(planned.digests == resident.digests);
     for (const auto& st : planned.digests)
       for (const LayerDigest& d : st) CHECK(d.nonfinite == 0);
@@ -276,9 +273,7 @@ TEST_CASE("CUDA backend on two GPUs: each step on its GPU, activations cross by 
   RunOptions o;
   o.tokens = 16;
   o.steps = 2;
-  const RunResult planned = backend->run(ckpt, s, o);
-  o.mode = Mode::AllResident;
-  const RunResult resident = backend->run(ckpt, s, o);
+  const auto [planned, resident] = test::run_planned_and_resident(*backend, ckpt, s, o);
   CHECK(planned.digests == resident.digests);
   CHECK(planned.peer_bytes_per_step > 0);
 }

@@ -60,9 +60,7 @@ TEST_CASE("streamed CPU runs equal all-resident runs for every scheme, with grou
     o.steps = 2;
     o.seed = 42;
     o.trace = true;
-    const RunResult planned = backend->run(ckpt, s, o);
-    o.mode = Mode::AllResident;
-    const RunResult resident = backend->run(ckpt, s, o);
+    const auto [planned, resident] = test::run_planned_and_resident(*backend, ckpt, s, o);
     REQUIRE(planned.digests.size() == 2);
     CHECK(planned.digests == resident.digests);
     for (const auto& step : planned.digests)
@@ -239,9 +237,7 @@ TEST_CASE(
   RunOptions o;
   o.tokens = 8;
   o.steps = 2;
-  const RunResult planned = backend->run(ckpt, s, o);
-  o.mode = Mode::AllResident;
-  const RunResult resident = backend->run(ckpt, s, o);
+  const auto [planned, resident] = test::run_planned_and_resident(*backend, ckpt, s, o);
   CHECK(planned.digests == resident.digests);
   CHECK(planned.peer_bytes_per_step > 0);
   CHECK(planned.memory.size() == 2);
