@@ -65,16 +65,19 @@ std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork
       str_cat("bf16 [tokens ", w.tokens, ", out ", w.max_out, "]"));
   add("dequant_scratch", w.max_dequant_numel * 2,
       str_cat("bf16 weight of the largest non-bf16 linear (", w.max_dequant_numel, " elements)"));
-  if (w.pinned_host_bytes > 0 && profile.pinned_page_table_bytes_per_gib > 0) {
-    const uint64_t gib = (w.pinned_host_bytes + (1ull << 30) - 1) >> 30;
-    add("pinned_page_tables", gib * profile.pinned_page_table_bytes_per_gib,
-        str_cat("mapping of ", w.pinned_host_bytes, " bytes of pinned host memory (", gib, " GiB started)"), false);
-  }
+  add("pinned_page_tables", pinned_page_table_bytes(profile, w.pinned_host_bytes),
+      str_cat("mapping of ", w.pinned_host_bytes, " bytes of pinned host memory (",
+              (w.pinned_host_bytes + (1ull << 30) - 1) >> 30, " GiB started)"),
+      false);
   if (w.n_slots > 0) {
     add("device_slots", static_cast<uint64_t>(w.n_slots) * w.slot_bytes,
         str_cat(w.n_slots, " slots x ", w.slot_bytes, " bytes (largest group arena)"));
   }
   return out;
+}
+
+uint64_t pinned_page_table_bytes(const DeviceProfile& profile, uint64_t pinned_host_bytes) {
+  return ((pinned_host_bytes + (1ull << 30) - 1) >> 30) * profile.pinned_page_table_bytes_per_gib;
 }
 
 ArenaLayout layout_arena(std::span<const uint64_t> sizes) {

@@ -575,15 +575,8 @@ uint64_t Planner::page_tables_bound() const {
   if (opt_.prefetch) max_k = *opt_.prefetch;
   uint32_t max_n = 4;  // the largest blocks-per-group candidate
   if (opt_.blocks_per_group) max_n = *opt_.blocks_per_group;
-  pinned = std::min(pinned + static_cast<uint64_t>(max_k) * max_n * largest, host_budget_);
-  GpuWork w;
-  w.pinned_host_bytes = pinned;
-  w.used = true;
-  uint64_t b = 0;
-  for (const ReserveItem& r : gpu_reserve(opt_.profile, w)) {
-    if (r.name == "pinned_page_tables") b = r.bytes;
-  }
-  return b;
+  return pinned_page_table_bytes(opt_.profile,
+                                 std::min(pinned + static_cast<uint64_t>(max_k) * max_n * largest, host_budget_));
 }
 
 GpuWork Planner::base_work() const {

@@ -89,6 +89,8 @@ struct GpuWork {
 //                        (not an allocation: the GPU's mapping of the pinned host memory)
 // An unused GPU reserves nothing; items of 0 bytes are left out.
 std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork& work);
+// The pinned_page_tables item for `pinned_host_bytes` of pinned host memory (0 for none).
+uint64_t pinned_page_table_bytes(const DeviceProfile& profile, uint64_t pinned_host_bytes);
 uint64_t round_up(uint64_t bytes, uint64_t granularity);
 uint64_t sum_bytes(std::span<const ReserveItem> items);
 
