@@ -1,0 +1,92 @@
+// The real forward pass of one component, written once per architecture over the op vocabulary
+// (ops.hpp), as MODELS.md specifies it: LlamaForCausalLM (transformers) and
+// FluxTransformer2DModel (diffusers) first; the T5 and CLIP encoders later. One file per
+// architecture under runner/src/models/.
+//
+// How the schedule driver runs it: the forward's units are the component's top-level modules and
+// blocks in execution order ("x_embedder", "time_text_embed", "context_embedder",
+// "transformer_blocks.0", ..., "norm_out", "proj_out"; "model.embed_tokens", "model.layers.0", ...,
+// "model.norm", "lm_head") — the units the planner places and groups. The driver calls begin(),
+// then run_unit() for each unit in order, then output(). A unit asks its WeightSource for every
+// tensor it reads, in the order the plan lists them; the driver's WeightSource answers with the
+// tensor bound where it lives at that moment (the resident arena, or the device slot its group was
+// streamed into, waiting for the copy), so the forward never knows where a weight lives.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qtool/formats/checkpoint.hpp"
+#include "qtool/runner/ops.hpp"
+
+namespace qtool::runner {
+
+// Resolves a component's tensors (full names, "model.layers.3.self_attn.q_proj.weight") to bound
+// weights. For a quantized linear's "<module>.weight" the result carries its whole quant state.
+// A tied alias ("lm_head.weight" of a tied Llama) resolves to its primary's bytes.
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  virtual DequantParams get(std::string_view tensor) = 0;
+  // Whether the component has the tensor (optional biases, tied heads).
+  virtual bool has(std::string_view tensor) const = 0;
+};
+
+// A tensor in host memory: forward inputs and outputs (safetensors dtypes and shapes).
+struct HostTensor {
+  std::string name;  // the framework's argument name: "input_ids", "hidden_states", "logits"
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;  // row-major, numel * dtype_size
+};
+
+// One input of the forward: its name, the dtypes accepted, its shape for (batch, tokens).
+struct InputSpec {
+  std::string name;
+  std::vector<DType> dtypes;   // accepted (F32 is accepted for every float input as well)
+  std::vector<int64_t> shape;  // for the batch and token count asked
+  bool optional = false;
+};
+
+// A named piece of activation memory the forward holds at its peak (what the plan reserves).
+struct ActivationItem {
+  std::string name;  // "residual stream", "q/k/v", "mlp intermediate", "attention workspace", ...
+  uint64_t bytes = 0;
+  std::string detail;  // "tokens 4608 x 3072 x bf16"
+};
+
+class Forward {
+ public:
+  virtual ~Forward() = default;
+  virtual std::string architecture() const = 0;  // "LlamaForCausalLM", "FluxTransformer2DModel"
+  // Units in execution order (see above).
+  virtual const std::vector<std::string>& units() const = 0;
+  // `tokens` is the plan's token count: Llama's sequence length T; Flux's image tokens Ti (text
+  // tokens come from the config's or the input's Tt).
+  virtual std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const = 0;
+  // Inputs drawn deterministically from `seed`, as a framework user would pass them.
+  virtual std::vector<HostTensor> random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const = 0;
+  // Error(InvalidInput) naming the input for a missing, misnamed, mis-shaped or out-of-range input
+  // (token ids >= vocab) or more tokens than `max_tokens`.
+  virtual void check_inputs(const std::vector<HostTensor>& inputs, int64_t max_tokens) const = 0;
+  // Uploads the inputs and computes what depends on them alone (RoPE tables, timestep
+  // embeddings' sinusoids). Allocates the state the units share (the residual stream) from `ops`.
+  virtual void begin(Ops& ops, const std::vector<HostTensor>& inputs) = 0;
+  virtual void run_unit(size_t unit, Ops& ops, WeightSource& weights) = 0;
+  // The output under the framework's name ("logits", "sample"), F32.
+  virtual HostTensor output(Ops& ops) = 0;
+  // What the plan reserves and predicts for (batch, tokens): activation memory at the peak,
+  // itemised, and FLOPs (linears and attention) of one forward.
+  virtual std::vector<ActivationItem> activation_items(int64_t batch, int64_t tokens) const = 0;
+  virtual uint64_t flops(int64_t batch, int64_t tokens) const = 0;
+};
+
+// The forward of `component`, recognised from its config.json (`architectures` / `_class_name`);
+// null when it has none yet (the component then runs its linears only). Error(InvalidInput) naming
+// config.json and the key for a recognised architecture with an unusable config.
+std::unique_ptr<Forward> make_forward(const Component& component);
+
+}  // namespace qtool::runner
