@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "qtool/formats/checkpoint.hpp"
+#include "qtool/planner/arch.hpp"
 #include "qtool/runner/ops.hpp"
 
 namespace qtool::runner {
@@ -51,13 +52,6 @@ struct InputSpec {
   bool optional = false;
 };
 
-// A named piece of activation memory the forward holds at its peak (what the plan reserves).
-struct ActivationItem {
-  std::string name;  // "residual stream", "q/k/v", "mlp intermediate", "attention workspace", ...
-  uint64_t bytes = 0;
-  std::string detail;  // "tokens 4608 x 3072 x bf16"
-};
-
 class Forward {
  public:
   virtual ~Forward() = default;
@@ -78,10 +72,9 @@ class Forward {
   virtual void run_unit(size_t unit, Ops& ops, WeightSource& weights) = 0;
   // The output under the framework's name ("logits", "sample"), F32.
   virtual HostTensor output(Ops& ops) = 0;
-  // What the plan reserves and predicts for (batch, tokens): activation memory at the peak,
-  // itemised, and FLOPs (linears and attention) of one forward.
-  virtual std::vector<ActivationItem> activation_items(int64_t batch, int64_t tokens) const = 0;
-  virtual uint64_t flops(int64_t batch, int64_t tokens) const = 0;
+  // The config it was made from (the planner reserves activation memory and predicts FLOPs from
+  // it: planner::activation_items, planner::forward_flops).
+  virtual const planner::Arch& arch() const = 0;
 };
 
 // The forward of `component`, recognised from its config.json (`architectures` / `_class_name`);

@@ -1,0 +1,89 @@
+// The architectures whose real forward the runner executes (MODELS.md), as the planner needs to
+// know them: their config.json read and validated once (the runner's forwards take the same
+// structs), the activation memory their forward holds at its peak, itemised, and their FLOPs.
+// The planner reserves and predicts from these; the runner allocates exactly this much.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "qtool/formats/checkpoint.hpp"
+#include "qtool/formats/dtype.hpp"
+
+namespace qtool::planner {
+
+// LlamaForCausalLM (transformers; MODELS.md §2).
+struct LlamaArch {
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;        // D
+  int64_t intermediate_size = 0;  // I
+  int64_t n_layers = 0;
+  int64_t n_heads = 0;     // H
+  int64_t n_kv_heads = 0;  // Hkv (= H when the config has none)
+  int64_t head_dim = 0;    // hd (= D / H when the config has none)
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  // rope_scaling / rope_parameters of type "llama3" (absent: default RoPE).
+  struct Llama3Scaling {
+    double factor = 0, low_freq_factor = 0, high_freq_factor = 0;
+    int64_t original_max_position_embeddings = 0;
+  };
+  std::optional<Llama3Scaling> llama3;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;
+  bool mlp_bias = false;
+};
+
+// FluxTransformer2DModel (diffusers; MODELS.md §1).
+struct FluxArch {
+  int64_t patch_size = 1;
+  int64_t in_channels = 64;
+  int64_t out_channels = 64;  // config's, or in_channels when null
+  int64_t n_double = 19;      // num_layers
+  int64_t n_single = 38;      // num_single_layers
+  int64_t head_dim = 128;     // attention_head_dim
+  int64_t n_heads = 24;       // num_attention_heads; D = n_heads * head_dim
+  int64_t joint_attention_dim = 4096;
+  int64_t pooled_projection_dim = 768;
+  bool guidance_embeds = false;
+  std::vector<int64_t> axes_dims_rope{16, 56, 56};  // sums to head_dim, each even
+  int64_t text_tokens = 512;  // Tt the plan assumes (the pipeline's max_sequence_length)
+
+  int64_t dim() const { return n_heads * head_dim; }
+};
+
+using Arch = std::variant<LlamaArch, FluxArch>;
+
+// The architecture of `component` from its config.json (`architectures[0]` for transformers,
+// `_class_name` for diffusers); nullopt when it is not one the runner executes. Error(InvalidInput)
+// naming config.json and the key for a recognised architecture whose config is unusable (missing
+// or non-positive sizes, heads that do not divide, axes_dims_rope not summing to head_dim, ...).
+std::optional<Arch> arch_of(const Component& component);
+std::string arch_name(const Arch& arch);  // "LlamaForCausalLM", "FluxTransformer2DModel"
+
+// The activation memory the forward holds at its peak for `batch` samples of `tokens` tokens
+// (Llama: sequence length; Flux: image tokens, text tokens from FluxArch::text_tokens), in the
+// activation dtype `dtype`, itemised (the residual stream, the normalised input, q/k/v, the
+// attention output, the MLP intermediate, modulation vectors, RoPE tables, the output ...).
+struct ActivationItem {
+  std::string name;
+  uint64_t bytes = 0;
+  std::string detail;  // how it was sized: "tokens 4608 x 3072 x bf16"
+};
+std::vector<ActivationItem> activation_items(const Arch& arch, int64_t batch, int64_t tokens, DType dtype);
+
+// FLOPs (2 per multiply-add) of one forward: every linear, and attention (4 * q_len * kv_len * H * hd
+// per sample, halved for a causal mask).
+struct ForwardFlops {
+  uint64_t linear = 0;
+  uint64_t attention = 0;
+  uint64_t total() const { return linear + attention; }
+};
+ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens);
+
+}  // namespace qtool::planner
