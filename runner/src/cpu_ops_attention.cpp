@@ -1,0 +1,180 @@
+// attention on the CPU: SDPA per (sample, head, query row) with one row of float32 scores at a
+// time, never a [q_len, kv_len] matrix. For query t of head j (kv head j / (heads / kv_heads)):
+//   s_u = (q·k_u)·scale [+ bias[j·q_len + t, u]] [+ finfo(dtype).min if key u is dropped]
+// over the visible keys u (all, or u <= t when causal), each dot product summed over 8 lanes
+// as the linear's; then m = max s_u, p_u = expf(s_u − m), l = Σ p_u (in key order), and
+// out = ⟦(Σ_u p_u·v_u) / l⟧ with the weighted sum accumulated per feature in key order.
+// A NaN score makes its whole row NaN (as softmax does); a fully masked row gives uniform
+// weights (every score is finfo.min). Threads split (sample, head, query block) items; each
+// keeps the float32 K and V of the (sample, kv head) it works on.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "cpu_ops_impl.hpp"
+
+namespace qtool::runner::cpu_ops {
+
+namespace {
+
+// 8 float32 lanes (two SSE registers in the baseline build, one AVX register in the AVX2 clone).
+// Everything using it is inlined into this file's functions, so the vector ABI warning is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+using v8f = float __attribute__((vector_size(32)));
+
+constexpr int64_t kQueryBlock = 32;
+
+[[gnu::always_inline]] inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+[[gnu::always_inline]] inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof(v)); }
+
+struct Head {
+  const float* kf;  // [kv_len, hdp]
+  const float* vf;  // [kv_len, hdp]
+  int64_t kv_len;
+  int64_t hdp;
+};
+
+// Scores of query qf ([hdp], padded with +0) against keys [0, n): s[u] = (q·k_u)·scale.
+__attribute__((target_clones("avx2", "default"))) void scores_row(const float* qf, const Head& h, int64_t n,
+                                                                  float scale, float* s) {
+  for (int64_t u = 0; u < n; ++u) {
+    const float* k = h.kf + u * h.hdp;
+    v8f acc = {};
+    for (int64_t d = 0; d < h.hdp; d += 8) acc += load8(qf + d) * load8(k + d);
+    const float dot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    s[u] = dot * scale;
+  }
+}
+
+// acc ([hdp]) = Σ_{u < n} p[u] · v_u, in key order.
+__attribute__((target_clones("avx2", "default"))) void weighted_sum(const float* p, const Head& h, int64_t n,
+                                                                    float* acc) {
+  for (int64_t d = 0; d < h.hdp; d += 8) {
+    v8f a = {};
+    for (int64_t u = 0; u < n; ++u) {
+      const v8f pu = {p[u], p[u], p[u], p[u], p[u], p[u], p[u], p[u]};
+      a += pu * load8(h.vf + u * h.hdp + d);
+    }
+    store8(acc + d, a);
+  }
+}
+
+bool key_dropped(const Mat& mask, int64_t b, int64_t u) {
+  const uint8_t* p = row_ptr(mask, b) + u * static_cast<int64_t>(mask.elem_bytes());
+  if (mask.dtype == DType::I64) {
+    int64_t v;
+    std::memcpy(&v, p, 8);
+    return v == 0;
+  }
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v == 0;
+}
+
+// Softmax of s[0, n) in place (unnormalised weights), returning their sum.
+float softmax_weights(float* s, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  for (int64_t u = 0; u < n; ++u) {
+    nan = nan || std::isnan(s[u]);
+    m = std::max(m, s[u]);
+  }
+  if (nan) m = std::numeric_limits<float>::quiet_NaN();  // every weight becomes NaN
+  float l = 0.0f;
+  for (int64_t u = 0; u < n; ++u) {
+    s[u] = std::exp(s[u] - m);
+    l += s[u];
+  }
+  return l;
+}
+
+// K and V of sample b, kv head kvh, as float32 [kv_len, hdp] (padded with -0 for K, 0 for V).
+void load_head(const Mat& k, const Mat& v, int64_t b, int64_t kvh, int64_t kv_len, int64_t hd, int64_t hdp,
+               float* kf, float* vf) {
+  for (int64_t u = 0; u < kv_len; ++u) {
+    const int64_t r = b * kv_len + u;
+    const Mat kr = k.rows_view(r, 1).cols_view(kvh * hd, hd);
+    const Mat vr = v.rows_view(r, 1).cols_view(kvh * hd, hd);
+    load_row(kr, 0, kf + u * hdp);
+    load_row(vr, 0, vf + u * hdp);
+    std::fill(kf + u * hdp + hd, kf + (u + 1) * hdp, -0.0f);
+    std::fill(vf + u * hdp + hd, vf + (u + 1) * hdp, 0.0f);
+  }
+}
+
+void check_shape(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& a, const Mat& out) {
+  QTOOL_ASSERT_MSG(a.batch > 0 && a.q_len > 0 && a.kv_len > 0 && a.heads > 0 && a.kv_heads > 0 &&
+                       a.head_dim > 0 && a.heads % a.kv_heads == 0,
+                   "attention shape: batch ", a.batch, " q_len ", a.q_len, " kv_len ", a.kv_len, " heads ",
+                   a.heads, " kv_heads ", a.kv_heads, " head_dim ", a.head_dim);
+  QTOOL_ASSERT(q.rows == a.batch * a.q_len && q.cols == a.heads * a.head_dim);
+  QTOOL_ASSERT(out.rows == q.rows && out.cols == q.cols);
+  QTOOL_ASSERT(k.rows == a.batch * a.kv_len && k.cols == a.kv_heads * a.head_dim);
+  QTOOL_ASSERT(v.rows == k.rows && v.cols == k.cols);
+  QTOOL_ASSERT(!a.bias || (a.bias->rows == a.heads * a.q_len && a.bias->cols == a.kv_len));
+  QTOOL_ASSERT(!a.key_mask || ((a.key_mask->dtype == DType::I64 || a.key_mask->dtype == DType::I32) &&
+                               a.key_mask->rows == a.batch && a.key_mask->cols == a.kv_len));
+  for (const Mat* m : {&q, &k, &v, &out}) QTOOL_ASSERT(is_activation_dtype(m->dtype) && m->ld >= m->cols);
+}
+
+}  // namespace
+
+void attention(ThreadPool& pool, Scratch& scratch, const Mat& q, const Mat& k, const Mat& v,
+               const AttentionShape& a, const Mat& out) {
+  check_shape(q, k, v, a, out);
+  const int64_t hd = a.head_dim;
+  const int64_t hdp = round_up8(hd);
+  const int64_t group = a.heads / a.kv_heads;
+  const int64_t n_qb = (a.q_len + kQueryBlock - 1) / kQueryBlock;
+  const float mask_min = finfo_min(q.dtype);
+  // Items ordered (sample, head, query block): consecutive heads share a kv head.
+  const size_t n_items = static_cast<size_t>(a.batch * a.heads * n_qb);
+  for_slots(pool, n_items, 1, [&](size_t slot, size_t i0, size_t i1) {
+    std::vector<float>& kv = scratch.kv[slot];
+    std::vector<float>& row = scratch.scores[slot];
+    kv.resize(static_cast<size_t>(2 * a.kv_len * hdp));
+    row.resize(static_cast<size_t>(a.kv_len + 2 * hdp));
+    float* s = row.data();
+    float* qf = s + a.kv_len;
+    float* acc = qf + hdp;
+    const Head head{kv.data(), kv.data() + a.kv_len * hdp, a.kv_len, hdp};
+    int64_t loaded = -1;
+    for (size_t i = i0; i < i1; ++i) {
+      const int64_t qb = static_cast<int64_t>(i) % n_qb;
+      const int64_t j = static_cast<int64_t>(i) / n_qb % a.heads;
+      const int64_t b = static_cast<int64_t>(i) / n_qb / a.heads;
+      const int64_t key = b * a.kv_heads + j / group;
+      if (key != loaded) {
+        load_head(k, v, b, j / group, a.kv_len, hd, hdp, kv.data(), kv.data() + a.kv_len * hdp);
+        loaded = key;
+      }
+      const int64_t t1 = std::min(a.q_len, (qb + 1) * kQueryBlock);
+      for (int64_t t = qb * kQueryBlock; t < t1; ++t) {
+        const int64_t r = b * a.q_len + t;
+        load_row(q.rows_view(r, 1).cols_view(j * hd, hd), 0, qf);
+        std::fill(qf + hd, qf + hdp, 0.0f);
+        const int64_t n = a.causal ? std::min(t + 1, a.kv_len) : a.kv_len;
+        scores_row(qf, head, n, a.scale, s);
+        if (a.bias) {
+          const Mat brow = a.bias->rows_view(j * a.q_len + t, 1);
+          for (int64_t u = 0; u < n; ++u) s[u] += load(brow.dtype, row_ptr(brow, 0), u);
+        }
+        if (a.key_mask)
+          for (int64_t u = 0; u < n; ++u)
+            if (key_dropped(*a.key_mask, b, u)) s[u] += mask_min;
+        const float l = softmax_weights(s, n);
+        weighted_sum(s, head, n, acc);
+        for (int64_t d = 0; d < hd; ++d) acc[d] = acc[d] / l;
+        store_row(acc, out.rows_view(r, 1).cols_view(j * hd, hd), 0);
+      }
+    }
+  });
+}
+
+}  // namespace qtool::runner::cpu_ops
