@@ -1,8 +1,8 @@
 // attention on the CPU: SDPA per (sample, head, query row) with one row of float32 scores at a
 // time, never a [q_len, kv_len] matrix. For query t of head j (kv head j / (heads / kv_heads)):
 //   s_u = (q·k_u)·scale [+ bias[j·q_len + t, u]] [+ finfo(dtype).min if key u is dropped]
-// over the visible keys u (all, or u <= t when causal), each dot product summed over 8 lanes
-// as the linear's; then m = max s_u, p_u = expf(s_u − m), l = Σ p_u (in key order), and
+// over the visible keys u (all, or u <= t when causal), each dot product summed in order of the
+// features; then m = max s_u, p_u = expf(s_u − m), l = Σ p_u (in key order), and
 // out = ⟦(Σ_u p_u·v_u) / l⟧ with the weighted sum accumulated per feature in key order.
 // A NaN score makes its whole row NaN (as softmax does); a fully masked row gives uniform
 // weights (every score is finfo.min). Threads split (sample, head, query block) items; each
@@ -33,34 +33,68 @@ constexpr int64_t kQueryBlock = 32;
 
 [[gnu::always_inline]] inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof(v)); }
 
+[[gnu::always_inline]] inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// The float32 K and V of one (sample, kv head).
 struct Head {
-  const float* kf;  // [kv_len, hdp]
-  const float* vf;  // [kv_len, hdp]
-  int64_t kv_len;
+  const float* kt;  // K transposed, [hd, kvp] (keys padded with 0 up to kvp = round_up8(kv_len))
+  const float* vf;  // V, [kv_len, hdp] (features padded with 0 up to hdp = round_up8(hd))
+  int64_t hd;
+  int64_t kvp;
   int64_t hdp;
 };
 
-// Scores of query qf ([hdp], padded with +0) against keys [0, n): s[u] = (q·k_u)·scale.
-__attribute__((target_clones("avx2", "default"))) void scores_row(const float* qf, const Head& h, int64_t n,
+// s[u] = (Σ_d q_d·k_{u,d}, summed in order of d)·scale for u < round_up8(n): eight keys per
+// vector, four vectors at a time.
+__attribute__((target_clones("avx2", "default"))) void scores_row(const float* q, const Head& h, int64_t n,
                                                                   float scale, float* s) {
-  for (int64_t u = 0; u < n; ++u) {
-    const float* k = h.kf + u * h.hdp;
-    v8f acc = {};
-    for (int64_t d = 0; d < h.hdp; d += 8) acc += load8(qf + d) * load8(k + d);
-    const float dot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    s[u] = dot * scale;
+  const int64_t n8 = round_up8(n);
+  const v8f sv = splat(scale);
+  int64_t u = 0;
+  for (; u + 32 <= n8; u += 32) {
+    v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t d = 0; d < h.hd; ++d) {
+      const float* k = h.kt + d * h.kvp + u;
+      const v8f qd = splat(q[d]);
+      a0 += qd * load8(k);
+      a1 += qd * load8(k + 8);
+      a2 += qd * load8(k + 16);
+      a3 += qd * load8(k + 24);
+    }
+    store8(s + u, a0 * sv);
+    store8(s + u + 8, a1 * sv);
+    store8(s + u + 16, a2 * sv);
+    store8(s + u + 24, a3 * sv);
+  }
+  for (; u < n8; u += 8) {
+    v8f a = {};
+    for (int64_t d = 0; d < h.hd; ++d) a += splat(q[d]) * load8(h.kt + d * h.kvp + u);
+    store8(s + u, a * sv);
   }
 }
 
-// acc ([hdp]) = Σ_{u < n} p[u] · v_u, in key order.
+// acc ([hdp]) = Σ_{u < n} p[u]·v_u, accumulated in key order; 32 features at a time in registers.
 __attribute__((target_clones("avx2", "default"))) void weighted_sum(const float* p, const Head& h, int64_t n,
                                                                     float* acc) {
-  for (int64_t d = 0; d < h.hdp; d += 8) {
-    v8f a = {};
+  int64_t d = 0;
+  for (; d + 32 <= h.hdp; d += 32) {
+    v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t u = 0; u < n; ++u) {
-      const v8f pu = {p[u], p[u], p[u], p[u], p[u], p[u], p[u], p[u]};
-      a += pu * load8(h.vf + u * h.hdp + d);
+      const float* v = h.vf + u * h.hdp + d;
+      const v8f pu = splat(p[u]);
+      a0 += pu * load8(v);
+      a1 += pu * load8(v + 8);
+      a2 += pu * load8(v + 16);
+      a3 += pu * load8(v + 24);
     }
+    store8(acc + d, a0);
+    store8(acc + d + 8, a1);
+    store8(acc + d + 16, a2);
+    store8(acc + d + 24, a3);
+  }
+  for (; d < h.hdp; d += 8) {
+    v8f a = {};
+    for (int64_t u = 0; u < n; ++u) a += splat(p[u]) * load8(h.vf + u * h.hdp + d);
     store8(acc + d, a);
   }
 }
@@ -94,18 +128,18 @@ float softmax_weights(float* s, int64_t n) {
   return l;
 }
 
-// K and V of sample b, kv head kvh, as float32 [kv_len, hdp] (padded with -0 for K, 0 for V).
-void load_head(const Mat& k, const Mat& v, int64_t b, int64_t kvh, int64_t kv_len, int64_t hd, int64_t hdp,
-               float* kf, float* vf) {
+// K (transposed) and V of sample b, kv head kvh, as float32 (the layouts of Head).
+void load_head(const Mat& k, const Mat& v, int64_t b, int64_t kvh, int64_t kv_len, const Head& h, float* kt,
+               float* vf) {
   for (int64_t u = 0; u < kv_len; ++u) {
     const int64_t r = b * kv_len + u;
-    const Mat kr = k.rows_view(r, 1).cols_view(kvh * hd, hd);
-    const Mat vr = v.rows_view(r, 1).cols_view(kvh * hd, hd);
-    load_row(kr, 0, kf + u * hdp);
-    load_row(vr, 0, vf + u * hdp);
-    std::fill(kf + u * hdp + hd, kf + (u + 1) * hdp, -0.0f);
-    std::fill(vf + u * hdp + hd, vf + (u + 1) * hdp, 0.0f);
+    float* vrow = vf + u * h.hdp;
+    load_row(k.rows_view(r, 1).cols_view(kvh * h.hd, h.hd), 0, vrow);  // K's row, staged in V's
+    for (int64_t d = 0; d < h.hd; ++d) kt[d * h.kvp + u] = vrow[d];
+    load_row(v.rows_view(r, 1).cols_view(kvh * h.hd, h.hd), 0, vrow);
+    std::fill(vrow + h.hd, vrow + h.hdp, 0.0f);
   }
+  for (int64_t d = 0; d < h.hd; ++d) std::fill(kt + d * h.kvp + kv_len, kt + (d + 1) * h.kvp, 0.0f);
 }
 
 void check_shape(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& a, const Mat& out) {
@@ -135,15 +169,16 @@ void attention(ThreadPool& pool, Scratch& scratch, const Mat& q, const Mat& k, c
   const float mask_min = finfo_min(q.dtype);
   // Items ordered (sample, head, query block): consecutive heads share a kv head.
   const size_t n_items = static_cast<size_t>(a.batch * a.heads * n_qb);
+  const int64_t kvp = round_up8(a.kv_len);
   for_slots(pool, n_items, 1, [&](size_t slot, size_t i0, size_t i1) {
     std::vector<float>& kv = scratch.kv[slot];
     std::vector<float>& row = scratch.scores[slot];
-    kv.resize(static_cast<size_t>(2 * a.kv_len * hdp));
-    row.resize(static_cast<size_t>(a.kv_len + 2 * hdp));
+    kv.resize(static_cast<size_t>(hd * kvp + a.kv_len * hdp));
+    row.resize(static_cast<size_t>(kvp + 2 * hdp));
     float* s = row.data();
-    float* qf = s + a.kv_len;
+    float* qf = s + kvp;
     float* acc = qf + hdp;
-    const Head head{kv.data(), kv.data() + a.kv_len * hdp, a.kv_len, hdp};
+    const Head head{kv.data(), kv.data() + hd * kvp, hd, kvp, hdp};
     int64_t loaded = -1;
     for (size_t i = i0; i < i1; ++i) {
       const int64_t qb = static_cast<int64_t>(i) % n_qb;
@@ -151,14 +186,13 @@ void attention(ThreadPool& pool, Scratch& scratch, const Mat& q, const Mat& k, c
       const int64_t b = static_cast<int64_t>(i) / n_qb / a.heads;
       const int64_t key = b * a.kv_heads + j / group;
       if (key != loaded) {
-        load_head(k, v, b, j / group, a.kv_len, hd, hdp, kv.data(), kv.data() + a.kv_len * hdp);
+        load_head(k, v, b, j / group, a.kv_len, head, kv.data(), kv.data() + hd * kvp);
         loaded = key;
       }
       const int64_t t1 = std::min(a.q_len, (qb + 1) * kQueryBlock);
       for (int64_t t = qb * kQueryBlock; t < t1; ++t) {
         const int64_t r = b * a.q_len + t;
         load_row(q.rows_view(r, 1).cols_view(j * hd, hd), 0, qf);
-        std::fill(qf + hd, qf + hdp, 0.0f);
         const int64_t n = a.causal ? std::min(t + 1, a.kv_len) : a.kv_len;
         scores_row(qf, head, n, a.scale, s);
         if (a.bias) {

@@ -34,16 +34,22 @@ using v8f = float __attribute__((vector_size(32)));
 // sums[t * TO + o] = Σ_k x[t, k] · w[o, k] over kp (a multiple of 8) inputs.
 template <int TT, int TO>
 [[gnu::always_inline]] inline void dot_tile(const float* x, int64_t kp, const float* w, float* sums) {
+  // The tile loops are unrolled so that the accumulators live in registers.
   v8f acc[TT][TO] = {};
   for (int64_t k = 0; k < kp; k += 8) {
     v8f wv[TO];
+#pragma GCC unroll 8
     for (int o = 0; o < TO; ++o) wv[o] = load8(w + o * kp + k);
+#pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) {
       const v8f xv = load8(x + t * kp + k);
+#pragma GCC unroll 8
       for (int o = 0; o < TO; ++o) acc[t][o] += xv * wv[o];
     }
   }
+#pragma GCC unroll 8
   for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 8
     for (int o = 0; o < TO; ++o) sums[t * TO + o] = sum8(acc[t][o]);
 }
 
@@ -85,7 +91,12 @@ __attribute__((target_clones("avx2", "default"))) void gemm_block(const float* x
 void dequant_rows(const DequantParams& w, DType act, uint64_t row0, uint64_t n, int64_t kp, float* dst,
                   std::vector<uint16_t>& tmp) {
   const uint64_t cols = w.cols;
-  if (act == DType::BF16) {
+  if (act != DType::F16 && w.kind == WeightKind::Bf16) {
+    // Plain bf16 to bf16 or f32 activations: the value itself (exact).
+    for (uint64_t r = 0; r < n; ++r)
+      for (uint64_t c = 0; c < cols; ++c)
+        dst[r * kp + c] = kmath::bf16_bits_to_f32(dq::load_u16(w.weight, (row0 + r) * cols + c));
+  } else if (act == DType::BF16) {
     tmp.resize(n * cols);
     dequantize_to_bf16_cpu(w, tmp.data(), row0 * cols, (row0 + n) * cols);
     for (uint64_t r = 0; r < n; ++r)
@@ -128,7 +139,11 @@ void linear(ThreadPool& pool, Scratch& scratch, const Mat& x, const DequantParam
     bias_f.resize(weight.rows);
     for (uint64_t o = 0; o < weight.rows; ++o) bias_f[o] = dq::plain_value(*bias, o);
   }
-  const uint64_t block = linear_weight_rows(weight.cols);
+  // Blocks of at most linear_weight_rows, and small enough that every thread gets one (an output
+  // element's sum does not depend on the blocks, so neither does the result).
+  const uint64_t per_thread = (weight.rows + pool.size() - 1) / pool.size();
+  const uint64_t block =
+      std::min<uint64_t>(linear_weight_rows(weight.cols), std::max<uint64_t>(2, per_thread));
   const size_t n_blocks = static_cast<size_t>((weight.rows + block - 1) / block);
   for_slots(pool, n_blocks, 1, [&](size_t slot, size_t b0, size_t b1) {
     std::vector<float>& wf = scratch.weight_rows[slot];

@@ -671,8 +671,8 @@ AttnData make_attention(Ops& ops, Gen& g, const AttnCase& c, DType dt) {
 }
 
 // The double-precision SDPA of one (sample, head, query) and the tolerance derived for the
-// float32 kernel: scores within δ_u = (hd/8 + 5)·u32·scale·Σ_d|q_d·k_d| + 3·u32·|s_u| (dot
-// product, scale, bias and mask additions); each weight p_u = exp(s_u − m) then within
+// float32 kernel: scores within δ_u = (hd + 5)·u32·scale·Σ_d|q_d·k_d| + 3·u32·|s_u| (a dot
+// product summed in order, scale, bias and mask additions); each weight p_u = exp(s_u − m) then within
 // 2δ + u32·|s_u − m| + 2·u32 relative (expf's error included), the sum l within n·u32, the
 // weighted sum within n·u32 per term; finally the one rounding.
 struct AttnRef {
@@ -695,7 +695,7 @@ AttnRef ref_attention(const AttnData& d, const AttnCase& c, DType dt, int64_t b,
     }
     s[u] = dot * fscale;
     if (c.bias) s[u] += d.bias.at(j * c.q_len + t, u);
-    delta[u] = (c.hd / 8.0 + 5) * u32 * fscale * mag + 3 * u32 * std::fabs(s[u]);
+    delta[u] = (c.hd + 5) * u32 * fscale * mag + 3 * u32 * std::fabs(s[u]);
     // A dropped key's score: bf16's and f32's finfo.min swallow the score exactly in float32 and
     // in double (|s| is far below min's ulp), so its weight is 0, or 1 like every other key's
     // when all are dropped; f16's -65504 does not, and adding it costs up to u32·65504.

@@ -11,8 +11,8 @@
 // Scratch outside that block (the backend's own buffers, reused between calls):
 //   linear    x widened to float32, [rows, round_up(in, 8)], plus per thread a block of
 //             dequantized weight rows, linear_weight_rows(in) x round_up(in, 8) floats;
-//   attention per thread the K and V of one (sample, kv head) in float32, 2 x kv_len x
-//             round_up(head_dim, 8) floats, and one row of scores (kv_len floats).
+//   attention per thread the K (transposed) and V of one (sample, kv head) in float32,
+//             about 2 x kv_len x round_up(head_dim, 8) floats, and one row of scores.
 // cpu_scratch_bytes gives the total for the largest shapes a forward uses.
 //
 // Transcendentals are the float functions of the C library, as the frameworks' kernels call
