@@ -326,6 +326,9 @@ TEST_CASE(
         }
         ops->layer_norm(x.view, affine ? &gamma.p : nullptr, affine ? &beta.p : nullptr, 1e-6f, out.view);
         expect_exact(*ops, out, ref_ln, "layer_norm " + name(dt) + " cols " + std::to_string(cols));
+        ops->copy(x.view, out.view);
+        ops->layer_norm(out.view, affine ? &gamma.p : nullptr, affine ? &beta.p : nullptr, 1e-6f, out.view);
+        expect_exact(*ops, out, ref_ln, "layer_norm in place " + name(dt) + " cols " + std::to_string(cols));
         ops->modulate(x.view, shift.view, scale.view, batch, 1e-6f, out.view);
         expect_exact(*ops, out, ref_mod, "modulate " + name(dt) + " cols " + std::to_string(cols));
         ops->modulate(x.view, shift.view, scale.view, batch, 1e-6f, x.view);  // in place
@@ -441,6 +444,13 @@ TEST_CASE("cpu ops: add, gated residual and clamp") {
       expect_exact(*ops, out, ref_clamp, "clamp " + what);
       ops->residual(h.view, &gate.view, y.view, batch, h.view);  // in place of h
       expect_exact(*ops, h, ref_res, "gated residual in place " + what);
+      ops->add(y.view, y.view, y.view);  // in place, both operands
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) ref_add[r * cols + c] = rnd(dt, y.at(r, c) + y.at(r, c));
+      expect_exact(*ops, y, ref_add, "add in place " + what);
+      ops->clamp(y.view, bound, y.view);
+      for (float& v : ref_add) v = std::isnan(v) ? v : std::min(std::max(v, -bound), bound);
+      expect_exact(*ops, y, ref_add, "clamp in place " + what);
       ops->release(m);
     }
 }
