@@ -130,6 +130,12 @@ void dequant_rows(const DequantParams& w, DType act, uint64_t row0, uint64_t n, 
         break;
       }
       case WeightKind::Bf16:
+        if (act != DType::F16) {  // a bf16 value is one of bf16 and f32 (no rounding)
+          for (uint64_t c = 0; c < cols; ++c)
+            out[c] = kmath::bf16_bits_to_f32(dq::load_u16(w.weight, row * cols + c));
+          break;
+        }
+        [[fallthrough]];
       case WeightKind::F16:
       case WeightKind::F32:
         for (uint64_t c = 0; c < cols; ++c) out[c] = round_to(act, dq::plain_value(w, row * cols + c));
