@@ -28,7 +28,9 @@ from safetensors.torch import load_file, save_file
 
 # op -> (largest share of elements whose bits differ, largest difference in bf16 ulps where
 # |torch| >= 2^-10, largest absolute difference). Measured on torch 2.15 CPU (x86, 2 threads):
-#   rms_once, rms_twice, silu, quick_gelu, rope_*: bit-identical;
+#   silu, quick_gelu, rope_*: bit-identical;
+#   rms_once, rms_twice: bit-identical for most seeds; on some, a few elements in 10^5 one ulp
+#     apart (torch sums the squares in float32 in its own order, this backend in double);
 #   layer_norm, modulate: ~0.005 % of elements 1 ulp apart (reduction order / rsqrt);
 #   gelu_tanh: ~0.6 % differ where torch's vectorised tanhf saturates to -1 earlier than glibc's
 #     (x < -5: torch -0, ours ~-1.5e-7); elsewhere within 1 ulp;
@@ -37,8 +39,8 @@ from safetensors.torch import load_file, save_file
 #   attention, linear: summation order (torch's CPU SDPA also rounds the probabilities to bf16
 #     before P·V): compared with a float64 reference below instead.
 LIMITS = {
-    "rms_once": (0.0, 0, 0.0),
-    "rms_twice": (0.0, 0, 0.0),
+    "rms_once": (1e-4, 1, 0.05),
+    "rms_twice": (1e-4, 1, 0.05),
     "layer_norm": (1e-3, 1, 0.05),
     "layer_norm_no_affine": (1e-3, 1, 0.05),
     "modulate": (1e-3, 1, 0.05),
