@@ -211,12 +211,15 @@ class FluxForward final : public Forward {
     const int64_t d = a_.dim();
     UnitWeights w(config_file_);
     const std::string p = "time_text_embed.";
+    // The planner's units in its template's order: timestep, guidance, then text embedder.
     const Linear t1 = w.linear(p + "timestep_embedder.linear_1", kSinusoid, d, true);
     const Linear t2 = w.linear(p + "timestep_embedder.linear_2", d, d, true);
+    w.fetch(weights);
     Linear g1, g2;
     if (a_.guidance_embeds) {
       g1 = w.linear(p + "guidance_embedder.linear_1", kSinusoid, d, true);
       g2 = w.linear(p + "guidance_embedder.linear_2", d, d, true);
+      w.fetch(weights);
     }
     const Linear p1 = w.linear(p + "text_embedder.linear_1", a_.pooled_projection_dim, d, true);
     const Linear p2 = w.linear(p + "text_embedder.linear_2", d, d, true);

@@ -278,7 +278,8 @@ Linear UnitWeights::linear(const std::string& module, int64_t in, int64_t out, b
 
 void UnitWeights::fetch(WeightSource& source) {
   std::vector<Slot*> order;
-  for (Slot& s : slots_) order.push_back(&s);
+  for (size_t i = fetched_; i < slots_.size(); ++i) order.push_back(&slots_[i]);
+  fetched_ = slots_.size();
   std::stable_sort(order.begin(), order.end(),
                    [](const Slot* a, const Slot* b) { return plan_order_less(a->name, b->name); });
   for (Slot* s : order) {
