@@ -5,7 +5,9 @@ For each variant this writes OUT/<variant>/ with
   config.json + model.safetensors (or diffusion_pytorch_model.safetensors): save_pretrained in bf16
   vectors.safetensors: the forward's inputs under the framework's argument names (input_ids,
       position_ids; hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
-      txt_ids, guidance), the framework's output as F32 (`logits` / `sample`), and per-stage
+      txt_ids, guidance), the framework's output as F32 (`logits` / `sample`), the same model
+      run in float32 on the same inputs (`logits.f32` / `sample.f32`: the bf16 computation's own
+      noise, which the comparison's tolerance is derived from), and per-stage
       outputs in the model dtype: `stage.<unit>` (Llama: each decoder layer's hidden state, the
       final norm; Flux: x_embedder, time_text_embed, context_embedder, each block's text and image
       streams `stage.<block>.txt` / `.img`, norm_out), plus `rope.inv_freq` (Llama's fp32 buffer).
@@ -124,6 +126,10 @@ def llama_variant(name, v, out_dir, seed):
         h.remove()
     tensors = {k: t.contiguous() for k, t in inputs.items()}
     tensors["logits"] = logits.float().contiguous()
+    # The same model and inputs in float32: the bf16 computation's own noise.
+    model32 = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        tensors["logits.f32"] = model32(**inputs).logits.contiguous()
     tensors["rope.inv_freq"] = model.model.rotary_emb.inv_freq.float().contiguous()
     for k, t in stages.items():
         tensors[k] = t.detach().contiguous()
@@ -194,6 +200,15 @@ def flux_variant(name, v, out_dir, seed):
         h.remove()
     tensors = {k: t.contiguous() for k, t in inputs.items()}
     tensors["sample"] = sample.float().contiguous()
+    model32 = FluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+    inputs32 = {k: (t.float() if t.is_floating_point() else t) for k, t in inputs.items()}
+    # The bf16 model sees t~ = bf16(bf16(t) * 1000) (and g~ likewise): give the float32 model
+    # the same values, so that only the compute differs, not the conditioning.
+    for k in ("timestep", "guidance"):
+        if k in inputs32:
+            inputs32[k] = (inputs[k].to(bf) * 1000).float() / 1000
+    with torch.no_grad():
+        tensors["sample.f32"] = model32(**inputs32, return_dict=False)[0].contiguous()
     for k, t in stages.items():
         tensors[k] = t.detach().contiguous()
     save_file(tensors, os.path.join(path, "vectors.safetensors"))

@@ -3,6 +3,8 @@
 // (tests/interop/forward_models.py --set committed, stored under data/), run here on the CPU ops
 // in exactly the activation memory the planner reserves. Also: the config parsing (arch_of), the
 // host-side tables, the inputs' checks, the plan order of units and weights, and the FLOPs.
+// Tolerance: qtool's output within twice the framework's own bf16 noise (models_test_util.hpp,
+// judge); the figures are printed.
 #include <doctest/doctest.h>
 
 #include <cstdio>
@@ -23,14 +25,6 @@ using nlohmann::json;
 namespace {
 
 const fs::path kData = QTOOL_RUNNER_TEST_DATA;
-
-// The framework's output within this of ours, relative to its RMS. Derivation: a bf16 GEMM output
-// differs by at most 1 bf16 ulp (2^-8 relative) between two fp32 accumulation orders, and such
-// differences pass through every later layer; measured over the committed models (2-4 blocks) the
-// largest element error is ~2 % and the RMS error ~0.3 % of the output's RMS (see the printed
-// figures); a wrong op (pairing, chunk order, rounding of a norm) gives errors of order 10-100 %.
-constexpr double kMaxRel = 0.04;
-constexpr double kRmsRel = 0.008;
 
 struct Loaded {
   Checkpoint ck;
@@ -68,16 +62,20 @@ TEST_CASE("forwards give the frameworks' outputs on their own tiny checkpoints")
     CHECK(r.output.name == output_name(*l.fwd));
     CHECK(r.output.dtype == DType::F32);
     CHECK(r.output.shape == want.shape);
-    const Deviation d = deviation(as_floats(r.output), as_floats(want));
+    const Judgement j = judge(r.output, l.vectors);
     std::printf(
-        "%-18s %s %s: max rel %.5f, rms rel %.5f (%zu values); activation peak %llu of %llu reserved\n",
-        v.c_str(), r.output.name.c_str(), runner::models::shape_str(r.output.shape).c_str(), d.max_rel,
-        d.rms_rel, d.n, static_cast<unsigned long long>(r.peak), static_cast<unsigned long long>(r.reserved));
-    CHECK(d.finite);
-    CHECK(d.max_rel <= kMaxRel);
-    CHECK(d.rms_rel <= kRmsRel);
-    // The planner's activation reserve is exactly what the forward holds at its peak.
-    CHECK(r.peak == r.reserved);
+        "%-17s %s %s: vs the framework max rel %.5f, rms rel %.5f; the framework's bf16 noise max %.5f, "
+        "rms %.5f; qtool vs float32 rms %.5f; activation peak %llu of %llu reserved\n",
+        v.c_str(), r.output.name.c_str(), runner::models::shape_str(r.output.shape).c_str(),
+        j.vs_framework.max_rel, j.vs_framework.rms_rel, j.noise.max_rel, j.noise.rms_rel, j.vs_f32.rms_rel,
+        static_cast<unsigned long long>(r.peak), static_cast<unsigned long long>(r.reserved));
+    CHECK(j.vs_framework.finite);
+    CHECK(j.vs_framework.max_rel <= 2 * j.noise.max_rel);
+    CHECK(j.vs_framework.rms_rel <= 2 * j.noise.rms_rel);
+    CHECK(j.vs_f32.rms_rel <= 1.25 * j.noise.rms_rel);
+    CHECK(j.ok);
+    // The planner's activation reserve is what the forward holds at its peak.
+    CHECK(peak_matches(r.peak, r.reserved));
   }
 }
 
@@ -119,8 +117,9 @@ TEST_CASE("a damaged tensor moves the output far outside the tolerance") {
     auto fwd = runner::make_forward(ck.components()[0]);
     const auto vectors = read_vectors(dir / "vectors.safetensors");
     const ForwardRun r = run_forward(*fwd, ck.components()[0], inputs_of(*fwd, vectors), DType::BF16, pool);
-    const Deviation d = deviation(as_floats(r.output), as_floats(vectors.at(output_name(*fwd))));
-    CHECK((!d.finite || d.rms_rel > 10 * kRmsRel));
+    const Judgement j = judge(r.output, vectors);
+    CHECK(!j.ok);
+    CHECK((!j.vs_framework.finite || j.vs_framework.rms_rel > 10 * j.noise.rms_rel));
   }
 }
 
@@ -520,7 +519,7 @@ TEST_CASE("the activation reserve is the forward's peak at any batch and token c
       CAPTURE(tokens);
       const auto in = l.fwd->random_inputs(batch, tokens, 99);
       const ForwardRun r = run_forward(*l.fwd, l.comp(), in, DType::BF16, pool);
-      CHECK(r.peak == r.reserved);
+      CHECK(peak_matches(r.peak, r.reserved));
       CHECK(deviation(as_floats(r.output), as_floats(r.output)).finite);
     }
   }
