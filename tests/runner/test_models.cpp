@@ -157,7 +157,7 @@ TEST_CASE("units run in the planner's order and fetch their tensors in the plan'
 }
 
 TEST_CASE("Llama's inv_freq equals transformers' buffer bit for bit") {
-  for (const std::string& v : {"llama_small", "llama_small_tied"}) {
+  for (const char* v : {"llama_small", "llama_small_tied"}) {
     CAPTURE(v);
     Loaded l = load(v);
     const auto inv = runner::models::llama_inv_freq(std::get<planner::LlamaArch>(l.fwd->arch()));
