@@ -558,3 +558,33 @@ TEST_CASE("forward_flops: MODELS.md's worked examples") {
   CHECK(l2.attention - l1.attention == 2ull * 8192 * 8192 * 32 * 128);
   CHECK(l1.linear - layer == 2ull * 8192 * 4096 * 128256);
 }
+
+TEST_CASE("a quantized checkpoint runs the same forward: bit for bit its dequantized weights' output") {
+  // The linears dequantize to the activation dtype exactly as `qtool dequantize` writes the
+  // weights, so the forward on the quantized file equals the forward on its dequantized copy.
+  ThreadPool pool(2);
+  for (const std::string& v : kVariants) {
+    for (const SchemeCase& sc : all_scheme_cases()) {
+      if (sc.scheme.empty()) continue;
+      CAPTURE(v);
+      CAPTURE(sc.label);
+      TempDir tmp("models-quant");
+      const fs::path q = quantize(kData / v, tmp.path / "q", sc);
+      quant::ConvertOptions co;
+      co.n_threads = 2;
+      quant::dequantize_checkpoint(q, tmp.path / "d", std::nullopt, co);
+      const Checkpoint qck = Checkpoint::open(q), dck = Checkpoint::open(tmp.path / "d");
+      REQUIRE(!quant::find_quantized_linears(qck.components()[0]).empty());
+      auto qf = runner::make_forward(qck.components()[0]);
+      auto df = runner::make_forward(dck.components()[0]);
+      REQUIRE(qf);
+      REQUIRE(df);
+      const auto vectors = read_vectors(kData / v / "vectors.safetensors");
+      const auto in = inputs_of(*qf, vectors);
+      const ForwardRun qr = run_forward(*qf, qck.components()[0], in, DType::BF16, pool);
+      const ForwardRun dr = run_forward(*df, dck.components()[0], in, DType::BF16, pool);
+      CHECK(qr.output.bytes == dr.output.bytes);
+      CHECK(deviation(as_floats(qr.output), as_floats(qr.output)).finite);
+    }
+  }
+}
