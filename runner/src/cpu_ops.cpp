@@ -156,7 +156,6 @@ class CpuOps final : public Ops {
             ::operator new(std::max<uint64_t>(capacity, 1), std::align_val_t(kAlign)))) {
     const size_t slots = pool.size();
     scratch_.weight_rows.resize(slots);
-    scratch_.bf16_rows.resize(slots);
     scratch_.kv.resize(slots);
     scratch_.scores.resize(slots);
   }
@@ -488,7 +487,7 @@ uint64_t linear_weight_rows(uint64_t in) {
 uint64_t cpu_scratch_bytes(uint64_t rows, uint64_t in, uint64_t kv_len, uint64_t head_dim, uint64_t threads) {
   const uint64_t in_p = (in + 7) / 8 * 8;
   const uint64_t hd_p = (head_dim + 7) / 8 * 8;
-  const uint64_t lin = rows * in_p * 4 + threads * linear_weight_rows(in) * in_p * 6;
+  const uint64_t lin = rows * in_p * 4 + threads * linear_weight_rows(in) * in_p * 4;
   const uint64_t kv_p = (kv_len + 7) / 8 * 8;
   const uint64_t att = threads * (head_dim * kv_p + kv_len * hd_p + kv_p + 2 * hd_p) * 4;
   return lin + att;

@@ -44,27 +44,25 @@ struct Head {
   int64_t hdp;
 };
 
+constexpr int kVecs = 8;  // vectors in flight per pass: 8 accumulators hide the add latency
+
 // s[u] = (Σ_d q_d·k_{u,d}, summed in order of d)·scale for u < round_up8(n): eight keys per
-// vector, four vectors at a time.
+// vector, kVecs vectors per pass.
 __attribute__((target_clones("avx2", "default"))) void scores_row(const float* q, const Head& h, int64_t n,
                                                                   float scale, float* s) {
   const int64_t n8 = round_up8(n);
   const v8f sv = splat(scale);
   int64_t u = 0;
-  for (; u + 32 <= n8; u += 32) {
-    v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (; u + 8 * kVecs <= n8; u += 8 * kVecs) {
+    v8f a[kVecs] = {};
     for (int64_t d = 0; d < h.hd; ++d) {
       const float* k = h.kt + d * h.kvp + u;
       const v8f qd = splat(q[d]);
-      a0 += qd * load8(k);
-      a1 += qd * load8(k + 8);
-      a2 += qd * load8(k + 16);
-      a3 += qd * load8(k + 24);
+#pragma GCC unroll 8
+      for (int j = 0; j < kVecs; ++j) a[j] += qd * load8(k + 8 * j);
     }
-    store8(s + u, a0 * sv);
-    store8(s + u + 8, a1 * sv);
-    store8(s + u + 16, a2 * sv);
-    store8(s + u + 24, a3 * sv);
+#pragma GCC unroll 8
+    for (int j = 0; j < kVecs; ++j) store8(s + u + 8 * j, a[j] * sv);
   }
   for (; u < n8; u += 8) {
     v8f a = {};
@@ -73,24 +71,21 @@ __attribute__((target_clones("avx2", "default"))) void scores_row(const float* q
   }
 }
 
-// acc ([hdp]) = Σ_{u < n} p[u]·v_u, accumulated in key order; 32 features at a time in registers.
+// acc ([hdp]) = Σ_{u < n} p[u]·v_u, accumulated in key order; 8·kVecs features per pass in
+// registers.
 __attribute__((target_clones("avx2", "default"))) void weighted_sum(const float* p, const Head& h, int64_t n,
                                                                     float* acc) {
   int64_t d = 0;
-  for (; d + 32 <= h.hdp; d += 32) {
-    v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (; d + 8 * kVecs <= h.hdp; d += 8 * kVecs) {
+    v8f a[kVecs] = {};
     for (int64_t u = 0; u < n; ++u) {
       const float* v = h.vf + u * h.hdp + d;
       const v8f pu = splat(p[u]);
-      a0 += pu * load8(v);
-      a1 += pu * load8(v + 8);
-      a2 += pu * load8(v + 16);
-      a3 += pu * load8(v + 24);
+#pragma GCC unroll 8
+      for (int j = 0; j < kVecs; ++j) a[j] += pu * load8(v + 8 * j);
     }
-    store8(acc + d, a0);
-    store8(acc + d + 8, a1);
-    store8(acc + d + 16, a2);
-    store8(acc + d + 24, a3);
+#pragma GCC unroll 8
+    for (int j = 0; j < kVecs; ++j) store8(acc + d + 8 * j, a[j]);
   }
   for (; d < h.hdp; d += 8) {
     v8f a = {};

@@ -117,11 +117,10 @@ inline int64_t round_up8(int64_t n) { return (n + 7) & ~int64_t{7}; }
 
 // The backend's reusable scratch (outside the activation block).
 struct Scratch {
-  std::vector<float> xf;                         // linear: x in float32, [rows, round_up8(in)]
-  std::vector<std::vector<float>> weight_rows;   // linear: per slot, dequantized rows
-  std::vector<std::vector<uint16_t>> bf16_rows;  // linear: per slot, bf16 dequant output
-  std::vector<std::vector<float>> kv;            // attention: per slot, K and V of one head
-  std::vector<std::vector<float>> scores;        // attention: per slot, one row of scores
+  std::vector<float> xf;                        // linear: x in float32, [rows, round_up8(in)]
+  std::vector<std::vector<float>> weight_rows;  // linear: per slot, dequantized rows
+  std::vector<std::vector<float>> kv;           // attention: per slot, K and V of one head
+  std::vector<std::vector<float>> scores;       // attention: per slot, one row of scores
 };
 
 void linear(ThreadPool& pool, Scratch& scratch, const Mat& x, const DequantParams& weight,

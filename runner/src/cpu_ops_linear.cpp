@@ -1,11 +1,11 @@
 // linear on the CPU: out = ⟦x·Wᵀ + b⟧. x is widened to float32 once per call; each thread
 // dequantizes blocks of weight rows (to the activation dtype, exactly as the runner's dequant
-// kernels do: dequantize_to_bf16_cpu for bf16 activations) into float32 and multiplies them with
-// every token. The sum of an output element runs over 8 partial sums, lane l taking the products
-// of inputs k ≡ l (mod 8) in order, combined as ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)) — the order
-// of cpu::gemm_rows — then the bias is added in float32 and the result rounded once. Products
-// and sums are separate float32 operations (no FMA), so the result does not depend on the ISA
-// the kernel was compiled for (an AVX2 clone and the baseline one give the same bits).
+// kernels do: for bf16 activations the values of dequantize_to_bf16_cpu) into float32 and
+// multiplies them with every token. The sum of an output element runs over 8 partial sums, lane l taking the
+// products of inputs k ≡ l (mod 8) in order, combined as ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)) — the order of
+// cpu::gemm_rows — then the bias is added in float32 and the result rounded once. Products and sums are
+// separate float32 operations (no FMA), so the result does not depend on the ISA the kernel was compiled for
+// (an AVX2 clone and the baseline one give the same bits).
 #include <algorithm>
 #include <cstring>
 
@@ -86,31 +86,63 @@ __attribute__((target_clones("avx2", "default"))) void gemm_block(const float* x
   }
 }
 
-// Weight rows [row0, row0 + n) as float32 values of the activation dtype, [n, kp], each row
-// padded with -0 (x is padded with +0: the padding adds -0, which changes no sum).
-void dequant_rows(const DequantParams& w, DType act, uint64_t row0, uint64_t n, int64_t kp, float* dst,
-                  std::vector<uint16_t>& tmp) {
-  const uint64_t cols = w.cols;
-  if (act != DType::F16 && w.kind == WeightKind::Bf16) {
-    // Plain bf16 to bf16 or f32 activations: the value itself (exact).
-    for (uint64_t r = 0; r < n; ++r)
-      for (uint64_t c = 0; c < cols; ++c)
-        dst[r * kp + c] = kmath::bf16_bits_to_f32(dq::load_u16(w.weight, (row0 + r) * cols + c));
-  } else if (act == DType::BF16) {
-    tmp.resize(n * cols);
-    dequantize_to_bf16_cpu(w, tmp.data(), row0 * cols, (row0 + n) * cols);
-    for (uint64_t r = 0; r < n; ++r)
-      for (uint64_t c = 0; c < cols; ++c) dst[r * kp + c] = kmath::bf16_bits_to_f32(tmp[r * cols + c]);
-  } else {
-    float code_table[16];
-    float nested_map[256];
-    if (is_4bit(w.kind)) resolve_tables(w, code_table, nested_map);
-    for (uint64_t r = 0; r < n; ++r)
-      for (uint64_t c = 0; c < cols; ++c)
-        dst[r * kp + c] = round_to(act, dq::element_f32(w, (row0 + r) * cols + c, code_table, nested_map));
+// One row's elements [c0, c1) of a 4-bit weight: the 16 possible values of each absmax block
+// (code · absmax, rounded to the activation dtype) looked up by code.
+void dequant_4bit_row(const DequantParams& w, DType act, uint64_t row, const float* code_table,
+                      const float* nested_map, float* dst) {
+  const uint64_t base = row * w.cols;
+  uint64_t c = 0;
+  while (c < w.cols) {
+    const uint64_t block = (base + c) / w.blocksize;
+    const uint64_t end = std::min<uint64_t>(w.cols, (block + 1) * w.blocksize - base);
+    const float absmax = dq::block_absmax(w, block, nested_map);
+    float values[16];
+    for (int q = 0; q < 16; ++q) values[q] = round_to(act, kmath::x86_mul(code_table[q], absmax));
+    for (; c < end; ++c) dst[c] = values[dq::code_of(w.weight, base + c)];
   }
-  for (uint64_t r = 0; r < n; ++r)
-    for (int64_t c = static_cast<int64_t>(cols); c < kp; ++c) dst[r * kp + c] = -0.0f;
+}
+
+// Weight rows [row0, row0 + n) as float32 values of the activation dtype, [n, kp], each row
+// padded with -0 (x is padded with +0: the padding adds -0, which changes no sum). Element for
+// element the value dq::element_f32 gives (the same float32 operations: what
+// dequantize_to_bf16_cpu rounds to bf16), rounded to the activation dtype, with the scales of a
+// row or a block computed once.
+void dequant_rows(const DequantParams& w, DType act, uint64_t row0, uint64_t n, int64_t kp, float* dst) {
+  const uint64_t cols = w.cols;
+  float code_table[16];
+  float nested_map[256];
+  if (is_4bit(w.kind)) {
+    QTOOL_ASSERT(w.blocksize > 0);
+    resolve_tables(w, code_table, nested_map);
+  }
+  for (uint64_t r = 0; r < n; ++r) {
+    const uint64_t row = row0 + r;
+    float* out = dst + r * kp;
+    switch (w.kind) {
+      case WeightKind::Nf4:
+      case WeightKind::Fp4: dequant_4bit_row(w, act, row, code_table, nested_map, out); break;
+      case WeightKind::Int8:
+      case WeightKind::Fp8E4M3:
+      case WeightKind::Fp8E5M2: {
+        const float scale = dq::row_scale(w, row);
+        for (uint64_t c = 0; c < cols; ++c)
+          out[c] = round_to(act, dq::rowwise_value(w.kind, w.weight[row * cols + c], scale));
+        break;
+      }
+      case WeightKind::Bf16:
+        if (act != DType::F16) {  // a bf16 value is one of bf16 and f32 (no rounding)
+          for (uint64_t c = 0; c < cols; ++c)
+            out[c] = kmath::bf16_bits_to_f32(dq::load_u16(w.weight, row * cols + c));
+          break;
+        }
+        [[fallthrough]];
+      case WeightKind::F16:
+      case WeightKind::F32:
+        for (uint64_t c = 0; c < cols; ++c) out[c] = round_to(act, dq::plain_value(w, row * cols + c));
+        break;
+    }
+    std::fill(out + cols, out + kp, -0.0f);
+  }
 }
 
 }  // namespace
@@ -151,7 +183,7 @@ void linear(ThreadPool& pool, Scratch& scratch, const Mat& x, const DequantParam
     for (size_t b = b0; b < b1; ++b) {
       const uint64_t row0 = b * block;
       const uint64_t n = std::min<uint64_t>(block, weight.rows - row0);
-      dequant_rows(weight, out.dtype, row0, n, kp, wf.data(), scratch.bf16_rows[slot]);
+      dequant_rows(weight, out.dtype, row0, n, kp, wf.data());
       gemm_block(xf, tokens, kp, wf.data(), static_cast<int64_t>(n), static_cast<int64_t>(row0),
                  bias ? bias_f.data() : nullptr, out);
     }

@@ -23,6 +23,7 @@
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/libquant/quant.hpp"
 #include "qtool/runner/cpu_ops.hpp"
+#include "qtool/runner/dequant.hpp"
 
 using namespace qtool;
 using namespace qtool::runner;
@@ -859,4 +860,115 @@ TEST_CASE("cpu ops: attention edge cases (one key, causal first row, fully maske
         CHECK_MESSAGE(std::isnan(got[r * H * hd + c]) == (r == 2 && c >= hd), "row ", r, " col ", c);
     ops->release(m);
   }
+}
+
+namespace {
+
+// A quantized weight in one of the layouts the runner binds, with random codes and scales
+// (any bytes: NaN and infinite codes included, as corrupted files hold).
+struct RawWeight {
+  std::vector<uint8_t> weight, scale, nested, map;
+  DequantParams p;
+};
+
+RawWeight raw_weight(std::mt19937_64& rng, WeightKind kind, uint64_t rows, uint64_t cols, int layout) {
+  RawWeight w;
+  w.p.kind = kind;
+  w.p.rows = rows;
+  w.p.cols = cols;
+  const uint64_t numel = rows * cols;
+  const auto floats = [&](std::vector<uint8_t>& dst, size_t n, float lo, float hi) {
+    std::vector<float> v(n);
+    for (float& x : v) x = std::uniform_real_distribution<float>(lo, hi)(rng);
+    dst.resize(n * 4);
+    std::memcpy(dst.data(), v.data(), dst.size());
+  };
+  if (is_4bit(kind)) {
+    w.p.blocksize = layout == 0 ? 64 : 32;
+    const uint64_t n_blocks = (numel + w.p.blocksize - 1) / w.p.blocksize;
+    w.weight.resize((numel + 1) / 2);
+    for (auto& b : w.weight) b = static_cast<uint8_t>(rng());
+    if (layout == 0) {
+      floats(w.scale, n_blocks, 0.01f, 2.0f);
+    } else {
+      w.p.double_quant = true;
+      w.p.nested_offset = 0.03125f;
+      w.scale.resize(n_blocks);
+      for (auto& b : w.scale) b = static_cast<uint8_t>(rng());
+      floats(w.nested, (n_blocks + 255) / 256, 0.001f, 0.02f);
+      floats(w.map, 16, -1.0f, 1.0f);  // a file's own quant_map
+      w.p.nested_absmax = w.nested.data();
+      w.p.quant_map = w.map.data();
+    }
+  } else {
+    w.weight.resize(numel);
+    for (auto& b : w.weight) b = static_cast<uint8_t>(rng());
+    if (kind == WeightKind::Int8 || layout == 0) {
+      floats(w.scale, rows, 0.01f, 3.0f);
+    } else {
+      w.p.per_tensor = layout == 1;
+      w.p.scale_type = layout == 1 ? ScaleType::Bf16 : ScaleType::F16;
+      const size_t n = layout == 1 ? 1 : rows;
+      w.scale.resize(2 * n);
+      for (size_t i = 0; i < n; ++i) {
+        const float v = std::uniform_real_distribution<float>(0.01f, 3.0f)(rng);
+        const uint16_t h = layout == 1 ? f32_to_bf16(v) : f32_to_f16(v);
+        std::memcpy(w.scale.data() + 2 * i, &h, 2);
+      }
+    }
+  }
+  w.p.weight = w.weight.data();
+  w.p.scale = w.scale.data();
+  return w;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "cpu ops: linear of a quantized weight equals linear of the runner's dequantized weight, every layout") {
+  ThreadPool pool(2);
+  auto ops = make_cpu_ops(pool, 1 << 22);
+  Gen g(11);
+  g.special_rate = 0.0;
+  struct Variant {
+    WeightKind kind;
+    int layout;
+    const char* what;
+  };
+  const Variant variants[] = {{WeightKind::Nf4, 0, "nf4 blocksize 64"},
+                              {WeightKind::Nf4, 1, "nf4 double quant, blocksize 32, file quant_map"},
+                              {WeightKind::Fp4, 0, "fp4"},
+                              {WeightKind::Int8, 0, "int8"},
+                              {WeightKind::Fp8E4M3, 1, "fp8 e4m3 per tensor, bf16 scale"},
+                              {WeightKind::Fp8E5M2, 2, "fp8 e5m2 per row, f16 scales"}};
+  for (DType dt : kDtypes)
+    for (const Variant& v : variants) {
+      const uint64_t rows = 37, cols = 45;  // blocks straddle rows
+      const RawWeight w = raw_weight(g.rng, v.kind, rows, cols, v.layout);
+      // The plain weight the op must see: the runner's dequantization (dequantize_to_bf16_cpu for
+      // bf16 activations; the same element values rounded to f16, or kept in f32, otherwise).
+      std::vector<uint8_t> plain(rows * cols * dtype_size(dt));
+      if (dt == DType::BF16) {
+        dequantize_to_bf16_cpu(w.p, reinterpret_cast<uint16_t*>(plain.data()), 0, rows * cols);
+      } else {
+        float code_table[16], nested_map[256];
+        resolve_tables(w.p, code_table, nested_map);
+        std::vector<float> f(rows * cols);
+        for (uint64_t i = 0; i < rows * cols; ++i) f[i] = dq::element_f32(w.p, i, code_table, nested_map);
+        convert_from_f32(dt, f.data(), plain.data(), f.size());
+      }
+      DequantParams pp;
+      pp.kind = dt == DType::BF16 ? WeightKind::Bf16 : dt == DType::F16 ? WeightKind::F16 : WeightKind::F32;
+      pp.rows = rows;
+      pp.cols = cols;
+      pp.weight = plain.data();
+      const size_t m = ops->mark();
+      const Tensor x = make(*ops, g, 9, cols, dt, true);
+      const Tensor out = make(*ops, g, 9, rows, dt, false);
+      ops->linear(x.view, pp, nullptr, out.view);
+      const std::vector<float> want = read(*ops, out.view);
+      ops->linear(x.view, w.p, nullptr, out.view);
+      expect_exact(*ops, out, want, std::string("linear ") + v.what + " " + name(dt));
+      ops->release(m);
+    }
 }
