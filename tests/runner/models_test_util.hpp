@@ -13,6 +13,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "models.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/safetensors.hpp"
@@ -178,6 +179,7 @@ struct ForwardRun {
   uint64_t peak = 0;
   uint64_t reserved = 0;
   std::vector<std::string> fetched;
+  std::vector<runner::HostTensor> stages;  // the state after each unit (StagedForward)
 };
 
 // The whole forward on the CPU ops whose activation memory is exactly the planner's reserve.
@@ -190,7 +192,12 @@ inline ForwardRun run_forward(runner::Forward& fwd, const Component& comp,
   const auto ops = runner::make_cpu_ops(pool, r.reserved);
   CheckpointWeights weights(comp);
   fwd.begin(*ops, inputs);
-  for (size_t u = 0; u < fwd.units().size(); ++u) fwd.run_unit(u, *ops, weights);
+  auto* staged = dynamic_cast<runner::models::StagedForward*>(&fwd);
+  for (size_t u = 0; u < fwd.units().size(); ++u) {
+    fwd.run_unit(u, *ops, weights);
+    if (staged)
+      for (runner::HostTensor& t : staged->stages(*ops, u)) r.stages.push_back(std::move(t));
+  }
   r.output = fwd.output(*ops);
   r.peak = ops->peak_bytes();
   r.fetched = weights.fetched;

@@ -79,6 +79,34 @@ TEST_CASE("forwards give the frameworks' outputs on their own tiny checkpoints")
   }
 }
 
+TEST_CASE("every unit's state stays within the output's tolerance of the framework's hooks") {
+  // The frameworks' forward hooks (forward_models.py) give each block's output; the state after
+  // the matching unit lies within the bound of the final output (twice the framework's bf16
+  // noise), the error growing from about one bf16 rounding after the first GEMM.
+  ThreadPool pool(2);
+  for (const std::string& v : kVariants) {
+    Loaded l = load(v);
+    const ForwardRun r = run_forward(*l.fwd, l.comp(), inputs_of(*l.fwd, l.vectors), DType::BF16, pool);
+    const Judgement j = judge(r.output, l.vectors);
+    size_t hooked = 0;
+    for (const auto& [name, t] : l.vectors) hooked += name.starts_with("stage.");
+    CHECK(r.stages.size() == hooked);
+    for (const runner::HostTensor& s : r.stages) {
+      CAPTURE(v);
+      CAPTURE(s.name);
+      const auto want = l.vectors.find("stage." + s.name);
+      REQUIRE(want != l.vectors.end());
+      CHECK(s.shape == want->second.shape);
+      const Deviation d = deviation(as_floats(s), as_floats(want->second));
+      std::printf("%-17s %-36s max rel %.5f, rms rel %.5f\n", v.c_str(), s.name.c_str(), d.max_rel,
+                  d.rms_rel);
+      CHECK(d.finite);
+      CHECK(d.max_rel <= 2 * j.noise.max_rel);
+      CHECK(d.rms_rel <= 2 * j.noise.rms_rel);
+    }
+  }
+}
+
 TEST_CASE("a damaged tensor moves the output far outside the tolerance") {
   // What verify relies on: every tensor feeds the output. Damage a norm weight, a bias and the
   // embedding of a copy of each model (every 7th byte XORed) and compare again.

@@ -19,7 +19,7 @@ using planner::FluxArch;
 constexpr float kEps = 1e-6f;
 constexpr int64_t kSinusoid = 256;
 
-class FluxForward final : public Forward {
+class FluxForward final : public StagedForward {
  public:
   FluxForward(const FluxArch& arch, DType dtype, std::string config_file)
       : arch_(arch), a_(arch), dtype_(dtype), config_file_(std::move(config_file)) {
@@ -149,6 +149,31 @@ class FluxForward final : public Forward {
     if (unit < norm_out) return single_block(static_cast<int64_t>(unit - first_single), ops, weights);
     if (unit == norm_out) return norm_out_unit(ops, weights);
     proj_out(ops, weights);
+  }
+
+  std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
+    const int64_t d = a_.dim();
+    const auto stream = [&](std::string name, bool text) {
+      HostTensor t{std::move(name), dtype_, {batch_, text ? tt_ : ti_, d}, {}};
+      for (int64_t b = 0; b < batch_; ++b)
+        download_rows(ops, hs_, b * seq() + (text ? 0 : tt_), text ? tt_ : ti_, t);
+      return t;
+    };
+    const std::string& u = units_[unit];
+    if (u == "x_embedder") return {stream(u, false)};
+    if (u == "context_embedder") return {stream(u, true)};
+    if (u == "time_text_embed") {
+      HostTensor t{u, dtype_, {batch_, d}, {}};
+      download_rows(ops, c_, 0, batch_, t);
+      return {std::move(t)};
+    }
+    if (u == "norm_out") {
+      HostTensor t{u, dtype_, {batch_, ti_, d}, {}};
+      download_rows(ops, normed_, 0, batch_ * ti_, t);
+      return {std::move(t)};
+    }
+    if (u == "proj_out") return {};
+    return {stream(u + ".txt", true), stream(u + ".img", false)};
   }
 
   HostTensor output(Ops& ops) override {

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <numbers>
 
+#include "models.hpp"
 #include "qtool/formats/error.hpp"
 
 namespace qtool::runner::models {
@@ -295,6 +296,13 @@ void UnitWeights::fetch(WeightSource& source) {
            " elements); ", config_file_, " implies ", want);
     }
   }
+}
+
+void download_rows(Ops& ops, const Mat& m, int64_t row, int64_t n, HostTensor& t) {
+  const Mat v = m.rows_view(row, n);
+  const size_t at = t.bytes.size();
+  t.bytes.resize(at + static_cast<size_t>(n * m.cols) * m.elem_bytes());
+  ops.download(v, t.bytes.data() + at);
 }
 
 }  // namespace qtool::runner::models
