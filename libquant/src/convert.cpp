@@ -198,6 +198,8 @@ uint64_t copy_other_files(const Checkpoint& checkpoint, const fs::path& out_root
       continue;
     }
     std::error_code ec2;
+    if (fs::is_other(it->status(ec2)))  // a FIFO, socket or device: copying it would block or never end
+      fail(ErrorKind::InvalidInput, path.string(), ": not a regular file (a FIFO, socket or device) in the checkpoint folder");
     if (!it->is_regular_file(ec2)) continue;
     const fs::path abs = normal_abs(path);
     if (weights.count(abs)) continue;
@@ -741,6 +743,8 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         std::vector<std::span<const uint8_t>> parts(outs.begin(), outs.end());
         const TensorBytes tb = tensor_bytes(linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
         error_stats(linear, tb, t.dtype, data, pool, tr);
+        // A shard truncated under us reads as zeros past its end (MappedFile): stop here.
+        component.shard_of(e).check_intact();
         release_tensor_pages(component, e);
         for (const auto& o : outs) tr.bytes_out += o.size();
         for (size_t k = 0; k < group.size(); ++k) {
@@ -756,6 +760,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       report.tensors.push_back(std::move(tr));
     }
     writes.finish();
+    checkpoint.check_intact();  // the copied tensors too
     sink.commit();
     cr.n_shards = sink.n_shards();
 
@@ -783,6 +788,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
   std::vector<std::string> copy_warnings;
   report.files_copied = copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
   report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
+  checkpoint.check_intact();
   out.commit();
   report.seconds = now_seconds(start);
   return report;
@@ -937,6 +943,7 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
       progress.advance(tr.bytes_in, name);
       report.tensors.push_back(std::move(tr));
     }
+    checkpoint.check_intact();  // a shard truncated under us reads as zeros past its end (MappedFile)
     sink.commit();
     cr.n_shards = sink.n_shards();
     if (!is_file && component.config()) {
@@ -955,6 +962,7 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
   std::vector<std::string> copy_warnings;
   report.files_copied = copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
   report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
+  checkpoint.check_intact();
   out.commit();
   report.seconds = now_seconds(start);
   return report;

@@ -7,6 +7,7 @@
 #include <numeric>
 #include <unordered_map>
 
+#include "qtool/formats/checked.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/size.hpp"
 #include "planner_internal.hpp"
@@ -575,8 +576,8 @@ uint64_t Planner::page_tables_bound() const {
   if (opt_.prefetch) max_k = *opt_.prefetch;
   uint32_t max_n = 4;  // the largest blocks-per-group candidate
   if (opt_.blocks_per_group) max_n = *opt_.blocks_per_group;
-  return pinned_page_table_bytes(opt_.profile,
-                                 std::min(pinned + static_cast<uint64_t>(max_k) * max_n * largest, host_budget_));
+  const uint64_t ring = checked_mul(max_k, max_n, largest).value_or(UINT64_MAX);
+  return pinned_page_table_bytes(opt_.profile, std::min(checked_add(pinned, ring).value_or(UINT64_MAX), host_budget_));
 }
 
 GpuWork Planner::base_work() const {
@@ -982,9 +983,12 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
 }
 
 Plan Planner::run() {
-  if (opt_.tokens == 0) fail(ErrorKind::Usage, "--tokens must be positive");
-  if (opt_.prefetch && *opt_.prefetch == 0) fail(ErrorKind::Usage, "--prefetch must be at least 1");
-  if (opt_.blocks_per_group && *opt_.blocks_per_group == 0) fail(ErrorKind::Usage, "--blocks-per-group must be at least 1");
+  if (opt_.tokens == 0 || opt_.tokens > kMaxTokens)
+    fail(ErrorKind::Usage, "--tokens: ", opt_.tokens, " is not from 1 to ", kMaxTokens);
+  if (opt_.prefetch && (*opt_.prefetch == 0 || *opt_.prefetch > kMaxPrefetch))
+    fail(ErrorKind::Usage, "--prefetch: ", *opt_.prefetch, " is not from 1 to ", kMaxPrefetch);
+  if (opt_.blocks_per_group && (*opt_.blocks_per_group == 0 || *opt_.blocks_per_group > kMaxBlocksPerGroup))
+    fail(ErrorKind::Usage, "--blocks-per-group: ", *opt_.blocks_per_group, " is not from 1 to ", kMaxBlocksPerGroup);
   if (opt_.budget.gpus.empty()) {
     fail(ErrorKind::InvalidInput, "no GPU to plan for: ", opt_.budget.note.empty() ? "the budget names none" : opt_.budget.note,
          "; give one with --max-memory (e.g. 0=20GiB,cpu=64GiB)");
