@@ -25,6 +25,9 @@ ThreadPool::ThreadPool(size_t n_threads) {
       stop_and_join();
       fail(ErrorKind::Io, "cannot start worker thread ", i + 1, " of ", n_threads_, ": ", e.what(),
            " (use fewer threads, e.g. --threads ", i, ")");
+    } catch (...) {
+      stop_and_join();
+      throw;
     }
   }
 }
@@ -44,11 +47,8 @@ void ThreadPool::stop_and_join() {
 size_t ThreadPool::test_fail_thread() {
   // QTOOL_TEST_FAIL_THREAD=N: creating worker N (1-based, the caller being 0) fails as when the
   // system is out of threads, so that tests reach the cleanup path without exhausting the machine.
-  static const size_t n = [] {
-    const char* v = std::getenv("QTOOL_TEST_FAIL_THREAD");
-    return v && *v ? static_cast<size_t>(std::strtoull(v, nullptr, 10)) : size_t{0};
-  }();
-  return n;
+  const char* v = std::getenv("QTOOL_TEST_FAIL_THREAD");
+  return v && *v ? static_cast<size_t>(std::strtoull(v, nullptr, 10)) : size_t{0};
 }
 
 void ThreadPool::worker_loop() {

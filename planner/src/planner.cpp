@@ -79,6 +79,16 @@ double copy_seconds(uint64_t bytes, const Location& target, const DeviceProfile&
   return s;
 }
 
+// 2 * tokens * out * in, checked: tokens and shapes come from the command line and the files.
+static uint64_t linear_flops(uint64_t tokens, const LinearOp& op) {
+  const auto f = checked_mul(2 * tokens, static_cast<uint64_t>(op.out), static_cast<uint64_t>(op.in));
+  if (!f) {
+    fail(ErrorKind::InvalidInput, "linear '", op.module, "' [", op.out, ", ", op.in, "] at ", tokens,
+         " tokens: its FLOP count overflows 64 bits (lower --tokens)");
+  }
+  return *f;
+}
+
 double linear_seconds(const LinearOp& l, uint64_t tokens, const DeviceProfile& p) {
   const double numel = static_cast<double>(l.out) * static_cast<double>(l.in);
   double s = 2.0 * static_cast<double>(tokens) * numel / (p.bf16_tflops * 1e12) + p.kernel_launch_us * 1e-6;
@@ -392,7 +402,7 @@ void Planner::unit_work(UnitInfo& u, const CompData& cd,
       op.in = wd.shape[1];
     }
     if (op.out <= 0 || op.in <= 0) continue;
-    u.flops += 2ull * opt_.tokens * static_cast<uint64_t>(op.out) * static_cast<uint64_t>(op.in);
+    u.flops += linear_flops(opt_.tokens, op);
     const double secs = linear_seconds(op, opt_.tokens, opt_.profile);
     u.compute_s += secs;
     if (!u.leaves.empty() && u.leaves.back().prefix == node.prefix) {
@@ -759,7 +769,7 @@ void Planner::simulate(Outcome& o) const {
     }
     double start = t;
     if (prev_exec >= 0 && s.exec != prev_exec && first_in) {
-      start += static_cast<double>(opt_.tokens * first_in * 2) / (p.p2p_gbps * 1e9);
+      start += static_cast<double>(opt_.tokens) * static_cast<double>(first_in) * 2.0 / (p.p2p_gbps * 1e9);
     }
     if (s.group >= 0) {
       const GroupDraft& g = o.groups[static_cast<size_t>(s.group)];
@@ -1263,7 +1273,7 @@ Plan Planner::assemble(const Outcome& o) const {
       }
     }
     for (const LinearOp& op : st.linears) {
-      st.flops += 2ull * opt_.tokens * static_cast<uint64_t>(op.out) * static_cast<uint64_t>(op.in);
+      st.flops += linear_flops(opt_.tokens, op);
       st.compute_s += linear_seconds(op, opt_.tokens, prof);
     }
     comp_time[st.component] += st.compute_s + (st.group >= 0 ? 0.0 : 0.0);
