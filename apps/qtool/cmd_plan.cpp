@@ -84,9 +84,11 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
       ->check(count_range(1, static_cast<int64_t>(planner::kMaxTokens)));
   cmd->add_option("--offload", o->offload, "Offload groups: block (N consecutive blocks), leaf (single layers), auto")
       ->default_val("auto");
-  cmd->add_option("--blocks-per-group", o->blocks_per_group, "Blocks per offload group (block mode); default: chosen")
+  cmd->add_option("--blocks-per-group", o->blocks_per_group,
+                  "Blocks per offload group (block mode); default: chosen")
       ->check(count_range(1, planner::kMaxBlocksPerGroup));
-  cmd->add_option("--prefetch", o->prefetch, "Device slots per streaming GPU (prefetch depth); default: chosen")
+  cmd->add_option("--prefetch", o->prefetch,
+                  "Device slots per streaming GPU (prefetch depth); default: chosen")
       ->check(count_range(1, planner::kMaxPrefetch));
   cmd->add_option("--device-profile", o->device_profile,
                   "Device profile JSON (or a name in sample_configs/devices/); default h100-pcie-gen5");

@@ -60,8 +60,7 @@ void add_profile_command(CLI::App& app, const GlobalOptions& global, CommandFn& 
       ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
   cmd->add_option("--device", o->device, "The GPU to measure (default 0)");
   cmd->add_option("--copy-size", o->copy_size, "Bytes per bandwidth measurement (default 256MiB)");
-  cmd->add_option("--tokens", o->tokens,
-                  "GEMM rate measured at [tokens, 4096] x [4096, 4096] (default 4096)")
+  cmd->add_option("--tokens", o->tokens, "GEMM rate measured at [tokens, 4096] x [4096, 4096] (default 4096)")
       ->check(count_range(1, 1 << 20));
   cmd->add_option("--repeats", o->repeats, "Timed repeats per measurement; the median is kept (default 7)")
       ->check(CLI::Range(1u, 1000u));

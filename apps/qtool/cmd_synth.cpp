@@ -12,8 +12,8 @@
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/json.hpp"
 #include "qtool/formats/size.hpp"
-#include "qtool/formats/thread_pool.hpp"
 #include "qtool/formats/synth.hpp"
+#include "qtool/formats/thread_pool.hpp"
 
 namespace qtool::cli {
 namespace {

@@ -65,7 +65,8 @@ void check_report_path(const std::string& report) {
   if (fs::exists(fs::symlink_status(p, ec)) && !fs::is_regular_file(p, ec))
     fail(ErrorKind::Usage, "--report: ", report, " exists and is not a regular file");
   const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
-  if (!fs::is_directory(dir, ec)) fail(ErrorKind::Usage, "--report: the folder ", dir.string(), " does not exist");
+  if (!fs::is_directory(dir, ec))
+    fail(ErrorKind::Usage, "--report: the folder ", dir.string(), " does not exist");
   if (::access(dir.c_str(), W_OK) != 0)
     fail(ErrorKind::Usage, "--report: cannot write into ", dir.string(), ": ", std::strerror(errno));
 }

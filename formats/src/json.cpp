@@ -55,7 +55,7 @@ class BoundedBuilder {
   using binary_t = typename Json::binary_t;
 
   Json root;
-  std::string problem;        // why parsing stopped; empty when it did not
+  std::string problem;         // why parsing stopped; empty when it did not
   size_t position = kUnknown;  // byte offset of the problem, when the parser knows it
   bool too_deep = false;
 
@@ -79,7 +79,8 @@ class BoundedBuilder {
   bool key(string_t& k) {
     Frame& f = frames_.back();
     if (!f.keys.insert(k).second) {
-      problem = str_cat("duplicate key '", k, "' in ", path_of_open(), " (a key may appear once in an object)");
+      problem =
+          str_cat("duplicate key '", k, "' in ", path_of_open(), " (a key may appear once in an object)");
       return false;
     }
     f.key = std::move(k);
@@ -217,7 +218,9 @@ std::string read_text_file(const fs::path& path) {
   return text;
 }
 
-nlohmann::json read_json_file(const fs::path& path) { return parse_json(read_text_file(path), path.string()); }
+nlohmann::json read_json_file(const fs::path& path) {
+  return parse_json(read_text_file(path), path.string());
+}
 
 std::string dump_json(const nlohmann::json& value, int indent) {
   return value.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);

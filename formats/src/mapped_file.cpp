@@ -128,7 +128,8 @@ void MappedFile::check_intact() const {
   if (fault == 0 && !shrank) return;
   std::string what = fault ? str_cat("byte ", fault - 1, " was read past its end") : std::string();
   if (shrank)
-    what = str_cat("it is ", st.st_size, " bytes now, ", size_, " when it was opened", what.empty() ? "" : "; ", what);
+    what = str_cat("it is ", st.st_size, " bytes now, ", size_, " when it was opened",
+                   what.empty() ? "" : "; ", what);
   fail(ErrorKind::Io, path_.string(), ": truncated while being read (", what,
        "): is a download or another program still writing it?");
 }

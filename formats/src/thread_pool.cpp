@@ -13,7 +13,8 @@ namespace qtool {
 ThreadPool::ThreadPool(size_t n_threads) {
   if (n_threads > kMaxThreads)
     fail(ErrorKind::Usage, "a pool of ", n_threads, " threads is more than the ", kMaxThreads, " allowed");
-  n_threads_ = n_threads ? n_threads : std::clamp<size_t>(std::thread::hardware_concurrency(), 1, kMaxThreads);
+  n_threads_ =
+      n_threads ? n_threads : std::clamp<size_t>(std::thread::hardware_concurrency(), 1, kMaxThreads);
   // The calling thread is one of the workers.
   workers_.reserve(n_threads_ - 1);
   for (size_t i = 1; i < n_threads_; ++i) {

@@ -199,7 +199,8 @@ uint64_t copy_other_files(const Checkpoint& checkpoint, const fs::path& out_root
     }
     std::error_code ec2;
     if (fs::is_other(it->status(ec2)))  // a FIFO, socket or device: copying it would block or never end
-      fail(ErrorKind::InvalidInput, path.string(), ": not a regular file (a FIFO, socket or device) in the checkpoint folder");
+      fail(ErrorKind::InvalidInput, path.string(),
+           ": not a regular file (a FIFO, socket or device) in the checkpoint folder");
     if (!it->is_regular_file(ec2)) continue;
     const fs::path abs = normal_abs(path);
     if (weights.count(abs)) continue;

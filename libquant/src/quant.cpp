@@ -11,7 +11,6 @@
 
 #include "qtool/formats/checked.hpp"
 #include "qtool/formats/json.hpp"
-
 #include "scheme.hpp"
 
 namespace qtool::quant {
@@ -304,8 +303,9 @@ struct Finder {
       fail(ErrorKind::InvalidInput, where(state_entry), ": dtype ", dtype_name(st.dtype),
            ", expected U8 JSON bytes");
     const auto bytes = comp.data(state_entry);
-    const nlohmann::json j = parse_json(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()),
-                                        str_cat(where(state_entry), ": quant_state"));
+    const nlohmann::json j =
+        parse_json(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()),
+                   str_cat(where(state_entry), ": quant_state"));
     auto bad = [&](std::string_view key, std::string_view msg) {
       fail(ErrorKind::InvalidInput, where(state_entry), ": quant_state key '", key, "' ", msg);
     };

@@ -4,8 +4,8 @@
 #include <string>
 #include <system_error>
 
-#include "qtool/formats/json.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 #include "qtool/formats/size.hpp"
 #include "qtool/planner/planner.hpp"
 

@@ -2,8 +2,8 @@
 
 #include <set>
 
-#include "qtool/formats/json.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 
 namespace qtool::planner {
 
@@ -59,8 +59,8 @@ uint64_t byte_count(const nlohmann::json& v, std::string_view label, std::string
     const uint64_t b = v.get<uint64_t>();
     if (b == 0 && !allow_zero) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be positive");
     if (b > kMaxProfileBytes)
-      fail(ErrorKind::InvalidInput, label, ": key '", key, "' is ", b, " bytes, more than 1 PiB (", kMaxProfileBytes,
-           ")");
+      fail(ErrorKind::InvalidInput, label, ": key '", key, "' is ", b, " bytes, more than 1 PiB (",
+           kMaxProfileBytes, ")");
     return b;
   }
   const int64_t b = v.get<int64_t>();

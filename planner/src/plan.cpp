@@ -5,8 +5,8 @@
 #include <optional>
 
 #include "qtool/formats/checked.hpp"
-#include "qtool/formats/json.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 
 namespace qtool::planner {
 
@@ -59,8 +59,8 @@ std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork
   // Every size is checked: tokens, shapes and slot counts come from the command line or a file.
   auto product = [&](std::string_view name, std::optional<uint64_t> bytes) -> uint64_t {
     if (!bytes || *bytes > UINT64_MAX - std::max<uint64_t>(g, 1))
-      fail(ErrorKind::InvalidInput, "the ", name, " buffer of ", w.tokens, " tokens (largest linear in ", w.max_in,
-           ", out ", w.max_out, "; ", w.n_slots, " slots of ", w.slot_bytes,
+      fail(ErrorKind::InvalidInput, "the ", name, " buffer of ", w.tokens, " tokens (largest linear in ",
+           w.max_in, ", out ", w.max_out, "; ", w.n_slots, " slots of ", w.slot_bytes,
            " bytes) overflows 64 bits: lower --tokens");
     return *bytes;
   };
@@ -78,7 +78,8 @@ std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork
       str_cat("bf16 weight of the largest non-bf16 linear (", w.max_dequant_numel, " elements)"));
   add("pinned_page_tables", pinned_page_table_bytes(profile, w.pinned_host_bytes),
       str_cat("mapping of ", w.pinned_host_bytes, " bytes of pinned host memory (",
-              (w.pinned_host_bytes >> 30) + ((w.pinned_host_bytes & ((1ull << 30) - 1)) != 0), " GiB started)"),
+              (w.pinned_host_bytes >> 30) + ((w.pinned_host_bytes & ((1ull << 30) - 1)) != 0),
+              " GiB started)"),
       false);
   if (w.n_slots > 0) {
     add("device_slots", product("device_slots", checked_mul(w.n_slots, w.slot_bytes)),
@@ -280,8 +281,8 @@ struct Reader {
   uint64_t bounded(const json& obj, std::string_view key, const std::string& path, uint64_t max) const {
     const uint64_t v = u64(obj, key, path);
     if (v > max) {
-      fail(ErrorKind::InvalidInput, label, ": key '", path, path.empty() ? "" : ".", key, "' is ", v, ", more than ",
-           max);
+      fail(ErrorKind::InvalidInput, label, ": key '", path, path.empty() ? "" : ".", key, "' is ", v,
+           ", more than ", max);
     }
     return v;
   }
@@ -339,7 +340,8 @@ Plan plan_from_json(const json& j, std::string_view label) {
   const json& s = r.at(j, "settings", "");
   p.settings.strategy = r.str(s, "strategy", "settings");
   p.settings.offload_mode = r.str(s, "offload", "settings");
-  p.settings.blocks_per_group = static_cast<uint32_t>(r.bounded(s, "blocks_per_group", "settings", kMaxBlocksPerGroup));
+  p.settings.blocks_per_group =
+      static_cast<uint32_t>(r.bounded(s, "blocks_per_group", "settings", kMaxBlocksPerGroup));
   p.settings.prefetch = static_cast<uint32_t>(r.bounded(s, "prefetch", "settings", kMaxPrefetch));
   p.settings.tokens = r.bounded(s, "tokens", "settings", kMaxTokens);
   p.settings.profile_name = r.str(s, "device_profile", "settings");
@@ -419,7 +421,8 @@ Plan plan_from_json(const json& j, std::string_view label) {
     g.target = location_from_json(r.at(gj, "target", path), str_cat(label, ": ", path, ".target"));
     if (g.target.is_gpu()) fail(ErrorKind::InvalidInput, label, ": ", path, ".target must be \"cpu\" or \"disk\"");
     const int64_t group_gpu = r.i64(gj, "gpu", path);
-    if (group_gpu < -1 || group_gpu > 1024) fail(ErrorKind::InvalidInput, label, ": ", path, ".gpu ", group_gpu, " out of range");
+    if (group_gpu < -1 || group_gpu > 1024)
+      fail(ErrorKind::InvalidInput, label, ": ", path, ".gpu ", group_gpu, " out of range");
     g.gpu = static_cast<int32_t>(group_gpu);
     g.copy_s = r.num(gj, "copy_s", path);
     uint64_t end = 0;
@@ -430,8 +433,8 @@ Plan plan_from_json(const json& j, std::string_view label) {
       }
       const auto tensor_end = checked_add(t.arena_offset, t.nbytes);
       if (!tensor_end) {
-        fail(ErrorKind::InvalidInput, label, ": ", path, ": tensor '", t.name, "' arena_offset ", t.arena_offset,
-             " + nbytes ", t.nbytes, " is past 2^64");
+        fail(ErrorKind::InvalidInput, label, ": ", path, ": tensor '", t.name, "' arena_offset ",
+             t.arena_offset, " + nbytes ", t.nbytes, " is past 2^64");
       }
       end = *tensor_end;
     }
@@ -440,8 +443,8 @@ Plan plan_from_json(const json& j, std::string_view label) {
     }
     // layout_arena's total: the end rounded up to the alignment, never more (the runner allocates it).
     if (g.arena_bytes != round_up(end, kArenaAlignment)) {
-      fail(ErrorKind::InvalidInput, label, ": ", path, ": arena_bytes ", g.arena_bytes, " is not the tensors' end ", end,
-           " rounded up to ", kArenaAlignment, " bytes");
+      fail(ErrorKind::InvalidInput, label, ": ", path, ": arena_bytes ", g.arena_bytes,
+           " is not the tensors' end ", end, " rounded up to ", kArenaAlignment, " bytes");
     }
     p.groups.push_back(std::move(g));
   }
@@ -456,7 +459,8 @@ Plan plan_from_json(const json& j, std::string_view label) {
     }
     st.modules = r.strs(sj, "modules", path);
     const int64_t step_gpu = r.i64(sj, "gpu", path);
-    if (step_gpu < 0 || step_gpu > 1024) fail(ErrorKind::InvalidInput, label, ": ", path, ".gpu ", step_gpu, " out of range");
+    if (step_gpu < 0 || step_gpu > 1024)
+      fail(ErrorKind::InvalidInput, label, ": ", path, ".gpu ", step_gpu, " out of range");
     st.gpu = static_cast<int32_t>(step_gpu);
     const int64_t group = r.i64(sj, "group", path);
     if (group < -1 || group >= static_cast<int64_t>(p.groups.size())) {
@@ -476,7 +480,8 @@ Plan plan_from_json(const json& j, std::string_view label) {
       if (l.out <= 0 || l.in <= 0) fail(ErrorKind::InvalidInput, label, ": ", lp, ": shape must be positive");
       // A weight of out x in elements, 4 bytes each at most, must have a size.
       if (!checked_mul(static_cast<uint64_t>(l.out), static_cast<uint64_t>(l.in), 4)) {
-        fail(ErrorKind::InvalidInput, label, ": ", lp, ": shape [", l.out, ", ", l.in, "] has more elements than fit in 64 bits");
+        fail(ErrorKind::InvalidInput, label, ": ", lp, ": shape [", l.out, ", ", l.in,
+             "] has more elements than fit in 64 bits");
       }
       st.linears.push_back(std::move(l));
     }

@@ -7,11 +7,10 @@
 #include <numeric>
 #include <unordered_map>
 
+#include "planner_internal.hpp"
 #include "qtool/formats/checked.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/size.hpp"
-#include "planner_internal.hpp"
-
 #include "qtool/libquant/config.hpp"
 #include "qtool/libquant/quant.hpp"
 
@@ -587,7 +586,8 @@ uint64_t Planner::page_tables_bound() const {
   uint32_t max_n = 4;  // the largest blocks-per-group candidate
   if (opt_.blocks_per_group) max_n = *opt_.blocks_per_group;
   const uint64_t ring = checked_mul(max_k, max_n, largest).value_or(UINT64_MAX);
-  return pinned_page_table_bytes(opt_.profile, std::min(checked_add(pinned, ring).value_or(UINT64_MAX), host_budget_));
+  return pinned_page_table_bytes(opt_.profile,
+                                 std::min(checked_add(pinned, ring).value_or(UINT64_MAX), host_budget_));
 }
 
 GpuWork Planner::base_work() const {
@@ -998,7 +998,8 @@ Plan Planner::run() {
   if (opt_.prefetch && (*opt_.prefetch == 0 || *opt_.prefetch > kMaxPrefetch))
     fail(ErrorKind::Usage, "--prefetch: ", *opt_.prefetch, " is not from 1 to ", kMaxPrefetch);
   if (opt_.blocks_per_group && (*opt_.blocks_per_group == 0 || *opt_.blocks_per_group > kMaxBlocksPerGroup))
-    fail(ErrorKind::Usage, "--blocks-per-group: ", *opt_.blocks_per_group, " is not from 1 to ", kMaxBlocksPerGroup);
+    fail(ErrorKind::Usage, "--blocks-per-group: ", *opt_.blocks_per_group, " is not from 1 to ",
+         kMaxBlocksPerGroup);
   if (opt_.budget.gpus.empty()) {
     fail(ErrorKind::InvalidInput, "no GPU to plan for: ", opt_.budget.note.empty() ? "the budget names none" : opt_.budget.note,
          "; give one with --max-memory (e.g. 0=20GiB,cpu=64GiB)");

@@ -256,8 +256,8 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
   for (const planner::DevicePlan& d : plan.devices)
     if (d.location.is_gpu() && d.n_slots > 0) s.n_slots = std::max(s.n_slots, d.n_slots);
   if (s.n_slots > planner::kMaxPrefetch)
-    fail(ErrorKind::InvalidInput, "the plan asks for ", s.n_slots, " device slots per GPU (settings.prefetch, ",
-         "devices[].n_slots); at most ", planner::kMaxPrefetch);
+    fail(ErrorKind::InvalidInput, "the plan asks for ", s.n_slots,
+         " device slots per GPU (settings.prefetch, ", "devices[].n_slots); at most ", planner::kMaxPrefetch);
 
   // Everything must be placed: tied aliases excepted (they use their primary's memory).
   for (size_t pi = 0; pi < plan.components.size(); ++pi) {

@@ -220,8 +220,8 @@ VerifyReport verify(const VerifyOptions& options) {
   // element) stays below this product, so none of their multiplications wraps.
   for (int dev : schedule.devices) {
     if (!checked_mul(tokens, std::max(schedule.max_in(dev), schedule.max_out(dev)), 8))
-      fail(ErrorKind::Usage, "--tokens: ", tokens, " rows of ", std::max(schedule.max_in(dev), schedule.max_out(dev)),
-           " values overflow 64 bits");
+      fail(ErrorKind::Usage, "--tokens: ", tokens, " rows of ",
+           std::max(schedule.max_in(dev), schedule.max_out(dev)), " values overflow 64 bits");
   }
   if (options.steps == 0) fail(ErrorKind::Usage, "--steps must be at least 1");
   const bool plan_tokens = tokens == plan.settings.tokens;

@@ -104,10 +104,12 @@ TEST_CASE("read_json_file and MappedFile refuse special files without blocking")
   const fs::path fifo = dir / "config.json";
   REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
   Watchdog watchdog(20);  // the old code blocked in open() forever
-  test::check_error([&] { read_json_file(fifo); }, ErrorKind::InvalidInput, {"config.json", "not a regular file", "FIFO"});
+  test::check_error([&] { read_json_file(fifo); }, ErrorKind::InvalidInput,
+                    {"config.json", "not a regular file", "FIFO"});
   test::check_error([&] { MappedFile m(fifo); }, ErrorKind::InvalidInput, {"config.json", "FIFO"});
   test::check_error([&] { read_text_file(dir.path()); }, ErrorKind::InvalidInput, {"folder"});
-  test::check_error([&] { MappedFile m("/dev/zero"); }, ErrorKind::InvalidInput, {"/dev/zero", "character device"});
+  test::check_error([&] { MappedFile m("/dev/zero"); }, ErrorKind::InvalidInput,
+                    {"/dev/zero", "character device"});
 
   // A model folder whose config.json is a FIFO: refused when opened, naming it.
   const std::string header = test::st_header({test::st_entry("w", "F32", "[2]", 0, 8)});
@@ -116,7 +118,8 @@ TEST_CASE("read_json_file and MappedFile refuse special files without blocking")
   // A pipeline whose model_index.json is a FIFO.
   test::TempDir pipe;
   REQUIRE(::mkfifo((pipe / "model_index.json").c_str(), 0600) == 0);
-  test::check_error([&] { Checkpoint::open(pipe.path()); }, ErrorKind::InvalidInput, {"model_index.json", "FIFO"});
+  test::check_error([&] { Checkpoint::open(pipe.path()); }, ErrorKind::InvalidInput,
+                    {"model_index.json", "FIFO"});
 }
 
 TEST_CASE("dump_json: strings that are not UTF-8 never throw") {
@@ -153,7 +156,8 @@ TEST_CASE("MappedFile: a file truncated after it was mapped is an error, not SIG
   uint64_t sum = 0;
   for (size_t i = 0; i < data.size(); i += 64) sum += data[i];
   (void)sum;
-  test::check_error([&] { f.check_intact(); }, ErrorKind::Io, {"shard.safetensors", "truncated while being read"});
+  test::check_error([&] { f.check_intact(); }, ErrorKind::Io,
+                    {"shard.safetensors", "truncated while being read"});
   // A different mapping, untouched, stays fine; a fault outside every mapping still kills (not
   // tested: it would end the test).
   test::write_file(dir / "other.safetensors", bytes);

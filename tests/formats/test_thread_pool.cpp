@@ -1,5 +1,4 @@
 #include <doctest/doctest.h>
-
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -8,14 +7,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
-#include <string>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "formats_test_util.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
-#include "formats_test_util.hpp"
 
 namespace qtool {
 namespace {

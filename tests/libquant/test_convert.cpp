@@ -2,7 +2,6 @@
 // Llama, the flux sample config on the tiny pipeline, sharding, bad weights, existing outputs,
 // single files, and the dequantize round trip.
 #include <doctest/doctest.h>
-
 #include <unistd.h>
 
 #include <algorithm>

@@ -22,7 +22,8 @@ inline constexpr size_t kMaxJsonDepth = 128;
 // error kind (InvalidInput for files, Usage for the command line). Refuses: malformed text
 // ("<label>: invalid JSON at byte N: ..."), numbers outside the double range, nesting deeper than
 // kMaxJsonDepth, and a key given twice in one object (naming the key and the object's path).
-nlohmann::json parse_json(std::string_view text, std::string_view label, ErrorKind kind = ErrorKind::InvalidInput);
+nlohmann::json parse_json(std::string_view text, std::string_view label,
+                          ErrorKind kind = ErrorKind::InvalidInput);
 // The same, keeping the key order of objects.
 nlohmann::ordered_json parse_ordered_json(std::string_view text, std::string_view label,
                                           ErrorKind kind = ErrorKind::InvalidInput);
