@@ -86,12 +86,14 @@ class BoundedBuilder {
     f.key = std::move(k);
     return true;
   }
-  bool parse_error(size_t chars_read, const std::string&, const nlohmann::json::exception& ex) {
+  bool parse_error(size_t chars_read, const std::string& last_token, const nlohmann::json::exception& ex) {
     std::string what = ex.what();
     // "[json.exception.parse_error.101] parse error at line 1, column 2: syntax error ..."
     if (const size_t p = what.find("] "); p != std::string::npos) what = what.substr(p + 2);
     problem = what;
     position = chars_read > 0 ? chars_read - 1 : 0;
+    // A number outside the double range (out_of_range 406) is reported once read: point at its start.
+    if (ex.id == 406 && last_token.size() <= chars_read) position = chars_read - last_token.size();
     return false;
   }
 

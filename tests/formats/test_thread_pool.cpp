@@ -30,6 +30,9 @@ int in_child(unsigned seconds, const std::function<int()>& body) {
     int rc = 99;
     try {
       rc = body();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "child: %s\n", e.what());
+      rc = 98;
     } catch (...) {
       rc = 98;
     }
@@ -50,6 +53,7 @@ int pool_fails_cleanly(size_t n) {
     if (e.kind() != ErrorKind::Io || msg.find("cannot start worker thread") == std::string::npos) return 2;
   }
   // The pool's failure left the process usable: another pool works.
+  ::unsetenv("QTOOL_TEST_FAIL_THREAD");
   ThreadPool again(2);
   std::atomic<int> sum{0};
   again.parallel_for(100, 1, [&](size_t b, size_t e) { sum += static_cast<int>(e - b); });
@@ -133,9 +137,7 @@ TEST_CASE("ThreadPool: a thread that cannot be created is a clean error, not a d
     INFO("failing worker ", k);
     const int rc = in_child(20, [&] {
       ::setenv("QTOOL_TEST_FAIL_THREAD", k, 1);
-      const int r = pool_fails_cleanly(8);
-      ::unsetenv("QTOOL_TEST_FAIL_THREAD");
-      return r;
+      return pool_fails_cleanly(8);
     });
     CHECK(rc == 0);
   }
