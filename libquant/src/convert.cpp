@@ -140,6 +140,18 @@ void copy_tensor(Sink& sink, const std::string& name, std::span<const uint8_t> d
   if (data.empty()) sink.write(name, data, 0);
 }
 
+// copy_tensor of an input tensor. The kernel reads mapped pages past a truncated file's end as
+// EFAULT (the write fails naming the output): the input shrinking under us is the cause to report.
+void copy_input_tensor(const Component& component, Component::Entry e, Sink& sink, const std::string& name,
+                       std::span<const uint8_t> data, const std::function<void(uint64_t)>& advance) {
+  try {
+    copy_tensor(sink, name, data, advance);
+  } catch (const Error&) {
+    component.shard_of(e).check_intact();
+    throw;
+  }
+}
+
 uint64_t default_max_shard_size(const Component& component, const ConvertOptions& options) {
   if (options.max_shard_size > 0) return options.max_shard_size;
   if (component.index_path().empty()) return 0;
@@ -717,7 +729,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       tr.bytes_in = t.nbytes();
       if (!quantize[i]) {
         writes.submit(copies, [&sink, &progress, &component, e, &name = t.name, data] {
-          copy_tensor(sink, name, data, [&](uint64_t n) { progress.advance(n, name); });
+          copy_input_tensor(component, e, sink, name, data, [&](uint64_t n) { progress.advance(n, name); });
           release_tensor_pages(component, e);
         });
         tr.bytes_out = t.nbytes();
@@ -897,7 +909,8 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
         tr.dtype = t.dtype;
         tr.shape = t.shape;
         tr.bytes_in = tr.bytes_out = t.nbytes();
-        copy_tensor(sink, t.name, component.data(e), [&](uint64_t n) { progress.advance(n, t.name); });
+        copy_input_tensor(component, e, sink, t.name, component.data(e),
+                          [&](uint64_t n) { progress.advance(n, t.name); });
         release_tensor_pages(component, e);
         ++cr.n_copied;
         cr.bytes_in += tr.bytes_in;
