@@ -89,7 +89,21 @@ inline std::filesystem::path quantize(const std::filesystem::path& input, const 
   so.per_tensor = c.per_tensor;
   quant::ConvertOptions co;
   co.n_threads = 2;
-  quant::quantize_checkpoint(input, quant::config_for_scheme(so), out, co);
+  if (so.scheme != quant::Scheme::Fp8E5M2) {
+    quant::quantize_checkpoint(input, quant::config_for_scheme(so), out, co);
+    return out;
+  }
+  // quantize refuses fp8_e5m2 for a folder (compressed-tensors' config cannot say e5m2) but writes
+  // a single file: quantize each (unsharded) weights file of the folder and copy the rest.
+  std::filesystem::create_directories(out);
+  for (const auto& e : std::filesystem::directory_iterator(input)) {
+    const std::string name = e.path().filename().string();
+    QTOOL_ASSERT(name.find(".index.json") == std::string::npos);
+    if (e.path().extension() == ".safetensors")
+      quant::quantize_checkpoint(e.path(), quant::config_for_scheme(so), out / name, co);
+    else
+      std::filesystem::copy(e.path(), out / name, std::filesystem::copy_options::recursive);
+  }
   return out;
 }
 
