@@ -113,7 +113,9 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
   uint64_t offset = 0;
   slots_.reserve(decls.size());
   for (size_t k = 0; k < file_order_.size(); ++k) {
-    Slot slot{data_offset + offset, nbytes[k], 0};
+    Slot slot;
+    slot.file_offset = data_offset + offset;
+    slot.nbytes = nbytes[k];
     slot.variable = file_order_[k].variable_length;
     slots_.emplace(file_order_[k].name, std::move(slot));
     offset += nbytes[k];

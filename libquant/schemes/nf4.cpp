@@ -248,7 +248,7 @@ std::string python_float_repr(double v) {
   } else {
     out += digits.substr(0, 1);
     if (n > 1) out += "." + digits.substr(1);
-    char e[8];
+    char e[16];
     std::snprintf(e, sizeof e, "e%c%02d", exponent < 0 ? '-' : '+', exponent < 0 ? -exponent : exponent);
     out += e;
   }

@@ -35,7 +35,7 @@ run_kills() {
   for i in $(seq 1 "$N"); do
     local before cmd; before=$(digest "$WORK/out")
     if [ "$before" = "$want_a" ]; then cmd=$cmd_b; else cmd=$cmd_a; fi
-    eval "$cmd" &
+    eval "exec $cmd" &  # exec: $! is qtool itself, not a subshell around it
     local pid=$!
     local delay_ms=$(( RANDOM * ms * 5 / 4 / 32768 ))
     sleep "$(printf '%d.%03d' $((delay_ms / 1000)) $((delay_ms % 1000)))"

@@ -54,6 +54,13 @@ for model in tiny tf; do
     ck="$WORK/$model-$scheme"
     if [ "$scheme" = bf16 ]; then
       ck="$WORK/$model"
+    elif [ "$scheme" = fp8_e5m2 ]; then
+      # quantize refuses fp8_e5m2 for a folder (compressed-tensors' config cannot say e5m2) but
+      # takes a single file: the folder copied, each weights file quantized in place.
+      cp -r "$WORK/$model" "$ck"
+      find "$ck" -name '*.safetensors' | while read -r f; do
+        "$QTOOL" quantize "$WORK/$model/${f#"$ck"/}" --scheme fp8_e5m2 -o "$f" --force -q
+      done
     else
       "$QTOOL" quantize "$WORK/$model" --scheme $scheme -o "$ck" -q
     fi

@@ -13,12 +13,15 @@ has no `text_model` level; its checkpoint's `text_model.*` keys load into the ro
 components with diffusers. Any "device_map keys do not match any submodules" warning fails. The
 transformers models' outputs on random token ids (from the printed seed) must equal those of the
 same model loaded without a device map, bit for bit: the map placed every module where it belongs.
+Run under transformers 4.x (PYTHONPATH to a 4.x install), a CLIPTextModel map as written must be
+refused and, with the `text_model.` prefix the plan's notes tell 4.x users to add, accepted.
 
     device_map_interop.py QTOOL WORKDIR
 """
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +30,9 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
+
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAILS = []
@@ -43,18 +49,32 @@ def folder_bytes(d):
 
 
 def plan_component(qtool, comp_dir, work):
+    """A plan whose device map mixes GPU and offloaded keys: one GPU holding about half the weights
+    (more when the planner streams everything at that budget) and a host budget for a quarter (each
+    raised to the smallest the planner accepts when that is more)."""
     profile = os.path.join(HERE, "plan_accelerate.json")
-    err = subprocess.run([qtool, "plan", comp_dir, "--max-memory", "0=1,cpu=1", "--tokens", "1",
-                          "--device-profile", profile], capture_output=True, text=True).stderr
-    smallest = int(err.split("Smallest budget that fits: --max-memory 0=")[1].split()[0])
     total = folder_bytes(comp_dir)
-    gpu = max(smallest, total // 2)
     plan_path = os.path.join(work, "plan.json")
-    subprocess.run([qtool, "plan", comp_dir, "--max-memory", "0=%d,cpu=%d" % (gpu, total // 4), "--tokens", "1",
-                    "--device-profile", profile, "-o", plan_path, "-q"], check=True)
-    plan = json.load(open(plan_path))
-    assert len(plan["components"]) == 1
-    return plan["components"][0]
+    for fraction in (0.5, 0.65, 0.8, 0.9):
+        budget = {"0": int(total * fraction), "cpu": total // 4}
+        for _ in range(6):
+            r = subprocess.run([qtool, "plan", comp_dir, "--max-memory",
+                                ",".join("%s=%d" % kv for kv in budget.items()), "--tokens", "1",
+                                "--device-profile", profile, "-o", plan_path, "-q"], capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            m = re.search(r"Smallest budget that fits: (?:--max-memory )?([0-9a-z]+)=(\d+)", r.stderr)
+            if not m:
+                raise RuntimeError("qtool plan failed: " + r.stderr)
+            budget[m.group(1)] = int(m.group(2))
+        else:
+            raise RuntimeError("no budget found: " + r.stderr)
+        plan = json.load(open(plan_path))
+        assert len(plan["components"]) == 1
+        values = plan["components"][0]["device_map"].values()
+        if any(isinstance(v, int) for v in values) and any(not isinstance(v, int) for v in values):
+            break
+    return plan["components"][0], plan["notes"]
 
 
 def cpu_only(device_map):
@@ -63,10 +83,9 @@ def cpu_only(device_map):
 
 def load(cls_name, comp_dir, device_map, offload):
     import diffusers
-    import transformers
     if hasattr(transformers, cls_name):
         cls = getattr(transformers, cls_name)
-        kw = {"dtype": torch.bfloat16}
+        kw = {"torch_dtype" if TRANSFORMERS_4 else "dtype": torch.bfloat16}
     else:
         cls = getattr(diffusers, cls_name)
         kw = {"torch_dtype": torch.bfloat16}
@@ -93,7 +112,6 @@ def main():
     print("QTOOL_TEST_SEED=%d" % seed)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    import transformers
     print("transformers", transformers.__version__)
     n_loaded = 0
     for preset, scale in (("tiny-flux", None), ("flux", 0.02), ("llama", 0.05), ("llama-tied", 0.05)):
@@ -113,7 +131,7 @@ def main():
             cfg = json.load(open(os.path.join(comp_dir, "config.json")))
             cls_name = (cfg.get("architectures") or [cfg.get("_class_name")])[0]
             label = "%s/%s (%s)" % (preset, comp or "model", cls_name)
-            cp = plan_component(qtool, comp_dir, work)
+            cp, cp_notes = plan_component(qtool, comp_dir, work)
             dm = cpu_only(cp["device_map"])
             kinds = sorted({("gpu" if isinstance(v, int) else v) for v in cp["device_map"].values()})
             if len(set(dm.values())) < 2:
@@ -121,6 +139,20 @@ def main():
                       % (label, kinds))
                 continue
             offload = os.path.join(work, "offload")
+            prefix = cp.get("checkpoint_prefix")
+            if TRANSFORMERS_4 and prefix:
+                # transformers 4.x keeps the level transformers 5 drops: the plan's note says to put the
+                # prefix back; the keys as written must be refused there, or the note would be wrong.
+                shutil.rmtree(offload, ignore_errors=True)
+                try:
+                    load(cls_name, comp_dir, dm, offload)
+                    refused = "accepted"
+                except Exception as e:
+                    refused = str(e)
+                check(refused != "accepted", "%s: transformers 4 refuses the transformers 5 keys (%s)"
+                      % (label, refused[:120]))
+                check(any(prefix in n for n in cp_notes), "%s: the plan's notes say what 4.x users do" % label)
+                dm = {(prefix + "." + k if k else prefix): v for k, v in dm.items()}
             shutil.rmtree(offload, ignore_errors=True)
             try:
                 model, caught = load(cls_name, comp_dir, dm, offload)

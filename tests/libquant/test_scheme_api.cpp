@@ -249,8 +249,13 @@ TEST_CASE("python_float_repr: Python's repr of a double (what json.dumps writes)
     REQUIRE(r.size() <= detail::kMaxFloatReprChars);
     char shorter[64];
     std::snprintf(shorter, sizeof shorter, "%.*e", 15, v);  // 16 significant digits
-    size_t n_sig = 0;
-    for (char c : r.substr(0, r.find('e'))) n_sig += (c >= '1' && c <= '9') || (c == '0' && n_sig > 0);
+    // Significant digits of the repr: its mantissa's digits without leading or trailing zeros.
+    std::string sig;
+    for (char c : r.substr(0, r.find('e')))
+      if (c >= '0' && c <= '9') sig += c;
+    sig.erase(0, sig.find_first_not_of('0'));
+    sig.erase(sig.find_last_not_of('0') + 1);
+    const size_t n_sig = sig.size();
     if (n_sig > 16) REQUIRE(std::strtod(shorter, nullptr) != v);
   }
 }

@@ -112,9 +112,9 @@ class SafetensorsWriter {
 
  private:
   struct Slot {
-    uint64_t file_offset;
-    uint64_t nbytes;
-    uint64_t written;
+    uint64_t file_offset = 0;
+    uint64_t nbytes = 0;
+    uint64_t written = 0;
     bool variable = false;
     std::vector<uint8_t> data;  // variable-length: the bytes written, laid out at commit()
   };

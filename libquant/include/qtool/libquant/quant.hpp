@@ -1,5 +1,5 @@
 // Quant schemes of qtool: int8 (bitsandbytes LLM.int8), fp8 e4m3/e5m2 (compressed-tensors
-// float-quantized) and nf4/fp4 (bitsandbytes 4-bit, optional double quant). Every scheme is
+// weight-only naive-quantized) and nf4/fp4 (bitsandbytes 4-bit, optional double quant). Every scheme is
 // bit-exact with its reference algorithm (../../../../../shared/FORMATS.md), so the tensors written
 // here are read by transformers, diffusers and vLLM unchanged.
 //
