@@ -110,8 +110,8 @@ ProfileChoice choose_device_profile(const ProfileChoiceInputs& in) {
     try {
       DeviceProfile p = load_device_profile(cache);
       if (profile_matches_device(p, name)) {
-        return {std::move(p), str_cat("device profile ", cache.string(),
-                                      " (measured earlier on this machine's '", name, "' and cached)")};
+        return {std::move(p), str_cat("device profile ", cache.string(), " (for the GPU found, '", name,
+                                      "': measured earlier on this machine and cached)")};
       }
       say(in.warn,
           str_cat(cache.string(), ": a cached profile for another device (", p.name, "): measuring again"));
