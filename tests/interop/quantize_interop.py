@@ -28,9 +28,9 @@ config.json is byte for byte the one compressed-tensors' own writer (ModelCompre
 writes for the same model quantized weight-only to fp8 with lm_head ignored, key order included.
 fp8_e5m2: compressed-tensors' schema cannot name it (QuantizationArgs' 8-bit float is always
 float8_e4m3fn and it forbids other fields), and a model folder holding e5m2 codes under that config
-loads without a word with wrong weights (shown with a folder assembled from qtool's single-file
-e5m2 output); so `qtool quantize` refuses fp8_e5m2 for a folder (exit 2, saying why and to use
-fp8_e4m3).
+loads (transformers' default, compressed) without a word into e4m3 parameters, i.e. with wrong
+weights (shown with a folder assembled from qtool's single-file e5m2 output); so `qtool quantize`
+refuses fp8_e5m2 for a folder (exit 2, saying why and to use fp8_e4m3).
 
   quantize_interop.py --qtool QTOOL --samples SAMPLE_CONFIGS_DIR [--work DIR]
 """
@@ -200,24 +200,42 @@ def e5m2_case(qtool, tiny, work):
     hand = os.path.join(work, "hand-e5m2")
     os.makedirs(hand)
     shutil.copy(os.path.join(e4, "config.json"), os.path.join(hand, "config.json"))
-    run(qtool, "quantize", os.path.join(tiny, "model.safetensors"), "--scheme", "fp8_e5m2", "-o",
-        os.path.join(hand, "model.safetensors"), "-q")
-    deq = os.path.join(work, "dq-hand-e5m2.safetensors")
-    run(qtool, "dequantize", os.path.join(hand, "model.safetensors"), "-o", deq, "-q")
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-    dq = load_file(deq)
+    from safetensors import safe_open
+    weight_map = {}
+    dq = {}
+    for f in sorted(glob.glob(os.path.join(tiny, "*.safetensors"))):
+        name = os.path.basename(f)
+        run(qtool, "quantize", f, "--scheme", "fp8_e5m2", "-o", os.path.join(hand, name), "-q")
+        deq = os.path.join(work, "dq-hand-" + name)
+        run(qtool, "dequantize", os.path.join(hand, name), "-o", deq, "-q")
+        dq.update(load_file(deq))
+        with safe_open(os.path.join(hand, name), "pt") as sf:
+            weight_map.update({k: name for k in sf.keys()})
+    index = glob.glob(os.path.join(tiny, "*.safetensors.index.json"))
+    if index:
+        json.dump({"metadata": {}, "weight_map": weight_map},
+                  open(os.path.join(hand, os.path.basename(index[0])), "w"))
+    scaled = {k[: -len("_scale")] for k in weight_map if k.endswith(".weight_scale")}
+    # transformers' default load keeps the weights compressed, in parameters of compressed-tensors'
+    # 8-bit float dtype (e4m3): the e5m2 codes are converted into them, without a word.
+    from transformers import AutoModelForCausalLM
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = AutoModelForCausalLM.from_pretrained(hand, device_map="cpu",
-                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+        model = AutoModelForCausalLM.from_pretrained(hand, device_map="cpu")
     msd = model.state_dict()
-    names = [k for k in dq if k.endswith(".weight") and k[: -len(".weight")] + ".weight_scale" in load_file(
-        os.path.join(hand, "model.safetensors"))]
-    bad = [k for k in names if not torch.equal(msd[k].to(dq[k].dtype), dq[k])]
+    names = sorted(scaled)
+    n_bad_modules = n_bad = n_all = 0
+    for k in names:
+        w = (msd[k].float() * msd[k + "_scale"].float()).to(dq[k].dtype)
+        differ = int((w != dq[k]).sum())
+        n_bad_modules += differ > 0
+        n_bad += differ
+        n_all += w.numel()
     e5m2_words = [str(w.message)[:80] for w in caught if "e5m2" in str(w.message).lower()]
-    check(names and len(bad) == len(names) and not e5m2_words,
-          "e5m2 codes under compressed-tensors' config load without a word about e5m2, read as e4m3: %d of %d "
-          "weights differ from qtool dequantize's (which is why quantize refuses it)" % (len(bad), len(names)))
+    check(names and n_bad_modules == len(names) and not e5m2_words and msd[names[0]].dtype == torch.float8_e4m3fn,
+          "e5m2 codes under compressed-tensors' config load without a word, as %s parameters: %d of %d weights "
+          "in %d of %d modules differ from qtool dequantize's (which is why quantize refuses it)"
+          % (msd[names[0]].dtype, n_bad, n_all, n_bad_modules, len(names)))
 
 
 def fp8_case(qtool, tiny, work, name, config_text, ids):
