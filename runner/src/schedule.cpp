@@ -9,6 +9,7 @@
 #include "qtool/formats/error.hpp"
 #include "qtool/libquant/config.hpp"
 #include "qtool/libquant/quant.hpp"
+#include "qtool/runner/plan_checks.hpp"
 
 namespace qtool::runner {
 namespace {
@@ -331,6 +332,7 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
     }
     s.steps.push_back(std::move(x));
   }
+  check_plan_consistency(checkpoint, plan, s);
   return s;
 }
 
