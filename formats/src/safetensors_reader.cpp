@@ -435,7 +435,7 @@ SafetensorsHeader parse_safetensors_header(std::span<const uint8_t> head, uint64
   nlohmann::json::sax_parse(first, last, &sax);
   if (nul)
     fail(ErrorKind::InvalidInput, label, ": header has a NUL byte after its JSON object (file offset ",
-         8 + json_size, "); only space padding may follow the object");
+         8 + json_size, "); only whitespace (space padding) may follow the object");
 
   if (sax.unsupported_tensor())
     fail(ErrorKind::Unsupported, label, ": tensor '", *sax.unsupported_tensor(), "': dtype ",

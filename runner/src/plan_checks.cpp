@@ -235,7 +235,9 @@ class Checker {
         continue;
       }
       for_each_ancestor(key, [&](std::string_view a) {
-        if (a == key) return false;
+        // A key that names a tensor ("a.weight" beside "a.weight.absmax", as the planner writes the
+        // own tensors of a module whose children live elsewhere) covers that tensor only.
+        if (a == key || c.find(a)) return false;
         if (keys.count(a) && !a.empty())
           fail(ErrorKind::InvalidInput, base, "['", key, "']: overlaps key '", a,
                "' (keys must not contain one another)");

@@ -22,7 +22,7 @@ expect() {
   shift 3
   "$@" >"$WORK/out" 2>"$WORK/err"
   local rc=$?
-  if [ "$rc" -ne "$want" ] || ! grep -qaE -- "$pattern" "$WORK/err"; then
+  if [ "$rc" -ne "$want" ] || { [ -n "$pattern" ] && ! grep -qaE -- "$pattern" "$WORK/err"; }; then
     echo "FAIL: $* -> exit $rc (wanted $want), stderr:"; cat -v "$WORK/err"; echo "  (wanted /$pattern/)"
     fails=$((fails + 1))
   fi

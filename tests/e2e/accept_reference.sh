@@ -58,9 +58,9 @@ for t in model.norm.weight model.layers.2.post_attention_layernorm.weight model.
   check "$WORK/d" "$WORK/t-nf4.json" "$WORK/t" 1 "^1 difference\\(s\\) from the reference, first '${t//./\\.}': differs from the reference's copy at byte 5 \\(element 2\\)"
 done
 # A bias of the transformer of a pipeline (sharded), found by name.
-bias=$(for f in "$WORK"/tf-int8/transformer/*.safetensors; do $EDIT names "$f" | sed "s|^|$f |"; done | grep '\.bias$' | head -1)
-set -- $bias
 cp -r "$WORK/tf-int8" "$WORK/tfd"
+bias=$(for f in "$WORK"/tfd/transformer/*.safetensors; do $EDIT names "$f" | sed "s|^|$f |"; done | grep '\.bias$' | head -1)
+set -- $bias
 $EDIT flip-byte "$1" "$2" 0
 check "$WORK/tfd" "$WORK/tf-int8.json" "$WORK/tf" 1 "first 'transformer/${2//./\\.}': differs from the reference's copy at byte 0 \\(element 0\\)"
 # The 4-bit quant_state's dtype (the same length: float16 plus a space).
