@@ -69,6 +69,14 @@ std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork
       str_cat("mapping of ", w.pinned_host_bytes, " bytes of pinned host memory (",
               (w.pinned_host_bytes + (1ull << 30) - 1) >> 30, " GiB started)"),
       false);
+  uint64_t forward_bytes = 0;
+  for (const ReserveItem& item : w.forward_activations) {
+    add(std::string(kForwardActivationPrefix) + item.name, item.bytes, item.detail, false);
+    forward_bytes += item.bytes;
+  }
+  if (forward_bytes)
+    add(std::string(kForwardActivationPrefix) + "rounding", round_up(forward_bytes + (64u << 10), g) - forward_bytes,
+        "the runner's activation stack: 256-byte start per buffer, one allocation", false);
   if (w.n_slots > 0) {
     add("device_slots", static_cast<uint64_t>(w.n_slots) * w.slot_bytes,
         str_cat(w.n_slots, " slots x ", w.slot_bytes, " bytes (largest group arena)"));
@@ -172,6 +180,7 @@ json plan_to_json(const Plan& p) {
     cj["name"] = c.name;
     cj["class_name"] = c.class_name;
     cj["template"] = c.template_name;
+    cj["forward"] = c.forward;
     cj["bytes"] = c.bytes;
     cj["step_s"] = c.step_s;
     ojson dm = ojson::object();
@@ -343,6 +352,7 @@ Plan plan_from_json(const json& j, std::string_view label) {
     c.name = r.str(cj, "name", path);
     c.class_name = r.str(cj, "class_name", path);
     c.template_name = r.str(cj, "template", path);
+    c.forward = r.str(cj, "forward", path);
     c.bytes = r.u64(cj, "bytes", path);
     c.step_s = r.num(cj, "step_s", path);
     const json& dm = r.at(cj, "device_map", path);

@@ -71,8 +71,8 @@ TEST_CASE("streamed CPU runs equal all-resident runs for every scheme, with grou
     // The trace has a copy and a compute interval for every streamed step of every run step.
     size_t copies = 0, disk = 0;
     for (const TraceEvent& e : planned.trace) {
-      copies += e.lane == "gpu0 copy";
-      disk += e.lane == "disk read";
+      copies += e.lane == Lane::Copy && e.device == 0;
+      disk += e.lane == Lane::DiskRead;
     }
     CHECK(copies == 2 * (count_streamed(s, Placement::Cpu) + count_streamed(s, Placement::Disk)));
     CHECK(disk == 2 * count_streamed(s, Placement::Disk));
