@@ -55,6 +55,7 @@ PipelineInput plan_input_of(const Checkpoint& checkpoint) {
       ci.quantized.push_back({q.module, q.rows(), q.cols(), std::string(quant::scheme_name(q.options.scheme))});
     }
     ci.arch = arch_of(c);
+    if (ci.arch) ci.activation_dtype = model_dtype(*ci.arch, c);
     in.components.push_back(std::move(ci));
   }
   return in;
@@ -439,7 +440,7 @@ void Planner::set_forward(CompData& cd, const ComponentInput& input) const {
   cd.arch = input.arch;
   if (!cd.arch) return;
   const auto tokens = static_cast<int64_t>(opt_.tokens);
-  for (const ActivationItem& item : activation_items(*cd.arch, 1, tokens, DType::BF16)) {
+  for (const ActivationItem& item : activation_items(*cd.arch, 1, tokens, input.activation_dtype)) {
     cd.activations.push_back({item.name, item.bytes, item.detail});
     cd.activation_bytes += item.bytes;
   }
@@ -862,6 +863,12 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
       }
       if (run) close();
     }
+  }
+  // A real forward holds every tensor of a unit while it runs: in leaf mode all the leaves of an
+  // offloaded unit of such a component must fit the ring at once.
+  if (m && c.mode == OffloadMode::Leaf) {
+    for (uint32_t id = 0; id < units_.size(); ++id)
+      if (off[id] && comps_[units_[id].comp].arch && units_[id].leaves.size() > c.k) return o;
   }
   const uint64_t slots = m ? round_up(static_cast<uint64_t>(c.k) * slot, gran) : 0;
   auto slots_on = [&](size_t pos) { return c.stream < 0 || static_cast<size_t>(c.stream) == pos ? slots : 0; };

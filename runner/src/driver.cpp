@@ -82,13 +82,15 @@ LayerDigest host_digest(const uint8_t* bytes, uint64_t n, DType dtype) {
 }
 
 uint64_t activation_capacity(const Checkpoint& checkpoint, const Schedule& schedule, uint64_t tokens,
-                             const std::vector<std::unique_ptr<Forward>>& forwards) {
+                             uint64_t batch, const std::vector<std::unique_ptr<Forward>>& forwards) {
   uint64_t most = 0;
   for (size_t ci = 0; ci < checkpoint.components().size(); ++ci) {
     uint64_t need = 0;
     if (ci < forwards.size() && forwards[ci]) {
+      const planner::Arch& arch = forwards[ci]->arch();
+      const DType dtype = planner::model_dtype(arch, checkpoint.components()[ci]);
       for (const planner::ActivationItem& item :
-           planner::activation_items(forwards[ci]->arch(), 1, static_cast<int64_t>(tokens), DType::BF16))
+           planner::activation_items(arch, static_cast<int64_t>(batch), static_cast<int64_t>(tokens), dtype))
         need += item.bytes;
       need += need / 4 + (1u << 20);
     } else {
@@ -283,6 +285,8 @@ class Driver {
   std::vector<std::unique_ptr<Forward>> forwards_;       // per component (null: linears only)
   std::vector<std::vector<HostTensor>> inputs_;          // per component with a forward
   std::vector<size_t> digest_base_;                      // per component: its first unit digest
+  std::vector<std::vector<std::vector<size_t>>> unit_steps_;  // per forward component, per unit: its steps
+  std::vector<std::vector<size_t>> last_unit_;  // per forward component, per step: its last unit
   uint64_t activation_bytes_ = 0;
   std::unique_ptr<ShardFiles> files_;
   Clock::time_point origin_;
@@ -453,9 +457,6 @@ const uint8_t* Driver::acquire(size_t si, const std::string& tensor) {
          schedule_.steps[si].name,
          "' after its device slot was reused: the forward reads its tensors out of the plan's order");
   if (state_[si] == StepState::Pending) {
-    // The ring needs the slots of the steps K before this one: the forward has moved past them.
-    const auto& order = device_order_.at(d);
-    for (uint64_t q = released_[d]; q + k_ <= seq_[si]; ++q) finish(order[q]);
     wait_copy(si);
     state_[si] = StepState::Held;
   }
@@ -513,6 +514,21 @@ void Driver::unit_steps(uint32_t component, const std::vector<std::string>& unit
            forwards_[component]->architecture(), " forward of ", label(comp.name(), "(component)"),
            ": was the plan made for another checkpoint?");
   }
+  // A unit holds every step it reads until it ends: its streamed steps must fit the ring at once.
+  for (size_t u = 0; u < units.size(); ++u) {
+    std::map<int, std::pair<uint64_t, uint64_t>> span;  // GPU -> first, last seq
+    for (size_t si : out[u]) {
+      if (!streamed(si)) continue;
+      auto [it, fresh] = span.try_emplace(schedule_.steps[si].device, seq_[si], seq_[si]);
+      if (!fresh) it->second = {std::min(it->second.first, seq_[si]), std::max(it->second.second, seq_[si])};
+    }
+    for (const auto& [d, range] : span)
+      if (range.second - range.first + 1 > k_)
+        fail(ErrorKind::InvalidInput, "unit '", units[u], "' of the ", forwards_[component]->architecture(),
+             " forward reads ", range.second - range.first + 1,
+             " streamed groups at once but the plan gives GPU ", d, " ", k_,
+             " slots: plan again with --prefetch ", range.second - range.first + 1, " or --offload block");
+  }
 }
 
 void Driver::run_component(uint32_t ci, uint32_t run_step) {
@@ -524,7 +540,8 @@ void Driver::run_component(uint32_t ci, uint32_t run_step) {
   std::vector<LayerDigest>* linear_digests = options_.digests ? &result_.digests[run_step] : nullptr;
   if (forwards_[ci]) {
     runner = std::make_unique<ForwardRunner>(*forwards_[ci], inputs_[ci]);
-    unit_steps(ci, runner->units(), steps_of, last_unit);
+    steps_of = unit_steps_[ci];
+    last_unit = last_unit_[ci];
   } else {
     auto lr = std::make_unique<LinearRunner>(checkpoint_, schedule_, ci, options_.tokens, options_.seed,
                                              linear_digests);
@@ -632,8 +649,16 @@ RunResult Driver::run() {
   result_.mode = options_.mode;
   make_forwards();
   set_up();
-  activation_bytes_ = activation_capacity(checkpoint_, schedule_, options_.tokens, forwards_);
+  uint64_t batch = 1;  // the largest batch of the inputs (dimension 0 of each)
+  for (const auto& inputs : inputs_)
+    for (const HostTensor& t : inputs)
+      if (t.shape.size() >= 2) batch = std::max(batch, static_cast<uint64_t>(t.shape[0]));
+  activation_bytes_ = activation_capacity(checkpoint_, schedule_, options_.tokens, batch, forwards_);
   const auto& comps = checkpoint_.components();
+  unit_steps_.resize(comps.size());
+  last_unit_.resize(comps.size());
+  for (uint32_t ci = 0; ci < comps.size(); ++ci)
+    if (forwards_[ci]) unit_steps(ci, forwards_[ci]->units(), unit_steps_[ci], last_unit_[ci]);
   result_.components.resize(comps.size());
   for (size_t ci = 0; ci < comps.size(); ++ci) {
     ComponentRun& run = result_.components[ci];

@@ -107,6 +107,7 @@ struct ComponentInput {
   // The architecture whose real forward the runner executes (arch_of), if any: its activation
   // items are reserved and its FLOPs predicted instead of the linears-only model's.
   std::optional<Arch> arch;
+  DType activation_dtype = DType::BF16;  // its forward's (model_dtype)
 };
 
 struct PipelineInput {

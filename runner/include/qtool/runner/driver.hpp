@@ -16,12 +16,10 @@
 //   embedding is streamed names the group again, and it is copied again).
 // - Units and steps need not match one to one: a step may hold several units (block groups of N),
 //   and a unit may span several steps (leaf groups inside a block; a top-level module whose leaves
-//   are units of their own, such as Flux's time_text_embed). A streamed step is released when the
-//   last unit using it ends, or earlier when the ring needs its slot for a step the forward asks
-//   for (the forward has moved past it: units read their tensors in the plan's order). A forward
-//   that asks for a tensor after its slot was reused has broken that order: Error(Internal).
-//   A DequantParams stays valid until the forward asks for a tensor K streamed steps later, or
-//   its unit ends.
+//   are units of their own). A streamed step is released when the last unit using it ends, so a
+//   DequantParams stays valid until its unit ends (the forwards fetch a unit's tensors up front);
+//   a unit whose streamed steps do not fit the K slots at once is refused before anything runs
+//   (Error(InvalidInput): plan with more slots or block groups; the planner never makes one).
 #pragma once
 
 #include <cstdint>
@@ -91,11 +89,12 @@ LayerDigest host_digest(const uint8_t* bytes, uint64_t n, DType dtype);
 RunResult drive(Platform& platform, const Checkpoint& checkpoint, const Schedule& schedule,
                 const RunOptions& options);
 
-// Activation memory the driver asks of the ops for a run of `schedule`: per forward component
-// planner::activation_items at `tokens` (times 5/4 and 1 MiB for the 256-byte rounding of each
-// allocation), per linears-only component its hidden state and output.
+// Activation memory the driver asks of the ops for a run of `schedule` (the largest component's):
+// per forward component planner::activation_items at `batch` x `tokens` (and a quarter and 1 MiB
+// more: verify's memory check, not this capacity, holds the forward to the plan), per
+// linears-only component its hidden state and output.
 uint64_t activation_capacity(const Checkpoint& checkpoint, const Schedule& schedule, uint64_t tokens,
-                             const std::vector<std::unique_ptr<Forward>>& forwards);
+                             uint64_t batch, const std::vector<std::unique_ptr<Forward>>& forwards);
 
 // A WeightSource over one component's mapped tensors (verify's reference forward): each tensor is
 // copied once into 256-byte aligned host memory (a quantized linear with its quant state); a tied
