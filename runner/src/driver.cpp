@@ -321,7 +321,7 @@ void Driver::make_forwards() {
     bool runs = false;
     for (const ExecStep& st : schedule_.steps) runs = runs || st.component == ci;
     if (!runs) continue;
-    forwards_[ci] = make_forward(comps[ci]);
+    forwards_[ci] = options_.make_forward ? options_.make_forward(comps[ci]) : make_forward(comps[ci]);
     if (!forwards_[ci]) continue;
     const auto it = options_.inputs.find(comps[ci].name());
     if (it != options_.inputs.end()) {
@@ -513,6 +513,17 @@ void Driver::unit_steps(uint32_t component, const std::vector<std::string>& unit
       fail(ErrorKind::InvalidInput, "plan step '", st.name, "' runs modules that are in no unit of the ",
            forwards_[component]->architecture(), " forward of ", label(comp.name(), "(component)"),
            ": was the plan made for another checkpoint?");
+  }
+  // The copies follow the plan's order, the units the forward's: they must agree.
+  size_t last = 0;
+  for (size_t u = 0; u < units.size(); ++u) {
+    for (size_t si : out[u]) {
+      if (si < last)
+        fail(ErrorKind::InvalidInput, "the plan runs step '", schedule_.steps[last].name, "' before step '",
+             schedule_.steps[si].name, "', but the ", forwards_[component]->architecture(), " forward runs unit '",
+             units[u], "' first: plan again with this qtool (its model templates give the forward's order)");
+      last = si;
+    }
   }
   // A unit holds every step it reads until it ends: its streamed steps must fit the ring at once.
   for (size_t u = 0; u < units.size(); ++u) {

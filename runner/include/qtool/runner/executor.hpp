@@ -62,6 +62,8 @@ struct RunOptions {
   std::map<std::string, std::vector<HostTensor>> inputs;
   // false: every component runs its linears only (what the CUDA backend does).
   bool forwards = true;
+  // Tests: the forward of a component (null: runner::make_forward).
+  std::function<std::unique_ptr<Forward>(const Component&)> make_forward;
 };
 
 struct LayerDigest {
