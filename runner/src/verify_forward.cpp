@@ -20,6 +20,10 @@ std::string io_name(const Checkpoint& checkpoint, const std::string& component, 
   return checkpoint.layout() == Checkpoint::Layout::Pipeline ? component + "." + tensor : tensor;
 }
 
+std::string output_name(const Forward& forward) {
+  return forward.architecture() == "LlamaForCausalLM" ? "logits" : "sample";
+}
+
 std::map<std::string, std::vector<HostTensor>> read_inputs(const std::filesystem::path& file,
                                                            const Checkpoint& checkpoint, int64_t max_tokens) {
   const SafetensorsFile in = SafetensorsFile::open(file);
@@ -40,6 +44,11 @@ std::map<std::string, std::vector<HostTensor>> read_inputs(const std::filesystem
         " has a forward the runner executes (LlamaForCausalLM, FluxTransformer2DModel): it runs linears only "
         "and takes no inputs");
   for (const TensorInfo& t : in.tensors()) {
+    // An --outputs file replays: its outputs are not inputs.
+    bool is_output = false;
+    for (const auto& [name, f] : forwards)
+      is_output = is_output || t.name == io_name(checkpoint, name, output_name(*f));
+    if (is_output) continue;
     std::string owner;
     for (const auto& [name, f] : forwards)
       for (const InputSpec& spec : f->input_specs(1, max_tokens))

@@ -21,7 +21,8 @@ namespace {
 struct Synth {
   std::filesystem::path dir;
   explicit Synth(const std::string& preset) {
-    dir = std::filesystem::temp_directory_path() / ("qtool-fwdplan-" + preset + "-" + std::to_string(::getpid()));
+    dir = std::filesystem::temp_directory_path() /
+          ("qtool-fwdplan-" + preset + "-" + std::to_string(::getpid()));
     std::filesystem::remove_all(dir);
     SynthSpec spec;
     spec.preset = preset;
@@ -77,7 +78,8 @@ TEST_CASE("a Llama plan reserves its forward's activations and predicts its FLOP
     for (const ActivationItem& it : activation_items(*arch, 1, static_cast<int64_t>(tokens), DType::BF16)) {
       want += it.bytes;
       bool found = false;
-      for (const ReserveItem& r : gpu.reserve) found = found || r.name == std::string(kForwardActivationPrefix) + it.name;
+      for (const ReserveItem& r : gpu.reserve)
+        found = found || r.name == std::string(kForwardActivationPrefix) + it.name;
       CHECK_MESSAGE(found, it.name);
     }
     CHECK(items_named(gpu, std::string(kForwardActivationPrefix)) >= want);
@@ -89,7 +91,8 @@ TEST_CASE("a Llama plan reserves its forward's activations and predicts its FLOP
     CHECK(flops == forward_flops(*arch, 1, static_cast<int64_t>(tokens)).linear);
     // Steps in the forward's order: the embedding, the layers in order, the norm, the head.
     std::vector<std::string> order;
-    for (const ScheduleStep& st : plan.schedule) order.insert(order.end(), st.modules.begin(), st.modules.end());
+    for (const ScheduleStep& st : plan.schedule)
+      order.insert(order.end(), st.modules.begin(), st.modules.end());
     REQUIRE(order.size() >= 4);
     CHECK(order.front() == "model.embed_tokens");
     CHECK(order[order.size() - 2] == "model.norm");
@@ -98,7 +101,8 @@ TEST_CASE("a Llama plan reserves its forward's activations and predicts its FLOP
   }
 }
 
-TEST_CASE("a Flux pipeline plan: the transformer's forward units, items and FLOPs; text encoders run linears") {
+TEST_CASE(
+    "a Flux pipeline plan: the transformer's forward units, items and FLOPs; text encoders run linears") {
   Synth s("tiny-flux");
   const Checkpoint ckpt = Checkpoint::open(s.dir);
   const Component* tr = ckpt.find_component("transformer");

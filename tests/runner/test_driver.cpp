@@ -27,7 +27,8 @@ bool under(const std::string& name, const std::string& unit) {
 // the bytes it is given with the mapped checkpoint's, part by part.
 class ByteCheckForward final : public Forward {
  public:
-  ByteCheckForward(const Component& comp, std::unique_ptr<Forward> real) : comp_(comp), real_(std::move(real)) {
+  ByteCheckForward(const Component& comp, std::unique_ptr<Forward> real)
+      : comp_(comp), real_(std::move(real)) {
     for (const quant::QuantizedLinear& ql : quant::find_quantized_linears(comp)) {
       for (size_t k = 0; k < ql.tensor_names.size(); ++k) {
         if (ql.tensor_parts[k] == quant::Part::Weight)
@@ -76,11 +77,13 @@ class ByteCheckForward final : public Forward {
     const std::string src = primary.empty() ? name : primary;
     if (const auto q = quantized_.find(src); q != quantized_.end()) {
       const PartSizes sizes = part_sizes(q->second);
-      const uint8_t* want[kNumParts] = {q->second.weight, q->second.scale, q->second.quant_map, q->second.nested_absmax,
-                                        q->second.nested_quant_map};
-      const uint8_t* have[kNumParts] = {got.weight, got.scale, got.quant_map, got.nested_absmax, got.nested_quant_map};
+      const uint8_t* want[kNumParts] = {q->second.weight, q->second.scale, q->second.quant_map,
+                                        q->second.nested_absmax, q->second.nested_quant_map};
+      const uint8_t* have[kNumParts] = {got.weight, got.scale, got.quant_map, got.nested_absmax,
+                                        got.nested_quant_map};
       for (int k = 0; k < kNumParts; ++k)
-        if (!want[k] != !have[k] || (want[k] && std::memcmp(want[k], have[k], sizes.bytes[k]) != 0)) ++mismatches;
+        if (!want[k] != !have[k] || (want[k] && std::memcmp(want[k], have[k], sizes.bytes[k]) != 0))
+          ++mismatches;
       return;
     }
     const auto bytes = comp_.data(*comp_.find(src));
@@ -122,13 +125,15 @@ std::filesystem::path tied_llama() {
 
 }  // namespace
 
-TEST_CASE("the forward gets every tensor's bytes where the plan put it: resident, pinned, disk, leaf groups") {
+TEST_CASE(
+    "the forward gets every tensor's bytes where the plan put it: resident, pinned, disk, leaf groups") {
   test::TempDir dir("driver");
   const auto bf16 = test::synth(dir.path, "tiny", 11);
   auto backend = make_cpu_backend(2);
   for (const char* scheme : {"", "nf4"}) {
     CAPTURE(scheme);
-    const auto path = test::quantize(bf16, dir.path / ("q-" + std::string(scheme)), {scheme, scheme, 64, true});
+    const auto path =
+        test::quantize(bf16, dir.path / ("q-" + std::string(scheme)), {scheme, scheme, 64, true});
     const Checkpoint ckpt = Checkpoint::open(path);
     struct Case {
       const char* label;
@@ -174,7 +179,8 @@ TEST_CASE("a tied head reads its embedding's bytes, from the slot its group is c
   const Schedule s = build_schedule(ckpt, plan);
   size_t embed_copies = 0;
   for (const ExecStep& st : s.steps)
-    for (const std::string& m : st.modules) embed_copies += st.streamed && (m == "lm_head" || m == "model.embed_tokens");
+    for (const std::string& m : st.modules)
+      embed_copies += st.streamed && (m == "lm_head" || m == "model.embed_tokens");
   ByteCheck bc;
   const RunResult r = backend->run(ckpt, s, bc.options());
   REQUIRE(bc.forward != nullptr);
@@ -226,13 +232,15 @@ TEST_CASE("plans the forward cannot run are refused before anything runs") {
   }
 }
 
-TEST_CASE("real forwards: streamed == all-resident bit for bit, unit by unit, and equal to the mapped checkpoint") {
+TEST_CASE(
+    "real forwards: streamed == all-resident bit for bit, unit by unit, and equal to the mapped checkpoint") {
   test::TempDir dir("driver-real");
   auto backend = make_cpu_backend(2);
   for (const char* preset : {"tiny", "tiny-flux"}) {
     CAPTURE(preset);
     const auto bf16 = test::synth(dir.path, preset, 13);
-    const auto path = test::quantize(bf16, dir.path / (std::string(preset) + "-nf4"), {"nf4", "nf4", 64, true});
+    const auto path =
+        test::quantize(bf16, dir.path / (std::string(preset) + "-nf4"), {"nf4", "nf4", 64, true});
     const Checkpoint ckpt = Checkpoint::open(path);
     const Schedule s = build_schedule(ckpt, test::plan_streamed(ckpt, 0.2, 0.5, 12, 2));
     REQUIRE(streamed(s, Placement::Cpu) + streamed(s, Placement::Disk) > 0);

@@ -216,9 +216,9 @@ TEST_CASE("verify on the CPU: passes on a good plan, exit-2 error on another che
 
 TEST_CASE("trace JSON and copy/compute overlap") {
   std::vector<TraceEvent> ev = {
-      {"g0", Lane::Copy, 0, 0, 0, 0, 10, 100},  {"g0", Lane::Compute, 0, 0, 0, 10, 20, 0},
-      {"g1", Lane::Copy, 0, 0, 1, 12, 10, 100}, {"g1", Lane::Compute, 0, 0, 1, 30, 20, 0},
-      {"a", Lane::Compute, 0, 0, -1, 0, 1, 0},  {"g2", Lane::Compute, 1, 0, 2, 12, 10, 0},
+      {"g0", Lane::Copy, 0, 0, 0, 0, 10, 100},    {"g0", Lane::Compute, 0, 0, 0, 10, 20, 0},
+      {"g1", Lane::Copy, 0, 0, 1, 12, 10, 100},   {"g1", Lane::Compute, 0, 0, 1, 30, 20, 0},
+      {"a", Lane::Compute, 0, 0, -1, 0, 1, 0},    {"g2", Lane::Compute, 1, 0, 2, 12, 10, 0},
       {"g0", Lane::DiskRead, 0, 0, 0, 0, 5, 100},
   };
   // g0's copy overlaps nothing but the activation event (plan_step -1, ignored); g1's copy [12, 22)
@@ -236,7 +236,8 @@ TEST_CASE("trace JSON and copy/compute overlap") {
 }
 
 TEST_CASE(
-    "a two-GPU plan on the CPU backend: units on both devices, the forward's state crosses, outputs as resident") {
+    "a two-GPU plan on the CPU backend: units on both devices, the forward's state crosses, outputs as "
+    "resident") {
   Fixture& f = fixture();
   test::TempDir q("two");
   const Checkpoint ckpt =
