@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <set>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/runner/cpu_ops.hpp"
@@ -130,10 +131,10 @@ TEST_CASE(
   test::TempDir dir("driver");
   const auto bf16 = test::synth(dir.path, "tiny", 11);
   auto backend = make_cpu_backend(2);
-  for (const char* scheme : {"", "nf4"}) {
+  for (const std::string scheme : {"", "nf4"}) {
     CAPTURE(scheme);
     const auto path =
-        test::quantize(bf16, dir.path / ("q-" + std::string(scheme)), {scheme, scheme, 64, true});
+        test::quantize(bf16, dir.path / ("q-" + scheme), {scheme, scheme, 64, true});
     const Checkpoint ckpt = Checkpoint::open(path);
     struct Case {
       const char* label;
@@ -141,10 +142,13 @@ TEST_CASE(
       uint32_t prefetch;
       planner::OffloadMode mode;
     };
-    for (const Case& c : {Case{"blocks, pinned and disk", 0.2, 0.3, 2, planner::OffloadMode::Block},
+    for (const Case& c : {Case{"blocks, pinned and disk", 0.2, 0.7, 2, planner::OffloadMode::Block},
                           Case{"one slot", 0.1, 1.0, 1, planner::OffloadMode::Block},
-                          Case{"leaf groups", 0.1, 0.5, 16, planner::OffloadMode::Leaf}}) {
-      CAPTURE(c.label);
+                          Case{"leaf groups", 0.0, 1.0, 9, planner::OffloadMode::Leaf}}) {
+      CAPTURE(std::string(c.label));
+      // Leaf groups on the bf16 model only: a quantized layer's leaves outnumber any ring worth
+      // having, so the planner keeps such a model resident rather than stream it leaf by leaf.
+      if (c.mode == planner::OffloadMode::Leaf && !scheme.empty()) continue;
       const planner::Plan plan = test::plan_streamed(ckpt, c.gpu, c.cpu, 8, c.prefetch, 1, c.mode);
       const Schedule s = build_schedule(ckpt, plan);
       REQUIRE(streamed(s, Placement::Cpu) + streamed(s, Placement::Disk) > 0);
@@ -195,7 +199,8 @@ TEST_CASE("plans the forward cannot run are refused before anything runs") {
   const Checkpoint ckpt = Checkpoint::open(test::synth(dir.path, "tiny", 12));
   auto backend = make_cpu_backend(2);
   SUBCASE("a unit's leaf groups need more slots than the plan has") {
-    planner::Plan plan = test::plan_streamed(ckpt, 0.1, 1.0, 8, 16, 1, planner::OffloadMode::Leaf);
+    planner::Plan plan = test::plan_streamed(ckpt, 0.0, 1.0, 8, 9, 1, planner::OffloadMode::Leaf);
+    REQUIRE(!plan.groups.empty());
     plan.settings.prefetch = 2;
     for (planner::DevicePlan& d : plan.devices)
       if (d.n_slots) d.n_slots = 2;
@@ -236,11 +241,11 @@ TEST_CASE(
     "real forwards: streamed == all-resident bit for bit, unit by unit, and equal to the mapped checkpoint") {
   test::TempDir dir("driver-real");
   auto backend = make_cpu_backend(2);
-  for (const char* preset : {"tiny", "tiny-flux"}) {
+  for (const std::string preset : {"tiny", "tiny-flux"}) {
     CAPTURE(preset);
     const auto bf16 = test::synth(dir.path, preset, 13);
     const auto path =
-        test::quantize(bf16, dir.path / (std::string(preset) + "-nf4"), {"nf4", "nf4", 64, true});
+        test::quantize(bf16, dir.path / (preset + "-nf4"), {"nf4", "nf4", 64, true});
     const Checkpoint ckpt = Checkpoint::open(path);
     const Schedule s = build_schedule(ckpt, test::plan_streamed(ckpt, 0.2, 0.5, 12, 2));
     REQUIRE(streamed(s, Placement::Cpu) + streamed(s, Placement::Disk) > 0);
