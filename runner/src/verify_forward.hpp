@@ -38,7 +38,12 @@ void write_outputs(const std::filesystem::path& file, const Checkpoint& checkpoi
 
 // The quantized model's output against the original's forward on the same inputs (CPU ops).
 //   exact:  the component has no quantized linear: the outputs must be equal bit for bit.
-//   bound:  otherwise rel_error (||y_q - y_ref|| / ||y_ref||) <= kForwardBoundFactor * simulated
+//   Otherwise two conditions:
+//   substituted: the original's forward with each quantized linear's weight replaced by the
+//           quantized file's, dequantized, gives the quantized model's output bit for bit (the
+//           files differ in their quantized linears only: an embedding, a norm, a bias or a head
+//           damaged after quantization shows here, whatever the quantization error);
+//   bound:  rel_error (||y_q - y_ref|| / ||y_ref||) <= kForwardBoundFactor * simulated
 //           + kForwardBoundFloor, where `simulated` is the relative error of the original's forward
 //           with zero-mean Gaussian noise added to every quantized linear's weight, per element of
 //           the variance the error model (error_model.hpp) predicts for that element's column:
@@ -53,6 +58,7 @@ struct ForwardReference {
   double bound = 0;
   uint64_t nonfinite = 0;
   uint64_t noise_seed = 0;
+  bool substituted = true;  // equals the original with its quantized linears dequantized
   bool within() const;
   nlohmann::json to_json() const;
 };
