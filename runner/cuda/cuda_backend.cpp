@@ -706,29 +706,13 @@ LayerRun CudaBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64
   cudaStream_t cs = c.stream.get();
   ldx = std::max<uint64_t>(ldx, hp.cols);
   // The weight's parts side by side, 256-byte aligned, as in an arena.
-  const PartSizes sizes = part_sizes(hp);
-  const uint8_t* host_parts[kNumParts] = {hp.weight, hp.scale, hp.quant_map, hp.nested_absmax,
-                                          hp.nested_quant_map};
-  uint64_t offsets[kNumParts] = {};
-  uint64_t total = 0;
-  for (int p = 0; p < kNumParts; ++p) {
-    offsets[p] = total;
-    if (host_parts[p]) total = align256(total + sizes.bytes[p]);
-  }
-  c.ensure(c.weight, total);
+  const PartLayout layout = part_layout(hp);
+  c.ensure(c.weight, layout.total);
   for (int p = 0; p < kNumParts; ++p)
-    if (host_parts[p] && sizes.bytes[p])
-      QTOOL_CUDA_CHECK(cudaMemcpyAsync(c.weight.as<uint8_t>() + offsets[p], host_parts[p], sizes.bytes[p],
-                                       cudaMemcpyHostToDevice, cs));
-  DequantParams dp = hp;
-  const auto at = [&](int p) -> const uint8_t* {
-    return host_parts[p] ? c.weight.as<uint8_t>() + offsets[p] : nullptr;
-  };
-  dp.weight = at(kPartWeight);
-  dp.scale = at(kPartScale);
-  dp.quant_map = at(kPartQuantMap);
-  dp.nested_absmax = at(kPartNestedAbsmax);
-  dp.nested_quant_map = at(kPartNestedQuantMap);
+    if (layout.source[p] && layout.sizes.bytes[p])
+      QTOOL_CUDA_CHECK(cudaMemcpyAsync(c.weight.as<uint8_t>() + layout.offset[p], layout.source[p],
+                                       layout.sizes.bytes[p], cudaMemcpyHostToDevice, cs));
+  const DequantParams dp = rebase_parts(hp, layout, c.weight.as<uint8_t>());
   c.ensure(c.x, tokens * ldx * 2);
   c.ensure(c.y, tokens * hp.rows * 2);
   c.ensure(c.digest, 2 * sizeof(unsigned long long));

@@ -147,28 +147,12 @@ class CpuBackend final : public Backend {
 LayerRun CpuBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64_t ldx, uint64_t seed,
                                int device) {
   ldx = std::max<uint64_t>(ldx, hp.cols);
-  const PartSizes sizes = part_sizes(hp);
-  const uint8_t* host_parts[kNumParts] = {hp.weight, hp.scale, hp.quant_map, hp.nested_absmax,
-                                          hp.nested_quant_map};
-  uint64_t offsets[kNumParts] = {};
-  uint64_t total = 0;
-  for (int p = 0; p < kNumParts; ++p) {
-    offsets[p] = total;
-    if (host_parts[p]) total = (total + sizes.bytes[p] + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
-  }
-  AlignedBuffer parts(std::max<uint64_t>(total, kArenaAlign));
-  const uint8_t* bound[kNumParts] = {};
-  for (int p = 0; p < kNumParts; ++p) {
-    if (!host_parts[p]) continue;
-    std::memcpy(parts.data() + offsets[p], host_parts[p], sizes.bytes[p]);
-    bound[p] = parts.data() + offsets[p];
-  }
-  DequantParams w = hp;
-  w.weight = bound[kPartWeight];
-  w.scale = bound[kPartScale];
-  w.quant_map = bound[kPartQuantMap];
-  w.nested_absmax = bound[kPartNestedAbsmax];
-  w.nested_quant_map = bound[kPartNestedQuantMap];
+  const PartLayout layout = part_layout(hp);
+  AlignedBuffer parts(std::max<uint64_t>(layout.total, kArenaAlign));
+  for (int p = 0; p < kNumParts; ++p)
+    if (layout.source[p])
+      std::memcpy(parts.data() + layout.offset[p], layout.source[p], layout.sizes.bytes[p]);
+  const DequantParams w = rebase_parts(hp, layout, parts.data());
 
   Ops& ops = platform_.ops(device, tokens * (ldx + hp.rows) * 2 + 2 * kArenaAlign);
   const size_t mark = ops.mark();
@@ -190,6 +174,29 @@ LayerRun CpuBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64_
 
 std::unique_ptr<Backend> make_cpu_backend(size_t n_threads) {
   return std::make_unique<CpuBackend>(n_threads);
+}
+
+PartLayout part_layout(const DequantParams& p) {
+  PartLayout l;
+  l.sizes = part_sizes(p);
+  const uint8_t* const src[kNumParts] = {p.weight, p.scale, p.quant_map, p.nested_absmax, p.nested_quant_map};
+  for (int k = 0; k < kNumParts; ++k) {
+    l.source[k] = src[k];
+    l.offset[k] = l.total;
+    if (src[k]) l.total = (l.total + l.sizes.bytes[k] + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
+  }
+  return l;
+}
+
+DequantParams rebase_parts(const DequantParams& params, const PartLayout& l, const uint8_t* base) {
+  DequantParams p = params;
+  const auto at = [&](int k) -> const uint8_t* { return l.source[k] ? base + l.offset[k] : nullptr; };
+  p.weight = at(kPartWeight);
+  p.scale = at(kPartScale);
+  p.quant_map = at(kPartQuantMap);
+  p.nested_absmax = at(kPartNestedAbsmax);
+  p.nested_quant_map = at(kPartNestedQuantMap);
+  return p;
 }
 
 PartSizes part_sizes(const DequantParams& p) {

@@ -7,6 +7,7 @@
 #include "qtool/formats/error.hpp"
 #include "qtool/libquant/quant.hpp"
 #include "qtool/runner/driver.hpp"
+#include "qtool/runner/executor.hpp"
 
 namespace qtool::runner {
 
@@ -42,21 +43,12 @@ struct MappedWeights::Impl {
 
   std::pair<DequantParams, uint8_t*> load(const std::string& name) {
     if (const auto q = quantized.find(name); q != quantized.end()) {
-      DequantParams p = quantized_params(q->second, comp);
-      const PartSizes sizes = part_sizes(p);
-      const uint8_t** parts[kNumParts] = {&p.weight, &p.scale, &p.quant_map, &p.nested_absmax,
-                                          &p.nested_quant_map};
-      uint64_t total = 0;
+      const DequantParams mapped = quantized_params(q->second, comp);
+      const PartLayout layout = part_layout(mapped);
+      uint8_t* mem = aligned(layout.total);
       for (int k = 0; k < kNumParts; ++k)
-        if (*parts[k]) total += (sizes.bytes[k] + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
-      uint8_t* mem = aligned(total);
-      uint64_t off = 0;
-      for (int k = 0; k < kNumParts; ++k) {
-        if (!*parts[k]) continue;
-        std::memcpy(mem + off, *parts[k], sizes.bytes[k]);
-        *parts[k] = mem + off;
-        off += (sizes.bytes[k] + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
-      }
+        if (layout.source[k]) std::memcpy(mem + layout.offset[k], layout.source[k], layout.sizes.bytes[k]);
+      const DequantParams p = rebase_parts(mapped, layout, mem);
       return {p, mem};
     }
     const auto e = comp.find(name);

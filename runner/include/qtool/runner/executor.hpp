@@ -186,4 +186,17 @@ struct PartSizes {
 };
 PartSizes part_sizes(const DequantParams& params);
 
+// A linear's parts laid out side by side as in an arena (each at a 256-byte boundary), for copying
+// them from host pointers into one buffer: offsets, the total, and the parts' pointers (null for
+// absent ones).
+struct PartLayout {
+  PartSizes sizes;
+  const uint8_t* source[kNumParts] = {};
+  uint64_t offset[kNumParts] = {};
+  uint64_t total = 0;
+};
+PartLayout part_layout(const DequantParams& params);
+// `params` with its part pointers moved into a copy of the layout at `base`.
+DequantParams rebase_parts(const DequantParams& params, const PartLayout& layout, const uint8_t* base);
+
 }  // namespace qtool::runner
