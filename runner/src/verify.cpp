@@ -245,7 +245,9 @@ void check_forward_references(const Checkpoint& checkpoint, const Checkpoint& re
         detail.empty() ? "" : "; ", name, ": relative error ", fmt("%.3g", r.rel_error),
         r.exact ? " (no quantized linear: must be 0)"
                 : str_cat(", bound ", fmt("%.3g", r.bound), " (", kForwardBoundFactor, " x simulated ",
-                          fmt("%.3g", r.simulated_rel_error), " + ", kForwardBoundFloor, ")"),
+                          fmt("%.3g", r.simulated_rel_error), " + ", kForwardBoundFloor, "); ",
+                          r.substituted ? "equal bit for bit to" : "DIFFERENT from",
+                          " the original with its quantized linears dequantized"),
         r.nonfinite ? str_cat(", ", r.nonfinite, " non-finite") : "", r.within() ? "" : " OUTSIDE");
     out.push_back(r.to_json());
   }
