@@ -357,9 +357,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
   std::vector<PinnedBuffer> host_arena(schedule.arenas.size());
   for (size_t ai = 0; ai < schedule.arenas.size(); ++ai) {
     const Arena& a = schedule.arenas[ai];
-    bool used = !a.streamed();
-    for (const ExecStep& st : schedule.steps) used = used || st.arena == ai;
-    if (!used || a.bytes == 0) continue;
+    if (!schedule.arena_used(ai) || a.bytes == 0) continue;
     if (!a.streamed() || !planned) {
       GpuState& g = gpus.at(a.device);
       DeviceScope scope(a.device);

@@ -189,14 +189,8 @@ PartLayout part_layout(const DequantParams& p) {
 }
 
 DequantParams rebase_parts(const DequantParams& params, const PartLayout& l, const uint8_t* base) {
-  DequantParams p = params;
-  const auto at = [&](int k) -> const uint8_t* { return l.source[k] ? base + l.offset[k] : nullptr; };
-  p.weight = at(kPartWeight);
-  p.scale = at(kPartScale);
-  p.quant_map = at(kPartQuantMap);
-  p.nested_absmax = at(kPartNestedAbsmax);
-  p.nested_quant_map = at(kPartNestedQuantMap);
-  return p;
+  return with_parts(params,
+                    [&](int k) -> const uint8_t* { return l.source[k] ? base + l.offset[k] : nullptr; });
 }
 
 PartSizes part_sizes(const DequantParams& p) {

@@ -273,18 +273,18 @@ class Driver {
   bool planned_ = true;
   RunResult result_;
   std::map<int, std::unique_ptr<Device>> devices_;
-  std::vector<const uint8_t*> on_device_;                // per arena: its device copy, if held there
-  std::vector<std::unique_ptr<HostBuffer>> host_arena_;  // per arena: pinned copy of a cpu group
-  std::vector<std::unique_ptr<HostBuffer>> staging_;     // disk groups
-  std::map<int, std::pair<uint8_t*, uint64_t>> slots_;   // per GPU: ring base, slot bytes
-  uint64_t k_ = 1;                                       // slots per ring
-  std::vector<size_t> order_;                            // streamed steps in copy order
-  std::vector<size_t> copy_index_;                       // per step: its position in order_
-  std::vector<uint64_t> seq_;                            // per step: its sequence on its GPU
-  std::map<int, std::vector<size_t>> device_order_;      // per GPU: its streamed steps in order
-  std::vector<std::unique_ptr<Forward>> forwards_;       // per component (null: linears only)
-  std::vector<std::vector<HostTensor>> inputs_;          // per component with a forward
-  std::vector<size_t> digest_base_;                      // per component: its first unit digest
+  std::vector<const uint8_t*> on_device_;                     // per arena: its device copy, if held there
+  std::vector<std::unique_ptr<HostBuffer>> host_arena_;       // per arena: pinned copy of a cpu group
+  std::vector<std::unique_ptr<HostBuffer>> staging_;          // disk groups
+  std::map<int, std::pair<uint8_t*, uint64_t>> slots_;        // per GPU: ring base, slot bytes
+  uint64_t k_ = 1;                                            // slots per ring
+  std::vector<size_t> order_;                                 // streamed steps in copy order
+  std::vector<size_t> copy_index_;                            // per step: its position in order_
+  std::vector<uint64_t> seq_;                                 // per step: its sequence on its GPU
+  std::map<int, std::vector<size_t>> device_order_;           // per GPU: its streamed steps in order
+  std::vector<std::unique_ptr<Forward>> forwards_;            // per component (null: linears only)
+  std::vector<std::vector<HostTensor>> inputs_;               // per component with a forward
+  std::vector<size_t> digest_base_;                           // per component: its first unit digest
   std::vector<std::vector<std::vector<size_t>>> unit_steps_;  // per forward component, per unit: its steps
   std::vector<std::vector<size_t>> last_unit_;  // per forward component, per step: its last unit
   uint64_t activation_bytes_ = 0;
@@ -339,9 +339,7 @@ void Driver::set_up() {
   host_arena_.resize(schedule_.arenas.size());
   for (size_t ai = 0; ai < schedule_.arenas.size(); ++ai) {
     const Arena& a = schedule_.arenas[ai];
-    bool used = !a.streamed();
-    for (const ExecStep& st : schedule_.steps) used = used || st.arena == ai;
-    if (!used || a.bytes == 0) continue;
+    if (!schedule_.arena_used(ai) || a.bytes == 0) continue;
     if (!a.streamed() || !planned_) {
       Device& dev = *devices_.at(a.device);
       uint8_t* mem =
@@ -520,8 +518,9 @@ void Driver::unit_steps(uint32_t component, const std::vector<std::string>& unit
     for (size_t si : out[u]) {
       if (si < last)
         fail(ErrorKind::InvalidInput, "the plan runs step '", schedule_.steps[last].name, "' before step '",
-             schedule_.steps[si].name, "', but the ", forwards_[component]->architecture(), " forward runs unit '",
-             units[u], "' first: plan again with this qtool (its model templates give the forward's order)");
+             schedule_.steps[si].name, "', but the ", forwards_[component]->architecture(),
+             " forward runs unit '", units[u],
+             "' first: plan again with this qtool (its model templates give the forward's order)");
       last = si;
     }
   }

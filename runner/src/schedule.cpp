@@ -192,7 +192,6 @@ const WeightRef* Schedule::find_weight(uint32_t component, std::string_view name
 }
 
 DequantParams Schedule::bind_weight(const WeightRef& w, uint32_t arena, const uint8_t* base) const {
-  DequantParams p = w.params;
   const uint8_t* ptr[kNumParts] = {};
   for (int k = 0; k < kNumParts; ++k) {
     if (!w.has_part[k]) continue;
@@ -200,12 +199,7 @@ DequantParams Schedule::bind_weight(const WeightRef& w, uint32_t arena, const ui
     if (off == kNoPart) return DequantParams{};
     ptr[k] = base + off;
   }
-  p.weight = ptr[kPartWeight];
-  p.scale = ptr[kPartScale];
-  p.quant_map = ptr[kPartQuantMap];
-  p.nested_absmax = ptr[kPartNestedAbsmax];
-  p.nested_quant_map = ptr[kPartNestedQuantMap];
-  return p;
+  return with_parts(w.params, [&](int k) { return ptr[k]; });
 }
 
 DequantParams quantized_params(const quant::QuantizedLinear& ql, const Component& comp) {
@@ -428,31 +422,24 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
 }
 
 DequantParams Schedule::bind(const LinearTask& linear, const uint8_t* base) const {
-  DequantParams p = linear.params;
-  const auto at = [&](int slot) -> const uint8_t* {
+  return with_parts(linear.params, [&](int slot) -> const uint8_t* {
     return linear.part_offset[slot] == kNoPart ? nullptr : base + linear.part_offset[slot];
-  };
-  p.weight = at(kPartWeight);
-  p.scale = at(kPartScale);
-  p.quant_map = at(kPartQuantMap);
-  p.nested_absmax = at(kPartNestedAbsmax);
-  p.nested_quant_map = at(kPartNestedQuantMap);
-  return p;
+  });
 }
 
 DequantParams Schedule::bind_mapped(const LinearTask& linear, const Checkpoint& checkpoint) const {
-  DequantParams p = linear.params;
   const Component& comp = checkpoint.components()[linear.component_index];
-  const auto at = [&](int slot) -> const uint8_t* {
+  return with_parts(linear.params, [&](int slot) -> const uint8_t* {
     if (linear.part_offset[slot] == kNoPart) return nullptr;
     return comp.data(linear.part_entry[static_cast<size_t>(slot)]).data();
-  };
-  p.weight = at(kPartWeight);
-  p.scale = at(kPartScale);
-  p.quant_map = at(kPartQuantMap);
-  p.nested_absmax = at(kPartNestedAbsmax);
-  p.nested_quant_map = at(kPartNestedQuantMap);
-  return p;
+  });
+}
+
+bool Schedule::arena_used(size_t arena) const {
+  if (!arenas[arena].streamed()) return true;
+  for (const ExecStep& st : steps)
+    if (st.arena == arena) return true;
+  return false;
 }
 
 uint64_t Schedule::slot_bytes(int device) const {

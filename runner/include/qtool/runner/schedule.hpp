@@ -71,6 +71,17 @@ struct WeightRef {
   std::vector<Component::Entry> tensors;  // every tensor it stands for (weight and quant state)
 };
 
+// `params` with its part pointers set: part k at at(k) (LinearPart order; null for none).
+template <class At>
+DequantParams with_parts(DequantParams params, At&& at) {
+  params.weight = at(kPartWeight);
+  params.scale = at(kPartScale);
+  params.quant_map = at(kPartQuantMap);
+  params.nested_absmax = at(kPartNestedAbsmax);
+  params.nested_quant_map = at(kPartNestedQuantMap);
+  return params;
+}
+
 struct LinearTask {
   uint32_t id = 0;    // position in Schedule::linears (execution order); digest index
   uint32_t step = 0;  // index into Schedule::steps
@@ -139,8 +150,9 @@ struct Schedule {
   uint64_t max_out(int device) const;
   uint64_t max_scratch_elems(int device) const;
   size_t n_linears(int device) const;
-  uint64_t streamed_bytes() const;     // bytes copied host-to-device in one step (all GPUs)
-  uint64_t max_staging_bytes() const;  // the largest disk arena
+  uint64_t streamed_bytes() const;      // bytes copied host-to-device in one step (all GPUs)
+  bool arena_used(size_t arena) const;  // resident, or streamed by some step
+  uint64_t max_staging_bytes() const;   // the largest disk arena
 };
 
 // Builds the schedule. Error(InvalidInput) naming the plan item and the tensor for: a tensor the
