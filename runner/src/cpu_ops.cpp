@@ -489,7 +489,7 @@ uint64_t cpu_scratch_bytes(uint64_t rows, uint64_t in, uint64_t kv_len, uint64_t
   const uint64_t hd_p = (head_dim + 7) / 8 * 8;
   const uint64_t lin = rows * in_p * 4 + threads * linear_weight_rows(in) * in_p * 4;
   const uint64_t kv_p = (kv_len + 7) / 8 * 8;
-  const uint64_t att = threads * (head_dim * kv_p + kv_len * hd_p + kv_p + 2 * hd_p) * 4;
+  const uint64_t att = threads * (head_dim * kv_p + kv_len * hd_p + 4 * (kv_p + 2 * hd_p)) * 4;
   return lin + att;
 }
 

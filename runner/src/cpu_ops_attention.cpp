@@ -1,12 +1,13 @@
-// attention on the CPU: SDPA per (sample, head, query row) with one row of float32 scores at a
-// time, never a [q_len, kv_len] matrix. For query t of head j (kv head j / (heads / kv_heads)):
+// attention on the CPU: SDPA per (sample, head, query row) with one row of float32 scores per
+// query row, four query rows of a head at a time (they share the K and V loads), never a
+// [q_len, kv_len] matrix. For query t of head j (kv head j / (heads / kv_heads)):
 //   s_u = (q·k_u)·scale [+ bias[j·q_len + t, u]] [+ finfo(dtype).min if key u is dropped]
 // over the visible keys u (all, or u <= t when causal), each dot product summed in order of the
 // features; then m = max s_u, p_u = expf(s_u − m), l = Σ p_u (in key order), and
 // out = ⟦(Σ_u p_u·v_u) / l⟧ with the weighted sum accumulated per feature in key order.
 // A NaN score makes its whole row NaN (as softmax does); a fully masked row gives uniform
-// weights (every score is finfo.min). Threads split (sample, head, query block) items; each
-// keeps the float32 K and V of the (sample, kv head) it works on.
+// weights in bf16 and f32, whose finfo.min swallows every score (f16's -65504 shifts them all). Threads split
+// (sample, head, query block) items; each keeps the float32 K and V of the (sample, kv head) it works on.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -33,7 +34,9 @@ constexpr int64_t kQueryBlock = 32;
 
 [[gnu::always_inline]] inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof(v)); }
 
-[[gnu::always_inline]] inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+// A vector times a float scalar: GCC broadcasts the scalar (one vbroadcastss; a {x, x, ...}
+// initialiser would be built lane by lane).
+[[gnu::always_inline]] inline v8f scaled(const v8f& v, float x) { return v * x; }
 
 // The float32 K and V of one (sample, kv head).
 struct Head {
@@ -44,53 +47,102 @@ struct Head {
   int64_t hdp;
 };
 
-constexpr int kVecs = 8;  // vectors in flight per pass: 8 accumulators hide the add latency
+constexpr int kRows = 4;  // query rows of one head that share each K and V load
 
-// s[u] = (Σ_d q_d·k_{u,d}, summed in order of d)·scale for u < round_up8(n): eight keys per
-// vector, kVecs vectors per pass.
-__attribute__((target_clones("avx2", "default"))) void scores_row(const float* q, const Head& h, int64_t n,
-                                                                  float scale, float* s) {
-  const int64_t n8 = round_up8(n);
-  const v8f sv = splat(scale);
+// s_r[u] = (Σ_d q_r[d]·k_{u,d}, summed in order of d)·scale for rows r < R and u < n8 (a multiple
+// of 8): two vectors of eight keys per pass, each K load used by the R rows.
+template <int R>
+[[gnu::always_inline]] inline void scores_tile(const float* const* q, const Head& h, int64_t n8, float sv,
+                                               float* const* s) {
   int64_t u = 0;
-  for (; u + 8 * kVecs <= n8; u += 8 * kVecs) {
-    v8f a[kVecs] = {};
+  for (; u + 16 <= n8; u += 16) {
+    v8f a[R][2] = {};
     for (int64_t d = 0; d < h.hd; ++d) {
       const float* k = h.kt + d * h.kvp + u;
-      const v8f qd = splat(q[d]);
-#pragma GCC unroll 8
-      for (int j = 0; j < kVecs; ++j) a[j] += qd * load8(k + 8 * j);
+      const v8f k0 = load8(k), k1 = load8(k + 8);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const float qd = q[r][d];
+        a[r][0] += scaled(k0, qd);
+        a[r][1] += scaled(k1, qd);
+      }
     }
-#pragma GCC unroll 8
-    for (int j = 0; j < kVecs; ++j) store8(s + u + 8 * j, a[j] * sv);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      store8(s[r] + u, scaled(a[r][0], sv));
+      store8(s[r] + u + 8, scaled(a[r][1], sv));
+    }
   }
-  for (; u < n8; u += 8) {
-    v8f a = {};
-    for (int64_t d = 0; d < h.hd; ++d) a += splat(q[d]) * load8(h.kt + d * h.kvp + u);
-    store8(s + u, a * sv);
+  if (u < n8) {
+    v8f a[R] = {};
+    for (int64_t d = 0; d < h.hd; ++d) {
+      const v8f k0 = load8(h.kt + d * h.kvp + u);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) a[r] += scaled(k0, q[r][d]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) store8(s[r] + u, scaled(a[r], sv));
   }
 }
 
-// acc ([hdp]) = Σ_{u < n} p[u]·v_u, accumulated in key order; 8·kVecs features per pass in
-// registers.
-__attribute__((target_clones("avx2", "default"))) void weighted_sum(const float* p, const Head& h, int64_t n,
-                                                                    float* acc) {
+// acc_r ([hdp]) += Σ_{u0 <= u < u1} p_r[u]·v_u for rows r < R, in key order: sixteen features per
+// pass, each V load used by the R rows.
+template <int R>
+[[gnu::always_inline]] inline void weighted_tile(const float* const* p, const Head& h, int64_t u0, int64_t u1,
+                                                 float* const* acc) {
   int64_t d = 0;
-  for (; d + 8 * kVecs <= h.hdp; d += 8 * kVecs) {
-    v8f a[kVecs] = {};
-    for (int64_t u = 0; u < n; ++u) {
+  for (; d + 16 <= h.hdp; d += 16) {
+    v8f a[R][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) a[r][0] = load8(acc[r] + d), a[r][1] = load8(acc[r] + d + 8);
+    for (int64_t u = u0; u < u1; ++u) {
       const float* v = h.vf + u * h.hdp + d;
-      const v8f pu = splat(p[u]);
-#pragma GCC unroll 8
-      for (int j = 0; j < kVecs; ++j) a[j] += pu * load8(v + 8 * j);
+      const v8f v0 = load8(v), v1 = load8(v + 8);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const float pu = p[r][u];
+        a[r][0] += scaled(v0, pu);
+        a[r][1] += scaled(v1, pu);
+      }
     }
-#pragma GCC unroll 8
-    for (int j = 0; j < kVecs; ++j) store8(acc + d + 8 * j, a[j]);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) store8(acc[r] + d, a[r][0]), store8(acc[r] + d + 8, a[r][1]);
   }
-  for (; d < h.hdp; d += 8) {
-    v8f a = {};
-    for (int64_t u = 0; u < n; ++u) a += splat(p[u]) * load8(h.vf + u * h.hdp + d);
-    store8(acc + d, a);
+  if (d < h.hdp) {
+    v8f a[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) a[r] = load8(acc[r] + d);
+    for (int64_t u = u0; u < u1; ++u) {
+      const v8f v0 = load8(h.vf + u * h.hdp + d);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) a[r] += scaled(v0, p[r][u]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) store8(acc[r] + d, a[r]);
+  }
+}
+
+// The scores of `rows` (1..kRows) query rows against keys [0, n) (and up to round_up8(n)).
+__attribute__((target_clones("avx2", "default"))) void scores_rows(const float* const* q, int rows,
+                                                                   const Head& h, int64_t n, float scale,
+                                                                   float* const* s) {
+  const int64_t n8 = round_up8(n);
+  switch (rows) {
+    case 1: scores_tile<1>(q, h, n8, scale, s); break;
+    case 2: scores_tile<2>(q, h, n8, scale, s); break;
+    case 3: scores_tile<3>(q, h, n8, scale, s); break;
+    default: scores_tile<kRows>(q, h, n8, scale, s); break;
+  }
+}
+
+__attribute__((target_clones("avx2", "default"))) void weighted_rows(const float* const* p, int rows,
+                                                                     const Head& h, int64_t u0, int64_t u1,
+                                                                     float* const* acc) {
+  switch (rows) {
+    case 1: weighted_tile<1>(p, h, u0, u1, acc); break;
+    case 2: weighted_tile<2>(p, h, u0, u1, acc); break;
+    case 3: weighted_tile<3>(p, h, u0, u1, acc); break;
+    default: weighted_tile<kRows>(p, h, u0, u1, acc); break;
   }
 }
 
@@ -167,12 +219,17 @@ void attention(ThreadPool& pool, Scratch& scratch, const Mat& q, const Mat& k, c
   const int64_t kvp = round_up8(a.kv_len);
   for_slots(pool, n_items, 1, [&](size_t slot, size_t i0, size_t i1) {
     std::vector<float>& kv = scratch.kv[slot];
-    std::vector<float>& row = scratch.scores[slot];
+    std::vector<float>& rows = scratch.scores[slot];
     kv.resize(static_cast<size_t>(hd * kvp + a.kv_len * hdp));
-    row.resize(static_cast<size_t>(kvp + 2 * hdp));
-    float* s = row.data();
-    float* qf = s + kvp;
-    float* acc = qf + hdp;
+    rows.resize(static_cast<size_t>(kRows * (kvp + 2 * hdp)));
+    float* s[kRows];
+    float* qf[kRows];
+    float* acc[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      s[r] = rows.data() + r * kvp;
+      qf[r] = rows.data() + kRows * kvp + r * hdp;
+      acc[r] = rows.data() + kRows * (kvp + hdp) + r * hdp;
+    }
     const Head head{kv.data(), kv.data() + hd * kvp, hd, kvp, hdp};
     int64_t loaded = -1;
     for (size_t i = i0; i < i1; ++i) {
@@ -185,22 +242,33 @@ void attention(ThreadPool& pool, Scratch& scratch, const Mat& q, const Mat& k, c
         loaded = key;
       }
       const int64_t t1 = std::min(a.q_len, (qb + 1) * kQueryBlock);
-      for (int64_t t = qb * kQueryBlock; t < t1; ++t) {
-        const int64_t r = b * a.q_len + t;
-        load_row(q.rows_view(r, 1).cols_view(j * hd, hd), 0, qf);
-        const int64_t n = a.causal ? std::min(t + 1, a.kv_len) : a.kv_len;
-        scores_row(qf, head, n, a.scale, s);
-        if (a.bias) {
-          const Mat brow = a.bias->rows_view(j * a.q_len + t, 1);
-          for (int64_t u = 0; u < n; ++u) s[u] += load(brow.dtype, row_ptr(brow, 0), u);
+      for (int64_t t = qb * kQueryBlock; t < t1; t += kRows) {
+        const int n_rows = static_cast<int>(std::min<int64_t>(kRows, t1 - t));
+        int64_t n[kRows];
+        for (int r = 0; r < n_rows; ++r) {
+          load_row(q.rows_view(b * a.q_len + t + r, 1).cols_view(j * hd, hd), 0, qf[r]);
+          n[r] = a.causal ? std::min(t + r + 1, a.kv_len) : a.kv_len;  // non-decreasing in r
         }
-        if (a.key_mask)
-          for (int64_t u = 0; u < n; ++u)
-            if (key_dropped(*a.key_mask, b, u)) s[u] += mask_min;
-        const float l = softmax_weights(s, n);
-        weighted_sum(s, head, n, acc);
-        for (int64_t d = 0; d < hd; ++d) acc[d] = acc[d] / l;
-        store_row(acc, out.rows_view(r, 1).cols_view(j * hd, hd), 0);
+        scores_rows(qf, n_rows, head, n[n_rows - 1], a.scale, s);
+        float l[kRows];
+        for (int r = 0; r < n_rows; ++r) {
+          if (a.bias) {
+            const Mat brow = a.bias->rows_view(j * a.q_len + t + r, 1);
+            for (int64_t u = 0; u < n[r]; ++u) s[r][u] += load(brow.dtype, row_ptr(brow, 0), u);
+          }
+          if (a.key_mask)
+            for (int64_t u = 0; u < n[r]; ++u)
+              if (key_dropped(*a.key_mask, b, u)) s[r][u] += mask_min;
+          l[r] = softmax_weights(s[r], n[r]);
+          std::fill(acc[r], acc[r] + hdp, 0.0f);
+        }
+        // Rows r >= k see keys [n[k-1], n[k]) as well: each row sums its own keys in order.
+        weighted_rows(s, n_rows, head, 0, n[0], acc);
+        for (int k = 1; k < n_rows; ++k) weighted_rows(s + k, n_rows - k, head, n[k - 1], n[k], acc + k);
+        for (int r = 0; r < n_rows; ++r) {
+          for (int64_t d = 0; d < hd; ++d) acc[r][d] = acc[r][d] / l[r];
+          store_row(acc[r], out.rows_view(b * a.q_len + t + r, 1).cols_view(j * hd, hd), 0);
+        }
       }
     }
   });

@@ -5,7 +5,9 @@ For each variant this writes OUT/<variant>/ with
   config.json + model.safetensors (or diffusion_pytorch_model.safetensors): save_pretrained in bf16
   vectors.safetensors: the forward's inputs under the framework's argument names (input_ids,
       position_ids; hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
-      txt_ids, guidance), the framework's output as F32 (`logits` / `sample`), and per-stage
+      txt_ids, guidance), the framework's output as F32 (`logits` / `sample`), the same model
+      run in float32 on the same inputs (`logits.f32` / `sample.f32`: the bf16 computation's own
+      noise, which the comparison's tolerance is derived from), and per-stage
       outputs in the model dtype: `stage.<unit>` (Llama: each decoder layer's hidden state, the
       final norm; Flux: x_embedder, time_text_embed, context_embedder, each block's text and image
       streams `stage.<block>.txt` / `.img`, norm_out), plus `rope.inv_freq` (Llama's fp32 buffer).
@@ -19,7 +21,11 @@ away from 1 (1 + N(0, 0.25^2)), so that a norm read wrongly or skipped changes t
 With --compare TOOL, each folder is then handed to TOOL (tests/runner/forward_compare: qtool's
 forward on the CPU ops against these vectors); the script fails when TOOL fails on any of them.
 
-  forward_models.py --out DIR [--set committed|interop] [--seed N] [--only NAME] [--compare TOOL]
+With --qtool QTOOL, each variant is also quantized by `QTOOL quantize` to nf4, int8 and fp8_e4m3
+(OUT/<variant>.<scheme>), and the vectors beside the quantized weights are the framework's outputs
+on `QTOOL dequantize`'s output of them (same inputs).
+
+  forward_models.py --out DIR [--set committed|interop] [--seed N] [--only NAME] [--compare TOOL] [--qtool QTOOL]
 """
 import argparse
 import json
@@ -124,6 +130,10 @@ def llama_variant(name, v, out_dir, seed):
         h.remove()
     tensors = {k: t.contiguous() for k, t in inputs.items()}
     tensors["logits"] = logits.float().contiguous()
+    # The same model and inputs in float32: the bf16 computation's own noise.
+    model32 = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        tensors["logits.f32"] = model32(**inputs).logits.contiguous()
     tensors["rope.inv_freq"] = model.model.rotary_emb.inv_freq.float().contiguous()
     for k, t in stages.items():
         tensors[k] = t.detach().contiguous()
@@ -194,10 +204,65 @@ def flux_variant(name, v, out_dir, seed):
         h.remove()
     tensors = {k: t.contiguous() for k, t in inputs.items()}
     tensors["sample"] = sample.float().contiguous()
+    model32 = FluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+    inputs32 = {k: (t.float() if t.is_floating_point() else t) for k, t in inputs.items()}
+    # The bf16 model sees t~ = bf16(bf16(t) * 1000) (and g~ likewise): give the float32 model
+    # the same values, so that only the compute differs, not the conditioning.
+    for k in ("timestep", "guidance"):
+        if k in inputs32:
+            inputs32[k] = (inputs[k].to(bf) * 1000).float() / 1000
+    with torch.no_grad():
+        tensors["sample.f32"] = model32(**inputs32, return_dict=False)[0].contiguous()
     for k, t in stages.items():
         tensors[k] = t.detach().contiguous()
     save_file(tensors, os.path.join(path, "vectors.safetensors"))
     return sample
+
+
+INPUT_NAMES = ("input_ids", "position_ids", "hidden_states", "encoder_hidden_states", "pooled_projections",
+               "timestep", "img_ids", "txt_ids", "guidance")
+
+
+def quantized_variant(name, out_dir, qtool, scheme):
+    """`qtool quantize` OUT/name to OUT/name.scheme; the framework runs `qtool dequantize`'s output
+    of it (bf16 and float32) on the base variant's inputs; the vectors go beside the quantized
+    weights, so qtool's forward on the quantized file is compared with the framework on the
+    same weights dequantized."""
+    from safetensors.torch import load_file
+
+    base = os.path.join(out_dir, name)
+    qpath = os.path.join(out_dir, f"{name}.{scheme}")
+    dpath = os.path.join(out_dir, f"{name}.{scheme}.dequantized")
+    for args in (["quantize", base, "-o", qpath, "--scheme", scheme], ["dequantize", qpath, "-o", dpath]):
+        subprocess.run([qtool] + args + ["-q", "-f", "-j", "2"], check=True)
+    vectors = load_file(os.path.join(base, "vectors.safetensors"))
+    inputs = {k: t for k, t in vectors.items() if k in INPUT_NAMES}
+    with open(os.path.join(base, "config.json")) as f:
+        is_llama = "architectures" in json.load(f)
+    tensors = dict(inputs)
+    if is_llama:
+        from transformers import LlamaForCausalLM
+        with torch.no_grad():
+            m = LlamaForCausalLM.from_pretrained(dpath, dtype=torch.bfloat16).eval()
+            tensors["logits"] = m(**inputs).logits.float().contiguous()
+            m = LlamaForCausalLM.from_pretrained(dpath, dtype=torch.float32).eval()
+            tensors["logits.f32"] = m(**inputs).logits.contiguous()
+        out = tensors["logits"]
+    else:
+        from diffusers import FluxTransformer2DModel
+        bf = torch.bfloat16
+        inputs32 = {k: (t.float() if t.is_floating_point() else t) for k, t in inputs.items()}
+        for k in ("timestep", "guidance"):
+            if k in inputs32:
+                inputs32[k] = (inputs[k].to(bf) * 1000).float() / 1000
+        with torch.no_grad():
+            m = FluxTransformer2DModel.from_pretrained(dpath, torch_dtype=bf).eval()
+            tensors["sample"] = m(**inputs, return_dict=False)[0].float().contiguous()
+            m = FluxTransformer2DModel.from_pretrained(dpath, torch_dtype=torch.float32).eval()
+            tensors["sample.f32"] = m(**inputs32, return_dict=False)[0].contiguous()
+        out = tensors["sample"]
+    save_file(tensors, os.path.join(qpath, "vectors.safetensors"))
+    return qpath, out
 
 
 def main():
@@ -207,6 +272,8 @@ def main():
     ap.add_argument("--seed", type=int, default=20261205)
     ap.add_argument("--only", default=None)
     ap.add_argument("--compare", default=None)
+    ap.add_argument("--qtool", default=None,
+                    help="also quantize each variant with QTOOL to nf4, int8 and fp8_e4m3 (see quantized_variant)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"forward_models.py: seed {args.seed}, torch {torch.__version__}", flush=True)
@@ -223,6 +290,12 @@ def main():
             out = fn(name, v, args.out, args.seed + k)
             print(f"  {name}: output {tuple(out.shape)}, rms {out.float().pow(2).mean().sqrt():.4f}", flush=True)
             done.append(os.path.join(args.out, name))
+            if args.qtool:
+                for scheme in ("nf4", "int8", "fp8_e4m3"):
+                    qpath, q = quantized_variant(name, args.out, args.qtool, scheme)
+                    print(f"  {name}.{scheme}: output {tuple(q.shape)}, rms {q.float().pow(2).mean().sqrt():.4f}",
+                          flush=True)
+                    done.append(qpath)
     if args.compare:
         rc = subprocess.run([args.compare] + done).returncode
         if rc != 0:

@@ -13,6 +13,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "models.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/safetensors.hpp"
@@ -123,6 +124,36 @@ inline Deviation deviation(const std::vector<float>& got, const std::vector<floa
   return d;
 }
 
+// qtool's output judged against the framework's. The tolerance is derived from the framework's
+// own rounding noise: `noise` = the framework's bf16 output against the same model run in float32
+// (`<output>.f32`). qtool's bf16 forward is another computation of the same function with the
+// same roundings and a different GEMM / attention summation order, so it must lie within twice
+// that noise of the framework's bf16 output (max and RMS), and no farther from the float32 output
+// than 1.25 x the framework's RMS distance (a systematic mistake moves it farther).
+struct Judgement {
+  Deviation vs_framework, noise, vs_f32;
+  bool ok = false;
+};
+inline Judgement judge(const runner::HostTensor& ours,
+                       const std::map<std::string, runner::HostTensor>& vectors) {
+  Judgement j;
+  const auto got = as_floats(ours);
+  const auto bf16 = as_floats(vectors.at(ours.name));
+  const auto f32 = as_floats(vectors.at(ours.name + ".f32"));
+  j.vs_framework = deviation(got, bf16);
+  j.noise = deviation(bf16, f32);
+  j.vs_f32 = deviation(got, f32);
+  j.ok = j.vs_framework.finite && j.vs_framework.max_rel <= 2 * j.noise.max_rel &&
+         j.vs_framework.rms_rel <= 2 * j.noise.rms_rel && j.vs_f32.rms_rel <= 1.25 * j.noise.rms_rel;
+  return j;
+}
+
+// Whether the ops' activation peak is the reserve: the reserve counts every allocation rounded up
+// to planner::kActivationAlignment, the peak the top of the stack (the last allocation unpadded).
+inline bool peak_matches(uint64_t peak, uint64_t reserved) {
+  return peak <= reserved && reserved - peak < planner::kActivationAlignment;
+}
+
 // The forward's activation reserve at these inputs' sizes (the plan's, with the text tokens of
 // the inputs for Flux).
 inline uint64_t reserve_for(const runner::Forward& fwd, const std::vector<runner::HostTensor>& inputs,
@@ -148,6 +179,7 @@ struct ForwardRun {
   uint64_t peak = 0;
   uint64_t reserved = 0;
   std::vector<std::string> fetched;
+  std::vector<runner::HostTensor> stages;  // the state after each unit (StagedForward)
 };
 
 // The whole forward on the CPU ops whose activation memory is exactly the planner's reserve.
@@ -160,7 +192,12 @@ inline ForwardRun run_forward(runner::Forward& fwd, const Component& comp,
   const auto ops = runner::make_cpu_ops(pool, r.reserved);
   CheckpointWeights weights(comp);
   fwd.begin(*ops, inputs);
-  for (size_t u = 0; u < fwd.units().size(); ++u) fwd.run_unit(u, *ops, weights);
+  auto* staged = dynamic_cast<runner::models::StagedForward*>(&fwd);
+  for (size_t u = 0; u < fwd.units().size(); ++u) {
+    fwd.run_unit(u, *ops, weights);
+    if (staged)
+      for (runner::HostTensor& t : staged->stages(*ops, u)) r.stages.push_back(std::move(t));
+  }
   r.output = fwd.output(*ops);
   r.peak = ops->peak_bytes();
   r.fetched = weights.fetched;

@@ -19,7 +19,7 @@ using planner::FluxArch;
 constexpr float kEps = 1e-6f;
 constexpr int64_t kSinusoid = 256;
 
-class FluxForward final : public Forward {
+class FluxForward final : public StagedForward {
  public:
   FluxForward(const FluxArch& arch, DType dtype, std::string config_file)
       : arch_(arch), a_(arch), dtype_(dtype), config_file_(std::move(config_file)) {
@@ -151,6 +151,31 @@ class FluxForward final : public Forward {
     proj_out(ops, weights);
   }
 
+  std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
+    const int64_t d = a_.dim();
+    const auto stream = [&](std::string name, bool text) {
+      HostTensor t{std::move(name), dtype_, {batch_, text ? tt_ : ti_, d}, {}};
+      for (int64_t b = 0; b < batch_; ++b)
+        download_rows(ops, hs_, b * seq() + (text ? 0 : tt_), text ? tt_ : ti_, t);
+      return t;
+    };
+    const std::string& u = units_[unit];
+    if (u == "x_embedder") return {stream(u, false)};
+    if (u == "context_embedder") return {stream(u, true)};
+    if (u == "time_text_embed") {
+      HostTensor t{u, dtype_, {batch_, d}, {}};
+      download_rows(ops, c_, 0, batch_, t);
+      return {std::move(t)};
+    }
+    if (u == "norm_out") {
+      HostTensor t{u, dtype_, {batch_, ti_, d}, {}};
+      download_rows(ops, normed_, 0, batch_ * ti_, t);
+      return {std::move(t)};
+    }
+    if (u == "proj_out") return {};
+    return {stream(u + ".txt", true), stream(u + ".img", false)};
+  }
+
   HostTensor output(Ops& ops) override {
     const size_t n = static_cast<size_t>(sample_.rows * sample_.cols);
     std::vector<uint8_t> raw(n * dtype_size(dtype_));
@@ -211,12 +236,15 @@ class FluxForward final : public Forward {
     const int64_t d = a_.dim();
     UnitWeights w(config_file_);
     const std::string p = "time_text_embed.";
+    // The planner's units in its template's order: timestep, guidance, then text embedder.
     const Linear t1 = w.linear(p + "timestep_embedder.linear_1", kSinusoid, d, true);
     const Linear t2 = w.linear(p + "timestep_embedder.linear_2", d, d, true);
+    w.fetch(weights);
     Linear g1, g2;
     if (a_.guidance_embeds) {
       g1 = w.linear(p + "guidance_embedder.linear_1", kSinusoid, d, true);
       g2 = w.linear(p + "guidance_embedder.linear_2", d, d, true);
+      w.fetch(weights);
     }
     const Linear p1 = w.linear(p + "text_embedder.linear_1", a_.pooled_projection_dim, d, true);
     const Linear p2 = w.linear(p + "text_embedder.linear_2", d, d, true);

@@ -12,7 +12,7 @@ namespace {
 
 using planner::LlamaArch;
 
-class LlamaForward final : public Forward {
+class LlamaForward final : public StagedForward {
  public:
   LlamaForward(const LlamaArch& arch, DType dtype, std::string config_file)
       : arch_(arch), a_(arch), dtype_(dtype), config_file_(std::move(config_file)) {
@@ -88,6 +88,13 @@ class LlamaForward final : public Forward {
     if (unit == units_.size() - 2) return final_norm(ops, weights);
     if (unit == units_.size() - 1) return head(ops, weights);
     layer(static_cast<int64_t>(unit - 1), ops, weights);
+  }
+
+  std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
+    if (unit == 0 || unit == units_.size() - 1) return {};
+    HostTensor t{units_[unit], dtype_, {batch_, seq_, a_.hidden_size}, {}};
+    download_rows(ops, h_, 0, rows(), t);
+    return {std::move(t)};
   }
 
   HostTensor output(Ops& ops) override {

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <numbers>
 
+#include "models.hpp"
 #include "qtool/formats/error.hpp"
 
 namespace qtool::runner::models {
@@ -278,7 +279,8 @@ Linear UnitWeights::linear(const std::string& module, int64_t in, int64_t out, b
 
 void UnitWeights::fetch(WeightSource& source) {
   std::vector<Slot*> order;
-  for (Slot& s : slots_) order.push_back(&s);
+  for (size_t i = fetched_; i < slots_.size(); ++i) order.push_back(&slots_[i]);
+  fetched_ = slots_.size();
   std::stable_sort(order.begin(), order.end(),
                    [](const Slot* a, const Slot* b) { return plan_order_less(a->name, b->name); });
   for (Slot* s : order) {
@@ -294,6 +296,13 @@ void UnitWeights::fetch(WeightSource& source) {
            " elements); ", config_file_, " implies ", want);
     }
   }
+}
+
+void download_rows(Ops& ops, const Mat& m, int64_t row, int64_t n, HostTensor& t) {
+  const Mat v = m.rows_view(row, n);
+  const size_t at = t.bytes.size();
+  t.bytes.resize(at + static_cast<size_t>(n * m.cols) * m.elem_bytes());
+  ops.download(v, t.bytes.data() + at);
 }
 
 }  // namespace qtool::runner::models

@@ -81,7 +81,9 @@ class UnitWeights {
   const DequantParams& mat(std::string name, int64_t rows, int64_t cols);
   // `<module>.weight` [out, in] and, when `bias`, `<module>.bias` [out].
   Linear linear(const std::string& module, int64_t in, int64_t out, bool bias);
-  // Fetches every declared tensor in the plan's order and checks its shape.
+  // Fetches the tensors declared since the last fetch, in the plan's order, and checks their
+  // shapes. (A unit that spans several of the planner's units, like Flux's time_text_embed,
+  // fetches once per planner unit, in their order.)
   void fetch(WeightSource& source);
 
  private:
@@ -92,6 +94,7 @@ class UnitWeights {
   };
   std::string config_file_;
   std::deque<Slot> slots_;
+  size_t fetched_ = 0;
 };
 
 // Whether tensor `a` comes before tensor `b` in a unit's plan order (see UnitWeights).

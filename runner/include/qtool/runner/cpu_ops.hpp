@@ -12,7 +12,7 @@
 //   linear    x widened to float32, [rows, round_up(in, 8)], plus per thread a block of
 //             dequantized weight rows, linear_weight_rows(in) x round_up(in, 8) floats;
 //   attention per thread the K (transposed) and V of one (sample, kv head) in float32,
-//             about 2 x kv_len x round_up(head_dim, 8) floats, and one row of scores.
+//             about 2 x kv_len x round_up(head_dim, 8) floats, and four rows of scores.
 // cpu_scratch_bytes gives the total for the largest shapes a forward uses.
 //
 // Transcendentals are the float functions of the C library, as the frameworks' kernels call
@@ -30,7 +30,8 @@
 
 namespace qtool::runner {
 
-// `pool` runs every op's row ranges (it must outlive the ops).
+// `pool` runs every op's row ranges (it must outlive the ops). One caller at a time: the ops
+// share their scratch.
 std::unique_ptr<Ops> make_cpu_ops(ThreadPool& pool, uint64_t capacity_bytes);
 
 // The CPU backend's scratch for a linear [out, in] on `rows` tokens and an attention over
