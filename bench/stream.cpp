@@ -325,7 +325,7 @@ int main(int argc, char** argv) {
       double first = 1e300, last = 0, busy = 0;
       uint64_t bytes = 0;
       for (const TraceEvent& e : r.trace) {
-        if (e.lane != "gpu0 copy" || e.step == 0) continue;
+        if (e.lane != Lane::Copy || e.device != 0 || e.step == 0) continue;
         first = std::min(first, e.start_us);
         last = std::max(last, e.start_us + e.dur_us);
         busy += e.dur_us;

@@ -1,6 +1,8 @@
-// qtool verify CKPT --plan plan.json [--reference ORIGINAL] ...: runs the plan on its checkpoint
-// (CUDA backend, or the CPU backend without a GPU) and checks it; exit 0 when every check
-// passes, 1 when one fails (named), 2 for bad input such as a plan made for another checkpoint.
+// qtool verify CKPT --plan plan.json [--reference ORIGINAL] [--inputs IN] [--outputs OUT] ...: runs
+// the plan on its checkpoint (the real forward of Llama and Flux components on the CPU backend; the
+// CUDA backend, or components without a forward, run their linears) and checks it; exit 0 when
+// every check passes, 1 when one fails (named), 2 for bad input such as a plan made for another
+// checkpoint or a missing, misnamed or mis-shaped input.
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -26,6 +28,8 @@ struct VerifyCliOptions {
   uint64_t seed = 0;
   bool poison = false;
   double time_tolerance = -1;
+  std::string inputs;
+  std::string outputs;
   std::string report;
   std::string trace;
   size_t threads = 0;
@@ -43,6 +47,8 @@ int run_verify(const VerifyCliOptions& o, const GlobalOptions& global) {
   v.seed = o.seed;
   v.poison = o.poison;
   if (o.time_tolerance >= 0) v.time_tolerance = o.time_tolerance;
+  v.inputs = o.inputs;
+  v.outputs = o.outputs;
   v.report = o.report;
   v.trace = o.trace;
   v.threads = o.threads;
@@ -63,9 +69,9 @@ void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& r
   auto o = std::make_shared<VerifyCliOptions>();
   CLI::App* cmd = app.add_subcommand(
       "verify",
-      "Run a plan on its checkpoint and check it: fingerprint, finite outputs, streamed == all-resident bit "
-      "for "
-      "bit, error against the original weights, peak memory and step time against the plan");
+      "Run a plan on its checkpoint (the model's real forward where qtool has it) and check it: fingerprint, "
+      "finite outputs, streamed == all-resident bit for bit, error against the original model, peak memory "
+      "and step time against the plan");
   cmd->add_option("CKPT", o->checkpoint, "The checkpoint the plan was made for")->required();
   cmd->add_option("--plan", o->plan, "The plan (qtool plan -o plan.json)")->required();
   cmd->add_option(
@@ -85,6 +91,16 @@ void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& r
                   "Fail when the measured step time is off the plan's prediction by more than this fraction "
                   "(e.g. 0.2); without it the step time is reported only")
       ->check(CLI::Range(0.0, 100.0));
+  cmd->add_option(
+      "--inputs", o->inputs,
+      "The forward's inputs (safetensors) under the framework's argument names: input_ids [B, T] "
+      "(Llama); hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, "
+      "guidance (Flux); prefixed by the component in a pipeline (transformer.hidden_states). Default: "
+      "drawn from --seed at the plan's tokens");
+  cmd->add_option(
+      "--outputs", o->outputs,
+      "Write the forward's output (logits / sample, F32, prefixed in a pipeline) to this safetensors "
+      "file, with the inputs when they were drawn from the seed");
   cmd->add_option("--report", o->report, "Write the report as JSON to this file");
   cmd->add_option(
       "--trace", o->trace,

@@ -81,6 +81,14 @@ std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork
               (w.pinned_host_bytes >> 30) + ((w.pinned_host_bytes & ((1ull << 30) - 1)) != 0),
               " GiB started)"),
       false);
+  uint64_t forward_bytes = 0;
+  for (const ReserveItem& item : w.forward_activations) {
+    add(std::string(kForwardActivationPrefix) + item.name, item.bytes, item.detail, false);
+    forward_bytes += item.bytes;
+  }
+  if (forward_bytes)
+    add(std::string(kForwardActivationPrefix) + "rounding", round_up(forward_bytes + (64u << 10), g) - forward_bytes,
+        "the runner's activation stack: 256-byte start per buffer, one allocation", false);
   if (w.n_slots > 0) {
     add("device_slots", product("device_slots", checked_mul(w.n_slots, w.slot_bytes)),
         str_cat(w.n_slots, " slots x ", w.slot_bytes, " bytes (largest group arena)"));
@@ -211,6 +219,7 @@ json plan_to_json(const Plan& p) {
     cj["class_name"] = c.class_name;
     cj["template"] = c.template_name;
     if (!c.checkpoint_prefix.empty()) cj["checkpoint_prefix"] = c.checkpoint_prefix;
+    cj["forward"] = c.forward;
     cj["bytes"] = c.bytes;
     cj["step_s"] = c.step_s;
     ojson dm = ojson::object();
@@ -399,6 +408,7 @@ Plan plan_from_json(const json& j, std::string_view label) {
         fail(ErrorKind::InvalidInput, label, ": ", path, ".checkpoint_prefix must be a non-empty string");
       c.checkpoint_prefix = it->get<std::string>();
     }
+    c.forward = r.str(cj, "forward", path);
     c.bytes = r.u64(cj, "bytes", path);
     c.step_s = r.num(cj, "step_s", path);
     const json& dm = r.at(cj, "device_map", path);

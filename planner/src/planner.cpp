@@ -54,6 +54,8 @@ PipelineInput plan_input_of(const Checkpoint& checkpoint) {
     for (const quant::QuantizedLinear& q : quant::find_quantized_linears(c)) {
       ci.quantized.push_back({q.module, q.rows(), q.cols(), std::string(quant::scheme_name(q.options.scheme))});
     }
+    ci.arch = arch_of(c);
+    if (ci.arch) ci.activation_dtype = model_dtype(*ci.arch, c);
     in.components.push_back(std::move(ci));
   }
   return in;
@@ -71,6 +73,21 @@ std::string dtype_kind(DType dt) {
 }
 
 }  // namespace
+
+uint64_t linear_rows(const Arch& arch, std::string_view module, uint64_t tokens) {
+  const auto* flux = std::get_if<FluxArch>(&arch);
+  if (!flux) return tokens;  // Llama: every linear on every token
+  const auto ends = [&](std::string_view suffix) { return module.ends_with(suffix); };
+  const uint64_t text = static_cast<uint64_t>(flux->text_tokens);
+  if (module.starts_with("time_text_embed.") || ends("norm1.linear") || ends("norm1_context.linear") ||
+      ends(".norm.linear") || module == "norm_out.linear")
+    return 1;  // per sample: timestep / text embeddings and modulation vectors
+  if (module.starts_with("single_transformer_blocks.")) return tokens + text;
+  if (module == "context_embedder" || module.find(".add_") != std::string_view::npos || ends(".to_add_out") ||
+      module.find(".ff_context.") != std::string_view::npos)
+    return text;
+  return tokens;
+}
 
 double copy_seconds(uint64_t bytes, const Location& target, const DeviceProfile& p) {
   double s = static_cast<double>(bytes) / (p.h2d_pinned_gbps * 1e9) + p.copy_latency_us * 1e-6;
@@ -251,6 +268,10 @@ struct CompData {
   std::vector<uint32_t> units;       // global unit ids in execution order
   std::vector<int32_t> tensor_unit;  // per tensor: global unit id
   uint64_t bytes = 0;
+  std::optional<Arch> arch;                // a real forward runs (else linears only)
+  std::vector<ReserveItem> activations;    // its activation items at the plan's tokens
+  uint64_t activation_bytes = 0;
+  double attention_s_per_block = 0;        // its attention, shared by its blocks
 };
 
 struct Candidate {
@@ -303,6 +324,7 @@ class Planner {
 
  private:
   void build_units();
+  void set_forward(CompData& cd, const ComponentInput& input) const;
   void unit_work(UnitInfo& u, const CompData& cd,
                  const std::unordered_map<std::string, const QuantizedShape*>& quantized) const;
   std::vector<uint8_t> offload_set(size_t m, uint32_t n) const;
@@ -401,19 +423,42 @@ void Planner::unit_work(UnitInfo& u, const CompData& cd,
       op.in = wd.shape[1];
     }
     if (op.out <= 0 || op.in <= 0) continue;
-    u.flops += linear_flops(opt_.tokens, op);
-    const double secs = linear_seconds(op, opt_.tokens, opt_.profile);
+    const uint64_t rows = cd.arch ? linear_rows(*cd.arch, op.module, opt_.tokens) : opt_.tokens;
+    u.flops += linear_flops(rows, op);
+    const double secs = linear_seconds(op, rows, opt_.profile);
     u.compute_s += secs;
     if (!u.leaves.empty() && u.leaves.back().prefix == node.prefix) {
       u.leaves.back().compute_s += secs;
       if (!u.leaves.back().first_in) u.leaves.back().first_in = static_cast<uint64_t>(op.in);
     }
-    u.max_in = std::max<uint64_t>(u.max_in, static_cast<uint64_t>(op.in));
-    u.max_out = std::max<uint64_t>(u.max_out, static_cast<uint64_t>(op.out));
+    if (!cd.arch) {  // a forward's activations are its own reserve items
+      u.max_in = std::max<uint64_t>(u.max_in, static_cast<uint64_t>(op.in));
+      u.max_out = std::max<uint64_t>(u.max_out, static_cast<uint64_t>(op.out));
+    }
     if (op.kind != "bf16") u.max_dq = std::max<uint64_t>(u.max_dq, static_cast<uint64_t>(op.out * op.in));
     u.linears.push_back(std::move(op));
   }
   u.arena = layout_arena(all_sizes).total;
+  if (cd.arch && u.is_block) {
+    u.compute_s += cd.attention_s_per_block;
+    if (!u.leaves.empty()) u.leaves.front().compute_s += cd.attention_s_per_block;
+  }
+}
+
+// A component with a real forward: its activation items and its attention time per block.
+void Planner::set_forward(CompData& cd, const ComponentInput& input) const {
+  cd.arch = input.arch;
+  if (!cd.arch) return;
+  const auto tokens = static_cast<int64_t>(opt_.tokens);
+  for (const ActivationItem& item : activation_items(*cd.arch, 1, tokens, input.activation_dtype)) {
+    cd.activations.push_back({item.name, item.bytes, item.detail});
+    cd.activation_bytes += item.bytes;
+  }
+  uint64_t blocks = 0;
+  if (const auto* l = std::get_if<LlamaArch>(&*cd.arch)) blocks = static_cast<uint64_t>(l->n_layers);
+  if (const auto* f = std::get_if<FluxArch>(&*cd.arch)) blocks = static_cast<uint64_t>(f->n_double + f->n_single);
+  const double attention = static_cast<double>(forward_flops(*cd.arch, 1, tokens).attention);
+  if (blocks) cd.attention_s_per_block = attention / static_cast<double>(blocks) / (opt_.profile.bf16_tflops * 1e12);
 }
 
 void Planner::build_units() {
@@ -460,6 +505,7 @@ void Planner::build_units() {
     total_bytes_ += cd.bytes;
     std::unordered_map<std::string, const QuantizedShape*> quantized;
     for (const QuantizedShape& q : input.quantized) quantized.emplace(q.module, &q);
+    set_forward(cd, input);
 
     cd.tensor_unit.assign(cd.tree.tensors().size(), -1);
     for (Unit& unit : execution_units(cd.tree, cd.tmpl)) {
@@ -597,6 +643,11 @@ GpuWork Planner::base_work() const {
     w.max_in = std::max(w.max_in, u.max_in);
     w.max_out = std::max(w.max_out, u.max_out);
     w.max_dequant_numel = std::max(w.max_dequant_numel, u.max_dq);
+  }
+  for (const CompData& cd : comps_) {
+    uint64_t have = 0;
+    for (const ReserveItem& it : w.forward_activations) have += it.bytes;
+    if (cd.activation_bytes > have) w.forward_activations = cd.activations;
   }
   w.used = true;
   return w;
@@ -824,6 +875,12 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
       if (run) close();
     }
   }
+  // A real forward holds every tensor of a unit while it runs: in leaf mode all the leaves of an
+  // offloaded unit of such a component must fit the ring at once.
+  if (m && c.mode == OffloadMode::Leaf) {
+    for (uint32_t id = 0; id < units_.size(); ++id)
+      if (off[id] && comps_[units_[id].comp].arch && units_[id].leaves.size() > c.k) return o;
+  }
   const uint64_t slots = m ? round_up(static_cast<uint64_t>(c.k) * slot, gran) : 0;
   auto slots_on = [&](size_t pos) { return c.stream < 0 || static_cast<size_t>(c.stream) == pos ? slots : 0; };
   // Page tables of the pinned host memory, at most what the host budget or the model allow.
@@ -924,6 +981,10 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
     w.max_in = std::max(w.max_in, u.max_in);
     w.max_out = std::max(w.max_out, u.max_out);
     w.max_dequant_numel = std::max(w.max_dequant_numel, u.max_dq);
+    const CompData& cd = comps_[u.comp];
+    uint64_t have = 0;
+    for (const ReserveItem& it : w.forward_activations) have += it.bytes;
+    if (cd.activation_bytes > have) w.forward_activations = cd.activations;
     if (o.gpu_of[id] >= 0 && u.follow < 0) resident[static_cast<size_t>(o.gpu_of[id])] += arena_[id];
     if (o.gpu_of[id] < 0 && u.follow < 0) o.offloaded += u.bytes;
   }
@@ -1148,6 +1209,7 @@ Plan Planner::assemble(const Outcome& o) const {
     cp.name = cd.name;
     cp.class_name = cd.class_name;
     cp.template_name = cd.tmpl ? cd.tmpl->name : std::string();
+    cp.forward = cd.arch ? arch_name(*cd.arch) : std::string();
     cp.bytes = cd.bytes;
     const ModuleTree& tree = cd.tree;
     // The loader's module names drop the template's checkpoint prefix; only when every tensor has it
@@ -1289,10 +1351,14 @@ Plan Planner::assemble(const Outcome& o) const {
         st.linears.insert(st.linears.end(), u.linears.begin(), u.linears.end());
       }
     }
+    const CompData& cd = comps_[st.component];
     for (const LinearOp& op : st.linears) {
-      st.flops += linear_flops(opt_.tokens, op);
-      st.compute_s += linear_seconds(op, opt_.tokens, prof);
+      const uint64_t rows = cd.arch ? linear_rows(*cd.arch, op.module, opt_.tokens) : opt_.tokens;
+      st.flops += linear_flops(rows, op);
+      st.compute_s += linear_seconds(op, rows, prof);
     }
+    for (uint32_t id : s.units)
+      if (cd.arch && units_[id].is_block && s.leaf <= 0) st.compute_s += cd.attention_s_per_block;
     comp_time[st.component] += st.compute_s + (st.group >= 0 ? 0.0 : 0.0);
     plan.schedule.push_back(std::move(st));
   }

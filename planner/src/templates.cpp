@@ -105,8 +105,8 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
     const json& t = arr[i];
     if (!t.is_object()) fail(ErrorKind::InvalidInput, label, ": templates[", i, "] must be an object");
     for (const auto& [key, v] : t.items()) {
-      static const char* const kKeys[] = {"name",        "class_names",      "order",
-                                          "ties",        "components",       "offload_priority",
+      static const char* const kKeys[] = {"name",   "class_names",      "order",       "units",
+                                          "ties",   "components",       "offload_priority",
                                           "description", "checkpoint_prefix"};
       if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys)) {
         fail(ErrorKind::InvalidInput, label, ": templates[", i, "]: unknown key '", key, "'");
@@ -121,6 +121,7 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
     m.class_names = string_list(t, "class_names", file, i);
     if (m.class_names.empty()) fail(ErrorKind::InvalidInput, label, ": templates[", i, "].class_names is empty");
     m.order = string_list(t, "order", file, i);
+    m.units = string_list(t, "units", file, i);
     m.components = string_list(t, "components", file, i);
     m.offload_priority = string_list(t, "offload_priority", file, i);
     if (auto it = t.find("checkpoint_prefix"); it != t.end()) {
@@ -253,12 +254,14 @@ std::vector<Unit> execution_units(const ModuleTree& tree, const ModelTemplate* t
     const int32_t id = stack.back();
     stack.pop_back();
     const ModuleNode& n = tree.node(id);
-    if (n.is_block) {
+    const bool whole = tmpl && !n.prefix.empty() &&
+                       std::find(tmpl->units.begin(), tmpl->units.end(), n.prefix) != tmpl->units.end();
+    if (n.is_block || whole) {
       Unit u;
       u.node = id;
-      u.is_block = true;
+      u.is_block = n.is_block;
       block_tensors(id, u.tensors);
-      units.push_back(std::move(u));
+      if (!u.tensors.empty()) units.push_back(std::move(u));
       continue;
     }
     if (!n.tensors.empty()) {

@@ -1,4 +1,6 @@
-// The CUDA backend: executes a Schedule on one or more GPUs.
+// The CUDA backend: executes a Schedule on one or more GPUs, every component linears-only. It keeps
+// its own walker until it implements the schedule driver's device interface (driver.hpp: slots,
+// copy, wait, ops); the CPU backend already runs through the driver and the real forwards.
 //
 // Per GPU: a resident arena loaded once; a ring of K device slots (one allocation); a copy stream
 // that fills slot (j mod K) with the j-th group streamed to that GPU as soon as the compute of
@@ -97,7 +99,7 @@ struct GpuState {
   uint32_t activation_step = UINT32_MAX;
   uint64_t enqueued_computes = 0;  // streamed computes enqueued so far
 
-  DeviceBuffer alloc(const std::string& item, uint64_t bytes) {
+  DeviceBuffer alloc(MemoryKind item, uint64_t bytes) {
     if (bytes == 0) return {};
     items.push_back({item, bytes});
     allocated += bytes;
@@ -300,7 +302,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
     g.copy = Stream(d);
     g.compute = Stream(d);
     g.cublas = cuda::CublasHandle(d);
-    g.workspace = g.alloc("cublas_workspace", workspace_bytes_);
+    g.workspace = g.alloc(MemoryKind::CublasWorkspace, workspace_bytes_);
     g.cublas.set_workspace(g.workspace.data(), g.workspace.size());
     g.cublas.set_stream(g.compute.get());
     g.max_in = schedule.max_in(d);
@@ -329,12 +331,12 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
       }
     }
     const auto with_extras = [&](int h) { return h == host ? align256(sizes[h]) + extras : sizes[h]; };
-    g.activation_in = g.alloc("activation_in", with_extras(kIn));
-    g.activation_out = g.alloc("activation_out", with_extras(kOut));
+    g.activation_in = g.alloc(MemoryKind::ActivationIn, with_extras(kIn));
+    g.activation_out = g.alloc(MemoryKind::ActivationOut, with_extras(kOut));
     g.y = g.activation_out.as<uint16_t>();
-    g.scratch = g.alloc("dequant_scratch", with_extras(kScratch));
+    g.scratch = g.alloc(MemoryKind::DequantScratch, with_extras(kScratch));
     if (slots_bytes) {
-      g.slots = g.alloc("device_slots", with_extras(kSlots));
+      g.slots = g.alloc(MemoryKind::DeviceSlots, with_extras(kSlots));
       for (uint64_t k = 0; k < n_slots; ++k) {
         g.slot_free.emplace_back(d);
         g.copy_done.emplace_back(d);
@@ -355,13 +357,12 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
   std::vector<PinnedBuffer> host_arena(schedule.arenas.size());
   for (size_t ai = 0; ai < schedule.arenas.size(); ++ai) {
     const Arena& a = schedule.arenas[ai];
-    bool used = !a.streamed();
-    for (const ExecStep& st : schedule.steps) used = used || st.arena == ai;
-    if (!used || a.bytes == 0) continue;
+    if (!schedule.arena_used(ai) || a.bytes == 0) continue;
     if (!a.streamed() || !planned) {
       GpuState& g = gpus.at(a.device);
       DeviceScope scope(a.device);
-      on_device[ai] = g.alloc(a.streamed() ? "streamed groups held resident" : "resident_arena", a.bytes);
+      on_device[ai] =
+          g.alloc(a.streamed() ? MemoryKind::StreamedHeldResident : MemoryKind::ResidentArena, a.bytes);
       QTOOL_CUDA_CHECK(cudaMemset(on_device[ai].data(), 0, a.bytes));
       for (const ArenaTensor& t : a.tensors) {
         const auto src = checkpoint.components()[t.component].data(t.entry);
@@ -425,7 +426,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
     uint32_t step;
     int32_t plan_step;
     std::string name;
-    std::string lane;
+    Lane lane;
     uint64_t bytes;
   };
   std::vector<TraceRef> traces;
@@ -494,8 +495,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
       g.copy_done[slot].record(g.copy.get());
       if (t1) {
         t1->record(g.copy.get());
-        traces.push_back({t0, t1, st.device, rstep, static_cast<int32_t>(si), st.name,
-                          "gpu" + std::to_string(st.device) + " copy", a.bytes});
+        traces.push_back({t0, t1, st.device, rstep, static_cast<int32_t>(si), st.name, Lane::Copy, a.bytes});
       }
       if (options.after_copy) {
         // Before the reader may reuse a staging buffer: the hook sees the bytes of this copy.
@@ -528,7 +528,7 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
         GpuState& g = gpus.at(x.device);
         DeviceScope scope(x.device);
         cudaStream_t cs = g.compute.get();
-        const std::string compute_lane = "gpu" + std::to_string(x.device) + " compute";
+        const Lane compute_lane = Lane::Compute;
         if (g.activation_step != rstep) {
           // First use of this GPU in the step: clear its digests, bring the hidden state here.
           if (options.digests)
@@ -658,11 +658,13 @@ RunResult CudaBackend::run(const Checkpoint& checkpoint, const Schedule& schedul
       const Event& o = *origin.at(t.device);
       const double start_us = 1000.0 * t.start->elapsed_ms_since(o);
       const double end_us = 1000.0 * t.end->elapsed_ms_since(o);
-      result.trace.push_back({t.name, t.lane, t.step, t.plan_step, start_us, end_us - start_us, t.bytes});
+      result.trace.push_back(
+          {t.name, t.lane, t.device, t.step, t.plan_step, start_us, end_us - start_us, t.bytes});
     }
     for (const DiskTrace& t : disk_traces)
-      result.trace.push_back({schedule.steps[t.plan_step].name, "disk read", t.step,
-                              static_cast<int32_t>(t.plan_step), t.start_us, t.dur_us, t.bytes});
+      result.trace.push_back({schedule.steps[t.plan_step].name, Lane::DiskRead,
+                              schedule.steps[t.plan_step].device, t.step, static_cast<int32_t>(t.plan_step),
+                              t.start_us, t.dur_us, t.bytes});
     std::sort(result.trace.begin(), result.trace.end(),
               [](const TraceEvent& a, const TraceEvent& b) { return a.start_us < b.start_us; });
   }
@@ -702,29 +704,13 @@ LayerRun CudaBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64
   cudaStream_t cs = c.stream.get();
   ldx = std::max<uint64_t>(ldx, hp.cols);
   // The weight's parts side by side, 256-byte aligned, as in an arena.
-  const PartSizes sizes = part_sizes(hp);
-  const uint8_t* host_parts[kNumParts] = {hp.weight, hp.scale, hp.quant_map, hp.nested_absmax,
-                                          hp.nested_quant_map};
-  uint64_t offsets[kNumParts] = {};
-  uint64_t total = 0;
-  for (int p = 0; p < kNumParts; ++p) {
-    offsets[p] = total;
-    if (host_parts[p]) total = align256(total + sizes.bytes[p]);
-  }
-  c.ensure(c.weight, total);
+  const PartLayout layout = part_layout(hp);
+  c.ensure(c.weight, layout.total);
   for (int p = 0; p < kNumParts; ++p)
-    if (host_parts[p] && sizes.bytes[p])
-      QTOOL_CUDA_CHECK(cudaMemcpyAsync(c.weight.as<uint8_t>() + offsets[p], host_parts[p], sizes.bytes[p],
-                                       cudaMemcpyHostToDevice, cs));
-  DequantParams dp = hp;
-  const auto at = [&](int p) -> const uint8_t* {
-    return host_parts[p] ? c.weight.as<uint8_t>() + offsets[p] : nullptr;
-  };
-  dp.weight = at(kPartWeight);
-  dp.scale = at(kPartScale);
-  dp.quant_map = at(kPartQuantMap);
-  dp.nested_absmax = at(kPartNestedAbsmax);
-  dp.nested_quant_map = at(kPartNestedQuantMap);
+    if (layout.source[p] && layout.sizes.bytes[p])
+      QTOOL_CUDA_CHECK(cudaMemcpyAsync(c.weight.as<uint8_t>() + layout.offset[p], layout.source[p],
+                                       layout.sizes.bytes[p], cudaMemcpyHostToDevice, cs));
+  const DequantParams dp = rebase_parts(hp, layout, c.weight.as<uint8_t>());
   c.ensure(c.x, tokens * ldx * 2);
   c.ensure(c.y, tokens * hp.rows * 2);
   c.ensure(c.digest, 2 * sizeof(unsigned long long));

@@ -1,32 +1,24 @@
-// The CPU backend: the CUDA backend's schedule with host memory standing in for device memory.
-// A copy thread fills a ring of K slots per "device" in execution order (from the host arena of a
-// cpu group, or from the checkpoint files through a staging buffer for a disk group) while the
-// calling thread computes; slot reuse and readiness are ordered by counters under one mutex, as
-// the CUDA backend orders them by events.
+// The CPU backend: the device interface of the schedule driver (driver.hpp) with host memory
+// standing in for device memory, and the CPU ops (cpu_ops.hpp). The driver's copy thread fills a
+// ring of K slots per "device" while the calling thread computes.
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
-#include <thread>
-#include <unordered_map>
+#include <deque>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/runner/cpu_kernels.hpp"
+#include "qtool/runner/cpu_ops.hpp"
+#include "qtool/runner/driver.hpp"
 #include "qtool/runner/executor.hpp"
 #include "qtool/runner/kernel_math.hpp"
-#include "run_support.hpp"
 
 namespace qtool::runner {
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 // 256-byte aligned host memory standing in for one device allocation.
 class AlignedBuffer {
@@ -55,277 +47,126 @@ class AlignedBuffer {
   uint64_t size_ = 0;
 };
 
-class CpuBackend final : public Backend {
+class HostMemory final : public HostBuffer {
  public:
-  explicit CpuBackend(size_t n_threads) : pool_(n_threads) {}
+  explicit HostMemory(uint64_t bytes) : buf_(bytes) {}
+  uint8_t* data() override { return buf_.data(); }
+  uint64_t size() const override { return buf_.size(); }
+
+ private:
+  AlignedBuffer buf_;
+};
+
+// A "GPU" of the CPU backend: host buffers stand in for its memory; a copy is a memcpy on the
+// driver's copy thread, complete when it returns, so the waits have nothing left to order.
+class CpuDevice final : public Device {
+ public:
+  explicit CpuDevice(int index) : index_(index) {}
+  uint8_t* allocate(MemoryKind kind, uint64_t bytes) override {
+    buffers_.emplace_back(bytes);
+    note(kind, bytes);
+    return buffers_.back().data();
+  }
+  void upload(uint8_t* dst, std::span<const uint8_t> host) override {
+    std::memcpy(dst, host.data(), host.size());
+  }
+  void copy_to_slot(uint32_t, uint8_t* slot_memory, std::span<const uint8_t> host) override {
+    std::memcpy(slot_memory, host.data(), host.size());
+  }
+  void wait_copied(uint32_t) override {}
+  void release(uint32_t) override {}
+  void note(MemoryKind kind, uint64_t bytes) override {
+    if (bytes == 0) return;
+    for (MemoryItem& it : items_)
+      if (it.kind == kind && (kind == MemoryKind::ForwardActivations || kind == MemoryKind::ActivationIn ||
+                              kind == MemoryKind::ActivationOut)) {
+        it.bytes = std::max(it.bytes, bytes);  // components run one after another
+        return;
+      }
+    items_.push_back({kind, bytes});
+  }
+  DeviceMemory memory() const override {
+    DeviceMemory m;
+    m.device = index_;
+    m.items = items_;
+    for (const MemoryItem& it : items_) m.allocated_bytes += it.bytes;
+    m.measured_peak_bytes = m.allocated_bytes;
+    m.how =
+        "CPU backend: bytes of the host buffers standing in for device memory, and the ops' activation peak "
+        "(Ops::peak_bytes)";
+    return m;
+  }
+
+ private:
+  int index_;
+  std::deque<AlignedBuffer> buffers_;
+  std::vector<MemoryItem> items_;
+};
+
+class CpuPlatform final : public Platform {
+ public:
+  explicit CpuPlatform(ThreadPool& pool) : pool_(pool) {}
   std::string name() const override { return "cpu"; }
   std::string device_names() const override { return "CPU (" + std::to_string(pool_.size()) + " threads)"; }
-  RunResult run(const Checkpoint& checkpoint, const Schedule& schedule, const RunOptions& options) override;
+  std::unique_ptr<Device> open(int index) override { return std::make_unique<CpuDevice>(index); }
+  std::unique_ptr<HostBuffer> host_buffer(uint64_t bytes) override {
+    return std::make_unique<HostMemory>(bytes);
+  }
+  Ops& ops(int, uint64_t activation_bytes) override {
+    if (!ops_ || capacity_ < activation_bytes) {
+      ops_ = make_cpu_ops(pool_, activation_bytes);
+      capacity_ = activation_bytes;
+    }
+    return *ops_;
+  }
+
+ private:
+  ThreadPool& pool_;
+  std::unique_ptr<Ops> ops_;
+  uint64_t capacity_ = 0;
+};
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(size_t n_threads) : pool_(n_threads), platform_(pool_) {}
+  std::string name() const override { return "cpu"; }
+  std::string device_names() const override { return platform_.device_names(); }
+  RunResult run(const Checkpoint& checkpoint, const Schedule& schedule, const RunOptions& options) override {
+    return drive(platform_, checkpoint, schedule, options);
+  }
   LayerRun run_layer(const DequantParams& params, uint64_t tokens, uint64_t ldx, uint64_t seed,
                      int device) override;
 
  private:
-  void dequantize(const DequantParams& p, uint16_t* out) {
-    pool_.parallel_for(p.numel(), 1 << 16,
-                       [&](size_t b, size_t e) { dequantize_to_bf16_cpu(p, out + b, b, e); });
-  }
   ThreadPool pool_;
+  CpuPlatform platform_;
 };
 
-// Per "device": the buffers the CUDA backend holds on that GPU.
-struct DeviceState {
-  std::vector<AlignedBuffer> slots;
-  AlignedBuffer activation_in;  // [tokens, max_in] bf16
-  uint64_t max_in = 0;
-  AlignedBuffer activation_out;  // [tokens, max_out] bf16
-  AlignedBuffer scratch;         // [max_scratch] bf16
-  std::vector<MemoryItem> items;
-  uint64_t allocated = 0;
-  uint32_t activation_step = UINT32_MAX;  // the run step whose hidden state is here
+// The linear alone, through the same ops as the schedule's linears-only units, with its parts
+// copied side by side into aligned memory (mapped tensors may be unaligned), as in an arena.
+LayerRun CpuBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64_t ldx, uint64_t seed,
+                               int device) {
+  ldx = std::max<uint64_t>(ldx, hp.cols);
+  const PartLayout layout = part_layout(hp);
+  AlignedBuffer parts(std::max<uint64_t>(layout.total, kArenaAlign));
+  for (int p = 0; p < kNumParts; ++p)
+    if (layout.source[p])
+      std::memcpy(parts.data() + layout.offset[p], layout.source[p], layout.sizes.bytes[p]);
+  const DequantParams w = rebase_parts(hp, layout, parts.data());
 
-  void add(const std::string& item, uint64_t bytes) {
-    if (bytes == 0) return;
-    items.push_back({item, bytes});
-    allocated += bytes;
-  }
-};
-
-RunResult CpuBackend::run(const Checkpoint& checkpoint, const Schedule& schedule, const RunOptions& options) {
-  RunResult result;
-  result.backend = name();
-  result.device_names = device_names();
-  result.mode = options.mode;
-  const uint64_t tokens = options.tokens;
-  const uint64_t n_slots = std::max<uint64_t>(1, schedule.n_slots);
-  const bool planned = options.mode == Mode::Planned;
-  const auto is_streamed = [&](const ExecStep& st) { return planned && st.streamed; };
-
-  std::map<int, DeviceState> devs;
-  for (int d : schedule.devices) devs[d];
-
-  // Arenas held on a "device": the resident ones, and in AllResident mode every group's too.
-  std::vector<AlignedBuffer> on_device(schedule.arenas.size());
-  std::vector<AlignedBuffer> host_arena(schedule.arenas.size());  // pinned host arenas of cpu groups
-  for (size_t ai = 0; ai < schedule.arenas.size(); ++ai) {
-    const Arena& a = schedule.arenas[ai];
-    bool used = !a.streamed();
-    for (const ExecStep& st : schedule.steps) used = used || st.arena == ai;
-    if (!used) continue;
-    if (!a.streamed() || !planned) {
-      on_device[ai] = AlignedBuffer(a.bytes);
-      fill_arena(checkpoint, a, on_device[ai].data());
-      devs.at(a.device).add(a.streamed() ? "streamed groups held resident" : "resident_arena", a.bytes);
-    } else if (a.placement == Placement::Cpu) {
-      host_arena[ai] = AlignedBuffer(a.bytes);
-      fill_arena(checkpoint, a, host_arena[ai].data());
-    }
-  }
-  std::vector<AlignedBuffer> staging;
-  const uint64_t staging_bytes = planned ? schedule.max_staging_bytes() : 0;
-  for (uint64_t i = 0; staging_bytes && i < std::max<uint64_t>(1, options.sizing.staging_buffers); ++i)
-    staging.emplace_back(staging_bytes);
-  const ShardFiles files(checkpoint);
-
-  for (auto& [d, st] : devs) {
-    const uint64_t slot_bytes = planned ? schedule.slot_bytes(d) : 0;
-    if (slot_bytes) {
-      for (uint64_t k = 0; k < n_slots; ++k) st.slots.emplace_back(slot_bytes);
-      st.add("device_slots", n_slots * slot_bytes);
-    }
-    st.max_in = schedule.max_in(d);
-    st.activation_in = AlignedBuffer(tokens * st.max_in * 2);
-    st.add("activation_in", st.activation_in.size());
-    st.activation_out = AlignedBuffer(tokens * schedule.max_out(d) * 2);
-    st.add("activation_out", st.activation_out.size());
-    st.scratch = AlignedBuffer(schedule.max_scratch_elems(d) * 2);
-    st.add("dequant_scratch", st.scratch.size());
-  }
-
-  // The streamed steps in order, each with its device-local sequence number (slot = seq % K).
-  std::vector<size_t> order;
-  std::vector<uint64_t> seq_of(schedule.steps.size(), 0);
-  std::map<int, uint64_t> per_device;
-  for (size_t si = 0; si < schedule.steps.size(); ++si) {
-    if (!is_streamed(schedule.steps[si])) continue;
-    order.push_back(si);
-    seq_of[si] = per_device[schedule.steps[si].device]++;
-    result.h2d_bytes_per_step += schedule.arenas[schedule.steps[si].arena].bytes;
-  }
-
-  const auto t_origin = Clock::now();
-  std::mutex trace_mu;
-  const auto add_trace = [&](std::string nm, std::string lane, uint32_t step, int32_t plan_step,
-                             Clock::time_point a, Clock::time_point b, uint64_t bytes) {
-    if (!options.trace) return;
-    std::lock_guard<std::mutex> lock(trace_mu);
-    result.trace.push_back({std::move(nm), std::move(lane), step, plan_step,
-                            std::chrono::duration<double, std::micro>(a - t_origin).count(),
-                            std::chrono::duration<double, std::micro>(b - a).count(), bytes});
-  };
-
-  result.digests.assign(options.steps, std::vector<LayerDigest>(schedule.linears.size()));
-  for (uint32_t step = 0; step < options.steps; ++step) {
-    const uint64_t stream_seed = kmath::activation_stream(options.seed + step);
-    const auto t_step = Clock::now();
-    // The slot ring: copies done, and per device the slot uses released by compute.
-    std::mutex mu;
-    std::condition_variable cv;
-    size_t copies_done = 0;
-    std::map<int, uint64_t> released;
-    for (auto& [d, st] : devs) released[d] = 0;
-    std::exception_ptr copy_error;
-    bool abort = false;
-
-    std::thread copier([&] {
-      try {
-        size_t staging_next = 0;
-        for (size_t k = 0; k < order.size(); ++k) {
-          const size_t si = order[k];
-          const ExecStep& st = schedule.steps[si];
-          const Arena& a = schedule.arenas[st.arena];
-          const uint64_t seq = seq_of[si];
-          {
-            std::unique_lock<std::mutex> lock(mu);
-            cv.wait(lock, [&] { return abort || released[st.device] + n_slots > seq; });
-            if (abort) return;
-          }
-          uint8_t* slot = devs.at(st.device).slots[seq % n_slots].data();
-          std::span<uint8_t> host;
-          if (a.placement == Placement::Disk) {
-            AlignedBuffer& stage = staging[staging_next++ % staging.size()];
-            const auto t0 = Clock::now();
-            files.read_group(checkpoint, a, stage.data());
-            add_trace(st.name, "disk read", step, static_cast<int32_t>(si), t0, Clock::now(),
-                      a.payload_bytes);
-            host = {stage.data(), a.bytes};
-          } else {
-            host = {host_arena[st.arena].data(), a.bytes};
-          }
-          const auto t0 = Clock::now();
-          std::memcpy(slot, host.data(), a.bytes);
-          add_trace(st.name, "gpu" + std::to_string(st.device) + " copy", step, static_cast<int32_t>(si), t0,
-                    Clock::now(), a.bytes);
-          if (options.after_copy) options.after_copy(si, host);
-          {
-            std::lock_guard<std::mutex> lock(mu);
-            copies_done = k + 1;
-          }
-          cv.notify_all();
-        }
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mu);
-        copy_error = std::current_exception();
-        abort = true;
-        cv.notify_all();
-      }
-    });
-
-    try {
-      int act_device = -1;
-      size_t k = 0;
-      for (size_t si = 0; si < schedule.steps.size(); ++si) {
-        const ExecStep& x = schedule.steps[si];
-        DeviceState& st = devs.at(x.device);
-        const std::string compute_lane = "gpu" + std::to_string(x.device) + " compute";
-        // The hidden state: made on the first step's device, copied along when the device changes.
-        if (st.activation_step != step) {
-          const auto t0 = Clock::now();
-          auto* h = reinterpret_cast<uint16_t*>(st.activation_in.data());
-          if (act_device < 0) {
-            cpu::generate_activation(stream_seed, tokens, st.max_in, 0, st.max_in, h, pool_);
-            add_trace("activations", compute_lane, step, -1, t0, Clock::now(), 0);
-          } else {
-            const DeviceState& src = devs.at(act_device);
-            const uint64_t cols = std::min(src.max_in, st.max_in);
-            const auto* hs = reinterpret_cast<const uint16_t*>(src.activation_in.data());
-            for (uint64_t t = 0; t < tokens; ++t)
-              std::memcpy(h + t * st.max_in, hs + t * src.max_in, cols * 2);
-            if (st.max_in > cols)
-              cpu::generate_activation(stream_seed, tokens, st.max_in, cols, st.max_in, h, pool_);
-            if (step == 0) result.peer_bytes_per_step += tokens * cols * 2;
-            add_trace("peer copy", compute_lane, step, -1, t0, Clock::now(), tokens * cols * 2);
-          }
-          st.activation_step = step;
-        }
-        act_device = x.device;
-
-        const uint8_t* base = nullptr;
-        const bool streamed = is_streamed(x);
-        if (streamed) {
-          std::unique_lock<std::mutex> lock(mu);
-          cv.wait(lock, [&] { return abort || copies_done > k; });
-          if (abort) break;
-          base = st.slots[seq_of[si] % n_slots].data();
-        } else {
-          base = on_device[x.arena].data();
-        }
-        const auto t0 = Clock::now();
-        for (uint32_t li : x.linears) {
-          const LinearTask& l = schedule.linears[li];
-          const DequantParams p = schedule.bind(l, base);
-          const uint16_t* w = reinterpret_cast<const uint16_t*>(p.weight);
-          if (l.needs_scratch()) {
-            dequantize(p, reinterpret_cast<uint16_t*>(st.scratch.data()));
-            w = reinterpret_cast<const uint16_t*>(st.scratch.data());
-          }
-          auto* y = reinterpret_cast<uint16_t*>(st.activation_out.data());
-          const auto* h = reinterpret_cast<const uint16_t*>(st.activation_in.data());
-          cpu::gemm_bf16(h, st.max_in, w, y, tokens, l.in(), l.out(), pool_);
-          if (options.digests) {
-            const cpu::Digest dg = cpu::digest(y, tokens * l.out());
-            result.digests[step][li] = {dg.hash, dg.nonfinite};
-          }
-        }
-        add_trace(x.name, compute_lane, step, static_cast<int32_t>(si), t0, Clock::now(), 0);
-        if (streamed) {
-          {
-            std::lock_guard<std::mutex> lock(mu);
-            released[x.device] = seq_of[si] + 1;
-          }
-          cv.notify_all();
-          ++k;
-        }
-      }
-    } catch (...) {
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        abort = true;
-      }
-      cv.notify_all();
-      copier.join();
-      throw;
-    }
-    copier.join();
-    if (copy_error) std::rethrow_exception(copy_error);
-    result.step_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t_step).count());
-  }
-
-  for (auto& [d, st] : devs) {
-    DeviceMemory m;
-    m.device = d;
-    m.items = st.items;
-    m.allocated_bytes = st.allocated;
-    m.measured_peak_bytes = st.allocated;
-    m.how = "CPU backend: bytes of the host buffers standing in for device memory";
-    result.memory.push_back(std::move(m));
-  }
-  return result;
-}
-
-LayerRun CpuBackend::run_layer(const DequantParams& p, uint64_t tokens, uint64_t ldx, uint64_t seed, int) {
+  Ops& ops = platform_.ops(device, tokens * (ldx + hp.rows) * 2 + 2 * kArenaAlign);
+  const size_t mark = ops.mark();
+  const Mat x = ops.alloc(static_cast<int64_t>(tokens), static_cast<int64_t>(ldx), DType::BF16);
+  const Mat y = ops.alloc(static_cast<int64_t>(tokens), static_cast<int64_t>(hp.rows), DType::BF16);
+  std::vector<uint16_t> xh(tokens * ldx);
+  cpu::generate_activation(kmath::activation_stream(seed), tokens, ldx, 0, ldx, xh.data(), pool_);
+  ops.upload(xh.data(), x);
+  ops.linear(x.cols_view(0, static_cast<int64_t>(hp.cols)), w, nullptr, y);
   LayerRun r;
-  ldx = std::max<uint64_t>(ldx, p.cols);
-  std::vector<uint16_t> x(tokens * ldx);
-  cpu::generate_activation(kmath::activation_stream(seed), tokens, ldx, 0, p.cols, x.data(), pool_);
-  std::vector<uint16_t> w(p.numel());
-  if (p.kind == WeightKind::Bf16)
-    std::memcpy(w.data(), p.weight, p.numel() * 2);  // mapped bytes: maybe unaligned
-  else
-    dequantize(p, w.data());
-  r.y.assign(tokens * p.rows, 0);
-  cpu::gemm_bf16(x.data(), ldx, w.data(), r.y.data(), tokens, p.cols, p.rows, pool_);
-  const cpu::Digest dg = cpu::digest(r.y.data(), r.y.size());
-  r.digest = {dg.hash, dg.nonfinite};
+  r.y.assign(tokens * hp.rows, 0);
+  ops.download(y, r.y.data());
+  ops.release(mark);
+  r.digest = host_digest(reinterpret_cast<const uint8_t*>(r.y.data()), r.y.size(), DType::BF16);
   return r;
 }
 
@@ -333,6 +174,23 @@ LayerRun CpuBackend::run_layer(const DequantParams& p, uint64_t tokens, uint64_t
 
 std::unique_ptr<Backend> make_cpu_backend(size_t n_threads) {
   return std::make_unique<CpuBackend>(n_threads);
+}
+
+PartLayout part_layout(const DequantParams& p) {
+  PartLayout l;
+  l.sizes = part_sizes(p);
+  const uint8_t* const src[kNumParts] = {p.weight, p.scale, p.quant_map, p.nested_absmax, p.nested_quant_map};
+  for (int k = 0; k < kNumParts; ++k) {
+    l.source[k] = src[k];
+    l.offset[k] = l.total;
+    if (src[k]) l.total = (l.total + l.sizes.bytes[k] + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
+  }
+  return l;
+}
+
+DequantParams rebase_parts(const DequantParams& params, const PartLayout& l, const uint8_t* base) {
+  return with_parts(params,
+                    [&](int k) -> const uint8_t* { return l.source[k] ? base + l.offset[k] : nullptr; });
 }
 
 PartSizes part_sizes(const DequantParams& p) {

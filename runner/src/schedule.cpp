@@ -116,7 +116,93 @@ std::unordered_map<std::string, LinearDesc> linears_of(const Component& comp) {
   return by_weight;
 }
 
+uint64_t key_of(uint32_t ci, Component::Entry e) {
+  return (static_cast<uint64_t>(ci) << 48) | (static_cast<uint64_t>(e.shard) << 32) | e.index;
+}
+
+// Every tensor of every component as a forward asks for it (Schedule::weights), and the plan's
+// tied aliases.
+void index_weights(const Checkpoint& checkpoint, const planner::Plan& plan,
+                   const std::vector<uint32_t>& comp_of, Schedule& s) {
+  const auto& comps = checkpoint.components();
+  s.weights.assign(comps.size(), {});
+  s.tied.assign(comps.size(), {});
+  for (size_t pi = 0; pi < plan.components.size(); ++pi)
+    for (const planner::TiedAlias& t : plan.components[pi].tied) s.tied[comp_of[pi]][t.alias] = t.primary;
+  for (size_t ci = 0; ci < comps.size(); ++ci) {
+    const Component& comp = comps[ci];
+    auto& map = s.weights[ci];
+    std::unordered_set<std::string> in_linears;
+    for (const quant::QuantizedLinear& ql : quant::find_quantized_linears(comp)) {
+      WeightRef w;
+      w.component = static_cast<uint32_t>(ci);
+      w.params = quantized_params(ql, comp);
+      w.params.weight = w.params.scale = w.params.quant_map = w.params.nested_absmax =
+          w.params.nested_quant_map = nullptr;
+      std::string weight;
+      for (size_t k = 0; k < ql.tensor_names.size(); ++k) {
+        const Component::Entry e = *comp.find(ql.tensor_names[k]);
+        in_linears.insert(ql.tensor_names[k]);
+        w.tensors.push_back(e);
+        const int slot = part_slot(ql.tensor_parts[k]);
+        if (slot >= 0) {
+          w.part_entry[slot] = e;
+          w.has_part[slot] = true;
+        }
+        if (ql.tensor_parts[k] == quant::Part::Weight) weight = ql.tensor_names[k];
+      }
+      map.emplace(weight, std::move(w));
+    }
+    for (const Component::Entry& e : comp.entries()) {
+      const TensorInfo& info = comp.info(e);
+      if (in_linears.count(info.name)) continue;
+      const auto kind = kind_of_dtype(info.dtype);
+      if (!kind) continue;
+      WeightRef w;
+      w.component = static_cast<uint32_t>(ci);
+      w.params.kind = *kind;
+      const auto& sh = info.shape;
+      w.params.rows = sh.size() >= 2 ? static_cast<uint64_t>(sh[0]) : 1;
+      w.params.cols = sh.empty() ? 1 : static_cast<uint64_t>(sh.size() == 1 ? sh[0] : 1);
+      if (sh.size() >= 2) {
+        w.params.cols = 1;
+        for (size_t d = 1; d < sh.size(); ++d) w.params.cols *= static_cast<uint64_t>(sh[d]);
+      }
+      w.part_entry[kPartWeight] = e;
+      w.has_part[kPartWeight] = true;
+      w.tensors.push_back(e);
+      map.emplace(info.name, std::move(w));
+    }
+  }
+}
+
 }  // namespace
+
+uint64_t Schedule::offset_in(uint32_t arena, uint32_t component, Component::Entry entry) const {
+  const auto& index = arenas[arena].index;
+  const auto it = index.find(key_of(component, entry));
+  return it == index.end() ? kNoPart : it->second;
+}
+
+const WeightRef* Schedule::find_weight(uint32_t component, std::string_view name) const {
+  const auto& map = weights.at(component);
+  std::string key(name);
+  if (const auto t = tied.at(component).find(key); t != tied.at(component).end() && !map.count(key))
+    key = t->second;
+  const auto it = map.find(key);
+  return it == map.end() ? nullptr : &it->second;
+}
+
+DequantParams Schedule::bind_weight(const WeightRef& w, uint32_t arena, const uint8_t* base) const {
+  const uint8_t* ptr[kNumParts] = {};
+  for (int k = 0; k < kNumParts; ++k) {
+    if (!w.has_part[k]) continue;
+    const uint64_t off = offset_in(arena, w.component, w.part_entry[k]);
+    if (off == kNoPart) return DequantParams{};
+    ptr[k] = base + off;
+  }
+  return with_parts(w.params, [&](int k) { return ptr[k]; });
+}
 
 DequantParams quantized_params(const quant::QuantizedLinear& ql, const Component& comp) {
   DequantParams p;
@@ -182,9 +268,6 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
   };
 
   // Tensor (component, shard, index) -> arena, offset; every tensor must end up somewhere.
-  const auto key_of = [](uint32_t ci, Component::Entry e) {
-    return (static_cast<uint64_t>(ci) << 48) | (static_cast<uint64_t>(e.shard) << 32) | e.index;
-  };
   std::vector<std::unordered_map<uint64_t, uint64_t>> offset_in(plan.groups.size());
   std::unordered_set<uint64_t> placed;
   std::set<int> devices;
@@ -209,6 +292,7 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
         fail(ErrorKind::InvalidInput, where, ": tensor '", t.name, "' at arena_offset ", t.arena_offset,
              " is misaligned or ends past arena_bytes ", g.arena_bytes);
       a.tensors.push_back({ci, e, t.arena_offset, nbytes});
+      a.index.emplace(key_of(ci, e), t.arena_offset);
       a.payload_bytes += nbytes;
       offset_in[g.id].emplace(key_of(ci, e), t.arena_offset);
       placed.insert(key_of(ci, e));
@@ -245,6 +329,7 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
     a.bytes = layout.total;
     for (size_t i = 0; i < list.size(); ++i) {
       a.tensors.push_back({list[i].first, list[i].second, layout.offsets[i], sizes[i]});
+      a.index.emplace(key_of(list[i].first, list[i].second), layout.offsets[i]);
       a.payload_bytes += sizes[i];
       resident_offset[gpu][key_of(list[i].first, list[i].second)] = layout.offsets[i];
       placed.insert(key_of(list[i].first, list[i].second));
@@ -287,6 +372,7 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
     const std::string where = str_cat("plan schedule[", si, "]");
     ExecStep x;
     x.name = join_modules(comps[ci].name(), st.modules);
+    x.modules = st.modules;
     x.component = ci;
     x.device = st.gpu;
     x.streamed = st.group >= 0;
@@ -338,35 +424,29 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
     s.steps.push_back(std::move(x));
   }
   check_plan_consistency(checkpoint, plan, s);
+  index_weights(checkpoint, plan, comp_of, s);
   return s;
 }
 
 DequantParams Schedule::bind(const LinearTask& linear, const uint8_t* base) const {
-  DequantParams p = linear.params;
-  const auto at = [&](int slot) -> const uint8_t* {
+  return with_parts(linear.params, [&](int slot) -> const uint8_t* {
     return linear.part_offset[slot] == kNoPart ? nullptr : base + linear.part_offset[slot];
-  };
-  p.weight = at(kPartWeight);
-  p.scale = at(kPartScale);
-  p.quant_map = at(kPartQuantMap);
-  p.nested_absmax = at(kPartNestedAbsmax);
-  p.nested_quant_map = at(kPartNestedQuantMap);
-  return p;
+  });
 }
 
 DequantParams Schedule::bind_mapped(const LinearTask& linear, const Checkpoint& checkpoint) const {
-  DequantParams p = linear.params;
   const Component& comp = checkpoint.components()[linear.component_index];
-  const auto at = [&](int slot) -> const uint8_t* {
+  return with_parts(linear.params, [&](int slot) -> const uint8_t* {
     if (linear.part_offset[slot] == kNoPart) return nullptr;
     return comp.data(linear.part_entry[static_cast<size_t>(slot)]).data();
-  };
-  p.weight = at(kPartWeight);
-  p.scale = at(kPartScale);
-  p.quant_map = at(kPartQuantMap);
-  p.nested_absmax = at(kPartNestedAbsmax);
-  p.nested_quant_map = at(kPartNestedQuantMap);
-  return p;
+  });
+}
+
+bool Schedule::arena_used(size_t arena) const {
+  if (!arenas[arena].streamed()) return true;
+  for (const ExecStep& st : steps)
+    if (st.arena == arena) return true;
+  return false;
 }
 
 uint64_t Schedule::slot_bytes(int device) const {

@@ -109,8 +109,8 @@ def main():
 
 def check(comps, plan, expect):
     errors = []
-    if plan.get("format") != "qtool-plan" or plan.get("version") != 1:
-        return ["not a version-1 qtool plan"]
+    if plan.get("format") != "qtool-plan" or plan.get("version") != 2:
+        return ["not a version-2 qtool plan"]
     pcomps = {c["name"]: c for c in plan["components"]}
     if set(comps) != set(pcomps):
         errors.append(f"components differ: checkpoint {sorted(comps)} plan {sorted(pcomps)}")

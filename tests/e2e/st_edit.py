@@ -1,9 +1,15 @@
 """Reads and rewrites safetensors files and qtool plans in plain Python (no torch), so that the e2e
-tests can damage a checkpoint or a plan in one precise way.
+tests can damage a checkpoint, a plan or a forward's inputs in one precise way.
 
     python3 st_edit.py COMMAND FILE ARGS...   (see the commands at the bottom)
+    python3 st_edit.py corrupt DIR TENSOR     XOR 0xFF into every 7th byte of TENSOR (from byte 3)
+                                              in whichever shard of the model folder DIR holds it
+    python3 st_edit.py derive IN OUT CASE     write OUT from the inputs in IN (a verify --outputs
+                                              file) broken as CASE says: missing, misnamed,
+                                              unprefixed, shape, tokens, dtype, range
 """
 import json
+import os
 import struct
 import sys
 
@@ -40,9 +46,64 @@ def write(path, meta, tensors, after_json=b""):
         f.write(struct.pack("<Q", len(hb)) + hb + data)
 
 
+def corrupt(folder, tensor):
+    for fname in sorted(os.listdir(folder)):
+        if not fname.endswith(".safetensors"):
+            continue
+        path = os.path.join(folder, fname)
+        with open(path, "r+b") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+            if tensor not in header:
+                continue
+            b, e = header[tensor]["data_offsets"]
+            f.seek(8 + n + b)
+            data = bytearray(f.read(e - b))
+            for i in range(3 % max(1, len(data)), len(data), 7):
+                data[i] ^= 0xFF
+            f.seek(8 + n + b)
+            f.write(bytes(data))
+            print(f"corrupted {tensor} in {fname} ({len(data)} bytes)")
+            return
+    sys.exit(f"no tensor {tensor} in {folder}")
+
+
+def derive(src, dst, case):
+    _, tensors = read(src)
+    inputs = {k: v for k, v in tensors.items() if not (k.endswith("logits") or k.endswith("sample"))}
+    ids = [k for k in inputs if k.endswith("input_ids") or k.endswith("hidden_states") and "encoder" not in k][0]
+    dtype, shape, data = inputs[ids]
+    if case == "missing":
+        del inputs[ids]
+    elif case == "misnamed":
+        inputs[ids + "_typo"] = inputs.pop(ids)
+    elif case == "unprefixed":  # a pipeline's input without its component prefix
+        inputs[ids.split(".", 1)[-1] if "." in ids else "model." + ids] = inputs.pop(ids)
+    elif case == "shape":  # one more dimension of size 1 at the end
+        inputs[ids] = [dtype, shape + [1], data]
+    elif case == "tokens":  # twice the tokens the plan was made for
+        inputs[ids] = [dtype, shape[:1] + [2 * shape[1]] + shape[2:], data * 2]
+    elif case == "dtype":  # ids as U8 / states as I64: no framework passes these
+        if dtype in ("I64", "I32"):
+            inputs[ids] = ["U8", shape, bytes(len(data) // SIZES[dtype])]
+        else:
+            inputs[ids] = ["I64", shape, bytes(len(data) // SIZES[dtype] * 8)]
+    elif case == "range":  # a token id past the vocabulary
+        assert dtype in ("I64", "I32"), "range applies to token ids"
+        big = struct.pack("<q" if dtype == "I64" else "<i", 1 << 30)
+        inputs[ids] = [dtype, shape, big + data[len(big):]]
+    else:
+        sys.exit(f"unknown case {case}")
+    write(dst, None, inputs)
+
+
 def main():
     cmd, path = sys.argv[1], sys.argv[2]
     args = sys.argv[3:]
+    if cmd == "corrupt":
+        return corrupt(path, args[0])
+    if cmd == "derive":
+        return derive(path, args[0], args[1])
     if cmd == "names":  # prints the tensor names, one a line
         sys.stdout.write("".join(name + "\n" for name in read(path)[1]))
         return

@@ -42,8 +42,9 @@ plan_for() {
   [ -n "$lo" ] || { echo "FAIL: no smallest budget for $1: $(cat "$WORK/err")"; exit 1; }
   total=$(du -sb "$1" | cut -f1)
   for pct in 2 3 4 5 6 7 8; do
+    # A cpu budget below the staging ring is refused (exit 2): try the next one.
     "$QTOOL" plan "$1" --max-memory "0=$((lo + total / 10)),cpu=$((total * pct / 10))" --tokens 16 \
-      --device-profile "$WORK/small.json" -o "$2" -q
+      --device-profile "$WORK/small.json" -o "$2" -q 2>/dev/null || continue
     if [ "$(count_targets "$2" cpu)" -gt 0 ] && [ "$(count_targets "$2" disk)" -gt 0 ]; then return; fi
   done
 }

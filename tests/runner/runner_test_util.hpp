@@ -141,9 +141,22 @@ inline planner::DeviceProfile small_profile() {
 // A plan that streams: GPU budgets of the least any plan fits in (found by bisection) plus
 // `gpu_fraction` of the weights; `cpu_fraction` of the weights may go to pinned host memory, the
 // rest of what is offloaded to disk.
+// The model templates of sample_configs (the forwards' execution order).
+inline const planner::TemplateLibrary& templates() {
+  static const planner::TemplateLibrary lib = [] {
+    planner::TemplateLibrary l;
+    if (const auto dir = planner::find_data_subdir("models")) l.load_dir(*dir);
+    return l;
+  }();
+  return lib;
+}
+
 inline planner::Plan plan_streamed(const Checkpoint& ckpt, double gpu_fraction, double cpu_fraction,
-                                   uint64_t tokens = 8, uint32_t prefetch = 2, int n_gpus = 1) {
+                                   uint64_t tokens = 8, uint32_t prefetch = 2, int n_gpus = 1,
+                                   planner::OffloadMode mode = planner::OffloadMode::Auto) {
   planner::PlanOptions o;
+  o.templates = &templates();
+  o.offload = mode;
   o.profile = small_profile();
   o.tokens = tokens;
   o.prefetch = prefetch;

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <set>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/runner/executor.hpp"
@@ -60,6 +61,7 @@ TEST_CASE("streamed CPU runs equal all-resident runs for every scheme, with grou
     o.steps = 2;
     o.seed = 42;
     o.trace = true;
+    o.forwards = false;  // every linear on its own activations (test_driver.cpp runs the forward)
     const auto [planned, resident] = test::run_planned_and_resident(*backend, ckpt, s, o);
     REQUIRE(planned.digests.size() == 2);
     CHECK(planned.digests == resident.digests);
@@ -71,8 +73,8 @@ TEST_CASE("streamed CPU runs equal all-resident runs for every scheme, with grou
     // The trace has a copy and a compute interval for every streamed step of every run step.
     size_t copies = 0, disk = 0;
     for (const TraceEvent& e : planned.trace) {
-      copies += e.lane == "gpu0 copy";
-      disk += e.lane == "disk read";
+      copies += e.lane == Lane::Copy && e.device == 0;
+      disk += e.lane == Lane::DiskRead;
     }
     CHECK(copies == 2 * (count_streamed(s, Placement::Cpu) + count_streamed(s, Placement::Disk)));
     CHECK(disk == 2 * count_streamed(s, Placement::Disk));
@@ -104,6 +106,8 @@ TEST_CASE("no quant state stays behind: host arenas overwritten right after thei
     const RunResult dirty = backend->run(ckpt, s, o);
     CHECK(poisoned == count_streamed(s, Placement::Cpu) + count_streamed(s, Placement::Disk));
     CHECK(dirty.digests == clean.digests);
+    REQUIRE(!clean.unit_names.empty());  // the Llama forward ran, every op's output digested
+    CHECK(dirty.unit_digests == clean.unit_digests);
   }
 }
 
@@ -212,21 +216,28 @@ TEST_CASE("verify on the CPU: passes on a good plan, exit-2 error on another che
 
 TEST_CASE("trace JSON and copy/compute overlap") {
   std::vector<TraceEvent> ev = {
-      {"g0", "gpu0 copy", 0, 0, 0, 10, 100},  {"g0", "gpu0 compute", 0, 0, 10, 20, 0},
-      {"g1", "gpu0 copy", 0, 1, 12, 10, 100}, {"g1", "gpu0 compute", 0, 1, 30, 20, 0},
-      {"a", "gpu0 compute", 0, -1, 0, 1, 0},
+      {"g0", Lane::Copy, 0, 0, 0, 0, 10, 100},    {"g0", Lane::Compute, 0, 0, 0, 10, 20, 0},
+      {"g1", Lane::Copy, 0, 0, 1, 12, 10, 100},   {"g1", Lane::Compute, 0, 0, 1, 30, 20, 0},
+      {"a", Lane::Compute, 0, 0, -1, 0, 1, 0},    {"g2", Lane::Compute, 1, 0, 2, 12, 10, 0},
+      {"g0", Lane::DiskRead, 0, 0, 0, 0, 5, 100},
   };
   // g0's copy overlaps nothing but the activation event (plan_step -1, ignored); g1's copy [12, 22)
-  // lies inside g0's compute [10, 30): half the copy time is hidden.
+  // lies inside g0's compute [10, 30): half the copy time is hidden (g2 computes on another GPU).
   CHECK(copy_compute_overlap(ev, 0) == doctest::Approx(0.5));
   const auto j = trace_to_json(ev);
   size_t complete = 0;
-  for (const auto& e : j["traceEvents"]) complete += e["ph"] == "X";
+  std::set<std::string> lanes;
+  for (const auto& e : j["traceEvents"]) {
+    complete += e["ph"] == "X";
+    if (e["name"] == "thread_name") lanes.insert(e["args"]["name"].get<std::string>());
+  }
   CHECK(complete == ev.size());
+  CHECK(lanes == std::set<std::string>{"gpu0 copy", "gpu0 compute", "gpu1 compute", "disk read"});
 }
 
 TEST_CASE(
-    "a two-GPU plan on the CPU backend: steps on both devices, activations cross, outputs as resident") {
+    "a two-GPU plan on the CPU backend: units on both devices, the forward's state crosses, outputs as "
+    "resident") {
   Fixture& f = fixture();
   test::TempDir q("two");
   const Checkpoint ckpt =
@@ -237,8 +248,13 @@ TEST_CASE(
   RunOptions o;
   o.tokens = 8;
   o.steps = 2;
+  o.trace = true;
   const auto [planned, resident] = test::run_planned_and_resident(*backend, ckpt, s, o);
   CHECK(planned.digests == resident.digests);
-  CHECK(planned.peer_bytes_per_step > 0);
+  CHECK(planned.unit_digests == resident.unit_digests);
   CHECK(planned.memory.size() == 2);
+  std::set<int> computing;
+  for (const TraceEvent& e : planned.trace)
+    if (e.lane == Lane::Compute) computing.insert(e.device);
+  CHECK(computing == std::set<int>{0, 1});
 }

@@ -36,7 +36,11 @@
 
 namespace qtool::planner {
 
-inline constexpr int kPlanVersion = 1;
+// 2: components name the forward the runner executes ("forward"); a GPU running a forward reserves
+// its activation items ("activations: ...") instead of activation_in/out for it.
+inline constexpr int kPlanVersion = 2;
+// The reserve items of the forwards' activations are named "activations: <item>".
+inline constexpr std::string_view kForwardActivationPrefix = "activations: ";
 inline constexpr std::string_view kPlanFormat = "qtool-plan";
 inline constexpr uint64_t kArenaAlignment = 256;  // every tensor in an arena or slot starts here
 
@@ -75,14 +79,20 @@ struct GpuWork {
   uint64_t slot_bytes = 0;         // one slot: the largest group arena streamed to this GPU
   uint64_t pinned_host_bytes = 0;  // pinned host memory of the whole plan (arenas + staging ring)
   bool used = false;               // anything runs on this GPU (else the reserve is empty)
+  // The activation items of the largest real forward run on this GPU (planner::activation_items
+  // at the plan's tokens); max_in and max_out then cover only the linears-only components.
+  std::vector<ReserveItem> forward_activations;
 };
 
 // The reserve the runner really allocates on one GPU, item by item, each allocation rounded up to
 // profile.alloc_granularity_bytes:
 //   cuda_context      = profile.context_bytes (not an allocation: context, handles, kernels)
 //   cublas_workspace  = profile.cublas_workspace_bytes
-//   activation_in     = tokens * max_in  * 2   (bf16 [tokens, in])
+//   activation_in     = tokens * max_in  * 2   (bf16 [tokens, in]; linears-only components)
 //   activation_out    = tokens * max_out * 2   (bf16 [tokens, out])
+//   activations: ITEM = each of forward_activations, as activation_items sized it (not rounded one
+//                       by one: the runner holds them in one stack), then "activations: rounding"
+//                       up to the granularity, with 64 KiB for the 256-byte start of each buffer
 //   dequant_scratch   = max_dequant_numel * 2  (bf16 [out, in] of the largest non-bf16 linear)
 //   device_slots      = n_slots * slot_bytes   (one allocation holding the ring)
 //   pinned_page_tables = ceil(pinned_host_bytes / GiB) * profile.pinned_page_table_bytes_per_gib
@@ -179,6 +189,7 @@ struct ComponentPlan {
   // keys device_map, offload_reasons and module_bytes by the loader's module names (the prefix and
   // its dot removed, the prefix itself becoming "") and says "checkpoint_prefix".
   std::string checkpoint_prefix;
+  std::string forward;  // architecture of the real forward the runner executes (planner::arch_of); "" = linears only
   uint64_t bytes = 0;  // exact bytes, tied copies counted once
   // In execution order; keys never overlap. JSON: "device_map" {prefix: location} (what
   // accelerate's dispatch_model takes), "offload_reasons" {prefix: reason} for keys not on a GPU,

@@ -27,7 +27,11 @@
 // (read from the checkpoint through a pinned staging ring of K buffers).
 //
 // Cost model: copy = bytes / h2d_pinned (disk: + bytes / disk_read) + copy latency; compute per
-// linear = 2 * tokens * in * out / bf16 rate + dequant (numel / scheme rate) + kernel launches;
+// linear = 2 * rows * in * out / bf16 rate + dequant (numel / scheme rate) + kernel launches, where
+// rows = tokens, or for a component with a real forward the rows that linear really runs on
+// (linear_rows: Flux's modulation linears one per sample, its text-stream linears the text tokens,
+// its single blocks both streams); such a component's blocks add their attention FLOPs
+// (forward_flops(...).attention shared equally among its blocks) at the bf16 rate;
 // step time = a simulation of the copy stream (slots freed as steps finish) and the compute
 // stream (a step waits for its group's copy and the previous step, plus a peer copy of the
 // activations when the GPU changes).
@@ -47,6 +51,7 @@
 #include <nlohmann/json.hpp>
 
 #include "qtool/formats/checkpoint.hpp"
+#include "qtool/planner/arch.hpp"
 #include "qtool/planner/device_profile.hpp"
 #include "qtool/planner/module_tree.hpp"
 #include "qtool/planner/plan.hpp"
@@ -99,6 +104,10 @@ struct ComponentInput {
   std::optional<nlohmann::json> config;  // config.json
   std::vector<TensorDesc> tensors;
   std::vector<QuantizedShape> quantized;  // quantized linears (find_quantized_linears)
+  // The architecture whose real forward the runner executes (arch_of), if any: its activation
+  // items are reserved and its FLOPs predicted instead of the linears-only model's.
+  std::optional<Arch> arch;
+  DType activation_dtype = DType::BF16;  // its forward's (model_dtype)
 };
 
 struct PipelineInput {
@@ -123,6 +132,11 @@ struct PlanOptions {
   const TemplateLibrary* templates = nullptr;  // null: heuristic order only
   std::string qtool_version;
 };
+
+// The rows (tokens) linear `module` of a component of architecture `arch` runs on in one forward
+// at the plan's `tokens` (batch 1); summed over the linears, 2 * rows * in * out gives
+// forward_flops(arch, 1, tokens).linear.
+uint64_t linear_rows(const Arch& arch, std::string_view module, uint64_t tokens);
 
 Plan make_plan(const PipelineInput& input, const PlanOptions& options);
 Plan make_plan(const Checkpoint& checkpoint, const PlanOptions& options);

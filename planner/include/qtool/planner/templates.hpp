@@ -25,7 +25,9 @@
 // at any depth (`encoder.mid_block.resnets.0`). A unit (a block, or the tensors of one module
 // outside blocks) takes the position of the first entry that names it, one of its ancestors, or
 // one of its descendants; units no entry names fall back to the heuristic below. Blocks of a
-// block list always run in numeric order.
+// block list always run in numeric order. `units` names modules outside the block lists that are
+// placement units as a whole, like a block (the units the model's forward runs: Flux's
+// time_text_embed and norm_out), instead of one unit per module that owns tensors.
 //
 // Heuristic order (no template, or units a template does not name), by the unit's path:
 //   0. embeddings: a path element matching *embed*, wte, wpe, shared, *patch*, conv_in
@@ -66,6 +68,7 @@ struct ModelTemplate {
   std::filesystem::path file;
   std::vector<std::string> class_names;
   std::vector<std::string> order;             // model templates
+  std::vector<std::string> units;             // model templates: modules outside block lists placed whole
   std::vector<TemplateTie> ties;              // model templates
   std::string checkpoint_prefix;              // model templates: stripped by the loader ("" = none)
   std::vector<std::string> components;        // pipeline templates
@@ -105,8 +108,8 @@ std::string class_name_of(const std::optional<nlohmann::json>& config);
 // The ties a template declares that the config enables.
 std::vector<TiedPair> tied_pairs_for(const ModelTemplate* tmpl, const std::optional<nlohmann::json>& config);
 
-// A placement unit: a block (never split) or the tensors owned directly by one module outside
-// every block.
+// A placement unit: a block (never split), a module the template names in `units` (whole), or
+// the tensors owned directly by one module outside every block.
 struct Unit {
   int32_t node = -1;       // tree node: the block, or the module owning the tensors
   bool is_block = false;

@@ -1,23 +1,23 @@
-// Backends that execute a Schedule: the CUDA backend (pinned host arenas, a ring of device slots
-// per GPU, a copy stream and a compute stream ordered by events, dequant kernels + cuBLAS) and the
-// CPU backend, which runs the same schedule with the same semantics (a copy thread filling the
-// slots ahead of the compute thread), so that outputs, digests and checks are comparable.
+// Backends that execute a Schedule. The CPU backend runs every component through the schedule
+// driver (driver.hpp): a component whose architecture has a forward (forward.hpp) runs its real
+// forward pass, unit by unit, its WeightSource served from the schedule's arenas and slots; any
+// other component runs its linears only. The CUDA backend still runs every component linears-only
+// with its own walker (cuda/cuda_backend.cpp) until it implements the driver's device interface.
 //
-// One step: the hidden state H [tokens, max_in] (bf16) is generated from the step's seed on the
-// GPU of the first plan step and follows the steps from GPU to GPU by peer copies (a GPU whose
-// linears are wider than the source's makes the extra columns itself). Every linear
-// y[tokens, out] = H[:, 0:in] * dequant(W)^T (bf16 inputs, fp32 accumulate, bf16 out) runs in its
-// step; each output is reduced to a digest (a 64-bit hash of every bit, and its count of
-// non-finite values), so two runs can be compared bit for bit without keeping the outputs.
+// Linears-only: a hidden state H [tokens, max_in] (bf16) is generated from the step's seed; every
+// linear y[tokens, out] = H[:, 0:in] * dequant(W)^T (bf16 inputs, fp32 accumulate, bf16 out) runs
+// in its step; each output is reduced to a digest (a 64-bit hash of every bit, and its count of
+// non-finite values), so two runs can be compared bit for bit without keeping the outputs. A real
+// forward is digested likewise: one digest per unit, over the outputs of every op the unit ran.
 //
 // Device memory per GPU is the plan's reserve model (planner::gpu_reserve): the resident arena,
-// one allocation for the ring of slots, activation_in [tokens, max_in], activation_out
-// [tokens, max_out], dequant_scratch and the cuBLAS workspace (the digests and the 4-bit tables
-// ride in the rounding slack of one of them). Nothing is allocated while steps run.
+// one allocation for the ring of slots, the activations (the forwards' items; activation_in and
+// activation_out for linears-only components), dequant_scratch and the cuBLAS workspace.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -25,6 +25,7 @@
 
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/runner/dequant.hpp"
+#include "qtool/runner/forward.hpp"
 #include "qtool/runner/schedule.hpp"
 
 namespace qtool::runner {
@@ -55,6 +56,14 @@ struct RunOptions {
   // has completed and before the step computes, with the host bytes it was copied from (the
   // group's pinned arena, or the staging buffer of a disk group). Adds a host wait per copy.
   std::function<void(size_t step, std::span<uint8_t> host_bytes)> after_copy;
+  // The inputs of the components that have a forward, by component name, under the framework's
+  // argument names; a component with a forward and no entry gets Forward::random_inputs(1, tokens,
+  // seed). Every run step runs the same inputs.
+  std::map<std::string, std::vector<HostTensor>> inputs;
+  // false: every component runs its linears only (what the CUDA backend does).
+  bool forwards = true;
+  // Tests: the forward of a component (null: runner::make_forward).
+  std::function<std::unique_ptr<Forward>(const Component&)> make_forward;
 };
 
 struct LayerDigest {
@@ -63,20 +72,40 @@ struct LayerDigest {
   bool operator==(const LayerDigest&) const = default;
 };
 
+// The lanes of the trace: per GPU its copy stream and its compute stream, and the host's disk
+// reads (disk groups into the staging ring).
+enum class Lane : uint8_t { Copy, Compute, DiskRead };
+const char* lane_name(Lane lane);  // "copy", "compute", "disk read"
+
 // One interval of the trace: a copy or a compute of one plan step (or activations, a peer copy).
 struct TraceEvent {
-  std::string name;        // the plan step's name, or "activations", "peer copy"
-  std::string lane;        // "gpu0 copy", "gpu0 compute", "disk read"
+  std::string name;  // the plan step's name, or "activations", "peer copy", a forward's unit
+  Lane lane = Lane::Compute;
+  int device = 0;          // the GPU of a copy or compute lane (disk reads: the GPU it feeds)
   uint32_t step = 0;       // the run's step (0 .. steps-1)
   int32_t plan_step = -1;  // index into Schedule::steps, -1 for activations and peer copies
   double start_us = 0;     // from the start of the run
   double dur_us = 0;
-  uint64_t bytes = 0;  // copies: bytes moved
+  uint64_t bytes = 0;              // copies: bytes moved
+  std::string lane_label() const;  // "gpu0 copy", "gpu0 compute", "disk read"
 };
 
-// One buffer class the backend allocated on a GPU (or, on the CPU backend, would have).
+// The buffer classes a backend allocates on a GPU (or, on the CPU backend, would have). Each has
+// the name of the plan's reserve item it is compared with (planner::gpu_reserve).
+enum class MemoryKind : uint8_t {
+  ResidentArena,         // "resident_arena": the GPU's resident weights (DevicePlan::arena_bytes)
+  StreamedHeldResident,  // "streamed_groups_held_resident": all-resident runs only
+  DeviceSlots,           // "device_slots"
+  ActivationIn,          // "activation_in": linear-only components
+  ActivationOut,         // "activation_out"
+  DequantScratch,        // "dequant_scratch"
+  CublasWorkspace,       // "cublas_workspace"
+  ForwardActivations,    // "forward_activations": the real forwards' activation peak (Ops::peak_bytes)
+};
+const char* memory_kind_name(MemoryKind kind);
+
 struct MemoryItem {
-  std::string name;  // "resident weights", "slots", "activations", ...
+  MemoryKind kind = MemoryKind::ResidentArena;
   uint64_t bytes = 0;
 };
 
@@ -92,13 +121,30 @@ struct DeviceMemory {
   std::string how;                 // how the peak was measured
 };
 
+// What one component ran.
+struct ComponentRun {
+  std::string component;               // "" for a single model
+  std::string architecture;            // the forward's ("LlamaForCausalLM"), "" for linears-only
+  bool forward = false;                // ran its real forward (else its linears only)
+  std::vector<std::string> units;      // forward units in execution order (digest names)
+  std::vector<HostTensor> inputs;      // the inputs it ran on (forwards)
+  HostTensor output;                   // the output of the last run step, F32 (forwards)
+  uint64_t activation_peak_bytes = 0;  // Ops::peak_bytes over its run
+  // Tensors of the component the forward never asked for (every tensor must feed the forward).
+  std::vector<std::string> unread_tensors;
+};
+
 struct RunResult {
   std::string backend;       // "cuda" or "cpu"
   std::string device_names;  // "NVIDIA H100 80GB HBM3"
   Mode mode = Mode::Planned;
-  std::vector<std::vector<LayerDigest>> digests;  // [step][linear id]
-  std::vector<double> step_ms;                    // wall time of each step, device-measured on CUDA
-  std::vector<DeviceMemory> memory;               // per GPU of the schedule
+  std::vector<std::vector<LayerDigest>> digests;  // [step][linear id] (linears-only components)
+  // [step][k]: the output of forward unit k (units of every forward component, in order).
+  std::vector<std::vector<LayerDigest>> unit_digests;
+  std::vector<std::string> unit_names;  // "transformer/transformer_blocks.0"
+  std::vector<ComponentRun> components;
+  std::vector<double> step_ms;       // wall time of each step, device-measured on CUDA
+  std::vector<DeviceMemory> memory;  // per GPU of the schedule
   std::vector<TraceEvent> trace;
   uint64_t h2d_bytes_per_step = 0;  // streamed bytes copied to the devices per step
   uint64_t peer_bytes_per_step = 0;
@@ -139,5 +185,18 @@ struct PartSizes {
   uint64_t bytes[kNumParts] = {};
 };
 PartSizes part_sizes(const DequantParams& params);
+
+// A linear's parts laid out side by side as in an arena (each at a 256-byte boundary), for copying
+// them from host pointers into one buffer: offsets, the total, and the parts' pointers (null for
+// absent ones).
+struct PartLayout {
+  PartSizes sizes;
+  const uint8_t* source[kNumParts] = {};
+  uint64_t offset[kNumParts] = {};
+  uint64_t total = 0;
+};
+PartLayout part_layout(const DequantParams& params);
+// `params` with its part pointers moved into a copy of the layout at `base`.
+DequantParams rebase_parts(const DequantParams& params, const PartLayout& layout, const uint8_t* base);
 
 }  // namespace qtool::runner

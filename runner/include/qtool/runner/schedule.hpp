@@ -14,6 +14,7 @@
 #include <map>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "qtool/formats/checkpoint.hpp"
@@ -43,11 +44,13 @@ struct Arena {
   std::vector<ArenaTensor> tensors;
   uint64_t bytes = 0;          // arena size: offsets aligned, end rounded up to kArenaAlign
   uint64_t payload_bytes = 0;  // sum of tensor bytes
+  // (component, tensor) -> offset, see Schedule::offset_in.
+  std::unordered_map<uint64_t, uint64_t> index;
   bool streamed() const { return placement != Placement::Resident; }
 };
 
 // The parts of a linear (DequantParams pointers), as byte offsets in its arena.
-enum LinearPart : int {
+enum LinearPart : int {  // (WeightRef's arrays are indexed by it too)
   kPartWeight = 0,
   kPartScale,
   kPartQuantMap,
@@ -56,6 +59,28 @@ enum LinearPart : int {
   kNumParts
 };
 inline constexpr uint64_t kNoPart = UINT64_MAX;
+
+// A tensor as a forward asks for it by name: a plain tensor (bf16, f16 or f32, viewed as [1, n]
+// for 1-D, [rows, cols] for 2-D, [shape[0], rest] above), or a quantized linear's weight standing
+// for every tensor of its quant state.
+struct WeightRef {
+  uint32_t component = 0;  // index into Checkpoint::components()
+  DequantParams params;    // kind, shape and layout; pointers null (see Schedule::bind_weight)
+  Component::Entry part_entry[kNumParts] = {};
+  bool has_part[kNumParts] = {};
+  std::vector<Component::Entry> tensors;  // every tensor it stands for (weight and quant state)
+};
+
+// `params` with its part pointers set: part k at at(k) (LinearPart order; null for none).
+template <class At>
+DequantParams with_parts(DequantParams params, At&& at) {
+  params.weight = at(kPartWeight);
+  params.scale = at(kPartScale);
+  params.quant_map = at(kPartQuantMap);
+  params.nested_absmax = at(kPartNestedAbsmax);
+  params.nested_quant_map = at(kPartNestedQuantMap);
+  return params;
+}
 
 struct LinearTask {
   uint32_t id = 0;    // position in Schedule::linears (execution order); digest index
@@ -82,7 +107,8 @@ struct LinearTask {
 };
 
 struct ExecStep {
-  std::string name;  // "transformer: transformer_blocks.0, transformer_blocks.1"
+  std::string name;                  // "transformer: transformer_blocks.0, transformer_blocks.1"
+  std::vector<std::string> modules;  // the plan's units run in this step, in order
   uint32_t component = 0;
   int device = 0;
   uint32_t arena = 0;              // index into Schedule::arenas
@@ -99,6 +125,18 @@ struct Schedule {
   std::vector<int> devices;         // the GPUs the plan uses, ascending
   std::map<int, uint32_t> resident_arena;  // GPU -> index into arenas
   uint32_t n_slots = 2;                    // device slots per streaming GPU (the plan's prefetch)
+  // Per checkpoint component: its tensors by name as a forward asks for them, and its tied
+  // aliases (alias -> primary; an alias resolves to its primary's bytes).
+  std::vector<std::unordered_map<std::string, WeightRef>> weights;
+  std::vector<std::unordered_map<std::string, std::string>> tied;
+
+  // The offset of `entry` of `component` in arena `arena`, or kNoPart when it is not there.
+  uint64_t offset_in(uint32_t arena, uint32_t component, Component::Entry entry) const;
+  // The WeightRef `name` of `component` resolves to (aliases followed), or null.
+  const WeightRef* find_weight(uint32_t component, std::string_view name) const;
+  // Its DequantParams bound into a copy of arena `arena` at `base`; null weight when the arena
+  // lacks a part (a weight and its quant state always travel together, see build_schedule).
+  DequantParams bind_weight(const WeightRef& weight, uint32_t arena, const uint8_t* base) const;
 
   // The DequantParams of `linear` with its pointers set into a copy of its arena at `base`.
   DequantParams bind(const LinearTask& linear, const uint8_t* base) const;
@@ -112,8 +150,9 @@ struct Schedule {
   uint64_t max_out(int device) const;
   uint64_t max_scratch_elems(int device) const;
   size_t n_linears(int device) const;
-  uint64_t streamed_bytes() const;     // bytes copied host-to-device in one step (all GPUs)
-  uint64_t max_staging_bytes() const;  // the largest disk arena
+  uint64_t streamed_bytes() const;      // bytes copied host-to-device in one step (all GPUs)
+  bool arena_used(size_t arena) const;  // resident, or streamed by some step
+  uint64_t max_staging_bytes() const;   // the largest disk arena
 };
 
 // Builds the schedule. Error(InvalidInput) naming the plan item and the tensor for: a tensor the

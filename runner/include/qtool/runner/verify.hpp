@@ -1,13 +1,20 @@
 // `qtool verify`: runs a plan on its checkpoint and checks it (DESIGN.md §5).
 //
+// A component whose architecture has a forward (forward.hpp) runs it on the CPU backend, on
+// --inputs or on inputs drawn from the seed; the others run their linears only. The report says
+// which ran ("components").
+//
 // Checks, each named in the report:
 //   plan matches checkpoint   the plan's fingerprint is the checkpoint's, and its parts agree with
 //                             each other and with the checkpoint (plan_checks.hpp); a mismatch is
 //                             bad input: Error(InvalidInput), exit 2, before anything runs
-//   finite outputs            no NaN or infinity in any linear's output, any step
-//   streamed == resident      the planned run's outputs are bitwise identical to an all-resident
-//                             run's (or, when everything cannot be resident at once, to each layer
-//                             run alone from the mapped checkpoint)
+//   finite outputs            no NaN or infinity in any linear's output or any op output of a
+//                             forward unit, any step
+//   every tensor read         each forward read every tensor of its component
+//   streamed == resident      the planned run's outputs (each linear's; each forward unit's, over
+//                             every op it ran) are bitwise identical to an all-resident run's (or, when
+//                             everything cannot be resident at once, to each layer run alone from the mapped
+//                             checkpoint)
 //   no state left behind      (--poison) host arenas overwritten with garbage right after each
 //                             copy: outputs unchanged
 //   reference error           (--reference) each linear's output against the original weight's,
@@ -16,7 +23,10 @@
 //   reference tensors         (--reference) every tensor not quantized is the original's byte for
 //                             byte, and each quantized weight's recorded dtype and shape are the
 //                             original's (tensor_compare.hpp)
-//   peak memory               per GPU, measured peak <= the plan's predicted peak
+//   reference output          (--reference) each forward's output against the original model's
+//                             forward on the same inputs (verify_forward.hpp states the bound)
+//   peak memory               per GPU, measured peak <= the plan's predicted peak, and the forwards'
+//                             activation peak <= the plan's activation items
 //   step time                 measured against the plan's prediction: reported; a check only with
 //                             a time tolerance (--time-tolerance)
 #pragma once
@@ -42,11 +52,13 @@ struct VerifyOptions {
   std::optional<uint64_t> tokens;   // default: the plan's
   uint32_t steps = 3;               // run steps (the first is a warm-up for timing)
   uint64_t seed = 0;
-  bool poison = false;                        // add the "no state left behind" run
-  std::optional<double> time_tolerance;       // e.g. 0.2: fail when |measured/predicted - 1| > 0.2
-  std::filesystem::path report;               // JSON report
-  std::filesystem::path trace;                // Chrome trace-event JSON of the planned run
-  size_t threads = 0;                         // CPU backend and host work
+  bool poison = false;                   // add the "no state left behind" run
+  std::optional<double> time_tolerance;  // e.g. 0.2: fail when |measured/predicted - 1| > 0.2
+  std::filesystem::path inputs;          // --inputs: the forwards' arguments (safetensors, framework names)
+  std::filesystem::path outputs;         // --outputs: the forwards' outputs (F32), and drawn inputs
+  std::filesystem::path report;          // JSON report
+  std::filesystem::path trace;           // Chrome trace-event JSON of the planned run
+  size_t threads = 0;                    // CPU backend and host work
   std::function<void(std::string_view)> log;  // human-readable lines (stderr)
 };
 

@@ -1,0 +1,237 @@
+#include "verify_forward.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <set>
+
+#include "qtool/formats/error.hpp"
+#include "qtool/formats/safetensors.hpp"
+#include "qtool/libquant/quant.hpp"
+#include "qtool/runner/cpu_ops.hpp"
+#include "qtool/runner/dequant.hpp"
+#include "qtool/runner/driver.hpp"
+#include "qtool/runner/error_model.hpp"
+#include "qtool/runner/schedule.hpp"
+
+namespace qtool::runner {
+
+std::string io_name(const Checkpoint& checkpoint, const std::string& component, const std::string& tensor) {
+  return checkpoint.layout() == Checkpoint::Layout::Pipeline ? component + "." + tensor : tensor;
+}
+
+std::string output_name(const Forward& forward) {
+  return forward.architecture() == "LlamaForCausalLM" ? "logits" : "sample";
+}
+
+std::map<std::string, std::vector<HostTensor>> read_inputs(const std::filesystem::path& file,
+                                                           const Checkpoint& checkpoint, int64_t max_tokens) {
+  const SafetensorsFile in = SafetensorsFile::open(file);
+  std::map<std::string, std::vector<HostTensor>> by_component;
+  std::map<std::string, std::unique_ptr<Forward>> forwards;
+  std::string expected;
+  for (const Component& c : checkpoint.components()) {
+    auto f = make_forward(c);
+    if (!f) continue;
+    for (const InputSpec& spec : f->input_specs(1, max_tokens))
+      expected += (expected.empty() ? "" : ", ") + io_name(checkpoint, c.name(), spec.name);
+    by_component[c.name()];
+    forwards.emplace(c.name(), std::move(f));
+  }
+  if (forwards.empty())
+    fail(
+        ErrorKind::InvalidInput, "--inputs ", file.string(), ": no component of ", checkpoint.root().string(),
+        " has a forward the runner executes (LlamaForCausalLM, FluxTransformer2DModel): it runs linears only "
+        "and takes no inputs");
+  for (const TensorInfo& t : in.tensors()) {
+    // An --outputs file replays: its outputs are not inputs.
+    bool is_output = false;
+    for (const auto& [name, f] : forwards)
+      is_output = is_output || t.name == io_name(checkpoint, name, output_name(*f));
+    if (is_output) continue;
+    std::string owner;
+    for (const auto& [name, f] : forwards)
+      for (const InputSpec& spec : f->input_specs(1, max_tokens))
+        if (io_name(checkpoint, name, spec.name) == t.name) owner = name;
+    if (!forwards.count(owner) || (owner.empty() && checkpoint.layout() == Checkpoint::Layout::Pipeline))
+      fail(ErrorKind::InvalidInput, "--inputs ", file.string(), ": tensor '", t.name,
+           "' is not an input of the forward (expected: ", expected, ")");
+    HostTensor h;
+    const std::string prefix = io_name(checkpoint, owner, "");
+    h.name = t.name.substr(prefix.size());
+    h.dtype = t.dtype;
+    h.shape = t.shape;
+    const auto bytes = in.data(t);
+    h.bytes.assign(bytes.begin(), bytes.end());
+    by_component[owner].push_back(std::move(h));
+  }
+  for (const auto& [name, f] : forwards) {
+    try {
+      f->check_inputs(by_component[name], max_tokens);
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::InvalidInput) throw;
+      fail(ErrorKind::InvalidInput, "--inputs ", file.string(),
+           name.empty() ? std::string() : " (component '" + name + "', inputs named '" + name + ".<input>')",
+           ": ", e.what());
+    }
+  }
+  return by_component;
+}
+
+void write_outputs(const std::filesystem::path& file, const Checkpoint& checkpoint, const RunResult& run,
+                   bool with_inputs) {
+  std::vector<TensorDecl> decls;
+  std::vector<std::pair<std::string, const HostTensor*>> tensors;
+  for (const ComponentRun& c : run.components) {
+    if (!c.forward) continue;
+    tensors.emplace_back(io_name(checkpoint, c.component, c.output.name), &c.output);
+    if (with_inputs)
+      for (const HostTensor& t : c.inputs) tensors.emplace_back(io_name(checkpoint, c.component, t.name), &t);
+  }
+  if (tensors.empty())
+    fail(ErrorKind::InvalidInput, "--outputs ", file.string(), ": no component of ",
+         checkpoint.root().string(),
+         " ran a forward (only LlamaForCausalLM and FluxTransformer2DModel have one, on the CPU backend)");
+  for (const auto& [name, t] : tensors) decls.push_back({name, t->dtype, t->shape});
+  SafetensorsWriter w(file, decls, {{"producer", "qtool verify"}});
+  for (const auto& [name, t] : tensors) w.write(name, t->bytes);
+  w.commit();
+}
+
+bool ForwardReference::within() const {
+  if (nonfinite) return false;
+  return exact ? rel_error == 0 && max_abs_error == 0 : substituted && rel_error <= bound;
+}
+
+nlohmann::json ForwardReference::to_json() const {
+  return {
+      {"component", component},
+      {"output", output},
+      {"exact", exact},
+      {"rel_error", rel_error},
+      {"max_abs_error", max_abs_error},
+      {"simulated_rel_error", simulated_rel_error},
+      {"bound", bound},
+      {"bound_rule", exact ? "no quantized linear: bit for bit"
+                           : str_cat(kForwardBoundFactor, " x simulated_rel_error + ", kForwardBoundFloor)},
+      {"noise_seed", noise_seed},
+      {"nonfinite", nonfinite},
+      {"within", within()}};
+}
+
+namespace {
+
+std::vector<float> as_f32(const HostTensor& t) {
+  QTOOL_ASSERT(t.dtype == DType::F32);
+  std::vector<float> v(t.bytes.size() / 4);
+  std::memcpy(v.data(), t.bytes.data(), v.size() * 4);
+  return v;
+}
+
+// ||a - b|| / ||b|| and max |a - b|.
+std::pair<double, double> compare(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0, mx = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    num += d * d;
+    den += static_cast<double>(b[i]) * b[i];
+    mx = std::max(mx, std::fabs(d));
+  }
+  if (num == 0) return {0.0, mx};
+  return {den > 0 ? std::sqrt(num / den) : INFINITY, mx};
+}
+
+// Per quantized linear of `quantized`: its weight's name and the error variance of each column.
+std::map<std::string, std::vector<double>> predicted_variance(const Component& quantized,
+                                                              const Component& reference, ThreadPool& pool) {
+  std::map<std::string, std::vector<double>> out;
+  for (const quant::QuantizedLinear& ql : quant::find_quantized_linears(quantized)) {
+    const std::string name = ql.module + ".weight";
+    const auto re = reference.find(name);
+    if (!re) continue;
+    const DType dt = reference.info(*re).dtype;
+    const WeightKind ref_kind = dt == DType::BF16  ? WeightKind::Bf16
+                                : dt == DType::F16 ? WeightKind::F16
+                                                   : WeightKind::F32;
+    out[name] = column_error_variance(quantized_params(ql, quantized), ref_kind, pool);
+  }
+  return out;
+}
+
+// The original's forward with each quantized linear's weight replaced by the quantized file's,
+// dequantized: the quantized model must give exactly this output, so any other difference (an
+// embedding, a norm, a bias, an unquantized head) shows bit for bit.
+bool substituted_forward_equal(Forward& fwd, Ops& ops, const Component& quantized, const Component& reference,
+                               const ComponentRun& run,
+                               const std::unordered_map<std::string, std::string>& tied) {
+  std::map<std::string, DequantParams> dequantized;
+  for (const quant::QuantizedLinear& ql : quant::find_quantized_linears(quantized))
+    dequantized[ql.module + ".weight"] = quantized_params(ql, quantized);
+  const auto substitute = [&](std::string_view name, const DequantParams& p, uint8_t* bytes) {
+    const auto it = dequantized.find(std::string(name));
+    if (it == dequantized.end() || p.numel() != it->second.numel()) return;
+    std::vector<uint16_t> w(p.numel());
+    dequantize_to_bf16_cpu(it->second, w.data(), 0, w.size());
+    if (p.kind == WeightKind::Bf16) {
+      std::memcpy(bytes, w.data(), w.size() * 2);
+      return;
+    }
+    std::vector<float> f(w.size());
+    for (size_t i = 0; i < w.size(); ++i) f[i] = bf16_to_f32(w[i]);
+    convert_from_f32(p.kind == WeightKind::F16 ? DType::F16 : DType::F32, f.data(), bytes, f.size());
+  };
+  MappedWeights weights(reference, tied, substitute);
+  return run_forward(fwd, ops, weights, run.inputs).bytes == run.output.bytes;
+}
+
+}  // namespace
+
+ForwardReference compare_forward_with_reference(const Component& quantized, const Component& reference,
+                                                const ComponentRun& run,
+                                                const std::unordered_map<std::string, std::string>& tied,
+                                                uint64_t seed, ThreadPool& pool) {
+  ForwardReference r;
+  r.component = run.component;
+  r.output = run.output.name;
+  std::unique_ptr<Forward> fwd = make_forward(reference);
+  if (!fwd || fwd->architecture() != run.architecture)
+    fail(ErrorKind::InvalidInput, "--reference: component '", reference.name(), "' in ",
+         reference.dir().string(), " is not a ", run.architecture, " (its config.json)");
+  auto ops = make_cpu_ops(pool, 2 * run.activation_peak_bytes + (16u << 20));
+  MappedWeights ref_weights(reference, tied);
+  const std::vector<float> y_ref = as_f32(run_forward(*fwd, *ops, ref_weights, run.inputs));
+  const std::vector<float> y_q = as_f32(run.output);
+  if (y_ref.size() != y_q.size())
+    fail(ErrorKind::InvalidInput, "--reference: the original's ", r.output, " has ", y_ref.size(),
+         " values, the quantized model's ", y_q.size(), ": not the same model");
+  for (float v : y_q) r.nonfinite += std::isfinite(v) ? 0 : 1;
+  std::tie(r.rel_error, r.max_abs_error) = compare(y_q, y_ref);
+
+  const std::map<std::string, std::vector<double>> variance = predicted_variance(quantized, reference, pool);
+  r.exact = variance.empty();
+  if (r.exact) return r;
+  r.substituted = substituted_forward_equal(*fwd, *ops, quantized, reference, run, tied);
+  r.noise_seed = seed ^ 0x5EEDF0D5ull;
+  std::mt19937_64 rng(r.noise_seed);
+  const auto perturb = [&](std::string_view name, const DequantParams& p, uint8_t* bytes) {
+    const auto it = variance.find(std::string(name));
+    if (it == variance.end() || p.kind != WeightKind::Bf16) return;
+    std::normal_distribution<double> normal(0.0, 1.0);
+    for (uint64_t row = 0; row < p.rows; ++row)
+      for (uint64_t col = 0; col < p.cols; ++col) {
+        uint16_t h;
+        std::memcpy(&h, bytes + 2 * (row * p.cols + col), 2);
+        const double sd = std::sqrt(it->second[col] / static_cast<double>(p.rows));
+        h = f32_to_bf16(static_cast<float>(bf16_to_f32(h) + sd * normal(rng)));
+        std::memcpy(bytes + 2 * (row * p.cols + col), &h, 2);
+      }
+  };
+  MappedWeights noisy(reference, tied, perturb);
+  const std::vector<float> y_sim = as_f32(run_forward(*fwd, *ops, noisy, run.inputs));
+  r.simulated_rel_error = compare(y_sim, y_ref).first;
+  r.bound = kForwardBoundFactor * r.simulated_rel_error + kForwardBoundFloor;
+  return r;
+}
+
+}  // namespace qtool::runner

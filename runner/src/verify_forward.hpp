@@ -1,0 +1,73 @@
+// verify's pieces for the real forwards: --inputs read and checked, --outputs written, and the
+// quantized model's output against the original model's forward on the same inputs.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "qtool/formats/checkpoint.hpp"
+#include "qtool/formats/thread_pool.hpp"
+#include "qtool/runner/executor.hpp"
+#include "qtool/runner/forward.hpp"
+
+namespace qtool::runner {
+
+// The input name of `tensor` of `component` in an --inputs / --outputs file: "transformer.sample"
+// in a pipeline, "sample" in a model folder or file.
+std::string io_name(const Checkpoint& checkpoint, const std::string& component, const std::string& tensor);
+
+// The framework's name of a forward's output: "logits" (LlamaForCausalLM), "sample" (Flux).
+std::string output_name(const Forward& forward);
+
+// Reads --inputs: every tensor must be an argument of a component's forward (named as io_name
+// says) or its output (an --outputs file replays: its output is ignored), every component with a
+// forward must get valid inputs (Forward::check_inputs, at most `max_tokens` tokens).
+// Error(InvalidInput) naming the file and the input otherwise. Returns the inputs by component.
+std::map<std::string, std::vector<HostTensor>> read_inputs(const std::filesystem::path& file,
+                                                           const Checkpoint& checkpoint, int64_t max_tokens);
+
+// Writes --outputs atomically: each forward component's output (F32, under io_name), and its
+// inputs too when `with_inputs` (drawn from the seed: the file then replays the run).
+void write_outputs(const std::filesystem::path& file, const Checkpoint& checkpoint, const RunResult& run,
+                   bool with_inputs);
+
+// The quantized model's output against the original's forward on the same inputs (CPU ops).
+//   exact:  the component has no quantized linear: the outputs must be equal bit for bit.
+//   Otherwise two conditions:
+//   substituted: the original's forward with each quantized linear's weight replaced by the
+//           quantized file's, dequantized, gives the quantized model's output bit for bit (the
+//           files differ in their quantized linears only: an embedding, a norm, a bias or a head
+//           damaged after quantization shows here, whatever the quantization error);
+//   bound:  rel_error (||y_q - y_ref|| / ||y_ref||) <= kForwardBoundFactor * simulated
+//           + kForwardBoundFloor, where `simulated` is the relative error of the original's forward
+//           with zero-mean Gaussian noise added to every quantized linear's weight, per element of
+//           the variance the error model (error_model.hpp) predicts for that element's column:
+//           the error model's prediction carried through the real forward (seeded, in the report).
+struct ForwardReference {
+  std::string component;
+  std::string output;  // "logits", "sample"
+  bool exact = false;
+  double rel_error = 0;
+  double max_abs_error = 0;
+  double simulated_rel_error = 0;
+  double bound = 0;
+  uint64_t nonfinite = 0;
+  uint64_t noise_seed = 0;
+  bool substituted = true;  // equals the original with its quantized linears dequantized
+  bool within() const;
+  nlohmann::json to_json() const;
+};
+inline constexpr double kForwardBoundFactor = 2.0;
+inline constexpr double kForwardBoundFloor = 1e-3;
+
+ForwardReference compare_forward_with_reference(const Component& quantized, const Component& reference,
+                                                const ComponentRun& run,
+                                                const std::unordered_map<std::string, std::string>& tied,
+                                                uint64_t seed, ThreadPool& pool);
+
+}  // namespace qtool::runner

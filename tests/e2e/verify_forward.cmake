@@ -1,0 +1,44 @@
+# runner: the real forward in qtool verify on the CPU backend (verify_forward.sh). A setup test
+# quantizes and plans a tiny Llama and a tiny Flux pipeline once (a fixture); each corrupted tensor
+# and each class of bad input is a test of its own.
+set(VF_WORK ${CMAKE_CURRENT_BINARY_DIR}/verify_forward_work)
+set(VF ${CMAKE_CURRENT_SOURCE_DIR}/verify_forward.sh ${QTOOL_EXE} ${PROJECT_SOURCE_DIR} ${VF_WORK})
+add_test(NAME e2e_verify_forward_setup COMMAND bash ${VF} setup)
+set_tests_properties(e2e_verify_forward_setup PROPERTIES LABELS e2e TIMEOUT 900 FIXTURES_SETUP verify_forward)
+
+# MODEL:TENSOR (an embedding, norms, a bias, a plain head, a quantized weight, its absmax, the
+# absmax's scale (double quant), an fp8 weight's scale).
+set(VF_CORRUPT
+  llama:model.embed_tokens.weight
+  llama:model.layers.0.input_layernorm.weight
+  llama:model.norm.weight
+  llama:lm_head.weight
+  llama:model.layers.1.self_attn.q_proj.weight
+  llama:model.layers.1.self_attn.q_proj.weight.absmax
+  llama:model.layers.1.self_attn.q_proj.weight.nested_absmax
+  flux:transformer/x_embedder.weight
+  flux:transformer/transformer_blocks.0.attn.norm_q.weight
+  flux:transformer/single_transformer_blocks.1.attn.to_q.bias
+  flux:transformer/transformer_blocks.1.ff.net.0.proj.weight
+  flux:transformer/transformer_blocks.1.ff.net.0.proj.weight.absmax
+  flux-fp8:transformer/transformer_blocks.0.attn.to_k.weight
+  flux-fp8:transformer/transformer_blocks.0.attn.to_k.weight_scale)
+foreach(c ${VF_CORRUPT})
+  string(REPLACE ":" ";" parts ${c})
+  list(GET parts 0 model)
+  list(GET parts 1 tensor)
+  string(REGEX REPLACE "[^A-Za-z0-9_]" "_" id "${model}_${tensor}")
+  add_test(NAME e2e_verify_corrupt_${id} COMMAND bash ${VF} corrupt ${model} ${tensor})
+  set_tests_properties(e2e_verify_corrupt_${id} PROPERTIES LABELS e2e TIMEOUT 300 FIXTURES_REQUIRED verify_forward)
+endforeach()
+
+# MODEL:CASE, see st_edit.py derive.
+set(VF_INPUTS llama:missing llama:misnamed llama:shape llama:tokens llama:dtype llama:range
+              flux:missing flux:misnamed flux:unprefixed flux:shape flux:tokens flux:dtype)
+foreach(c ${VF_INPUTS})
+  string(REPLACE ":" ";" parts ${c})
+  list(GET parts 0 model)
+  list(GET parts 1 case)
+  add_test(NAME e2e_verify_inputs_${model}_${case} COMMAND bash ${VF} input ${model} ${case})
+  set_tests_properties(e2e_verify_inputs_${model}_${case} PROPERTIES LABELS e2e TIMEOUT 300 FIXTURES_REQUIRED verify_forward)
+endforeach()

@@ -1,0 +1,277 @@
+// The schedule driver: a forward's WeightSource gets each tensor's exact bytes wherever the plan
+// put it (resident, a slot filled from pinned memory or from disk, block groups, leaf groups, a
+// tied head whose embedding is streamed); plans the forward cannot run are refused before anything
+// runs; the real forwards stream bit for bit like all-resident runs and like the mapped checkpoint.
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <set>
+
+#include "qtool/formats/error.hpp"
+#include "qtool/runner/cpu_ops.hpp"
+#include "qtool/runner/driver.hpp"
+#include "qtool/runner/executor.hpp"
+#include "qtool/runner/schedule.hpp"
+#include "runner_test_util.hpp"
+
+using namespace qtool;
+using namespace qtool::runner;
+
+namespace {
+
+bool under(const std::string& name, const std::string& unit) {
+  return name.size() > unit.size() && name.compare(0, unit.size(), unit) == 0 && name[unit.size()] == '.';
+}
+
+// A forward with the real one's units that does no arithmetic: each unit asks for every tensor
+// under it (a quantized linear by its weight; lm_head of a tied model by its alias) and compares
+// the bytes it is given with the mapped checkpoint's, part by part.
+class ByteCheckForward final : public Forward {
+ public:
+  ByteCheckForward(const Component& comp, std::unique_ptr<Forward> real)
+      : comp_(comp), real_(std::move(real)) {
+    for (const quant::QuantizedLinear& ql : quant::find_quantized_linears(comp)) {
+      for (size_t k = 0; k < ql.tensor_names.size(); ++k) {
+        if (ql.tensor_parts[k] == quant::Part::Weight)
+          quantized_.emplace(ql.tensor_names[k], quantized_params(ql, comp));
+        else
+          state_.insert(ql.tensor_names[k]);
+      }
+    }
+  }
+  std::string architecture() const override { return real_->architecture(); }
+  const std::vector<std::string>& units() const override { return real_->units(); }
+  std::vector<InputSpec> input_specs(int64_t b, int64_t t) const override { return real_->input_specs(b, t); }
+  std::vector<HostTensor> random_inputs(int64_t b, int64_t t, uint64_t seed) const override {
+    return real_->random_inputs(b, t, seed);
+  }
+  void check_inputs(const std::vector<HostTensor>& in, int64_t max_tokens) const override {
+    real_->check_inputs(in, max_tokens);
+  }
+  void begin(Ops&, const std::vector<HostTensor>&) override {}
+  void run_unit(size_t unit, Ops&, WeightSource& weights) override {
+    const std::string& u = units()[unit];
+    for (const Component::Entry& e : comp_.entries()) {
+      const std::string& name = comp_.info(e).name;
+      if (!under(name, u) || state_.count(name)) continue;
+      check(name, weights.get(name));
+    }
+    if (u == "lm_head" && !comp_.find("lm_head.weight")) {
+      REQUIRE(weights.has("lm_head.weight"));
+      check("lm_head.weight", weights.get("lm_head.weight"), "model.embed_tokens.weight");
+      ++aliases;
+    }
+  }
+  HostTensor output(Ops&) override {
+    HostTensor t{"out", DType::F32, {1}, std::vector<uint8_t>(4)};
+    const float v = static_cast<float>(mismatches);
+    std::memcpy(t.bytes.data(), &v, 4);
+    return t;
+  }
+  const planner::Arch& arch() const override { return real_->arch(); }
+
+  size_t checked = 0, mismatches = 0, aliases = 0;
+
+ private:
+  void check(const std::string& name, const DequantParams& got, const std::string& primary = {}) {
+    ++checked;
+    const std::string src = primary.empty() ? name : primary;
+    if (const auto q = quantized_.find(src); q != quantized_.end()) {
+      const PartSizes sizes = part_sizes(q->second);
+      const uint8_t* want[kNumParts] = {q->second.weight, q->second.scale, q->second.quant_map,
+                                        q->second.nested_absmax, q->second.nested_quant_map};
+      const uint8_t* have[kNumParts] = {got.weight, got.scale, got.quant_map, got.nested_absmax,
+                                        got.nested_quant_map};
+      for (int k = 0; k < kNumParts; ++k)
+        if (!want[k] != !have[k] || (want[k] && std::memcmp(want[k], have[k], sizes.bytes[k]) != 0))
+          ++mismatches;
+      return;
+    }
+    const auto bytes = comp_.data(*comp_.find(src));
+    if (!got.weight || std::memcmp(got.weight, bytes.data(), bytes.size()) != 0) ++mismatches;
+  }
+
+  const Component& comp_;
+  std::unique_ptr<Forward> real_;
+  std::unordered_map<std::string, DequantParams> quantized_;
+  std::set<std::string> state_;
+};
+
+struct ByteCheck {
+  ByteCheckForward* forward = nullptr;
+  RunOptions options() {
+    RunOptions o;
+    o.tokens = 8;
+    o.steps = 2;
+    o.make_forward = [this](const Component& c) -> std::unique_ptr<Forward> {
+      auto real = make_forward(c);
+      if (!real) return nullptr;
+      auto f = std::make_unique<ByteCheckForward>(c, std::move(real));
+      forward = f.get();
+      return f;
+    };
+    return o;
+  }
+};
+
+size_t streamed(const Schedule& s, Placement p) {
+  size_t n = 0;
+  for (const ExecStep& st : s.steps) n += st.streamed && s.arenas[st.arena].placement == p;
+  return n;
+}
+
+std::filesystem::path tied_llama() {
+  return std::filesystem::path(QTOOL_RUNNER_TEST_DATA) / "llama_small_tied";
+}
+
+}  // namespace
+
+TEST_CASE(
+    "the forward gets every tensor's bytes where the plan put it: resident, pinned, disk, leaf groups") {
+  test::TempDir dir("driver");
+  const auto bf16 = test::synth(dir.path, "tiny", 11);
+  auto backend = make_cpu_backend(2);
+  for (const std::string scheme : {"", "nf4"}) {
+    CAPTURE(scheme);
+    const auto path =
+        test::quantize(bf16, dir.path / ("q-" + scheme), {scheme, scheme, 64, true});
+    const Checkpoint ckpt = Checkpoint::open(path);
+    struct Case {
+      const char* label;
+      double gpu, cpu;
+      uint32_t prefetch;
+      planner::OffloadMode mode;
+    };
+    for (const Case& c : {Case{"blocks, pinned and disk", 0.2, 0.7, 2, planner::OffloadMode::Block},
+                          Case{"one slot", 0.1, 1.0, 1, planner::OffloadMode::Block},
+                          Case{"leaf groups", 0.0, 1.0, 9, planner::OffloadMode::Leaf}}) {
+      CAPTURE(std::string(c.label));
+      // Leaf groups on the bf16 model only: a quantized layer's leaves outnumber any ring worth
+      // having, so the planner keeps such a model resident rather than stream it leaf by leaf.
+      if (c.mode == planner::OffloadMode::Leaf && !scheme.empty()) continue;
+      const planner::Plan plan = test::plan_streamed(ckpt, c.gpu, c.cpu, 8, c.prefetch, 1, c.mode);
+      const Schedule s = build_schedule(ckpt, plan);
+      REQUIRE(streamed(s, Placement::Cpu) + streamed(s, Placement::Disk) > 0);
+      for (Mode mode : {Mode::Planned, Mode::AllResident}) {
+        ByteCheck bc;
+        RunOptions o = bc.options();
+        o.mode = mode;
+        o.trace = true;
+        const RunResult r = backend->run(ckpt, s, o);
+        REQUIRE(bc.forward != nullptr);
+        CHECK(bc.forward->mismatches == 0);
+        CHECK(bc.forward->checked > 0);
+        REQUIRE(r.components.size() == 1);
+        CHECK(r.components[0].forward);
+        CHECK(r.components[0].unread_tensors.empty());
+        if (mode == Mode::Planned) {
+          size_t copies = 0;
+          for (const TraceEvent& e : r.trace) copies += e.lane == Lane::Copy;
+          CHECK(copies == 2 * (streamed(s, Placement::Cpu) + streamed(s, Placement::Disk)));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("a tied head reads its embedding's bytes, from the slot its group is copied into again") {
+  const Checkpoint ckpt = Checkpoint::open(tied_llama());
+  REQUIRE(!ckpt.components()[0].find("lm_head.weight"));
+  auto backend = make_cpu_backend(2);
+  // Everything streamed in single-unit groups: the embedding's group is copied twice.
+  const planner::Plan plan = test::plan_streamed(ckpt, 0.0, 1.0, 8, 1, 1, planner::OffloadMode::Block);
+  const Schedule s = build_schedule(ckpt, plan);
+  size_t embed_copies = 0;
+  for (const ExecStep& st : s.steps)
+    for (const std::string& m : st.modules)
+      embed_copies += st.streamed && (m == "lm_head" || m == "model.embed_tokens");
+  ByteCheck bc;
+  const RunResult r = backend->run(ckpt, s, bc.options());
+  REQUIRE(bc.forward != nullptr);
+  CHECK(bc.forward->aliases == 2);  // two run steps
+  CHECK(bc.forward->mismatches == 0);
+  CHECK(r.components[0].unread_tensors.empty());
+  INFO("streamed steps of the embedding and the tied head: " << embed_copies);
+}
+
+TEST_CASE("plans the forward cannot run are refused before anything runs") {
+  test::TempDir dir("driver-bad");
+  const Checkpoint ckpt = Checkpoint::open(test::synth(dir.path, "tiny", 12));
+  auto backend = make_cpu_backend(2);
+  SUBCASE("a unit's leaf groups need more slots than the plan has") {
+    planner::Plan plan = test::plan_streamed(ckpt, 0.0, 1.0, 8, 9, 1, planner::OffloadMode::Leaf);
+    REQUIRE(!plan.groups.empty());
+    plan.settings.prefetch = 2;
+    for (planner::DevicePlan& d : plan.devices)
+      if (d.n_slots) d.n_slots = 2;
+    const Schedule s = build_schedule(ckpt, plan);
+    ByteCheck bc;
+    CHECK_THROWS_WITH_AS(backend->run(ckpt, s, bc.options()), doctest::Contains("slots"), Error);
+  }
+  SUBCASE("the plan's step order is not the forward's") {
+    planner::Plan plan = test::plan_streamed(ckpt, 0.2, 1.0, 8, 2);
+    std::swap(plan.schedule[1], plan.schedule[2]);
+    const Schedule s = build_schedule(ckpt, plan);
+    ByteCheck bc;
+    CHECK_THROWS_WITH_AS(backend->run(ckpt, s, bc.options()), doctest::Contains("forward runs unit"), Error);
+  }
+  SUBCASE("the planner never makes a leaf plan whose units do not fit the ring") {
+    planner::PlanOptions o;
+    o.templates = &test::templates();
+    o.profile = test::small_profile();
+    o.offload = planner::OffloadMode::Leaf;
+    o.budget.cpu = 1ull << 30;
+    o.budget.gpus[0] = 64ull << 20;
+    o.tokens = 8;
+    for (uint32_t k : {1u, 2u, 4u}) {
+      o.prefetch = k;
+      try {
+        const planner::Plan plan = planner::make_plan(ckpt, o);
+        const Schedule s = build_schedule(ckpt, plan);
+        ByteCheck bc;
+        CHECK_NOTHROW(backend->run(ckpt, s, bc.options()));
+      } catch (const Error& e) {
+        CHECK(e.kind() == ErrorKind::InvalidInput);  // no plan at all is fine; a wrong one is not
+      }
+    }
+  }
+}
+
+TEST_CASE(
+    "real forwards: streamed == all-resident bit for bit, unit by unit, and equal to the mapped checkpoint") {
+  test::TempDir dir("driver-real");
+  auto backend = make_cpu_backend(2);
+  for (const std::string preset : {"tiny", "tiny-flux"}) {
+    CAPTURE(preset);
+    const auto bf16 = test::synth(dir.path, preset, 13);
+    const auto path =
+        test::quantize(bf16, dir.path / (preset + "-nf4"), {"nf4", "nf4", 64, true});
+    const Checkpoint ckpt = Checkpoint::open(path);
+    const Schedule s = build_schedule(ckpt, test::plan_streamed(ckpt, 0.2, 0.5, 12, 2));
+    REQUIRE(streamed(s, Placement::Cpu) + streamed(s, Placement::Disk) > 0);
+    RunOptions o;
+    o.tokens = 12;
+    o.steps = 2;
+    o.seed = 5;
+    const auto [planned, resident] = test::run_planned_and_resident(*backend, ckpt, s, o);
+    REQUIRE(!planned.unit_names.empty());
+    CHECK(planned.unit_digests == resident.unit_digests);
+    CHECK(planned.unit_digests[0] == planned.unit_digests[1]);  // the same inputs every run step
+    for (const LayerDigest& d : planned.unit_digests[0]) CHECK(d.nonfinite == 0);
+    const ComponentRun* fwd = nullptr;
+    for (const ComponentRun& c : planned.components)
+      if (c.forward) fwd = &c;
+    REQUIRE(fwd != nullptr);
+    CHECK(fwd->unread_tensors.empty());
+    for (const ComponentRun& c : resident.components)
+      if (c.forward) CHECK(c.output.bytes == fwd->output.bytes);
+    // The same forward straight from the mapped checkpoint gives the same bits.
+    const Component& comp = *ckpt.find_component(fwd->component);
+    auto forward = make_forward(comp);
+    ThreadPool pool(2);
+    auto ops = make_cpu_ops(pool, 2 * fwd->activation_peak_bytes + (16u << 20));
+    MappedWeights weights(comp, s.tied[static_cast<size_t>(&comp - ckpt.components().data())]);
+    CHECK(run_forward(*forward, *ops, weights, fwd->inputs).bytes == fwd->output.bytes);
+    CHECK(weights.read().size() > 0);
+  }
+}
