@@ -22,10 +22,21 @@
 
 namespace qtool::quant::detail {
 
-enum class Impl { Reference, Fast };
+// Reference: the scalar source of truth. Fast: the fastest path the CPU has (AVX-512, else AVX2,
+// else the reference). FastAvx2: the AVX2 path even on an AVX-512 CPU, so that tests check both.
+enum class Impl { Reference, Fast, FastAvx2 };
 
+// What the CPU (and the OS, for the vector state) offers, read once (cpu_features.cpp).
+struct CpuFeatures {
+  bool avx2 = false;    // AVX2 and F16C
+  bool fma = false;     // and FMA
+  bool avx512 = false;  // and AVX-512 F, BW, VL
+};
+const CpuFeatures& cpu_features();
 // True when the CPU has what the fast paths use (AVX2, F16C); otherwise Fast runs the reference.
 bool have_simd();
+// Whether a fast path `impl` uses its AVX-512 variant on this CPU.
+inline bool use_avx512(Impl impl) { return impl == Impl::Fast && cpu_features().avx512; }
 
 // A [rows, cols] weight of `dtype` (BF16, F16, F32) as raw little-endian bytes, row-major.
 struct WeightView {
@@ -100,7 +111,7 @@ inline void store_element(DType dtype, uint8_t* data, uint64_t i, float v) {
 void int8_quantize_rows_ref(const WeightView& w, uint64_t row_begin, uint64_t row_end, uint8_t* q,
                             uint8_t* scb);
 void int8_quantize_rows_fast(const WeightView& w, uint64_t row_begin, uint64_t row_end, uint8_t* q,
-                             uint8_t* scb);
+                             uint8_t* scb, Impl impl = Impl::Fast);
 // out[(r - row_begin) * cols + c] = (q * scb[r]) * (float)(1/127), as bitsandbytes dequantizes.
 void int8_dequantize_rows(const uint8_t* q, const uint8_t* scb, uint64_t cols, uint64_t row_begin,
                           uint64_t row_end, float* out);
@@ -123,7 +134,7 @@ float fp8_absmax_rows(const WeightView& w, uint64_t row_begin, uint64_t row_end,
 void fp8_quantize_rows_ref(const WeightView& w, Scheme scheme, float tensor_scale, uint64_t row_begin,
                            uint64_t row_end, uint8_t* q, uint8_t* scales);
 void fp8_quantize_rows_fast(const WeightView& w, Scheme scheme, float tensor_scale, uint64_t row_begin,
-                            uint64_t row_end, uint8_t* q, uint8_t* scales);
+                            uint64_t row_end, uint8_t* q, uint8_t* scales, Impl impl = Impl::Fast);
 // out = float(q) * scale (exact in float32). scale_dtype is the weight's dtype; per_tensor: one scale.
 void fp8_dequantize_rows(Scheme scheme, const uint8_t* q, const uint8_t* scales, DType scale_dtype,
                          bool per_tensor, uint64_t cols, uint64_t row_begin, uint64_t row_end, float* out);
@@ -141,7 +152,7 @@ const Bnb4Table& bnb4_table(Scheme scheme);
 void bnb4_quantize_blocks_ref(const WeightView& w, Scheme scheme, uint32_t blocksize, uint64_t block_begin,
                               uint64_t block_end, uint8_t* packed, uint8_t* absmax);
 void bnb4_quantize_blocks_fast(const WeightView& w, Scheme scheme, uint32_t blocksize, uint64_t block_begin,
-                               uint64_t block_end, uint8_t* packed, uint8_t* absmax);
+                               uint64_t block_end, uint8_t* packed, uint8_t* absmax, Impl impl = Impl::Fast);
 // Elements [begin, end) of the flattened weight: out[i - begin] = code[q_i] * absmax[i / blocksize].
 // `code` is the 16-entry quant_map; `absmax` float32 of every block (decoded).
 void bnb4_dequantize_range(const uint8_t* packed, const float* code, const float* absmax, uint32_t blocksize,

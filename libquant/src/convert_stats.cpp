@@ -7,6 +7,8 @@
 #include <cstring>
 #include <vector>
 
+#include "scheme.hpp"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define QTOOL_STATS_SIMD 1
@@ -80,7 +82,8 @@ struct ScalarAcc {
 std::array<float, 256> fp8_table(Scheme scheme) {
   std::array<float, 256> t{};
   for (int i = 0; i < 256; ++i) {
-    t[i] = scheme == Scheme::Fp8E4M3 ? fp8_e4m3_to_f32(static_cast<uint8_t>(i)) : fp8_e5m2_to_f32(static_cast<uint8_t>(i));
+    t[i] = scheme == Scheme::Fp8E4M3 ? fp8_e4m3_to_f32(static_cast<uint8_t>(i))
+                                     : fp8_e5m2_to_f32(static_cast<uint8_t>(i));
   }
   return t;
 }
@@ -103,8 +106,8 @@ uint8_t nibble(const uint8_t* packed, size_t i) {
 
 // ---- scalar paths ----------------------------------------------------------------------------
 
-void int8_scalar(const uint8_t* q, const uint8_t* scb, DType dtype, const uint8_t* w, size_t cols, size_t r0, size_t r1,
-                 ErrorSums& sums) {
+void int8_scalar(const uint8_t* q, const uint8_t* scb, DType dtype, const uint8_t* w, size_t cols, size_t r0,
+                 size_t r1, ErrorSums& sums) {
   ScalarAcc acc(sums);
   for (size_t r = r0; r < r1; ++r) {
     const float s = load_f32(scb, r);
@@ -127,10 +130,11 @@ void fp8_scalar(const float* table, const uint8_t* q, const uint8_t* scales, DTy
   }
 }
 
-void bnb4_scalar(const float* code, const float* absmax, size_t block0, uint32_t bs, const uint8_t* packed, DType dtype,
-                 const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
+void bnb4_scalar(const float* code, const float* absmax, size_t block0, uint32_t bs, const uint8_t* packed,
+                 DType dtype, const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
   ScalarAcc acc(sums);
-  for (size_t i = i0; i < i1; ++i) acc.add(load_original(dtype, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  for (size_t i = i0; i < i1; ++i)
+    acc.add(load_original(dtype, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
 }
 
 // ---- AVX2 paths ------------------------------------------------------------------------------
@@ -210,7 +214,7 @@ struct Int8Dec {
 // NaN and Inf codes are never written), and the product rounds once, as table[q] * s does.
 struct Fp8Dec {
   const uint8_t* q;
-  __m256 s;   // the row's scale, times 2^8 for e4m3
+  __m256 s;  // the row's scale, times 2^8 for e4m3
   bool e4m3;
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
     const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
@@ -235,7 +239,8 @@ struct Bnb4Dec {
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
     uint32_t x;
     std::memcpy(&x, packed + i / 2, 4);
-    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(x)), shifts), low4);
+    const __m256i idx =
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(x)), shifts), low4);
     // A 16-entry lookup: both halves permuted by the low 3 bits, bit 3 picks the half.
     const __m256 lo = _mm256_permutevar8x32_ps(code_lo, idx);
     const __m256 hi = _mm256_permutevar8x32_ps(code_hi, idx);
@@ -245,8 +250,8 @@ struct Bnb4Dec {
 };
 
 template <DType D>
-QTOOL_STATS_TARGET void int8_avx2(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols, size_t r0,
-                                  size_t r1, ErrorSums& sums) {
+QTOOL_STATS_TARGET void int8_avx2(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols,
+                                  size_t r0, size_t r1, ErrorSums& sums) {
   ScalarAcc tail(sums);
   const size_t n8 = cols & ~size_t{7};
   for (size_t r = r0; r < r1; ++r) {
@@ -262,7 +267,8 @@ QTOOL_STATS_TARGET void int8_avx2(const uint8_t* q, const uint8_t* scb, const ui
 
 template <DType D>
 QTOOL_STATS_TARGET void fp8_avx2(Scheme scheme, const float* table, const uint8_t* q, const uint8_t* scales,
-                                 bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1, ErrorSums& sums) {
+                                 bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1,
+                                 ErrorSums& sums) {
   const bool e4m3 = scheme == Scheme::Fp8E4M3;
   ScalarAcc tail(sums);
   const size_t n8 = cols & ~size_t{7};
@@ -279,30 +285,35 @@ QTOOL_STATS_TARGET void fp8_avx2(Scheme scheme, const float* table, const uint8_
 
 template <DType D>
 QTOOL_STATS_TARGET void bnb4_avx2(const float* code, const float* absmax, size_t block0, uint32_t bs,
-                                  const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
+                                  const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1,
+                                  ErrorSums& sums) {
   ScalarAcc tail(sums);
   // Groups of 8 never straddle a block: blocks are powers of two >= 32 long.
-  const Bnb4Dec dec{_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8), packed, absmax, block0,
-                    static_cast<unsigned>(__builtin_ctz(bs)), _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24),
+  const Bnb4Dec dec{_mm256_loadu_ps(code),
+                    _mm256_loadu_ps(code + 8),
+                    packed,
+                    absmax,
+                    block0,
+                    static_cast<unsigned>(__builtin_ctz(bs)),
+                    _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24),
                     _mm256_set1_epi32(0x0F)};
   size_t i = i0;
-  for (; i < i1 && i % 8 != 0; ++i) tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  for (; i < i1 && i % 8 != 0; ++i)
+    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
   const size_t n8 = (i1 - i) & ~size_t{7};
   run8<D>(w, i, n8, dec, sums);
-  for (i += n8; i < i1; ++i) tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  for (i += n8; i < i1; ++i)
+    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
-}
+bool cpu_has_avx2() { return cpu_features().fma; }
 
 #endif  // QTOOL_STATS_SIMD
 
 }  // namespace
 
-void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype, const uint8_t* original,
-                      size_t row_begin, size_t row_end, ErrorSums& sums, bool simd) {
+void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                      const uint8_t* original, size_t row_begin, size_t row_end, ErrorSums& sums, bool simd) {
   if (row_begin >= row_end) return;
   const size_t cols = static_cast<size_t>(linear.cols());
   ErrorSums local;
@@ -316,9 +327,18 @@ void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, D
 #ifdef QTOOL_STATS_SIMD
     if (simd) {
       switch (dtype) {
-        case DType::BF16: int8_avx2<DType::BF16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end, local); break;
-        case DType::F16: int8_avx2<DType::F16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end, local); break;
-        default: int8_avx2<DType::F32>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end, local); break;
+        case DType::BF16:
+          int8_avx2<DType::BF16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
+                                 local);
+          break;
+        case DType::F16:
+          int8_avx2<DType::F16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
+                                local);
+          break;
+        default:
+          int8_avx2<DType::F32>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
+                                local);
+          break;
       }
       sums.add(local);
       return;
@@ -331,16 +351,25 @@ void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, D
 #ifdef QTOOL_STATS_SIMD
     if (simd) {
       switch (dtype) {
-        case DType::BF16: fp8_avx2<DType::BF16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
-        case DType::F16: fp8_avx2<DType::F16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
-        default: fp8_avx2<DType::F32>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
+        case DType::BF16:
+          fp8_avx2<DType::BF16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
+                                original, cols, row_begin, row_end, local);
+          break;
+        case DType::F16:
+          fp8_avx2<DType::F16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
+                               original, cols, row_begin, row_end, local);
+          break;
+        default:
+          fp8_avx2<DType::F32>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
+                               original, cols, row_begin, row_end, local);
+          break;
       }
       sums.add(local);
       return;
     }
 #endif
-    fp8_scalar(table.data(), parts.weight.data(), parts.scale.data(), dtype, per_tensor, original, cols, row_begin,
-               row_end, local);
+    fp8_scalar(table.data(), parts.weight.data(), parts.scale.data(), dtype, per_tensor, original, cols,
+               row_begin, row_end, local);
   } else {
     const uint32_t bs = linear.options.blocksize;
     const size_t i0 = row_begin * cols, i1 = row_end * cols;
@@ -351,9 +380,18 @@ void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, D
 #ifdef QTOOL_STATS_SIMD
     if (simd) {
       switch (dtype) {
-        case DType::BF16: bnb4_avx2<DType::BF16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1, local); break;
-        case DType::F16: bnb4_avx2<DType::F16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1, local); break;
-        default: bnb4_avx2<DType::F32>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1, local); break;
+        case DType::BF16:
+          bnb4_avx2<DType::BF16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
+                                 local);
+          break;
+        case DType::F16:
+          bnb4_avx2<DType::F16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
+                                local);
+          break;
+        default:
+          bnb4_avx2<DType::F32>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
+                                local);
+          break;
       }
       sums.add(local);
       return;
