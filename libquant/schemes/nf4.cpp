@@ -131,6 +131,7 @@ QTOOL_AVX2 void full_blocks_avx2(const uint8_t* data, const Bnb4Table& t, uint32
   for (uint64_t b = block_begin; b < block_end; ++b) {
     const uint64_t begin = b * blocksize;
     const uint8_t* src = data + begin * elem_size<D>();
+    prefetch_ahead(src, uint64_t{blocksize} * elem_size<D>());
     const float amax = block_absmax<D>(absmax_bits_avx2<D>(src, blocksize));
     store_f32(absmax_out + 4 * b, amax);
     const __m256 vr = _mm256_set1_ps(1.0f / std::max(amax, kMinAbsmax));
@@ -195,6 +196,7 @@ QTOOL_AVX512 void full_blocks_avx512(const uint8_t* data, const Bnb4Table& t, ui
   for (uint64_t b = block_begin; b < block_end; ++b) {
     const uint64_t begin = b * blocksize;
     const uint8_t* src = data + begin * elem_size<D>();
+    prefetch_ahead(src, uint64_t{blocksize} * elem_size<D>());
     const float amax = block_absmax<D>(absmax_bits_avx512<D>(src, blocksize));
     store_f32(absmax_out + 4 * b, amax);
     const __m512 vr = _mm512_set1_ps(1.0f / std::max(amax, kMinAbsmax));

@@ -101,6 +101,14 @@ QTOOL_AVX2 inline __m256i pack_i8_32(__m256i a, __m256i b, __m256i c, __m256i d)
   return _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
+// Software prefetch of the input `kPrefetchAhead` bytes ahead of where a kernel reads. The input
+// is a file mapping read once, front to back, straight from the page cache: the hardware
+// prefetchers stop at every 4 KiB page, so without this a kernel waits on memory at each page.
+inline constexpr uint64_t kPrefetchAhead = 4096;
+inline void prefetch_ahead(const uint8_t* p, uint64_t bytes) {
+  for (uint64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + kPrefetchAhead + off, 0, 3);
+}
+
 // --- Absolute maxima from the bits ---------------------------------------------------------------
 // Non-negative floats order as their bit patterns, so the largest magnitude of a BF16/F16/F32 run
 // is the integer maximum of the magnitudes' bits (sign bit cleared), and a run holds an Inf or NaN
