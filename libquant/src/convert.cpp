@@ -21,13 +21,12 @@
 #include <thread>
 #include <unordered_map>
 
+#include "convert_stats.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/safetensors.hpp"
 #include "qtool/formats/size.hpp"
 #include "qtool/formats/thread_pool.hpp"
-
-#include "convert_stats.hpp"
 
 namespace fs = std::filesystem;
 
@@ -36,7 +35,7 @@ namespace {
 
 using nlohmann::json;
 
-constexpr uint64_t kCopyChunk = 32ull << 20;      // copied tensors go out in pieces of this size
+constexpr uint64_t kCopyChunk = 32ull << 20;       // copied tensors go out in pieces of this size
 constexpr uint64_t kPrefetchLimit = 256ull << 20;  // read-ahead hint for the next tensor
 constexpr size_t kStatsChunk = 16384;              // elements per error-statistics chunk
 
@@ -64,7 +63,8 @@ void release_tensor_pages(const Component& component, const Component::Entry& e)
   const auto bytes = component.data(e);
   const SafetensorsFile& file = component.shard_of(e);
   const uint8_t* base = bytes.data() - file.file_offset(component.info(e));
-  const uint8_t* begin = bytes.data() - std::min<uint64_t>(kReleaseMargin, static_cast<uint64_t>(bytes.data() - base));
+  const uint8_t* begin =
+      bytes.data() - std::min<uint64_t>(kReleaseMargin, static_cast<uint64_t>(bytes.data() - base));
   const uint8_t* end = bytes.data() + bytes.size();
   end += std::min<uint64_t>(kReleaseMargin, static_cast<uint64_t>(base + file.file_size() - end));
   release_pages(std::span<const uint8_t>(begin, static_cast<size_t>(end - begin)));
@@ -114,12 +114,16 @@ class Sink {
     file_ = std::make_unique<SafetensorsWriter>(file, std::move(decls), metadata);
   }
   void write(std::string_view name, std::span<const uint8_t> bytes, uint64_t offset = 0) {
-    if (component_) component_->write(name, bytes, offset);
-    else file_->write(name, bytes, offset);
+    if (component_)
+      component_->write(name, bytes, offset);
+    else
+      file_->write(name, bytes, offset);
   }
   void commit() {
-    if (component_) component_->commit();
-    else file_->commit();
+    if (component_)
+      component_->commit();
+    else
+      file_->commit();
   }
   size_t n_shards() const { return component_ ? component_->n_shards() : 1; }
 
@@ -165,7 +169,8 @@ std::map<std::string, std::string> output_metadata(const Component& component,
 fs::path normal_abs(const fs::path& p) { return fs::absolute(p).lexically_normal(); }
 
 bool is_weight_file_name(const std::string& name) {
-  static const char* const kExt[] = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx"};
+  static const char* const kExt[] = {".safetensors", ".bin",     ".pt", ".pth", ".ckpt",
+                                     ".gguf",        ".msgpack", ".h5", ".onnx"};
   for (const char* ext : kExt) {
     const std::string e(ext);
     if (name.size() >= e.size() && name.compare(name.size() - e.size(), e.size(), e) == 0) return true;
@@ -176,8 +181,9 @@ bool is_weight_file_name(const std::string& name) {
 // Copies every file of the input folder that is not a component's weights and not in `skip`
 // (files the conversion writes itself) into `out_root`, keeping relative paths. Weight files that
 // no component reads (other variants, pickles) are not copied: a warning names each.
-uint64_t copy_other_files(const Checkpoint& checkpoint, const fs::path& out_root, const std::set<fs::path>& skip,
-                          std::vector<std::string>& warnings, const std::function<void(std::string_view)>& on_warning) {
+uint64_t copy_other_files(const Checkpoint& checkpoint, const fs::path& out_root,
+                          const std::set<fs::path>& skip, std::vector<std::string>& warnings,
+                          const std::function<void(std::string_view)>& on_warning) {
   if (checkpoint.layout() == Checkpoint::Layout::File) return 0;
   std::set<fs::path> weights = skip;
   for (const Component& c : checkpoint.components()) {
@@ -220,7 +226,8 @@ uint64_t copy_other_files(const Checkpoint& checkpoint, const fs::path& out_root
 }
 
 // The output folder of a component inside the output root.
-fs::path component_out_dir(const Checkpoint& checkpoint, const Component& component, const fs::path& out_root) {
+fs::path component_out_dir(const Checkpoint& checkpoint, const Component& component,
+                           const fs::path& out_root) {
   if (checkpoint.layout() != Checkpoint::Layout::Pipeline) return out_root;
   return out_root / normal_abs(component.dir()).lexically_relative(normal_abs(checkpoint.root()));
 }
@@ -412,16 +419,11 @@ double TensorReport::sqnr_db() const { return sqnr_of(sum_sq_ref, sum_sq_err); }
 json quantization_config_json(const SchemeOptions& options, DType weight_dtype,
                               const std::vector<std::string>& unquantized_modules) {
   if (is_fp8(options.scheme)) {
-    const json weights = {{"num_bits", 8},
-                          {"type", "float"},
-                          {"symmetric", true},
-                          {"strategy", options.per_tensor ? "tensor" : "channel"},
-                          {"group_size", nullptr},
-                          {"block_structure", nullptr},
-                          {"dynamic", false},
-                          {"actorder", nullptr},
-                          {"observer", "minmax"},
-                          {"observer_kwargs", json::object()}};
+    const json weights = {{"num_bits", 8},         {"type", "float"},
+                          {"symmetric", true},     {"strategy", options.per_tensor ? "tensor" : "channel"},
+                          {"group_size", nullptr}, {"block_structure", nullptr},
+                          {"dynamic", false},      {"actorder", nullptr},
+                          {"observer", "minmax"},  {"observer_kwargs", json::object()}};
     return {{"quant_method", "compressed-tensors"},
             {"format", "float-quantized"},
             {"quantization_status", "compressed"},
@@ -437,19 +439,20 @@ json quantization_config_json(const SchemeOptions& options, DType weight_dtype,
             {"sparsity_config", json::object()}};
   }
   const bool four = is_4bit(options.scheme);
-  return {{"quant_method", "bitsandbytes"},
-          {"_load_in_4bit", four},
-          {"_load_in_8bit", !four},
-          {"load_in_4bit", four},
-          {"load_in_8bit", !four},
-          {"llm_int8_threshold", 6.0},
-          {"llm_int8_skip_modules", unquantized_modules},
-          {"llm_int8_enable_fp32_cpu_offload", false},
-          {"llm_int8_has_fp16_weight", false},
-          {"bnb_4bit_quant_type", four ? std::string(scheme_name(options.scheme)) : std::string("fp4")},
-          {"bnb_4bit_use_double_quant", four && options.double_quant},
-          {"bnb_4bit_compute_dtype", four ? std::string(dtype_torch_name(weight_dtype)) : std::string("float32")},
-          {"bnb_4bit_quant_storage", "uint8"}};
+  return {
+      {"quant_method", "bitsandbytes"},
+      {"_load_in_4bit", four},
+      {"_load_in_8bit", !four},
+      {"load_in_4bit", four},
+      {"load_in_8bit", !four},
+      {"llm_int8_threshold", 6.0},
+      {"llm_int8_skip_modules", unquantized_modules},
+      {"llm_int8_enable_fp32_cpu_offload", false},
+      {"llm_int8_has_fp16_weight", false},
+      {"bnb_4bit_quant_type", four ? std::string(scheme_name(options.scheme)) : std::string("fp4")},
+      {"bnb_4bit_use_double_quant", four && options.double_quant},
+      {"bnb_4bit_compute_dtype", four ? std::string(dtype_torch_name(weight_dtype)) : std::string("float32")},
+      {"bnb_4bit_quant_storage", "uint8"}};
 }
 
 json report_to_json(const ConvertReport& report) {
@@ -462,7 +465,8 @@ json report_to_json(const ConvertReport& report) {
   j["seconds"] = report.seconds;
   j["bytes_in"] = report.bytes_in;
   j["bytes_out"] = report.bytes_out;
-  j["input_bytes_per_second"] = report.seconds > 0 ? static_cast<double>(report.bytes_in) / report.seconds : 0.0;
+  j["input_bytes_per_second"] =
+      report.seconds > 0 ? static_cast<double>(report.bytes_in) / report.seconds : 0.0;
   j["files_copied"] = report.files_copied;
   if (!report.config.is_null()) j["config"] = report.config;
   double sum_ref = 0, sum_err = 0;
@@ -487,7 +491,8 @@ json report_to_json(const ConvertReport& report) {
       cj["worst_sqnr_db"] = finite_or_null(c.worst_sqnr_db);
       if (!c.worst_tensor.empty() && c.worst_sqnr_db < worst_sqnr) {
         worst_sqnr = c.worst_sqnr_db;
-        worst = {{"component", c.name}, {"tensor", c.worst_tensor}, {"sqnr_db", finite_or_null(c.worst_sqnr_db)}};
+        worst = {
+            {"component", c.name}, {"tensor", c.worst_tensor}, {"sqnr_db", finite_or_null(c.worst_sqnr_db)}};
       }
     }
     sum_ref += c.sum_sq_ref;
@@ -497,8 +502,10 @@ json report_to_json(const ConvertReport& report) {
     comps.push_back(cj);
   }
   j["components"] = comps;
-  json totals = {{"tensors_converted", n_quantized}, {"tensors_copied", n_copied},
-                 {"bytes_in", report.bytes_in}, {"bytes_out", report.bytes_out}};
+  json totals = {{"tensors_converted", n_quantized},
+                 {"tensors_copied", n_copied},
+                 {"bytes_in", report.bytes_in},
+                 {"bytes_out", report.bytes_out}};
   if (report.command == "quantize") {
     totals["rel_rms"] = finite_or_null(rel_rms_of(sum_ref, sum_err));
     totals["sqnr_db"] = finite_or_null(sqnr_of(sum_ref, sum_err));
@@ -530,8 +537,9 @@ std::string summary_text(const ConvertReport& report, bool per_tensor) {
   std::string out;
   char line[512];
   const double gbps = report.seconds > 0 ? static_cast<double>(report.bytes_in) / report.seconds / 1e9 : 0.0;
-  std::snprintf(line, sizeof line, "%s: %s -> %s (%zu threads, %.2f s, %.2f GB/s of input)\n", report.command.c_str(),
-                report.input.string().c_str(), report.output.string().c_str(), report.n_threads, report.seconds, gbps);
+  std::snprintf(line, sizeof line, "%s: %s -> %s (%zu threads, %.2f s, %.2f GB/s of input)\n",
+                report.command.c_str(), report.input.string().c_str(), report.output.string().c_str(),
+                report.n_threads, report.seconds, gbps);
   out += line;
   const bool quantize = report.command == "quantize";
   if (per_tensor) {
@@ -539,9 +547,9 @@ std::string summary_text(const ConvertReport& report, bool per_tensor) {
       if (t.scheme.empty()) continue;
       std::string name = t.component.empty() ? t.name : t.component + "/" + t.name;
       if (t.has_error) {
-        std::snprintf(line, sizeof line, "  %-60s %-8s %10s -> %10s  rel RMS %.4f  SQNR %6.2f dB\n", name.c_str(),
-                      t.scheme.c_str(), format_size(t.bytes_in).c_str(), format_size(t.bytes_out).c_str(), t.rel_rms(),
-                      t.sqnr_db());
+        std::snprintf(line, sizeof line, "  %-60s %-8s %10s -> %10s  rel RMS %.4f  SQNR %6.2f dB\n",
+                      name.c_str(), t.scheme.c_str(), format_size(t.bytes_in).c_str(),
+                      format_size(t.bytes_out).c_str(), t.rel_rms(), t.sqnr_db());
       } else {
         std::snprintf(line, sizeof line, "  %-60s %-8s %10s -> %10s\n", name.c_str(), t.scheme.c_str(),
                       format_size(t.bytes_in).c_str(), format_size(t.bytes_out).c_str());
@@ -549,16 +557,18 @@ std::string summary_text(const ConvertReport& report, bool per_tensor) {
       out += line;
     }
   }
-  std::snprintf(line, sizeof line, "  %-16s %-9s %9s %7s %11s    %-11s%s\n", "component", "scheme", "converted", "copied",
-                "bytes in", "bytes out", quantize ? "  rel RMS      SQNR  worst tensor" : "");
+  std::snprintf(line, sizeof line, "  %-16s %-9s %9s %7s %11s    %-11s%s\n", "component", "scheme",
+                "converted", "copied", "bytes in", "bytes out",
+                quantize ? "  rel RMS      SQNR  worst tensor" : "");
   out += line;
   double sum_ref = 0, sum_err = 0;
   size_t n_conv = 0, n_copied = 0;
   for (const auto& c : report.components) {
     const std::string scheme = c.options.is_null() ? "-" : c.options.at("scheme").get<std::string>();
     const std::string name = c.name.empty() ? "(model)" : c.name;
-    std::snprintf(line, sizeof line, "  %-16s %-9s %9zu %7zu %11s -> %-11s", name.c_str(), scheme.c_str(), c.n_quantized,
-                  c.n_copied, format_size(c.bytes_in).c_str(), format_size(c.bytes_out).c_str());
+    std::snprintf(line, sizeof line, "  %-16s %-9s %9zu %7zu %11s -> %-11s", name.c_str(), scheme.c_str(),
+                  c.n_quantized, c.n_copied, format_size(c.bytes_in).c_str(),
+                  format_size(c.bytes_out).c_str());
     out += line;
     if (quantize && c.n_quantized > 0) {
       std::snprintf(line, sizeof line, " %8.4f %6.2f dB  %.2f dB %s", rel_rms_of(c.sum_sq_ref, c.sum_sq_err),
@@ -575,7 +585,8 @@ std::string summary_text(const ConvertReport& report, bool per_tensor) {
                 format_size(report.bytes_in).c_str(), format_size(report.bytes_out).c_str());
   out += line;
   if (quantize && n_conv > 0) {
-    std::snprintf(line, sizeof line, " %8.4f %6.2f dB", rel_rms_of(sum_ref, sum_err), sqnr_of(sum_ref, sum_err));
+    std::snprintf(line, sizeof line, " %8.4f %6.2f dB", rel_rms_of(sum_ref, sum_err),
+                  sqnr_of(sum_ref, sum_err));
     out += line;
   }
   out += "\n";
@@ -604,7 +615,8 @@ struct ConvertRun {
   ConvertReport report;
   ConvertProgress progress;
 
-  ConvertRun(const char* command, const fs::path& input, const fs::path& output, const ConvertOptions& options)
+  ConvertRun(const char* command, const fs::path& input, const fs::path& output,
+             const ConvertOptions& options)
       : start(std::chrono::steady_clock::now()),
         out(output, options.force, input),
         checkpoint(Checkpoint::open(input)),
@@ -634,7 +646,14 @@ struct ConvertRun {
 ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& config, const fs::path& output,
                                   const ConvertOptions& options) {
   ConvertRun run("quantize", input, output, options);
-  auto& [start, out, checkpoint, pool, report, progress] = run;
+  // Plain references, not a structured binding: lambdas below capture them (clang 14 cannot
+  // capture structured bindings).
+  auto& start = run.start;
+  auto& out = run.out;
+  auto& checkpoint = run.checkpoint;
+  auto& pool = run.pool;
+  auto& report = run.report;
+  auto& progress = run.progress;
   const QuantPlan plan = plan_quantization(config, checkpoint);
   report.config = config_to_json(config);
   for (const auto& w : plan.warnings) add_warning(report, options, w);
@@ -739,12 +758,14 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         // The error of what is written, from the written bytes.
         const QuantizedLinear linear = linear_from_output(module, so, t.dtype, t.shape, group, outs);
         std::vector<std::span<const uint8_t>> parts(outs.begin(), outs.end());
-        const TensorBytes tb = tensor_bytes(linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
+        const TensorBytes tb =
+            tensor_bytes(linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
         error_stats(linear, tb, t.dtype, data, pool, tr);
         release_tensor_pages(component, e);
         for (const auto& o : outs) tr.bytes_out += o.size();
         for (size_t k = 0; k < group.size(); ++k) {
-          writes.submit(scratch_batch[buffer], [&sink, &name = group[k].name, out = outs[k]] { sink.write(name, out); });
+          writes.submit(scratch_batch[buffer],
+                        [&sink, &name = group[k].name, out = outs[k]] { sink.write(name, out); });
         }
         progress.advance(t.nbytes(), t.name);
         tr.scheme = std::string(scheme_name(so.scheme));
@@ -766,14 +787,16 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         if (!cfg.is_object()) {
           fail(ErrorKind::InvalidInput, (component.dir() / "config.json").string(), ": not a JSON object");
         }
-        cfg["quantization_config"] = quantization_config_json(*cp->options, weight_dtype, cp->unquantized_modules);
+        cfg["quantization_config"] =
+            quantization_config_json(*cp->options, weight_dtype, cp->unquantized_modules);
       }
       write_json_file(out_dir / "config.json", cfg);
       written_configs.insert(normal_abs(component.dir() / "config.json"));
     }
     if (cp->options && cp->options->scheme == Scheme::Fp8E5M2 && !cp->quantized_modules.empty()) {
       add_warning(report, options,
-                  str_cat(component.name().empty() ? std::string("the model") : "component '" + component.name() + "'",
+                  str_cat(component.name().empty() ? std::string("the model")
+                                                   : "component '" + component.name() + "'",
                           ": fp8_e5m2 is read by qtool; compressed-tensors loaders expect fp8_e4m3 weights"));
     }
     report.bytes_in += cr.bytes_in;
@@ -781,7 +804,8 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
     report.components.push_back(std::move(cr));
   }
   std::vector<std::string> copy_warnings;
-  report.files_copied = copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
+  report.files_copied =
+      copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
   report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
   out.commit();
   report.seconds = now_seconds(start);
@@ -797,7 +821,14 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
     fail(ErrorKind::Usage, "--dtype: ", dtype_name(*dtype), " is not bf16, f16 or f32");
   }
   ConvertRun run("dequantize", input, output, options);
-  auto& [start, out, checkpoint, pool, report, progress] = run;
+  // Plain references, not a structured binding: lambdas below capture them (clang 14 cannot
+  // capture structured bindings).
+  auto& start = run.start;
+  auto& out = run.out;
+  auto& checkpoint = run.checkpoint;
+  auto& pool = run.pool;
+  auto& report = run.report;
+  auto& progress = run.progress;
   const std::string fingerprint = checkpoint.fingerprint();
   const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
 
@@ -819,7 +850,8 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
       std::optional<DType> from_config;
       if (component.config() && component.config()->is_object()) {
         for (const char* key : {"torch_dtype", "dtype"}) {
-          if (!from_config && component.config()->contains(key)) from_config = dtype_from_torch_name((*component.config())[key]);
+          if (!from_config && component.config()->contains(key))
+            from_config = dtype_from_torch_name((*component.config())[key]);
         }
       }
       if (from_config) {
@@ -950,10 +982,12 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
     report.components.push_back(std::move(cr));
   }
   if (n_linears_total == 0) {
-    add_warning(report, options, str_cat(input.string(), ": no quantized weights found; the tensors are copied unchanged"));
+    add_warning(report, options,
+                str_cat(input.string(), ": no quantized weights found; the tensors are copied unchanged"));
   }
   std::vector<std::string> copy_warnings;
-  report.files_copied = copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
+  report.files_copied =
+      copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
   report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
   out.commit();
   report.seconds = now_seconds(start);
