@@ -12,6 +12,7 @@
 #include "cli.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 #include "qtool/formats/size.hpp"
 #include "qtool/planner/planner.hpp"
 
@@ -79,11 +80,16 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
                   "\"cpu\": \"64GiB\"}, or a file holding either. Default: the GPUs' free memory and the host's "
                   "available memory");
   cmd->add_option("--tokens", o->tokens, "Activation rows per linear layer (sizes the activation buffers)")
-      ->default_val(4096);
+      ->default_val(4096)
+      ->check(count_range(1, static_cast<int64_t>(planner::kMaxTokens)));
   cmd->add_option("--offload", o->offload, "Offload groups: block (N consecutive blocks), leaf (single layers), auto")
       ->default_val("auto");
-  cmd->add_option("--blocks-per-group", o->blocks_per_group, "Blocks per offload group (block mode); default: chosen");
-  cmd->add_option("--prefetch", o->prefetch, "Device slots per streaming GPU (prefetch depth); default: chosen");
+  cmd->add_option("--blocks-per-group", o->blocks_per_group,
+                  "Blocks per offload group (block mode); default: chosen")
+      ->check(count_range(1, planner::kMaxBlocksPerGroup));
+  cmd->add_option("--prefetch", o->prefetch,
+                  "Device slots per streaming GPU (prefetch depth); default: chosen")
+      ->check(count_range(1, planner::kMaxPrefetch));
   cmd->add_option("--device-profile", o->device_profile,
                   "Device profile JSON (or a name in sample_configs/devices/); default h100-pcie-gen5");
   cmd->add_option("--models-dir", o->models_dir, "Folder of model templates (default sample_configs/models/)");
@@ -139,7 +145,7 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
       }
       if (!global.quiet) std::fputs(planner::plan_table(plan).c_str(), stderr);
       if (!o->output.empty()) info(global, "wrote " + o->output);
-      if (o->json) std::cout << planner::plan_to_json(plan).dump(2) << "\n";
+      if (o->json) std::cout << dump_json(planner::plan_to_json(plan), 2) << "\n";
       return 0;
     };
   });

@@ -144,6 +144,18 @@ void copy_tensor(Sink& sink, const std::string& name, std::span<const uint8_t> d
   if (data.empty()) sink.write(name, data, 0);
 }
 
+// copy_tensor of an input tensor. The kernel reads mapped pages past a truncated file's end as
+// EFAULT (the write fails naming the output): the input shrinking under us is the cause to report.
+void copy_input_tensor(const Component& component, Component::Entry e, Sink& sink, const std::string& name,
+                       std::span<const uint8_t> data, const std::function<void(uint64_t)>& advance) {
+  try {
+    copy_tensor(sink, name, data, advance);
+  } catch (const Error&) {
+    component.shard_of(e).check_intact();
+    throw;
+  }
+}
+
 uint64_t default_max_shard_size(const Component& component, const ConvertOptions& options) {
   if (options.max_shard_size > 0) return options.max_shard_size;
   if (component.index_path().empty()) return 0;
@@ -204,6 +216,9 @@ uint64_t copy_other_files(const Checkpoint& checkpoint, const fs::path& out_root
       continue;
     }
     std::error_code ec2;
+    if (fs::is_other(it->status(ec2)))  // a FIFO, socket or device: copying it would block or never end
+      fail(ErrorKind::InvalidInput, path.string(),
+           ": not a regular file (a FIFO, socket or device) in the checkpoint folder");
     if (!it->is_regular_file(ec2)) continue;
     const fs::path abs = normal_abs(path);
     if (weights.count(abs)) continue;
@@ -733,7 +748,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       tr.bytes_in = t.nbytes();
       if (!quantize[i]) {
         writes.submit(copies, [&sink, &progress, &component, e, &name = t.name, data] {
-          copy_tensor(sink, name, data, [&](uint64_t n) { progress.advance(n, name); });
+          copy_input_tensor(component, e, sink, name, data, [&](uint64_t n) { progress.advance(n, name); });
           release_tensor_pages(component, e);
         });
         tr.bytes_out = t.nbytes();
@@ -761,6 +776,8 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         const TensorBytes tb =
             tensor_bytes(linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
         error_stats(linear, tb, t.dtype, data, pool, tr);
+        // A shard truncated under us reads as zeros past its end (MappedFile): stop here.
+        component.shard_of(e).check_intact();
         release_tensor_pages(component, e);
         for (const auto& o : outs) tr.bytes_out += o.size();
         for (size_t k = 0; k < group.size(); ++k) {
@@ -777,6 +794,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       report.tensors.push_back(std::move(tr));
     }
     writes.finish();
+    checkpoint.check_intact();  // the copied tensors too
     sink.commit();
     cr.n_shards = sink.n_shards();
 
@@ -807,6 +825,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
   report.files_copied =
       copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
   report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
+  checkpoint.check_intact();
   out.commit();
   report.seconds = now_seconds(start);
   return report;
@@ -922,7 +941,8 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
         tr.dtype = t.dtype;
         tr.shape = t.shape;
         tr.bytes_in = tr.bytes_out = t.nbytes();
-        copy_tensor(sink, t.name, component.data(e), [&](uint64_t n) { progress.advance(n, t.name); });
+        copy_input_tensor(component, e, sink, t.name, component.data(e),
+                          [&](uint64_t n) { progress.advance(n, t.name); });
         release_tensor_pages(component, e);
         ++cr.n_copied;
         cr.bytes_in += tr.bytes_in;
@@ -969,6 +989,7 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
       progress.advance(tr.bytes_in, name);
       report.tensors.push_back(std::move(tr));
     }
+    checkpoint.check_intact();  // a shard truncated under us reads as zeros past its end (MappedFile)
     sink.commit();
     cr.n_shards = sink.n_shards();
     if (!is_file && component.config()) {
@@ -989,6 +1010,7 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
   report.files_copied =
       copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
   report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
+  checkpoint.check_intact();
   out.commit();
   report.seconds = now_seconds(start);
   return report;

@@ -9,6 +9,8 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "qtool/formats/checked.hpp"
+#include "qtool/formats/json.hpp"
 #include "scheme.hpp"
 
 namespace qtool::quant {
@@ -301,12 +303,9 @@ struct Finder {
       fail(ErrorKind::InvalidInput, where(state_entry), ": dtype ", dtype_name(st.dtype),
            ", expected U8 JSON bytes");
     const auto bytes = comp.data(state_entry);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(bytes.begin(), bytes.end());
-    } catch (const nlohmann::json::exception& e) {
-      fail(ErrorKind::InvalidInput, where(state_entry), ": quant_state is not valid JSON: ", e.what());
-    }
+    const nlohmann::json j =
+        parse_json(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()),
+                   str_cat(where(state_entry), ": quant_state"));
     auto bad = [&](std::string_view key, std::string_view msg) {
       fail(ErrorKind::InvalidInput, where(state_entry), ": quant_state key '", key, "' ", msg);
     };
@@ -345,8 +344,12 @@ struct Finder {
     if (!shape.is_array() || shape.size() != 2 || !shape[0].is_number_unsigned() ||
         !shape[1].is_number_unsigned())
       bad("shape", "is not a 2-D shape [out, in]");
-    q.shape = {shape[0].get<int64_t>(), shape[1].get<int64_t>()};
-    if (q.shape[0] <= 0 || q.shape[1] <= 0) bad("shape", "is empty");
+    const uint64_t rows = shape[0].get<uint64_t>(), cols = shape[1].get<uint64_t>();
+    if (rows == 0 || cols == 0) bad("shape", "is empty");
+    // The element count, and the bytes of its bf16 or f32 dequantized form, must have a size.
+    if (rows > INT64_MAX || cols > INT64_MAX || !checked_mul(rows, cols, 4))
+      bad("shape", str_cat("[", rows, ", ", cols, "] has more elements than fit in 64 bits"));
+    q.shape = {static_cast<int64_t>(rows), static_cast<int64_t>(cols)};
     if (j.contains("nested_absmax") || j.contains("nested_offset") || j.contains("nested_blocksize")) {
       q.options.double_quant = true;
       const auto& nb = get("nested_blocksize");

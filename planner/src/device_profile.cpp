@@ -2,8 +2,8 @@
 
 #include <set>
 
-#include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 
 namespace qtool::planner {
 
@@ -50,11 +50,17 @@ double positive_number(const nlohmann::json& v, std::string_view label, std::str
   return d;
 }
 
+// At most 1 PiB: sums and roundings of these stay far from 2^64.
+constexpr uint64_t kMaxProfileBytes = uint64_t{1} << 50;
+
 uint64_t byte_count(const nlohmann::json& v, std::string_view label, std::string_view key, bool allow_zero) {
   if (!v.is_number_integer()) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be an integer byte count");
   if (v.is_number_unsigned()) {
     const uint64_t b = v.get<uint64_t>();
     if (b == 0 && !allow_zero) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be positive");
+    if (b > kMaxProfileBytes)
+      fail(ErrorKind::InvalidInput, label, ": key '", key, "' is ", b, " bytes, more than 1 PiB (",
+           kMaxProfileBytes, ")");
     return b;
   }
   const int64_t b = v.get<int64_t>();

@@ -89,7 +89,8 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
       fail(ErrorKind::InvalidInput, label, ": unknown key '", key, "'");
     }
   }
-  if (j.value("format", std::string()) != "qtool-model-template") {
+  // Not j.value("format", ...): it throws when the value is not a string.
+  if (!j.contains("format") || j["format"] != "qtool-model-template") {
     fail(ErrorKind::InvalidInput, label, ": key 'format' must be \"qtool-model-template\"");
   }
   if (!j.contains("version") || !j["version"].is_number_integer() || j["version"].get<int64_t>() != kTemplateVersion) {

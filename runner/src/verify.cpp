@@ -8,6 +8,7 @@
 #include <random>
 #include <set>
 
+#include "qtool/formats/checked.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/size.hpp"
@@ -213,7 +214,15 @@ VerifyReport verify(const VerifyOptions& options) {
   }
   const bool on_gpu = backend->name() == "cuda";
   const uint64_t tokens = options.tokens.value_or(plan.settings.tokens ? plan.settings.tokens : 16);
-  if (tokens == 0) fail(ErrorKind::Usage, "--tokens must be at least 1");
+  if (tokens == 0 || tokens > planner::kMaxTokens)
+    fail(ErrorKind::Usage, "--tokens: ", tokens, " is not from 1 to ", planner::kMaxTokens);
+  // Every buffer the backends size from tokens (activations [tokens, in or out], 2 or 4 bytes an
+  // element) stays below this product, so none of their multiplications wraps.
+  for (int dev : schedule.devices) {
+    if (!checked_mul(tokens, std::max(schedule.max_in(dev), schedule.max_out(dev)), 8))
+      fail(ErrorKind::Usage, "--tokens: ", tokens, " rows of ",
+           std::max(schedule.max_in(dev), schedule.max_out(dev)), " values overflow 64 bits");
+  }
   if (options.steps == 0) fail(ErrorKind::Usage, "--steps must be at least 1");
   const bool plan_tokens = tokens == plan.settings.tokens;
 

@@ -2,8 +2,10 @@
 // Llama, the flux sample config on the tiny pipeline, sharding, bad weights, existing outputs,
 // single files, and the dequantize round trip.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -437,6 +439,54 @@ TEST_CASE("quantize: NaN or Inf in a weight names the tensor and the element; no
       CHECK_MESSAGE(contains(msg, str_cat("(", c.row, ", ", c.col, ")")), msg);
       CHECK_MESSAGE(contains(msg, c.what), msg);
       CHECK(test::nothing_left(dir.path(), "out"));
+    }
+  }
+}
+
+TEST_CASE("quantize / dequantize: a shard truncated while it is read is an error naming it, not SIGBUS") {
+  // A download restarting under a running conversion: after the first tensor is done, the input
+  // shard is cut back to its first page. The tensors read after that lie past the file's end;
+  // reading their mapped pages used to kill the process with SIGBUS.
+  const uint64_t seed = test::printed_seed("truncated shard");
+  for (const bool dequantize : {false, true}) {
+    for (Scheme s : {Scheme::Int8, Scheme::Nf4}) {
+      CAPTURE(dequantize);
+      CAPTURE(scheme_name(s));
+      test::ScratchDir dir;
+      SchemeOptions so;
+      so.scheme = s;
+      test::write_preset("tiny", dir / "tiny", seed);
+      fs::path in = dir / "tiny";
+      if (dequantize) {
+        quantize_checkpoint(dir / "tiny", config_for_scheme(so), dir / "q", quiet_options());
+        in = dir / "q";
+      }
+      fs::path shard;
+      for (const auto& e : fs::directory_iterator(in))
+        if (e.path().extension() == ".safetensors") shard = e.path();
+      REQUIRE(!shard.empty());
+      const std::string before = test::read_file_bytes(shard);
+      ConvertOptions o = quiet_options();
+      std::atomic<bool> cut{false};
+      o.progress = [&](uint64_t, uint64_t, std::string_view) {
+        if (!cut.exchange(true)) REQUIRE(::truncate(shard.c_str(), 4096) == 0);
+      };
+      ErrorKind kind = ErrorKind::Internal;
+      const std::string msg = test::error_message(
+          [&] {
+            if (dequantize)
+              dequantize_checkpoint(in, dir / "out", std::nullopt, o);
+            else
+              quantize_checkpoint(in, config_for_scheme(so), dir / "out", o);
+          },
+          &kind);
+      CHECK(cut.load());
+      CHECK(kind == ErrorKind::Io);
+      CHECK_MESSAGE(contains(msg, shard.string()), msg);
+      CHECK_MESSAGE(contains(msg, "truncated while being read"), msg);
+      CHECK(test::nothing_left(dir.path(), "out"));
+      CHECK(fs::file_size(shard) == 4096);
+      CHECK(before.size() > 4096);
     }
   }
 }

@@ -64,6 +64,8 @@ class SafetensorsFile {
   // The tensor's bytes inside the map (touching them faults the pages in).
   std::span<const uint8_t> data(const TensorInfo& t) const;
   uint64_t file_offset(const TensorInfo& t) const { return header_.data_offset() + t.begin; }
+  // Error(Io) when the file was truncated while its data was being read (MappedFile::check_intact).
+  void check_intact() const { file_.check_intact(); }
 
  private:
   MappedFile file_;

@@ -183,6 +183,12 @@ struct ComponentPlan {
   double step_s = 0;                     // predicted time of this component's steps
 };
 
+// Bounds on the settings a user gives (command line) or a plan file holds; beyond them: exit 2
+// naming the option or key.
+inline constexpr uint64_t kMaxTokens = uint64_t{1} << 24;          // activation rows per linear
+inline constexpr uint32_t kMaxPrefetch = 16;                       // device slots per streaming GPU
+inline constexpr uint32_t kMaxBlocksPerGroup = uint32_t{1} << 16;  // blocks per offload group
+
 struct PlanSettings {
   std::string strategy;         // "sequential", "balanced", "balanced_low_0" ("auto" resolved)
   std::string offload_mode;     // "block" or "leaf" (resolved from "auto"), "none" when nothing is offloaded
