@@ -218,6 +218,9 @@ Component Component::open_folder(const fs::path& dir, std::string name) {
       fail(ErrorKind::InvalidInput, index_label, ": tensor '", tensor,
            "': weight_map value is not a file name");
     const std::string f = file.get<std::string>();
+    if (has_control_char(tensor) || has_control_char(f))
+      fail(ErrorKind::InvalidInput, index_label, ": weight_map entry '", escape_controls(tensor), "': '",
+           escape_controls(f), "' holds a control character (shown as \\xNN)");
     if (f.empty() || f == "." || f == ".." || f.find('/') != std::string::npos ||
         f.find('\\') != std::string::npos)
       fail(ErrorKind::InvalidInput, index_label, ": tensor '", tensor, "': shard '", f,
@@ -307,6 +310,9 @@ Checkpoint Checkpoint::open(const fs::path& path) {
   if (!ordered.is_object()) fail(ErrorKind::InvalidInput, label, ": not a JSON object");
   for (const auto& [key, value] : ordered.items()) {
     if (key.empty() || key[0] == '_') continue;  // _class_name, _diffusers_version, ...
+    if (has_control_char(key))
+      fail(ErrorKind::InvalidInput, label, ": component name '", escape_controls(key),
+           "' holds a control character (shown as \\xNN); it cannot name a folder");
     if (!value.is_array()) {
       // Pipeline options (requires_safety_checker: true, ...) are not components; a component
       // folder whose entry is not [library, class] is a broken file.

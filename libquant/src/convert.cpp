@@ -22,6 +22,7 @@
 #include <unordered_map>
 
 #include "convert_stats.hpp"
+#include "other_files.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/safetensors.hpp"
@@ -190,51 +191,35 @@ bool is_weight_file_name(const std::string& name) {
   return name.size() > 22 && name.find(".safetensors.index.json") != std::string::npos;
 }
 
-// Copies every file of the input folder that is not a component's weights and not in `skip`
-// (files the conversion writes itself) into `out_root`, keeping relative paths. Weight files that
-// no component reads (other variants, pickles) are not copied: a warning names each.
-uint64_t copy_other_files(const Checkpoint& checkpoint, const fs::path& out_root,
-                          const std::set<fs::path>& skip, std::vector<std::string>& warnings,
+// Copies the other files of the input folder (other_files.hpp) that are not a component's weights
+// and not in `skip` (files the conversion writes itself) into `out_root`, keeping relative paths.
+// Weight files that no component reads (other variants, pickles) are not copied: a warning names
+// each.
+uint64_t copy_other_files(const Checkpoint& checkpoint, const std::vector<detail::OtherFile>& files,
+                          const fs::path& out_root, const std::set<fs::path>& skip,
+                          std::vector<std::string>& warnings,
                           const std::function<void(std::string_view)>& on_warning) {
-  if (checkpoint.layout() == Checkpoint::Layout::File) return 0;
   std::set<fs::path> weights = skip;
   for (const Component& c : checkpoint.components()) {
     for (const auto& s : c.shards()) weights.insert(normal_abs(s.path()));
     if (!c.index_path().empty()) weights.insert(normal_abs(c.index_path()));
   }
-  const fs::path root = normal_abs(checkpoint.root());
   uint64_t n_copied = 0;
-  std::error_code ec;
-  fs::recursive_directory_iterator it(root, fs::directory_options::follow_directory_symlink, ec);
-  if (ec) fail(ErrorKind::Io, root.string(), ": cannot list folder: ", ec.message());
-  for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
-    if (ec) fail(ErrorKind::Io, root.string(), ": cannot list folder: ", ec.message());
-    const fs::path path = it->path();
-    const std::string name = path.filename().string();
-    if (name.find(".tmp-") != std::string::npos) {  // another run's unfinished output
-      if (it->is_directory()) it.disable_recursion_pending();
-      continue;
-    }
-    std::error_code ec2;
-    if (fs::is_other(it->status(ec2)))  // a FIFO, socket or device: copying it would block or never end
-      fail(ErrorKind::InvalidInput, path.string(),
-           ": not a regular file (a FIFO, socket or device) in the checkpoint folder");
-    if (!it->is_regular_file(ec2)) continue;
-    const fs::path abs = normal_abs(path);
-    if (weights.count(abs)) continue;
-    const fs::path rel = abs.lexically_relative(root);
-    if (is_weight_file_name(name)) {
-      const std::string w = str_cat("not copied: ", (checkpoint.root() / rel).string(),
+  for (const detail::OtherFile& f : files) {
+    if (weights.count(normal_abs(f.source))) continue;
+    if (is_weight_file_name(f.rel.filename().string())) {
+      const std::string w = str_cat("not copied: ", (checkpoint.root() / f.rel).string(),
                                     " (weights that no component of the checkpoint reads)");
       warnings.push_back(w);
       if (on_warning) on_warning(w);
       continue;
     }
-    const fs::path dst = out_root / rel;
-    fs::create_directories(dst.parent_path(), ec2);
-    if (ec2) fail(ErrorKind::Io, dst.parent_path().string(), ": cannot create folder: ", ec2.message());
-    fs::copy_file(path, dst, fs::copy_options::overwrite_existing, ec2);
-    if (ec2) fail(ErrorKind::Io, path.string(), ": cannot copy to ", dst.string(), ": ", ec2.message());
+    std::error_code ec;
+    const fs::path dst = out_root / f.rel;
+    fs::create_directories(dst.parent_path(), ec);
+    if (ec) fail(ErrorKind::Io, dst.parent_path().string(), ": cannot create folder: ", ec.message());
+    fs::copy_file(f.source, dst, fs::copy_options::overwrite_existing, ec);
+    if (ec) fail(ErrorKind::Io, f.source.string(), ": cannot copy to ", dst.string(), ": ", ec.message());
     ++n_copied;
   }
   return n_copied;
@@ -249,6 +234,34 @@ fs::path component_out_dir(const Checkpoint& checkpoint, const Component& compon
 
 std::string tensor_label(const Component& component, const Component::Entry& e) {
   return str_cat(component.shard_of(e).path().string(), ": tensor '", component.info(e).name, "'");
+}
+
+// Every float tensor of a quantized linear's state (SCB, weight_scale, absmax, nested_absmax, the
+// code maps) must be finite: one NaN or Inf scale would write a whole row or block of NaN/Inf
+// weights. Error(InvalidInput) naming the tensor and the element.
+void check_state_finite(const Component& component, const QuantizedLinear& linear) {
+  constexpr size_t kChunk = 4096;
+  float buf[kChunk];
+  for (size_t k = 0; k < linear.tensor_names.size(); ++k) {
+    const Part part = linear.tensor_parts[k];
+    if (part == Part::Weight || part == Part::WeightFormat || part == Part::QuantState) continue;
+    const auto e = component.find(linear.tensor_names[k]);
+    QTOOL_ASSERT(e.has_value());
+    const TensorInfo& t = component.info(*e);
+    if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16) continue;  // U8 codes
+    const auto data = component.data(*e);
+    const uint64_t n = t.numel();
+    for (uint64_t i = 0; i < n; i += kChunk) {
+      const size_t m = static_cast<size_t>(std::min<uint64_t>(kChunk, n - i));
+      convert_to_f32(t.dtype, data.data() + i * dtype_size(t.dtype), buf, m);
+      for (size_t j = 0; j < m; ++j) {
+        if (std::isfinite(buf[j])) continue;
+        fail(ErrorKind::InvalidInput, tensor_label(component, *e), ": element ", i + j, " is ",
+             std::isnan(buf[j]) ? "NaN" : (buf[j] < 0 ? "-Inf" : "Inf"), "; the ", part_name(part), " of '",
+             linear.module, "' must be finite, or its weights dequantize to NaN/Inf");
+      }
+    }
+  }
 }
 
 // A QuantizedLinear describing tensors we have just produced (for dequantizing them back).
@@ -670,6 +683,8 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
   auto& report = run.report;
   auto& progress = run.progress;
   const QuantPlan plan = plan_quantization(config, checkpoint);
+  // Checked before any conversion: a bad link fails the run at once.
+  const std::vector<detail::OtherFile> other_files = detail::list_other_files(checkpoint);
   report.config = config_to_json(config);
   for (const auto& w : plan.warnings) add_warning(report, options, w);
   const std::string fingerprint = checkpoint.fingerprint();
@@ -822,8 +837,8 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
     report.components.push_back(std::move(cr));
   }
   std::vector<std::string> copy_warnings;
-  report.files_copied =
-      copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
+  report.files_copied = copy_other_files(checkpoint, other_files, out.tmp(), written_configs, copy_warnings,
+                                         options.on_warning);
   report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
   checkpoint.check_intact();
   out.commit();
@@ -851,10 +866,12 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
   const std::string fingerprint = checkpoint.fingerprint();
   const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
 
+  const std::vector<detail::OtherFile> other_files = detail::list_other_files(checkpoint);
   size_t n_linears_total = 0;
   std::set<fs::path> written_configs;
   for (const Component& component : checkpoint.components()) {
     const std::vector<QuantizedLinear> linears = find_quantized_linears(component);
+    for (const QuantizedLinear& l : linears) check_state_finite(component, l);
     n_linears_total += linears.size();
     // Where each tensor of a quantized linear belongs.
     std::unordered_map<std::string, std::pair<size_t, Part>> part_of;
@@ -1007,8 +1024,8 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
                 str_cat(input.string(), ": no quantized weights found; the tensors are copied unchanged"));
   }
   std::vector<std::string> copy_warnings;
-  report.files_copied =
-      copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
+  report.files_copied = copy_other_files(checkpoint, other_files, out.tmp(), written_configs, copy_warnings,
+                                         options.on_warning);
   report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
   checkpoint.check_intact();
   out.commit();

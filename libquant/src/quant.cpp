@@ -415,9 +415,22 @@ struct Finder {
     if (const auto wf = comp.find(join_name(module, "weight_format"))) {
       const TensorInfo& fi = comp.info(*wf);
       if (fi.numel() != 1 || (fi.dtype != DType::U8 && fi.dtype != DType::I64 && fi.dtype != DType::I32))
-        fail(ErrorKind::InvalidInput, where(*wf), ": expected a U8 scalar");
-      if (comp.data(*wf)[0] != 0)
-        fail(ErrorKind::Unsupported, where(*wf), ": weight format ", int{comp.data(*wf)[0]},
+        fail(ErrorKind::InvalidInput, where(*wf), ": dtype ", dtype_name(fi.dtype), " shape ",
+             shape_str(fi.shape), ", expected a U8, I32 or I64 scalar");
+      // The whole little-endian value, not its first byte: I32 256 is not format 0.
+      const auto bytes = comp.data(*wf);
+      int64_t format = 0;
+      if (fi.dtype == DType::U8) {
+        format = bytes[0];
+      } else if (fi.dtype == DType::I32) {
+        int32_t v;
+        std::memcpy(&v, bytes.data(), sizeof v);
+        format = v;
+      } else {
+        std::memcpy(&format, bytes.data(), sizeof format);
+      }
+      if (format != 0)
+        fail(ErrorKind::Unsupported, where(*wf), ": weight format ", format,
              " is not supported (only 0, row-major)");
       q.tensor_names.push_back(fi.name);
       q.tensor_parts.push_back(Part::WeightFormat);
@@ -486,12 +499,25 @@ std::vector<QuantizedLinear> find_quantized_linears(const Component& component) 
       if (auto q = f.fp8(e)) add(std::move(*q), e);
     }
   }
-  // Orphaned 4-bit state: an absmax without a quant_state.
+  // Orphaned state, and quantized codes without their scales (never to be read as plain weights):
+  // a 4-bit absmax without a quant_state, an I8 weight without SCB, an fp8 weight without
+  // weight_scale.
   for (const auto e : component.entries()) {
-    const std::string& name = component.info(e).name;
+    const TensorInfo& t = component.info(e);
+    const std::string& name = t.name;
     if (ends_with(name, ".weight.absmax") && !found.count(module_of_tensor(name)))
       fail(ErrorKind::InvalidInput, f.where(e),
            ": 4-bit absmax without a weight.quant_state.bitsandbytes__nf4/fp4");
+    if (name != "weight" && !ends_with(name, ".weight")) continue;
+    const std::string module = module_of_tensor(name);
+    if (found.count(module)) continue;
+    if (t.dtype == DType::I8)
+      fail(ErrorKind::InvalidInput, f.where(e), ": an I8 weight without '", join_name(module, "SCB"),
+           "' (the row scales of bitsandbytes LLM.int8): its int8 codes cannot be read as weights");
+    if (t.dtype == DType::F8_E4M3 || t.dtype == DType::F8_E5M2)
+      fail(ErrorKind::InvalidInput, f.where(e), ": an ", dtype_name(t.dtype), " weight without '",
+           join_name(module, "weight_scale"),
+           "' (its compressed-tensors scale): its fp8 codes cannot be read as weights");
   }
   std::vector<QuantizedLinear> result;
   for (auto& [_, q] : found) result.push_back(std::move(q));

@@ -10,6 +10,7 @@
 #include "qtool/formats/error.hpp"
 #include "qtool/libquant/config.hpp"
 #include "qtool/libquant/quant.hpp"
+#include "qtool/runner/plan_checks.hpp"
 
 namespace qtool::runner {
 namespace {
@@ -336,6 +337,7 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
     }
     s.steps.push_back(std::move(x));
   }
+  check_plan_consistency(checkpoint, plan, s);
   return s;
 }
 

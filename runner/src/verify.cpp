@@ -18,6 +18,7 @@
 #include "qtool/runner/error_model.hpp"
 #include "qtool/runner/kernel_math.hpp"
 #include "qtool/runner/schedule.hpp"
+#include "qtool/runner/tensor_compare.hpp"
 
 namespace qtool::runner {
 
@@ -158,6 +159,26 @@ WeightKind plain_kind(DType dt) {
     default: break;
   }
   fail(ErrorKind::Unsupported, "reference weight dtype ", dtype_name(dt), " is not bf16, f16 or f32");
+}
+
+// --reference: every tensor quantize copies must be the original's, byte for byte (tensor_compare.hpp).
+template <typename AddCheck>
+void add_reference_tensors_check(const Checkpoint& checkpoint, const Checkpoint& ref, json& j,
+                                 AddCheck& add_check) {
+  const ReferenceTensors rt = compare_with_reference(checkpoint, ref);
+  j["reference_tensors"] = {{"compared", rt.n_compared},
+                            {"bytes_compared", rt.bytes_compared},
+                            {"quantized_checked", rt.n_quantized},
+                            {"differences", rt.differences}};
+  if (!rt.differences.empty())
+    add_check(
+        "reference tensors", CheckResult::Status::Fail,
+        str_cat(rt.differences.size(), " difference(s) from the reference, first ", rt.differences.front()));
+  else
+    add_check("reference tensors", CheckResult::Status::Pass,
+              str_cat(rt.n_compared, " unquantized tensors (", format_size(rt.bytes_compared),
+                      ") identical to the reference; ", rt.n_quantized,
+                      " quantized weights' recorded dtype and shape match it"));
 }
 
 }  // namespace
@@ -435,6 +456,7 @@ VerifyReport verify(const VerifyOptions& options) {
                   ? str_cat(direct_mismatch, " planned outputs differ from the same layer run alone")
                   : str_cat("each layer run alone from the mapped checkpoint gives the planned run's output "
                             "bit for bit"));
+    add_reference_tensors_check(checkpoint, ref, j, add_check);
   }
   j["layers"] = std::move(layers);
 
