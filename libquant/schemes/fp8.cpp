@@ -283,7 +283,7 @@ void fp8_dequantize_rows(Scheme scheme, const uint8_t* q, const uint8_t* scales,
 }
 
 void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<const std::span<uint8_t>> outs,
-                  ThreadPool& pool, Impl impl) {
+                  ThreadPool& pool, Impl impl, const RangeDone& range_done) {
   uint8_t* q = outs[0].data();
   uint8_t* scales = outs[1].data();
   const uint64_t min_rows = std::max<uint64_t>(1, (uint64_t{1} << 16) / std::max<uint64_t>(1, w.cols));
@@ -299,11 +299,16 @@ void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<c
     tensor_scale = fp8_scale(w.dtype, amax, fp8_format(options.scheme).max);
     store_element(w.dtype, scales, 0, tensor_scale);
   }
+  const uint64_t step = std::max<uint64_t>(1, kRangeDoneBytes / std::max<uint64_t>(1, w.cols * dtype_size(w.dtype)));
   pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
-    if (impl == Impl::Reference)
-      fp8_quantize_rows_ref(w, options.scheme, tensor_scale, b, e, q, scales);
-    else
-      fp8_quantize_rows_fast(w, options.scheme, tensor_scale, b, e, q, scales, impl);
+    for (uint64_t r = b; r < e; r += step) {
+      const uint64_t re = std::min<uint64_t>(e, r + step);
+      if (impl == Impl::Reference)
+        fp8_quantize_rows_ref(w, options.scheme, tensor_scale, r, re, q, scales);
+      else
+        fp8_quantize_rows_fast(w, options.scheme, tensor_scale, r, re, q, scales, impl);
+      if (range_done) range_done(r * w.cols, re * w.cols);
+    }
   });
 }
 

@@ -176,16 +176,21 @@ void int8_dequantize_rows(const uint8_t* q, const uint8_t* scb, uint64_t cols, u
 }
 
 void int8_quantize(const WeightView& w, const SchemeOptions&, std::span<const std::span<uint8_t>> outs,
-                   ThreadPool& pool, Impl impl) {
+                   ThreadPool& pool, Impl impl, const RangeDone& range_done) {
   uint8_t* q = outs[0].data();
   uint8_t* scb = outs[1].data();
   outs[2][0] = 0;  // weight_format: "row"
   const uint64_t min_rows = std::max<uint64_t>(1, (uint64_t{1} << 16) / std::max<uint64_t>(1, w.cols));
+  const uint64_t step = std::max<uint64_t>(1, kRangeDoneBytes / std::max<uint64_t>(1, w.cols * dtype_size(w.dtype)));
   pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
-    if (impl == Impl::Reference)
-      int8_quantize_rows_ref(w, b, e, q, scb);
-    else
-      int8_quantize_rows_fast(w, b, e, q, scb, impl);
+    for (uint64_t r = b; r < e; r += step) {
+      const uint64_t re = std::min<uint64_t>(e, r + step);
+      if (impl == Impl::Reference)
+        int8_quantize_rows_ref(w, r, re, q, scb);
+      else
+        int8_quantize_rows_fast(w, r, re, q, scb, impl);
+      if (range_done) range_done(r * w.cols, re * w.cols);
+    }
   });
 }
 

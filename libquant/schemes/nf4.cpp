@@ -306,41 +306,55 @@ std::string quant_state_json(DType dtype, uint64_t rows, uint64_t cols, const Sc
 }
 
 void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
-                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl) {
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
+                   const RangeDone& range_done) {
   const uint64_t n = w.numel();
   const uint64_t n_blocks = (n + options.blocksize - 1) / options.blocksize;
   uint8_t* packed = outs[0].data();
   std::vector<float> absmax_f32;
   uint8_t* absmax = outs[1].data();
+  const Bnb4Table& t = bnb4_table(options.scheme);
+  std::memcpy(outs[2].data(), t.code.data(), sizeof(float) * 16);
   if (options.double_quant) {
     absmax_f32.resize(n_blocks);
     absmax = reinterpret_cast<uint8_t*>(absmax_f32.data());
+  } else {
+    const std::string json = quant_state_json(w.dtype, w.rows, w.cols, options, 0.0f);
+    QTOOL_ASSERT(outs.back().size() == json.size());
+    std::memcpy(outs.back().data(), json.data(), json.size());
   }
   const uint64_t min_blocks = std::max<uint64_t>(1, (uint64_t{1} << 16) / options.blocksize);
+  // Blocks per reported range (without double quant, whose absmax are not final yet).
+  const uint64_t step = std::max<uint64_t>(1, kRangeDoneBytes / (uint64_t{options.blocksize} * dtype_size(w.dtype)));
+  const bool report_now = range_done && !options.double_quant;
   pool.parallel_for(n_blocks, min_blocks, [&](size_t b, size_t e) {
-    if (impl == Impl::Reference)
-      bnb4_quantize_blocks_ref(w, options.scheme, options.blocksize, b, e, packed, absmax);
-    else
-      bnb4_quantize_blocks_fast(w, options.scheme, options.blocksize, b, e, packed, absmax, impl);
+    for (uint64_t sb = b; sb < e; sb += step) {
+      const uint64_t se = std::min<uint64_t>(e, sb + step);
+      if (impl == Impl::Reference)
+        bnb4_quantize_blocks_ref(w, options.scheme, options.blocksize, sb, se, packed, absmax);
+      else
+        bnb4_quantize_blocks_fast(w, options.scheme, options.blocksize, sb, se, packed, absmax, impl);
+      if (report_now) range_done(sb * options.blocksize, std::min<uint64_t>(n, se * options.blocksize));
+    }
   });
-  const Bnb4Table& t = bnb4_table(options.scheme);
-  std::memcpy(outs[2].data(), t.code.data(), sizeof(float) * 16);
-  float offset = 0.0f;
-  if (options.double_quant) {
-    offset = torch_mean_f32(absmax_f32.data(), n_blocks);
-    if (!std::isfinite(offset))
-      fail(ErrorKind::InvalidInput,
-           "the mean of the block absmax overflows float32; double quant cannot encode it");
-    const uint64_t n_blocks2 = (n_blocks + kNestedBlocksize - 1) / kNestedBlocksize;
-    pool.parallel_for(n_blocks2, 64, [&](size_t b, size_t e) {
-      dynamic_quantize_blocks(absmax_f32.data(), n_blocks, offset, b, e, outs[1].data(), outs[3].data());
-    });
-    std::memcpy(outs[4].data(), dynamic_map_table().data(), sizeof(float) * 256);
-  }
+  if (!options.double_quant) return;
+  const float offset = torch_mean_f32(absmax_f32.data(), n_blocks);
+  if (!std::isfinite(offset))
+    fail(ErrorKind::InvalidInput, "the mean of the block absmax overflows float32; double quant cannot encode it");
+  const uint64_t n_blocks2 = (n_blocks + kNestedBlocksize - 1) / kNestedBlocksize;
+  pool.parallel_for(n_blocks2, 64, [&](size_t b, size_t e) {
+    dynamic_quantize_blocks(absmax_f32.data(), n_blocks, offset, b, e, outs[1].data(), outs[3].data());
+  });
+  std::memcpy(outs[4].data(), dynamic_map_table().data(), sizeof(float) * 256);
   const std::string json = quant_state_json(w.dtype, w.rows, w.cols, options, offset);
   std::span<uint8_t> state = outs.back();
   QTOOL_ASSERT(state.size() == json.size());
   std::memcpy(state.data(), json.data(), json.size());
+  if (!range_done) return;
+  const uint64_t range = step * options.blocksize;
+  pool.parallel_for((n + range - 1) / range, 1, [&](size_t b, size_t e) {
+    for (uint64_t k = b; k < e; ++k) range_done(k * range, std::min(n, (k + 1) * range));
+  });
 }
 
 void bnb4_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,

@@ -185,8 +185,10 @@ struct SchemeEntry {
   Scheme scheme;
   std::string_view name;
   // Quantizes the whole weight into outs (scheme_parts order, sizes checked by the caller).
+  // `range_done` (may be empty) as quantize_weight_into promises it (quant.hpp).
   void (*quantize)(const WeightView& w, const SchemeOptions& options,
-                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
+                   const RangeDone& range_done);
   // Rows [row_begin, row_end) of the dequantized weight in float32.
   void (*dequantize_rows)(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
                           uint64_t row_begin, uint64_t row_end);
@@ -195,11 +197,11 @@ const SchemeEntry& scheme_entry(Scheme scheme);
 
 // The whole-tensor drivers of each scheme (used by the table).
 void int8_quantize(const WeightView& w, const SchemeOptions& options,
-                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl, const RangeDone& range_done);
 void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<const std::span<uint8_t>> outs,
-                  ThreadPool& pool, Impl impl);
+                  ThreadPool& pool, Impl impl, const RangeDone& range_done);
 void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
-                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl, const RangeDone& range_done);
 void int8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
                             uint64_t row_begin, uint64_t row_end);
 void fp8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
@@ -215,6 +217,11 @@ std::string quant_state_json(DType dtype, uint64_t rows, uint64_t cols, const Sc
 // Quantizes with an explicit implementation (tests compare Reference and Fast).
 void quantize_weight_impl(std::string_view tensor_label, DType dtype, std::span<const int64_t> shape,
                           std::span<const uint8_t> data, const SchemeOptions& options,
-                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
+                          const RangeDone& range_done = {});
+
+// Bytes of input a kernel quantizes before it reports the range done: small enough that the
+// caller's pass over the same range (convert's error statistics) finds it in the core's cache.
+inline constexpr uint64_t kRangeDoneBytes = uint64_t{256} << 10;
 
 }  // namespace qtool::quant::detail

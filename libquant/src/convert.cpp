@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 #include <unordered_map>
@@ -284,29 +285,6 @@ QuantizedLinear linear_from_output(const std::string& module, const SchemeOption
     }
   }
   return linear;
-}
-
-// Error statistics of one quantized weight, from the bytes written: rows split across the pool,
-// each range decoded and compared with the input in one pass (convert_stats.hpp).
-void error_stats(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
-                 std::span<const uint8_t> input, ThreadPool& pool, TensorReport& report) {
-  const size_t rows = static_cast<size_t>(linear.rows());
-  const size_t cols = static_cast<size_t>(linear.cols());
-  const size_t min_rows = std::max<size_t>(1, (size_t{1} << 16) / std::max<size_t>(cols, 1));
-  std::mutex mu;
-  detail::ErrorSums total;
-  pool.parallel_for(rows, min_rows, [&](size_t r0, size_t r1) {
-    detail::ErrorSums sums;
-    for (size_t r = r0; r < r1; r += min_rows) {
-      detail::accumulate_error(linear, parts, dtype, input.data(), r, std::min(r1, r + min_rows), sums);
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    total.add(sums);
-  });
-  report.sum_sq_ref = total.sum_sq_ref;
-  report.sum_sq_err = total.sum_sq_err;
-  report.max_abs_err = total.max_abs_err;
-  report.has_error = true;
 }
 
 // Write jobs run on a thread of their own, so that the next tensor is converted while earlier ones
@@ -783,14 +761,30 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
           outs.emplace_back(base + off, d.nbytes());
           off += (d.nbytes() + 63) & ~size_t{63};
         }
+        // The error of what is written, from the written bytes: each range as soon as the kernel
+        // has finished it, on its thread, while its input is still in that core's cache.
+        std::once_flag linear_once;
+        std::optional<QuantizedLinear> linear;
+        TensorBytes tb;
+        const std::vector<std::span<const uint8_t>> parts(outs.begin(), outs.end());
+        std::mutex stats_mu;
+        detail::ErrorSums stats;
+        const RangeDone range_done = [&](uint64_t begin, uint64_t end) {
+          std::call_once(linear_once, [&] {
+            linear = linear_from_output(module, so, t.dtype, t.shape, group, outs);
+            tb = tensor_bytes(*linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
+          });
+          detail::ErrorSums sums;
+          detail::accumulate_error_elements(*linear, tb, t.dtype, data.data(), begin, end, sums);
+          std::lock_guard<std::mutex> lock(stats_mu);
+          stats.add(sums);
+        };
         quantize_weight_into(tensor_label(component, e), t.dtype, t.shape, data, so,
-                             std::span<const std::span<uint8_t>>(outs.data(), outs.size()), pool);
-        // The error of what is written, from the written bytes.
-        const QuantizedLinear linear = linear_from_output(module, so, t.dtype, t.shape, group, outs);
-        std::vector<std::span<const uint8_t>> parts(outs.begin(), outs.end());
-        const TensorBytes tb =
-            tensor_bytes(linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
-        error_stats(linear, tb, t.dtype, data, pool, tr);
+                             std::span<const std::span<uint8_t>>(outs.data(), outs.size()), pool, range_done);
+        tr.sum_sq_ref = stats.sum_sq_ref;
+        tr.sum_sq_err = stats.sum_sq_err;
+        tr.max_abs_err = stats.max_abs_err;
+        tr.has_error = true;
         // A shard truncated under us reads as zeros past its end (MappedFile): stop here.
         component.shard_of(e).check_intact();
         release_tensor_pages(component, e);

@@ -462,8 +462,17 @@ bool cpu_has_avx2() { return cpu_features().fma; }
 
 void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
                       const uint8_t* original, size_t row_begin, size_t row_end, ErrorSums& sums, Impl impl) {
-  if (row_begin >= row_end) return;
   const size_t cols = static_cast<size_t>(linear.cols());
+  accumulate_error_elements(linear, parts, dtype, original, row_begin * cols, row_end * cols, sums, impl);
+}
+
+void accumulate_error_elements(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                               const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums, Impl impl) {
+  if (begin >= end) return;
+  const size_t cols = static_cast<size_t>(linear.cols());
+  const bool rowwise = !is_4bit(linear.options.scheme);
+  QTOOL_ASSERT(!rowwise || (cols > 0 && begin % cols == 0 && end % cols == 0));
+  const size_t row_begin = rowwise ? begin / cols : 0, row_end = rowwise ? end / cols : 0;
   ErrorSums local;
 #ifdef QTOOL_STATS_SIMD
   const bool simd = impl != Impl::Reference && cpu_has_avx2();
@@ -558,7 +567,7 @@ void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, D
                row_begin, row_end, local);
   } else {
     const uint32_t bs = linear.options.blocksize;
-    const size_t i0 = row_begin * cols, i1 = row_end * cols;
+    const size_t i0 = begin, i1 = end;
     const size_t b0 = i0 / bs, b1 = (i1 - 1) / bs + 1;
     std::vector<float> absmax(b1 - b0);
     decode_absmax(linear, parts, absmax.data(), b0, b1);

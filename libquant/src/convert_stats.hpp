@@ -26,5 +26,9 @@ struct ErrorSums {
 // the scalar one.
 void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype, const uint8_t* original,
                       size_t row_begin, size_t row_end, ErrorSums& sums, Impl impl = Impl::Fast);
+// The same over elements [begin, end) of the flattened weight (whole rows for int8 and fp8).
+void accumulate_error_elements(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                               const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums,
+                               Impl impl = Impl::Fast);
 
 }  // namespace qtool::quant::detail
