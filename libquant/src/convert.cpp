@@ -422,27 +422,44 @@ double sqnr_of(double sum_ref, double sum_err) {
 double TensorReport::rel_rms() const { return rel_rms_of(sum_sq_ref, sum_sq_err); }
 double TensorReport::sqnr_db() const { return sqnr_of(sum_sq_ref, sum_sq_err); }
 
+// The compressed-tensors release whose writer the fp8 quantization_config reproduces (its
+// "version" field); tests/interop/quantize_interop.py compares the two byte for byte.
+constexpr const char* kCompressedTensorsVersion = "0.20.1";
+
 json quantization_config_json(const SchemeOptions& options, DType weight_dtype,
                               const std::vector<std::string>& unquantized_modules) {
   if (is_fp8(options.scheme)) {
-    const json weights = {{"num_bits", 8},         {"type", "float"},
-                          {"symmetric", true},     {"strategy", options.per_tensor ? "tensor" : "channel"},
-                          {"group_size", nullptr}, {"block_structure", nullptr},
-                          {"dynamic", false},      {"actorder", nullptr},
-                          {"observer", "minmax"},  {"observer_kwargs", json::object()}};
-    return {{"quant_method", "compressed-tensors"},
-            {"format", "float-quantized"},
-            {"quantization_status", "compressed"},
-            {"ignore", unquantized_modules},
-            {"config_groups",
+    // What compressed-tensors' own writer (ModelCompressor.update_config, release
+    // kCompressedTensorsVersion) writes for weight-only fp8: the format it infers for a float scheme
+    // without input activations is naive-quantized; "ignore" lists the unquantized modules of the
+    // targeted type (Linear), so embeddings and norms are not in it.
+    std::vector<std::string> ignore;
+    for (const auto& m : unquantized_modules) {
+      const std::string_view leaf =
+          std::string_view(m).substr(m.rfind('.') == std::string::npos ? 0 : m.rfind('.') + 1);
+      const bool norm = leaf.find("norm") != std::string_view::npos || leaf.starts_with("ln_");
+      if (!is_embedding_module(m) && !norm) ignore.push_back(m);
+    }
+    const json weights = {{"num_bits", 8},     {"type", "float"},
+                          {"symmetric", true}, {"group_size", nullptr},
+                          {"dynamic", false},  {"strategy", options.per_tensor ? "tensor" : "channel"}};
+    return {{"config_groups",
              {{"group_0",
-               {{"targets", {"Linear"}},
-                {"format", "float-quantized"},
-                {"weights", weights},
+               {{"format", "naive-quantized"},
                 {"input_activations", nullptr},
-                {"output_activations", nullptr}}}}},
+                {"output_activations", nullptr},
+                {"targets", {"Linear"}},
+                {"weights", weights}}}}},
+            {"format", "naive-quantized"},
+            {"global_compression_ratio", nullptr},
+            {"ignore", ignore},
             {"kv_cache_scheme", nullptr},
-            {"sparsity_config", json::object()}};
+            {"moe_sparsity_config", nullptr},
+            {"quant_method", "compressed-tensors"},
+            {"quantization_status", "compressed"},
+            {"sparsity_config", json::object()},
+            {"transform_config", json::object()},
+            {"version", kCompressedTensorsVersion}};
   }
   const bool four = is_4bit(options.scheme);
   return {
@@ -649,6 +666,26 @@ struct ConvertRun {
 // ------------------------------------------------------------------------------------------------
 // quantize
 
+// A folder's fp8 output carries compressed-tensors' quantization_config, whose schema cannot say
+// e5m2: its 8-bit float type is always float8_e4m3fn, so transformers and vLLM would load the
+// e5m2 codes as e4m3 without a word. Refused before anything is written.
+namespace {
+void refuse_e5m2_with_config(const Checkpoint& checkpoint, const QuantPlan& plan) {
+  for (const Component& component : checkpoint.components()) {
+    const ComponentPlan* cp = plan.find(component.name());
+    if (!cp || !cp->options || cp->options->scheme != Scheme::Fp8E5M2 || cp->quantized_modules.empty())
+      continue;
+    fail(ErrorKind::InvalidInput, "fp8_e5m2 for ",
+         component.name().empty() ? std::string("the model") : "component '" + component.name() + "'", " of ",
+         checkpoint.root().string(),
+         ": compressed-tensors' quantization_config cannot express e5m2 weights (its 8-bit float is "
+         "always float8_e4m3fn), so transformers and vLLM would read the codes as e4m3 without a warning; "
+         "use fp8_e4m3 (\"fp8\") for a model folder, or quantize a single .safetensors file, which has no "
+         "quantization_config and keeps the F8_E5M2 dtype in its header");
+  }
+}
+}  // namespace
+
 ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& config, const fs::path& output,
                                   const ConvertOptions& options) {
   ConvertRun run("quantize", input, output, options);
@@ -667,6 +704,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
   for (const auto& w : plan.warnings) add_warning(report, options, w);
   const std::string fingerprint = checkpoint.fingerprint();
   const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
+  if (!is_file) refuse_e5m2_with_config(checkpoint, plan);
 
   // Two output buffers: one being filled while the other is written.
   constexpr size_t kBuffers = 2;
@@ -766,12 +804,19 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         std::once_flag linear_once;
         std::optional<QuantizedLinear> linear;
         TensorBytes tb;
-        const std::vector<std::span<const uint8_t>> parts(outs.begin(), outs.end());
+        std::vector<std::span<uint8_t>> written;  // outs, each variable-length part cut to its JSON
+        std::vector<std::span<const uint8_t>> parts;
         std::mutex stats_mu;
         detail::ErrorSums stats;
         const RangeDone range_done = [&](uint64_t begin, uint64_t end) {
           std::call_once(linear_once, [&] {
-            linear = linear_from_output(module, so, t.dtype, t.shape, group, outs);
+            written = outs;
+            for (size_t k = 0; k < group.size(); ++k) {
+              if (group[k].variable_length)
+                written[k] = written[k].first(quant_state_bytes(written[k]).size());
+            }
+            parts.assign(written.begin(), written.end());
+            linear = linear_from_output(module, so, t.dtype, t.shape, group, written);
             tb = tensor_bytes(*linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
           });
           detail::ErrorSums sums;
@@ -781,6 +826,9 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         };
         quantize_weight_into(tensor_label(component, e), t.dtype, t.shape, data, so,
                              std::span<const std::span<uint8_t>>(outs.data(), outs.size()), pool, range_done);
+        for (size_t k = 0; k < group.size(); ++k) {
+          if (group[k].variable_length) outs[k] = outs[k].first(quant_state_bytes(outs[k]).size());
+        }
         tr.sum_sq_ref = stats.sum_sq_ref;
         tr.sum_sq_err = stats.sum_sq_err;
         tr.max_abs_err = stats.max_abs_err;
@@ -820,7 +868,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       write_json_file(out_dir / "config.json", cfg);
       written_configs.insert(normal_abs(component.dir() / "config.json"));
     }
-    if (cp->options && cp->options->scheme == Scheme::Fp8E5M2 && !cp->quantized_modules.empty()) {
+    if (is_file && cp->options && cp->options->scheme == Scheme::Fp8E5M2 && !cp->quantized_modules.empty()) {
       add_warning(report, options,
                   str_cat(component.name().empty() ? std::string("the model")
                                                    : "component '" + component.name() + "'",

@@ -54,9 +54,10 @@ std::pair<uint64_t, uint64_t> check_weight(std::string_view what, DType dtype,
   return {static_cast<uint64_t>(shape[0]), static_cast<uint64_t>(shape[1])};
 }
 
-// The quant_state JSON length does not depend on the data; compute it from a zero offset.
+// The quant_state part's declared size: the longest its JSON can be (with double quant the length
+// depends on nested_offset's repr; the part is then variable-length).
 size_t quant_state_size(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options) {
-  return detail::quant_state_json(dtype, rows, cols, options, 0.0f).size();
+  return detail::quant_state_max_size(dtype, rows, cols, options);
 }
 
 // After a kernel rejected a value: the first offending element, in row-major order.
@@ -174,7 +175,8 @@ std::vector<TensorDecl> quantized_decls(std::string_view module, DType dtype, st
     decls.push_back(
         {join_name(module, str_cat("weight.quant_state.bitsandbytes__", scheme_name(options.scheme))),
          DType::U8,
-         {static_cast<int64_t>(quant_state_size(dtype, rows, cols, options))}});
+         {static_cast<int64_t>(quant_state_size(dtype, rows, cols, options))},
+         options.double_quant});
   }
   return decls;
 }
@@ -237,7 +239,17 @@ std::vector<OwnedTensor> quantize_weight(std::string_view module, std::string_vi
   std::vector<std::span<uint8_t>> outs;
   for (auto& t : result) outs.emplace_back(t.bytes);
   quantize_weight_into(tensor_label, dtype, shape, data, options, outs, pool);
+  for (auto& t : result) {
+    if (!t.decl.variable_length) continue;
+    t.bytes.resize(quant_state_bytes(t.bytes).size());
+    t.decl.shape = {static_cast<int64_t>(t.bytes.size())};
+  }
   return result;
+}
+
+std::span<const uint8_t> quant_state_bytes(std::span<const uint8_t> part) {
+  const auto end = std::find(part.begin(), part.end(), uint8_t{0});
+  return part.first(static_cast<size_t>(end - part.begin()));
 }
 
 // --- Reading quantized checkpoints -------------------------------------------------------------------

@@ -20,6 +20,7 @@ nlohmann::json device_profile_to_json(const DeviceProfile& p) {
   j["version"] = kDeviceProfileVersion;
   j["name"] = p.name;
   j["description"] = p.description;
+  if (!p.device_names.empty()) j["device_names"] = p.device_names;
   j["memory_bytes"] = p.memory_bytes;
   j["h2d_pinned_gbps"] = p.h2d_pinned_gbps;
   j["h2d_pageable_gbps"] = p.h2d_pageable_gbps;
@@ -84,6 +85,14 @@ DeviceProfile device_profile_from_json(const nlohmann::json& j, std::string_view
     } else if (key == "name" || key == "description") {
       if (!v.is_string()) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be a string");
       (key == "name" ? p.name : p.description) = v.get<std::string>();
+    } else if (key == "device_names") {
+      if (!v.is_array())
+        fail(ErrorKind::InvalidInput, label, ": key 'device_names' must be an array of strings");
+      for (const auto& n : v) {
+        if (!n.is_string() || n.get<std::string>().empty())
+          fail(ErrorKind::InvalidInput, label, ": key 'device_names' must hold non-empty strings");
+        p.device_names.push_back(n.get<std::string>());
+      }
     } else if (key == "memory_bytes") {
       p.memory_bytes = byte_count(v, label, key, true);
     } else if (key == "h2d_pinned_gbps") {

@@ -149,6 +149,22 @@ ojson loc_oj(const Location& l) {
   return ojson(l.str());
 }
 
+// A checkpoint prefix as the loader's module name: `checkpoint_prefix` and its dot removed.
+std::string module_key(const std::string& checkpoint_prefix, const std::string& prefix) {
+  if (checkpoint_prefix.empty() || prefix.empty()) return prefix;
+  if (prefix == checkpoint_prefix) return "";
+  if (prefix.size() > checkpoint_prefix.size() && prefix.starts_with(checkpoint_prefix) &&
+      prefix[checkpoint_prefix.size()] == '.')
+    return prefix.substr(checkpoint_prefix.size() + 1);
+  return prefix;
+}
+
+// The inverse: a module name of the plan file as the checkpoint prefix it stands for.
+std::string checkpoint_key(const std::string& checkpoint_prefix, const std::string& key) {
+  if (checkpoint_prefix.empty() || key.empty()) return key;
+  return checkpoint_prefix + "." + key;
+}
+
 }  // namespace
 
 json plan_to_json(const Plan& p) {
@@ -194,15 +210,17 @@ json plan_to_json(const Plan& p) {
     cj["name"] = c.name;
     cj["class_name"] = c.class_name;
     cj["template"] = c.template_name;
+    if (!c.checkpoint_prefix.empty()) cj["checkpoint_prefix"] = c.checkpoint_prefix;
     cj["bytes"] = c.bytes;
     cj["step_s"] = c.step_s;
     ojson dm = ojson::object();
     ojson reasons = ojson::object();
     ojson mbytes = ojson::object();
     for (const DeviceMapEntry& e : c.device_map) {
-      dm[e.prefix] = loc_oj(e.location);
-      if (!e.reason.empty()) reasons[e.prefix] = e.reason;
-      mbytes[e.prefix] = e.bytes;
+      const std::string key = module_key(c.checkpoint_prefix, e.prefix);
+      dm[key] = loc_oj(e.location);
+      if (!e.reason.empty()) reasons[key] = e.reason;
+      mbytes[key] = e.bytes;
     }
     cj["device_map"] = std::move(dm);
     cj["offload_reasons"] = std::move(reasons);
@@ -376,6 +394,11 @@ Plan plan_from_json(const json& j, std::string_view label) {
     c.name = r.str(cj, "name", path);
     c.class_name = r.str(cj, "class_name", path);
     c.template_name = r.str(cj, "template", path);
+    if (auto it = cj.find("checkpoint_prefix"); it != cj.end()) {
+      if (!it->is_string() || it->get<std::string>().empty())
+        fail(ErrorKind::InvalidInput, label, ": ", path, ".checkpoint_prefix must be a non-empty string");
+      c.checkpoint_prefix = it->get<std::string>();
+    }
     c.bytes = r.u64(cj, "bytes", path);
     c.step_s = r.num(cj, "step_s", path);
     const json& dm = r.at(cj, "device_map", path);
@@ -385,7 +408,7 @@ Plan plan_from_json(const json& j, std::string_view label) {
     }
     for (const auto& [key, v] : dm.items()) {
       DeviceMapEntry e;
-      e.prefix = key;
+      e.prefix = checkpoint_key(c.checkpoint_prefix, key);
       e.location = location_from_json(v, str_cat(label, ": ", path, ".device_map['", key, "']"));
       if (auto it = reasons.find(key); it != reasons.end() && it->is_string()) e.reason = it->get<std::string>();
       if (auto it = cj.find("module_bytes"); it != cj.end() && it->is_object()) {

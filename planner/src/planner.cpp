@@ -1150,6 +1150,22 @@ Plan Planner::assemble(const Outcome& o) const {
     cp.template_name = cd.tmpl ? cd.tmpl->name : std::string();
     cp.bytes = cd.bytes;
     const ModuleTree& tree = cd.tree;
+    // The loader's module names drop the template's checkpoint prefix; only when every tensor has it
+    // (a checkpoint laid out otherwise keeps its own names).
+    if (cd.tmpl && !cd.tmpl->checkpoint_prefix.empty()) {
+      const std::string& pre = cd.tmpl->checkpoint_prefix;
+      const bool all = std::all_of(tree.tensors().begin(), tree.tensors().end(), [&](const TensorDesc& t) {
+        return t.name.size() > pre.size() && t.name.starts_with(pre) && t.name[pre.size()] == '.';
+      });
+      if (all) {
+        cp.checkpoint_prefix = pre;
+        plan.notes.push_back(str_cat(
+            "component '", cd.name, "' (", cd.class_name,
+            "): device_map keys are the module names of transformers >= 5, which loads the checkpoint's '",
+            pre, ".*' into the model's root; for transformers 4.x, which keeps the '", pre,
+            "' level, prefix every key with '", pre, ".' ('' becomes '", pre, "')"));
+      }
+    }
     for (size_t t = 0; t < tree.tensors().size(); ++t) {
       if (tree.tied_to()[t] >= 0) cp.tied.push_back({tree.tensors()[t].name, tree.tensors()[static_cast<size_t>(tree.tied_to()[t])].name});
     }

@@ -5,12 +5,11 @@
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <variant>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/dtype.hpp"
@@ -65,11 +64,18 @@ using Arch = std::variant<LlamaArch, FluxArch>;
 // or non-positive sizes, heads that do not divide, axes_dims_rope not summing to head_dim, ...).
 std::optional<Arch> arch_of(const Component& component);
 std::string arch_name(const Arch& arch);  // "LlamaForCausalLM", "FluxTransformer2DModel"
+// The dtype the framework runs the model in (its activations): that of a tensor no quantizer
+// touches (Llama's model.norm.weight, Flux's norm_out.linear.bias): BF16, F16 or F32.
+// Error(InvalidInput) when the tensor is missing, Error(Unsupported) for another dtype.
+DType model_dtype(const Arch& arch, const Component& component);
 
 // The activation memory the forward holds at its peak for `batch` samples of `tokens` tokens
 // (Llama: sequence length; Flux: image tokens, text tokens from FluxArch::text_tokens), in the
 // activation dtype `dtype`, itemised (the residual stream, the normalised input, q/k/v, the
 // attention output, the MLP intermediate, modulation vectors, RoPE tables, the output ...).
+// Each item is one allocation of the backend's activation stack (Ops::alloc), counted rounded up to
+// kActivationAlignment bytes as the backends align them; the items' sum is the peak.
+inline constexpr uint64_t kActivationAlignment = 256;
 struct ActivationItem {
   std::string name;
   uint64_t bytes = 0;

@@ -171,10 +171,15 @@ struct TiedAlias {
 };
 
 struct ComponentPlan {
-  std::string name;                      // "" for a single model
-  std::string class_name;                // config's architectures[0] / _class_name, if any
-  std::string template_name;             // model template used for the order ("" = heuristic)
-  uint64_t bytes = 0;                    // exact bytes, tied copies counted once
+  std::string name;           // "" for a single model
+  std::string class_name;     // config's architectures[0] / _class_name, if any
+  std::string template_name;  // model template used for the order ("" = heuristic)
+  // The prefix the loader strips from every checkpoint name of this component (the template's
+  // checkpoint_prefix, "" = none). Device map prefixes here are checkpoint names; the plan file
+  // keys device_map, offload_reasons and module_bytes by the loader's module names (the prefix and
+  // its dot removed, the prefix itself becoming "") and says "checkpoint_prefix".
+  std::string checkpoint_prefix;
+  uint64_t bytes = 0;  // exact bytes, tied copies counted once
   // In execution order; keys never overlap. JSON: "device_map" {prefix: location} (what
   // accelerate's dispatch_model takes), "offload_reasons" {prefix: reason} for keys not on a GPU,
   // "module_bytes" {prefix: bytes}.

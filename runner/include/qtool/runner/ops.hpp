@@ -127,7 +127,7 @@ class Ops {
   virtual void rope(RopeStyle style, const Mat& x, int64_t head_dim, const Mat& cos, const Mat& sin,
                     const Mat& out) = 0;
   // out = SDPA(q, k, v): per sample and head, softmax(scale·q·kᵀ + bias + mask)·v with float32
-  // scores, softmax and accumulation, rounded once; never materialises more than one row of
+  // scores, softmax and accumulation, rounded once; never materialises more than a few rows of
   // scores per thread. q [batch*q_len, heads*hd], k and v [batch*kv_len, kv_heads*hd], out like q.
   virtual void attention(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& shape,
                          const Mat& out) = 0;

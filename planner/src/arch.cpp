@@ -1,0 +1,367 @@
+#include "qtool/planner/arch.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "qtool/formats/error.hpp"
+#include "qtool/planner/templates.hpp"
+
+namespace qtool::planner {
+using nlohmann::json;
+
+namespace {
+
+// Reads keys of one config.json; every error names the file and the key.
+class ConfigReader {
+ public:
+  ConfigReader(const json& j, std::string file) : j_(j), file_(std::move(file)) {}
+
+  const std::string& file() const { return file_; }
+  const json* find(const json& obj, std::string_view key) const {
+    auto it = obj.find(std::string(key));
+    return it == obj.end() || it->is_null() ? nullptr : &*it;
+  }
+  bool has(std::string_view key) const { return find(j_, key) != nullptr; }
+
+  // A positive integer (JSON integers, or floats with an integral value as some writers emit).
+  int64_t positive(const json& obj, std::string_view key, std::optional<int64_t> fallback,
+                   std::string_view where = {}) const {
+    const json* v = find(obj, key);
+    if (!v) {
+      if (fallback) return *fallback;
+      fail(ErrorKind::InvalidInput, file_, ": missing key '", where, key, "'");
+    }
+    int64_t n = 0;
+    if (v->is_number_integer()) {
+      n = v->get<int64_t>();
+    } else if (v->is_number_float() && std::isfinite(v->get<double>()) &&
+               v->get<double>() == std::floor(v->get<double>()) && std::fabs(v->get<double>()) < 9.0e15) {
+      n = static_cast<int64_t>(v->get<double>());
+    } else {
+      fail(ErrorKind::InvalidInput, file_, ": key '", where, key, "' must be an integer, not ", v->dump());
+    }
+    if (n <= 0 || n > (int64_t{1} << 40))
+      fail(ErrorKind::InvalidInput, file_, ": key '", where, key, "' must be a positive size, not ", n);
+    return n;
+  }
+  int64_t positive(std::string_view key, std::optional<int64_t> fallback = std::nullopt) const {
+    return positive(j_, key, fallback);
+  }
+
+  double positive_real(const json& obj, std::string_view key, std::optional<double> fallback,
+                       std::string_view where = {}) const {
+    const json* v = find(obj, key);
+    if (!v) {
+      if (fallback) return *fallback;
+      fail(ErrorKind::InvalidInput, file_, ": missing key '", where, key, "'");
+    }
+    if (!v->is_number() || !std::isfinite(v->get<double>()) || v->get<double>() <= 0.0)
+      fail(ErrorKind::InvalidInput, file_, ": key '", where, key, "' must be a positive number, not ",
+           v->dump());
+    return v->get<double>();
+  }
+
+  bool boolean(std::string_view key, bool fallback) const {
+    const json* v = find(j_, key);
+    if (!v) return fallback;
+    if (!v->is_boolean())
+      fail(ErrorKind::InvalidInput, file_, ": key '", key, "' must be true or false, not ", v->dump());
+    return v->get<bool>();
+  }
+
+  const json& root() const { return j_; }
+
+ private:
+  const json& j_;
+  std::string file_;
+};
+
+std::string config_file(const Component& component) {
+  const std::string dir = component.dir().string();
+  return dir.empty() ? std::string("config.json") : (component.dir() / "config.json").string();
+}
+
+// rope_theta and rope_scaling (transformers 4.x: top-level rope_theta, rope_scaling with `rope_type`
+// or the older `type`) or rope_parameters (5.x: one dict holding rope_theta and the type's fields).
+void read_llama_rope(const ConfigReader& r, LlamaArch& a) {
+  const json* params = r.find(r.root(), "rope_parameters");
+  const json* scaling = r.find(r.root(), "rope_scaling");
+  std::string where = "rope_parameters.";
+  if (params && !params->is_object())
+    fail(ErrorKind::InvalidInput, r.file(), ": key 'rope_parameters' must be an object, not ",
+         params->dump());
+  if (scaling && !scaling->is_object())
+    fail(ErrorKind::InvalidInput, r.file(), ": key 'rope_scaling' must be an object or null, not ",
+         scaling->dump());
+  const json* rope = params;
+  if (!rope) {
+    rope = scaling;
+    where = "rope_scaling.";
+  }
+  a.rope_theta = 10000.0;
+  if (params && r.find(*params, "rope_theta")) {
+    a.rope_theta = r.positive_real(*params, "rope_theta", std::nullopt, "rope_parameters.");
+  } else if (r.has("rope_theta")) {
+    a.rope_theta = r.positive_real(r.root(), "rope_theta", std::nullopt);
+  }
+  if (!rope) return;
+  std::string type = "default";
+  const json* t = r.find(*rope, "rope_type");
+  std::string type_key = "rope_type";
+  if (!t) {
+    t = r.find(*rope, "type");
+    type_key = "type";
+  }
+  if (t) {
+    if (!t->is_string())
+      fail(ErrorKind::InvalidInput, r.file(), ": key '", where, type_key, "' must be a string, not ",
+           t->dump());
+    type = t->get<std::string>();
+  }
+  if (const json* p = r.find(*rope, "partial_rotary_factor");
+      p && !(p->is_number() && p->get<double>() == 1.0))
+    fail(ErrorKind::Unsupported, r.file(), ": key '", where, "partial_rotary_factor' ", p->dump(),
+         " is not supported (LlamaForCausalLM rotates whole heads)");
+  if (type == "default") return;
+  if (type != "llama3")
+    fail(ErrorKind::Unsupported, r.file(), ": key '", where, type_key, "' is '", type,
+         "'; the runner implements the default and llama3 RoPE only");
+  LlamaArch::Llama3Scaling s;
+  s.factor = r.positive_real(*rope, "factor", std::nullopt, where);
+  s.low_freq_factor = r.positive_real(*rope, "low_freq_factor", std::nullopt, where);
+  s.high_freq_factor = r.positive_real(*rope, "high_freq_factor", std::nullopt, where);
+  s.original_max_position_embeddings =
+      r.positive(*rope, "original_max_position_embeddings", std::nullopt, where);
+  if (!(s.high_freq_factor > s.low_freq_factor))
+    fail(ErrorKind::InvalidInput, r.file(), ": key '", where, "high_freq_factor' (", s.high_freq_factor,
+         ") must exceed '", where, "low_freq_factor' (", s.low_freq_factor, ")");
+  a.llama3 = s;
+}
+
+LlamaArch read_llama(const ConfigReader& r) {
+  LlamaArch a;
+  a.vocab_size = r.positive("vocab_size");
+  a.hidden_size = r.positive("hidden_size");
+  a.intermediate_size = r.positive("intermediate_size");
+  a.n_layers = r.positive("num_hidden_layers");
+  a.n_heads = r.positive("num_attention_heads");
+  a.n_kv_heads = r.positive("num_key_value_heads", a.n_heads);
+  if (a.n_heads % a.n_kv_heads != 0)
+    fail(ErrorKind::InvalidInput, r.file(), ": key 'num_key_value_heads' (", a.n_kv_heads,
+         ") must divide 'num_attention_heads' (", a.n_heads, ")");
+  if (!r.has("head_dim") && a.hidden_size % a.n_heads != 0)
+    fail(ErrorKind::InvalidInput, r.file(), ": key 'num_attention_heads' (", a.n_heads,
+         ") must divide 'hidden_size' (", a.hidden_size, ") when the config has no 'head_dim'");
+  a.head_dim = r.positive("head_dim", a.hidden_size / a.n_heads);
+  if (a.head_dim % 2 != 0)
+    fail(ErrorKind::InvalidInput, r.file(), ": key 'head_dim' (", a.head_dim, ") must be even for RoPE");
+  a.rms_norm_eps = r.positive_real(r.root(), "rms_norm_eps", 1e-6);
+  read_llama_rope(r, a);
+  a.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+  a.attention_bias = r.boolean("attention_bias", false);
+  a.mlp_bias = r.boolean("mlp_bias", false);
+  if (const json* act = r.find(r.root(), "hidden_act");
+      act && !(act->is_string() && act->get<std::string>() == "silu"))
+    fail(ErrorKind::Unsupported, r.file(), ": key 'hidden_act' is ", act->dump(),
+         "; LlamaForCausalLM runs with silu");
+  return a;
+}
+
+// diffusers fills keys a config lacks with FluxTransformer2DModel's defaults; so does this.
+FluxArch read_flux(const ConfigReader& r) {
+  FluxArch a;
+  a.patch_size = r.positive("patch_size", 1);
+  a.in_channels = r.positive("in_channels", 64);
+  a.out_channels = r.positive("out_channels", a.in_channels);
+  a.n_double = r.positive("num_layers", 19);
+  a.n_single = r.positive("num_single_layers", 38);
+  a.head_dim = r.positive("attention_head_dim", 128);
+  a.n_heads = r.positive("num_attention_heads", 24);
+  a.joint_attention_dim = r.positive("joint_attention_dim", 4096);
+  a.pooled_projection_dim = r.positive("pooled_projection_dim", 768);
+  a.guidance_embeds = r.boolean("guidance_embeds", false);
+  if (const json* axes = r.find(r.root(), "axes_dims_rope")) {
+    if (!axes->is_array() || axes->empty())
+      fail(ErrorKind::InvalidInput, r.file(), ": key 'axes_dims_rope' must be a list of sizes, not ",
+           axes->dump());
+    a.axes_dims_rope.clear();
+    for (size_t i = 0; i < axes->size(); ++i) {
+      const json& v = (*axes)[i];
+      if (!v.is_number_integer() || v.get<int64_t>() <= 0 || v.get<int64_t>() % 2 != 0)
+        fail(ErrorKind::InvalidInput, r.file(), ": key 'axes_dims_rope[", i,
+             "]' must be a positive even size, not ", v.dump());
+      a.axes_dims_rope.push_back(v.get<int64_t>());
+    }
+  }
+  int64_t sum = 0;
+  for (int64_t d : a.axes_dims_rope) sum += d;
+  if (sum != a.head_dim)
+    fail(ErrorKind::InvalidInput, r.file(), ": key 'axes_dims_rope' sums to ", sum,
+         ", not 'attention_head_dim' (", a.head_dim, ")");
+  return a;
+}
+
+uint64_t u(int64_t v) { return static_cast<uint64_t>(v); }
+
+// One phase of the forward: the buffers it holds at once on top of the state.
+struct Phase {
+  std::vector<ActivationItem> items;
+  uint64_t bytes() const {
+    uint64_t s = 0;
+    for (const ActivationItem& i : items) s += i.bytes;
+    return s;
+  }
+};
+
+ActivationItem item(std::string name, int64_t rows, int64_t cols, DType dt, std::string_view rows_what) {
+  const uint64_t bytes = u(rows) * u(cols) * dtype_size(dt);
+  return {std::move(name), (bytes + kActivationAlignment - 1) / kActivationAlignment * kActivationAlignment,
+          str_cat(rows_what, " ", rows, " x ", cols, " x ", dtype_name(dt))};
+}
+
+// The state plus the largest phase (the first of equals).
+std::vector<ActivationItem> peak_of(std::vector<ActivationItem> state, const std::vector<Phase>& phases) {
+  const Phase* best = nullptr;
+  for (const Phase& p : phases)
+    if (!best || p.bytes() > best->bytes()) best = &p;
+  if (best) state.insert(state.end(), best->items.begin(), best->items.end());
+  return state;
+}
+
+// What runner/src/models/llama.cpp allocates, unit by unit (N = batch * tokens rows):
+//   state (begin): h [N, D]; RoPE cos, sin [N, hd] in the model dtype
+//   model.embed_tokens: ids [N, 1] (I64 counted: the wider of the id dtypes)
+//   layer, attention: z [N, D]; q [N, H hd]; k, v [N, Hkv hd]; attention output [N, H hd]
+//   layer, MLP: z [N, D]; gate, up [N, I]
+//   lm_head: logits [N, V] (held until the output is read)
+std::vector<ActivationItem> llama_items(const LlamaArch& a, int64_t batch, int64_t tokens, DType dt) {
+  const int64_t n = batch * tokens;
+  const int64_t q_cols = a.n_heads * a.head_dim, kv_cols = a.n_kv_heads * a.head_dim;
+  const std::vector<ActivationItem> state = {item("residual stream", n, a.hidden_size, dt, "tokens"),
+                                             item("rope cos", n, a.head_dim, dt, "tokens"),
+                                             item("rope sin", n, a.head_dim, dt, "tokens")};
+  std::vector<Phase> phases(4);
+  phases[0].items = {item("input ids", n, 1, DType::I64, "tokens")};
+  phases[1].items = {item("normalised input", n, a.hidden_size, dt, "tokens"),
+                     item("q", n, q_cols, dt, "tokens"), item("k", n, kv_cols, dt, "tokens"),
+                     item("v", n, kv_cols, dt, "tokens"), item("attention output", n, q_cols, dt, "tokens")};
+  phases[2].items = {item("normalised input", n, a.hidden_size, dt, "tokens"),
+                     item("mlp gate", n, a.intermediate_size, dt, "tokens"),
+                     item("mlp up", n, a.intermediate_size, dt, "tokens")};
+  phases[3].items = {item("logits", n, a.vocab_size, dt, "tokens")};
+  return peak_of(state, phases);
+}
+
+// What runner/src/models/flux.cpp allocates (N = batch * (Tt + Ti) rows, text and image tokens of
+// each sample together; F = 4D):
+//   state (begin): stream [N, D]; temb c and SiLU(c) [B, D]; RoPE cos, sin [Tt + Ti, hd] F32;
+//     sample [B Ti, p^2 out]
+//   x_embedder: input [B Ti, in]; context_embedder: input [B Tt, joint]
+//   time_text_embed: sinusoid [B, 256], two [B, D], pooled input [B, pooled]
+//   double block: modulation 2 x [B, 6D]; then norm/attention output, q, k, v [N, D] (attention),
+//     or norm, projection [N, D] + FF hidden [N, F] (MLP)
+//   single block: modulation [B, 3D]; norm [N, D]; [attention | MLP] [N, D + F]; q, k, v [N, D]
+//   norm_out: normalised image tokens [B Ti, D] + modulation [B, 2D]; proj_out: the former
+std::vector<ActivationItem> flux_items(const FluxArch& a, int64_t batch, int64_t tokens, DType dt) {
+  const int64_t tt = a.text_tokens, t = tt + tokens, n = batch * t, d = a.dim(), f = 4 * d;
+  const int64_t c = a.patch_size * a.patch_size * a.out_channels;
+  const std::vector<ActivationItem> state = {item("residual stream (text + image)", n, d, dt, "tokens"),
+                                             item("temb", batch, d, dt, "samples"),
+                                             item("silu(temb)", batch, d, dt, "samples"),
+                                             item("rope cos", t, a.head_dim, DType::F32, "tokens"),
+                                             item("rope sin", t, a.head_dim, DType::F32, "tokens"),
+                                             item("output sample", batch * tokens, c, dt, "tokens")};
+  std::vector<Phase> phases(7);
+  phases[0].items = {item("image input", batch * tokens, a.in_channels, dt, "tokens")};
+  phases[1].items = {item("timestep sinusoid", batch, 256, dt, "samples"),
+                     item("embedder hidden", batch, d, dt, "samples"),
+                     item("embedding", batch, d, dt, "samples"),
+                     item("pooled input", batch, a.pooled_projection_dim, dt, "samples")};
+  phases[2].items = {item("text input", batch * tt, a.joint_attention_dim, dt, "tokens")};
+  phases[3].items = {item("modulation (image)", batch, 6 * d, dt, "samples"),
+                     item("modulation (text)", batch, 6 * d, dt, "samples"),
+                     item("normalised input / attention output", n, d, dt, "tokens"),
+                     item("q / projection", n, d, dt, "tokens")};
+  phases[4] = phases[3];
+  phases[3].items.push_back(item("k", n, d, dt, "tokens"));
+  phases[3].items.push_back(item("v", n, d, dt, "tokens"));
+  phases[4].items.push_back(item("ff hidden", n, f, dt, "tokens"));
+  phases[5].items = {item("modulation (single)", batch, 3 * d, dt, "samples"),
+                     item("normalised input / projection", n, d, dt, "tokens"),
+                     item("[attention output | mlp hidden]", n, d + f, dt, "tokens"),
+                     item("q", n, d, dt, "tokens"),
+                     item("k", n, d, dt, "tokens"),
+                     item("v", n, d, dt, "tokens")};
+  phases[6].items = {item("normalised image tokens", batch * tokens, d, dt, "tokens"),
+                     item("modulation (norm_out)", batch, 2 * d, dt, "samples")};
+  if (a.n_double == 0) {
+    phases[3].items.clear();
+    phases[4].items.clear();
+  }
+  if (a.n_single == 0) phases[5].items.clear();
+  return peak_of(state, phases);
+}
+
+}  // namespace
+
+std::optional<Arch> arch_of(const Component& component) {
+  const std::optional<json>& config = component.config();
+  const std::string cls = class_name_of(config);
+  if (cls != "LlamaForCausalLM" && cls != "FluxTransformer2DModel") return std::nullopt;
+  const ConfigReader r(*config, config_file(component));
+  if (cls == "LlamaForCausalLM") return Arch(read_llama(r));
+  return Arch(read_flux(r));
+}
+
+std::string arch_name(const Arch& arch) {
+  return std::holds_alternative<LlamaArch>(arch) ? "LlamaForCausalLM" : "FluxTransformer2DModel";
+}
+
+DType model_dtype(const Arch& arch, const Component& component) {
+  const char* tensor = std::holds_alternative<LlamaArch>(arch) ? "model.norm.weight" : "norm_out.linear.bias";
+  const auto e = component.find(tensor);
+  if (!e)
+    fail(ErrorKind::InvalidInput, config_file(component), " describes a ", arch_name(arch), " but tensor '",
+         tensor, "' is not in the checkpoint");
+  const DType dt = component.info(*e).dtype;
+  if (dt != DType::BF16 && dt != DType::F16 && dt != DType::F32)
+    fail(ErrorKind::Unsupported, "tensor '", tensor, "' is ", dtype_name(dt),
+         "; the forward runs in BF16, F16 or F32");
+  return dt;
+}
+
+std::vector<ActivationItem> activation_items(const Arch& arch, int64_t batch, int64_t tokens, DType dtype) {
+  QTOOL_ASSERT(batch > 0 && tokens > 0);
+  if (const auto* l = std::get_if<LlamaArch>(&arch)) return llama_items(*l, batch, tokens, dtype);
+  return flux_items(std::get<FluxArch>(arch), batch, tokens, dtype);
+}
+
+ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens) {
+  ForwardFlops f;
+  const auto lin = [](int64_t rows, int64_t in, int64_t out) { return 2 * u(rows) * u(in) * u(out); };
+  if (const auto* a = std::get_if<LlamaArch>(&arch)) {
+    const int64_t n = batch * tokens, d = a->hidden_size;
+    const int64_t q_cols = a->n_heads * a->head_dim, kv_cols = a->n_kv_heads * a->head_dim;
+    const uint64_t layer =
+        lin(n, d, q_cols) + 2 * lin(n, d, kv_cols) + lin(n, q_cols, d) + 3 * lin(n, d, a->intermediate_size);
+    f.linear = u(a->n_layers) * layer + lin(n, d, a->vocab_size);
+    // Causal: half of the 4 * T^2 * H * hd of dense attention.
+    f.attention = u(a->n_layers) * u(batch) * 2 * u(tokens) * u(tokens) * u(a->n_heads) * u(a->head_dim);
+    return f;
+  }
+  const FluxArch& a = std::get<FluxArch>(arch);
+  const int64_t d = a.dim(), ff = 4 * d, tt = a.text_tokens, t = tt + tokens, n = batch * t;
+  const int64_t c = a.patch_size * a.patch_size * a.out_channels;
+  const uint64_t embed = lin(batch, 256, d) + lin(batch, d, d);
+  f.linear = lin(batch * tokens, a.in_channels, d) + embed * (a.guidance_embeds ? 2 : 1) +
+             lin(batch, a.pooled_projection_dim, d) + lin(batch, d, d) +
+             lin(batch * tt, a.joint_attention_dim, d);
+  const uint64_t dbl = 2 * lin(batch, d, 6 * d) + 4 * lin(n, d, d) + lin(n, d, ff) + lin(n, ff, d);
+  const uint64_t sgl = lin(batch, d, 3 * d) + 3 * lin(n, d, d) + lin(n, d, ff) + lin(n, d + ff, d);
+  f.linear += u(a.n_double) * dbl + u(a.n_single) * sgl + lin(batch, d, 2 * d) + lin(batch * tokens, d, c);
+  f.attention = u(a.n_double + a.n_single) * u(batch) * 4 * u(t) * u(t) * u(d);
+  return f;
+}
+
+}  // namespace qtool::planner

@@ -1,0 +1,29 @@
+// The architectures' forwards (one file each) and what make_forward picks from.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "qtool/planner/arch.hpp"
+#include "qtool/runner/forward.hpp"
+
+namespace qtool::runner::models {
+
+// A forward whose state after each unit can be read back: what the tests compare, stage by stage,
+// with the outputs the frameworks' forward hooks give (tests/interop/forward_models.py).
+class StagedForward : public Forward {
+ public:
+  // After run_unit(unit): the state it produced, named and shaped as the hooks' outputs
+  // ("model.layers.3" [B, T, D]; "transformer_blocks.0.txt" [B, Tt, D] ...), in the model dtype;
+  // empty for a unit without a hooked output.
+  virtual std::vector<HostTensor> stages(Ops& ops, size_t unit) = 0;
+};
+
+// Rows [row, row + n) of `m` (dense) to the host, appended to t.bytes.
+void download_rows(Ops& ops, const Mat& m, int64_t row, int64_t n, HostTensor& t);
+
+// `config_file` names the config in error messages; `dtype` is the model dtype (activations).
+std::unique_ptr<Forward> make_llama(const planner::LlamaArch& arch, DType dtype, std::string config_file);
+std::unique_ptr<Forward> make_flux(const planner::FluxArch& arch, DType dtype, std::string config_file);
+
+}  // namespace qtool::runner::models
