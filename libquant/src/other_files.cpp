@@ -22,7 +22,7 @@ bool is_within(const fs::path& path, const fs::path& folder) {
 
 struct Walker {
   fs::path root;                  // canonical
-  const fs::path& shown_root;     // as the user gave it, for messages
+  fs::path shown_root;            // as the user gave it, for messages
   std::vector<fs::path> walking;  // canonical folders being walked (root first)
   std::vector<OtherFile> files;
 

@@ -267,7 +267,9 @@ VerifyReport verify(const VerifyOptions& options) {
   j["tokens"] = tokens;
   j["steps"] = options.steps;
   j["seed"] = options.seed;
-  add_check("plan matches checkpoint", CheckResult::Status::Pass, str_cat("fingerprint ", fingerprint));
+  add_check("plan matches checkpoint", CheckResult::Status::Pass,
+            str_cat("fingerprint ", fingerprint,
+                    "; device map, groups, schedule, linears and tied aliases agree with it (plan_checks.hpp)"));
 
   RunOptions run_opts;
   run_opts.tokens = tokens;

@@ -27,7 +27,7 @@ const std::string kGood = st_header({st_entry("a.weight", "F32", "[2,2]", 0, 16)
 
 TEST_CASE("accept: a NUL after the header object is refused, naming the file and the offset") {
   const uint64_t at = 8 + kGood.size();
-  for (const std::string tail :
+  for (const std::string& tail :
        {std::string("\0", 1), std::string("\0garbage", 8), std::string("\0      ", 7),
         std::string("   \0", 4), std::string("\0{\"b\":1}", 8)}) {
     const uint64_t nul = at + tail.find('\0');

@@ -341,7 +341,6 @@ TEST_CASE("find_quantized_linears recognises every scheme in a safetensors file 
   }
   tensors.push_back({{"blocks.0.attn.to_q.bias", DType::BF16, {24}}, std::vector<uint8_t>(48, 0)});
   tensors.push_back({{"blocks.0.norm.weight", DType::F32, {40}}, std::vector<uint8_t>(160, 0)});
-  tensors.push_back({{"raw.fp8.weight", DType::F8_E4M3, {2, 2}}, std::vector<uint8_t>(4, 0)});
   write_file(dir / "model.safetensors", tensors);
 
   const Component comp = Component::open_file(dir / "model.safetensors", "");
@@ -449,6 +448,50 @@ TEST_CASE("inconsistent quant state is an error naming the file and the tensor")
       t.bytes.resize(32);
     }
   check_case(f8, ErrorKind::Unsupported, {"l.weight_scale", "per channel"});
+  // Codes without their scales are never plain weights: an I8 weight without SCB, an fp8 weight
+  // without weight_scale (both fp8 dtypes).
+  check_case(without(base_i8, "l.SCB"), ErrorKind::InvalidInput, {"'l.weight'", "I8 weight without 'l.SCB'"});
+  check_case(without(base_f8, "l.weight_scale"), ErrorKind::InvalidInput,
+             {"'l.weight'", "F8_E4M3 weight without 'l.weight_scale'"});
+  auto e5 = without(base_f8, "l.weight_scale");
+  for (auto& t : e5)
+    if (t.decl.name == "l.weight") t.decl.dtype = DType::F8_E5M2;
+  check_case(e5, ErrorKind::InvalidInput, {"F8_E5M2 weight without 'l.weight_scale'"});
+  // weight_format is read whole: I32 256 and I64 2^32 have a first byte of 0 but are not format 0.
+  for (const auto& [dt, value] :
+       {std::pair{DType::I32, int64_t{256}}, std::pair{DType::I64, int64_t{1} << 32},
+        std::pair{DType::U8, int64_t{1}}}) {
+    auto wf = base_i8;
+    for (auto& t : wf)
+      if (t.decl.name == "l.weight_format") {
+        t.decl.dtype = dt;
+        t.bytes.assign(dtype_size(dt), 0);
+        std::memcpy(t.bytes.data(), &value, dtype_size(dt));
+      }
+    check_case(wf, ErrorKind::Unsupported,
+               {"l.weight_format", str_cat("weight format ", value, " is not supported")});
+  }
+}
+
+TEST_CASE("weight_format 0 is accepted as U8, I32 or I64") {
+  TempDir dir;
+  ThreadPool pool(1);
+  std::mt19937_64 rng(test::scheme_test_seed("weight_format"));
+  const auto w = test::random_weight(DType::BF16, 4, 32, rng, false);
+  for (const DType dt : {DType::U8, DType::I32, DType::I64}) {
+    auto tensors = quantized("l", w, {Scheme::Int8}, pool);
+    for (auto& t : tensors)
+      if (t.decl.name == "l.weight_format") {
+        t.decl.dtype = dt;
+        t.bytes.assign(dtype_size(dt), 0);
+      }
+    const auto path = dir / str_cat("wf_", dtype_name(dt), ".safetensors");
+    write_file(path, tensors);
+    const Component comp = Component::open_file(path, "");
+    const auto found = find_quantized_linears(comp);
+    REQUIRE(found.size() == 1);
+    CHECK(found[0].tensor_parts.back() == Part::WeightFormat);
+  }
 }
 
 TEST_CASE("tensor_bytes from raw spans is checked against the layout") {
