@@ -3,6 +3,11 @@
 // bytes (a memory-bandwidth floor for "cat" of a cached file).
 //
 //   quant_kernels [--rows R] [--cols C] [--dtype bf16|f16|f32] [--threads N] [--reps K]
+//                 [--clock wall|cpu] [--ref 0|1]
+//
+// --clock cpu divides by the CPU time of the whole process (all threads) instead of the wall
+// time: GB per CPU-second, a per-core rate that stays comparable on a machine shared with other
+// work (where wall-clock rates mostly measure the load). --ref 0 skips the slow scalar references.
 //
 // With --checkpoint, the in-memory rate on the weights of a real checkpoint instead, for comparing
 // with a reference quantizer on the same tensors (bench/quantize.py): the weights a `qtool
@@ -11,18 +16,18 @@
 //
 //   quant_kernels --checkpoint DIR --report REPORT.json --scheme S [--double-quant] [--max-bytes N]
 //                 [--threads N] [--reps K]
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
-
-#include <fstream>
 
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/dtype.hpp"
@@ -36,8 +41,16 @@ using namespace qtool::quant;
 
 namespace {
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+bool g_cpu_clock = false;  // --clock cpu
+
+// Seconds on the chosen clock: wall time, or the CPU time of every thread of the process.
+double clock_now() {
+  if (g_cpu_clock) {
+    timespec ts{};
+    ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // Best of `reps` runs of fn, in seconds.
@@ -45,9 +58,9 @@ template <typename F>
 double best_of(int reps, F fn) {
   double best = 1e30;
   for (int i = 0; i < reps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
+    const double t0 = clock_now();
     fn();
-    best = std::min(best, seconds_since(t0));
+    best = std::min(best, clock_now() - t0);
   }
   return best;
 }
@@ -91,7 +104,8 @@ int same_tensors(const std::string& dir, const std::string& report_path, const S
     }
   });
   std::printf("{\"bytes\": %llu, \"seconds\": %.6f, \"gbps\": %.4f, \"tensors\": %zu}\n",
-              static_cast<unsigned long long>(total), t, static_cast<double>(total) / t / 1e9, weights.size());
+              static_cast<unsigned long long>(total), t, static_cast<double>(total) / t / 1e9,
+              weights.size());
   return 0;
 }
 
@@ -105,6 +119,7 @@ int main(int argc, char** argv) {
   DType dtype = DType::BF16;
   size_t threads = 2;
   int reps = 5;
+  bool with_ref = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
     if (a == "--rows")
@@ -117,6 +132,10 @@ int main(int argc, char** argv) {
       reps = std::stoi(v);
     else if (a == "--dtype")
       dtype = *parse_dtype_cli(v);
+    else if (a == "--clock" && (v == "cpu" || v == "wall"))
+      g_cpu_clock = v == "cpu";
+    else if (a == "--ref")
+      with_ref = v != "0";
     else if (a == "--checkpoint")
       checkpoint = v;
     else if (a == "--report")
@@ -160,10 +179,13 @@ int main(int argc, char** argv) {
   ThreadPool pool(threads);
   const std::vector<int64_t> shape{rows, cols};
   const double gb = static_cast<double>(data.size()) / 1e9;
-  std::printf("weight [%lld, %lld] %s (%.1f MiB), %zu threads, SIMD %s, best of %d\n",
+  std::printf("weight [%lld, %lld] %s (%.1f MiB), %zu threads, SIMD %s, best of %d, %s\n",
               static_cast<long long>(rows), static_cast<long long>(cols),
               std::string(dtype_name(dtype)).c_str(), data.size() / 1048576.0, threads,
-              detail::have_simd() ? "AVX2+F16C" : "off", reps);
+              detail::cpu_features().avx512 ? "AVX-512"
+              : detail::have_simd()         ? "AVX2+F16C"
+                                            : "off",
+              reps, g_cpu_clock ? "GB per CPU-second" : "GB per wall-clock second");
 
   // Floor: read every byte once across the pool (what `cat` of a cached file costs at least).
   std::vector<uint64_t> sink(threads * 8);
@@ -199,7 +221,8 @@ int main(int argc, char** argv) {
       detail::quantize_weight_impl("bench", dtype, shape, data, c.options, spans, pool, impl);
     };
     const double t_fast = best_of(reps, [&] { run(detail::Impl::Fast); });
-    const double t_ref = best_of(std::max(1, reps / 2), [&] { run(detail::Impl::Reference); });
+    const double t_ref =
+        with_ref ? best_of(std::max(1, reps / 2), [&] { run(detail::Impl::Reference); }) : 0.0;
     std::printf("%-14s %10.2f %10.2f %9.1fx %11.2fx\n", c.name, gb / t_fast, gb / t_ref, t_ref / t_fast,
                 t_read / t_fast);
   }

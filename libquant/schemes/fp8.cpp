@@ -53,71 +53,145 @@ QTOOL_AVX2 inline __m256i encode_fp8(__m256 x) {
   return _mm256_or_si256(code, _mm256_srli_epi32(sign, 24));
 }
 
-template <DType D, bool E5M2>
-QTOOL_AVX2 inline __m256i quant8(const uint8_t* src, uint64_t c, __m256 vscale, __m256 vmax) {
+// The quotient w / scale rounded to float32 (RNE). With the reciprocal y = fl(1 / scale), Markstein's
+// correction q1 = fl(q0 + fl(w - q0 * scale) * y) of q0 = fl(w * y) (two FMAs) is the correctly
+// rounded quotient; where it is used (BF16 and F16 weights, 1 / scale finite) it was checked
+// against the division for every pair of a 16-bit weight value w and a 16-bit scale with
+// |w| <= 450 * scale (the values a row or tensor with that scale holds): after rounding to the
+// weight's dtype the two agree everywhere, up to the sign of a zero quotient, which the zero
+// point's + 0 erases. F32 weights and scales whose reciprocal overflows divide.
+template <DType D, bool E5M2, bool Recip>
+QTOOL_AVX2_FMA inline __m256i quant8(const uint8_t* src, uint64_t c, __m256 vscale, __m256 vrecip,
+                                     __m256 vmax) {
   const __m256 x = simd::load8<D>(src + c * simd::elem_size<D>());
-  __m256 s = _mm256_add_ps(simd::round_to<D>(_mm256_div_ps(x, vscale)), _mm256_setzero_ps());
+  __m256 q;
+  if constexpr (Recip) {
+    const __m256 q0 = _mm256_mul_ps(x, vrecip);
+    q = _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, vscale, x), vrecip, q0);
+  } else {
+    q = _mm256_div_ps(x, vscale);
+  }
+  __m256 s = _mm256_add_ps(simd::round_to<D>(q), _mm256_setzero_ps());
   s = _mm256_min_ps(_mm256_max_ps(s, _mm256_sub_ps(_mm256_setzero_ps(), vmax)), vmax);
   return encode_fp8<E5M2>(s);
 }
 
-template <DType D>
-QTOOL_AVX2 float absmax_avx2(const uint8_t* src, uint64_t n) {
-  using namespace simd;
-  __m256 vmax = _mm256_setzero_ps();
-  __m256 bad = _mm256_setzero_ps();
-  uint64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    const __m256 a = abs8(load8<D>(src + c * elem_size<D>()));
-    bad = _mm256_or_ps(bad, not_finite8(a));
-    vmax = _mm256_max_ps(vmax, a);
-  }
-  float amax = hmax8(vmax);
-  bool any_bad = _mm256_movemask_ps(bad) != 0;
-  for (; c < n; ++c) {
-    const float a = std::fabs(load_element(D, src, c));
-    if (!std::isfinite(a)) any_bad = true;
-    amax = std::max(amax, a);
-  }
-  if (any_bad) throw BadValueError(BadValue::NonFinite);
-  return amax;
-}
-
-template <DType D, bool E5M2>
-QTOOL_AVX2 void quant_row_avx2(const uint8_t* src, uint64_t cols, float scale, uint8_t* q) {
-  const Fp8Format& fmt = E5M2 ? kE5M2 : kE4M3;
-  const __m256 vscale = _mm256_set1_ps(scale);
-  const __m256 vmax = _mm256_set1_ps(fmt.max);
-  uint64_t c = 0;
-  for (; c + 32 <= cols; c += 32) {
-    const __m256i packed = simd::pack_u8_32(
-        quant8<D, E5M2>(src, c, vscale, vmax), quant8<D, E5M2>(src, c + 8, vscale, vmax),
-        quant8<D, E5M2>(src, c + 16, vscale, vmax), quant8<D, E5M2>(src, c + 24, vscale, vmax));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c), packed);
-  }
+// The reference's arithmetic for the last columns of a row.
+inline void quant_tail(DType dtype, const Fp8Format& fmt, const uint8_t* src, uint64_t c, uint64_t cols,
+                       float scale, uint8_t* q) {
   for (; c < cols; ++c) {
-    const float s = round_to_dtype(D, load_element(D, src, c) / scale) + 0.0f;
+    const float s = round_to_dtype(dtype, load_element(dtype, src, c) / scale) + 0.0f;
     q[c] = fmt.encode(std::clamp(s, -fmt.max, fmt.max));
   }
 }
 
+template <DType D, bool E5M2, bool Recip>
+QTOOL_AVX2_FMA void quant_row_avx2(const uint8_t* src, uint64_t cols, float scale, uint8_t* q) {
+  const Fp8Format& fmt = E5M2 ? kE5M2 : kE4M3;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  const __m256 vrecip = _mm256_set1_ps(1.0f / scale);
+  const __m256 vmax = _mm256_set1_ps(fmt.max);
+  uint64_t c = 0;
+  for (; c + 32 <= cols; c += 32) {
+    const __m256i packed = simd::pack_u8_32(quant8<D, E5M2, Recip>(src, c, vscale, vrecip, vmax),
+                                            quant8<D, E5M2, Recip>(src, c + 8, vscale, vrecip, vmax),
+                                            quant8<D, E5M2, Recip>(src, c + 16, vscale, vrecip, vmax),
+                                            quant8<D, E5M2, Recip>(src, c + 24, vscale, vrecip, vmax));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c), packed);
+  }
+  quant_tail(D, fmt, src, c, cols, scale, q);
+}
+
+// AVX-512: the same arithmetic on 16 lanes.
+template <bool E5M2>
+QTOOL_AVX512 inline __m512i encode_fp8_16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32(INT32_MIN));
+  const __m512i a = _mm512_xor_si512(u, sign);
+  constexpr int kManShift = E5M2 ? 21 : 20;
+  constexpr uint32_t kMinNormal = E5M2 ? (113u << 23) : (121u << 23);
+  constexpr uint32_t kDenormMask = E5M2 ? (134u << 23) : (141u << 23);
+  constexpr uint32_t kRebias = static_cast<uint32_t>(E5M2 ? (15 - 127) : (7 - 127)) << 23;
+  constexpr uint32_t kHalfUlp = E5M2 ? 0xFFFFFu : 0x7FFFFu;
+  const __m512 dm = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(kDenormMask)));
+  const __m512i denorm = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), dm)),
+                                          _mm512_set1_epi32(static_cast<int32_t>(kDenormMask)));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(a, kManShift), _mm512_set1_epi32(1));
+  const __m512i normal = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(a, odd), _mm512_set1_epi32(static_cast<int32_t>(kRebias + kHalfUlp))),
+      kManShift);
+  const __mmask16 is_denorm = _mm512_cmplt_epi32_mask(a, _mm512_set1_epi32(static_cast<int32_t>(kMinNormal)));
+  const __m512i code = _mm512_mask_blend_epi32(is_denorm, normal, denorm);
+  return _mm512_or_si512(code, _mm512_srli_epi32(sign, 24));
+}
+
+template <DType D, bool E5M2, bool Recip>
+QTOOL_AVX512 void quant_row_avx512(const uint8_t* src, uint64_t cols, float scale, uint8_t* q) {
+  const Fp8Format& fmt = E5M2 ? kE5M2 : kE4M3;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512 vrecip = _mm512_set1_ps(1.0f / scale);
+  const __m512 vmax = _mm512_set1_ps(fmt.max);
+  const __m512 vmin = _mm512_set1_ps(-fmt.max);
+  uint64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    const __m512 x = simd::load16<D>(src + c * simd::elem_size<D>());
+    __m512 qv;
+    if constexpr (Recip) {
+      const __m512 q0 = _mm512_mul_ps(x, vrecip);
+      qv = _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, vscale, x), vrecip, q0);
+    } else {
+      qv = _mm512_div_ps(x, vscale);
+    }
+    __m512 s = _mm512_add_ps(simd::round_to16<D>(qv), _mm512_setzero_ps());
+    s = _mm512_min_ps(_mm512_max_ps(s, vmin), vmax);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm512_cvtepi32_epi8(encode_fp8_16<E5M2>(s)));
+  }
+  quant_tail(D, fmt, src, c, cols, scale, q);
+}
+
+template <DType D, bool E5M2>
+void quant_row(const uint8_t* src, uint64_t cols, float scale, uint8_t* q, bool avx512) {
+  const bool recip = D != DType::F32 && std::isfinite(1.0f / scale);
+  if (avx512) {
+    if (recip)
+      quant_row_avx512<D, E5M2, true>(src, cols, scale, q);
+    else
+      quant_row_avx512<D, E5M2, false>(src, cols, scale, q);
+  } else if (recip) {
+    quant_row_avx2<D, E5M2, true>(src, cols, scale, q);
+  } else {
+    quant_row_avx2<D, E5M2, false>(src, cols, scale, q);
+  }
+}
+
+// max |w| over elements [0, n), from the magnitudes' bits (simd.hpp); BadValueError on Inf/NaN.
 template <DType D>
-QTOOL_AVX2 void fp8_rows_avx2(const uint8_t* data, uint64_t cols, bool e5m2, float tensor_scale,
-                              uint64_t row_begin, uint64_t row_end, uint8_t* q, uint8_t* scales) {
+float absmax_simd(const uint8_t* src, uint64_t n, bool avx512) {
+  const uint32_t bits = avx512 ? simd::absmax_bits_avx512<D>(src, n) : simd::absmax_bits_avx2<D>(src, n);
+  if (bits >= simd::inf_bits<D>()) throw BadValueError(BadValue::NonFinite);
+  return simd::from_bits<D>(bits);
+}
+
+template <DType D>
+void fp8_rows_simd(const uint8_t* data, uint64_t cols, bool e5m2, float tensor_scale, uint64_t row_begin,
+                   uint64_t row_end, uint8_t* q, uint8_t* scales, bool avx512) {
   const float fmt_max = e5m2 ? kE5M2.max : kE4M3.max;
   for (uint64_t r = row_begin; r < row_end; ++r) {
     const uint8_t* src = data + r * cols * simd::elem_size<D>();
     float scale = tensor_scale;
     if (tensor_scale < 0.0f) {
-      scale = fp8_scale(D, absmax_avx2<D>(src, cols), fmt_max);
+      scale = fp8_scale(D, absmax_simd<D>(src, cols, avx512), fmt_max);
       store_element(D, scales, r, scale);
     }
     if (e5m2)
-      quant_row_avx2<D, true>(src, cols, scale, q + r * cols);
+      quant_row<D, true>(src, cols, scale, q + r * cols, avx512);
     else
-      quant_row_avx2<D, false>(src, cols, scale, q + r * cols);
+      quant_row<D, false>(src, cols, scale, q + r * cols, avx512);
   }
 }
+
+// The fast paths need FMA besides AVX2 (the reciprocal's correction).
+bool have_fp8_simd() { return cpu_features().fma; }
 #endif
 
 }  // namespace
@@ -132,12 +206,12 @@ float fp8_scale(DType dtype, float amax, float fmt_max) {
 float fp8_absmax_rows(const WeightView& w, uint64_t row_begin, uint64_t row_end, Impl impl) {
   const uint64_t begin = row_begin * w.cols, end = row_end * w.cols;
 #if QTOOL_HAVE_X86_SIMD
-  if (impl == Impl::Fast && have_simd()) {
+  if (impl != Impl::Reference && have_fp8_simd()) {
     const uint8_t* src = w.data + begin * dtype_size(w.dtype);
     switch (w.dtype) {
-      case DType::BF16: return absmax_avx2<DType::BF16>(src, end - begin);
-      case DType::F16: return absmax_avx2<DType::F16>(src, end - begin);
-      default: return absmax_avx2<DType::F32>(src, end - begin);
+      case DType::BF16: return absmax_simd<DType::BF16>(src, end - begin, use_avx512(impl));
+      case DType::F16: return absmax_simd<DType::F16>(src, end - begin, use_avx512(impl));
+      default: return absmax_simd<DType::F32>(src, end - begin, use_avx512(impl));
     }
   }
 #else
@@ -172,22 +246,25 @@ void fp8_quantize_rows_ref(const WeightView& w, Scheme scheme, float tensor_scal
 }
 
 void fp8_quantize_rows_fast(const WeightView& w, Scheme scheme, float tensor_scale, uint64_t row_begin,
-                            uint64_t row_end, uint8_t* q, uint8_t* scales) {
+                            uint64_t row_end, uint8_t* q, uint8_t* scales, Impl impl) {
 #if QTOOL_HAVE_X86_SIMD
-  if (have_simd()) {
+  if (have_fp8_simd()) {
     const bool e5m2 = scheme == Scheme::Fp8E5M2;
+    const bool avx512 = use_avx512(impl);
     switch (w.dtype) {
       case DType::BF16:
-        fp8_rows_avx2<DType::BF16>(w.data, w.cols, e5m2, tensor_scale, row_begin, row_end, q, scales);
+        fp8_rows_simd<DType::BF16>(w.data, w.cols, e5m2, tensor_scale, row_begin, row_end, q, scales, avx512);
         return;
       case DType::F16:
-        fp8_rows_avx2<DType::F16>(w.data, w.cols, e5m2, tensor_scale, row_begin, row_end, q, scales);
+        fp8_rows_simd<DType::F16>(w.data, w.cols, e5m2, tensor_scale, row_begin, row_end, q, scales, avx512);
         return;
       default:
-        fp8_rows_avx2<DType::F32>(w.data, w.cols, e5m2, tensor_scale, row_begin, row_end, q, scales);
+        fp8_rows_simd<DType::F32>(w.data, w.cols, e5m2, tensor_scale, row_begin, row_end, q, scales, avx512);
         return;
     }
   }
+#else
+  (void)impl;
 #endif
   fp8_quantize_rows_ref(w, scheme, tensor_scale, row_begin, row_end, q, scales);
 }
@@ -206,7 +283,7 @@ void fp8_dequantize_rows(Scheme scheme, const uint8_t* q, const uint8_t* scales,
 }
 
 void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<const std::span<uint8_t>> outs,
-                  ThreadPool& pool, Impl impl) {
+                  ThreadPool& pool, Impl impl, const RangeDone& range_done) {
   uint8_t* q = outs[0].data();
   uint8_t* scales = outs[1].data();
   const uint64_t min_rows = std::max<uint64_t>(1, (uint64_t{1} << 16) / std::max<uint64_t>(1, w.cols));
@@ -222,11 +299,16 @@ void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<c
     tensor_scale = fp8_scale(w.dtype, amax, fp8_format(options.scheme).max);
     store_element(w.dtype, scales, 0, tensor_scale);
   }
+  const uint64_t step = std::max<uint64_t>(1, kRangeDoneBytes / std::max<uint64_t>(1, w.cols * dtype_size(w.dtype)));
   pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
-    if (impl == Impl::Fast)
-      fp8_quantize_rows_fast(w, options.scheme, tensor_scale, b, e, q, scales);
-    else
-      fp8_quantize_rows_ref(w, options.scheme, tensor_scale, b, e, q, scales);
+    for (uint64_t r = b; r < e; r += step) {
+      const uint64_t re = std::min<uint64_t>(e, r + step);
+      if (impl == Impl::Reference)
+        fp8_quantize_rows_ref(w, options.scheme, tensor_scale, r, re, q, scales);
+      else
+        fp8_quantize_rows_fast(w, options.scheme, tensor_scale, r, re, q, scales, impl);
+      if (range_done) range_done(r * w.cols, re * w.cols);
+    }
   });
 }
 

@@ -62,29 +62,34 @@ QTOOL_AVX2 void quant_row(const uint8_t* src, uint64_t cols, float m, uint8_t* q
 // |x * m| < 0.25 whether rounded to float16 or not: q = 0 either way, so the rounding is skipped.
 constexpr float kBf16NoRoundScb = 0.00390625f;
 
-template <DType D>
-QTOOL_AVX2 void int8_row_avx2(const uint8_t* src, uint64_t cols, uint8_t* q, uint8_t* scb_out) {
-  using namespace simd;
-  // Pass 1: absmax of the source row. Rounding to float16 is monotonic and odd, so the absmax of
-  // the rounded row is the rounded absmax; any Inf/NaN in the source, or a float16 overflow of
-  // the largest element, rejects the row.
-  __m256 vmax = _mm256_setzero_ps();
-  __m256 bad = _mm256_setzero_ps();
+// AVX-512: the same row on 16 lanes (vcvtps2dq with round-to-nearest-even, signed saturation).
+template <DType D, bool kRoundF16>
+QTOOL_AVX512 void quant_row_avx512(const uint8_t* src, uint64_t cols, float m, uint8_t* q) {
+  const __m512 vm = _mm512_set1_ps(m);
   uint64_t c = 0;
-  for (; c + 8 <= cols; c += 8) {
-    const __m256 a = abs8(load8<D>(src + c * elem_size<D>()));
-    bad = _mm256_or_ps(bad, not_finite8(a));
-    vmax = _mm256_max_ps(vmax, a);
+  for (; c + 16 <= cols; c += 16) {
+    __m512 h = simd::load16<D>(src + c * simd::elem_size<D>());
+    if constexpr (kRoundF16) h = simd::round_f16_16(h);
+    const __m512i i =
+        _mm512_cvt_roundps_epi32(_mm512_mul_ps(h, vm), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm512_cvtsepi32_epi8(i));
   }
-  float amax = hmax8(vmax);
-  bool any_bad = _mm256_movemask_ps(bad) != 0;
   for (; c < cols; ++c) {
-    const float a = std::fabs(load_element(D, src, c));
-    if (!std::isfinite(a)) any_bad = true;
-    amax = std::max(amax, a);
+    const float h = f16_round(D, load_element(D, src, c));
+    q[c] = static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(h * m)));
   }
-  const float scb = f16_round(D, amax);
-  if (any_bad || !std::isfinite(scb)) throw BadValueError(BadValue::NonFinite);
+}
+
+template <DType D>
+void int8_row_simd(const uint8_t* src, uint64_t cols, uint8_t* q, uint8_t* scb_out, bool avx512) {
+  // Pass 1: absmax of the source row, from the magnitudes' bits (simd.hpp). Rounding to float16 is
+  // monotonic and odd, so the absmax of the rounded row is the rounded absmax; any Inf/NaN in the
+  // source, or a float16 overflow of the largest element, rejects the row.
+  const uint32_t bits =
+      avx512 ? simd::absmax_bits_avx512<D>(src, cols) : simd::absmax_bits_avx2<D>(src, cols);
+  if (bits >= simd::inf_bits<D>()) throw BadValueError(BadValue::NonFinite);
+  const float scb = f16_round(D, simd::from_bits<D>(bits));
+  if (!std::isfinite(scb)) throw BadValueError(BadValue::NonFinite);
   store_f32(scb_out, scb);
   if (scb == 0.0f) {
     std::memset(q, 0, cols);
@@ -92,10 +97,17 @@ QTOOL_AVX2 void int8_row_avx2(const uint8_t* src, uint64_t cols, uint8_t* q, uin
   }
   // Pass 2: q = rne(h * m).
   const float m = int8_multiplier(scb);
-  if (D == DType::F16 || (D == DType::BF16 && scb >= kBf16NoRoundScb))
-    quant_row<D, false>(src, cols, m, q);
-  else
+  const bool round = !(D == DType::F16 || (D == DType::BF16 && scb >= kBf16NoRoundScb));
+  if (avx512) {
+    if (round)
+      quant_row_avx512<D, true>(src, cols, m, q);
+    else
+      quant_row_avx512<D, false>(src, cols, m, q);
+  } else if (round) {
     quant_row<D, true>(src, cols, m, q);
+  } else {
+    quant_row<D, false>(src, cols, m, q);
+  }
 }
 #endif
 
@@ -129,20 +141,23 @@ void int8_quantize_rows_ref(const WeightView& w, uint64_t row_begin, uint64_t ro
 }
 
 void int8_quantize_rows_fast(const WeightView& w, uint64_t row_begin, uint64_t row_end, uint8_t* q,
-                             uint8_t* scb) {
+                             uint8_t* scb, Impl impl) {
 #if QTOOL_HAVE_X86_SIMD
   if (have_simd()) {
     const uint64_t es = dtype_size(w.dtype);
+    const bool avx512 = use_avx512(impl);
     for (uint64_t r = row_begin; r < row_end; ++r) {
       const uint8_t* src = w.data + r * w.cols * es;
       switch (w.dtype) {
-        case DType::BF16: int8_row_avx2<DType::BF16>(src, w.cols, q + r * w.cols, scb + 4 * r); break;
-        case DType::F16: int8_row_avx2<DType::F16>(src, w.cols, q + r * w.cols, scb + 4 * r); break;
-        default: int8_row_avx2<DType::F32>(src, w.cols, q + r * w.cols, scb + 4 * r); break;
+        case DType::BF16: int8_row_simd<DType::BF16>(src, w.cols, q + r * w.cols, scb + 4 * r, avx512); break;
+        case DType::F16: int8_row_simd<DType::F16>(src, w.cols, q + r * w.cols, scb + 4 * r, avx512); break;
+        default: int8_row_simd<DType::F32>(src, w.cols, q + r * w.cols, scb + 4 * r, avx512); break;
       }
     }
     return;
   }
+#else
+  (void)impl;
 #endif
   int8_quantize_rows_ref(w, row_begin, row_end, q, scb);
 }
@@ -161,16 +176,21 @@ void int8_dequantize_rows(const uint8_t* q, const uint8_t* scb, uint64_t cols, u
 }
 
 void int8_quantize(const WeightView& w, const SchemeOptions&, std::span<const std::span<uint8_t>> outs,
-                   ThreadPool& pool, Impl impl) {
+                   ThreadPool& pool, Impl impl, const RangeDone& range_done) {
   uint8_t* q = outs[0].data();
   uint8_t* scb = outs[1].data();
   outs[2][0] = 0;  // weight_format: "row"
   const uint64_t min_rows = std::max<uint64_t>(1, (uint64_t{1} << 16) / std::max<uint64_t>(1, w.cols));
+  const uint64_t step = std::max<uint64_t>(1, kRangeDoneBytes / std::max<uint64_t>(1, w.cols * dtype_size(w.dtype)));
   pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
-    if (impl == Impl::Fast)
-      int8_quantize_rows_fast(w, b, e, q, scb);
-    else
-      int8_quantize_rows_ref(w, b, e, q, scb);
+    for (uint64_t r = b; r < e; r += step) {
+      const uint64_t re = std::min<uint64_t>(e, r + step);
+      if (impl == Impl::Reference)
+        int8_quantize_rows_ref(w, r, re, q, scb);
+      else
+        int8_quantize_rows_fast(w, r, re, q, scb, impl);
+      if (range_done) range_done(r * w.cols, re * w.cols);
+    }
   });
 }
 

@@ -108,11 +108,18 @@ QTOOL_AVX2 inline __m256i count8(const Thresholds& th, __m256 s) {
   return _mm256_add_epi32(idx, _mm256_and_si256(_mm256_castps_si256(m4), _mm256_set1_epi32(1)));
 }
 
+// The scaled values are not clamped to [-1, 1] as the reference does: every threshold lies strictly
+// inside (-1, 1), so a value beyond +-1 has the same count as +-1 itself.
 template <DType D>
 QTOOL_AVX2 inline __m256 scaled8(const uint8_t* src, uint64_t i, __m256 vr) {
-  const __m256 x = simd::load8<D>(src + i * simd::elem_size<D>());
-  const __m256 s = _mm256_mul_ps(x, vr);
-  return _mm256_min_ps(_mm256_max_ps(s, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f));
+  return _mm256_mul_ps(simd::load8<D>(src + i * simd::elem_size<D>()), vr);
+}
+
+// The block's absmax from the bits of its magnitudes (simd.hpp); BadValueError on Inf/NaN.
+template <DType D>
+inline float block_absmax(uint32_t bits) {
+  if (bits >= simd::inf_bits<D>()) throw BadValueError(BadValue::NonFinite);
+  return simd::from_bits<D>(bits);
 }
 
 // Quantizes the full blocks [block_begin, block_end) (blocksize a multiple of 16).
@@ -127,15 +134,8 @@ QTOOL_AVX2 void full_blocks_avx2(const uint8_t* data, const Bnb4Table& t, uint32
   for (uint64_t b = block_begin; b < block_end; ++b) {
     const uint64_t begin = b * blocksize;
     const uint8_t* src = data + begin * elem_size<D>();
-    __m256 vmax = _mm256_setzero_ps();
-    __m256 bad = _mm256_setzero_ps();
-    for (uint64_t i = 0; i < blocksize; i += 8) {
-      const __m256 a = abs8(load8<D>(src + i * elem_size<D>()));
-      bad = _mm256_or_ps(bad, not_finite8(a));
-      vmax = _mm256_max_ps(vmax, a);
-    }
-    if (_mm256_movemask_ps(bad) != 0) throw BadValueError(BadValue::NonFinite);
-    const float amax = hmax8(vmax);
+    prefetch_ahead(src, uint64_t{blocksize} * elem_size<D>());
+    const float amax = block_absmax<D>(absmax_bits_avx2<D>(src, blocksize));
     store_f32(absmax_out + 4 * b, amax);
     const __m256 vr = _mm256_set1_ps(1.0f / std::max(amax, kMinAbsmax));
     uint8_t* out = packed + begin / 2;
@@ -152,14 +152,86 @@ QTOOL_AVX2 void full_blocks_avx2(const uint8_t* data, const Bnb4Table& t, uint32
   }
 }
 
+// AVX-512: the same four-step search on 16 lanes, each step a permute of a 16-entry table by the
+// index so far (table[k] is the threshold the step compares with when k is the index so far), a
+// compare into a mask and a masked add.
+struct Thresholds16 {
+  __m512 t7;
+  __m512 step4;  // [k] = t[k + 3] for k in {0, 8}
+  __m512 step2;  // [k] = t[k + 1] for k in {0, 4, 8, 12}
+  __m512 step1;  // [k] = t[k] for even k
+};
+
+QTOOL_AVX512 inline Thresholds16 make_thresholds16(const float* t) {
+  alignas(64) float s4[16] = {}, s2[16] = {}, s1[16] = {};
+  for (int k = 0; k < 16; k += 8) s4[k] = t[k + 3];
+  for (int k = 0; k < 16; k += 4) s2[k] = t[k + 1];
+  for (int k = 0; k < 16; k += 2) s1[k] = t[k];
+  return {_mm512_set1_ps(t[7]), _mm512_load_ps(s4), _mm512_load_ps(s2), _mm512_load_ps(s1)};
+}
+
+QTOOL_AVX512 inline __m512i count16(const Thresholds16& th, __m512 s) {
+  __m512i k = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(th.t7, s, _CMP_LT_OQ), _mm512_set1_epi32(8));
+  k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(k, th.step4), s, _CMP_LT_OQ), k,
+                            _mm512_set1_epi32(4));
+  k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(k, th.step2), s, _CMP_LT_OQ), k,
+                            _mm512_set1_epi32(2));
+  return _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(k, th.step1), s, _CMP_LT_OQ), k,
+                               _mm512_set1_epi32(1));
+}
+
+// 16 codes (int32 lanes, element order) -> 8 bytes, high nibble first: each 64-bit lane holds an
+// (even, odd) pair; (lane << 4) | (lane >> 32) puts even << 4 | odd in its low byte.
+QTOOL_AVX512 inline __m128i pack_nibbles16(__m512i k) {
+  const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(k, 4), _mm512_srli_epi64(k, 32));
+  return _mm512_cvtepi64_epi8(pairs);
+}
+
+template <DType D, bool Fp4>
+QTOOL_AVX512 void full_blocks_avx512(const uint8_t* data, const Bnb4Table& t, uint32_t blocksize,
+                                     uint64_t block_begin, uint64_t block_end, uint8_t* packed,
+                                     uint8_t* absmax_out) {
+  using namespace simd;
+  const Thresholds16 thr = make_thresholds16(t.thresholds.data());
+  alignas(64) int32_t pattern[16];
+  for (int k = 0; k < 16; ++k) pattern[k] = t.pattern_of[static_cast<size_t>(k)];
+  const __m512i pattern_of = _mm512_load_si512(pattern);
+  for (uint64_t b = block_begin; b < block_end; ++b) {
+    const uint64_t begin = b * blocksize;
+    const uint8_t* src = data + begin * elem_size<D>();
+    prefetch_ahead(src, uint64_t{blocksize} * elem_size<D>());
+    const float amax = block_absmax<D>(absmax_bits_avx512<D>(src, blocksize));
+    store_f32(absmax_out + 4 * b, amax);
+    const __m512 vr = _mm512_set1_ps(1.0f / std::max(amax, kMinAbsmax));
+    uint8_t* out = packed + begin / 2;
+    for (uint64_t i = 0; i < blocksize; i += 32) {
+      __m512i k0 = count16(thr, _mm512_mul_ps(load16<D>(src + i * elem_size<D>()), vr));
+      __m512i k1 = count16(thr, _mm512_mul_ps(load16<D>(src + (i + 16) * elem_size<D>()), vr));
+      if constexpr (Fp4) {
+        k0 = _mm512_permutexvar_epi32(k0, pattern_of);
+        k1 = _mm512_permutexvar_epi32(k1, pattern_of);
+      }
+      const __m128i bytes = _mm_unpacklo_epi64(pack_nibbles16(k0), pack_nibbles16(k1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), bytes);
+    }
+  }
+}
+
 template <DType D>
 QTOOL_AVX2 void full_blocks_dispatch(const uint8_t* data, Scheme scheme, const Bnb4Table& t,
                                      uint32_t blocksize, uint64_t block_begin, uint64_t block_end,
-                                     uint8_t* packed, uint8_t* absmax) {
-  if (scheme == Scheme::Fp4)
+                                     uint8_t* packed, uint8_t* absmax, bool avx512) {
+  const bool fp4 = scheme == Scheme::Fp4;
+  if (avx512 && blocksize % 32 == 0) {
+    if (fp4)
+      full_blocks_avx512<D, true>(data, t, blocksize, block_begin, block_end, packed, absmax);
+    else
+      full_blocks_avx512<D, false>(data, t, blocksize, block_begin, block_end, packed, absmax);
+  } else if (fp4) {
     full_blocks_avx2<D, true>(data, t, blocksize, block_begin, block_end, packed, absmax);
-  else
+  } else {
     full_blocks_avx2<D, false>(data, t, blocksize, block_begin, block_end, packed, absmax);
+  }
 }
 #endif
 
@@ -178,25 +250,26 @@ void bnb4_quantize_blocks_ref(const WeightView& w, Scheme scheme, uint32_t block
 }
 
 void bnb4_quantize_blocks_fast(const WeightView& w, Scheme scheme, uint32_t blocksize, uint64_t block_begin,
-                               uint64_t block_end, uint8_t* packed, uint8_t* absmax) {
+                               uint64_t block_end, uint8_t* packed, uint8_t* absmax, Impl impl) {
 #if QTOOL_HAVE_X86_SIMD
   if (have_simd() && blocksize % 16 == 0) {
     const Bnb4Table& t = bnb4_table(scheme);
     const uint64_t n_full = w.numel() / blocksize;
     const uint64_t full_end = std::min(block_end, n_full);
     if (block_begin < full_end) {
+      const bool avx512 = use_avx512(impl);
       switch (w.dtype) {
         case DType::BF16:
           full_blocks_dispatch<DType::BF16>(w.data, scheme, t, blocksize, block_begin, full_end, packed,
-                                            absmax);
+                                            absmax, avx512);
           break;
         case DType::F16:
           full_blocks_dispatch<DType::F16>(w.data, scheme, t, blocksize, block_begin, full_end, packed,
-                                           absmax);
+                                           absmax, avx512);
           break;
         default:
           full_blocks_dispatch<DType::F32>(w.data, scheme, t, blocksize, block_begin, full_end, packed,
-                                           absmax);
+                                           absmax, avx512);
           break;
       }
     }
@@ -282,43 +355,62 @@ size_t quant_state_max_size(DType dtype, uint64_t rows, uint64_t cols, const Sch
 }
 
 void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
-                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl) {
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
+                   const RangeDone& range_done) {
   const uint64_t n = w.numel();
   const uint64_t n_blocks = (n + options.blocksize - 1) / options.blocksize;
   uint8_t* packed = outs[0].data();
   std::vector<float> absmax_f32;
   uint8_t* absmax = outs[1].data();
+  const Bnb4Table& t = bnb4_table(options.scheme);
+  std::memcpy(outs[2].data(), t.code.data(), sizeof(float) * 16);
   if (options.double_quant) {
     absmax_f32.resize(n_blocks);
     absmax = reinterpret_cast<uint8_t*>(absmax_f32.data());
+  } else {
+    // The JSON, then zeros: the part has room for the longest nested_offset (quant_state_bytes).
+    const std::string json = quant_state_json(w.dtype, w.rows, w.cols, options, 0.0f);
+    std::span<uint8_t> state = outs.back();
+    QTOOL_ASSERT(json.size() <= state.size());
+    std::memcpy(state.data(), json.data(), json.size());
+    std::memset(state.data() + json.size(), 0, state.size() - json.size());
   }
   const uint64_t min_blocks = std::max<uint64_t>(1, (uint64_t{1} << 16) / options.blocksize);
+  // Blocks per reported range (without double quant, whose absmax are not final yet).
+  const uint64_t step =
+      std::max<uint64_t>(1, kRangeDoneBytes / (uint64_t{options.blocksize} * dtype_size(w.dtype)));
+  const bool report_now = range_done && !options.double_quant;
   pool.parallel_for(n_blocks, min_blocks, [&](size_t b, size_t e) {
-    if (impl == Impl::Fast)
-      bnb4_quantize_blocks_fast(w, options.scheme, options.blocksize, b, e, packed, absmax);
-    else
-      bnb4_quantize_blocks_ref(w, options.scheme, options.blocksize, b, e, packed, absmax);
+    for (uint64_t sb = b; sb < e; sb += step) {
+      const uint64_t se = std::min<uint64_t>(e, sb + step);
+      if (impl == Impl::Reference)
+        bnb4_quantize_blocks_ref(w, options.scheme, options.blocksize, sb, se, packed, absmax);
+      else
+        bnb4_quantize_blocks_fast(w, options.scheme, options.blocksize, sb, se, packed, absmax, impl);
+      if (report_now) range_done(sb * options.blocksize, std::min<uint64_t>(n, se * options.blocksize));
+    }
   });
-  const Bnb4Table& t = bnb4_table(options.scheme);
-  std::memcpy(outs[2].data(), t.code.data(), sizeof(float) * 16);
-  float offset = 0.0f;
-  if (options.double_quant) {
-    offset = torch_mean_f32(absmax_f32.data(), n_blocks);
-    if (!std::isfinite(offset))
-      fail(ErrorKind::InvalidInput,
-           "the mean of the block absmax overflows float32; double quant cannot encode it");
-    const uint64_t n_blocks2 = (n_blocks + kNestedBlocksize - 1) / kNestedBlocksize;
-    pool.parallel_for(n_blocks2, 64, [&](size_t b, size_t e) {
-      dynamic_quantize_blocks(absmax_f32.data(), n_blocks, offset, b, e, outs[1].data(), outs[3].data());
-    });
-    std::memcpy(outs[4].data(), dynamic_map_table().data(), sizeof(float) * 256);
-  }
+  if (!options.double_quant) return;
+  const float offset = torch_mean_f32(absmax_f32.data(), n_blocks);
+  if (!std::isfinite(offset))
+    fail(ErrorKind::InvalidInput,
+         "the mean of the block absmax overflows float32; double quant cannot encode it");
+  const uint64_t n_blocks2 = (n_blocks + kNestedBlocksize - 1) / kNestedBlocksize;
+  pool.parallel_for(n_blocks2, 64, [&](size_t b, size_t e) {
+    dynamic_quantize_blocks(absmax_f32.data(), n_blocks, offset, b, e, outs[1].data(), outs[3].data());
+  });
+  std::memcpy(outs[4].data(), dynamic_map_table().data(), sizeof(float) * 256);
   // The JSON, then zeros: the part has room for the longest nested_offset (quant_state_bytes).
   const std::string json = quant_state_json(w.dtype, w.rows, w.cols, options, offset);
   std::span<uint8_t> state = outs.back();
   QTOOL_ASSERT(json.size() <= state.size());
   std::memcpy(state.data(), json.data(), json.size());
   std::memset(state.data() + json.size(), 0, state.size() - json.size());
+  if (!range_done) return;
+  const uint64_t range = step * options.blocksize;
+  pool.parallel_for((n + range - 1) / range, 1, [&](size_t b, size_t e) {
+    for (uint64_t k = b; k < e; ++k) range_done(k * range, std::min(n, (k + 1) * range));
+  });
 }
 
 void bnb4_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,

@@ -22,10 +22,21 @@
 
 namespace qtool::quant::detail {
 
-enum class Impl { Reference, Fast };
+// Reference: the scalar source of truth. Fast: the fastest path the CPU has (AVX-512, else AVX2,
+// else the reference). FastAvx2: the AVX2 path even on an AVX-512 CPU, so that tests check both.
+enum class Impl { Reference, Fast, FastAvx2 };
 
+// What the CPU (and the OS, for the vector state) offers, read once (cpu_features.cpp).
+struct CpuFeatures {
+  bool avx2 = false;    // AVX2 and F16C
+  bool fma = false;     // and FMA
+  bool avx512 = false;  // and AVX-512 F, BW, VL
+};
+const CpuFeatures& cpu_features();
 // True when the CPU has what the fast paths use (AVX2, F16C); otherwise Fast runs the reference.
 bool have_simd();
+// Whether a fast path `impl` uses its AVX-512 variant on this CPU.
+inline bool use_avx512(Impl impl) { return impl == Impl::Fast && cpu_features().avx512; }
 
 // A [rows, cols] weight of `dtype` (BF16, F16, F32) as raw little-endian bytes, row-major.
 struct WeightView {
@@ -100,7 +111,7 @@ inline void store_element(DType dtype, uint8_t* data, uint64_t i, float v) {
 void int8_quantize_rows_ref(const WeightView& w, uint64_t row_begin, uint64_t row_end, uint8_t* q,
                             uint8_t* scb);
 void int8_quantize_rows_fast(const WeightView& w, uint64_t row_begin, uint64_t row_end, uint8_t* q,
-                             uint8_t* scb);
+                             uint8_t* scb, Impl impl = Impl::Fast);
 // out[(r - row_begin) * cols + c] = (q * scb[r]) * (float)(1/127), as bitsandbytes dequantizes.
 void int8_dequantize_rows(const uint8_t* q, const uint8_t* scb, uint64_t cols, uint64_t row_begin,
                           uint64_t row_end, float* out);
@@ -123,7 +134,7 @@ float fp8_absmax_rows(const WeightView& w, uint64_t row_begin, uint64_t row_end,
 void fp8_quantize_rows_ref(const WeightView& w, Scheme scheme, float tensor_scale, uint64_t row_begin,
                            uint64_t row_end, uint8_t* q, uint8_t* scales);
 void fp8_quantize_rows_fast(const WeightView& w, Scheme scheme, float tensor_scale, uint64_t row_begin,
-                            uint64_t row_end, uint8_t* q, uint8_t* scales);
+                            uint64_t row_end, uint8_t* q, uint8_t* scales, Impl impl = Impl::Fast);
 // out = float(q) * scale (exact in float32). scale_dtype is the weight's dtype; per_tensor: one scale.
 void fp8_dequantize_rows(Scheme scheme, const uint8_t* q, const uint8_t* scales, DType scale_dtype,
                          bool per_tensor, uint64_t cols, uint64_t row_begin, uint64_t row_end, float* out);
@@ -141,7 +152,7 @@ const Bnb4Table& bnb4_table(Scheme scheme);
 void bnb4_quantize_blocks_ref(const WeightView& w, Scheme scheme, uint32_t blocksize, uint64_t block_begin,
                               uint64_t block_end, uint8_t* packed, uint8_t* absmax);
 void bnb4_quantize_blocks_fast(const WeightView& w, Scheme scheme, uint32_t blocksize, uint64_t block_begin,
-                               uint64_t block_end, uint8_t* packed, uint8_t* absmax);
+                               uint64_t block_end, uint8_t* packed, uint8_t* absmax, Impl impl = Impl::Fast);
 // Elements [begin, end) of the flattened weight: out[i - begin] = code[q_i] * absmax[i / blocksize].
 // `code` is the 16-entry quant_map; `absmax` float32 of every block (decoded).
 void bnb4_dequantize_range(const uint8_t* packed, const float* code, const float* absmax, uint32_t blocksize,
@@ -174,8 +185,10 @@ struct SchemeEntry {
   Scheme scheme;
   std::string_view name;
   // Quantizes the whole weight into outs (scheme_parts order, sizes checked by the caller).
+  // `range_done` (may be empty) as quantize_weight_into promises it (quant.hpp).
   void (*quantize)(const WeightView& w, const SchemeOptions& options,
-                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
+                   const RangeDone& range_done);
   // Rows [row_begin, row_end) of the dequantized weight in float32.
   void (*dequantize_rows)(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
                           uint64_t row_begin, uint64_t row_end);
@@ -184,11 +197,11 @@ const SchemeEntry& scheme_entry(Scheme scheme);
 
 // The whole-tensor drivers of each scheme (used by the table).
 void int8_quantize(const WeightView& w, const SchemeOptions& options,
-                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl, const RangeDone& range_done);
 void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<const std::span<uint8_t>> outs,
-                  ThreadPool& pool, Impl impl);
+                  ThreadPool& pool, Impl impl, const RangeDone& range_done);
 void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
-                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl, const RangeDone& range_done);
 void int8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
                             uint64_t row_begin, uint64_t row_end);
 void fp8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
@@ -214,6 +227,11 @@ std::string python_float_repr(double v);
 // Quantizes with an explicit implementation (tests compare Reference and Fast).
 void quantize_weight_impl(std::string_view tensor_label, DType dtype, std::span<const int64_t> shape,
                           std::span<const uint8_t> data, const SchemeOptions& options,
-                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl);
+                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
+                          const RangeDone& range_done = {});
+
+// Bytes of input a kernel quantizes before it reports the range done: small enough that the
+// caller's pass over the same range (convert's error statistics) finds it in the core's cache.
+inline constexpr uint64_t kRangeDoneBytes = uint64_t{256} << 10;
 
 }  // namespace qtool::quant::detail

@@ -3,14 +3,7 @@
 
 namespace qtool::quant::detail {
 
-bool have_simd() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return have;
-#else
-  return false;
-#endif
-}
+bool have_simd() { return cpu_features().avx2; }
 
 namespace {
 

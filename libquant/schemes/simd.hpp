@@ -1,17 +1,30 @@
-// AVX2 + F16C helpers shared by the fast paths. Functions carry their own target attribute, so the
-// library's baseline flags stay portable; callers check have_simd() at run time. Every operation
-// here is exact or IEEE round-to-nearest-even, so the fast paths equal the scalar references.
+// AVX2 + F16C (and AVX-512) helpers shared by the fast paths. Functions carry their own target
+// attribute, so the library's baseline flags stay portable; callers check cpu_features() at run
+// time. Every operation here is exact or IEEE round-to-nearest-even, so the fast paths equal the
+// scalar references.
 #pragma once
 
 #if defined(__x86_64__) || defined(__i386__)
 #define QTOOL_HAVE_X86_SIMD 1
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "qtool/formats/dtype.hpp"
 
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it once inlined
+// (GCC bug 105593, fixed in GCC 13); the files that include this header do not otherwise rely on
+// these two warnings.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #define QTOOL_AVX2 __attribute__((target("avx2,f16c")))
+#define QTOOL_AVX2_FMA __attribute__((target("avx2,f16c,fma")))
+#define QTOOL_AVX512 __attribute__((target("avx2,f16c,fma,avx512f,avx512bw,avx512vl,avx512dq")))
 
 namespace qtool::quant::detail::simd {
 
@@ -86,6 +99,135 @@ QTOOL_AVX2 inline __m256i pack_i8_32(__m256i a, __m256i b, __m256i c, __m256i d)
   const __m256i cd = _mm256_packs_epi32(c, d);
   const __m256i abcd = _mm256_packs_epi16(ab, cd);
   return _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Software prefetch of the input `kPrefetchAhead` bytes ahead of where a kernel reads. The input
+// is a file mapping read once, front to back, straight from the page cache: the hardware
+// prefetchers stop at every 4 KiB page, so without this a kernel waits on memory at each page.
+inline constexpr uint64_t kPrefetchAhead = 4096;
+inline void prefetch_ahead(const uint8_t* p, uint64_t bytes) {
+  for (uint64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + kPrefetchAhead + off, 0, 3);
+}
+
+// --- Absolute maxima from the bits ---------------------------------------------------------------
+// Non-negative floats order as their bit patterns, so the largest magnitude of a BF16/F16/F32 run
+// is the integer maximum of the magnitudes' bits (sign bit cleared), and a run holds an Inf or NaN
+// exactly when that maximum is at least the bits of Inf. One integer max per 16 (or 8, F32)
+// elements instead of a conversion, a compare and a float max per 8.
+
+template <DType D>
+constexpr uint32_t inf_bits() {
+  return D == DType::BF16 ? 0x7F80u : D == DType::F16 ? 0x7C00u : 0x7F800000u;
+}
+
+// The float value of magnitude bits of D (finite).
+template <DType D>
+inline float from_bits(uint32_t bits) {
+  if constexpr (D == DType::BF16)
+    return bf16_to_f32(static_cast<uint16_t>(bits));
+  else if constexpr (D == DType::F16)
+    return f16_to_f32(static_cast<uint16_t>(bits));
+  else {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+}
+
+template <DType D>
+inline uint32_t magnitude_bits(const uint8_t* p, uint64_t i) {
+  if constexpr (D == DType::F32) {
+    uint32_t u;
+    std::memcpy(&u, p + 4 * i, 4);
+    return u & 0x7FFFFFFFu;
+  } else {
+    uint16_t u;
+    std::memcpy(&u, p + 2 * i, 2);
+    return u & 0x7FFFu;
+  }
+}
+
+QTOOL_AVX2 inline uint32_t hmax_epu16(__m256i v) {
+  __m128i m = _mm_max_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_minpos_epu16(_mm_xor_si128(m, _mm_set1_epi16(-1)));  // min of the complements
+  return 0xFFFFu ^ static_cast<uint32_t>(_mm_extract_epi16(m, 0));
+}
+
+QTOOL_AVX2 inline uint32_t hmax_epu32(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+
+// The largest magnitude's bits over elements [0, n) of a BF16/F16/F32 run.
+template <DType D>
+QTOOL_AVX2 inline uint32_t absmax_bits_avx2(const uint8_t* p, uint64_t n) {
+  constexpr uint64_t kLanes = D == DType::F32 ? 8 : 16;
+  __m256i m = _mm256_setzero_si256();
+  const __m256i mask = D == DType::F32 ? _mm256_set1_epi32(0x7FFFFFFF) : _mm256_set1_epi16(0x7FFF);
+  uint64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m256i v =
+        _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i * elem_size<D>())), mask);
+    m = D == DType::F32 ? _mm256_max_epu32(m, v) : _mm256_max_epu16(m, v);
+  }
+  uint32_t best = D == DType::F32 ? hmax_epu32(m) : hmax_epu16(m);
+  for (; i < n; ++i) best = std::max(best, magnitude_bits<D>(p, i));
+  return best;
+}
+
+// 16 elements of a BF16/F16/F32 buffer as float32 (exact).
+template <DType D>
+QTOOL_AVX512 inline __m512 load16(const uint8_t* p) {
+  if constexpr (D == DType::BF16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else if constexpr (D == DType::F16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+  }
+}
+
+template <DType D>
+QTOOL_AVX512 inline uint32_t absmax_bits_avx512(const uint8_t* p, uint64_t n) {
+  constexpr uint64_t kLanes = D == DType::F32 ? 16 : 32;
+  __m512i m = _mm512_setzero_si512();
+  const __m512i mask = D == DType::F32 ? _mm512_set1_epi32(0x7FFFFFFF) : _mm512_set1_epi16(0x7FFF);
+  uint64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m512i v = _mm512_and_si512(_mm512_loadu_si512(p + i * elem_size<D>()), mask);
+    m = D == DType::F32 ? _mm512_max_epu32(m, v) : _mm512_max_epu16(m, v);
+  }
+  const __m256i lo = _mm512_castsi512_si256(m), hi = _mm512_extracti64x4_epi64(m, 1);
+  uint32_t best =
+      D == DType::F32 ? hmax_epu32(_mm256_max_epu32(lo, hi)) : hmax_epu16(_mm256_max_epu16(lo, hi));
+  for (; i < n; ++i) best = std::max(best, magnitude_bits<D>(p, i));
+  return best;
+}
+
+// Round float32 lanes to float16 precision (RNE, subnormals, overflow to Inf) and back.
+QTOOL_AVX512 inline __m512 round_f16_16(__m512 x) {
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// Round finite float32 lanes to bfloat16 precision (RNE) and back.
+QTOOL_AVX512 inline __m512 round_bf16_16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+
+template <DType D>
+QTOOL_AVX512 inline __m512 round_to16(__m512 x) {
+  if constexpr (D == DType::BF16)
+    return round_bf16_16(x);
+  else if constexpr (D == DType::F16)
+    return round_f16_16(x);
+  else
+    return x;
 }
 
 }  // namespace qtool::quant::detail::simd

@@ -17,18 +17,18 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 #include <unordered_map>
 
+#include "convert_stats.hpp"
+#include "other_files.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/safetensors.hpp"
 #include "qtool/formats/size.hpp"
 #include "qtool/formats/thread_pool.hpp"
-
-#include "convert_stats.hpp"
-#include "other_files.hpp"
 
 namespace fs = std::filesystem;
 
@@ -37,7 +37,7 @@ namespace {
 
 using nlohmann::json;
 
-constexpr uint64_t kCopyChunk = 32ull << 20;      // copied tensors go out in pieces of this size
+constexpr uint64_t kCopyChunk = 32ull << 20;       // copied tensors go out in pieces of this size
 constexpr uint64_t kPrefetchLimit = 256ull << 20;  // read-ahead hint for the next tensor
 constexpr size_t kStatsChunk = 16384;              // elements per error-statistics chunk
 
@@ -65,7 +65,8 @@ void release_tensor_pages(const Component& component, const Component::Entry& e)
   const auto bytes = component.data(e);
   const SafetensorsFile& file = component.shard_of(e);
   const uint8_t* base = bytes.data() - file.file_offset(component.info(e));
-  const uint8_t* begin = bytes.data() - std::min<uint64_t>(kReleaseMargin, static_cast<uint64_t>(bytes.data() - base));
+  const uint8_t* begin =
+      bytes.data() - std::min<uint64_t>(kReleaseMargin, static_cast<uint64_t>(bytes.data() - base));
   const uint8_t* end = bytes.data() + bytes.size();
   end += std::min<uint64_t>(kReleaseMargin, static_cast<uint64_t>(base + file.file_size() - end));
   release_pages(std::span<const uint8_t>(begin, static_cast<size_t>(end - begin)));
@@ -115,12 +116,16 @@ class Sink {
     file_ = std::make_unique<SafetensorsWriter>(file, std::move(decls), metadata);
   }
   void write(std::string_view name, std::span<const uint8_t> bytes, uint64_t offset = 0) {
-    if (component_) component_->write(name, bytes, offset);
-    else file_->write(name, bytes, offset);
+    if (component_)
+      component_->write(name, bytes, offset);
+    else
+      file_->write(name, bytes, offset);
   }
   void commit() {
-    if (component_) component_->commit();
-    else file_->commit();
+    if (component_)
+      component_->commit();
+    else
+      file_->commit();
   }
   size_t n_shards() const { return component_ ? component_->n_shards() : 1; }
 
@@ -178,7 +183,8 @@ std::map<std::string, std::string> output_metadata(const Component& component,
 fs::path normal_abs(const fs::path& p) { return fs::absolute(p).lexically_normal(); }
 
 bool is_weight_file_name(const std::string& name) {
-  static const char* const kExt[] = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx"};
+  static const char* const kExt[] = {".safetensors", ".bin",     ".pt", ".pth", ".ckpt",
+                                     ".gguf",        ".msgpack", ".h5", ".onnx"};
   for (const char* ext : kExt) {
     const std::string e(ext);
     if (name.size() >= e.size() && name.compare(name.size() - e.size(), e.size(), e) == 0) return true;
@@ -221,7 +227,8 @@ uint64_t copy_other_files(const Checkpoint& checkpoint, const std::vector<detail
 }
 
 // The output folder of a component inside the output root.
-fs::path component_out_dir(const Checkpoint& checkpoint, const Component& component, const fs::path& out_root) {
+fs::path component_out_dir(const Checkpoint& checkpoint, const Component& component,
+                           const fs::path& out_root) {
   if (checkpoint.layout() != Checkpoint::Layout::Pipeline) return out_root;
   return out_root / normal_abs(component.dir()).lexically_relative(normal_abs(checkpoint.root()));
 }
@@ -278,29 +285,6 @@ QuantizedLinear linear_from_output(const std::string& module, const SchemeOption
     }
   }
   return linear;
-}
-
-// Error statistics of one quantized weight, from the bytes written: rows split across the pool,
-// each range decoded and compared with the input in one pass (convert_stats.hpp).
-void error_stats(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
-                 std::span<const uint8_t> input, ThreadPool& pool, TensorReport& report) {
-  const size_t rows = static_cast<size_t>(linear.rows());
-  const size_t cols = static_cast<size_t>(linear.cols());
-  const size_t min_rows = std::max<size_t>(1, (size_t{1} << 16) / std::max<size_t>(cols, 1));
-  std::mutex mu;
-  detail::ErrorSums total;
-  pool.parallel_for(rows, min_rows, [&](size_t r0, size_t r1) {
-    detail::ErrorSums sums;
-    for (size_t r = r0; r < r1; r += min_rows) {
-      detail::accumulate_error(linear, parts, dtype, input.data(), r, std::min(r1, r + min_rows), sums);
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    total.add(sums);
-  });
-  report.sum_sq_ref = total.sum_sq_ref;
-  report.sum_sq_err = total.sum_sq_err;
-  report.max_abs_err = total.max_abs_err;
-  report.has_error = true;
 }
 
 // Write jobs run on a thread of their own, so that the next tensor is converted while earlier ones
@@ -478,19 +462,20 @@ json quantization_config_json(const SchemeOptions& options, DType weight_dtype,
             {"version", kCompressedTensorsVersion}};
   }
   const bool four = is_4bit(options.scheme);
-  return {{"quant_method", "bitsandbytes"},
-          {"_load_in_4bit", four},
-          {"_load_in_8bit", !four},
-          {"load_in_4bit", four},
-          {"load_in_8bit", !four},
-          {"llm_int8_threshold", 6.0},
-          {"llm_int8_skip_modules", unquantized_modules},
-          {"llm_int8_enable_fp32_cpu_offload", false},
-          {"llm_int8_has_fp16_weight", false},
-          {"bnb_4bit_quant_type", four ? std::string(scheme_name(options.scheme)) : std::string("fp4")},
-          {"bnb_4bit_use_double_quant", four && options.double_quant},
-          {"bnb_4bit_compute_dtype", four ? std::string(dtype_torch_name(weight_dtype)) : std::string("float32")},
-          {"bnb_4bit_quant_storage", "uint8"}};
+  return {
+      {"quant_method", "bitsandbytes"},
+      {"_load_in_4bit", four},
+      {"_load_in_8bit", !four},
+      {"load_in_4bit", four},
+      {"load_in_8bit", !four},
+      {"llm_int8_threshold", 6.0},
+      {"llm_int8_skip_modules", unquantized_modules},
+      {"llm_int8_enable_fp32_cpu_offload", false},
+      {"llm_int8_has_fp16_weight", false},
+      {"bnb_4bit_quant_type", four ? std::string(scheme_name(options.scheme)) : std::string("fp4")},
+      {"bnb_4bit_use_double_quant", four && options.double_quant},
+      {"bnb_4bit_compute_dtype", four ? std::string(dtype_torch_name(weight_dtype)) : std::string("float32")},
+      {"bnb_4bit_quant_storage", "uint8"}};
 }
 
 json report_to_json(const ConvertReport& report) {
@@ -503,7 +488,8 @@ json report_to_json(const ConvertReport& report) {
   j["seconds"] = report.seconds;
   j["bytes_in"] = report.bytes_in;
   j["bytes_out"] = report.bytes_out;
-  j["input_bytes_per_second"] = report.seconds > 0 ? static_cast<double>(report.bytes_in) / report.seconds : 0.0;
+  j["input_bytes_per_second"] =
+      report.seconds > 0 ? static_cast<double>(report.bytes_in) / report.seconds : 0.0;
   j["files_copied"] = report.files_copied;
   if (!report.config.is_null()) j["config"] = report.config;
   double sum_ref = 0, sum_err = 0;
@@ -528,7 +514,8 @@ json report_to_json(const ConvertReport& report) {
       cj["worst_sqnr_db"] = finite_or_null(c.worst_sqnr_db);
       if (!c.worst_tensor.empty() && c.worst_sqnr_db < worst_sqnr) {
         worst_sqnr = c.worst_sqnr_db;
-        worst = {{"component", c.name}, {"tensor", c.worst_tensor}, {"sqnr_db", finite_or_null(c.worst_sqnr_db)}};
+        worst = {
+            {"component", c.name}, {"tensor", c.worst_tensor}, {"sqnr_db", finite_or_null(c.worst_sqnr_db)}};
       }
     }
     sum_ref += c.sum_sq_ref;
@@ -538,8 +525,10 @@ json report_to_json(const ConvertReport& report) {
     comps.push_back(cj);
   }
   j["components"] = comps;
-  json totals = {{"tensors_converted", n_quantized}, {"tensors_copied", n_copied},
-                 {"bytes_in", report.bytes_in}, {"bytes_out", report.bytes_out}};
+  json totals = {{"tensors_converted", n_quantized},
+                 {"tensors_copied", n_copied},
+                 {"bytes_in", report.bytes_in},
+                 {"bytes_out", report.bytes_out}};
   if (report.command == "quantize") {
     totals["rel_rms"] = finite_or_null(rel_rms_of(sum_ref, sum_err));
     totals["sqnr_db"] = finite_or_null(sqnr_of(sum_ref, sum_err));
@@ -571,8 +560,9 @@ std::string summary_text(const ConvertReport& report, bool per_tensor) {
   std::string out;
   char line[512];
   const double gbps = report.seconds > 0 ? static_cast<double>(report.bytes_in) / report.seconds / 1e9 : 0.0;
-  std::snprintf(line, sizeof line, "%s: %s -> %s (%zu threads, %.2f s, %.2f GB/s of input)\n", report.command.c_str(),
-                report.input.string().c_str(), report.output.string().c_str(), report.n_threads, report.seconds, gbps);
+  std::snprintf(line, sizeof line, "%s: %s -> %s (%zu threads, %.2f s, %.2f GB/s of input)\n",
+                report.command.c_str(), report.input.string().c_str(), report.output.string().c_str(),
+                report.n_threads, report.seconds, gbps);
   out += line;
   const bool quantize = report.command == "quantize";
   if (per_tensor) {
@@ -580,9 +570,9 @@ std::string summary_text(const ConvertReport& report, bool per_tensor) {
       if (t.scheme.empty()) continue;
       std::string name = t.component.empty() ? t.name : t.component + "/" + t.name;
       if (t.has_error) {
-        std::snprintf(line, sizeof line, "  %-60s %-8s %10s -> %10s  rel RMS %.4f  SQNR %6.2f dB\n", name.c_str(),
-                      t.scheme.c_str(), format_size(t.bytes_in).c_str(), format_size(t.bytes_out).c_str(), t.rel_rms(),
-                      t.sqnr_db());
+        std::snprintf(line, sizeof line, "  %-60s %-8s %10s -> %10s  rel RMS %.4f  SQNR %6.2f dB\n",
+                      name.c_str(), t.scheme.c_str(), format_size(t.bytes_in).c_str(),
+                      format_size(t.bytes_out).c_str(), t.rel_rms(), t.sqnr_db());
       } else {
         std::snprintf(line, sizeof line, "  %-60s %-8s %10s -> %10s\n", name.c_str(), t.scheme.c_str(),
                       format_size(t.bytes_in).c_str(), format_size(t.bytes_out).c_str());
@@ -590,16 +580,18 @@ std::string summary_text(const ConvertReport& report, bool per_tensor) {
       out += line;
     }
   }
-  std::snprintf(line, sizeof line, "  %-16s %-9s %9s %7s %11s    %-11s%s\n", "component", "scheme", "converted", "copied",
-                "bytes in", "bytes out", quantize ? "  rel RMS      SQNR  worst tensor" : "");
+  std::snprintf(line, sizeof line, "  %-16s %-9s %9s %7s %11s    %-11s%s\n", "component", "scheme",
+                "converted", "copied", "bytes in", "bytes out",
+                quantize ? "  rel RMS      SQNR  worst tensor" : "");
   out += line;
   double sum_ref = 0, sum_err = 0;
   size_t n_conv = 0, n_copied = 0;
   for (const auto& c : report.components) {
     const std::string scheme = c.options.is_null() ? "-" : c.options.at("scheme").get<std::string>();
     const std::string name = c.name.empty() ? "(model)" : c.name;
-    std::snprintf(line, sizeof line, "  %-16s %-9s %9zu %7zu %11s -> %-11s", name.c_str(), scheme.c_str(), c.n_quantized,
-                  c.n_copied, format_size(c.bytes_in).c_str(), format_size(c.bytes_out).c_str());
+    std::snprintf(line, sizeof line, "  %-16s %-9s %9zu %7zu %11s -> %-11s", name.c_str(), scheme.c_str(),
+                  c.n_quantized, c.n_copied, format_size(c.bytes_in).c_str(),
+                  format_size(c.bytes_out).c_str());
     out += line;
     if (quantize && c.n_quantized > 0) {
       std::snprintf(line, sizeof line, " %8.4f %6.2f dB  %.2f dB %s", rel_rms_of(c.sum_sq_ref, c.sum_sq_err),
@@ -616,7 +608,8 @@ std::string summary_text(const ConvertReport& report, bool per_tensor) {
                 format_size(report.bytes_in).c_str(), format_size(report.bytes_out).c_str());
   out += line;
   if (quantize && n_conv > 0) {
-    std::snprintf(line, sizeof line, " %8.4f %6.2f dB", rel_rms_of(sum_ref, sum_err), sqnr_of(sum_ref, sum_err));
+    std::snprintf(line, sizeof line, " %8.4f %6.2f dB", rel_rms_of(sum_ref, sum_err),
+                  sqnr_of(sum_ref, sum_err));
     out += line;
   }
   out += "\n";
@@ -645,7 +638,8 @@ struct ConvertRun {
   ConvertReport report;
   ConvertProgress progress;
 
-  ConvertRun(const char* command, const fs::path& input, const fs::path& output, const ConvertOptions& options)
+  ConvertRun(const char* command, const fs::path& input, const fs::path& output,
+             const ConvertOptions& options)
       : start(std::chrono::steady_clock::now()),
         out(output, options.force, input),
         checkpoint(Checkpoint::open(input)),
@@ -695,7 +689,14 @@ void refuse_e5m2_with_config(const Checkpoint& checkpoint, const QuantPlan& plan
 ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& config, const fs::path& output,
                                   const ConvertOptions& options) {
   ConvertRun run("quantize", input, output, options);
-  auto& [start, out, checkpoint, pool, report, progress] = run;
+  // Plain references, not a structured binding: lambdas below capture them (clang 14 cannot
+  // capture structured bindings).
+  auto& start = run.start;
+  auto& out = run.out;
+  auto& checkpoint = run.checkpoint;
+  auto& pool = run.pool;
+  auto& report = run.report;
+  auto& progress = run.progress;
   const QuantPlan plan = plan_quantization(config, checkpoint);
   // Checked before any conversion: a bad link fails the run at once.
   const std::vector<detail::OtherFile> other_files = detail::list_other_files(checkpoint);
@@ -798,22 +799,47 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
           outs.emplace_back(base + off, d.nbytes());
           off += (d.nbytes() + 63) & ~size_t{63};
         }
+        // The error of what is written, from the written bytes: each range as soon as the kernel
+        // has finished it, on its thread, while its input is still in that core's cache.
+        std::once_flag linear_once;
+        std::optional<QuantizedLinear> linear;
+        TensorBytes tb;
+        std::vector<std::span<uint8_t>> written;  // outs, each variable-length part cut to its JSON
+        std::vector<std::span<const uint8_t>> parts;
+        std::mutex stats_mu;
+        detail::ErrorSums stats;
+        const RangeDone range_done = [&](uint64_t begin, uint64_t end) {
+          std::call_once(linear_once, [&] {
+            written = outs;
+            for (size_t k = 0; k < group.size(); ++k) {
+              if (group[k].variable_length)
+                written[k] = written[k].first(quant_state_bytes(written[k]).size());
+            }
+            parts.assign(written.begin(), written.end());
+            linear = linear_from_output(module, so, t.dtype, t.shape, group, written);
+            tb = tensor_bytes(*linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
+          });
+          detail::ErrorSums sums;
+          detail::accumulate_error_elements(*linear, tb, t.dtype, data.data(), begin, end, sums);
+          std::lock_guard<std::mutex> lock(stats_mu);
+          stats.add(sums);
+        };
         quantize_weight_into(tensor_label(component, e), t.dtype, t.shape, data, so,
-                             std::span<const std::span<uint8_t>>(outs.data(), outs.size()), pool);
+                             std::span<const std::span<uint8_t>>(outs.data(), outs.size()), pool, range_done);
         for (size_t k = 0; k < group.size(); ++k) {
           if (group[k].variable_length) outs[k] = outs[k].first(quant_state_bytes(outs[k]).size());
         }
-        // The error of what is written, from the written bytes.
-        const QuantizedLinear linear = linear_from_output(module, so, t.dtype, t.shape, group, outs);
-        std::vector<std::span<const uint8_t>> parts(outs.begin(), outs.end());
-        const TensorBytes tb = tensor_bytes(linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
-        error_stats(linear, tb, t.dtype, data, pool, tr);
+        tr.sum_sq_ref = stats.sum_sq_ref;
+        tr.sum_sq_err = stats.sum_sq_err;
+        tr.max_abs_err = stats.max_abs_err;
+        tr.has_error = true;
         // A shard truncated under us reads as zeros past its end (MappedFile): stop here.
         component.shard_of(e).check_intact();
         release_tensor_pages(component, e);
         for (const auto& o : outs) tr.bytes_out += o.size();
         for (size_t k = 0; k < group.size(); ++k) {
-          writes.submit(scratch_batch[buffer], [&sink, &name = group[k].name, out = outs[k]] { sink.write(name, out); });
+          writes.submit(scratch_batch[buffer],
+                        [&sink, &name = group[k].name, out = outs[k]] { sink.write(name, out); });
         }
         progress.advance(t.nbytes(), t.name);
         tr.scheme = std::string(scheme_name(so.scheme));
@@ -836,14 +862,16 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         if (!cfg.is_object()) {
           fail(ErrorKind::InvalidInput, (component.dir() / "config.json").string(), ": not a JSON object");
         }
-        cfg["quantization_config"] = quantization_config_json(*cp->options, weight_dtype, cp->unquantized_modules);
+        cfg["quantization_config"] =
+            quantization_config_json(*cp->options, weight_dtype, cp->unquantized_modules);
       }
       write_json_file(out_dir / "config.json", cfg);
       written_configs.insert(normal_abs(component.dir() / "config.json"));
     }
     if (is_file && cp->options && cp->options->scheme == Scheme::Fp8E5M2 && !cp->quantized_modules.empty()) {
       add_warning(report, options,
-                  str_cat(component.name().empty() ? std::string("the model") : "component '" + component.name() + "'",
+                  str_cat(component.name().empty() ? std::string("the model")
+                                                   : "component '" + component.name() + "'",
                           ": fp8_e5m2 is read by qtool; compressed-tensors loaders expect fp8_e4m3 weights"));
     }
     report.bytes_in += cr.bytes_in;
@@ -869,7 +897,14 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
     fail(ErrorKind::Usage, "--dtype: ", dtype_name(*dtype), " is not bf16, f16 or f32");
   }
   ConvertRun run("dequantize", input, output, options);
-  auto& [start, out, checkpoint, pool, report, progress] = run;
+  // Plain references, not a structured binding: lambdas below capture them (clang 14 cannot
+  // capture structured bindings).
+  auto& start = run.start;
+  auto& out = run.out;
+  auto& checkpoint = run.checkpoint;
+  auto& pool = run.pool;
+  auto& report = run.report;
+  auto& progress = run.progress;
   const std::string fingerprint = checkpoint.fingerprint();
   const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
 
@@ -893,7 +928,8 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
       std::optional<DType> from_config;
       if (component.config() && component.config()->is_object()) {
         for (const char* key : {"torch_dtype", "dtype"}) {
-          if (!from_config && component.config()->contains(key)) from_config = dtype_from_torch_name((*component.config())[key]);
+          if (!from_config && component.config()->contains(key))
+            from_config = dtype_from_torch_name((*component.config())[key]);
         }
       }
       if (from_config) {
@@ -1026,7 +1062,8 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
     report.components.push_back(std::move(cr));
   }
   if (n_linears_total == 0) {
-    add_warning(report, options, str_cat(input.string(), ": no quantized weights found; the tensors are copied unchanged"));
+    add_warning(report, options,
+                str_cat(input.string(), ": no quantized weights found; the tensors are copied unchanged"));
   }
   std::vector<std::string> copy_warnings;
   report.files_copied = copy_other_files(checkpoint, other_files, out.tmp(), written_configs, copy_warnings,

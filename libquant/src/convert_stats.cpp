@@ -7,6 +7,9 @@
 #include <cstring>
 #include <vector>
 
+#include "scheme.hpp"
+#include "simd.hpp"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define QTOOL_STATS_SIMD 1
@@ -80,7 +83,8 @@ struct ScalarAcc {
 std::array<float, 256> fp8_table(Scheme scheme) {
   std::array<float, 256> t{};
   for (int i = 0; i < 256; ++i) {
-    t[i] = scheme == Scheme::Fp8E4M3 ? fp8_e4m3_to_f32(static_cast<uint8_t>(i)) : fp8_e5m2_to_f32(static_cast<uint8_t>(i));
+    t[i] = scheme == Scheme::Fp8E4M3 ? fp8_e4m3_to_f32(static_cast<uint8_t>(i))
+                                     : fp8_e5m2_to_f32(static_cast<uint8_t>(i));
   }
   return t;
 }
@@ -103,8 +107,8 @@ uint8_t nibble(const uint8_t* packed, size_t i) {
 
 // ---- scalar paths ----------------------------------------------------------------------------
 
-void int8_scalar(const uint8_t* q, const uint8_t* scb, DType dtype, const uint8_t* w, size_t cols, size_t r0, size_t r1,
-                 ErrorSums& sums) {
+void int8_scalar(const uint8_t* q, const uint8_t* scb, DType dtype, const uint8_t* w, size_t cols, size_t r0,
+                 size_t r1, ErrorSums& sums) {
   ScalarAcc acc(sums);
   for (size_t r = r0; r < r1; ++r) {
     const float s = load_f32(scb, r);
@@ -127,10 +131,11 @@ void fp8_scalar(const float* table, const uint8_t* q, const uint8_t* scales, DTy
   }
 }
 
-void bnb4_scalar(const float* code, const float* absmax, size_t block0, uint32_t bs, const uint8_t* packed, DType dtype,
-                 const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
+void bnb4_scalar(const float* code, const float* absmax, size_t block0, uint32_t bs, const uint8_t* packed,
+                 DType dtype, const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
   ScalarAcc acc(sums);
-  for (size_t i = i0; i < i1; ++i) acc.add(load_original(dtype, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  for (size_t i = i0; i < i1; ++i)
+    acc.add(load_original(dtype, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
 }
 
 // ---- AVX2 paths ------------------------------------------------------------------------------
@@ -172,6 +177,7 @@ QTOOL_STATS_TARGET inline void run8(const uint8_t* w, size_t i, size_t n, const 
     const size_t base = i + done;
     size_t k = 0;
     for (; k + 16 <= m; k += 16) {
+      if (k % 32 == 0) simd::prefetch_ahead(w + (base + k) * (D == DType::F32 ? 4 : 2), 64);
       const __m256 w0 = load8<D>(w, base + k), w1 = load8<D>(w, base + k + 8);
       const __m256 d0 = _mm256_sub_ps(dec(base + k), w0), d1 = _mm256_sub_ps(dec(base + k + 8), w1);
       r0 = _mm256_fmadd_ps(w0, w0, r0);
@@ -210,7 +216,7 @@ struct Int8Dec {
 // NaN and Inf codes are never written), and the product rounds once, as table[q] * s does.
 struct Fp8Dec {
   const uint8_t* q;
-  __m256 s;   // the row's scale, times 2^8 for e4m3
+  __m256 s;  // the row's scale, times 2^8 for e4m3
   bool e4m3;
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
     const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
@@ -235,7 +241,8 @@ struct Bnb4Dec {
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
     uint32_t x;
     std::memcpy(&x, packed + i / 2, 4);
-    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(x)), shifts), low4);
+    const __m256i idx =
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(x)), shifts), low4);
     // A 16-entry lookup: both halves permuted by the low 3 bits, bit 3 picks the half.
     const __m256 lo = _mm256_permutevar8x32_ps(code_lo, idx);
     const __m256 hi = _mm256_permutevar8x32_ps(code_hi, idx);
@@ -245,8 +252,8 @@ struct Bnb4Dec {
 };
 
 template <DType D>
-QTOOL_STATS_TARGET void int8_avx2(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols, size_t r0,
-                                  size_t r1, ErrorSums& sums) {
+QTOOL_STATS_TARGET void int8_avx2(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols,
+                                  size_t r0, size_t r1, ErrorSums& sums) {
   ScalarAcc tail(sums);
   const size_t n8 = cols & ~size_t{7};
   for (size_t r = r0; r < r1; ++r) {
@@ -262,7 +269,8 @@ QTOOL_STATS_TARGET void int8_avx2(const uint8_t* q, const uint8_t* scb, const ui
 
 template <DType D>
 QTOOL_STATS_TARGET void fp8_avx2(Scheme scheme, const float* table, const uint8_t* q, const uint8_t* scales,
-                                 bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1, ErrorSums& sums) {
+                                 bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1,
+                                 ErrorSums& sums) {
   const bool e4m3 = scheme == Scheme::Fp8E4M3;
   ScalarAcc tail(sums);
   const size_t n8 = cols & ~size_t{7};
@@ -279,46 +287,235 @@ QTOOL_STATS_TARGET void fp8_avx2(Scheme scheme, const float* table, const uint8_
 
 template <DType D>
 QTOOL_STATS_TARGET void bnb4_avx2(const float* code, const float* absmax, size_t block0, uint32_t bs,
-                                  const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
+                                  const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1,
+                                  ErrorSums& sums) {
   ScalarAcc tail(sums);
   // Groups of 8 never straddle a block: blocks are powers of two >= 32 long.
-  const Bnb4Dec dec{_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8), packed, absmax, block0,
-                    static_cast<unsigned>(__builtin_ctz(bs)), _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24),
+  const Bnb4Dec dec{_mm256_loadu_ps(code),
+                    _mm256_loadu_ps(code + 8),
+                    packed,
+                    absmax,
+                    block0,
+                    static_cast<unsigned>(__builtin_ctz(bs)),
+                    _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24),
                     _mm256_set1_epi32(0x0F)};
   size_t i = i0;
-  for (; i < i1 && i % 8 != 0; ++i) tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  for (; i < i1 && i % 8 != 0; ++i)
+    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
   const size_t n8 = (i1 - i) & ~size_t{7};
   run8<D>(w, i, n8, dec, sums);
-  for (i += n8; i < i1; ++i) tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  for (i += n8; i < i1; ++i)
+    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
+// ---- AVX-512 paths: the same decoders on 16 lanes ---------------------------------------------
+
+#define QTOOL_STATS_TARGET512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
+
+template <DType D>
+QTOOL_STATS_TARGET512 inline __m512 load16(const uint8_t* w, size_t i) {
+  return simd::load16<D>(w + i * (D == DType::F32 ? 4 : 2));
 }
+
+// Elements [i, i + n) (n a multiple of 16) against what `dec(j)` decodes for elements [j, j + 16).
+template <DType D, typename Dec>
+QTOOL_STATS_TARGET512 inline void run16(const uint8_t* w, size_t i, size_t n, const Dec& dec, ErrorSums& sums) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (size_t done = 0; done < n;) {
+    const size_t m = std::min(n - done, kFlushEvery);
+    __m512 r0 = _mm512_setzero_ps(), r1 = r0, e0 = r0, e1 = r0, x0 = r0, x1 = r0;
+    const size_t base = i + done;
+    size_t k = 0;
+    for (; k + 32 <= m; k += 32) {
+      simd::prefetch_ahead(w + (base + k) * (D == DType::F32 ? 4 : 2), 64);
+      const __m512 w0 = load16<D>(w, base + k), w1 = load16<D>(w, base + k + 16);
+      const __m512 d0 = _mm512_sub_ps(dec(base + k), w0), d1 = _mm512_sub_ps(dec(base + k + 16), w1);
+      r0 = _mm512_fmadd_ps(w0, w0, r0);
+      r1 = _mm512_fmadd_ps(w1, w1, r1);
+      e0 = _mm512_fmadd_ps(d0, d0, e0);
+      e1 = _mm512_fmadd_ps(d1, d1, e1);
+      x0 = _mm512_max_ps(x0, _mm512_andnot_ps(sign, d0));
+      x1 = _mm512_max_ps(x1, _mm512_andnot_ps(sign, d1));
+    }
+    for (; k < m; k += 16) {
+      const __m512 w0 = load16<D>(w, base + k);
+      const __m512 d0 = _mm512_sub_ps(dec(base + k), w0);
+      r0 = _mm512_fmadd_ps(w0, w0, r0);
+      e0 = _mm512_fmadd_ps(d0, d0, e0);
+      x0 = _mm512_max_ps(x0, _mm512_andnot_ps(sign, d0));
+    }
+    const __m512 r = _mm512_add_ps(r0, r1), e = _mm512_add_ps(e0, e1), x = _mm512_max_ps(x0, x1);
+    sums.sum_sq_ref += hsum(_mm256_add_ps(_mm512_castps512_ps256(r), _mm512_extractf32x8_ps(r, 1)));
+    sums.sum_sq_err += hsum(_mm256_add_ps(_mm512_castps512_ps256(e), _mm512_extractf32x8_ps(e, 1)));
+    sums.max_abs_err =
+        std::max(sums.max_abs_err, hmax(_mm256_max_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1))));
+    done += m;
+  }
+}
+
+struct Int8Dec16 {
+  const uint8_t* q;
+  __m512 s, inv;
+  QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
+    const __m128i q8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)), s), inv);
+  }
+};
+
+struct Fp8Dec16 {  // as Fp8Dec
+  const uint8_t* q;
+  __m512 s;
+  bool e4m3;
+  QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+    __m256i h;
+    if (e4m3) {
+      h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8),
+                          _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7));
+    } else {
+      h = _mm256_slli_epi16(v, 8);
+    }
+    return _mm512_mul_ps(_mm512_cvtph_ps(h), s);
+  }
+};
+
+// 16 codes from 8 bytes: each byte doubled (pshufb), widened, the even lanes shifted right by 4,
+// masked to 4 bits, and looked up in the 16-entry table with one permute.
+struct Bnb4Dec16 {
+  __m512 code;
+  const uint8_t* packed;
+  const float* absmax;
+  size_t block0;
+  unsigned log2_bs;
+  __m128i doubled;
+  __m512i shifts, low4;
+  QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2));
+    const __m512i wide = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, doubled));
+    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(wide, shifts), low4);
+    return _mm512_mul_ps(_mm512_permutexvar_ps(idx, code), _mm512_set1_ps(absmax[(i >> log2_bs) - block0]));
+  }
+};
+
+template <DType D>
+QTOOL_STATS_TARGET512 void int8_avx512(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols,
+                                       size_t r0, size_t r1, ErrorSums& sums) {
+  ScalarAcc tail(sums);
+  const size_t n16 = cols & ~size_t{15};
+  for (size_t r = r0; r < r1; ++r) {
+    const float s = load_f32(scb, r);
+    const size_t base = r * cols;
+    run16<D>(w, base, n16, Int8Dec16{q, _mm512_set1_ps(s), _mm512_set1_ps(kInvInt8Max)}, sums);
+    for (size_t c = n16; c < cols; ++c) {
+      const size_t i = base + c;
+      tail.add(load_original(D, w, i), (static_cast<float>(static_cast<int8_t>(q[i])) * s) * kInvInt8Max);
+    }
+  }
+}
+
+template <DType D>
+QTOOL_STATS_TARGET512 void fp8_avx512(Scheme scheme, const float* table, const uint8_t* q, const uint8_t* scales,
+                                      bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1,
+                                      ErrorSums& sums) {
+  const bool e4m3 = scheme == Scheme::Fp8E4M3;
+  ScalarAcc tail(sums);
+  const size_t n16 = cols & ~size_t{15};
+  for (size_t r = r0; r < r1; ++r) {
+    const float s = load_original(D, scales, per_tensor ? 0 : r);
+    const size_t base = r * cols;
+    run16<D>(w, base, n16, Fp8Dec16{q, _mm512_set1_ps(e4m3 ? s * 0x1p8f : s), e4m3}, sums);
+    for (size_t c = n16; c < cols; ++c) {
+      const size_t i = base + c;
+      tail.add(load_original(D, w, i), table[q[i]] * s);
+    }
+  }
+}
+
+template <DType D>
+QTOOL_STATS_TARGET512 void bnb4_avx512(const float* code, const float* absmax, size_t block0, uint32_t bs,
+                                       const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1,
+                                       ErrorSums& sums) {
+  ScalarAcc tail(sums);
+  // Groups of 16 never straddle a block: blocks are powers of two >= 32 long.
+  const Bnb4Dec16 dec{_mm512_loadu_ps(code),
+                      packed,
+                      absmax,
+                      block0,
+                      static_cast<unsigned>(__builtin_ctz(bs)),
+                      _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                      _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0),
+                      _mm512_set1_epi32(0x0F)};
+  size_t i = i0;
+  for (; i < i1 && i % 16 != 0; ++i)
+    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  const size_t n16 = (i1 - i) & ~size_t{15};
+  run16<D>(w, i, n16, dec, sums);
+  for (i += n16; i < i1; ++i)
+    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+}
+
+bool cpu_has_avx2() { return cpu_features().fma; }
 
 #endif  // QTOOL_STATS_SIMD
 
 }  // namespace
 
-void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype, const uint8_t* original,
-                      size_t row_begin, size_t row_end, ErrorSums& sums, bool simd) {
-  if (row_begin >= row_end) return;
+void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                      const uint8_t* original, size_t row_begin, size_t row_end, ErrorSums& sums, Impl impl) {
   const size_t cols = static_cast<size_t>(linear.cols());
+  accumulate_error_elements(linear, parts, dtype, original, row_begin * cols, row_end * cols, sums, impl);
+}
+
+void accumulate_error_elements(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                               const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums, Impl impl) {
+  if (begin >= end) return;
+  const size_t cols = static_cast<size_t>(linear.cols());
+  const bool rowwise = !is_4bit(linear.options.scheme);
+  QTOOL_ASSERT(!rowwise || (cols > 0 && begin % cols == 0 && end % cols == 0));
+  const size_t row_begin = rowwise ? begin / cols : 0, row_end = rowwise ? end / cols : 0;
   ErrorSums local;
 #ifdef QTOOL_STATS_SIMD
-  simd = simd && cpu_has_avx2();
+  const bool simd = impl != Impl::Reference && cpu_has_avx2();
+  const bool avx512 = simd && use_avx512(impl);
 #else
-  simd = false;
+  (void)impl;
+  const bool simd = false;
 #endif
   const Scheme scheme = linear.options.scheme;
   if (scheme == Scheme::Int8) {
 #ifdef QTOOL_STATS_SIMD
+    if (avx512) {
+      switch (dtype) {
+        case DType::BF16:
+          int8_avx512<DType::BF16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
+                                   local);
+          break;
+        case DType::F16:
+          int8_avx512<DType::F16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
+                                  local);
+          break;
+        default:
+          int8_avx512<DType::F32>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
+                                  local);
+          break;
+      }
+      sums.add(local);
+      return;
+    }
     if (simd) {
       switch (dtype) {
-        case DType::BF16: int8_avx2<DType::BF16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end, local); break;
-        case DType::F16: int8_avx2<DType::F16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end, local); break;
-        default: int8_avx2<DType::F32>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end, local); break;
+        case DType::BF16:
+          int8_avx2<DType::BF16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
+                                 local);
+          break;
+        case DType::F16:
+          int8_avx2<DType::F16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
+                                local);
+          break;
+        default:
+          int8_avx2<DType::F32>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
+                                local);
+          break;
       }
       sums.add(local);
       return;
@@ -329,31 +526,85 @@ void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, D
     const auto table = fp8_table(scheme);
     const bool per_tensor = linear.options.per_tensor;
 #ifdef QTOOL_STATS_SIMD
+    if (avx512) {
+      switch (dtype) {
+        case DType::BF16:
+          fp8_avx512<DType::BF16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
+                                  original, cols, row_begin, row_end, local);
+          break;
+        case DType::F16:
+          fp8_avx512<DType::F16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
+                                 original, cols, row_begin, row_end, local);
+          break;
+        default:
+          fp8_avx512<DType::F32>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
+                                 original, cols, row_begin, row_end, local);
+          break;
+      }
+      sums.add(local);
+      return;
+    }
     if (simd) {
       switch (dtype) {
-        case DType::BF16: fp8_avx2<DType::BF16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
-        case DType::F16: fp8_avx2<DType::F16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
-        default: fp8_avx2<DType::F32>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor, original, cols, row_begin, row_end, local); break;
+        case DType::BF16:
+          fp8_avx2<DType::BF16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
+                                original, cols, row_begin, row_end, local);
+          break;
+        case DType::F16:
+          fp8_avx2<DType::F16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
+                               original, cols, row_begin, row_end, local);
+          break;
+        default:
+          fp8_avx2<DType::F32>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
+                               original, cols, row_begin, row_end, local);
+          break;
       }
       sums.add(local);
       return;
     }
 #endif
-    fp8_scalar(table.data(), parts.weight.data(), parts.scale.data(), dtype, per_tensor, original, cols, row_begin,
-               row_end, local);
+    fp8_scalar(table.data(), parts.weight.data(), parts.scale.data(), dtype, per_tensor, original, cols,
+               row_begin, row_end, local);
   } else {
     const uint32_t bs = linear.options.blocksize;
-    const size_t i0 = row_begin * cols, i1 = row_end * cols;
+    const size_t i0 = begin, i1 = end;
     const size_t b0 = i0 / bs, b1 = (i1 - 1) / bs + 1;
     std::vector<float> absmax(b1 - b0);
     decode_absmax(linear, parts, absmax.data(), b0, b1);
     const auto code = bnb4_codes(linear, parts);
 #ifdef QTOOL_STATS_SIMD
+    if (avx512) {
+      switch (dtype) {
+        case DType::BF16:
+          bnb4_avx512<DType::BF16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
+                                   local);
+          break;
+        case DType::F16:
+          bnb4_avx512<DType::F16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
+                                  local);
+          break;
+        default:
+          bnb4_avx512<DType::F32>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
+                                  local);
+          break;
+      }
+      sums.add(local);
+      return;
+    }
     if (simd) {
       switch (dtype) {
-        case DType::BF16: bnb4_avx2<DType::BF16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1, local); break;
-        case DType::F16: bnb4_avx2<DType::F16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1, local); break;
-        default: bnb4_avx2<DType::F32>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1, local); break;
+        case DType::BF16:
+          bnb4_avx2<DType::BF16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
+                                 local);
+          break;
+        case DType::F16:
+          bnb4_avx2<DType::F16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
+                                local);
+          break;
+        default:
+          bnb4_avx2<DType::F32>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
+                                local);
+          break;
       }
       sums.add(local);
       return;

@@ -193,7 +193,8 @@ namespace detail {
 
 void quantize_weight_impl(std::string_view tensor_label, DType dtype, std::span<const int64_t> shape,
                           std::span<const uint8_t> data, const SchemeOptions& options,
-                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl) {
+                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
+                          const RangeDone& range_done) {
   validate_options(options, tensor_label);
   const auto [rows, cols] = check_weight(tensor_label, dtype, shape);
   const uint64_t expect = rows * cols * dtype_size(dtype);
@@ -208,7 +209,7 @@ void quantize_weight_impl(std::string_view tensor_label, DType dtype, std::span<
                      outs[i].size(), " bytes, expected ", decls[i].nbytes());
   const WeightView w{dtype, data.data(), rows, cols};
   try {
-    scheme_entry(options.scheme).quantize(w, options, outs, pool, impl);
+    scheme_entry(options.scheme).quantize(w, options, outs, pool, impl, range_done);
   } catch (const BadValueError&) {
     fail_bad_value(tensor_label, w, options);
   } catch (const Error& e) {
@@ -221,8 +222,8 @@ void quantize_weight_impl(std::string_view tensor_label, DType dtype, std::span<
 
 void quantize_weight_into(std::string_view tensor_label, DType dtype, std::span<const int64_t> shape,
                           std::span<const uint8_t> data, const SchemeOptions& options,
-                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool) {
-  detail::quantize_weight_impl(tensor_label, dtype, shape, data, options, outs, pool, Impl::Fast);
+                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool, const RangeDone& range_done) {
+  detail::quantize_weight_impl(tensor_label, dtype, shape, data, options, outs, pool, Impl::Fast, range_done);
 }
 
 std::vector<OwnedTensor> quantize_weight(std::string_view module, std::string_view tensor_label, DType dtype,

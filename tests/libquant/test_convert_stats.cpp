@@ -104,8 +104,8 @@ TEST_CASE("convert stats: one pass equals dequantize-then-compare") {
           se += double(e) * e;
           mx = std::max(mx, std::fabs(e));
         }
-        for (bool simd : {true, false}) {
-          CAPTURE(simd);
+        for (detail::Impl simd : {detail::Impl::Fast, detail::Impl::FastAvx2, detail::Impl::Reference}) {
+          CAPTURE(static_cast<int>(simd));
           detail::ErrorSums whole, split;
           detail::accumulate_error(q.linear, q.parts, dtype, bytes.data(), 0, static_cast<size_t>(rows), whole, simd);
           // Row by row adds up to the same.

@@ -35,14 +35,24 @@ std::string describe(const SchemeOptions& o, DType dt, int64_t rows, int64_t col
                  "] bs=", o.blocksize, o.double_quant ? " dq" : "", o.per_tensor ? " per-tensor" : "");
 }
 
+// Both fast paths (the best the CPU has, and AVX2 alone) give the reference's bytes.
 void check_fast_equals_ref(const test::TestWeight& w, const SchemeOptions& o, ThreadPool& pool) {
   const auto ref = test::quantize_with(w, o, Impl::Reference, pool);
-  const auto fast = test::quantize_with(w, o, Impl::Fast, pool);
-  REQUIRE(ref.size() == fast.size());
-  for (size_t i = 0; i < ref.size(); ++i) {
-    CAPTURE(i);
-    REQUIRE(ref[i] == fast[i]);
+  for (Impl impl : {Impl::Fast, Impl::FastAvx2}) {
+    CAPTURE(static_cast<int>(impl));
+    const auto fast = test::quantize_with(w, o, impl, pool);
+    REQUIRE(ref.size() == fast.size());
+    for (size_t i = 0; i < ref.size(); ++i) {
+      CAPTURE(i);
+      REQUIRE(ref[i] == fast[i]);
+    }
   }
+}
+
+const char* simd_name() {
+  return detail::cpu_features().avx512 ? "AVX-512 (and AVX2 checked too)"
+         : detail::have_simd()         ? "AVX2+F16C"
+                                       : "none (reference only)";
 }
 
 }  // namespace
@@ -50,7 +60,7 @@ void check_fast_equals_ref(const test::TestWeight& w, const SchemeOptions& o, Th
 TEST_CASE("fast paths equal the scalar references on random weights of odd sizes") {
   std::mt19937_64 rng(test::scheme_test_seed("fast vs reference, odd sizes"));
   ThreadPool pool(2);
-  MESSAGE("SIMD fast path: ", std::string(detail::have_simd() ? "AVX2+F16C" : "none (reference only)"));
+  MESSAGE("SIMD fast path: ", simd_name());
   int n = 0;
   for (Scheme s : kAllSchemes)
     for (DType dt : kDtypes)
@@ -90,6 +100,7 @@ TEST_CASE("a larger weight: fast equals reference, and the bytes do not depend o
         const auto a = test::quantize_with(w, o, Impl::Fast, pool1);
         CHECK(a == test::quantize_with(w, o, Impl::Fast, pool2));
         CHECK(a == test::quantize_with(w, o, Impl::Fast, pool3));
+        CHECK(a == test::quantize_with(w, o, Impl::FastAvx2, pool3));
         CHECK(a == test::quantize_with(w, o, Impl::Reference, pool3));
       }
     }
@@ -165,6 +176,51 @@ TEST_CASE("float32 inputs halfway between float16 values and at subnormal bounda
   check_fast_equals_ref(w, {Scheme::Int8}, pool);
 }
 
+TEST_CASE("fp8 at scales across the whole exponent range: every 16-bit value a row can hold") {
+  // The fast paths divide by the row's scale through its reciprocal and a correction (fp8.cpp);
+  // each row here has its own absmax (column 0), so its own scale, and holds every 16-bit value
+  // within that absmax. Rows whose 1 / scale overflows (absmax near the smallest subnormals)
+  // take the division path; the others the reciprocal's.
+  std::mt19937_64 rng(test::scheme_test_seed("fp8 scales"));
+  ThreadPool pool(2);
+  for (DType dt : {DType::BF16, DType::F16}) {
+    const int min_exp = dt == DType::BF16 ? -133 : -24, max_exp = dt == DType::BF16 ? 127 : 14;
+    std::vector<float> amaxes;
+    for (int e = min_exp; e <= max_exp; e += (dt == DType::BF16 ? 11 : 3)) {
+      const float m = 1.0f + static_cast<float>(rng() % 128) / 128.0f;
+      amaxes.push_back(std::ldexp(m, e));
+    }
+    amaxes.push_back(dt == DType::BF16 ? 3.3895313892515355e38f : 65504.0f);
+    amaxes.push_back(dt == DType::BF16 ? 0x1p-133f : 0x1p-24f);  // the smallest subnormal
+    amaxes.push_back(0.0f);                                      // scale = eps
+    std::vector<std::vector<uint16_t>> rows;
+    size_t cols = 0;
+    for (float& a : amaxes) {
+      test::TestWeight one(dt, 1, 1);
+      one.set(0, a);
+      a = one.get(0);  // as the dtype holds it
+      std::vector<uint16_t> bits;
+      for (uint32_t b = 0; b < 65536; ++b) {
+        const float v =
+            dt == DType::BF16 ? bf16_to_f32(static_cast<uint16_t>(b)) : f16_to_f32(static_cast<uint16_t>(b));
+        if (std::isfinite(v) && std::fabs(v) <= a) bits.push_back(static_cast<uint16_t>(b));
+      }
+      cols = std::max(cols, bits.size() + 1);
+      rows.push_back(std::move(bits));
+    }
+    test::TestWeight w(dt, static_cast<int64_t>(rows.size()), static_cast<int64_t>(cols));
+    for (size_t r = 0; r < rows.size(); ++r) {
+      w.set(r * cols, amaxes[r]);
+      for (size_t i = 0; i < rows[r].size(); ++i) w.set_bits(r * cols + 1 + i, rows[r][i]);
+      for (size_t i = rows[r].size() + 1; i < cols; ++i) w.set(r * cols + i, 0.0f);
+    }
+    for (Scheme s : {Scheme::Fp8E4M3, Scheme::Fp8E5M2}) {
+      CAPTURE(describe({s}, dt, w.rows, w.cols));
+      check_fast_equals_ref(w, {s}, pool);
+    }
+  }
+}
+
 TEST_CASE("4-bit: values on the thresholds take the lower code; zero blocks are code 0.0") {
   ThreadPool pool(1);
   for (Scheme s : {Scheme::Nf4, Scheme::Fp4}) {
@@ -174,7 +230,7 @@ TEST_CASE("4-bit: values on the thresholds take the lower code; zero blocks are 
     for (size_t i = 0; i < 15; ++i) w.set(i + 1, t.thresholds[i]);
     for (size_t i = 16; i < 32; ++i) w.set(i, 0.0f);
     for (size_t i = 32; i < 64; ++i) w.set(i, 0.0f);  // block 1: all zero
-    for (auto impl : {Impl::Reference, Impl::Fast}) {
+    for (auto impl : {Impl::Reference, Impl::Fast, Impl::FastAvx2}) {
       const auto outs = test::quantize_with(w, {s, 32}, impl, pool);
       auto code = [&](size_t i) { return (i & 1) ? (outs[0][i / 2] & 15) : (outs[0][i / 2] >> 4); };
       for (size_t i = 0; i < 15; ++i) CHECK(code(i + 1) == t.pattern_of[i]);  // threshold i -> sorted index i

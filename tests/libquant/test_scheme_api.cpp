@@ -272,7 +272,7 @@ TEST_CASE("NaN or Inf in a weight is an error naming the tensor and the first ba
         w.set(5 * 70 + 3, bad);     // the first one, which the message must name
         CAPTURE(std::string(scheme_name(s)) + " " + test::dtype_str(dt));
         const std::string kind = std::isnan(bad) ? "NaN" : bad < 0 ? "-Inf" : "Inf";
-        for (auto impl : {detail::Impl::Reference, detail::Impl::Fast})
+        for (auto impl : {detail::Impl::Reference, detail::Impl::Fast, detail::Impl::FastAvx2})
           expect_error([&] { test::quantize_with(w, {s}, impl, pool); }, ErrorKind::InvalidInput,
                        {"test tensor 'm.weight'", "element (5, 3)", kind});
       }
@@ -283,7 +283,7 @@ TEST_CASE("int8: a value beyond the float16 range is an error naming the element
   for (DType dt : {DType::BF16, DType::F32}) {
     test::TestWeight w(dt, 4, 40);
     w.set(2 * 40 + 39, 70000.0f);
-    for (auto impl : {detail::Impl::Reference, detail::Impl::Fast})
+    for (auto impl : {detail::Impl::Reference, detail::Impl::Fast, detail::Impl::FastAvx2})
       expect_error([&] { test::quantize_with(w, {Scheme::Int8}, impl, pool); }, ErrorKind::InvalidInput,
                    {"element (2, 39)", "float16"});
   }

@@ -87,7 +87,7 @@ TEST_CASE("every scheme is bit-exact with the reference packages on fixed vector
     w.bytes = from_hex(c["input"].get<std::string>());
     REQUIRE(w.bytes.size() == w.numel() * dtype_size(dt));
     const auto parts = scheme_parts(o);
-    for (auto impl : {detail::Impl::Reference, detail::Impl::Fast}) {
+    for (auto impl : {detail::Impl::Reference, detail::Impl::Fast, detail::Impl::FastAvx2}) {
       CAPTURE(static_cast<int>(impl));
       const auto outs = test::quantize_with(w, o, impl, pool);
       for (size_t i = 0; i < parts.size(); ++i) {

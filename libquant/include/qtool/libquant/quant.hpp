@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -95,11 +96,18 @@ struct OwnedTensor {
 std::vector<OwnedTensor> quantize_weight(std::string_view module, std::string_view tensor_label, DType dtype,
                                          std::span<const int64_t> shape, std::span<const uint8_t> data,
                                          const SchemeOptions& options, ThreadPool& pool);
+// Called with a range [begin, end) of the flattened weight's elements once every byte of `outs`
+// that those elements depend on is final, on the thread that finished them, right after it did
+// (the input is still in that core's cache): ranges are disjoint, cover the weight once, and may
+// come concurrently. int8 and fp8 ranges are whole rows. With 4-bit double quant, whose block
+// absmax are final only once the whole weight is done, the ranges come after that.
+using RangeDone = std::function<void(uint64_t begin, uint64_t end)>;
 // Same, into caller-owned buffers: `outs[i]` has exactly quantized_decls(...)[i].nbytes() bytes;
 // a variable-length quant_state part gets its JSON followed by zeros (see quant_state_bytes).
 void quantize_weight_into(std::string_view tensor_label, DType dtype, std::span<const int64_t> shape,
                           std::span<const uint8_t> data, const SchemeOptions& options,
-                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool);
+                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool,
+                          const RangeDone& range_done = {});
 
 // The JSON in a quant_state part filled by quantize_weight_into: the bytes before the first zero.
 std::span<const uint8_t> quant_state_bytes(std::span<const uint8_t> part);
