@@ -192,7 +192,7 @@ def clip_variant(name, v, out_dir, seed):
 def synth_variants(out_dir, qtool, seed):
     """The CLIP and T5 of `qtool synth --preset tiny-flux`, run by transformers on seeded ids."""
     pipe = os.path.join(out_dir, "tiny-flux")
-    subprocess.run([qtool, "synth", "--preset", "tiny-flux", "-o", pipe, "--seed", str(seed), "-q", "-f"],
+    subprocess.run([qtool, "synth", "--preset", "tiny-flux", "-o", pipe, "--seed", str(seed), "--components", "text_encoder,text_encoder_2", "--threads", "2", "-q", "--force"],
                    check=True)
     from safetensors import safe_open
     from transformers import CLIPTextModel, T5EncoderModel
