@@ -202,6 +202,86 @@ FluxArch read_flux(const ConfigReader& r) {
   return a;
 }
 
+std::string string_key(const ConfigReader& r, const json& obj, std::string_view key, std::string fallback,
+                       std::string_view where = {}) {
+  const json* v = r.find(obj, key);
+  if (!v) return fallback;
+  if (!v->is_string())
+    fail(ErrorKind::InvalidInput, r.file(), ": key '", where, key, "' must be a string, not ", v->dump());
+  return v->get<std::string>();
+}
+
+// The activations the forwards run op by op as the frameworks do (ACT2FN names).
+bool known_act(const std::string& a) {
+  return a == "gelu_new" || a == "relu" || a == "quick_gelu" || a == "silu" || a == "gelu_pytorch_tanh";
+}
+
+// transformers fills keys a config lacks with T5Config's defaults; so does this.
+T5EncoderArch read_t5(const ConfigReader& r) {
+  T5EncoderArch a;
+  a.vocab_size = r.positive("vocab_size", 32128);
+  a.d_model = r.positive("d_model", 512);
+  a.d_kv = r.positive("d_kv", 64);
+  a.n_heads = r.positive("num_heads", 8);
+  a.d_ff = r.positive("d_ff", 2048);
+  a.n_layers = r.positive("num_layers", 6);
+  a.num_buckets = r.positive("relative_attention_num_buckets", 32);
+  a.max_distance = r.positive("relative_attention_max_distance", 128);
+  if (a.num_buckets < 4 || a.num_buckets % 4 != 0)
+    fail(ErrorKind::InvalidInput, r.file(), ": key 'relative_attention_num_buckets' (", a.num_buckets,
+         ") must be a multiple of 4");
+  if (a.max_distance <= a.num_buckets / 4)
+    fail(ErrorKind::InvalidInput, r.file(), ": key 'relative_attention_max_distance' (", a.max_distance,
+         ") must exceed relative_attention_num_buckets / 4 (", a.num_buckets / 4, ")");
+  a.eps = r.positive_real(r.root(), "layer_norm_epsilon", 1e-6);
+  const std::string proj = string_key(r, r.root(), "feed_forward_proj", "relu");
+  std::string act = proj;
+  if (proj.starts_with("gated-")) {
+    a.gated = true;
+    act = proj.substr(6);
+  }
+  if (act == "gelu" && a.gated) act = "gelu_new";  // T5Config: "gated-gelu" means gelu_new
+  if (!known_act(act))
+    fail(ErrorKind::Unsupported, r.file(), ": key 'feed_forward_proj' is '", proj,
+         "'; the runner implements relu, gelu_new, gelu_pytorch_tanh, silu and quick_gelu (plain or gated-)");
+  a.act = act;
+  return a;
+}
+
+// A CLIP text config: the file itself (CLIPTextConfig) or its `text_config` (CLIPConfig).
+ClipTextArch read_clip(const ConfigReader& r, const Component& component) {
+  ClipTextArch a;
+  const json* tc = r.find(r.root(), "text_config");
+  if (tc && !tc->is_object())
+    fail(ErrorKind::InvalidInput, r.file(), ": key 'text_config' must be an object, not ", tc->dump());
+  const json& c = tc ? *tc : r.root();
+  const std::string where = tc ? "text_config." : "";
+  a.vocab_size = r.positive(c, "vocab_size", 49408, where);
+  a.hidden_size = r.positive(c, "hidden_size", 512, where);
+  a.intermediate_size = r.positive(c, "intermediate_size", 2048, where);
+  a.n_layers = r.positive(c, "num_hidden_layers", 12, where);
+  a.n_heads = r.positive(c, "num_attention_heads", 8, where);
+  a.max_positions = r.positive(c, "max_position_embeddings", 77, where);
+  if (a.hidden_size % a.n_heads != 0)
+    fail(ErrorKind::InvalidInput, r.file(), ": key '", where, "num_attention_heads' (", a.n_heads,
+         ") must divide '", where, "hidden_size' (", a.hidden_size, ")");
+  a.eps = r.positive_real(c, "layer_norm_eps", 1e-5, where);
+  a.act = string_key(r, c, "hidden_act", "quick_gelu", where);
+  if (!known_act(a.act))
+    fail(ErrorKind::Unsupported, r.file(), ": key '", where, "hidden_act' is '", a.act,
+         "'; the runner implements quick_gelu, gelu_new, gelu_pytorch_tanh, relu and silu");
+  if (const json* e = r.find(c, "eos_token_id")) {
+    if (!e->is_number_integer() || e->get<int64_t>() < 0)
+      fail(ErrorKind::InvalidInput, r.file(), ": key '", where, "eos_token_id' must be a token id, not ",
+           e->dump());
+    a.eos_token_id = e->get<int64_t>();
+  }
+  // transformers 5 saves CLIPTextModel without the text_model. prefix (MODELS.md §4.3).
+  if (!component.find("text_model.final_layer_norm.weight") && component.find("final_layer_norm.weight"))
+    a.prefix = "";
+  return a;
+}
+
 uint64_t u(int64_t v) { return static_cast<uint64_t>(v); }
 
 // One phase of the forward: the buffers it holds at once on top of the state.
@@ -303,23 +383,97 @@ std::vector<ActivationItem> flux_items(const FluxArch& a, int64_t batch, int64_t
   return peak_of(state, phases);
 }
 
+// What runner/src/models/t5.cpp allocates (N = batch * tokens rows, inner = H d_kv):
+//   state (begin): h [N, D] (F32 for fp16 models: the fp32 `wo` makes the stream fp32); position
+//     bias [H T, T]; the attention mask [B, T] I64 (ones when none is given)
+//   shared: ids [N, 1]
+//   block 0, before the attention: bucket ids [T T, 1] I64, bias lookup [T T, H]
+//   block, attention: z [N, D] (+ an fp16 sum [N, D] for fp16 models); q, k, v, attention
+//     output [N, inner]
+//   block, FF: z [N, D]; wi_0 (and wi_1 when gated) [N, d_ff] (F32 copy [N, d_ff] and the F32
+//     wo output [N, D] for fp16 models)
+//   final_layer_norm: the output [N, D]
+std::vector<ActivationItem> t5_items(const T5EncoderArch& a, int64_t batch, int64_t tokens, DType dt) {
+  const int64_t n = batch * tokens, d = a.d_model, in = a.inner();
+  const bool f16 = dt == DType::F16;
+  const std::vector<ActivationItem> state = {
+      item("residual stream", n, d, f16 ? DType::F32 : dt, "tokens"),
+      item("relative position bias", a.n_heads * tokens, tokens, dt, "heads x tokens"),
+      item("attention mask", batch, tokens, DType::I64, "samples")};
+  std::vector<Phase> phases(5);
+  phases[0].items = {item("input ids", n, 1, DType::I64, "tokens")};
+  phases[4].items = {item("bucket ids", tokens * tokens, 1, DType::I64, "token pairs"),
+                     item("bias lookup", tokens * tokens, a.n_heads, dt, "token pairs")};
+  phases[1].items = {item("normalised input", n, d, dt, "tokens")};
+  if (f16) phases[1].items.push_back(item("attention sum (fp16)", n, d, dt, "tokens"));
+  for (const char* what : {"q", "k", "v", "attention output"})
+    phases[1].items.push_back(item(what, n, in, dt, "tokens"));
+  phases[2].items = {item("normalised input", n, d, dt, "tokens"),
+                     item("ff hidden", n, a.d_ff, dt, "tokens")};
+  if (a.gated) phases[2].items.push_back(item("ff linear", n, a.d_ff, dt, "tokens"));
+  if (f16) {
+    phases[2].items.push_back(item("ff hidden (fp32)", n, a.d_ff, DType::F32, "tokens"));
+    phases[2].items.push_back(item("wo output (fp32)", n, d, DType::F32, "tokens"));
+  }
+  phases[3].items = {item("last hidden state", n, d, dt, "tokens")};
+  return peak_of(state, phases);
+}
+
+// What runner/src/models/clip.cpp allocates (N = batch * tokens rows):
+//   state (begin): h [N, D] (the last hidden state after the final norm); attention mask [B, T] I64
+//   embeddings: ids [N, 1]; positions [N, 1] I64; position embeddings [N, D]
+//   layer, attention: z [N, D]; q, k, v, attention output [N, D]
+//   layer, MLP: z [N, D]; fc1 output [N, I]
+std::vector<ActivationItem> clip_items(const ClipTextArch& a, int64_t batch, int64_t tokens, DType dt) {
+  const int64_t n = batch * tokens, d = a.hidden_size;
+  const std::vector<ActivationItem> state = {item("residual stream", n, d, dt, "tokens"),
+                                             item("attention mask", batch, tokens, DType::I64, "samples")};
+  std::vector<Phase> phases(3);
+  phases[0].items = {item("input ids", n, 1, DType::I64, "tokens"),
+                     item("position ids", n, 1, DType::I64, "tokens"),
+                     item("position embeddings", n, d, dt, "tokens")};
+  phases[1].items = {item("normalised input", n, d, dt, "tokens")};
+  for (const char* what : {"q", "k", "v", "attention output"})
+    phases[1].items.push_back(item(what, n, d, dt, "tokens"));
+  phases[2].items = {item("normalised input", n, d, dt, "tokens"),
+                     item("mlp hidden", n, a.intermediate_size, dt, "tokens")};
+  return peak_of(state, phases);
+}
+
 }  // namespace
 
 std::optional<Arch> arch_of(const Component& component) {
   const std::optional<json>& config = component.config();
   const std::string cls = class_name_of(config);
-  if (cls != "LlamaForCausalLM" && cls != "FluxTransformer2DModel") return std::nullopt;
+  if (cls != "LlamaForCausalLM" && cls != "FluxTransformer2DModel" && cls != "T5EncoderModel" &&
+      cls != "CLIPTextModel")
+    return std::nullopt;
   const ConfigReader r(*config, config_file(component));
   if (cls == "LlamaForCausalLM") return Arch(read_llama(r));
+  if (cls == "T5EncoderModel") return Arch(read_t5(r));
+  if (cls == "CLIPTextModel") return Arch(read_clip(r, component));
   return Arch(read_flux(r));
 }
 
 std::string arch_name(const Arch& arch) {
-  return std::holds_alternative<LlamaArch>(arch) ? "LlamaForCausalLM" : "FluxTransformer2DModel";
+  switch (arch.index()) {
+    case 0: return "LlamaForCausalLM";
+    case 1: return "FluxTransformer2DModel";
+    case 2: return "T5EncoderModel";
+    default: return "CLIPTextModel";
+  }
 }
 
 DType model_dtype(const Arch& arch, const Component& component) {
-  const char* tensor = std::holds_alternative<LlamaArch>(arch) ? "model.norm.weight" : "norm_out.linear.bias";
+  std::string tensor;
+  if (std::holds_alternative<LlamaArch>(arch))
+    tensor = "model.norm.weight";
+  else if (std::holds_alternative<FluxArch>(arch))
+    tensor = "norm_out.linear.bias";
+  else if (std::holds_alternative<T5EncoderArch>(arch))
+    tensor = "encoder.final_layer_norm.weight";
+  else
+    tensor = std::get<ClipTextArch>(arch).prefix + "final_layer_norm.weight";
   const auto e = component.find(tensor);
   if (!e)
     fail(ErrorKind::InvalidInput, config_file(component), " describes a ", arch_name(arch), " but tensor '",
@@ -334,6 +488,8 @@ DType model_dtype(const Arch& arch, const Component& component) {
 std::vector<ActivationItem> activation_items(const Arch& arch, int64_t batch, int64_t tokens, DType dtype) {
   QTOOL_ASSERT(batch > 0 && tokens > 0);
   if (const auto* l = std::get_if<LlamaArch>(&arch)) return llama_items(*l, batch, tokens, dtype);
+  if (const auto* t = std::get_if<T5EncoderArch>(&arch)) return t5_items(*t, batch, tokens, dtype);
+  if (const auto* c = std::get_if<ClipTextArch>(&arch)) return clip_items(*c, batch, tokens, dtype);
   return flux_items(std::get<FluxArch>(arch), batch, tokens, dtype);
 }
 
@@ -348,6 +504,20 @@ ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens) {
     f.linear = u(a->n_layers) * layer + lin(n, d, a->vocab_size);
     // Causal: half of the 4 * T^2 * H * hd of dense attention.
     f.attention = u(a->n_layers) * u(batch) * 2 * u(tokens) * u(tokens) * u(a->n_heads) * u(a->head_dim);
+    return f;
+  }
+  if (const auto* a = std::get_if<T5EncoderArch>(&arch)) {
+    const int64_t n = batch * tokens, d = a->d_model, in = a->inner();
+    const uint64_t layer = 4 * lin(n, d, in) + (a->gated ? 3 : 2) * lin(n, d, a->d_ff);
+    f.linear = u(a->n_layers) * layer;
+    f.attention = u(a->n_layers) * u(batch) * 4 * u(tokens) * u(tokens) * u(in);
+    return f;
+  }
+  if (const auto* a = std::get_if<ClipTextArch>(&arch)) {
+    const int64_t n = batch * tokens, d = a->hidden_size;
+    f.linear = u(a->n_layers) * (4 * lin(n, d, d) + 2 * lin(n, d, a->intermediate_size));
+    // Causal: half of dense attention.
+    f.attention = u(a->n_layers) * u(batch) * 2 * u(tokens) * u(tokens) * u(d);
     return f;
   }
   const FluxArch& a = std::get<FluxArch>(arch);

@@ -175,7 +175,8 @@ inline uint64_t reserve_for(const runner::Forward& fwd, const std::vector<runner
 }
 
 struct ForwardRun {
-  runner::HostTensor output;
+  runner::HostTensor output;                // outputs[0]
+  std::vector<runner::HostTensor> outputs;  // Forward::outputs (CLIP adds pooler_output)
   uint64_t peak = 0;
   uint64_t reserved = 0;
   std::vector<std::string> fetched;
@@ -198,7 +199,8 @@ inline ForwardRun run_forward(runner::Forward& fwd, const Component& comp,
     if (staged)
       for (runner::HostTensor& t : staged->stages(*ops, u)) r.stages.push_back(std::move(t));
   }
-  r.output = fwd.output(*ops);
+  r.outputs = fwd.outputs(*ops);
+  r.output = r.outputs.at(0);
   r.peak = ops->peak_bytes();
   r.fetched = weights.fetched;
   return r;

@@ -1,6 +1,7 @@
-// The real forwards (runner/src/models/) against the frameworks: tiny random LlamaForCausalLM and
-// FluxTransformer2DModel checkpoints built, saved and run by transformers / diffusers
-// (tests/interop/forward_models.py --set committed, stored under data/), run here on the CPU ops
+// The real forwards (runner/src/models/) against the frameworks: tiny random LlamaForCausalLM,
+// FluxTransformer2DModel, T5EncoderModel and CLIPTextModel checkpoints built, saved and run by
+// transformers / diffusers (tests/interop/forward_models.py and forward_encoders.py --set
+// committed, stored under data/), run here on the CPU ops
 // in exactly the activation memory the planner reserves. Also: the config parsing (arch_of), the
 // host-side tables, the inputs' checks, the plan order of units and weights, and the FLOPs.
 // Tolerance: qtool's output within twice the framework's own bf16 noise (models_test_util.hpp,
@@ -8,6 +9,7 @@
 #include <doctest/doctest.h>
 
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
 
@@ -42,10 +44,13 @@ Loaded load(const std::string& name) {
 }
 
 const char* output_name(const runner::Forward& f) {
-  return f.architecture() == "LlamaForCausalLM" ? "logits" : "sample";
+  if (f.architecture() == "LlamaForCausalLM") return "logits";
+  if (f.architecture() == "FluxTransformer2DModel") return "sample";
+  return "last_hidden_state";
 }
 
-const std::vector<std::string> kVariants = {"llama_small", "llama_small_tied", "flux_small"};
+const std::vector<std::string> kVariants = {"llama_small", "llama_small_tied", "flux_small",
+                                            "t5_small",    "clip_small",       "clip_small_eos"};
 
 }  // namespace
 
@@ -58,22 +63,27 @@ TEST_CASE("forwards give the frameworks' outputs on their own tiny checkpoints")
     const DType dt = planner::model_dtype(l.fwd->arch(), l.comp());
     CHECK(dt == DType::BF16);
     const ForwardRun r = run_forward(*l.fwd, l.comp(), inputs, dt, pool);
-    const runner::HostTensor& want = l.vectors.at(output_name(*l.fwd));
     CHECK(r.output.name == output_name(*l.fwd));
-    CHECK(r.output.dtype == DType::F32);
-    CHECK(r.output.shape == want.shape);
-    const Judgement j = judge(r.output, l.vectors);
-    std::printf(
-        "%-17s %s %s: vs the framework max rel %.5f, rms rel %.5f; the framework's bf16 noise max %.5f, "
-        "rms %.5f; qtool vs float32 rms %.5f; activation peak %llu of %llu reserved\n",
-        v.c_str(), r.output.name.c_str(), runner::models::shape_str(r.output.shape).c_str(),
-        j.vs_framework.max_rel, j.vs_framework.rms_rel, j.noise.max_rel, j.noise.rms_rel, j.vs_f32.rms_rel,
-        static_cast<unsigned long long>(r.peak), static_cast<unsigned long long>(r.reserved));
-    CHECK(j.vs_framework.finite);
-    CHECK(j.vs_framework.max_rel <= 2 * j.noise.max_rel);
-    CHECK(j.vs_framework.rms_rel <= 2 * j.noise.rms_rel);
-    CHECK(j.vs_f32.rms_rel <= 1.25 * j.noise.rms_rel);
-    CHECK(j.ok);
+    // CLIP adds pooler_output; every output is judged.
+    CHECK(r.outputs.size() == (l.fwd->architecture() == "CLIPTextModel" ? 2u : 1u));
+    for (const runner::HostTensor& out : r.outputs) {
+      CAPTURE(out.name);
+      const runner::HostTensor& want = l.vectors.at(out.name);
+      CHECK(out.dtype == DType::F32);
+      CHECK(out.shape == want.shape);
+      const Judgement j = judge(out, l.vectors);
+      std::printf(
+          "%-17s %s %s: vs the framework max rel %.5f, rms rel %.5f; the framework's bf16 noise max %.5f, "
+          "rms %.5f; qtool vs float32 rms %.5f; activation peak %llu of %llu reserved\n",
+          v.c_str(), out.name.c_str(), runner::models::shape_str(out.shape).c_str(), j.vs_framework.max_rel,
+          j.vs_framework.rms_rel, j.noise.max_rel, j.noise.rms_rel, j.vs_f32.rms_rel,
+          static_cast<unsigned long long>(r.peak), static_cast<unsigned long long>(r.reserved));
+      CHECK(j.vs_framework.finite);
+      CHECK(j.vs_framework.max_rel <= 2 * j.noise.max_rel);
+      CHECK(j.vs_framework.rms_rel <= 2 * j.noise.rms_rel);
+      CHECK(j.vs_f32.rms_rel <= 1.25 * j.noise.rms_rel);
+      CHECK(j.ok);
+    }
     // The planner's activation reserve is what the forward holds at its peak.
     CHECK(peak_matches(r.peak, r.reserved));
   }
@@ -117,7 +127,13 @@ TEST_CASE("a damaged tensor moves the output far outside the tolerance") {
       {"llama_small_tied", "model.embed_tokens.weight"},
       {"flux_small", "single_transformer_blocks.1.attn.norm_k.weight"},
       {"flux_small", "time_text_embed.guidance_embedder.linear_1.bias"},
-      {"flux_small", "norm_out.linear.weight"}};
+      {"flux_small", "norm_out.linear.weight"},
+      {"t5_small", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"},
+      {"t5_small", "encoder.block.1.layer.1.DenseReluDense.wi_1.weight"},
+      {"t5_small", "encoder.final_layer_norm.weight"},
+      {"clip_small", "embeddings.position_embedding.weight"},
+      {"clip_small", "encoder.layers.1.self_attn.v_proj.bias"},
+      {"clip_small_eos", "final_layer_norm.bias"}};
   for (const auto& [variant, tensor] : cases) {
     CAPTURE(variant);
     CAPTURE(tensor);
@@ -181,6 +197,10 @@ TEST_CASE("units run in the planner's order and fetch their tensors in the plan'
     std::vector<std::string> fetched = r.fetched;
     if (!l.comp().find("lm_head.weight") && fetched.back() == "lm_head.weight") fetched.pop_back();
     CHECK(fetched == plan_tensors);
+    if (fetched != plan_tensors)
+      for (size_t i = 0; i < std::max(fetched.size(), plan_tensors.size()); ++i)
+        std::printf("%-60s %s\n", i < fetched.size() ? fetched[i].c_str() : "-",
+                    i < plan_tensors.size() ? plan_tensors[i].c_str() : "-");
   }
 }
 
@@ -356,7 +376,7 @@ TEST_CASE("arch_of reads transformers 4.x and 5.x Llama configs and diffusers' F
     CHECK(a.axes_dims_rope == std::vector<int64_t>{4, 6, 6});
   }
   // Other architectures: no forward (nullopt), no error.
-  CHECK(!ConfigCase("llama_small", [](json& j) { j["architectures"] = {"T5EncoderModel"}; }).arch());
+  CHECK(!ConfigCase("llama_small", [](json& j) { j["architectures"] = {"MistralForCausalLM"}; }).arch());
 }
 
 TEST_CASE("arch_of rejects unusable configs naming config.json and the key") {
@@ -615,4 +635,226 @@ TEST_CASE("a quantized checkpoint runs the same forward: bit for bit its dequant
       CHECK(deviation(as_floats(qr.output), as_floats(qr.output)).finite);
     }
   }
+}
+
+TEST_CASE("T5's relative position buckets: MODELS.md §3.4's table for 32 buckets, max distance 128") {
+  // Bucket runs [first rel, last rel] → bucket, from the table the probe verified on transformers.
+  struct Run {
+    int64_t lo, hi, bucket;
+  };
+  const std::vector<Run> runs = {{-11, -8, 8},   {-15, -12, 9},  {-22, -16, 10}, {-31, -23, 11},
+                                 {-45, -32, 12}, {-63, -46, 13}, {-90, -64, 14}, {-1200, -91, 15},
+                                 {8, 11, 24},    {12, 15, 25},   {16, 22, 26},   {23, 31, 27},
+                                 {32, 45, 28},   {46, 63, 29},   {64, 90, 30},   {91, 1200, 31}};
+  CHECK(runner::models::t5_relative_bucket(0, 32, 128) == 0);
+  for (int64_t r = 1; r <= 7; ++r) {
+    CHECK(runner::models::t5_relative_bucket(-r, 32, 128) == r);
+    CHECK(runner::models::t5_relative_bucket(r, 32, 128) == 16 + r);
+  }
+  for (const Run& run : runs)
+    for (int64_t r = run.lo; r <= run.hi; ++r) {
+      CAPTURE(r);
+      CHECK(runner::models::t5_relative_bucket(r, 32, 128) == run.bucket);
+    }
+  // Other sizes: 16 buckets (exact below 4), max distance 40; every bucket within [0, NB).
+  CHECK(runner::models::t5_relative_bucket(-3, 16, 40) == 3);
+  CHECK(runner::models::t5_relative_bucket(3, 16, 40) == 11);
+  // 4 + trunc(ln(a / 4) / ln(10) · 4): a 12 → 1.98, 13 → 2.05, 22 → 2.96, 23 → 3.04, 39 → 3.96.
+  CHECK(runner::models::t5_relative_bucket(-12, 16, 40) == 5);
+  CHECK(runner::models::t5_relative_bucket(-13, 16, 40) == 6);
+  CHECK(runner::models::t5_relative_bucket(-22, 16, 40) == 6);
+  CHECK(runner::models::t5_relative_bucket(-23, 16, 40) == 7);
+  CHECK(runner::models::t5_relative_bucket(-39, 16, 40) == 7);
+  CHECK(runner::models::t5_relative_bucket(40, 16, 40) == 15);
+  for (int64_t r = -300; r <= 300; ++r) {
+    const int64_t b = runner::models::t5_relative_bucket(r, 16, 40);
+    CHECK((b >= 0 && b < 16));
+    CHECK((r > 0) == (b >= 8));
+  }
+  // Equal to the double-precision formula over the range MODELS.md's probe verified.
+  for (const auto& [nb, md] : std::vector<std::pair<int64_t, int64_t>>{{32, 128}, {16, 40}, {64, 256}})
+    for (int64_t r = -1200; r <= 1200; ++r) {
+      const int64_t n = nb / 2, e = n / 2, a = r < 0 ? -r : r;
+      const int64_t base = r > 0 ? n : 0;
+      const int64_t want =
+          a < e ? base + a
+                : base + std::min<int64_t>(n - 1,
+                                           e + static_cast<int64_t>(std::log(static_cast<double>(a) / e) /
+                                                                    std::log(static_cast<double>(md) / e) *
+                                                                    static_cast<double>(n - e)));
+      CAPTURE(nb);
+      CAPTURE(r);
+      CHECK(runner::models::t5_relative_bucket(r, nb, md) == want);
+    }
+}
+
+TEST_CASE("CLIP pools at the EOS position by both conventions") {
+  // eos_token_id 2: the first maximum id; otherwise the first position holding eos_token_id
+  // (position 0 when none does).
+  const std::vector<int64_t> ids = {5, 2, 98, 98, 98,  //
+                                    2, 7, 9,  98, 3,   //
+                                    4, 6, 2,  1,  0};
+  CHECK(runner::models::clip_eos_positions(ids, 3, 5, 2) == std::vector<int64_t>{2, 3, 1});
+  CHECK(runner::models::clip_eos_positions(ids, 3, 5, 98) == std::vector<int64_t>{2, 3, 0});
+  CHECK(runner::models::clip_eos_positions(ids, 3, 5, 7) == std::vector<int64_t>{0, 1, 0});
+  // In the committed vectors the two rules pick different rows (token 2 sits before the EOS
+  // padding, and the legacy argmax finds the padding's first EOS as well): the framework's
+  // pooler_output is the last hidden state at those rows.
+  for (const std::string v : {"clip_small", "clip_small_eos"}) {
+    CAPTURE(v);
+    Loaded l = load(v);
+    const auto& a = std::get<planner::ClipTextArch>(l.fwd->arch());
+    const runner::HostTensor& ids_t = l.vectors.at("input_ids");
+    const auto pos = runner::models::clip_eos_positions(runner::models::ints_of(ids_t), ids_t.shape[0],
+                                                        ids_t.shape[1], a.eos_token_id);
+    const auto last = as_floats(l.vectors.at("last_hidden_state"));
+    const auto pooled = as_floats(l.vectors.at("pooler_output"));
+    const int64_t d = a.hidden_size, t = ids_t.shape[1];
+    for (int64_t b = 0; b < ids_t.shape[0]; ++b)
+      for (int64_t i = 0; i < d; ++i)
+        CHECK(pooled[static_cast<size_t>(b * d + i)] ==
+              last[static_cast<size_t>((b * t + pos[static_cast<size_t>(b)]) * d + i)]);
+  }
+}
+
+TEST_CASE("arch_of reads T5 and CLIP text configs (flat, nested in text_config, without the prefix)") {
+  {
+    const auto a = std::get<planner::T5EncoderArch>(*ConfigCase("t5_small", [](json&) {}).arch());
+    CHECK(a.d_model == 40);
+    CHECK(a.d_kv == 12);
+    CHECK(a.n_heads == 3);
+    CHECK(a.d_ff == 56);
+    CHECK(a.n_layers == 2);
+    CHECK(a.vocab_size == 67);
+    CHECK(a.num_buckets == 32);
+    CHECK(a.max_distance == 128);
+    CHECK(a.gated);
+    CHECK(a.act == "gelu_new");
+    CHECK(a.eps == 1e-6);
+  }
+  {
+    const auto a = std::get<planner::T5EncoderArch>(*ConfigCase("t5_small", [](json& j) {
+                                                       j["feed_forward_proj"] = "relu";
+                                                       j.erase("d_ff");
+                                                     }).arch());
+    CHECK(!a.gated);
+    CHECK(a.act == "relu");
+    CHECK(a.d_ff == 2048);  // T5Config's default
+  }
+  {
+    const auto a = std::get<planner::ClipTextArch>(*ConfigCase("clip_small", [](json&) {}).arch());
+    CHECK(a.hidden_size == 36);
+    CHECK(a.n_heads == 3);
+    CHECK(a.intermediate_size == 52);
+    CHECK(a.max_positions == 40);
+    CHECK(a.eos_token_id == 2);
+    CHECK(a.act == "quick_gelu");
+    CHECK(a.prefix.empty());  // transformers 5 saves CLIPTextModel without "text_model."
+  }
+  {
+    // A full CLIPConfig: the text tower's keys under text_config.
+    const auto a = std::get<planner::ClipTextArch>(*ConfigCase("clip_small_eos", [](json& j) {
+                                                      json text = j;
+                                                      text.erase("architectures");
+                                                      j = json{{"architectures", {"CLIPTextModel"}},
+                                                               {"text_config", text},
+                                                               {"vision_config", {{"hidden_size", 8}}}};
+                                                    }).arch());
+    CHECK(a.hidden_size == 36);
+    CHECK(a.eos_token_id == 98);
+  }
+  check_config_error(
+      "t5_small", [](json& j) { j["d_model"] = 0; }, "d_model");
+  check_config_error(
+      "t5_small", [](json& j) { j["relative_attention_num_buckets"] = 30; },
+      "relative_attention_num_buckets");
+  check_config_error(
+      "t5_small", [](json& j) { j["relative_attention_max_distance"] = 8; },
+      "relative_attention_max_distance");
+  check_config_error(
+      "t5_small", [](json& j) { j["feed_forward_proj"] = "gated-gelu_fast"; }, "feed_forward_proj",
+      ErrorKind::Unsupported);
+  check_config_error(
+      "t5_small", [](json& j) { j["layer_norm_epsilon"] = "small"; }, "layer_norm_epsilon");
+  check_config_error(
+      "clip_small", [](json& j) { j["num_attention_heads"] = 5; }, "num_attention_heads");
+  check_config_error(
+      "clip_small", [](json& j) { j["hidden_act"] = "gelu"; }, "hidden_act", ErrorKind::Unsupported);
+  check_config_error(
+      "clip_small", [](json& j) { j["eos_token_id"] = "</s>"; }, "eos_token_id");
+  check_config_error(
+      "clip_small",
+      [](json& j) {
+        json text = j;
+        text["max_position_embeddings"] = -1;
+        j = json{{"architectures", {"CLIPTextModel"}}, {"text_config", text}};
+      },
+      "text_config.max_position_embeddings");
+}
+
+TEST_CASE("the encoders' check_inputs name the bad input") {
+  Loaded t5 = load("t5_small");
+  Loaded clip = load("clip_small");
+  const auto t_in = inputs_of(*t5.fwd, t5.vectors);
+  const auto c_in = inputs_of(*clip.fwd, clip.vectors);
+  t5.fwd->check_inputs(t_in, 100);
+  clip.fwd->check_inputs(c_in, 16);
+  check_input_error(*t5.fwd, t_in, 99, "input_ids");
+  {
+    auto in = t_in;
+    int64_t bad = 67;  // the vocabulary size
+    std::memcpy(find(in, "input_ids")->bytes.data() + 8 * 5, &bad, 8);
+    check_input_error(*t5.fwd, in, 100, "input_ids");
+  }
+  {
+    auto in = t_in;
+    runner::HostTensor m{"attention_mask", DType::I64, {1, 100}, std::vector<uint8_t>(800, 0)};
+    m.bytes[8 * 3] = 2;
+    in.push_back(m);
+    check_input_error(*t5.fwd, in, 100, "attention_mask");
+    in.back().shape = {1, 99};
+    in.back().bytes.resize(99 * 8);
+    check_input_error(*t5.fwd, in, 100, "attention_mask");
+  }
+  {
+    // More tokens than position embeddings.
+    const auto in = clip.fwd->random_inputs(1, 41, 7);
+    check_input_error(*clip.fwd, in, 64, "input_ids");
+    auto pos = clip.fwd->random_inputs(3, 16, 7);
+    runner::HostTensor p{"position_ids", DType::I64, {3, 16}, std::vector<uint8_t>(3 * 16 * 8, 0)};
+    int64_t bad = 40;
+    std::memcpy(p.bytes.data() + 8 * 17, &bad, 8);
+    pos.push_back(p);
+    check_input_error(*clip.fwd, pos, 16, "position_ids");
+  }
+  // random_inputs: valid, reproducible, an EOS in every sample.
+  for (const Loaded* l : {&t5, &clip}) {
+    const auto a = l->fwd->random_inputs(3, 17, 11), b = l->fwd->random_inputs(3, 17, 11);
+    l->fwd->check_inputs(a, 17);
+    CHECK(a[0].bytes == b[0].bytes);
+  }
+  const auto r = runner::models::ints_of(clip.fwd->random_inputs(4, 9, 5)[0]);
+  for (int64_t s = 0; s < 4; ++s) CHECK(r[static_cast<size_t>(s * 9 + 8)] == 98);
+}
+
+TEST_CASE("forward_flops of the encoders") {
+  planner::T5EncoderArch t;
+  t.d_model = 4096;
+  t.d_kv = 64;
+  t.n_heads = 64;
+  t.d_ff = 10240;
+  t.gated = true;
+  t.n_layers = 1;
+  const auto t1 = planner::forward_flops(t, 1, 512);
+  // A T5-XXL block at T 512: q, k, v, o (4 · 2 T D inner) and wi_0, wi_1, wo (3 · 2 T D F).
+  CHECK(t1.linear == 2ull * 512 * (4ull * 4096 * 4096 + 3ull * 4096 * 10240));
+  CHECK(t1.attention == 4ull * 512 * 512 * 4096);
+  planner::ClipTextArch c;
+  c.hidden_size = 768;
+  c.intermediate_size = 3072;
+  c.n_heads = 12;
+  c.n_layers = 12;
+  const auto c12 = planner::forward_flops(c, 2, 77);
+  CHECK(c12.linear == 12ull * 2 * 154 * (4ull * 768 * 768 + 2ull * 768 * 3072));
+  CHECK(c12.attention == 12ull * 2 * 2 * 77 * 77 * 768);  // causal: half
 }

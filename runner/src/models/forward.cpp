@@ -12,6 +12,10 @@ std::unique_ptr<Forward> make_forward(const Component& component) {
       component.dir().empty() ? std::string("config.json") : (component.dir() / "config.json").string();
   if (const auto* llama = std::get_if<planner::LlamaArch>(&*arch))
     return models::make_llama(*llama, dtype, config);
+  if (const auto* t5 = std::get_if<planner::T5EncoderArch>(&*arch))
+    return models::make_t5(*t5, dtype, config);
+  if (const auto* clip = std::get_if<planner::ClipTextArch>(&*arch))
+    return models::make_clip(*clip, dtype, config);
   return models::make_flux(std::get<planner::FluxArch>(*arch), dtype, config);
 }
 

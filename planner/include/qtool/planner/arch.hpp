@@ -56,14 +56,48 @@ struct FluxArch {
   int64_t dim() const { return n_heads * head_dim; }
 };
 
-using Arch = std::variant<LlamaArch, FluxArch>;
+// T5EncoderModel (transformers; MODELS.md §3).
+struct T5EncoderArch {
+  int64_t vocab_size = 32128;
+  int64_t d_model = 512;  // D
+  int64_t d_kv = 64;
+  int64_t n_heads = 8;  // H; inner = H * d_kv
+  int64_t d_ff = 2048;
+  int64_t n_layers = 6;
+  int64_t num_buckets = 32;    // relative_attention_num_buckets
+  int64_t max_distance = 128;  // relative_attention_max_distance
+  bool gated = false;          // feed_forward_proj "gated-X"
+  std::string act = "relu";    // X: "gelu_new" (for "gated-gelu"), "relu", "gelu_new", "quick_gelu", "silu"
+  double eps = 1e-6;           // layer_norm_epsilon
+
+  int64_t inner() const { return n_heads * d_kv; }
+};
+
+// CLIPTextModel (transformers; MODELS.md §4), from a text config or the text_config of a full one.
+struct ClipTextArch {
+  int64_t vocab_size = 49408;
+  int64_t hidden_size = 512;  // D
+  int64_t intermediate_size = 2048;
+  int64_t n_layers = 12;
+  int64_t n_heads = 8;  // hd = D / H
+  int64_t max_positions = 77;
+  std::string act = "quick_gelu";  // or "gelu" (exact), "gelu_new"
+  double eps = 1e-5;
+  int64_t eos_token_id = 49407;        // 2: the legacy argmax pooling
+  std::string prefix = "text_model.";  // "" for transformers 5 files without the prefix
+
+  int64_t head_dim() const { return hidden_size / n_heads; }
+};
+
+using Arch = std::variant<LlamaArch, FluxArch, T5EncoderArch, ClipTextArch>;
 
 // The architecture of `component` from its config.json (`architectures[0]` for transformers,
 // `_class_name` for diffusers); nullopt when it is not one the runner executes. Error(InvalidInput)
 // naming config.json and the key for a recognised architecture whose config is unusable (missing
 // or non-positive sizes, heads that do not divide, axes_dims_rope not summing to head_dim, ...).
 std::optional<Arch> arch_of(const Component& component);
-std::string arch_name(const Arch& arch);  // "LlamaForCausalLM", "FluxTransformer2DModel"
+std::string arch_name(
+    const Arch& arch);  // "LlamaForCausalLM", "FluxTransformer2DModel", "T5EncoderModel", ...
 // The dtype the framework runs the model in (its activations): that of a tensor no quantizer
 // touches (Llama's model.norm.weight, Flux's norm_out.linear.bias): BF16, F16 or F32.
 // Error(InvalidInput) when the tensor is missing, Error(Unsupported) for another dtype.

@@ -1,6 +1,6 @@
 // The real forward pass of one component, written once per architecture over the op vocabulary
 // (ops.hpp), as MODELS.md specifies it: LlamaForCausalLM (transformers) and
-// FluxTransformer2DModel (diffusers) first; the T5 and CLIP encoders later. One file per
+// FluxTransformer2DModel (diffusers), T5EncoderModel and CLIPTextModel (transformers). One file per
 // architecture under runner/src/models/.
 //
 // How the schedule driver runs it: the forward's units are the component's top-level modules and
@@ -70,8 +70,15 @@ class Forward {
   // embeddings' sinusoids). Allocates the state the units share (the residual stream) from `ops`.
   virtual void begin(Ops& ops, const std::vector<HostTensor>& inputs) = 0;
   virtual void run_unit(size_t unit, Ops& ops, WeightSource& weights) = 0;
-  // The output under the framework's name ("logits", "sample"), F32.
+  // The output under the framework's name ("logits", "sample", "last_hidden_state"), F32.
   virtual HostTensor output(Ops& ops) = 0;
+  // Every output under the framework's names, F32: output() first, then any others (CLIP's
+  // "pooler_output"). The default is output() alone.
+  virtual std::vector<HostTensor> outputs(Ops& ops) {
+    std::vector<HostTensor> all;
+    all.push_back(output(ops));
+    return all;
+  }
   // The config it was made from (the planner reserves activation memory and predicts FLOPs from
   // it: planner::activation_items, planner::forward_flops).
   virtual const planner::Arch& arch() const = 0;

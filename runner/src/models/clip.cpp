@@ -1,0 +1,285 @@
+// CLIPTextModel (transformers), MODELS.md §4: token and position embeddings, pre-LN encoder
+// layers (causal attention, quick_gelu MLP), the final LayerNorm, and the pooled output: the
+// final hidden state at each sample's EOS position (argmax of the ids for the legacy
+// eos_token_id 2, else the first position holding eos_token_id).
+#include <cmath>
+#include <cstring>
+
+#include "model_util.hpp"
+#include "models.hpp"
+#include "qtool/formats/error.hpp"
+
+namespace qtool::runner::models {
+
+std::vector<int64_t> clip_eos_positions(const std::vector<int64_t>& ids, int64_t batch, int64_t tokens,
+                                        int64_t eos_token_id) {
+  std::vector<int64_t> at(static_cast<size_t>(batch), 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* row = ids.data() + b * tokens;
+    int64_t best = 0;
+    for (int64_t t = 0; t < tokens; ++t) {
+      if (eos_token_id == 2) {
+        if (row[t] > row[best]) best = t;  // the first maximum
+      } else if (row[t] == eos_token_id) {
+        best = t;
+        break;
+      }
+    }
+    at[static_cast<size_t>(b)] = best;  // no EOS: position 0, as argmax over all-zero flags
+  }
+  return at;
+}
+
+namespace {
+
+using planner::ClipTextArch;
+
+Activation activation_of(const std::string& act) {
+  if (act == "quick_gelu") return Activation::QuickGelu;
+  if (act == "gelu_new") return Activation::GeluNew;
+  if (act == "relu") return Activation::Relu;
+  if (act == "silu") return Activation::Silu;
+  QTOOL_ASSERT_MSG(act == "gelu_pytorch_tanh", "activation ", act);
+  return Activation::GeluTanh;
+}
+
+class ClipForward final : public StagedForward {
+ public:
+  ClipForward(const ClipTextArch& arch, DType dtype, std::string config_file)
+      : arch_(arch),
+        a_(arch),
+        dtype_(dtype),
+        config_file_(std::move(config_file)),
+        act_(activation_of(a_.act)) {
+    units_.push_back(a_.prefix + "embeddings");
+    for (int64_t i = 0; i < a_.n_layers; ++i)
+      units_.push_back(a_.prefix + "encoder.layers." + std::to_string(i));
+    units_.push_back(a_.prefix + "final_layer_norm");
+  }
+
+  std::string architecture() const override { return "CLIPTextModel"; }
+  const std::vector<std::string>& units() const override { return units_; }
+  const planner::Arch& arch() const override { return arch_; }
+
+  std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override {
+    return {{"input_ids", {DType::I64, DType::I32}, {batch, tokens}, false},
+            {"attention_mask", {DType::I64, DType::I32}, {batch, tokens}, true},
+            {"position_ids", {DType::I64, DType::I32}, {batch, tokens}, true}};
+  }
+
+  // Random ids with an EOS in every sample (at a random position, the tail padded with EOS as
+  // the CLIP tokenizer pads), so that the pooled output reads a real position.
+  std::vector<HostTensor> random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const override {
+    Rng rng(seed);
+    const int64_t eos =
+        a_.eos_token_id == 2 || a_.eos_token_id >= a_.vocab_size ? a_.vocab_size - 1 : a_.eos_token_id;
+    std::vector<int64_t> ids(static_cast<size_t>(batch * tokens));
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t end = static_cast<int64_t>(rng.next() % static_cast<uint64_t>(tokens));
+      for (int64_t t = 0; t < tokens; ++t)
+        ids[static_cast<size_t>(b * tokens + t)] =
+            t >= end ? eos : static_cast<int64_t>(rng.next() % static_cast<uint64_t>(eos));
+    }
+    HostTensor t{"input_ids", DType::I64, {batch, tokens}, std::vector<uint8_t>(ids.size() * 8)};
+    std::memcpy(t.bytes.data(), ids.data(), t.bytes.size());
+    return {std::move(t)};
+  }
+
+  void check_inputs(const std::vector<HostTensor>& inputs, int64_t max_tokens) const override {
+    check_against(inputs, input_specs(-1, -1));
+    const HostTensor& ids = *find_input(inputs, "input_ids");
+    if (ids.shape[1] > max_tokens)
+      fail(ErrorKind::InvalidInput, "input 'input_ids' has ", ids.shape[1], " tokens; the plan was made for ",
+           max_tokens);
+    const HostTensor* pos = find_input(inputs, "position_ids");
+    if (!pos && ids.shape[1] > a_.max_positions)
+      fail(ErrorKind::InvalidInput, "input 'input_ids' has ", ids.shape[1],
+           " tokens; max_position_embeddings is ", a_.max_positions);
+    for (int64_t v : ints_of(ids))
+      if (v < 0 || v >= a_.vocab_size)
+        fail(ErrorKind::InvalidInput, "input 'input_ids' holds token id ", v, ", outside the vocabulary [0, ",
+             a_.vocab_size, ")");
+    if (const HostTensor* m = find_input(inputs, "attention_mask")) {
+      if (m->shape != ids.shape)
+        fail(ErrorKind::InvalidInput, "input 'attention_mask' has shape ", shape_str(m->shape),
+             "; 'input_ids' has ", shape_str(ids.shape));
+      for (int64_t v : ints_of(*m))
+        if (v != 0 && v != 1)
+          fail(ErrorKind::InvalidInput, "input 'attention_mask' holds ", v, "; it must be 0 or 1");
+    }
+    if (pos) {
+      if (pos->shape != ids.shape)
+        fail(ErrorKind::InvalidInput, "input 'position_ids' has shape ", shape_str(pos->shape),
+             "; 'input_ids' has ", shape_str(ids.shape));
+      for (int64_t v : ints_of(*pos))
+        if (v < 0 || v >= a_.max_positions)
+          fail(ErrorKind::InvalidInput, "input 'position_ids' holds position ", v, ", outside [0, ",
+               a_.max_positions, ")");
+    }
+  }
+
+  void begin(Ops& ops, const std::vector<HostTensor>& inputs) override {
+    const HostTensor& ids = *find_input(inputs, "input_ids");
+    batch_ = ids.shape[0];
+    seq_ = ids.shape[1];
+    ids_ = ints_of(ids);
+    positions_.assign(static_cast<size_t>(rows()), 0);
+    if (const HostTensor* pos = find_input(inputs, "position_ids")) {
+      positions_ = ints_of(*pos);
+    } else {
+      for (int64_t r = 0; r < rows(); ++r) positions_[static_cast<size_t>(r)] = r % seq_;
+    }
+    h_ = ops.alloc(rows(), a_.hidden_size, dtype_);
+    const HostTensor* m = find_input(inputs, "attention_mask");
+    has_mask_ = m != nullptr;
+    const std::vector<int64_t> keep = m ? ints_of(*m) : std::vector<int64_t>(static_cast<size_t>(rows()), 1);
+    mask_ = ops.alloc(batch_, seq_, DType::I64);
+    ops.upload(keep.data(), mask_);
+  }
+
+  void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
+    QTOOL_ASSERT(unit < units_.size());
+    if (unit == 0) return embed(ops, weights);
+    if (unit == units_.size() - 1) return final_norm(ops, weights);
+    layer(static_cast<int64_t>(unit - 1), ops, weights);
+  }
+
+  std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
+    HostTensor t{units_[unit], dtype_, {batch_, seq_, a_.hidden_size}, {}};
+    download_rows(ops, h_, 0, rows(), t);
+    return {std::move(t)};
+  }
+
+  HostTensor output(Ops& ops) override {
+    HostTensor out{"last_hidden_state", DType::F32, {batch_, seq_, a_.hidden_size}, {}};
+    out.bytes = to_f32(ops, h_, 0, rows());
+    return out;
+  }
+
+  std::vector<HostTensor> outputs(Ops& ops) override {
+    std::vector<HostTensor> out;
+    out.push_back(output(ops));
+    HostTensor pooled{"pooler_output", DType::F32, {batch_, a_.hidden_size}, {}};
+    for (int64_t b = 0; b < batch_; ++b) {
+      const auto row = to_f32(ops, h_, b * seq_ + eos_[static_cast<size_t>(b)], 1);
+      pooled.bytes.insert(pooled.bytes.end(), row.begin(), row.end());
+    }
+    out.push_back(std::move(pooled));
+    return out;
+  }
+
+ private:
+  int64_t rows() const { return batch_ * seq_; }
+
+  std::vector<uint8_t> to_f32(Ops& ops, const Mat& m, int64_t row, int64_t n) {
+    HostTensor raw{"", dtype_, {}, {}};
+    download_rows(ops, m, row, n, raw);
+    std::vector<uint8_t> f(static_cast<size_t>(n * m.cols) * 4);
+    convert_to_f32(dtype_, raw.bytes.data(), reinterpret_cast<float*>(f.data()),
+                   static_cast<size_t>(n * m.cols));
+    return f;
+  }
+
+  // h = ⟦token_embedding[input_ids] + position_embedding[position_ids]⟧. The two embeddings are
+  // the planner's units before "embeddings" itself: fetched one after the other.
+  void embed(Ops& ops, WeightSource& weights) {
+    const std::string p = a_.prefix + "embeddings.";
+    UnitWeights w(config_file_);
+    const DequantParams& tok = w.mat(p + "token_embedding.weight", a_.vocab_size, a_.hidden_size);
+    w.fetch(weights);
+    const DequantParams& pos = w.mat(p + "position_embedding.weight", a_.max_positions, a_.hidden_size);
+    w.fetch(weights);
+    const size_t m = ops.mark();
+    const Mat ids = ops.alloc(rows(), 1, DType::I64);
+    const Mat pids = ops.alloc(rows(), 1, DType::I64);
+    const Mat pe = ops.alloc(rows(), a_.hidden_size, dtype_);
+    ops.upload(ids_.data(), ids);
+    ops.upload(positions_.data(), pids);
+    ops.embedding(ids, tok, h_);
+    ops.embedding(pids, pos, pe);
+    ops.add(h_, pe, h_);
+    ops.release(m);
+  }
+
+  void layer(int64_t i, Ops& ops, WeightSource& weights) {
+    const std::string p = a_.prefix + "encoder.layers." + std::to_string(i) + ".";
+    const int64_t d = a_.hidden_size, n = rows();
+    UnitWeights w(config_file_);
+    const DequantParams& ln1_w = w.vec(p + "layer_norm1.weight", d);
+    const DequantParams& ln1_b = w.vec(p + "layer_norm1.bias", d);
+    const Linear q = w.linear(p + "self_attn.q_proj", d, d, true);
+    const Linear k = w.linear(p + "self_attn.k_proj", d, d, true);
+    const Linear v = w.linear(p + "self_attn.v_proj", d, d, true);
+    const Linear o = w.linear(p + "self_attn.out_proj", d, d, true);
+    const DequantParams& ln2_w = w.vec(p + "layer_norm2.weight", d);
+    const DequantParams& ln2_b = w.vec(p + "layer_norm2.bias", d);
+    const Linear fc1 = w.linear(p + "mlp.fc1", d, a_.intermediate_size, true);
+    const Linear fc2 = w.linear(p + "mlp.fc2", a_.intermediate_size, d, true);
+    w.fetch(weights);
+    const float eps = static_cast<float>(a_.eps);
+
+    // h = ⟦h + Lin(SDPA(q, k, v; hd^-0.5, causal, padding mask); out_proj)⟧, z = LN1(h)
+    const size_t m = ops.mark();
+    const Mat z = ops.alloc(n, d, dtype_);
+    const size_t m_attn = ops.mark();
+    ops.layer_norm(h_, &ln1_w, &ln1_b, eps, z);
+    const Mat qm = ops.alloc(n, d, dtype_);
+    const Mat km = ops.alloc(n, d, dtype_);
+    const Mat vm = ops.alloc(n, d, dtype_);
+    ops.linear(z, *q.weight, q.bias, qm);
+    ops.linear(z, *k.weight, k.bias, km);
+    ops.linear(z, *v.weight, v.bias, vm);
+    const Mat att = ops.alloc(n, d, dtype_);
+    AttentionShape shape;
+    shape.batch = batch_;
+    shape.q_len = shape.kv_len = seq_;
+    shape.heads = shape.kv_heads = a_.n_heads;
+    shape.head_dim = a_.head_dim();
+    shape.scale = static_cast<float>(std::pow(static_cast<double>(a_.head_dim()), -0.5));
+    shape.causal = true;
+    if (has_mask_) shape.key_mask = &mask_;
+    ops.attention(qm, km, vm, shape, att);
+    ops.linear(att, *o.weight, o.bias, z);
+    ops.residual(h_, nullptr, z, batch_, h_);
+    ops.release(m_attn);
+
+    // h = ⟦h + Lin(act(Lin(LN2(h); fc1)); fc2)⟧
+    ops.layer_norm(h_, &ln2_w, &ln2_b, eps, z);
+    const Mat f = ops.alloc(n, a_.intermediate_size, dtype_);
+    ops.linear(z, *fc1.weight, fc1.bias, f);
+    ops.activation(act_, f, f);
+    ops.linear(f, *fc2.weight, fc2.bias, z);
+    ops.residual(h_, nullptr, z, batch_, h_);
+    ops.release(m);
+  }
+
+  // last_hidden_state = LN(h), in place; the EOS positions for the pooled output.
+  void final_norm(Ops& ops, WeightSource& weights) {
+    UnitWeights w(config_file_);
+    const DequantParams& nw = w.vec(a_.prefix + "final_layer_norm.weight", a_.hidden_size);
+    const DequantParams& nb = w.vec(a_.prefix + "final_layer_norm.bias", a_.hidden_size);
+    w.fetch(weights);
+    ops.layer_norm(h_, &nw, &nb, static_cast<float>(a_.eps), h_);
+    eos_ = clip_eos_positions(ids_, batch_, seq_, a_.eos_token_id);
+  }
+
+  planner::Arch arch_;
+  ClipTextArch a_;
+  DType dtype_;
+  std::string config_file_;
+  Activation act_;
+  std::vector<std::string> units_;
+
+  int64_t batch_ = 0, seq_ = 0;
+  std::vector<int64_t> ids_, positions_, eos_;
+  bool has_mask_ = false;
+  Mat h_, mask_;
+};
+
+}  // namespace
+
+std::unique_ptr<Forward> make_clip(const ClipTextArch& arch, DType dtype, std::string config_file) {
+  return std::make_unique<ClipForward>(arch, dtype, std::move(config_file));
+}
+
+}  // namespace qtool::runner::models

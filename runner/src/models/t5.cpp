@@ -1,0 +1,287 @@
+// T5EncoderModel (transformers), MODELS.md §3: the shared embedding, encoder blocks (T5LayerNorm,
+// attention without 1/sqrt(d) and with the relative position bias of block 0 shared by every
+// block, the (gated) feed-forward), the final norm. fp16 models: the framework keeps `wo` in
+// float32, so the residual stream becomes float32 after block 0's feed-forward, and clamps the
+// stream while it is fp16 (§3.5).
+#include <cmath>
+#include <cstring>
+
+#include "model_util.hpp"
+#include "models.hpp"
+#include "qtool/formats/error.hpp"
+
+namespace qtool::runner::models {
+
+int64_t t5_relative_bucket(int64_t rel, int64_t num_buckets, int64_t max_distance) {
+  const int64_t n = num_buckets / 2, e = n / 2;
+  const int64_t base = rel > 0 ? n : 0;
+  const int64_t a = rel < 0 ? -rel : rel;
+  if (a < e) return base + a;
+  // fp32 ops as torch computes them; ln(MD / e) is a double constant entering as a float scalar.
+  const float ratio = static_cast<float>(a) / static_cast<float>(e);
+  float v = std::log(ratio);
+  v = v / static_cast<float>(std::log(static_cast<double>(max_distance) / static_cast<double>(e)));
+  v = v * static_cast<float>(n - e);
+  const int64_t large = e + static_cast<int64_t>(v);
+  return base + std::min(n - 1, large);
+}
+
+namespace {
+
+using planner::T5EncoderArch;
+
+Activation activation_of(const std::string& act) {
+  if (act == "gelu_new") return Activation::GeluNew;
+  if (act == "relu") return Activation::Relu;
+  if (act == "quick_gelu") return Activation::QuickGelu;
+  if (act == "silu") return Activation::Silu;
+  QTOOL_ASSERT_MSG(act == "gelu_pytorch_tanh", "activation ", act);
+  return Activation::GeluTanh;
+}
+
+class T5Forward final : public StagedForward {
+ public:
+  T5Forward(const T5EncoderArch& arch, DType dtype, std::string config_file)
+      : arch_(arch),
+        a_(arch),
+        dtype_(dtype),
+        config_file_(std::move(config_file)),
+        act_(activation_of(a_.act)) {
+    units_.push_back("shared");
+    for (int64_t i = 0; i < a_.n_layers; ++i) units_.push_back("encoder.block." + std::to_string(i));
+    units_.push_back("encoder.final_layer_norm");
+  }
+
+  std::string architecture() const override { return "T5EncoderModel"; }
+  const std::vector<std::string>& units() const override { return units_; }
+  const planner::Arch& arch() const override { return arch_; }
+
+  std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override {
+    return {{"input_ids", {DType::I64, DType::I32}, {batch, tokens}, false},
+            {"attention_mask", {DType::I64, DType::I32}, {batch, tokens}, true}};
+  }
+
+  std::vector<HostTensor> random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const override {
+    Rng rng(seed);
+    std::vector<int64_t> ids(static_cast<size_t>(batch * tokens));
+    for (int64_t& v : ids) v = static_cast<int64_t>(rng.next() % static_cast<uint64_t>(a_.vocab_size));
+    HostTensor t{"input_ids", DType::I64, {batch, tokens}, std::vector<uint8_t>(ids.size() * 8)};
+    std::memcpy(t.bytes.data(), ids.data(), t.bytes.size());
+    return {std::move(t)};
+  }
+
+  void check_inputs(const std::vector<HostTensor>& inputs, int64_t max_tokens) const override {
+    check_against(inputs, input_specs(-1, -1));
+    const HostTensor& ids = *find_input(inputs, "input_ids");
+    if (ids.shape[1] > max_tokens)
+      fail(ErrorKind::InvalidInput, "input 'input_ids' has ", ids.shape[1], " tokens; the plan was made for ",
+           max_tokens);
+    for (int64_t v : ints_of(ids))
+      if (v < 0 || v >= a_.vocab_size)
+        fail(ErrorKind::InvalidInput, "input 'input_ids' holds token id ", v, ", outside the vocabulary [0, ",
+             a_.vocab_size, ")");
+    if (const HostTensor* m = find_input(inputs, "attention_mask")) {
+      if (m->shape != ids.shape)
+        fail(ErrorKind::InvalidInput, "input 'attention_mask' has shape ", shape_str(m->shape),
+             "; 'input_ids' has ", shape_str(ids.shape));
+      for (int64_t v : ints_of(*m))
+        if (v != 0 && v != 1)
+          fail(ErrorKind::InvalidInput, "input 'attention_mask' holds ", v, "; it must be 0 or 1");
+    }
+  }
+
+  void begin(Ops& ops, const std::vector<HostTensor>& inputs) override {
+    const HostTensor& ids = *find_input(inputs, "input_ids");
+    batch_ = ids.shape[0];
+    seq_ = ids.shape[1];
+    ids_ = ids;
+    h_ = ops.alloc(rows(), a_.d_model, stream_dtype());
+    bias_ = ops.alloc(a_.n_heads * seq_, seq_, dtype_);
+    const HostTensor* m = find_input(inputs, "attention_mask");
+    has_mask_ = m != nullptr;
+    const std::vector<int64_t> keep = m ? ints_of(*m) : std::vector<int64_t>(static_cast<size_t>(rows()), 1);
+    mask_ = ops.alloc(batch_, seq_, DType::I64);
+    ops.upload(keep.data(), mask_);
+  }
+
+  void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
+    QTOOL_ASSERT(unit < units_.size());
+    if (unit == 0) return embed(ops, weights);
+    if (unit == units_.size() - 1) return final_norm(ops, weights);
+    block(static_cast<int64_t>(unit - 1), ops, weights);
+  }
+
+  std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
+    if (unit == 0 || unit == units_.size() - 1) return {};
+    HostTensor t{units_[unit], h_.dtype, {batch_, seq_, a_.d_model}, {}};
+    download_rows(ops, h_, 0, rows(), t);
+    return {std::move(t)};
+  }
+
+  HostTensor output(Ops& ops) override {
+    const size_t n = static_cast<size_t>(out_.rows * out_.cols);
+    std::vector<uint8_t> raw(n * dtype_size(dtype_));
+    ops.download(out_, raw.data());
+    HostTensor out{"last_hidden_state", DType::F32, {batch_, seq_, a_.d_model}, {}};
+    out.bytes.resize(n * 4);
+    convert_to_f32(dtype_, raw.data(), reinterpret_cast<float*>(out.bytes.data()), n);
+    return out;
+  }
+
+ private:
+  int64_t rows() const { return batch_ * seq_; }
+  bool f16() const { return dtype_ == DType::F16; }
+  // fp16: float32 from block 0's feed-forward on (until then it holds fp16 values exactly).
+  DType stream_dtype() const { return f16() ? DType::F32 : dtype_; }
+
+  // h = shared[input_ids] (no scaling).
+  void embed(Ops& ops, WeightSource& weights) {
+    UnitWeights w(config_file_);
+    const DequantParams& table = w.mat("shared.weight", a_.vocab_size, a_.d_model);
+    w.fetch(weights);
+    const size_t m = ops.mark();
+    const Mat ids = ops.alloc(rows(), 1, ids_.dtype);
+    ops.upload(ids_.bytes.data(), ids);
+    ops.embedding(ids, table, h_);  // fp16 values, exactly, in an F32 stream
+    ops.release(m);
+  }
+
+  // Bias[h·T + t, s] = relative_attention_bias.weight[bucket(s − t), h]: a lookup of the bucket
+  // ids [T·T] in the [NB, H] table, then each head's column copied into its rows.
+  void position_bias(Ops& ops, const DequantParams& table) {
+    const size_t m = ops.mark();
+    std::vector<int64_t> buckets(static_cast<size_t>(seq_ * seq_));
+    for (int64_t t = 0; t < seq_; ++t)
+      for (int64_t s = 0; s < seq_; ++s)
+        buckets[static_cast<size_t>(t * seq_ + s)] =
+            t5_relative_bucket(s - t, a_.num_buckets, a_.max_distance);
+    const Mat ids = ops.alloc(seq_ * seq_, 1, DType::I64);
+    ops.upload(buckets.data(), ids);
+    const Mat looked = ops.alloc(seq_ * seq_, a_.n_heads, dtype_);
+    ops.embedding(ids, table, looked);
+    for (int64_t h = 0; h < a_.n_heads; ++h) {
+      const Mat dst{
+          static_cast<uint8_t*>(bias_.data) + static_cast<size_t>(h * seq_ * seq_) * dtype_size(dtype_),
+          dtype_, seq_ * seq_, 1, 1};
+      ops.copy(looked.cols_view(h, 1), dst);
+    }
+    ops.release(m);
+  }
+
+  // fp16 stream: clamp to ±(65504 − 1000) when it holds an inf, else ±65504 (T5Block).
+  void clamp_f16(Ops& ops, const Mat& x) {
+    std::vector<uint16_t> raw(static_cast<size_t>(x.rows * x.cols));
+    ops.download(x, raw.data());
+    bool inf = false;
+    for (uint16_t v : raw) inf = inf || (v & 0x7fffu) == 0x7c00u;
+    ops.clamp(x, inf ? 65504.0f - 1000.0f : 65504.0f, x);
+  }
+
+  void block(int64_t i, Ops& ops, WeightSource& weights) {
+    const std::string p = "encoder.block." + std::to_string(i) + ".layer.";
+    const int64_t d = a_.d_model, in = a_.inner(), n = rows();
+    UnitWeights w(config_file_);
+    const DequantParams& ln0 = w.vec(p + "0.layer_norm.weight", d);
+    const Linear q = w.linear(p + "0.SelfAttention.q", d, in, false);
+    const Linear k = w.linear(p + "0.SelfAttention.k", d, in, false);
+    const Linear v = w.linear(p + "0.SelfAttention.v", d, in, false);
+    const Linear o = w.linear(p + "0.SelfAttention.o", in, d, false);
+    const DequantParams* rel =
+        i == 0 ? &w.mat(p + "0.SelfAttention.relative_attention_bias.weight", a_.num_buckets, a_.n_heads)
+               : nullptr;
+    const DequantParams& ln1 = w.vec(p + "1.layer_norm.weight", d);
+    const std::string ff = p + "1.DenseReluDense.";
+    const Linear wi0 = w.linear(ff + (a_.gated ? "wi_0" : "wi"), d, a_.d_ff, false);
+    const Linear wi1 = a_.gated ? w.linear(ff + "wi_1", d, a_.d_ff, false) : Linear{};
+    const Linear wo = w.linear(ff + "wo", a_.d_ff, d, false);
+    w.fetch(weights);
+    if (rel) position_bias(ops, *rel);
+    const float eps = static_cast<float>(a_.eps);
+    // The stream is fp16 (values) until block 0's feed-forward adds the float32 wo output.
+    const bool stream16 = f16() && i == 0;
+
+    // Attention: z = RMSh(h); a = SDPA(q, k, v; scale 1, + Bias); h = ⟦h + Lin(a; o)⟧.
+    const size_t m = ops.mark();
+    const Mat z = ops.alloc(n, d, dtype_);
+    const Mat sum16 = stream16 ? ops.alloc(n, d, dtype_) : Mat{};
+    const size_t m_attn = ops.mark();
+    ops.rms_norm(h_, ln0, eps, RmsRounding::Twice, 0, z);
+    const Mat qm = ops.alloc(n, in, dtype_);
+    const Mat km = ops.alloc(n, in, dtype_);
+    const Mat vm = ops.alloc(n, in, dtype_);
+    ops.linear(z, *q.weight, nullptr, qm);
+    ops.linear(z, *k.weight, nullptr, km);
+    ops.linear(z, *v.weight, nullptr, vm);
+    const Mat att = ops.alloc(n, in, dtype_);
+    AttentionShape shape;
+    shape.batch = batch_;
+    shape.q_len = shape.kv_len = seq_;
+    shape.heads = shape.kv_heads = a_.n_heads;
+    shape.head_dim = a_.d_kv;
+    shape.scale = 1.0f;
+    shape.bias = &bias_;
+    if (has_mask_) shape.key_mask = &mask_;
+    ops.attention(qm, km, vm, shape, att);
+    ops.linear(att, *o.weight, nullptr, z);
+    if (stream16) {
+      ops.residual(h_, nullptr, z, batch_, sum16);
+      clamp_f16(ops, sum16);
+      ops.copy(sum16, h_);
+    } else {
+      ops.residual(h_, nullptr, z, batch_, h_);  // fp16: a float32 stream, not clamped
+    }
+    ops.release(m_attn);
+
+    // FF: z = RMSh(h); u = ⟦act(Lin(z; wi_0)) · Lin(z; wi_1)⟧ (or ⟦act(Lin(z; wi))⟧);
+    // h = ⟦h + Lin(u; wo)⟧ (fp16 models: u and wo in float32, the sum in float32).
+    ops.rms_norm(h_, ln1, eps, RmsRounding::Twice, 0, z);
+    const Mat g = ops.alloc(n, a_.d_ff, dtype_);
+    ops.linear(z, *wi0.weight, nullptr, g);
+    if (a_.gated) {
+      const Mat up = ops.alloc(n, a_.d_ff, dtype_);
+      ops.linear(z, *wi1.weight, nullptr, up);
+      ops.gated(act_, g, up, g);
+    } else {
+      ops.activation(act_, g, g);
+    }
+    if (f16()) {
+      const Mat g32 = ops.alloc(n, a_.d_ff, DType::F32);
+      const Mat y32 = ops.alloc(n, d, DType::F32);
+      ops.copy(g, g32);
+      ops.linear(g32, *wo.weight, nullptr, y32);
+      ops.residual(h_, nullptr, y32, batch_, h_);
+    } else {
+      ops.linear(g, *wo.weight, nullptr, z);
+      ops.residual(h_, nullptr, z, batch_, h_);
+    }
+    ops.release(m);
+  }
+
+  void final_norm(Ops& ops, WeightSource& weights) {
+    UnitWeights w(config_file_);
+    const DequantParams& norm = w.vec("encoder.final_layer_norm.weight", a_.d_model);
+    w.fetch(weights);
+    out_ = ops.alloc(rows(), a_.d_model, dtype_);
+    ops.rms_norm(h_, norm, static_cast<float>(a_.eps), RmsRounding::Twice, 0, out_);
+  }
+
+  planner::Arch arch_;
+  T5EncoderArch a_;
+  DType dtype_;
+  std::string config_file_;
+  Activation act_;
+  std::vector<std::string> units_;
+
+  int64_t batch_ = 0, seq_ = 0;
+  HostTensor ids_;
+  bool has_mask_ = false;
+  Mat h_, bias_, mask_, out_;
+};
+
+}  // namespace
+
+std::unique_ptr<Forward> make_t5(const T5EncoderArch& arch, DType dtype, std::string config_file) {
+  return std::make_unique<T5Forward>(arch, dtype, std::move(config_file));
+}
+
+}  // namespace qtool::runner::models
