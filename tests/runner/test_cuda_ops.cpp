@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "qtool/formats/dtype.hpp"
+#include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/runner/cpu_ops.hpp"
 #include "qtool/runner/cuda_forward_ops.hpp"
@@ -30,6 +31,8 @@ namespace rc = qtool::runner::cuda;
 namespace {
 
 uint64_t g_seed = 0;
+
+std::string dn(DType dt) { return std::string(dtype_name(dt)); }
 
 int64_t ceil8(int64_t n) { return (n + 7) / 8 * 8; }
 
@@ -128,7 +131,7 @@ size_t mismatches(Both& b, const Pair& out) {
 }
 
 void report(const char* op, DType dt, size_t bad, size_t n) {
-  std::printf("  %-28s %-4s %zu / %zu elements differ\n", op, dtype_name(dt), bad, n);
+  std::printf("  %-28s %-4s %zu / %zu elements differ\n", op, dn(dt).c_str(), bad, n);
 }
 
 // Within tol_rel * |cpu| + tol_abs (both NaN, or equal infinities, count as equal).
@@ -266,7 +269,7 @@ TEST_CASE("cuda ops: element-wise ops equal the CPU backend's bits") {
       b.cpu->copy(x.c, o.c);
       b.gpu->copy(x.g, o.g);
       bad = mismatches(b, o);
-      report((std::string("copy to ") + dtype_name(to)).c_str(), dt, bad, n);
+      report(("copy to " + dn(to)).c_str(), dt, bad, n);
       CHECK(bad == 0);
     }
   }
@@ -417,7 +420,7 @@ TEST_CASE("cuda ops: linear within one rounding of the CPU backend") {
         const size_t bad = beyond_tolerance(b, out, rel, 1e-4f, &max_err);
         std::printf(
             "  linear %-4s tokens %lld bias %d: %zu beyond tolerance, %zu bits differ, max |diff| %.3g\n",
-            dtype_name(dt), static_cast<long long>(tokens), with_bias ? 1 : 0, bad, mismatches(b, out),
+            dn(dt).c_str(), static_cast<long long>(tokens), with_bias ? 1 : 0, bad, mismatches(b, out),
             max_err);
         CHECK(bad == 0);
       }
@@ -473,7 +476,7 @@ TEST_CASE("cuda ops: attention within tolerance of the CPU backend") {
         const size_t bad = beyond_tolerance(b, out, rel, 2e-3f, &max_err);
         std::printf(
             "  attention %-4s hd %3lld %-6s: %zu beyond tolerance, %zu bits differ, max |diff| %.3g\n",
-            dtype_name(dt), static_cast<long long>(hd),
+            dn(dt).c_str(), static_cast<long long>(hd),
             causal      ? "causal"
             : with_bias ? "bias"
             : with_mask ? "mask"
@@ -557,7 +560,8 @@ TEST_CASE("cuda ops: timings (attention at Flux's and Llama's shapes, a linear)"
     bp.rows = 1;
     bp.cols = out_f;
     bp.weight = static_cast<const uint8_t*>(bias.data);
-    for (const DequantParams* bb : {static_cast<const DequantParams*>(nullptr), &bp}) {
+    const DequantParams* biases[] = {nullptr, &bp};
+    for (const DequantParams* bb : biases) {
       ops->linear(x, wp, bb, y);
       const int reps = 5;
       t0.record(stream.get());
