@@ -6,7 +6,10 @@
 // the CUDA programming guide), where the CPU's glibc expf/tanhf are correctly rounded in practice;
 // a result can therefore differ by an ulp of float32, which changes a bf16/f16 output only when
 // it lands on a rounding boundary (the gpu test measures that rate for Silu, GeluTanh, GeluNew,
-// QuickGelu). sqrtf and the division are IEEE-exact on both.
+// QuickGelu). sqrtf and the division are IEEE-exact on both. NaNs: the products, sums and
+// quotients go through kmath's x86_* functions, which give x86's NaN results (the GPU's own are
+// canonical), so NaN inputs give the CPU's bits too, except in the norms, where a NaN reaches the
+// whole row through double sums (the NaNs agree, their payloads may not).
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -73,31 +76,37 @@ constexpr float kGeluKappa = 0.044715f;
 // The ops.hpp Activation values.
 enum : int { kIdentity = 0, kSilu, kGeluTanh, kGeluNew, kQuickGelu, kRelu };
 
+// The CPU's float32 operations with x86's NaN results (a NaN operand's payload, quieted; a new
+// NaN is 0xFFC00000), so that NaN inputs give the CPU's bits as well.
+__device__ __forceinline__ float mul(float a, float b) { return kmath::x86_mul(a, b); }
+__device__ __forceinline__ float add(float a, float b) { return kmath::x86_add(a, b); }
+__device__ __forceinline__ float dvd(float a, float b) { return kmath::x86_div(a, b); }
+
 // act(x) rounded to dt as cpu_ops.cpp's activate (same operations in the same order).
 __device__ float activate(int act, float x, int dt) {
   switch (act) {
     case kIdentity: return rnd(dt, x);
-    case kSilu: return rnd(dt, x / (1.0f + expf(-x)));
+    case kSilu: return rnd(dt, dvd(x, add(1.0f, expf(-x))));
     case kGeluTanh: {
-      const float cube = (x * x) * x;
-      const float inner = kGeluBeta * (x + kGeluKappa * cube);
-      return rnd(dt, (0.5f * x) * (1.0f + tanhf(inner)));
+      const float cube = mul(mul(x, x), x);
+      const float inner = mul(kGeluBeta, add(x, mul(kGeluKappa, cube)));
+      return rnd(dt, mul(mul(0.5f, x), add(1.0f, tanhf(inner))));
     }
     case kRelu: return x <= 0.0f ? 0.0f : rnd(dt, x);
     case kGeluNew: {
-      const float a = rnd(dt, 0.5f * x);
-      const float b = rnd(dt, (x * x) * x);
-      const float c = rnd(dt, kGeluKappa * b);
-      const float d = rnd(dt, x + c);
-      const float e = rnd(dt, kGeluBeta * d);
+      const float a = rnd(dt, mul(0.5f, x));
+      const float b = rnd(dt, mul(mul(x, x), x));
+      const float c = rnd(dt, mul(kGeluKappa, b));
+      const float d = rnd(dt, add(x, c));
+      const float e = rnd(dt, mul(kGeluBeta, d));
       const float f = rnd(dt, tanhf(e));
-      const float g = rnd(dt, 1.0f + f);
-      return rnd(dt, a * g);
+      const float g = rnd(dt, add(1.0f, f));
+      return rnd(dt, mul(a, g));
     }
     case kQuickGelu: {
-      const float a = rnd(dt, 1.702f * x);
-      const float s = rnd(dt, 1.0f / (1.0f + expf(-a)));
-      return rnd(dt, x * s);
+      const float a = rnd(dt, mul(1.702f, x));
+      const float s = rnd(dt, dvd(1.0f, add(1.0f, expf(-a))));
+      return rnd(dt, mul(x, s));
     }
     default: break;
   }
@@ -115,10 +124,10 @@ __global__ void elementwise_kernel(Ew op, int act, View a, View b, View g, int64
     float y;
     switch (op) {
       case Ew::Activation: y = activate(act, x, out.dt); break;
-      case Ew::Gated: y = activate(act, x, out.dt) * ld_el(b, r, c); break;
-      case Ew::Add: y = x + ld_el(b, r, c); break;
-      case Ew::Residual: y = x + ld_el(b, r, c); break;
-      case Ew::ResidualGated: y = x + rnd(out.dt, ld_el(g, r / seq, c) * ld_el(b, r, c)); break;
+      case Ew::Gated: y = mul(activate(act, x, out.dt), ld_el(b, r, c)); break;
+      case Ew::Add: y = add(x, ld_el(b, r, c)); break;
+      case Ew::Residual: y = add(x, ld_el(b, r, c)); break;
+      case Ew::ResidualGated: y = add(x, rnd(out.dt, mul(ld_el(g, r / seq, c), ld_el(b, r, c)))); break;
       case Ew::Copy: y = x; break;
       case Ew::Clamp: y = x < -bound ? -bound : (x > bound ? bound : x); break;
       default: y = x;
@@ -156,15 +165,15 @@ __global__ void rope_kernel(bool adjacent, View x, int64_t hd, View cs, View sn,
       const float x0 = ld_el(x, r, h0 + m), x1 = ld_el(x, r, h0 + m + 1);
       const float c0 = ld_el(cs, r, m), c1 = ld_el(cs, r, m + 1);
       const float s0 = ld_el(sn, r, m), s1 = ld_el(sn, r, m + 1);
-      const float o0 = __fadd_rn(__fmul_rn(x0, c0), __fmul_rn(-x1, s0));
-      const float o1 = __fadd_rn(__fmul_rn(x1, c1), __fmul_rn(x0, s1));
+      const float o0 = add(mul(x0, c0), mul(-x1, s0));
+      const float o1 = add(mul(x1, c1), mul(x0, s1));
       st_el(out, r, h0 + m, o0);
       st_el(out, r, h0 + m + 1, o1);
     } else {
       const int64_t m = j, m2 = j + half;
       const float xa = ld_el(x, r, h0 + m), xb = ld_el(x, r, h0 + m2);
-      const float oa = rnd(dt, __fmul_rn(xa, ld_el(cs, r, m))) + rnd(dt, __fmul_rn(-xb, ld_el(sn, r, m)));
-      const float ob = rnd(dt, __fmul_rn(xb, ld_el(cs, r, m2))) + rnd(dt, __fmul_rn(xa, ld_el(sn, r, m2)));
+      const float oa = add(rnd(dt, mul(xa, ld_el(cs, r, m))), rnd(dt, mul(-xb, ld_el(sn, r, m))));
+      const float ob = add(rnd(dt, mul(xb, ld_el(cs, r, m2))), rnd(dt, mul(xa, ld_el(sn, r, m2))));
       st_el(out, r, h0 + m, oa);
       st_el(out, r, h0 + m2, ob);
     }
@@ -209,17 +218,17 @@ __global__ void norm_kernel(int mode, View x, DequantParams w, bool has_w, Dequa
     const float inv = stats[2 * g + 1];
     float y;
     if (mode == 0) {
-      y = (v[c] * inv) * dq::plain_value(w, i);
+      y = mul(mul(v[c], inv), dq::plain_value(w, i));
     } else if (mode == 1) {
-      y = dq::plain_value(w, i) * rnd(dt, v[c] * inv);
+      y = mul(dq::plain_value(w, i), rnd(dt, mul(v[c], inv)));
     } else if (mode == 2) {
-      y = (v[c] - stats[2 * g]) * inv;
-      if (has_w) y = y * dq::plain_value(w, i);
-      if (has_b) y = y + dq::plain_value(b, i);
+      y = mul(add(v[c], -stats[2 * g]), inv);
+      if (has_w) y = mul(y, dq::plain_value(w, i));
+      if (has_b) y = add(y, dq::plain_value(b, i));
     } else {
-      const float n = rnd(dt, (v[c] - stats[2 * g]) * inv);
-      const float s1 = rnd(dt, 1.0f + ld_el(scale, r / seq, c));
-      y = rnd(dt, n * s1) + ld_el(shift, r / seq, c);
+      const float n = rnd(dt, mul(add(v[c], -stats[2 * g]), inv));
+      const float s1 = rnd(dt, add(1.0f, ld_el(scale, r / seq, c)));
+      y = add(rnd(dt, mul(n, s1)), ld_el(shift, r / seq, c));
     }
     st_el(out, r, c, y);
   }
@@ -247,7 +256,7 @@ __global__ void bias_round_kernel(const float* acc, DequantParams bias, bool has
     const int64_t r = i / out.cols;
     const int64_t c = i - r * out.cols;
     const float s = acc[i];
-    st_el(out, r, c, has_bias ? s + dq::plain_value(bias, static_cast<uint64_t>(c)) : s);
+    st_el(out, r, c, has_bias ? add(s, dq::plain_value(bias, static_cast<uint64_t>(c))) : s);
   }
 }
 
