@@ -30,6 +30,10 @@ struct CommandRegistrar {
 };
 void add_registered_commands(CLI::App& app, const GlobalOptions& global, CommandFn& run);
 
+// A check for count options: an integer from lo to hi. Checked on the text, so that "-1" is refused
+// instead of wrapping into a huge unsigned value.
+inline CLI::Range count_range(int64_t lo, int64_t hi) { return CLI::Range(lo, hi); }
+
 // Human output goes to stderr; these respect --quiet, --verbose and NO_COLOR.
 void info(const GlobalOptions& global, std::string_view line);
 void verbose(const GlobalOptions& global, std::string_view line);

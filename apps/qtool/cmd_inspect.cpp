@@ -10,6 +10,7 @@
 #include "cli.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 #include "qtool/formats/size.hpp"
 
 #if __has_include("qtool/planner/module_tree.hpp")
@@ -136,7 +137,7 @@ int run_inspect(const InspectOptions& o, const GlobalOptions& global) {
   }
 #endif
   print_table(global, d);
-  if (o.json) std::cout << d.dump(2) << std::endl;
+  if (o.json) std::cout << dump_json(d, 2) << std::endl;
   return 0;
 }
 

@@ -12,8 +12,11 @@
 #include "cli.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 #include "qtool/formats/size.hpp"
 #include "qtool/planner/planner.hpp"
+#include "qtool/planner/profile_choice.hpp"
+#include "qtool/runner/profile.hpp"
 
 #ifndef QTOOL_VERSION
 #define QTOOL_VERSION "0.0.0"
@@ -37,28 +40,37 @@ struct PlanCliOptions {
   bool json = false;
 };
 
-// A profile file, a profile name from sample_configs/devices/, or the built-in H100 PCIe default.
-planner::DeviceProfile load_profile(const GlobalOptions& global, const std::string& spec) {
+// --device-profile: a profile file or a name from sample_configs/devices/. Without it, the profile
+// of the GPU found (built in by name, cached, or measured once and cached), or the default H100
+// profile without a GPU (planner/profile_choice.hpp). Returns the profile and a sentence saying
+// which it is.
+planner::ProfileChoice load_profile(const GlobalOptions& global, const std::string& spec) {
   namespace fs = std::filesystem;
   if (!spec.empty()) {
     std::error_code ec;
-    if (fs::is_regular_file(spec, ec)) return planner::load_device_profile(spec);
+    if (fs::is_regular_file(spec, ec))
+      return {planner::load_device_profile(spec), "device profile " + spec + " (--device-profile)"};
     if (auto dir = planner::find_data_subdir("devices")) {
       const fs::path p = *dir / (spec + ".json");
-      if (fs::is_regular_file(p, ec)) return planner::load_device_profile(p);
+      if (fs::is_regular_file(p, ec))
+        return {planner::load_device_profile(p),
+                "device profile " + spec + " (" + p.string() + ", --device-profile)"};
     }
     fail(ErrorKind::Usage, "--device-profile: '", spec, "' is neither a file nor a profile in sample_configs/devices/");
   }
-  if (auto dir = planner::find_data_subdir("devices")) {
-    const fs::path p = *dir / "h100-pcie-gen5.json";
-    std::error_code ec;
-    if (fs::is_regular_file(p, ec)) {
-      verbose(global, "device profile: " + p.string());
-      return planner::load_device_profile(p);
-    }
-  }
-  warn("no sample_configs/devices found: using the built-in h100-pcie-gen5 profile");
-  return planner::DeviceProfile{};
+  planner::ProfileChoiceInputs in;
+  in.device_name = runner::gpu_device_name(0);  // loads CUDA only now, and only with CUDA support
+  in.devices_dir = planner::find_data_subdir("devices");
+  in.cache_dir = planner::profile_cache_dir();
+  in.measure = [&global] {
+    runner::ProfileOptions p;
+    p.backend = "cuda";
+    p.log = [&global](std::string_view line) { verbose(global, std::string(line)); };
+    return runner::measure_profile(p);
+  };
+  in.warn = [](std::string_view line) { warn(std::string(line)); };
+  in.info = [&global](std::string_view line) { info(global, std::string(line)); };
+  return planner::choose_device_profile(in);
 }
 
 void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
@@ -79,13 +91,21 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
                   "\"cpu\": \"64GiB\"}, or a file holding either. Default: the GPUs' free memory and the host's "
                   "available memory");
   cmd->add_option("--tokens", o->tokens, "Activation rows per linear layer (sizes the activation buffers)")
-      ->default_val(4096);
+      ->default_val(4096)
+      ->check(count_range(1, static_cast<int64_t>(planner::kMaxTokens)));
   cmd->add_option("--offload", o->offload, "Offload groups: block (N consecutive blocks), leaf (single layers), auto")
       ->default_val("auto");
-  cmd->add_option("--blocks-per-group", o->blocks_per_group, "Blocks per offload group (block mode); default: chosen");
-  cmd->add_option("--prefetch", o->prefetch, "Device slots per streaming GPU (prefetch depth); default: chosen");
-  cmd->add_option("--device-profile", o->device_profile,
-                  "Device profile JSON (or a name in sample_configs/devices/); default h100-pcie-gen5");
+  cmd->add_option("--blocks-per-group", o->blocks_per_group,
+                  "Blocks per offload group (block mode); default: chosen")
+      ->check(count_range(1, planner::kMaxBlocksPerGroup));
+  cmd->add_option("--prefetch", o->prefetch,
+                  "Device slots per streaming GPU (prefetch depth); default: chosen")
+      ->check(count_range(1, planner::kMaxPrefetch));
+  cmd->add_option(
+      "--device-profile", o->device_profile,
+      "Device profile JSON (or a name in sample_configs/devices/); default: the GPU's (built in by "
+      "name, or measured once and cached under $XDG_CACHE_HOME/qtool/profiles), h100-pcie-gen5 "
+      "without a GPU");
   cmd->add_option("--models-dir", o->models_dir, "Folder of model templates (default sample_configs/models/)");
   cmd->add_option("-o,--output", o->output, "Write the plan file here");
   cmd->add_option("--svg", o->svg, "Draw each device's memory as an SVG bar chart");
@@ -100,7 +120,9 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
       opt.blocks_per_group = o->blocks_per_group;
       opt.prefetch = o->prefetch;
       opt.qtool_version = QTOOL_VERSION;
-      opt.profile = load_profile(global, o->device_profile);
+      const planner::ProfileChoice profile = load_profile(global, o->device_profile);
+      opt.profile = profile.profile;
+      info(global, "using " + profile.source);
       planner::TemplateLibrary templates;
       if (!o->models_dir.empty()) {
         templates.load_dir(o->models_dir);
@@ -120,6 +142,7 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
       const planner::PipelineInput input = planner::plan_input_of(ck);
       planner::Plan plan = planner::make_plan(input, opt);
       plan.checkpoint = o->checkpoint;
+      plan.notes.insert(plan.notes.begin(), "using " + profile.source);
       const std::vector<std::string> problems = planner::check_plan(plan, input);
       if (!problems.empty()) {
         fail(ErrorKind::Internal, "the plan failed its own check: ", problems.front(), " (", problems.size(), " problem(s))");
@@ -139,7 +162,7 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
       }
       if (!global.quiet) std::fputs(planner::plan_table(plan).c_str(), stderr);
       if (!o->output.empty()) info(global, "wrote " + o->output);
-      if (o->json) std::cout << planner::plan_to_json(plan).dump(2) << "\n";
+      if (o->json) std::cout << dump_json(planner::plan_to_json(plan), 2) << "\n";
       return 0;
     };
   });

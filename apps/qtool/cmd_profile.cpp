@@ -6,7 +6,9 @@
 
 #include "cli.hpp"
 #include "qtool/formats/checkpoint.hpp"
+#include "qtool/formats/json.hpp"
 #include "qtool/formats/size.hpp"
+#include "qtool/formats/thread_pool.hpp"
 #include "qtool/planner/device_profile.hpp"
 #include "qtool/runner/profile.hpp"
 
@@ -39,7 +41,7 @@ int run_profile(const ProfileCliOptions& o, const GlobalOptions& global) {
   if (!o.name.empty()) profile.name = o.name;
   const nlohmann::json j = planner::device_profile_to_json(profile);
   if (o.output.empty() || o.output == "-") {
-    std::printf("%s\n", j.dump(2).c_str());
+    std::printf("%s\n", dump_json(j, 2).c_str());
   } else {
     write_json_file(o.output, j);
     info(global, "wrote " + o.output);
@@ -58,13 +60,14 @@ void add_profile_command(CLI::App& app, const GlobalOptions& global, CommandFn& 
       ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
   cmd->add_option("--device", o->device, "The GPU to measure (default 0)");
   cmd->add_option("--copy-size", o->copy_size, "Bytes per bandwidth measurement (default 256MiB)");
-  cmd->add_option("--tokens", o->tokens,
-                  "GEMM rate measured at [tokens, 4096] x [4096, 4096] (default 4096)");
+  cmd->add_option("--tokens", o->tokens, "GEMM rate measured at [tokens, 4096] x [4096, 4096] (default 4096)")
+      ->check(count_range(1, 1 << 20));
   cmd->add_option("--repeats", o->repeats, "Timed repeats per measurement; the median is kept (default 7)")
       ->check(CLI::Range(1u, 1000u));
   cmd->add_option("--tmp-dir", o->tmp_dir,
                   "Folder for the disk-read test file (default: the system's temp dir)");
-  cmd->add_option("--threads,-j", o->threads, "CPU threads for the CPU backend (default: every core)");
+  cmd->add_option("--threads,-j", o->threads, "CPU threads for the CPU backend (default: every core)")
+      ->check(count_range(0, static_cast<int64_t>(kMaxThreads)));
   cmd->add_option("--name", o->name, "The profile's name (default: the device's)");
   cmd->callback([o, &global, &run] { run = [o, &global] { return run_profile(*o, global); }; });
 }

@@ -10,8 +10,10 @@
 #include "cli.hpp"
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 #include "qtool/formats/size.hpp"
 #include "qtool/formats/synth.hpp"
+#include "qtool/formats/thread_pool.hpp"
 
 namespace qtool::cli {
 namespace {
@@ -131,7 +133,9 @@ void add_synth(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
   cmd->add_option("--components", o->components,
                   "Pipeline components to write (comma separated); default all")
       ->delimiter(',');
-  cmd->add_option("--threads", o->threads, "Worker threads (0: all cores)")->default_val(0);
+  cmd->add_option("--threads", o->threads, "Worker threads (0: all cores)")
+      ->default_val(0)
+      ->check(count_range(0, static_cast<int64_t>(kMaxThreads)));
   cmd->add_flag("--force", o->force, "Replace an existing output");
   cmd->add_flag("--dry-run", o->dry_run,
                 "Describe the checkpoint (with --json: every tensor and config) without writing");
@@ -166,7 +170,7 @@ void add_synth(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
         bar.finish();
       }
       print_summary(global, model, result, *o);
-      if (o->json) std::cout << summary_json(model, result, *o).dump(2) << std::endl;
+      if (o->json) std::cout << dump_json(summary_json(model, result, *o), 2) << std::endl;
       return 0;
     };
   });

@@ -8,6 +8,9 @@
 
 #include "cli.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
+#include "qtool/formats/thread_pool.hpp"
+#include "qtool/planner/plan.hpp"
 #include "qtool/runner/verify.hpp"
 
 namespace qtool::cli {
@@ -45,7 +48,7 @@ int run_verify(const VerifyCliOptions& o, const GlobalOptions& global) {
   v.threads = o.threads;
   v.log = [&global](std::string_view line) { info(global, line); };
   const runner::VerifyReport report = runner::verify(v);
-  if (o.json) std::printf("%s\n", report.json.dump(2).c_str());
+  if (o.json) std::printf("%s\n", dump_json(report.json, 2).c_str());
   if (report.passed()) {
     info(global, "verify: every check passed");
     return 0;
@@ -70,7 +73,8 @@ void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& r
       "The original (unquantized) checkpoint: each linear's output is compared with the original's");
   cmd->add_option("--backend", o->backend, "auto (CUDA when a GPU is present), cuda or cpu")
       ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
-  cmd->add_option("--tokens", o->tokens, "Activation rows per linear (default: the plan's)");
+  cmd->add_option("--tokens", o->tokens, "Activation rows per linear (default: the plan's)")
+      ->check(count_range(1, static_cast<int64_t>(planner::kMaxTokens)));
   cmd->add_option("--steps", o->steps, "Steps to run; the first is a warm-up for timing (default 3)")
       ->check(CLI::Range(1u, 100000u));
   cmd->add_option("--seed", o->seed, "Seed of the activations (step s uses seed + s)");
@@ -86,7 +90,8 @@ void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& r
       "--trace", o->trace,
       "Write a Chrome trace-event JSON of the copy and compute streams (Perfetto, chrome://tracing)");
   cmd->add_option("--threads,-j", o->threads,
-                  "CPU threads (CPU backend and host checks; default: every core)");
+                  "CPU threads (CPU backend and host checks; default: every core)")
+      ->check(count_range(0, static_cast<int64_t>(kMaxThreads)));
   cmd->add_flag("--json", o->json, "Print the report as JSON on stdout");
   cmd->callback([o, &global, &run] { run = [o, &global] { return run_verify(*o, global); }; });
 }

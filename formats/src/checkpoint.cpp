@@ -29,27 +29,6 @@ bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
 
-std::string read_text_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(ErrorKind::Io, path.string(), ": cannot open: ", std::strerror(errno));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) fail(ErrorKind::Io, path.string(), ": read error");
-  return ss.str();
-}
-
-template <typename Json>
-Json parse_json_text(const std::string& text, const fs::path& path) {
-  try {
-    return Json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    std::string what = e.what();
-    if (const size_t p = what.find("] "); p != std::string::npos) what = what.substr(p + 2);
-    fail(ErrorKind::InvalidInput, path.string(), ": invalid JSON at byte ", e.byte > 0 ? e.byte - 1 : 0, ": ",
-         what);
-  }
-}
-
 // Files in `dir` (names only), sorted.
 std::vector<std::string> list_files(const fs::path& dir) {
   std::vector<std::string> names;
@@ -239,6 +218,9 @@ Component Component::open_folder(const fs::path& dir, std::string name) {
       fail(ErrorKind::InvalidInput, index_label, ": tensor '", tensor,
            "': weight_map value is not a file name");
     const std::string f = file.get<std::string>();
+    if (has_control_char(tensor) || has_control_char(f))
+      fail(ErrorKind::InvalidInput, index_label, ": weight_map entry '", escape_controls(tensor), "': '",
+           escape_controls(f), "' holds a control character (shown as \\xNN)");
     if (f.empty() || f == "." || f == ".." || f.find('/') != std::string::npos ||
         f.find('\\') != std::string::npos)
       fail(ErrorKind::InvalidInput, index_label, ": tensor '", tensor, "': shard '", f,
@@ -322,12 +304,15 @@ Checkpoint Checkpoint::open(const fs::path& path) {
   ck.layout_ = Layout::Pipeline;
   const std::string text = read_text_file(model_index);
   // Parsed with key order kept: components are listed in the file's order.
-  const auto ordered = parse_json_text<nlohmann::ordered_json>(text, model_index);
-  ck.model_index_ = nlohmann::json::parse(text);
+  const auto ordered = parse_ordered_json(text, model_index.string());
+  ck.model_index_ = parse_json(text, model_index.string());
   const std::string label = model_index.string();
   if (!ordered.is_object()) fail(ErrorKind::InvalidInput, label, ": not a JSON object");
   for (const auto& [key, value] : ordered.items()) {
     if (key.empty() || key[0] == '_') continue;  // _class_name, _diffusers_version, ...
+    if (has_control_char(key))
+      fail(ErrorKind::InvalidInput, label, ": component name '", escape_controls(key),
+           "' holds a control character (shown as \\xNN); it cannot name a folder");
     if (!value.is_array()) {
       // Pipeline options (requires_safety_checker: true, ...) are not components; a component
       // folder whose entry is not [library, class] is a broken file.
@@ -370,6 +355,11 @@ const Component* Checkpoint::find_component(std::string_view name) const {
   return nullptr;
 }
 
+void Checkpoint::check_intact() const {
+  for (const Component& c : components_)
+    for (const SafetensorsFile& s : c.shards()) s.check_intact();
+}
+
 std::string Checkpoint::fingerprint() const {
   // Per component (in order): its name, then its tensors sorted by name, each as name, dtype,
   // rank, dims and byte size. Independent of sharding and of the order of tensors in files.
@@ -394,41 +384,7 @@ std::string Checkpoint::fingerprint() const {
 }
 
 // ---------------------------------------------------------------------------------------------
-// JSON files and shard names
-
-nlohmann::json read_json_file(const fs::path& path) {
-  return parse_json_text<nlohmann::json>(read_text_file(path), path);
-}
-
-void write_json_file(const fs::path& path, const nlohmann::json& value) {
-  const std::string text = value.dump(2) + "\n";
-  fs::path tmp = path;
-  tmp += ".tmp-" + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) fail(ErrorKind::Io, tmp.string(), ": cannot create: ", std::strerror(errno));
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t w = ::write(fd, text.data() + done, text.size() - done);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) {
-      const int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      fail(ErrorKind::Io, tmp.string(), ": cannot write: ", std::strerror(err));
-    }
-    done += static_cast<size_t>(w);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    fail(ErrorKind::Io, tmp.string(), ": cannot flush: ", std::strerror(err));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    fail(ErrorKind::Io, tmp.string(), ": cannot rename to ", path.string(), ": ", std::strerror(err));
-  }
-}
+// Shard names
 
 std::string shard_file_name(std::string_view base, size_t shard, size_t n_shards) {
   QTOOL_ASSERT(n_shards >= 1 && shard < n_shards);

@@ -50,7 +50,11 @@ void ComponentWriter::write(std::string_view tensor_name, std::span<const uint8_
 }
 
 void ComponentWriter::commit() {
-  for (auto& w : writers_) w->commit();
+  total_size_ = 0;  // variable-length tensors take their written lengths now
+  for (auto& w : writers_) {
+    w->commit();
+    total_size_ += w->data_bytes();
+  }
   if (writers_.size() > 1) {
     nlohmann::json weight_map = nlohmann::json::object();
     for (const auto& [name, shard] : shard_of_)

@@ -200,6 +200,9 @@ class HeaderSax {
 bool HeaderSax::key(std::string& k) {
   switch (state_) {
     case State::Top:
+      if (has_control_char(k))
+        fail_header("tensor name '", escape_controls(k),
+                    "' holds a control character (shown as \\xNN); tensor names must be printable");
       if (!names_.insert(k).second) {
         if (k == "__metadata__") fail_header("duplicate key '__metadata__'");
         entry_.name = k;
@@ -417,13 +420,22 @@ SafetensorsHeader parse_safetensors_header(std::span<const uint8_t> head, uint64
   if (json_begin[0] != '{')
     fail(ErrorKind::InvalidInput, label, ": header does not start with '{' (file offset 8)");
 
+  // nlohmann's lexer takes a NUL byte for the end of its input, so `{...}\0 anything` would parse.
+  // JSON text holds no raw NUL (strings must escape it): the object must end before the first NUL,
+  // and then the NUL is a byte after the object where only whitespace padding may be.
+  const auto* nul = static_cast<const uint8_t*>(std::memchr(json_begin, 0, n));
+  const size_t json_size = nul ? static_cast<size_t>(nul - json_begin) : n;
+
   SafetensorsHeader header;
   header.header_size = n;
   size_t pos = 0;
   HeaderSax sax(label, &pos, &header);
   const char* text = reinterpret_cast<const char*>(json_begin);
-  CountingIterator first(text, text, &pos), last(text + n, text, &pos);
+  CountingIterator first(text, text, &pos), last(text + json_size, text, &pos);
   nlohmann::json::sax_parse(first, last, &sax);
+  if (nul)
+    fail(ErrorKind::InvalidInput, label, ": header has a NUL byte after its JSON object (file offset ",
+         8 + json_size, "); only whitespace (space padding) may follow the object");
 
   if (sax.unsupported_tensor())
     fail(ErrorKind::Unsupported, label, ": tensor '", *sax.unsupported_tensor(), "': dtype ",

@@ -74,44 +74,53 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
         fail(ErrorKind::InvalidInput, path_.string(), ": tensor '", d.name, "': negative dimension ", dim);
   }
 
-  // Larger elements first, so that every tensor starts at a multiple of its element size.
+  for (const TensorDecl& d : decls)
+    QTOOL_ASSERT_MSG(!d.variable_length || (d.dtype == DType::U8 && d.shape.size() == 1), "tensor '", d.name,
+                     "': a variable-length tensor is 1-D U8");
+
+  // Larger elements first, so that every tensor starts at a multiple of its element size;
+  // variable-length tensors last, so that their lengths move nothing else.
   std::vector<size_t> order(decls.size());
   std::iota(order.begin(), order.end(), size_t{0});
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    if (decls[a].variable_length != decls[b].variable_length) return !decls[a].variable_length;
     return dtype_size(decls[a].dtype) > dtype_size(decls[b].dtype);
   });
 
   metadata["format"] = "pt";
-  std::string header = "{\"__metadata__\":{";
+  metadata_json_ = "{\"__metadata__\":{";
   bool first = true;
   for (const auto& [k, v] : metadata) {
-    header += (first ? "" : ",") + json_string(k) + ":" + json_string(v);
+    metadata_json_ += (first ? "" : ",") + json_string(k) + ":" + json_string(v);
     first = false;
   }
-  header += "}";
-  uint64_t offset = 0;
-  std::vector<uint64_t> begins(decls.size());
+  metadata_json_ += "}";
+  std::vector<uint64_t> nbytes;
   for (size_t i : order) {
-    const TensorDecl& d = decls[i];
-    const uint64_t nbytes = d.nbytes();
-    header +=
-        "," + json_string(d.name) + ":{\"dtype\":\"" + std::string(dtype_name(d.dtype)) + "\",\"shape\":[";
-    for (size_t k = 0; k < d.shape.size(); ++k) header += (k ? "," : "") + std::to_string(d.shape[k]);
-    header += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + nbytes) + "]}";
-    begins[i] = offset;
-    offset += nbytes;
+    file_order_.push_back(decls[i]);
+    nbytes.push_back(decls[i].nbytes());
   }
-  header += "}";
+  // The header at the declared lengths: at commit() the written ones are no longer, so the header
+  // then fits in this space.
+  std::string header = render_header(nbytes);
   header.append((8 - header.size() % 8) % 8, ' ');
   if (header.size() > kMaxHeaderSize)
     fail(ErrorKind::InvalidInput, path_.string(), ": header of ", header.size(), " bytes for ", decls.size(),
          " tensors exceeds the safetensors limit of ", kMaxHeaderSize);
+  header_size_ = header.size();
 
   const uint64_t data_offset = 8 + header.size();
-  file_size_ = data_offset + offset;
+  uint64_t offset = 0;
   slots_.reserve(decls.size());
-  for (size_t i = 0; i < decls.size(); ++i)
-    slots_.emplace(decls[i].name, Slot{data_offset + begins[i], decls[i].nbytes(), 0});
+  for (size_t k = 0; k < file_order_.size(); ++k) {
+    Slot slot;
+    slot.file_offset = data_offset + offset;
+    slot.nbytes = nbytes[k];
+    slot.variable = file_order_[k].variable_length;
+    slots_.emplace(file_order_[k].name, std::move(slot));
+    offset += nbytes[k];
+  }
+  file_size_ = data_offset + offset;
 
   fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd_ < 0) fail(ErrorKind::Io, tmp_path_.string(), ": cannot create: ", std::strerror(errno));
@@ -131,6 +140,27 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
   }
 }
 
+// `{"__metadata__":{...},"name":{"dtype":..,"shape":[..],"data_offsets":[b,e]},...}` for the
+// tensors in file order with `nbytes` each (a variable-length tensor's shape is its length).
+std::string SafetensorsWriter::render_header(const std::vector<uint64_t>& nbytes) const {
+  std::string header = metadata_json_;
+  uint64_t offset = 0;
+  for (size_t k = 0; k < file_order_.size(); ++k) {
+    const TensorDecl& d = file_order_[k];
+    header +=
+        "," + json_string(d.name) + ":{\"dtype\":\"" + std::string(dtype_name(d.dtype)) + "\",\"shape\":[";
+    if (d.variable_length) {
+      header += std::to_string(nbytes[k]);
+    } else {
+      for (size_t i = 0; i < d.shape.size(); ++i) header += (i ? "," : "") + std::to_string(d.shape[i]);
+    }
+    header +=
+        "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + nbytes[k]) + "]}";
+    offset += nbytes[k];
+  }
+  return header + "}";
+}
+
 SafetensorsWriter::~SafetensorsWriter() {
   if (fd_ >= 0) ::close(fd_);
   if (!committed_) ::unlink(tmp_path_.c_str());
@@ -143,6 +173,16 @@ void SafetensorsWriter::write(std::string_view name, std::span<const uint8_t> by
   if (offset > slot.nbytes || bytes.size() > slot.nbytes - offset)
     fail(ErrorKind::Internal, path_.string(), ": tensor '", name, "': write of ", bytes.size(),
          " bytes at offset ", offset, " exceeds its ", slot.nbytes, " bytes");
+  if (slot.variable) {
+    std::lock_guard<std::mutex> lock(*mu_);
+    if (committed_ || fd_ < 0) fail(ErrorKind::Internal, path_.string(), ": write after commit");
+    if (offset != 0 || slot.written != 0)
+      fail(ErrorKind::Internal, path_.string(), ": variable-length tensor '", name,
+           "' is written once, whole");
+    slot.data.assign(bytes.begin(), bytes.end());
+    slot.written = slot.nbytes;
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(*mu_);
     if (committed_ || fd_ < 0) fail(ErrorKind::Internal, path_.string(), ": write after commit");
@@ -154,6 +194,35 @@ void SafetensorsWriter::write(std::string_view name, std::span<const uint8_t> by
   pwrite_all(fd_, bytes.data(), bytes.size(), slot.file_offset + offset, tmp_path_);
 }
 
+// Variable-length tensors at their written lengths: their data after the fixed tensors, the
+// header rewritten (padded with spaces to the reserved size) and the file cut to its new end.
+void SafetensorsWriter::lay_out_variable_tensors() {
+  bool any = false;
+  std::vector<uint64_t> nbytes;
+  for (const TensorDecl& d : file_order_) {
+    const Slot& slot = slots_.at(d.name);
+    nbytes.push_back(slot.variable ? slot.data.size() : slot.nbytes);
+    any = any || slot.variable;
+  }
+  if (!any) return;
+  std::string header = render_header(nbytes);
+  QTOOL_ASSERT(header.size() <= header_size_);
+  header.append(header_size_ - header.size(), ' ');
+  pwrite_all(fd_, reinterpret_cast<const uint8_t*>(header.data()), header.size(), 8, tmp_path_);
+  uint64_t offset = 8 + header_size_;
+  for (size_t k = 0; k < file_order_.size(); ++k) {
+    Slot& slot = slots_.at(file_order_[k].name);
+    if (slot.variable) {
+      slot.file_offset = offset;
+      pwrite_all(fd_, slot.data.data(), slot.data.size(), offset, tmp_path_);
+    }
+    offset += nbytes[k];
+  }
+  if (::ftruncate(fd_, static_cast<off_t>(offset)) != 0)
+    fail(ErrorKind::Io, tmp_path_.string(), ": cannot cut to ", offset, " bytes: ", std::strerror(errno));
+  file_size_ = offset;
+}
+
 void SafetensorsWriter::commit() {
   std::lock_guard<std::mutex> lock(*mu_);
   if (committed_) return;
@@ -161,6 +230,7 @@ void SafetensorsWriter::commit() {
     if (slot.written != slot.nbytes)
       fail(ErrorKind::Internal, path_.string(), ": tensor '", name, "': only ", slot.written, " of ",
            slot.nbytes, " bytes written (file offset ", slot.file_offset, ")");
+  lay_out_variable_tensors();
   if (::fsync(fd_) != 0) fail(ErrorKind::Io, tmp_path_.string(), ": fsync failed: ", std::strerror(errno));
   if (::close(fd_) != 0) {
     fd_ = -1;

@@ -3,6 +3,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "qtool/formats/error.hpp"
@@ -43,9 +44,15 @@ uint64_t parse_size(std::string_view text, std::string_view option) {
     mult = 1024.0 * 1024 * 1024 * 1024;
   else
     return bad();
-  const double value = std::stod(number) * mult;
-  if (!std::isfinite(value) || value >= 1.8e19) return bad();
-  return static_cast<uint64_t>(std::llround(value));
+  // strtod, not std::stod: a number too large (or too small) for a double is an answer here
+  // (infinity, refused below; or 0), not an exception.
+  char* end = nullptr;
+  const double value = std::strtod(number.c_str(), &end) * mult;
+  if (end != number.c_str() + number.size()) return bad();
+  if (!std::isfinite(value) || value >= 1.8e19) {
+    fail(ErrorKind::Usage, option, ": '", text, "' is more than the 16 EiB that a size can be");
+  }
+  return static_cast<uint64_t>(std::round(value));
 }
 
 std::string format_size(uint64_t bytes) {

@@ -1,23 +1,55 @@
 #include "qtool/formats/thread_pool.hpp"
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdlib>
 #include <exception>
+#include <system_error>
+
+#include "qtool/formats/error.hpp"
 
 namespace qtool {
 
 ThreadPool::ThreadPool(size_t n_threads) {
-  n_threads_ = n_threads ? n_threads : std::max(1u, std::thread::hardware_concurrency());
+  if (n_threads > kMaxThreads)
+    fail(ErrorKind::Usage, "a pool of ", n_threads, " threads is more than the ", kMaxThreads, " allowed");
+  n_threads_ =
+      n_threads ? n_threads : std::clamp<size_t>(std::thread::hardware_concurrency(), 1, kMaxThreads);
   // The calling thread is one of the workers.
-  for (size_t i = 1; i < n_threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
+  workers_.reserve(n_threads_ - 1);
+  for (size_t i = 1; i < n_threads_; ++i) {
+    try {
+      if (i == test_fail_thread()) throw std::system_error(EAGAIN, std::generic_category(), "test hook");
+      workers_.emplace_back([this] { worker_loop(); });
+    } catch (const std::system_error& e) {
+      // The workers started wait on cv_work_: stop and join them before the members go.
+      stop_and_join();
+      fail(ErrorKind::Io, "cannot start worker thread ", i + 1, " of ", n_threads_, ": ", e.what(),
+           " (use fewer threads, e.g. --threads ", i, ")");
+    } catch (...) {
+      stop_and_join();
+      throw;
+    }
+  }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_and_join(); }
+
+void ThreadPool::stop_and_join() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
   cv_work_.notify_all();
   for (auto& t : workers_) t.join();
+  workers_.clear();
+}
+
+size_t ThreadPool::test_fail_thread() {
+  // QTOOL_TEST_FAIL_THREAD=N: creating worker N (1-based, the caller being 0) fails as when the
+  // system is out of threads, so that tests reach the cleanup path without exhausting the machine.
+  const char* v = std::getenv("QTOOL_TEST_FAIL_THREAD");
+  return v && *v ? static_cast<size_t>(std::strtoull(v, nullptr, 10)) : size_t{0};
 }
 
 void ThreadPool::worker_loop() {

@@ -1,4 +1,4 @@
-// fp8 (e4m3fn, e5m2): compressed-tensors `float-quantized`, weight only, per output channel or per
+// fp8 (e4m3fn, e5m2): compressed-tensors weight-only (`naive-quantized`), per output channel or per
 // tensor, computed in the weight's dtype as compressed-tensors does with torch on the CPU:
 //   scale = dtype(amax / M)                 (M = 448 for e4m3fn, 57344 for e5m2); 0 -> eps(dtype)
 //   s     = dtype(w / scale) + 0            (float32 quotient rounded to the weight's dtype, plus

@@ -10,10 +10,13 @@
 //   - byte j = (code[2j] << 4) | code[2j + 1]; an odd element count is padded with 0.0.
 // Double quant (compress_statistics) is in double_quant.cpp. Dequantize: code[q] * absmax[i / bs].
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <numeric>
+#include <string>
+#include <system_error>
 #include <vector>
 
 #include "scheme.hpp"
@@ -214,22 +217,68 @@ void bnb4_dequantize_range(const uint8_t* packed, const float* code, const float
   }
 }
 
-std::string quant_state_json(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options,
-                             float nested_offset) {
+std::string python_float_repr(double v) {
+  if (std::isnan(v)) return "NaN";
+  if (std::isinf(v)) return v < 0 ? "-Infinity" : "Infinity";
+  if (v == 0) return std::signbit(v) ? "-0.0" : "0.0";
+  // The shortest round-trip digits, as d.ddde±XX.
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);
+  QTOOL_ASSERT(r.ec == std::errc());
+  const std::string_view s(buf, static_cast<size_t>(r.ptr - buf));
+  const bool negative = s.front() == '-';
+  const size_t e_at = s.find('e');
+  QTOOL_ASSERT(e_at != std::string_view::npos);
+  std::string digits;
+  for (char c : s.substr(negative ? 1 : 0, e_at - (negative ? 1 : 0)))
+    if (c != '.') digits += c;
+  int exponent = 0;
+  std::from_chars(s.data() + e_at + (s[e_at + 1] == '+' ? 2 : 1), s.data() + s.size(), exponent);
+  std::string out = negative ? "-" : "";
+  const int n = static_cast<int>(digits.size());
+  if (exponent >= -4 && exponent < 16) {
+    if (exponent < 0) {
+      out += "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
+    } else if (n <= exponent + 1) {
+      out += digits + std::string(static_cast<size_t>(exponent + 1 - n), '0') + ".0";
+    } else {
+      out += digits.substr(0, static_cast<size_t>(exponent + 1)) + "." +
+             digits.substr(static_cast<size_t>(exponent + 1));
+    }
+  } else {
+    out += digits.substr(0, 1);
+    if (n > 1) out += "." + digits.substr(1);
+    char e[16];
+    std::snprintf(e, sizeof e, "e%c%02d", exponent < 0 ? '-' : '+', exponent < 0 ? -exponent : exponent);
+    out += e;
+  }
+  return out;
+}
+
+namespace {
+
+std::string quant_state_json_with(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options,
+                                  const std::string& offset) {
   std::string json =
       str_cat("{\"quant_type\": \"", scheme_name(options.scheme), "\", \"blocksize\": ", options.blocksize,
               ", \"dtype\": \"", dtype_torch_name(dtype), "\", \"shape\": [", rows, ", ", cols, "]");
   if (options.double_quant) {
-    // %.8e: 9 significant digits (float32 round-trips) in a fixed number of characters.
-    char offset[32];
-    std::snprintf(offset, sizeof offset, "%.8e", static_cast<double>(nested_offset));
-    constexpr size_t kOffsetWidth = sizeof("-0.00000000e+000") - 1;
     json += str_cat(", \"nested_blocksize\": ", kNestedBlocksize,
                     ", \"nested_dtype\": \"float32\", \"nested_offset\": ", offset);
-    json.append(kOffsetWidth - std::min(kOffsetWidth, std::strlen(offset)), ' ');
   }
-  json += "}";
-  return json;
+  return json + "}";
+}
+
+}  // namespace
+
+std::string quant_state_json(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options,
+                             float nested_offset) {
+  return quant_state_json_with(dtype, rows, cols, options,
+                               python_float_repr(static_cast<double>(nested_offset)));
+}
+
+size_t quant_state_max_size(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options) {
+  return quant_state_json_with(dtype, rows, cols, options, std::string(kMaxFloatReprChars, '0')).size();
 }
 
 void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
@@ -264,10 +313,12 @@ void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
     });
     std::memcpy(outs[4].data(), dynamic_map_table().data(), sizeof(float) * 256);
   }
+  // The JSON, then zeros: the part has room for the longest nested_offset (quant_state_bytes).
   const std::string json = quant_state_json(w.dtype, w.rows, w.cols, options, offset);
   std::span<uint8_t> state = outs.back();
-  QTOOL_ASSERT(state.size() == json.size());
+  QTOOL_ASSERT(json.size() <= state.size());
   std::memcpy(state.data(), json.data(), json.size());
+  std::memset(state.data() + json.size(), 0, state.size() - json.size());
 }
 
 void bnb4_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,

@@ -196,10 +196,20 @@ void fp8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& par
 void bnb4_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
                             uint64_t row_begin, uint64_t row_end);
 
-// The quant_state JSON of a 4-bit weight (FORMATS.md), of a length that depends only on
-// (dtype, shape, options): nested_offset as %.8e, padded with spaces before the closing brace.
+// The quant_state JSON of a 4-bit weight (FORMATS.md), byte for byte what bitsandbytes'
+// QuantState.as_dict(packed=True) writes through json.dumps: the same keys in the same order,
+// ", " and ": " separators, nested_offset (a float32 widened to double) as Python's repr.
 std::string quant_state_json(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options,
                              float nested_offset);
+// Its longest length for (dtype, shape, options): with double quant, that of the longest repr of a
+// nested_offset (kMaxFloatReprChars); otherwise the exact length.
+size_t quant_state_max_size(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options);
+inline constexpr size_t kMaxFloatReprChars = 24;  // "-1.2345678901234567e-308" is 24 characters
+
+// Python's repr of a double, which json.dumps writes for a float: the shortest digits that read
+// back as `v`; fixed notation for decimal exponents -4..15 ("0.09431193023920059", "1.0", "0.0001"),
+// else d[.ddd]e±XX ("1e-05", "1.5e+16"); "NaN", "Infinity", "-Infinity" as json.dumps writes them.
+std::string python_float_repr(double v);
 
 // Quantizes with an explicit implementation (tests compare Reference and Fast).
 void quantize_weight_impl(std::string_view tensor_label, DType dtype, std::span<const int64_t> shape,

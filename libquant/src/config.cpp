@@ -15,7 +15,9 @@ namespace {
 using nlohmann::json;
 
 [[noreturn]] void config_error(std::string_view label, std::string_view key, std::string_view what) {
-  fail(ErrorKind::InvalidInput, label, ": ", key, ": ", what);
+  // Keys and names come from the user's file: a control character in them must not cut or garble
+  // the message.
+  fail(ErrorKind::InvalidInput, label, ": ", escape_controls(key), ": ", escape_controls(what));
 }
 
 std::string type_name(const json& j) { return j.type_name(); }
@@ -430,6 +432,8 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
     std::set<std::string> unquantized;
     std::set<std::string> modules;
     const std::vector<std::string> kept = loader_kept_modules(component);
+    size_t n_pattern_excluded = 0;
+    std::string first_excluded;
     for (const auto& e : component.entries()) {
       const TensorInfo& t = component.info(e);
       modules.insert(module_of_tensor(t.name));
@@ -442,10 +446,22 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
         continue;
       }
       bool skip = false;
-      for (const auto& p : cp.patterns) skip = skip || pattern_matches(p, module);
+      for (const auto& p : cp.patterns) {
+        if (skip || !pattern_matches(p, module)) continue;
+        skip = true;
+        ++n_pattern_excluded;
+        if (first_excluded.empty()) first_excluded = str_cat("'", module, "' by '", p, "'");
+      }
       for (const auto& p : kept) skip = skip || pattern_matches(p, module);
       (skip ? unquantized : quantized).insert(module);
     }
+    // Patterns that leave nothing to quantize are a mistake, not an empty component: say so
+    // instead of copying the component unchanged under a quantized config.
+    if (quantized.empty() && n_pattern_excluded > 0)
+      fail(ErrorKind::InvalidInput, label, ": modules_to_not_convert: nothing would be quantized in ",
+           component_label(cp.component), ": the patterns exclude all ", n_pattern_excluded,
+           " of its linear weights (first ", first_excluded,
+           "); narrow the patterns, or leave the component out of the config");
     for (const auto& module : modules) {
       for (size_t i = 0; i < global_matched.size(); ++i) {
         if (!global_matched[i] && pattern_matches(config.modules_to_not_convert[i], module)) global_matched[i] = true;

@@ -28,6 +28,7 @@
 #include "qtool/formats/thread_pool.hpp"
 
 #include "convert_stats.hpp"
+#include "other_files.hpp"
 
 namespace fs = std::filesystem;
 
@@ -140,6 +141,18 @@ void copy_tensor(Sink& sink, const std::string& name, std::span<const uint8_t> d
   if (data.empty()) sink.write(name, data, 0);
 }
 
+// copy_tensor of an input tensor. The kernel reads mapped pages past a truncated file's end as
+// EFAULT (the write fails naming the output): the input shrinking under us is the cause to report.
+void copy_input_tensor(const Component& component, Component::Entry e, Sink& sink, const std::string& name,
+                       std::span<const uint8_t> data, const std::function<void(uint64_t)>& advance) {
+  try {
+    copy_tensor(sink, name, data, advance);
+  } catch (const Error&) {
+    component.shard_of(e).check_intact();
+    throw;
+  }
+}
+
 uint64_t default_max_shard_size(const Component& component, const ConvertOptions& options) {
   if (options.max_shard_size > 0) return options.max_shard_size;
   if (component.index_path().empty()) return 0;
@@ -173,47 +186,35 @@ bool is_weight_file_name(const std::string& name) {
   return name.size() > 22 && name.find(".safetensors.index.json") != std::string::npos;
 }
 
-// Copies every file of the input folder that is not a component's weights and not in `skip`
-// (files the conversion writes itself) into `out_root`, keeping relative paths. Weight files that
-// no component reads (other variants, pickles) are not copied: a warning names each.
-uint64_t copy_other_files(const Checkpoint& checkpoint, const fs::path& out_root, const std::set<fs::path>& skip,
-                          std::vector<std::string>& warnings, const std::function<void(std::string_view)>& on_warning) {
-  if (checkpoint.layout() == Checkpoint::Layout::File) return 0;
+// Copies the other files of the input folder (other_files.hpp) that are not a component's weights
+// and not in `skip` (files the conversion writes itself) into `out_root`, keeping relative paths.
+// Weight files that no component reads (other variants, pickles) are not copied: a warning names
+// each.
+uint64_t copy_other_files(const Checkpoint& checkpoint, const std::vector<detail::OtherFile>& files,
+                          const fs::path& out_root, const std::set<fs::path>& skip,
+                          std::vector<std::string>& warnings,
+                          const std::function<void(std::string_view)>& on_warning) {
   std::set<fs::path> weights = skip;
   for (const Component& c : checkpoint.components()) {
     for (const auto& s : c.shards()) weights.insert(normal_abs(s.path()));
     if (!c.index_path().empty()) weights.insert(normal_abs(c.index_path()));
   }
-  const fs::path root = normal_abs(checkpoint.root());
   uint64_t n_copied = 0;
-  std::error_code ec;
-  fs::recursive_directory_iterator it(root, fs::directory_options::follow_directory_symlink, ec);
-  if (ec) fail(ErrorKind::Io, root.string(), ": cannot list folder: ", ec.message());
-  for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
-    if (ec) fail(ErrorKind::Io, root.string(), ": cannot list folder: ", ec.message());
-    const fs::path path = it->path();
-    const std::string name = path.filename().string();
-    if (name.find(".tmp-") != std::string::npos) {  // another run's unfinished output
-      if (it->is_directory()) it.disable_recursion_pending();
-      continue;
-    }
-    std::error_code ec2;
-    if (!it->is_regular_file(ec2)) continue;
-    const fs::path abs = normal_abs(path);
-    if (weights.count(abs)) continue;
-    const fs::path rel = abs.lexically_relative(root);
-    if (is_weight_file_name(name)) {
-      const std::string w = str_cat("not copied: ", (checkpoint.root() / rel).string(),
+  for (const detail::OtherFile& f : files) {
+    if (weights.count(normal_abs(f.source))) continue;
+    if (is_weight_file_name(f.rel.filename().string())) {
+      const std::string w = str_cat("not copied: ", (checkpoint.root() / f.rel).string(),
                                     " (weights that no component of the checkpoint reads)");
       warnings.push_back(w);
       if (on_warning) on_warning(w);
       continue;
     }
-    const fs::path dst = out_root / rel;
-    fs::create_directories(dst.parent_path(), ec2);
-    if (ec2) fail(ErrorKind::Io, dst.parent_path().string(), ": cannot create folder: ", ec2.message());
-    fs::copy_file(path, dst, fs::copy_options::overwrite_existing, ec2);
-    if (ec2) fail(ErrorKind::Io, path.string(), ": cannot copy to ", dst.string(), ": ", ec2.message());
+    std::error_code ec;
+    const fs::path dst = out_root / f.rel;
+    fs::create_directories(dst.parent_path(), ec);
+    if (ec) fail(ErrorKind::Io, dst.parent_path().string(), ": cannot create folder: ", ec.message());
+    fs::copy_file(f.source, dst, fs::copy_options::overwrite_existing, ec);
+    if (ec) fail(ErrorKind::Io, f.source.string(), ": cannot copy to ", dst.string(), ": ", ec.message());
     ++n_copied;
   }
   return n_copied;
@@ -227,6 +228,34 @@ fs::path component_out_dir(const Checkpoint& checkpoint, const Component& compon
 
 std::string tensor_label(const Component& component, const Component::Entry& e) {
   return str_cat(component.shard_of(e).path().string(), ": tensor '", component.info(e).name, "'");
+}
+
+// Every float tensor of a quantized linear's state (SCB, weight_scale, absmax, nested_absmax, the
+// code maps) must be finite: one NaN or Inf scale would write a whole row or block of NaN/Inf
+// weights. Error(InvalidInput) naming the tensor and the element.
+void check_state_finite(const Component& component, const QuantizedLinear& linear) {
+  constexpr size_t kChunk = 4096;
+  float buf[kChunk];
+  for (size_t k = 0; k < linear.tensor_names.size(); ++k) {
+    const Part part = linear.tensor_parts[k];
+    if (part == Part::Weight || part == Part::WeightFormat || part == Part::QuantState) continue;
+    const auto e = component.find(linear.tensor_names[k]);
+    QTOOL_ASSERT(e.has_value());
+    const TensorInfo& t = component.info(*e);
+    if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16) continue;  // U8 codes
+    const auto data = component.data(*e);
+    const uint64_t n = t.numel();
+    for (uint64_t i = 0; i < n; i += kChunk) {
+      const size_t m = static_cast<size_t>(std::min<uint64_t>(kChunk, n - i));
+      convert_to_f32(t.dtype, data.data() + i * dtype_size(t.dtype), buf, m);
+      for (size_t j = 0; j < m; ++j) {
+        if (std::isfinite(buf[j])) continue;
+        fail(ErrorKind::InvalidInput, tensor_label(component, *e), ": element ", i + j, " is ",
+             std::isnan(buf[j]) ? "NaN" : (buf[j] < 0 ? "-Inf" : "Inf"), "; the ", part_name(part), " of '",
+             linear.module, "' must be finite, or its weights dequantize to NaN/Inf");
+      }
+    }
+  }
 }
 
 // A QuantizedLinear describing tensors we have just produced (for dequantizing them back).
@@ -409,32 +438,44 @@ double sqnr_of(double sum_ref, double sum_err) {
 double TensorReport::rel_rms() const { return rel_rms_of(sum_sq_ref, sum_sq_err); }
 double TensorReport::sqnr_db() const { return sqnr_of(sum_sq_ref, sum_sq_err); }
 
+// The compressed-tensors release whose writer the fp8 quantization_config reproduces (its
+// "version" field); tests/interop/quantize_interop.py compares the two byte for byte.
+constexpr const char* kCompressedTensorsVersion = "0.20.1";
+
 json quantization_config_json(const SchemeOptions& options, DType weight_dtype,
                               const std::vector<std::string>& unquantized_modules) {
   if (is_fp8(options.scheme)) {
-    const json weights = {{"num_bits", 8},
-                          {"type", "float"},
-                          {"symmetric", true},
-                          {"strategy", options.per_tensor ? "tensor" : "channel"},
-                          {"group_size", nullptr},
-                          {"block_structure", nullptr},
-                          {"dynamic", false},
-                          {"actorder", nullptr},
-                          {"observer", "minmax"},
-                          {"observer_kwargs", json::object()}};
-    return {{"quant_method", "compressed-tensors"},
-            {"format", "float-quantized"},
-            {"quantization_status", "compressed"},
-            {"ignore", unquantized_modules},
-            {"config_groups",
+    // What compressed-tensors' own writer (ModelCompressor.update_config, release
+    // kCompressedTensorsVersion) writes for weight-only fp8: the format it infers for a float scheme
+    // without input activations is naive-quantized; "ignore" lists the unquantized modules of the
+    // targeted type (Linear), so embeddings and norms are not in it.
+    std::vector<std::string> ignore;
+    for (const auto& m : unquantized_modules) {
+      const std::string_view leaf =
+          std::string_view(m).substr(m.rfind('.') == std::string::npos ? 0 : m.rfind('.') + 1);
+      const bool norm = leaf.find("norm") != std::string_view::npos || leaf.starts_with("ln_");
+      if (!is_embedding_module(m) && !norm) ignore.push_back(m);
+    }
+    const json weights = {{"num_bits", 8},     {"type", "float"},
+                          {"symmetric", true}, {"group_size", nullptr},
+                          {"dynamic", false},  {"strategy", options.per_tensor ? "tensor" : "channel"}};
+    return {{"config_groups",
              {{"group_0",
-               {{"targets", {"Linear"}},
-                {"format", "float-quantized"},
-                {"weights", weights},
+               {{"format", "naive-quantized"},
                 {"input_activations", nullptr},
-                {"output_activations", nullptr}}}}},
+                {"output_activations", nullptr},
+                {"targets", {"Linear"}},
+                {"weights", weights}}}}},
+            {"format", "naive-quantized"},
+            {"global_compression_ratio", nullptr},
+            {"ignore", ignore},
             {"kv_cache_scheme", nullptr},
-            {"sparsity_config", json::object()}};
+            {"moe_sparsity_config", nullptr},
+            {"quant_method", "compressed-tensors"},
+            {"quantization_status", "compressed"},
+            {"sparsity_config", json::object()},
+            {"transform_config", json::object()},
+            {"version", kCompressedTensorsVersion}};
   }
   const bool four = is_4bit(options.scheme);
   return {{"quant_method", "bitsandbytes"},
@@ -631,15 +672,38 @@ struct ConvertRun {
 // ------------------------------------------------------------------------------------------------
 // quantize
 
+// A folder's fp8 output carries compressed-tensors' quantization_config, whose schema cannot say
+// e5m2: its 8-bit float type is always float8_e4m3fn, so transformers and vLLM would load the
+// e5m2 codes as e4m3 without a word. Refused before anything is written.
+namespace {
+void refuse_e5m2_with_config(const Checkpoint& checkpoint, const QuantPlan& plan) {
+  for (const Component& component : checkpoint.components()) {
+    const ComponentPlan* cp = plan.find(component.name());
+    if (!cp || !cp->options || cp->options->scheme != Scheme::Fp8E5M2 || cp->quantized_modules.empty())
+      continue;
+    fail(ErrorKind::InvalidInput, "fp8_e5m2 for ",
+         component.name().empty() ? std::string("the model") : "component '" + component.name() + "'", " of ",
+         checkpoint.root().string(),
+         ": compressed-tensors' quantization_config cannot express e5m2 weights (its 8-bit float is "
+         "always float8_e4m3fn), so transformers and vLLM would read the codes as e4m3 without a warning; "
+         "use fp8_e4m3 (\"fp8\") for a model folder, or quantize a single .safetensors file, which has no "
+         "quantization_config and keeps the F8_E5M2 dtype in its header");
+  }
+}
+}  // namespace
+
 ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& config, const fs::path& output,
                                   const ConvertOptions& options) {
   ConvertRun run("quantize", input, output, options);
   auto& [start, out, checkpoint, pool, report, progress] = run;
   const QuantPlan plan = plan_quantization(config, checkpoint);
+  // Checked before any conversion: a bad link fails the run at once.
+  const std::vector<detail::OtherFile> other_files = detail::list_other_files(checkpoint);
   report.config = config_to_json(config);
   for (const auto& w : plan.warnings) add_warning(report, options, w);
   const std::string fingerprint = checkpoint.fingerprint();
   const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
+  if (!is_file) refuse_e5m2_with_config(checkpoint, plan);
 
   // Two output buffers: one being filled while the other is written.
   constexpr size_t kBuffers = 2;
@@ -714,7 +778,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       tr.bytes_in = t.nbytes();
       if (!quantize[i]) {
         writes.submit(copies, [&sink, &progress, &component, e, &name = t.name, data] {
-          copy_tensor(sink, name, data, [&](uint64_t n) { progress.advance(n, name); });
+          copy_input_tensor(component, e, sink, name, data, [&](uint64_t n) { progress.advance(n, name); });
           release_tensor_pages(component, e);
         });
         tr.bytes_out = t.nbytes();
@@ -736,11 +800,16 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
         }
         quantize_weight_into(tensor_label(component, e), t.dtype, t.shape, data, so,
                              std::span<const std::span<uint8_t>>(outs.data(), outs.size()), pool);
+        for (size_t k = 0; k < group.size(); ++k) {
+          if (group[k].variable_length) outs[k] = outs[k].first(quant_state_bytes(outs[k]).size());
+        }
         // The error of what is written, from the written bytes.
         const QuantizedLinear linear = linear_from_output(module, so, t.dtype, t.shape, group, outs);
         std::vector<std::span<const uint8_t>> parts(outs.begin(), outs.end());
         const TensorBytes tb = tensor_bytes(linear, std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
         error_stats(linear, tb, t.dtype, data, pool, tr);
+        // A shard truncated under us reads as zeros past its end (MappedFile): stop here.
+        component.shard_of(e).check_intact();
         release_tensor_pages(component, e);
         for (const auto& o : outs) tr.bytes_out += o.size();
         for (size_t k = 0; k < group.size(); ++k) {
@@ -756,6 +825,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       report.tensors.push_back(std::move(tr));
     }
     writes.finish();
+    checkpoint.check_intact();  // the copied tensors too
     sink.commit();
     cr.n_shards = sink.n_shards();
 
@@ -771,7 +841,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       write_json_file(out_dir / "config.json", cfg);
       written_configs.insert(normal_abs(component.dir() / "config.json"));
     }
-    if (cp->options && cp->options->scheme == Scheme::Fp8E5M2 && !cp->quantized_modules.empty()) {
+    if (is_file && cp->options && cp->options->scheme == Scheme::Fp8E5M2 && !cp->quantized_modules.empty()) {
       add_warning(report, options,
                   str_cat(component.name().empty() ? std::string("the model") : "component '" + component.name() + "'",
                           ": fp8_e5m2 is read by qtool; compressed-tensors loaders expect fp8_e4m3 weights"));
@@ -781,8 +851,10 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
     report.components.push_back(std::move(cr));
   }
   std::vector<std::string> copy_warnings;
-  report.files_copied = copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
+  report.files_copied = copy_other_files(checkpoint, other_files, out.tmp(), written_configs, copy_warnings,
+                                         options.on_warning);
   report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
+  checkpoint.check_intact();
   out.commit();
   report.seconds = now_seconds(start);
   return report;
@@ -801,10 +873,12 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
   const std::string fingerprint = checkpoint.fingerprint();
   const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
 
+  const std::vector<detail::OtherFile> other_files = detail::list_other_files(checkpoint);
   size_t n_linears_total = 0;
   std::set<fs::path> written_configs;
   for (const Component& component : checkpoint.components()) {
     const std::vector<QuantizedLinear> linears = find_quantized_linears(component);
+    for (const QuantizedLinear& l : linears) check_state_finite(component, l);
     n_linears_total += linears.size();
     // Where each tensor of a quantized linear belongs.
     std::unordered_map<std::string, std::pair<size_t, Part>> part_of;
@@ -890,7 +964,8 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
         tr.dtype = t.dtype;
         tr.shape = t.shape;
         tr.bytes_in = tr.bytes_out = t.nbytes();
-        copy_tensor(sink, t.name, component.data(e), [&](uint64_t n) { progress.advance(n, t.name); });
+        copy_input_tensor(component, e, sink, t.name, component.data(e),
+                          [&](uint64_t n) { progress.advance(n, t.name); });
         release_tensor_pages(component, e);
         ++cr.n_copied;
         cr.bytes_in += tr.bytes_in;
@@ -937,6 +1012,7 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
       progress.advance(tr.bytes_in, name);
       report.tensors.push_back(std::move(tr));
     }
+    checkpoint.check_intact();  // a shard truncated under us reads as zeros past its end (MappedFile)
     sink.commit();
     cr.n_shards = sink.n_shards();
     if (!is_file && component.config()) {
@@ -953,8 +1029,10 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
     add_warning(report, options, str_cat(input.string(), ": no quantized weights found; the tensors are copied unchanged"));
   }
   std::vector<std::string> copy_warnings;
-  report.files_copied = copy_other_files(checkpoint, out.tmp(), written_configs, copy_warnings, options.on_warning);
+  report.files_copied = copy_other_files(checkpoint, other_files, out.tmp(), written_configs, copy_warnings,
+                                         options.on_warning);
   report.warnings.insert(report.warnings.end(), copy_warnings.begin(), copy_warnings.end());
+  checkpoint.check_intact();
   out.commit();
   report.seconds = now_seconds(start);
   return report;

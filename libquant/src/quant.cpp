@@ -9,6 +9,8 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "qtool/formats/checked.hpp"
+#include "qtool/formats/json.hpp"
 #include "scheme.hpp"
 
 namespace qtool::quant {
@@ -52,9 +54,10 @@ std::pair<uint64_t, uint64_t> check_weight(std::string_view what, DType dtype,
   return {static_cast<uint64_t>(shape[0]), static_cast<uint64_t>(shape[1])};
 }
 
-// The quant_state JSON length does not depend on the data; compute it from a zero offset.
+// The quant_state part's declared size: the longest its JSON can be (with double quant the length
+// depends on nested_offset's repr; the part is then variable-length).
 size_t quant_state_size(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options) {
-  return detail::quant_state_json(dtype, rows, cols, options, 0.0f).size();
+  return detail::quant_state_max_size(dtype, rows, cols, options);
 }
 
 // After a kernel rejected a value: the first offending element, in row-major order.
@@ -172,7 +175,8 @@ std::vector<TensorDecl> quantized_decls(std::string_view module, DType dtype, st
     decls.push_back(
         {join_name(module, str_cat("weight.quant_state.bitsandbytes__", scheme_name(options.scheme))),
          DType::U8,
-         {static_cast<int64_t>(quant_state_size(dtype, rows, cols, options))}});
+         {static_cast<int64_t>(quant_state_size(dtype, rows, cols, options))},
+         options.double_quant});
   }
   return decls;
 }
@@ -234,7 +238,17 @@ std::vector<OwnedTensor> quantize_weight(std::string_view module, std::string_vi
   std::vector<std::span<uint8_t>> outs;
   for (auto& t : result) outs.emplace_back(t.bytes);
   quantize_weight_into(tensor_label, dtype, shape, data, options, outs, pool);
+  for (auto& t : result) {
+    if (!t.decl.variable_length) continue;
+    t.bytes.resize(quant_state_bytes(t.bytes).size());
+    t.decl.shape = {static_cast<int64_t>(t.bytes.size())};
+  }
   return result;
+}
+
+std::span<const uint8_t> quant_state_bytes(std::span<const uint8_t> part) {
+  const auto end = std::find(part.begin(), part.end(), uint8_t{0});
+  return part.first(static_cast<size_t>(end - part.begin()));
 }
 
 // --- Reading quantized checkpoints -------------------------------------------------------------------
@@ -301,12 +315,9 @@ struct Finder {
       fail(ErrorKind::InvalidInput, where(state_entry), ": dtype ", dtype_name(st.dtype),
            ", expected U8 JSON bytes");
     const auto bytes = comp.data(state_entry);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(bytes.begin(), bytes.end());
-    } catch (const nlohmann::json::exception& e) {
-      fail(ErrorKind::InvalidInput, where(state_entry), ": quant_state is not valid JSON: ", e.what());
-    }
+    const nlohmann::json j =
+        parse_json(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()),
+                   str_cat(where(state_entry), ": quant_state"));
     auto bad = [&](std::string_view key, std::string_view msg) {
       fail(ErrorKind::InvalidInput, where(state_entry), ": quant_state key '", key, "' ", msg);
     };
@@ -345,8 +356,12 @@ struct Finder {
     if (!shape.is_array() || shape.size() != 2 || !shape[0].is_number_unsigned() ||
         !shape[1].is_number_unsigned())
       bad("shape", "is not a 2-D shape [out, in]");
-    q.shape = {shape[0].get<int64_t>(), shape[1].get<int64_t>()};
-    if (q.shape[0] <= 0 || q.shape[1] <= 0) bad("shape", "is empty");
+    const uint64_t rows = shape[0].get<uint64_t>(), cols = shape[1].get<uint64_t>();
+    if (rows == 0 || cols == 0) bad("shape", "is empty");
+    // The element count, and the bytes of its bf16 or f32 dequantized form, must have a size.
+    if (rows > INT64_MAX || cols > INT64_MAX || !checked_mul(rows, cols, 4))
+      bad("shape", str_cat("[", rows, ", ", cols, "] has more elements than fit in 64 bits"));
+    q.shape = {static_cast<int64_t>(rows), static_cast<int64_t>(cols)};
     if (j.contains("nested_absmax") || j.contains("nested_offset") || j.contains("nested_blocksize")) {
       q.options.double_quant = true;
       const auto& nb = get("nested_blocksize");
@@ -412,9 +427,22 @@ struct Finder {
     if (const auto wf = comp.find(join_name(module, "weight_format"))) {
       const TensorInfo& fi = comp.info(*wf);
       if (fi.numel() != 1 || (fi.dtype != DType::U8 && fi.dtype != DType::I64 && fi.dtype != DType::I32))
-        fail(ErrorKind::InvalidInput, where(*wf), ": expected a U8 scalar");
-      if (comp.data(*wf)[0] != 0)
-        fail(ErrorKind::Unsupported, where(*wf), ": weight format ", int{comp.data(*wf)[0]},
+        fail(ErrorKind::InvalidInput, where(*wf), ": dtype ", dtype_name(fi.dtype), " shape ",
+             shape_str(fi.shape), ", expected a U8, I32 or I64 scalar");
+      // The whole little-endian value, not its first byte: I32 256 is not format 0.
+      const auto bytes = comp.data(*wf);
+      int64_t format = 0;
+      if (fi.dtype == DType::U8) {
+        format = bytes[0];
+      } else if (fi.dtype == DType::I32) {
+        int32_t v;
+        std::memcpy(&v, bytes.data(), sizeof v);
+        format = v;
+      } else {
+        std::memcpy(&format, bytes.data(), sizeof format);
+      }
+      if (format != 0)
+        fail(ErrorKind::Unsupported, where(*wf), ": weight format ", format,
              " is not supported (only 0, row-major)");
       q.tensor_names.push_back(fi.name);
       q.tensor_parts.push_back(Part::WeightFormat);
@@ -483,12 +511,25 @@ std::vector<QuantizedLinear> find_quantized_linears(const Component& component) 
       if (auto q = f.fp8(e)) add(std::move(*q), e);
     }
   }
-  // Orphaned 4-bit state: an absmax without a quant_state.
+  // Orphaned state, and quantized codes without their scales (never to be read as plain weights):
+  // a 4-bit absmax without a quant_state, an I8 weight without SCB, an fp8 weight without
+  // weight_scale.
   for (const auto e : component.entries()) {
-    const std::string& name = component.info(e).name;
+    const TensorInfo& t = component.info(e);
+    const std::string& name = t.name;
     if (ends_with(name, ".weight.absmax") && !found.count(module_of_tensor(name)))
       fail(ErrorKind::InvalidInput, f.where(e),
            ": 4-bit absmax without a weight.quant_state.bitsandbytes__nf4/fp4");
+    if (name != "weight" && !ends_with(name, ".weight")) continue;
+    const std::string module = module_of_tensor(name);
+    if (found.count(module)) continue;
+    if (t.dtype == DType::I8)
+      fail(ErrorKind::InvalidInput, f.where(e), ": an I8 weight without '", join_name(module, "SCB"),
+           "' (the row scales of bitsandbytes LLM.int8): its int8 codes cannot be read as weights");
+    if (t.dtype == DType::F8_E4M3 || t.dtype == DType::F8_E5M2)
+      fail(ErrorKind::InvalidInput, f.where(e), ": an ", dtype_name(t.dtype), " weight without '",
+           join_name(module, "weight_scale"),
+           "' (its compressed-tensors scale): its fp8 codes cannot be read as weights");
   }
   std::vector<QuantizedLinear> result;
   for (auto& [_, q] : found) result.push_back(std::move(q));

@@ -1,12 +1,11 @@
 // --max-memory parsing and the machine's own budget.
 #include <cctype>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <system_error>
 
-#include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 #include "qtool/formats/size.hpp"
 #include "qtool/planner/planner.hpp"
 
@@ -77,13 +76,7 @@ Budget parse_max_memory(std::string_view text_in) {
   if (text.empty()) fail(ErrorKind::Usage, kOption, ": empty budget");
   Budget b;
   if (text.front() == '{') {
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::parse_error& e) {
-      fail(ErrorKind::Usage, kOption, ": not valid JSON at byte ", e.byte, ": ", text);
-    }
-    b = from_json(j, kOption);
+    b = from_json(parse_json(text, kOption, ErrorKind::Usage), kOption);
     b.note = "budget from --max-memory (JSON)";
   } else if (text.find('=') == std::string::npos) {
     // A file holding either form.
@@ -91,13 +84,14 @@ Budget parse_max_memory(std::string_view text_in) {
     if (!std::filesystem::is_regular_file(text, ec)) {
       fail(ErrorKind::Usage, kOption, ": '", text, "' is neither a budget (0=20GiB,cpu=64GiB or a JSON dict) nor a file");
     }
-    std::ifstream in(text);
-    std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const std::string body = trim(content);
+    const std::string body = trim(read_text_file(text));
     if (!body.empty() && body.front() == '{') {
-      b = from_json(read_json_file(text), text);
-    } else {
+      b = from_json(parse_json(body, str_cat(kOption, " file ", text)), text);
+    } else if (body.empty() || body.find('=') != std::string::npos) {
       b = parse_max_memory(body.empty() ? std::string("{}") : body);
+    } else {
+      // Not a file name again: a file naming itself would never end.
+      fail(ErrorKind::Usage, kOption, ": file ", text, " holds neither KEY=SIZE items nor a JSON dict");
     }
     b.note = "budget from --max-memory file " + text;
     for (auto& [g, s] : b.gpu_sources) s = text;

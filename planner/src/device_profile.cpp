@@ -2,8 +2,8 @@
 
 #include <set>
 
-#include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 
 namespace qtool::planner {
 
@@ -20,6 +20,7 @@ nlohmann::json device_profile_to_json(const DeviceProfile& p) {
   j["version"] = kDeviceProfileVersion;
   j["name"] = p.name;
   j["description"] = p.description;
+  if (!p.device_names.empty()) j["device_names"] = p.device_names;
   j["memory_bytes"] = p.memory_bytes;
   j["h2d_pinned_gbps"] = p.h2d_pinned_gbps;
   j["h2d_pageable_gbps"] = p.h2d_pageable_gbps;
@@ -50,11 +51,17 @@ double positive_number(const nlohmann::json& v, std::string_view label, std::str
   return d;
 }
 
+// At most 1 PiB: sums and roundings of these stay far from 2^64.
+constexpr uint64_t kMaxProfileBytes = uint64_t{1} << 50;
+
 uint64_t byte_count(const nlohmann::json& v, std::string_view label, std::string_view key, bool allow_zero) {
   if (!v.is_number_integer()) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be an integer byte count");
   if (v.is_number_unsigned()) {
     const uint64_t b = v.get<uint64_t>();
     if (b == 0 && !allow_zero) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be positive");
+    if (b > kMaxProfileBytes)
+      fail(ErrorKind::InvalidInput, label, ": key '", key, "' is ", b, " bytes, more than 1 PiB (",
+           kMaxProfileBytes, ")");
     return b;
   }
   const int64_t b = v.get<int64_t>();
@@ -78,6 +85,14 @@ DeviceProfile device_profile_from_json(const nlohmann::json& j, std::string_view
     } else if (key == "name" || key == "description") {
       if (!v.is_string()) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be a string");
       (key == "name" ? p.name : p.description) = v.get<std::string>();
+    } else if (key == "device_names") {
+      if (!v.is_array())
+        fail(ErrorKind::InvalidInput, label, ": key 'device_names' must be an array of strings");
+      for (const auto& n : v) {
+        if (!n.is_string() || n.get<std::string>().empty())
+          fail(ErrorKind::InvalidInput, label, ": key 'device_names' must hold non-empty strings");
+        p.device_names.push_back(n.get<std::string>());
+      }
     } else if (key == "memory_bytes") {
       p.memory_bytes = byte_count(v, label, key, true);
     } else if (key == "h2d_pinned_gbps") {

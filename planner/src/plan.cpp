@@ -1,9 +1,12 @@
 #include "qtool/planner/plan.hpp"
 
+#include <algorithm>
 #include <limits>
+#include <optional>
 
-#include "qtool/formats/checkpoint.hpp"
+#include "qtool/formats/checked.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 
 namespace qtool::planner {
 
@@ -53,31 +56,47 @@ std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork
   std::vector<ReserveItem> out;
   if (!w.used) return out;
   const uint64_t g = profile.alloc_granularity_bytes;
+  // Every size is checked: tokens, shapes and slot counts come from the command line or a file.
+  auto product = [&](std::string_view name, std::optional<uint64_t> bytes) -> uint64_t {
+    if (!bytes || *bytes > UINT64_MAX - std::max<uint64_t>(g, 1))
+      fail(ErrorKind::InvalidInput, "the ", name, " buffer of ", w.tokens, " tokens (largest linear in ",
+           w.max_in, ", out ", w.max_out, "; ", w.n_slots, " slots of ", w.slot_bytes,
+           " bytes) overflows 64 bits: lower --tokens");
+    return *bytes;
+  };
   auto add = [&](std::string name, uint64_t bytes, std::string detail, bool allocation = true) {
     if (bytes == 0) return;
     out.push_back({std::move(name), allocation ? round_up(bytes, g) : bytes, std::move(detail)});
   };
   add("cuda_context", profile.context_bytes, "device profile '" + profile.name + "' context_bytes", false);
   add("cublas_workspace", profile.cublas_workspace_bytes, "cublasSetWorkspace size from the device profile");
-  add("activation_in", w.tokens * w.max_in * 2,
+  add("activation_in", product("activation_in", checked_mul(w.tokens, w.max_in, 2)),
       str_cat("bf16 [tokens ", w.tokens, ", in ", w.max_in, "]"));
-  add("activation_out", w.tokens * w.max_out * 2,
+  add("activation_out", product("activation_out", checked_mul(w.tokens, w.max_out, 2)),
       str_cat("bf16 [tokens ", w.tokens, ", out ", w.max_out, "]"));
-  add("dequant_scratch", w.max_dequant_numel * 2,
+  add("dequant_scratch", product("dequant_scratch", checked_mul(w.max_dequant_numel, 2)),
       str_cat("bf16 weight of the largest non-bf16 linear (", w.max_dequant_numel, " elements)"));
   add("pinned_page_tables", pinned_page_table_bytes(profile, w.pinned_host_bytes),
       str_cat("mapping of ", w.pinned_host_bytes, " bytes of pinned host memory (",
-              (w.pinned_host_bytes + (1ull << 30) - 1) >> 30, " GiB started)"),
+              (w.pinned_host_bytes >> 30) + ((w.pinned_host_bytes & ((1ull << 30) - 1)) != 0),
+              " GiB started)"),
       false);
   if (w.n_slots > 0) {
-    add("device_slots", static_cast<uint64_t>(w.n_slots) * w.slot_bytes,
+    add("device_slots", product("device_slots", checked_mul(w.n_slots, w.slot_bytes)),
         str_cat(w.n_slots, " slots x ", w.slot_bytes, " bytes (largest group arena)"));
+  }
+  for (const ReserveItem& r : out) {
+    if (r.bytes > UINT64_MAX / 64)
+      fail(ErrorKind::InvalidInput, "reserve item '", r.name, "' of ", r.bytes, " bytes (", r.detail,
+           ") is beyond any device");
   }
   return out;
 }
 
 uint64_t pinned_page_table_bytes(const DeviceProfile& profile, uint64_t pinned_host_bytes) {
-  return ((pinned_host_bytes + (1ull << 30) - 1) >> 30) * profile.pinned_page_table_bytes_per_gib;
+  const uint64_t gib_started = (pinned_host_bytes >> 30) + ((pinned_host_bytes & ((1ull << 30) - 1)) != 0);
+  // Saturates: a bound this large only says "does not fit".
+  return checked_mul(gib_started, profile.pinned_page_table_bytes_per_gib).value_or(UINT64_MAX / 64);
 }
 
 ArenaLayout layout_arena(std::span<const uint64_t> sizes) {
@@ -125,7 +144,26 @@ ojson reserve_to_json(const std::vector<ReserveItem>& items) {
   return a;
 }
 
-ojson loc_oj(const Location& l) { return ojson::parse(location_to_json(l).dump()); }
+ojson loc_oj(const Location& l) {
+  if (l.is_gpu()) return ojson(l.gpu);
+  return ojson(l.str());
+}
+
+// A checkpoint prefix as the loader's module name: `checkpoint_prefix` and its dot removed.
+std::string module_key(const std::string& checkpoint_prefix, const std::string& prefix) {
+  if (checkpoint_prefix.empty() || prefix.empty()) return prefix;
+  if (prefix == checkpoint_prefix) return "";
+  if (prefix.size() > checkpoint_prefix.size() && prefix.starts_with(checkpoint_prefix) &&
+      prefix[checkpoint_prefix.size()] == '.')
+    return prefix.substr(checkpoint_prefix.size() + 1);
+  return prefix;
+}
+
+// The inverse: a module name of the plan file as the checkpoint prefix it stands for.
+std::string checkpoint_key(const std::string& checkpoint_prefix, const std::string& key) {
+  if (checkpoint_prefix.empty() || key.empty()) return key;
+  return checkpoint_prefix + "." + key;
+}
 
 }  // namespace
 
@@ -143,7 +181,7 @@ json plan_to_json(const Plan& p) {
                    {"tokens", p.settings.tokens},
                    {"device_profile", p.settings.profile_name},
                    {"budget_note", p.settings.budget_note}};
-  j["device_profile"] = ojson::parse(device_profile_to_json(p.profile).dump());
+  j["device_profile"] = ojson::parse(dump_json(device_profile_to_json(p.profile)));
   j["predicted_step_s"] = p.predicted_step_s;
   j["transfer_s"] = p.transfer_s;
   j["compute_s"] = p.compute_s;
@@ -172,15 +210,17 @@ json plan_to_json(const Plan& p) {
     cj["name"] = c.name;
     cj["class_name"] = c.class_name;
     cj["template"] = c.template_name;
+    if (!c.checkpoint_prefix.empty()) cj["checkpoint_prefix"] = c.checkpoint_prefix;
     cj["bytes"] = c.bytes;
     cj["step_s"] = c.step_s;
     ojson dm = ojson::object();
     ojson reasons = ojson::object();
     ojson mbytes = ojson::object();
     for (const DeviceMapEntry& e : c.device_map) {
-      dm[e.prefix] = loc_oj(e.location);
-      if (!e.reason.empty()) reasons[e.prefix] = e.reason;
-      mbytes[e.prefix] = e.bytes;
+      const std::string key = module_key(c.checkpoint_prefix, e.prefix);
+      dm[key] = loc_oj(e.location);
+      if (!e.reason.empty()) reasons[key] = e.reason;
+      mbytes[key] = e.bytes;
     }
     cj["device_map"] = std::move(dm);
     cj["offload_reasons"] = std::move(reasons);
@@ -227,7 +267,8 @@ json plan_to_json(const Plan& p) {
   }
   j["schedule"] = std::move(sched);
   j["notes"] = p.notes;
-  return json::parse(j.dump());
+  // Strings that are not UTF-8 (a checkpoint path from the command line) become U+FFFD here.
+  return json::parse(dump_json(j));
 }
 
 namespace {
@@ -253,6 +294,15 @@ struct Reader {
       fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be a non-negative integer");
     }
     return v.get<uint64_t>();
+  }
+  // A non-negative integer at most `max`.
+  uint64_t bounded(const json& obj, std::string_view key, const std::string& path, uint64_t max) const {
+    const uint64_t v = u64(obj, key, path);
+    if (v > max) {
+      fail(ErrorKind::InvalidInput, label, ": key '", path, path.empty() ? "" : ".", key, "' is ", v,
+           ", more than ", max);
+    }
+    return v;
   }
   int64_t i64(const json& obj, std::string_view key, const std::string& path) const {
     const json& v = at(obj, key, path);
@@ -308,9 +358,10 @@ Plan plan_from_json(const json& j, std::string_view label) {
   const json& s = r.at(j, "settings", "");
   p.settings.strategy = r.str(s, "strategy", "settings");
   p.settings.offload_mode = r.str(s, "offload", "settings");
-  p.settings.blocks_per_group = static_cast<uint32_t>(r.u64(s, "blocks_per_group", "settings"));
-  p.settings.prefetch = static_cast<uint32_t>(r.u64(s, "prefetch", "settings"));
-  p.settings.tokens = r.u64(s, "tokens", "settings");
+  p.settings.blocks_per_group =
+      static_cast<uint32_t>(r.bounded(s, "blocks_per_group", "settings", kMaxBlocksPerGroup));
+  p.settings.prefetch = static_cast<uint32_t>(r.bounded(s, "prefetch", "settings", kMaxPrefetch));
+  p.settings.tokens = r.bounded(s, "tokens", "settings", kMaxTokens);
   p.settings.profile_name = r.str(s, "device_profile", "settings");
   p.settings.budget_note = r.str(s, "budget_note", "settings");
   p.profile = device_profile_from_json(r.at(j, "device_profile", ""), str_cat(label, ": device_profile"));
@@ -330,7 +381,7 @@ Plan plan_from_json(const json& j, std::string_view label) {
     d.weights_bytes = r.u64(dj, "weights_bytes", path);
     d.arena_bytes = r.u64(dj, "arena_bytes", path);
     d.reserve = r.reserve(dj, path);
-    d.n_slots = static_cast<uint32_t>(r.u64(dj, "n_slots", path));
+    d.n_slots = static_cast<uint32_t>(r.bounded(dj, "n_slots", path, kMaxPrefetch));
     d.slot_bytes = r.u64(dj, "slot_bytes", path);
     d.predicted_peak = r.u64(dj, "predicted_peak", path);
     p.devices.push_back(std::move(d));
@@ -343,6 +394,11 @@ Plan plan_from_json(const json& j, std::string_view label) {
     c.name = r.str(cj, "name", path);
     c.class_name = r.str(cj, "class_name", path);
     c.template_name = r.str(cj, "template", path);
+    if (auto it = cj.find("checkpoint_prefix"); it != cj.end()) {
+      if (!it->is_string() || it->get<std::string>().empty())
+        fail(ErrorKind::InvalidInput, label, ": ", path, ".checkpoint_prefix must be a non-empty string");
+      c.checkpoint_prefix = it->get<std::string>();
+    }
     c.bytes = r.u64(cj, "bytes", path);
     c.step_s = r.num(cj, "step_s", path);
     const json& dm = r.at(cj, "device_map", path);
@@ -352,7 +408,7 @@ Plan plan_from_json(const json& j, std::string_view label) {
     }
     for (const auto& [key, v] : dm.items()) {
       DeviceMapEntry e;
-      e.prefix = key;
+      e.prefix = checkpoint_key(c.checkpoint_prefix, key);
       e.location = location_from_json(v, str_cat(label, ": ", path, ".device_map['", key, "']"));
       if (auto it = reasons.find(key); it != reasons.end() && it->is_string()) e.reason = it->get<std::string>();
       if (auto it = cj.find("module_bytes"); it != cj.end() && it->is_object()) {
@@ -370,9 +426,10 @@ Plan plan_from_json(const json& j, std::string_view label) {
     const std::string path = str_cat("groups[", i, "]");
     const json& gj = groups[i];
     OffloadGroup g;
-    g.id = static_cast<uint32_t>(r.u64(gj, "id", path));
-    if (g.id != i) fail(ErrorKind::InvalidInput, label, ": ", path, ".id is ", g.id, ", expected ", i);
-    g.component = static_cast<uint32_t>(r.u64(gj, "component", path));
+    const uint64_t id = r.u64(gj, "id", path);
+    if (id != i) fail(ErrorKind::InvalidInput, label, ": ", path, ".id is ", id, ", expected ", i);
+    g.id = static_cast<uint32_t>(id);
+    g.component = static_cast<uint32_t>(r.bounded(gj, "component", path, UINT32_MAX));
     if (g.component >= p.components.size()) {
       fail(ErrorKind::InvalidInput, label, ": ", path, ".component ", g.component, " out of range");
     }
@@ -386,7 +443,10 @@ Plan plan_from_json(const json& j, std::string_view label) {
     g.arena_bytes = r.u64(gj, "arena_bytes", path);
     g.target = location_from_json(r.at(gj, "target", path), str_cat(label, ": ", path, ".target"));
     if (g.target.is_gpu()) fail(ErrorKind::InvalidInput, label, ": ", path, ".target must be \"cpu\" or \"disk\"");
-    g.gpu = static_cast<int32_t>(r.i64(gj, "gpu", path));
+    const int64_t group_gpu = r.i64(gj, "gpu", path);
+    if (group_gpu < -1 || group_gpu > 1024)
+      fail(ErrorKind::InvalidInput, label, ": ", path, ".gpu ", group_gpu, " out of range");
+    g.gpu = static_cast<int32_t>(group_gpu);
     g.copy_s = r.num(gj, "copy_s", path);
     uint64_t end = 0;
     for (const GroupTensor& t : g.tensors) {
@@ -394,10 +454,20 @@ Plan plan_from_json(const json& j, std::string_view label) {
         fail(ErrorKind::InvalidInput, label, ": ", path, ": tensor '", t.name, "' arena_offset ", t.arena_offset,
              " overlaps the previous tensor or is not ", kArenaAlignment, "-byte aligned");
       }
-      end = t.arena_offset + t.nbytes;
+      const auto tensor_end = checked_add(t.arena_offset, t.nbytes);
+      if (!tensor_end) {
+        fail(ErrorKind::InvalidInput, label, ": ", path, ": tensor '", t.name, "' arena_offset ",
+             t.arena_offset, " + nbytes ", t.nbytes, " is past 2^64");
+      }
+      end = *tensor_end;
     }
     if (end > g.arena_bytes) {
       fail(ErrorKind::InvalidInput, label, ": ", path, ": tensors end at byte ", end, " beyond arena_bytes ", g.arena_bytes);
+    }
+    // layout_arena's total: the end rounded up to the alignment, never more (the runner allocates it).
+    if (g.arena_bytes != round_up(end, kArenaAlignment)) {
+      fail(ErrorKind::InvalidInput, label, ": ", path, ": arena_bytes ", g.arena_bytes,
+           " is not the tensors' end ", end, " rounded up to ", kArenaAlignment, " bytes");
     }
     p.groups.push_back(std::move(g));
   }
@@ -406,16 +476,20 @@ Plan plan_from_json(const json& j, std::string_view label) {
     const std::string path = str_cat("schedule[", i, "]");
     const json& sj = sched[i];
     ScheduleStep st;
-    st.component = static_cast<uint32_t>(r.u64(sj, "component", path));
+    st.component = static_cast<uint32_t>(r.bounded(sj, "component", path, UINT32_MAX));
     if (st.component >= p.components.size()) {
       fail(ErrorKind::InvalidInput, label, ": ", path, ".component ", st.component, " out of range");
     }
     st.modules = r.strs(sj, "modules", path);
-    st.gpu = static_cast<int32_t>(r.i64(sj, "gpu", path));
-    st.group = static_cast<int32_t>(r.i64(sj, "group", path));
-    if (st.group < -1 || st.group >= static_cast<int64_t>(p.groups.size())) {
-      fail(ErrorKind::InvalidInput, label, ": ", path, ".group ", st.group, " out of range");
+    const int64_t step_gpu = r.i64(sj, "gpu", path);
+    if (step_gpu < 0 || step_gpu > 1024)
+      fail(ErrorKind::InvalidInput, label, ": ", path, ".gpu ", step_gpu, " out of range");
+    st.gpu = static_cast<int32_t>(step_gpu);
+    const int64_t group = r.i64(sj, "group", path);
+    if (group < -1 || group >= static_cast<int64_t>(p.groups.size())) {
+      fail(ErrorKind::InvalidInput, label, ": ", path, ".group ", group, " out of range");
     }
+    st.group = static_cast<int32_t>(group);
     st.tensors = r.strs(sj, "tensors", path);
     const json& lin = r.arr(sj, "linears", path);
     for (size_t k = 0; k < lin.size(); ++k) {
@@ -427,6 +501,11 @@ Plan plan_from_json(const json& j, std::string_view label) {
       l.in = r.i64(lin[k], "in", lp);
       l.kind = r.str(lin[k], "kind", lp);
       if (l.out <= 0 || l.in <= 0) fail(ErrorKind::InvalidInput, label, ": ", lp, ": shape must be positive");
+      // A weight of out x in elements, 4 bytes each at most, must have a size.
+      if (!checked_mul(static_cast<uint64_t>(l.out), static_cast<uint64_t>(l.in), 4)) {
+        fail(ErrorKind::InvalidInput, label, ": ", lp, ": shape [", l.out, ", ", l.in,
+             "] has more elements than fit in 64 bits");
+      }
       st.linears.push_back(std::move(l));
     }
     st.flops = r.u64(sj, "flops", path);

@@ -7,10 +7,10 @@
 #include <numeric>
 #include <unordered_map>
 
+#include "planner_internal.hpp"
+#include "qtool/formats/checked.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/size.hpp"
-#include "planner_internal.hpp"
-
 #include "qtool/libquant/config.hpp"
 #include "qtool/libquant/quant.hpp"
 
@@ -76,6 +76,16 @@ double copy_seconds(uint64_t bytes, const Location& target, const DeviceProfile&
   double s = static_cast<double>(bytes) / (p.h2d_pinned_gbps * 1e9) + p.copy_latency_us * 1e-6;
   if (target.kind == Location::Kind::Disk) s += static_cast<double>(bytes) / (p.disk_read_gbps * 1e9);
   return s;
+}
+
+// 2 * tokens * out * in, checked: tokens and shapes come from the command line and the files.
+static uint64_t linear_flops(uint64_t tokens, const LinearOp& op) {
+  const auto f = checked_mul(2 * tokens, static_cast<uint64_t>(op.out), static_cast<uint64_t>(op.in));
+  if (!f) {
+    fail(ErrorKind::InvalidInput, "linear '", op.module, "' [", op.out, ", ", op.in, "] at ", tokens,
+         " tokens: its FLOP count overflows 64 bits (lower --tokens)");
+  }
+  return *f;
 }
 
 double linear_seconds(const LinearOp& l, uint64_t tokens, const DeviceProfile& p) {
@@ -391,7 +401,7 @@ void Planner::unit_work(UnitInfo& u, const CompData& cd,
       op.in = wd.shape[1];
     }
     if (op.out <= 0 || op.in <= 0) continue;
-    u.flops += 2ull * opt_.tokens * static_cast<uint64_t>(op.out) * static_cast<uint64_t>(op.in);
+    u.flops += linear_flops(opt_.tokens, op);
     const double secs = linear_seconds(op, opt_.tokens, opt_.profile);
     u.compute_s += secs;
     if (!u.leaves.empty() && u.leaves.back().prefix == node.prefix) {
@@ -575,8 +585,9 @@ uint64_t Planner::page_tables_bound() const {
   if (opt_.prefetch) max_k = *opt_.prefetch;
   uint32_t max_n = 4;  // the largest blocks-per-group candidate
   if (opt_.blocks_per_group) max_n = *opt_.blocks_per_group;
+  const uint64_t ring = checked_mul(max_k, max_n, largest).value_or(UINT64_MAX);
   return pinned_page_table_bytes(opt_.profile,
-                                 std::min(pinned + static_cast<uint64_t>(max_k) * max_n * largest, host_budget_));
+                                 std::min(checked_add(pinned, ring).value_or(UINT64_MAX), host_budget_));
 }
 
 GpuWork Planner::base_work() const {
@@ -758,7 +769,7 @@ void Planner::simulate(Outcome& o) const {
     }
     double start = t;
     if (prev_exec >= 0 && s.exec != prev_exec && first_in) {
-      start += static_cast<double>(opt_.tokens * first_in * 2) / (p.p2p_gbps * 1e9);
+      start += static_cast<double>(opt_.tokens) * static_cast<double>(first_in) * 2.0 / (p.p2p_gbps * 1e9);
     }
     if (s.group >= 0) {
       const GroupDraft& g = o.groups[static_cast<size_t>(s.group)];
@@ -982,9 +993,13 @@ Outcome Planner::place(const Candidate& c, size_t m, bool full) const {
 }
 
 Plan Planner::run() {
-  if (opt_.tokens == 0) fail(ErrorKind::Usage, "--tokens must be positive");
-  if (opt_.prefetch && *opt_.prefetch == 0) fail(ErrorKind::Usage, "--prefetch must be at least 1");
-  if (opt_.blocks_per_group && *opt_.blocks_per_group == 0) fail(ErrorKind::Usage, "--blocks-per-group must be at least 1");
+  if (opt_.tokens == 0 || opt_.tokens > kMaxTokens)
+    fail(ErrorKind::Usage, "--tokens: ", opt_.tokens, " is not from 1 to ", kMaxTokens);
+  if (opt_.prefetch && (*opt_.prefetch == 0 || *opt_.prefetch > kMaxPrefetch))
+    fail(ErrorKind::Usage, "--prefetch: ", *opt_.prefetch, " is not from 1 to ", kMaxPrefetch);
+  if (opt_.blocks_per_group && (*opt_.blocks_per_group == 0 || *opt_.blocks_per_group > kMaxBlocksPerGroup))
+    fail(ErrorKind::Usage, "--blocks-per-group: ", *opt_.blocks_per_group, " is not from 1 to ",
+         kMaxBlocksPerGroup);
   if (opt_.budget.gpus.empty()) {
     fail(ErrorKind::InvalidInput, "no GPU to plan for: ", opt_.budget.note.empty() ? "the budget names none" : opt_.budget.note,
          "; give one with --max-memory (e.g. 0=20GiB,cpu=64GiB)");
@@ -1135,6 +1150,22 @@ Plan Planner::assemble(const Outcome& o) const {
     cp.template_name = cd.tmpl ? cd.tmpl->name : std::string();
     cp.bytes = cd.bytes;
     const ModuleTree& tree = cd.tree;
+    // The loader's module names drop the template's checkpoint prefix; only when every tensor has it
+    // (a checkpoint laid out otherwise keeps its own names).
+    if (cd.tmpl && !cd.tmpl->checkpoint_prefix.empty()) {
+      const std::string& pre = cd.tmpl->checkpoint_prefix;
+      const bool all = std::all_of(tree.tensors().begin(), tree.tensors().end(), [&](const TensorDesc& t) {
+        return t.name.size() > pre.size() && t.name.starts_with(pre) && t.name[pre.size()] == '.';
+      });
+      if (all) {
+        cp.checkpoint_prefix = pre;
+        plan.notes.push_back(str_cat(
+            "component '", cd.name, "' (", cd.class_name,
+            "): device_map keys are the module names of transformers >= 5, which loads the checkpoint's '",
+            pre, ".*' into the model's root; for transformers 4.x, which keeps the '", pre,
+            "' level, prefix every key with '", pre, ".' ('' becomes '", pre, "')"));
+      }
+    }
     for (size_t t = 0; t < tree.tensors().size(); ++t) {
       if (tree.tied_to()[t] >= 0) cp.tied.push_back({tree.tensors()[t].name, tree.tensors()[static_cast<size_t>(tree.tied_to()[t])].name});
     }
@@ -1259,7 +1290,7 @@ Plan Planner::assemble(const Outcome& o) const {
       }
     }
     for (const LinearOp& op : st.linears) {
-      st.flops += 2ull * opt_.tokens * static_cast<uint64_t>(op.out) * static_cast<uint64_t>(op.in);
+      st.flops += linear_flops(opt_.tokens, op);
       st.compute_s += linear_seconds(op, opt_.tokens, prof);
     }
     comp_time[st.component] += st.compute_s + (st.group >= 0 ? 0.0 : 0.0);

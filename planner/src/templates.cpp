@@ -89,7 +89,8 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
       fail(ErrorKind::InvalidInput, label, ": unknown key '", key, "'");
     }
   }
-  if (j.value("format", std::string()) != "qtool-model-template") {
+  // Not j.value("format", ...): it throws when the value is not a string.
+  if (!j.contains("format") || j["format"] != "qtool-model-template") {
     fail(ErrorKind::InvalidInput, label, ": key 'format' must be \"qtool-model-template\"");
   }
   if (!j.contains("version") || !j["version"].is_number_integer() || j["version"].get<int64_t>() != kTemplateVersion) {
@@ -104,8 +105,9 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
     const json& t = arr[i];
     if (!t.is_object()) fail(ErrorKind::InvalidInput, label, ": templates[", i, "] must be an object");
     for (const auto& [key, v] : t.items()) {
-      static const char* const kKeys[] = {"name", "class_names", "order", "ties", "components", "offload_priority",
-                                          "description"};
+      static const char* const kKeys[] = {"name",        "class_names",      "order",
+                                          "ties",        "components",       "offload_priority",
+                                          "description", "checkpoint_prefix"};
       if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys)) {
         fail(ErrorKind::InvalidInput, label, ": templates[", i, "]: unknown key '", key, "'");
       }
@@ -121,6 +123,13 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
     m.order = string_list(t, "order", file, i);
     m.components = string_list(t, "components", file, i);
     m.offload_priority = string_list(t, "offload_priority", file, i);
+    if (auto it = t.find("checkpoint_prefix"); it != t.end()) {
+      if (!it->is_string() || it->get<std::string>().empty() || it->get<std::string>().back() == '.') {
+        fail(ErrorKind::InvalidInput, label, ": templates[", i,
+             "].checkpoint_prefix must be a non-empty module path without a trailing dot");
+      }
+      m.checkpoint_prefix = it->get<std::string>();
+    }
     if (m.order.empty() == m.components.empty()) {
       fail(ErrorKind::InvalidInput, label, ": templates[", i, "] needs exactly one of 'order' (a model) or 'components' (a pipeline)");
     }

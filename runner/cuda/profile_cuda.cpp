@@ -55,6 +55,16 @@ std::string today() {
 
 }  // namespace
 
+std::optional<std::string> cuda_device_name(int device) {
+  if (device < 0 || device >= cuda::device_count()) return std::nullopt;
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return std::nullopt;
+  }
+  return std::string(prop.name);
+}
+
 planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
   const auto log = [&](const std::string& s) {
     if (o.log) o.log(s);
@@ -68,6 +78,7 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
   cudaDeviceProp prop{};
   QTOOL_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
   p.name = prop.name;
+  p.device_names = {prop.name};  // so that `qtool plan` finds this profile on such a GPU
   p.memory_bytes = prop.totalGlobalMem;
   log("profiling " + cuda::describe_device(dev));
 

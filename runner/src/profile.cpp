@@ -155,6 +155,15 @@ double measure_disk_read_gbps(const std::filesystem::path& dir_in, uint64_t byte
   return median_of(rates);
 }
 
+std::optional<std::string> gpu_device_name(int device) {
+#if defined(QTOOL_HAVE_CUDA)
+  return cuda_device_name(device);
+#else
+  (void)device;
+  return std::nullopt;
+#endif
+}
+
 planner::DeviceProfile measure_profile(const ProfileOptions& options) {
   if (options.backend == "cpu") return measure_cpu_profile(options);
   if (options.backend != "auto" && options.backend != "cuda")

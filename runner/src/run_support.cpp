@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 
 namespace qtool::runner {
 
@@ -14,13 +15,14 @@ ShardFiles::ShardFiles(const Checkpoint& checkpoint) {
   for (const Component& c : checkpoint.components()) {
     std::vector<int> fds;
     for (const SafetensorsFile& f : c.shards()) {
-      const int fd = ::open(f.path().c_str(), O_RDONLY | O_CLOEXEC);
-      if (fd < 0) {
-        const int err = errno;
+      int fd = -1;
+      try {
+        fd = open_regular_file(f.path());  // never blocks on a FIFO put in the shard's place
+      } catch (...) {
         for (int o : fds) ::close(o);
         for (auto& v : fds_)
           for (int o : v) ::close(o);
-        fail(ErrorKind::Io, "cannot open ", f.path().string(), ": ", std::strerror(err));
+        throw;
       }
       fds.push_back(fd);
     }

@@ -6,9 +6,11 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "qtool/formats/checked.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/libquant/config.hpp"
 #include "qtool/libquant/quant.hpp"
+#include "qtool/runner/plan_checks.hpp"
 
 namespace qtool::runner {
 namespace {
@@ -202,7 +204,8 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
       if (nbytes != t.nbytes)
         fail(ErrorKind::InvalidInput, where, ": tensor '", label(comps[ci].name(), t.name), "' has ", nbytes,
              " bytes in the checkpoint but ", t.nbytes, " in the plan");
-      if (t.arena_offset % kArenaAlign != 0 || t.arena_offset + nbytes > g.arena_bytes)
+      const auto tensor_end = checked_add(t.arena_offset, nbytes);
+      if (t.arena_offset % kArenaAlign != 0 || !tensor_end || *tensor_end > g.arena_bytes)
         fail(ErrorKind::InvalidInput, where, ": tensor '", t.name, "' at arena_offset ", t.arena_offset,
              " is misaligned or ends past arena_bytes ", g.arena_bytes);
       a.tensors.push_back({ci, e, t.arena_offset, nbytes});
@@ -253,6 +256,9 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
   s.n_slots = std::max<uint32_t>(1, plan.settings.prefetch);
   for (const planner::DevicePlan& d : plan.devices)
     if (d.location.is_gpu() && d.n_slots > 0) s.n_slots = std::max(s.n_slots, d.n_slots);
+  if (s.n_slots > planner::kMaxPrefetch)
+    fail(ErrorKind::InvalidInput, "the plan asks for ", s.n_slots,
+         " device slots per GPU (settings.prefetch, ", "devices[].n_slots); at most ", planner::kMaxPrefetch);
 
   // Everything must be placed: tied aliases excepted (they use their primary's memory).
   for (size_t pi = 0; pi < plan.components.size(); ++pi) {
@@ -331,6 +337,7 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
     }
     s.steps.push_back(std::move(x));
   }
+  check_plan_consistency(checkpoint, plan, s);
   return s;
 }
 

@@ -8,6 +8,7 @@
 #include <random>
 #include <set>
 
+#include "qtool/formats/checked.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/size.hpp"
@@ -17,6 +18,7 @@
 #include "qtool/runner/error_model.hpp"
 #include "qtool/runner/kernel_math.hpp"
 #include "qtool/runner/schedule.hpp"
+#include "qtool/runner/tensor_compare.hpp"
 
 namespace qtool::runner {
 
@@ -159,6 +161,26 @@ WeightKind plain_kind(DType dt) {
   fail(ErrorKind::Unsupported, "reference weight dtype ", dtype_name(dt), " is not bf16, f16 or f32");
 }
 
+// --reference: every tensor quantize copies must be the original's, byte for byte (tensor_compare.hpp).
+template <typename AddCheck>
+void add_reference_tensors_check(const Checkpoint& checkpoint, const Checkpoint& ref, json& j,
+                                 AddCheck& add_check) {
+  const ReferenceTensors rt = compare_with_reference(checkpoint, ref);
+  j["reference_tensors"] = {{"compared", rt.n_compared},
+                            {"bytes_compared", rt.bytes_compared},
+                            {"quantized_checked", rt.n_quantized},
+                            {"differences", rt.differences}};
+  if (!rt.differences.empty())
+    add_check(
+        "reference tensors", CheckResult::Status::Fail,
+        str_cat(rt.differences.size(), " difference(s) from the reference, first ", rt.differences.front()));
+  else
+    add_check("reference tensors", CheckResult::Status::Pass,
+              str_cat(rt.n_compared, " unquantized tensors (", format_size(rt.bytes_compared),
+                      ") identical to the reference; ", rt.n_quantized,
+                      " quantized weights' recorded dtype and shape match it"));
+}
+
 }  // namespace
 
 double copy_compute_overlap(const std::vector<TraceEvent>& events, uint32_t step) {
@@ -213,7 +235,15 @@ VerifyReport verify(const VerifyOptions& options) {
   }
   const bool on_gpu = backend->name() == "cuda";
   const uint64_t tokens = options.tokens.value_or(plan.settings.tokens ? plan.settings.tokens : 16);
-  if (tokens == 0) fail(ErrorKind::Usage, "--tokens must be at least 1");
+  if (tokens == 0 || tokens > planner::kMaxTokens)
+    fail(ErrorKind::Usage, "--tokens: ", tokens, " is not from 1 to ", planner::kMaxTokens);
+  // Every buffer the backends size from tokens (activations [tokens, in or out], 2 or 4 bytes an
+  // element) stays below this product, so none of their multiplications wraps.
+  for (int dev : schedule.devices) {
+    if (!checked_mul(tokens, std::max(schedule.max_in(dev), schedule.max_out(dev)), 8))
+      fail(ErrorKind::Usage, "--tokens: ", tokens, " rows of ",
+           std::max(schedule.max_in(dev), schedule.max_out(dev)), " values overflow 64 bits");
+  }
   if (options.steps == 0) fail(ErrorKind::Usage, "--steps must be at least 1");
   const bool plan_tokens = tokens == plan.settings.tokens;
 
@@ -237,7 +267,9 @@ VerifyReport verify(const VerifyOptions& options) {
   j["tokens"] = tokens;
   j["steps"] = options.steps;
   j["seed"] = options.seed;
-  add_check("plan matches checkpoint", CheckResult::Status::Pass, str_cat("fingerprint ", fingerprint));
+  add_check("plan matches checkpoint", CheckResult::Status::Pass,
+            str_cat("fingerprint ", fingerprint,
+                    "; device map, groups, schedule, linears and tied aliases agree with it (plan_checks.hpp)"));
 
   RunOptions run_opts;
   run_opts.tokens = tokens;
@@ -426,6 +458,7 @@ VerifyReport verify(const VerifyOptions& options) {
                   ? str_cat(direct_mismatch, " planned outputs differ from the same layer run alone")
                   : str_cat("each layer run alone from the mapped checkpoint gives the planned run's output "
                             "bit for bit"));
+    add_reference_tensors_check(checkpoint, ref, j, add_check);
   }
   j["layers"] = std::move(layers);
 

@@ -119,7 +119,12 @@ def check(comps, plan, expect):
         c = pcomps.get(cname)
         if c is None:
             continue
-        keys = list(c["device_map"].items())
+        # Keys are the loader's module names; "checkpoint_prefix" (transformers 5's CLIPTextModel has no
+        # text_model level) maps them back onto the checkpoint's tensor names.
+        pre = c.get("checkpoint_prefix")
+        keys = [((pre + "." + k if k else pre) if pre else k, v) for k, v in c["device_map"].items()]
+        if pre and not all(n == pre or n.startswith(pre + ".") for n in tensors):
+            errors.append(f"{cname}: checkpoint_prefix {pre!r} but not every tensor has it")
         aliases = {t["alias"] for t in c["tied"]}
         used = set()
         for n in tensors:

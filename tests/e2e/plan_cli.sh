@@ -150,5 +150,21 @@ mkdir "$WORK/empty-models"
 grep -q "heuristic" "$WORK/table"
 # Named device profiles from sample_configs/devices.
 "$QTOOL" plan "$WORK/tf" --max-memory 0=1GiB --device-profile h200 --json -q | python3 -c "
-import json, sys; p = json.load(sys.stdin); assert p['settings']['device_profile'] == 'h200'"
+import json, sys; p = json.load(sys.stdin); assert p['settings']['device_profile'] == 'h200'
+assert p['notes'][0].startswith('using device profile h200'), p['notes'][0]"
+# Without --device-profile: the GPU's profile (built in by name, cached or measured), or the default
+# without a GPU; which one is said on stderr and first in the plan's notes.
+"$QTOOL" plan "$WORK/tf" --max-memory 0=1GiB --json 2>"$WORK/err" | python3 -c "
+import json, sys; p = json.load(sys.stdin); n = p['notes'][0]
+assert n.startswith('using device profile ') and p['settings']['device_profile'] in n, n
+assert 'GPU found' in n, n  # 'no GPU found' (the default) or the profile 'for the GPU found'"
+grep -q "using device profile" "$WORK/err"
+# The CLIP text encoder's device_map keys are transformers 5's module names (no text_model level),
+# and the notes say what transformers 4.x users do.
+"$QTOOL" plan "$WORK/tf" --max-memory 0=1GiB --json -q | python3 -c "
+import json, sys; p = json.load(sys.stdin)
+c = [c for c in p['components'] if c['name'] == 'text_encoder'][0]
+assert c['checkpoint_prefix'] == 'text_model' and c['device_map'], c
+assert not any(k.startswith('text_model') for k in c['device_map']), list(c['device_map'])
+assert any(\"prefix every key with 'text_model.'\" in n for n in p['notes']), p['notes']"
 echo "plan e2e ok"

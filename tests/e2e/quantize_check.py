@@ -85,6 +85,13 @@ def is_linear_weight(name, entry, model_type=None):
     return True
 
 
+def is_embedding(module):
+    """An embedding or a norm by its last name part (not a Linear)."""
+    leaf = module.split(".")[-1]
+    return any(fnmatch.fnmatchcase(leaf, p) for p in ("embed_tokens", "embed_*", "shared", "wte", "wpe", "*embedding*",
+                                                      "relative_attention_bias", "*norm*", "ln_*"))
+
+
 def pattern_matches(pattern, module):
     parts = module.split(".")
     cands = [module] + [".".join(parts[:i]) for i in range(1, len(parts))] + [".".join(parts[i:]) for i in range(1, len(parts))]
@@ -183,8 +190,13 @@ def check_quantized(inp, out, config_path, report_path, version):
             fail("%s: no quantization_config" % comp)
         listed = qc.get("ignore") if scheme.startswith("fp8") else qc.get("llm_int8_skip_modules")
         if scheme.startswith("fp8"):
-            if qc["quant_method"] != "compressed-tensors" or qc["format"] != "float-quantized":
+            if qc["quant_method"] != "compressed-tensors" or qc["format"] != "naive-quantized":
                 fail("%s: quantization_config %s" % (comp, qc))
+            # compressed-tensors' ignore list holds Linear modules only: no embeddings.
+            skipped = [m for m in skipped if not is_embedding(m)]
+            for m in listed:
+                if is_embedding(m):
+                    fail("%s: embedding %s in the ignore list (%s)" % (comp, m, listed))
         else:
             if qc["quant_method"] != "bitsandbytes" or qc["load_in_4bit"] != (scheme in ("nf4", "fp4")) or \
                     qc["load_in_8bit"] != (scheme == "int8"):

@@ -41,6 +41,11 @@ expect 2 '--config' -- "$QTOOL" quantize "$WORK/flux" -o "$WORK/o"
 expect 2 "unknown scheme 'int4'" -- "$QTOOL" quantize "$WORK/flux" --scheme int4 -o "$WORK/o"
 expect 2 'max-shard-size' -- "$QTOOL" quantize "$WORK/flux" --scheme int8 --max-shard-size 12XB -o "$WORK/o"
 expect 2 'dtype' -- "$QTOOL" dequantize "$WORK/flux" --dtype int8 -o "$WORK/o"
+# fp8_e5m2 in a folder: compressed-tensors' config cannot say e5m2 and loaders would read e4m3.
+expect 2 "fp8_e5m2 for component '[a-z_0-9]+' of .*float8_e4m3fn.*use fp8_e4m3" -- \
+  "$QTOOL" quantize "$WORK/flux" --scheme fp8_e5m2 -o "$WORK/o"
+expect 2 "fp8_e5m2 for component 'text_encoder_2' .*read the codes as e4m3" -- \
+  "$QTOOL" quantize "$WORK/flux" --config "$(cfg e '{"quant_mapping":{"transformer":{"scheme":"int8"},"text_encoder_2":{"scheme":"fp8_e5m2"}}}')" -o "$WORK/o"
 [ -e "$WORK/o" ] && { echo "FAIL: an output appeared after errors"; fails=$((fails + 1)); }
 
 # A pattern matching nothing: a warning naming it, and the run succeeds.

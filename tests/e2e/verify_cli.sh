@@ -54,6 +54,31 @@ for model in tiny tf; do
     ck="$WORK/$model-$scheme"
     if [ "$scheme" = bf16 ]; then
       ck="$WORK/$model"
+    elif [ "$scheme" = fp8_e5m2 ]; then
+      # quantize refuses fp8_e5m2 for a folder (compressed-tensors' config cannot say e5m2) but
+      # takes a single file: the folder copied, each weights file quantized in place.
+      cp -r "$WORK/$model" "$ck"
+      find "$ck" -name '*.safetensors' | while read -r f; do
+        "$QTOOL" quantize "$WORK/$model/${f#"$ck"/}" --scheme fp8_e5m2 -o "$f" --force -q
+      done
+      # Shard indexes list the new weight_scale tensors too.
+      find "$ck" -name '*.safetensors.index.json' | while read -r index; do
+        python3 - "$index" <<'PY'
+import json, os, struct, sys
+path = sys.argv[1]
+index = json.load(open(path))
+weight_map, total = {}, 0
+for shard in sorted(set(index["weight_map"].values())):
+    with open(os.path.join(os.path.dirname(path), shard), "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    for name, t in header.items():
+        if name != "__metadata__":
+            weight_map[name] = shard
+            total += t["data_offsets"][1] - t["data_offsets"][0]
+json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, open(path, "w"), indent=2)
+PY
+      done
     else
       "$QTOOL" quantize "$WORK/$model" --scheme $scheme -o "$ck" -q
     fi

@@ -514,11 +514,76 @@ TEST_CASE("OutputPath: temporaries of killed runs are cleaned up") {
   test::write_file(stale / "model.safetensors", "partial");
   const fs::path live = dir / ("out.tmp-" + std::to_string(::getppid()));  // a running process: kept
   fs::create_directories(live);
+  // The single-file writer's temporary beside a single-file output.
+  const fs::path stale_file = dir / ("out.tmp-" + std::to_string(child) + ".tmp-" + std::to_string(child));
+  test::write_file(stale_file, "partial");
+  const fs::path unrelated = dir / ("out.tmp-" + std::to_string(child) + "x");  // not a name we make: kept
+  test::write_file(unrelated, "keep");
   {
     OutputPath o(dir / "out", false);
     CHECK_FALSE(fs::exists(stale));
+    CHECK_FALSE(fs::exists(stale_file));
     CHECK(fs::exists(live));
+    CHECK(fs::exists(unrelated));
   }
+}
+
+// A process id that is no longer running.
+pid_t dead_pid() {
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ::waitpid(child, nullptr, 0);
+  return child;
+}
+
+TEST_CASE(
+    "OutputPath: an old output a killed run moved aside comes back; with the final name taken it goes") {
+  TempDir dir;
+  // Killed between the two renames of a commit without RENAME_EXCHANGE: no `out`, `out.old-<pid>`.
+  const fs::path old = dir / ("out.old-" + std::to_string(dead_pid()));
+  fs::create_directories(old);
+  test::write_file(old / "a.txt", "old");
+  // Without --force the restored output is refused like any existing one, and stays.
+  test::check_error([&] { OutputPath o(dir / "out", false); }, ErrorKind::InvalidInput, {"--force"});
+  CHECK(test::read_file(dir / "out" / "a.txt") == std::vector<uint8_t>{'o', 'l', 'd'});
+  CHECK_FALSE(fs::exists(old));
+
+  // A second leftover while `out` exists: deleted, `out` untouched.
+  const fs::path old2 = dir / ("out.old-" + std::to_string(dead_pid()));
+  fs::create_directories(old2);
+  test::write_file(old2 / "b.txt", "older");
+  {
+    OutputPath o(dir / "out", true);
+    CHECK_FALSE(fs::exists(old2));
+    CHECK(fs::exists(dir / "out" / "a.txt"));
+  }
+  size_t n = 0;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir.path())) ++n;
+  CHECK(n == 1);
+}
+
+TEST_CASE("OutputPath: with force a folder replaces a file and a file a folder, leaving no sibling") {
+  TempDir dir;
+  const fs::path out = dir / "out";
+  test::write_file(out, "old file");
+  {
+    OutputPath o(out, true);
+    fs::create_directories(o.tmp());
+    test::write_file(o.tmp() / "new.txt", "new");
+    o.commit();
+  }
+  CHECK(fs::is_directory(out));
+  CHECK(fs::exists(out / "new.txt"));
+  {
+    OutputPath o(out, true);
+    test::write_file(o.tmp(), "a file");
+    o.commit();
+  }
+  CHECK(fs::is_regular_file(out));
+  CHECK(test::read_file(out).size() == 6);
+  size_t n = 0;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir.path())) ++n;
+  CHECK(n == 1);
 }
 
 }  // namespace

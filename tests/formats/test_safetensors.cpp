@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "formats_test_util.hpp"
+#include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/safetensors.hpp"
 
 namespace qtool {
@@ -175,6 +176,88 @@ TEST_CASE("an empty file of zero tensors round-trips") {
   const auto f = SafetensorsFile::open(path);
   CHECK(f.tensors().empty());
   CHECK(f.header().data_size() == 0);
+}
+
+TEST_CASE("writer: variable-length tensors take their written lengths; the header stays in its space") {
+  TempDir dir;
+  std::mt19937_64 rng(test::test_seed("variable-length tensors"));
+  for (int round = 0; round < 40; ++round) {
+    CAPTURE(round);
+    const auto path = dir / "v.safetensors";
+    // Fixed tensors of several dtypes and variable ones (declared up to 1000 bytes) interleaved.
+    std::vector<TensorDecl> decls;
+    std::map<std::string, std::vector<uint8_t>> want;
+    const int n = 1 + static_cast<int>(rng() % 6);
+    for (int i = 0; i < n; ++i) {
+      const std::string f = "fixed." + std::to_string(i), v = "state." + std::to_string(i);
+      decls.push_back({f, i % 2 ? DType::F32 : DType::U8, {static_cast<int64_t>(rng() % 5)}});
+      decls.push_back({v, DType::U8, {static_cast<int64_t>(rng() % 2 ? 1000 : 9)}, true});
+    }
+    std::map<std::string, uint64_t> declared;
+    for (const auto& d : decls) declared[d.name] = d.nbytes();
+    {
+      SafetensorsWriter w(path, decls, {{"k", "v"}});
+      for (const auto& d : decls) {
+        // A variable one gets 0..declared bytes (0 and the declared size included).
+        const uint64_t len = !d.variable_length ? d.nbytes()
+                             : rng() % 4 == 0   ? d.nbytes()
+                                                : rng() % (d.nbytes() + 1);
+        std::vector<uint8_t> b(len);
+        for (auto& x : b) x = static_cast<uint8_t>(rng());
+        w.write(d.name, b);
+        want[d.name] = b;
+      }
+      w.commit();
+      CHECK(w.file_size() == std::filesystem::file_size(path));
+    }
+    const auto f = SafetensorsFile::open(path);  // checks offsets are contiguous and cover the data
+    for (const auto& [name, b] : want) {
+      CAPTURE(name);
+      const auto got = f.data(f.at(name));
+      CHECK(std::vector<uint8_t>(got.begin(), got.end()) == b);
+      if (name.starts_with("state."))
+        CHECK(f.at(name).shape == std::vector<int64_t>{static_cast<int64_t>(b.size())});
+    }
+    // Variable ones come last, in declaration order.
+    std::vector<std::string> order;
+    for (const auto& t : f.tensors()) order.push_back(t.name);
+    for (int i = 0; i < n; ++i) CHECK(order[static_cast<size_t>(n + i)] == "state." + std::to_string(i));
+    std::filesystem::remove(path);
+  }
+  // Misuse is our own error: written in pieces, twice, or longer than declared.
+  {
+    SafetensorsWriter w(dir / "m.safetensors", {{"s", DType::U8, {8}, true}}, {});
+    test::check_error([&] { w.write("s", std::vector<uint8_t>(9, 1)); }, ErrorKind::Internal,
+                      {"'s'", "exceeds"});
+    test::check_error([&] { w.write("s", std::vector<uint8_t>(2, 1), 2); }, ErrorKind::Internal,
+                      {"'s'", "once"});
+    w.write("s", std::vector<uint8_t>(3, 1));
+    test::check_error([&] { w.write("s", std::vector<uint8_t>(3, 1)); }, ErrorKind::Internal,
+                      {"'s'", "once"});
+  }
+  CHECK(std::filesystem::is_empty(dir.path()));
+}
+
+TEST_CASE("component writer: the index's total_size counts variable-length tensors at their lengths") {
+  TempDir dir;
+  std::vector<std::vector<TensorDecl>> groups;
+  for (int i = 0; i < 6; ++i)
+    groups.push_back(
+        {{"w" + std::to_string(i), DType::F32, {64}}, {"s" + std::to_string(i), DType::U8, {100}, true}});
+  uint64_t total = 0;
+  {
+    ComponentWriter w(dir.path(), "model", groups, 700);  // several shards
+    for (int i = 0; i < 6; ++i) {
+      w.write("w" + std::to_string(i), std::vector<uint8_t>(256, 7));
+      w.write("s" + std::to_string(i), std::vector<uint8_t>(static_cast<size_t>(10 + i), 9));
+      total += 256 + 10 + static_cast<uint64_t>(i);
+    }
+    w.commit();
+    CHECK(w.n_shards() > 1);
+  }
+  const auto bytes = test::read_file(dir / "model.safetensors.index.json");
+  const auto index = nlohmann::json::parse(bytes.begin(), bytes.end());
+  CHECK(index["metadata"]["total_size"] == total);
 }
 
 TEST_CASE("writer: no commit leaves nothing; commit refuses a tensor not fully written") {

@@ -31,6 +31,23 @@ TEST_CASE("parse_size: malformed sizes are usage errors naming the option") {
   }
 }
 
+TEST_CASE("parse_size: numbers beyond a double's range are usage errors, not exceptions") {
+  // std::stod throws std::out_of_range on both of these (exit 3 before).
+  const std::string huge = "1" + std::string(400, '0');
+  const std::string tiny = "0." + std::string(400, '0') + "1";
+  for (const std::string& text : {huge, huge + "GB", huge + ".5KiB"}) {
+    INFO("text: ", text.size(), " characters");
+    test::check_error([&] { parse_size(text, "--max-shard-size"); }, ErrorKind::Usage, {"--max-shard-size"});
+  }
+  // Below a byte rounds to 0, as "0.1" does.
+  CHECK(parse_size(tiny, "--x") == 0);
+  CHECK(parse_size(tiny + "GiB", "--x") == 0);
+  CHECK(parse_size("0.1", "--x") == 0);
+  // Near the top of the range: exact below 1.8e19 bytes, refused above (no wrap).
+  CHECK(parse_size("16000000TiB", "--x") == 15625ull << 50);
+  test::check_error([&] { parse_size("17000000TiB", "--x"); }, ErrorKind::Usage, {"--x"});
+}
+
 TEST_CASE("format_size") {
   CHECK(format_size(0) == "0 B");
   CHECK(format_size(1023) == "1023 B");

@@ -5,8 +5,8 @@ with and without double quant) it writes random weights and edge cases (all-zero
 subnormals, +-max, odd element counts, rows of length 1, every finite 16-bit value) to a
 .safetensors file, quantizes them with qtool (libquant_tool) and with bitsandbytes 0.50 /
 compressed-tensors / torch (libquant_ref.py), and asserts:
-  - every tensor qtool writes is byte-identical to the reference's (the quant_state JSON is
-    compared as JSON, its nested_offset as a float32);
+  - every tensor qtool writes is byte-identical to the reference's, the quant_state JSON included
+    (bitsandbytes' json.dumps: key order, separators, nested_offset as Python's shortest repr);
   - qtool's dequantization equals the reference's (bitsandbytes' portable 4-bit and int8
     dequantization, compressed-tensors' fp8 decompression);
   - bitsandbytes' QuantState.from_dict accepts qtool's 4-bit tensors and its dequantize_4bit gives
@@ -112,6 +112,7 @@ def check_config(tool, tmp, scheme, blocksize, double_quant, per_tensor, gen, qu
     got = load_file(out)
     got_deq = load_file(deq)
     failures = []
+    n_state_bytes_equal = [0]
     t_ref = 0.0
     for name, w in tensors.items():
         module = name[: -len(".weight")]
@@ -134,7 +135,12 @@ def check_config(tool, tmp, scheme, blocksize, double_quant, per_tensor, gen, qu
         if raw(ours.reshape(w.shape).to(out_dtype)) != ref_deq:
             failures.append(f"{tag}: {module} dequantized differs from the reference")
         if scheme in ("nf4", "fp4"):
-            js = json.loads(bytes(got[f"{module}.weight.quant_state.bitsandbytes__{scheme}"].tolist()).decode())
+            qs_bytes = bytes(got[f"{module}.weight.quant_state.bitsandbytes__{scheme}"].tolist())
+            if qs_bytes != r["quant_state_bytes"]:
+                failures.append(f"{tag}: {module} quant_state bytes {qs_bytes!r} != bitsandbytes' "
+                                f"{r['quant_state_bytes']!r}")
+            n_state_bytes_equal[0] += qs_bytes == r["quant_state_bytes"]
+            js = json.loads(qs_bytes.decode())
             rs = r["quant_state"]
             for k in rs:
                 same = (torch.tensor(js.get(k), dtype=torch.float32) == torch.tensor(rs[k], dtype=torch.float32)).item() \
@@ -152,6 +158,9 @@ def check_config(tool, tmp, scheme, blocksize, double_quant, per_tensor, gen, qu
             bnb_deq = F.dequantize_4bit(got[f"{module}.weight"], state)
             if raw(bnb_deq) != r["native_dequant"]:
                 failures.append(f"{tag}: {module}: bitsandbytes dequantizes qtool's tensors differently from its own")
+    if scheme in ("nf4", "fp4"):
+        print(f"    {tag}: {n_state_bytes_equal[0]} of {len(tensors)} quant_state blobs byte-identical to "
+              f"bitsandbytes'", flush=True)
     return tag, failures, t_qtool, t_ref
 
 

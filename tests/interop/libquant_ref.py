@@ -88,7 +88,8 @@ def bnb4_ref(w: torch.Tensor, quant_type: str, blocksize: int, double_quant: boo
     out["native_dequant"] = tensor_bytes(F.dequantize_4bit(packed, state))
     packed_dict = state.as_dict(packed=True)
     key = "quant_state.bitsandbytes__" + quant_type
-    out["quant_state"] = json.loads(bytes(packed_dict[key].numpy().tolist()).decode())
+    out["quant_state_bytes"] = bytes(packed_dict[key].numpy().tolist())
+    out["quant_state"] = json.loads(out["quant_state_bytes"].decode())
     return out
 
 

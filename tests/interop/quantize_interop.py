@@ -22,10 +22,15 @@ like the int8 logits. (diffusers' bitsandbytes loader of the flux transformer re
 a GPU, so the pipeline's transformer is not loaded here.)
 
 compressed-tensors: qtool's fp8 (e4m3, per channel and per tensor) decompresses, through the
-float-quantized compressor and through transformers' CompressedTensorsHfQuantizer (both compressed
-on the CPU and decompressed on load), to exactly the values of `qtool dequantize`. For fp8_e5m2,
-which compressed-tensors' schema cannot name (its 8-bit float is e4m3), the decompressor alone is
-checked.
+naive-quantized compressor and through transformers' CompressedTensorsHfQuantizer (both compressed
+on the CPU and decompressed on load), to exactly the values of `qtool dequantize`; and its
+config.json is byte for byte the one compressed-tensors' own writer (ModelCompressor.update_config)
+writes for the same model quantized weight-only to fp8 with lm_head ignored, key order included.
+fp8_e5m2: compressed-tensors' schema cannot name it (QuantizationArgs' 8-bit float is always
+float8_e4m3fn and it forbids other fields), and a model folder holding e5m2 codes under that config
+loads (transformers' default, compressed) without a word into e4m3 parameters, i.e. with wrong
+weights (shown with a folder assembled from qtool's single-file e5m2 output); so `qtool quantize`
+refuses fp8_e5m2 for a folder (exit 2, saying why and to use fp8_e4m3).
 
   quantize_interop.py --qtool QTOOL --samples SAMPLE_CONFIGS_DIR [--work DIR]
 """
@@ -136,6 +141,103 @@ def t5_case(qtool, samples, work, seed):
     check(rel(hq, href) <= 2 * e_w + 3 * noise, "t5 int8: |bnb - bf16| = %.4f <= %.4f" % (rel(hq, href), 2 * e_w + 3 * noise))
 
 
+def fp8_config_case(qtool, tiny, work, per_tensor):
+    """config.json of qtool's fp8 output against compressed-tensors' writer, byte for byte."""
+    import compressed_tensors
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from transformers import AutoModelForCausalLM
+    name = "fp8-config-" + ("tensor" if per_tensor else "channel")
+    out = os.path.join(work, "q-" + name)
+    cfg_path = os.path.join(work, name + ".json")
+    open(cfg_path, "w").write(json.dumps({"quant_backend": "fp8_e4m3", "quant_kwargs": {"per_tensor": per_tensor}}))
+    run(qtool, "quantize", tiny, "--config", cfg_path, "-o", out, "-q")
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=8, type="float", symmetric=True, strategy="tensor" if per_tensor else "channel"))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    for _, module in model.named_modules():
+        if hasattr(module, "weight_scale"):
+            module.weight_scale.data.fill_(1.0)  # the config does not depend on the scales' values
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    ref_dir = os.path.join(work, "ct-" + name)
+    os.makedirs(ref_dir, exist_ok=True)
+    shutil.copy(os.path.join(tiny, "config.json"), os.path.join(ref_dir, "config.json"))
+    compressor.update_config(ref_dir)
+    ours = open(os.path.join(out, "config.json"), "rb").read()
+    theirs = open(os.path.join(ref_dir, "config.json"), "rb").read()
+    qc_ours = json.loads(ours)["quantization_config"]
+    qc_theirs = json.loads(theirs)["quantization_config"]
+    check(qc_ours == qc_theirs, "%s: quantization_config equals compressed-tensors %s's as JSON values (format %s, "
+          "version %s, ignore %s)" % (name, compressed_tensors.__version__, qc_ours.get("format"),
+                                       qc_ours.get("version"), qc_ours.get("ignore")))
+    check(ours.rstrip(b"\n") == theirs.rstrip(b"\n"),
+          "%s: config.json is byte-identical to compressed-tensors' (%d vs %d bytes, key order included)"
+          % (name, len(ours.rstrip(b"\n")), len(theirs.rstrip(b"\n"))))
+
+
+def e5m2_case(qtool, tiny, work):
+    """fp8_e5m2: refused for a folder; a hand-made folder shows what a loader would do with it."""
+    from compressed_tensors.quantization import QuantizationArgs
+    args = QuantizationArgs(num_bits=8, type="float")
+    try:
+        QuantizationArgs(num_bits=8, type="float", dtype="float8_e5m2")
+        extra_refused = False
+    except Exception:
+        extra_refused = True
+    check(args.pytorch_dtype() == torch.float8_e4m3fn and extra_refused,
+          "compressed-tensors' schema has no e5m2: 8-bit float weights are %s, other fields refused" % args.pytorch_dtype())
+    out = os.path.join(work, "q-e5m2")
+    r = subprocess.run([qtool, "quantize", tiny, "--scheme", "fp8_e5m2", "-o", out], capture_output=True, text=True)
+    check(r.returncode == 2 and "fp8_e5m2" in r.stderr and "use fp8_e4m3" in r.stderr and not os.path.exists(out),
+          "qtool quantize refuses fp8_e5m2 for a model folder (exit %d: %s)" % (r.returncode, r.stderr.strip()[:160]))
+    # What a loader does with e5m2 codes under compressed-tensors' config: qtool's single-file
+    # e5m2 output, given the folder's config.json and the config of its e4m3 output.
+    e4 = os.path.join(work, "q-e4m3-for-e5m2")
+    run(qtool, "quantize", tiny, "--scheme", "fp8_e4m3", "-o", e4, "-q")
+    hand = os.path.join(work, "hand-e5m2")
+    os.makedirs(hand)
+    shutil.copy(os.path.join(e4, "config.json"), os.path.join(hand, "config.json"))
+    from safetensors import safe_open
+    weight_map = {}
+    dq = {}
+    for f in sorted(glob.glob(os.path.join(tiny, "*.safetensors"))):
+        name = os.path.basename(f)
+        run(qtool, "quantize", f, "--scheme", "fp8_e5m2", "-o", os.path.join(hand, name), "-q")
+        deq = os.path.join(work, "dq-hand-" + name)
+        run(qtool, "dequantize", os.path.join(hand, name), "-o", deq, "-q")
+        dq.update(load_file(deq))
+        with safe_open(os.path.join(hand, name), "pt") as sf:
+            weight_map.update({k: name for k in sf.keys()})
+    index = glob.glob(os.path.join(tiny, "*.safetensors.index.json"))
+    if index:
+        json.dump({"metadata": {}, "weight_map": weight_map},
+                  open(os.path.join(hand, os.path.basename(index[0])), "w"))
+    scaled = {k[: -len("_scale")] for k in weight_map if k.endswith(".weight_scale")}
+    # transformers' default load keeps the weights compressed, in parameters of compressed-tensors'
+    # 8-bit float dtype (e4m3): the e5m2 codes are converted into them, without a word.
+    from transformers import AutoModelForCausalLM
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AutoModelForCausalLM.from_pretrained(hand, device_map="cpu")
+    msd = model.state_dict()
+    names = sorted(scaled)
+    n_bad_modules = n_bad = n_all = 0
+    for k in names:
+        w = (msd[k].float() * msd[k + "_scale"].float()).to(dq[k].dtype)
+        differ = int((w != dq[k]).sum())
+        n_bad_modules += differ > 0
+        n_bad += differ
+        n_all += w.numel()
+    e5m2_words = [str(w.message)[:80] for w in caught if "e5m2" in str(w.message).lower()]
+    check(names and n_bad_modules == len(names) and not e5m2_words and msd[names[0]].dtype == torch.float8_e4m3fn,
+          "e5m2 codes under compressed-tensors' config load without a word, as %s parameters: %d of %d weights "
+          "in %d of %d modules differ from qtool dequantize's (which is why quantize refuses it)"
+          % (msd[names[0]].dtype, n_bad, n_all, n_bad_modules, len(names)))
+
+
 def fp8_case(qtool, tiny, work, name, config_text, ids):
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -200,7 +302,9 @@ def main():
         t5_case(args.qtool, args.samples, work, seed)
         fp8_case(args.qtool, tiny, work, "fp8-channel", open(os.path.join(args.samples, "llama-fp8.json")).read(), ids)
         fp8_case(args.qtool, tiny, work, "fp8-tensor", '{"quant_backend": "fp8_e4m3", "quant_kwargs": {"per_tensor": true}}', ids)
-        fp8_case(args.qtool, tiny, work, "fp8-e5m2", '{"quant_backend": "fp8_e5m2"}', ids)
+        fp8_config_case(args.qtool, tiny, work, False)
+        fp8_config_case(args.qtool, tiny, work, True)
+        e5m2_case(args.qtool, tiny, work)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -41,7 +41,7 @@ Quantized quantize(const std::vector<uint8_t>& bytes, DType dtype, int64_t rows,
   q.linear.tensor_parts = scheme_parts(o);
   for (const auto& d : q.decls) q.linear.tensor_names.push_back(d.name);
   if (o.double_quant) {
-    const auto& state = q.bufs.back();
+    const auto state = quant_state_bytes(q.bufs.back());
     q.linear.nested_offset = nlohmann::json::parse(state.begin(), state.end()).at("nested_offset").get<float>();
   }
   std::vector<std::span<const uint8_t>> parts(q.bufs.begin(), q.bufs.end());

@@ -3,8 +3,12 @@
 // recognising quantized linears in a safetensors file (including inconsistent quant state).
 #include <stdlib.h>
 
+#include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <map>
 
 #include "qtool/formats/checkpoint.hpp"
@@ -151,15 +155,17 @@ TEST_CASE("layouts: names, dtypes and shapes per scheme") {
       ErrorKind::InvalidInput, {"empty"});
 }
 
-TEST_CASE("sizes do not depend on the data: the quant_state JSON has a fixed length") {
+TEST_CASE("sizes do not depend on the data but for the double-quant quant_state, bitsandbytes' own JSON") {
   ThreadPool pool(2);
   std::mt19937_64 rng(test::scheme_test_seed("fixed sizes"));
   for (Scheme s : {Scheme::Nf4, Scheme::Fp4})
     for (bool dq : {false, true}) {
       const SchemeOptions o{s, 64, dq};
       const auto decls = quantized_decls("m", DType::F32, std::vector<int64_t>{33, 65}, o);
-      // Offsets of very different magnitudes (and exactly 0) give the same byte sizes.
-      for (float mag : {0.0f, 1e-30f, 3e-5f, 0.7f, 123456.0f, 1e30f}) {
+      CHECK(decls.back().variable_length == dq);
+      for (size_t i = 0; i + 1 < decls.size(); ++i) CHECK_FALSE(decls[i].variable_length);
+      // Offsets of very different magnitudes (and exactly 0): every other part has the same size.
+      for (float mag : {0.0f, 1e-30f, 3e-5f, 1e-4f, 0.7f, 123456.0f, 1e30f}) {
         test::TestWeight w(DType::F32, 33, 65);
         std::normal_distribution<float> nd;
         for (uint64_t i = 0; i < w.numel(); ++i) w.set(i, nd(rng) * mag);
@@ -167,7 +173,11 @@ TEST_CASE("sizes do not depend on the data: the quant_state JSON has a fixed len
         REQUIRE(t.size() == decls.size());
         for (size_t i = 0; i < t.size(); ++i) {
           CHECK(t[i].decl.name == decls[i].name);
-          CHECK(t[i].bytes.size() == decls[i].nbytes());
+          CHECK(t[i].decl.nbytes() == t[i].bytes.size());
+          if (i + 1 < t.size() || !dq)
+            CHECK(t[i].bytes.size() == decls[i].nbytes());
+          else
+            CHECK(t[i].bytes.size() <= decls[i].nbytes());
         }
         const std::string json(t.back().bytes.begin(), t.back().bytes.end());
         CAPTURE(json);
@@ -176,8 +186,78 @@ TEST_CASE("sizes do not depend on the data: the quant_state JSON has a fixed len
         CHECK(j["shape"] == nlohmann::json::array({33, 65}));
         CHECK(j["dtype"] == "float32");
         CHECK(j.contains("nested_offset") == dq);
+        // json.dumps of bitsandbytes' dict: this key order, ", " and ": ", the offset's repr.
+        std::string want = str_cat("{\"quant_type\": \"", scheme_name(s),
+                                   "\", \"blocksize\": 64, \"dtype\": \"float32\", "
+                                   "\"shape\": [33, 65]");
+        if (dq) {
+          const float offset = j["nested_offset"].get<float>();
+          want += str_cat(", \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": ",
+                          detail::python_float_repr(static_cast<double>(offset)));
+          CHECK(std::isfinite(offset));
+        }
+        CHECK(json == want + "}");
       }
     }
+}
+
+TEST_CASE("python_float_repr: Python's repr of a double (what json.dumps writes)") {
+  // repr() in CPython 3.11 of each value.
+  const std::pair<double, const char*> cases[] = {
+      {0.0, "0.0"},
+      {-0.0, "-0.0"},
+      {1.0, "1.0"},
+      {0.5, "0.5"},
+      {100.0, "100.0"},
+      {0.1, "0.1"},
+      {static_cast<double>(0.09431193f), "0.09431193023920059"},
+      {1e-4, "0.0001"},
+      {1e-5, "1e-05"},
+      {1.5e-5, "1.5e-05"},
+      {0.00012345, "0.00012345"},
+      {1234567890123456.0, "1234567890123456.0"},
+      {1e16, "1e+16"},
+      {1.25e16, "1.25e+16"},
+      {123.456, "123.456"},
+      {-2.5, "-2.5"},
+      {static_cast<double>(std::numeric_limits<float>::denorm_min()), "1.401298464324817e-45"},
+      {static_cast<double>(std::numeric_limits<float>::max()), "3.4028234663852886e+38"},
+      {static_cast<double>(1e-30f), "1.0000000031710769e-30"},
+      {std::numeric_limits<double>::denorm_min(), "5e-324"},
+      {std::numeric_limits<double>::max(), "1.7976931348623157e+308"},
+      {std::numeric_limits<double>::infinity(), "Infinity"},
+      {-std::numeric_limits<double>::infinity(), "-Infinity"},
+      {std::nan(""), "NaN"},
+  };
+  for (const auto& [v, want] : cases) {
+    CAPTURE(want);
+    CHECK(detail::python_float_repr(v) == want);
+    CHECK(detail::python_float_repr(v).size() <= detail::kMaxFloatReprChars);
+  }
+  // Any float32 widened to double: reads back exactly, no longer than the limit, and no shorter
+  // digit string would read back (the shortest), from a printed seed.
+  std::mt19937_64 rng(test::scheme_test_seed("float repr"));
+  for (int i = 0; i < 200000; ++i) {
+    uint32_t bits32 = static_cast<uint32_t>(rng());
+    float f;
+    std::memcpy(&f, &bits32, 4);
+    if (!std::isfinite(f)) continue;
+    const double v = static_cast<double>(f);
+    const std::string r = detail::python_float_repr(v);
+    CAPTURE(r);
+    REQUIRE(std::strtod(r.c_str(), nullptr) == v);
+    REQUIRE(r.size() <= detail::kMaxFloatReprChars);
+    char shorter[64];
+    std::snprintf(shorter, sizeof shorter, "%.*e", 15, v);  // 16 significant digits
+    // Significant digits of the repr: its mantissa's digits without leading or trailing zeros.
+    std::string sig;
+    for (char c : r.substr(0, r.find('e')))
+      if (c >= '0' && c <= '9') sig += c;
+    sig.erase(0, sig.find_first_not_of('0'));
+    sig.erase(sig.find_last_not_of('0') + 1);
+    const size_t n_sig = sig.size();
+    if (n_sig > 16) REQUIRE(std::strtod(shorter, nullptr) != v);
+  }
 }
 
 TEST_CASE("NaN or Inf in a weight is an error naming the tensor and the first bad element") {
@@ -261,7 +341,6 @@ TEST_CASE("find_quantized_linears recognises every scheme in a safetensors file 
   }
   tensors.push_back({{"blocks.0.attn.to_q.bias", DType::BF16, {24}}, std::vector<uint8_t>(48, 0)});
   tensors.push_back({{"blocks.0.norm.weight", DType::F32, {40}}, std::vector<uint8_t>(160, 0)});
-  tensors.push_back({{"raw.fp8.weight", DType::F8_E4M3, {2, 2}}, std::vector<uint8_t>(4, 0)});
   write_file(dir / "model.safetensors", tensors);
 
   const Component comp = Component::open_file(dir / "model.safetensors", "");
@@ -369,6 +448,50 @@ TEST_CASE("inconsistent quant state is an error naming the file and the tensor")
       t.bytes.resize(32);
     }
   check_case(f8, ErrorKind::Unsupported, {"l.weight_scale", "per channel"});
+  // Codes without their scales are never plain weights: an I8 weight without SCB, an fp8 weight
+  // without weight_scale (both fp8 dtypes).
+  check_case(without(base_i8, "l.SCB"), ErrorKind::InvalidInput, {"'l.weight'", "I8 weight without 'l.SCB'"});
+  check_case(without(base_f8, "l.weight_scale"), ErrorKind::InvalidInput,
+             {"'l.weight'", "F8_E4M3 weight without 'l.weight_scale'"});
+  auto e5 = without(base_f8, "l.weight_scale");
+  for (auto& t : e5)
+    if (t.decl.name == "l.weight") t.decl.dtype = DType::F8_E5M2;
+  check_case(e5, ErrorKind::InvalidInput, {"F8_E5M2 weight without 'l.weight_scale'"});
+  // weight_format is read whole: I32 256 and I64 2^32 have a first byte of 0 but are not format 0.
+  for (const auto& [dt, value] :
+       {std::pair{DType::I32, int64_t{256}}, std::pair{DType::I64, int64_t{1} << 32},
+        std::pair{DType::U8, int64_t{1}}}) {
+    auto wf = base_i8;
+    for (auto& t : wf)
+      if (t.decl.name == "l.weight_format") {
+        t.decl.dtype = dt;
+        t.bytes.assign(dtype_size(dt), 0);
+        std::memcpy(t.bytes.data(), &value, dtype_size(dt));
+      }
+    check_case(wf, ErrorKind::Unsupported,
+               {"l.weight_format", str_cat("weight format ", value, " is not supported")});
+  }
+}
+
+TEST_CASE("weight_format 0 is accepted as U8, I32 or I64") {
+  TempDir dir;
+  ThreadPool pool(1);
+  std::mt19937_64 rng(test::scheme_test_seed("weight_format"));
+  const auto w = test::random_weight(DType::BF16, 4, 32, rng, false);
+  for (const DType dt : {DType::U8, DType::I32, DType::I64}) {
+    auto tensors = quantized("l", w, {Scheme::Int8}, pool);
+    for (auto& t : tensors)
+      if (t.decl.name == "l.weight_format") {
+        t.decl.dtype = dt;
+        t.bytes.assign(dtype_size(dt), 0);
+      }
+    const auto path = dir / str_cat("wf_", dtype_name(dt), ".safetensors");
+    write_file(path, tensors);
+    const Component comp = Component::open_file(path, "");
+    const auto found = find_quantized_linears(comp);
+    REQUIRE(found.size() == 1);
+    CHECK(found[0].tensor_parts.back() == Part::WeightFormat);
+  }
 }
 
 TEST_CASE("tensor_bytes from raw spans is checked against the layout") {

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "qtool/formats/error.hpp"
 #include "test_scheme_util.hpp"
 
 using namespace qtool;
@@ -103,7 +104,14 @@ TEST_CASE("every scheme is bit-exact with the reference packages on fixed vector
         // quant_map / nested_quant_map equal the tables checked above.
         CHECK(std::memcmp(outs[2].data(), code_table(o.scheme).data(), 64) == 0);
         const auto& ref_state = c["quant_state"];
-        const auto ours = nlohmann::json::parse(outs.back().begin(), outs.back().end());
+        const auto state = quant_state_bytes(outs.back());
+        const std::string text(state.begin(), state.end());
+        CAPTURE(text);
+        const auto ours = nlohmann::json::parse(text);
+        // bitsandbytes' key order and separators; the offset as Python's repr of the reference's.
+        CHECK(text.starts_with(str_cat("{\"quant_type\": \"", scheme_name(o.scheme), "\", \"blocksize\": ",
+                                       o.blocksize, ", \"dtype\": \"", ref_state["dtype"].get<std::string>(),
+                                       "\", \"shape\": [", shape[0], ", ", shape[1], "]")));
         CHECK(ours["quant_type"] == ref_state["quant_type"]);
         CHECK(ours["blocksize"] == ref_state["blocksize"]);
         CHECK(ours["dtype"] == ref_state["dtype"]);
@@ -114,6 +122,11 @@ TEST_CASE("every scheme is bit-exact with the reference packages on fixed vector
           CHECK(ours["nested_dtype"] == ref_state["nested_dtype"]);
           CHECK(bits(static_cast<float>(ours["nested_offset"].get<double>())) ==
                 bits(static_cast<float>(ref_state["nested_offset"].get<double>())));
+          CHECK(text.ends_with(
+              str_cat(", \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": ",
+                      detail::python_float_repr(ref_state["nested_offset"].get<double>()), "}")));
+        } else {
+          CHECK(text.ends_with("]}"));
         }
       }
     }

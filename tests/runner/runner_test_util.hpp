@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -89,7 +90,40 @@ inline std::filesystem::path quantize(const std::filesystem::path& input, const 
   so.per_tensor = c.per_tensor;
   quant::ConvertOptions co;
   co.n_threads = 2;
-  quant::quantize_checkpoint(input, quant::config_for_scheme(so), out, co);
+  if (so.scheme != quant::Scheme::Fp8E5M2) {
+    quant::quantize_checkpoint(input, quant::config_for_scheme(so), out, co);
+    return out;
+  }
+  // quantize refuses fp8_e5m2 for a folder (compressed-tensors' config cannot say e5m2) but writes
+  // a single file: quantize each weights file of the folder, copy the rest, and list the new
+  // tensors in the shard index.
+  namespace fs = std::filesystem;
+  fs::create_directories(out);
+  std::vector<fs::path> indexes;
+  for (const auto& e : fs::directory_iterator(input)) {
+    const std::string name = e.path().filename().string();
+    if (e.path().extension() == ".safetensors")
+      quant::quantize_checkpoint(e.path(), quant::config_for_scheme(so), out / name, co);
+    else
+      fs::copy(e.path(), out / name, fs::copy_options::recursive);
+    if (name.ends_with(".safetensors.index.json")) indexes.push_back(out / name);
+  }
+  for (const fs::path& index_path : indexes) {
+    nlohmann::json index = read_json_file(index_path);
+    nlohmann::json weight_map = nlohmann::json::object();
+    uint64_t total = 0;
+    std::set<std::string> shards;
+    for (const auto& [tensor, shard] : index.at("weight_map").items())
+      shards.insert(shard.get<std::string>());
+    for (const std::string& shard : shards) {
+      const SafetensorsFile f = SafetensorsFile::open(out / shard);
+      for (const TensorInfo& t : f.tensors()) {
+        weight_map[t.name] = shard;
+        total += t.nbytes();
+      }
+    }
+    write_json_file(index_path, {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}});
+  }
   return out;
 }
 

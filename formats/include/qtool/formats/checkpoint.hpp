@@ -13,6 +13,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "qtool/formats/json.hpp"  // read_json_file, write_json_file
 #include "qtool/formats/safetensors.hpp"
 
 namespace qtool {
@@ -81,6 +82,10 @@ class Checkpoint {
   // to its checkpoint.
   std::string fingerprint() const;
 
+  // Error(Io) naming the file when a shard was truncated while its data was being read
+  // (SafetensorsFile::check_intact): call it before trusting what was read.
+  void check_intact() const;
+
  private:
   Layout layout_ = Layout::File;
   std::filesystem::path root_;
@@ -102,11 +107,6 @@ class Checkpoint {
 //    "other_components": [names], "totals": {"tensors", "parameters", "bytes", "files", "file_bytes"}}
 // Sizes in bytes; "bytes" counts tensor data, "file_bytes" whole files (headers included).
 nlohmann::json describe_checkpoint(const Checkpoint& ck);
-
-// Reads and parses a JSON file; errors name the file and the byte offset of a parse error.
-nlohmann::json read_json_file(const std::filesystem::path& path);
-// Writes JSON (indent 2) under a temporary name and renames it into place.
-void write_json_file(const std::filesystem::path& path, const nlohmann::json& value);
 
 // The shard file name: "model-00001-of-00004.safetensors", or "model.safetensors" when n_shards == 1.
 // `shard` is 0-based: shard 0 of 4 is "model-00001-of-00004.safetensors".

@@ -5,6 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 
 namespace qtool {
@@ -36,6 +37,12 @@ std::string str_cat(Args&&... args) {
   (os << ... << std::forward<Args>(args));
   return os.str();
 }
+
+// `s` with every control character (U+0000..U+001F, U+007F) written as \xNN, for names that
+// come from files: a NUL would cut a printed message short, a newline or escape would garble it.
+std::string escape_controls(std::string_view s);
+// Whether `s` holds a control character (which escape_controls() would rewrite).
+bool has_control_char(std::string_view s);
 
 template <typename... Args>
 [[noreturn]] void fail(ErrorKind kind, Args&&... args) {

@@ -64,6 +64,8 @@ class SafetensorsFile {
   // The tensor's bytes inside the map (touching them faults the pages in).
   std::span<const uint8_t> data(const TensorInfo& t) const;
   uint64_t file_offset(const TensorInfo& t) const { return header_.data_offset() + t.begin; }
+  // Error(Io) when the file was truncated while its data was being read (MappedFile::check_intact).
+  void check_intact() const { file_.check_intact(); }
 
  private:
   MappedFile file_;
@@ -72,10 +74,14 @@ class SafetensorsFile {
 };
 
 // One tensor to be written: name, dtype, shape. Its byte size follows from them.
+// `variable_length`: a 1-D U8 tensor (a JSON blob) whose length is known only when it is written:
+// shape[0] is the most bytes it may take; it is written once, whole, and the file records the
+// length written (see SafetensorsWriter).
 struct TensorDecl {
   std::string name;
   DType dtype = DType::U8;
   std::vector<int64_t> shape;
+  bool variable_length = false;
   uint64_t nbytes() const;
 };
 
@@ -84,6 +90,10 @@ struct TensorDecl {
 // `__metadata__` with "format": "pt" plus `metadata`). Data goes to a temporary sibling
 // `<path>.tmp-<pid>`; commit() makes it durable and renames it into place. Without commit()
 // the temporary file is removed. Tensors may be written in any order and in pieces.
+// Variable-length tensors go after all others, in declaration order; each is written once, whole
+// (offset 0, at most its declared bytes), and kept in memory until commit(), which lays them out
+// at their written lengths, rewrites the header in the space reserved for the declared lengths
+// (padded with spaces, which the format allows) and truncates the file.
 class SafetensorsWriter {
  public:
   SafetensorsWriter(std::filesystem::path path, std::vector<TensorDecl> decls,
@@ -97,18 +107,28 @@ class SafetensorsWriter {
   void commit();  // checks every byte of every tensor was written once, fsyncs, renames
 
   const std::filesystem::path& path() const { return path_; }
+  // The file's size; before commit() with variable-length tensors at their declared lengths.
   uint64_t file_size() const { return file_size_; }
+  // Bytes of tensor data (file size less header), likewise.
+  uint64_t data_bytes() const { return file_size_ - 8 - header_size_; }
 
  private:
   struct Slot {
-    uint64_t file_offset;
-    uint64_t nbytes;
-    uint64_t written;
+    uint64_t file_offset = 0;
+    uint64_t nbytes = 0;
+    uint64_t written = 0;
+    bool variable = false;
+    std::vector<uint8_t> data;  // variable-length: the bytes written, laid out at commit()
   };
+  std::string render_header(const std::vector<uint64_t>& nbytes) const;
+  void lay_out_variable_tensors();
   std::filesystem::path path_;
   std::filesystem::path tmp_path_;
   int fd_ = -1;
   uint64_t file_size_ = 0;
+  uint64_t header_size_ = 0;            // reserved header bytes after the length (a multiple of 8)
+  std::string metadata_json_;           // "__metadata__" object
+  std::vector<TensorDecl> file_order_;  // declarations in file order (variable-length ones last)
   std::unordered_map<std::string, Slot> slots_;
   std::unique_ptr<std::mutex> mu_;
   bool committed_ = false;

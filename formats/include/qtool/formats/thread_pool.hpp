@@ -10,9 +10,14 @@
 
 namespace qtool {
 
+// The most threads a pool (and --threads) may have.
+inline constexpr size_t kMaxThreads = 1024;
+
 class ThreadPool {
  public:
-  // n_threads == 0 means std::thread::hardware_concurrency().
+  // n_threads == 0 means std::thread::hardware_concurrency() (at most kMaxThreads). More than
+  // kMaxThreads: Error(Usage). A thread the system cannot start: the ones started are joined and
+  // Error(Io) says how many could start.
   explicit ThreadPool(size_t n_threads = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -27,6 +32,8 @@ class ThreadPool {
 
  private:
   void worker_loop();
+  void stop_and_join();
+  static size_t test_fail_thread();
 
   size_t n_threads_;
   std::vector<std::thread> workers_;

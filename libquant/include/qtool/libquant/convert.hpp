@@ -9,9 +9,12 @@
 // The folder layout is kept: model_index.json, components without weights (scheduler,
 // tokenizers) and every other non-weight file are copied; each quantized component's config.json
 // gets the `quantization_config` its loaders expect (bitsandbytes for int8/nf4/fp4 with
-// llm_int8_skip_modules, compressed-tensors float-quantized for fp8 with "ignore"); dequantize
-// removes it. Every safetensors file carries qtool's provenance in `__metadata__`. The output
-// appears under its final name only when complete; the input is never written.
+// llm_int8_skip_modules; for fp8 what compressed-tensors' own writer writes for weight-only fp8:
+// naive-quantized, its version, "ignore" with the unquantized Linear modules); dequantize removes
+// it. fp8_e5m2 is refused for a folder (Error(InvalidInput)): compressed-tensors' config cannot say
+// e5m2 and its loaders would read the codes as e4m3; a single .safetensors file takes it. Every safetensors
+// file carries qtool's provenance in `__metadata__`. The output appears under its final name only when
+// complete; the input is never written.
 #pragma once
 
 #include <cstdint>

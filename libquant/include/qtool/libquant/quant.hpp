@@ -1,5 +1,5 @@
 // Quant schemes of qtool: int8 (bitsandbytes LLM.int8), fp8 e4m3/e5m2 (compressed-tensors
-// float-quantized) and nf4/fp4 (bitsandbytes 4-bit, optional double quant). Every scheme is
+// weight-only naive-quantized) and nf4/fp4 (bitsandbytes 4-bit, optional double quant). Every scheme is
 // bit-exact with its reference algorithm (../../../../../shared/FORMATS.md), so the tensors written
 // here are read by transformers, diffusers and vLLM unchanged.
 //
@@ -75,8 +75,9 @@ std::vector<Part> scheme_parts(const SchemeOptions& options);
 // The tensors written for linear module `module` (e.g. "transformer_blocks.0.attn.to_q") whose
 // weight has `shape` [out, in] and `dtype` (BF16, F16, F32): names, dtypes and shapes per
 // FORMATS.md, in the order of scheme_parts(). Sizes depend only on (shape, dtype, options), never
-// on the data: the nf4/fp4 quant_state JSON has a data-independent length (nested_offset is
-// printed as %.8e and the object padded with spaces before its closing brace to a fixed width).
+// on the data, except the quant_state JSON with double quant: it is bitsandbytes' own bytes, whose
+// nested_offset is Python's shortest repr, so its decl is variable_length with the longest size
+// (SafetensorsWriter writes it at its length; quantize_weight returns it at its length).
 // Throws Error(InvalidInput) for a shape that is not 2-D or an unsupported dtype.
 std::vector<TensorDecl> quantized_decls(std::string_view module, DType dtype, std::span<const int64_t> shape,
                                         const SchemeOptions& options);
@@ -94,10 +95,14 @@ struct OwnedTensor {
 std::vector<OwnedTensor> quantize_weight(std::string_view module, std::string_view tensor_label, DType dtype,
                                          std::span<const int64_t> shape, std::span<const uint8_t> data,
                                          const SchemeOptions& options, ThreadPool& pool);
-// Same, into caller-owned buffers: `outs[i]` has exactly quantized_decls(...)[i].nbytes() bytes.
+// Same, into caller-owned buffers: `outs[i]` has exactly quantized_decls(...)[i].nbytes() bytes;
+// a variable-length quant_state part gets its JSON followed by zeros (see quant_state_bytes).
 void quantize_weight_into(std::string_view tensor_label, DType dtype, std::span<const int64_t> shape,
                           std::span<const uint8_t> data, const SchemeOptions& options,
                           std::span<const std::span<uint8_t>> outs, ThreadPool& pool);
+
+// The JSON in a quant_state part filled by quantize_weight_into: the bytes before the first zero.
+std::span<const uint8_t> quant_state_bytes(std::span<const uint8_t> part);
 
 // --- Reading quantized checkpoints --------------------------------------------------------------
 

@@ -7,6 +7,9 @@
 //     "format": "qtool-device-profile", "version": 1,
 //     "name": "h100-pcie-gen5",                 // free text
 //     "description": "...",                     // free text: what was measured or assumed
+//     "device_names": ["NVIDIA H100 80GB HBM3"],  // optional: the CUDA device names (cudaDeviceProp
+//                                               // name) it was measured on; `qtool plan` without
+//                                               // --device-profile uses it on such a GPU
 //     "memory_bytes": 85520809984,              // total memory of one GPU (informational)
 //     "h2d_pinned_gbps": 55.0,                  // host->device copy from pinned memory, GB/s (1e9 B/s)
 //     "h2d_pageable_gbps": 9.0,                 // host->device copy from pageable memory, GB/s
@@ -30,10 +33,10 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
-
-#include <nlohmann/json.hpp>
+#include <vector>
 
 namespace qtool::planner {
 
@@ -42,6 +45,7 @@ inline constexpr int kDeviceProfileVersion = 1;
 struct DeviceProfile {
   std::string name = "h100-pcie-gen5";
   std::string description;
+  std::vector<std::string> device_names;   // CUDA device names it describes ("" = none)
   uint64_t memory_bytes = 85520809984ull;  // 79.6 GiB: an H100 80GB as cudaMemGetInfo reports total
   double h2d_pinned_gbps = 55.0;
   double h2d_pageable_gbps = 9.0;

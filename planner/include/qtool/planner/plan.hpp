@@ -171,10 +171,15 @@ struct TiedAlias {
 };
 
 struct ComponentPlan {
-  std::string name;                      // "" for a single model
-  std::string class_name;                // config's architectures[0] / _class_name, if any
-  std::string template_name;             // model template used for the order ("" = heuristic)
-  uint64_t bytes = 0;                    // exact bytes, tied copies counted once
+  std::string name;           // "" for a single model
+  std::string class_name;     // config's architectures[0] / _class_name, if any
+  std::string template_name;  // model template used for the order ("" = heuristic)
+  // The prefix the loader strips from every checkpoint name of this component (the template's
+  // checkpoint_prefix, "" = none). Device map prefixes here are checkpoint names; the plan file
+  // keys device_map, offload_reasons and module_bytes by the loader's module names (the prefix and
+  // its dot removed, the prefix itself becoming "") and says "checkpoint_prefix".
+  std::string checkpoint_prefix;
+  uint64_t bytes = 0;  // exact bytes, tied copies counted once
   // In execution order; keys never overlap. JSON: "device_map" {prefix: location} (what
   // accelerate's dispatch_model takes), "offload_reasons" {prefix: reason} for keys not on a GPU,
   // "module_bytes" {prefix: bytes}.
@@ -182,6 +187,12 @@ struct ComponentPlan {
   std::vector<TiedAlias> tied;
   double step_s = 0;                     // predicted time of this component's steps
 };
+
+// Bounds on the settings a user gives (command line) or a plan file holds; beyond them: exit 2
+// naming the option or key.
+inline constexpr uint64_t kMaxTokens = uint64_t{1} << 24;          // activation rows per linear
+inline constexpr uint32_t kMaxPrefetch = 16;                       // device slots per streaming GPU
+inline constexpr uint32_t kMaxBlocksPerGroup = uint32_t{1} << 16;  // blocks per offload group
 
 struct PlanSettings {
   std::string strategy;         // "sequential", "balanced", "balanced_low_0" ("auto" resolved)

@@ -15,6 +15,12 @@
 //     ]
 //   }
 //
+// `checkpoint_prefix` (optional, model templates): a prefix the loader strips from checkpoint
+// names to get its module names. transformers 5 builds CLIPTextModel without the `text_model`
+// level its checkpoints keep (`text_model.encoder.layers.0...` loads into `encoder.layers.0`), so
+// a device_map for it must be keyed by `encoder.layers.0`; the plan file keys it so (see
+// ComponentPlan::checkpoint_prefix).
+//
 // A model template's `order` lists module prefixes in execution order; an entry may name a module
 // at any depth (`encoder.mid_block.resnets.0`). A unit (a block, or the tensors of one module
 // outside blocks) takes the position of the first entry that names it, one of its ancestors, or
@@ -61,6 +67,7 @@ struct ModelTemplate {
   std::vector<std::string> class_names;
   std::vector<std::string> order;             // model templates
   std::vector<TemplateTie> ties;              // model templates
+  std::string checkpoint_prefix;              // model templates: stripped by the loader ("" = none)
   std::vector<std::string> components;        // pipeline templates
   std::vector<std::string> offload_priority;  // pipeline templates
   bool is_pipeline() const { return !components.empty(); }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -36,7 +37,12 @@ planner::DeviceProfile measure_profile(const ProfileOptions& options);
 
 #if defined(QTOOL_HAVE_CUDA)
 planner::DeviceProfile measure_cuda_profile(const ProfileOptions& options);
+std::optional<std::string> cuda_device_name(int device);
 #endif
+
+// The name CUDA gives GPU `device` (cudaDeviceProp::name, e.g. "NVIDIA H100 80GB HBM3"), or
+// nullopt without CUDA support or without that device. Touches CUDA only when called.
+std::optional<std::string> gpu_device_name(int device = 0);
 
 // Shared by both: the read rate of a file written to `dir` and dropped from the page cache
 // (posix_fadvise DONTNEED after fsync), into `dst` (at least `bytes` long), in GB/s.

@@ -1,8 +1,9 @@
 // `qtool verify`: runs a plan on its checkpoint and checks it (DESIGN.md §5).
 //
 // Checks, each named in the report:
-//   plan matches checkpoint   the plan's fingerprint is the checkpoint's (a mismatch is bad input:
-//                             Error(InvalidInput), exit 2, before anything runs)
+//   plan matches checkpoint   the plan's fingerprint is the checkpoint's, and its parts agree with
+//                             each other and with the checkpoint (plan_checks.hpp); a mismatch is
+//                             bad input: Error(InvalidInput), exit 2, before anything runs
 //   finite outputs            no NaN or infinity in any linear's output, any step
 //   streamed == resident      the planned run's outputs are bitwise identical to an all-resident
 //                             run's (or, when everything cannot be resident at once, to each layer
@@ -12,6 +13,9 @@
 //   reference error           (--reference) each linear's output against the original weight's,
 //                             within the scheme's predicted bound (error_model.hpp); unquantized
 //                             linears stored alike must match exactly
+//   reference tensors         (--reference) every tensor not quantized is the original's byte for
+//                             byte, and each quantized weight's recorded dtype and shape are the
+//                             original's (tensor_compare.hpp)
 //   peak memory               per GPU, measured peak <= the plan's predicted peak
 //   step time                 measured against the plan's prediction: reported; a check only with
 //                             a time tolerance (--time-tolerance)
