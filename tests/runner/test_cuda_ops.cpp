@@ -432,6 +432,50 @@ TEST_CASE("cuda ops: linear within one rounding of the CPU backend") {
   }
 }
 
+// Random bytes [n] (U8) on both backends.
+Pair random_bytes(Both& b, int64_t n) {
+  std::vector<uint8_t> host(static_cast<size_t>(n));
+  for (auto& v : host) v = static_cast<uint8_t>(b.rng());
+  Mat c = b.cpu->alloc(1, n, DType::U8), g = b.gpu->alloc(1, n, DType::U8);
+  b.cpu->upload(host.data(), c);
+  b.gpu->upload(host.data(), g);
+  return {c, g};
+}
+
+TEST_CASE("cuda ops: linear with int8 and nf4 weights within one rounding of the CPU backend") {
+  Both b;
+  const int64_t in = 192, out_f = 77;
+  for (DType dt : {DType::BF16, DType::F16, DType::F32}) {
+    for (WeightKind kind : {WeightKind::Int8, WeightKind::Nf4}) {
+      const bool nf4 = kind == WeightKind::Nf4;
+      Pair codes = random_bytes(b, nf4 ? out_f * in / 2 : out_f * in);
+      const int64_t n_scales = nf4 ? out_f * in / 64 : out_f;
+      Pair scales = random_pair(b, 1, n_scales, DType::F32, 0, 0.05f, false);
+      DequantParams pc, pg;
+      for (auto* d : {&pc, &pg}) {
+        d->kind = kind;
+        d->rows = static_cast<uint64_t>(out_f);
+        d->cols = static_cast<uint64_t>(in);
+        d->blocksize = 64;
+      }
+      pc.weight = static_cast<const uint8_t*>(codes.c.data);
+      pg.weight = static_cast<const uint8_t*>(codes.g.data);
+      pc.scale = static_cast<const uint8_t*>(scales.c.data);
+      pg.scale = static_cast<const uint8_t*>(scales.g.data);
+      Pair x = random_pair(b, 29, in, dt, 2, 1.0f, false);
+      Pair out = out_pair(b, 29, out_f, dt, 1);
+      b.cpu->linear(x.c, pc, nullptr, out.c);
+      b.gpu->linear(x.g, pg, nullptr, out.g);
+      const float rel = dt == DType::BF16 ? 1.0f / 128 : dt == DType::F16 ? 1.0f / 1024 : 1e-5f;
+      double max_err = 0.0;
+      const size_t bad = beyond_tolerance(b, out, rel, 1e-4f, &max_err);
+      std::printf("  linear %-4s %s weight: %zu beyond tolerance, %zu bits differ, max |diff| %.3g\n",
+                  dn(dt).c_str(), nf4 ? "nf4" : "int8", bad, mismatches(b, out), max_err);
+      CHECK(bad == 0);
+    }
+  }
+}
+
 TEST_CASE("cuda ops: attention within tolerance of the CPU backend") {
   Both b;
   for (DType dt : kDtypes) {
