@@ -1,0 +1,439 @@
+// Kernels of the CUDA backend of ops.hpp (kernel -> launcher; the entries are forward_ops.cpp).
+// Bit-exactness with the CPU backend (cpu_ops.cpp): the runner's CUDA flags (--fmad=false,
+// -prec-div=true, -ftz=false) keep every float32 product and sum a separate IEEE operation, and
+// the roundings to bf16/f16 are the CPU's functions (kernel_math.hpp) or a copy of them here.
+// Transcendentals: expf and tanhf are CUDA's precise functions (max 2 ulp from the true value per
+// the CUDA programming guide), where the CPU's glibc expf/tanhf are correctly rounded in practice;
+// a result can therefore differ by an ulp of float32, which changes a bf16/f16 output only when
+// it lands on a rounding boundary (the gpu test measures that rate for Silu, GeluTanh, GeluNew,
+// QuickGelu). sqrtf and the division are IEEE-exact on both. NaNs: the products, sums and
+// quotients go through kmath's x86_* functions, which give x86's NaN results (the GPU's own are
+// canonical), so NaN inputs give the CPU's bits too, except in the norms, where a NaN reaches the
+// whole row through double sums (the NaNs agree, their payloads may not).
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cmath>
+
+#include "forward_kernels.hpp"
+#include "qtool/formats/error.hpp"
+#include "qtool/runner/cuda_resources.hpp"
+#include "qtool/runner/dequant.hpp"
+#include "qtool/runner/kernel_math.hpp"
+
+namespace qtool::runner::cuda::fwd {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+unsigned grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 * 8 ? 65535 * 8 : blocks));
+}
+
+// float32 -> f16 bits exactly as cpu_ops::f32_to_f16_bits.
+__device__ __forceinline__ uint16_t f16_bits(float f) {
+  const uint32_t u = kmath::float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);
+  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);
+  if (a < 0x38800000u) {
+    const float scaled = __fmul_rn(kmath::bits_float(a), 16777216.0f);
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(rintf(scaled)));
+  }
+  const uint32_t r = a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+__device__ __forceinline__ float rnd(int dt, float v) {
+  if (dt == kBf16) return kmath::bf16_bits_to_f32(kmath::f32_to_bf16_bits(v));
+  if (dt == kF16) return dq::f16_to_f32(f16_bits(v));
+  return v;
+}
+
+__device__ __forceinline__ float ld_el(const View& m, int64_t r, int64_t c) {
+  const int64_t i = r * m.ld + c;
+  if (m.dt == kBf16) return kmath::bf16_bits_to_f32(static_cast<const uint16_t*>(m.data)[i]);
+  if (m.dt == kF16) return dq::f16_to_f32(static_cast<const uint16_t*>(m.data)[i]);
+  return static_cast<const float*>(m.data)[i];
+}
+
+__device__ __forceinline__ void st_el(const View& m, int64_t r, int64_t c, float v) {
+  const int64_t i = r * m.ld + c;
+  if (m.dt == kBf16)
+    static_cast<uint16_t*>(m.data)[i] = kmath::f32_to_bf16_bits(v);
+  else if (m.dt == kF16)
+    static_cast<uint16_t*>(m.data)[i] = f16_bits(v);
+  else
+    static_cast<float*>(m.data)[i] = v;
+}
+
+constexpr float kGeluBeta = 0.7978845608028654f;
+constexpr float kGeluKappa = 0.044715f;
+
+// The ops.hpp Activation values.
+enum : int { kIdentity = 0, kSilu, kGeluTanh, kGeluNew, kQuickGelu, kRelu };
+
+// The CPU's float32 operations with x86's NaN results (a NaN operand's payload, quieted; a new
+// NaN is 0xFFC00000), so that NaN inputs give the CPU's bits as well.
+__device__ __forceinline__ float mul(float a, float b) { return kmath::x86_mul(a, b); }
+__device__ __forceinline__ float add(float a, float b) { return kmath::x86_add(a, b); }
+__device__ __forceinline__ float dvd(float a, float b) { return kmath::x86_div(a, b); }
+
+// act(x) rounded to dt as cpu_ops.cpp's activate (same operations in the same order).
+__device__ float activate(int act, float x, int dt) {
+  switch (act) {
+    case kIdentity: return rnd(dt, x);
+    case kSilu: return rnd(dt, dvd(x, add(1.0f, expf(-x))));
+    case kGeluTanh: {
+      const float cube = mul(mul(x, x), x);
+      const float inner = mul(kGeluBeta, add(x, mul(kGeluKappa, cube)));
+      return rnd(dt, mul(mul(0.5f, x), add(1.0f, tanhf(inner))));
+    }
+    case kRelu: return x <= 0.0f ? 0.0f : rnd(dt, x);
+    case kGeluNew: {
+      const float a = rnd(dt, mul(0.5f, x));
+      const float b = rnd(dt, mul(mul(x, x), x));
+      const float c = rnd(dt, mul(kGeluKappa, b));
+      const float d = rnd(dt, add(x, c));
+      const float e = rnd(dt, mul(kGeluBeta, d));
+      const float f = rnd(dt, tanhf(e));
+      const float g = rnd(dt, add(1.0f, f));
+      return rnd(dt, mul(a, g));
+    }
+    case kQuickGelu: {
+      const float a = rnd(dt, mul(1.702f, x));
+      const float s = rnd(dt, dvd(1.0f, add(1.0f, expf(-a))));
+      return rnd(dt, mul(x, s));
+    }
+    default: break;
+  }
+  return x;
+}
+
+__global__ void elementwise_kernel(Ew op, int act, View a, View b, View g, int64_t seq, float bound,
+                                   View out) {
+  const int64_t n = out.rows * out.cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / out.cols;
+    const int64_t c = i - r * out.cols;
+    const float x = ld_el(a, r, c);
+    float y;
+    switch (op) {
+      case Ew::Activation: y = activate(act, x, out.dt); break;
+      case Ew::Gated: y = mul(activate(act, x, out.dt), ld_el(b, r, c)); break;
+      case Ew::Add: y = add(x, ld_el(b, r, c)); break;
+      case Ew::Residual: y = add(x, ld_el(b, r, c)); break;
+      case Ew::ResidualGated: y = add(x, rnd(out.dt, mul(ld_el(g, r / seq, c), ld_el(b, r, c)))); break;
+      case Ew::Copy: y = x; break;
+      case Ew::Clamp: y = x < -bound ? -bound : (x > bound ? bound : x); break;
+      default: y = x;
+    }
+    st_el(out, r, c, y);
+  }
+}
+
+__global__ void embedding_kernel(const void* ids, bool i64, int64_t ids_ld, DequantParams table, View out) {
+  const int64_t n = out.rows * out.cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / out.cols;
+    const int64_t c = i - r * out.cols;
+    const int64_t id = i64 ? static_cast<const int64_t*>(ids)[r * ids_ld]
+                           : static_cast<int64_t>(static_cast<const int32_t*>(ids)[r * ids_ld]);
+    st_el(out, r, c, dq::plain_value(table, static_cast<uint64_t>(id) * table.cols + c));
+  }
+}
+
+// One thread per rotation pair (both elements read before either is written: in place is safe).
+__global__ void rope_kernel(bool adjacent, View x, int64_t hd, View cs, View sn, View out) {
+  const int64_t half = hd / 2;
+  const int64_t pairs_per_row = x.cols / 2;
+  const int64_t n = x.rows * pairs_per_row;
+  const int dt = out.dt;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / pairs_per_row;
+    const int64_t p = i - r * pairs_per_row;
+    const int64_t h0 = (p / half) * hd;
+    const int64_t j = p % half;
+    if (adjacent) {
+      const int64_t m = 2 * j;
+      const float x0 = ld_el(x, r, h0 + m), x1 = ld_el(x, r, h0 + m + 1);
+      const float c0 = ld_el(cs, r, m), c1 = ld_el(cs, r, m + 1);
+      const float s0 = ld_el(sn, r, m), s1 = ld_el(sn, r, m + 1);
+      const float o0 = add(mul(x0, c0), mul(-x1, s0));
+      const float o1 = add(mul(x1, c1), mul(x0, s1));
+      st_el(out, r, h0 + m, o0);
+      st_el(out, r, h0 + m + 1, o1);
+    } else {
+      const int64_t m = j, m2 = j + half;
+      const float xa = ld_el(x, r, h0 + m), xb = ld_el(x, r, h0 + m2);
+      const float oa = add(rnd(dt, mul(xa, ld_el(cs, r, m))), rnd(dt, mul(-xb, ld_el(sn, r, m))));
+      const float ob = add(rnd(dt, mul(xb, ld_el(cs, r, m2))), rnd(dt, mul(xa, ld_el(sn, r, m2))));
+      st_el(out, r, h0 + m, oa);
+      st_el(out, r, h0 + m2, ob);
+    }
+  }
+}
+
+// One block per row. The row is staged in shared memory; the per-group statistics are summed by
+// one thread each, sequentially in double (the CPU's order and precision: the same bits).
+__global__ void norm_kernel(int mode, View x, DequantParams w, bool has_w, DequantParams b, bool has_b,
+                            int64_t group, float eps, View shift, View scale, int64_t seq, View out) {
+  extern __shared__ float sm[];
+  float* v = sm;               // [cols]
+  float* stats = sm + x.cols;  // [2 * n_groups]: mean (or mean square), inv
+  const int64_t r = blockIdx.x;
+  const int64_t cols = x.cols;
+  const int64_t n_groups = cols / group;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) v[c] = ld_el(x, r, c);
+  __syncthreads();
+  for (int64_t g = threadIdx.x; g < n_groups; g += blockDim.x) {
+    const float* vg = v + g * group;
+    if (mode <= 1) {
+      double s = 0.0;
+      for (int64_t i = 0; i < group; ++i) s += static_cast<double>(vg[i] * vg[i]);
+      const float ms = static_cast<float>(s / static_cast<double>(group));
+      stats[2 * g + 1] = 1.0f / sqrtf(ms + eps);
+    } else {
+      double s = 0.0;
+      for (int64_t i = 0; i < group; ++i) s += vg[i];
+      const double mu = s / static_cast<double>(group);
+      double q = 0.0;
+      for (int64_t i = 0; i < group; ++i) q += (vg[i] - mu) * (vg[i] - mu);
+      stats[2 * g] = static_cast<float>(mu);
+      const float var = static_cast<float>(q / static_cast<double>(group));
+      stats[2 * g + 1] = 1.0f / sqrtf(var + eps);
+    }
+  }
+  __syncthreads();
+  const int dt = out.dt;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const int64_t g = c / group;
+    const int64_t i = c - g * group;
+    const float inv = stats[2 * g + 1];
+    float y;
+    if (mode == 0) {
+      y = mul(mul(v[c], inv), dq::plain_value(w, i));
+    } else if (mode == 1) {
+      y = mul(dq::plain_value(w, i), rnd(dt, mul(v[c], inv)));
+    } else if (mode == 2) {
+      y = mul(add(v[c], -stats[2 * g]), inv);
+      if (has_w) y = mul(y, dq::plain_value(w, i));
+      if (has_b) y = add(y, dq::plain_value(b, i));
+    } else {
+      const float n = rnd(dt, mul(add(v[c], -stats[2 * g]), inv));
+      const float s1 = rnd(dt, add(1.0f, ld_el(scale, r / seq, c)));
+      y = add(rnd(dt, mul(n, s1)), ld_el(shift, r / seq, c));
+    }
+    st_el(out, r, c, y);
+  }
+}
+
+__global__ void dequant_generic_kernel(DequantParams p, const float* code_table, const float* nested_map,
+                                       int dt, void* out) {
+  const uint64_t n = p.rows * p.cols;
+  for (uint64_t i = blockIdx.x * uint64_t{blockDim.x} + threadIdx.x; i < n;
+       i += uint64_t{gridDim.x} * blockDim.x) {
+    const float v = dq::element_f32(p, i, code_table, nested_map);
+    if (dt == kF16)
+      static_cast<uint16_t*>(out)[i] = f16_bits(v);
+    else if (dt == kBf16)
+      static_cast<uint16_t*>(out)[i] = kmath::f32_to_bf16_bits(v);
+    else
+      static_cast<float*>(out)[i] = v;
+  }
+}
+
+__global__ void bias_round_kernel(const float* acc, DequantParams bias, bool has_bias, View out) {
+  const int64_t n = out.rows * out.cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / out.cols;
+    const int64_t c = i - r * out.cols;
+    const float s = acc[i];
+    st_el(out, r, c, has_bias ? add(s, dq::plain_value(bias, static_cast<uint64_t>(c))) : s);
+  }
+}
+
+// --- attention ---------------------------------------------------------------------------------
+// Flash-attention style on CUDA cores: a block of kRowsPerBlock warps serves that many query rows
+// of one (sample, head); tiles of 32 keys and values are staged in shared memory as float32. Lane
+// u of a warp scores key u of the tile (q·k summed in order of d), the warp keeps the running
+// maximum and sum of the online softmax, and lane l accumulates output dims l, l + 32, ... with
+// the tile's probabilities broadcast by shuffles. Scores, softmax and accumulation in float32;
+// the [T, T] matrix never exists. FMA is used here on purpose (attention is compared within a
+// tolerance, not bit for bit).
+constexpr int kRowsPerBlock = 8;
+constexpr int kTile = 32;
+constexpr int kMaxDimsPerLane = 8;  // head_dim <= 256
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+__global__ void attention_kernel(AttnArgs a) {
+  extern __shared__ float sm[];
+  const int64_t hd = a.head_dim;
+  const int64_t kstride = hd + 1;    // padded: lanes read different keys at one d without bank conflicts
+  float* ks = sm;                    // [kTile][hd + 1]
+  float* vs = ks + kTile * kstride;  // [kTile][hd]
+  float* qs = vs + kTile * hd;       // [kRowsPerBlock][hd]
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.z;
+  const int64_t h = blockIdx.y;
+  const int64_t hkv = h / (a.heads / a.kv_heads);
+  const int64_t t0 = int64_t{blockIdx.x} * kRowsPerBlock;
+  const int64_t t = t0 + warp;
+  const bool row_ok = t < a.q_len;
+  const int64_t qrow = b * a.q_len + t;
+  for (int64_t d = lane; d < hd; d += 32) qs[warp * hd + d] = row_ok ? ld_el(a.q, qrow, h * hd + d) : 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  float acc[kMaxDimsPerLane];
+#pragma unroll
+  for (int j = 0; j < kMaxDimsPerLane; ++j) acc[j] = 0.0f;
+  int64_t kv_end = a.kv_len;
+  if (a.causal) {
+    const int64_t last = t0 + kRowsPerBlock - 1 < a.q_len - 1 ? t0 + kRowsPerBlock - 1 : a.q_len - 1;
+    kv_end = last + 1 < kv_end ? last + 1 : kv_end;
+  }
+  for (int64_t u0 = 0; u0 < kv_end; u0 += kTile) {
+    __syncthreads();  // the previous tile is consumed (and qs is written, the first time)
+    const int64_t n_tile = kv_end - u0 < kTile ? kv_end - u0 : kTile;
+    for (int64_t e = threadIdx.x; e < kTile * hd; e += blockDim.x) {
+      const int64_t uu = e / hd, d = e - uu * hd;
+      const bool in = uu < n_tile;
+      const int64_t krow = b * a.kv_len + u0 + uu;
+      ks[uu * kstride + d] = in ? ld_el(a.k, krow, hkv * hd + d) : 0.0f;
+      vs[uu * hd + d] = in ? ld_el(a.v, krow, hkv * hd + d) : 0.0f;
+    }
+    __syncthreads();
+    const int64_t u = u0 + lane;
+    bool valid = row_ok && lane < n_tile && (!a.causal || u <= t);
+    float s = -INFINITY;
+    if (valid) {
+      const float* qv = qs + warp * hd;
+      const float* kv = ks + lane * kstride;
+      float dot = 0.0f;
+      for (int64_t d = 0; d < hd; ++d) dot = __fmaf_rn(qv[d], kv[d], dot);
+      s = dot * a.scale;
+      if (a.bias.data) s = s + ld_el(a.bias, h * a.q_len + t, u);
+      if (a.mask) {
+        const int64_t keep = a.mask_i64 ? static_cast<const int64_t*>(a.mask)[b * a.mask_ld + u]
+                                        : static_cast<const int32_t*>(a.mask)[b * a.mask_ld + u];
+        if (keep == 0) s = s + a.mask_value;
+      }
+    }
+    const float mt = warp_max(s);
+    if (mt == -INFINITY) continue;  // nothing visible in this tile for this row (warp-uniform)
+    const float m_new = fmaxf(m, mt);
+    const float corr = expf(m - m_new);  // m == -inf: 0
+    const float p = valid ? expf(s - m_new) : 0.0f;
+    l = l * corr + warp_sum(p);
+    m = m_new;
+#pragma unroll
+    for (int j = 0; j < kMaxDimsPerLane; ++j) acc[j] *= corr;
+    for (int uu = 0; uu < n_tile; ++uu) {
+      const float pu = __shfl_sync(0xFFFFFFFFu, p, uu);
+#pragma unroll
+      for (int j = 0; j < kMaxDimsPerLane; ++j) {
+        const int64_t d = lane + 32 * j;
+        if (d < hd) acc[j] = __fmaf_rn(pu, vs[uu * hd + d], acc[j]);
+      }
+    }
+  }
+  if (!row_ok) return;
+#pragma unroll
+  for (int j = 0; j < kMaxDimsPerLane; ++j) {
+    const int64_t d = lane + 32 * j;
+    if (d < hd) st_el(a.out, qrow, h * hd + d, acc[j] / l);
+  }
+}
+
+size_t attention_smem(int64_t hd) {
+  return static_cast<size_t>(kTile * (hd + 1) + kTile * hd + kRowsPerBlock * hd) * sizeof(float);
+}
+
+}  // namespace
+
+void launch_elementwise(Ew op, int act, const View& a, const View& b, const View& g, int64_t seq, float bound,
+                        const View& out, cudaStream_t stream) {
+  if (out.rows * out.cols == 0) return;
+  elementwise_kernel<<<grid_for(out.rows * out.cols), kThreads, 0, stream>>>(op, act, a, b, g, seq, bound,
+                                                                             out);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+void launch_embedding(const void* ids, bool ids_i64, int64_t ids_ld, const DequantParams& table,
+                      const View& out, cudaStream_t stream) {
+  if (out.rows * out.cols == 0) return;
+  embedding_kernel<<<grid_for(out.rows * out.cols), kThreads, 0, stream>>>(ids, ids_i64, ids_ld, table, out);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+void launch_rope(bool adjacent, const View& x, int64_t head_dim, const View& cos, const View& sin,
+                 const View& out, cudaStream_t stream) {
+  const int64_t n = x.rows * (x.cols / 2);
+  if (n == 0) return;
+  rope_kernel<<<grid_for(n), kThreads, 0, stream>>>(adjacent, x, head_dim, cos, sin, out);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+int64_t max_norm_cols(int device) {
+  int optin = 0;
+  QTOOL_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  // cols floats of the row and up to 2 * cols floats of statistics (groups of one column).
+  return static_cast<int64_t>(optin) / (3 * static_cast<int64_t>(sizeof(float)));
+}
+
+void launch_norm(int mode, const View& x, const DequantParams* w, const DequantParams* b, int64_t group,
+                 float eps, const View& shift, const View& scale, int64_t seq, const View& out,
+                 cudaStream_t stream) {
+  if (x.rows == 0 || x.cols == 0) return;
+  const size_t smem = static_cast<size_t>(x.cols + 2 * (x.cols / group)) * sizeof(float);
+  QTOOL_CUDA_CHECK(
+      cudaFuncSetAttribute(norm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const DequantParams none{};
+  norm_kernel<<<static_cast<unsigned>(x.rows), kThreads, smem, stream>>>(
+      mode, x, w ? *w : none, w != nullptr, b ? *b : none, b != nullptr, group, eps, shift, scale, seq, out);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+void launch_dequant_generic(const DequantParams& p, const float* code_table, const float* nested_map, int dt,
+                            void* out, cudaStream_t stream) {
+  if (p.numel() == 0) return;
+  dequant_generic_kernel<<<grid_for(static_cast<int64_t>(p.numel())), kThreads, 0, stream>>>(
+      p, code_table, nested_map, dt, out);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+void launch_bias_round(const float* acc, const DequantParams* bias, const View& out, cudaStream_t stream) {
+  if (out.rows * out.cols == 0) return;
+  const DequantParams none{};
+  bias_round_kernel<<<grid_for(out.rows * out.cols), kThreads, 0, stream>>>(acc, bias ? *bias : none,
+                                                                            bias != nullptr, out);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+void launch_attention(const AttnArgs& a, cudaStream_t stream) {
+  if (a.batch * a.q_len * a.heads == 0) return;
+  const size_t smem = attention_smem(a.head_dim);
+  QTOOL_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>((a.q_len + kRowsPerBlock - 1) / kRowsPerBlock),
+                  static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch));
+  attention_kernel<<<grid, kRowsPerBlock * 32, smem, stream>>>(a);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace qtool::runner::cuda::fwd

@@ -1,0 +1,343 @@
+// The CUDA backend of ops.hpp (the entries; kernels and launchers in forward_kernels.cu): checks
+// of the views, the activation stack in one device allocation, and linear through the runner's
+// dequant kernels and cuBLAS.
+#include <algorithm>
+
+#include "forward_kernels.hpp"
+#include "qtool/formats/error.hpp"
+#include "qtool/runner/cuda_forward_ops.hpp"
+#include "qtool/runner/cuda_ops.hpp"
+#include "qtool/runner/cuda_resources.hpp"
+
+namespace qtool::runner {
+
+namespace {
+
+namespace fwd = cuda::fwd;
+
+constexpr uint64_t kAlign = 256;
+constexpr size_t kCublasWorkspace = size_t{32} << 20;
+
+bool is_activation_dtype(DType dt) { return dt == DType::BF16 || dt == DType::F16 || dt == DType::F32; }
+
+int dt_code(DType dt) {
+  switch (dt) {
+    case DType::BF16: return fwd::kBf16;
+    case DType::F16: return fwd::kF16;
+    default: return fwd::kF32;
+  }
+}
+
+void check_view(const Mat& m) {
+  QTOOL_ASSERT_MSG(is_activation_dtype(m.dtype) && m.rows >= 0 && m.cols >= 0 && m.ld >= m.cols,
+                   "activation view [", m.rows, ", ", m.cols, "] ld ", m.ld, " ", dtype_name(m.dtype));
+}
+
+fwd::View view(const Mat& m) {
+  check_view(m);
+  return {m.data, dt_code(m.dtype), m.rows, m.cols, m.ld};
+}
+
+void check_same_shape(const Mat& a, const Mat& b) {
+  QTOOL_ASSERT_MSG(a.rows == b.rows && a.cols == b.cols, "shapes [", a.rows, ", ", a.cols, "] and [", b.rows,
+                   ", ", b.cols, "] differ");
+}
+
+void check_per_sample(const Mat& x, const Mat& vec, int64_t batch) {
+  check_view(vec);
+  QTOOL_ASSERT_MSG(batch > 0 && x.rows % batch == 0 && vec.rows == batch && vec.cols == x.cols,
+                   "per-sample vector [", vec.rows, ", ", vec.cols, "] for [", x.rows, ", ", x.cols,
+                   "] batch ", batch);
+}
+
+bool is_plain(const DequantParams& w) {
+  return w.kind == WeightKind::Bf16 || w.kind == WeightKind::F16 || w.kind == WeightKind::F32;
+}
+
+float finfo_min(DType dt) {
+  switch (dt) {
+    case DType::BF16: return kmath::bf16_bits_to_f32(0xFF7Fu);
+    case DType::F16: return -65504.0f;
+    default: return -3.4028234663852886e38f;
+  }
+}
+
+cudaDataType cuda_type(DType dt) {
+  switch (dt) {
+    case DType::BF16: return CUDA_R_16BF;
+    case DType::F16: return CUDA_R_16F;
+    default: return CUDA_R_32F;
+  }
+}
+
+class CudaOps final : public Ops {
+ public:
+  CudaOps(int device, cudaStream_t stream, uint64_t capacity)
+      : device_(device),
+        stream_(stream),
+        capacity_(capacity),
+        block_(device, std::max<uint64_t>(capacity, 1)),
+        tables_mem_(device, cuda::kDeviceTablesBytes) {
+    cuda::DeviceScope scope(device_);
+    tables_ = cuda::upload_tables(tables_mem_.data(), stream_);
+    max_norm_cols_ = fwd::max_norm_cols(device_);
+  }
+
+  Mat alloc(int64_t rows, int64_t cols, DType dtype) override {
+    QTOOL_ASSERT(rows >= 0 && cols >= 0);
+    const uint64_t bytes = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols) * dtype_size(dtype);
+    const uint64_t start = (top_ + kAlign - 1) / kAlign * kAlign;
+    if (start + bytes > capacity_ || start + bytes < start)
+      fail(ErrorKind::InvalidInput, "GPU activation memory: allocating [", rows, ", ", cols, "] ",
+           dtype_name(dtype), " (", bytes, " bytes) with ", top_, " of ", capacity_,
+           " bytes held exceeds the capacity (the plan's activation reserve is too small)");
+    top_ = start + bytes;
+    peak_ = std::max(peak_, top_);
+    return {block_.as<uint8_t>() + start, dtype, rows, cols, cols};
+  }
+  size_t mark() const override { return static_cast<size_t>(top_); }
+  void release(size_t mark) override {
+    QTOOL_ASSERT_MSG(mark <= top_, "release(", mark, ") above the top ", top_);
+    top_ = mark;
+  }
+  uint64_t peak_bytes() const override { return peak_; }
+  void reset_peak() override { peak_ = top_; }
+
+  void upload(const void* host, const Mat& dst) override {
+    const size_t row_bytes = static_cast<size_t>(dst.cols) * dst.elem_bytes();
+    if (dst.rows == 0 || row_bytes == 0) return;
+    cuda::DeviceScope scope(device_);
+    QTOOL_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, static_cast<size_t>(dst.ld) * dst.elem_bytes(), host,
+                                       row_bytes, row_bytes, static_cast<size_t>(dst.rows),
+                                       cudaMemcpyHostToDevice, stream_));
+    QTOOL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  void download(const Mat& src, void* host) override {
+    const size_t row_bytes = static_cast<size_t>(src.cols) * src.elem_bytes();
+    if (src.rows == 0 || row_bytes == 0) return;
+    cuda::DeviceScope scope(device_);
+    QTOOL_CUDA_CHECK(cudaMemcpy2DAsync(host, row_bytes, src.data,
+                                       static_cast<size_t>(src.ld) * src.elem_bytes(), row_bytes,
+                                       static_cast<size_t>(src.rows), cudaMemcpyDeviceToHost, stream_));
+    QTOOL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  void embedding(const Mat& ids, const DequantParams& table, const Mat& out) override {
+    QTOOL_ASSERT(ids.dtype == DType::I64 || ids.dtype == DType::I32);
+    QTOOL_ASSERT(ids.rows == out.rows && ids.cols == 1 && is_plain(table) &&
+                 table.cols == static_cast<uint64_t>(out.cols));
+    cuda::DeviceScope scope(device_);
+    fwd::launch_embedding(ids.data, ids.dtype == DType::I64, ids.ld, table, view(out), stream_);
+  }
+
+  void linear(const Mat& x, const DequantParams& weight, const DequantParams* bias, const Mat& out) override;
+
+  void rms_norm(const Mat& x, const DequantParams& weight, float eps, RmsRounding rounding, int64_t head_dim,
+                const Mat& out) override {
+    check_same_shape(x, out);
+    const int64_t group = head_dim > 0 ? head_dim : x.cols;
+    QTOOL_ASSERT_MSG(group > 0 && x.cols % group == 0 && is_plain(weight) &&
+                         weight.numel() == static_cast<uint64_t>(group),
+                     "rms_norm weight of ", weight.numel(), " for groups of ", group);
+    norm(rounding == RmsRounding::Once ? 0 : 1, x, &weight, nullptr, group, eps, nullptr, nullptr, 1, out);
+  }
+  void layer_norm(const Mat& x, const DequantParams* weight, const DequantParams* bias, float eps,
+                  const Mat& out) override {
+    check_same_shape(x, out);
+    const uint64_t n = static_cast<uint64_t>(x.cols);
+    QTOOL_ASSERT(!weight || (is_plain(*weight) && weight->numel() == n));
+    QTOOL_ASSERT(!bias || (is_plain(*bias) && bias->numel() == n));
+    norm(2, x, weight, bias, x.cols, eps, nullptr, nullptr, 1, out);
+  }
+  void modulate(const Mat& x, const Mat& shift, const Mat& scale, int64_t batch, float eps,
+                const Mat& out) override {
+    check_same_shape(x, out);
+    check_per_sample(x, shift, batch);
+    check_per_sample(x, scale, batch);
+    norm(3, x, nullptr, nullptr, x.cols, eps, &shift, &scale, x.rows / batch, out);
+  }
+  void activation(Activation act, const Mat& x, const Mat& out) override {
+    check_same_shape(x, out);
+    elementwise(fwd::Ew::Activation, static_cast<int>(act), x, nullptr, nullptr, 1, 0.0f, out);
+  }
+  void gated(Activation act, const Mat& gate, const Mat& up, const Mat& out) override {
+    check_same_shape(gate, out);
+    check_same_shape(up, out);
+    elementwise(fwd::Ew::Gated, static_cast<int>(act), gate, &up, nullptr, 1, 0.0f, out);
+  }
+  void add(const Mat& a, const Mat& b, const Mat& out) override {
+    check_same_shape(a, out);
+    check_same_shape(b, out);
+    elementwise(fwd::Ew::Add, 0, a, &b, nullptr, 1, 0.0f, out);
+  }
+  void residual(const Mat& h, const Mat* gate, const Mat& y, int64_t batch, const Mat& out) override {
+    check_same_shape(h, out);
+    check_same_shape(y, out);
+    if (gate) check_per_sample(h, *gate, batch);
+    elementwise(gate ? fwd::Ew::ResidualGated : fwd::Ew::Residual, 0, h, &y, gate, gate ? h.rows / batch : 1,
+                0.0f, out);
+  }
+  void rope(RopeStyle style, const Mat& x, int64_t head_dim, const Mat& cos, const Mat& sin,
+            const Mat& out) override {
+    check_same_shape(x, out);
+    QTOOL_ASSERT_MSG(head_dim > 0 && head_dim % 2 == 0 && x.cols % head_dim == 0, "rope head_dim ", head_dim,
+                     " for width ", x.cols);
+    QTOOL_ASSERT(cos.rows == x.rows && sin.rows == x.rows && cos.cols == head_dim && sin.cols == head_dim);
+    cuda::DeviceScope scope(device_);
+    fwd::launch_rope(style == RopeStyle::Adjacent, view(x), head_dim, view(cos), view(sin), view(out),
+                     stream_);
+  }
+  void attention(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& shape,
+                 const Mat& out) override;
+  void copy(const Mat& src, const Mat& dst) override {
+    check_same_shape(src, dst);
+    elementwise(fwd::Ew::Copy, 0, src, nullptr, nullptr, 1, 0.0f, dst);
+  }
+  void clamp(const Mat& x, float bound, const Mat& out) override {
+    check_same_shape(x, out);
+    elementwise(fwd::Ew::Clamp, 0, x, nullptr, nullptr, 1, bound, out);
+  }
+
+ private:
+  void elementwise(fwd::Ew op, int act, const Mat& a, const Mat* b, const Mat* g, int64_t seq, float bound,
+                   const Mat& out) {
+    cuda::DeviceScope scope(device_);
+    const fwd::View none{};
+    fwd::launch_elementwise(op, act, view(a), b ? view(*b) : none, g ? view(*g) : none, seq, bound, view(out),
+                            stream_);
+  }
+  void norm(int mode, const Mat& x, const DequantParams* w, const DequantParams* b, int64_t group, float eps,
+            const Mat* shift, const Mat* scale, int64_t seq, const Mat& out) {
+    if (x.cols + 2 * (x.cols / std::max<int64_t>(group, 1)) > 3 * max_norm_cols_)
+      fail(ErrorKind::InvalidInput, "GPU norm: rows of ", x.cols, " columns exceed the ", max_norm_cols_,
+           " a block's shared memory holds on device ", device_);
+    cuda::DeviceScope scope(device_);
+    const fwd::View none{};
+    fwd::launch_norm(mode, view(x), w, b, group, eps, shift ? view(*shift) : none,
+                     scale ? view(*scale) : none, seq, view(out), stream_);
+  }
+  const cuda::CublasHandle& cublas() {
+    if (!cublas_.get()) {
+      cublas_ = cuda::CublasHandle(device_);
+      cublas_.set_stream(stream_);
+      workspace_ = cuda::DeviceBuffer(device_, kCublasWorkspace);
+      cublas_.set_workspace(workspace_.data(), workspace_.size());
+    }
+    return cublas_;
+  }
+
+  int device_;
+  cudaStream_t stream_;
+  uint64_t capacity_;
+  cuda::DeviceBuffer block_;
+  cuda::DeviceBuffer tables_mem_;
+  cuda::DeviceTables tables_;
+  cuda::CublasHandle cublas_;
+  cuda::DeviceBuffer workspace_;
+  int64_t max_norm_cols_ = 0;
+  uint64_t top_ = 0;
+  uint64_t peak_ = 0;
+};
+
+void CudaOps::linear(const Mat& x, const DequantParams& weight, const DequantParams* bias, const Mat& out) {
+  check_view(x);
+  check_view(out);
+  QTOOL_ASSERT_MSG(x.dtype == out.dtype && x.rows == out.rows &&
+                       weight.cols == static_cast<uint64_t>(x.cols) &&
+                       weight.rows == static_cast<uint64_t>(out.cols),
+                   "linear: x [", x.rows, ", ", x.cols, "] ", dtype_name(x.dtype), ", weight [", weight.rows,
+                   ", ", weight.cols, "], out [", out.rows, ", ", out.cols, "] ", dtype_name(out.dtype));
+  QTOOL_ASSERT_MSG(!bias || (is_plain(*bias) && bias->numel() == weight.rows), "linear: bias of ",
+                   bias ? bias->numel() : 0, " for ", weight.rows, " outputs");
+  if (out.rows == 0 || out.cols == 0) return;
+  cuda::DeviceScope scope(device_);
+  const size_t m = mark();
+  const int64_t in = x.cols, n_out = out.cols, tokens = x.rows;
+  // W in the activation dtype, exactly as the runner's dequant kernels give it.
+  const void* w = weight.weight;
+  if (weight.kind != (x.dtype == DType::BF16  ? WeightKind::Bf16
+                      : x.dtype == DType::F16 ? WeightKind::F16
+                                              : WeightKind::F32)) {
+    const Mat wbuf = alloc(n_out, in, x.dtype);
+    if (x.dtype == DType::BF16) {
+      cuda::dequantize_to_bf16(weight, tables_, static_cast<uint16_t*>(wbuf.data), stream_);
+    } else {
+      const float* code_table = nullptr;
+      const float* nested_map = tables_.dynamic_map;
+      if (is_4bit(weight.kind)) {
+        code_table = weight.quant_map ? reinterpret_cast<const float*>(weight.quant_map)
+                                      : (weight.kind == WeightKind::Nf4 ? tables_.nf4 : tables_.fp4);
+        if (weight.nested_quant_map) nested_map = reinterpret_cast<const float*>(weight.nested_quant_map);
+      }
+      fwd::launch_dequant_generic(weight, code_table, nested_map, dt_code(x.dtype), wbuf.data, stream_);
+    }
+    w = wbuf.data;
+  }
+  const bool direct = !bias && out.dtype == DType::F32;
+  Mat acc = out;
+  if (!direct) acc = alloc(tokens, n_out, DType::F32);
+  const float alpha = 1.0f;
+  const float beta = 0.0f;
+  const cuda::CublasHandle& h = cublas();
+  if (in == 0) {
+    QTOOL_CUDA_CHECK(cudaMemset2DAsync(acc.data, static_cast<size_t>(acc.ld) * 4, 0,
+                                       static_cast<size_t>(n_out) * 4, static_cast<size_t>(tokens), stream_));
+  } else {
+    // Column-major: ACC^T [out, tokens] = W [out, in] (col-major [in, out], op T) * X^T [in, tokens] (ld
+    // x.ld). F32 activations use plain fp32 GEMM (CUBLAS_COMPUTE_32F, no TF32).
+    QTOOL_CUBLAS_CHECK(cuda::cublas().gemm_ex(
+        h.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n_out), static_cast<int>(tokens),
+        static_cast<int>(in), &alpha, w, cuda_type(x.dtype), static_cast<int>(in), x.data, cuda_type(x.dtype),
+        static_cast<int>(x.ld), &beta, acc.data, CUDA_R_32F, static_cast<int>(acc.ld), CUBLAS_COMPUTE_32F,
+        CUBLAS_GEMM_DEFAULT));
+  }
+  // The bias is added to the fp32 sums before the one rounding to the output dtype.
+  if (!direct) fwd::launch_bias_round(static_cast<const float*>(acc.data), bias, view(out), stream_);
+  release(m);
+}
+
+void CudaOps::attention(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& s, const Mat& out) {
+  check_same_shape(q, out);
+  QTOOL_ASSERT_MSG(s.batch > 0 && s.heads > 0 && s.kv_heads > 0 && s.heads % s.kv_heads == 0 &&
+                       s.head_dim > 0 && s.head_dim <= 256 && q.rows == s.batch * s.q_len &&
+                       q.cols == s.heads * s.head_dim && k.rows == s.batch * s.kv_len &&
+                       k.cols == s.kv_heads * s.head_dim && v.rows == k.rows && v.cols == k.cols &&
+                       q.dtype == k.dtype && q.dtype == v.dtype && (!s.causal || s.q_len == s.kv_len),
+                   "attention: q [", q.rows, ", ", q.cols, "] k [", k.rows, ", ", k.cols, "] heads ", s.heads,
+                   "/", s.kv_heads, " head_dim ", s.head_dim, " (at most 256)");
+  fwd::AttnArgs a;
+  a.q = view(q);
+  a.k = view(k);
+  a.v = view(v);
+  a.out = view(out);
+  a.batch = s.batch;
+  a.q_len = s.q_len;
+  a.kv_len = s.kv_len;
+  a.heads = s.heads;
+  a.kv_heads = s.kv_heads;
+  a.head_dim = s.head_dim;
+  a.scale = s.scale;
+  a.causal = s.causal;
+  if (s.bias) {
+    QTOOL_ASSERT(s.bias->rows == s.heads * s.q_len && s.bias->cols == s.kv_len);
+    a.bias = view(*s.bias);
+  }
+  if (s.key_mask) {
+    QTOOL_ASSERT((s.key_mask->dtype == DType::I64 || s.key_mask->dtype == DType::I32) &&
+                 s.key_mask->rows == s.batch && s.key_mask->cols == s.kv_len);
+    a.mask = s.key_mask->data;
+    a.mask_i64 = s.key_mask->dtype == DType::I64;
+    a.mask_ld = s.key_mask->ld;
+    a.mask_value = finfo_min(q.dtype);
+  }
+  cuda::DeviceScope scope(device_);
+  fwd::launch_attention(a, stream_);
+}
+
+}  // namespace
+
+std::unique_ptr<Ops> make_cuda_ops(int device, cudaStream_t stream, uint64_t capacity_bytes) {
+  return std::make_unique<CudaOps>(device, stream, capacity_bytes);
+}
+
+}  // namespace qtool::runner

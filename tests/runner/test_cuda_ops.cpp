@@ -1,0 +1,625 @@
+// GPU tests of the CUDA backend of ops.hpp (label `gpu`): every op against the CPU backend at odd
+// sizes and strided views, in bf16 and f16 — bit for bit for all ops but linear and attention
+// (those within a stated tolerance) and the transcendental activations (CUDA's expf/tanhf may
+// differ from glibc's by an ulp of float32: the mismatch rate is printed and bounded) — and timings
+// of attention (Flux's and Llama's shapes) and of a linear. Without a device it prints why and
+// exits 77 (skipped). The random data's seed is printed; QTOOL_TEST_SEED overrides it.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "qtool/formats/dtype.hpp"
+#include "qtool/formats/error.hpp"
+#include "qtool/formats/thread_pool.hpp"
+#include "qtool/runner/cpu_ops.hpp"
+#include "qtool/runner/cuda_forward_ops.hpp"
+#include "qtool/runner/cuda_resources.hpp"
+#include "qtool/runner/kernel_math.hpp"
+
+using namespace qtool;
+using namespace qtool::runner;
+namespace rc = qtool::runner::cuda;
+
+namespace {
+
+uint64_t g_seed = 0;
+
+std::string dn(DType dt) { return std::string(dtype_name(dt)); }
+
+int64_t ceil8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// Host float -> the bytes of one element of dtype dt.
+void put(DType dt, std::vector<uint8_t>& bytes, size_t i, float v) {
+  if (dt == DType::BF16) {
+    const uint16_t h = kmath::f32_to_bf16_bits(v);
+    std::memcpy(bytes.data() + 2 * i, &h, 2);
+  } else if (dt == DType::F16) {
+    const uint16_t h = f32_to_f16(v);
+    std::memcpy(bytes.data() + 2 * i, &h, 2);
+  } else {
+    std::memcpy(bytes.data() + 4 * i, &v, 4);
+  }
+}
+
+float get(DType dt, const std::vector<uint8_t>& bytes, size_t i) {
+  if (dt == DType::F32) {
+    float v;
+    std::memcpy(&v, bytes.data() + 4 * i, 4);
+    return v;
+  }
+  uint16_t h;
+  std::memcpy(&h, bytes.data() + 2 * i, 2);
+  return dt == DType::BF16 ? kmath::bf16_bits_to_f32(h) : f16_to_f32(h);
+}
+
+// The two backends side by side.
+struct Both {
+  ThreadPool pool{2};
+  std::unique_ptr<Ops> cpu;
+  rc::Stream stream;
+  std::unique_ptr<Ops> gpu;
+  std::mt19937_64 rng;
+  explicit Both(uint64_t capacity = uint64_t{256} << 20)
+      : cpu(make_cpu_ops(pool, capacity)),
+        stream(0),
+        gpu(make_cuda_ops(0, stream.get(), capacity)),
+        rng(g_seed) {}
+};
+
+struct Pair {
+  Mat c, g;
+};
+
+// A [rows, cols] view with row stride cols + pad (pad > 0: strided) on both backends holding the
+// same random values: normal * scale, with zeros, subnormals, ±Inf and NaN sprinkled when `specials`.
+Pair random_pair(Both& b, int64_t rows, int64_t cols, DType dt, int64_t pad, float scale = 1.0f,
+                 bool specials = true) {
+  const int64_t ld = cols + pad;
+  std::vector<uint8_t> host(static_cast<size_t>(rows * ld) * dtype_size(dt));
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::uniform_int_distribution<int> pick(0, 199);
+  for (size_t i = 0; i < static_cast<size_t>(rows * ld); ++i) {
+    float v = nd(b.rng);
+    if (specials) {
+      const int p = pick(b.rng);
+      if (p == 0) v = 0.0f;
+      if (p == 1) v = -0.0f;
+      if (p == 2) v = dt == DType::F16 ? 3.0e-6f : 1.0e-39f;  // subnormal in the dtype
+      if (p == 3) v = INFINITY;
+      if (p == 4) v = -INFINITY;
+      if (p == 5) v = NAN;
+    }
+    put(dt, host, i, v);
+  }
+  Mat c = b.cpu->alloc(rows, ld, dt);
+  Mat g = b.gpu->alloc(rows, ld, dt);
+  b.cpu->upload(host.data(), c);
+  b.gpu->upload(host.data(), g);
+  // Strided views start at column 1 (pad >= 1 leaves room), so that they are also misaligned.
+  return {c.cols_view(pad > 0 ? 1 : 0, cols), g.cols_view(pad > 0 ? 1 : 0, cols)};
+}
+
+Pair out_pair(Both& b, int64_t rows, int64_t cols, DType dt, int64_t pad) {
+  Mat c = b.cpu->alloc(rows, cols + pad, dt);
+  Mat g = b.gpu->alloc(rows, cols + pad, dt);
+  return {c.cols_view(0, cols), g.cols_view(0, cols)};
+}
+
+std::vector<uint8_t> fetch(Ops& ops, const Mat& m) {
+  std::vector<uint8_t> host(static_cast<size_t>(m.rows * m.cols) * m.elem_bytes());
+  ops.download(m, host.data());
+  return host;
+}
+
+// Elements whose bits differ between the backends' outputs; with nan_equal, any two NaNs are
+// equal (the norms: a NaN in a row reaches every output through the row's statistics, summed in
+// double, whose NaN payloads the GPU does not carry as x86 does).
+size_t mismatches(Both& b, const Pair& out, bool nan_equal = false) {
+  const auto hc = fetch(*b.cpu, out.c);
+  const auto hg = fetch(*b.gpu, out.g);
+  const size_t eb = out.c.elem_bytes();
+  size_t bad = 0;
+  for (size_t i = 0; i < hc.size() / eb; ++i) {
+    if (nan_equal && std::isnan(get(out.c.dtype, hc, i)) && std::isnan(get(out.c.dtype, hg, i))) continue;
+    bad += std::memcmp(hc.data() + i * eb, hg.data() + i * eb, eb) != 0;
+  }
+  return bad;
+}
+
+void report(const char* op, DType dt, size_t bad, size_t n) {
+  std::printf("  %-28s %-4s %zu / %zu elements differ\n", op, dn(dt).c_str(), bad, n);
+}
+
+// Within tol_rel * |cpu| + tol_abs (both NaN, or equal infinities, count as equal).
+size_t beyond_tolerance(Both& b, const Pair& out, float tol_rel, float tol_abs, double* max_err) {
+  const auto hc = fetch(*b.cpu, out.c);
+  const auto hg = fetch(*b.gpu, out.g);
+  size_t bad = 0;
+  *max_err = 0.0;
+  for (size_t i = 0; i < static_cast<size_t>(out.c.rows * out.c.cols); ++i) {
+    const float c = get(out.c.dtype, hc, i), g = get(out.c.dtype, hg, i);
+    if (std::isnan(c) && std::isnan(g)) continue;
+    if (c == g) continue;
+    const double e = std::fabs(static_cast<double>(c) - g);
+    *max_err = std::max(*max_err, e);
+    if (!(e <= tol_rel * std::fabs(c) + tol_abs)) ++bad;
+  }
+  return bad;
+}
+
+// A plain weight [rows, cols] of dtype dt in both backends' memories (as a DequantParams each).
+struct PlainWeight {
+  Mat c, g;
+  DequantParams pc, pg;
+};
+PlainWeight plain_weight(Both& b, int64_t rows, int64_t cols, DType dt, float scale) {
+  Pair p = random_pair(b, rows, cols, dt, 0, scale, false);
+  PlainWeight w{p.c, p.g, {}, {}};
+  const WeightKind kind = dt == DType::BF16  ? WeightKind::Bf16
+                          : dt == DType::F16 ? WeightKind::F16
+                                             : WeightKind::F32;
+  for (auto* d : {&w.pc, &w.pg}) {
+    d->kind = kind;
+    d->rows = static_cast<uint64_t>(rows);
+    d->cols = static_cast<uint64_t>(cols);
+  }
+  w.pc.weight = static_cast<const uint8_t*>(p.c.data);
+  w.pg.weight = static_cast<const uint8_t*>(p.g.data);
+  return w;
+}
+
+const DType kDtypes[] = {DType::BF16, DType::F16};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (rc::device_count() == 0) {
+    std::printf("no CUDA device: GPU tests skipped\n");
+    return 77;
+  }
+  const char* env = std::getenv("QTOOL_TEST_SEED");
+  g_seed = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+  std::printf("GPU: %s\nseed %llu (QTOOL_TEST_SEED)\n", rc::describe_device(0).c_str(),
+              static_cast<unsigned long long>(g_seed));
+  doctest::Context ctx(argc, argv);
+  return ctx.run();
+}
+
+TEST_CASE("cuda ops: element-wise ops equal the CPU backend's bits") {
+  Both b;
+  const int64_t rows = 37, cols = 131;
+  for (DType dt : kDtypes) {
+    const size_t n = static_cast<size_t>(rows * cols);
+    const struct {
+      Activation act;
+      const char* name;
+      bool transcendental;
+    } acts[] = {{Activation::Identity, "activation Identity", false},
+                {Activation::Relu, "activation Relu", false},
+                {Activation::Silu, "activation Silu", true},
+                {Activation::GeluTanh, "activation GeluTanh", true},
+                {Activation::GeluNew, "activation GeluNew", true},
+                {Activation::QuickGelu, "activation QuickGelu", true}};
+    for (const auto& a : acts) {
+      const size_t m = b.cpu->mark(), mg = b.gpu->mark();
+      Pair x = random_pair(b, rows, cols, dt, 5, 2.0f);
+      Pair out = out_pair(b, rows, cols, dt, 3);
+      b.cpu->activation(a.act, x.c, out.c);
+      b.gpu->activation(a.act, x.g, out.g);
+      size_t bad = mismatches(b, out);
+      report(a.name, dt, bad, n);
+      if (a.transcendental)
+        CHECK(bad * 1000 <= n);  // at most 0.1 %: an ulp of float32 crossing a rounding boundary
+      else
+        CHECK(bad == 0);
+      // In place.
+      b.cpu->activation(a.act, x.c, x.c);
+      b.gpu->activation(a.act, x.g, x.g);
+      bad = mismatches(b, x);
+      if (a.transcendental)
+        CHECK(bad * 1000 <= n);
+      else
+        CHECK(bad == 0);
+      // Gated with the same activation.
+      Pair g = random_pair(b, rows, cols, dt, 2, 2.0f);
+      Pair u = random_pair(b, rows, cols, dt, 0, 2.0f);
+      b.cpu->gated(a.act, g.c, u.c, out.c);
+      b.gpu->gated(a.act, g.g, u.g, out.g);
+      bad = mismatches(b, out);
+      report((std::string("gated ") + a.name).c_str(), dt, bad, n);
+      if (a.transcendental)
+        CHECK(bad * 1000 <= n);
+      else
+        CHECK(bad == 0);
+      b.cpu->release(m);
+      b.gpu->release(mg);
+    }
+    Pair x = random_pair(b, rows, cols, dt, 4, 3.0f);
+    Pair y = random_pair(b, rows, cols, dt, 0, 3.0f);
+    Pair out = out_pair(b, rows, cols, dt, 6);
+    b.cpu->add(x.c, y.c, out.c);
+    b.gpu->add(x.g, y.g, out.g);
+    size_t bad = mismatches(b, out);
+    report("add", dt, bad, n);
+    CHECK(bad == 0);
+    b.cpu->residual(x.c, nullptr, y.c, 1, out.c);
+    b.gpu->residual(x.g, nullptr, y.g, 1, out.g);
+    bad = mismatches(b, out);
+    report("residual", dt, bad, n);
+    CHECK(bad == 0);
+    for (int64_t batch : {1, 37}) {
+      Pair gate = random_pair(b, batch, cols, dt, 3, 1.0f);
+      b.cpu->residual(x.c, &gate.c, y.c, batch, out.c);
+      b.gpu->residual(x.g, &gate.g, y.g, batch, out.g);
+      bad = mismatches(b, out);
+      report(batch == 1 ? "residual gated batch 1" : "residual gated batch 37", dt, bad, n);
+      CHECK(bad == 0);
+    }
+    b.cpu->clamp(x.c, 1.5f, out.c);
+    b.gpu->clamp(x.g, 1.5f, out.g);
+    bad = mismatches(b, out);
+    report("clamp", dt, bad, n);
+    CHECK(bad == 0);
+    for (DType to : {DType::BF16, DType::F16, DType::F32}) {
+      Pair o = out_pair(b, rows, cols, to, 1);
+      b.cpu->copy(x.c, o.c);
+      b.gpu->copy(x.g, o.g);
+      bad = mismatches(b, o);
+      report(("copy to " + dn(to)).c_str(), dt, bad, n);
+      CHECK(bad == 0);
+    }
+  }
+  // F32 to the half types (rounding, overflow to inf, subnormals).
+  Pair x = random_pair(b, rows, cols, DType::F32, 2, 3.0e4f);
+  for (DType to : kDtypes) {
+    Pair o = out_pair(b, rows, cols, to, 0);
+    b.cpu->copy(x.c, o.c);
+    b.gpu->copy(x.g, o.g);
+    const size_t bad = mismatches(b, o);
+    report("copy F32 to", to, bad, static_cast<size_t>(rows * cols));
+    CHECK(bad == 0);
+  }
+}
+
+TEST_CASE("cuda ops: embedding equals the CPU backend's bits") {
+  Both b;
+  const int64_t vocab = 53, dim = 97, n = 41;
+  for (DType dt : kDtypes) {
+    PlainWeight table = plain_weight(b, vocab, dim, DType::BF16, 1.0f);
+    for (DType id_dt : {DType::I64, DType::I32}) {
+      std::vector<uint8_t> ids(static_cast<size_t>(n) * dtype_size(id_dt));
+      std::uniform_int_distribution<int64_t> pick(0, vocab - 1);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t id = pick(b.rng);
+        if (id_dt == DType::I64) {
+          std::memcpy(ids.data() + 8 * i, &id, 8);
+        } else {
+          const int32_t v = static_cast<int32_t>(id);
+          std::memcpy(ids.data() + 4 * i, &v, 4);
+        }
+      }
+      Mat ic = b.cpu->alloc(n, 1, id_dt), ig = b.gpu->alloc(n, 1, id_dt);
+      b.cpu->upload(ids.data(), ic);
+      b.gpu->upload(ids.data(), ig);
+      Pair out = out_pair(b, n, dim, dt, 3);
+      b.cpu->embedding(ic, table.pc, out.c);
+      b.gpu->embedding(ig, table.pg, out.g);
+      const size_t bad = mismatches(b, out);
+      report(id_dt == DType::I64 ? "embedding I64 ids" : "embedding I32 ids", dt, bad,
+             static_cast<size_t>(n * dim));
+      CHECK(bad == 0);
+    }
+  }
+}
+
+TEST_CASE("cuda ops: norms equal the CPU backend's bits") {
+  Both b;
+  const int64_t rows = 29;
+  for (DType dt : kDtypes) {
+    for (int64_t cols : {int64_t{192}, int64_t{3071}}) {
+      const size_t n = static_cast<size_t>(rows * cols);
+      for (RmsRounding rr : {RmsRounding::Once, RmsRounding::Twice}) {
+        for (int64_t hd : {int64_t{0}, int64_t{64}}) {
+          if (hd > 0 && cols % hd != 0) continue;
+          PlainWeight w = plain_weight(b, 1, hd > 0 ? hd : cols, dt, 1.0f);
+          Pair x = random_pair(b, rows, cols, dt, 3, 2.0f);
+          Pair out = out_pair(b, rows, cols, dt, 2);
+          b.cpu->rms_norm(x.c, w.pc, 1e-6f, rr, hd, out.c);
+          b.gpu->rms_norm(x.g, w.pg, 1e-6f, rr, hd, out.g);
+          const size_t bad = mismatches(b, out, true);
+          const std::string name = std::string("rms_norm ") + (rr == RmsRounding::Once ? "Once" : "Twice") +
+                                   (hd > 0 ? " per-head" : "") + " cols " + std::to_string(cols);
+          report(name.c_str(), dt, bad, n);
+          CHECK(bad == 0);
+          // In place.
+          b.cpu->rms_norm(x.c, w.pc, 1e-6f, rr, hd, x.c);
+          b.gpu->rms_norm(x.g, w.pg, 1e-6f, rr, hd, x.g);
+          CHECK(mismatches(b, x, true) == 0);
+        }
+      }
+      for (bool affine : {false, true}) {
+        PlainWeight w = plain_weight(b, 1, cols, DType::F32, 1.0f);
+        PlainWeight bias = plain_weight(b, 1, cols, DType::F32, 1.0f);
+        Pair x = random_pair(b, rows, cols, dt, 1, 2.0f);
+        Pair out = out_pair(b, rows, cols, dt, 0);
+        b.cpu->layer_norm(x.c, affine ? &w.pc : nullptr, affine ? &bias.pc : nullptr, 1e-5f, out.c);
+        b.gpu->layer_norm(x.g, affine ? &w.pg : nullptr, affine ? &bias.pg : nullptr, 1e-5f, out.g);
+        const size_t bad = mismatches(b, out, true);
+        report((std::string("layer_norm") + (affine ? " affine" : " no affine") + " cols " +
+                std::to_string(cols))
+                   .c_str(),
+               dt, bad, n);
+        CHECK(bad == 0);
+      }
+      for (int64_t bt : {int64_t{1}, int64_t{29}}) {
+        Pair x = random_pair(b, rows, cols, dt, 2, 2.0f, false);
+        Pair shift = random_pair(b, bt, cols, dt, 1, 1.0f, false);
+        Pair scale = random_pair(b, bt, cols, dt, 0, 1.0f, false);
+        Pair out = out_pair(b, rows, cols, dt, 1);
+        b.cpu->modulate(x.c, shift.c, scale.c, bt, 1e-6f, out.c);
+        b.gpu->modulate(x.g, shift.g, scale.g, bt, 1e-6f, out.g);
+        const size_t bad = mismatches(b, out, true);
+        report(
+            (std::string("modulate batch ") + std::to_string(bt) + " cols " + std::to_string(cols)).c_str(),
+            dt, bad, n);
+        CHECK(bad == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda ops: rope equals the CPU backend's bits") {
+  Both b;
+  const int64_t rows = 23;
+  for (DType dt : kDtypes) {
+    for (int64_t hd : {int64_t{64}, int64_t{22}}) {
+      const int64_t cols = 3 * hd;
+      for (RopeStyle st : {RopeStyle::Adjacent, RopeStyle::Halves}) {
+        const DType tdt = st == RopeStyle::Adjacent ? DType::F32 : dt;
+        Pair cs = random_pair(b, rows, hd, tdt, 0, 1.0f, false);
+        Pair sn = random_pair(b, rows, hd, tdt, 1, 1.0f, false);
+        Pair x = random_pair(b, rows, cols, dt, 4, 2.0f);
+        Pair out = out_pair(b, rows, cols, dt, 2);
+        b.cpu->rope(st, x.c, hd, cs.c, sn.c, out.c);
+        b.gpu->rope(st, x.g, hd, cs.g, sn.g, out.g);
+        size_t bad = mismatches(b, out);
+        const std::string name = std::string("rope ") + (st == RopeStyle::Adjacent ? "Adjacent" : "Halves") +
+                                 " hd " + std::to_string(hd);
+        report(name.c_str(), dt, bad, static_cast<size_t>(rows * cols));
+        CHECK(bad == 0);
+        b.cpu->rope(st, x.c, hd, cs.c, sn.c, x.c);
+        b.gpu->rope(st, x.g, hd, cs.g, sn.g, x.g);
+        bad = mismatches(b, x);
+        CHECK(bad == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda ops: linear within one rounding of the CPU backend") {
+  Both b;
+  for (DType dt : kDtypes) {
+    for (int64_t tokens : {int64_t{1}, int64_t{37}}) {
+      for (bool with_bias : {false, true}) {
+        const int64_t in = 203, out_f = 77;
+        PlainWeight w = plain_weight(b, out_f, in, dt, 0.1f);
+        PlainWeight bias = plain_weight(b, 1, out_f, DType::F32, 1.0f);
+        Pair x = random_pair(b, tokens, in, dt, 9, 1.0f, false);
+        Pair out = out_pair(b, tokens, out_f, dt, 3);
+        b.cpu->linear(x.c, w.pc, with_bias ? &bias.pc : nullptr, out.c);
+        b.gpu->linear(x.g, w.pg, with_bias ? &bias.pg : nullptr, out.g);
+        // The fp32 sums differ in order only (relative ~1e-6), so the outputs differ by at most one
+        // rounding of the dtype: 2^-8 (bf16) / 2^-11 (f16) relative, plus a small absolute term
+        // for sums that cancel.
+        const float rel = dt == DType::BF16 ? 1.0f / 128 : 1.0f / 1024;
+        double max_err = 0.0;
+        const size_t bad = beyond_tolerance(b, out, rel, 1e-4f, &max_err);
+        std::printf(
+            "  linear %-4s tokens %lld bias %d: %zu beyond tolerance, %zu bits differ, max |diff| %.3g\n",
+            dn(dt).c_str(), static_cast<long long>(tokens), with_bias ? 1 : 0, bad, mismatches(b, out),
+            max_err);
+        CHECK(bad == 0);
+      }
+    }
+  }
+}
+
+// Random bytes [n] (U8) on both backends.
+Pair random_bytes(Both& b, int64_t n) {
+  std::vector<uint8_t> host(static_cast<size_t>(n));
+  for (auto& v : host) v = static_cast<uint8_t>(b.rng());
+  Mat c = b.cpu->alloc(1, n, DType::U8), g = b.gpu->alloc(1, n, DType::U8);
+  b.cpu->upload(host.data(), c);
+  b.gpu->upload(host.data(), g);
+  return {c, g};
+}
+
+TEST_CASE("cuda ops: linear with int8 and nf4 weights within one rounding of the CPU backend") {
+  Both b;
+  const int64_t in = 192, out_f = 77;
+  for (DType dt : {DType::BF16, DType::F16, DType::F32}) {
+    for (WeightKind kind : {WeightKind::Int8, WeightKind::Nf4}) {
+      const bool nf4 = kind == WeightKind::Nf4;
+      Pair codes = random_bytes(b, nf4 ? out_f * in / 2 : out_f * in);
+      const int64_t n_scales = nf4 ? out_f * in / 64 : out_f;
+      Pair scales = random_pair(b, 1, n_scales, DType::F32, 0, 0.05f, false);
+      DequantParams pc, pg;
+      for (auto* d : {&pc, &pg}) {
+        d->kind = kind;
+        d->rows = static_cast<uint64_t>(out_f);
+        d->cols = static_cast<uint64_t>(in);
+        d->blocksize = 64;
+      }
+      pc.weight = static_cast<const uint8_t*>(codes.c.data);
+      pg.weight = static_cast<const uint8_t*>(codes.g.data);
+      pc.scale = static_cast<const uint8_t*>(scales.c.data);
+      pg.scale = static_cast<const uint8_t*>(scales.g.data);
+      Pair x = random_pair(b, 29, in, dt, 2, 1.0f, false);
+      Pair out = out_pair(b, 29, out_f, dt, 1);
+      b.cpu->linear(x.c, pc, nullptr, out.c);
+      b.gpu->linear(x.g, pg, nullptr, out.g);
+      const float rel = dt == DType::BF16 ? 1.0f / 128 : dt == DType::F16 ? 1.0f / 1024 : 1e-5f;
+      double max_err = 0.0;
+      const size_t bad = beyond_tolerance(b, out, rel, 1e-4f, &max_err);
+      std::printf("  linear %-4s %s weight: %zu beyond tolerance, %zu bits differ, max |diff| %.3g\n",
+                  dn(dt).c_str(), nf4 ? "nf4" : "int8", bad, mismatches(b, out), max_err);
+      CHECK(bad == 0);
+    }
+  }
+}
+
+TEST_CASE("cuda ops: attention within tolerance of the CPU backend") {
+  Both b;
+  for (DType dt : kDtypes) {
+    for (int64_t hd : {int64_t{64}, int64_t{128}, int64_t{80}, int64_t{256}}) {
+      for (int variant = 0; variant < 4; ++variant) {
+        const bool causal = variant == 1;
+        const bool with_bias = variant == 2;
+        const bool with_mask = variant == 3;
+        AttentionShape s;
+        s.batch = 2;
+        s.q_len = 37;
+        s.kv_len = causal ? 37 : 45;
+        s.heads = 4;
+        s.kv_heads = 2;
+        s.head_dim = hd;
+        s.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+        s.causal = causal;
+        const size_t m = b.cpu->mark(), mg = b.gpu->mark();
+        Pair q = random_pair(b, s.batch * s.q_len, s.heads * hd, dt, 3, 1.0f, false);
+        Pair k = random_pair(b, s.batch * s.kv_len, s.kv_heads * hd, dt, 0, 1.0f, false);
+        Pair v = random_pair(b, s.batch * s.kv_len, s.kv_heads * hd, dt, 5, 1.0f, false);
+        Pair out = out_pair(b, s.batch * s.q_len, s.heads * hd, dt, 1);
+        Pair bias = random_pair(b, s.heads * s.q_len, s.kv_len, DType::F32, 0, 1.0f, false);
+        std::vector<int64_t> keep(static_cast<size_t>(s.batch * s.kv_len), 1);
+        for (int64_t u = 0; u < s.kv_len; u += 3) keep[static_cast<size_t>(u)] = 0;
+        for (int64_t u = 0; u < s.kv_len; ++u)
+          keep[static_cast<size_t>(s.kv_len + u)] = 0;  // fully masked sample
+        Mat mc = b.cpu->alloc(s.batch, s.kv_len, DType::I64),
+            mgm = b.gpu->alloc(s.batch, s.kv_len, DType::I64);
+        b.cpu->upload(keep.data(), mc);
+        b.gpu->upload(keep.data(), mgm);
+        AttentionShape sc = s, sg = s;
+        if (with_bias) {
+          sc.bias = &bias.c;
+          sg.bias = &bias.g;
+        }
+        if (with_mask) {
+          sc.key_mask = &mc;
+          sg.key_mask = &mgm;
+        }
+        b.cpu->attention(q.c, k.c, v.c, sc, out.c);
+        b.gpu->attention(q.g, k.g, v.g, sg, out.g);
+        // float32 everywhere, summation orders differ: within two roundings of the dtype.
+        const float rel = dt == DType::BF16 ? 1.0f / 64 : 1.0f / 512;
+        double max_err = 0.0;
+        const size_t bad = beyond_tolerance(b, out, rel, 2e-3f, &max_err);
+        std::printf(
+            "  attention %-4s hd %3lld %-6s: %zu beyond tolerance, %zu bits differ, max |diff| %.3g\n",
+            dn(dt).c_str(), static_cast<long long>(hd),
+            causal      ? "causal"
+            : with_bias ? "bias"
+            : with_mask ? "mask"
+                        : "plain",
+            bad, mismatches(b, out), max_err);
+        CHECK(bad == 0);
+        b.cpu->release(m);
+        b.gpu->release(mg);
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda ops: the activation stack") {
+  rc::Stream stream(0);
+  auto ops = make_cuda_ops(0, stream.get(), 4096);
+  const size_t m0 = ops->mark();
+  Mat a = ops->alloc(3, 5, DType::BF16);
+  CHECK(reinterpret_cast<uintptr_t>(a.data) % 256 == 0);
+  Mat c = ops->alloc(1, 1, DType::F32);
+  CHECK(reinterpret_cast<uintptr_t>(c.data) % 256 == 0);
+  CHECK(ops->peak_bytes() == 256 + 4);
+  CHECK_THROWS_AS(ops->alloc(64, 64, DType::F32), Error);
+  ops->release(m0);
+  CHECK(ops->mark() == m0);
+  ops->reset_peak();
+  CHECK(ops->peak_bytes() == 0);
+}
+
+TEST_CASE("cuda ops: timings (attention at Flux's and Llama's shapes, a linear)") {
+  rc::Stream stream(0);
+  auto ops = make_cuda_ops(0, stream.get(), uint64_t{1} << 30);
+  rc::Event t0(0, rc::Event::Timing::On), t1(0, rc::Event::Timing::On);
+  struct Case {
+    const char* name;
+    int64_t heads, kv_heads, hd, t;
+    bool causal;
+  } cases[] = {{"Flux (H 24, hd 128, T 4608)", 24, 24, 128, 4608, false},
+               {"Llama (H 32/8, hd 128, T 4096, causal)", 32, 8, 128, 4096, true}};
+  for (const auto& c : cases) {
+    const size_t m = ops->mark();
+    Mat q = ops->alloc(c.t, c.heads * c.hd, DType::BF16);
+    Mat k = ops->alloc(c.t, c.kv_heads * c.hd, DType::BF16);
+    Mat v = ops->alloc(c.t, c.kv_heads * c.hd, DType::BF16);
+    Mat o = ops->alloc(c.t, c.heads * c.hd, DType::BF16);
+    for (Mat* x : {&q, &k, &v})
+      QTOOL_CUDA_CHECK(cudaMemsetAsync(x->data, 0x3c, x->rows * x->cols * 2, stream.get()));
+    AttentionShape s;
+    s.q_len = s.kv_len = c.t;
+    s.heads = c.heads;
+    s.kv_heads = c.kv_heads;
+    s.head_dim = c.hd;
+    s.scale = 0.088f;
+    s.causal = c.causal;
+    ops->attention(q, k, v, s, o);  // warm-up
+    const int reps = 3;
+    t0.record(stream.get());
+    for (int i = 0; i < reps; ++i) ops->attention(q, k, v, s, o);
+    t1.record(stream.get());
+    t1.synchronize();
+    const double ms = t1.elapsed_ms_since(t0) / reps;
+    const double flop = 4.0 * c.heads * static_cast<double>(c.t) * c.t * c.hd * (c.causal ? 0.5 : 1.0);
+    std::printf("  attention %s: %.3f ms, %.1f TFLOP/s\n", c.name, ms, flop / ms / 1e9);
+    ops->release(m);
+  }
+  {
+    const int64_t tokens = 4608, in = 3072, out_f = 12288;
+    Mat x = ops->alloc(tokens, in, DType::BF16);
+    Mat w = ops->alloc(out_f, in, DType::BF16);
+    Mat bias = ops->alloc(1, out_f, DType::F32);
+    Mat y = ops->alloc(tokens, out_f, DType::BF16);
+    QTOOL_CUDA_CHECK(cudaMemsetAsync(x.data, 0x3c, x.rows * x.cols * 2, stream.get()));
+    QTOOL_CUDA_CHECK(cudaMemsetAsync(w.data, 0x3c, w.rows * w.cols * 2, stream.get()));
+    QTOOL_CUDA_CHECK(cudaMemsetAsync(bias.data, 0, out_f * 4, stream.get()));
+    DequantParams wp, bp;
+    wp.kind = WeightKind::Bf16;
+    wp.rows = out_f;
+    wp.cols = in;
+    wp.weight = static_cast<const uint8_t*>(w.data);
+    bp.kind = WeightKind::F32;
+    bp.rows = 1;
+    bp.cols = out_f;
+    bp.weight = static_cast<const uint8_t*>(bias.data);
+    const DequantParams* biases[] = {nullptr, &bp};
+    for (const DequantParams* bb : biases) {
+      ops->linear(x, wp, bb, y);
+      const int reps = 5;
+      t0.record(stream.get());
+      for (int i = 0; i < reps; ++i) ops->linear(x, wp, bb, y);
+      t1.record(stream.get());
+      t1.synchronize();
+      const double ms = t1.elapsed_ms_since(t0) / reps;
+      std::printf("  linear bf16 [%lld x %lld] -> %lld%s: %.3f ms, %.1f TFLOP/s\n",
+                  static_cast<long long>(tokens), static_cast<long long>(in), static_cast<long long>(out_f),
+                  bb ? " + bias" : "", ms, 2.0 * tokens * in * out_f / ms / 1e9);
+    }
+  }
+}
