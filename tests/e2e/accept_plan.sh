@@ -32,13 +32,13 @@ cat > "$WORK/small.json" <<'JSON'
  "pinned_page_table_bytes_per_gib": 4096}
 JSON
 smallest() {
-  "$QTOOL" plan "$1" --max-memory 0=1KiB,cpu=1GiB --tokens 16 --device-profile "$WORK/small.json" 2>&1 >/dev/null |
+  "$QTOOL" plan "$1" --max-memory 0=1KiB,cpu=1GiB --tokens 16 --device-profile "$WORK/small.json" "${@:2}" 2>&1 >/dev/null |
     sed -n 's/.*Smallest budget that fits: --max-memory 0=\([0-9]*\).*/\1/p'
 }
 # plan CKPT OUT EXTRA_BYTES [OPTIONS]: a plan with a GPU budget EXTRA_BYTES above the smallest.
 plan() {
   local lo
-  lo=$(smallest "$1")
+  lo=$(smallest "$1" "${@:4}")
   [ -n "$lo" ] || { echo "FAIL: no smallest budget for $1"; exit 1; }
   "$QTOOL" plan "$1" --max-memory "0=$((lo + $3)),cpu=1GiB" --tokens 16 --device-profile "$WORK/small.json" \
     -o "$2" -q "${@:4}" || exit 1
