@@ -72,8 +72,8 @@ fr = r["forward_reference"][0]
 assert 0 < fr["rel_error"] <= fr["bound"], fr
 plan = json.load(open(f"{work}/plan-{m}.json"))
 assert any(g for g in plan["groups"]), "nothing streamed"
-out, _ = st_edit.read(f"{work}/out-{m}.safetensors")
-replay, _ = st_edit.read(f"{work}/replay-{m}.safetensors")
+_, out = st_edit.read(f"{work}/out-{m}.safetensors")
+_, replay = st_edit.read(f"{work}/replay-{m}.safetensors")
 name = "logits" if m == "llama" else "transformer.sample"
 assert out[name][0] == "F32" and out[name][2] == replay[name][2], "replay differs"
 assert set(replay) == {name}, sorted(replay)  # given inputs are not written back

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
 #include <string>
 
 #include "qtool/formats/checkpoint.hpp"
@@ -129,9 +130,12 @@ TEST_CASE(
                                          "proj_out"};
   CHECK(units == want);
   CHECK(flops == forward_flops(*arch, 1, static_cast<int64_t>(tokens)).linear);
+  const std::map<std::string, std::string> forwards = {{"transformer", "FluxTransformer2DModel"},
+                                                        {"text_encoder", "CLIPTextModel"},
+                                                        {"text_encoder_2", "T5EncoderModel"}};
   for (const ComponentPlan& c : plan.components)
-    CHECK(c.forward == (c.name == "transformer" ? "FluxTransformer2DModel" : ""));
+    CHECK(c.forward == (forwards.count(c.name) ? forwards.at(c.name) : std::string()));
   const DevicePlan& gpu = plan.devices[0];
   CHECK(items_named(gpu, std::string(kForwardActivationPrefix)) > 0);
-  CHECK(items_named(gpu, "activation_in") > 0);  // the text encoders and the VAE run linears only
+  CHECK(items_named(gpu, "activation_in") > 0);  // the VAE runs linears only
 }
