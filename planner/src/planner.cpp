@@ -714,11 +714,21 @@ void Planner::make_steps(Outcome& o) const {
     const UnitInfo& u = units_[id];
     if (u.follow >= 0) {
       // A tied alias runs where its primary is: resident there, or from the primary's group.
+      // Right after its primary's step (T5's encoder.embed_tokens after `shared`) it joins that
+      // step: the bytes are on the GPU already, a second copy of the group would be waste.
       const uint32_t p = static_cast<uint32_t>(u.follow);
       StepDraft s;
       s.units = {id};
       s.exec = o.exec_of[id];
       if (o.gpu_of[p] < 0) s.group = o.unit_group[p];
+      if (!o.steps.empty()) {
+        StepDraft& prev = o.steps.back();
+        if (prev.group == s.group && prev.exec == s.exec && prev.leaf < 0 &&
+            std::find(prev.units.begin(), prev.units.end(), p) != prev.units.end()) {
+          prev.units.push_back(id);
+          continue;
+        }
+      }
       o.steps.push_back(std::move(s));
       continue;
     }

@@ -133,7 +133,9 @@ class ForwardRunner final : public UnitRunner {
     forward_.run_unit(unit, ops, weights);
   }
   void end(Ops& ops, ComponentRun& run) override {
-    run.output = forward_.output(ops);
+    std::vector<HostTensor> outs = forward_.outputs(ops);
+    run.output = std::move(outs.front());
+    run.more_outputs.assign(std::make_move_iterator(outs.begin() + 1), std::make_move_iterator(outs.end()));
     run.inputs = inputs_;
   }
 
@@ -208,19 +210,6 @@ bool in_unit(const std::string& module, const std::string& unit) {
     return a.size() > b.size() && a.compare(0, b.size(), b) == 0 && a[b.size()] == '.';
   };
   return module == unit || inside(module, unit) || inside(unit, module);
-}
-
-// A step whose modules hold only tied aliases (a copy of a weight another unit reads, such as T5's
-// encoder.embed_tokens of `shared`): nothing of it runs.
-bool only_tied_aliases(const ExecStep& step, const std::unordered_map<std::string, std::string>& tied) {
-  if (step.modules.empty()) return false;
-  for (const std::string& m : step.modules) {
-    bool alias = false;
-    for (const auto& [name, primary] : tied)
-      alias = alias || (name.size() > m.size() && name.compare(0, m.size(), m) == 0 && name[m.size()] == '.');
-    if (!alias) return false;
-  }
-  return true;
 }
 
 std::string label(const std::string& component, const std::string& name) {
@@ -520,7 +509,6 @@ void Driver::unit_steps(uint32_t component, const std::vector<std::string>& unit
       last_unit[si] = u;
       any = true;
     }
-    if (!any && only_tied_aliases(st, schedule_.tied[component])) continue;  // T5's encoder.embed_tokens
     if (!any)
       fail(ErrorKind::InvalidInput, "plan step '", st.name, "' runs modules that are in no unit of the ",
            forwards_[component]->architecture(), " forward of ", label(comp.name(), "(component)"),

@@ -21,10 +21,6 @@ std::string io_name(const Checkpoint& checkpoint, const std::string& component, 
   return checkpoint.layout() == Checkpoint::Layout::Pipeline ? component + "." + tensor : tensor;
 }
 
-std::string output_name(const Forward& forward) {
-  return forward.architecture() == "LlamaForCausalLM" ? "logits" : "sample";
-}
-
 std::map<std::string, std::vector<HostTensor>> read_inputs(const std::filesystem::path& file,
                                                            const Checkpoint& checkpoint, int64_t max_tokens) {
   const SafetensorsFile in = SafetensorsFile::open(file);
@@ -42,13 +38,15 @@ std::map<std::string, std::vector<HostTensor>> read_inputs(const std::filesystem
   if (forwards.empty())
     fail(
         ErrorKind::InvalidInput, "--inputs ", file.string(), ": no component of ", checkpoint.root().string(),
-        " has a forward the runner executes (LlamaForCausalLM, FluxTransformer2DModel): it runs linears only "
+        " has a forward the runner executes (LlamaForCausalLM, FluxTransformer2DModel, T5EncoderModel, "
+        "CLIPTextModel): it runs linears only "
         "and takes no inputs");
   for (const TensorInfo& t : in.tensors()) {
     // An --outputs file replays: its outputs are not inputs.
     bool is_output = false;
     for (const auto& [name, f] : forwards)
-      is_output = is_output || t.name == io_name(checkpoint, name, output_name(*f));
+      for (const std::string& out : f->output_names())
+        is_output = is_output || t.name == io_name(checkpoint, name, out);
     if (is_output) continue;
     std::string owner;
     for (const auto& [name, f] : forwards)
@@ -86,13 +84,15 @@ void write_outputs(const std::filesystem::path& file, const Checkpoint& checkpoi
   for (const ComponentRun& c : run.components) {
     if (!c.forward) continue;
     tensors.emplace_back(io_name(checkpoint, c.component, c.output.name), &c.output);
+    for (const HostTensor& t : c.more_outputs) tensors.emplace_back(io_name(checkpoint, c.component, t.name), &t);
     if (with_inputs)
       for (const HostTensor& t : c.inputs) tensors.emplace_back(io_name(checkpoint, c.component, t.name), &t);
   }
   if (tensors.empty())
     fail(ErrorKind::InvalidInput, "--outputs ", file.string(), ": no component of ",
          checkpoint.root().string(),
-         " ran a forward (only LlamaForCausalLM and FluxTransformer2DModel have one, on the CPU backend)");
+         " ran a forward (LlamaForCausalLM, FluxTransformer2DModel, T5EncoderModel and CLIPTextModel have one, "
+         "on the CPU backend)");
   for (const auto& [name, t] : tensors) decls.push_back({name, t->dtype, t->shape});
   SafetensorsWriter w(file, decls, {{"producer", "qtool verify"}});
   for (const auto& [name, t] : tensors) w.write(name, t->bytes);

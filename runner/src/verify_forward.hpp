@@ -21,11 +21,8 @@ namespace qtool::runner {
 // in a pipeline, "sample" in a model folder or file.
 std::string io_name(const Checkpoint& checkpoint, const std::string& component, const std::string& tensor);
 
-// The framework's name of a forward's output: "logits" (LlamaForCausalLM), "sample" (Flux).
-std::string output_name(const Forward& forward);
-
 // Reads --inputs: every tensor must be an argument of a component's forward (named as io_name
-// says) or its output (an --outputs file replays: its output is ignored), every component with a
+// says) or one of its outputs (an --outputs file replays: its outputs are ignored), every component with a
 // forward must get valid inputs (Forward::check_inputs, at most `max_tokens` tokens).
 // Error(InvalidInput) naming the file and the input otherwise. Returns the inputs by component.
 std::map<std::string, std::vector<HostTensor>> read_inputs(const std::filesystem::path& file,

@@ -149,7 +149,7 @@ edit stream e15 'p["schedule"].append(dict(p["schedule"][0]))'
 expect 2 "schedule\[[0-9]+\]: tensor '[^']+' is also listed by schedule\[0\]" -- verify "$WORK/q" "$WORK/e15.json"
 edit res e16 's = p["schedule"]; s[1], s[2] = s[2], s[1]'
 expect 2 "runs block model\.layers\.0 after block model\.layers\.1" -- verify "$WORK/q" "$WORK/e16.json"
-edit leaf e17 '
+edit stream e17 '
 s = p["schedule"]
 i = next(i for i in range(len(s) - 1) if 0 <= s[i]["group"] < s[i + 1]["group"])
 s[i], s[i + 1] = s[i + 1], s[i]'

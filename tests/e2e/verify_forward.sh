@@ -67,8 +67,9 @@ ran = {c["component"]: c["ran"] for c in r["components"]}
 want = "" if m == "llama" else "transformer"
 assert ran[want] == "forward", ran
 if m != "llama":
-    assert ran["text_encoder"] == "linears only", ran
-fr = r["forward_reference"][0]
+    assert ran["text_encoder"] == "forward" and ran["text_encoder_2"] == "forward", ran
+    assert ran["vae"] == "linears only", ran
+fr = next(f for f in r["forward_reference"] if f["component"] == want)
 assert 0 < fr["rel_error"] <= fr["bound"], fr
 plan = json.load(open(f"{work}/plan-{m}.json"))
 assert any(g for g in plan["groups"]), "nothing streamed"
@@ -76,7 +77,11 @@ _, out = st_edit.read(f"{work}/out-{m}.safetensors")
 _, replay = st_edit.read(f"{work}/replay-{m}.safetensors")
 name = "logits" if m == "llama" else "transformer.sample"
 assert out[name][0] == "F32" and out[name][2] == replay[name][2], "replay differs"
-assert set(replay) == {name}, sorted(replay)  # given inputs are not written back
+outputs = {name} if m == "llama" else {name, "text_encoder.last_hidden_state", "text_encoder.pooler_output",
+                                       "text_encoder_2.last_hidden_state"}
+assert set(replay) == outputs, sorted(replay)  # given inputs are not written back
+for o in outputs:
+    assert out[o][2] == replay[o][2], o
 assert len(out) > 1, "drawn inputs not written"
 print(m, "ok: rel error", fr["rel_error"], "bound", fr["bound"], "simulated", fr["simulated_rel_error"])
 PY

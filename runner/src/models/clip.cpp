@@ -150,6 +150,8 @@ class ClipForward final : public StagedForward {
     return {std::move(t)};
   }
 
+  std::vector<std::string> output_names() const override { return {"last_hidden_state", "pooler_output"}; }
+
   HostTensor output(Ops& ops) override {
     HostTensor out{"last_hidden_state", DType::F32, {batch_, seq_, a_.hidden_size}, {}};
     out.bytes = to_f32(ops, h_, 0, rows());

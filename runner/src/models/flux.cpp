@@ -176,6 +176,8 @@ class FluxForward final : public StagedForward {
     return {stream(u + ".txt", true), stream(u + ".img", false)};
   }
 
+  std::vector<std::string> output_names() const override { return {"sample"}; }
+
   HostTensor output(Ops& ops) override {
     const size_t n = static_cast<size_t>(sample_.rows * sample_.cols);
     std::vector<uint8_t> raw(n * dtype_size(dtype_));
@@ -236,15 +238,13 @@ class FluxForward final : public StagedForward {
     const int64_t d = a_.dim();
     UnitWeights w(config_file_);
     const std::string p = "time_text_embed.";
-    // The planner's units in its template's order: timestep, guidance, then text embedder.
+    // One planner unit (the template places time_text_embed whole): one fetch, in the plan's order.
     const Linear t1 = w.linear(p + "timestep_embedder.linear_1", kSinusoid, d, true);
     const Linear t2 = w.linear(p + "timestep_embedder.linear_2", d, d, true);
-    w.fetch(weights);
     Linear g1, g2;
     if (a_.guidance_embeds) {
       g1 = w.linear(p + "guidance_embedder.linear_1", kSinusoid, d, true);
       g2 = w.linear(p + "guidance_embedder.linear_2", d, d, true);
-      w.fetch(weights);
     }
     const Linear p1 = w.linear(p + "text_embedder.linear_1", a_.pooled_projection_dim, d, true);
     const Linear p2 = w.linear(p + "text_embedder.linear_2", d, d, true);

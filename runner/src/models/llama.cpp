@@ -97,6 +97,8 @@ class LlamaForward final : public StagedForward {
     return {std::move(t)};
   }
 
+  std::vector<std::string> output_names() const override { return {"logits"}; }
+
   HostTensor output(Ops& ops) override {
     std::vector<uint8_t> raw(static_cast<size_t>(logits_.rows * logits_.cols) * dtype_size(dtype_));
     ops.download(logits_, raw.data());

@@ -118,6 +118,8 @@ class T5Forward final : public StagedForward {
     return {std::move(t)};
   }
 
+  std::vector<std::string> output_names() const override { return {"last_hidden_state"}; }
+
   HostTensor output(Ops& ops) override {
     const size_t n = static_cast<size_t>(out_.rows * out_.cols);
     std::vector<uint8_t> raw(n * dtype_size(dtype_));

@@ -129,6 +129,7 @@ struct ComponentRun {
   std::vector<std::string> units;      // forward units in execution order (digest names)
   std::vector<HostTensor> inputs;      // the inputs it ran on (forwards)
   HostTensor output;                   // the output of the last run step, F32 (forwards)
+  std::vector<HostTensor> more_outputs;  // its other outputs (CLIP's pooler_output)
   uint64_t activation_peak_bytes = 0;  // Ops::peak_bytes over its run
   // Tensors of the component the forward never asked for (every tensor must feed the forward).
   std::vector<std::string> unread_tensors;

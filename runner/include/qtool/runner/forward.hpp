@@ -72,6 +72,8 @@ class Forward {
   virtual void run_unit(size_t unit, Ops& ops, WeightSource& weights) = 0;
   // The output under the framework's name ("logits", "sample", "last_hidden_state"), F32.
   virtual HostTensor output(Ops& ops) = 0;
+  // The names outputs() gives, in its order (an --outputs file replayed as --inputs skips them).
+  virtual std::vector<std::string> output_names() const = 0;
   // Every output under the framework's names, F32: output() first, then any others (CLIP's
   // "pooler_output"). The default is output() alone.
   virtual std::vector<HostTensor> outputs(Ops& ops) {
