@@ -233,7 +233,10 @@ std::string dump_json(const nlohmann::ordered_json& value, int indent) {
 }
 
 void write_json_file(const fs::path& path, const nlohmann::json& value) {
-  const std::string text = dump_json(value, 2) + "\n";
+  write_text_file(path, dump_json(value, 2) + "\n");
+}
+
+void write_text_file(const fs::path& path, std::string_view text) {
   fs::path tmp = path;
   tmp += ".tmp-" + std::to_string(::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

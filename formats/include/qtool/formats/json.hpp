@@ -36,6 +36,9 @@ std::string read_text_file(const std::filesystem::path& path);
 nlohmann::json read_json_file(const std::filesystem::path& path);
 // Writes JSON (indent 2) under a temporary name and renames it into place.
 void write_json_file(const std::filesystem::path& path, const nlohmann::json& value);
+// `text` into `path` atomically (a temporary file in the same folder, fsync, rename); Error(Io)
+// naming the file otherwise.
+void write_text_file(const std::filesystem::path& path, std::string_view text);
 
 // JSON text that never throws on strings that are not UTF-8 (paths from the file system or the
 // command line): their invalid bytes are written as U+FFFD. indent -1: one line.
