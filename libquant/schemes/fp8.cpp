@@ -10,6 +10,7 @@
 #include <cmath>
 #include <mutex>
 
+#include "qtool/libquant/config.hpp"
 #include "scheme.hpp"
 #include "simd.hpp"
 
@@ -317,6 +318,103 @@ void fp8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& par
   fp8_dequantize_rows(linear.options.scheme, parts.weight.data(), parts.scale.data(), linear.orig_dtype,
                       linear.options.per_tensor, static_cast<uint64_t>(linear.cols()), row_begin, row_end,
                       out);
+}
+
+std::vector<Part> fp8_parts(const SchemeOptions&) { return {Part::Weight, Part::Scale}; }
+
+std::vector<TensorDecl> fp8_decls(std::string_view module, DType dtype, uint64_t rows, uint64_t cols,
+                                  const SchemeOptions& options) {
+  const auto out = static_cast<int64_t>(rows), in = static_cast<int64_t>(cols);
+  const DType q = options.scheme == Scheme::Fp8E5M2 ? DType::F8_E5M2 : DType::F8_E4M3;
+  std::vector<TensorDecl> decls{{join_name(module, "weight"), q, {out, in}}};
+  if (options.per_tensor)
+    decls.push_back({join_name(module, "weight_scale"), dtype, {1}});
+  else
+    decls.push_back({join_name(module, "weight_scale"), dtype, {out, 1}});
+  return decls;
+}
+
+// The marker is <m>.weight_scale beside an F8 weight (other schemes' weight_scale are not ours).
+std::optional<QuantizedLinear> fp8_recognise(const TensorFinder& f, Component::Entry scale_entry) {
+  const TensorInfo& si = f.info(scale_entry);
+  if (!has_suffix(si.name, "weight_scale")) return std::nullopt;
+  const std::string module = module_of_tensor(si.name);
+  const auto w = f.component().find(join_name(module, "weight"));
+  if (!w)
+    fail(ErrorKind::InvalidInput, f.where_missing(join_name(module, "weight"), scale_entry),
+         " is missing (the weight of this weight_scale)");
+  const TensorInfo& wi = f.info(*w);
+  if (wi.dtype != DType::F8_E4M3 && wi.dtype != DType::F8_E5M2) return std::nullopt;  // not an fp8 weight
+  if (wi.shape.size() != 2) fail(ErrorKind::InvalidInput, f.where(*w), ": shape is not 2-D [out, in]");
+  if (!is_quantizable_dtype(si.dtype))
+    fail(ErrorKind::InvalidInput, f.where(scale_entry), ": dtype ", dtype_name(si.dtype),
+         ", expected BF16, F16 or F32");
+  QuantizedLinear q;
+  q.module = module;
+  q.options.scheme = wi.dtype == DType::F8_E5M2 ? Scheme::Fp8E5M2 : Scheme::Fp8E4M3;
+  q.orig_dtype = si.dtype;
+  q.shape = wi.shape;
+  const auto out = static_cast<uint64_t>(wi.shape[0]);
+  const bool per_channel_shape = (si.shape.size() == 2 && si.shape[1] == 1) || si.shape.size() == 1;
+  if (si.numel() == out && per_channel_shape && !(si.shape.size() == 1 && out == 1)) {
+    q.options.per_tensor = false;
+  } else if (si.numel() == 1 && si.shape.size() <= 1) {
+    q.options.per_tensor = true;
+  } else {
+    fail(ErrorKind::Unsupported, f.where(scale_entry), ": shape ", shape_str(si.shape),
+         " is neither per channel [", out,
+         ", 1] nor per tensor [1] (group and block scales are not supported)");
+  }
+  q.tensor_names = {wi.name, si.name};
+  q.tensor_parts = {Part::Weight, Part::Scale};
+  return q;
+}
+
+void fp8_check_unclaimed(const TensorFinder& f, Component::Entry e) {
+  const TensorInfo& t = f.info(e);
+  if ((t.dtype != DType::F8_E4M3 && t.dtype != DType::F8_E5M2) || !has_suffix(t.name, "weight")) return;
+  fail(ErrorKind::InvalidInput, f.where(e), ": an ", dtype_name(t.dtype), " weight without '",
+       join_name(module_of_tensor(t.name), "weight_scale"),
+       "' (its compressed-tensors scale): its fp8 codes cannot be read as weights");
+}
+
+// The compressed-tensors release whose writer the fp8 quantization_config reproduces (its
+// "version" field); tests/interop/quantize_interop.py compares the two byte for byte.
+constexpr const char* kCompressedTensorsVersion = "0.20.1";
+
+nlohmann::json fp8_loader_config(const SchemeOptions& options, DType,
+                                 const std::vector<std::string>& unquantized_modules) {
+  // What compressed-tensors' own writer (ModelCompressor.update_config, release
+  // kCompressedTensorsVersion) writes for weight-only fp8: the format it infers for a float scheme
+  // without input activations is naive-quantized; "ignore" lists the unquantized modules of the
+  // targeted type (Linear), so embeddings and norms are not in it.
+  std::vector<std::string> ignore;
+  for (const auto& m : unquantized_modules) {
+    const std::string_view leaf =
+        std::string_view(m).substr(m.rfind('.') == std::string::npos ? 0 : m.rfind('.') + 1);
+    const bool norm = leaf.find("norm") != std::string_view::npos || leaf.starts_with("ln_");
+    if (!is_embedding_module(m) && !norm) ignore.push_back(m);
+  }
+  const nlohmann::json weights = {
+      {"num_bits", 8},         {"type", "float"},  {"symmetric", true},
+      {"group_size", nullptr}, {"dynamic", false}, {"strategy", options.per_tensor ? "tensor" : "channel"}};
+  return {{"config_groups",
+           {{"group_0",
+             {{"format", "naive-quantized"},
+              {"input_activations", nullptr},
+              {"output_activations", nullptr},
+              {"targets", {"Linear"}},
+              {"weights", weights}}}}},
+          {"format", "naive-quantized"},
+          {"global_compression_ratio", nullptr},
+          {"ignore", ignore},
+          {"kv_cache_scheme", nullptr},
+          {"moe_sparsity_config", nullptr},
+          {"quant_method", "compressed-tensors"},
+          {"quantization_status", "compressed"},
+          {"sparsity_config", nlohmann::json::object()},
+          {"transform_config", nlohmann::json::object()},
+          {"version", kCompressedTensorsVersion}};
 }
 
 }  // namespace qtool::quant::detail

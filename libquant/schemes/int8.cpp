@@ -200,4 +200,85 @@ void int8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& pa
                        row_begin, row_end, out);
 }
 
+std::vector<Part> int8_parts(const SchemeOptions&) { return {Part::Weight, Part::Scale, Part::WeightFormat}; }
+
+std::vector<TensorDecl> int8_decls(std::string_view module, DType, uint64_t rows, uint64_t cols,
+                                   const SchemeOptions&) {
+  const auto out = static_cast<int64_t>(rows), in = static_cast<int64_t>(cols);
+  return {{join_name(module, "weight"), DType::I8, {out, in}},
+          {join_name(module, "SCB"), DType::F32, {out}},
+          {join_name(module, "weight_format"), DType::U8, {}}};
+}
+
+// The marker is <m>.SCB.
+std::optional<QuantizedLinear> int8_recognise(const TensorFinder& f, Component::Entry scb_entry) {
+  const TensorInfo& scb = f.info(scb_entry);
+  if (!has_suffix(scb.name, "SCB")) return std::nullopt;
+  const std::string module = module_of_tensor(scb.name);
+  const auto w = f.require(join_name(module, "weight"), scb_entry, "the int8 weight of this SCB");
+  const TensorInfo& wi = f.info(w);
+  f.expect_dtype(w, DType::I8);
+  if (wi.shape.size() != 2) fail(ErrorKind::InvalidInput, f.where(w), ": shape is not 2-D [out, in]");
+  f.expect_dtype(scb_entry, DType::F32);
+  f.expect_numel(scb_entry, static_cast<uint64_t>(wi.shape[0]));
+  QuantizedLinear q;
+  q.module = module;
+  q.options.scheme = Scheme::Int8;
+  q.orig_dtype = DType::F16;  // LLM.int8 quantizes the weight cast to float16
+  q.shape = wi.shape;
+  q.tensor_names = {wi.name, scb.name};
+  q.tensor_parts = {Part::Weight, Part::Scale};
+  if (const auto wf = f.component().find(join_name(module, "weight_format"))) {
+    const TensorInfo& fi = f.info(*wf);
+    if (fi.numel() != 1 || (fi.dtype != DType::U8 && fi.dtype != DType::I64 && fi.dtype != DType::I32))
+      fail(ErrorKind::InvalidInput, f.where(*wf), ": dtype ", dtype_name(fi.dtype), " shape ",
+           shape_str(fi.shape), ", expected a U8, I32 or I64 scalar");
+    // The whole little-endian value, not its first byte: I32 256 is not format 0.
+    const auto bytes = f.component().data(*wf);
+    int64_t format = 0;
+    if (fi.dtype == DType::U8) {
+      format = bytes[0];
+    } else if (fi.dtype == DType::I32) {
+      int32_t v;
+      std::memcpy(&v, bytes.data(), sizeof v);
+      format = v;
+    } else {
+      std::memcpy(&format, bytes.data(), sizeof format);
+    }
+    if (format != 0)
+      fail(ErrorKind::Unsupported, f.where(*wf), ": weight format ", format,
+           " is not supported (only 0, row-major)");
+    q.tensor_names.push_back(fi.name);
+    q.tensor_parts.push_back(Part::WeightFormat);
+  }
+  return q;
+}
+
+void int8_check_unclaimed(const TensorFinder& f, Component::Entry e) {
+  const TensorInfo& t = f.info(e);
+  if (t.dtype != DType::I8 || !has_suffix(t.name, "weight")) return;
+  fail(ErrorKind::InvalidInput, f.where(e), ": an I8 weight without '",
+       join_name(module_of_tensor(t.name), "SCB"),
+       "' (the row scales of bitsandbytes LLM.int8): its int8 codes cannot be read as weights");
+}
+
+nlohmann::json bnb_loader_config(const SchemeOptions& options, DType weight_dtype,
+                                 const std::vector<std::string>& unquantized_modules) {
+  const bool four = is_4bit(options.scheme);
+  return {
+      {"quant_method", "bitsandbytes"},
+      {"_load_in_4bit", four},
+      {"_load_in_8bit", !four},
+      {"load_in_4bit", four},
+      {"load_in_8bit", !four},
+      {"llm_int8_threshold", 6.0},
+      {"llm_int8_skip_modules", unquantized_modules},
+      {"llm_int8_enable_fp32_cpu_offload", false},
+      {"llm_int8_has_fp16_weight", false},
+      {"bnb_4bit_quant_type", four ? std::string(scheme_name(options.scheme)) : std::string("fp4")},
+      {"bnb_4bit_use_double_quant", four && options.double_quant},
+      {"bnb_4bit_compute_dtype", four ? std::string(dtype_torch_name(weight_dtype)) : std::string("float32")},
+      {"bnb_4bit_quant_storage", "uint8"}};
+}
+
 }  // namespace qtool::quant::detail

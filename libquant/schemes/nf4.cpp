@@ -19,11 +19,15 @@
 #include <system_error>
 #include <vector>
 
+#include "qtool/formats/checked.hpp"
+#include "qtool/formats/json.hpp"
 #include "scheme.hpp"
 #include "simd.hpp"
 
 namespace qtool::quant::detail {
 namespace {
+
+constexpr std::string_view kQuantStatePrefix = "weight.quant_state.bitsandbytes__";
 
 // NF4 code values (FORMATS.md), float32 bit patterns by 4-bit code.
 constexpr uint32_t kNf4Bits[16] = {0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f,
@@ -442,6 +446,172 @@ void bnb4_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& pa
       out[i - begin] = code[packed[i / 2] >> 4] * a;
       ++i;
     }
+  }
+}
+
+std::vector<Part> bnb4_parts(const SchemeOptions& options) {
+  if (options.double_quant)
+    return {Part::Weight,       Part::Scale,          Part::QuantMap,
+            Part::NestedAbsmax, Part::NestedQuantMap, Part::QuantState};
+  return {Part::Weight, Part::Scale, Part::QuantMap, Part::QuantState};
+}
+
+std::vector<TensorDecl> bnb4_decls(std::string_view module, DType dtype, uint64_t rows, uint64_t cols,
+                                   const SchemeOptions& options) {
+  const uint64_t n = rows * cols;
+  const auto n_blocks = static_cast<int64_t>(ceil_div(n, options.blocksize));
+  std::vector<TensorDecl> decls;
+  decls.push_back({join_name(module, "weight"), DType::U8, {static_cast<int64_t>((n + 1) / 2), 1}});
+  decls.push_back(
+      {join_name(module, "weight.absmax"), options.double_quant ? DType::U8 : DType::F32, {n_blocks}});
+  decls.push_back({join_name(module, "weight.quant_map"), DType::F32, {16}});
+  if (options.double_quant) {
+    decls.push_back({join_name(module, "weight.nested_absmax"),
+                     DType::F32,
+                     {static_cast<int64_t>(ceil_div(static_cast<uint64_t>(n_blocks), kNestedBlocksize))}});
+    decls.push_back({join_name(module, "weight.nested_quant_map"), DType::F32, {256}});
+  }
+  // The quant_state part's declared size: the longest its JSON can be (with double quant the length
+  // depends on nested_offset's repr; the part is then variable-length).
+  decls.push_back({join_name(module, str_cat(kQuantStatePrefix, scheme_name(options.scheme))),
+                   DType::U8,
+                   {static_cast<int64_t>(quant_state_max_size(dtype, rows, cols, options))},
+                   options.double_quant});
+  return decls;
+}
+
+namespace {
+
+QuantizedLinear bnb4_read(const TensorFinder& f, Component::Entry state_entry, std::string_view suffix_type) {
+  const Component& comp = f.component();
+  const TensorInfo& st = comp.info(state_entry);
+  const std::string module = module_of_tensor(st.name);
+  if (st.dtype != DType::U8)
+    fail(ErrorKind::InvalidInput, f.where(state_entry), ": dtype ", dtype_name(st.dtype),
+         ", expected U8 JSON bytes");
+  const auto bytes = comp.data(state_entry);
+  const nlohmann::json j =
+      parse_json(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()),
+                 str_cat(f.where(state_entry), ": quant_state"));
+  auto bad = [&](std::string_view key, std::string_view msg) {
+    fail(ErrorKind::InvalidInput, f.where(state_entry), ": quant_state key '", key, "' ", msg);
+  };
+  if (!j.is_object()) bad("", "is not a JSON object");
+  auto get = [&](std::string_view key) -> const nlohmann::json& {
+    const auto it = j.find(std::string(key));
+    if (it == j.end()) bad(key, "is missing");
+    return *it;
+  };
+  QuantizedLinear q;
+  q.module = module;
+  const auto& quant_type = get("quant_type");
+  if (!quant_type.is_string() || quant_type.get<std::string>() != suffix_type)
+    bad("quant_type", str_cat("does not match the tensor name (", suffix_type, ")"));
+  q.options.scheme = suffix_type == "nf4" ? Scheme::Nf4 : Scheme::Fp4;
+  const auto& bs = get("blocksize");
+  if (!bs.is_number_unsigned() || bs.get<uint64_t>() > kMaxBlocksize)
+    bad("blocksize", "is not a power of two from 32 to 4096");
+  q.options.blocksize = bs.get<uint32_t>();
+  try {
+    validate_options(q.options, f.where(state_entry));
+  } catch (const Error&) {
+    bad("blocksize", str_cat("= ", q.options.blocksize, " is not a power of two from 32 to 4096"));
+  }
+  const auto& dt = get("dtype");
+  const std::string dts = dt.is_string() ? dt.get<std::string>() : "";
+  if (dts == "bfloat16")
+    q.orig_dtype = DType::BF16;
+  else if (dts == "float16")
+    q.orig_dtype = DType::F16;
+  else if (dts == "float32")
+    q.orig_dtype = DType::F32;
+  else
+    bad("dtype", str_cat("= '", dts, "' is not bfloat16, float16 or float32"));
+  const auto& shape = get("shape");
+  if (!shape.is_array() || shape.size() != 2 || !shape[0].is_number_unsigned() ||
+      !shape[1].is_number_unsigned())
+    bad("shape", "is not a 2-D shape [out, in]");
+  const uint64_t rows = shape[0].get<uint64_t>(), cols = shape[1].get<uint64_t>();
+  if (rows == 0 || cols == 0) bad("shape", "is empty");
+  // The element count, and the bytes of its bf16 or f32 dequantized form, must have a size.
+  if (rows > INT64_MAX || cols > INT64_MAX || !checked_mul(rows, cols, 4))
+    bad("shape", str_cat("[", rows, ", ", cols, "] has more elements than fit in 64 bits"));
+  q.shape = {static_cast<int64_t>(rows), static_cast<int64_t>(cols)};
+  if (j.contains("nested_absmax") || j.contains("nested_offset") || j.contains("nested_blocksize")) {
+    q.options.double_quant = true;
+    const auto& nb = get("nested_blocksize");
+    if (!nb.is_number_unsigned() || nb.get<uint64_t>() != kNestedBlocksize)
+      bad("nested_blocksize", "is not 256");
+    const auto& nd = get("nested_dtype");
+    if (!nd.is_string() || nd.get<std::string>() != "float32") bad("nested_dtype", "is not \"float32\"");
+    const auto& off = get("nested_offset");
+    if (!off.is_number()) bad("nested_offset", "is not a number");
+    q.nested_offset = static_cast<float>(off.get<double>());
+    if (!std::isfinite(q.nested_offset)) bad("nested_offset", "is not finite");
+  }
+  const uint64_t n = q.numel();
+  const uint64_t n_blocks = q.n_blocks();
+  const auto w = f.require(join_name(module, "weight"), state_entry, "the packed 4-bit weight");
+  f.expect_dtype(w, DType::U8);
+  f.expect_numel(w, (n + 1) / 2);
+  const auto absmax = f.require(join_name(module, "weight.absmax"), state_entry, "the block absmax");
+  f.expect_dtype(absmax, q.options.double_quant ? DType::U8 : DType::F32);
+  f.expect_numel(absmax, n_blocks);
+  const auto qmap = f.require(join_name(module, "weight.quant_map"), state_entry, "the 4-bit code values");
+  f.expect_dtype(qmap, DType::F32);
+  f.expect_numel(qmap, 16);
+  q.tensor_names = {comp.info(w).name, comp.info(absmax).name, comp.info(qmap).name};
+  q.tensor_parts = {Part::Weight, Part::Scale, Part::QuantMap};
+  if (q.options.double_quant) {
+    const auto na = f.require(join_name(module, "weight.nested_absmax"), state_entry, "double quant");
+    f.expect_dtype(na, DType::F32);
+    f.expect_numel(na, ceil_div(n_blocks, kNestedBlocksize));
+    const auto nm = f.require(join_name(module, "weight.nested_quant_map"), state_entry, "double quant");
+    f.expect_dtype(nm, DType::F32);
+    f.expect_numel(nm, 256);
+    q.tensor_names.push_back(comp.info(na).name);
+    q.tensor_names.push_back(comp.info(nm).name);
+    q.tensor_parts.push_back(Part::NestedAbsmax);
+    q.tensor_parts.push_back(Part::NestedQuantMap);
+  } else {
+    for (std::string_view s : {"weight.nested_absmax", "weight.nested_quant_map"})
+      if (const auto e = comp.find(join_name(module, s)))
+        fail(ErrorKind::InvalidInput, f.where(*e), ": present, but the quant_state has no nested_offset");
+  }
+  q.tensor_names.push_back(st.name);
+  q.tensor_parts.push_back(Part::QuantState);
+  return q;
+}
+
+}  // namespace
+
+// The marker is <m>.weight.quant_state.bitsandbytes__<type>.
+std::optional<QuantizedLinear> bnb4_recognise(const TensorFinder& f, Component::Entry e) {
+  const std::string& name = f.info(e).name;
+  const size_t p = name.rfind(kQuantStatePrefix);
+  if (p == std::string::npos || (p != 0 && name[p - 1] != '.') ||
+      name.find('.', p + kQuantStatePrefix.size()) != std::string::npos)
+    return std::nullopt;
+  const std::string type = name.substr(p + kQuantStatePrefix.size());
+  if (type != "nf4" && type != "fp4")
+    fail(ErrorKind::Unsupported, f.where(e), ": quant type '", type, "' is not supported (nf4, fp4)");
+  return bnb4_read(f, e, type);
+}
+
+void bnb4_check_unclaimed(const TensorFinder& f, Component::Entry e) {
+  const std::string& name = f.info(e).name;
+  if (name.ends_with(".weight.absmax"))
+    fail(ErrorKind::InvalidInput, f.where(e),
+         ": 4-bit absmax without a weight.quant_state.bitsandbytes__nf4/fp4");
+}
+
+void bnb4_read_written_state(QuantizedLinear& linear, std::span<const std::span<uint8_t>> outs) {
+  if (!linear.options.double_quant) return;
+  for (size_t i = 0; i < linear.tensor_parts.size(); ++i) {
+    if (linear.tensor_parts[i] != Part::QuantState) continue;
+    const auto& bytes = outs[i];
+    const nlohmann::json state = nlohmann::json::parse(bytes.begin(), bytes.end());
+    linear.nested_offset = state.at("nested_offset").get<float>();
   }
 }
 

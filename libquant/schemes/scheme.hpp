@@ -12,10 +12,14 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
+#include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/libquant/quant.hpp"
@@ -181,33 +185,134 @@ void dynamic_dequantize(const uint8_t* q, const float* map, const float* nested_
 const std::array<float, 256>& dynamic_map_table();
 
 // --- The scheme table (scheme_table.cpp) ----------------------------------------------------------
+
+// The error of a quantized weight against the original (convert's statistics).
+struct ErrorSums {
+  double sum_sq_ref = 0;  // sum of w^2
+  double sum_sq_err = 0;  // sum of (dequant - w)^2
+  float max_abs_err = 0;  // max |dequant - w|
+  void add(const ErrorSums& o);
+};
+
+// What a scheme's recogniser reads a component through (quant.cpp): its tensors, and errors that
+// name the file and the tensor.
+class TensorFinder {
+ public:
+  explicit TensorFinder(const Component& comp) : comp_(comp) {}
+  const Component& component() const { return comp_; }
+  const TensorInfo& info(Component::Entry e) const { return comp_.info(e); }
+  std::string where(Component::Entry e) const;
+  std::string where_missing(std::string_view name, Component::Entry near) const;
+  // The tensor `name`, or Error(InvalidInput) "... is missing (why)".
+  Component::Entry require(std::string_view name, Component::Entry near, std::string_view why) const;
+  void expect_dtype(Component::Entry e, DType dt) const;
+  void expect_numel(Component::Entry e, uint64_t n) const;
+
+ private:
+  const Component& comp_;
+};
+
+// `module`.`suffix` ("a.b" + "weight" -> "a.b.weight"; an empty module gives the suffix).
+std::string join_name(std::string_view module, std::string_view suffix);
+// "[2, 3]".
+std::string shape_str(std::span<const int64_t> shape);
+inline uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
+// `name` is `suffix` or ends with "." + `suffix`.
+inline bool has_suffix(std::string_view name, std::string_view suffix) {
+  return name == suffix || (name.size() > suffix.size() && name.ends_with(suffix) &&
+                            name[name.size() - suffix.size() - 1] == '.');
+}
+
+// One row of the scheme table: the facts (SchemeInfo) and the functions of a scheme. Functions
+// that may be null say so.
 struct SchemeEntry {
-  Scheme scheme;
-  std::string_view name;
-  // Quantizes the whole weight into outs (scheme_parts order, sizes checked by the caller).
+  SchemeInfo info = {};
+  // Other spellings parse_scheme accepts ("fp8" for fp8_e4m3).
+  std::span<const std::string_view> aliases = {};
+  // The parts of a quantized linear, in the order of decls.
+  std::vector<Part> (*parts)(const SchemeOptions& options) = nullptr;
+  // The tensors of linear `module` whose [rows, cols] weight is `dtype` (checked by the caller).
+  std::vector<TensorDecl> (*decls)(std::string_view module, DType dtype, uint64_t rows, uint64_t cols,
+                                   const SchemeOptions& options) = nullptr;
+  // Quantizes the whole weight into outs (decls order, sizes checked by the caller).
   // `range_done` (may be empty) as quantize_weight_into promises it (quant.hpp).
   void (*quantize)(const WeightView& w, const SchemeOptions& options,
                    std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
-                   const RangeDone& range_done);
+                   const RangeDone& range_done) = nullptr;
   // Rows [row_begin, row_end) of the dequantized weight in float32.
   void (*dequantize_rows)(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
-                          uint64_t row_begin, uint64_t row_end);
+                          uint64_t row_begin, uint64_t row_end) = nullptr;
+  // Recognising: called with every tensor of a component; returns the linear whose marker tensor
+  // (e.g. its SCB) `e` is, nullopt for any other tensor; Error(InvalidInput) for inconsistent
+  // state. Schemes sharing a recogniser (nf4 and fp4) have it called once.
+  std::optional<QuantizedLinear> (*recognise)(const TensorFinder& finder, Component::Entry e) = nullptr;
+  // Called with every tensor of a module no scheme claimed: throws for this scheme's codes or
+  // state without their marker (an I8 weight without SCB). May be null.
+  void (*check_unclaimed)(const TensorFinder& finder, Component::Entry e) = nullptr;
+  // With a double-quant style quant_state: fills what recognise reads from it into `linear` from
+  // freshly written parts (outs in decls order). May be null.
+  void (*read_written_state)(QuantizedLinear& linear, std::span<const std::span<uint8_t>> outs) = nullptr;
+  // The `quantization_config` of a model folder's config.json (FORMATS.md): the loader's own.
+  nlohmann::json (*loader_config)(const SchemeOptions& options, DType weight_dtype,
+                                  const std::vector<std::string>& unquantized_modules) = nullptr;
+  // Error statistics over elements [begin, end) (whole rows when info.rowwise) in one pass over the
+  // quantized and the original bytes. Null: through dequantize_rows (error_stats_generic).
+  void (*accumulate_error)(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                           const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums,
+                           Impl impl) = nullptr;
 };
 const SchemeEntry& scheme_entry(Scheme scheme);
+// Adds a scheme to the table (from a test or a plugin, at static initialisation or before any
+// thread uses the table) and returns the value that names it; entry.info.scheme is ignored.
+// Error(InvalidInput) for a name or alias the table already has, or a table that is full.
+Scheme register_scheme(const SchemeEntry& entry);
 
 // The whole-tensor drivers of each scheme (used by the table).
 void int8_quantize(const WeightView& w, const SchemeOptions& options,
-                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl, const RangeDone& range_done);
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
+                   const RangeDone& range_done);
 void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<const std::span<uint8_t>> outs,
                   ThreadPool& pool, Impl impl, const RangeDone& range_done);
 void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
-                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl, const RangeDone& range_done);
+                   std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
+                   const RangeDone& range_done);
 void int8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
                             uint64_t row_begin, uint64_t row_end);
 void fp8_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
                            uint64_t row_begin, uint64_t row_end);
 void bnb4_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,
                             uint64_t row_begin, uint64_t row_end);
+
+// Their layouts (parts, decls), recognisers and loader configs (used by the table).
+std::vector<Part> int8_parts(const SchemeOptions& options);
+std::vector<Part> fp8_parts(const SchemeOptions& options);
+std::vector<Part> bnb4_parts(const SchemeOptions& options);
+std::vector<TensorDecl> int8_decls(std::string_view module, DType dtype, uint64_t rows, uint64_t cols,
+                                   const SchemeOptions& options);
+std::vector<TensorDecl> fp8_decls(std::string_view module, DType dtype, uint64_t rows, uint64_t cols,
+                                  const SchemeOptions& options);
+std::vector<TensorDecl> bnb4_decls(std::string_view module, DType dtype, uint64_t rows, uint64_t cols,
+                                   const SchemeOptions& options);
+std::optional<QuantizedLinear> int8_recognise(const TensorFinder& finder, Component::Entry e);
+std::optional<QuantizedLinear> fp8_recognise(const TensorFinder& finder, Component::Entry e);
+std::optional<QuantizedLinear> bnb4_recognise(const TensorFinder& finder, Component::Entry e);
+void int8_check_unclaimed(const TensorFinder& finder, Component::Entry e);
+void fp8_check_unclaimed(const TensorFinder& finder, Component::Entry e);
+void bnb4_check_unclaimed(const TensorFinder& finder, Component::Entry e);
+void bnb4_read_written_state(QuantizedLinear& linear, std::span<const std::span<uint8_t>> outs);
+// bitsandbytes' config (transformers' BitsAndBytesConfig.to_dict) for int8, nf4 and fp4.
+nlohmann::json bnb_loader_config(const SchemeOptions& options, DType weight_dtype,
+                                 const std::vector<std::string>& unquantized_modules);
+// compressed-tensors' naive-quantized config for weight-only fp8.
+nlohmann::json fp8_loader_config(const SchemeOptions& options, DType weight_dtype,
+                                 const std::vector<std::string>& unquantized_modules);
+// Error statistics (src/convert_stats.cpp: scalar, AVX2 and AVX-512 paths).
+void int8_accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                           const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums, Impl impl);
+void fp8_accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                          const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums, Impl impl);
+void bnb4_accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                           const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums, Impl impl);
 
 // The quant_state JSON of a 4-bit weight (FORMATS.md), byte for byte what bitsandbytes'
 // QuantState.as_dict(packed=True) writes through json.dumps: the same keys in the same order,

@@ -28,13 +28,6 @@ std::string join_key(std::string_view prefix, std::string_view key) {
 
 std::string in_quotes(std::string_view s) { return str_cat("'", s, "'"); }
 
-// The option keys each scheme has.
-bool scheme_has_option(Scheme scheme, std::string_view key) {
-  if (key == "blocksize" || key == "double_quant") return is_4bit(scheme);
-  if (key == "per_tensor" || key == "strategy") return is_fp8(scheme);
-  return false;
-}
-
 bool is_option_key(std::string_view key) {
   return key == "blocksize" || key == "double_quant" || key == "per_tensor" || key == "strategy";
 }
@@ -289,11 +282,9 @@ QuantConfig config_for_scheme(const SchemeOptions& options) {
 json options_to_json(const SchemeOptions& options) {
   json j = json::object();
   j["scheme"] = std::string(scheme_name(options.scheme));
-  if (is_4bit(options.scheme)) {
-    j["blocksize"] = options.blocksize;
-    j["double_quant"] = options.double_quant;
-  }
-  if (is_fp8(options.scheme)) j["per_tensor"] = options.per_tensor;
+  if (scheme_has_option(options.scheme, "blocksize")) j["blocksize"] = options.blocksize;
+  if (scheme_has_option(options.scheme, "double_quant")) j["double_quant"] = options.double_quant;
+  if (scheme_has_option(options.scheme, "per_tensor")) j["per_tensor"] = options.per_tensor;
   return j;
 }
 

@@ -276,14 +276,7 @@ QuantizedLinear linear_from_output(const std::string& module, const SchemeOption
   linear.shape.assign(shape.begin(), shape.end());
   linear.tensor_parts = scheme_parts(options);
   for (const auto& d : decls) linear.tensor_names.push_back(d.name);
-  if (is_4bit(options.scheme) && options.double_quant) {
-    for (size_t i = 0; i < linear.tensor_parts.size(); ++i) {
-      if (linear.tensor_parts[i] != Part::QuantState) continue;
-      const auto& bytes = outs[i];
-      const json state = json::parse(bytes.begin(), bytes.end());
-      linear.nested_offset = state.at("nested_offset").get<float>();
-    }
-  }
+  if (const auto read = detail::scheme_entry(options.scheme).read_written_state) read(linear, outs);
   return linear;
 }
 
@@ -422,60 +415,9 @@ double sqnr_of(double sum_ref, double sum_err) {
 double TensorReport::rel_rms() const { return rel_rms_of(sum_sq_ref, sum_sq_err); }
 double TensorReport::sqnr_db() const { return sqnr_of(sum_sq_ref, sum_sq_err); }
 
-// The compressed-tensors release whose writer the fp8 quantization_config reproduces (its
-// "version" field); tests/interop/quantize_interop.py compares the two byte for byte.
-constexpr const char* kCompressedTensorsVersion = "0.20.1";
-
 json quantization_config_json(const SchemeOptions& options, DType weight_dtype,
                               const std::vector<std::string>& unquantized_modules) {
-  if (is_fp8(options.scheme)) {
-    // What compressed-tensors' own writer (ModelCompressor.update_config, release
-    // kCompressedTensorsVersion) writes for weight-only fp8: the format it infers for a float scheme
-    // without input activations is naive-quantized; "ignore" lists the unquantized modules of the
-    // targeted type (Linear), so embeddings and norms are not in it.
-    std::vector<std::string> ignore;
-    for (const auto& m : unquantized_modules) {
-      const std::string_view leaf =
-          std::string_view(m).substr(m.rfind('.') == std::string::npos ? 0 : m.rfind('.') + 1);
-      const bool norm = leaf.find("norm") != std::string_view::npos || leaf.starts_with("ln_");
-      if (!is_embedding_module(m) && !norm) ignore.push_back(m);
-    }
-    const json weights = {{"num_bits", 8},     {"type", "float"},
-                          {"symmetric", true}, {"group_size", nullptr},
-                          {"dynamic", false},  {"strategy", options.per_tensor ? "tensor" : "channel"}};
-    return {{"config_groups",
-             {{"group_0",
-               {{"format", "naive-quantized"},
-                {"input_activations", nullptr},
-                {"output_activations", nullptr},
-                {"targets", {"Linear"}},
-                {"weights", weights}}}}},
-            {"format", "naive-quantized"},
-            {"global_compression_ratio", nullptr},
-            {"ignore", ignore},
-            {"kv_cache_scheme", nullptr},
-            {"moe_sparsity_config", nullptr},
-            {"quant_method", "compressed-tensors"},
-            {"quantization_status", "compressed"},
-            {"sparsity_config", json::object()},
-            {"transform_config", json::object()},
-            {"version", kCompressedTensorsVersion}};
-  }
-  const bool four = is_4bit(options.scheme);
-  return {
-      {"quant_method", "bitsandbytes"},
-      {"_load_in_4bit", four},
-      {"_load_in_8bit", !four},
-      {"load_in_4bit", four},
-      {"load_in_8bit", !four},
-      {"llm_int8_threshold", 6.0},
-      {"llm_int8_skip_modules", unquantized_modules},
-      {"llm_int8_enable_fp32_cpu_offload", false},
-      {"llm_int8_has_fp16_weight", false},
-      {"bnb_4bit_quant_type", four ? std::string(scheme_name(options.scheme)) : std::string("fp4")},
-      {"bnb_4bit_use_double_quant", four && options.double_quant},
-      {"bnb_4bit_compute_dtype", four ? std::string(dtype_torch_name(weight_dtype)) : std::string("float32")},
-      {"bnb_4bit_quant_storage", "uint8"}};
+  return detail::scheme_entry(options.scheme).loader_config(options, weight_dtype, unquantized_modules);
 }
 
 json report_to_json(const ConvertReport& report) {
@@ -666,22 +608,19 @@ struct ConvertRun {
 // ------------------------------------------------------------------------------------------------
 // quantize
 
-// A folder's fp8 output carries compressed-tensors' quantization_config, whose schema cannot say
-// e5m2: its 8-bit float type is always float8_e4m3fn, so transformers and vLLM would load the
-// e5m2 codes as e4m3 without a word. Refused before anything is written.
+// A scheme a loader's quantization_config cannot express (fp8_e5m2: compressed-tensors' 8-bit
+// float is always float8_e4m3fn, so transformers and vLLM would load the codes as e4m3 without a
+// word) is refused for a model folder before anything is written.
 namespace {
-void refuse_e5m2_with_config(const Checkpoint& checkpoint, const QuantPlan& plan) {
+void refuse_inexpressible(const Checkpoint& checkpoint, const QuantPlan& plan) {
   for (const Component& component : checkpoint.components()) {
     const ComponentPlan* cp = plan.find(component.name());
-    if (!cp || !cp->options || cp->options->scheme != Scheme::Fp8E5M2 || cp->quantized_modules.empty())
-      continue;
-    fail(ErrorKind::InvalidInput, "fp8_e5m2 for ",
+    if (!cp || !cp->options || cp->quantized_modules.empty()) continue;
+    const SchemeInfo& info = scheme_info(cp->options->scheme);
+    if (info.folder_refusal.empty()) continue;
+    fail(ErrorKind::InvalidInput, info.name, " for ",
          component.name().empty() ? std::string("the model") : "component '" + component.name() + "'", " of ",
-         checkpoint.root().string(),
-         ": compressed-tensors' quantization_config cannot express e5m2 weights (its 8-bit float is "
-         "always float8_e4m3fn), so transformers and vLLM would read the codes as e4m3 without a warning; "
-         "use fp8_e4m3 (\"fp8\") for a model folder, or quantize a single .safetensors file, which has no "
-         "quantization_config and keeps the F8_E5M2 dtype in its header");
+         checkpoint.root().string(), ": ", info.folder_refusal);
   }
 }
 }  // namespace
@@ -704,7 +643,7 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
   for (const auto& w : plan.warnings) add_warning(report, options, w);
   const std::string fingerprint = checkpoint.fingerprint();
   const bool is_file = checkpoint.layout() == Checkpoint::Layout::File;
-  if (!is_file) refuse_e5m2_with_config(checkpoint, plan);
+  if (!is_file) refuse_inexpressible(checkpoint, plan);
 
   // Two output buffers: one being filled while the other is written.
   constexpr size_t kBuffers = 2;
@@ -868,11 +807,12 @@ ConvertReport quantize_checkpoint(const fs::path& input, const QuantConfig& conf
       write_json_file(out_dir / "config.json", cfg);
       written_configs.insert(normal_abs(component.dir() / "config.json"));
     }
-    if (is_file && cp->options && cp->options->scheme == Scheme::Fp8E5M2 && !cp->quantized_modules.empty()) {
+    if (is_file && cp->options && !scheme_info(cp->options->scheme).file_warning.empty() &&
+        !cp->quantized_modules.empty()) {
       add_warning(report, options,
                   str_cat(component.name().empty() ? std::string("the model")
                                                    : "component '" + component.name() + "'",
-                          ": fp8_e5m2 is read by qtool; compressed-tensors loaders expect fp8_e4m3 weights"));
+                          ": ", scheme_info(cp->options->scheme).file_warning));
     }
     report.bytes_in += cr.bytes_in;
     report.bytes_out += cr.bytes_out;
@@ -951,7 +891,7 @@ ConvertReport dequantize_checkpoint(const fs::path& input, const fs::path& outpu
     }
     auto out_dtype_of = [&](const QuantizedLinear& l) {
       if (dtype) return *dtype;
-      if (l.options.scheme == Scheme::Int8) return fallback;
+      if (!scheme_info(l.options.scheme).records_orig_dtype) return fallback;
       return l.orig_dtype;
     };
 

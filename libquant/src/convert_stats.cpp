@@ -466,153 +466,139 @@ void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, D
   accumulate_error_elements(linear, parts, dtype, original, row_begin * cols, row_end * cols, sums, impl);
 }
 
+namespace {
+
+// The paths `impl` allows on this CPU.
+struct StatsPath {
+  bool simd = false;    // AVX2 + FMA
+  bool avx512 = false;  // AVX-512
+};
+StatsPath stats_path([[maybe_unused]] Impl impl) {
+  StatsPath path;
+#ifdef QTOOL_STATS_SIMD
+  path.simd = impl != Impl::Reference && cpu_has_avx2();
+  path.avx512 = path.simd && use_avx512(impl);
+#endif
+  return path;
+}
+
+// fn.template operator()<D>() with D the original weight's dtype (BF16, F16, else F32).
+template <typename Fn>
+void with_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::BF16: fn.template operator()<DType::BF16>(); return;
+    case DType::F16: fn.template operator()<DType::F16>(); return;
+    default: fn.template operator()<DType::F32>(); return;
+  }
+}
+
+}  // namespace
+
+void int8_accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                           const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums,
+                           Impl impl) {
+  const size_t cols = static_cast<size_t>(linear.cols());
+  const size_t r0 = begin / cols, r1 = end / cols;
+  const uint8_t* q = parts.weight.data();
+  const uint8_t* scb = parts.scale.data();
+  ErrorSums local;
+  [[maybe_unused]] const StatsPath path = stats_path(impl);
+#ifdef QTOOL_STATS_SIMD
+  if (path.avx512)
+    with_dtype(dtype, [&]<DType D>() { int8_avx512<D>(q, scb, original, cols, r0, r1, local); });
+  else if (path.simd)
+    with_dtype(dtype, [&]<DType D>() { int8_avx2<D>(q, scb, original, cols, r0, r1, local); });
+  else
+#endif
+    int8_scalar(q, scb, dtype, original, cols, r0, r1, local);
+  sums.add(local);
+}
+
+void fp8_accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                          const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums, Impl impl) {
+  const Scheme scheme = linear.options.scheme;
+  const size_t cols = static_cast<size_t>(linear.cols());
+  const size_t r0 = begin / cols, r1 = end / cols;
+  const auto table = fp8_table(scheme);
+  const bool per_tensor = linear.options.per_tensor;
+  const uint8_t* q = parts.weight.data();
+  const uint8_t* scales = parts.scale.data();
+  ErrorSums local;
+  [[maybe_unused]] const StatsPath path = stats_path(impl);
+#ifdef QTOOL_STATS_SIMD
+  if (path.avx512)
+    with_dtype(dtype, [&]<DType D>() {
+      fp8_avx512<D>(scheme, table.data(), q, scales, per_tensor, original, cols, r0, r1, local);
+    });
+  else if (path.simd)
+    with_dtype(dtype, [&]<DType D>() {
+      fp8_avx2<D>(scheme, table.data(), q, scales, per_tensor, original, cols, r0, r1, local);
+    });
+  else
+#endif
+    fp8_scalar(table.data(), q, scales, dtype, per_tensor, original, cols, r0, r1, local);
+  sums.add(local);
+}
+
+void bnb4_accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                           const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums,
+                           Impl impl) {
+  const uint32_t bs = linear.options.blocksize;
+  const size_t i0 = begin, i1 = end;
+  const size_t b0 = i0 / bs, b1 = (i1 - 1) / bs + 1;
+  std::vector<float> absmax(b1 - b0);
+  decode_absmax(linear, parts, absmax.data(), b0, b1);
+  const auto code = bnb4_codes(linear, parts);
+  const uint8_t* packed = parts.weight.data();
+  ErrorSums local;
+  [[maybe_unused]] const StatsPath path = stats_path(impl);
+#ifdef QTOOL_STATS_SIMD
+  if (path.avx512)
+    with_dtype(dtype, [&]<DType D>() {
+      bnb4_avx512<D>(code.data(), absmax.data(), b0, bs, packed, original, i0, i1, local);
+    });
+  else if (path.simd)
+    with_dtype(dtype, [&]<DType D>() {
+      bnb4_avx2<D>(code.data(), absmax.data(), b0, bs, packed, original, i0, i1, local);
+    });
+  else
+#endif
+    bnb4_scalar(code.data(), absmax.data(), b0, bs, packed, dtype, original, i0, i1, local);
+  sums.add(local);
+}
+
+namespace {
+
+// Any scheme, through its dequantizer: the rows covering [begin, end) in float32, then compared.
+void error_stats_generic(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                         const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums) {
+  const auto cols = static_cast<uint64_t>(linear.cols());
+  const auto dequantize_rows = scheme_entry(linear.options.scheme).dequantize_rows;
+  constexpr uint64_t kRowsPerStep = 16;
+  std::vector<float> rows;
+  ScalarAcc acc(sums);
+  for (uint64_t r = begin / cols; r * cols < end; r += kRowsPerStep) {
+    const uint64_t re = std::min<uint64_t>(r + kRowsPerStep, (end + cols - 1) / cols);
+    rows.resize((re - r) * cols);
+    dequantize_rows(linear, parts, rows.data(), r, re);
+    for (uint64_t i = std::max(begin, r * cols); i < std::min(end, re * cols); ++i)
+      acc.add(load_original(dtype, original, i), rows[i - r * cols]);
+  }
+}
+
+}  // namespace
+
 void accumulate_error_elements(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
-                               const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums, Impl impl) {
+                               const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums,
+                               Impl impl) {
   if (begin >= end) return;
   const size_t cols = static_cast<size_t>(linear.cols());
-  const bool rowwise = !is_4bit(linear.options.scheme);
-  QTOOL_ASSERT(!rowwise || (cols > 0 && begin % cols == 0 && end % cols == 0));
-  const size_t row_begin = rowwise ? begin / cols : 0, row_end = rowwise ? end / cols : 0;
-  ErrorSums local;
-#ifdef QTOOL_STATS_SIMD
-  const bool simd = impl != Impl::Reference && cpu_has_avx2();
-  const bool avx512 = simd && use_avx512(impl);
-#else
-  (void)impl;
-  const bool simd = false;
-#endif
-  const Scheme scheme = linear.options.scheme;
-  if (scheme == Scheme::Int8) {
-#ifdef QTOOL_STATS_SIMD
-    if (avx512) {
-      switch (dtype) {
-        case DType::BF16:
-          int8_avx512<DType::BF16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
-                                   local);
-          break;
-        case DType::F16:
-          int8_avx512<DType::F16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
-                                  local);
-          break;
-        default:
-          int8_avx512<DType::F32>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
-                                  local);
-          break;
-      }
-      sums.add(local);
-      return;
-    }
-    if (simd) {
-      switch (dtype) {
-        case DType::BF16:
-          int8_avx2<DType::BF16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
-                                 local);
-          break;
-        case DType::F16:
-          int8_avx2<DType::F16>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
-                                local);
-          break;
-        default:
-          int8_avx2<DType::F32>(parts.weight.data(), parts.scale.data(), original, cols, row_begin, row_end,
-                                local);
-          break;
-      }
-      sums.add(local);
-      return;
-    }
-#endif
-    int8_scalar(parts.weight.data(), parts.scale.data(), dtype, original, cols, row_begin, row_end, local);
-  } else if (is_fp8(scheme)) {
-    const auto table = fp8_table(scheme);
-    const bool per_tensor = linear.options.per_tensor;
-#ifdef QTOOL_STATS_SIMD
-    if (avx512) {
-      switch (dtype) {
-        case DType::BF16:
-          fp8_avx512<DType::BF16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
-                                  original, cols, row_begin, row_end, local);
-          break;
-        case DType::F16:
-          fp8_avx512<DType::F16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
-                                 original, cols, row_begin, row_end, local);
-          break;
-        default:
-          fp8_avx512<DType::F32>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
-                                 original, cols, row_begin, row_end, local);
-          break;
-      }
-      sums.add(local);
-      return;
-    }
-    if (simd) {
-      switch (dtype) {
-        case DType::BF16:
-          fp8_avx2<DType::BF16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
-                                original, cols, row_begin, row_end, local);
-          break;
-        case DType::F16:
-          fp8_avx2<DType::F16>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
-                               original, cols, row_begin, row_end, local);
-          break;
-        default:
-          fp8_avx2<DType::F32>(scheme, table.data(), parts.weight.data(), parts.scale.data(), per_tensor,
-                               original, cols, row_begin, row_end, local);
-          break;
-      }
-      sums.add(local);
-      return;
-    }
-#endif
-    fp8_scalar(table.data(), parts.weight.data(), parts.scale.data(), dtype, per_tensor, original, cols,
-               row_begin, row_end, local);
-  } else {
-    const uint32_t bs = linear.options.blocksize;
-    const size_t i0 = begin, i1 = end;
-    const size_t b0 = i0 / bs, b1 = (i1 - 1) / bs + 1;
-    std::vector<float> absmax(b1 - b0);
-    decode_absmax(linear, parts, absmax.data(), b0, b1);
-    const auto code = bnb4_codes(linear, parts);
-#ifdef QTOOL_STATS_SIMD
-    if (avx512) {
-      switch (dtype) {
-        case DType::BF16:
-          bnb4_avx512<DType::BF16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
-                                   local);
-          break;
-        case DType::F16:
-          bnb4_avx512<DType::F16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
-                                  local);
-          break;
-        default:
-          bnb4_avx512<DType::F32>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
-                                  local);
-          break;
-      }
-      sums.add(local);
-      return;
-    }
-    if (simd) {
-      switch (dtype) {
-        case DType::BF16:
-          bnb4_avx2<DType::BF16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
-                                 local);
-          break;
-        case DType::F16:
-          bnb4_avx2<DType::F16>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
-                                local);
-          break;
-        default:
-          bnb4_avx2<DType::F32>(code.data(), absmax.data(), b0, bs, parts.weight.data(), original, i0, i1,
-                                local);
-          break;
-      }
-      sums.add(local);
-      return;
-    }
-#endif
-    bnb4_scalar(code.data(), absmax.data(), b0, bs, parts.weight.data(), dtype, original, i0, i1, local);
-  }
-  sums.add(local);
+  const SchemeEntry& entry = scheme_entry(linear.options.scheme);
+  QTOOL_ASSERT(!entry.info.rowwise || (cols > 0 && begin % cols == 0 && end % cols == 0));
+  if (entry.accumulate_error)
+    entry.accumulate_error(linear, parts, dtype, original, begin, end, sums, impl);
+  else
+    error_stats_generic(linear, parts, dtype, original, begin, end, sums);
 }
 
 }  // namespace qtool::quant::detail

@@ -13,13 +13,6 @@
 
 namespace qtool::quant::detail {
 
-struct ErrorSums {
-  double sum_sq_ref = 0;  // sum of w^2
-  double sum_sq_err = 0;  // sum of (dequant - w)^2
-  float max_abs_err = 0;  // max |dequant - w|
-  void add(const ErrorSums& o);
-};
-
 // Adds rows [row_begin, row_end) of `linear` (whose tensors are `parts`) against the original
 // weight `original` (row-major [out, in] of `dtype`: BF16, F16 or F32) to `sums`.
 // `impl`: Fast uses the AVX-512 or AVX2 path when the CPU has it, FastAvx2 the AVX2 path, Reference

@@ -22,24 +22,9 @@ using detail::WeightView;
 
 namespace {
 
-constexpr std::string_view kQuantStatePrefix = "weight.quant_state.bitsandbytes__";
-
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-
-std::string join_name(std::string_view module, std::string_view suffix) {
-  if (module.empty()) return std::string(suffix);
-  return str_cat(module, ".", suffix);
-}
-
-uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
-
-std::string shape_str(std::span<const int64_t> shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += str_cat(i ? ", " : "", shape[i]);
-  return s + "]";
-}
+using detail::ceil_div;
+using detail::join_name;
+using detail::shape_str;
 
 // Checks a weight's dtype and shape; returns (rows, cols).
 std::pair<uint64_t, uint64_t> check_weight(std::string_view what, DType dtype,
@@ -54,12 +39,6 @@ std::pair<uint64_t, uint64_t> check_weight(std::string_view what, DType dtype,
   return {static_cast<uint64_t>(shape[0]), static_cast<uint64_t>(shape[1])};
 }
 
-// The quant_state part's declared size: the longest its JSON can be (with double quant the length
-// depends on nested_offset's repr; the part is then variable-length).
-size_t quant_state_size(DType dtype, uint64_t rows, uint64_t cols, const SchemeOptions& options) {
-  return detail::quant_state_max_size(dtype, rows, cols, options);
-}
-
 // After a kernel rejected a value: the first offending element, in row-major order.
 [[noreturn]] void fail_bad_value(std::string_view label, const WeightView& w, const SchemeOptions& options) {
   const uint64_t n = w.numel();
@@ -72,9 +51,9 @@ size_t quant_state_size(DType dtype, uint64_t rows, uint64_t cols, const SchemeO
     if (std::isinf(v))
       fail(ErrorKind::InvalidInput, label, ": element (", r, ", ", c, ") is ", v < 0 ? "-Inf" : "Inf", "; ",
            scheme_name(options.scheme), " cannot quantize it");
-    if (options.scheme == Scheme::Int8 && std::isinf(f16_to_f32(f32_to_f16(v))))
+    if (scheme_info(options.scheme).f16_range && std::isinf(f16_to_f32(f32_to_f16(v))))
       fail(ErrorKind::InvalidInput, label, ": element (", r, ", ", c, ") = ", v,
-           " exceeds the float16 range that int8 (LLM.int8) quantizes in");
+           " exceeds the float16 range that ", scheme_name(options.scheme), " (LLM.int8) quantizes in");
   }
   fail(ErrorKind::Internal, label, ": a kernel rejected a value but none is out of range");
 }
@@ -84,34 +63,68 @@ size_t quant_state_size(DType dtype, uint64_t rows, uint64_t cols, const SchemeO
 // --- Names and options -----------------------------------------------------------------------------
 
 std::optional<Scheme> parse_scheme(std::string_view name) {
-  if (name == "int8") return Scheme::Int8;
-  if (name == "fp8" || name == "fp8_e4m3") return Scheme::Fp8E4M3;
-  if (name == "fp8_e5m2") return Scheme::Fp8E5M2;
-  if (name == "nf4") return Scheme::Nf4;
-  if (name == "fp4") return Scheme::Fp4;
+  for (const Scheme scheme : all_schemes()) {
+    const auto& e = detail::scheme_entry(scheme);
+    if (e.info.name == name) return scheme;
+    for (const std::string_view alias : e.aliases)
+      if (alias == name) return scheme;
+  }
   return std::nullopt;
 }
 
-std::string_view scheme_name(Scheme scheme) { return detail::scheme_entry(scheme).name; }
+std::string_view scheme_name(Scheme scheme) { return scheme_info(scheme).name; }
 
-std::string_view scheme_names_list() { return "int8, fp8, fp8_e4m3, fp8_e5m2, nf4, fp4"; }
+std::string scheme_names_list() {
+  std::string list;
+  for (const Scheme scheme : all_schemes()) {
+    const auto& e = detail::scheme_entry(scheme);
+    for (const std::string_view alias : e.aliases) list += str_cat(list.empty() ? "" : ", ", alias);
+    list += str_cat(list.empty() ? "" : ", ", e.info.name);
+  }
+  return list;
+}
 
 bool is_4bit(Scheme scheme) { return scheme == Scheme::Nf4 || scheme == Scheme::Fp4; }
 bool is_fp8(Scheme scheme) { return scheme == Scheme::Fp8E4M3 || scheme == Scheme::Fp8E5M2; }
 
+bool scheme_has_option(Scheme scheme, std::string_view key) {
+  const uint8_t keys = scheme_info(scheme).option_keys;
+  if (key == "blocksize") return keys & kOptionBlocksize;
+  if (key == "double_quant") return keys & kOptionDoubleQuant;
+  if (key == "per_tensor" || key == "strategy") return keys & kOptionPerTensor;
+  return false;
+}
+
+namespace {
+
+// "nf4 and fp4", the families of the schemes that read option `key`.
+std::string families_with(std::string_view key) {
+  std::string list;
+  for (const Scheme scheme : all_schemes()) {
+    if (!scheme_has_option(scheme, key)) continue;
+    const std::string_view family = scheme_info(scheme).family;
+    if (list.find(family) == std::string::npos) list += str_cat(list.empty() ? "" : ", ", family);
+  }
+  return list;
+}
+
+}  // namespace
+
 void validate_options(const SchemeOptions& options, std::string_view where) {
   const std::string at = where.empty() ? std::string() : str_cat(where, ": ");
-  if (is_4bit(options.scheme)) {
+  const Scheme scheme = options.scheme;
+  if (scheme_has_option(scheme, "blocksize")) {
     const uint32_t bs = options.blocksize;
     if (bs < kMinBlocksize || bs > kMaxBlocksize || (bs & (bs - 1)) != 0)
-      fail(ErrorKind::InvalidInput, at, "blocksize ", bs, " is not allowed for ", scheme_name(options.scheme),
+      fail(ErrorKind::InvalidInput, at, "blocksize ", bs, " is not allowed for ", scheme_name(scheme),
            " (expected a power of two from ", kMinBlocksize, " to ", kMaxBlocksize, ")");
-  } else if (options.double_quant) {
-    fail(ErrorKind::InvalidInput, at, "double_quant applies to nf4 and fp4 only, not to ",
-         scheme_name(options.scheme));
   }
-  if (options.per_tensor && !is_fp8(options.scheme))
-    fail(ErrorKind::InvalidInput, at, "per_tensor applies to fp8 only, not to ", scheme_name(options.scheme));
+  if (options.double_quant && !scheme_has_option(scheme, "double_quant"))
+    fail(ErrorKind::InvalidInput, at, "double_quant applies to ", families_with("double_quant"),
+         " only, not to ", scheme_name(scheme));
+  if (options.per_tensor && !scheme_has_option(scheme, "per_tensor"))
+    fail(ErrorKind::InvalidInput, at, "per_tensor applies to ", families_with("per_tensor"), " only, not to ",
+         scheme_name(scheme));
 }
 
 bool is_quantizable_dtype(DType dtype) {
@@ -132,12 +145,7 @@ std::string_view part_name(Part part) {
 }
 
 std::vector<Part> scheme_parts(const SchemeOptions& options) {
-  if (options.scheme == Scheme::Int8) return {Part::Weight, Part::Scale, Part::WeightFormat};
-  if (is_fp8(options.scheme)) return {Part::Weight, Part::Scale};
-  if (options.double_quant)
-    return {Part::Weight,       Part::Scale,          Part::QuantMap,
-            Part::NestedAbsmax, Part::NestedQuantMap, Part::QuantState};
-  return {Part::Weight, Part::Scale, Part::QuantMap, Part::QuantState};
+  return detail::scheme_entry(options.scheme).parts(options);
 }
 
 // --- Layout ----------------------------------------------------------------------------------------
@@ -146,39 +154,7 @@ std::vector<TensorDecl> quantized_decls(std::string_view module, DType dtype, st
                                         const SchemeOptions& options) {
   validate_options(options);
   const auto [rows, cols] = check_weight(str_cat("module '", module, "'"), dtype, shape);
-  const auto out = static_cast<int64_t>(rows), in = static_cast<int64_t>(cols);
-  std::vector<TensorDecl> decls;
-  if (options.scheme == Scheme::Int8) {
-    decls.push_back({join_name(module, "weight"), DType::I8, {out, in}});
-    decls.push_back({join_name(module, "SCB"), DType::F32, {out}});
-    decls.push_back({join_name(module, "weight_format"), DType::U8, {}});
-  } else if (is_fp8(options.scheme)) {
-    const DType q = options.scheme == Scheme::Fp8E5M2 ? DType::F8_E5M2 : DType::F8_E4M3;
-    decls.push_back({join_name(module, "weight"), q, {out, in}});
-    if (options.per_tensor)
-      decls.push_back({join_name(module, "weight_scale"), dtype, {1}});
-    else
-      decls.push_back({join_name(module, "weight_scale"), dtype, {out, 1}});
-  } else {
-    const uint64_t n = rows * cols;
-    const auto n_blocks = static_cast<int64_t>(ceil_div(n, options.blocksize));
-    decls.push_back({join_name(module, "weight"), DType::U8, {static_cast<int64_t>((n + 1) / 2), 1}});
-    decls.push_back(
-        {join_name(module, "weight.absmax"), options.double_quant ? DType::U8 : DType::F32, {n_blocks}});
-    decls.push_back({join_name(module, "weight.quant_map"), DType::F32, {16}});
-    if (options.double_quant) {
-      decls.push_back({join_name(module, "weight.nested_absmax"),
-                       DType::F32,
-                       {static_cast<int64_t>(ceil_div(static_cast<uint64_t>(n_blocks), kNestedBlocksize))}});
-      decls.push_back({join_name(module, "weight.nested_quant_map"), DType::F32, {256}});
-    }
-    decls.push_back(
-        {join_name(module, str_cat("weight.quant_state.bitsandbytes__", scheme_name(options.scheme))),
-         DType::U8,
-         {static_cast<int64_t>(quant_state_size(dtype, rows, cols, options))},
-         options.double_quant});
-  }
-  return decls;
+  return detail::scheme_entry(options.scheme).decls(module, dtype, rows, cols, options);
 }
 
 uint64_t quantized_nbytes(DType dtype, std::span<const int64_t> shape, const SchemeOptions& options) {
@@ -262,8 +238,7 @@ std::string module_of_tensor(std::string_view name) {
   // Quant-state suffixes that contain dots come first, with or without a module before them.
   auto strip = [&](std::string_view suffix) -> std::optional<std::string> {
     if (name == suffix) return std::string();
-    if (name.size() > suffix.size() && ends_with(name, suffix) &&
-        name[name.size() - suffix.size() - 1] == '.')
+    if (name.size() > suffix.size() && name.ends_with(suffix) && name[name.size() - suffix.size() - 1] == '.')
       return std::string(name.substr(0, name.size() - suffix.size() - 1));
     return std::nullopt;
   };
@@ -281,256 +256,84 @@ std::string module_of_tensor(std::string_view name) {
   return std::string(name.substr(0, dot));
 }
 
+namespace detail {
+
+std::string join_name(std::string_view module, std::string_view suffix) {
+  if (module.empty()) return std::string(suffix);
+  return str_cat(module, ".", suffix);
+}
+
+std::string shape_str(std::span<const int64_t> shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += str_cat(i ? ", " : "", shape[i]);
+  return s + "]";
+}
+
+std::string TensorFinder::where(Component::Entry e) const {
+  return str_cat(comp_.shard_of(e).path().string(), ": tensor '", comp_.info(e).name, "'");
+}
+
+std::string TensorFinder::where_missing(std::string_view name, Component::Entry near) const {
+  return str_cat(comp_.shard_of(near).path().string(), ": tensor '", name, "'");
+}
+
+Component::Entry TensorFinder::require(std::string_view name, Component::Entry near,
+                                       std::string_view why) const {
+  const auto e = comp_.find(name);
+  if (!e) fail(ErrorKind::InvalidInput, where_missing(name, near), " is missing (", why, ")");
+  return *e;
+}
+
+void TensorFinder::expect_dtype(Component::Entry e, DType dt) const {
+  if (comp_.info(e).dtype != dt)
+    fail(ErrorKind::InvalidInput, where(e), ": dtype ", dtype_name(comp_.info(e).dtype), ", expected ",
+         dtype_name(dt));
+}
+
+void TensorFinder::expect_numel(Component::Entry e, uint64_t n) const {
+  if (comp_.info(e).numel() != n)
+    fail(ErrorKind::InvalidInput, where(e), ": ", comp_.info(e).numel(), " elements, expected ", n);
+}
+
+}  // namespace detail
+
 namespace {
 
-struct Finder {
-  const Component& comp;
-
-  std::string where(Component::Entry e) const {
-    return str_cat(comp.shard_of(e).path().string(), ": tensor '", comp.info(e).name, "'");
+// Each recogniser (or unclaimed-state check) of the table once, in table order.
+template <typename Fn>
+std::vector<Fn> distinct(Fn detail::SchemeEntry::*member) {
+  std::vector<Fn> fns;
+  for (const Scheme scheme : all_schemes()) {
+    const Fn fn = detail::scheme_entry(scheme).*member;
+    if (fn && std::find(fns.begin(), fns.end(), fn) == fns.end()) fns.push_back(fn);
   }
-  std::string where_missing(std::string_view name, Component::Entry near) const {
-    return str_cat(comp.shard_of(near).path().string(), ": tensor '", name, "'");
-  }
-
-  Component::Entry require(std::string_view name, Component::Entry near, std::string_view why) const {
-    const auto e = comp.find(name);
-    if (!e) fail(ErrorKind::InvalidInput, where_missing(name, near), " is missing (", why, ")");
-    return *e;
-  }
-
-  void expect_dtype(Component::Entry e, DType dt) const {
-    if (comp.info(e).dtype != dt)
-      fail(ErrorKind::InvalidInput, where(e), ": dtype ", dtype_name(comp.info(e).dtype), ", expected ",
-           dtype_name(dt));
-  }
-  void expect_numel(Component::Entry e, uint64_t n) const {
-    if (comp.info(e).numel() != n)
-      fail(ErrorKind::InvalidInput, where(e), ": ", comp.info(e).numel(), " elements, expected ", n);
-  }
-
-  QuantizedLinear bnb4(Component::Entry state_entry, std::string_view suffix_type) const {
-    const TensorInfo& st = comp.info(state_entry);
-    const std::string module = module_of_tensor(st.name);
-    if (st.dtype != DType::U8)
-      fail(ErrorKind::InvalidInput, where(state_entry), ": dtype ", dtype_name(st.dtype),
-           ", expected U8 JSON bytes");
-    const auto bytes = comp.data(state_entry);
-    const nlohmann::json j =
-        parse_json(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()),
-                   str_cat(where(state_entry), ": quant_state"));
-    auto bad = [&](std::string_view key, std::string_view msg) {
-      fail(ErrorKind::InvalidInput, where(state_entry), ": quant_state key '", key, "' ", msg);
-    };
-    if (!j.is_object()) bad("", "is not a JSON object");
-    auto get = [&](std::string_view key) -> const nlohmann::json& {
-      const auto it = j.find(std::string(key));
-      if (it == j.end()) bad(key, "is missing");
-      return *it;
-    };
-    QuantizedLinear q;
-    q.module = module;
-    const auto& quant_type = get("quant_type");
-    if (!quant_type.is_string() || quant_type.get<std::string>() != suffix_type)
-      bad("quant_type", str_cat("does not match the tensor name (", suffix_type, ")"));
-    q.options.scheme = suffix_type == "nf4" ? Scheme::Nf4 : Scheme::Fp4;
-    const auto& bs = get("blocksize");
-    if (!bs.is_number_unsigned() || bs.get<uint64_t>() > kMaxBlocksize)
-      bad("blocksize", "is not a power of two from 32 to 4096");
-    q.options.blocksize = bs.get<uint32_t>();
-    try {
-      validate_options(q.options, where(state_entry));
-    } catch (const Error&) {
-      bad("blocksize", str_cat("= ", q.options.blocksize, " is not a power of two from 32 to 4096"));
-    }
-    const auto& dt = get("dtype");
-    const std::string dts = dt.is_string() ? dt.get<std::string>() : "";
-    if (dts == "bfloat16")
-      q.orig_dtype = DType::BF16;
-    else if (dts == "float16")
-      q.orig_dtype = DType::F16;
-    else if (dts == "float32")
-      q.orig_dtype = DType::F32;
-    else
-      bad("dtype", str_cat("= '", dts, "' is not bfloat16, float16 or float32"));
-    const auto& shape = get("shape");
-    if (!shape.is_array() || shape.size() != 2 || !shape[0].is_number_unsigned() ||
-        !shape[1].is_number_unsigned())
-      bad("shape", "is not a 2-D shape [out, in]");
-    const uint64_t rows = shape[0].get<uint64_t>(), cols = shape[1].get<uint64_t>();
-    if (rows == 0 || cols == 0) bad("shape", "is empty");
-    // The element count, and the bytes of its bf16 or f32 dequantized form, must have a size.
-    if (rows > INT64_MAX || cols > INT64_MAX || !checked_mul(rows, cols, 4))
-      bad("shape", str_cat("[", rows, ", ", cols, "] has more elements than fit in 64 bits"));
-    q.shape = {static_cast<int64_t>(rows), static_cast<int64_t>(cols)};
-    if (j.contains("nested_absmax") || j.contains("nested_offset") || j.contains("nested_blocksize")) {
-      q.options.double_quant = true;
-      const auto& nb = get("nested_blocksize");
-      if (!nb.is_number_unsigned() || nb.get<uint64_t>() != kNestedBlocksize)
-        bad("nested_blocksize", "is not 256");
-      const auto& nd = get("nested_dtype");
-      if (!nd.is_string() || nd.get<std::string>() != "float32") bad("nested_dtype", "is not \"float32\"");
-      const auto& off = get("nested_offset");
-      if (!off.is_number()) bad("nested_offset", "is not a number");
-      q.nested_offset = static_cast<float>(off.get<double>());
-      if (!std::isfinite(q.nested_offset)) bad("nested_offset", "is not finite");
-    }
-    const uint64_t n = q.numel();
-    const uint64_t n_blocks = q.n_blocks();
-    const auto w = require(join_name(module, "weight"), state_entry, "the packed 4-bit weight");
-    expect_dtype(w, DType::U8);
-    expect_numel(w, (n + 1) / 2);
-    const auto absmax = require(join_name(module, "weight.absmax"), state_entry, "the block absmax");
-    expect_dtype(absmax, q.options.double_quant ? DType::U8 : DType::F32);
-    expect_numel(absmax, n_blocks);
-    const auto qmap = require(join_name(module, "weight.quant_map"), state_entry, "the 4-bit code values");
-    expect_dtype(qmap, DType::F32);
-    expect_numel(qmap, 16);
-    q.tensor_names = {comp.info(w).name, comp.info(absmax).name, comp.info(qmap).name};
-    q.tensor_parts = {Part::Weight, Part::Scale, Part::QuantMap};
-    if (q.options.double_quant) {
-      const auto na = require(join_name(module, "weight.nested_absmax"), state_entry, "double quant");
-      expect_dtype(na, DType::F32);
-      expect_numel(na, ceil_div(n_blocks, kNestedBlocksize));
-      const auto nm = require(join_name(module, "weight.nested_quant_map"), state_entry, "double quant");
-      expect_dtype(nm, DType::F32);
-      expect_numel(nm, 256);
-      q.tensor_names.push_back(comp.info(na).name);
-      q.tensor_names.push_back(comp.info(nm).name);
-      q.tensor_parts.push_back(Part::NestedAbsmax);
-      q.tensor_parts.push_back(Part::NestedQuantMap);
-    } else {
-      for (std::string_view s : {"weight.nested_absmax", "weight.nested_quant_map"})
-        if (const auto e = comp.find(join_name(module, s)))
-          fail(ErrorKind::InvalidInput, where(*e), ": present, but the quant_state has no nested_offset");
-    }
-    q.tensor_names.push_back(st.name);
-    q.tensor_parts.push_back(Part::QuantState);
-    return q;
-  }
-
-  QuantizedLinear int8(Component::Entry scb_entry) const {
-    const TensorInfo& scb = comp.info(scb_entry);
-    const std::string module = module_of_tensor(scb.name);
-    const auto w = require(join_name(module, "weight"), scb_entry, "the int8 weight of this SCB");
-    const TensorInfo& wi = comp.info(w);
-    expect_dtype(w, DType::I8);
-    if (wi.shape.size() != 2) fail(ErrorKind::InvalidInput, where(w), ": shape is not 2-D [out, in]");
-    expect_dtype(scb_entry, DType::F32);
-    expect_numel(scb_entry, static_cast<uint64_t>(wi.shape[0]));
-    QuantizedLinear q;
-    q.module = module;
-    q.options.scheme = Scheme::Int8;
-    q.orig_dtype = DType::F16;  // LLM.int8 quantizes the weight cast to float16
-    q.shape = wi.shape;
-    q.tensor_names = {wi.name, scb.name};
-    q.tensor_parts = {Part::Weight, Part::Scale};
-    if (const auto wf = comp.find(join_name(module, "weight_format"))) {
-      const TensorInfo& fi = comp.info(*wf);
-      if (fi.numel() != 1 || (fi.dtype != DType::U8 && fi.dtype != DType::I64 && fi.dtype != DType::I32))
-        fail(ErrorKind::InvalidInput, where(*wf), ": dtype ", dtype_name(fi.dtype), " shape ",
-             shape_str(fi.shape), ", expected a U8, I32 or I64 scalar");
-      // The whole little-endian value, not its first byte: I32 256 is not format 0.
-      const auto bytes = comp.data(*wf);
-      int64_t format = 0;
-      if (fi.dtype == DType::U8) {
-        format = bytes[0];
-      } else if (fi.dtype == DType::I32) {
-        int32_t v;
-        std::memcpy(&v, bytes.data(), sizeof v);
-        format = v;
-      } else {
-        std::memcpy(&format, bytes.data(), sizeof format);
-      }
-      if (format != 0)
-        fail(ErrorKind::Unsupported, where(*wf), ": weight format ", format,
-             " is not supported (only 0, row-major)");
-      q.tensor_names.push_back(fi.name);
-      q.tensor_parts.push_back(Part::WeightFormat);
-    }
-    return q;
-  }
-
-  std::optional<QuantizedLinear> fp8(Component::Entry scale_entry) const {
-    const TensorInfo& si = comp.info(scale_entry);
-    const std::string module = module_of_tensor(si.name);
-    const auto w = comp.find(join_name(module, "weight"));
-    if (!w)
-      fail(ErrorKind::InvalidInput, where_missing(join_name(module, "weight"), scale_entry),
-           " is missing (the weight of this weight_scale)");
-    const TensorInfo& wi = comp.info(*w);
-    if (wi.dtype != DType::F8_E4M3 && wi.dtype != DType::F8_E5M2) return std::nullopt;  // not an fp8 weight
-    if (wi.shape.size() != 2) fail(ErrorKind::InvalidInput, where(*w), ": shape is not 2-D [out, in]");
-    if (!is_quantizable_dtype(si.dtype))
-      fail(ErrorKind::InvalidInput, where(scale_entry), ": dtype ", dtype_name(si.dtype),
-           ", expected BF16, F16 or F32");
-    QuantizedLinear q;
-    q.module = module;
-    q.options.scheme = wi.dtype == DType::F8_E5M2 ? Scheme::Fp8E5M2 : Scheme::Fp8E4M3;
-    q.orig_dtype = si.dtype;
-    q.shape = wi.shape;
-    const auto out = static_cast<uint64_t>(wi.shape[0]);
-    const bool per_channel_shape = (si.shape.size() == 2 && si.shape[1] == 1) || si.shape.size() == 1;
-    if (si.numel() == out && per_channel_shape && !(si.shape.size() == 1 && out == 1)) {
-      q.options.per_tensor = false;
-    } else if (si.numel() == 1 && si.shape.size() <= 1) {
-      q.options.per_tensor = true;
-    } else {
-      fail(ErrorKind::Unsupported, where(scale_entry), ": shape ", shape_str(si.shape),
-           " is neither per channel [", out,
-           ", 1] nor per tensor [1] (group and block scales are not supported)");
-    }
-    q.tensor_names = {wi.name, si.name};
-    q.tensor_parts = {Part::Weight, Part::Scale};
-    return q;
-  }
-};
+  return fns;
+}
 
 }  // namespace
 
 std::vector<QuantizedLinear> find_quantized_linears(const Component& component) {
-  Finder f{component};
+  const detail::TensorFinder f{component};
+  const auto recognisers = distinct(&detail::SchemeEntry::recognise);
   std::map<std::string, QuantizedLinear> found;
-  auto add = [&](QuantizedLinear q, Component::Entry e) {
-    if (found.count(q.module))
-      fail(ErrorKind::InvalidInput, f.where(e), ": module '", q.module,
-           "' has quant state of more than one scheme");
-    found.emplace(q.module, std::move(q));
-  };
   for (const auto e : component.entries()) {
-    const std::string& name = component.info(e).name;
-    if (const size_t p = name.rfind(kQuantStatePrefix);
-        p != std::string::npos && (p == 0 || name[p - 1] == '.') &&
-        name.find('.', p + kQuantStatePrefix.size()) == std::string::npos) {
-      const std::string type = name.substr(p + kQuantStatePrefix.size());
-      if (type != "nf4" && type != "fp4")
-        fail(ErrorKind::Unsupported, f.where(e), ": quant type '", type, "' is not supported (nf4, fp4)");
-      add(f.bnb4(e, type), e);
-    } else if (ends_with(name, ".SCB") || name == "SCB") {
-      add(f.int8(e), e);
-    } else if (ends_with(name, ".weight_scale") || name == "weight_scale") {
-      if (auto q = f.fp8(e)) add(std::move(*q), e);
+    for (const auto recognise : recognisers) {
+      auto q = recognise(f, e);
+      if (!q) continue;
+      if (found.count(q->module))
+        fail(ErrorKind::InvalidInput, f.where(e), ": module '", q->module,
+             "' has quant state of more than one scheme");
+      std::string module = q->module;
+      found.emplace(std::move(module), std::move(*q));
+      break;
     }
   }
   // Orphaned state, and quantized codes without their scales (never to be read as plain weights):
-  // a 4-bit absmax without a quant_state, an I8 weight without SCB, an fp8 weight without
-  // weight_scale.
+  // each scheme checks the tensors of the modules no scheme claimed.
+  const auto checks = distinct(&detail::SchemeEntry::check_unclaimed);
   for (const auto e : component.entries()) {
-    const TensorInfo& t = component.info(e);
-    const std::string& name = t.name;
-    if (ends_with(name, ".weight.absmax") && !found.count(module_of_tensor(name)))
-      fail(ErrorKind::InvalidInput, f.where(e),
-           ": 4-bit absmax without a weight.quant_state.bitsandbytes__nf4/fp4");
-    if (name != "weight" && !ends_with(name, ".weight")) continue;
-    const std::string module = module_of_tensor(name);
-    if (found.count(module)) continue;
-    if (t.dtype == DType::I8)
-      fail(ErrorKind::InvalidInput, f.where(e), ": an I8 weight without '", join_name(module, "SCB"),
-           "' (the row scales of bitsandbytes LLM.int8): its int8 codes cannot be read as weights");
-    if (t.dtype == DType::F8_E4M3 || t.dtype == DType::F8_E5M2)
-      fail(ErrorKind::InvalidInput, f.where(e), ": an ", dtype_name(t.dtype), " weight without '",
-           join_name(module, "weight_scale"),
-           "' (its compressed-tensors scale): its fp8 codes cannot be read as weights");
+    if (found.count(module_of_tensor(component.info(e).name))) continue;
+    for (const auto check : checks) check(f, e);
   }
   std::vector<QuantizedLinear> result;
   for (auto& [_, q] : found) result.push_back(std::move(q));

@@ -4,14 +4,17 @@
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/json.hpp"
+#include "qtool/libquant/quant.hpp"
 
 namespace qtool::planner {
 
 double DeviceProfile::dequant_rate(std::string_view key) const {
-  auto it = dequant_gelems_per_s.find(std::string(key));
-  if (it == dequant_gelems_per_s.end()) it = dequant_gelems_per_s.find("nf4");
-  const double g = it == dequant_gelems_per_s.end() ? 500.0 : it->second;
-  return g * 1e9;
+  if (const auto it = dequant_gelems_per_s.find(std::string(key)); it != dequant_gelems_per_s.end())
+    return it->second * 1e9;
+  // A scheme the profile does not list: its row of the scheme table.
+  const auto scheme = quant::parse_scheme(key);
+  if (!scheme) fail(ErrorKind::Internal, "dequant_rate: '", key, "' is neither a scheme nor f16/f32");
+  return quant::scheme_info(*scheme).dequant_gelems_per_s * 1e9;
 }
 
 nlohmann::json device_profile_to_json(const DeviceProfile& p) {
@@ -109,11 +112,17 @@ DeviceProfile device_profile_from_json(const nlohmann::json& j, std::string_view
       p.bf16_tflops = positive_number(v, label, key, false);
     } else if (key == "dequant_gelems_per_s") {
       if (!v.is_object()) fail(ErrorKind::InvalidInput, label, ": key 'dequant_gelems_per_s' must be an object");
-      static const std::set<std::string> kKeys = {"int8", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4", "f16", "f32"};
+      // The scheme table's names, and the unquantized dtypes converted to bf16.
+      std::set<std::string> keys = {"f16", "f32"};
+      std::string names;
+      for (const quant::Scheme s : quant::all_schemes()) {
+        keys.emplace(quant::scheme_name(s));
+        names += str_cat(quant::scheme_name(s), ", ");
+      }
       for (const auto& [scheme, rate] : v.items()) {
-        if (!kKeys.count(scheme)) {
-          fail(ErrorKind::InvalidInput, label, ": key 'dequant_gelems_per_s." , scheme,
-               "' is not a scheme (int8, fp8_e4m3, fp8_e5m2, nf4, fp4, f16, f32)");
+        if (!keys.count(scheme)) {
+          fail(ErrorKind::InvalidInput, label, ": key 'dequant_gelems_per_s.", scheme, "' is not a scheme (",
+               names, "f16, f32)");
         }
         p.dequant_gelems_per_s[scheme] = positive_number(rate, label, "dequant_gelems_per_s." + scheme, false);
       }

@@ -212,6 +212,7 @@ DeviceTables upload_tables(void* device_memory, cudaStream_t stream) {
 
 void dequantize_to_bf16(const DequantParams& p, const DeviceTables& tables, uint16_t* out,
                         cudaStream_t stream) {
+  require_device_kind(p);
   if (p.numel() == 0) return;
   if (p.kind == WeightKind::Bf16) {
     QTOOL_CUDA_CHECK(cudaMemcpyAsync(out, p.weight, p.numel() * 2, cudaMemcpyDeviceToDevice, stream));

@@ -411,6 +411,7 @@ void launch_norm(int mode, const View& x, const DequantParams* w, const DequantP
 
 void launch_dequant_generic(const DequantParams& p, const float* code_table, const float* nested_map, int dt,
                             void* out, cudaStream_t stream) {
+  require_device_kind(p);
   if (p.numel() == 0) return;
   dequant_generic_kernel<<<grid_for(static_cast<int64_t>(p.numel())), kThreads, 0, stream>>>(
       p, code_table, nested_map, dt, out);

@@ -221,6 +221,7 @@ PartSizes part_sizes(const DequantParams& p) {
       }
       break;
     }
+    case WeightKind::Host: host_part_sizes(p, s.bytes); break;
   }
   return s;
 }

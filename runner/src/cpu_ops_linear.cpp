@@ -115,10 +115,16 @@ void dequant_rows(const DequantParams& w, DType act, uint64_t row0, uint64_t n, 
     QTOOL_ASSERT(w.blocksize > 0);
     resolve_tables(w, code_table, nested_map);
   }
+  std::vector<float> host_row;
   for (uint64_t r = 0; r < n; ++r) {
     const uint64_t row = row0 + r;
     float* out = dst + r * kp;
     switch (w.kind) {
+      case WeightKind::Host:  // through libquant's dequantizer of the scheme
+        host_row.resize(cols);
+        dequantize_host_rows_f32(w, host_row.data(), row, row + 1);
+        for (uint64_t c = 0; c < cols; ++c) out[c] = round_to(act, host_row[c]);
+        break;
       case WeightKind::Nf4:
       case WeightKind::Fp4: dequant_4bit_row(w, act, row, code_table, nested_map, out); break;
       case WeightKind::Int8:

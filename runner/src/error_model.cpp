@@ -101,6 +101,9 @@ std::vector<double> column_error_variance(const DequantParams& p, WeightKind ref
             }
             break;
           }
+          case WeightKind::Host:
+            fail(ErrorKind::Unsupported, "the error model has no rule for scheme ", weight_name(p),
+                 " (verify --reference needs one)");
           case WeightKind::Bf16:
           case WeightKind::F16:
           case WeightKind::F32:

@@ -15,17 +15,6 @@
 namespace qtool::runner {
 namespace {
 
-WeightKind kind_of_scheme(quant::Scheme scheme) {
-  switch (scheme) {
-    case quant::Scheme::Int8: return WeightKind::Int8;
-    case quant::Scheme::Fp8E4M3: return WeightKind::Fp8E4M3;
-    case quant::Scheme::Fp8E5M2: return WeightKind::Fp8E5M2;
-    case quant::Scheme::Nf4: return WeightKind::Nf4;
-    case quant::Scheme::Fp4: return WeightKind::Fp4;
-  }
-  return WeightKind::Bf16;
-}
-
 std::optional<WeightKind> kind_of_dtype(DType dtype) {
   switch (dtype) {
     case DType::BF16: return WeightKind::Bf16;
@@ -33,19 +22,6 @@ std::optional<WeightKind> kind_of_dtype(DType dtype) {
     case DType::F32: return WeightKind::F32;
     default: return std::nullopt;
   }
-}
-
-int part_slot(quant::Part part) {
-  switch (part) {
-    case quant::Part::Weight: return kPartWeight;
-    case quant::Part::Scale: return kPartScale;
-    case quant::Part::QuantMap: return kPartQuantMap;
-    case quant::Part::NestedAbsmax: return kPartNestedAbsmax;
-    case quant::Part::NestedQuantMap: return kPartNestedQuantMap;
-    case quant::Part::WeightFormat:
-    case quant::Part::QuantState: return -1;
-  }
-  return -1;
 }
 
 std::string label(const std::string& component, std::string_view name) {
@@ -178,6 +154,19 @@ void index_weights(const Checkpoint& checkpoint, const planner::Plan& plan,
 
 }  // namespace
 
+int part_slot(quant::Part part) {
+  switch (part) {
+    case quant::Part::Weight: return kPartWeight;
+    case quant::Part::Scale: return kPartScale;
+    case quant::Part::QuantMap: return kPartQuantMap;
+    case quant::Part::NestedAbsmax: return kPartNestedAbsmax;
+    case quant::Part::NestedQuantMap: return kPartNestedQuantMap;
+    case quant::Part::WeightFormat:
+    case quant::Part::QuantState: return -1;
+  }
+  return -1;
+}
+
 uint64_t Schedule::offset_in(uint32_t arena, uint32_t component, Component::Entry entry) const {
   const auto& index = arenas[arena].index;
   const auto it = index.find(key_of(component, entry));
@@ -206,7 +195,9 @@ DequantParams Schedule::bind_weight(const WeightRef& w, uint32_t arena, const ui
 
 DequantParams quantized_params(const quant::QuantizedLinear& ql, const Component& comp) {
   DequantParams p;
-  p.kind = kind_of_scheme(ql.options.scheme);
+  p.kind = weight_kind_of(ql.options.scheme);
+  p.scheme = static_cast<uint8_t>(ql.options.scheme);
+  p.orig_dtype = static_cast<uint8_t>(ql.orig_dtype);
   p.rows = static_cast<uint64_t>(ql.rows());
   p.cols = static_cast<uint64_t>(ql.cols());
   p.blocksize = ql.options.blocksize;
@@ -221,12 +212,9 @@ DequantParams quantized_params(const quant::QuantizedLinear& ql, const Component
       case quant::Part::Weight: p.weight = data; break;
       case quant::Part::Scale:
         p.scale = data;
-        if (quant::is_fp8(ql.options.scheme)) {
-          const DType dt = comp.info(*e).dtype;
-          p.scale_type = dt == DType::BF16  ? ScaleType::Bf16
-                         : dt == DType::F16 ? ScaleType::F16
-                                            : ScaleType::F32;
-        }
+        if (const DType dt = comp.info(*e).dtype;
+            dt == DType::BF16 || dt == DType::F16)  // fp8's weight_scale
+          p.scale_type = dt == DType::BF16 ? ScaleType::Bf16 : ScaleType::F16;
         break;
       case quant::Part::QuantMap: p.quant_map = data; break;
       case quant::Part::NestedAbsmax: p.nested_absmax = data; break;

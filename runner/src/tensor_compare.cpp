@@ -46,11 +46,11 @@ ReferenceTensors compare_with_reference(const Checkpoint& checkpoint, const Chec
         differ(str_cat(label(c, weight), ": quantized from shape ", shape_str(q.shape),
                        ", the reference's is ", shape_str(ri.shape)));
       // int8 records no original dtype (LLM.int8 quantizes the weight cast to float16).
-      if (q.options.scheme != quant::Scheme::Int8 && ri.dtype != q.orig_dtype)
-        differ(
-            str_cat(label(c, weight), ": the quant state records original dtype ", dtype_name(q.orig_dtype),
-                    quant::is_4bit(q.options.scheme) ? " (quant_state 'dtype')" : " (weight_scale's dtype)",
-                    ", the reference's weight is ", dtype_name(ri.dtype)));
+      const quant::SchemeInfo& si = quant::scheme_info(q.options.scheme);
+      if (si.records_orig_dtype && ri.dtype != q.orig_dtype)
+        differ(str_cat(label(c, weight), ": the quant state records original dtype ",
+                       dtype_name(q.orig_dtype), " (", si.orig_dtype_source, "), the reference's weight is ",
+                       dtype_name(ri.dtype)));
     }
     for (const Component::Entry& e : c.entries()) {
       const TensorInfo& t = c.info(e);

@@ -199,24 +199,24 @@ void check_quantization_config(const json& qc, const SchemeOptions& so, const Co
   }
 }
 
-std::vector<SchemeOptions> all_schemes() {
+// Generated from the scheme table: every scheme with its defaults, and once more with each option
+// it reads set (per_tensor; double_quant with a blocksize of 128).
+std::vector<SchemeOptions> scheme_matrix() {
   std::vector<SchemeOptions> v;
-  auto add = [&](Scheme s, bool dq = false, bool per_tensor = false, uint32_t bs = kDefaultBlocksize) {
+  for (const Scheme s : all_schemes()) {
     SchemeOptions o;
     o.scheme = s;
-    o.double_quant = dq;
-    o.per_tensor = per_tensor;
-    o.blocksize = bs;
     v.push_back(o);
-  };
-  add(Scheme::Int8);
-  add(Scheme::Fp8E4M3);
-  add(Scheme::Fp8E4M3, false, true);
-  add(Scheme::Fp8E5M2);
-  add(Scheme::Nf4);
-  add(Scheme::Nf4, true);
-  add(Scheme::Fp4, true, false, 128);
-  add(Scheme::Fp4);
+    if (scheme_has_option(s, "per_tensor")) {
+      v.push_back(o);
+      v.back().per_tensor = true;
+    }
+    if (scheme_has_option(s, "double_quant")) {
+      v.push_back(o);
+      v.back().double_quant = true;
+      v.back().blocksize = 128;
+    }
+  }
   return v;
 }
 
@@ -231,7 +231,7 @@ TEST_CASE("quantize: every scheme on the tiny Llama, and dequantize back") {
   const Checkpoint in = Checkpoint::open(in_path);
   ThreadPool pool(2);
 
-  for (const SchemeOptions& so : all_schemes()) {
+  for (const SchemeOptions& so : scheme_matrix()) {
     const std::string tag = options_to_json(so).dump();
     CAPTURE(tag);
     const fs::path out_path = dir / "q";
@@ -652,7 +652,7 @@ TEST_CASE("quantize: the written tensors are the whole-weight quantization, byte
       w.commit();
     }
     ThreadPool pool(2);
-    for (const SchemeOptions& so : all_schemes()) {
+    for (const SchemeOptions& so : scheme_matrix()) {
       const std::string tag = options_to_json(so).dump();
       CAPTURE(tag);
       // fp8_e5m2 is written for single files only (a folder's config could not say e5m2).

@@ -23,6 +23,9 @@
 
 namespace qtool::quant {
 
+// A quant scheme: the built-in ones by name; a scheme registered at run time
+// (detail::register_scheme, libquant/schemes/scheme.hpp) gets the next free value. Every fact
+// about a scheme is in its row of the scheme table (scheme_info, and the functions behind it).
 enum class Scheme : uint8_t { Int8, Fp8E4M3, Fp8E5M2, Nf4, Fp4 };
 
 inline constexpr uint32_t kDefaultBlocksize = 64;  // nf4/fp4 elements per absmax block
@@ -38,18 +41,47 @@ struct SchemeOptions {
   bool operator==(const SchemeOptions&) const = default;
 };
 
-// "int8", "fp8" (= e4m3), "fp8_e4m3", "fp8_e5m2", "nf4", "fp4". nullopt for anything else.
+// The option keys of SchemeOptions a scheme reads (SchemeInfo::option_keys, a bit set).
+inline constexpr uint8_t kOptionBlocksize = 1;    // "blocksize"
+inline constexpr uint8_t kOptionDoubleQuant = 2;  // "double_quant"
+inline constexpr uint8_t kOptionPerTensor = 4;    // "per_tensor" (config key "strategy" too)
+
+// The facts of one scheme (its row of the scheme table).
+struct SchemeInfo {
+  Scheme scheme = Scheme::Int8;
+  std::string_view name = {};    // canonical: "int8", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4"
+  std::string_view family = {};  // in messages on options: "nf4 and fp4", "fp8"
+  uint8_t option_keys = 0;       // kOption* it reads; the others must keep their defaults
+  bool rowwise = true;           // quantize's done-ranges (and error statistics' ranges) are whole rows
+  bool f16_range = false;        // the weight is cast to float16 first (LLM.int8): |w| must fit
+  // Whether the file records the original weight's dtype (QuantizedLinear::orig_dtype), and where.
+  bool records_orig_dtype = true;
+  std::string_view orig_dtype_source = {};  // "quant_state 'dtype'", "weight_scale's dtype"
+  // Non-empty: a model folder's quantization_config cannot express the scheme (why, and what to
+  // use instead); quantize refuses folders and warns for single files (file_warning).
+  std::string_view folder_refusal = {};
+  std::string_view file_warning = {};
+  // The planner's dequantization rate (1e9 elements per second) when a device profile has none.
+  double dequant_gelems_per_s = 0.0;
+};
+const SchemeInfo& scheme_info(Scheme scheme);
+// Every scheme of the table, built-in first, then registered ones in order of registration.
+std::vector<Scheme> all_schemes();
+
+// A canonical name or alias ("fp8" = fp8_e4m3) of a scheme in the table; nullopt otherwise.
 std::optional<Scheme> parse_scheme(std::string_view name);
 // The canonical name: "int8", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4".
 std::string_view scheme_name(Scheme scheme);
 // Every accepted spelling, for error messages ("int8, fp8, fp8_e4m3, fp8_e5m2, nf4, fp4").
-std::string_view scheme_names_list();
+std::string scheme_names_list();
+// Whether `scheme` reads option `key` ("blocksize", "double_quant", "per_tensor", "strategy").
+bool scheme_has_option(Scheme scheme, std::string_view key);
 bool is_4bit(Scheme scheme);  // nf4, fp4
 bool is_fp8(Scheme scheme);   // fp8_e4m3, fp8_e5m2
 
 // Throws Error(InvalidInput) naming the option ("blocksize", "double_quant", "per_tensor") and,
 // when given, `where` (e.g. a config key) for: a blocksize that is not a power of two in
-// [32, 4096] (4-bit), double_quant on a non-4-bit scheme, per_tensor on a non-fp8 scheme.
+// [32, 4096] (schemes that read it), double_quant or per_tensor on a scheme that does not read it.
 void validate_options(const SchemeOptions& options, std::string_view where = {});
 
 // The weight dtypes a scheme accepts as input: BF16, F16, F32.

@@ -14,13 +14,16 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "qtool/runner/kernel_math.hpp"
 
 namespace qtool::runner {
 
-// How a linear weight is stored.
-enum class WeightKind : uint8_t { Bf16, F16, F32, Int8, Fp8E4M3, Fp8E5M2, Nf4, Fp4 };
+// How a linear weight is stored: a plain dtype, a scheme the element functions below (and the CUDA
+// kernels) decode, or Host: any other scheme of libquant's table, dequantized on the CPU through its
+// table entry (DequantParams::scheme); the CUDA backend refuses it.
+enum class WeightKind : uint8_t { Bf16, F16, F32, Int8, Fp8E4M3, Fp8E5M2, Nf4, Fp4, Host };
 
 // The dtype of an fp8 weight_scale tensor.
 enum class ScaleType : uint8_t { F32, Bf16, F16 };
@@ -36,6 +39,10 @@ struct DequantParams {
   bool per_tensor = false;                // fp8: one scale for the whole weight
   ScaleType scale_type = ScaleType::F32;  // fp8 only
   float nested_offset = 0.0f;             // 4-bit double quant
+  // A quantized weight: its quant::Scheme and the original weight's DType (their values; this
+  // header is also compiled for the kernels, without libquant).
+  uint8_t scheme = 0;
+  uint8_t orig_dtype = 0;
   const uint8_t* weight = nullptr;        // [rows, cols] of kind, or packed 4-bit codes
   const uint8_t* scale = nullptr;  // SCB F32 [rows] | weight_scale [rows] or [1] | absmax F32/U8 [n_blocks]
   const uint8_t* quant_map = nullptr;         // 4-bit: F32 [16]; null: the built-in table
@@ -46,7 +53,19 @@ struct DequantParams {
 };
 
 bool is_4bit(WeightKind kind);
-const char* weight_kind_name(WeightKind kind);  // "bf16", "int8", "nf4", ...
+const char* weight_kind_name(WeightKind kind);  // "bf16", "int8", "nf4", ... ("host" for Host)
+// The storage's name: the scheme's for a quantized weight ("int8", a registered scheme's name).
+std::string weight_name(const DequantParams& params);
+
+// Error(InvalidInput) naming the scheme for a Host weight: no device kernel decodes it.
+void require_device_kind(const DequantParams& params);
+
+// Host weights: rows [row_begin, row_end) in float32 through libquant's dequantizer of the scheme
+// (what dequantize_rows_f32 gives). Every part pointer the scheme has must be set.
+void dequantize_host_rows_f32(const DequantParams& params, float* out, uint64_t row_begin, uint64_t row_end);
+// The byte size of each part of a Host weight, by LinearPart slot (schedule.hpp); 0 for parts the
+// scheme lacks.
+void host_part_sizes(const DequantParams& params, uint64_t* sizes);
 
 namespace dq {
 
@@ -175,6 +194,7 @@ QTOOL_HD float element_f32(const DequantParams& p, uint64_t i, const float* code
     case WeightKind::Nf4:
     case WeightKind::Fp4:
       return kmath::x86_mul(code_table[code_of(p.weight, i)], block_absmax(p, i / p.blocksize, nested_map));
+    case WeightKind::Host: break;  // no element function: dequantize_host_rows_f32
   }
   return 0.0f;
 }

@@ -59,6 +59,11 @@ enum LinearPart : int {  // (WeightRef's arrays are indexed by it too)
   kNumParts
 };
 inline constexpr uint64_t kNoPart = UINT64_MAX;
+// The runner's storage of a libquant scheme: the element functions (and CUDA kernels) that decode
+// it, or Host for a scheme that has only libquant's dequantizer (dequant.cpp's table).
+WeightKind weight_kind_of(quant::Scheme scheme);
+// The slot of a quant part; -1 for parts no dequantizer reads (weight_format, quant_state).
+int part_slot(quant::Part part);
 
 // A tensor as a forward asks for it by name: a plain tensor (bf16, f16 or f32, viewed as [1, n]
 // for 1-D, [rows, cols] for 2-D, [shape[0], rest] above), or a quantized linear's weight standing
