@@ -320,7 +320,7 @@ VerifyReport verify(const VerifyOptions& options) {
   } else if (options.backend == "cuda") {
     backend = make_cuda_backend();
   } else if (options.backend == "auto") {
-    if (cuda_backend_available() && options.inputs.empty() && options.outputs.empty())
+    if (cuda_backend_available())
       backend = make_cuda_backend();
     else {
       log("no CUDA device: using the CPU backend");
@@ -342,9 +342,6 @@ VerifyReport verify(const VerifyOptions& options) {
   }
   if (options.steps == 0) fail(ErrorKind::Usage, "--steps must be at least 1");
   const bool plan_tokens = tokens == plan.settings.tokens;
-  if (on_gpu && (!options.inputs.empty() || !options.outputs.empty()))
-    fail(ErrorKind::Usage,
-         "--inputs/--outputs: the CUDA backend runs linears only so far; use --backend cpu");
   // Bad inputs stop here (exit 2), before anything runs or is written.
   std::map<std::string, std::vector<HostTensor>> inputs;
   if (!options.inputs.empty())
@@ -384,7 +381,6 @@ VerifyReport verify(const VerifyOptions& options) {
   run_opts.sizing.alloc_granularity_bytes = plan.profile.alloc_granularity_bytes;
   run_opts.sizing.staging_buffers = schedule.n_slots;  // the planner's staging ring: K buffers
   run_opts.inputs = inputs;
-  run_opts.forwards = !on_gpu;
 
   // --- The planned run. ------------------------------------------------------------------------
   const RunResult planned = backend->run(checkpoint, schedule, run_opts);
