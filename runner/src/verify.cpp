@@ -277,6 +277,16 @@ void check_forward_references(const Checkpoint& checkpoint, const Checkpoint& re
   add_check("reference output", fails ? CheckResult::Status::Fail : CheckResult::Status::Pass, detail);
 }
 
+// The row stride of the hidden state a linears-only component's linears read in a run (the
+// driver's: its widest input), so that a layer run alone multiplies the same layout (a GPU GEMM
+// may choose its algorithm by the stride).
+uint64_t linears_only_ld(const Schedule& schedule, const LinearTask& l) {
+  uint64_t ld = 0;
+  for (const LinearTask& o : schedule.linears)
+    if (o.component_index == l.component_index) ld = std::max(ld, o.in());
+  return ld;
+}
+
 }  // namespace
 
 double copy_compute_overlap(const std::vector<TraceEvent>& events, uint32_t step) {
@@ -439,7 +449,7 @@ VerifyReport verify(const VerifyOptions& options) {
         const int dev = schedule.steps[l.step].device;
         resident_digests[0][li] = backend
                                       ->run_layer(schedule.bind_mapped(l, checkpoint), tokens,
-                                                  schedule.max_in(dev), options.seed, dev)
+                                                  linears_only_ld(schedule, l), options.seed, dev)
                                       .digest;
       }
     }
@@ -538,7 +548,7 @@ VerifyReport verify(const VerifyOptions& options) {
       rp.cols = l.in();
       rp.weight = rc->data(*re).data();
       const int dev = schedule.steps[l.step].device;
-      const uint64_t ldx = schedule.max_in(dev);
+      const uint64_t ldx = linears_only_ld(schedule, l);
       const DequantParams qp = schedule.bind_mapped(l, checkpoint);
       const LayerRun yq = backend->run_layer(qp, tokens, ldx, options.seed, dev);
       const LayerRun yr = backend->run_layer(rp, tokens, ldx, options.seed, dev);

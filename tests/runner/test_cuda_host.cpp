@@ -3,6 +3,11 @@
 // reports against the plan.
 #include <doctest/doctest.h>
 
+#include <string>
+#include <utility>
+
+#include "qtool/formats/error.hpp"
+#include "qtool/runner/activation_stack.hpp"
 #include "qtool/runner/cuda_platform.hpp"
 
 using namespace qtool::runner;
@@ -43,4 +48,31 @@ TEST_CASE("cuda_needed_peak: the sampled peak less the activation block's never-
   CHECK(cuda_needed_peak(items, 10'000'000, 0) == 10'000'000);
   // Never below zero.
   CHECK(cuda_needed_peak({}, 100, 4096) == 0);
+}
+
+TEST_CASE(
+    "ActivationStack (the CPU and CUDA ops' activation memory): names its memory, refuses sizes that wrap") {
+  alignas(256) static uint8_t block[1024];
+  ActivationStack stack(block, sizeof block, "GPU 3 activation memory");
+  const Mat a = stack.alloc(2, 3, qtool::DType::F32);  // 24 bytes, then the next buffer at 256
+  CHECK(a.data == block);
+  CHECK(stack.held() == 24);
+  const Mat b = stack.alloc(1, 1, qtool::DType::BF16);
+  CHECK(static_cast<uint8_t*>(b.data) == block + 256);
+  CHECK(stack.peak_bytes() == 258);
+  for (const auto& [rows, cols] :
+       {std::pair<int64_t, int64_t>{int64_t{1} << 40, int64_t{1} << 40}, {int64_t{1} << 62, 4}, {1, 1024}}) {
+    CAPTURE(rows);
+    try {
+      stack.alloc(rows, cols, qtool::DType::F32);
+      FAIL("an allocation past the capacity was accepted");
+    } catch (const qtool::Error& e) {
+      CHECK(e.kind() == qtool::ErrorKind::InvalidInput);
+      CHECK(std::string(e.what()).find("GPU 3 activation memory") != std::string::npos);
+    }
+  }
+  CHECK(stack.held() == 258);  // a refused allocation takes nothing
+  stack.release(0);
+  CHECK(stack.held() == 0);
+  CHECK(stack.capacity() == 1024);
 }
