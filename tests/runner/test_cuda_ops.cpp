@@ -427,8 +427,7 @@ TEST_CASE("cuda ops: linear within one rounding of the CPU backend") {
         const size_t bad = beyond_tolerance(b, out, rel, 1e-4f, &max_err);
         std::printf(
             "  linear %-4s tokens %lld bias %d: %zu beyond tolerance, %zu bits differ, max |diff| %.3g\n",
-            dn(dt).c_str(), static_cast<long long>(tokens), bias_kind, bad, mismatches(b, out),
-            max_err);
+            dn(dt).c_str(), static_cast<long long>(tokens), bias_kind, bad, mismatches(b, out), max_err);
         CHECK(bad == 0);
       }
     }
