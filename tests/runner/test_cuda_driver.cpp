@@ -165,12 +165,14 @@ TEST_CASE(
   const auto bf16 = test::synth(dir.path, "tiny-flux", 17);
   const auto path = test::quantize(bf16, dir.path / "nf4", {"nf4", "nf4", 64, true});
   const Checkpoint ckpt = Checkpoint::open(path);
-  // The plan with the H200 profile (its CUDA context and workspace), streaming: the least GPU
-  // budget any plan fits in plus a tenth of the weights.
+  // The plan with the measured profile of this GPU's kind (its CUDA context and workspace),
+  // streaming: the least GPU budget any plan fits in plus a tenth of the weights.
   planner::PlanOptions po;
   po.templates = &test::templates();
-  po.profile = planner::load_device_profile(std::filesystem::path(QTOOL_SOURCE_DIR) /
-                                            "sample_configs/devices/h200.json");
+  const bool h100 = cuda::describe_device(0).find("H100") != std::string::npos;
+  po.profile =
+      planner::load_device_profile(std::filesystem::path(QTOOL_SOURCE_DIR) / "sample_configs/devices" /
+                                   (h100 ? "h100-pcie-gen5.json" : "h200.json"));
   po.tokens = 16;
   po.prefetch = 2;
   uint64_t total = 0;
