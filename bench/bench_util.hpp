@@ -51,7 +51,8 @@ inline uint64_t smallest_budget(const Checkpoint& ckpt, planner::PlanOptions o) 
 inline planner::Plan plan_streaming(const Checkpoint& ckpt, const planner::DeviceProfile& profile,
                                     uint64_t tokens, double resident_fraction,
                                     const planner::TemplateLibrary* templates,
-                                    planner::OffloadMode mode = planner::OffloadMode::Auto, uint64_t budget = 0) {
+                                    planner::OffloadMode mode = planner::OffloadMode::Auto,
+                                    uint64_t budget = 0) {
   planner::PlanOptions o;
   o.offload = mode;
   if (mode == planner::OffloadMode::Block) o.blocks_per_group = 1;
@@ -62,8 +63,9 @@ inline planner::Plan plan_streaming(const Checkpoint& ckpt, const planner::Devic
   o.budget.cpu = 1ull << 40;
   uint64_t total = 0;
   for (const Component& c : ckpt.components()) total += c.total_bytes();
-  o.budget.gpus[0] =
-      budget ? budget : smallest_budget(ckpt, o) + static_cast<uint64_t>(resident_fraction * static_cast<double>(total));
+  o.budget.gpus[0] = budget ? budget
+                            : smallest_budget(ckpt, o) +
+                                  static_cast<uint64_t>(resident_fraction * static_cast<double>(total));
   return planner::make_plan(ckpt, o);
 }
 

@@ -92,13 +92,14 @@ double plain_pinned_gbps(uint64_t bytes) {
 
 // One scheme's checkpoint: planned, checked, timed. Appends the table's rows.
 json run_scheme(const Args& a, const std::string& scheme, const std::filesystem::path& path,
-                const planner::DeviceProfile& profile, const planner::TemplateLibrary* templates, Backend& backend,
-                std::vector<std::string>& table) {
+                const planner::DeviceProfile& profile, const planner::TemplateLibrary* templates,
+                Backend& backend, std::vector<std::string>& table) {
   const Checkpoint ckpt = Checkpoint::open(path);
-  const planner::Plan plan =
-      bench::plan_streaming(ckpt, profile, a.tokens, a.resident_fraction, templates, planner::OffloadMode::Auto,
-                            a.budget);
+  const planner::Plan plan = bench::plan_streaming(ckpt, profile, a.tokens, a.resident_fraction, templates,
+                                                   planner::OffloadMode::Auto, a.budget);
   const Schedule s = build_schedule(ckpt, plan);
+  const planner::DevicePlan* gpu0 = plan.find_device(planner::Location::on_gpu(0));
+  if (!gpu0) fail(ErrorKind::Internal, "the plan has no GPU 0");
   RunOptions o;
   o.tokens = a.tokens;
   o.steps = 1;
@@ -110,12 +111,14 @@ json run_scheme(const Args& a, const std::string& scheme, const std::filesystem:
   const RunResult checked = backend.run(ckpt, s, o);
   o.mode = Mode::AllResident;
   const RunResult checked_resident = backend.run(ckpt, s, o);
-  const bool same = checked.unit_digests == checked_resident.unit_digests && checked.digests == checked_resident.digests;
+  const bool same =
+      checked.unit_digests == checked_resident.unit_digests && checked.digests == checked_resident.digests;
   uint64_t nonfinite = 0;
   for (const LayerDigest& d : checked.unit_digests.at(0)) nonfinite += d.nonfinite;
   std::string ran;
   for (const ComponentRun& c : checked.components)
-    ran += (ran.empty() ? "" : ", ") + (c.forward ? c.architecture + " forward" : std::string("linears only"));
+    ran +=
+        (ran.empty() ? "" : ", ") + (c.forward ? c.architecture + " forward" : std::string("linears only"));
   // 2. Timed.
   o.digests = false;
   o.steps = a.steps;
@@ -129,10 +132,12 @@ json run_scheme(const Args& a, const std::string& scheme, const std::filesystem:
   const double eff = h2d ? static_cast<double>(h2d) / (st_ms * 1e6) : 0.0;
   const double plain = h2d ? plain_pinned_gbps(h2d) : 0.0;
   const uint64_t peak = streamed.memory.at(0).measured_peak_bytes;
-  const uint64_t pred_peak = plan.devices.at(0).predicted_peak;
+  const uint64_t pred_peak = gpu0->predicted_peak;
   const std::string tag = a.preset + " " + scheme;
-  table.push_back(bench::ratio_line((tag + " streamed step / all-resident step").c_str(), st_ms / res_ms, "<=", 1.15));
-  table.push_back(bench::ratio_line((tag + " streamed step: measured / predicted").c_str(), st_ms / pred_ms, "+-", 0.2));
+  table.push_back(
+      bench::ratio_line((tag + " streamed step / all-resident step").c_str(), st_ms / res_ms, "<=", 1.15));
+  table.push_back(
+      bench::ratio_line((tag + " streamed step: measured / predicted").c_str(), st_ms / pred_ms, "+-", 0.2));
   table.push_back(bench::ratio_line((tag + " measured peak / predicted peak").c_str(),
                                     static_cast<double>(peak) / static_cast<double>(pred_peak), "<=", 1.0));
   if (h2d)
@@ -140,12 +145,12 @@ json run_scheme(const Args& a, const std::string& scheme, const std::filesystem:
                                       eff / plain, ">=", 0.95));
   log("%s: %s; budget %s, %s streamed per step in %zu groups, %u slots; streamed %.2f ms, resident %.2f ms, "
       "predicted %.2f ms; peak %s of %s predicted; %s, %llu non-finite",
-      tag.c_str(), ran.c_str(), format_size(plan.devices.at(0).budget).c_str(), format_size(h2d).c_str(),
+      tag.c_str(), ran.c_str(), format_size(gpu0->budget).c_str(), format_size(h2d).c_str(),
       plan.groups.size(), s.n_slots, st_ms, res_ms, pred_ms, format_size(peak).c_str(),
       format_size(pred_peak).c_str(), same ? "streamed == resident bit for bit" : "OUTPUTS DIFFER",
       static_cast<unsigned long long>(nonfinite));
   return {{"ran", ran},
-          {"budget_bytes", plan.devices.at(0).budget},
+          {"budget_bytes", gpu0->budget},
           {"groups", plan.groups.size()},
           {"slots", s.n_slots},
           {"streamed_bytes_per_step", h2d},
@@ -239,7 +244,7 @@ int main(int argc, char** argv) {
       std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&now));
       out["date"] = buf;
     }
-    out["args"] = {{"preset", a.preset}, {"scale", a.scale},   {"tokens", a.tokens},
+    out["args"] = {{"preset", a.preset}, {"scale", a.scale}, {"tokens", a.tokens},
                    {"budget", a.budget}, {"steps", a.steps}, {"resident_fraction", a.resident_fraction}};
     ProfileOptions po;
     po.device = 0;

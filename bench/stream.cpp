@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/size.hpp"
@@ -43,7 +44,6 @@
 #include "qtool/runner/executor.hpp"
 #include "qtool/runner/profile.hpp"
 #include "qtool/runner/schedule.hpp"
-#include "bench_util.hpp"
 
 using namespace qtool;
 using namespace qtool::runner;
