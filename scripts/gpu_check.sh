@@ -17,7 +17,7 @@
 # Build dependencies (CLI11, nlohmann-json, doctest: header-only Debian packages) are taken from
 # the system when present, else from .deps/*.deb carried with the tree (nothing can be fetched
 # there), unpacked into a prefix under the build folder, never into /. Prepare them here once:
-#   echo /.deps/ >> .git/info/exclude; mkdir -p .deps
+#   mkdir -p .deps   (.gitignore ignores it)
 #   (cd .deps && apt-get download libcli11-dev nlohmann-json3-dev doctest-dev)
 # and name .deps in the run's carry list.
 #
