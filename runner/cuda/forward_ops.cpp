@@ -1,10 +1,11 @@
 // The CUDA backend of ops.hpp (the entries; kernels and launchers in forward_kernels.cu): checks
-// of the views, the activation stack in one device allocation, and linear through the runner's
-// dequant kernels and cuBLAS.
+// of the views, the activation stack (activation_stack.hpp) in one device allocation, and linear
+// through the runner's dequant kernels and cuBLAS.
 #include <algorithm>
 
 #include "forward_kernels.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/runner/activation_stack.hpp"
 #include "qtool/runner/cuda_forward_ops.hpp"
 #include "qtool/runner/cuda_ops.hpp"
 #include "qtool/runner/cuda_resources.hpp"
@@ -14,9 +15,6 @@ namespace qtool::runner {
 namespace {
 
 namespace fwd = cuda::fwd;
-
-constexpr uint64_t kAlign = 256;
-constexpr size_t kCublasWorkspace = size_t{32} << 20;
 
 bool is_activation_dtype(DType dt) { return dt == DType::BF16 || dt == DType::F16 || dt == DType::F32; }
 
@@ -72,36 +70,24 @@ cudaDataType cuda_type(DType dt) {
 
 class CudaOps final : public Ops {
  public:
-  CudaOps(int device, cudaStream_t stream, uint64_t capacity)
+  CudaOps(int device, cudaStream_t stream, const CudaOpsConfig& config)
       : device_(device),
         stream_(stream),
-        capacity_(capacity),
-        block_(device, std::max<uint64_t>(capacity, 1)),
+        config_(config),
+        block_(device, std::max<uint64_t>(config.activation_bytes, 1)),
+        stack_(block_.as<uint8_t>(), config.activation_bytes, str_cat("GPU ", device, " activation memory")),
         tables_mem_(device, cuda::kDeviceTablesBytes) {
+    if (config.dequant_scratch_bytes) scratch_ = cuda::DeviceBuffer(device, config.dequant_scratch_bytes);
     cuda::DeviceScope scope(device_);
     tables_ = cuda::upload_tables(tables_mem_.data(), stream_);
     max_norm_cols_ = fwd::max_norm_cols(device_);
   }
 
-  Mat alloc(int64_t rows, int64_t cols, DType dtype) override {
-    QTOOL_ASSERT(rows >= 0 && cols >= 0);
-    const uint64_t bytes = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols) * dtype_size(dtype);
-    const uint64_t start = (top_ + kAlign - 1) / kAlign * kAlign;
-    if (start + bytes > capacity_ || start + bytes < start)
-      fail(ErrorKind::InvalidInput, "GPU activation memory: allocating [", rows, ", ", cols, "] ",
-           dtype_name(dtype), " (", bytes, " bytes) with ", top_, " of ", capacity_,
-           " bytes held exceeds the capacity (the plan's activation reserve is too small)");
-    top_ = start + bytes;
-    peak_ = std::max(peak_, top_);
-    return {block_.as<uint8_t>() + start, dtype, rows, cols, cols};
-  }
-  size_t mark() const override { return static_cast<size_t>(top_); }
-  void release(size_t mark) override {
-    QTOOL_ASSERT_MSG(mark <= top_, "release(", mark, ") above the top ", top_);
-    top_ = mark;
-  }
-  uint64_t peak_bytes() const override { return peak_; }
-  void reset_peak() override { peak_ = top_; }
+  Mat alloc(int64_t rows, int64_t cols, DType dtype) override { return stack_.alloc(rows, cols, dtype); }
+  size_t mark() const override { return stack_.mark(); }
+  void release(size_t mark) override { stack_.release(mark); }
+  uint64_t peak_bytes() const override { return stack_.peak_bytes(); }
+  void reset_peak() override { stack_.reset_peak(); }
 
   void upload(const void* host, const Mat& dst) override {
     const size_t row_bytes = static_cast<size_t>(dst.cols) * dst.elem_bytes();
@@ -220,7 +206,7 @@ class CudaOps final : public Ops {
     if (!cublas_.get()) {
       cublas_ = cuda::CublasHandle(device_);
       cublas_.set_stream(stream_);
-      workspace_ = cuda::DeviceBuffer(device_, kCublasWorkspace);
+      workspace_ = cuda::DeviceBuffer(device_, config_.cublas_workspace_bytes);
       cublas_.set_workspace(workspace_.data(), workspace_.size());
     }
     return cublas_;
@@ -228,16 +214,26 @@ class CudaOps final : public Ops {
 
   int device_;
   cudaStream_t stream_;
-  uint64_t capacity_;
+  CudaOpsConfig config_;
   cuda::DeviceBuffer block_;
+  ActivationStack stack_;
+  cuda::DeviceBuffer scratch_;  // linear's dequantized weight (a larger one takes the stack)
   cuda::DeviceBuffer tables_mem_;
   cuda::DeviceTables tables_;
   cuda::CublasHandle cublas_;
   cuda::DeviceBuffer workspace_;
   int64_t max_norm_cols_ = 0;
-  uint64_t top_ = 0;
-  uint64_t peak_ = 0;
 };
+
+// The dtype of a plain weight (a bias), or I8 (not plain).
+DType plain_dtype(const DequantParams& w) {
+  switch (w.kind) {
+    case WeightKind::Bf16: return DType::BF16;
+    case WeightKind::F16: return DType::F16;
+    case WeightKind::F32: return DType::F32;
+    default: return DType::I8;
+  }
+}
 
 void CudaOps::linear(const Mat& x, const DequantParams& weight, const DequantParams* bias, const Mat& out) {
   check_view(x);
@@ -253,14 +249,16 @@ void CudaOps::linear(const Mat& x, const DequantParams& weight, const DequantPar
   cuda::DeviceScope scope(device_);
   const size_t m = mark();
   const int64_t in = x.cols, n_out = out.cols, tokens = x.rows;
-  // W in the activation dtype, exactly as the runner's dequant kernels give it.
+  // W in the activation dtype, exactly as the runner's dequant kernels give it: in the dequant
+  // scratch (the plan's dequant_scratch item) when it fits, else on the activation stack.
   const void* w = weight.weight;
   if (weight.kind != (x.dtype == DType::BF16  ? WeightKind::Bf16
                       : x.dtype == DType::F16 ? WeightKind::F16
                                               : WeightKind::F32)) {
-    const Mat wbuf = alloc(n_out, in, x.dtype);
+    const uint64_t w_bytes = static_cast<uint64_t>(n_out) * static_cast<uint64_t>(in) * dtype_size(x.dtype);
+    void* wbuf = w_bytes <= scratch_.size() ? scratch_.data() : alloc(n_out, in, x.dtype).data;
     if (x.dtype == DType::BF16) {
-      cuda::dequantize_to_bf16(weight, tables_, static_cast<uint16_t*>(wbuf.data), stream_);
+      cuda::dequantize_to_bf16(weight, tables_, static_cast<uint16_t*>(wbuf), stream_);
     } else {
       const float* code_table = nullptr;
       const float* nested_map = tables_.dynamic_map;
@@ -269,29 +267,40 @@ void CudaOps::linear(const Mat& x, const DequantParams& weight, const DequantPar
                                       : (weight.kind == WeightKind::Nf4 ? tables_.nf4 : tables_.fp4);
         if (weight.nested_quant_map) nested_map = reinterpret_cast<const float*>(weight.nested_quant_map);
       }
-      fwd::launch_dequant_generic(weight, code_table, nested_map, dt_code(x.dtype), wbuf.data, stream_);
+      fwd::launch_dequant_generic(weight, code_table, nested_map, dt_code(x.dtype), wbuf, stream_);
     }
-    w = wbuf.data;
+    w = wbuf;
   }
-  const bool direct = !bias && out.dtype == DType::F32;
+  // Without a bias, or with one in the output's dtype (exact there), cuBLAS writes the output
+  // itself: the bias broadcast into it first and added by the GEMM's epilogue (beta = 1) to the
+  // float32 sums before their one rounding. Otherwise an fp32 accumulator on the stack, and the
+  // bias added before the rounding by a kernel of our own.
+  const bool direct = !bias || plain_dtype(*bias) == out.dtype;
   Mat acc = out;
   if (!direct) acc = alloc(tokens, n_out, DType::F32);
   const float alpha = 1.0f;
-  const float beta = 0.0f;
-  const cuda::CublasHandle& h = cublas();
+  float beta = 0.0f;
+  if (direct && bias) {
+    const fwd::View none{};
+    const fwd::View row{const_cast<uint8_t*>(bias->weight), dt_code(out.dtype), out.rows, out.cols, 0};
+    fwd::launch_elementwise(fwd::Ew::Copy, 0, row, none, none, 1, 0.0f, view(out), stream_);
+    beta = 1.0f;
+  }
   if (in == 0) {
-    QTOOL_CUDA_CHECK(cudaMemset2DAsync(acc.data, static_cast<size_t>(acc.ld) * 4, 0,
-                                       static_cast<size_t>(n_out) * 4, static_cast<size_t>(tokens), stream_));
+    if (!(direct && bias))
+      QTOOL_CUDA_CHECK(cudaMemset2DAsync(acc.data, static_cast<size_t>(acc.ld) * acc.elem_bytes(), 0,
+                                         static_cast<size_t>(n_out) * acc.elem_bytes(),
+                                         static_cast<size_t>(tokens), stream_));
   } else {
     // Column-major: ACC^T [out, tokens] = W [out, in] (col-major [in, out], op T) * X^T [in, tokens] (ld
     // x.ld). F32 activations use plain fp32 GEMM (CUBLAS_COMPUTE_32F, no TF32).
+    const cuda::CublasHandle& h = cublas();
     QTOOL_CUBLAS_CHECK(cuda::cublas().gemm_ex(
         h.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n_out), static_cast<int>(tokens),
         static_cast<int>(in), &alpha, w, cuda_type(x.dtype), static_cast<int>(in), x.data, cuda_type(x.dtype),
-        static_cast<int>(x.ld), &beta, acc.data, CUDA_R_32F, static_cast<int>(acc.ld), CUBLAS_COMPUTE_32F,
-        CUBLAS_GEMM_DEFAULT));
+        static_cast<int>(x.ld), &beta, acc.data, cuda_type(acc.dtype), static_cast<int>(acc.ld),
+        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
-  // The bias is added to the fp32 sums before the one rounding to the output dtype.
   if (!direct) fwd::launch_bias_round(static_cast<const float*>(acc.data), bias, view(out), stream_);
   release(m);
 }
@@ -336,8 +345,14 @@ void CudaOps::attention(const Mat& q, const Mat& k, const Mat& v, const Attentio
 
 }  // namespace
 
+std::unique_ptr<Ops> make_cuda_ops(int device, cudaStream_t stream, const CudaOpsConfig& config) {
+  return std::make_unique<CudaOps>(device, stream, config);
+}
+
 std::unique_ptr<Ops> make_cuda_ops(int device, cudaStream_t stream, uint64_t capacity_bytes) {
-  return std::make_unique<CudaOps>(device, stream, capacity_bytes);
+  CudaOpsConfig config;
+  config.activation_bytes = capacity_bytes;
+  return make_cuda_ops(device, stream, config);
 }
 
 }  // namespace qtool::runner

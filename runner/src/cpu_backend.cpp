@@ -13,9 +13,11 @@
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/runner/cpu_kernels.hpp"
 #include "qtool/runner/cpu_ops.hpp"
+#include "qtool/runner/cuda_platform.hpp"
 #include "qtool/runner/driver.hpp"
 #include "qtool/runner/executor.hpp"
 #include "qtool/runner/kernel_math.hpp"
+#include "run_support.hpp"
 
 namespace qtool::runner {
 namespace {
@@ -70,21 +72,12 @@ class CpuDevice final : public Device {
   void upload(uint8_t* dst, std::span<const uint8_t> host) override {
     std::memcpy(dst, host.data(), host.size());
   }
-  void copy_to_slot(uint32_t, uint8_t* slot_memory, std::span<const uint8_t> host) override {
+  void copy_to_slot(uint32_t, uint8_t* slot_memory, std::span<const uint8_t> host, bool) override {
     std::memcpy(slot_memory, host.data(), host.size());
   }
   void wait_copied(uint32_t) override {}
   void release(uint32_t) override {}
-  void note(MemoryKind kind, uint64_t bytes) override {
-    if (bytes == 0) return;
-    for (MemoryItem& it : items_)
-      if (it.kind == kind && (kind == MemoryKind::ForwardActivations || kind == MemoryKind::ActivationIn ||
-                              kind == MemoryKind::ActivationOut)) {
-        it.bytes = std::max(it.bytes, bytes);  // components run one after another
-        return;
-      }
-    items_.push_back({kind, bytes});
-  }
+  void note(MemoryKind kind, uint64_t bytes) override { note_memory(items_, kind, bytes); }
   DeviceMemory memory() const override {
     DeviceMemory m;
     m.device = index_;
@@ -155,19 +148,7 @@ LayerRun CpuBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64_
   const DequantParams w = rebase_parts(hp, layout, parts.data());
 
   Ops& ops = platform_.ops(device, tokens * (ldx + hp.rows) * 2 + 2 * kArenaAlign);
-  const size_t mark = ops.mark();
-  const Mat x = ops.alloc(static_cast<int64_t>(tokens), static_cast<int64_t>(ldx), DType::BF16);
-  const Mat y = ops.alloc(static_cast<int64_t>(tokens), static_cast<int64_t>(hp.rows), DType::BF16);
-  std::vector<uint16_t> xh(tokens * ldx);
-  cpu::generate_activation(kmath::activation_stream(seed), tokens, ldx, 0, ldx, xh.data(), pool_);
-  ops.upload(xh.data(), x);
-  ops.linear(x.cols_view(0, static_cast<int64_t>(hp.cols)), w, nullptr, y);
-  LayerRun r;
-  r.y.assign(tokens * hp.rows, 0);
-  ops.download(y, r.y.data());
-  ops.release(mark);
-  r.digest = host_digest(reinterpret_cast<const uint8_t*>(r.y.data()), r.y.size(), DType::BF16);
-  return r;
+  return run_linear_alone(ops, w, tokens, ldx, seed, &pool_);
 }
 
 }  // namespace

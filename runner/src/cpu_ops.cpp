@@ -12,6 +12,7 @@
 
 #include "cpu_ops_impl.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/runner/activation_stack.hpp"
 
 namespace qtool::runner {
 
@@ -151,9 +152,9 @@ class CpuOps final : public Ops {
  public:
   CpuOps(ThreadPool& pool, uint64_t capacity)
       : pool_(pool),
-        capacity_(capacity),
-        block_(static_cast<uint8_t*>(
-            ::operator new(std::max<uint64_t>(capacity, 1), std::align_val_t(kAlign)))) {
+        block_(
+            static_cast<uint8_t*>(::operator new(std::max<uint64_t>(capacity, 1), std::align_val_t(kAlign)))),
+        stack_(block_, capacity, "CPU activation memory") {
     const size_t slots = pool.size();
     scratch_.weight_rows.resize(slots);
     scratch_.kv.resize(slots);
@@ -163,25 +164,11 @@ class CpuOps final : public Ops {
   CpuOps(const CpuOps&) = delete;
   CpuOps& operator=(const CpuOps&) = delete;
 
-  Mat alloc(int64_t rows, int64_t cols, DType dtype) override {
-    QTOOL_ASSERT(rows >= 0 && cols >= 0);
-    const uint64_t bytes = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols) * dtype_size(dtype);
-    const uint64_t start = (top_ + kAlign - 1) / kAlign * kAlign;
-    if (start + bytes > capacity_ || start + bytes < start)
-      fail(ErrorKind::InvalidInput, "CPU activation memory: allocating [", rows, ", ", cols, "] ",
-           dtype_name(dtype), " (", bytes, " bytes) with ", top_, " of ", capacity_,
-           " bytes held exceeds the capacity (the plan's activation reserve is too small)");
-    top_ = start + bytes;
-    peak_ = std::max(peak_, top_);
-    return {block_ + start, dtype, rows, cols, cols};
-  }
-  size_t mark() const override { return static_cast<size_t>(top_); }
-  void release(size_t mark) override {
-    QTOOL_ASSERT_MSG(mark <= top_, "release(", mark, ") above the top ", top_);
-    top_ = mark;
-  }
-  uint64_t peak_bytes() const override { return peak_; }
-  void reset_peak() override { peak_ = top_; }
+  Mat alloc(int64_t rows, int64_t cols, DType dtype) override { return stack_.alloc(rows, cols, dtype); }
+  size_t mark() const override { return stack_.mark(); }
+  void release(size_t mark) override { stack_.release(mark); }
+  uint64_t peak_bytes() const override { return stack_.peak_bytes(); }
+  void reset_peak() override { stack_.reset_peak(); }
 
   void upload(const void* host, const Mat& dst) override {
     const size_t row_bytes = static_cast<size_t>(dst.cols) * dst.elem_bytes();
@@ -226,10 +213,8 @@ class CpuOps final : public Ops {
                 const std::function<void(int64_t, float* const*)>& fn);
 
   ThreadPool& pool_;
-  uint64_t capacity_;
   uint8_t* block_;
-  uint64_t top_ = 0;
-  uint64_t peak_ = 0;
+  ActivationStack stack_;
   Scratch scratch_;
 };
 

@@ -403,7 +403,9 @@ void Driver::copy_loop(uint32_t run_step) {
       const auto [base, slot_bytes] = slots_.at(st.device);
       const uint32_t slot = static_cast<uint32_t>(seq_[si] % k_);
       const auto t0 = Clock::now();
-      devices_.at(st.device)->copy_to_slot(slot, base + slot * slot_bytes, host);
+      devices_.at(st.device)->copy_to_slot(
+          slot, base + slot * slot_bytes, host,
+          a.placement == Placement::Disk || options_.after_copy || options_.trace);
       trace(st.name, Lane::Copy, st.device, run_step, static_cast<int32_t>(si), t0, Clock::now(), a.bytes);
       if (options_.after_copy) options_.after_copy(si, host);
       {
@@ -651,6 +653,7 @@ void Driver::run_step(uint32_t run_step) {
   }
   copier.join();
   if (copy_error_) std::rethrow_exception(copy_error_);
+  for (auto& [d, dev] : devices_) dev->synchronize();
   result_.step_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t_step).count());
 }
 

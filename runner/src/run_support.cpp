@@ -8,6 +8,9 @@
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/json.hpp"
+#include "qtool/runner/cpu_kernels.hpp"
+#include "qtool/runner/driver.hpp"
+#include "qtool/runner/kernel_math.hpp"
 
 namespace qtool::runner {
 
@@ -57,6 +60,28 @@ void ShardFiles::read_group(const Checkpoint& checkpoint, const Arena& group, ui
     pos = t.offset + t.nbytes;
   }
   if (group.bytes > pos) std::memset(dst + pos, 0, group.bytes - pos);
+}
+
+LayerRun run_linear_alone(Ops& ops, const DequantParams& w, uint64_t tokens, uint64_t ldx, uint64_t seed,
+                          ThreadPool* pool) {
+  QTOOL_ASSERT(ldx >= w.cols);
+  const size_t mark = ops.mark();
+  const Mat x = ops.alloc(static_cast<int64_t>(tokens), static_cast<int64_t>(ldx), DType::BF16);
+  const Mat y = ops.alloc(static_cast<int64_t>(tokens), static_cast<int64_t>(w.rows), DType::BF16);
+  std::vector<uint16_t> xh(tokens * ldx);
+  const uint64_t stream = kmath::activation_stream(seed);
+  if (pool)
+    cpu::generate_activation(stream, tokens, ldx, 0, ldx, xh.data(), *pool);
+  else
+    cpu::generate_activation_rows(stream, ldx, 0, ldx, xh.data(), 0, tokens);
+  ops.upload(xh.data(), x);
+  ops.linear(x.cols_view(0, static_cast<int64_t>(w.cols)), w, nullptr, y);
+  LayerRun r;
+  r.y.assign(tokens * w.rows, 0);
+  ops.download(y, r.y.data());
+  ops.release(mark);
+  r.digest = host_digest(reinterpret_cast<const uint8_t*>(r.y.data()), r.y.size(), DType::BF16);
+  return r;
 }
 
 }  // namespace qtool::runner

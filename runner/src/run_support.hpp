@@ -5,6 +5,9 @@
 #include <vector>
 
 #include "qtool/formats/checkpoint.hpp"
+#include "qtool/formats/thread_pool.hpp"
+#include "qtool/runner/executor.hpp"
+#include "qtool/runner/ops.hpp"
 #include "qtool/runner/schedule.hpp"
 
 namespace qtool::runner {
@@ -26,5 +29,12 @@ class ShardFiles {
  private:
   std::vector<std::vector<int>> fds_;  // [component][shard]
 };
+
+// Backend::run_layer on `ops`: the hidden state H(seed) [tokens, ldx] generated on the host (by
+// `pool`'s threads, or this one when null) and uploaded, y = H[:, 0:cols] * W^T as the schedule's
+// linears-only units compute it, downloaded and digested. `weight` lives in the ops' memory; ldx
+// is at least weight.cols. The ops' activation memory must hold tokens x (ldx + rows) bf16.
+LayerRun run_linear_alone(Ops& ops, const DequantParams& weight, uint64_t tokens, uint64_t ldx, uint64_t seed,
+                          ThreadPool* pool);
 
 }  // namespace qtool::runner

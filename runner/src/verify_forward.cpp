@@ -92,7 +92,7 @@ void write_outputs(const std::filesystem::path& file, const Checkpoint& checkpoi
     fail(ErrorKind::InvalidInput, "--outputs ", file.string(), ": no component of ",
          checkpoint.root().string(),
          " ran a forward (LlamaForCausalLM, FluxTransformer2DModel, T5EncoderModel and CLIPTextModel have one, "
-         "on the CPU backend)");
+         "on either backend)");
   for (const auto& [name, t] : tensors) decls.push_back({name, t->dtype, t->shape});
   SafetensorsWriter w(file, decls, {{"producer", "qtool verify"}});
   for (const auto& [name, t] : tensors) w.write(name, t->bytes);

@@ -225,6 +225,7 @@ TEST_CASE("CUDA backend: streamed == all-resident for every scheme, disk groups,
     REQUIRE(n_cpu > 0);
     REQUIRE(n_disk > 0);
     RunOptions o;
+    o.forwards = false;  // every linear on its own activations (test_cuda_driver.cpp runs the forwards)
     o.tokens = 16;
     o.steps = 3;
     o.seed = 3;
@@ -258,7 +259,7 @@ TEST_CASE("CUDA backend: streamed == all-resident for every scheme, disk groups,
   }
 }
 
-TEST_CASE("CUDA backend on two GPUs: each step on its GPU, activations cross by peer copies") {
+TEST_CASE("CUDA backend on two GPUs: weights on both, read by the forward through peer access") {
   if (rc::device_count() < 2) {
     MESSAGE("one GPU: two-GPU test skipped");
     return;
@@ -274,6 +275,10 @@ TEST_CASE("CUDA backend on two GPUs: each step on its GPU, activations cross by 
   o.tokens = 16;
   o.steps = 2;
   const auto [planned, resident] = test::run_planned_and_resident(*backend, ckpt, s, o);
-  CHECK(planned.digests == resident.digests);
-  CHECK(planned.peer_bytes_per_step > 0);
+  CHECK(planned.unit_digests == resident.unit_digests);
+  REQUIRE(planned.memory.size() == 2);
+  for (const DeviceMemory& m : planned.memory) CHECK(m.allocated_bytes > 0);
+  o.forwards = false;
+  const auto [lp, lr] = test::run_planned_and_resident(*backend, ckpt, s, o);
+  CHECK(lp.digests == lr.digests);
 }

@@ -15,10 +15,22 @@
 
 namespace qtool::runner {
 
-// Activation memory: one cudaMalloc of `capacity_bytes` on `device`, used as a stack (256-byte
-// aligned buffers, mark/release, peak); an allocation beyond it is Error(InvalidInput). linear's
-// dequantization buffer and fp32 accumulator are taken from the same stack for the duration of
-// the call (so the peak includes them). cuBLAS is loaded lazily at the first linear.
+// Memory of the ops on one device, each a cudaMalloc made when the ops are made.
+struct CudaOpsConfig {
+  // The activation stack (activation_stack.hpp): 256-byte aligned buffers, mark/release, peak; an
+  // allocation beyond it is Error(InvalidInput).
+  uint64_t activation_bytes = 0;
+  // linear's dequantized weight (the plan's dequant_scratch item). A weight larger than this is
+  // dequantized onto the activation stack for the duration of the call (so the peak includes it).
+  uint64_t dequant_scratch_bytes = 0;
+  // cuBLAS's workspace (the plan's cublas_workspace item); cuBLAS is loaded at the first linear.
+  uint64_t cublas_workspace_bytes = uint64_t{32} << 20;
+};
+// linear writes its output with cuBLAS (fp32 accumulation, one rounding), the bias broadcast into
+// the output first and added by the GEMM's epilogue when it has the output's dtype; a bias of
+// another dtype goes through an fp32 accumulator [tokens, out] on the activation stack.
+std::unique_ptr<Ops> make_cuda_ops(int device, cudaStream_t stream, const CudaOpsConfig& config);
+// The same with `capacity_bytes` of activation memory, no dequant scratch, a 32 MiB workspace.
 std::unique_ptr<Ops> make_cuda_ops(int device, cudaStream_t stream, uint64_t capacity_bytes);
 
 }  // namespace qtool::runner

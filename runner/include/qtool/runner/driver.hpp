@@ -56,8 +56,11 @@ class Device {
   // Synchronous host -> device copy (resident arenas, at set-up).
   virtual void upload(uint8_t* dst, std::span<const uint8_t> host) = 0;
   // Copy side (the driver's copy thread, in streaming order, once the slot is free): copies `host`
-  // into `slot_memory` (slot `slot` of the ring); returns once `host` may be reused.
-  virtual void copy_to_slot(uint32_t slot, uint8_t* slot_memory, std::span<const uint8_t> host) = 0;
+  // into `slot_memory` (slot `slot` of the ring). With `wait` it returns once the copy is complete
+  // (the driver rewrites `host` next: a disk staging buffer; or a test hook reads it); without, it
+  // may return while the copy is still in flight (`host` stays untouched until the run ends).
+  virtual void copy_to_slot(uint32_t slot, uint8_t* slot_memory, std::span<const uint8_t> host,
+                            bool wait) = 0;
   // Compute side: work issued after wait_copied sees the slot's last copy complete; release says
   // the work issued so far is the slot's last use.
   virtual void wait_copied(uint32_t slot) = 0;
@@ -65,6 +68,9 @@ class Device {
   // Records an activation item the ops hold (their memory is the ops' own).
   virtual void note(MemoryKind kind, uint64_t bytes) = 0;
   virtual DeviceMemory memory() const = 0;
+  // Waits until the work issued so far on the device (copies, and compute that reads its memory)
+  // has completed: the driver calls it at the end of each run step, before it takes the step's time.
+  virtual void synchronize() {}
 };
 
 // What a backend provides to the driver.

@@ -1,8 +1,7 @@
-// Backends that execute a Schedule. The CPU backend runs every component through the schedule
-// driver (driver.hpp): a component whose architecture has a forward (forward.hpp) runs its real
-// forward pass, unit by unit, its WeightSource served from the schedule's arenas and slots; any
-// other component runs its linears only. The CUDA backend still runs every component linears-only
-// with its own walker (cuda/cuda_backend.cpp) until it implements the driver's device interface.
+// Backends that execute a Schedule. Both run every component through the schedule driver
+// (driver.hpp) on their platform: a component whose architecture has a forward (forward.hpp) runs
+// its real forward pass, unit by unit, its WeightSource served from the schedule's arenas and
+// slots; any other component runs its linears only.
 //
 // Linears-only: a hidden state H [tokens, max_in] (bf16) is generated from the step's seed; every
 // linear y[tokens, out] = H[:, 0:in] * dequant(W)^T (bf16 inputs, fp32 accumulate, bf16 out) runs
@@ -60,7 +59,7 @@ struct RunOptions {
   // argument names; a component with a forward and no entry gets Forward::random_inputs(1, tokens,
   // seed). Every run step runs the same inputs.
   std::map<std::string, std::vector<HostTensor>> inputs;
-  // false: every component runs its linears only (what the CUDA backend does).
+  // false: every component runs its linears only (the streaming benchmarks, the linears' tests).
   bool forwards = true;
   // Tests: the forward of a component (null: runner::make_forward).
   std::function<std::unique_ptr<Forward>(const Component&)> make_forward;

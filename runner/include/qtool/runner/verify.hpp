@@ -1,6 +1,6 @@
 // `qtool verify`: runs a plan on its checkpoint and checks it (DESIGN.md §5).
 //
-// A component whose architecture has a forward (forward.hpp) runs it on the CPU backend, on
+// A component whose architecture has a forward (forward.hpp) runs it (on either backend), on
 // --inputs or on inputs drawn from the seed; the others run their linears only. The report says
 // which ran ("components").
 //
@@ -24,7 +24,10 @@
 //                             byte, and each quantized weight's recorded dtype and shape are the
 //                             original's (tensor_compare.hpp)
 //   reference output          (--reference) each forward's output against the original model's
-//                             forward on the same inputs (verify_forward.hpp states the bound)
+//                             forward on the same inputs (verify_forward.hpp states the bound); on
+//                             a GPU, of the same forward run again on the CPU backend, and:
+//   cuda forward vs cpu       (--reference, CUDA) each CUDA forward output within a relative RMS
+//                             error of 2e-2 of that CPU run's
 //   peak memory               per GPU, measured peak <= the plan's predicted peak, and the forwards'
 //                             activation peak <= the plan's activation items
 //   step time                 measured against the plan's prediction: reported; a check only with

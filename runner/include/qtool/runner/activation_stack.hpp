@@ -1,0 +1,60 @@
+// The activation memory of an Ops backend (ops.hpp): one block of `capacity` bytes, host or
+// device, used as a stack. Each allocation starts at a 256-byte boundary (so it holds
+// round_up(bytes, 256) of the block); release(mark) frees every allocation made after the mark;
+// the peak is the most bytes held at once since reset_peak. An allocation that would pass the
+// capacity is Error(InvalidInput) naming the bytes asked and held: the plan reserves this memory,
+// so an overflow means its activation reserve was wrong. The CPU and CUDA ops share it; the block
+// itself is theirs (this class never dereferences it).
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "qtool/formats/error.hpp"
+#include "qtool/runner/ops.hpp"
+
+namespace qtool::runner {
+
+class ActivationStack {
+ public:
+  static constexpr uint64_t kAlign = 256;
+
+  // `where` names the memory in errors ("CPU activation memory").
+  ActivationStack(uint8_t* base, uint64_t capacity, std::string where)
+      : base_(base), capacity_(capacity), where_(std::move(where)) {}
+
+  Mat alloc(int64_t rows, int64_t cols, DType dtype) {
+    QTOOL_ASSERT(rows >= 0 && cols >= 0);
+    const uint64_t r = static_cast<uint64_t>(rows), c = static_cast<uint64_t>(cols), e = dtype_size(dtype);
+    const uint64_t bytes = r * c * e;
+    const uint64_t start = (top_ + kAlign - 1) / kAlign * kAlign;
+    const bool wraps = (c != 0 && r > UINT64_MAX / c) || (r * c != 0 && e > UINT64_MAX / (r * c));
+    if (wraps || start + bytes > capacity_ || start + bytes < start)
+      fail(ErrorKind::InvalidInput, where_, ": allocating [", rows, ", ", cols, "] ", dtype_name(dtype), " (",
+           wraps ? std::string("more than 2^64") : std::to_string(bytes), " bytes) with ", top_, " of ",
+           capacity_, " bytes held exceeds the capacity (the plan's activation reserve is too small)");
+    top_ = start + bytes;
+    peak_ = std::max(peak_, top_);
+    return {base_ + start, dtype, rows, cols, cols};
+  }
+  size_t mark() const { return static_cast<size_t>(top_); }
+  void release(size_t mark) {
+    QTOOL_ASSERT_MSG(mark <= top_, "release(", mark, ") above the top ", top_);
+    top_ = mark;
+  }
+  uint64_t peak_bytes() const { return peak_; }
+  void reset_peak() { peak_ = top_; }
+  uint64_t capacity() const { return capacity_; }
+  uint64_t held() const { return top_; }
+
+ private:
+  uint8_t* base_;
+  uint64_t capacity_;
+  std::string where_;
+  uint64_t top_ = 0;
+  uint64_t peak_ = 0;
+};
+
+}  // namespace qtool::runner

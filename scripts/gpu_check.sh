@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The GPU session in one command, on the device machine (from the repository root): builds qtool
+# with the CUDA backend, runs `ctest -L gpu`, then the benchmarks, each logged under $OUT (the
+# device runner's output folder; at most 8 files come back, so everything goes into a few logs).
+#
+#   bash scripts/gpu_check.sh [STAGE...]      STAGE: build tests bench full (default: build tests bench)
+#
+#   build:  configure and build build-gpu/ (kept between runs on a warm machine: a later call that
+#           names only `tests` or `bench` reuses it; a call is limited to 10 minutes).
+#   tests:  ctest -L gpu (the CUDA ops, the CUDA backend, the forwards against the CPU backend's).
+#   bench:  bench_forward on the flux transformer at --scale 0.25 and a Llama at --scale 0.125 (bf16
+#           and nf4, 4096 tokens, streamed against all-resident).
+#   full:   bench_forward on the full-size flux transformer (--scale 1, nf4 at a 2.5 GiB budget;
+#           synthesizing and quantizing 24 GB is most of it) and bench_stream (--scale 0.5): name it
+#           alone in a call.
+#
+# Build dependencies (CLI11, nlohmann-json, doctest: header-only Debian packages) are taken from
+# the system when present, else from .deps/*.deb carried with the tree (nothing can be fetched
+# there), unpacked into a prefix under the build folder, never into /. Prepare them here once:
+#   mkdir -p .deps   (.gitignore ignores it)
+#   (cd .deps && apt-get download libcli11-dev nlohmann-json3-dev doctest-dev)
+# and name .deps in the run's carry list.
+#
+# Files written to $OUT: build.log, gpu_tests.log, bench_forward.log (with its JSON appended),
+# bench_stream.log (full), summary.txt. The exit status: 3 when the build fails, else that of the
+# GPU tests (0 when they did not run).
+set -u
+cd "$(dirname "$0")/.."
+STAGES=${*:-build tests bench}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+BUILD=${QTOOL_GPU_BUILD:-build-gpu}
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+say() { echo "== $*" | tee -a "$SUMMARY"; }
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+say "gpu_check ($STAGES) on $(hostname), $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current \
+  --format=csv,noheader 2>&1 | tee -a "$SUMMARY"
+ls /usr/lib/x86_64-linux-gnu/libcudnn.so* 2>/dev/null | head -1 | sed 's/^/cuDNN present (not used yet): /' >>"$SUMMARY"
+
+# --- Build. --------------------------------------------------------------------------------------
+if has build; then
+PREFIX_ARGS=()
+if ! [ -f /usr/include/doctest/doctest.h ] || ! [ -d /usr/include/CLI ] || ! [ -d /usr/include/nlohmann ]; then
+  if ls .deps/*.deb >/dev/null 2>&1; then
+    PREFIX=$PWD/$BUILD-deps
+    mkdir -p "$PREFIX"
+    for f in .deps/*.deb; do dpkg -x "$f" "$PREFIX"; done
+    PREFIX_ARGS=(-DCMAKE_PREFIX_PATH="$PREFIX/usr" -DCMAKE_CXX_FLAGS="-isystem $PREFIX/usr/include")
+    say "build dependencies from .deps ($(ls .deps/*.deb | wc -l) packages)"
+  else
+    say "missing CLI11 / nlohmann-json / doctest headers and no .deps/*.deb: see this script's header"
+    exit 3
+  fi
+fi
+t0=$(date +%s)
+{
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CUDA_ARCHITECTURES=90 \
+    "${PREFIX_ARGS[@]}" &&
+    cmake --build "$BUILD" -j "$(nproc)" --target qtool runner_gpu_test runner_cuda_ops_test \
+      runner_cuda_driver_test bench_forward bench_stream
+} >"$OUT/build.log" 2>&1
+rc=$?
+say "build exit $rc in $(($(date +%s) - t0)) s"
+if [ $rc -ne 0 ]; then
+  tail -30 "$OUT/build.log" | tee -a "$SUMMARY"
+  exit 3
+fi
+grep -E "CUDA backend" "$OUT/build.log" | head -2 >>"$SUMMARY"
+fi
+
+# --- GPU tests (verbose: the measured CUDA-vs-CPU forward errors are printed). ------------------
+test_rc=0
+if has tests; then
+  t0=$(date +%s)
+  timeout 560 ctest --test-dir "$BUILD" -L gpu -V --timeout 480 >"$OUT/gpu_tests.log" 2>&1
+  test_rc=$?
+  say "ctest -L gpu exit $test_rc in $(($(date +%s) - t0)) s"
+  grep -E "tests passed|tests failed|Failed|Not Run|Skipped|Passed" "$OUT/gpu_tests.log" | tail -12 |
+    tee -a "$SUMMARY"
+  grep -E "rel RMS" "$OUT/gpu_tests.log" | sed 's/^.*MESSAGE: //' | tee -a "$SUMMARY"
+fi
+
+# --- Benchmarks. ---------------------------------------------------------------------------------
+export QTOOL_DATA_DIR=$PWD/sample_configs
+bench_forward() {  # label, seconds, arguments...
+  local label=$1 limit=$2
+  shift 2
+  say "bench_forward $label: $*"
+  local t0
+  t0=$(date +%s)
+  timeout "$limit" "$BUILD/bench/bench_forward" --json "$OUT/bench_forward_$label.json" "$@" \
+    >>"$OUT/bench_forward.log" 2>&1
+  echo "exit $? in $(($(date +%s) - t0)) s" | tee -a "$SUMMARY"
+  [ -f "$OUT/bench_forward_$label.json" ] && {
+    echo "--- $label json" >>"$OUT/bench_forward.log"
+    cat "$OUT/bench_forward_$label.json" >>"$OUT/bench_forward.log"
+    rm -f "$OUT/bench_forward_$label.json"
+  }
+}
+: >"$OUT/bench_forward.log"
+if has bench; then
+  bench_forward flux-small 280 --preset flux --scale 0.25 --tokens 4096 --steps 5
+  bench_forward llama-small 250 --preset llama --scale 0.125 --tokens 4096 --steps 5
+fi
+if has full; then
+  bench_forward flux-full 400 --preset flux --scale 1 --tokens 4096 --steps 4 --schemes nf4 --budget 2.5GiB
+  say "bench_stream --scale 0.5"
+  timeout 150 "$BUILD/bench/bench_stream" --scale 0.5 >"$OUT/bench_stream.log" 2>&1
+  echo "exit $?" | tee -a "$SUMMARY"
+  grep -E "^\|" "$OUT/bench_stream.log" >>"$SUMMARY"
+fi
+grep -E "^\|" "$OUT/bench_forward.log" | tee -a "$SUMMARY"
+exit $test_rc
