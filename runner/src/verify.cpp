@@ -16,6 +16,7 @@
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/planner/plan.hpp"
 #include "qtool/runner/cpu_kernels.hpp"
+#include "qtool/runner/driver.hpp"
 #include "qtool/runner/error_model.hpp"
 #include "qtool/runner/kernel_math.hpp"
 #include "qtool/runner/schedule.hpp"
@@ -155,7 +156,8 @@ WeightKind plain_kind(DType dt) {
 
 // --reference: every tensor quantize copies must be the original's, byte for byte (tensor_compare.hpp).
 template <typename Add>
-void add_reference_tensors_check(const Checkpoint& checkpoint, const Checkpoint& ref, json& j, Add& add_check) {
+void add_reference_tensors_check(const Checkpoint& checkpoint, const Checkpoint& ref, json& j,
+                                 Add& add_check) {
   const ReferenceTensors rt = compare_with_reference(checkpoint, ref);
   j["reference_tensors"] = {{"compared", rt.n_compared},
                             {"bytes_compared", rt.bytes_compared},
@@ -201,6 +203,50 @@ uint64_t planned_item_bytes(const planner::DevicePlan& dp, MemoryKind kind) {
   return bytes;
 }
 
+// A run's phases: its components in run order (a FluxPipeline's: CLIP, T5, the transformer, then
+// the others), each with what the checks found in it.
+struct Phase {
+  std::string component;
+  size_t outputs = 0;  // digests compared / checked
+  uint64_t nonfinite = 0;
+  size_t mismatches = 0;  // streamed vs all-resident
+};
+
+// The component of a digest name ("transformer[denoise 3]/x_embedder" -> "transformer").
+std::string component_of_unit(const std::string& unit_name) {
+  const size_t slash = unit_name.find('/');
+  if (slash == std::string::npos) return "";
+  return unit_name.substr(0, std::min(slash, unit_name.find('[')));
+}
+
+std::vector<Phase> make_phases(const RunResult& run) {
+  std::vector<Phase> phases;
+  if (run.pipeline.ran)
+    for (const char* c : {"text_encoder", "text_encoder_2", "transformer"}) phases.push_back({c, 0, 0, 0});
+  for (const ComponentRun& c : run.components) {
+    bool have = false;
+    for (const Phase& p : phases) have = have || p.component == c.component;
+    if (!have) phases.push_back({c.component, 0, 0, 0});
+  }
+  return phases;
+}
+
+Phase& phase_of(std::vector<Phase>& phases, const std::string& component) {
+  for (Phase& p : phases)
+    if (p.component == component) return p;
+  QTOOL_ASSERT(false);
+  return phases.front();
+}
+
+// "text_encoder 14, text_encoder_2 12, ...": one figure per phase.
+std::string per_phase(const std::vector<Phase>& phases,
+                      const std::function<std::string(const Phase&)>& what) {
+  if (phases.size() < 2) return "";
+  std::string s;
+  for (const Phase& p : phases) s += str_cat(s.empty() ? "" : ", ", p.component, " ", what(p));
+  return " (per phase: " + s + ")";
+}
+
 // What each component ran, on stderr and in the report.
 void report_components(const RunResult& run, json& j, const std::function<void(const std::string&)>& log) {
   json comps = json::array();
@@ -214,7 +260,9 @@ void report_components(const RunResult& run, json& j, const std::function<void(c
       cj["activation_peak_bytes"] = c.activation_peak_bytes;
       std::string shape;
       for (int64_t d : c.output.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
-      log(str_cat("  ", name, ": ", c.architecture, " forward, ", c.units.size(), " units, output ",
+      cj["passes"] = c.passes;
+      log(str_cat("  ", name, ": ", c.architecture, " forward, ", c.units.size(), " units",
+                  c.passes > 1 ? str_cat(" x ", c.passes, " passes") : std::string(), ", output ",
                   c.output.name, " [", shape, "], activations ", format_size(c.activation_peak_bytes)));
     } else {
       log(str_cat("  ", name, ": linears only (no forward for its architecture yet)"));
@@ -345,11 +393,24 @@ VerifyReport verify(const VerifyOptions& options) {
   if (on_gpu && (!options.inputs.empty() || !options.outputs.empty()))
     fail(ErrorKind::Usage,
          "--inputs/--outputs: the CUDA backend runs linears only so far; use --backend cpu");
+  const bool flux_pipeline = is_flux_pipeline(checkpoint);
+  if (options.denoise_steps && !flux_pipeline)
+    fail(ErrorKind::Usage, "--denoise-steps: ", options.checkpoint.string(),
+         " is not a pipeline folder whose model_index.json names FluxPipeline");
+  const uint32_t denoise_steps = options.denoise_steps.value_or(kDefaultDenoiseSteps);
+  if (denoise_steps < 1 || denoise_steps > kMaxDenoiseSteps)
+    fail(ErrorKind::Usage, "--denoise-steps: ", denoise_steps, " is not from 1 to ", kMaxDenoiseSteps);
+  // The CUDA backend runs linears only so far: no pipeline there.
+  const uint32_t run_denoise = flux_pipeline && !on_gpu ? denoise_steps : 0;
+  if (flux_pipeline && on_gpu)
+    log("  FluxPipeline: the CUDA backend runs the components' linears only (the denoising loop runs on the "
+        "CPU backend: --backend cpu)");
   // Bad inputs stop here (exit 2), before anything runs or is written.
   std::map<std::string, std::vector<HostTensor>> inputs;
   if (!options.inputs.empty())
-    inputs = read_inputs(options.inputs, checkpoint,
-                         static_cast<int64_t>(plan.settings.tokens ? plan.settings.tokens : tokens));
+    inputs =
+        read_inputs(options.inputs, checkpoint,
+                    static_cast<int64_t>(plan.settings.tokens ? plan.settings.tokens : tokens), run_denoise);
 
   size_t n_streamed = 0, n_disk = 0;
   for (const ExecStep& st : schedule.steps) {
@@ -371,9 +432,10 @@ VerifyReport verify(const VerifyOptions& options) {
   j["tokens"] = tokens;
   j["steps"] = options.steps;
   j["seed"] = options.seed;
-  add_check("plan matches checkpoint", CheckResult::Status::Pass,
-            str_cat("fingerprint ", fingerprint,
-                    "; device map, groups, schedule, linears and tied aliases agree with it (plan_checks.hpp)"));
+  add_check(
+      "plan matches checkpoint", CheckResult::Status::Pass,
+      str_cat("fingerprint ", fingerprint,
+              "; device map, groups, schedule, linears and tied aliases agree with it (plan_checks.hpp)"));
 
   RunOptions run_opts;
   run_opts.tokens = tokens;
@@ -385,32 +447,81 @@ VerifyReport verify(const VerifyOptions& options) {
   run_opts.sizing.staging_buffers = schedule.n_slots;  // the planner's staging ring: K buffers
   run_opts.inputs = inputs;
   run_opts.forwards = !on_gpu;
+  run_opts.denoise_steps = run_denoise;
 
   // --- The planned run. ------------------------------------------------------------------------
   const RunResult planned = backend->run(checkpoint, schedule, run_opts);
   const size_t n_linears = schedule.linears.size();
+  std::vector<Phase> phases = make_phases(planned);
+  const std::vector<bool> linears_only = linears_only_mask(schedule, planned);
   {
     uint64_t bad = 0;
     std::string first;
     for (uint32_t s = 0; s < planned.digests.size(); ++s)
-      for (size_t li = 0; li < n_linears; ++li)
+      for (size_t li = 0; li < n_linears; ++li) {
+        if (!linears_only[li]) continue;
+        Phase& ph = phase_of(phases, schedule.linears[li].component);
+        ++ph.outputs;
         if (planned.digests[s][li].nonfinite) {
           bad += planned.digests[s][li].nonfinite;
+          ph.nonfinite += planned.digests[s][li].nonfinite;
           if (first.empty())
             first =
                 str_cat(schedule.linears[li].component.empty() ? "" : schedule.linears[li].component + "/",
                         schedule.linears[li].module, " (step ", s, ")");
         }
+      }
     for (uint32_t s = 0; s < planned.unit_digests.size(); ++s)
-      for (size_t u = 0; u < planned.unit_names.size(); ++u)
+      for (size_t u = 0; u < planned.unit_names.size(); ++u) {
+        Phase& ph = phase_of(phases, component_of_unit(planned.unit_names[u]));
+        ++ph.outputs;
         if (planned.unit_digests[s][u].nonfinite) {
           bad += planned.unit_digests[s][u].nonfinite;
+          ph.nonfinite += planned.unit_digests[s][u].nonfinite;
           if (first.empty()) first = str_cat(planned.unit_names[u], " (step ", s, ")");
         }
+      }
+    // The final latents are not a unit's output: checked on their own.
+    uint64_t bad_latents = 0;
+    if (planned.pipeline.ran) {
+      const HostTensor& img = planned.pipeline.images;
+      bad_latents = host_digest(img.bytes.data(), img.bytes.size() / 4, DType::F32).nonfinite;
+      bad += bad_latents;
+      phase_of(phases, "transformer").nonfinite += bad_latents;
+      if (bad_latents && first.empty()) first = "the final latents";
+    }
+    const std::string phase_detail = per_phase(phases, [](const Phase& p) {
+      return p.nonfinite ? str_cat(p.nonfinite, " non-finite") : std::string("finite");
+    });
     add_check("finite outputs", bad ? CheckResult::Status::Fail : CheckResult::Status::Pass,
-              bad ? str_cat(bad, " non-finite output values, first in ", first)
+              bad ? str_cat(bad, " non-finite output values, first in ", first, phase_detail)
                   : str_cat(count_linears_only(schedule, planned), " linears and ", planned.unit_names.size(),
-                            " forward unit outputs x ", options.steps, " steps, every value finite"));
+                            " forward unit outputs", planned.pipeline.ran ? " and the final latents" : "",
+                            " x ", options.steps, " steps, every value finite", phase_detail));
+  }
+  if (planned.pipeline.ran) {
+    const PipelineRun& pr = planned.pipeline;
+    j["pipeline"] = {{"class", "FluxPipeline"},
+                     {"denoise_steps", pr.denoise_steps},
+                     {"mu", pr.schedule.mu},
+                     {"sigmas", pr.schedule.sigmas},
+                     {"timesteps", pr.schedule.timesteps},
+                     {"timestep_inputs", pr.timestep_inputs},
+                     {"guidance", pr.guidance},
+                     {"latent_grid", {pr.grid_rows, pr.grid_cols}},
+                     {"latents_shape", pr.latents.shape},
+                     {"phases",
+                      {"text_encoder (CLIP): pooler_output -> pooled_projections",
+                       "text_encoder_2 (T5): last_hidden_state -> encoder_hidden_states",
+                       str_cat("transformer x ", pr.denoise_steps, " (flow-matching Euler)"),
+                       "vae: linears only (its convolutions are not executed)"}}};
+    log(str_cat(
+        "  FluxPipeline: text_encoder -> text_encoder_2 -> transformer x ", pr.denoise_steps,
+        " denoising steps (sigmas ", fmt("%.4f", pr.schedule.sigmas.front()), " .. ",
+        fmt("%.4f", pr.schedule.sigmas[pr.schedule.sigmas.size() - 2]), ", mu ", fmt("%.4f", pr.schedule.mu),
+        pr.guidance > 0 ? str_cat(", guidance ", fmt("%.2f", pr.guidance)) : std::string(), ", latents [",
+        pr.latents.shape[0], ", ", pr.latents.shape[1], ", ", pr.latents.shape[2], "] on a ", pr.grid_rows,
+        "x", pr.grid_cols, " grid) -> vae (linears only: its convolutions are not executed)"));
   }
   report_components(planned, j, log);
   {
@@ -422,6 +533,7 @@ VerifyReport verify(const VerifyOptions& options) {
   std::string resident_how;
   std::vector<std::vector<LayerDigest>> resident_digests, resident_units;
   std::vector<double> resident_ms;
+  HostTensor resident_images;
   const std::vector<bool> compared = linears_only_mask(schedule, planned);
   {
     RunOptions r = run_opts;
@@ -432,6 +544,7 @@ VerifyReport verify(const VerifyOptions& options) {
       resident_digests = res.digests;
       resident_units = res.unit_digests;
       resident_ms = res.step_ms;
+      resident_images = res.pipeline.images;
       resident_how = "an all-resident run";
     } catch (const Error& e) {
       if (e.kind() != ErrorKind::InvalidInput) throw;
@@ -458,6 +571,7 @@ VerifyReport verify(const VerifyOptions& options) {
         if (!(resident_digests[s][li] == planned.digests[s][li])) {
           if (!mismatches) first = str_cat(schedule.linears[li].module, " (step ", s, ")");
           ++mismatches;
+          ++phase_of(phases, schedule.linears[li].component).mismatches;
         }
       }
     const size_t n_units = std::min(resident_units.size(), planned.unit_digests.size());
@@ -467,14 +581,28 @@ VerifyReport verify(const VerifyOptions& options) {
         if (!(resident_units[s][u] == planned.unit_digests[s][u])) {
           if (!mismatches) first = str_cat(planned.unit_names[u], " (step ", s, ")");
           ++mismatches;
+          ++phase_of(phases, component_of_unit(planned.unit_names[u])).mismatches;
         }
       }
+    // A pipeline's final latents: the last run step's, bit for bit.
+    if (planned.pipeline.ran && !resident_images.bytes.empty()) {
+      ++n_outputs;
+      if (resident_images.bytes != planned.pipeline.images.bytes) {
+        if (!mismatches) first = "the final latents";
+        ++mismatches;
+        ++phase_of(phases, "transformer").mismatches;
+      }
+    }
+    const std::string phase_detail = per_phase(phases, [](const Phase& p) {
+      return p.mismatches ? str_cat(p.mismatches, " differ") : std::string("identical");
+    });
     add_check(
         "streamed == resident", mismatches ? CheckResult::Status::Fail : CheckResult::Status::Pass,
         mismatches
-            ? str_cat(mismatches, " outputs differ from ", resident_how, ", first ", first)
-            : str_cat(n_outputs, " outputs (linears, forward units: every op's output) bitwise identical to ",
-                      resident_how, n_streamed ? "" : " (nothing is streamed in this plan)"));
+            ? str_cat(mismatches, " outputs differ from ", resident_how, ", first ", first, phase_detail)
+            : str_cat(n_outputs, " outputs (linears, forward units: every op's output",
+                      planned.pipeline.ran ? "; the final latents" : "", ") bitwise identical to ",
+                      resident_how, n_streamed ? "" : " (nothing is streamed in this plan)", phase_detail));
   }
 
   // --- No quant state left behind: poison each host arena right after its (last) copy. -------------
@@ -490,9 +618,16 @@ VerifyReport verify(const VerifyOptions& options) {
       r.trace = false;
       size_t poisoned = 0;
       std::mt19937_64 rng(options.seed ^ 0xBADC0FFEEull);
+      // A pinned (cpu) arena is copied again by a later pass (a pipeline's next denoising step):
+      // poisoned after its last copy of the run step only.
+      std::vector<uint32_t> copied(schedule.steps.size(), 0);
       r.after_copy = [&](size_t step, std::span<uint8_t> host) {
         const ExecStep& st = schedule.steps[step];
-        if (schedule.arenas[st.arena].placement == Placement::Cpu && last_use[st.arena] != step) return;
+        ++copied[step];
+        if (schedule.arenas[st.arena].placement == Placement::Cpu &&
+            (last_use[st.arena] != step ||
+             (step < planned.copies_per_step.size() && copied[step] < planned.copies_per_step[step])))
+          return;
         for (size_t i = 0; i + 8 <= host.size(); i += 8) {
           const uint64_t v = rng();
           std::memcpy(host.data() + i, &v, 8);
@@ -505,6 +640,7 @@ VerifyReport verify(const VerifyOptions& options) {
         mismatches += res.digests[0][li] == planned.digests[0][li] ? 0 : 1;
       for (size_t u = 0; u < planned.unit_names.size(); ++u)
         mismatches += res.unit_digests[0][u] == planned.unit_digests[0][u] ? 0 : 1;
+      if (planned.pipeline.ran && res.pipeline.images.bytes != planned.pipeline.images.bytes) ++mismatches;
       add_check("no state left behind", mismatches ? CheckResult::Status::Fail : CheckResult::Status::Pass,
                 mismatches
                     ? str_cat(mismatches, " outputs changed after host arenas were overwritten post-copy")
@@ -598,6 +734,23 @@ VerifyReport verify(const VerifyOptions& options) {
                             "bit for bit (linears-only components)"));
     add_reference_tensors_check(checkpoint, ref, j, add_check);
     check_forward_references(checkpoint, ref, planned, schedule, options.seed, pool, j, add_check);
+    if (planned.pipeline.ran) {
+      const ForwardReference r =
+          compare_pipeline_with_reference(checkpoint, ref, planned, schedule, tokens, options.seed, pool);
+      j["pipeline_reference"] = r.to_json();
+      add_check(
+          "reference latents", r.within() ? CheckResult::Status::Pass : CheckResult::Status::Fail,
+          str_cat(
+              "the final latents after ", planned.pipeline.denoise_steps,
+              " steps against the original pipeline's from the same ids and latents: relative error ",
+              fmt("%.3g", r.rel_error),
+              r.exact ? " (no quantized linear: must be 0)"
+                      : str_cat(", bound ", fmt("%.3g", r.bound), " (", kForwardBoundFactor, " x simulated ",
+                                fmt("%.3g", r.simulated_rel_error), " + ", kForwardBoundFloor, "); ",
+                                r.substituted ? "equal bit for bit to" : "DIFFERENT from",
+                                " the original pipeline with its quantized linears dequantized"),
+              r.nonfinite ? str_cat(", ", r.nonfinite, " non-finite") : "", r.within() ? "" : " OUTSIDE"));
+    }
   }
   j["layers"] = std::move(layers);
 
@@ -647,6 +800,13 @@ VerifyReport verify(const VerifyOptions& options) {
       }
       memory.push_back(std::move(mj));
     }
+    std::string phase_peaks;
+    if (phases.size() > 1)
+      for (const ComponentRun& c : planned.components)
+        if (c.forward)
+          phase_peaks += str_cat(phase_peaks.empty() ? "; forward activations per phase: " : ", ",
+                                 c.component, " ", format_size(c.activation_peak_bytes));
+    detail += phase_peaks;
     if (!plan_tokens)
       add_check("peak memory", CheckResult::Status::Skip,
                 str_cat("the plan was made for ", plan.settings.tokens, " tokens, this run used ", tokens,
@@ -655,6 +815,29 @@ VerifyReport verify(const VerifyOptions& options) {
       add_check("peak memory", over ? CheckResult::Status::Fail : CheckResult::Status::Pass, detail);
   }
   j["memory"] = std::move(memory);
+
+  // --- Per phase, what the checks found. --------------------------------------------------------------
+  {
+    json pj = json::array();
+    for (const Phase& p : phases) {
+      const ComponentRun* c = nullptr;
+      for (const ComponentRun& r : planned.components)
+        if (r.component == p.component) c = &r;
+      json one = {{"component", p.component},
+                  {"ran", c && c->forward ? "forward" : "linears only"},
+                  {"passes", c ? c->passes : 0},
+                  {"outputs_checked", p.outputs},
+                  {"nonfinite", p.nonfinite},
+                  {"streamed_vs_resident_mismatches", p.mismatches},
+                  {"unread_tensors", c ? c->unread_tensors.size() : 0},
+                  {"activation_peak_bytes", c ? c->activation_peak_bytes : 0}};
+      if (j.contains("forward_reference"))
+        for (const json& fr : j["forward_reference"])
+          if (fr["component"] == p.component) one["reference"] = fr;
+      pj.push_back(std::move(one));
+    }
+    j["phases"] = std::move(pj);
+  }
 
   // --- Step time. -----------------------------------------------------------------------------------
   // On a GPU, timed in runs of their own without digests: a step then does only a model's work.
