@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """qtool verify's FluxPipeline run against diffusers' FluxPipeline, 2 denoising steps.
 
-`QTOOL synth --preset tiny-flux` writes a pipeline folder (CLIP, T5, the transformer, the VAE, the
-scheduler's config); diffusers loads it with FluxPipeline.from_pretrained in bf16 and runs
+Two pipeline folders: a random tiny one built by diffusers / transformers and saved (build_small:
+weights scaled so that activations stay of order 1), and `QTOOL synth --preset tiny-flux`'s (CLIP,
+T5, the transformer, the VAE, the scheduler's config). diffusers loads each with
+FluxPipeline.from_pretrained in bf16 and runs
 
     pooled = text_encoder(ids_1).pooler_output            (as _get_clip_prompt_embeds)
     embeds = text_encoder_2(ids_2)[0]                      (as _get_t5_prompt_embeds)
@@ -11,13 +13,19 @@ scheduler's config); diffusers loads it with FluxPipeline.from_pretrained in bf1
 
 on token ids and packed latents drawn from the printed seed (height and width give the latent
 grid qtool uses: the factor pair of the image tokens closest to square). The same pipeline in
-float32 on the same inputs is the yardstick: the framework's own bf16 noise. qtool's
+float32 on the same inputs, its transformer given the bf16 run's rounded timestep and guidance
+(the conditioning, not the compute), is the yardstick: the framework's own bf16 noise. qtool's
 `verify --inputs` of the same ids and latents writes its final latents (`images`); they must lie
 within twice that noise of diffusers' bf16 latents (max and RMS, relative to the latents' RMS) and
 no farther from the float32 latents than 1.25 x the framework's RMS distance.
 
-With --save DIR the inputs and diffusers' latents are written to DIR/vectors.safetensors (the
-default suite's e2e test replays them: tests/e2e/verify_pipeline.sh).
+With --save DIR the small pipeline is built in DIR and the inputs and diffusers' latents are
+written to DIR/vectors.safetensors beside it (tests/runner/data/flux_pipeline_small: the default
+suite's e2e_verify_pipeline_vectors replays them, tests/e2e/verify_forward.sh).
+
+tiny-flux's transformer (qtool synth's weights) is far from well conditioned: its bf16 and float32
+outputs differ by about half their RMS even for one forward on the same inputs, so its yardstick
+is loose; the small pipeline's is the tight one.
 
   pipeline_flux.py --qtool QTOOL --out WORK [--seed N] [--steps 2] [--save DIR]
 """
@@ -25,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -55,6 +64,21 @@ def diffusers_latents(folder, dtype, ids1, ids2, latents, height, width, steps):
 
     pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, tokenizer=None, tokenizer_2=None)
     pipe.set_progress_bar_config(disable=True)
+    if dtype == torch.float32:
+        # The bf16 transformer sees t~ = bf16(bf16(bf16(t) / 1000) * 1000) (the pipeline casts t to
+        # the latents' dtype before dividing; the model multiplies in its dtype) and g~ likewise:
+        # give the float32 transformer the same conditioning, so that only the compute differs
+        # (as forward_models.py does for one forward).
+        bf = torch.bfloat16
+
+        def same_conditioning(module, args, kwargs):
+            t = (kwargs["timestep"] * 1000).to(bf)
+            kwargs["timestep"] = ((t / 1000).to(bf) * 1000).float() / 1000
+            if kwargs.get("guidance") is not None:
+                kwargs["guidance"] = (kwargs["guidance"].to(bf) * 1000).float() / 1000
+            return args, kwargs
+
+        pipe.transformer.register_forward_pre_hook(same_conditioning, with_kwargs=True)
     with torch.no_grad():
         pooled = pipe.text_encoder(ids1, output_hidden_states=False).pooler_output.to(dtype)
         embeds = pipe.text_encoder_2(ids2, output_hidden_states=False)[0].to(dtype)
@@ -64,29 +88,49 @@ def diffusers_latents(folder, dtype, ids1, ids2, latents, height, width, steps):
     return out, vsf, pipe.scheduler.sigmas.tolist()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--qtool", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=20261205)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--save", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(2)
-    print(f"pipeline_flux.py: seed {args.seed}, torch {torch.__version__}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    folder = os.path.join(args.out, "tiny-flux")
-    run([args.qtool, "synth", "--preset", "tiny-flux", "-o", folder, "-q", "-f"])
-    with open(os.path.join(folder, "transformer", "config.json")) as f:
-        tcfg = json.load(f)
-    with open(os.path.join(folder, "text_encoder", "config.json")) as f:
-        clip_vocab = json.load(f)["vocab_size"]
-    with open(os.path.join(folder, "text_encoder_2", "config.json")) as f:
-        t5_vocab = json.load(f)["vocab_size"]
-    with open(os.path.join(folder, "vae", "config.json")) as f:
-        vsf = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+def build_small(folder, seed):
+    """A random tiny FluxPipeline built by diffusers / transformers and saved in bf16: CLIP and T5
+    of 2 layers, a transformer of one double and one single block (D 32, 16 latent channels), a
+    one-block VAE (vae_scale_factor 1), FLUX.1-dev's scheduler config; weights from the seed,
+    scaled so that activations stay of order 1 (forward_models.init_weights)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    gen = torch.Generator().manual_seed(args.seed)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from forward_models import init_weights
+
+    gen = torch.Generator().manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=24, eos_token_id=98,
+                                        bos_token_id=97, pad_token_id=98, projection_dim=32))
+    t5 = T5EncoderModel(T5Config(vocab_size=101, d_model=32, d_kv=16, num_heads=2, d_ff=48, num_layers=2,
+                                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=16))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D"], block_out_channels=[8], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16)
+    for m in (clip, t5, transformer):
+        init_weights(m, gen)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=None, text_encoder_2=t5,
+                        tokenizer_2=None, transformer=transformer).to(torch.bfloat16)
+    shutil.rmtree(folder, ignore_errors=True)
+    pipe.save_pretrained(folder)
+
+
+def compare(name, folder, qtool, work, seed, steps, save):
+    """diffusers' FluxPipeline (bf16, float32) and qtool verify on the same ids and latents."""
+    def cfg(component):
+        with open(os.path.join(folder, component, "config.json")) as f:
+            return json.load(f)
+
+    clip_vocab, t5_vocab = cfg("text_encoder")["vocab_size"], cfg("text_encoder_2")["vocab_size"]
+    vsf = 2 ** (len(cfg("vae")["block_out_channels"]) - 1)
+    gen = torch.Generator().manual_seed(seed)
     rows = max(r for r in range(1, TOKENS + 1) if r * r <= TOKENS and TOKENS % r == 0)
     cols = TOKENS // rows
     height, width = rows * 2 * vsf, cols * 2 * vsf
@@ -95,22 +139,22 @@ def main():
     ids1 = torch.randint(0, eos, (1, TOKENS), generator=gen)
     ids1[0, 9:] = eos
     ids2 = torch.randint(0, t5_vocab, (1, TOKENS), generator=gen)
-    latents = torch.randn(1, TOKENS, tcfg["in_channels"], generator=gen).to(torch.bfloat16)
+    latents = torch.randn(1, TOKENS, cfg("transformer")["in_channels"], generator=gen).to(torch.bfloat16)
 
-    bf16, _, sigmas = diffusers_latents(folder, torch.bfloat16, ids1, ids2, latents, height, width, args.steps)
-    f32, _, _ = diffusers_latents(folder, torch.float32, ids1, ids2, latents, height, width, args.steps)
-    print(f"  diffusers: latents {tuple(bf16.shape)} on a {rows}x{cols} grid (height {height}, width {width}), "
-          f"sigmas {[round(s, 6) for s in sigmas]}", flush=True)
+    bf16, _, sigmas = diffusers_latents(folder, torch.bfloat16, ids1, ids2, latents, height, width, steps)
+    f32, _, _ = diffusers_latents(folder, torch.float32, ids1, ids2, latents, height, width, steps)
+    print(f"  {name}: diffusers' latents {tuple(bf16.shape)} on a {rows}x{cols} grid (height {height}, width "
+          f"{width}), sigmas {[round(s, 6) for s in sigmas]}", flush=True)
 
     inputs = {"text_encoder.input_ids": ids1.contiguous(), "text_encoder_2.input_ids": ids2.contiguous(),
               "latents": latents.contiguous()}
-    in_file = os.path.join(args.out, "inputs.safetensors")
+    in_file = os.path.join(work, f"{name}-inputs.safetensors")
     save_file(inputs, in_file)
-    plan = os.path.join(args.out, "plan.json")
-    run([args.qtool, "plan", folder, "--max-memory", "0=4GiB,cpu=4GiB", "--tokens", str(TOKENS), "-o", plan, "-q", "-f"])
-    out_file = os.path.join(args.out, "qtool.safetensors")
-    run([args.qtool, "verify", folder, "--plan", plan, "--backend", "cpu", "--steps", "1", "--denoise-steps",
-         str(args.steps), "--inputs", in_file, "--outputs", out_file, "-q", "-j", "2"])
+    plan = os.path.join(work, f"{name}-plan.json")
+    run([qtool, "plan", folder, "--max-memory", "0=4GiB,cpu=4GiB", "--tokens", str(TOKENS), "-o", plan, "-q"])
+    out_file = os.path.join(work, f"{name}-qtool.safetensors")
+    run([qtool, "verify", folder, "--plan", plan, "--backend", "cpu", "--steps", "1", "--denoise-steps", str(steps),
+         "--inputs", in_file, "--outputs", out_file, "-q", "-j", "2"])
     ours = load_file(out_file)["images"]
 
     vs_fw = deviation(ours, bf16.float())
@@ -118,17 +162,39 @@ def main():
     vs_f32 = deviation(ours, f32.float())
     ok = (math.isfinite(vs_fw[0]) and vs_fw[0] <= 2 * noise[0] and vs_fw[1] <= 2 * noise[1]
           and vs_f32[1] <= 1.25 * noise[1])
-    print(f"  qtool vs diffusers (bf16), {args.steps} steps: max rel {vs_fw[0]:.5f}, rms rel {vs_fw[1]:.5f}; "
+    print(f"  {name}: qtool vs diffusers (bf16), {steps} steps: max rel {vs_fw[0]:.5f}, rms rel {vs_fw[1]:.5f}; "
           f"diffusers' own noise (bf16 vs float32): max rel {noise[0]:.5f}, rms rel {noise[1]:.5f}; "
           f"qtool vs float32 rms rel {vs_f32[1]:.5f}: {'ok' if ok else 'FAIL'}", flush=True)
-    if args.save:
-        os.makedirs(args.save, exist_ok=True)
+    if save:
         vectors = dict(inputs)
         vectors["images"] = bf16.float().contiguous()
         vectors["images.f32"] = f32.float().contiguous()
-        save_file(vectors, os.path.join(args.save, "vectors.safetensors"),
-                  metadata={"seed": str(args.seed), "denoise_steps": str(args.steps), "tokens": str(TOKENS)})
-        print(f"  saved {os.path.join(args.save, 'vectors.safetensors')}", flush=True)
+        save_file(vectors, os.path.join(folder, "vectors.safetensors"),
+                  metadata={"seed": str(seed), "denoise_steps": str(steps), "tokens": str(TOKENS)})
+        print(f"  saved {os.path.join(folder, 'vectors.safetensors')}", flush=True)
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--qtool", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=20261205)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--save", default=None,
+                    help="build the small pipeline in this folder and keep its vectors there (tests/runner/data/"
+                         "flux_pipeline_small)")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    print(f"pipeline_flux.py: seed {args.seed}, torch {torch.__version__}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    small = args.save or os.path.join(args.out, "flux_pipeline_small")
+    build_small(small, args.seed)
+    ok = compare("small", small, args.qtool, args.out, args.seed + 1, args.steps, bool(args.save))
+    synth = os.path.join(args.out, "tiny-flux")
+    shutil.rmtree(synth, ignore_errors=True)
+    run([args.qtool, "synth", "--preset", "tiny-flux", "-o", synth, "-q"])
+    ok = compare("tiny-flux", synth, args.qtool, args.out, args.seed + 2, args.steps, False) and ok
     return 0 if ok else 1
 
 
