@@ -197,6 +197,7 @@ nlohmann::json ForwardReference::to_json() const {
       {"bound_rule", exact ? "no quantized linear: bit for bit"
                            : str_cat(kForwardBoundFactor, " x simulated_rel_error + ", kForwardBoundFloor)},
       {"noise_seed", noise_seed},
+      {"substituted", substituted},
       {"nonfinite", nonfinite},
       {"within", within()}};
 }

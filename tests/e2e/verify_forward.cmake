@@ -44,8 +44,9 @@ foreach(c ${VF_INPUTS})
   set_tests_properties(e2e_verify_inputs_${model}_${case} PROPERTIES LABELS e2e TIMEOUT 300 FIXTURES_REQUIRED verify_forward)
 endforeach()
 
-# The tiny-flux pipeline's final latents on the ids and latents diffusers' FluxPipeline ran
-# (tests/runner/data/flux_pipeline/vectors.safetensors, from tests/interop/pipeline_flux.py --save).
+# A small FluxPipeline's final latents on the ids and latents diffusers' FluxPipeline ran
+# (tests/runner/data/flux_pipeline_small: the folder and its vectors, from
+# tests/interop/pipeline_flux.py --save).
 add_test(NAME e2e_verify_pipeline_vectors
-         COMMAND bash ${VF} pipeline-vectors ${PROJECT_SOURCE_DIR}/tests/runner/data/flux_pipeline/vectors.safetensors)
+         COMMAND bash ${VF} pipeline-vectors ${PROJECT_SOURCE_DIR}/tests/runner/data/flux_pipeline_small)
 set_tests_properties(e2e_verify_pipeline_vectors PROPERTIES LABELS e2e TIMEOUT 300 FIXTURES_REQUIRED verify_forward)

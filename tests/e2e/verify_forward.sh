@@ -15,10 +15,11 @@
 #     an --inputs file broken as CASE (st_edit.py derive): exit 2 naming the input, nothing written.
 #     (Flux: the pipeline's inputs; "latents" a wrong latents shape, "nolatents" none, "missing" a
 #     token input left out: the message names it.)
-#   verify_forward.sh QTOOL SOURCE_DIR WORK pipeline-vectors VECTORS
-#     the unquantized tiny-flux pipeline run by verify on the ids and latents of VECTORS (written
-#     by tests/interop/pipeline_flux.py --save) for 2 steps: its final latents within twice
-#     diffusers' own bf16 noise of diffusers' FluxPipeline latents (max and RMS).
+#   verify_forward.sh QTOOL SOURCE_DIR WORK pipeline-vectors FOLDER
+#     the small FluxPipeline FOLDER (built and saved by diffusers / transformers,
+#     tests/interop/pipeline_flux.py --save) run by verify on the ids and latents of its
+#     vectors.safetensors for 2 steps: its final latents within twice diffusers' own bf16 noise of
+#     diffusers' FluxPipeline latents (max and RMS), and no farther from the float32 run than 1.25x.
 set -eu
 QTOOL=$1
 SRC=$2
@@ -125,18 +126,18 @@ fi
 if [ "$MODE" = pipeline-vectors ]; then
   T=$(mktemp -d)
   trap 'rm -rf "$T"' EXIT
-  python3 - "$5" "$T/in.safetensors" "$SRC" <<'PY'
+  python3 - "$5/vectors.safetensors" "$T/in.safetensors" "$SRC" <<'PY'
 import sys
 sys.path.insert(0, sys.argv[3] + "/tests/e2e")
 import st_edit
 _, t = st_edit.read(sys.argv[1])
 st_edit.write(sys.argv[2], None, {k: v for k, v in t.items() if not k.startswith("images")})
 PY
-  "$QTOOL" plan "$WORK/flux" --max-memory 0=4GiB,cpu=4GiB --tokens 16 --device-profile "$WORK/small.json" \
+  "$QTOOL" plan "$5" --max-memory 0=4GiB,cpu=4GiB --tokens 16 --device-profile "$WORK/small.json" \
     -o "$T/plan.json" -q
-  "$QTOOL" verify "$WORK/flux" --plan "$T/plan.json" --backend cpu --steps 1 --denoise-steps 2 \
+  "$QTOOL" verify "$5" --plan "$T/plan.json" --backend cpu --steps 1 --denoise-steps 2 \
     --inputs "$T/in.safetensors" --outputs "$T/out.safetensors" -q
-  python3 - "$5" "$T/out.safetensors" "$SRC" <<'PY'
+  python3 - "$5/vectors.safetensors" "$T/out.safetensors" "$SRC" <<'PY'
 import math, struct, sys
 sys.path.insert(0, sys.argv[3] + "/tests/e2e")
 import st_edit
