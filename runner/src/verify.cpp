@@ -879,6 +879,10 @@ VerifyReport verify(const VerifyOptions& options) {
     if (planned.h2d_bytes_per_step)
       detail += str_cat("; ", format_size(planned.h2d_bytes_per_step), " streamed per step (",
                         fmt("%.1f", gbps), " GB/s)");
+    if (planned.pipeline.ran)
+      detail += str_cat("; a run step is the whole pipeline (the encoders once, the transformer ",
+                        planned.pipeline.denoise_steps,
+                        " times), the plan's prediction one pass of each component");
     if (!on_gpu) {
       add_check("step time", CheckResult::Status::Info, detail + " (CPU backend: the plan predicts a GPU)");
     } else if (!plan_tokens) {
