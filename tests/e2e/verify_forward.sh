@@ -15,6 +15,8 @@
 #     an --inputs file broken as CASE (st_edit.py derive): exit 2 naming the input, nothing written.
 #     (Flux: the pipeline's inputs; "latents" a wrong latents shape, "nolatents" none, "missing" a
 #     token input left out: the message names it.)
+#   verify_forward.sh QTOOL SOURCE_DIR WORK denoise-usage
+#     --denoise-steps on a model folder, 0 or past 1000: exit 2 naming the option.
 #   verify_forward.sh QTOOL SOURCE_DIR WORK pipeline-vectors FOLDER
 #     the small FluxPipeline FOLDER (built and saved by diffusers / transformers,
 #     tests/interop/pipeline_flux.py --save) run by verify on the ids and latents of its
@@ -156,6 +158,22 @@ print(f"qtool vs diffusers FluxPipeline (2 steps): max rel {vs[0]:.5f}, rms rel 
       f"float32: max rel {noise[0]:.5f}, rms rel {noise[1]:.5f}; qtool vs float32 rms rel {vs32[1]:.5f}")
 sys.exit(0 if ok else 1)
 PY
+  exit 0
+fi
+
+if [ "$MODE" = denoise-usage ]; then
+  # --denoise-steps on a checkpoint that is not a FluxPipeline folder, and out of range: exit 2.
+  for args in "$WORK/llama-nf4 --plan $WORK/plan-llama.json --denoise-steps 2" \
+              "$WORK/flux-nf4 --plan $WORK/plan-flux.json --denoise-steps 0" \
+              "$WORK/flux-nf4 --plan $WORK/plan-flux.json --denoise-steps 1001"; do
+    set +e
+    # shellcheck disable=SC2086
+    "$QTOOL" verify $args --backend cpu --steps 1 2>"$WORK/err-denoise"
+    rc=$?
+    set -e
+    [ "$rc" -eq 2 ] || { echo "FAIL: verify $args: exit $rc"; cat "$WORK/err-denoise"; exit 1; }
+    grep -q -- "--denoise-steps" "$WORK/err-denoise" || { echo "FAIL: option not named"; cat "$WORK/err-denoise"; exit 1; }
+  done
   exit 0
 fi
 
