@@ -7,7 +7,6 @@
 #include <unordered_map>
 
 #include "qtool/formats/error.hpp"
-
 #include "qtool/libquant/quant.hpp"
 
 namespace qtool::planner {
@@ -65,8 +64,8 @@ std::vector<TensorDesc> tensor_descs(const Component& component) {
     d.dtype = info.dtype;
     d.shape = info.shape;
     if (d.nbytes > 0) {
-      auto [it, inserted] = storage_ids.try_emplace({e.shard, info.begin, info.end},
-                                                    static_cast<int64_t>(storage_ids.size()));
+      auto [it, inserted] =
+          storage_ids.try_emplace({e.shard, info.begin, info.end}, static_cast<int64_t>(storage_ids.size()));
       d.storage = it->second;
     }
     out.push_back(std::move(d));
@@ -74,35 +73,41 @@ std::vector<TensorDesc> tensor_descs(const Component& component) {
   return out;
 }
 
-ModuleTree ModuleTree::build(const Component& component, const std::vector<TiedPair>& ties) {
-  return build(tensor_descs(component), ties);
-}
+namespace {
 
-ModuleTree ModuleTree::build(std::vector<TensorDesc> tensors, const std::vector<TiedPair>& ties) {
-  ModuleTree t;
-  // Sort by name through an index (moving 100k descriptors around in a sort is slow).
-  {
-    std::vector<uint32_t> order(tensors.size());
-    std::iota(order.begin(), order.end(), 0u);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](uint32_t a, uint32_t b) { return tensors[a].name < tensors[b].name; });
-    std::vector<TensorDesc> sorted;
-    sorted.reserve(tensors.size());
-    for (uint32_t i : order) sorted.push_back(std::move(tensors[i]));
-    tensors = std::move(sorted);
-  }
+// Tensors sorted by name through an index (moving 100k descriptors around in a sort is slow); a
+// name twice is an error.
+std::vector<TensorDesc> sorted_by_name(std::vector<TensorDesc> tensors) {
+  std::vector<uint32_t> order(tensors.size());
+  std::iota(order.begin(), order.end(), 0u);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](uint32_t a, uint32_t b) { return tensors[a].name < tensors[b].name; });
+  std::vector<TensorDesc> sorted;
+  sorted.reserve(tensors.size());
+  for (uint32_t i : order) sorted.push_back(std::move(tensors[i]));
+  tensors = std::move(sorted);
   for (size_t i = 1; i < tensors.size(); ++i) {
     if (tensors[i].name == tensors[i - 1].name) {
       fail(ErrorKind::InvalidInput, "tensor '", tensors[i].name, "' appears twice");
     }
   }
-  t.tensors_ = std::move(tensors);
-  const size_t n = t.tensors_.size();
+  return tensors;
+}
+
+}  // namespace
+
+ModuleTree ModuleTree::build(const Component& component, const std::vector<TiedPair>& ties) {
+  return build(tensor_descs(component), ties);
+}
+
+// The module nodes of every tensor's module and their ancestors; tensor_module_.
+void ModuleTree::make_nodes() {
+  const size_t n = tensors_.size();
 
   std::unordered_map<std::string, int32_t> by_prefix;
   by_prefix.reserve(n + 1);
-  t.nodes_.reserve(n + 1);
-  t.nodes_.emplace_back();
+  nodes_.reserve(n + 1);
+  nodes_.emplace_back();
   by_prefix.emplace("", 0);
   // Returns the node for `prefix`, creating it and its missing ancestors.
   auto node_for = [&](const std::string& prefix) -> int32_t {
@@ -128,88 +133,94 @@ ModuleTree ModuleTree::build(std::vector<TensorDesc> tensors, const std::vector<
       node.prefix = prefix.substr(0, end);
       node.parent = parent;
       node.index = parse_index(node.name);
-      const auto id = static_cast<int32_t>(t.nodes_.size());
-      t.nodes_[static_cast<size_t>(parent)].children.push_back(id);
+      const auto id = static_cast<int32_t>(nodes_.size());
+      nodes_[static_cast<size_t>(parent)].children.push_back(id);
       by_prefix.emplace(node.prefix, id);
-      t.nodes_.push_back(std::move(node));
+      nodes_.push_back(std::move(node));
       parent = id;
       if (dot == std::string::npos) return id;
       pos = dot + 1;
     }
   };
 
-  t.tensor_module_.resize(n);
+  tensor_module_.resize(n);
   std::string last_module;
   int32_t last_id = -1;
   for (size_t i = 0; i < n; ++i) {
     // A module's tensors are adjacent in name order (weight, bias, quant state): look it up once.
-    std::string module = quant::module_of_tensor(t.tensors_[i].name);
+    std::string module = quant::module_of_tensor(tensors_[i].name);
     if (last_id < 0 || module != last_module) {
       last_id = node_for(module);
       last_module = std::move(module);
     }
     const int32_t id = last_id;
-    t.tensor_module_[i] = id;
-    t.nodes_[static_cast<size_t>(id)].tensors.push_back(static_cast<uint32_t>(i));
+    tensor_module_[i] = id;
+    nodes_[static_cast<size_t>(id)].tensors.push_back(static_cast<uint32_t>(i));
   }
+}
 
+void ModuleTree::apply_ties(const std::vector<TiedPair>& ties) {
+  const size_t n = tensors_.size();
   // Ties: identical storage first, then declared pairs. The first name owns the bytes.
-  t.counted_.resize(n);
-  t.tied_to_.assign(n, -1);
+  counted_.resize(n);
+  tied_to_.assign(n, -1);
   std::unordered_map<int64_t, uint32_t> first_of_storage;
   for (size_t i = 0; i < n; ++i) {
-    t.counted_[i] = t.tensors_[i].nbytes;
-    if (t.tensors_[i].storage < 0) continue;
-    auto [it, inserted] = first_of_storage.try_emplace(t.tensors_[i].storage, static_cast<uint32_t>(i));
+    counted_[i] = tensors_[i].nbytes;
+    if (tensors_[i].storage < 0) continue;
+    auto [it, inserted] = first_of_storage.try_emplace(tensors_[i].storage, static_cast<uint32_t>(i));
     if (!inserted) {
-      t.tied_to_[i] = it->second;
-      t.counted_[i] = 0;
+      tied_to_[i] = it->second;
+      counted_[i] = 0;
     }
   }
   for (const TiedPair& tie : ties) {
-    const int64_t p = t.find_tensor(tie.primary);
-    const int64_t a = t.find_tensor(tie.alias);
+    const int64_t p = find_tensor(tie.primary);
+    const int64_t a = find_tensor(tie.alias);
     if (p < 0) continue;  // nothing to tie to: the alias (if any) owns its bytes
-    if (a < 0 || t.tensors_[static_cast<size_t>(a)].absent) {
-      t.absent_aliases_.emplace_back(tie.alias, static_cast<uint32_t>(p));
+    if (a < 0 || tensors_[static_cast<size_t>(a)].absent) {
+      absent_aliases_.emplace_back(tie.alias, static_cast<uint32_t>(p));
       if (a < 0) continue;
     }
-    if (a == p || t.tied_to_[static_cast<size_t>(a)] >= 0) continue;
-    if (t.tied_to_[static_cast<size_t>(p)] == a) continue;
-    t.tied_to_[static_cast<size_t>(a)] = p;
-    t.counted_[static_cast<size_t>(a)] = 0;
+    if (a == p || tied_to_[static_cast<size_t>(a)] >= 0) continue;
+    if (tied_to_[static_cast<size_t>(p)] == a) continue;
+    tied_to_[static_cast<size_t>(a)] = p;
+    counted_[static_cast<size_t>(a)] = 0;
   }
+}
 
+void ModuleTree::finish_nodes() {
   // Children order, block lists, sizes (children are created after their parents, so a reverse
   // sweep sees every child before its parent).
-  for (ModuleNode& node : t.nodes_) {
+  for (ModuleNode& node : nodes_) {
     bool all_int = !node.children.empty() && node.tensors.empty();
-    for (int32_t c : node.children) all_int = all_int && t.nodes_[static_cast<size_t>(c)].index >= 0;
+    for (int32_t c : node.children) all_int = all_int && nodes_[static_cast<size_t>(c)].index >= 0;
     node.is_block_list = all_int;
     // natural_less on single path elements: numbers by value, before names.
     std::sort(node.children.begin(), node.children.end(), [&](int32_t a, int32_t b) {
-      const ModuleNode& na = t.nodes_[static_cast<size_t>(a)];
-      const ModuleNode& nb = t.nodes_[static_cast<size_t>(b)];
-      if (na.index >= 0 && nb.index >= 0) return na.index != nb.index ? na.index < nb.index : na.name < nb.name;
+      const ModuleNode& na = nodes_[static_cast<size_t>(a)];
+      const ModuleNode& nb = nodes_[static_cast<size_t>(b)];
+      if (na.index >= 0 && nb.index >= 0)
+        return na.index != nb.index ? na.index < nb.index : na.name < nb.name;
       if (na.index >= 0 || nb.index >= 0) return na.index >= 0;
       return na.name < nb.name;
     });
   }
-  for (size_t k = t.nodes_.size(); k-- > 0;) {
-    ModuleNode& node = t.nodes_[k];
-    for (uint32_t ti : node.tensors) node.own_bytes += t.counted_[ti];
+  for (size_t k = nodes_.size(); k-- > 0;) {
+    ModuleNode& node = nodes_[k];
+    for (uint32_t ti : node.tensors) node.own_bytes += counted_[ti];
     node.bytes += node.own_bytes;
     node.n_tensors += static_cast<uint32_t>(node.tensors.size());
     if (node.parent >= 0) {
-      ModuleNode& parent = t.nodes_[static_cast<size_t>(node.parent)];
+      ModuleNode& parent = nodes_[static_cast<size_t>(node.parent)];
       parent.bytes += node.bytes;
       parent.n_tensors += node.n_tensors;
     }
   }
   // Top-most block lists: a pre-order sweep (parents have smaller ids than their children).
-  for (size_t k = 1; k < t.nodes_.size(); ++k) {
-    ModuleNode& node = t.nodes_[k];
-    const ModuleNode& parent = t.nodes_[static_cast<size_t>(node.parent)];
+  for (size_t k = 1; k < nodes_.size(); ++k) {
+    ModuleNode& node = nodes_[k];
+    const ModuleNode& parent = nodes_[static_cast<size_t>(node.parent)];
     if (parent.in_block) {
       node.in_block = true;
     } else if (parent.is_block_list) {
@@ -217,6 +228,14 @@ ModuleTree ModuleTree::build(std::vector<TensorDesc> tensors, const std::vector<
       node.in_block = true;
     }
   }
+}
+
+ModuleTree ModuleTree::build(std::vector<TensorDesc> tensors, const std::vector<TiedPair>& ties) {
+  ModuleTree t;
+  t.tensors_ = sorted_by_name(std::move(tensors));
+  t.make_nodes();
+  t.apply_ties(ties);
+  t.finish_nodes();
   return t;
 }
 

@@ -38,7 +38,8 @@ Location location_from_json(const json& j, std::string_view where) {
     if (s == "cpu") return Location::cpu();
     if (s == "disk") return Location::disk();
   }
-  fail(ErrorKind::InvalidInput, where, ": a location is a GPU index, \"cpu\" or \"disk\" (got ", j.dump(), ")");
+  fail(ErrorKind::InvalidInput, where, ": a location is a GPU index, \"cpu\" or \"disk\" (got ", j.dump(),
+       ")");
 }
 
 uint64_t round_up(uint64_t bytes, uint64_t granularity) {
@@ -87,7 +88,8 @@ std::vector<ReserveItem> gpu_reserve(const DeviceProfile& profile, const GpuWork
     forward_bytes += item.bytes;
   }
   if (forward_bytes)
-    add(std::string(kForwardActivationPrefix) + "rounding", round_up(forward_bytes + (64u << 10), g) - forward_bytes,
+    add(std::string(kForwardActivationPrefix) + "rounding",
+        round_up(forward_bytes + (64u << 10), g) - forward_bytes,
         "the runner's activation stack: 256-byte start per buffer, one allocation", false);
   if (w.n_slots > 0) {
     add("device_slots", product("device_slots", checked_mul(w.n_slots, w.slot_bytes)),
@@ -148,7 +150,8 @@ namespace {
 
 ojson reserve_to_json(const std::vector<ReserveItem>& items) {
   ojson a = ojson::array();
-  for (const ReserveItem& r : items) a.push_back({{"name", r.name}, {"bytes", r.bytes}, {"detail", r.detail}});
+  for (const ReserveItem& r : items)
+    a.push_back({{"name", r.name}, {"bytes", r.bytes}, {"detail", r.detail}});
   return a;
 }
 
@@ -200,8 +203,10 @@ json plan_to_json(const Plan& p) {
     ojson dj;
     dj["device"] = d.device;
     dj["location"] = loc_oj(d.location);
-    if (d.budget == std::numeric_limits<uint64_t>::max()) dj["budget"] = nullptr;
-    else dj["budget"] = d.budget;
+    if (d.budget == std::numeric_limits<uint64_t>::max())
+      dj["budget"] = nullptr;
+    else
+      dj["budget"] = d.budget;
     dj["budget_source"] = d.budget_source;
     dj["weights_bytes"] = d.weights_bytes;
     dj["arena_bytes"] = d.arena_bytes;
@@ -247,7 +252,8 @@ json plan_to_json(const Plan& p) {
     gj["component"] = g.component;
     gj["modules"] = g.modules;
     ojson ts = ojson::array();
-    for (const GroupTensor& t : g.tensors) ts.push_back({{"name", t.name}, {"nbytes", t.nbytes}, {"arena_offset", t.arena_offset}});
+    for (const GroupTensor& t : g.tensors)
+      ts.push_back({{"name", t.name}, {"nbytes", t.nbytes}, {"arena_offset", t.arena_offset}});
     gj["tensors"] = std::move(ts);
     gj["bytes"] = g.bytes;
     gj["arena_bytes"] = g.arena_bytes;
@@ -267,7 +273,8 @@ json plan_to_json(const Plan& p) {
     sj["tensors"] = s.tensors;
     ojson lin = ojson::array();
     for (const LinearOp& l : s.linears) {
-      lin.push_back({{"module", l.module}, {"weight", l.weight}, {"out", l.out}, {"in", l.in}, {"kind", l.kind}});
+      lin.push_back(
+          {{"module", l.module}, {"weight", l.weight}, {"out", l.out}, {"in", l.in}, {"kind", l.kind}});
     }
     sj["linears"] = std::move(lin);
     sj["flops"] = s.flops;
@@ -289,7 +296,8 @@ struct Reader {
   const json& at(const json& obj, std::string_view key, const std::string& path) const {
     if (!obj.is_object()) fail(ErrorKind::InvalidInput, label, ": '", path, "' must be an object");
     auto it = obj.find(std::string(key));
-    if (it == obj.end()) fail(ErrorKind::InvalidInput, label, ": missing key '", path.empty() ? "" : path + ".", key, "'");
+    if (it == obj.end())
+      fail(ErrorKind::InvalidInput, label, ": missing key '", path.empty() ? "" : path + ".", key, "'");
     return *it;
   }
   std::string str(const json& obj, std::string_view key, const std::string& path) const {
@@ -315,7 +323,8 @@ struct Reader {
   }
   int64_t i64(const json& obj, std::string_view key, const std::string& path) const {
     const json& v = at(obj, key, path);
-    if (!v.is_number_integer()) fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be an integer");
+    if (!v.is_number_integer())
+      fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be an integer");
     return v.get<int64_t>();
   }
   double num(const json& obj, std::string_view key, const std::string& path) const {
@@ -331,7 +340,8 @@ struct Reader {
   std::vector<std::string> strs(const json& obj, std::string_view key, const std::string& path) const {
     std::vector<std::string> out;
     for (const json& v : arr(obj, key, path)) {
-      if (!v.is_string()) fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must hold strings");
+      if (!v.is_string())
+        fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must hold strings");
       out.push_back(v.get<std::string>());
     }
     return out;
@@ -347,6 +357,151 @@ struct Reader {
   }
 };
 
+DevicePlan device_from_json(Reader& r, const json& dj, size_t i, std::string_view label) {
+  const std::string path = str_cat("devices[", i, "]");
+  DevicePlan d;
+  d.device = r.str(dj, "device", path);
+  d.location = location_from_json(r.at(dj, "location", path), str_cat(label, ": ", path, ".location"));
+  const json& b = r.at(dj, "budget", path);
+  d.budget = b.is_null() ? std::numeric_limits<uint64_t>::max() : r.u64(dj, "budget", path);
+  d.budget_source = r.str(dj, "budget_source", path);
+  d.weights_bytes = r.u64(dj, "weights_bytes", path);
+  d.arena_bytes = r.u64(dj, "arena_bytes", path);
+  d.reserve = r.reserve(dj, path);
+  d.n_slots = static_cast<uint32_t>(r.bounded(dj, "n_slots", path, kMaxPrefetch));
+  d.slot_bytes = r.u64(dj, "slot_bytes", path);
+  d.predicted_peak = r.u64(dj, "predicted_peak", path);
+  return d;
+}
+
+ComponentPlan component_from_json(Reader& r, const json& cj, size_t i, std::string_view label) {
+  const std::string path = str_cat("components[", i, "]");
+  ComponentPlan c;
+  c.name = r.str(cj, "name", path);
+  c.class_name = r.str(cj, "class_name", path);
+  c.template_name = r.str(cj, "template", path);
+  if (auto it = cj.find("checkpoint_prefix"); it != cj.end()) {
+    if (!it->is_string() || it->get<std::string>().empty())
+      fail(ErrorKind::InvalidInput, label, ": ", path, ".checkpoint_prefix must be a non-empty string");
+    c.checkpoint_prefix = it->get<std::string>();
+  }
+  c.forward = r.str(cj, "forward", path);
+  c.bytes = r.u64(cj, "bytes", path);
+  c.step_s = r.num(cj, "step_s", path);
+  const json& dm = r.at(cj, "device_map", path);
+  const json& reasons = r.at(cj, "offload_reasons", path);
+  if (!dm.is_object() || !reasons.is_object()) {
+    fail(ErrorKind::InvalidInput, label, ": ", path, ".device_map and offload_reasons must be objects");
+  }
+  for (const auto& [key, v] : dm.items()) {
+    DeviceMapEntry e;
+    e.prefix = checkpoint_key(c.checkpoint_prefix, key);
+    e.location = location_from_json(v, str_cat(label, ": ", path, ".device_map['", key, "']"));
+    if (auto it = reasons.find(key); it != reasons.end() && it->is_string())
+      e.reason = it->get<std::string>();
+    if (auto it = cj.find("module_bytes"); it != cj.end() && it->is_object()) {
+      if (auto b = it->find(key); b != it->end() && b->is_number_unsigned()) e.bytes = b->get<uint64_t>();
+    }
+    c.device_map.push_back(std::move(e));
+  }
+  for (const json& t : r.arr(cj, "tied", path)) {
+    c.tied.push_back({r.str(t, "alias", path + ".tied"), r.str(t, "primary", path + ".tied")});
+  }
+  return c;
+}
+
+OffloadGroup group_from_json(Reader& r, const json& gj, size_t i, std::string_view label, const Plan& p) {
+  const std::string path = str_cat("groups[", i, "]");
+  OffloadGroup g;
+  const uint64_t id = r.u64(gj, "id", path);
+  if (id != i) fail(ErrorKind::InvalidInput, label, ": ", path, ".id is ", id, ", expected ", i);
+  g.id = static_cast<uint32_t>(id);
+  g.component = static_cast<uint32_t>(r.bounded(gj, "component", path, UINT32_MAX));
+  if (g.component >= p.components.size()) {
+    fail(ErrorKind::InvalidInput, label, ": ", path, ".component ", g.component, " out of range");
+  }
+  g.modules = r.strs(gj, "modules", path);
+  const json& ts = r.arr(gj, "tensors", path);
+  for (size_t k = 0; k < ts.size(); ++k) {
+    const std::string tp = str_cat(path, ".tensors[", k, "]");
+    g.tensors.push_back(
+        {r.str(ts[k], "name", tp), r.u64(ts[k], "nbytes", tp), r.u64(ts[k], "arena_offset", tp)});
+  }
+  g.bytes = r.u64(gj, "bytes", path);
+  g.arena_bytes = r.u64(gj, "arena_bytes", path);
+  g.target = location_from_json(r.at(gj, "target", path), str_cat(label, ": ", path, ".target"));
+  if (g.target.is_gpu())
+    fail(ErrorKind::InvalidInput, label, ": ", path, ".target must be \"cpu\" or \"disk\"");
+  const int64_t group_gpu = r.i64(gj, "gpu", path);
+  if (group_gpu < -1 || group_gpu > 1024)
+    fail(ErrorKind::InvalidInput, label, ": ", path, ".gpu ", group_gpu, " out of range");
+  g.gpu = static_cast<int32_t>(group_gpu);
+  g.copy_s = r.num(gj, "copy_s", path);
+  uint64_t end = 0;
+  for (const GroupTensor& t : g.tensors) {
+    if (t.arena_offset < end || t.arena_offset % kArenaAlignment != 0) {
+      fail(ErrorKind::InvalidInput, label, ": ", path, ": tensor '", t.name, "' arena_offset ",
+           t.arena_offset, " overlaps the previous tensor or is not ", kArenaAlignment, "-byte aligned");
+    }
+    const auto tensor_end = checked_add(t.arena_offset, t.nbytes);
+    if (!tensor_end) {
+      fail(ErrorKind::InvalidInput, label, ": ", path, ": tensor '", t.name, "' arena_offset ",
+           t.arena_offset, " + nbytes ", t.nbytes, " is past 2^64");
+    }
+    end = *tensor_end;
+  }
+  if (end > g.arena_bytes) {
+    fail(ErrorKind::InvalidInput, label, ": ", path, ": tensors end at byte ", end, " beyond arena_bytes ",
+         g.arena_bytes);
+  }
+  // layout_arena's total: the end rounded up to the alignment, never more (the runner allocates it).
+  if (g.arena_bytes != round_up(end, kArenaAlignment)) {
+    fail(ErrorKind::InvalidInput, label, ": ", path, ": arena_bytes ", g.arena_bytes,
+         " is not the tensors' end ", end, " rounded up to ", kArenaAlignment, " bytes");
+  }
+  return g;
+}
+
+ScheduleStep step_from_json(Reader& r, const json& sj, size_t i, std::string_view label, const Plan& p) {
+  const std::string path = str_cat("schedule[", i, "]");
+  ScheduleStep st;
+  st.component = static_cast<uint32_t>(r.bounded(sj, "component", path, UINT32_MAX));
+  if (st.component >= p.components.size()) {
+    fail(ErrorKind::InvalidInput, label, ": ", path, ".component ", st.component, " out of range");
+  }
+  st.modules = r.strs(sj, "modules", path);
+  const int64_t step_gpu = r.i64(sj, "gpu", path);
+  if (step_gpu < 0 || step_gpu > 1024)
+    fail(ErrorKind::InvalidInput, label, ": ", path, ".gpu ", step_gpu, " out of range");
+  st.gpu = static_cast<int32_t>(step_gpu);
+  const int64_t group = r.i64(sj, "group", path);
+  if (group < -1 || group >= static_cast<int64_t>(p.groups.size())) {
+    fail(ErrorKind::InvalidInput, label, ": ", path, ".group ", group, " out of range");
+  }
+  st.group = static_cast<int32_t>(group);
+  st.tensors = r.strs(sj, "tensors", path);
+  const json& lin = r.arr(sj, "linears", path);
+  for (size_t k = 0; k < lin.size(); ++k) {
+    const std::string lp = str_cat(path, ".linears[", k, "]");
+    LinearOp l;
+    l.module = r.str(lin[k], "module", lp);
+    l.weight = r.str(lin[k], "weight", lp);
+    l.out = r.i64(lin[k], "out", lp);
+    l.in = r.i64(lin[k], "in", lp);
+    l.kind = r.str(lin[k], "kind", lp);
+    if (l.out <= 0 || l.in <= 0) fail(ErrorKind::InvalidInput, label, ": ", lp, ": shape must be positive");
+    // A weight of out x in elements, 4 bytes each at most, must have a size.
+    if (!checked_mul(static_cast<uint64_t>(l.out), static_cast<uint64_t>(l.in), 4)) {
+      fail(ErrorKind::InvalidInput, label, ": ", lp, ": shape [", l.out, ", ", l.in,
+           "] has more elements than fit in 64 bits");
+    }
+    st.linears.push_back(std::move(l));
+  }
+  st.flops = r.u64(sj, "flops", path);
+  st.compute_s = r.num(sj, "compute_s", path);
+  return st;
+}
+
 }  // namespace
 
 Plan plan_from_json(const json& j, std::string_view label) {
@@ -357,8 +512,8 @@ Plan plan_from_json(const json& j, std::string_view label) {
   }
   const int64_t version = r.i64(j, "version", "");
   if (version != kPlanVersion) {
-    fail(ErrorKind::InvalidInput, label, ": plan version ", version, " is not supported (this qtool reads version ",
-         kPlanVersion, ")");
+    fail(ErrorKind::InvalidInput, label, ": plan version ", version,
+         " is not supported (this qtool reads version ", kPlanVersion, ")");
   }
   Plan p;
   p.qtool_version = r.str(j, "qtool_version", "");
@@ -378,156 +533,24 @@ Plan plan_from_json(const json& j, std::string_view label) {
   p.transfer_s = r.num(j, "transfer_s", "");
   p.compute_s = r.num(j, "compute_s", "");
   const json& devs = r.arr(j, "devices", "");
-  for (size_t i = 0; i < devs.size(); ++i) {
-    const std::string path = str_cat("devices[", i, "]");
-    const json& dj = devs[i];
-    DevicePlan d;
-    d.device = r.str(dj, "device", path);
-    d.location = location_from_json(r.at(dj, "location", path), str_cat(label, ": ", path, ".location"));
-    const json& b = r.at(dj, "budget", path);
-    d.budget = b.is_null() ? std::numeric_limits<uint64_t>::max() : r.u64(dj, "budget", path);
-    d.budget_source = r.str(dj, "budget_source", path);
-    d.weights_bytes = r.u64(dj, "weights_bytes", path);
-    d.arena_bytes = r.u64(dj, "arena_bytes", path);
-    d.reserve = r.reserve(dj, path);
-    d.n_slots = static_cast<uint32_t>(r.bounded(dj, "n_slots", path, kMaxPrefetch));
-    d.slot_bytes = r.u64(dj, "slot_bytes", path);
-    d.predicted_peak = r.u64(dj, "predicted_peak", path);
-    p.devices.push_back(std::move(d));
-  }
+  for (size_t i = 0; i < devs.size(); ++i) p.devices.push_back(device_from_json(r, devs[i], i, label));
   const json& comps = r.arr(j, "components", "");
-  for (size_t i = 0; i < comps.size(); ++i) {
-    const std::string path = str_cat("components[", i, "]");
-    const json& cj = comps[i];
-    ComponentPlan c;
-    c.name = r.str(cj, "name", path);
-    c.class_name = r.str(cj, "class_name", path);
-    c.template_name = r.str(cj, "template", path);
-    if (auto it = cj.find("checkpoint_prefix"); it != cj.end()) {
-      if (!it->is_string() || it->get<std::string>().empty())
-        fail(ErrorKind::InvalidInput, label, ": ", path, ".checkpoint_prefix must be a non-empty string");
-      c.checkpoint_prefix = it->get<std::string>();
-    }
-    c.forward = r.str(cj, "forward", path);
-    c.bytes = r.u64(cj, "bytes", path);
-    c.step_s = r.num(cj, "step_s", path);
-    const json& dm = r.at(cj, "device_map", path);
-    const json& reasons = r.at(cj, "offload_reasons", path);
-    if (!dm.is_object() || !reasons.is_object()) {
-      fail(ErrorKind::InvalidInput, label, ": ", path, ".device_map and offload_reasons must be objects");
-    }
-    for (const auto& [key, v] : dm.items()) {
-      DeviceMapEntry e;
-      e.prefix = checkpoint_key(c.checkpoint_prefix, key);
-      e.location = location_from_json(v, str_cat(label, ": ", path, ".device_map['", key, "']"));
-      if (auto it = reasons.find(key); it != reasons.end() && it->is_string()) e.reason = it->get<std::string>();
-      if (auto it = cj.find("module_bytes"); it != cj.end() && it->is_object()) {
-        if (auto b = it->find(key); b != it->end() && b->is_number_unsigned()) e.bytes = b->get<uint64_t>();
-      }
-      c.device_map.push_back(std::move(e));
-    }
-    for (const json& t : r.arr(cj, "tied", path)) {
-      c.tied.push_back({r.str(t, "alias", path + ".tied"), r.str(t, "primary", path + ".tied")});
-    }
-    p.components.push_back(std::move(c));
-  }
+  for (size_t i = 0; i < comps.size(); ++i)
+    p.components.push_back(component_from_json(r, comps[i], i, label));
   const json& groups = r.arr(j, "groups", "");
-  for (size_t i = 0; i < groups.size(); ++i) {
-    const std::string path = str_cat("groups[", i, "]");
-    const json& gj = groups[i];
-    OffloadGroup g;
-    const uint64_t id = r.u64(gj, "id", path);
-    if (id != i) fail(ErrorKind::InvalidInput, label, ": ", path, ".id is ", id, ", expected ", i);
-    g.id = static_cast<uint32_t>(id);
-    g.component = static_cast<uint32_t>(r.bounded(gj, "component", path, UINT32_MAX));
-    if (g.component >= p.components.size()) {
-      fail(ErrorKind::InvalidInput, label, ": ", path, ".component ", g.component, " out of range");
-    }
-    g.modules = r.strs(gj, "modules", path);
-    const json& ts = r.arr(gj, "tensors", path);
-    for (size_t k = 0; k < ts.size(); ++k) {
-      const std::string tp = str_cat(path, ".tensors[", k, "]");
-      g.tensors.push_back({r.str(ts[k], "name", tp), r.u64(ts[k], "nbytes", tp), r.u64(ts[k], "arena_offset", tp)});
-    }
-    g.bytes = r.u64(gj, "bytes", path);
-    g.arena_bytes = r.u64(gj, "arena_bytes", path);
-    g.target = location_from_json(r.at(gj, "target", path), str_cat(label, ": ", path, ".target"));
-    if (g.target.is_gpu()) fail(ErrorKind::InvalidInput, label, ": ", path, ".target must be \"cpu\" or \"disk\"");
-    const int64_t group_gpu = r.i64(gj, "gpu", path);
-    if (group_gpu < -1 || group_gpu > 1024)
-      fail(ErrorKind::InvalidInput, label, ": ", path, ".gpu ", group_gpu, " out of range");
-    g.gpu = static_cast<int32_t>(group_gpu);
-    g.copy_s = r.num(gj, "copy_s", path);
-    uint64_t end = 0;
-    for (const GroupTensor& t : g.tensors) {
-      if (t.arena_offset < end || t.arena_offset % kArenaAlignment != 0) {
-        fail(ErrorKind::InvalidInput, label, ": ", path, ": tensor '", t.name, "' arena_offset ", t.arena_offset,
-             " overlaps the previous tensor or is not ", kArenaAlignment, "-byte aligned");
-      }
-      const auto tensor_end = checked_add(t.arena_offset, t.nbytes);
-      if (!tensor_end) {
-        fail(ErrorKind::InvalidInput, label, ": ", path, ": tensor '", t.name, "' arena_offset ",
-             t.arena_offset, " + nbytes ", t.nbytes, " is past 2^64");
-      }
-      end = *tensor_end;
-    }
-    if (end > g.arena_bytes) {
-      fail(ErrorKind::InvalidInput, label, ": ", path, ": tensors end at byte ", end, " beyond arena_bytes ", g.arena_bytes);
-    }
-    // layout_arena's total: the end rounded up to the alignment, never more (the runner allocates it).
-    if (g.arena_bytes != round_up(end, kArenaAlignment)) {
-      fail(ErrorKind::InvalidInput, label, ": ", path, ": arena_bytes ", g.arena_bytes,
-           " is not the tensors' end ", end, " rounded up to ", kArenaAlignment, " bytes");
-    }
-    p.groups.push_back(std::move(g));
-  }
+  for (size_t i = 0; i < groups.size(); ++i) p.groups.push_back(group_from_json(r, groups[i], i, label, p));
   const json& sched = r.arr(j, "schedule", "");
-  for (size_t i = 0; i < sched.size(); ++i) {
-    const std::string path = str_cat("schedule[", i, "]");
-    const json& sj = sched[i];
-    ScheduleStep st;
-    st.component = static_cast<uint32_t>(r.bounded(sj, "component", path, UINT32_MAX));
-    if (st.component >= p.components.size()) {
-      fail(ErrorKind::InvalidInput, label, ": ", path, ".component ", st.component, " out of range");
-    }
-    st.modules = r.strs(sj, "modules", path);
-    const int64_t step_gpu = r.i64(sj, "gpu", path);
-    if (step_gpu < 0 || step_gpu > 1024)
-      fail(ErrorKind::InvalidInput, label, ": ", path, ".gpu ", step_gpu, " out of range");
-    st.gpu = static_cast<int32_t>(step_gpu);
-    const int64_t group = r.i64(sj, "group", path);
-    if (group < -1 || group >= static_cast<int64_t>(p.groups.size())) {
-      fail(ErrorKind::InvalidInput, label, ": ", path, ".group ", group, " out of range");
-    }
-    st.group = static_cast<int32_t>(group);
-    st.tensors = r.strs(sj, "tensors", path);
-    const json& lin = r.arr(sj, "linears", path);
-    for (size_t k = 0; k < lin.size(); ++k) {
-      const std::string lp = str_cat(path, ".linears[", k, "]");
-      LinearOp l;
-      l.module = r.str(lin[k], "module", lp);
-      l.weight = r.str(lin[k], "weight", lp);
-      l.out = r.i64(lin[k], "out", lp);
-      l.in = r.i64(lin[k], "in", lp);
-      l.kind = r.str(lin[k], "kind", lp);
-      if (l.out <= 0 || l.in <= 0) fail(ErrorKind::InvalidInput, label, ": ", lp, ": shape must be positive");
-      // A weight of out x in elements, 4 bytes each at most, must have a size.
-      if (!checked_mul(static_cast<uint64_t>(l.out), static_cast<uint64_t>(l.in), 4)) {
-        fail(ErrorKind::InvalidInput, label, ": ", lp, ": shape [", l.out, ", ", l.in,
-             "] has more elements than fit in 64 bits");
-      }
-      st.linears.push_back(std::move(l));
-    }
-    st.flops = r.u64(sj, "flops", path);
-    st.compute_s = r.num(sj, "compute_s", path);
-    p.schedule.push_back(std::move(st));
-  }
+  for (size_t i = 0; i < sched.size(); ++i) p.schedule.push_back(step_from_json(r, sched[i], i, label, p));
   p.notes = r.strs(j, "notes", "");
   return p;
 }
 
-void write_plan(const std::filesystem::path& path, const Plan& plan) { write_json_file(path, plan_to_json(plan)); }
+void write_plan(const std::filesystem::path& path, const Plan& plan) {
+  write_json_file(path, plan_to_json(plan));
+}
 
-Plan read_plan(const std::filesystem::path& path) { return plan_from_json(read_json_file(path), path.string()); }
+Plan read_plan(const std::filesystem::path& path) {
+  return plan_from_json(read_json_file(path), path.string());
+}
 
 }  // namespace qtool::planner

@@ -116,6 +116,8 @@ class Planner {
 
  private:
   void build_units();
+  void build_component(uint32_t ci);
+  void offload_preference();
   void set_forward(CompData& cd, const ComponentInput& input) const;
   void unit_work(UnitInfo& u, const CompData& cd,
                  const std::unordered_map<std::string, const QuantizedShape*>& quantized) const;

@@ -108,96 +108,77 @@ void Planner::set_forward(CompData& cd, const ComponentInput& input) const {
     cd.attention_s_per_block = attention / static_cast<double>(blocks) / (opt_.profile.bf16_tflops * 1e12);
 }
 
-void Planner::build_units() {
-  const std::string pipeline_class = class_name_of(in_.model_index);
-  if (opt_.templates && !pipeline_class.empty()) {
-    const ModelTemplate* t = opt_.templates->find(pipeline_class);
-    if (t && t->is_pipeline()) pipeline_tmpl_ = t;
+// One component's tree, forward and execution units (appended to units_).
+void Planner::build_component(uint32_t ci) {
+  const ComponentInput& input = in_.components[ci];
+  CompData& cd = comps_[ci];
+  cd.name = input.name;
+  cd.class_name = class_name_of(input.config);
+  if (opt_.templates) {
+    const ModelTemplate* t = opt_.templates->find(cd.class_name);
+    if (t && !t->is_pipeline()) cd.tmpl = t;
   }
-  std::vector<std::string> names;
-  for (const ComponentInput& c : in_.components) names.push_back(c.name);
-  for (size_t i : component_order(names, pipeline_tmpl_)) comp_order_.push_back(static_cast<uint32_t>(i));
+  const std::vector<TiedPair> ties = tied_pairs_for(cd.tmpl, input.config);
+  std::vector<TensorDesc> tensors = input.tensors;
+  // A tied alias the checkpoint dropped still gets a place (0 bytes) so the device map covers it.
+  std::unordered_map<std::string_view, size_t> by_name;
+  if (!ties.empty()) {
+    for (size_t i = 0; i < tensors.size(); ++i) by_name.emplace(tensors[i].name, i);
+  }
+  std::vector<TensorDesc> extra;
+  for (const TiedPair& t : ties) {
+    auto p = by_name.find(t.primary);
+    if (p == by_name.end() || by_name.count(t.alias)) continue;
+    TensorDesc d;
+    d.name = t.alias;
+    d.dtype = tensors[p->second].dtype;
+    d.shape = tensors[p->second].shape;
+    d.absent = true;
+    extra.push_back(std::move(d));
+  }
+  for (TensorDesc& d : extra) tensors.push_back(std::move(d));
+  cd.tree = ModuleTree::build(std::move(tensors), ties);
+  cd.bytes = cd.tree.total_bytes();
+  total_bytes_ += cd.bytes;
+  std::unordered_map<std::string, const QuantizedShape*> quantized;
+  for (const QuantizedShape& q : input.quantized) quantized.emplace(q.module, &q);
+  set_forward(cd, input);
 
-  comps_.resize(in_.components.size());
-  for (uint32_t ci : comp_order_) {
-    const ComponentInput& input = in_.components[ci];
-    CompData& cd = comps_[ci];
-    cd.name = input.name;
-    cd.class_name = class_name_of(input.config);
-    if (opt_.templates) {
-      const ModelTemplate* t = opt_.templates->find(cd.class_name);
-      if (t && !t->is_pipeline()) cd.tmpl = t;
-    }
-    const std::vector<TiedPair> ties = tied_pairs_for(cd.tmpl, input.config);
-    std::vector<TensorDesc> tensors = input.tensors;
-    // A tied alias the checkpoint dropped still gets a place (0 bytes) so the device map covers it.
-    std::unordered_map<std::string_view, size_t> by_name;
-    if (!ties.empty()) {
-      for (size_t i = 0; i < tensors.size(); ++i) by_name.emplace(tensors[i].name, i);
-    }
-    std::vector<TensorDesc> extra;
-    for (const TiedPair& t : ties) {
-      auto p = by_name.find(t.primary);
-      if (p == by_name.end() || by_name.count(t.alias)) continue;
-      TensorDesc d;
-      d.name = t.alias;
-      d.dtype = tensors[p->second].dtype;
-      d.shape = tensors[p->second].shape;
-      d.absent = true;
-      extra.push_back(std::move(d));
-    }
-    for (TensorDesc& d : extra) tensors.push_back(std::move(d));
-    cd.tree = ModuleTree::build(std::move(tensors), ties);
-    cd.bytes = cd.tree.total_bytes();
-    total_bytes_ += cd.bytes;
-    std::unordered_map<std::string, const QuantizedShape*> quantized;
-    for (const QuantizedShape& q : input.quantized) quantized.emplace(q.module, &q);
-    set_forward(cd, input);
-
-    cd.tensor_unit.assign(cd.tree.tensors().size(), -1);
-    for (Unit& unit : execution_units(cd.tree, cd.tmpl)) {
-      UnitInfo u;
-      u.comp = ci;
-      u.node = unit.node;
-      u.prefix = cd.tree.node(unit.node).prefix;
-      u.is_block = unit.is_block;
-      u.tensors = std::move(unit.tensors);
-      for (uint32_t t : u.tensors) u.bytes += cd.tree.counted_bytes()[t];
-      unit_work(u, cd, quantized);
-      const auto id = static_cast<uint32_t>(units_.size());
-      for (uint32_t t : u.tensors) cd.tensor_unit[t] = static_cast<int32_t>(id);
-      cd.units.push_back(id);
-      units_.push_back(std::move(u));
-    }
-    // Pure tied aliases follow the unit holding their primary.
-    for (uint32_t id : cd.units) {
-      UnitInfo& u = units_[id];
-      if (u.bytes != 0 || u.tensors.empty()) continue;
-      int32_t follow = -1;
-      bool all_tied = true;
-      for (uint32_t t : u.tensors) {
-        const int64_t p = cd.tree.tied_to()[t];
-        if (p < 0) {
-          all_tied = false;
-          break;
-        }
-        follow = cd.tensor_unit[static_cast<size_t>(p)];
+  cd.tensor_unit.assign(cd.tree.tensors().size(), -1);
+  for (Unit& unit : execution_units(cd.tree, cd.tmpl)) {
+    UnitInfo u;
+    u.comp = ci;
+    u.node = unit.node;
+    u.prefix = cd.tree.node(unit.node).prefix;
+    u.is_block = unit.is_block;
+    u.tensors = std::move(unit.tensors);
+    for (uint32_t t : u.tensors) u.bytes += cd.tree.counted_bytes()[t];
+    unit_work(u, cd, quantized);
+    const auto id = static_cast<uint32_t>(units_.size());
+    for (uint32_t t : u.tensors) cd.tensor_unit[t] = static_cast<int32_t>(id);
+    cd.units.push_back(id);
+    units_.push_back(std::move(u));
+  }
+  // Pure tied aliases follow the unit holding their primary.
+  for (uint32_t id : cd.units) {
+    UnitInfo& u = units_[id];
+    if (u.bytes != 0 || u.tensors.empty()) continue;
+    int32_t follow = -1;
+    bool all_tied = true;
+    for (uint32_t t : u.tensors) {
+      const int64_t p = cd.tree.tied_to()[t];
+      if (p < 0) {
+        all_tied = false;
+        break;
       }
-      if (all_tied && follow >= 0 && follow != static_cast<int32_t>(id)) u.follow = follow;
+      follow = cd.tensor_unit[static_cast<size_t>(p)];
     }
+    if (all_tied && follow >= 0 && follow != static_cast<int32_t>(id)) u.follow = follow;
   }
-  arena_.resize(units_.size());
-  for (size_t i = 0; i < units_.size(); ++i) arena_[i] = units_[i].follow >= 0 ? 0 : units_[i].arena;
-  leaf_pinned_.assign(units_.size(), 0);
-  leaf_max_.assign(units_.size(), 0);
-  for (size_t i = 0; i < units_.size(); ++i) {
-    for (const Leaf& l : units_[i].leaves) {
-      leaf_pinned_[i] += round_up(l.arena, opt_.profile.host_alloc_granularity_bytes);
-      leaf_max_[i] = std::max(leaf_max_[i], l.arena);
-    }
-  }
+}
 
-  // Offload preference.
+// Offload preference: blocks per component in offload priority, then the other units, largest first.
+void Planner::offload_preference() {
   std::vector<uint32_t> prio = comp_order_;
   std::stable_sort(prio.begin(), prio.end(), [&](uint32_t a, uint32_t b) {
     auto rank = [&](uint32_t c) -> int64_t {
@@ -231,6 +212,32 @@ void Planner::build_units() {
                      [&](uint32_t a, uint32_t b) { return arena_[a] > arena_[b]; });
     offload_others_.insert(offload_others_.end(), others.begin(), others.end());
   }
+}
+
+void Planner::build_units() {
+  const std::string pipeline_class = class_name_of(in_.model_index);
+  if (opt_.templates && !pipeline_class.empty()) {
+    const ModelTemplate* t = opt_.templates->find(pipeline_class);
+    if (t && t->is_pipeline()) pipeline_tmpl_ = t;
+  }
+  std::vector<std::string> names;
+  for (const ComponentInput& c : in_.components) names.push_back(c.name);
+  for (size_t i : component_order(names, pipeline_tmpl_)) comp_order_.push_back(static_cast<uint32_t>(i));
+
+  comps_.resize(in_.components.size());
+  for (uint32_t ci : comp_order_) build_component(ci);
+  arena_.resize(units_.size());
+  for (size_t i = 0; i < units_.size(); ++i) arena_[i] = units_[i].follow >= 0 ? 0 : units_[i].arena;
+  leaf_pinned_.assign(units_.size(), 0);
+  leaf_max_.assign(units_.size(), 0);
+  for (size_t i = 0; i < units_.size(); ++i) {
+    for (const Leaf& l : units_[i].leaves) {
+      leaf_pinned_[i] += round_up(l.arena, opt_.profile.host_alloc_granularity_bytes);
+      leaf_max_[i] = std::max(leaf_max_[i], l.arena);
+    }
+  }
+
+  offload_preference();
   n_offloadable_ = offload_others_.size();
   for (const auto& b : offload_blocks_) n_offloadable_ += b.size();
 }

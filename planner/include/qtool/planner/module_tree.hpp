@@ -27,8 +27,8 @@ namespace qtool::planner {
 
 // One tensor as the planner sees it: a name, its exact bytes in the checkpoint, dtype and shape.
 struct TensorDesc {
-  std::string name;             // full tensor name within the component
-  uint64_t nbytes = 0;          // bytes in the checkpoint (end - begin)
+  std::string name;     // full tensor name within the component
+  uint64_t nbytes = 0;  // bytes in the checkpoint (end - begin)
   DType dtype = DType::U8;
   std::vector<int64_t> shape;
   // Tensors with the same storage id >= 0 share their bytes (identical storage); -1: its own.
@@ -62,9 +62,9 @@ struct ModuleNode {
 };
 
 struct BlockListInfo {
-  std::string prefix;   // "transformer_blocks"
-  size_t length = 0;    // number of blocks
-  uint64_t bytes = 0;   // bytes of all its blocks, tied copies counted once
+  std::string prefix;  // "transformer_blocks"
+  size_t length = 0;   // number of blocks
+  uint64_t bytes = 0;  // bytes of all its blocks, tied copies counted once
 };
 
 class ModuleTree {
@@ -90,7 +90,7 @@ class ModuleTree {
   // Declared ties whose alias is not in the checkpoint (alias name, index of the primary tensor).
   const std::vector<std::pair<std::string, uint32_t>>& absent_aliases() const { return absent_aliases_; }
 
-  int32_t find(std::string_view prefix) const;   // node id, -1 when absent
+  int32_t find(std::string_view prefix) const;       // node id, -1 when absent
   int64_t find_tensor(std::string_view name) const;  // tensor index, -1 when absent
   uint64_t total_bytes() const { return nodes_[0].bytes; }
 
@@ -100,6 +100,9 @@ class ModuleTree {
   int32_t block_of(int32_t id) const;
 
  private:
+  void make_nodes();
+  void apply_ties(const std::vector<TiedPair>& ties);
+  void finish_nodes();
   std::vector<ModuleNode> nodes_;
   std::vector<TensorDesc> tensors_;
   std::vector<int32_t> tensor_module_;
