@@ -1,5 +1,6 @@
 // qtool verify CKPT --plan plan.json [--reference ORIGINAL] [--inputs IN] [--outputs OUT] ...: runs
-// the plan on its checkpoint (the real forward of Llama and Flux components on the CPU backend; the
+// the plan on its checkpoint (the real forward of Llama and Flux components on the CPU backend; a
+// FluxPipeline folder as the pipeline, --denoise-steps N; the
 // CUDA backend, or components without a forward, run their linears) and checks it; exit 0 when
 // every check passes, 1 when one fails (named), 2 for bad input such as a plan made for another
 // checkpoint or a missing, misnamed or mis-shaped input.
@@ -13,6 +14,7 @@
 #include "qtool/formats/json.hpp"
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/planner/plan.hpp"
+#include "qtool/runner/pipeline.hpp"
 #include "qtool/runner/verify.hpp"
 
 namespace qtool::cli {
@@ -25,6 +27,7 @@ struct VerifyCliOptions {
   std::string backend = "auto";
   uint64_t tokens = 0;
   uint32_t steps = 3;
+  uint32_t denoise_steps = 0;  // 0: runner::kDefaultDenoiseSteps
   uint64_t seed = 0;
   bool poison = false;
   double time_tolerance = -1;
@@ -44,6 +47,7 @@ int run_verify(const VerifyCliOptions& o, const GlobalOptions& global) {
   v.backend = o.backend;
   if (o.tokens) v.tokens = o.tokens;
   v.steps = o.steps;
+  if (o.denoise_steps) v.denoise_steps = o.denoise_steps;
   v.seed = o.seed;
   v.poison = o.poison;
   if (o.time_tolerance >= 0) v.time_tolerance = o.time_tolerance;
@@ -83,6 +87,10 @@ void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& r
       ->check(count_range(1, static_cast<int64_t>(planner::kMaxTokens)));
   cmd->add_option("--steps", o->steps, "Steps to run; the first is a warm-up for timing (default 3)")
       ->check(CLI::Range(1u, 100000u));
+  cmd->add_option("--denoise-steps", o->denoise_steps,
+                  str_cat("A FluxPipeline folder: denoising steps of the transformer (default ",
+                          runner::kDefaultDenoiseSteps, "); each run step runs the whole pipeline"))
+      ->check(CLI::Range(1u, runner::kMaxDenoiseSteps));
   cmd->add_option("--seed", o->seed, "Seed of the activations (step s uses seed + s)");
   cmd->add_flag(
       "--poison", o->poison,
@@ -95,12 +103,15 @@ void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& r
       "--inputs", o->inputs,
       "The forward's inputs (safetensors) under the framework's argument names: input_ids [B, T] "
       "(Llama); hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, "
-      "guidance (Flux); prefixed by the component in a pipeline (transformer.hidden_states). Default: "
-      "drawn from --seed at the plan's tokens");
+      "guidance (Flux); prefixed by the component in a pipeline (transformer.hidden_states). A "
+      "FluxPipeline folder takes the pipeline's: text_encoder.input_ids, text_encoder_2.input_ids and "
+      "latents [B, image tokens, in_channels] (packed, as FluxPipeline's latents=). Default: drawn from "
+      "--seed at the plan's tokens");
   cmd->add_option(
       "--outputs", o->outputs,
       "Write the forward's output (logits / sample, F32, prefixed in a pipeline) to this safetensors "
-      "file, with the inputs when they were drawn from the seed");
+      "file, with the inputs when they were drawn from the seed; a FluxPipeline run writes its final "
+      "latents as `images` (FluxPipeline(output_type=\"latent\").images) and the encoders' outputs");
   cmd->add_option("--report", o->report, "Write the report as JSON to this file");
   cmd->add_option(
       "--trace", o->trace,

@@ -256,13 +256,16 @@ class Driver {
 
  private:
   bool streamed(size_t si) const { return planned_ && schedule_.steps[si].streamed; }
+  // The copy of streamed step `si` in the current pass.
+  size_t item(size_t si) const { return pass_item0_[cur_pass_] + rank_[si]; }
   void set_up();
   void make_forwards();
+  void make_passes();
   void copy_loop(uint32_t run_step);
   void wait_copy(size_t si);
   void finish(size_t si);
   void run_step(uint32_t run_step);
-  void run_component(uint32_t component, uint32_t run_step);
+  void run_component(uint32_t component, uint32_t run_step, size_t pass);
   void unit_steps(uint32_t component, const std::vector<std::string>& units,
                   std::vector<std::vector<size_t>>& out, std::vector<size_t>& last_unit) const;
   void trace(std::string name, Lane lane, int device, uint32_t step, int32_t plan_step, Clock::time_point a,
@@ -275,18 +278,30 @@ class Driver {
   bool planned_ = true;
   RunResult result_;
   std::map<int, std::unique_ptr<Device>> devices_;
-  std::vector<const uint8_t*> on_device_;                     // per arena: its device copy, if held there
-  std::vector<std::unique_ptr<HostBuffer>> host_arena_;       // per arena: pinned copy of a cpu group
-  std::vector<std::unique_ptr<HostBuffer>> staging_;          // disk groups
-  std::map<int, std::pair<uint8_t*, uint64_t>> slots_;        // per GPU: ring base, slot bytes
-  uint64_t k_ = 1;                                            // slots per ring
-  std::vector<size_t> order_;                                 // streamed steps in copy order
-  std::vector<size_t> copy_index_;                            // per step: its position in order_
-  std::vector<uint64_t> seq_;                                 // per step: its sequence on its GPU
-  std::map<int, std::vector<size_t>> device_order_;           // per GPU: its streamed steps in order
+  std::vector<const uint8_t*> on_device_;                // per arena: its device copy, if held there
+  std::vector<std::unique_ptr<HostBuffer>> host_arena_;  // per arena: pinned copy of a cpu group
+  std::vector<std::unique_ptr<HostBuffer>> staging_;     // disk groups
+  std::map<int, std::pair<uint8_t*, uint64_t>> slots_;   // per GPU: ring base, slot bytes
+  uint64_t k_ = 1;                                       // slots per ring
+  // A run step runs passes: one run of one component's units each, in order (each component
+  // once; a FluxPipeline's transformer once per denoising step). The copy thread copies every
+  // pass's streamed steps, in pass order.
+  struct CopyItem {
+    size_t step = 0;
+    uint64_t seq = 0;  // its sequence on its GPU
+  };
+  std::vector<uint32_t> passes_;         // per pass: its component
+  std::vector<std::string> pass_label_;  // per pass: "transformer[denoise 3]"
+  size_t cur_pass_ = 0;
+  std::vector<CopyItem> items_;     // the copies of a run step, in order
+  std::vector<size_t> pass_item0_;  // per pass: its first item
+  std::vector<size_t> rank_;        // per streamed step: its position among its component's streamed steps
+  std::vector<uint64_t> dev_rank_;  // ... among those on its GPU
+  std::map<int, uint64_t> device_items_;                      // per GPU: its items per run step
+  std::unique_ptr<FluxPipelineFlow> flow_;                    // a FluxPipeline run
   std::vector<std::unique_ptr<Forward>> forwards_;            // per component (null: linears only)
   std::vector<std::vector<HostTensor>> inputs_;               // per component with a forward
-  std::vector<size_t> digest_base_;                           // per component: its first unit digest
+  std::vector<size_t> digest_base_;                           // per pass: its first unit digest
   std::vector<std::vector<std::vector<size_t>>> unit_steps_;  // per forward component, per unit: its steps
   std::vector<std::vector<size_t>> last_unit_;  // per forward component, per step: its last unit
   uint64_t activation_bytes_ = 0;
@@ -300,7 +315,7 @@ class Driver {
   size_t copies_done_ = 0;
   bool abort_ = false;
   std::exception_ptr copy_error_;
-  std::vector<StepState> state_;
+  std::vector<StepState> state_;               // per item
   std::map<int, uint64_t> released_;           // per GPU: its first step (by seq) not yet released
   std::map<int, std::vector<uint8_t>> freed_;  // per GPU, per seq: released
 };
@@ -319,12 +334,20 @@ void Driver::make_forwards() {
   forwards_.resize(comps.size());
   inputs_.resize(comps.size());
   if (!options_.forwards) return;
+  if (options_.denoise_steps > 0 && is_flux_pipeline(checkpoint_))
+    flow_ = std::make_unique<FluxPipelineFlow>(checkpoint_, options_.denoise_steps,
+                                               static_cast<int64_t>(options_.tokens), options_.seed,
+                                               options_.inputs);
   for (size_t ci = 0; ci < comps.size(); ++ci) {
     bool runs = false;
     for (const ExecStep& st : schedule_.steps) runs = runs || st.component == ci;
     if (!runs) continue;
     forwards_[ci] = options_.make_forward ? options_.make_forward(comps[ci]) : make_forward(comps[ci]);
     if (!forwards_[ci]) continue;
+    bool in_flow = false;
+    for (const FluxPipelineFlow::Pass& p : flow_ ? flow_->passes() : std::vector<FluxPipelineFlow::Pass>{})
+      in_flow = in_flow || p.component == ci;
+    if (in_flow) continue;  // its inputs come from the pipeline, pass by pass
     const auto it = options_.inputs.find(comps[ci].name());
     if (it != options_.inputs.end()) {
       forwards_[ci]->check_inputs(it->second, static_cast<int64_t>(options_.tokens));
@@ -333,6 +356,29 @@ void Driver::make_forwards() {
       inputs_[ci] = forwards_[ci]->random_inputs(1, static_cast<int64_t>(options_.tokens), options_.seed);
     }
   }
+}
+
+void Driver::make_passes() {
+  const auto& comps = checkpoint_.components();
+  std::vector<uint8_t> done(comps.size(), 0);
+  const auto add = [&](uint32_t ci, std::string label) {
+    done[ci] = 1;
+    passes_.push_back(ci);
+    pass_label_.push_back(std::move(label));
+  };
+  if (flow_)
+    for (const FluxPipelineFlow::Pass& p : flow_->passes()) {
+      bool runs = false;
+      for (const ExecStep& st : schedule_.steps) runs = runs || st.component == p.component;
+      if (!runs)
+        fail(ErrorKind::InvalidInput, "the plan runs no step of component '", comps[p.component].name(),
+             "', which the FluxPipeline needs: plan the whole pipeline folder");
+      add(p.component, p.denoise_step < 0
+                           ? comps[p.component].name()
+                           : str_cat(comps[p.component].name(), "[denoise ", p.denoise_step, "]"));
+    }
+  for (const ExecStep& st : schedule_.steps)
+    if (!done[st.component]) add(st.component, comps[st.component].name());
 }
 
 void Driver::set_up() {
@@ -356,16 +402,25 @@ void Driver::set_up() {
     }
   }
   k_ = std::max<uint64_t>(1, schedule_.n_slots);
-  copy_index_.assign(schedule_.steps.size(), SIZE_MAX);
-  seq_.assign(schedule_.steps.size(), 0);
+  rank_.assign(schedule_.steps.size(), SIZE_MAX);
+  dev_rank_.assign(schedule_.steps.size(), 0);
+  std::vector<std::vector<size_t>> streamed_of(checkpoint_.components().size());
+  std::map<std::pair<uint32_t, int>, uint64_t> on_gpu;
   for (size_t si = 0; si < schedule_.steps.size(); ++si) {
     if (!streamed(si)) continue;
-    const int d = schedule_.steps[si].device;
-    copy_index_[si] = order_.size();
-    order_.push_back(si);
-    seq_[si] = device_order_[d].size();
-    device_order_[d].push_back(si);
-    result_.h2d_bytes_per_step += schedule_.arenas[schedule_.steps[si].arena].bytes;
+    const ExecStep& st = schedule_.steps[si];
+    rank_[si] = streamed_of[st.component].size();
+    streamed_of[st.component].push_back(si);
+    dev_rank_[si] = on_gpu[{st.component, st.device}]++;
+  }
+  result_.copies_per_step.assign(schedule_.steps.size(), 0);
+  for (size_t p = 0; p < passes_.size(); ++p) {
+    pass_item0_.push_back(items_.size());
+    for (size_t si : streamed_of[passes_[p]]) {
+      items_.push_back({si, device_items_[schedule_.steps[si].device]++});
+      result_.h2d_bytes_per_step += schedule_.arenas[schedule_.steps[si].arena].bytes;
+      ++result_.copies_per_step[si];
+    }
   }
   for (auto& [d, dev] : devices_) {
     const uint64_t slot_bytes = planned_ ? schedule_.slot_bytes(d) : 0;
@@ -380,13 +435,14 @@ void Driver::set_up() {
 void Driver::copy_loop(uint32_t run_step) {
   try {
     size_t staging_next = 0;
-    for (size_t k = 0; k < order_.size(); ++k) {
-      const size_t si = order_[k];
+    for (size_t k = 0; k < items_.size(); ++k) {
+      const size_t si = items_[k].step;
+      const uint64_t seq = items_[k].seq;
       const ExecStep& st = schedule_.steps[si];
       const Arena& a = schedule_.arenas[st.arena];
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return abort_ || released_[st.device] + k_ > seq_[si]; });
+        cv_.wait(lock, [&] { return abort_ || released_[st.device] + k_ > seq; });
         if (abort_) return;
       }
       std::span<uint8_t> host;
@@ -401,7 +457,7 @@ void Driver::copy_loop(uint32_t run_step) {
         host = {host_arena_[st.arena]->data(), a.bytes};
       }
       const auto [base, slot_bytes] = slots_.at(st.device);
-      const uint32_t slot = static_cast<uint32_t>(seq_[si] % k_);
+      const uint32_t slot = static_cast<uint32_t>(seq % k_);
       const auto t0 = Clock::now();
       devices_.at(st.device)->copy_to_slot(
           slot, base + slot * slot_bytes, host,
@@ -423,25 +479,28 @@ void Driver::copy_loop(uint32_t run_step) {
 }
 
 void Driver::wait_copy(size_t si) {
+  const size_t k = item(si);
   std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return abort_ || copies_done_ > copy_index_[si]; });
+  cv_.wait(lock, [&] { return abort_ || copies_done_ > k; });
   if (copy_error_) std::rethrow_exception(copy_error_);
   if (abort_) fail(ErrorKind::Internal, "the run was aborted");
   lock.unlock();
-  devices_.at(schedule_.steps[si].device)->wait_copied(static_cast<uint32_t>(seq_[si] % k_));
+  devices_.at(schedule_.steps[si].device)->wait_copied(static_cast<uint32_t>(items_[k].seq % k_));
 }
 
 // The step's slot may be refilled: wait for its copy if it was never read, release it.
 void Driver::finish(size_t si) {
-  if (state_[si] == StepState::Released) return;
-  if (state_[si] == StepState::Pending) wait_copy(si);
+  const size_t k = item(si);
+  if (state_[k] == StepState::Released) return;
+  if (state_[k] == StepState::Pending) wait_copy(si);
   const int d = schedule_.steps[si].device;
-  devices_.at(d)->release(static_cast<uint32_t>(seq_[si] % k_));
+  const uint64_t seq = items_[k].seq;
+  devices_.at(d)->release(static_cast<uint32_t>(seq % k_));
   {
     std::lock_guard<std::mutex> lock(mu_);
-    state_[si] = StepState::Released;
+    state_[k] = StepState::Released;
     auto& freed = freed_[d];
-    freed[seq_[si]] = 1;
+    freed[seq] = 1;
     while (released_[d] < freed.size() && freed[released_[d]]) ++released_[d];
   }
   cv_.notify_all();
@@ -454,16 +513,17 @@ const uint8_t* Driver::acquire(size_t si, const std::string& tensor) {
     return on_device_[a];
   }
   const int d = schedule_.steps[si].device;
-  if (state_[si] == StepState::Released)
+  const size_t k = item(si);
+  if (state_[k] == StepState::Released)
     fail(ErrorKind::Internal, "the forward asked for tensor '", tensor, "' of plan step '",
          schedule_.steps[si].name,
          "' after its device slot was reused: the forward reads its tensors out of the plan's order");
-  if (state_[si] == StepState::Pending) {
+  if (state_[k] == StepState::Pending) {
     wait_copy(si);
-    state_[si] = StepState::Held;
+    state_[k] = StepState::Held;
   }
   const auto [base, slot_bytes] = slots_.at(d);
-  return base + (seq_[si] % k_) * slot_bytes;
+  return base + (items_[k].seq % k_) * slot_bytes;
 }
 
 DequantParams StepWeights::get(std::string_view tensor) {
@@ -533,8 +593,9 @@ void Driver::unit_steps(uint32_t component, const std::vector<std::string>& unit
     std::map<int, std::pair<uint64_t, uint64_t>> span;  // GPU -> first, last seq
     for (size_t si : out[u]) {
       if (!streamed(si)) continue;
-      auto [it, fresh] = span.try_emplace(schedule_.steps[si].device, seq_[si], seq_[si]);
-      if (!fresh) it->second = {std::min(it->second.first, seq_[si]), std::max(it->second.second, seq_[si])};
+      const uint64_t seq = dev_rank_[si];
+      auto [it, fresh] = span.try_emplace(schedule_.steps[si].device, seq, seq);
+      if (!fresh) it->second = {std::min(it->second.first, seq), std::max(it->second.second, seq)};
     }
     for (const auto& [d, range] : span)
       if (range.second - range.first + 1 > k_)
@@ -545,15 +606,17 @@ void Driver::unit_steps(uint32_t component, const std::vector<std::string>& unit
   }
 }
 
-void Driver::run_component(uint32_t ci, uint32_t run_step) {
+void Driver::run_component(uint32_t ci, uint32_t run_step, size_t pass) {
   const Component& comp = checkpoint_.components()[ci];
   ComponentRun& run = result_.components[ci];
+  const bool in_flow = flow_ && pass < flow_->passes().size();
+  const bool first_pass = run_step == 0 && run.passes == 0;
   std::unique_ptr<UnitRunner> runner;
   std::vector<std::vector<size_t>> steps_of;
   std::vector<size_t> last_unit;
   std::vector<LayerDigest>* linear_digests = options_.digests ? &result_.digests[run_step] : nullptr;
   if (forwards_[ci]) {
-    runner = std::make_unique<ForwardRunner>(*forwards_[ci], inputs_[ci]);
+    runner = std::make_unique<ForwardRunner>(*forwards_[ci], in_flow ? flow_->inputs(pass) : inputs_[ci]);
     steps_of = unit_steps_[ci];
     last_unit = last_unit_[ci];
   } else {
@@ -564,7 +627,7 @@ void Driver::run_component(uint32_t ci, uint32_t run_step) {
       steps_of.push_back({lr->steps()[u]});
       last_unit[lr->steps()[u]] = u;
     }
-    if (run_step == 0)
+    if (first_pass)
       for (auto& [d, dev] : devices_) {
         bool here = false;
         for (size_t si : lr->steps()) here = here || schedule_.steps[si].device == d;
@@ -580,7 +643,7 @@ void Driver::run_component(uint32_t ci, uint32_t run_step) {
   Ops& ops = platform_.ops(first_device, activation_bytes_);
   const size_t mark = ops.mark();
   ops.reset_peak();
-  const size_t digest0 = digest_base_[ci];
+  const size_t digest0 = digest_base_[pass];
   UnitOps unit_ops(ops, forwards_[ci] && options_.digests);
   StepWeights weights(*this, ci);
   runner->begin(unit_ops, run_step);
@@ -591,9 +654,9 @@ void Driver::run_component(uint32_t ci, uint32_t run_step) {
     unit_ops.start_unit();
     const auto t0 = Clock::now();
     runner->run_unit(u, unit_ops, weights);
-    trace(forwards_[ci] ? label(comp.name(), runner->units()[u]) : runner->units()[u], Lane::Compute, device,
-          run_step, steps_of[u].empty() ? -1 : static_cast<int32_t>(steps_of[u].front()), t0, Clock::now(),
-          0);
+    trace(forwards_[ci] ? label(pass_label_[pass], runner->units()[u]) : runner->units()[u], Lane::Compute,
+          device, run_step, steps_of[u].empty() ? -1 : static_cast<int32_t>(steps_of[u].front()), t0,
+          Clock::now(), 0);
     if (forwards_[ci] && options_.digests)
       result_.unit_digests[run_step][digest0 + u] = unit_ops.unit_digest();
     for (size_t si : steps_of[u])
@@ -605,7 +668,12 @@ void Driver::run_component(uint32_t ci, uint32_t run_step) {
     if (options_.digests)
       result_.unit_digests[run_step][digest0 + runner->units().size()] =
           host_digest(out.bytes.data(), out.bytes.size() / dtype_size(out.dtype), out.dtype);
-    if (run_step == 0) {
+    if (in_flow) {
+      std::vector<HostTensor> outs{out};
+      outs.insert(outs.end(), run.more_outputs.begin(), run.more_outputs.end());
+      flow_->take(pass, outs);
+    }
+    if (first_pass) {
       for (const Component::Entry& e : comp.entries()) {
         const std::string& name = comp.info(e).name;
         if (!weights.read.count(entry_key(e)) && !schedule_.tied[ci].count(name))
@@ -615,7 +683,8 @@ void Driver::run_component(uint32_t ci, uint32_t run_step) {
   }
   run.activation_peak_bytes = std::max(run.activation_peak_bytes, ops.peak_bytes());
   ops.release(mark);
-  if (forwards_[ci] && run_step == 0)
+  if (run_step == 0) ++run.passes;
+  if (forwards_[ci] && first_pass)
     for (auto& [d, dev] : devices_) {
       bool here = false;
       for (const auto& v : steps_of)
@@ -629,18 +698,22 @@ void Driver::run_step(uint32_t run_step) {
   copies_done_ = 0;
   abort_ = false;
   copy_error_ = nullptr;
-  state_.assign(schedule_.steps.size(), StepState::Pending);
+  state_.assign(items_.size(), StepState::Pending);
   released_.clear();
   freed_.clear();
-  for (const auto& [d, order] : device_order_) freed_[d].assign(order.size(), 0);
+  for (const auto& [d, n] : device_items_) freed_[d].assign(n, 0);
+  // A pipeline starts again from its inputs each run step.
+  if (flow_ && run_step > 0)
+    flow_ = std::make_unique<FluxPipelineFlow>(checkpoint_, options_.denoise_steps,
+                                               static_cast<int64_t>(options_.tokens), options_.seed,
+                                               options_.inputs);
   std::thread copier([this, run_step] { copy_loop(run_step); });
   try {
-    std::vector<uint8_t> done(checkpoint_.components().size(), 0);
-    for (const ExecStep& st : schedule_.steps) {
-      if (done[st.component]) continue;
-      done[st.component] = 1;
-      run_component(st.component, run_step);
+    for (size_t p = 0; p < passes_.size(); ++p) {
+      cur_pass_ = p;
+      run_component(passes_[p], run_step, p);
     }
+    if (flow_) result_.pipeline = flow_->result();
   } catch (...) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -663,11 +736,16 @@ RunResult Driver::run() {
   result_.device_names = platform_.device_names();
   result_.mode = options_.mode;
   make_forwards();
+  make_passes();
   set_up();
   uint64_t batch = 1;  // the largest batch of the inputs (dimension 0 of each)
   for (const auto& inputs : inputs_)
     for (const HostTensor& t : inputs)
       if (t.shape.size() >= 2) batch = std::max(batch, static_cast<uint64_t>(t.shape[0]));
+  if (flow_)
+    for (const auto& [name, inputs] : flow_->given_inputs())
+      for (const HostTensor& t : inputs)
+        if (t.shape.size() >= 2) batch = std::max(batch, static_cast<uint64_t>(t.shape[0]));
   activation_bytes_ = activation_capacity(checkpoint_, schedule_, options_.tokens, batch, forwards_);
   const auto& comps = checkpoint_.components();
   unit_steps_.resize(comps.size());
@@ -683,16 +761,14 @@ RunResult Driver::run() {
     run.architecture = forwards_[ci]->architecture();
     run.units = forwards_[ci]->units();
   }
-  // Digest names: every forward component's units, then its output, in plan order.
-  std::vector<uint8_t> named(comps.size(), 0);
-  digest_base_.assign(comps.size(), 0);
-  for (const ExecStep& st : schedule_.steps) {
-    if (named[st.component] || !forwards_[st.component]) continue;
-    named[st.component] = 1;
-    digest_base_[st.component] = result_.unit_names.size();
-    for (const std::string& u : forwards_[st.component]->units())
-      result_.unit_names.push_back(label(comps[st.component].name(), u));
-    result_.unit_names.push_back(label(comps[st.component].name(), "output"));
+  // Digest names: every forward pass's units, then its output, in run order.
+  digest_base_.assign(passes_.size(), 0);
+  for (size_t p = 0; p < passes_.size(); ++p) {
+    if (!forwards_[passes_[p]]) continue;
+    digest_base_[p] = result_.unit_names.size();
+    for (const std::string& u : forwards_[passes_[p]]->units())
+      result_.unit_names.push_back(label(pass_label_[p], u));
+    result_.unit_names.push_back(label(pass_label_[p], "output"));
   }
   result_.digests.assign(options_.steps, std::vector<LayerDigest>(schedule_.linears.size()));
   result_.unit_digests.assign(options_.steps, std::vector<LayerDigest>(result_.unit_names.size()));

@@ -9,6 +9,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "qtool/formats/checked.hpp"
 #include "qtool/formats/checkpoint.hpp"
@@ -17,6 +18,7 @@
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/planner/plan.hpp"
 #include "qtool/runner/cpu_kernels.hpp"
+#include "qtool/runner/driver.hpp"
 #include "qtool/runner/error_model.hpp"
 #include "qtool/runner/kernel_math.hpp"
 #include "qtool/runner/schedule.hpp"
@@ -156,7 +158,8 @@ WeightKind plain_kind(DType dt) {
 
 // --reference: every tensor quantize copies must be the original's, byte for byte (tensor_compare.hpp).
 template <typename Add>
-void add_reference_tensors_check(const Checkpoint& checkpoint, const Checkpoint& ref, json& j, Add& add_check) {
+void add_reference_tensors_check(const Checkpoint& checkpoint, const Checkpoint& ref, json& j,
+                                 Add& add_check) {
   const ReferenceTensors rt = compare_with_reference(checkpoint, ref);
   j["reference_tensors"] = {{"compared", rt.n_compared},
                             {"bytes_compared", rt.bytes_compared},
@@ -202,6 +205,50 @@ uint64_t planned_item_bytes(const planner::DevicePlan& dp, MemoryKind kind) {
   return bytes;
 }
 
+// A run's phases: its components in run order (a FluxPipeline's: CLIP, T5, the transformer, then
+// the others), each with what the checks found in it.
+struct Phase {
+  std::string component;
+  size_t outputs = 0;  // digests compared / checked
+  uint64_t nonfinite = 0;
+  size_t mismatches = 0;  // streamed vs all-resident
+};
+
+// The component of a digest name ("transformer[denoise 3]/x_embedder" -> "transformer").
+std::string component_of_unit(const std::string& unit_name) {
+  const size_t slash = unit_name.find('/');
+  if (slash == std::string::npos) return "";
+  return unit_name.substr(0, std::min(slash, unit_name.find('[')));
+}
+
+std::vector<Phase> make_phases(const RunResult& run) {
+  std::vector<Phase> phases;
+  if (run.pipeline.ran)
+    for (const char* c : {"text_encoder", "text_encoder_2", "transformer"}) phases.push_back({c, 0, 0, 0});
+  for (const ComponentRun& c : run.components) {
+    bool have = false;
+    for (const Phase& p : phases) have = have || p.component == c.component;
+    if (!have) phases.push_back({c.component, 0, 0, 0});
+  }
+  return phases;
+}
+
+Phase& phase_of(std::vector<Phase>& phases, const std::string& component) {
+  for (Phase& p : phases)
+    if (p.component == component) return p;
+  QTOOL_ASSERT(false);
+  return phases.front();
+}
+
+// "text_encoder 14, text_encoder_2 12, ...": one figure per phase.
+std::string per_phase(const std::vector<Phase>& phases,
+                      const std::function<std::string(const Phase&)>& what) {
+  if (phases.size() < 2) return "";
+  std::string s;
+  for (const Phase& p : phases) s += str_cat(s.empty() ? "" : ", ", p.component, " ", what(p));
+  return " (per phase: " + s + ")";
+}
+
 // What each component ran, on stderr and in the report.
 void report_components(const RunResult& run, json& j, const std::function<void(const std::string&)>& log) {
   json comps = json::array();
@@ -215,7 +262,9 @@ void report_components(const RunResult& run, json& j, const std::function<void(c
       cj["activation_peak_bytes"] = c.activation_peak_bytes;
       std::string shape;
       for (int64_t d : c.output.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
-      log(str_cat("  ", name, ": ", c.architecture, " forward, ", c.units.size(), " units, output ",
+      cj["passes"] = c.passes;
+      log(str_cat("  ", name, ": ", c.architecture, " forward, ", c.units.size(), " units",
+                  c.passes > 1 ? str_cat(" x ", c.passes, " passes") : std::string(), ", output ",
                   c.output.name, " [", shape, "], activations ", format_size(c.activation_peak_bytes)));
     } else {
       log(str_cat("  ", name, ": linears only (no forward for its architecture yet)"));
@@ -289,14 +338,23 @@ template <typename Add>
 void add_cuda_forward_check(const RunResult& cuda, const RunResult& cpu, json& j, Add& add_check) {
   json out = json::array();
   std::string detail, outside;
+  // (output name, CUDA's, CPU's): every forward's outputs, and a pipeline's final latents.
+  std::vector<std::tuple<std::string, const HostTensor*, const HostTensor*>> pairs;
   for (size_t ci = 0; ci < cuda.components.size() && ci < cpu.components.size(); ++ci) {
     const ComponentRun& a = cuda.components[ci];
     const ComponentRun& b = cpu.components[ci];
     if (!a.forward || !b.forward) continue;
-    std::vector<std::pair<const HostTensor*, const HostTensor*>> pairs = {{&a.output, &b.output}};
+    const auto name = [&](const HostTensor& t) {
+      return a.component.empty() ? t.name : a.component + "." + t.name;
+    };
+    pairs.emplace_back(name(a.output), &a.output, &b.output);
     for (size_t k = 0; k < a.more_outputs.size() && k < b.more_outputs.size(); ++k)
-      pairs.emplace_back(&a.more_outputs[k], &b.more_outputs[k]);
-    for (const auto& [ya, yb] : pairs) {
+      pairs.emplace_back(name(a.more_outputs[k]), &a.more_outputs[k], &b.more_outputs[k]);
+  }
+  if (cuda.pipeline.ran && cpu.pipeline.ran)
+    pairs.emplace_back(cuda.pipeline.images.name, &cuda.pipeline.images, &cpu.pipeline.images);
+  {
+    for (const auto& [name, ya, yb] : pairs) {
       double num = 0, den = 0;
       const size_t n = std::min(ya->bytes.size(), yb->bytes.size()) / 4;
       for (size_t i = 0; i < n; ++i) {
@@ -308,7 +366,6 @@ void add_cuda_forward_check(const RunResult& cuda, const RunResult& cpu, json& j
       }
       const bool same_shape = ya->shape == yb->shape && ya->dtype == DType::F32 && yb->dtype == DType::F32;
       const double rel = !same_shape ? INFINITY : den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-      const std::string name = a.component.empty() ? ya->name : a.component + "." + ya->name;
       out.push_back({{"output", name}, {"rel_rms_error", rel}, {"tolerance", kCudaForwardTolerance}});
       detail += str_cat(detail.empty() ? "" : "; ", name, " ", fmt("%.3g", rel));
       if (!(rel <= kCudaForwardTolerance) && outside.empty()) outside = name;
@@ -397,11 +454,20 @@ VerifyReport verify(const VerifyOptions& options) {
   }
   if (options.steps == 0) fail(ErrorKind::Usage, "--steps must be at least 1");
   const bool plan_tokens = tokens == plan.settings.tokens;
+  const bool flux_pipeline = is_flux_pipeline(checkpoint);
+  if (options.denoise_steps && !flux_pipeline)
+    fail(ErrorKind::Usage, "--denoise-steps: ", options.checkpoint.string(),
+         " is not a pipeline folder whose model_index.json names FluxPipeline");
+  const uint32_t denoise_steps = options.denoise_steps.value_or(kDefaultDenoiseSteps);
+  if (denoise_steps < 1 || denoise_steps > kMaxDenoiseSteps)
+    fail(ErrorKind::Usage, "--denoise-steps: ", denoise_steps, " is not from 1 to ", kMaxDenoiseSteps);
+  const uint32_t run_denoise = flux_pipeline ? denoise_steps : 0;
   // Bad inputs stop here (exit 2), before anything runs or is written.
   std::map<std::string, std::vector<HostTensor>> inputs;
   if (!options.inputs.empty())
-    inputs = read_inputs(options.inputs, checkpoint,
-                         static_cast<int64_t>(plan.settings.tokens ? plan.settings.tokens : tokens));
+    inputs =
+        read_inputs(options.inputs, checkpoint,
+                    static_cast<int64_t>(plan.settings.tokens ? plan.settings.tokens : tokens), run_denoise);
 
   size_t n_streamed = 0, n_disk = 0;
   for (const ExecStep& st : schedule.steps) {
@@ -423,9 +489,10 @@ VerifyReport verify(const VerifyOptions& options) {
   j["tokens"] = tokens;
   j["steps"] = options.steps;
   j["seed"] = options.seed;
-  add_check("plan matches checkpoint", CheckResult::Status::Pass,
-            str_cat("fingerprint ", fingerprint,
-                    "; device map, groups, schedule, linears and tied aliases agree with it (plan_checks.hpp)"));
+  add_check(
+      "plan matches checkpoint", CheckResult::Status::Pass,
+      str_cat("fingerprint ", fingerprint,
+              "; device map, groups, schedule, linears and tied aliases agree with it (plan_checks.hpp)"));
 
   RunOptions run_opts;
   run_opts.tokens = tokens;
@@ -436,32 +503,81 @@ VerifyReport verify(const VerifyOptions& options) {
   run_opts.sizing.alloc_granularity_bytes = plan.profile.alloc_granularity_bytes;
   run_opts.sizing.staging_buffers = schedule.n_slots;  // the planner's staging ring: K buffers
   run_opts.inputs = inputs;
+  run_opts.denoise_steps = run_denoise;
 
   // --- The planned run. ------------------------------------------------------------------------
   const RunResult planned = backend->run(checkpoint, schedule, run_opts);
   const size_t n_linears = schedule.linears.size();
+  std::vector<Phase> phases = make_phases(planned);
+  const std::vector<bool> linears_only = linears_only_mask(schedule, planned);
   {
     uint64_t bad = 0;
     std::string first;
     for (uint32_t s = 0; s < planned.digests.size(); ++s)
-      for (size_t li = 0; li < n_linears; ++li)
+      for (size_t li = 0; li < n_linears; ++li) {
+        if (!linears_only[li]) continue;
+        Phase& ph = phase_of(phases, schedule.linears[li].component);
+        ++ph.outputs;
         if (planned.digests[s][li].nonfinite) {
           bad += planned.digests[s][li].nonfinite;
+          ph.nonfinite += planned.digests[s][li].nonfinite;
           if (first.empty())
             first =
                 str_cat(schedule.linears[li].component.empty() ? "" : schedule.linears[li].component + "/",
                         schedule.linears[li].module, " (step ", s, ")");
         }
+      }
     for (uint32_t s = 0; s < planned.unit_digests.size(); ++s)
-      for (size_t u = 0; u < planned.unit_names.size(); ++u)
+      for (size_t u = 0; u < planned.unit_names.size(); ++u) {
+        Phase& ph = phase_of(phases, component_of_unit(planned.unit_names[u]));
+        ++ph.outputs;
         if (planned.unit_digests[s][u].nonfinite) {
           bad += planned.unit_digests[s][u].nonfinite;
+          ph.nonfinite += planned.unit_digests[s][u].nonfinite;
           if (first.empty()) first = str_cat(planned.unit_names[u], " (step ", s, ")");
         }
+      }
+    // The final latents are not a unit's output: checked on their own.
+    uint64_t bad_latents = 0;
+    if (planned.pipeline.ran) {
+      const HostTensor& img = planned.pipeline.images;
+      bad_latents = host_digest(img.bytes.data(), img.bytes.size() / 4, DType::F32).nonfinite;
+      bad += bad_latents;
+      phase_of(phases, "transformer").nonfinite += bad_latents;
+      if (bad_latents && first.empty()) first = "the final latents";
+    }
+    const std::string phase_detail = per_phase(phases, [](const Phase& p) {
+      return p.nonfinite ? str_cat(p.nonfinite, " non-finite") : std::string("finite");
+    });
     add_check("finite outputs", bad ? CheckResult::Status::Fail : CheckResult::Status::Pass,
-              bad ? str_cat(bad, " non-finite output values, first in ", first)
+              bad ? str_cat(bad, " non-finite output values, first in ", first, phase_detail)
                   : str_cat(count_linears_only(schedule, planned), " linears and ", planned.unit_names.size(),
-                            " forward unit outputs x ", options.steps, " steps, every value finite"));
+                            " forward unit outputs", planned.pipeline.ran ? " and the final latents" : "",
+                            " x ", options.steps, " steps, every value finite", phase_detail));
+  }
+  if (planned.pipeline.ran) {
+    const PipelineRun& pr = planned.pipeline;
+    j["pipeline"] = {{"class", "FluxPipeline"},
+                     {"denoise_steps", pr.denoise_steps},
+                     {"mu", pr.schedule.mu},
+                     {"sigmas", pr.schedule.sigmas},
+                     {"timesteps", pr.schedule.timesteps},
+                     {"timestep_inputs", pr.timestep_inputs},
+                     {"guidance", pr.guidance},
+                     {"latent_grid", {pr.grid_rows, pr.grid_cols}},
+                     {"latents_shape", pr.latents.shape},
+                     {"phases",
+                      {"text_encoder (CLIP): pooler_output -> pooled_projections",
+                       "text_encoder_2 (T5): last_hidden_state -> encoder_hidden_states",
+                       str_cat("transformer x ", pr.denoise_steps, " (flow-matching Euler)"),
+                       "vae: linears only (its convolutions are not executed)"}}};
+    log(str_cat(
+        "  FluxPipeline: text_encoder -> text_encoder_2 -> transformer x ", pr.denoise_steps,
+        " denoising steps (sigmas ", fmt("%.4f", pr.schedule.sigmas.front()), " .. ",
+        fmt("%.4f", pr.schedule.sigmas[pr.schedule.sigmas.size() - 2]), ", mu ", fmt("%.4f", pr.schedule.mu),
+        pr.guidance > 0 ? str_cat(", guidance ", fmt("%.2f", pr.guidance)) : std::string(), ", latents [",
+        pr.latents.shape[0], ", ", pr.latents.shape[1], ", ", pr.latents.shape[2], "] on a ", pr.grid_rows,
+        "x", pr.grid_cols, " grid) -> vae (linears only: its convolutions are not executed)"));
   }
   report_components(planned, j, log);
   {
@@ -473,6 +589,7 @@ VerifyReport verify(const VerifyOptions& options) {
   std::string resident_how;
   std::vector<std::vector<LayerDigest>> resident_digests, resident_units;
   std::vector<double> resident_ms;
+  HostTensor resident_images;
   const std::vector<bool> compared = linears_only_mask(schedule, planned);
   {
     RunOptions r = run_opts;
@@ -483,6 +600,7 @@ VerifyReport verify(const VerifyOptions& options) {
       resident_digests = res.digests;
       resident_units = res.unit_digests;
       resident_ms = res.step_ms;
+      resident_images = res.pipeline.images;
       resident_how = "an all-resident run";
     } catch (const Error& e) {
       if (e.kind() != ErrorKind::InvalidInput) throw;
@@ -509,6 +627,7 @@ VerifyReport verify(const VerifyOptions& options) {
         if (!(resident_digests[s][li] == planned.digests[s][li])) {
           if (!mismatches) first = str_cat(schedule.linears[li].module, " (step ", s, ")");
           ++mismatches;
+          ++phase_of(phases, schedule.linears[li].component).mismatches;
         }
       }
     const size_t n_units = std::min(resident_units.size(), planned.unit_digests.size());
@@ -518,14 +637,28 @@ VerifyReport verify(const VerifyOptions& options) {
         if (!(resident_units[s][u] == planned.unit_digests[s][u])) {
           if (!mismatches) first = str_cat(planned.unit_names[u], " (step ", s, ")");
           ++mismatches;
+          ++phase_of(phases, component_of_unit(planned.unit_names[u])).mismatches;
         }
       }
+    // A pipeline's final latents: the last run step's, bit for bit.
+    if (planned.pipeline.ran && !resident_images.bytes.empty()) {
+      ++n_outputs;
+      if (resident_images.bytes != planned.pipeline.images.bytes) {
+        if (!mismatches) first = "the final latents";
+        ++mismatches;
+        ++phase_of(phases, "transformer").mismatches;
+      }
+    }
+    const std::string phase_detail = per_phase(phases, [](const Phase& p) {
+      return p.mismatches ? str_cat(p.mismatches, " differ") : std::string("identical");
+    });
     add_check(
         "streamed == resident", mismatches ? CheckResult::Status::Fail : CheckResult::Status::Pass,
         mismatches
-            ? str_cat(mismatches, " outputs differ from ", resident_how, ", first ", first)
-            : str_cat(n_outputs, " outputs (linears, forward units: every op's output) bitwise identical to ",
-                      resident_how, n_streamed ? "" : " (nothing is streamed in this plan)"));
+            ? str_cat(mismatches, " outputs differ from ", resident_how, ", first ", first, phase_detail)
+            : str_cat(n_outputs, " outputs (linears, forward units: every op's output",
+                      planned.pipeline.ran ? "; the final latents" : "", ") bitwise identical to ",
+                      resident_how, n_streamed ? "" : " (nothing is streamed in this plan)", phase_detail));
   }
 
   // --- No quant state left behind: poison each host arena right after its (last) copy. -------------
@@ -541,9 +674,16 @@ VerifyReport verify(const VerifyOptions& options) {
       r.trace = false;
       size_t poisoned = 0;
       std::mt19937_64 rng(options.seed ^ 0xBADC0FFEEull);
+      // A pinned (cpu) arena is copied again by a later pass (a pipeline's next denoising step):
+      // poisoned after its last copy of the run step only.
+      std::vector<uint32_t> copied(schedule.steps.size(), 0);
       r.after_copy = [&](size_t step, std::span<uint8_t> host) {
         const ExecStep& st = schedule.steps[step];
-        if (schedule.arenas[st.arena].placement == Placement::Cpu && last_use[st.arena] != step) return;
+        ++copied[step];
+        if (schedule.arenas[st.arena].placement == Placement::Cpu &&
+            (last_use[st.arena] != step ||
+             (step < planned.copies_per_step.size() && copied[step] < planned.copies_per_step[step])))
+          return;
         for (size_t i = 0; i + 8 <= host.size(); i += 8) {
           const uint64_t v = rng();
           std::memcpy(host.data() + i, &v, 8);
@@ -556,6 +696,7 @@ VerifyReport verify(const VerifyOptions& options) {
         mismatches += res.digests[0][li] == planned.digests[0][li] ? 0 : 1;
       for (size_t u = 0; u < planned.unit_names.size(); ++u)
         mismatches += res.unit_digests[0][u] == planned.unit_digests[0][u] ? 0 : 1;
+      if (planned.pipeline.ran && res.pipeline.images.bytes != planned.pipeline.images.bytes) ++mismatches;
       add_check("no state left behind", mismatches ? CheckResult::Status::Fail : CheckResult::Status::Pass,
                 mismatches
                     ? str_cat(mismatches, " outputs changed after host arenas were overwritten post-copy")
@@ -648,19 +789,37 @@ VerifyReport verify(const VerifyOptions& options) {
                   : str_cat("each layer run alone from the mapped checkpoint gives the planned run's output "
                             "bit for bit (linears-only components)"));
     add_reference_tensors_check(checkpoint, ref, j, add_check);
+    // The reference forwards run on the CPU ops, which round where the frameworks round; the CUDA
+    // ops sum GEMMs and attention in another order. So on a GPU the quantized model's forward (or
+    // pipeline) runs once more on the CPU backend on the same inputs: the reference checks hold
+    // that run to the original bit for bit, and the CUDA outputs must lie within a tolerance of it.
+    RunResult on_cpu;
+    const RunResult* forward_run = &planned;
     if (on_gpu) {
-      // The reference forwards run on the CPU ops, which round where the frameworks round; the
-      // CUDA ops sum GEMMs and attention in another order. So the quantized model's forward runs
-      // once more on the CPU backend on the same inputs: the reference checks hold that run to
-      // the original bit for bit, and the CUDA outputs must lie within a tolerance of it.
       RunOptions c = run_opts;
       c.steps = 1;
       c.trace = false;
-      const RunResult on_cpu = make_cpu_backend(options.threads)->run(checkpoint, schedule, c);
+      on_cpu = make_cpu_backend(options.threads)->run(checkpoint, schedule, c);
       add_cuda_forward_check(planned, on_cpu, j, add_check);
-      check_forward_references(checkpoint, ref, on_cpu, schedule, options.seed, pool, j, add_check);
-    } else {
-      check_forward_references(checkpoint, ref, planned, schedule, options.seed, pool, j, add_check);
+      forward_run = &on_cpu;
+    }
+    check_forward_references(checkpoint, ref, *forward_run, schedule, options.seed, pool, j, add_check);
+    if (forward_run->pipeline.ran) {
+      const ForwardReference r = compare_pipeline_with_reference(checkpoint, ref, *forward_run, schedule,
+                                                                 tokens, options.seed, pool);
+      j["pipeline_reference"] = r.to_json();
+      add_check(
+          "reference latents", r.within() ? CheckResult::Status::Pass : CheckResult::Status::Fail,
+          str_cat(
+              "the final latents after ", planned.pipeline.denoise_steps,
+              " steps against the original pipeline's from the same ids and latents: relative error ",
+              fmt("%.3g", r.rel_error),
+              r.exact ? " (no quantized linear: must be 0)"
+                      : str_cat(", bound ", fmt("%.3g", r.bound), " (", kForwardBoundFactor, " x simulated ",
+                                fmt("%.3g", r.simulated_rel_error), " + ", kForwardBoundFloor, "); ",
+                                r.substituted ? "equal bit for bit to" : "DIFFERENT from",
+                                " the original pipeline with its quantized linears dequantized"),
+              r.nonfinite ? str_cat(", ", r.nonfinite, " non-finite") : "", r.within() ? "" : " OUTSIDE"));
     }
   }
   j["layers"] = std::move(layers);
@@ -711,6 +870,13 @@ VerifyReport verify(const VerifyOptions& options) {
       }
       memory.push_back(std::move(mj));
     }
+    std::string phase_peaks;
+    if (phases.size() > 1)
+      for (const ComponentRun& c : planned.components)
+        if (c.forward)
+          phase_peaks += str_cat(phase_peaks.empty() ? "; forward activations per phase: " : ", ",
+                                 c.component, " ", format_size(c.activation_peak_bytes));
+    detail += phase_peaks;
     if (!plan_tokens)
       add_check("peak memory", CheckResult::Status::Skip,
                 str_cat("the plan was made for ", plan.settings.tokens, " tokens, this run used ", tokens,
@@ -719,6 +885,29 @@ VerifyReport verify(const VerifyOptions& options) {
       add_check("peak memory", over ? CheckResult::Status::Fail : CheckResult::Status::Pass, detail);
   }
   j["memory"] = std::move(memory);
+
+  // --- Per phase, what the checks found. --------------------------------------------------------------
+  {
+    json pj = json::array();
+    for (const Phase& p : phases) {
+      const ComponentRun* c = nullptr;
+      for (const ComponentRun& r : planned.components)
+        if (r.component == p.component) c = &r;
+      json one = {{"component", p.component},
+                  {"ran", c && c->forward ? "forward" : "linears only"},
+                  {"passes", c ? c->passes : 0},
+                  {"outputs_checked", p.outputs},
+                  {"nonfinite", p.nonfinite},
+                  {"streamed_vs_resident_mismatches", p.mismatches},
+                  {"unread_tensors", c ? c->unread_tensors.size() : 0},
+                  {"activation_peak_bytes", c ? c->activation_peak_bytes : 0}};
+      if (j.contains("forward_reference"))
+        for (const json& fr : j["forward_reference"])
+          if (fr["component"] == p.component) one["reference"] = fr;
+      pj.push_back(std::move(one));
+    }
+    j["phases"] = std::move(pj);
+  }
 
   // --- Step time. -----------------------------------------------------------------------------------
   // On a GPU, timed in runs of their own without digests: a step then does only a model's work.
@@ -760,6 +949,10 @@ VerifyReport verify(const VerifyOptions& options) {
     if (planned.h2d_bytes_per_step)
       detail += str_cat("; ", format_size(planned.h2d_bytes_per_step), " streamed per step (",
                         fmt("%.1f", gbps), " GB/s)");
+    if (planned.pipeline.ran)
+      detail += str_cat("; a run step is the whole pipeline (the encoders once, the transformer ",
+                        planned.pipeline.denoise_steps,
+                        " times), the plan's prediction one pass of each component");
     if (!on_gpu) {
       add_check("step time", CheckResult::Status::Info, detail + " (CPU backend: the plan predicts a GPU)");
     } else if (!plan_tokens) {

@@ -14,6 +14,7 @@
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/runner/executor.hpp"
 #include "qtool/runner/forward.hpp"
+#include "qtool/runner/schedule.hpp"
 
 namespace qtool::runner {
 
@@ -24,12 +25,18 @@ std::string io_name(const Checkpoint& checkpoint, const std::string& component, 
 // Reads --inputs: every tensor must be an argument of a component's forward (named as io_name
 // says) or one of its outputs (an --outputs file replays: its outputs are ignored), every component with a
 // forward must get valid inputs (Forward::check_inputs, at most `max_tokens` tokens).
+// A FluxPipeline folder run as the pipeline (`denoise_steps` > 0, pipeline.hpp) takes the
+// pipeline's inputs instead: text_encoder.input_ids, text_encoder_2.input_ids and latents (under
+// "" in the result), checked together.
 // Error(InvalidInput) naming the file and the input otherwise. Returns the inputs by component.
 std::map<std::string, std::vector<HostTensor>> read_inputs(const std::filesystem::path& file,
-                                                           const Checkpoint& checkpoint, int64_t max_tokens);
+                                                           const Checkpoint& checkpoint, int64_t max_tokens,
+                                                           uint32_t denoise_steps = 0);
 
 // Writes --outputs atomically: each forward component's output (F32, under io_name), and its
-// inputs too when `with_inputs` (drawn from the seed: the file then replays the run).
+// inputs too when `with_inputs` (drawn from the seed: the file then replays the run). A pipeline
+// run adds `images` (the final latents) and, with its inputs, `latents` and the encoders' ids
+// (the transformer's last inputs are not written: the flow makes them).
 void write_outputs(const std::filesystem::path& file, const Checkpoint& checkpoint, const RunResult& run,
                    bool with_inputs);
 
@@ -66,5 +73,16 @@ ForwardReference compare_forward_with_reference(const Component& quantized, cons
                                                 const ComponentRun& run,
                                                 const std::unordered_map<std::string, std::string>& tied,
                                                 uint64_t seed, ThreadPool& pool);
+
+// A FluxPipeline run's final latents (`images`) against the whole pipeline run again on the
+// original's weights from the same inputs (ids, latents; the same schedule), with the same
+// conditions as a forward's: exact when no component of the flow has a quantized linear; else the
+// pipeline with every quantized linear dequantized gives the quantized run's latents bit for bit,
+// and rel_error <= kForwardBoundFactor * simulated + kForwardBoundFloor, `simulated` being the
+// pipeline with the error model's noise in every quantized linear of CLIP, T5 and the transformer
+// (drawn once: every denoising step sees the same noisy weights).
+ForwardReference compare_pipeline_with_reference(const Checkpoint& quantized, const Checkpoint& reference,
+                                                 const RunResult& run, const Schedule& schedule,
+                                                 uint64_t tokens, uint64_t seed, ThreadPool& pool);
 
 }  // namespace qtool::runner

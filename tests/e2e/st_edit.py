@@ -88,6 +88,11 @@ def derive(src, dst, case):
             inputs[ids] = ["U8", shape, bytes(len(data) // SIZES[dtype])]
         else:
             inputs[ids] = ["I64", shape, bytes(len(data) // SIZES[dtype] * 8)]
+    elif case == "latents":  # a pipeline's latents with twice the channels
+        dtype, shape, data = inputs["latents"]
+        inputs["latents"] = [dtype, shape[:2] + [shape[2] * 2], data * 2]
+    elif case == "nolatents":  # a pipeline's latents left out
+        del inputs["latents"]
     elif case == "range":  # a token id past the vocabulary
         assert dtype in ("I64", "I32"), "range applies to token ids"
         big = struct.pack("<q" if dtype == "I64" else "<i", 1 << 30)

@@ -34,7 +34,8 @@ endforeach()
 
 # MODEL:CASE, see st_edit.py derive.
 set(VF_INPUTS llama:missing llama:misnamed llama:shape llama:tokens llama:dtype llama:range
-              flux:missing flux:misnamed flux:unprefixed flux:shape flux:tokens flux:dtype)
+              flux:missing flux:misnamed flux:unprefixed flux:shape flux:tokens flux:dtype
+              flux:latents flux:nolatents)
 foreach(c ${VF_INPUTS})
   string(REPLACE ":" ";" parts ${c})
   list(GET parts 0 model)
@@ -42,3 +43,12 @@ foreach(c ${VF_INPUTS})
   add_test(NAME e2e_verify_inputs_${model}_${case} COMMAND bash ${VF} input ${model} ${case})
   set_tests_properties(e2e_verify_inputs_${model}_${case} PROPERTIES LABELS e2e TIMEOUT 300 FIXTURES_REQUIRED verify_forward)
 endforeach()
+
+# A small FluxPipeline's final latents on the ids and latents diffusers' FluxPipeline ran
+# (tests/runner/data/flux_pipeline_small: the folder and its vectors, from
+# tests/interop/pipeline_flux.py --save).
+add_test(NAME e2e_verify_pipeline_vectors
+         COMMAND bash ${VF} pipeline-vectors ${PROJECT_SOURCE_DIR}/tests/runner/data/flux_pipeline_small)
+set_tests_properties(e2e_verify_pipeline_vectors PROPERTIES LABELS e2e TIMEOUT 300 FIXTURES_REQUIRED verify_forward)
+add_test(NAME e2e_verify_denoise_usage COMMAND bash ${VF} denoise-usage)
+set_tests_properties(e2e_verify_denoise_usage PROPERTIES LABELS e2e TIMEOUT 120 FIXTURES_REQUIRED verify_forward)

@@ -5,12 +5,23 @@
 #     tiny Llama (nf4 with double quant) and tiny Flux (nf4; fp8) quantized with sample_configs and
 #     planned so that groups stream; verify --reference passes and writes --outputs with the drawn
 #     inputs; verify --inputs of that file replays the run bit for bit; the report says per
-#     component whether the forward or the linears ran.
+#     component whether the forward or the linears ran. The Flux pipeline folders run as the
+#     pipeline (--denoise-steps 2): every check per phase, the final latents (`images`) against
+#     the original pipeline's, the replay's latents bit for bit.
 #   verify_forward.sh QTOOL SOURCE_DIR WORK corrupt MODEL TENSOR
 #     TENSOR of MODEL (llama, flux, flux-fp8; "component/tensor" in a pipeline), every 7th byte
 #     XORed after planning: verify --reference exits 1, naming the failed checks.
 #   verify_forward.sh QTOOL SOURCE_DIR WORK input MODEL CASE
 #     an --inputs file broken as CASE (st_edit.py derive): exit 2 naming the input, nothing written.
+#     (Flux: the pipeline's inputs; "latents" a wrong latents shape, "nolatents" none, "missing" a
+#     token input left out: the message names it.)
+#   verify_forward.sh QTOOL SOURCE_DIR WORK denoise-usage
+#     --denoise-steps on a model folder, 0 or past 1000: exit 2 naming the option.
+#   verify_forward.sh QTOOL SOURCE_DIR WORK pipeline-vectors FOLDER
+#     the small FluxPipeline FOLDER (built and saved by diffusers / transformers,
+#     tests/interop/pipeline_flux.py --save) run by verify on the ids and latents of its
+#     vectors.safetensors for 2 steps: its final latents within twice diffusers' own bf16 noise of
+#     diffusers' FluxPipeline latents (max and RMS), and no farther from the float32 run than 1.25x.
 set -eu
 QTOOL=$1
 SRC=$2
@@ -26,6 +37,8 @@ ckpt_of() {
   esac
 }
 ref_of() { case $1 in llama) echo "$WORK/llama" ;; *) echo "$WORK/flux" ;; esac; }
+# The denoising steps of the Flux pipeline runs (none for Llama).
+steps_of() { case $1 in llama) echo "" ;; *) echo "--denoise-steps 2" ;; esac; }
 
 if [ "$MODE" = setup ]; then
   rm -rf "$WORK" && mkdir -p "$WORK"
@@ -49,9 +62,11 @@ JSON
     [ -n "$lo" ] || { echo "FAIL: no smallest budget for $m: $(cat "$WORK/err")"; exit 1; }
     "$QTOOL" plan "$ck" --max-memory "0=$((lo + lo / 8)),cpu=1GiB" --tokens 16 --device-profile "$WORK/small.json" \
       -o "$WORK/plan-$m.json" -q
+    # shellcheck disable=SC2046
     "$QTOOL" verify "$ck" --plan "$WORK/plan-$m.json" --reference "$(ref_of $m)" --backend cpu --steps 2 --poison \
-      --outputs "$WORK/out-$m.safetensors" --report "$WORK/report-$m.json" -q
-    "$QTOOL" verify "$ck" --plan "$WORK/plan-$m.json" --backend cpu --steps 1 \
+      $(steps_of $m) --outputs "$WORK/out-$m.safetensors" --report "$WORK/report-$m.json" 2>"$WORK/log-$m.txt"
+    # shellcheck disable=SC2046
+    "$QTOOL" verify "$ck" --plan "$WORK/plan-$m.json" --backend cpu --steps 1 $(steps_of $m) \
       --inputs "$WORK/out-$m.safetensors" --outputs "$WORK/replay-$m.safetensors" -q
     python3 - "$WORK" "$m" "$SRC" <<'PY'
 import json, sys
@@ -61,7 +76,7 @@ work, m = sys.argv[1], sys.argv[2]
 r = json.load(open(f"{work}/report-{m}.json"))
 names = {c["name"]: c["status"] for c in r["checks"]}
 for n in ("finite outputs", "every tensor read", "streamed == resident", "no state left behind",
-          "reference error", "reference output", "peak memory"):
+          "reference error", "reference output", "peak memory") + (() if m == "llama" else ("reference latents",)):
     assert names.get(n) == "pass", (n, names)
 ran = {c["component"]: c["ran"] for c in r["components"]}
 want = "" if m == "llama" else "transformer"
@@ -69,22 +84,95 @@ assert ran[want] == "forward", ran
 if m != "llama":
     assert ran["text_encoder"] == "forward" and ran["text_encoder_2"] == "forward", ran
     assert ran["vae"] == "linears only", ran
+    # The pipeline: CLIP, T5, the transformer twice, the VAE; every check per phase.
+    p = r["pipeline"]
+    assert p["denoise_steps"] == 2 and len(p["sigmas"]) == 3 and p["sigmas"][0] > p["sigmas"][1] > p["sigmas"][2] == 0, p
+    assert p["sigmas"][0] == 1.0 and abs(p["timesteps"][1] - 1000 * p["sigmas"][1]) < 1e-3, p
+    passes = {c["component"]: c.get("passes") for c in r["components"]}
+    assert passes["transformer"] == 2 and passes["text_encoder"] == 1 and passes["text_encoder_2"] == 1, passes
+    phases = [ph["component"] for ph in r["phases"]]
+    assert phases[:4] == ["text_encoder", "text_encoder_2", "transformer", "vae"], phases
+    for ph in r["phases"]:
+        assert ph["outputs_checked"] > 0 and ph["nonfinite"] == 0 and ph["streamed_vs_resident_mismatches"] == 0, ph
+        assert ph["unread_tensors"] == 0, ph
+    assert all("per phase" in c["detail"] for c in r["checks"] if c["name"] in ("finite outputs", "streamed == resident")), r["checks"]
+    pr = r["pipeline_reference"]
+    assert pr["within"] and 0 < pr["rel_error"] <= pr["bound"] and pr["substituted"], pr
+    log = open(f"{work}/log-{m}.txt").read()
+    assert "transformer x 2 denoising steps" in log and "per phase" in log, log
 fr = next(f for f in r["forward_reference"] if f["component"] == want)
 assert 0 < fr["rel_error"] <= fr["bound"], fr
 plan = json.load(open(f"{work}/plan-{m}.json"))
 assert any(g for g in plan["groups"]), "nothing streamed"
 _, out = st_edit.read(f"{work}/out-{m}.safetensors")
 _, replay = st_edit.read(f"{work}/replay-{m}.safetensors")
-name = "logits" if m == "llama" else "transformer.sample"
+name = "logits" if m == "llama" else "images"
 assert out[name][0] == "F32" and out[name][2] == replay[name][2], "replay differs"
-outputs = {name} if m == "llama" else {name, "text_encoder.last_hidden_state", "text_encoder.pooler_output",
-                                       "text_encoder_2.last_hidden_state"}
+outputs = {name} if m == "llama" else {name, "transformer.sample", "text_encoder.last_hidden_state",
+                                       "text_encoder.pooler_output", "text_encoder_2.last_hidden_state"}
+if m != "llama":
+    # The pipeline's inputs replay; the transformer's are made by the flow, not written.
+    assert {"latents", "text_encoder.input_ids", "text_encoder_2.input_ids"} <= set(out), sorted(out)
+    assert not any(k.startswith("transformer.") and k != "transformer.sample" for k in out), sorted(out)
+    assert out["latents"][1] == out["images"][1] and out["latents"][2] != out["images"][2], "latents unchanged"
 assert set(replay) == outputs, sorted(replay)  # given inputs are not written back
 for o in outputs:
     assert out[o][2] == replay[o][2], o
 assert len(out) > 1, "drawn inputs not written"
 print(m, "ok: rel error", fr["rel_error"], "bound", fr["bound"], "simulated", fr["simulated_rel_error"])
 PY
+  done
+  exit 0
+fi
+
+if [ "$MODE" = pipeline-vectors ]; then
+  T=$(mktemp -d)
+  trap 'rm -rf "$T"' EXIT
+  python3 - "$5/vectors.safetensors" "$T/in.safetensors" "$SRC" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[3] + "/tests/e2e")
+import st_edit
+_, t = st_edit.read(sys.argv[1])
+st_edit.write(sys.argv[2], None, {k: v for k, v in t.items() if not k.startswith("images")})
+PY
+  "$QTOOL" plan "$5" --max-memory 0=4GiB,cpu=4GiB --tokens 16 --device-profile "$WORK/small.json" \
+    -o "$T/plan.json" -q
+  "$QTOOL" verify "$5" --plan "$T/plan.json" --backend cpu --steps 1 --denoise-steps 2 \
+    --inputs "$T/in.safetensors" --outputs "$T/out.safetensors" -q
+  python3 - "$5/vectors.safetensors" "$T/out.safetensors" "$SRC" <<'PY'
+import math, struct, sys
+sys.path.insert(0, sys.argv[3] + "/tests/e2e")
+import st_edit
+_, want = st_edit.read(sys.argv[1])
+_, got = st_edit.read(sys.argv[2])
+f = lambda t: struct.unpack("<%df" % (len(t[2]) // 4), t[2])
+ours, bf16, f32 = f(got["images"]), f(want["images"]), f(want["images.f32"])
+assert got["images"][1] == want["images"][1], (got["images"][1], want["images"][1])
+def dev(a, b):
+    rms = math.sqrt(sum(x * x for x in b) / len(b))
+    d = [x - y for x, y in zip(a, b)]
+    return max(abs(x) for x in d) / rms, math.sqrt(sum(x * x for x in d) / len(d)) / rms
+vs, noise, vs32 = dev(ours, bf16), dev(bf16, f32), dev(ours, f32)
+ok = all(math.isfinite(x) for x in ours) and vs[0] <= 2 * noise[0] and vs[1] <= 2 * noise[1] and vs32[1] <= 1.25 * noise[1]
+print(f"qtool vs diffusers FluxPipeline (2 steps): max rel {vs[0]:.5f}, rms rel {vs[1]:.5f}; diffusers bf16 vs "
+      f"float32: max rel {noise[0]:.5f}, rms rel {noise[1]:.5f}; qtool vs float32 rms rel {vs32[1]:.5f}")
+sys.exit(0 if ok else 1)
+PY
+  exit 0
+fi
+
+if [ "$MODE" = denoise-usage ]; then
+  # --denoise-steps on a checkpoint that is not a FluxPipeline folder, and out of range: exit 2.
+  for args in "$WORK/llama-nf4 --plan $WORK/plan-llama.json --denoise-steps 2" \
+              "$WORK/flux-nf4 --plan $WORK/plan-flux.json --denoise-steps 0" \
+              "$WORK/flux-nf4 --plan $WORK/plan-flux.json --denoise-steps 1001"; do
+    set +e
+    # shellcheck disable=SC2086
+    "$QTOOL" verify $args --backend cpu --steps 1 2>"$WORK/err-denoise"
+    rc=$?
+    set -e
+    [ "$rc" -eq 2 ] || { echo "FAIL: verify $args: exit $rc"; cat "$WORK/err-denoise"; exit 1; }
+    grep -q -- "--denoise-steps" "$WORK/err-denoise" || { echo "FAIL: option not named"; cat "$WORK/err-denoise"; exit 1; }
   done
   exit 0
 fi
@@ -97,8 +185,9 @@ if [ "$MODE" = corrupt ]; then
   cp -r "$ck" "$T/ck"
   $EDIT corrupt "$T/ck/$(dirname "$6")" "$(basename "$6")"  # COMPONENT/TENSOR in a pipeline
   set +e
+  # shellcheck disable=SC2046
   "$QTOOL" verify "$T/ck" --plan "$WORK/plan-$MODEL.json" --reference "$(ref_of "$MODEL")" --backend cpu --steps 1 \
-    2>"$T/err"
+    $(steps_of "$MODEL") 2>"$T/err"
   rc=$?
   set -e
   [ "$rc" -eq 1 ] || { echo "FAIL: $MODEL $6 corrupted: exit $rc"; cat "$T/err"; exit 1; }
@@ -108,12 +197,18 @@ fi
 if [ "$MODE" = input ]; then
   $EDIT derive "$WORK/out-$MODEL.safetensors" "$T/in.safetensors" "$6"
   set +e
+  # shellcheck disable=SC2046
   "$QTOOL" verify "$ck" --plan "$WORK/plan-$MODEL.json" --backend cpu --steps 1 --inputs "$T/in.safetensors" \
-    --outputs "$T/out.safetensors" --report "$T/report.json" 2>"$T/err"
+    $(steps_of "$MODEL") --outputs "$T/out.safetensors" --report "$T/report.json" 2>"$T/err"
   rc=$?
   set -e
   [ "$rc" -eq 2 ] || { echo "FAIL: $MODEL input $6: exit $rc"; cat "$T/err"; exit 1; }
   grep -q "inputs" "$T/err" || { echo "FAIL: the message does not name --inputs"; cat "$T/err"; exit 1; }
+  # The input at fault is named.
+  case "$MODEL:$6" in
+    flux:latents | flux:nolatents) grep -q "'latents'" "$T/err" || { echo "FAIL: latents not named"; cat "$T/err"; exit 1; } ;;
+    flux:missing) grep -q "input_ids" "$T/err" || { echo "FAIL: the token input not named"; cat "$T/err"; exit 1; } ;;
+  esac
   [ ! -e "$T/out.safetensors" ] && [ ! -e "$T/report.json" ] || { echo "FAIL: written despite bad input"; exit 1; }
   ls "$T" | grep -q tmp && { echo "FAIL: temporary left"; exit 1; }
   cat "$T/err"

@@ -25,6 +25,7 @@
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/runner/dequant.hpp"
 #include "qtool/runner/forward.hpp"
+#include "qtool/runner/pipeline.hpp"
 #include "qtool/runner/schedule.hpp"
 
 namespace qtool::runner {
@@ -63,6 +64,11 @@ struct RunOptions {
   bool forwards = true;
   // Tests: the forward of a component (null: runner::make_forward).
   std::function<std::unique_ptr<Forward>(const Component&)> make_forward;
+  // A FluxPipeline folder (pipeline.hpp) with forwards on and denoise_steps > 0 runs as the
+  // pipeline: CLIP, T5, the transformer denoise_steps times with the scheduler between, then the
+  // other components; `inputs` then holds the encoders' ids under their component names and the
+  // pipeline's `latents` under "". 0: every component once, on its own inputs.
+  uint32_t denoise_steps = 0;
 };
 
 struct LayerDigest {
@@ -122,14 +128,15 @@ struct DeviceMemory {
 
 // What one component ran.
 struct ComponentRun {
-  std::string component;               // "" for a single model
-  std::string architecture;            // the forward's ("LlamaForCausalLM"), "" for linears-only
-  bool forward = false;                // ran its real forward (else its linears only)
-  std::vector<std::string> units;      // forward units in execution order (digest names)
-  std::vector<HostTensor> inputs;      // the inputs it ran on (forwards)
-  HostTensor output;                   // the output of the last run step, F32 (forwards)
+  std::string component;                 // "" for a single model
+  std::string architecture;              // the forward's ("LlamaForCausalLM"), "" for linears-only
+  bool forward = false;                  // ran its real forward (else its linears only)
+  std::vector<std::string> units;        // forward units in execution order (digest names)
+  std::vector<HostTensor> inputs;        // the inputs it ran on (forwards)
+  HostTensor output;                     // the output of the last run step, F32 (forwards)
   std::vector<HostTensor> more_outputs;  // its other outputs (CLIP's pooler_output)
-  uint64_t activation_peak_bytes = 0;  // Ops::peak_bytes over its run
+  uint64_t activation_peak_bytes = 0;    // Ops::peak_bytes over its run
+  uint32_t passes = 0;                   // forward runs per run step (a pipeline's transformer: its steps)
   // Tensors of the component the forward never asked for (every tensor must feed the forward).
   std::vector<std::string> unread_tensors;
 };
@@ -149,6 +156,11 @@ struct RunResult {
   uint64_t h2d_bytes_per_step = 0;  // streamed bytes copied to the devices per step
   uint64_t peer_bytes_per_step = 0;
   std::vector<std::string> notes;
+  // A FluxPipeline run (RunOptions::denoise_steps): its schedule, initial and final latents (the
+  // last run step's).
+  PipelineRun pipeline;
+  // Per plan step: how many times a run step copies it (its component's passes when streamed, else 0).
+  std::vector<uint32_t> copies_per_step;
 };
 
 // One layer run outside the schedule (verify's reference pass): its output [tokens, out], bf16 bits.

@@ -2,7 +2,10 @@
 //
 // A component whose architecture has a forward (forward.hpp) runs it (on either backend), on
 // --inputs or on inputs drawn from the seed; the others run their linears only. The report says
-// which ran ("components").
+// which ran ("components"). A FluxPipeline folder runs as the pipeline (pipeline.hpp): CLIP, T5,
+// the transformer --denoise-steps times with the flow-matching Euler scheduler, then the VAE's
+// linears; each check is reported per phase as well ("phases" in the JSON), and with --reference
+// the final latents are checked against the original pipeline's ("reference latents").
 //
 // Checks, each named in the report:
 //   plan matches checkpoint   the plan's fingerprint is the checkpoint's, and its parts agree with
@@ -54,6 +57,9 @@ struct VerifyOptions {
   std::string backend = "auto";     // auto | cuda | cpu
   std::optional<uint64_t> tokens;   // default: the plan's
   uint32_t steps = 3;               // run steps (the first is a warm-up for timing)
+  // A FluxPipeline folder's denoising steps (pipeline.hpp); default kDefaultDenoiseSteps. Usage
+  // error for another checkpoint.
+  std::optional<uint32_t> denoise_steps;
   uint64_t seed = 0;
   bool poison = false;                   // add the "no state left behind" run
   std::optional<double> time_tolerance;  // e.g. 0.2: fail when |measured/predicted - 1| > 0.2
