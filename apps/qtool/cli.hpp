@@ -3,16 +3,27 @@
 // as qtool::Error and mapped to exit codes in main.cpp.
 #pragma once
 
+#include <CLI/CLI.hpp>
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <string_view>
 
-#include <CLI/CLI.hpp>
-
+#include "qtool/formats/error.hpp"
 #include "qtool/formats/progress.hpp"
 
 namespace qtool::cli {
+
+// Runs `f`; an Error it throws comes back with `option` in front of its message ("--device-profile:
+// ..."): the libraries name what is wrong, the CLI names the option it came from.
+template <class F>
+auto with_option(std::string_view option, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const Error& e) {
+    throw Error(e.kind(), str_cat(option, ": ", e.what()));
+  }
+}
 
 struct GlobalOptions {
   bool quiet = false;

@@ -110,8 +110,11 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
       r.options.blocks_per_group = o->blocks_per_group;
       r.options.prefetch = o->prefetch;
       r.options.qtool_version = QTOOL_VERSION;
-      r.device_profile = o->device_profile;
-      if (o->device_profile.empty()) r.choice = profile_choice_inputs(global);
+      if (o->device_profile.empty())
+        r.choice = profile_choice_inputs(global);
+      else
+        r.profile =
+            with_option("--device-profile", [&] { return planner::named_device_profile(o->device_profile); });
       r.models_dir = o->models_dir;
       r.max_memory = o->max_memory;
       r.info = [&global](std::string_view line) { info(global, std::string(line)); };

@@ -26,8 +26,7 @@ Plan plan_checkpoint(const PlanRequest& request) {
   };
   PlanOptions opt = request.options;
   if (opt.tokens == 0) fail(ErrorKind::Usage, "tokens must be positive");
-  const ProfileChoice profile = request.device_profile.empty() ? choose_device_profile(request.choice)
-                                                               : named_device_profile(request.device_profile);
+  const ProfileChoice profile = request.profile ? *request.profile : choose_device_profile(request.choice);
   opt.profile = profile.profile;
   say(request.info, "using " + profile.source);
   TemplateLibrary templates;

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -19,10 +20,10 @@ struct PlanRequest {
   // Strategy, offload, tokens, blocks per group, prefetch and version; the profile, the
   // templates and the budget are filled in from the fields below.
   PlanOptions options;
-  std::string device_profile;  // a profile file or a name in sample_configs/devices/; "" = chosen
-  ProfileChoiceInputs choice;  // how it is chosen when device_profile is ""
-  std::string models_dir;      // model templates; "" = sample_configs/models/ (if found)
-  std::string max_memory;      // parse_max_memory's text; "" = machine_budget()
+  std::optional<ProfileChoice> profile;  // given (named_device_profile); none = chosen from `choice`
+  ProfileChoiceInputs choice;
+  std::string models_dir;                      // model templates; "" = sample_configs/models/ (if found)
+  std::string max_memory;                      // parse_max_memory's text; "" = machine_budget()
   std::function<void(std::string_view)> info;  // which profile, which budget
   std::function<void(std::string_view)> warn;  // no templates found
 };
