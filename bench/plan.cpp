@@ -7,9 +7,9 @@
 //   bench_plan [--repeat N] [--case SUBSTRING]
 #include <algorithm>
 #include <chrono>
-#include <ctime>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -38,7 +38,10 @@ PipelineInput flux(bool nf4) {
     ComponentInput ci;
     ci.name = c.name;
     if (const auto* cfg = c.config()) ci.config = *cfg;
-    const quant::SchemeOptions* opt = !nf4 ? nullptr : c.name == "transformer" ? &q4 : c.name == "text_encoder_2" ? &q8 : nullptr;
+    const quant::SchemeOptions* opt = !nf4                         ? nullptr
+                                      : c.name == "transformer"    ? &q4
+                                      : c.name == "text_encoder_2" ? &q8
+                                                                   : nullptr;
     for (const SynthTensor& t : c.tensors) {
       const TensorDecl& d = t.decl;
       std::string module = d.name.size() > 7 ? d.name.substr(0, d.name.size() - 7) : d.name;
@@ -76,7 +79,8 @@ PipelineInput many_tensors() {
       add(p + ".weight", {512, 512});
       add(p + ".bias", {512});
     }
-    for (int n = 0; n < 50; ++n) add("blocks." + std::to_string(b) + ".norm" + std::to_string(n) + ".weight", {512});
+    for (int n = 0; n < 50; ++n)
+      add("blocks." + std::to_string(b) + ".norm" + std::to_string(n) + ".weight", {512});
   }
   PipelineInput in;
   in.path = "100k tensors (in memory)";
@@ -112,15 +116,18 @@ int main(int argc, char** argv) {
   const std::vector<Case> cases = {
       {"flux bf16, 0=80GiB (fits)", &flux_bf16, "0=80GiB,cpu=128GiB", Strategy::Auto, 50},
       {"flux bf16, 0=24GiB (streams)", &flux_bf16, "0=24GiB,cpu=128GiB", Strategy::Auto, 50},
-      {"flux bf16, 0=20GiB,1=20GiB balanced", &flux_bf16, "0=20GiB,1=20GiB,cpu=128GiB", Strategy::Balanced, 50},
+      {"flux bf16, 0=20GiB,1=20GiB balanced", &flux_bf16, "0=20GiB,1=20GiB,cpu=128GiB", Strategy::Balanced,
+       50},
       {"flux nf4, 0=8GiB (streams)", &flux_nf4, "0=8GiB,cpu=128GiB", Strategy::Auto, 50},
       {"100k tensors, 0=80GiB (fits)", &many, "0=80GiB,cpu=128GiB", Strategy::Auto, 500},
       {"100k tensors, 0=4GiB (streams)", &many, "0=4GiB,cpu=128GiB", Strategy::Auto, 500},
       {"100k tensors, 0=3GiB,1=3GiB balanced", &many, "0=3GiB,1=3GiB,cpu=128GiB", Strategy::Balanced, 500},
   };
   int over = 0;
-  std::printf("| case | CPU ms (median) | wall ms (median) | limit ms | CPU / limit | offloaded | groups | predicted step ms |\n"
-              "|---|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "| case | CPU ms (median) | wall ms (median) | limit ms | CPU / limit | offloaded | groups | predicted "
+      "step ms |\n"
+      "|---|---|---|---|---|---|---|---|\n");
   for (const Case& c : cases) {
     if (!only.empty() && c.name.find(only) == std::string::npos) continue;
     PlanOptions o;
@@ -146,8 +153,9 @@ int main(int argc, char** argv) {
     const double cpu = cpu_ms[cpu_ms.size() / 2];
     const Plan& p = plans.back();
     if (cpu > c.limit_ms) ++over;
-    std::printf("| %s | %.1f | %.1f | %.0f | %.2f | %.2f GiB | %zu | %.1f |\n", c.name.c_str(), cpu, med, c.limit_ms, cpu / c.limit_ms,
-                static_cast<double>(p.offloaded_bytes()) / (1ull << 30), p.groups.size(), p.predicted_step_s * 1e3);
+    std::printf("| %s | %.1f | %.1f | %.0f | %.2f | %.2f GiB | %zu | %.1f |\n", c.name.c_str(), cpu, med,
+                c.limit_ms, cpu / c.limit_ms, static_cast<double>(p.offloaded_bytes()) / (1ull << 30),
+                p.groups.size(), p.predicted_step_s * 1e3);
     if (!check_plan(p, *c.input).empty()) {
       std::printf("plan failed its check\n");
       return 1;

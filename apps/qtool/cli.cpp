@@ -27,8 +27,7 @@ CommandRegistrar::CommandRegistrar(int order, AddCommandFn add) { registry().emp
 
 void add_registered_commands(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
   auto commands = registry();
-  std::sort(commands.begin(), commands.end(),
-            [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::sort(commands.begin(), commands.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   for (const auto& [order, add] : commands) add(app, global, run);
 }
 
@@ -49,8 +48,10 @@ void verbose(const GlobalOptions& global, std::string_view line) {
 }
 
 void warn(std::string_view line) {
-  if (use_color()) std::fprintf(stderr, "\033[33mwarning:\033[0m %.*s\n", static_cast<int>(line.size()), line.data());
-  else std::fprintf(stderr, "warning: %.*s\n", static_cast<int>(line.size()), line.data());
+  if (use_color())
+    std::fprintf(stderr, "\033[33mwarning:\033[0m %.*s\n", static_cast<int>(line.size()), line.data());
+  else
+    std::fprintf(stderr, "warning: %.*s\n", static_cast<int>(line.size()), line.data());
 }
 
 struct ProgressBar::State {
@@ -87,8 +88,8 @@ ProgressFn ProgressBar::callback() {
     std::string bar(static_cast<size_t>(filled), '#');
     bar.resize(kWidth, '-');
     const double secs = std::chrono::duration<double>(now - s->start).count();
-    std::fprintf(stderr, "\r\033[K%s [%s] %5.1f%% %s / %s %.1fs %.*s", s->title.c_str(), bar.c_str(), frac * 100.0,
-                 format_size(done).c_str(), format_size(total).c_str(), secs,
+    std::fprintf(stderr, "\r\033[K%s [%s] %5.1f%% %s / %s %.1fs %.*s", s->title.c_str(), bar.c_str(),
+                 frac * 100.0, format_size(done).c_str(), format_size(total).c_str(), secs,
                  static_cast<int>(std::min<size_t>(label.size(), 40)), label.data());
     std::fflush(stderr);
   };

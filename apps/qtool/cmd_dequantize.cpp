@@ -34,10 +34,10 @@ int run_dequantize(const DequantizeOptions& o, const GlobalOptions& global) {
 
 void add_dequantize_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
   auto o = std::make_shared<DequantizeOptions>();
-  CLI::App* cmd = app.add_subcommand(
-      "dequantize",
-      "Turn a quantized checkpoint (qtool's, or any bitsandbytes int8/4-bit or compressed-tensors fp8 one) back "
-      "into plain weights; quant state and quantization_config are removed");
+  CLI::App* cmd = app.add_subcommand("dequantize",
+                                     "Turn a quantized checkpoint (qtool's, or any bitsandbytes int8/4-bit "
+                                     "or compressed-tensors fp8 one) back "
+                                     "into plain weights; quant state and quantization_config are removed");
   add_convert_options(cmd, *o, "Write the report as JSON to this file");
   cmd->add_option("--dtype", o->dtype,
                   "dtype of the dequantized weights: bf16, f16 or f32 (default: the dtype they had before "

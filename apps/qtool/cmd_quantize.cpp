@@ -30,8 +30,8 @@ int run_quantize(const QuantizeOptions& o, const GlobalOptions& global) {
   } else {
     const auto scheme = quant::parse_scheme(o.scheme);
     if (!scheme) {
-      fail(ErrorKind::Usage, "--scheme: unknown scheme '", o.scheme, "' (expected one of ", quant::scheme_names_list(),
-           ")");
+      fail(ErrorKind::Usage, "--scheme: unknown scheme '", o.scheme, "' (expected one of ",
+           quant::scheme_names_list(), ")");
     }
     quant::SchemeOptions so;
     so.scheme = *scheme;
@@ -49,12 +49,14 @@ void add_quantize_command(CLI::App& app, const GlobalOptions& global, CommandFn&
       "Quantize a checkpoint (int8, fp8, nf4/fp4) as a quant-mapping config says, in the layouts that "
       "bitsandbytes and compressed-tensors loaders read");
   add_convert_options(cmd, *o, "Write the report (bytes, time, per-tensor error) as JSON to this file");
-  auto* config = cmd->add_option("--config,-c", o->config,
-                                 "Quant-mapping config (JSON; see sample_configs/): quant_backend, quant_kwargs, "
-                                 "components_to_quantize, quant_mapping, modules_to_not_convert");
-  auto* scheme = cmd->add_option("--scheme", o->scheme,
-                                 "Instead of --config: quantize every component with this scheme and its default "
-                                 "options (int8, fp8_e4m3, fp8_e5m2, nf4, fp4)");
+  auto* config =
+      cmd->add_option("--config,-c", o->config,
+                      "Quant-mapping config (JSON; see sample_configs/): quant_backend, quant_kwargs, "
+                      "components_to_quantize, quant_mapping, modules_to_not_convert");
+  auto* scheme =
+      cmd->add_option("--scheme", o->scheme,
+                      "Instead of --config: quantize every component with this scheme and its default "
+                      "options (int8, fp8_e4m3, fp8_e5m2, nf4, fp4)");
   config->excludes(scheme);
   scheme->excludes(config);
   cmd->callback([o, &global, &run] { run = [o, &global] { return run_quantize(*o, global); }; });

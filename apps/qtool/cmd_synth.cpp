@@ -98,8 +98,8 @@ void print_summary(const GlobalOptions& global, const SynthModel& model, const S
     info(global, line);
   }
   if (o.dry_run) {
-    info(global, str_cat("dry run: ", model.preset, " would have ", format_count(r.n_params, 3), " parameters, ",
-                         format_size(r.n_bytes), "; nothing written"));
+    info(global, str_cat("dry run: ", model.preset, " would have ", format_count(r.n_params, 3),
+                         " parameters, ", format_size(r.n_bytes), "; nothing written"));
     return;
   }
   const double rate = r.seconds > 0 ? static_cast<double>(r.n_bytes) / r.seconds : 0.0;

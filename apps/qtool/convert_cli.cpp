@@ -19,7 +19,8 @@
 namespace qtool::cli {
 
 void add_convert_options(CLI::App* cmd, ConvertCliOptions& o, const std::string& report_help) {
-  cmd->add_option("CKPT", o.input, "Input: a .safetensors file, a model folder or a diffusers pipeline folder")
+  cmd->add_option("CKPT", o.input,
+                  "Input: a .safetensors file, a model folder or a diffusers pipeline folder")
       ->required();
   cmd->add_option("-o,--output", o.output, "Output file or folder (appears only when complete)")->required();
   cmd->add_option("--threads,-j", o.threads, "Worker threads (default: every core)")

@@ -58,8 +58,10 @@ float decode_minifloat(uint32_t code, int exp_bits, int man_bits, int bias) {
   const uint32_t exp = (code >> man_bits) & ((1u << exp_bits) - 1);
   const uint32_t man = code & ((1u << man_bits) - 1);
   float mag;
-  if (exp == 0) mag = std::ldexp(static_cast<float>(man), 1 - bias - man_bits);
-  else mag = std::ldexp(static_cast<float>(man | (1u << man_bits)), static_cast<int>(exp) - bias - man_bits);
+  if (exp == 0)
+    mag = std::ldexp(static_cast<float>(man), 1 - bias - man_bits);
+  else
+    mag = std::ldexp(static_cast<float>(man | (1u << man_bits)), static_cast<int>(exp) - bias - man_bits);
   return sign ? -mag : mag;
 }
 
@@ -104,7 +106,8 @@ std::optional<DType> parse_dtype(std::string_view name, bool* known_unsupported)
   if (known_unsupported) *known_unsupported = false;
   for (const auto& t : kTraits)
     if (name == t.name) return t.dtype;
-  static const char* kUnsupported[] = {"F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64", "F8_E4M3FNUZ", "F8_E5M2FNUZ"};
+  static const char* kUnsupported[] = {"F8_E8M0", "F4",          "F6_E2M3",    "F6_E3M2",
+                                       "C64",     "F8_E4M3FNUZ", "F8_E5M2FNUZ"};
   for (const char* u : kUnsupported)
     if (name == u && known_unsupported) *known_unsupported = true;
   return std::nullopt;
@@ -210,9 +213,7 @@ void convert_to_f32(DType dt, const void* src, float* dst, size_t n) {
     case DType::U32:
       for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<uint32_t>(p + 4 * i);
       return;
-    case DType::F32:
-      std::memcpy(dst, p, 4 * n);
-      return;
+    case DType::F32: std::memcpy(dst, p, 4 * n); return;
     case DType::F64:
       for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<double>(p + 8 * i);
       return;
@@ -228,9 +229,7 @@ void convert_to_f32(DType dt, const void* src, float* dst, size_t n) {
 void convert_from_f32(DType dt, const float* src, void* dst, size_t n) {
   auto* p = static_cast<uint8_t*>(dst);
   switch (dt) {
-    case DType::F32:
-      std::memcpy(p, src, 4 * n);
-      return;
+    case DType::F32: std::memcpy(p, src, 4 * n); return;
     case DType::F64:
       for (size_t i = 0; i < n; ++i) {
         const double d = src[i];
@@ -255,8 +254,7 @@ void convert_from_f32(DType dt, const float* src, void* dst, size_t n) {
     case DType::F8_E5M2:
       for (size_t i = 0; i < n; ++i) p[i] = f32_to_fp8_e5m2(src[i]);
       return;
-    default:
-      fail(ErrorKind::Unsupported, "conversion from float32 to ", dtype_name(dt), " is not supported");
+    default: fail(ErrorKind::Unsupported, "conversion from float32 to ", dtype_name(dt), " is not supported");
   }
 }
 

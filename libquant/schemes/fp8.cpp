@@ -300,7 +300,8 @@ void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<c
     tensor_scale = fp8_scale(w.dtype, amax, fp8_format(options.scheme).max);
     store_element(w.dtype, scales, 0, tensor_scale);
   }
-  const uint64_t step = std::max<uint64_t>(1, kRangeDoneBytes / std::max<uint64_t>(1, w.cols * dtype_size(w.dtype)));
+  const uint64_t step =
+      std::max<uint64_t>(1, kRangeDoneBytes / std::max<uint64_t>(1, w.cols * dtype_size(w.dtype)));
   pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
     for (uint64_t r = b; r < e; r += step) {
       const uint64_t re = std::min<uint64_t>(e, r + step);

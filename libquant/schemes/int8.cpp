@@ -181,7 +181,8 @@ void int8_quantize(const WeightView& w, const SchemeOptions&, std::span<const st
   uint8_t* scb = outs[1].data();
   outs[2][0] = 0;  // weight_format: "row"
   const uint64_t min_rows = std::max<uint64_t>(1, (uint64_t{1} << 16) / std::max<uint64_t>(1, w.cols));
-  const uint64_t step = std::max<uint64_t>(1, kRangeDoneBytes / std::max<uint64_t>(1, w.cols * dtype_size(w.dtype)));
+  const uint64_t step =
+      std::max<uint64_t>(1, kRangeDoneBytes / std::max<uint64_t>(1, w.cols * dtype_size(w.dtype)));
   pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
     for (uint64_t r = b; r < e; r += step) {
       const uint64_t re = std::min<uint64_t>(e, r + step);

@@ -44,9 +44,10 @@ SchemeOptions parse_options(const json& obj, Scheme scheme, std::string_view lab
     if (std::find(skip.begin(), skip.end(), key) != skip.end()) continue;
     const std::string path = join_key(where, key);
     if (!is_option_key(key)) {
-      config_error(label, path,
-                   str_cat("unknown key (options are blocksize, double_quant for nf4/fp4; per_tensor, strategy "
-                           "for fp8)"));
+      config_error(
+          label, path,
+          str_cat("unknown key (options are blocksize, double_quant for nf4/fp4; per_tensor, strategy "
+                  "for fp8)"));
     }
     if (!scheme_has_option(scheme, key)) {
       config_error(label, path, str_cat("is not an option of scheme '", scheme_name(scheme), "'"));
@@ -64,13 +65,16 @@ SchemeOptions parse_options(const json& obj, Scheme scheme, std::string_view lab
       }
       options.blocksize = static_cast<uint32_t>(b);
     } else if (key == "double_quant") {
-      if (!value.is_boolean()) config_error(label, path, str_cat("must be true or false, got ", value.dump()));
+      if (!value.is_boolean())
+        config_error(label, path, str_cat("must be true or false, got ", value.dump()));
       options.double_quant = value.get<bool>();
     } else if (key == "per_tensor") {
-      if (!value.is_boolean()) config_error(label, path, str_cat("must be true or false, got ", value.dump()));
+      if (!value.is_boolean())
+        config_error(label, path, str_cat("must be true or false, got ", value.dump()));
       per_tensor = value.get<bool>();
     } else if (key == "strategy") {
-      if (!value.is_string() || (value.get<std::string>() != "channel" && value.get<std::string>() != "tensor")) {
+      if (!value.is_string() ||
+          (value.get<std::string>() != "channel" && value.get<std::string>() != "tensor")) {
         config_error(label, path, str_cat("must be \"channel\" or \"tensor\", got ", value.dump()));
       }
       strategy = value.get<std::string>();
@@ -90,18 +94,20 @@ SchemeOptions parse_options(const json& obj, Scheme scheme, std::string_view lab
 }
 
 Scheme parse_scheme_value(const json& value, std::string_view label, std::string_view key) {
-  if (!value.is_string()) config_error(label, key, str_cat("must be a scheme name (string), got ", value.dump()));
+  if (!value.is_string())
+    config_error(label, key, str_cat("must be a scheme name (string), got ", value.dump()));
   const auto scheme = parse_scheme(value.get<std::string>());
   if (!scheme) {
     config_error(label, key,
-                 str_cat("unknown scheme '", value.get<std::string>(), "' (expected one of ", scheme_names_list(),
-                         ")"));
+                 str_cat("unknown scheme '", value.get<std::string>(), "' (expected one of ",
+                         scheme_names_list(), ")"));
   }
   return *scheme;
 }
 
 std::vector<std::string> parse_patterns(const json& value, std::string_view label, std::string_view key) {
-  if (!value.is_array()) config_error(label, key, str_cat("must be a list of module patterns, got ", type_name(value)));
+  if (!value.is_array())
+    config_error(label, key, str_cat("must be a list of module patterns, got ", type_name(value)));
   std::vector<std::string> out;
   for (size_t i = 0; i < value.size(); ++i) {
     const std::string path = str_cat(key, "[", i, "]");
@@ -186,14 +192,17 @@ std::string component_label(std::string_view name) {
 QuantConfig parse_quant_config(const json& j, std::string_view label) {
   QuantConfig config;
   config.label = std::string(label);
-  if (!j.is_object()) fail(ErrorKind::InvalidInput, label, ": the config must be a JSON object, got ", j.type_name());
-  static const std::set<std::string> kKeys = {"quant_backend", "quant_kwargs", "components_to_quantize",
-                                              "quant_mapping", "modules_to_not_convert", "description"};
+  if (!j.is_object())
+    fail(ErrorKind::InvalidInput, label, ": the config must be a JSON object, got ", j.type_name());
+  static const std::set<std::string> kKeys = {"quant_backend",          "quant_kwargs",
+                                              "components_to_quantize", "quant_mapping",
+                                              "modules_to_not_convert", "description"};
   for (const auto& [key, value] : j.items()) {
     if (!kKeys.count(key)) {
-      config_error(label, key,
-                   "unknown key (expected quant_backend, quant_kwargs, components_to_quantize, quant_mapping, "
-                   "modules_to_not_convert, description)");
+      config_error(
+          label, key,
+          "unknown key (expected quant_backend, quant_kwargs, components_to_quantize, quant_mapping, "
+          "modules_to_not_convert, description)");
     }
   }
   if (j.contains("quant_backend")) {
@@ -201,7 +210,8 @@ QuantConfig parse_quant_config(const json& j, std::string_view label) {
     json kwargs = json::object();
     if (j.contains("quant_kwargs")) {
       kwargs = j["quant_kwargs"];
-      if (!kwargs.is_object()) config_error(label, "quant_kwargs", str_cat("must be an object, got ", kwargs.type_name()));
+      if (!kwargs.is_object())
+        config_error(label, "quant_kwargs", str_cat("must be an object, got ", kwargs.type_name()));
     }
     config.backend = parse_options(kwargs, scheme, label, "quant_kwargs", {});
   } else if (j.contains("quant_kwargs")) {
@@ -221,22 +231,26 @@ QuantConfig parse_quant_config(const json& j, std::string_view label) {
         }
         const std::string name = list[i].get<std::string>();
         if (std::find(names.begin(), names.end(), name) != names.end()) {
-          config_error(label, str_cat("components_to_quantize[", i, "]"), str_cat("'", name, "' is listed twice"));
+          config_error(label, str_cat("components_to_quantize[", i, "]"),
+                       str_cat("'", name, "' is listed twice"));
         }
         names.push_back(name);
       }
     } else {
-      config_error(label, "components_to_quantize", str_cat("must be a list of component names, got ", list.type_name()));
+      config_error(label, "components_to_quantize",
+                   str_cat("must be a list of component names, got ", list.type_name()));
     }
     config.components_to_quantize = std::move(names);
   }
   if (j.contains("quant_mapping")) {
     const json& mapping = j["quant_mapping"];
-    if (!mapping.is_object()) config_error(label, "quant_mapping", str_cat("must be an object, got ", mapping.type_name()));
+    if (!mapping.is_object())
+      config_error(label, "quant_mapping", str_cat("must be an object, got ", mapping.type_name()));
     for (const auto& [component, entry] : mapping.items()) {
       const std::string where = str_cat("quant_mapping.", component);
       if (!entry.is_object()) {
-        config_error(label, where, str_cat("must be an object like {\"scheme\": \"int8\"}, got ", entry.dump()));
+        config_error(label, where,
+                     str_cat("must be an object like {\"scheme\": \"int8\"}, got ", entry.dump()));
       }
       if (!entry.contains("scheme")) config_error(label, where, "has no \"scheme\"");
       MappingEntry parsed;
@@ -250,14 +264,16 @@ QuantConfig parse_quant_config(const json& j, std::string_view label) {
     }
   }
   if (j.contains("modules_to_not_convert")) {
-    config.modules_to_not_convert = parse_patterns(j["modules_to_not_convert"], label, "modules_to_not_convert");
+    config.modules_to_not_convert =
+        parse_patterns(j["modules_to_not_convert"], label, "modules_to_not_convert");
   }
   if (config.components_to_quantize && !config.backend) {
     for (size_t i = 0; i < config.components_to_quantize->size(); ++i) {
       const std::string& name = (*config.components_to_quantize)[i];
       if (!config.quant_mapping.count(name)) {
-        config_error(label, str_cat("components_to_quantize[", i, "]"),
-                     str_cat("'", name, "' has no scheme: set quant_backend or give it a quant_mapping entry"));
+        config_error(
+            label, str_cat("components_to_quantize[", i, "]"),
+            str_cat("'", name, "' has no scheme: set quant_backend or give it a quant_mapping entry"));
       }
     }
   }
@@ -323,17 +339,19 @@ bool pattern_matches(std::string_view pattern, std::string_view module) {
 
 bool is_embedding_module(std::string_view module) {
   const std::string leaf(leaf_of(module));
-  static const char* const kEmbedding[] = {"embed_tokens", "embed_*", "shared", "wte", "wpe", "*embedding*",
-                                           "relative_attention_bias"};
+  static const char* const kEmbedding[] = {
+      "embed_tokens", "embed_*", "shared", "wte", "wpe", "*embedding*", "relative_attention_bias"};
   for (const char* p : kEmbedding) {
     if (glob_match(p, leaf)) return true;
   }
   return false;
 }
 
-std::optional<std::string> linear_exclusion(std::string_view tensor_name, DType dtype, std::span<const int64_t> shape) {
+std::optional<std::string> linear_exclusion(std::string_view tensor_name, DType dtype,
+                                            std::span<const int64_t> shape) {
   constexpr std::string_view kSuffix = ".weight";
-  if (tensor_name.size() <= kSuffix.size() || tensor_name.substr(tensor_name.size() - kSuffix.size()) != kSuffix) {
+  if (tensor_name.size() <= kSuffix.size() ||
+      tensor_name.substr(tensor_name.size() - kSuffix.size()) != kSuffix) {
     return "not a .weight tensor";
   }
   if (shape.size() != 2) return str_cat(shape.size(), "-D (linear weights are 2-D)");
@@ -373,8 +391,9 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
     if (checkpoint.find_component(name)) return;
     const auto& others = checkpoint.other_components();
     if (std::find(others.begin(), others.end(), name) != others.end()) {
-      config_error(label, key, str_cat("component '", name, "' holds no weights (weight components: ",
-                                       known_components(), ")"));
+      config_error(
+          label, key,
+          str_cat("component '", name, "' holds no weights (weight components: ", known_components(), ")"));
     }
     config_error(label, key,
                  str_cat("unknown component '", name, "' in ", checkpoint.root().string(), " (it has ",
@@ -385,7 +404,8 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
       check_component((*config.components_to_quantize)[i], str_cat("components_to_quantize[", i, "]"));
     }
   }
-  for (const auto& [name, entry] : config.quant_mapping) check_component(name, str_cat("quant_mapping.", name));
+  for (const auto& [name, entry] : config.quant_mapping)
+    check_component(name, str_cat("quant_mapping.", name));
 
   // Which patterns matched something, over the components they apply to.
   std::vector<bool> global_matched(config.modules_to_not_convert.size(), false);
@@ -393,9 +413,10 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
     ComponentPlan cp;
     cp.component = component.name();
     const auto mapped = config.quant_mapping.find(component.name());
-    const bool listed = !config.components_to_quantize ||
-                        std::find(config.components_to_quantize->begin(), config.components_to_quantize->end(),
-                                  component.name()) != config.components_to_quantize->end();
+    const bool listed =
+        !config.components_to_quantize ||
+        std::find(config.components_to_quantize->begin(), config.components_to_quantize->end(),
+                  component.name()) != config.components_to_quantize->end();
     std::vector<std::string> own_patterns;
     if (mapped != config.quant_mapping.end()) {
       cp.options = mapped->second.options;
@@ -428,8 +449,8 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
     for (const auto& e : component.entries()) {
       const TensorInfo& t = component.info(e);
       modules.insert(module_of_tensor(t.name));
-      const bool weight_2d = t.shape.size() == 2 && dtype_is_float(t.dtype) &&
-                             t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".weight") == 0;
+      const bool weight_2d = t.shape.size() == 2 && dtype_is_float(t.dtype) && t.name.size() > 7 &&
+                             t.name.compare(t.name.size() - 7, 7, ".weight") == 0;
       if (!weight_2d) continue;
       const std::string module = t.name.substr(0, t.name.size() - 7);
       if (linear_exclusion(t.name, t.dtype, t.shape)) {
@@ -455,7 +476,8 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
            "); narrow the patterns, or leave the component out of the config");
     for (const auto& module : modules) {
       for (size_t i = 0; i < global_matched.size(); ++i) {
-        if (!global_matched[i] && pattern_matches(config.modules_to_not_convert[i], module)) global_matched[i] = true;
+        if (!global_matched[i] && pattern_matches(config.modules_to_not_convert[i], module))
+          global_matched[i] = true;
       }
       for (size_t i = 0; i < own_matched.size(); ++i) {
         if (!own_matched[i] && pattern_matches(own_patterns[i], module)) own_matched[i] = true;
@@ -463,8 +485,9 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
     }
     for (size_t i = 0; i < own_matched.size(); ++i) {
       if (!own_matched[i]) {
-        plan.warnings.push_back(str_cat(label, ": ", cp.source_key, ".modules_to_not_convert[", i, "]: pattern '",
-                                        own_patterns[i], "' matches no module of ", component_label(cp.component)));
+        plan.warnings.push_back(str_cat(label, ": ", cp.source_key, ".modules_to_not_convert[", i,
+                                        "]: pattern '", own_patterns[i], "' matches no module of ",
+                                        component_label(cp.component)));
       }
     }
     if (tied_embeddings(component) && !component.find("lm_head.weight")) unquantized.insert("lm_head");
@@ -483,16 +506,17 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
       std::string example;
       for (const auto& key : cp.unquantized_modules) {
         for (const auto& module : cp.quantized_modules) {
-          const bool hit = library == "transformers" ? transformers_skips(key, module) : diffusers_skips(key, module);
+          const bool hit =
+              library == "transformers" ? transformers_skips(key, module) : diffusers_skips(key, module);
           if (!hit) continue;
           if (n_conflicts++ == 0) example = str_cat("'", module, "' (by '", key, "')");
         }
       }
       if (n_conflicts > 0) {
-        plan.warnings.push_back(str_cat(component_label(cp.component), ": ", library,
-                                        "' skip rule would also leave ", n_conflicts,
-                                        " quantized module(s) unconverted, e.g. ", example,
-                                        "; that loader will not read this component. Quantize or skip them alike."));
+        plan.warnings.push_back(
+            str_cat(component_label(cp.component), ": ", library, "' skip rule would also leave ",
+                    n_conflicts, " quantized module(s) unconverted, e.g. ", example,
+                    "; that loader will not read this component. Quantize or skip them alike."));
       }
     }
     plan.components.push_back(std::move(cp));
@@ -500,12 +524,15 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
   for (size_t i = 0; i < global_matched.size(); ++i) {
     if (!global_matched[i]) {
       plan.warnings.push_back(str_cat(label, ": modules_to_not_convert[", i, "]: pattern '",
-                                      config.modules_to_not_convert[i], "' matches no module of the quantized components"));
+                                      config.modules_to_not_convert[i],
+                                      "' matches no module of the quantized components"));
     }
   }
   const bool any = std::any_of(plan.components.begin(), plan.components.end(),
                                [](const ComponentPlan& c) { return c.options.has_value(); });
-  if (!any) fail(ErrorKind::InvalidInput, label, ": the config quantizes no component of ", checkpoint.root().string());
+  if (!any)
+    fail(ErrorKind::InvalidInput, label, ": the config quantizes no component of ",
+         checkpoint.root().string());
   return plan;
 }
 

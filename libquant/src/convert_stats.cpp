@@ -319,7 +319,8 @@ QTOOL_STATS_TARGET512 inline __m512 load16(const uint8_t* w, size_t i) {
 
 // Elements [i, i + n) (n a multiple of 16) against what `dec(j)` decodes for elements [j, j + 16).
 template <DType D, typename Dec>
-QTOOL_STATS_TARGET512 inline void run16(const uint8_t* w, size_t i, size_t n, const Dec& dec, ErrorSums& sums) {
+QTOOL_STATS_TARGET512 inline void run16(const uint8_t* w, size_t i, size_t n, const Dec& dec,
+                                        ErrorSums& sums) {
   const __m512 sign = _mm512_set1_ps(-0.0f);
   for (size_t done = 0; done < n;) {
     const size_t m = std::min(n - done, kFlushEvery);
@@ -347,8 +348,8 @@ QTOOL_STATS_TARGET512 inline void run16(const uint8_t* w, size_t i, size_t n, co
     const __m512 r = _mm512_add_ps(r0, r1), e = _mm512_add_ps(e0, e1), x = _mm512_max_ps(x0, x1);
     sums.sum_sq_ref += hsum(_mm256_add_ps(_mm512_castps512_ps256(r), _mm512_extractf32x8_ps(r, 1)));
     sums.sum_sq_err += hsum(_mm256_add_ps(_mm512_castps512_ps256(e), _mm512_extractf32x8_ps(e, 1)));
-    sums.max_abs_err =
-        std::max(sums.max_abs_err, hmax(_mm256_max_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1))));
+    sums.max_abs_err = std::max(sums.max_abs_err,
+                                hmax(_mm256_max_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1))));
     done += m;
   }
 }
@@ -414,9 +415,9 @@ QTOOL_STATS_TARGET512 void int8_avx512(const uint8_t* q, const uint8_t* scb, con
 }
 
 template <DType D>
-QTOOL_STATS_TARGET512 void fp8_avx512(Scheme scheme, const float* table, const uint8_t* q, const uint8_t* scales,
-                                      bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1,
-                                      ErrorSums& sums) {
+QTOOL_STATS_TARGET512 void fp8_avx512(Scheme scheme, const float* table, const uint8_t* q,
+                                      const uint8_t* scales, bool per_tensor, const uint8_t* w, size_t cols,
+                                      size_t r0, size_t r1, ErrorSums& sums) {
   const bool e4m3 = scheme == Scheme::Fp8E4M3;
   ScalarAcc tail(sums);
   const size_t n16 = cols & ~size_t{15};

@@ -17,8 +17,9 @@ namespace qtool::quant::detail {
 // weight `original` (row-major [out, in] of `dtype`: BF16, F16 or F32) to `sums`.
 // `impl`: Fast uses the AVX-512 or AVX2 path when the CPU has it, FastAvx2 the AVX2 path, Reference
 // the scalar one.
-void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype, const uint8_t* original,
-                      size_t row_begin, size_t row_end, ErrorSums& sums, Impl impl = Impl::Fast);
+void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
+                      const uint8_t* original, size_t row_begin, size_t row_end, ErrorSums& sums,
+                      Impl impl = Impl::Fast);
 // The same over elements [begin, end) of the flattened weight (whole rows for int8 and fp8).
 void accumulate_error_elements(const QuantizedLinear& linear, const TensorBytes& parts, DType dtype,
                                const uint8_t* original, uint64_t begin, uint64_t end, ErrorSums& sums,

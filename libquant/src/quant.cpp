@@ -198,7 +198,8 @@ void quantize_weight_impl(std::string_view tensor_label, DType dtype, std::span<
 
 void quantize_weight_into(std::string_view tensor_label, DType dtype, std::span<const int64_t> shape,
                           std::span<const uint8_t> data, const SchemeOptions& options,
-                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool, const RangeDone& range_done) {
+                          std::span<const std::span<uint8_t>> outs, ThreadPool& pool,
+                          const RangeDone& range_done) {
   detail::quantize_weight_impl(tensor_label, dtype, shape, data, options, outs, pool, Impl::Fast, range_done);
 }
 

@@ -36,7 +36,8 @@ void set_entry(Budget& b, const std::string& key_in, uint64_t bytes, std::string
     return;
   }
   if (key == "disk") {
-    fail(ErrorKind::Usage, kOption, ": 'disk' takes no budget: offloaded groups on disk are read from the checkpoint files");
+    fail(ErrorKind::Usage, kOption,
+         ": 'disk' takes no budget: offloaded groups on disk are read from the checkpoint files");
   }
   if (key.empty() || key.size() > 4 || key.find_first_not_of("0123456789") != std::string::npos) {
     fail(ErrorKind::Usage, kOption, ": key '", key_in, "' is not a GPU index, 'cuda:N' or 'cpu'");
@@ -59,11 +60,14 @@ uint64_t json_size(const nlohmann::json& v, const std::string& key) {
     return static_cast<uint64_t>(d);
   }
   if (v.is_string()) return parse_size(v.get<std::string>(), std::string(kOption) + " '" + key + "'");
-  fail(ErrorKind::Usage, kOption, ": '", key, "': a size is a number of bytes or a string like \"20GiB\" (got ", v.dump(), ")");
+  fail(ErrorKind::Usage, kOption, ": '", key,
+       "': a size is a number of bytes or a string like \"20GiB\" (got ", v.dump(), ")");
 }
 
 Budget from_json(const nlohmann::json& j, std::string_view source) {
-  if (!j.is_object()) fail(ErrorKind::Usage, kOption, ": a JSON budget must be an object like {\"0\": \"20GiB\", \"cpu\": \"64GiB\"}");
+  if (!j.is_object())
+    fail(ErrorKind::Usage, kOption,
+         ": a JSON budget must be an object like {\"0\": \"20GiB\", \"cpu\": \"64GiB\"}");
   Budget b;
   for (const auto& [key, v] : j.items()) set_entry(b, key, json_size(v, key), source);
   return b;
@@ -82,7 +86,8 @@ Budget parse_max_memory(std::string_view text_in) {
     // A file holding either form.
     std::error_code ec;
     if (!std::filesystem::is_regular_file(text, ec)) {
-      fail(ErrorKind::Usage, kOption, ": '", text, "' is neither a budget (0=20GiB,cpu=64GiB or a JSON dict) nor a file");
+      fail(ErrorKind::Usage, kOption, ": '", text,
+           "' is neither a budget (0=20GiB,cpu=64GiB or a JSON dict) nor a file");
     }
     const std::string body = trim(read_text_file(text));
     if (!body.empty() && body.front() == '{') {
@@ -107,7 +112,8 @@ Budget parse_max_memory(std::string_view text_in) {
       const size_t eq = item.find('=');
       if (eq == std::string::npos) fail(ErrorKind::Usage, kOption, ": '", item, "' is not KEY=SIZE");
       const std::string key = item.substr(0, eq);
-      set_entry(b, key, parse_size(trim(item.substr(eq + 1)), std::string(kOption) + " '" + trim(key) + "'"), kOption);
+      set_entry(b, key, parse_size(trim(item.substr(eq + 1)), std::string(kOption) + " '" + trim(key) + "'"),
+                kOption);
     }
     b.note = "budget from --max-memory";
   }

@@ -44,12 +44,13 @@ nlohmann::json device_profile_to_json(const DeviceProfile& p) {
 
 namespace {
 
-double positive_number(const nlohmann::json& v, std::string_view label, std::string_view key, bool allow_zero) {
+double positive_number(const nlohmann::json& v, std::string_view label, std::string_view key,
+                       bool allow_zero) {
   if (!v.is_number()) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be a number");
   const double d = v.get<double>();
   if (!(d > 0.0 || (allow_zero && d == 0.0)) || d > 1e18) {
-    fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be ", allow_zero ? "non-negative" : "positive",
-         " (got ", v.dump(), ")");
+    fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be ",
+         allow_zero ? "non-negative" : "positive", " (got ", v.dump(), ")");
   }
   return d;
 }
@@ -58,7 +59,8 @@ double positive_number(const nlohmann::json& v, std::string_view label, std::str
 constexpr uint64_t kMaxProfileBytes = uint64_t{1} << 50;
 
 uint64_t byte_count(const nlohmann::json& v, std::string_view label, std::string_view key, bool allow_zero) {
-  if (!v.is_number_integer()) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be an integer byte count");
+  if (!v.is_number_integer())
+    fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be an integer byte count");
   if (v.is_number_unsigned()) {
     const uint64_t b = v.get<uint64_t>();
     if (b == 0 && !allow_zero) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be positive");
@@ -68,7 +70,8 @@ uint64_t byte_count(const nlohmann::json& v, std::string_view label, std::string
     return b;
   }
   const int64_t b = v.get<int64_t>();
-  if (b < 0 || (b == 0 && !allow_zero)) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be positive");
+  if (b < 0 || (b == 0 && !allow_zero))
+    fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be positive");
   return static_cast<uint64_t>(b);
 }
 
@@ -79,11 +82,12 @@ DeviceProfile device_profile_from_json(const nlohmann::json& j, std::string_view
   DeviceProfile p;
   for (const auto& [key, v] : j.items()) {
     if (key == "format") {
-      if (v != "qtool-device-profile") fail(ErrorKind::InvalidInput, label, ": key 'format' must be \"qtool-device-profile\"");
+      if (v != "qtool-device-profile")
+        fail(ErrorKind::InvalidInput, label, ": key 'format' must be \"qtool-device-profile\"");
     } else if (key == "version") {
       if (!v.is_number_integer() || v.get<int64_t>() != kDeviceProfileVersion) {
-        fail(ErrorKind::InvalidInput, label, ": unsupported device profile version ", v.dump(), " (this qtool reads ",
-             kDeviceProfileVersion, ")");
+        fail(ErrorKind::InvalidInput, label, ": unsupported device profile version ", v.dump(),
+             " (this qtool reads ", kDeviceProfileVersion, ")");
       }
     } else if (key == "name" || key == "description") {
       if (!v.is_string()) fail(ErrorKind::InvalidInput, label, ": key '", key, "' must be a string");
@@ -111,7 +115,8 @@ DeviceProfile device_profile_from_json(const nlohmann::json& j, std::string_view
     } else if (key == "bf16_tflops") {
       p.bf16_tflops = positive_number(v, label, key, false);
     } else if (key == "dequant_gelems_per_s") {
-      if (!v.is_object()) fail(ErrorKind::InvalidInput, label, ": key 'dequant_gelems_per_s' must be an object");
+      if (!v.is_object())
+        fail(ErrorKind::InvalidInput, label, ": key 'dequant_gelems_per_s' must be an object");
       // The scheme table's names, and the unquantized dtypes converted to bf16.
       std::set<std::string> keys = {"f16", "f32"};
       std::string names;
@@ -124,7 +129,8 @@ DeviceProfile device_profile_from_json(const nlohmann::json& j, std::string_view
           fail(ErrorKind::InvalidInput, label, ": key 'dequant_gelems_per_s.", scheme, "' is not a scheme (",
                names, "f16, f32)");
         }
-        p.dequant_gelems_per_s[scheme] = positive_number(rate, label, "dequant_gelems_per_s." + scheme, false);
+        p.dequant_gelems_per_s[scheme] =
+            positive_number(rate, label, "dequant_gelems_per_s." + scheme, false);
       }
     } else if (key == "context_bytes") {
       p.context_bytes = byte_count(v, label, key, true);

@@ -20,10 +20,13 @@ std::vector<std::string> string_list(const json& t, std::string_view key, const 
   std::vector<std::string> out;
   auto it = t.find(std::string(key));
   if (it == t.end()) return out;
-  if (!it->is_array()) fail(ErrorKind::InvalidInput, file.string(), ": templates[", i, "].", key, " must be an array of strings");
+  if (!it->is_array())
+    fail(ErrorKind::InvalidInput, file.string(), ": templates[", i, "].", key,
+         " must be an array of strings");
   for (const json& v : *it) {
     if (!v.is_string() || v.get<std::string>().empty()) {
-      fail(ErrorKind::InvalidInput, file.string(), ": templates[", i, "].", key, " must hold non-empty strings");
+      fail(ErrorKind::InvalidInput, file.string(), ": templates[", i, "].", key,
+           " must hold non-empty strings");
     }
     out.push_back(v.get<std::string>());
   }
@@ -66,14 +69,15 @@ int heuristic_category(const ModuleTree& tree, const Unit& u) {
     const size_t end = dot == std::string_view::npos ? path.size() : dot;
     const std::string_view el = path.substr(pos, end - pos);
     last = el;
-    if (glob("*embed*", el) || el == "wte" || el == "wpe" || el == "shared" || glob("*patch*", el) || el == "conv_in") {
+    if (glob("*embed*", el) || el == "wte" || el == "wpe" || el == "shared" || glob("*patch*", el) ||
+        el == "conv_in") {
       return 0;
     }
     pos = end + 1;
   }
   if (u.is_block) return 1;
-  if (glob("*norm*", last) || last == "ln_f" || glob("*head*", last) || last == "proj_out" || last == "conv_out" ||
-      last == "classifier") {
+  if (glob("*norm*", last) || last == "ln_f" || glob("*head*", last) || last == "proj_out" ||
+      last == "conv_out" || last == "classifier") {
     return 3;
   }
   return 2;
@@ -93,7 +97,8 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
   if (!j.contains("format") || j["format"] != "qtool-model-template") {
     fail(ErrorKind::InvalidInput, label, ": key 'format' must be \"qtool-model-template\"");
   }
-  if (!j.contains("version") || !j["version"].is_number_integer() || j["version"].get<int64_t>() != kTemplateVersion) {
+  if (!j.contains("version") || !j["version"].is_number_integer() ||
+      j["version"].get<int64_t>() != kTemplateVersion) {
     fail(ErrorKind::InvalidInput, label, ": key 'version' must be ", kTemplateVersion);
   }
   if (!j.contains("templates") || !j["templates"].is_array()) {
@@ -105,9 +110,9 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
     const json& t = arr[i];
     if (!t.is_object()) fail(ErrorKind::InvalidInput, label, ": templates[", i, "] must be an object");
     for (const auto& [key, v] : t.items()) {
-      static const char* const kKeys[] = {"name",   "class_names",      "order",       "units",
-                                          "ties",   "components",       "offload_priority",
-                                          "description", "checkpoint_prefix"};
+      static const char* const kKeys[] = {
+          "name",        "class_names",      "order", "units", "ties", "components", "offload_priority",
+          "description", "checkpoint_prefix"};
       if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys)) {
         fail(ErrorKind::InvalidInput, label, ": templates[", i, "]: unknown key '", key, "'");
       }
@@ -119,7 +124,8 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
     }
     m.name = t["name"].get<std::string>();
     m.class_names = string_list(t, "class_names", file, i);
-    if (m.class_names.empty()) fail(ErrorKind::InvalidInput, label, ": templates[", i, "].class_names is empty");
+    if (m.class_names.empty())
+      fail(ErrorKind::InvalidInput, label, ": templates[", i, "].class_names is empty");
     m.order = string_list(t, "order", file, i);
     m.units = string_list(t, "units", file, i);
     m.components = string_list(t, "components", file, i);
@@ -132,15 +138,17 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
       m.checkpoint_prefix = it->get<std::string>();
     }
     if (m.order.empty() == m.components.empty()) {
-      fail(ErrorKind::InvalidInput, label, ": templates[", i, "] needs exactly one of 'order' (a model) or 'components' (a pipeline)");
+      fail(ErrorKind::InvalidInput, label, ": templates[", i,
+           "] needs exactly one of 'order' (a model) or 'components' (a pipeline)");
     }
     if (auto it = t.find("ties"); it != t.end()) {
       if (!it->is_array()) fail(ErrorKind::InvalidInput, label, ": templates[", i, "].ties must be an array");
       for (size_t k = 0; k < it->size(); ++k) {
         const json& tie = (*it)[k];
-        if (!tie.is_object() || !tie.contains("primary") || !tie.contains("alias") || !tie["primary"].is_string() ||
-            !tie["alias"].is_string()) {
-          fail(ErrorKind::InvalidInput, label, ": templates[", i, "].ties[", k, "] needs string keys 'primary' and 'alias'");
+        if (!tie.is_object() || !tie.contains("primary") || !tie.contains("alias") ||
+            !tie["primary"].is_string() || !tie["alias"].is_string()) {
+          fail(ErrorKind::InvalidInput, label, ": templates[", i, "].ties[", k,
+               "] needs string keys 'primary' and 'alias'");
         }
         TemplateTie tt;
         tt.primary = tie["primary"].get<std::string>();
@@ -210,11 +218,12 @@ std::optional<fs::path> find_data_subdir(std::string_view sub) {
 
 std::string class_name_of(const std::optional<json>& config) {
   if (!config || !config->is_object()) return std::string();
-  if (auto it = config->find("architectures"); it != config->end() && it->is_array() && !it->empty() &&
-                                                 (*it)[0].is_string()) {
+  if (auto it = config->find("architectures");
+      it != config->end() && it->is_array() && !it->empty() && (*it)[0].is_string()) {
     return (*it)[0].get<std::string>();
   }
-  if (auto it = config->find("_class_name"); it != config->end() && it->is_string()) return it->get<std::string>();
+  if (auto it = config->find("_class_name"); it != config->end() && it->is_string())
+    return it->get<std::string>();
   return std::string();
 }
 
@@ -226,7 +235,8 @@ std::vector<TiedPair> tied_pairs_for(const ModelTemplate* tmpl, const std::optio
     if (!t.when_config.empty()) {
       on = t.default_value;
       if (config && config->is_object()) {
-        if (auto it = config->find(t.when_config); it != config->end() && it->is_boolean()) on = it->get<bool>();
+        if (auto it = config->find(t.when_config); it != config->end() && it->is_boolean())
+          on = it->get<bool>();
       }
     }
     if (on) out.push_back({t.primary, t.alias});
@@ -306,9 +316,11 @@ std::vector<size_t> component_order(const std::vector<std::string>& names, const
       if (it != pipeline->components.end()) rank = it - pipeline->components.begin();
     }
     int cat = 2;
-    if (names[i].find("text_encoder") != std::string::npos) cat = 0;
-    else if (names[i].find("transformer") != std::string::npos || names[i].find("unet") != std::string::npos ||
-             names[i].find("prior") != std::string::npos) cat = 1;
+    if (names[i].find("text_encoder") != std::string::npos)
+      cat = 0;
+    else if (names[i].find("transformer") != std::string::npos ||
+             names[i].find("unet") != std::string::npos || names[i].find("prior") != std::string::npos)
+      cat = 1;
     keys.push_back({{rank, cat}, i});
   }
   std::stable_sort(keys.begin(), keys.end(), [&](const auto& a, const auto& b) {

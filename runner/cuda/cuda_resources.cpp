@@ -48,7 +48,8 @@ CublasApi load_cublas() {
 #ifdef QTOOL_CUDA_LIBRARY_DIR
   candidates.push_back(std::string(QTOOL_CUDA_LIBRARY_DIR) + "/" + soname);
 #endif
-  for (const char* dir : {"/usr/local/cuda/lib64", "/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib"})
+  for (const char* dir :
+       {"/usr/local/cuda/lib64", "/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib"})
     candidates.push_back(std::string(dir) + "/" + soname);
   void* lib = nullptr;
   std::string first_error;
@@ -66,7 +67,8 @@ CublasApi load_cublas() {
   }
   auto sym = [&](auto& fn, const char* name) {
     void* p = ::dlsym(lib, name);
-    if (!p) fail(ErrorKind::Unsupported, soname, " has no symbol ", name, ": is it cuBLAS ", CUBLAS_VER_MAJOR, "?");
+    if (!p)
+      fail(ErrorKind::Unsupported, soname, " has no symbol ", name, ": is it cuBLAS ", CUBLAS_VER_MAJOR, "?");
     fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
   };
   CublasApi api{};

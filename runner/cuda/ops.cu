@@ -101,10 +101,10 @@ void gemm_bf16(const CublasHandle& handle, const uint16_t* x, uint64_t ldx, cons
   const float alpha = 1.0f;
   const float beta = 0.0f;
   QTOOL_CUBLAS_CHECK(cublas().gemm_ex(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out),
-                                  static_cast<int>(tokens), static_cast<int>(in), &alpha, w, CUDA_R_16BF,
-                                  static_cast<int>(in), x, CUDA_R_16BF, static_cast<int>(ldx), &beta, y,
-                                  CUDA_R_16BF, static_cast<int>(out), CUBLAS_COMPUTE_32F,
-                                  CUBLAS_GEMM_DEFAULT));
+                                      static_cast<int>(tokens), static_cast<int>(in), &alpha, w, CUDA_R_16BF,
+                                      static_cast<int>(in), x, CUDA_R_16BF, static_cast<int>(ldx), &beta, y,
+                                      CUDA_R_16BF, static_cast<int>(out), CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace qtool::runner::cuda

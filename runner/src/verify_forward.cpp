@@ -171,7 +171,8 @@ void write_outputs(const std::filesystem::path& file, const Checkpoint& checkpoi
   if (tensors.empty())
     fail(ErrorKind::InvalidInput, "--outputs ", file.string(), ": no component of ",
          checkpoint.root().string(),
-         " ran a forward (LlamaForCausalLM, FluxTransformer2DModel, T5EncoderModel and CLIPTextModel have one, "
+         " ran a forward (LlamaForCausalLM, FluxTransformer2DModel, T5EncoderModel and CLIPTextModel have "
+         "one, "
          "on either backend)");
   for (const auto& [name, t] : tensors) decls.push_back({name, t->dtype, t->shape});
   SafetensorsWriter w(file, decls, {{"producer", "qtool verify"}});

@@ -19,14 +19,17 @@ namespace {
 // The message of the InvalidInput error parsing `text` raises ("" when it parses).
 std::string parse_error(const std::string& text) {
   ErrorKind kind = ErrorKind::Internal;
-  const std::string msg = test::error_message([&] { parse_quant_config(json::parse(text), "cfg.json"); }, &kind);
+  const std::string msg =
+      test::error_message([&] { parse_quant_config(json::parse(text), "cfg.json"); }, &kind);
   if (!msg.empty()) CHECK(kind == ErrorKind::InvalidInput);
   return msg;
 }
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
-bool has(const std::vector<std::string>& v, const std::string& x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+bool has(const std::vector<std::string>& v, const std::string& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
 
 }  // namespace
 
@@ -57,10 +60,12 @@ TEST_CASE("config: fp8 options and aliases") {
   auto c = parse_quant_config(json::parse(R"({"quant_backend": "fp8"})"), "a");
   CHECK(c.backend->scheme == Scheme::Fp8E4M3);
   CHECK_FALSE(c.backend->per_tensor);
-  c = parse_quant_config(json::parse(R"({"quant_backend": "fp8_e5m2", "quant_kwargs": {"strategy": "tensor"}})"), "a");
+  c = parse_quant_config(
+      json::parse(R"({"quant_backend": "fp8_e5m2", "quant_kwargs": {"strategy": "tensor"}})"), "a");
   CHECK(c.backend->scheme == Scheme::Fp8E5M2);
   CHECK(c.backend->per_tensor);
-  c = parse_quant_config(json::parse(R"({"quant_mapping": {"": {"scheme": "fp8_e4m3", "per_tensor": true}}})"), "a");
+  c = parse_quant_config(
+      json::parse(R"({"quant_mapping": {"": {"scheme": "fp8_e4m3", "per_tensor": true}}})"), "a");
   CHECK(c.quant_mapping.at("").options.per_tensor);
   CHECK_FALSE(c.backend.has_value());
 }
@@ -75,33 +80,56 @@ TEST_CASE("config: every mistake names the file and the key") {
       {R"({"quant_backend": "nf4", "quant_kwarg": {}})", "quant_kwarg", "unknown key"},
       {R"({"quant_backend": "nf5"})", "quant_backend", "unknown scheme 'nf5'"},
       {R"({"quant_backend": 4})", "quant_backend", "scheme name"},
-      {R"({"quant_mapping": {"vae": {"scheme": "int4"}}})", "quant_mapping.vae.scheme", "unknown scheme 'int4'"},
+      {R"({"quant_mapping": {"vae": {"scheme": "int4"}}})", "quant_mapping.vae.scheme",
+       "unknown scheme 'int4'"},
       {R"({"quant_mapping": {"vae": {"blocksize": 64}}})", "quant_mapping.vae", "no \"scheme\""},
       {R"({"quant_mapping": {"vae": "int8"}})", "quant_mapping.vae", "must be an object"},
       {R"({"quant_mapping": []})", "quant_mapping", "must be an object"},
-      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksize": 48}})", "quant_kwargs.blocksize", "48 is not allowed"},
-      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksize": 16}})", "quant_kwargs.blocksize", "16 is not allowed"},
-      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksize": 8192}})", "quant_kwargs.blocksize", "8192 is not allowed"},
-      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksize": 64.5}})", "quant_kwargs.blocksize", "positive integer"},
-      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksize": -64}})", "quant_kwargs.blocksize", "positive integer"},
-      {R"({"quant_mapping": {"t": {"scheme": "fp4", "blocksize": 100}}})", "quant_mapping.t.blocksize", "100 is not allowed"},
-      {R"({"quant_backend": "int8", "quant_kwargs": {"blocksize": 64}})", "quant_kwargs.blocksize", "not an option of scheme 'int8'"},
-      {R"({"quant_backend": "int8", "quant_kwargs": {"double_quant": true}})", "quant_kwargs.double_quant", "not an option of scheme 'int8'"},
-      {R"({"quant_backend": "nf4", "quant_kwargs": {"per_tensor": true}})", "quant_kwargs.per_tensor", "not an option of scheme 'nf4'"},
-      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksizes": 64}})", "quant_kwargs.blocksizes", "unknown key"},
-      {R"({"quant_backend": "nf4", "quant_kwargs": {"double_quant": "yes"}})", "quant_kwargs.double_quant", "true or false"},
+      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksize": 48}})", "quant_kwargs.blocksize",
+       "48 is not allowed"},
+      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksize": 16}})", "quant_kwargs.blocksize",
+       "16 is not allowed"},
+      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksize": 8192}})", "quant_kwargs.blocksize",
+       "8192 is not allowed"},
+      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksize": 64.5}})", "quant_kwargs.blocksize",
+       "positive integer"},
+      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksize": -64}})", "quant_kwargs.blocksize",
+       "positive integer"},
+      {R"({"quant_mapping": {"t": {"scheme": "fp4", "blocksize": 100}}})", "quant_mapping.t.blocksize",
+       "100 is not allowed"},
+      {R"({"quant_backend": "int8", "quant_kwargs": {"blocksize": 64}})", "quant_kwargs.blocksize",
+       "not an option of scheme 'int8'"},
+      {R"({"quant_backend": "int8", "quant_kwargs": {"double_quant": true}})", "quant_kwargs.double_quant",
+       "not an option of scheme 'int8'"},
+      {R"({"quant_backend": "nf4", "quant_kwargs": {"per_tensor": true}})", "quant_kwargs.per_tensor",
+       "not an option of scheme 'nf4'"},
+      {R"({"quant_backend": "nf4", "quant_kwargs": {"blocksizes": 64}})", "quant_kwargs.blocksizes",
+       "unknown key"},
+      {R"({"quant_backend": "nf4", "quant_kwargs": {"double_quant": "yes"}})", "quant_kwargs.double_quant",
+       "true or false"},
       {R"({"quant_backend": "nf4", "quant_kwargs": [64]})", "quant_kwargs", "must be an object"},
-      {R"({"quant_backend": "fp8", "quant_kwargs": {"strategy": "block"}})", "quant_kwargs.strategy", "\"channel\" or \"tensor\""},
-      {R"({"quant_backend": "fp8", "quant_kwargs": {"strategy": "tensor", "per_tensor": false}})", "quant_kwargs.strategy", "contradicts"},
-      {R"({"quant_kwargs": {"blocksize": 64}, "quant_mapping": {"a": {"scheme": "nf4"}}})", "quant_kwargs", "without quant_backend"},
-      {R"({"components_to_quantize": ["transformer"], "quant_mapping": {"vae": {"scheme": "nf4"}}})", "components_to_quantize[0]", "'transformer' has no scheme"},
-      {R"({"quant_backend": "nf4", "components_to_quantize": ["a", "a"]})", "components_to_quantize[1]", "listed twice"},
-      {R"({"quant_backend": "nf4", "components_to_quantize": [3]})", "components_to_quantize[0]", "component name"},
-      {R"({"quant_backend": "nf4", "components_to_quantize": {"a": 1}})", "components_to_quantize", "list of component names"},
-      {R"({"quant_backend": "nf4", "modules_to_not_convert": "proj_out"})", "modules_to_not_convert", "list of module patterns"},
-      {R"({"quant_backend": "nf4", "modules_to_not_convert": ["a", ""]})", "modules_to_not_convert[1]", "non-empty string"},
-      {R"({"quant_mapping": {"t": {"scheme": "nf4", "modules_to_not_convert": [1]}}})", "quant_mapping.t.modules_to_not_convert[0]", "non-empty string"},
-      {R"({"quant_mapping": {"t": {"scheme": "nf4", "colour": 1}}})", "quant_mapping.t.colour", "unknown key"},
+      {R"({"quant_backend": "fp8", "quant_kwargs": {"strategy": "block"}})", "quant_kwargs.strategy",
+       "\"channel\" or \"tensor\""},
+      {R"({"quant_backend": "fp8", "quant_kwargs": {"strategy": "tensor", "per_tensor": false}})",
+       "quant_kwargs.strategy", "contradicts"},
+      {R"({"quant_kwargs": {"blocksize": 64}, "quant_mapping": {"a": {"scheme": "nf4"}}})", "quant_kwargs",
+       "without quant_backend"},
+      {R"({"components_to_quantize": ["transformer"], "quant_mapping": {"vae": {"scheme": "nf4"}}})",
+       "components_to_quantize[0]", "'transformer' has no scheme"},
+      {R"({"quant_backend": "nf4", "components_to_quantize": ["a", "a"]})", "components_to_quantize[1]",
+       "listed twice"},
+      {R"({"quant_backend": "nf4", "components_to_quantize": [3]})", "components_to_quantize[0]",
+       "component name"},
+      {R"({"quant_backend": "nf4", "components_to_quantize": {"a": 1}})", "components_to_quantize",
+       "list of component names"},
+      {R"({"quant_backend": "nf4", "modules_to_not_convert": "proj_out"})", "modules_to_not_convert",
+       "list of module patterns"},
+      {R"({"quant_backend": "nf4", "modules_to_not_convert": ["a", ""]})", "modules_to_not_convert[1]",
+       "non-empty string"},
+      {R"({"quant_mapping": {"t": {"scheme": "nf4", "modules_to_not_convert": [1]}}})",
+       "quant_mapping.t.modules_to_not_convert[0]", "non-empty string"},
+      {R"({"quant_mapping": {"t": {"scheme": "nf4", "colour": 1}}})", "quant_mapping.t.colour",
+       "unknown key"},
       {R"({"description": "nothing"})", "cfg.json", "nothing to quantize"},
       {R"(["nf4"])", "cfg.json", "must be a JSON object"},
   };
@@ -183,7 +211,8 @@ TEST_CASE("config: which tensors are linear weights") {
   CHECK_FALSE(linear("proj.weight", DType::F8_E4M3));
   CHECK_FALSE(linear("weight"));
   CHECK_FALSE(linear("proj.weight", DType::BF16, {0, 32}));
-  CHECK(linear_exclusion("model.embed_tokens.weight", DType::BF16, m)->find("embedding") != std::string::npos);
+  CHECK(linear_exclusion("model.embed_tokens.weight", DType::BF16, m)->find("embedding") !=
+        std::string::npos);
   CHECK(linear_exclusion("enc.conv.weight", DType::BF16, conv)->find("4-D") != std::string::npos);
 }
 
@@ -226,7 +255,8 @@ TEST_CASE("config: resolution against a pipeline") {
     size_t n_2d = 0;
     for (const auto& e : tc->entries()) {
       const TensorInfo& ti = tc->info(e);
-      if (ti.shape.size() != 2 || ti.name.size() < 7 || ti.name.substr(ti.name.size() - 7) != ".weight") continue;
+      if (ti.shape.size() != 2 || ti.name.size() < 7 || ti.name.substr(ti.name.size() - 7) != ".weight")
+        continue;
       ++n_2d;
       const std::string m = ti.name.substr(0, ti.name.size() - 7);
       CHECK(t->is_quantized(m) != has(t->unquantized_modules, m));
@@ -250,13 +280,16 @@ TEST_CASE("config: resolution against a pipeline") {
   SUBCASE("unknown components and components without weights name the key") {
     std::string msg = test::error_message([&] {
       plan_quantization(parse_quant_config(json::parse(R"({"quant_backend": "nf4",
-          "components_to_quantize": ["transformer", "unet"]})"), "c.json"), ckpt);
+          "components_to_quantize": ["transformer", "unet"]})"),
+                                           "c.json"),
+                        ckpt);
     });
     CHECK(contains(msg, "c.json: components_to_quantize[1]"));
     CHECK(contains(msg, "unknown component 'unet'"));
     CHECK(contains(msg, "'transformer'"));  // lists what there is
     msg = test::error_message([&] {
-      plan_quantization(parse_quant_config(json::parse(R"({"quant_mapping": {"scheduler": {"scheme": "int8"}}})"), "c.json"),
+      plan_quantization(parse_quant_config(
+                            json::parse(R"({"quant_mapping": {"scheduler": {"scheme": "int8"}}})"), "c.json"),
                         ckpt);
     });
     CHECK(contains(msg, "quant_mapping.scheduler"));
@@ -266,7 +299,8 @@ TEST_CASE("config: resolution against a pipeline") {
   SUBCASE("a pattern in a mapping entry that matches nothing is a warning naming it") {
     const QuantPlan plan = plan_quantization(
         parse_quant_config(json::parse(R"({"quant_mapping": {"text_encoder": {"scheme": "int8",
-            "modules_to_not_convert": ["*fc1", "proj_out"]}}})"), "c.json"),
+            "modules_to_not_convert": ["*fc1", "proj_out"]}}})"),
+                           "c.json"),
         ckpt);
     REQUIRE(plan.warnings.size() == 1);
     CHECK(contains(plan.warnings[0], "quant_mapping.text_encoder.modules_to_not_convert[1]"));
@@ -278,7 +312,8 @@ TEST_CASE("config: resolution against a pipeline") {
   }
 
   SUBCASE("without components_to_quantize every weight component is quantized") {
-    const QuantPlan plan = plan_quantization(parse_quant_config(json::parse(R"({"quant_backend": "int8"})"), "c"), ckpt);
+    const QuantPlan plan =
+        plan_quantization(parse_quant_config(json::parse(R"({"quant_backend": "int8"})"), "c"), ckpt);
     for (const auto& c : plan.components) CHECK(c.options.has_value());
   }
 }
@@ -289,7 +324,8 @@ TEST_CASE("config: a single model is the component \"\"; tied lm_head is listed"
   test::write_preset("llama-tied", dir / "llama", seed, DType::BF16, 0.05);
   const Checkpoint ckpt = Checkpoint::open(dir / "llama");
   REQUIRE_FALSE(ckpt.components()[0].find("lm_head.weight"));
-  const QuantPlan plan = plan_quantization(parse_quant_config(json::parse(R"({"quant_backend": "nf4"})"), "c"), ckpt);
+  const QuantPlan plan =
+      plan_quantization(parse_quant_config(json::parse(R"({"quant_backend": "nf4"})"), "c"), ckpt);
   REQUIRE(plan.components.size() == 1);
   const ComponentPlan& c = plan.components[0];
   CHECK(c.component.empty());
@@ -298,7 +334,9 @@ TEST_CASE("config: a single model is the component \"\"; tied lm_head is listed"
   CHECK(c.is_quantized("model.layers.0.mlp.down_proj"));
   // Naming a component a single model does not have.
   const std::string msg = test::error_message([&] {
-    plan_quantization(parse_quant_config(json::parse(R"({"quant_mapping": {"transformer": {"scheme": "nf4"}}})"), "c"), ckpt);
+    plan_quantization(
+        parse_quant_config(json::parse(R"({"quant_mapping": {"transformer": {"scheme": "nf4"}}})"), "c"),
+        ckpt);
   });
   CHECK(contains(msg, "quant_mapping.transformer"));
   CHECK(contains(msg, "single model"));
@@ -310,10 +348,12 @@ TEST_CASE("config: a skip list that a loader's rule would read wider is a warnin
   test::ScratchDir dir;
   const auto model = dir / "m";
   std::filesystem::create_directories(model);
-  write_json_file(model / "config.json", json{{"model_type", "llama"}, {"architectures", {"LlamaForCausalLM"}}});
+  write_json_file(model / "config.json",
+                  json{{"model_type", "llama"}, {"architectures", {"LlamaForCausalLM"}}});
   {
     ComponentWriter w(model, "model",
-                      {{TensorDecl{"proj.weight", DType::F32, {4, 8}}}, {TensorDecl{"out_proj.weight", DType::F32, {4, 8}}}},
+                      {{TensorDecl{"proj.weight", DType::F32, {4, 8}}},
+                       {TensorDecl{"out_proj.weight", DType::F32, {4, 8}}}},
                       0);
     std::vector<uint8_t> zeros(4 * 8 * 4, 0);
     w.write("proj.weight", zeros);
@@ -322,10 +362,13 @@ TEST_CASE("config: a skip list that a loader's rule would read wider is a warnin
   }
   const Checkpoint ckpt = Checkpoint::open(model);
   const QuantPlan plan = plan_quantization(
-      parse_quant_config(json::parse(R"({"quant_backend": "int8", "modules_to_not_convert": ["proj"]})"), "c"), ckpt);
+      parse_quant_config(json::parse(R"({"quant_backend": "int8", "modules_to_not_convert": ["proj"]})"),
+                         "c"),
+      ckpt);
   CHECK(plan.components[0].is_quantized("out_proj"));
   CHECK_FALSE(plan.components[0].is_quantized("proj"));
   bool warned = false;
-  for (const auto& w : plan.warnings) warned = warned || (contains(w, "transformers") && contains(w, "'out_proj'"));
+  for (const auto& w : plan.warnings)
+    warned = warned || (contains(w, "transformers") && contains(w, "'out_proj'"));
   CHECK(warned);
 }

@@ -28,7 +28,9 @@ namespace {
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
-bool has(const std::vector<std::string>& v, const std::string& x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+bool has(const std::vector<std::string>& v, const std::string& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
 
 // Relative RMS error a scheme stays under on weights like the synthetic ones (normal rows with
 // rare outliers of 10-50x). From the formats' resolution: e4m3 keeps 3 mantissa bits (relative
@@ -81,8 +83,8 @@ double independent_rel_rms(const QuantizedLinear& l, const Component& out, const
 
 // Checks an output component against its input and the plan; returns the number of quantized
 // linears found in the output.
-void check_component(const Component& in, const Component& out, const ComponentPlan& plan, const ConvertReport& report,
-                     ThreadPool& pool) {
+void check_component(const Component& in, const Component& out, const ComponentPlan& plan,
+                     const ConvertReport& report, ThreadPool& pool) {
   CAPTURE(in.name());
   const SchemeOptions so = *plan.options;
   std::set<std::string> expected_names;
@@ -154,7 +156,8 @@ void check_component(const Component& in, const Component& out, const ComponentP
     CHECK(tr.rel_rms() < rel_rms_bound(so));
     CHECK(tr.sqnr_db() > -20 * std::log10(rel_rms_bound(so)));
     const std::string m = module_of_tensor(tr.name);
-    const auto it = std::find_if(linears.begin(), linears.end(), [&](const QuantizedLinear& l) { return l.module == m; });
+    const auto it =
+        std::find_if(linears.begin(), linears.end(), [&](const QuantizedLinear& l) { return l.module == m; });
     REQUIRE(it != linears.end());
     const double again = independent_rel_rms(*it, out, test::tensor_f32(in, tr.name), pool);
     CHECK(tr.rel_rms() == doctest::Approx(again).epsilon(1e-3));
@@ -290,7 +293,8 @@ TEST_CASE("quantize: every scheme on the tiny Llama, and dequantize back") {
       const std::string m = module_of_tensor(t.name);
       if (t.name == m + ".weight" && cp.is_quantized(m)) {
         // Exactly qtool's dequantization rounded to the dtype, and within the scheme's bound.
-        const auto l = std::find_if(linears.begin(), linears.end(), [&](const auto& x) { return x.module == m; });
+        const auto l =
+            std::find_if(linears.begin(), linears.end(), [&](const auto& x) { return x.module == m; });
         REQUIRE(l != linears.end());
         std::vector<float> f(l->numel());
         dequantize_weight(*l, out.components()[0], f.data(), pool);
@@ -336,7 +340,8 @@ TEST_CASE("quantize: the flux sample config on the tiny pipeline") {
 
   REQUIRE(out.layout() == Checkpoint::Layout::Pipeline);
   CHECK(out.other_components() == in.other_components());
-  CHECK(test::read_file_bytes(dir / "out" / "model_index.json") == test::read_file_bytes(in_path / "model_index.json"));
+  CHECK(test::read_file_bytes(dir / "out" / "model_index.json") ==
+        test::read_file_bytes(in_path / "model_index.json"));
   CHECK(non_weight_files(dir / "out") == non_weight_files(in_path));
   CHECK(report.files_copied == non_weight_files(in_path).size());
 
@@ -369,9 +374,12 @@ TEST_CASE("quantize: the flux sample config on the tiny pipeline") {
   const ComponentPlan* t = plan.find("transformer");
   for (const char* m : {"x_embedder", "context_embedder", "norm_out.linear"}) {
     CHECK_FALSE(t->is_quantized(m));
-    CHECK(has(out.find_component("transformer")->config()->at("quantization_config").at("llm_int8_skip_modules"), m));
-    CHECK(out.find_component("transformer")->info(*out.find_component("transformer")->find(std::string(m) + ".weight")).dtype ==
-          DType::BF16);
+    CHECK(has(
+        out.find_component("transformer")->config()->at("quantization_config").at("llm_int8_skip_modules"),
+        m));
+    CHECK(out.find_component("transformer")
+              ->info(*out.find_component("transformer")->find(std::string(m) + ".weight"))
+              .dtype == DType::BF16);
   }
   CHECK(t->is_quantized("proj_out"));
   CHECK(t->is_quantized("single_transformer_blocks.0.proj_out"));
@@ -436,7 +444,8 @@ void write_bad_model(const fs::path& dir, DType dtype, int64_t row, int64_t col,
     convert_from_f32(dtype, f.data(), bytes.data(), n);
     return bytes;
   };
-  ComponentWriter w(dir, "model", {{TensorDecl{"a.weight", dtype, a}}, {TensorDecl{"b.weight", dtype, b}}}, 0);
+  ComponentWriter w(dir, "model", {{TensorDecl{"a.weight", dtype, a}}, {TensorDecl{"b.weight", dtype, b}}},
+                    0);
   w.write("a.weight", fill(8 * 16, false));
   w.write("b.weight", fill(6 * 40, true));
   w.commit();
@@ -465,7 +474,8 @@ TEST_CASE("quantize: NaN or Inf in a weight names the tensor and the element; no
       so.scheme = s;
       ErrorKind kind = ErrorKind::Internal;
       const std::string msg = test::error_message(
-          [&] { quantize_checkpoint(dir / "m", config_for_scheme(so), dir / "out", quiet_options()); }, &kind);
+          [&] { quantize_checkpoint(dir / "m", config_for_scheme(so), dir / "out", quiet_options()); },
+          &kind);
       CHECK(kind == ErrorKind::InvalidInput);
       CHECK_MESSAGE(contains(msg, "'b.weight'"), msg);
       CHECK_MESSAGE(contains(msg, str_cat("(", c.row, ", ", c.col, ")")), msg);
@@ -531,8 +541,8 @@ TEST_CASE("quantize: an existing output is refused without force and replaced wi
   SchemeOptions so;
   so.scheme = Scheme::Int8;
   ErrorKind kind = ErrorKind::Internal;
-  const std::string msg =
-      test::error_message([&] { quantize_checkpoint(dir / "tiny", config_for_scheme(so), dir / "out", quiet_options()); }, &kind);
+  const std::string msg = test::error_message(
+      [&] { quantize_checkpoint(dir / "tiny", config_for_scheme(so), dir / "out", quiet_options()); }, &kind);
   CHECK(kind == ErrorKind::InvalidInput);
   CHECK(contains(msg, "exists"));
   CHECK(contains(msg, (dir / "out").string()));
@@ -555,8 +565,8 @@ TEST_CASE("quantize: an already quantized input is refused") {
   SchemeOptions so;
   so.scheme = Scheme::Nf4;
   quantize_checkpoint(dir / "tiny", config_for_scheme(so), dir / "q", quiet_options());
-  const std::string msg =
-      test::error_message([&] { quantize_checkpoint(dir / "q", config_for_scheme(so), dir / "qq", quiet_options()); });
+  const std::string msg = test::error_message(
+      [&] { quantize_checkpoint(dir / "q", config_for_scheme(so), dir / "qq", quiet_options()); });
   CHECK(contains(msg, "already quantized"));
   CHECK(contains(msg, "dequantize"));
   CHECK(test::nothing_left(dir.path(), "qq"));
@@ -564,24 +574,32 @@ TEST_CASE("quantize: an already quantized input is refused") {
 
 TEST_CASE("quantize: a single .safetensors file gives a single file") {
   test::ScratchDir dir;
-  test::write_preset("tiny", dir / "tiny", test::printed_seed("quantize file"), DType::BF16, 1.0, uint64_t{1} << 30);
+  test::write_preset("tiny", dir / "tiny", test::printed_seed("quantize file"), DType::BF16, 1.0,
+                     uint64_t{1} << 30);
   fs::copy_file(dir / "tiny" / "model.safetensors", dir / "w.safetensors");
   SchemeOptions so;
   so.scheme = Scheme::Fp8E4M3;
-  const ConvertReport r = quantize_checkpoint(dir / "w.safetensors", config_for_scheme(so), dir / "q.safetensors", quiet_options());
+  const ConvertReport r = quantize_checkpoint(dir / "w.safetensors", config_for_scheme(so),
+                                              dir / "q.safetensors", quiet_options());
   CHECK(r.files_copied == 0);
   const Checkpoint out = Checkpoint::open(dir / "q.safetensors");
   CHECK(out.layout() == Checkpoint::Layout::File);
-  CHECK(find_quantized_linears(out.components()[0]).size() == plan_quantization(config_for_scheme(so), Checkpoint::open(dir / "w.safetensors")).components[0].quantized_modules.size());
+  CHECK(find_quantized_linears(out.components()[0]).size() ==
+        plan_quantization(config_for_scheme(so), Checkpoint::open(dir / "w.safetensors"))
+            .components[0]
+            .quantized_modules.size());
   ConvertOptions o = quiet_options();
   o.max_shard_size = 1 << 20;
   ErrorKind kind = ErrorKind::Internal;
-  test::error_message([&] { quantize_checkpoint(dir / "w.safetensors", config_for_scheme(so), dir / "q2.safetensors", o); }, &kind);
+  test::error_message(
+      [&] { quantize_checkpoint(dir / "w.safetensors", config_for_scheme(so), dir / "q2.safetensors", o); },
+      &kind);
   CHECK(kind == ErrorKind::Usage);
   // And back, as float32.
   dequantize_checkpoint(dir / "q.safetensors", dir / "d.safetensors", DType::F32, quiet_options());
   const Checkpoint d = Checkpoint::open(dir / "d.safetensors");
-  CHECK(d.components()[0].info(*d.components()[0].find("model.layers.0.mlp.up_proj.weight")).dtype == DType::F32);
+  CHECK(d.components()[0].info(*d.components()[0].find("model.layers.0.mlp.up_proj.weight")).dtype ==
+        DType::F32);
   CHECK(d.components()[0].info(*d.components()[0].find("model.embed_tokens.weight")).dtype == DType::BF16);
 }
 
@@ -590,7 +608,8 @@ TEST_CASE("quantize: the JSON report") {
   test::write_preset("tiny", dir / "tiny", test::printed_seed("quantize report"));
   SchemeOptions so;
   so.scheme = Scheme::Int8;
-  const ConvertReport r = quantize_checkpoint(dir / "tiny", config_for_scheme(so), dir / "q", quiet_options(1));
+  const ConvertReport r =
+      quantize_checkpoint(dir / "tiny", config_for_scheme(so), dir / "q", quiet_options(1));
   const json j = report_to_json(r);
   CHECK(j.at("command") == "quantize");
   CHECK(j.at("threads") == 1);
@@ -628,8 +647,9 @@ TEST_CASE("quantize: the written tensors are the whole-weight quantization, byte
   std::mt19937_64 rng(seed);
   test::ScratchDir dir;
   const std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
-      {"a.weight", {1, 1}},     {"b.weight", {3, 5}},       {"c.weight", {7, 33}},   {"d.weight", {130, 7}},
-      {"e.weight", {200, 1000}}, {"f.weight", {1, 70000}},  {"g.weight", {300, 256}}, {"h.weight", {129, 1023}}};
+      {"a.weight", {1, 1}},     {"b.weight", {3, 5}},      {"c.weight", {7, 33}},
+      {"d.weight", {130, 7}},   {"e.weight", {200, 1000}}, {"f.weight", {1, 70000}},
+      {"g.weight", {300, 256}}, {"h.weight", {129, 1023}}};
   for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
     CAPTURE(dtype_name(dtype));
     const fs::path model = dir / ("m-" + std::string(dtype_name(dtype)));
@@ -643,7 +663,8 @@ TEST_CASE("quantize: the written tensors are the whole-weight quantization, byte
       std::normal_distribution<float> nd(0.0f, 1.0f);
       for (const auto& [name, shape] : shapes) {
         std::vector<float> f(static_cast<size_t>(shape[0] * shape[1]));
-        for (size_t i = 0; i < f.size(); ++i) f[i] = (i % 97 == 3 ? 0.0f : 0.02f * nd(rng)) * (i % 501 == 7 ? 40.0f : 1.0f);
+        for (size_t i = 0; i < f.size(); ++i)
+          f[i] = (i % 97 == 3 ? 0.0f : 0.02f * nd(rng)) * (i % 501 == 7 ? 40.0f : 1.0f);
         std::vector<uint8_t> bytes(f.size() * dtype_size(dtype));
         convert_from_f32(dtype, f.data(), bytes.data(), f.size());
         w.write(name, bytes);
@@ -677,8 +698,9 @@ TEST_CASE("quantize: the written tensors are the whole-weight quantization, byte
       for (const auto& tr : r.tensors) {
         CAPTURE(tr.name);
         const auto linears = find_quantized_linears(qc);
-        const auto l = std::find_if(linears.begin(), linears.end(),
-                                    [&](const QuantizedLinear& x) { return x.module + ".weight" == tr.name; });
+        const auto l = std::find_if(linears.begin(), linears.end(), [&](const QuantizedLinear& x) {
+          return x.module + ".weight" == tr.name;
+        });
         REQUIRE(l != linears.end());
         std::vector<float> ref(l->numel());
         convert_to_f32(dtype, values[tr.name].data(), ref.data(), ref.size());

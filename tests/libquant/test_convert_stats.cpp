@@ -25,8 +25,8 @@ struct Quantized {
 };
 
 // Quantizes `bytes` and describes the result as a QuantizedLinear, as the conversion does.
-Quantized quantize(const std::vector<uint8_t>& bytes, DType dtype, int64_t rows, int64_t cols, const SchemeOptions& o,
-                   ThreadPool& pool) {
+Quantized quantize(const std::vector<uint8_t>& bytes, DType dtype, int64_t rows, int64_t cols,
+                   const SchemeOptions& o, ThreadPool& pool) {
   Quantized q;
   const std::vector<int64_t> shape{rows, cols};
   q.decls = quantized_decls("m", dtype, shape, o);
@@ -42,7 +42,8 @@ Quantized quantize(const std::vector<uint8_t>& bytes, DType dtype, int64_t rows,
   for (const auto& d : q.decls) q.linear.tensor_names.push_back(d.name);
   if (o.double_quant) {
     const auto state = quant_state_bytes(q.bufs.back());
-    q.linear.nested_offset = nlohmann::json::parse(state.begin(), state.end()).at("nested_offset").get<float>();
+    q.linear.nested_offset =
+        nlohmann::json::parse(state.begin(), state.end()).at("nested_offset").get<float>();
   }
   std::vector<std::span<const uint8_t>> parts(q.bufs.begin(), q.bufs.end());
   q.parts = tensor_bytes(q.linear, parts);
@@ -55,7 +56,8 @@ TEST_CASE("convert stats: one pass equals dequantize-then-compare") {
   const uint64_t seed = test::printed_seed("convert stats");
   std::mt19937_64 rng(seed);
   ThreadPool pool(1);
-  const std::pair<int64_t, int64_t> shapes[] = {{1, 1}, {1, 7}, {3, 5}, {2, 64}, {7, 33}, {17, 64}, {5, 129}, {64, 40}, {9, 1000}};
+  const std::pair<int64_t, int64_t> shapes[] = {{1, 1},   {1, 7},   {3, 5},   {2, 64},  {7, 33},
+                                                {17, 64}, {5, 129}, {64, 40}, {9, 1000}};
   std::vector<SchemeOptions> schemes;
   for (Scheme s : {Scheme::Int8, Scheme::Fp8E4M3, Scheme::Fp8E5M2, Scheme::Nf4, Scheme::Fp4}) {
     SchemeOptions o;
@@ -107,7 +109,8 @@ TEST_CASE("convert stats: one pass equals dequantize-then-compare") {
         for (detail::Impl simd : {detail::Impl::Fast, detail::Impl::FastAvx2, detail::Impl::Reference}) {
           CAPTURE(static_cast<int>(simd));
           detail::ErrorSums whole, split;
-          detail::accumulate_error(q.linear, q.parts, dtype, bytes.data(), 0, static_cast<size_t>(rows), whole, simd);
+          detail::accumulate_error(q.linear, q.parts, dtype, bytes.data(), 0, static_cast<size_t>(rows),
+                                   whole, simd);
           // Row by row adds up to the same.
           for (int64_t r = 0; r < rows; ++r) {
             detail::accumulate_error(q.linear, q.parts, dtype, bytes.data(), static_cast<size_t>(r),

@@ -2,6 +2,7 @@
 // hand-built checkpoints, and checks on errors.
 #pragma once
 
+#include <doctest/doctest.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -12,15 +13,13 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <optional>
 #include <map>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <doctest/doctest.h>
 
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/dtype.hpp"
@@ -53,15 +52,18 @@ class ScratchDir {
 // QTOOL_TEST_SEED if set, else from the clock; always printed so that a failure can be replayed.
 inline uint64_t printed_seed(const char* what) {
   uint64_t seed;
-  if (const char* env = std::getenv("QTOOL_TEST_SEED")) seed = std::strtoull(env, nullptr, 10);
-  else seed = static_cast<uint64_t>(std::random_device{}()) ^ (static_cast<uint64_t>(::getpid()) << 20);
+  if (const char* env = std::getenv("QTOOL_TEST_SEED"))
+    seed = std::strtoull(env, nullptr, 10);
+  else
+    seed = static_cast<uint64_t>(std::random_device{}()) ^ (static_cast<uint64_t>(::getpid()) << 20);
   std::fprintf(stderr, "[%s] QTOOL_TEST_SEED=%llu\n", what, static_cast<unsigned long long>(seed));
   return seed;
 }
 
 // Writes a synthetic preset (formats/synth.hpp) to `out`.
 inline void write_preset(const std::string& preset, const std::filesystem::path& out, uint64_t seed,
-                         DType dtype = DType::BF16, double scale = 1.0, std::optional<uint64_t> max_shard = {}) {
+                         DType dtype = DType::BF16, double scale = 1.0,
+                         std::optional<uint64_t> max_shard = {}) {
   SynthSpec spec;
   spec.preset = preset;
   spec.dtype = dtype;

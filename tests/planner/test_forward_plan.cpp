@@ -131,8 +131,8 @@ TEST_CASE(
   CHECK(units == want);
   CHECK(flops == forward_flops(*arch, 1, static_cast<int64_t>(tokens)).linear);
   const std::map<std::string, std::string> forwards = {{"transformer", "FluxTransformer2DModel"},
-                                                        {"text_encoder", "CLIPTextModel"},
-                                                        {"text_encoder_2", "T5EncoderModel"}};
+                                                       {"text_encoder", "CLIPTextModel"},
+                                                       {"text_encoder_2", "T5EncoderModel"}};
   for (const ComponentPlan& c : plan.components)
     CHECK(c.forward == (forwards.count(c.name) ? forwards.at(c.name) : std::string()));
   const DevicePlan& gpu = plan.devices[0];

@@ -46,15 +46,22 @@ TEST_CASE("natural order compares numeric elements as numbers") {
 TEST_CASE("tree: block lists, exact subtree bytes, quant state in its module") {
   std::vector<TensorDesc> ts = {
       t("embed.weight", 100),
-      t("blocks.0.attn.q.weight", 40),       t("blocks.0.attn.q.weight.absmax", 4),
-      t("blocks.0.attn.q.weight.quant_map", 64), t("blocks.0.attn.q.weight.quant_state.bitsandbytes__nf4", 30),
+      t("blocks.0.attn.q.weight", 40),
+      t("blocks.0.attn.q.weight.absmax", 4),
+      t("blocks.0.attn.q.weight.quant_map", 64),
+      t("blocks.0.attn.q.weight.quant_state.bitsandbytes__nf4", 30),
       t("blocks.0.norm.weight", 8),
-      t("blocks.1.attn.q.weight", 40),       t("blocks.1.attn.q.weight.absmax", 4),
-      t("blocks.1.attn.q.weight.quant_map", 64), t("blocks.1.attn.q.weight.quant_state.bitsandbytes__nf4", 30),
+      t("blocks.1.attn.q.weight", 40),
+      t("blocks.1.attn.q.weight.absmax", 4),
+      t("blocks.1.attn.q.weight.quant_map", 64),
+      t("blocks.1.attn.q.weight.quant_state.bitsandbytes__nf4", 30),
       t("blocks.1.norm.weight", 8),
-      t("blocks.10.ff.0.weight", 12),        t("blocks.10.ff.2.weight", 12),
+      t("blocks.10.ff.0.weight", 12),
+      t("blocks.10.ff.2.weight", 12),
       t("blocks.2.ff.0.weight", 12),
-      t("norm.weight", 6),                   t("head.weight", 50),   t("head.bias", 2),
+      t("norm.weight", 6),
+      t("head.weight", 50),
+      t("head.bias", 2),
   };
   const ModuleTree tree = ModuleTree::build(ts);
   CHECK(tree.total_bytes() == 100 + 2 * (40 + 4 + 64 + 30 + 8) + 24 + 12 + 6 + 50 + 2);
@@ -98,15 +105,17 @@ TEST_CASE("tree: tied weights are counted once") {
     CHECK(tree.absent_aliases().empty());
   }
   SUBCASE("declared pair, alias absent") {
-    const ModuleTree tree = ModuleTree::build({t("model.embed_tokens.weight", 1000), t("model.norm.weight", 8)},
-                                              {{"model.embed_tokens.weight", "lm_head.weight"}});
+    const ModuleTree tree =
+        ModuleTree::build({t("model.embed_tokens.weight", 1000), t("model.norm.weight", 8)},
+                          {{"model.embed_tokens.weight", "lm_head.weight"}});
     CHECK(tree.total_bytes() == 1008);
     REQUIRE(tree.absent_aliases().size() == 1);
     CHECK(tree.absent_aliases()[0].first == "lm_head.weight");
   }
   SUBCASE("identical storage") {
-    const ModuleTree tree = ModuleTree::build({t("shared.weight", 500, 7), t("encoder.embed_tokens.weight", 500, 7),
-                                               t("encoder.final_layer_norm.weight", 4, 8)});
+    const ModuleTree tree =
+        ModuleTree::build({t("shared.weight", 500, 7), t("encoder.embed_tokens.weight", 500, 7),
+                           t("encoder.final_layer_norm.weight", 4, 8)});
     CHECK(tree.total_bytes() == 504);
     // the first in name order owns the bytes
     CHECK(tree.counted_bytes()[static_cast<size_t>(tree.find_tensor("encoder.embed_tokens.weight"))] == 500);

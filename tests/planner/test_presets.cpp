@@ -46,7 +46,8 @@ PipelineInput describe(const SynthModel& m, const std::vector<QuantRule>& rules)
       if (rule && !quant::linear_exclusion(d.name, d.dtype, d.shape)) {
         module = d.name.substr(0, d.name.size() - 7);
         quantize = true;
-        for (const std::string& p : rule->not_convert) quantize = quantize && !quant::pattern_matches(p, module);
+        for (const std::string& p : rule->not_convert)
+          quantize = quantize && !quant::pattern_matches(p, module);
       }
       if (!quantize) {
         ci.tensors.push_back({d.name, d.nbytes(), d.dtype, d.shape, -1, false});
@@ -55,7 +56,8 @@ PipelineInput describe(const SynthModel& m, const std::vector<QuantRule>& rules)
       for (const TensorDecl& q : quant::quantized_decls(module, d.dtype, d.shape, rule->options)) {
         ci.tensors.push_back({q.name, q.nbytes(), q.dtype, q.shape, -1, false});
       }
-      ci.quantized.push_back({module, d.shape[0], d.shape[1], std::string(quant::scheme_name(rule->options.scheme))});
+      ci.quantized.push_back(
+          {module, d.shape[0], d.shape[1], std::string(quant::scheme_name(rule->options.scheme))});
     }
     in.components.push_back(std::move(ci));
   }
@@ -69,7 +71,8 @@ uint64_t smallest_budget(const PipelineInput& in, PlanOptions o) {
   } catch (const Error& e) {
     const std::string msg = e.what();
     const std::string key = "Smallest budget that fits: --max-memory 0=";
-    if (const size_t at = msg.find(key); at != std::string::npos) return std::stoull(msg.substr(at + key.size()));
+    if (const size_t at = msg.find(key); at != std::string::npos)
+      return std::stoull(msg.substr(at + key.size()));
     FAIL("unexpected error: " << msg);
   }
   FAIL("a 1-byte budget was accepted");
@@ -94,8 +97,10 @@ TEST_CASE("presets: every strategy and budget gives a valid plan") {
   };
   const std::vector<Case> cases = {
       {"flux bf16", {"flux", 0.1, DType::BF16, {}}, {}},
-      {"flux nf4", {"flux", 0.1, DType::BF16, {}},
-       {{"transformer", nf4, {"x_embedder", "context_embedder", "norm_out.linear"}}, {"text_encoder_2", int8, {}}}},
+      {"flux nf4",
+       {"flux", 0.1, DType::BF16, {}},
+       {{"transformer", nf4, {"x_embedder", "context_embedder", "norm_out.linear"}},
+        {"text_encoder_2", int8, {}}}},
       {"llama", {"llama", 0.1, DType::BF16, {}}, {}},
       {"llama-tied nf4", {"llama-tied", 0.2, DType::BF16, {}}, {{"", nf4, {}}}},
   };

@@ -37,7 +37,8 @@ TensorDesc u8(std::string name, uint64_t nbytes) {
 // A model of blocks "blocks.i" with the given sizes (in kU), each one tensor.
 PipelineInput blocks_model(const std::vector<uint64_t>& sizes) {
   ComponentInput c;
-  for (size_t i = 0; i < sizes.size(); ++i) c.tensors.push_back(u8(str_cat("blocks.", i, ".w.weight"), sizes[i] * kU));
+  for (size_t i = 0; i < sizes.size(); ++i)
+    c.tensors.push_back(u8(str_cat("blocks.", i, ".w.weight"), sizes[i] * kU));
   PipelineInput in;
   in.path = "hand-built";
   in.fingerprint = "test";
@@ -45,12 +46,15 @@ PipelineInput blocks_model(const std::vector<uint64_t>& sizes) {
   return in;
 }
 
-PlanOptions options(Strategy s, std::map<int32_t, uint64_t> gpus_ku, std::optional<uint64_t> cpu_ku = std::nullopt) {
+PlanOptions options(Strategy s, std::map<int32_t, uint64_t> gpus_ku,
+                    std::optional<uint64_t> cpu_ku = std::nullopt) {
   PlanOptions o;
   o.strategy = s;
   for (auto [g, b] : gpus_ku) o.budget.gpus[g] = b * kU;
-  if (cpu_ku) o.budget.cpu = *cpu_ku * kU;
-  else o.budget.cpu = uint64_t{1} << 40;
+  if (cpu_ku)
+    o.budget.cpu = *cpu_ku * kU;
+  else
+    o.budget.cpu = uint64_t{1} << 40;
   o.tokens = 1;
   o.profile = bare_profile();
   return o;
@@ -231,8 +235,10 @@ TEST_CASE("4-bit sizes: quant state travels with its weight and sizes are exact"
   for (int i = 0; i < 6; ++i) {
     const std::string m = str_cat("layers.", i, ".mlp");
     const uint64_t n = 4096 * 1024;  // [4096, 1024] weight
-    std::vector<TensorDesc> parts = {u8(m + ".weight", n / 2), u8(m + ".weight.absmax", n / 64),
-                                     u8(m + ".weight.quant_map", 64), u8(m + ".weight.nested_absmax", 4 * (n / 64 / 256)),
+    std::vector<TensorDesc> parts = {u8(m + ".weight", n / 2),
+                                     u8(m + ".weight.absmax", n / 64),
+                                     u8(m + ".weight.quant_map", 64),
+                                     u8(m + ".weight.nested_absmax", 4 * (n / 64 / 256)),
                                      u8(m + ".weight.nested_quant_map", 1024),
                                      u8(m + ".weight.quant_state.bitsandbytes__nf4", 213)};
     parts[0].shape = {static_cast<int64_t>(n / 2), 1};
@@ -277,7 +283,8 @@ TEST_CASE("4-bit sizes: quant state travels with its weight and sizes are exact"
   CHECK(scratch);
   SUBCASE("offloaded in leaf groups, the whole quant state is in the group") {
     PlanOptions o2 = o;
-    o2.budget.gpus[0] = 4096ull * 1024 * 2 + 3 * per_block + 4 * 4096;  // scratch + room for ~2 blocks + slots
+    o2.budget.gpus[0] =
+        4096ull * 1024 * 2 + 3 * per_block + 4 * 4096;  // scratch + room for ~2 blocks + slots
     o2.offload = OffloadMode::Leaf;
     const Plan q = make_plan(in, o2);
     require_valid(q, in);
@@ -406,14 +413,16 @@ TEST_CASE("execution order: template, then heuristic") {
   ModelTemplate t;
   t.name = "flux-test";
   t.class_names = {"FluxTransformer2DModel"};
-  t.order = {"x_embedder", "time_text_embed", "context_embedder", "transformer_blocks", "single_transformer_blocks",
-             "norm_out", "proj_out"};
+  t.order = {
+      "x_embedder", "time_text_embed", "context_embedder", "transformer_blocks", "single_transformer_blocks",
+      "norm_out",   "proj_out"};
   lib.add(t);
   ComponentInput c;
-  for (const char* n : {"proj_out.weight", "norm_out.linear.weight", "single_transformer_blocks.1.proj.weight",
-                        "single_transformer_blocks.0.proj.weight", "transformer_blocks.10.ff.weight",
-                        "transformer_blocks.2.ff.weight", "context_embedder.weight", "x_embedder.weight",
-                        "time_text_embed.timestep_embedder.linear_1.weight"}) {
+  for (const char* n :
+       {"proj_out.weight", "norm_out.linear.weight", "single_transformer_blocks.1.proj.weight",
+        "single_transformer_blocks.0.proj.weight", "transformer_blocks.10.ff.weight",
+        "transformer_blocks.2.ff.weight", "context_embedder.weight", "x_embedder.weight",
+        "time_text_embed.timestep_embedder.linear_1.weight"}) {
     c.tensors.push_back(u8(n, kU));
   }
   PipelineInput in;
@@ -428,14 +437,16 @@ TEST_CASE("execution order: template, then heuristic") {
     return mods;
   };
   CHECK(order(&lib, "FluxTransformer2DModel") ==
-        std::vector<std::string>{"x_embedder", "time_text_embed.timestep_embedder.linear_1", "context_embedder",
-                                 "transformer_blocks.2", "transformer_blocks.10", "single_transformer_blocks.0",
-                                 "single_transformer_blocks.1", "norm_out.linear", "proj_out"});
+        std::vector<std::string>{"x_embedder", "time_text_embed.timestep_embedder.linear_1",
+                                 "context_embedder", "transformer_blocks.2", "transformer_blocks.10",
+                                 "single_transformer_blocks.0", "single_transformer_blocks.1",
+                                 "norm_out.linear", "proj_out"});
   // Heuristic: embeddings, blocks (block lists in name order), others, norms and heads.
   CHECK(order(nullptr, "Unknown") ==
-        std::vector<std::string>{"context_embedder", "time_text_embed.timestep_embedder.linear_1", "x_embedder",
-                                 "single_transformer_blocks.0", "single_transformer_blocks.1", "transformer_blocks.2",
-                                 "transformer_blocks.10", "norm_out.linear", "proj_out"});
+        std::vector<std::string>{"context_embedder", "time_text_embed.timestep_embedder.linear_1",
+                                 "x_embedder", "single_transformer_blocks.0", "single_transformer_blocks.1",
+                                 "transformer_blocks.2", "transformer_blocks.10", "norm_out.linear",
+                                 "proj_out"});
 }
 
 TEST_CASE("--max-memory forms") {
@@ -450,7 +461,7 @@ TEST_CASE("--max-memory forms") {
   const Budget c = parse_max_memory("cuda:0=512MiB");
   CHECK(c.gpus.at(0) == 512ull << 20);
   CHECK_FALSE(c.cpu);
-  CHECK_THROWS_AS(parse_max_memory("cpu=64GiB"), Error);   // no GPU
+  CHECK_THROWS_AS(parse_max_memory("cpu=64GiB"), Error);  // no GPU
   CHECK_THROWS_AS(parse_max_memory("0=20XB"), Error);
   CHECK_THROWS_AS(parse_max_memory("gpu0=20GiB"), Error);
   CHECK_THROWS_AS(parse_max_memory("0=1GiB,0=2GiB"), Error);
@@ -490,12 +501,12 @@ TEST_CASE("gpu_reserve names each item and rounds allocations") {
   for (const auto& r : items) by[r.name] = r.bytes;
   CHECK(by["cuda_context"] == prof.context_bytes);
   CHECK(by["cublas_workspace"] == 32ull << 20);
-  CHECK(by["activation_in"] == 4096ull * 3072 * 2);               // 24 MiB, a multiple of 2 MiB
+  CHECK(by["activation_in"] == 4096ull * 3072 * 2);  // 24 MiB, a multiple of 2 MiB
   CHECK(by["activation_out"] == 4096ull * 12288 * 2);
   CHECK(by["dequant_scratch"] == 3072ull * 12288 * 2);
   CHECK(by["device_slots"] == round_up(200'000'000, 2ull << 20));
   CHECK(by.count("pinned_page_tables") == 0);  // nothing pinned
-  w.pinned_host_bytes = (3ull << 30) + 1;       // 4 GiB started: 4 x 2 MiB of page tables
+  w.pinned_host_bytes = (3ull << 30) + 1;      // 4 GiB started: 4 x 2 MiB of page tables
   by.clear();
   for (const auto& r : gpu_reserve(prof, w)) by[r.name] = r.bytes;
   CHECK(by["pinned_page_tables"] == 8ull << 20);
@@ -546,8 +557,8 @@ TEST_CASE("cost model: copies overlap compute through the slots") {
   o.strategy = Strategy::Sequential;
   o.tokens = 4096;
   o.profile = bare_profile();
-  o.profile.bf16_tflops = 1.0;         // 8.6 ms per linear
-  o.profile.h2d_pinned_gbps = 0.5;     // 4.2 ms per 2 MiB copy
+  o.profile.bf16_tflops = 1.0;      // 8.6 ms per linear
+  o.profile.h2d_pinned_gbps = 0.5;  // 4.2 ms per 2 MiB copy
   o.profile.kernel_launch_us = 0;
   o.profile.copy_latency_us = 0;
   const uint64_t act = 2 * 4096ull * 1024 * 2;  // activation_in + activation_out

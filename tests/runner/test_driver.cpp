@@ -143,8 +143,7 @@ TEST_CASE(
   auto backend = make_cpu_backend(2);
   for (const std::string scheme : {"", "nf4"}) {
     CAPTURE(scheme);
-    const auto path =
-        test::quantize(bf16, dir.path / ("q-" + scheme), {scheme, scheme, 64, true});
+    const auto path = test::quantize(bf16, dir.path / ("q-" + scheme), {scheme, scheme, 64, true});
     const Checkpoint ckpt = Checkpoint::open(path);
     struct Case {
       const char* label;
@@ -223,9 +222,8 @@ TEST_CASE("plans the forward cannot run are refused before anything runs") {
     // plan checks refuse first).
     planner::Plan plan = test::plan_streamed(ckpt, 0.6, 1.0, 8, 2);
     size_t i = 0;
-    while (i + 1 < plan.schedule.size() &&
-           !(plan.schedule[i].group < 0 && plan.schedule[i + 1].group < 0 &&
-             plan.schedule[i].component == plan.schedule[i + 1].component))
+    while (i + 1 < plan.schedule.size() && !(plan.schedule[i].group < 0 && plan.schedule[i + 1].group < 0 &&
+                                             plan.schedule[i].component == plan.schedule[i + 1].component))
       ++i;
     REQUIRE(i + 1 < plan.schedule.size());
     std::swap(plan.schedule[i], plan.schedule[i + 1]);

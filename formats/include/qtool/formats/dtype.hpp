@@ -10,7 +10,23 @@ namespace qtool {
 
 // Ordered as in the safetensors spec. Only these are read and written; other spec dtypes
 // (F8_E8M0, F4, F6_*, C64) are recognised by name and rejected as Unsupported.
-enum class DType : uint8_t { BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64 };
+enum class DType : uint8_t {
+  BOOL,
+  U8,
+  I8,
+  F8_E5M2,
+  F8_E4M3,
+  I16,
+  U16,
+  F16,
+  BF16,
+  I32,
+  U32,
+  F32,
+  F64,
+  I64,
+  U64
+};
 
 inline constexpr int kNumDTypes = 15;
 
@@ -32,11 +48,11 @@ std::string_view dtype_torch_name(DType dt);
 float bf16_to_f32(uint16_t h);
 uint16_t f32_to_bf16(float f);  // RNE; NaN stays NaN (quiet)
 float f16_to_f32(uint16_t h);
-uint16_t f32_to_f16(float f);   // RNE, subnormals, overflow to inf
-float fp8_e4m3_to_f32(uint8_t v);   // e4m3fn: no inf, 0x7F/0xFF NaN
+uint16_t f32_to_f16(float f);      // RNE, subnormals, overflow to inf
+float fp8_e4m3_to_f32(uint8_t v);  // e4m3fn: no inf, 0x7F/0xFF NaN
 float fp8_e5m2_to_f32(uint8_t v);
-uint8_t f32_to_fp8_e4m3(float f);   // RNE; |f| beyond the finite range gives NaN (caller clamps first)
-uint8_t f32_to_fp8_e5m2(float f);   // RNE; overflow to inf
+uint8_t f32_to_fp8_e4m3(float f);  // RNE; |f| beyond the finite range gives NaN (caller clamps first)
+uint8_t f32_to_fp8_e5m2(float f);  // RNE; overflow to inf
 
 // Converts n elements of dtype `dt` at `src` (little-endian, any alignment) to float32.
 // Integers convert exactly when representable; F64 rounds to nearest.

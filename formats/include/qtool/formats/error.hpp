@@ -53,11 +53,11 @@ template <typename... Args>
 
 }  // namespace qtool
 
-#define QTOOL_ASSERT(cond)                                                        \
-  do {                                                                            \
+#define QTOOL_ASSERT(cond)                                                         \
+  do {                                                                             \
     if (!(cond)) ::qtool::assert_failed(#cond, __FILE__, __LINE__, std::string()); \
   } while (0)
-#define QTOOL_ASSERT_MSG(cond, ...)                                                             \
-  do {                                                                                          \
+#define QTOOL_ASSERT_MSG(cond, ...)                                                                \
+  do {                                                                                             \
     if (!(cond)) ::qtool::assert_failed(#cond, __FILE__, __LINE__, ::qtool::str_cat(__VA_ARGS__)); \
   } while (0)

@@ -31,13 +31,12 @@
 
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/libquant/quant.hpp"
@@ -50,8 +49,8 @@ struct MappingEntry {
 };
 
 struct QuantConfig {
-  std::string label;                                 // the file name, for messages
-  std::optional<SchemeOptions> backend;              // quant_backend + quant_kwargs
+  std::string label;                                               // the file name, for messages
+  std::optional<SchemeOptions> backend;                            // quant_backend + quant_kwargs
   std::optional<std::vector<std::string>> components_to_quantize;  // nullopt: every component
   std::map<std::string, MappingEntry> quant_mapping;
   std::vector<std::string> modules_to_not_convert;
@@ -96,11 +95,11 @@ bool is_embedding_module(std::string_view module);
 
 // The resolved plan for one component.
 struct ComponentPlan {
-  std::string component;                      // "" for a single model
-  std::optional<SchemeOptions> options;       // nullopt: the component is copied unchanged
-  std::string source_key;                     // "quant_backend" or "quant_mapping.<name>"
-  std::vector<std::string> patterns;          // modules_to_not_convert that apply to it
-  std::vector<std::string> quantized_modules; // sorted: modules whose "<m>.weight" is quantized
+  std::string component;                       // "" for a single model
+  std::optional<SchemeOptions> options;        // nullopt: the component is copied unchanged
+  std::string source_key;                      // "quant_backend" or "quant_mapping.<name>"
+  std::vector<std::string> patterns;           // modules_to_not_convert that apply to it
+  std::vector<std::string> quantized_modules;  // sorted: modules whose "<m>.weight" is quantized
   // Sorted: every module with a 2-D float "<m>.weight" that stays unquantized (skipped by a
   // pattern, by the linear rule, or because its loader keeps it in full precision: T5's "wo",
   // transformers' _keep_in_fp32_modules for model_type t5/mt5/umt5), plus "lm_head" when it is

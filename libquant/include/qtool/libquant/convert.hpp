@@ -20,12 +20,11 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/progress.hpp"
@@ -35,11 +34,11 @@
 namespace qtool::quant {
 
 struct ConvertOptions {
-  size_t n_threads = 0;           // worker threads; 0: every core
-  uint64_t max_shard_size = 0;    // bytes per output shard; 0: as the input (see below)
-  bool force = false;             // replace an existing output
-  std::string tool_version;       // recorded in __metadata__ ("qtool_version")
-  ProgressFn progress;            // bytes of input tensor data done / total
+  size_t n_threads = 0;                              // worker threads; 0: every core
+  uint64_t max_shard_size = 0;                       // bytes per output shard; 0: as the input (see below)
+  bool force = false;                                // replace an existing output
+  std::string tool_version;                          // recorded in __metadata__ ("qtool_version")
+  ProgressFn progress;                               // bytes of input tensor data done / total
   std::function<void(std::string_view)> on_warning;  // each warning as it is found
 };
 // Without max_shard_size, a component stored in one file is written as one file, and a sharded
@@ -48,47 +47,47 @@ struct ConvertOptions {
 // One tensor of the input and what became of it.
 struct TensorReport {
   std::string component;
-  std::string name;              // the input tensor's name
-  std::string scheme;            // "" when copied unchanged
-  DType dtype = DType::BF16;     // input dtype
+  std::string name;           // the input tensor's name
+  std::string scheme;         // "" when copied unchanged
+  DType dtype = DType::BF16;  // input dtype
   std::vector<int64_t> shape;
-  uint64_t bytes_in = 0;         // input tensor bytes (quantize: the weight; dequantize: all parts)
-  uint64_t bytes_out = 0;        // output bytes (quantize: the weight and all its quant state)
+  uint64_t bytes_in = 0;   // input tensor bytes (quantize: the weight; dequantize: all parts)
+  uint64_t bytes_out = 0;  // output bytes (quantize: the weight and all its quant state)
   // Quantized weights: the dequantized output (from the bytes written) against the input.
   bool has_error = false;
-  double sum_sq_ref = 0;         // sum of w^2
-  double sum_sq_err = 0;         // sum of (dequant(q) - w)^2
+  double sum_sq_ref = 0;  // sum of w^2
+  double sum_sq_err = 0;  // sum of (dequant(q) - w)^2
   double max_abs_err = 0;
-  double rel_rms() const;        // sqrt(sum_sq_err / sum_sq_ref); 0 when both are 0
-  double sqnr_db() const;        // 10 log10(sum_sq_ref / sum_sq_err); +inf when exact
+  double rel_rms() const;  // sqrt(sum_sq_err / sum_sq_ref); 0 when both are 0
+  double sqnr_db() const;  // 10 log10(sum_sq_ref / sum_sq_err); +inf when exact
 };
 
 struct ComponentReport {
   std::string name;
-  nlohmann::json options;        // options_to_json of its scheme, or null when copied
+  nlohmann::json options;  // options_to_json of its scheme, or null when copied
   size_t n_quantized = 0;
   size_t n_copied = 0;
-  uint64_t bytes_in = 0;         // all tensors
+  uint64_t bytes_in = 0;  // all tensors
   uint64_t bytes_out = 0;
   size_t n_shards = 0;
   double sum_sq_ref = 0;
   double sum_sq_err = 0;
-  std::string worst_tensor;      // the quantized tensor with the lowest SQNR
+  std::string worst_tensor;  // the quantized tensor with the lowest SQNR
   double worst_sqnr_db = 0;
   std::vector<std::string> unquantized_modules;  // what loaders are told to leave alone
 };
 
 struct ConvertReport {
-  std::string command;           // "quantize" or "dequantize"
+  std::string command;  // "quantize" or "dequantize"
   std::filesystem::path input;
   std::filesystem::path output;
   std::string tool_version;
   size_t n_threads = 0;
   double seconds = 0;
-  uint64_t bytes_in = 0;         // tensor data read
-  uint64_t bytes_out = 0;        // tensor data written
-  uint64_t files_copied = 0;     // non-weight files copied
-  nlohmann::json config;         // the quant config as applied (quantize)
+  uint64_t bytes_in = 0;      // tensor data read
+  uint64_t bytes_out = 0;     // tensor data written
+  uint64_t files_copied = 0;  // non-weight files copied
+  nlohmann::json config;      // the quant config as applied (quantize)
   std::vector<ComponentReport> components;
   std::vector<TensorReport> tensors;  // every tensor, in input order
   std::vector<std::string> warnings;

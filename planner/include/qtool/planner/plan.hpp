@@ -24,13 +24,12 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/planner/device_profile.hpp"
 
@@ -113,7 +112,7 @@ struct ArenaLayout {
 ArenaLayout layout_arena(std::span<const uint64_t> sizes);
 
 struct GroupTensor {
-  std::string name;           // tensor name within the component
+  std::string name;  // tensor name within the component
   uint64_t nbytes = 0;
   uint64_t arena_offset = 0;  // within the group's arena / slot
 };
@@ -139,7 +138,7 @@ struct LinearOp {
   std::string weight;  // tensor holding W ("<module>.weight"; a tied head: the embedding's weight)
   int64_t out = 0;     // W is [out, in] (before quantization)
   int64_t in = 0;
-  std::string kind;    // "bf16", "f16", "f32", or the scheme: "int8", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4"
+  std::string kind;  // "bf16", "f16", "f32", or the scheme: "int8", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4"
 };
 
 struct ScheduleStep {
@@ -155,24 +154,24 @@ struct ScheduleStep {
 
 // Per device: GPUs first (by index), then "cpu", then "disk".
 struct DevicePlan {
-  std::string device;                 // "cuda:0", "cpu", "disk"
-  Location location;                  // on_gpu(i), cpu(), disk()
-  uint64_t budget = 0;                // bytes this device may use (UINT64_MAX: unlimited disk)
-  std::string budget_source;          // "--max-memory", "cudaMemGetInfo free", "/proc/meminfo MemAvailable"
-  uint64_t weights_bytes = 0;         // exact tensor bytes placed here (resident or offloaded)
-  uint64_t arena_bytes = 0;           // as laid out and rounded (GPU: resident arena; cpu: pinned arenas)
-  std::vector<ReserveItem> reserve;   // GPU: gpu_reserve(); cpu: disk_staging; disk: none
-  uint32_t n_slots = 0;               // GPU: device slots in its ring
-  uint64_t slot_bytes = 0;            // GPU: bytes per slot
-  uint64_t predicted_peak = 0;        // arena_bytes + sum(reserve)
+  std::string device;                // "cuda:0", "cpu", "disk"
+  Location location;                 // on_gpu(i), cpu(), disk()
+  uint64_t budget = 0;               // bytes this device may use (UINT64_MAX: unlimited disk)
+  std::string budget_source;         // "--max-memory", "cudaMemGetInfo free", "/proc/meminfo MemAvailable"
+  uint64_t weights_bytes = 0;        // exact tensor bytes placed here (resident or offloaded)
+  uint64_t arena_bytes = 0;          // as laid out and rounded (GPU: resident arena; cpu: pinned arenas)
+  std::vector<ReserveItem> reserve;  // GPU: gpu_reserve(); cpu: disk_staging; disk: none
+  uint32_t n_slots = 0;              // GPU: device slots in its ring
+  uint64_t slot_bytes = 0;           // GPU: bytes per slot
+  uint64_t predicted_peak = 0;       // arena_bytes + sum(reserve)
 };
 
 // One entry of a component's accelerate-compatible device_map.
 struct DeviceMapEntry {
-  std::string prefix;   // module prefix ("" = the whole component), or a tensor name
+  std::string prefix;  // module prefix ("" = the whole component), or a tensor name
   Location location;
-  std::string reason;   // empty for GPUs; why it is not kept on a GPU otherwise
-  uint64_t bytes = 0;   // exact bytes under this key (tied copies counted once)
+  std::string reason;  // empty for GPUs; why it is not kept on a GPU otherwise
+  uint64_t bytes = 0;  // exact bytes under this key (tied copies counted once)
 };
 
 struct TiedAlias {
@@ -189,14 +188,15 @@ struct ComponentPlan {
   // keys device_map, offload_reasons and module_bytes by the loader's module names (the prefix and
   // its dot removed, the prefix itself becoming "") and says "checkpoint_prefix".
   std::string checkpoint_prefix;
-  std::string forward;  // architecture of the real forward the runner executes (planner::arch_of); "" = linears only
+  std::string
+      forward;  // architecture of the real forward the runner executes (planner::arch_of); "" = linears only
   uint64_t bytes = 0;  // exact bytes, tied copies counted once
   // In execution order; keys never overlap. JSON: "device_map" {prefix: location} (what
   // accelerate's dispatch_model takes), "offload_reasons" {prefix: reason} for keys not on a GPU,
   // "module_bytes" {prefix: bytes}.
   std::vector<DeviceMapEntry> device_map;
   std::vector<TiedAlias> tied;
-  double step_s = 0;                     // predicted time of this component's steps
+  double step_s = 0;  // predicted time of this component's steps
 };
 
 // Bounds on the settings a user gives (command line) or a plan file holds; beyond them: exit 2
@@ -206,18 +206,18 @@ inline constexpr uint32_t kMaxPrefetch = 16;                       // device slo
 inline constexpr uint32_t kMaxBlocksPerGroup = uint32_t{1} << 16;  // blocks per offload group
 
 struct PlanSettings {
-  std::string strategy;         // "sequential", "balanced", "balanced_low_0" ("auto" resolved)
-  std::string offload_mode;     // "block" or "leaf" (resolved from "auto"), "none" when nothing is offloaded
+  std::string strategy;      // "sequential", "balanced", "balanced_low_0" ("auto" resolved)
+  std::string offload_mode;  // "block" or "leaf" (resolved from "auto"), "none" when nothing is offloaded
   uint32_t blocks_per_group = 0;  // block mode: units per group
-  uint32_t prefetch = 0;        // device slots per streaming GPU
+  uint32_t prefetch = 0;          // device slots per streaming GPU
   uint64_t tokens = 0;
   std::string profile_name;
-  std::string budget_note;      // where the budget came from
+  std::string budget_note;  // where the budget came from
 };
 
 struct Plan {
-  std::string checkpoint;       // path as given
-  std::string fingerprint;      // Checkpoint::fingerprint()
+  std::string checkpoint;   // path as given
+  std::string fingerprint;  // Checkpoint::fingerprint()
   std::string qtool_version;
   PlanSettings settings;
   DeviceProfile profile;
@@ -225,9 +225,9 @@ struct Plan {
   std::vector<DevicePlan> devices;
   std::vector<OffloadGroup> groups;
   std::vector<ScheduleStep> schedule;
-  double predicted_step_s = 0;  // simulated: copies overlapped with compute through the slots
-  double transfer_s = 0;        // sum of group copy times
-  double compute_s = 0;         // sum of step compute times
+  double predicted_step_s = 0;     // simulated: copies overlapped with compute through the slots
+  double transfer_s = 0;           // sum of group copy times
+  double compute_s = 0;            // sum of step compute times
   std::vector<std::string> notes;  // human remarks (assumptions, budget source)
 
   const DevicePlan* find_device(const Location& loc) const;

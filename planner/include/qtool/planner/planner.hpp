@@ -43,12 +43,11 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/planner/arch.hpp"
@@ -72,11 +71,11 @@ inline constexpr uint64_t kUnlimited = UINT64_MAX;
 
 // A memory budget per device.
 struct Budget {
-  std::map<int32_t, uint64_t> gpus;  // GPU index -> bytes
-  std::optional<uint64_t> cpu;       // pinned host memory for offloaded groups; nullopt: none given
+  std::map<int32_t, uint64_t> gpus;            // GPU index -> bytes
+  std::optional<uint64_t> cpu;                 // pinned host memory for offloaded groups; nullopt: none given
   std::map<int32_t, std::string> gpu_sources;  // where each GPU's number came from
   std::string cpu_source;
-  std::string note;                  // one line saying where the budget came from
+  std::string note;  // one line saying where the budget came from
 };
 
 // --max-memory: "0=20GiB,1=20GiB,cpu=64GiB", accelerate's JSON dict ({"0": "20GiB", 1: 20e9,
@@ -111,10 +110,10 @@ struct ComponentInput {
 };
 
 struct PipelineInput {
-  std::string path;                            // for the plan file
+  std::string path;  // for the plan file
   std::string fingerprint;
-  std::optional<nlohmann::json> model_index;   // pipelines
-  std::vector<ComponentInput> components;      // in model_index order
+  std::optional<nlohmann::json> model_index;  // pipelines
+  std::vector<ComponentInput> components;     // in model_index order
 };
 
 // From an opened checkpoint: tensor headers and, for quantized linears, their shapes from the

@@ -43,12 +43,11 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "qtool/planner/module_tree.hpp"
 
@@ -59,7 +58,7 @@ inline constexpr int kTemplateVersion = 1;
 struct TemplateTie {
   std::string primary;
   std::string alias;
-  std::string when_config;  // config key that enables the tie ("" = always tied)
+  std::string when_config;     // config key that enables the tie ("" = always tied)
   bool default_value = false;  // the config key's default when the config lacks it
 };
 
@@ -111,7 +110,7 @@ std::vector<TiedPair> tied_pairs_for(const ModelTemplate* tmpl, const std::optio
 // A placement unit: a block (never split), a module the template names in `units` (whole), or
 // the tensors owned directly by one module outside every block.
 struct Unit {
-  int32_t node = -1;       // tree node: the block, or the module owning the tensors
+  int32_t node = -1;  // tree node: the block, or the module owning the tensors
   bool is_block = false;
   std::vector<uint32_t> tensors;  // tensor indices, in execution order (natural module order)
 };

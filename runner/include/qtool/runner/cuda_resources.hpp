@@ -34,8 +34,8 @@ struct CublasApi {
   decltype(&::cublasSetPointerMode_v2) set_pointer_mode;
   decltype(&::cublasSetWorkspace_v2) set_workspace;
   cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
-                            const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
-                            cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+                            const void*, cudaDataType, int, const void*, cudaDataType, int, const void*,
+                            void*, cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
 };
 const CublasApi& cublas();
 

@@ -43,8 +43,8 @@ struct DequantParams {
   // header is also compiled for the kernels, without libquant).
   uint8_t scheme = 0;
   uint8_t orig_dtype = 0;
-  const uint8_t* weight = nullptr;        // [rows, cols] of kind, or packed 4-bit codes
-  const uint8_t* scale = nullptr;  // SCB F32 [rows] | weight_scale [rows] or [1] | absmax F32/U8 [n_blocks]
+  const uint8_t* weight = nullptr;  // [rows, cols] of kind, or packed 4-bit codes
+  const uint8_t* scale = nullptr;   // SCB F32 [rows] | weight_scale [rows] or [1] | absmax F32/U8 [n_blocks]
   const uint8_t* quant_map = nullptr;         // 4-bit: F32 [16]; null: the built-in table
   const uint8_t* nested_absmax = nullptr;     // 4-bit double quant: F32 [ceil(n_blocks / 256)]
   const uint8_t* nested_quant_map = nullptr;  // 4-bit double quant: F32 [256]; null: built-in

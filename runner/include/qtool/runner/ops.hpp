@@ -64,7 +64,7 @@ struct AttentionShape {
   int64_t heads = 0;
   int64_t kv_heads = 0;  // GQA: query head j reads kv head j / (heads / kv_heads)
   int64_t head_dim = 0;
-  float scale = 1.0f;  // applied to q·k before the bias and the mask
+  float scale = 1.0f;   // applied to q·k before the bias and the mask
   bool causal = false;  // key s visible to query t iff s <= t (top-left, q_len == kv_len)
   // Optional additive bias [heads * q_len, kv_len] (T5's relative position bias), shared by the
   // samples, added in float32 after the scale.
@@ -100,7 +100,8 @@ class Ops {
   // out = ⟦x·Wᵀ + b⟧: W [out, in] dequantized to the activation dtype exactly as the runner's
   // dequant kernels do, products accumulated in float32, bias (plain [out], may be null) added
   // in float32 before the one rounding.
-  virtual void linear(const Mat& x, const DequantParams& weight, const DequantParams* bias, const Mat& out) = 0;
+  virtual void linear(const Mat& x, const DequantParams& weight, const DequantParams* bias,
+                      const Mat& out) = 0;
   // RMSNorm over the last dim of every row; `weight` [cols] (or, with head_dim > 0, [head_dim]
   // applied to each head of width head_dim separately: Flux's per-head q/k norms). In place allowed.
   virtual void rms_norm(const Mat& x, const DequantParams& weight, float eps, RmsRounding rounding,
