@@ -146,9 +146,10 @@ Component Component::open_folder(const fs::path& dir, std::string name) {
   Component c;
   c.name_ = std::move(name);
   c.dir_ = dir;
-  if (!fs::is_directory(dir)) fail(ErrorKind::Io, dir.string(), ": not a folder");
+  std::error_code ec;  // the non-throwing forms: a name too long or a loop is bad input, not a crash
+  if (!fs::is_directory(dir, ec)) fail(ErrorKind::Io, dir.string(), ": not a folder");
   const fs::path config = dir / "config.json";
-  if (fs::exists(config)) c.config_ = read_json_file(config);
+  if (fs::exists(config, ec)) c.config_ = read_json_file(config);
 
   const std::vector<std::string> files = list_files(dir);
   auto has = [&](const std::string& f) { return std::binary_search(files.begin(), files.end(), f); };
@@ -295,7 +296,7 @@ Checkpoint Checkpoint::open(const fs::path& path) {
   if (!fs::is_directory(st)) fail(ErrorKind::Io, path.string(), ": not a file or folder");
 
   const fs::path model_index = path / "model_index.json";
-  if (!fs::exists(model_index)) {
+  if (!fs::exists(model_index, ec)) {
     ck.layout_ = Layout::Model;
     ck.components_.push_back(Component::open_folder(path, ""));
     return ck;
@@ -316,7 +317,7 @@ Checkpoint Checkpoint::open(const fs::path& path) {
     if (!value.is_array()) {
       // Pipeline options (requires_safety_checker: true, ...) are not components; a component
       // folder whose entry is not [library, class] is a broken file.
-      if (fs::is_directory(path / key))
+      if (fs::is_directory(path / key, ec))
         fail(ErrorKind::InvalidInput, label, ": component '", key, "': expected [library, class], got ",
              value.dump());
       continue;
@@ -331,7 +332,7 @@ Checkpoint Checkpoint::open(const fs::path& path) {
     if (key.find('/') != std::string::npos || key == "." || key == "..")
       fail(ErrorKind::InvalidInput, label, ": component name '", key, "' is not a folder name");
     const fs::path dir = path / key;
-    if (!fs::is_directory(dir))
+    if (!fs::is_directory(dir, ec))
       fail(ErrorKind::InvalidInput, label, ": component '", key, "' (", value[0].get<std::string>(), ".",
            value[1].get<std::string>(), ") has no folder ", dir.string());
     const std::vector<std::string> files = list_files(dir);

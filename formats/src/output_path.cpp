@@ -116,7 +116,7 @@ void OutputPath::commit() {
   if (exists && !force_)
     fail(ErrorKind::InvalidInput, final_.string(),
          ": output appeared while writing (use --force to replace it)");
-  if (exists && !fs::is_directory(final_) && !fs::is_directory(tmp_)) {
+  if (exists && !fs::is_directory(final_, ec) && !fs::is_directory(tmp_, ec)) {
     // A file replaces a file atomically.
     if (::rename(tmp_.c_str(), final_.c_str()) != 0)
       fail(ErrorKind::Io, tmp_.string(), ": cannot rename to ", final_.string(), ": ", std::strerror(errno));
