@@ -49,14 +49,24 @@ def folder_bytes(d):
 
 
 def plan_component(qtool, comp_dir, work):
-    """A plan whose device map mixes GPU and offloaded keys: one GPU holding about half the weights
-    (more when the planner streams everything at that budget) and a host budget for a quarter (each
-    raised to the smallest the planner accepts when that is more)."""
+    """A plan whose device map mixes GPU and offloaded keys: one GPU with room for about half the
+    weights above the planner's reserve (more when the planner streams everything at that budget)
+    and a host budget for a quarter (each raised to the smallest the planner accepts when that is
+    more)."""
     profile = os.path.join(HERE, "plan_accelerate.json")
     total = folder_bytes(comp_dir)
     plan_path = os.path.join(work, "plan.json")
-    for fraction in (0.5, 0.65, 0.8, 0.9):
-        budget = {"0": int(total * fraction), "cpu": total // 4}
+    # The smallest GPU budget the planner accepts (its reserve: context, the forward's activations,
+    # the streaming ring).
+    r = subprocess.run([qtool, "plan", comp_dir, "--max-memory", "0=1024,cpu=%d" % (total // 4), "--tokens", "1",
+                        "--device-profile", profile, "-o", plan_path, "-q"], capture_output=True, text=True)
+    m = re.search(r"Smallest budget that fits: (?:--max-memory )?0=(\d+)", r.stderr)
+    floor = int(m.group(1)) if m else 0
+    # A fraction of the weights alone first (models whose weights dwarf the reserve), then on top of
+    # the reserve (tiny models, whose reserve is as large as their weights).
+    gpu_budgets = [int(total * f) for f in (0.5, 0.65, 0.8, 0.9)] + [floor + int(total * f) for f in (0.1, 0.25, 0.5)]
+    for gpu_budget in gpu_budgets:
+        budget = {"0": gpu_budget, "cpu": total // 4}
         for _ in range(6):
             r = subprocess.run([qtool, "plan", comp_dir, "--max-memory",
                                 ",".join("%s=%d" % kv for kv in budget.items()), "--tokens", "1",
