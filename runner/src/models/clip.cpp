@@ -34,15 +34,6 @@ namespace {
 
 using planner::ClipTextArch;
 
-Activation activation_of(const std::string& act) {
-  if (act == "quick_gelu") return Activation::QuickGelu;
-  if (act == "gelu_new") return Activation::GeluNew;
-  if (act == "relu") return Activation::Relu;
-  if (act == "silu") return Activation::Silu;
-  QTOOL_ASSERT_MSG(act == "gelu_pytorch_tanh", "activation ", act);
-  return Activation::GeluTanh;
-}
-
 class ClipForward final : public StagedForward {
  public:
   ClipForward(const ClipTextArch& arch, DType dtype, std::string config_file)

@@ -249,6 +249,15 @@ bool child_less(std::string_view a, std::string_view b) {
 
 }  // namespace
 
+Activation activation_of(const std::string& act) {
+  if (act == "gelu_new") return Activation::GeluNew;
+  if (act == "relu") return Activation::Relu;
+  if (act == "quick_gelu") return Activation::QuickGelu;
+  if (act == "silu") return Activation::Silu;
+  QTOOL_ASSERT_MSG(act == "gelu_pytorch_tanh", "activation ", act);
+  return Activation::GeluTanh;
+}
+
 bool plan_order_less(std::string_view a, std::string_view b) {
   auto pa = split_path(a), pb = split_path(b);
   const std::string_view la = pa.back(), lb = pb.back();

@@ -98,6 +98,8 @@ class UnitWeights {
 };
 
 // Whether tensor `a` comes before tensor `b` in a unit's plan order (see UnitWeights).
+// The activation a config's `hidden_act` / `dense_act_fn` names (the arch parsers accept only these).
+Activation activation_of(const std::string& act);
 bool plan_order_less(std::string_view a, std::string_view b);
 
 }  // namespace qtool::runner::models

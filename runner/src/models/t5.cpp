@@ -30,15 +30,6 @@ namespace {
 
 using planner::T5EncoderArch;
 
-Activation activation_of(const std::string& act) {
-  if (act == "gelu_new") return Activation::GeluNew;
-  if (act == "relu") return Activation::Relu;
-  if (act == "quick_gelu") return Activation::QuickGelu;
-  if (act == "silu") return Activation::Silu;
-  QTOOL_ASSERT_MSG(act == "gelu_pytorch_tanh", "activation ", act);
-  return Activation::GeluTanh;
-}
-
 class T5Forward final : public StagedForward {
  public:
   T5Forward(const T5EncoderArch& arch, DType dtype, std::string config_file)
