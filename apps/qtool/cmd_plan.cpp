@@ -34,6 +34,7 @@ struct PlanCliOptions {
   std::string offload = "auto";
   std::optional<uint32_t> blocks_per_group;
   std::optional<uint32_t> prefetch;
+  uint32_t denoise_steps = planner::kDefaultDenoiseSteps;
   std::string device_profile;
   std::string models_dir;
   std::string output;
@@ -65,7 +66,8 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
       "plan",
       "Place every module of a checkpoint on GPUs, pinned host memory or disk within a memory budget, "
       "with offloaded weights streamed in groups through device slots; predict each device's peak memory "
-      "and the time of one step. Reads only the checkpoint's headers.");
+      "and the time of one step (a pipeline with phases, e.g. FluxPipeline: per phase, and the whole "
+      "job's time). Reads only the checkpoint's headers.");
   cmd->add_option("checkpoint", o->checkpoint,
                   "A .safetensors file, a model folder or a diffusers pipeline folder")
       ->required();
@@ -91,6 +93,12 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
                   "Device slots per streaming GPU (prefetch depth); default: chosen")
       ->check(count_range(1, planner::kMaxPrefetch));
   cmd->add_option(
+         "--denoise-steps", o->denoise_steps,
+         "Denoising steps of a pipeline planned by phase (FluxPipeline: the transformer's phase runs "
+         "this many times); other checkpoints ignore it")
+      ->default_val(planner::kDefaultDenoiseSteps)
+      ->check(count_range(1, planner::kMaxDenoiseSteps));
+  cmd->add_option(
       "--device-profile", o->device_profile,
       "Device profile JSON (or a name in sample_configs/devices/); default: the GPU's (built in by "
       "name, or measured once and cached under $XDG_CACHE_HOME/qtool/profiles), h100-pcie-gen5 "
@@ -109,6 +117,7 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
       r.options.tokens = o->tokens;
       r.options.blocks_per_group = o->blocks_per_group;
       r.options.prefetch = o->prefetch;
+      r.options.denoise_steps = o->denoise_steps;
       r.options.qtool_version = QTOOL_VERSION;
       if (o->device_profile.empty())
         r.choice = profile_choice_inputs(global);

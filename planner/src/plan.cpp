@@ -4,6 +4,7 @@
 #include <limits>
 #include <optional>
 
+#include "plan_reader.hpp"
 #include "qtool/formats/checked.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/json.hpp"
@@ -12,6 +13,7 @@ namespace qtool::planner {
 
 using nlohmann::json;
 using ojson = nlohmann::ordered_json;
+using detail::Reader;
 
 std::string Location::str() const {
   switch (kind) {
@@ -181,7 +183,7 @@ std::string checkpoint_key(const std::string& checkpoint_prefix, const std::stri
 json plan_to_json(const Plan& p) {
   ojson j;
   j["format"] = kPlanFormat;
-  j["version"] = kPlanVersion;
+  j["version"] = p.phases.empty() ? kPlanVersionNoPhases : kPlanVersion;
   j["qtool_version"] = p.qtool_version;
   j["checkpoint"] = p.checkpoint;
   j["fingerprint"] = p.fingerprint;
@@ -283,79 +285,12 @@ json plan_to_json(const Plan& p) {
   }
   j["schedule"] = std::move(sched);
   j["notes"] = p.notes;
+  if (!p.phases.empty()) detail::phases_to_json(p, j);
   // Strings that are not UTF-8 (a checkpoint path from the command line) become U+FFFD here.
   return json::parse(dump_json(j));
 }
 
 namespace {
-
-// Typed accessors that name the file and the key path in every error.
-struct Reader {
-  std::string_view label;
-
-  const json& at(const json& obj, std::string_view key, const std::string& path) const {
-    if (!obj.is_object()) fail(ErrorKind::InvalidInput, label, ": '", path, "' must be an object");
-    auto it = obj.find(std::string(key));
-    if (it == obj.end())
-      fail(ErrorKind::InvalidInput, label, ": missing key '", path.empty() ? "" : path + ".", key, "'");
-    return *it;
-  }
-  std::string str(const json& obj, std::string_view key, const std::string& path) const {
-    const json& v = at(obj, key, path);
-    if (!v.is_string()) fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be a string");
-    return v.get<std::string>();
-  }
-  uint64_t u64(const json& obj, std::string_view key, const std::string& path) const {
-    const json& v = at(obj, key, path);
-    if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<int64_t>() >= 0)) {
-      fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be a non-negative integer");
-    }
-    return v.get<uint64_t>();
-  }
-  // A non-negative integer at most `max`.
-  uint64_t bounded(const json& obj, std::string_view key, const std::string& path, uint64_t max) const {
-    const uint64_t v = u64(obj, key, path);
-    if (v > max) {
-      fail(ErrorKind::InvalidInput, label, ": key '", path, path.empty() ? "" : ".", key, "' is ", v,
-           ", more than ", max);
-    }
-    return v;
-  }
-  int64_t i64(const json& obj, std::string_view key, const std::string& path) const {
-    const json& v = at(obj, key, path);
-    if (!v.is_number_integer())
-      fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be an integer");
-    return v.get<int64_t>();
-  }
-  double num(const json& obj, std::string_view key, const std::string& path) const {
-    const json& v = at(obj, key, path);
-    if (!v.is_number()) fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be a number");
-    return v.get<double>();
-  }
-  const json& arr(const json& obj, std::string_view key, const std::string& path) const {
-    const json& v = at(obj, key, path);
-    if (!v.is_array()) fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must be an array");
-    return v;
-  }
-  std::vector<std::string> strs(const json& obj, std::string_view key, const std::string& path) const {
-    std::vector<std::string> out;
-    for (const json& v : arr(obj, key, path)) {
-      if (!v.is_string())
-        fail(ErrorKind::InvalidInput, label, ": key '", path, ".", key, "' must hold strings");
-      out.push_back(v.get<std::string>());
-    }
-    return out;
-  }
-  std::vector<ReserveItem> reserve(const json& obj, const std::string& path) const {
-    std::vector<ReserveItem> out;
-    const json& a = arr(obj, "reserve", path);
-    for (size_t i = 0; i < a.size(); ++i) {
-      const std::string p = str_cat(path, ".reserve[", i, "]");
-      out.push_back({str(a[i], "name", p), u64(a[i], "bytes", p), str(a[i], "detail", p)});
-    }
-    return out;
-  }
-};
 
 DevicePlan device_from_json(Reader& r, const json& dj, size_t i, std::string_view label) {
   const std::string path = str_cat("devices[", i, "]");
@@ -511,9 +446,9 @@ Plan plan_from_json(const json& j, std::string_view label) {
     fail(ErrorKind::InvalidInput, label, ": not a qtool plan (key 'format' is not \"", kPlanFormat, "\")");
   }
   const int64_t version = r.i64(j, "version", "");
-  if (version != kPlanVersion) {
+  if (version != kPlanVersion && version != kPlanVersionNoPhases) {
     fail(ErrorKind::InvalidInput, label, ": plan version ", version,
-         " is not supported (this qtool reads version ", kPlanVersion, ")");
+         " is not supported (this qtool reads versions ", kPlanVersionNoPhases, " and ", kPlanVersion, ")");
   }
   Plan p;
   p.qtool_version = r.str(j, "qtool_version", "");
@@ -542,6 +477,7 @@ Plan plan_from_json(const json& j, std::string_view label) {
   const json& sched = r.arr(j, "schedule", "");
   for (size_t i = 0; i < sched.size(); ++i) p.schedule.push_back(step_from_json(r, sched[i], i, label, p));
   p.notes = r.strs(j, "notes", "");
+  if (version == kPlanVersion) detail::phases_from_json(r, j, p);
   return p;
 }
 

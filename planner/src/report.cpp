@@ -9,43 +9,19 @@
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/size.hpp"
 #include "qtool/planner/planner.hpp"
+#include "report_internal.hpp"
 
 namespace qtool::planner {
 namespace {
+
+using detail::fmt;
+using detail::pad;
+using detail::xml_escape;
 
 bool covers(std::string_view key, std::string_view name) {
   return key.empty() || key == name ||
          (name.size() > key.size() && name.starts_with(key) && name[key.size()] == '.');
 }
-
-std::string fmt(double v, const char* f = "%.3f") {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
-
-std::string pad(std::string s, size_t w, bool right = false) {
-  if (s.size() >= w) return s;
-  return right ? std::string(w - s.size(), ' ') + s : s + std::string(w - s.size(), ' ');
-}
-
-std::string xml_escape(std::string_view s) {
-  std::string o;
-  for (char c : s) {
-    switch (c) {
-      case '<': o += "&lt;"; break;
-      case '>': o += "&gt;"; break;
-      case '&': o += "&amp;"; break;
-      case '"': o += "&quot;"; break;
-      default: o += c;
-    }
-  }
-  return o;
-}
-
-}  // namespace
-
-namespace {
 
 // check_plan's checks, one method each, collecting problems.
 class PlanCheck {
@@ -91,6 +67,7 @@ std::vector<std::string> PlanCheck::run() {
   devices();
   groups();
   schedule();
+  if (!plan_.phases.empty()) detail::check_phases(plan_, problems_);
   return problems_;
 }
 
@@ -246,40 +223,8 @@ std::vector<std::string> check_plan(const Plan& plan, const PipelineInput& input
   return PlanCheck(plan, input).run();
 }
 
-std::string plan_table(const Plan& plan) {
+std::string detail::components_text(const Plan& plan) {
   std::string o;
-  o += str_cat("plan for ", plan.checkpoint, "\n");
-  o += str_cat("  strategy ", plan.settings.strategy, ", offload ", plan.settings.offload_mode);
-  if (plan.settings.offload_mode == "block")
-    o += str_cat(" (", plan.settings.blocks_per_group, " unit(s) per group)");
-  if (plan.settings.prefetch) o += str_cat(", ", plan.settings.prefetch, " slot(s) per streaming GPU");
-  o += str_cat(", tokens ", plan.settings.tokens, ", device profile ", plan.settings.profile_name, "\n");
-  for (const std::string& n : plan.notes) o += "  note: " + n + "\n";
-  o += "\n" + pad("device", 8) + pad("budget", 12, true) + pad("weights", 12, true) + pad("arena", 12, true) +
-       pad("reserve", 12, true) + pad("peak", 12, true) + pad("free", 12, true) + "\n";
-  for (const DevicePlan& d : plan.devices) {
-    const uint64_t res = sum_bytes(d.reserve);
-    const bool unlimited = d.budget == kUnlimited;
-    o += pad(d.device, 8) + pad(unlimited ? "-" : format_size(d.budget), 12, true) +
-         pad(format_size(d.weights_bytes), 12, true) + pad(format_size(d.arena_bytes), 12, true) +
-         pad(format_size(res), 12, true) + pad(format_size(d.predicted_peak), 12, true) +
-         pad(unlimited ? "-" : format_size(d.budget - std::min(d.budget, d.predicted_peak)), 12, true) + "\n";
-    for (const ReserveItem& r : d.reserve) {
-      o += "          " + pad(r.name, 18) + pad(format_size(r.bytes), 12, true) + "  " + r.detail + "\n";
-    }
-  }
-  uint64_t cpu_groups = 0, disk_groups = 0, largest = 0;
-  for (const OffloadGroup& g : plan.groups) {
-    (g.target.kind == Location::Kind::Disk ? disk_groups : cpu_groups) += 1;
-    largest = std::max(largest, g.arena_bytes);
-  }
-  o += str_cat("\non GPUs ", format_size(plan.gpu_bytes()), ", offloaded ",
-               format_size(plan.offloaded_bytes()), " in ", plan.groups.size(), " group(s) (", cpu_groups,
-               " cpu, ", disk_groups, " disk",
-               plan.groups.empty() ? "" : str_cat(", largest ", format_size(largest)), ")\n");
-  o += str_cat("predicted step ", fmt(plan.predicted_step_s * 1e3, "%.2f"), " ms (compute ",
-               fmt(plan.compute_s * 1e3, "%.2f"), " ms, copies ", fmt(plan.transfer_s * 1e3, "%.2f"),
-               " ms, overlapped through the slots)\n");
   for (const ComponentPlan& c : plan.components) {
     std::map<std::string, uint64_t> per;
     for (const DeviceMapEntry& e : c.device_map) per[e.location.str()] += e.bytes;
@@ -316,7 +261,46 @@ std::string plan_table(const Plan& plan) {
   return o;
 }
 
+std::string plan_table(const Plan& plan) {
+  if (!plan.phases.empty()) return detail::phases_table(plan) + detail::components_text(plan);
+  std::string o;
+  o += str_cat("plan for ", plan.checkpoint, "\n");
+  o += str_cat("  strategy ", plan.settings.strategy, ", offload ", plan.settings.offload_mode);
+  if (plan.settings.offload_mode == "block")
+    o += str_cat(" (", plan.settings.blocks_per_group, " unit(s) per group)");
+  if (plan.settings.prefetch) o += str_cat(", ", plan.settings.prefetch, " slot(s) per streaming GPU");
+  o += str_cat(", tokens ", plan.settings.tokens, ", device profile ", plan.settings.profile_name, "\n");
+  for (const std::string& n : plan.notes) o += "  note: " + n + "\n";
+  o += "\n" + pad("device", 8) + pad("budget", 12, true) + pad("weights", 12, true) + pad("arena", 12, true) +
+       pad("reserve", 12, true) + pad("peak", 12, true) + pad("free", 12, true) + "\n";
+  for (const DevicePlan& d : plan.devices) {
+    const uint64_t res = sum_bytes(d.reserve);
+    const bool unlimited = d.budget == kUnlimited;
+    o += pad(d.device, 8) + pad(unlimited ? "-" : format_size(d.budget), 12, true) +
+         pad(format_size(d.weights_bytes), 12, true) + pad(format_size(d.arena_bytes), 12, true) +
+         pad(format_size(res), 12, true) + pad(format_size(d.predicted_peak), 12, true) +
+         pad(unlimited ? "-" : format_size(d.budget - std::min(d.budget, d.predicted_peak)), 12, true) + "\n";
+    for (const ReserveItem& r : d.reserve) {
+      o += "          " + pad(r.name, 18) + pad(format_size(r.bytes), 12, true) + "  " + r.detail + "\n";
+    }
+  }
+  uint64_t cpu_groups = 0, disk_groups = 0, largest = 0;
+  for (const OffloadGroup& g : plan.groups) {
+    (g.target.kind == Location::Kind::Disk ? disk_groups : cpu_groups) += 1;
+    largest = std::max(largest, g.arena_bytes);
+  }
+  o += str_cat("\non GPUs ", format_size(plan.gpu_bytes()), ", offloaded ",
+               format_size(plan.offloaded_bytes()), " in ", plan.groups.size(), " group(s) (", cpu_groups,
+               " cpu, ", disk_groups, " disk",
+               plan.groups.empty() ? "" : str_cat(", largest ", format_size(largest)), ")\n");
+  o += str_cat("predicted step ", fmt(plan.predicted_step_s * 1e3, "%.2f"), " ms (compute ",
+               fmt(plan.compute_s * 1e3, "%.2f"), " ms, copies ", fmt(plan.transfer_s * 1e3, "%.2f"),
+               " ms, overlapped through the slots)\n");
+  return o + detail::components_text(plan);
+}
+
 std::string plan_svg(const Plan& plan) {
+  if (!plan.phases.empty()) return detail::phases_svg(plan);
   const double width = 960, bar_h = 28, left = 90, right = 20, row = 64, top = 40;
   const double bar_w = width - left - right;
   std::string o;

@@ -55,11 +55,13 @@ using namespace detail;
   for (uint32_t id = 0; id < units_.size(); ++id) {
     if (o.gpu_of[id] == static_cast<int32_t>(best) && units_[id].follow < 0) resident += arena_[id];
   }
-  fail(ErrorKind::InvalidInput, "--max-memory: GPU ", gpu_index_[best], " has ", have, " bytes (",
-       format_size(have), "), too little for any plan: the smallest plan needs ", hi, " bytes (",
-       format_size(hi), ": resident weights ", round_up(resident, opt_.profile.alloc_granularity_bytes),
+  const uint64_t off = opt_.reported_budget_offset;
+  if (off) parts += str_cat(", held back for the other phases ", off);
+  fail(ErrorKind::InvalidInput, "--max-memory: GPU ", gpu_index_[best], " has ", have + off, " bytes (",
+       format_size(have + off), "), too little for any plan: the smallest plan needs ", hi + off, " bytes (",
+       format_size(hi + off), ": resident weights ", round_up(resident, opt_.profile.alloc_granularity_bytes),
        parts, "): short by ", hi - have, " bytes. Smallest budget that fits: --max-memory ", gpu_index_[best],
-       "=", hi);
+       "=", hi + off);
 }
 
 [[noreturn]] void Planner::infeasible_host(uint64_t needed) const {
@@ -105,6 +107,7 @@ Plan Planner::run() {
 
   SearchResult r = search();
   if (!r.best.ok) {
+    if (!opt_.explain_infeasible) fail(ErrorKind::InvalidInput, "--max-memory: the budget admits no plan");
     if (r.host_short) infeasible_host(r.host_needed);
     infeasible_gpu();
   }

@@ -83,6 +83,60 @@ int heuristic_category(const ModuleTree& tree, const Unit& u) {
   return 2;
 }
 
+TemplatePhase parse_phase(const json& p, const std::string& where) {
+  if (!p.is_object()) fail(ErrorKind::InvalidInput, where, " must be an object");
+  TemplatePhase ph;
+  for (const auto& [key, v] : p.items()) {
+    if (key == "name" && v.is_string() && !v.get<std::string>().empty()) {
+      ph.name = v.get<std::string>();
+    } else if (key == "note" && v.is_string()) {
+      ph.note = v.get<std::string>();
+    } else if (key == "repeat" && v.is_string() && v.get<std::string>() == "denoise_steps") {
+      ph.repeat_denoise_steps = true;
+    } else if (key == "repeat" && v.is_number_unsigned() && v.get<uint64_t>() >= 1 &&
+               v.get<uint64_t>() <= 1000000) {
+      ph.repeat = static_cast<uint32_t>(v.get<uint64_t>());
+    } else if (key == "components" && v.is_array() && !v.empty()) {
+      for (const json& c : v) {
+        if (!c.is_string() || c.get<std::string>().empty())
+          fail(ErrorKind::InvalidInput, where, ".components must hold non-empty strings");
+        ph.components.push_back(c.get<std::string>());
+      }
+    } else {
+      fail(ErrorKind::InvalidInput, where, ": bad key '", key,
+           "' (name: a string, components: a non-empty array of names, repeat: 1 to 1000000 or "
+           "\"denoise_steps\", note: a string)");
+    }
+  }
+  if (ph.name.empty() || ph.components.empty())
+    fail(ErrorKind::InvalidInput, where, " needs 'name' and 'components'");
+  return ph;
+}
+
+std::vector<TemplatePhase> parse_phases(const json& arr, const ModelTemplate& m, const std::string& label,
+                                        size_t i) {
+  const std::string base = str_cat(label, ": templates[", i, "].phases");
+  if (!arr.is_array() || arr.empty()) fail(ErrorKind::InvalidInput, base, " must be a non-empty array");
+  if (m.components.empty()) fail(ErrorKind::InvalidInput, base, ": only a pipeline template has phases");
+  std::vector<TemplatePhase> out;
+  for (size_t k = 0; k < arr.size(); ++k) {
+    TemplatePhase ph = parse_phase(arr[k], str_cat(base, "[", k, "]"));
+    for (const std::string& c : ph.components) {
+      if (std::find(m.components.begin(), m.components.end(), c) == m.components.end())
+        fail(ErrorKind::InvalidInput, base, "[", k, "]: component '", c, "' is not in 'components'");
+      for (const TemplatePhase& prev : out) {
+        if (std::find(prev.components.begin(), prev.components.end(), c) != prev.components.end())
+          fail(ErrorKind::InvalidInput, base, "[", k, "]: component '", c, "' is in two phases");
+      }
+    }
+    for (const TemplatePhase& prev : out) {
+      if (prev.name == ph.name) fail(ErrorKind::InvalidInput, base, "[", k, "]: phase '", ph.name, "' twice");
+    }
+    out.push_back(std::move(ph));
+  }
+  return out;
+}
+
 }  // namespace
 
 std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) {
@@ -111,8 +165,8 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
     if (!t.is_object()) fail(ErrorKind::InvalidInput, label, ": templates[", i, "] must be an object");
     for (const auto& [key, v] : t.items()) {
       static const char* const kKeys[] = {
-          "name",        "class_names",      "order", "units", "ties", "components", "offload_priority",
-          "description", "checkpoint_prefix"};
+          "name",        "class_names",       "order", "units", "ties", "components", "offload_priority",
+          "description", "checkpoint_prefix", "phases"};
       if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys)) {
         fail(ErrorKind::InvalidInput, label, ": templates[", i, "]: unknown key '", key, "'");
       }
@@ -137,6 +191,7 @@ std::vector<ModelTemplate> parse_templates(const json& j, const fs::path& file) 
       }
       m.checkpoint_prefix = it->get<std::string>();
     }
+    if (auto it = t.find("phases"); it != t.end()) m.phases = parse_phases(*it, m, label, i);
     if (m.order.empty() == m.components.empty()) {
       fail(ErrorKind::InvalidInput, label, ": templates[", i,
            "] needs exactly one of 'order' (a model) or 'components' (a pipeline)");

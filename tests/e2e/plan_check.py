@@ -109,8 +109,10 @@ def main():
 
 def check(comps, plan, expect):
     errors = []
-    if plan.get("format") != "qtool-plan" or plan.get("version") != 2:
-        return ["not a version-2 qtool plan"]
+    if plan.get("format") != "qtool-plan" or plan.get("version") not in (2, 3):
+        return ["not a version-2 or version-3 qtool plan"]
+    if (plan["version"] == 3) != ("phases" in plan):
+        return ["a version-3 plan has phases, a version-2 plan none"]
     pcomps = {c["name"]: c for c in plan["components"]}
     if set(comps) != set(pcomps):
         errors.append(f"components differ: checkpoint {sorted(comps)} plan {sorted(pcomps)}")
@@ -174,9 +176,52 @@ def check(comps, plan, expect):
             want = 0 if n in aliases else 1
             if runs.get((cname, n), 0) != want:
                 errors.append(f"{cname}: tensor {n} runs {runs.get((cname, n), 0)} times in the schedule")
+    if "phases" in plan:
+        errors += check_phases(plan)
     offloaded = any(not isinstance(v, int) for v in loc.values())
     if expect is not None and offloaded != expect:
         errors.append(f"expected offload {expect}, plan offloads {offloaded}")
+    return errors
+
+
+def check_phases(plan):
+    """A plan by phase: every component in one phase, the phases' steps in order, each phase's
+    peak per GPU the sum of its parts and within the budget, the job's time the sum of its parts."""
+    errors = []
+    names = [c["name"] for c in plan["components"]]
+    budgets = {d["device"]: d["budget"] for d in plan["devices"]}
+    streamed = {names[g["component"]] for g in plan["groups"]}
+    seen, nxt, job = [], 0, plan["job_load_s"]
+    for ph in plan["phases"]:
+        b, e = ph["schedule"]
+        if b != nxt or e < b:
+            errors.append(f"phase {ph['name']}: schedule [{b}, {e}) does not follow step {nxt}")
+        nxt = e
+        mine = {c["name"] for c in ph["components"]}
+        seen += list(mine)
+        for s in plan["schedule"][b:e]:
+            if names[s["component"]] not in mine:
+                errors.append(f"phase {ph['name']}: a step of {names[s['component']]}")
+        for c in ph["components"]:
+            if (c["mode"] == "streamed") != (c["name"] in streamed):
+                errors.append(f"phase {ph['name']}: {c['name']} is {c['mode']}, groups: {c['name'] in streamed}")
+            if not c["reason"]:
+                errors.append(f"phase {ph['name']}: {c['name']} has no reason")
+        for d in ph["devices"]:
+            total = d["resident_bytes"] + d["arena_bytes"] + sum(r["bytes"] for r in d["reserve"])
+            if total != d["predicted_peak"] or d["predicted_peak"] > budgets[d["device"]]:
+                errors.append(f"phase {ph['name']}: {d['device']} peak {d['predicted_peak']} (parts {total}, "
+                              f"budget {budgets[d['device']]})")
+        want = ph["load_s"] + ph["repeat"] * ph["step_s"]
+        if abs(ph["time_s"] - want) > 1e-9 * max(1.0, want):
+            errors.append(f"phase {ph['name']}: time {ph['time_s']} != {want}")
+        job += ph["time_s"]
+    if nxt != len(plan["schedule"]):
+        errors.append("steps in no phase")
+    if sorted(seen) != sorted(names):
+        errors.append(f"components by phase {sorted(seen)} != {sorted(names)}")
+    if abs(plan["predicted_job_s"] - job) > 1e-9 * max(1.0, job):
+        errors.append(f"predicted_job_s {plan['predicted_job_s']} != {job}")
     return errors
 
 

@@ -135,7 +135,13 @@ TEST_CASE(
                                                        {"text_encoder_2", "T5EncoderModel"}};
   for (const ComponentPlan& c : plan.components)
     CHECK(c.forward == (forwards.count(c.name) ? forwards.at(c.name) : std::string()));
-  const DevicePlan& gpu = plan.devices[0];
-  CHECK(items_named(gpu, std::string(kForwardActivationPrefix)) > 0);
-  CHECK(items_named(gpu, "activation_in") > 0);  // the VAE runs linears only
+  // Planned by phase: the transformer's phase reserves its forward's items, the VAE's (linears
+  // only) activation_in.
+  REQUIRE(plan.phases.size() == 4);
+  DevicePlan denoise, vae;
+  denoise.reserve = plan.phases[2].devices.at(0).reserve;
+  vae.reserve = plan.phases[3].devices.at(0).reserve;
+  CHECK(items_named(denoise, std::string(kForwardActivationPrefix)) > 0);
+  CHECK(items_named(vae, "activation_in") > 0);
+  CHECK(items_named(vae, std::string(kForwardActivationPrefix)) == 0);
 }

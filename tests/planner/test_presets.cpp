@@ -4,6 +4,8 @@
 // GPUs, and budgets from "everything fits" down to the smallest that admits a plan ("most of it
 // offloaded"): every tensor is in the device map exactly once, no block is split, every device's
 // predicted peak is within its budget (check_plan), and less budget never keeps more on the GPUs.
+// The flux pipelines are planned by phase (the template's phases): only one phase's components
+// need the GPU at a time, so at the smallest budget a phase may fit without streaming at all.
 #include <doctest/doctest.h>
 
 #include <string>
@@ -141,7 +143,8 @@ TEST_CASE("presets: every strategy and budget gives a valid plan") {
           for (const ComponentPlan& cp : p.components) counted += cp.bytes;
           CHECK(weights == counted);  // every byte placed once (tied copies counted once)
           if (step == 0) CHECK(p.offloaded_bytes() == 0);
-          if (step == 8 && ngpu == 1) CHECK(p.offloaded_bytes() * 10 >= counted * 9);  // most of it offloaded
+          if (step == 8 && ngpu == 1 && p.phases.empty())
+            CHECK(p.offloaded_bytes() * 10 >= counted * 9);  // most of it offloaded
           if (ngpu == 1) {
             CHECK(p.gpu_bytes() <= prev_gpu_bytes);
             prev_gpu_bytes = p.gpu_bytes();

@@ -37,7 +37,11 @@ namespace qtool::planner {
 
 // 2: components name the forward the runner executes ("forward"); a GPU running a forward reserves
 // its activation items ("activations: ...") instead of activation_in/out for it.
-inline constexpr int kPlanVersion = 2;
+// 3: a pipeline planned by phase ("phases", "denoise_steps", "predicted_job_s", "job_load_s"; see
+// PhasePlan). A plan without phases is still written as version 2 (byte for byte as before), and
+// both versions are read.
+inline constexpr int kPlanVersion = 3;
+inline constexpr int kPlanVersionNoPhases = 2;
 // The reserve items of the forwards' activations are named "activations: <item>".
 inline constexpr std::string_view kForwardActivationPrefix = "activations: ";
 inline constexpr std::string_view kPlanFormat = "qtool-plan";
@@ -204,6 +208,10 @@ struct ComponentPlan {
 inline constexpr uint64_t kMaxTokens = uint64_t{1} << 24;          // activation rows per linear
 inline constexpr uint32_t kMaxPrefetch = 16;                       // device slots per streaming GPU
 inline constexpr uint32_t kMaxBlocksPerGroup = uint32_t{1} << 16;  // blocks per offload group
+// Denoising steps of a pipeline planned by phase (`--denoise-steps`; a phase whose template says
+// "repeat": "denoise_steps"); the runner's limits are the same.
+inline constexpr uint32_t kDefaultDenoiseSteps = 28;
+inline constexpr uint32_t kMaxDenoiseSteps = 1000;
 
 struct PlanSettings {
   std::string strategy;      // "sequential", "balanced", "balanced_low_0" ("auto" resolved)
@@ -213,6 +221,59 @@ struct PlanSettings {
   uint64_t tokens = 0;
   std::string profile_name;
   std::string budget_note;  // where the budget came from
+};
+
+// How a pipeline component's weights reach the GPU in a phased plan (Plan::phases):
+//   Resident  loaded once at the job's start, kept on the GPUs for every phase (its arena is part
+//             of every phase's peak);
+//   Loaded    loaded whole at its phase's start and released after it (diffusers'
+//             enable_model_cpu_offload);
+//   Streamed  its resident units loaded at its phase's start and released after, its offloaded
+//             groups streamed through device slots within the phase, every run (group offload).
+enum class PhaseMode : uint8_t { Resident, Loaded, Streamed };
+std::string_view phase_mode_name(PhaseMode mode);  // "resident", "loaded", "streamed"
+PhaseMode parse_phase_mode(std::string_view text, std::string_view where);
+
+struct PhaseComponent {
+  uint32_t component = 0;  // index in Plan::components (JSON: its name)
+  PhaseMode mode = PhaseMode::Loaded;
+  std::string reason;        // why this mode, in one sentence
+  uint64_t load_bytes = 0;   // weights copied to the GPUs when it is loaded (not its streamed groups)
+  bool load_pinned = false;  // its host copy is pinned (h2d_pinned_gbps), else pageable (h2d_pageable_gbps)
+  double load_s = 0;         // predicted: load_bytes / bandwidth + copy latency (0 when nothing loads)
+};
+
+// One GPU's memory during a phase: the arena of the job's resident components (every phase holds
+// it), the arena of the phase's own loaded components and streamed components' resident units,
+// and the phase's reserve (gpu_reserve for the work of the phase; pinned_page_tables for the
+// whole job's pinned host memory).
+struct PhaseDevice {
+  Location location;            // a GPU
+  uint64_t resident_bytes = 0;  // arena of the job-resident components on this GPU (rounded)
+  uint64_t arena_bytes = 0;     // arena of this phase's loaded/streamed-resident weights (rounded)
+  std::vector<ReserveItem> reserve;
+  uint32_t n_slots = 0;
+  uint64_t slot_bytes = 0;
+  uint64_t predicted_peak = 0;  // resident_bytes + arena_bytes + sum(reserve)
+};
+
+// A phase of a pipeline job (the pipeline template's `phases`): its components run in turn, the
+// phase's schedule [schedule_begin, schedule_end) `repeat` times (the denoising steps), then the
+// next phase starts. Groups of its components are streamed only during it.
+struct PhasePlan {
+  std::string name;
+  std::string note;  // from the template (e.g. what of the phase is not executed)
+  uint32_t repeat = 1;
+  std::vector<PhaseComponent> components;
+  uint32_t schedule_begin = 0, schedule_end = 0;  // its steps in Plan::schedule
+  std::string offload_mode = "none";              // "none", "block", "leaf" for this phase
+  uint32_t blocks_per_group = 0;
+  uint32_t prefetch = 0;
+  std::vector<PhaseDevice> devices;  // every GPU of the budget, by index
+  double load_s = 0;                 // loads at its start (its loaded and streamed components)
+  double step_s = 0;                 // one run of its schedule (simulated: copies overlapped)
+  double transfer_s = 0, compute_s = 0;
+  double time_s = 0;  // load_s + repeat * step_s
 };
 
 struct Plan {
@@ -229,6 +290,14 @@ struct Plan {
   double transfer_s = 0;           // sum of group copy times
   double compute_s = 0;            // sum of step compute times
   std::vector<std::string> notes;  // human remarks (assumptions, budget source)
+  // A pipeline planned by phase (empty otherwise). Then `devices` holds per GPU the phase with the
+  // largest peak (n_slots and slot_bytes: the largest of any phase), `predicted_step_s`,
+  // `transfer_s` and `compute_s` one run of every phase's schedule, and the whole job's time is
+  // predicted_job_s = job_load_s (resident components, at the start) + every phase's time_s.
+  std::vector<PhasePlan> phases;
+  uint32_t denoise_steps = 0;
+  double job_load_s = 0;
+  double predicted_job_s = 0;
 
   const DevicePlan* find_device(const Location& loc) const;
   uint64_t gpu_bytes() const;        // weights resident on GPUs

@@ -130,6 +130,13 @@ struct PlanOptions {
   DeviceProfile profile;
   const TemplateLibrary* templates = nullptr;  // null: heuristic order only
   std::string qtool_version;
+  uint32_t denoise_steps = kDefaultDenoiseSteps;  // pipelines planned by phase; 1..kMaxDenoiseSteps
+  // false: an infeasible budget throws at once, without searching for the smallest budget that
+  // fits (the phased planner's trial plans).
+  bool explain_infeasible = true;
+  // Added to the GPU budgets an infeasible-budget error reports: the phased planner plans each
+  // phase on what the job's other needs leave of the budget the user gave.
+  uint64_t reported_budget_offset = 0;
 };
 
 // The rows (tokens) linear `module` of a component of architecture `arch` runs on in one forward
@@ -137,7 +144,21 @@ struct PlanOptions {
 // forward_flops(arch, 1, tokens).linear.
 uint64_t linear_rows(const Arch& arch, std::string_view module, uint64_t tokens);
 
+// A pipeline whose template (options.templates) has `phases` is planned by phase
+// (make_phased_plan); everything else as one sequence.
 Plan make_plan(const PipelineInput& input, const PlanOptions& options);
+// Planning by phase. Each phase's components are planned alone (the sequence planner above) on
+// the budget left by the components resident for the whole job; a component is
+//   resident  when keeping it on the GPUs slows no other phase (tried by the phase's repeat
+//             count, then size: the denoiser first), and the plans of all phases still fit;
+//   streamed  when its phase does not fit with all of it on the GPUs (group offload);
+//   loaded    otherwise: at its phase's start, released after it.
+// Loads copy at h2d_pinned_gbps when the cpu budget left after the streamed groups holds the
+// component's host copy (in phase order), else at h2d_pageable_gbps. Predicted job time =
+// resident loads + per phase (its loads + repeat x its simulated step). Host memory goes to the
+// streamed groups of the phases with the largest repeat first. Error(InvalidInput) naming the
+// phase when one does not fit even alone; Error(Usage) for denoise_steps out of range.
+Plan make_phased_plan(const PipelineInput& input, const PlanOptions& options, const ModelTemplate& pipeline);
 Plan make_plan(const Checkpoint& checkpoint, const PlanOptions& options);
 
 // Checks a plan against its own invariants and budget (used by tests and by `plan` before
@@ -146,9 +167,12 @@ Plan make_plan(const Checkpoint& checkpoint, const PlanOptions& options);
 // schedule consistent. Returns the problems found (empty: valid).
 std::vector<std::string> check_plan(const Plan& plan, const PipelineInput& input);
 
-// A readable table (devices, reserve, groups, offloaded modules) for stderr.
+// A readable table (devices, reserve, groups, offloaded modules; for a phased plan the phases,
+// each component's mode and why, per phase and GPU the memory, the job's time) for stderr.
 std::string plan_table(const Plan& plan);
-// An SVG drawing each device's memory as a bar of its modules, reserve items and slots.
+// An SVG drawing each device's memory as a bar of its modules, reserve items and slots; for a
+// phased plan one bar per phase and GPU (resident / loaded at phase start / streamed slots /
+// reserve / free) with a legend.
 std::string plan_svg(const Plan& plan);
 
 }  // namespace qtool::planner

@@ -39,6 +39,11 @@
 // containing "text_encoder" first, then "transformer"/"unet"/"prior", then the rest, each in
 // natural order). `offload_priority` lists the components whose blocks are offloaded first
 // (diffusers' model offload keeps the denoiser, which runs every step, on the GPU longest).
+// `phases` (optional) plans the pipeline by phase (planner.hpp, plan.hpp PhasePlan):
+//   "phases": [{"name": "text_encoder", "components": ["text_encoder"]},
+//              {"name": "denoise", "components": ["transformer"], "repeat": "denoise_steps"},
+//              {"name": "vae", "components": ["vae"], "note": "..."}]
+// `repeat` is a positive integer (default 1) or "denoise_steps"; a component is in one phase.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +67,17 @@ struct TemplateTie {
   bool default_value = false;  // the config key's default when the config lacks it
 };
 
+// A phase of a pipeline job (pipeline templates, `phases`): its components, how many times its
+// schedule runs per job (an integer, or "denoise_steps": `--denoise-steps`), and a note the plan
+// repeats (what of it is not executed).
+struct TemplatePhase {
+  std::string name;
+  std::vector<std::string> components;
+  uint32_t repeat = 1;
+  bool repeat_denoise_steps = false;
+  std::string note;
+};
+
 struct ModelTemplate {
   std::string name;
   std::filesystem::path file;
@@ -72,6 +88,7 @@ struct ModelTemplate {
   std::string checkpoint_prefix;              // model templates: stripped by the loader ("" = none)
   std::vector<std::string> components;        // pipeline templates
   std::vector<std::string> offload_priority;  // pipeline templates
+  std::vector<TemplatePhase> phases;          // pipeline templates: planned by phase when given
   bool is_pipeline() const { return !components.empty(); }
 };
 

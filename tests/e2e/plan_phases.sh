@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# qtool plan of a FluxPipeline by phase, end to end on `qtool synth --preset tiny-flux`: the table
+# shows the four phases, each component's mode and why, per phase the GPU's memory and the job's
+# time; the SVG has a bar per phase and GPU and a legend of its colours; the plan file's phases
+# pass plan_check.py; --denoise-steps N repeats the denoising phase N times and bad values exit 2.
+#   plan_phases.sh QTOOL SOURCE_DIR
+set -eu
+QTOOL=$1
+SRC=$2
+CHECK="python3 $SRC/tests/e2e/plan_check.py"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+"$QTOOL" plan --help | grep -q -- '--denoise-steps'
+"$QTOOL" synth --preset tiny-flux -o "$WORK/tf" -q
+# Small fixed costs, so that the tiny weights decide what fits.
+cat > "$WORK/small.json" <<'JSON'
+{"format": "qtool-device-profile", "version": 1, "name": "small", "context_bytes": 1048576,
+ "cublas_workspace_bytes": 65536, "alloc_granularity_bytes": 4096, "pinned_page_table_bytes_per_gib": 4096}
+JSON
+P="--device-profile $WORK/small.json --tokens 64"
+
+set +e
+"$QTOOL" plan "$WORK/tf" --max-memory 0=1KiB,cpu=1GiB $P -q 2>"$WORK/err" >/dev/null; rc=$?
+set -e
+[ "$rc" -eq 2 ] || fail "1 KiB budget exited $rc"
+grep -q "phase 'denoise'" "$WORK/err" || fail "the error does not name the phase: $(cat "$WORK/err")"
+lo=$(sed -n 's/.*Smallest budget that fits: --max-memory 0=\([0-9]*\).*/\1/p' "$WORK/err")
+[ -n "$lo" ] || fail "no smallest budget: $(cat "$WORK/err")"
+
+# Every budget from the smallest up: valid plans; the modes seen cover all three.
+modes=""
+for add in 0 262144 524288 1048576 2097152 4194304 8388608 67108864; do
+  b=$((lo + add))
+  "$QTOOL" plan "$WORK/tf" --max-memory "0=$b,cpu=1GiB" $P -o "$WORK/p$add.json" --svg "$WORK/p$add.svg" \
+    2>"$WORK/t$add.txt" >/dev/null
+  $CHECK "$WORK/tf" "$WORK/p$add.json" >/dev/null || fail "plan_check at $b"
+  modes="$modes $(python3 -c "
+import json, sys
+p = json.load(open(sys.argv[1]))
+assert p['version'] == 3 and [ph['name'] for ph in p['phases']] == ['text_encoder', 'text_encoder_2', 'denoise', 'vae']
+assert p['phases'][2]['repeat'] == 28 and p['denoise_steps'] == 28
+print(' '.join(c['name'] + '=' + c['mode'] for ph in p['phases'] for c in ph['components']))" "$WORK/p$add.json")"
+done
+for m in transformer=streamed transformer=resident =loaded; do
+  echo "$modes" | grep -q -- "$m" || fail "no plan with $m: $modes"
+done
+
+# The table: the job, each phase with its components' modes and reasons, and its GPU's memory.
+T="$WORK/t0.txt"
+for word in "a pipeline job by phase, 28 denoising step(s)" "predicted job" "phase 1 'text_encoder'" \
+  "phase 2 'text_encoder_2'" "phase 3 'denoise'" "phase 4 'vae'" "+ 28 x" "transformer (FluxTransformer2DModel)" \
+  ": streamed" "why:" "convolutions are not executed" "resident" "loaded" "slots" "peak" "device_slots" \
+  "offloaded modules"; do
+  grep -qF -- "$word" "$T" || { cat "$T"; fail "table lacks '$word'"; }
+done
+# The SVG: a legend of every colour, a bar per phase and GPU, the job's time.
+S="$WORK/p0.svg"
+for word in "resident for the whole job" "loaded at the phase's start, released after it" "streamed: device slots" \
+  "reserve: context" "free (budget not used)" "predicted job" "phase 1 text_encoder (x1)" "phase 3 denoise (x28)" \
+  "phase 4 vae (x1)" "transformer streamed"; do
+  grep -qF -- "$word" "$S" || fail "SVG lacks '$word'"
+done
+[ "$(grep -c 'class="legend"' "$S")" -eq 5 ] || fail "the legend has not 5 entries"
+[ "$(grep -c '>cuda:0</text>' "$S")" -eq 4 ] || fail "not one bar per phase on cuda:0"
+python3 -c "import sys, xml.dom.minidom as m; m.parse(sys.argv[1])" "$S" || fail "SVG is not XML"
+# Two GPUs: a bar per phase and GPU.
+"$QTOOL" plan "$WORK/tf" --max-memory "0=$((lo + 1048576)),1=$((lo + 1048576)),cpu=1GiB" --device-map balanced $P \
+  -o "$WORK/two.json" --svg "$WORK/two.svg" -q
+$CHECK "$WORK/tf" "$WORK/two.json" >/dev/null
+[ "$(grep -c '>cuda:1</text>' "$WORK/two.svg")" -eq 4 ] || fail "not one bar per phase on cuda:1"
+
+# --denoise-steps: the denoising phase runs N times, the job's time grows by N steps.
+"$QTOOL" plan "$WORK/tf" --max-memory "0=$((lo + 67108864)),cpu=1GiB" $P --denoise-steps 4 -o "$WORK/n4.json" -q
+python3 - "$WORK/n4.json" "$WORK/p67108864.json" <<'PY'
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:])
+assert a["denoise_steps"] == 4 and a["phases"][2]["repeat"] == 4
+step = a["phases"][2]["step_s"]
+assert abs((b["predicted_job_s"] - a["predicted_job_s"]) - 24 * step) <= 1e-9 * b["predicted_job_s"], (a, b)
+PY
+for bad in 0 1001 x -3; do
+  set +e
+  "$QTOOL" plan "$WORK/tf" --max-memory 0=1GiB $P --denoise-steps "$bad" -q 2>"$WORK/err" >/dev/null; rc=$?
+  set -e
+  [ "$rc" -eq 2 ] || fail "--denoise-steps $bad exited $rc"
+  grep -q -- "--denoise-steps" "$WORK/err" || fail "--denoise-steps $bad: $(cat "$WORK/err")"
+done
+# A plan file of a checkpoint without phases is still version 2.
+"$QTOOL" synth --preset tiny -o "$WORK/tiny" -q
+"$QTOOL" plan "$WORK/tiny" --max-memory 0=1GiB $P --json -q | python3 -c "
+import json, sys; p = json.load(sys.stdin); assert p['version'] == 2 and 'phases' not in p"
+echo "plan phases e2e ok"
