@@ -68,13 +68,7 @@ inline constexpr ProfiledKind kProfiledDequantKinds[] = {
 // A [rows, cols] weight of `kind` over random codes and per-block scales, for timing.
 inline DequantParams timing_weight(WeightKind kind, uint64_t rows, uint64_t cols, const uint8_t* codes,
                                    const uint8_t* scales) {
-  DequantParams dp;
-  dp.kind = kind;
-  dp.rows = rows;
-  dp.cols = cols;
-  dp.weight = codes;
-  dp.scale = scales;
-  return dp;
+  return DequantParams{.kind = kind, .rows = rows, .cols = cols, .weight = codes, .scale = scales};
 }
 
 }  // namespace qtool::runner
