@@ -16,12 +16,9 @@
 namespace qtool::runner {
 
 const char* lane_name(Lane lane) {
-  switch (lane) {
-    case Lane::Copy: return "copy";
-    case Lane::Compute: return "compute";
-    case Lane::DiskRead: return "disk read";
-  }
-  return "?";
+  static constexpr std::array<const char*, 3> kNames = {"copy", "compute", "disk read"};
+  static_assert(kNames.size() == static_cast<size_t>(Lane::DiskRead) + 1);
+  return enum_name(lane, kNames);
 }
 
 std::string TraceEvent::lane_label() const {
@@ -29,17 +26,12 @@ std::string TraceEvent::lane_label() const {
 }
 
 const char* memory_kind_name(MemoryKind kind) {
-  switch (kind) {
-    case MemoryKind::ResidentArena: return "resident_arena";
-    case MemoryKind::StreamedHeldResident: return "streamed_groups_held_resident";
-    case MemoryKind::DeviceSlots: return "device_slots";
-    case MemoryKind::ActivationIn: return "activation_in";
-    case MemoryKind::ActivationOut: return "activation_out";
-    case MemoryKind::DequantScratch: return "dequant_scratch";
-    case MemoryKind::CublasWorkspace: return "cublas_workspace";
-    case MemoryKind::ForwardActivations: return "forward_activations";
-  }
-  return "?";
+  static constexpr std::array<const char*, 8> kNames = {"resident_arena",   "streamed_groups_held_resident",
+                                                        "device_slots",     "activation_in",
+                                                        "activation_out",   "dequant_scratch",
+                                                        "cublas_workspace", "forward_activations"};
+  static_assert(kNames.size() == static_cast<size_t>(MemoryKind::ForwardActivations) + 1);
+  return enum_name(kind, kNames);
 }
 
 LayerDigest host_digest(const uint8_t* bytes, uint64_t n, DType dtype) {

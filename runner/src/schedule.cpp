@@ -11,6 +11,7 @@
 #include "qtool/libquant/config.hpp"
 #include "qtool/libquant/quant.hpp"
 #include "qtool/runner/plan_checks.hpp"
+#include "run_support.hpp"
 
 namespace qtool::runner {
 namespace {
@@ -227,12 +228,9 @@ DequantParams quantized_params(const quant::QuantizedLinear& ql, const Component
 }
 
 const char* placement_name(Placement placement) {
-  switch (placement) {
-    case Placement::Resident: return "gpu";
-    case Placement::Cpu: return "cpu";
-    case Placement::Disk: return "disk";
-  }
-  return "?";
+  static constexpr std::array<const char*, 3> kNames = {"gpu", "cpu", "disk"};
+  static_assert(kNames.size() == static_cast<size_t>(Placement::Disk) + 1);
+  return enum_name(placement, kNames);
 }
 
 namespace {

@@ -6,18 +6,15 @@
 #include <cstdio>
 
 #include "qtool/formats/error.hpp"
+#include "run_support.hpp"
 #include "verify_checks.hpp"
 
 namespace qtool::runner {
 
 const char* check_status_name(CheckResult::Status status) {
-  switch (status) {
-    case CheckResult::Status::Pass: return "pass";
-    case CheckResult::Status::Fail: return "FAIL";
-    case CheckResult::Status::Skip: return "skip";
-    case CheckResult::Status::Info: return "info";
-  }
-  return "?";
+  static constexpr std::array<const char*, 4> kNames = {"pass", "FAIL", "skip", "info"};
+  static_assert(kNames.size() == static_cast<size_t>(CheckResult::Status::Info) + 1);
+  return enum_name(status, kNames);
 }
 
 bool VerifyReport::passed() const {
