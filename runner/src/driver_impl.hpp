@@ -16,6 +16,7 @@
 #include "qtool/runner/driver.hpp"
 #include "qtool/runner/pipeline.hpp"
 #include "run_support.hpp"
+#include "unit_ops.hpp"
 
 namespace qtool::runner::driver_detail {
 
@@ -38,6 +39,13 @@ inline std::string label(const std::string& component, const std::string& name) 
 }
 
 class Driver;
+
+// A component's units in one pass: how they run, and the plan steps each reads.
+struct ComponentUnits {
+  std::unique_ptr<UnitRunner> runner;
+  std::vector<std::vector<size_t>> steps_of;  // per unit: its plan steps
+  std::vector<size_t> last_unit;              // per plan step: the last unit reading it (SIZE_MAX: none)
+};
 
 // The WeightSource of one unit: tensors resolved in the unit's steps.
 class StepWeights final : public WeightSource {
@@ -87,6 +95,13 @@ class Driver {
   void finish(size_t si);
   void run_step(uint32_t run_step);
   void run_component(uint32_t component, uint32_t run_step, size_t pass);
+  ComponentUnits component_units(uint32_t component, uint32_t run_step, size_t pass, bool first_pass);
+  void run_units(uint32_t component, uint32_t run_step, size_t pass, const ComponentUnits& units,
+                 UnitOps& unit_ops, StepWeights& weights, int device);
+  // A forward's output digested and handed to the pipeline; on its first pass, its unread tensors.
+  void end_forward(uint32_t component, uint32_t run_step, size_t pass, size_t n_units,
+                   const StepWeights& weights, bool first_pass);
+  bool runs_on(const std::vector<std::vector<size_t>>& steps_of, int device) const;  // any step on `device`
   void unit_steps(uint32_t component, const std::vector<std::string>& units,
                   std::vector<std::vector<size_t>>& out, std::vector<size_t>& last_unit) const;
   void trace(std::string name, Lane lane, int device, uint32_t step, int32_t plan_step, Clock::time_point a,

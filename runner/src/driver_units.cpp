@@ -182,91 +182,104 @@ void Driver::unit_steps(uint32_t component, const std::vector<std::string>& unit
   }
 }
 
-void Driver::run_component(uint32_t ci, uint32_t run_step, size_t pass) {
-  const Component& comp = checkpoint_.components()[ci];
-  ComponentRun& run = result_.components[ci];
-  const bool in_flow = flow_ && pass < flow_->passes().size();
-  const bool first_pass = run_step == 0 && run.passes == 0;
-  std::unique_ptr<UnitRunner> runner;
-  std::vector<std::vector<size_t>> steps_of;
-  std::vector<size_t> last_unit;
-  std::vector<LayerDigest>* linear_digests = options_.digests ? &result_.digests[run_step] : nullptr;
+bool Driver::runs_on(const std::vector<std::vector<size_t>>& steps_of, int device) const {
+  for (const auto& v : steps_of)
+    for (size_t si : v)
+      if (schedule_.steps[si].device == device) return true;
+  return false;
+}
+
+ComponentUnits Driver::component_units(uint32_t ci, uint32_t run_step, size_t pass, bool first_pass) {
+  ComponentUnits cu;
   if (forwards_[ci]) {
-    runner = std::make_unique<ForwardRunner>(*forwards_[ci], in_flow ? flow_->inputs(pass) : inputs_[ci]);
-    steps_of = unit_steps_[ci];
-    last_unit = last_unit_[ci];
-  } else {
-    auto lr = std::make_unique<LinearRunner>(checkpoint_, schedule_, ci, options_.tokens, options_.seed,
-                                             linear_digests);
-    last_unit.assign(schedule_.steps.size(), SIZE_MAX);
-    for (size_t u = 0; u < lr->steps().size(); ++u) {
-      steps_of.push_back({lr->steps()[u]});
-      last_unit[lr->steps()[u]] = u;
-    }
-    if (first_pass)
-      for (auto& [d, dev] : devices_) {
-        bool here = false;
-        for (size_t si : lr->steps()) here = here || schedule_.steps[si].device == d;
-        if (!here) continue;
-        dev->note(MemoryKind::ActivationIn, lr->in_bytes());
-        dev->note(MemoryKind::ActivationOut, lr->out_bytes());
-      }
-    runner = std::move(lr);
+    const bool in_flow = flow_ && pass < flow_->passes().size();
+    cu.runner = std::make_unique<ForwardRunner>(*forwards_[ci], in_flow ? flow_->inputs(pass) : inputs_[ci]);
+    cu.steps_of = unit_steps_[ci];
+    cu.last_unit = last_unit_[ci];
+    return cu;
   }
-  const int first_device = steps_of.empty() || steps_of.front().empty()
+  std::vector<LayerDigest>* linear_digests = options_.digests ? &result_.digests[run_step] : nullptr;
+  auto lr = std::make_unique<LinearRunner>(checkpoint_, schedule_, ci, options_.tokens, options_.seed,
+                                           linear_digests);
+  cu.last_unit.assign(schedule_.steps.size(), SIZE_MAX);
+  for (size_t u = 0; u < lr->steps().size(); ++u) {
+    cu.steps_of.push_back({lr->steps()[u]});
+    cu.last_unit[lr->steps()[u]] = u;
+  }
+  if (first_pass)
+    for (auto& [d, dev] : devices_) {
+      if (!runs_on(cu.steps_of, d)) continue;
+      dev->note(MemoryKind::ActivationIn, lr->in_bytes());
+      dev->note(MemoryKind::ActivationOut, lr->out_bytes());
+    }
+  cu.runner = std::move(lr);
+  return cu;
+}
+
+void Driver::run_units(uint32_t ci, uint32_t run_step, size_t pass, const ComponentUnits& cu,
+                       UnitOps& unit_ops, StepWeights& weights, int device) {
+  UnitRunner& runner = *cu.runner;
+  const size_t digest0 = digest_base_[pass];
+  for (size_t u = 0; u < runner.units().size(); ++u) {
+    const std::vector<size_t>& steps = cu.steps_of[u];
+    weights.enter(u, runner.units()[u], &steps);
+    if (!steps.empty()) device = schedule_.steps[steps.front()].device;
+    unit_ops.start_unit();
+    const auto t0 = Clock::now();
+    runner.run_unit(u, unit_ops, weights);
+    trace(forwards_[ci] ? label(pass_label_[pass], runner.units()[u]) : runner.units()[u], Lane::Compute,
+          device, run_step, steps.empty() ? -1 : static_cast<int32_t>(steps.front()), t0, Clock::now(), 0);
+    if (forwards_[ci] && options_.digests)
+      result_.unit_digests[run_step][digest0 + u] = unit_ops.unit_digest();
+    for (size_t si : steps)
+      if (cu.last_unit[si] == u && streamed(si)) finish(si);
+  }
+}
+
+void Driver::end_forward(uint32_t ci, uint32_t run_step, size_t pass, size_t n_units,
+                         const StepWeights& weights, bool first_pass) {
+  ComponentRun& run = result_.components[ci];
+  const HostTensor& out = run.output;
+  if (options_.digests)
+    result_.unit_digests[run_step][digest_base_[pass] + n_units] =
+        host_digest(out.bytes.data(), out.bytes.size() / dtype_size(out.dtype), out.dtype);
+  if (flow_ && pass < flow_->passes().size()) {
+    std::vector<HostTensor> outs{out};
+    outs.insert(outs.end(), run.more_outputs.begin(), run.more_outputs.end());
+    flow_->take(pass, outs);
+  }
+  if (first_pass) {
+    const Component& comp = checkpoint_.components()[ci];
+    for (const Component::Entry& e : comp.entries()) {
+      const std::string& name = comp.info(e).name;
+      if (!weights.read.count(entry_key(e)) && !schedule_.tied[ci].count(name))
+        run.unread_tensors.push_back(name);
+    }
+  }
+}
+
+void Driver::run_component(uint32_t ci, uint32_t run_step, size_t pass) {
+  ComponentRun& run = result_.components[ci];
+  const bool first_pass = run_step == 0 && run.passes == 0;
+  const ComponentUnits cu = component_units(ci, run_step, pass, first_pass);
+  const int first_device = cu.steps_of.empty() || cu.steps_of.front().empty()
                                ? schedule_.devices.front()
-                               : schedule_.steps[steps_of.front().front()].device;
+                               : schedule_.steps[cu.steps_of.front().front()].device;
   Ops& ops = platform_.ops(first_device, activation_bytes_);
   const size_t mark = ops.mark();
   ops.reset_peak();
-  const size_t digest0 = digest_base_[pass];
   UnitOps unit_ops(ops, forwards_[ci] && options_.digests);
   StepWeights weights(*this, ci);
-  runner->begin(unit_ops, run_step);
-  int device = first_device;
-  for (size_t u = 0; u < runner->units().size(); ++u) {
-    weights.enter(u, runner->units()[u], &steps_of[u]);
-    if (!steps_of[u].empty()) device = schedule_.steps[steps_of[u].front()].device;
-    unit_ops.start_unit();
-    const auto t0 = Clock::now();
-    runner->run_unit(u, unit_ops, weights);
-    trace(forwards_[ci] ? label(pass_label_[pass], runner->units()[u]) : runner->units()[u], Lane::Compute,
-          device, run_step, steps_of[u].empty() ? -1 : static_cast<int32_t>(steps_of[u].front()), t0,
-          Clock::now(), 0);
-    if (forwards_[ci] && options_.digests)
-      result_.unit_digests[run_step][digest0 + u] = unit_ops.unit_digest();
-    for (size_t si : steps_of[u])
-      if (last_unit[si] == u && streamed(si)) finish(si);
-  }
-  runner->end(unit_ops, run);
-  if (forwards_[ci]) {
-    const HostTensor& out = run.output;
-    if (options_.digests)
-      result_.unit_digests[run_step][digest0 + runner->units().size()] =
-          host_digest(out.bytes.data(), out.bytes.size() / dtype_size(out.dtype), out.dtype);
-    if (in_flow) {
-      std::vector<HostTensor> outs{out};
-      outs.insert(outs.end(), run.more_outputs.begin(), run.more_outputs.end());
-      flow_->take(pass, outs);
-    }
-    if (first_pass) {
-      for (const Component::Entry& e : comp.entries()) {
-        const std::string& name = comp.info(e).name;
-        if (!weights.read.count(entry_key(e)) && !schedule_.tied[ci].count(name))
-          run.unread_tensors.push_back(name);
-      }
-    }
-  }
+  cu.runner->begin(unit_ops, run_step);
+  run_units(ci, run_step, pass, cu, unit_ops, weights, first_device);
+  cu.runner->end(unit_ops, run);
+  if (forwards_[ci]) end_forward(ci, run_step, pass, cu.runner->units().size(), weights, first_pass);
   run.activation_peak_bytes = std::max(run.activation_peak_bytes, ops.peak_bytes());
   ops.release(mark);
   if (run_step == 0) ++run.passes;
   if (forwards_[ci] && first_pass)
-    for (auto& [d, dev] : devices_) {
-      bool here = false;
-      for (const auto& v : steps_of)
-        for (size_t si : v) here = here || schedule_.steps[si].device == d;
-      if (here) dev->note(MemoryKind::ForwardActivations, run.activation_peak_bytes);
-    }
+    for (auto& [d, dev] : devices_)
+      if (runs_on(cu.steps_of, d)) dev->note(MemoryKind::ForwardActivations, run.activation_peak_bytes);
 }
 
 }  // namespace qtool::runner::driver_detail
