@@ -35,6 +35,7 @@ struct PlanCliOptions {
   std::optional<uint32_t> blocks_per_group;
   std::optional<uint32_t> prefetch;
   uint32_t denoise_steps = planner::kDefaultDenoiseSteps;
+  bool no_phases = false;
   std::string device_profile;
   std::string models_dir;
   std::string output;
@@ -98,6 +99,9 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
          "this many times); other checkpoints ignore it")
       ->default_val(planner::kDefaultDenoiseSteps)
       ->check(count_range(1, planner::kMaxDenoiseSteps));
+  cmd->add_flag("--no-phases", o->no_phases,
+                "Plan a pipeline with phases as one sequence, every component present together (qtool verify "
+                "does not yet load or release components between phases)");
   cmd->add_option(
       "--device-profile", o->device_profile,
       "Device profile JSON (or a name in sample_configs/devices/); default: the GPU's (built in by "
@@ -118,6 +122,7 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
       r.options.blocks_per_group = o->blocks_per_group;
       r.options.prefetch = o->prefetch;
       r.options.denoise_steps = o->denoise_steps;
+      r.options.by_phase = !o->no_phases;
       r.options.qtool_version = QTOOL_VERSION;
       if (o->device_profile.empty())
         r.choice = profile_choice_inputs(global);

@@ -64,7 +64,7 @@ PipelineInput plan_input_of(const Checkpoint& checkpoint) {
 }
 
 Plan make_plan(const PipelineInput& input, const PlanOptions& options) {
-  if (options.templates && input.model_index) {
+  if (options.by_phase && options.templates && input.model_index) {
     const ModelTemplate* t = options.templates->find(class_name_of(input.model_index));
     if (t && t->is_pipeline() && !t->phases.empty()) return make_phased_plan(input, options, *t);
   }

@@ -223,6 +223,12 @@ std::vector<std::string> check_plan(const Plan& plan, const PipelineInput& input
   return PlanCheck(plan, input).run();
 }
 
+std::vector<std::string> check_plan_phases(const Plan& plan) {
+  std::vector<std::string> problems;
+  detail::check_phases(plan, problems);
+  return problems;
+}
+
 std::string detail::components_text(const Plan& plan) {
   std::string o;
   for (const ComponentPlan& c : plan.components) {

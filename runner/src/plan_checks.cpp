@@ -365,6 +365,7 @@ class Checker {
 void check_plan_consistency(const Checkpoint& checkpoint, const planner::Plan& plan,
                             const Schedule& schedule) {
   Checker(checkpoint, plan, schedule).run();
+  check_plan_phases(checkpoint, plan);
 }
 
 }  // namespace qtool::runner

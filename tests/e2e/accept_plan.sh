@@ -25,14 +25,15 @@ expect() {
   fi
 }
 
-# A profile with small fixed costs so that MiB budgets force streaming on tiny models.
+# A profile with small fixed costs so that MiB budgets force streaming on tiny models. Pipelines are
+# planned as one sequence (--no-phases): the hand edits below are of the schedule verify runs.
 cat > "$WORK/small.json" <<'JSON'
 {"format": "qtool-device-profile", "version": 1, "name": "small-test",
  "context_bytes": 1048576, "cublas_workspace_bytes": 1048576, "alloc_granularity_bytes": 4096,
  "pinned_page_table_bytes_per_gib": 4096}
 JSON
 smallest() {
-  "$QTOOL" plan "$1" --max-memory 0=1KiB,cpu=1GiB --tokens 16 --device-profile "$WORK/small.json" "${@:2}" 2>&1 >/dev/null |
+  "$QTOOL" plan "$1" --max-memory 0=1KiB,cpu=1GiB --tokens 16 --device-profile "$WORK/small.json" --no-phases "${@:2}" 2>&1 >/dev/null |
     sed -n 's/.*Smallest budget that fits: --max-memory 0=\([0-9]*\).*/\1/p'
 }
 # plan CKPT OUT EXTRA_BYTES [OPTIONS]: a plan with a GPU budget EXTRA_BYTES above the smallest.
@@ -41,7 +42,7 @@ plan() {
   lo=$(smallest "$1" "${@:4}")
   [ -n "$lo" ] || { echo "FAIL: no smallest budget for $1"; exit 1; }
   "$QTOOL" plan "$1" --max-memory "0=$((lo + $3)),cpu=1GiB" --tokens 16 --device-profile "$WORK/small.json" \
-    -o "$2" -q "${@:4}" || exit 1
+    --no-phases -o "$2" -q "${@:4}" || exit 1
 }
 verify() { "$QTOOL" verify "$1" --plan "$2" --backend cpu --steps 1; }
 
@@ -58,7 +59,7 @@ plan "$WORK/q" "$WORK/leaf.json" 400000 --offload leaf
 plan "$WORK/lt" "$WORK/tied.json" 100000
 plan "$WORK/tfq" "$WORK/pipe.json" 300000
 "$QTOOL" plan "$WORK/tfq" --max-memory 0=1GiB,cpu=1GiB --tokens 16 --device-profile "$WORK/small.json" \
-  -o "$WORK/pipe-res.json" -q || exit 1
+  --no-phases -o "$WORK/pipe-res.json" -q || exit 1
 python3 -c "import json,sys; p=json.load(open(sys.argv[1])); assert len(p['groups']) >= 3 and any(s['group'] < 0 for s in p['schedule']), p['groups']" \
   "$WORK/stream.json" || { echo "FAIL: the streamed plan streams too little"; fails=$((fails + 1)); }
 python3 -c "import json,sys; p=json.load(open(sys.argv[1])); assert p['components'][0]['tied'] and p['groups']" \

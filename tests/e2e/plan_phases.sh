@@ -2,7 +2,9 @@
 # qtool plan of a FluxPipeline by phase, end to end on `qtool synth --preset tiny-flux`: the table
 # shows the four phases, each component's mode and why, per phase the GPU's memory and the job's
 # time; the SVG has a bar per phase and GPU and a legend of its colours; the plan file's phases
-# pass plan_check.py; --denoise-steps N repeats the denoising phase N times and bad values exit 2.
+# pass plan_check.py; --denoise-steps N repeats the denoising phase N times and bad values exit 2;
+# --no-phases plans as one sequence; qtool verify runs an all-resident plan by phase and refuses
+# (exit 2, naming the phase) one that loads between phases or whose phases do not match the pipeline.
 #   plan_phases.sh QTOOL SOURCE_DIR
 set -eu
 QTOOL=$1
@@ -87,6 +89,47 @@ for bad in 0 1001 x -3; do
   [ "$rc" -eq 2 ] || fail "--denoise-steps $bad exited $rc"
   grep -q -- "--denoise-steps" "$WORK/err" || fail "--denoise-steps $bad: $(cat "$WORK/err")"
 done
+# --no-phases plans the pipeline as one sequence, as before (version 2, no phases).
+"$QTOOL" plan "$WORK/tf" --max-memory "0=$((lo + 1048576)),cpu=1GiB" $P --no-phases --json -q | python3 -c "
+import json, sys; p = json.load(sys.stdin); assert p['version'] == 2 and 'phases' not in p"
+
+# qtool verify follows a plan by phase whose components are all resident for the job (the driver
+# keeps every component on the GPUs); a plan that loads or streams a component at a phase's start
+# is refused (exit 2) naming the phase, until the driver loads and releases components; so is a
+# plan whose phases do not match the pipeline (hand-edited), naming the phase.
+roomy=$((lo + 67108864))
+"$QTOOL" verify "$WORK/tf" --plan "$WORK/p67108864.json" --backend cpu --steps 1 --denoise-steps 2 \
+  --report "$WORK/vr.json" -q || fail "verify of the all-resident phased plan"
+python3 -c "
+import json, sys; r = json.load(open(sys.argv[1]))
+assert all(c['status'] != 'fail' for c in r['checks']), r['checks']" "$WORK/vr.json"
+verify_2() {  # verify_2 PLAN WORDS...: exit 2, the message naming each word
+  set +e
+  "$QTOOL" verify "$WORK/tf" --plan "$1" --backend cpu --steps 1 --denoise-steps 2 -q 2>"$WORK/err" >/dev/null; rc=$?
+  set -e
+  [ "$rc" -eq 2 ] || fail "verify $1 exited $rc: $(cat "$WORK/err")"
+  for w in "${@:2}"; do grep -qF -- "$w" "$WORK/err" || fail "verify $1: no '$w' in $(cat "$WORK/err")"; done
+}
+verify_2 "$WORK/p0.json" "plan phase '" "there, but qtool verify keeps every component" "--no-phases"
+python3 - "$WORK/p67108864.json" "$WORK/swapped.json" "$WORK/repeat.json" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))
+q = json.loads(json.dumps(p))
+q["phases"][0]["components"], q["phases"][1]["components"] = q["phases"][1]["components"], q["phases"][0]["components"]
+q["phases"][0]["schedule"], q["phases"][1]["schedule"] = q["phases"][1]["schedule"], q["phases"][0]["schedule"]
+json.dump(q, open(sys.argv[2], "w"))
+q = json.loads(json.dumps(p))
+q["phases"][3]["repeat"] = 2
+q["phases"][3]["time_s"] = q["phases"][3]["load_s"] + 2 * q["phases"][3]["step_s"]
+q["predicted_job_s"] = q["job_load_s"] + sum(ph["time_s"] for ph in q["phases"])
+json.dump(q, open(sys.argv[3], "w"))
+PY
+verify_2 "$WORK/swapped.json" "plan phase" "text_encoder"
+verify_2 "$WORK/repeat.json" "plan phase 'vae': repeat 2"
+"$QTOOL" plan "$WORK/tf" --max-memory "0=$((lo + 1048576)),cpu=1GiB" $P --no-phases -o "$WORK/seq.json" -q
+"$QTOOL" verify "$WORK/tf" --plan "$WORK/seq.json" --backend cpu --steps 1 --denoise-steps 2 -q ||
+  fail "verify of the --no-phases plan"
+
 # A plan file of a checkpoint without phases is still version 2.
 "$QTOOL" synth --preset tiny -o "$WORK/tiny" -q
 "$QTOOL" plan "$WORK/tiny" --max-memory 0=1GiB $P --json -q | python3 -c "

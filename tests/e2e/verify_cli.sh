@@ -24,7 +24,8 @@ JSON
 # The smallest GPU budget qtool plan accepts for a checkpoint (from its error message).
 smallest() {
   set +e
-  "$QTOOL" plan "$1" --max-memory 0=1KiB,cpu=1GiB --tokens 16 --device-profile "$WORK/small.json" 2>"$WORK/err" >/dev/null
+  "$QTOOL" plan "$1" --max-memory 0=1KiB,cpu=1GiB --tokens 16 --device-profile "$WORK/small.json" --no-phases \
+    2>"$WORK/err" >/dev/null
   set -e
   sed -n 's/.*Smallest budget that fits: --max-memory 0=\([0-9]*\).*/\1/p' "$WORK/err"
 }
@@ -34,6 +35,7 @@ count_targets() {  # count_targets PLAN TARGET
 }
 
 # plan_for CKPT OUT: a GPU budget near the smallest (most groups streamed) and the first cpu budget,
+# a pipeline planned as one sequence (--no-phases: verify keeps every component on the GPUs),
 # in tenths of the checkpoint's size, that keeps some groups in pinned memory and sends others to
 # disk.
 plan_for() {
@@ -44,7 +46,7 @@ plan_for() {
   for pct in 2 3 4 5 6 7 8; do
     # A cpu budget below the staging ring is refused (exit 2): try the next one.
     "$QTOOL" plan "$1" --max-memory "0=$((lo + total / 10)),cpu=$((total * pct / 10))" --tokens 16 \
-      --device-profile "$WORK/small.json" -o "$2" -q 2>/dev/null || continue
+      --device-profile "$WORK/small.json" --no-phases -o "$2" -q 2>/dev/null || continue
     if [ "$(count_targets "$2" cpu)" -gt 0 ] && [ "$(count_targets "$2" disk)" -gt 0 ]; then return; fi
   done
 }

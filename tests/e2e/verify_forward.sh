@@ -56,12 +56,14 @@ JSON
     ck=$(ckpt_of $m)
     # A GPU budget a little above the smallest plan: most blocks stream through the slots.
     set +e
-    "$QTOOL" plan "$ck" --max-memory 0=1KiB,cpu=1GiB --tokens 16 --device-profile "$WORK/small.json" 2>"$WORK/err" >/dev/null
+    # A pipeline as one sequence (--no-phases): verify keeps every component on the GPUs.
+    "$QTOOL" plan "$ck" --max-memory 0=1KiB,cpu=1GiB --tokens 16 --device-profile "$WORK/small.json" --no-phases \
+      2>"$WORK/err" >/dev/null
     set -e
     lo=$(sed -n 's/.*Smallest budget that fits: --max-memory 0=\([0-9]*\).*/\1/p' "$WORK/err")
     [ -n "$lo" ] || { echo "FAIL: no smallest budget for $m: $(cat "$WORK/err")"; exit 1; }
     "$QTOOL" plan "$ck" --max-memory "0=$((lo + lo / 8)),cpu=1GiB" --tokens 16 --device-profile "$WORK/small.json" \
-      -o "$WORK/plan-$m.json" -q
+      --no-phases -o "$WORK/plan-$m.json" -q
     # shellcheck disable=SC2046
     "$QTOOL" verify "$ck" --plan "$WORK/plan-$m.json" --reference "$(ref_of $m)" --backend cpu --steps 2 --poison \
       $(steps_of $m) --outputs "$WORK/out-$m.safetensors" --report "$WORK/report-$m.json" 2>"$WORK/log-$m.txt"

@@ -131,6 +131,7 @@ struct PlanOptions {
   const TemplateLibrary* templates = nullptr;  // null: heuristic order only
   std::string qtool_version;
   uint32_t denoise_steps = kDefaultDenoiseSteps;  // pipelines planned by phase; 1..kMaxDenoiseSteps
+  bool by_phase = true;  // false (`--no-phases`): a pipeline with phases is planned as one sequence
   // false: an infeasible budget throws at once, without searching for the smallest budget that
   // fits (the phased planner's trial plans).
   bool explain_infeasible = true;
@@ -145,7 +146,7 @@ struct PlanOptions {
 uint64_t linear_rows(const Arch& arch, std::string_view module, uint64_t tokens);
 
 // A pipeline whose template (options.templates) has `phases` is planned by phase
-// (make_phased_plan); everything else as one sequence.
+// (make_phased_plan) unless options.by_phase is false; everything else as one sequence.
 Plan make_plan(const PipelineInput& input, const PlanOptions& options);
 // Planning by phase. Each phase's components are planned alone (the sequence planner above) on
 // the budget left by the components resident for the whole job; a component is
@@ -166,6 +167,10 @@ Plan make_plan(const Checkpoint& checkpoint, const PlanOptions& options);
 // no block split across locations; each device's predicted peak within its budget; groups and
 // schedule consistent. Returns the problems found (empty: valid).
 std::vector<std::string> check_plan(const Plan& plan, const PipelineInput& input);
+// The phases' part of check_plan (every component in one phase, the phases' steps in order and of
+// their components, streamed iff it has groups, each phase's peak the sum of its parts and within
+// the budget, the times adding up); each problem starts "phase 'NAME': " when it is one phase's.
+std::vector<std::string> check_plan_phases(const Plan& plan);
 
 // A readable table (devices, reserve, groups, offloaded modules; for a phased plan the phases,
 // each component's mode and why, per phase and GPU the memory, the job's time) for stderr.

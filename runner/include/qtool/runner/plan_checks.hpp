@@ -20,7 +20,14 @@
 //   linears     a declared linear whose [out, in] or kind differs from the checkpoint's weight,
 //               whose own weight is not among its step's tensors, or that reads another tensor
 //               than its own without being a tied alias of it; a linear declared twice; a linear
-//               the runner would run in a step that the plan does not declare there.
+//               the runner would run in a step that the plan does not declare there;
+//   phases      (a pipeline planned by phase, check_plan_phases) a phase whose parts do not add up
+//               (planner::check_plan_phases), a plan by phase of a checkpoint that is not a
+//               FluxPipeline, phases whose components are not in the order the pipeline runs them
+//               (CLIP, T5, the transformer, the VAE), a denoising phase whose repeat is not the
+//               plan's denoise_steps, or another phase repeated; and, until the driver loads and
+//               releases components between phases, a component that is not resident for the job
+//               (plan with `--no-phases` or a budget that keeps every component). Each names the phase.
 #pragma once
 
 #include "qtool/formats/checkpoint.hpp"
@@ -31,5 +38,7 @@ namespace qtool::runner {
 
 void check_plan_consistency(const Checkpoint& checkpoint, const planner::Plan& plan,
                             const Schedule& schedule);
+// The phases of a plan by phase (none: nothing to check); check_plan_consistency calls it.
+void check_plan_phases(const Checkpoint& checkpoint, const planner::Plan& plan);
 
 }  // namespace qtool::runner
