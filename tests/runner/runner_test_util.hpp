@@ -160,6 +160,7 @@ inline planner::Plan plan_streamed(const Checkpoint& ckpt, double gpu_fraction, 
   o.profile = small_profile();
   o.tokens = tokens;
   o.prefetch = prefetch;
+  o.by_phase = false;  // a pipeline as one sequence: the driver keeps every component on the GPUs
   o.strategy = n_gpus > 1 ? planner::Strategy::Balanced : planner::Strategy::Sequential;
   uint64_t total = 0;
   for (const Component& c : ckpt.components()) total += c.total_bytes();

@@ -179,6 +179,7 @@ TEST_CASE(
   uint64_t total = 0;
   for (const Component& c : ckpt.components()) total += c.total_bytes();
   po.budget.cpu = total;
+  po.by_phase = false;  // a pipeline as one sequence: the driver keeps every component on the GPUs
   uint64_t lo = 1 << 20, hi = (64ull << 30);
   while (hi - lo > (1u << 16)) {
     const uint64_t mid = lo + (hi - lo) / 2;

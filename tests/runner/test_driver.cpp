@@ -236,6 +236,7 @@ TEST_CASE("plans the forward cannot run are refused before anything runs") {
     o.templates = &test::templates();
     o.profile = test::small_profile();
     o.offload = planner::OffloadMode::Leaf;
+    o.by_phase = false;  // a pipeline as one sequence: the driver keeps every component on the GPUs
     o.budget.cpu = 1ull << 30;
     o.budget.gpus[0] = 64ull << 20;
     o.tokens = 8;
