@@ -23,7 +23,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -127,63 +126,15 @@ int main(int argc, char** argv) {
     return 77;
   }
   try {
-    if (a.work.empty())
-      a.work = std::filesystem::temp_directory_path() / ("qtool-bench-stream-" + std::to_string(::getpid()));
-    std::filesystem::remove_all(a.work);
-    std::filesystem::create_directories(a.work);
-    struct Cleanup {
-      std::filesystem::path p;
-      ~Cleanup() {
-        std::error_code ec;
-        std::filesystem::remove_all(p, ec);
-      }
-    } cleanup{a.work};
     json out;
     std::vector<std::string> table;
-    const std::string device = rc::describe_device(0);
-    std::fprintf(stderr, "bench_stream on %s\n", device.c_str());
-    out["device"] = device;
-    {
-      const std::time_t now = std::time(nullptr);
-      char buf[32];
-      std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&now));
-      out["date"] = buf;
-    }
-
-    // The profile every plan below is made with.
-    ProfileOptions po;
-    po.device = 0;
-    po.tmp_dir = a.work;
-    po.log = [](std::string_view s) { std::fprintf(stderr, "%.*s\n", static_cast<int>(s.size()), s.data()); };
-    const planner::DeviceProfile profile = measure_cuda_profile(po);
-    out["profile"] = planner::device_profile_to_json(profile);
-    planner::TemplateLibrary templates;
-    const planner::TemplateLibrary* tl = nullptr;
-    if (std::filesystem::exists(a.models_dir)) {
-      templates.load_dir(a.models_dir);
-      tl = &templates;
-    }
+    const bench::BenchSetup setup("bench_stream", a.work, a.models_dir, out);
+    const planner::DeviceProfile& profile = setup.profile;
+    const planner::TemplateLibrary* tl = setup.templates;
 
     // Data.
-    const auto t0 = std::chrono::steady_clock::now();
     const std::filesystem::path data = a.data.empty() ? a.work : a.data;
-    if (a.data.empty()) {
-      SynthSpec spec;
-      spec.preset = "flux";
-      spec.scale = a.scale;
-      spec.components = {"transformer"};
-      SynthWriteOptions sw;
-      sw.seed = 1;
-      write_synth_model(make_synth_model(spec), a.work / "bf16", sw);
-      for (const char* scheme : {"nf4", "int8"}) {
-        quant::SchemeOptions so;
-        so.scheme = *quant::parse_scheme(scheme);
-        quant::ConvertOptions co;
-        quant::quantize_checkpoint(a.work / "bf16", quant::config_for_scheme(so), a.work / scheme, co);
-      }
-    }
-    std::fprintf(stderr, "data ready in %.1f s\n",
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (a.data.empty()) bench::write_bench_data(a.work, "flux", a.scale, {"transformer"}, {"nf4", "int8"});
 
     rc::Stream stream(0);
     // Peers: a device-to-device copy and dequant kernels on an 8192 x 8192 weight.

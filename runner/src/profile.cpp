@@ -70,11 +70,11 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
   const std::vector<uint8_t> q = random_finite_codes(numel * 4, 1);
   std::vector<float> scales(numel / 64 + rows, 0.01f);
   std::vector<uint16_t> out(numel);
-  const std::pair<const char*, WeightKind> kinds[] = {
-      {"int8", WeightKind::Int8}, {"fp8_e4m3", WeightKind::Fp8E4M3}, {"fp8_e5m2", WeightKind::Fp8E5M2},
-      {"nf4", WeightKind::Nf4},   {"fp4", WeightKind::Fp4},          {"f16", WeightKind::F16},
-      {"f32", WeightKind::F32}};
-  for (const auto& [key, kind] : kinds) {
+  // Each scheme the element functions decode, then the unquantized dtypes converted to bf16.
+  std::vector<WeightKind> kinds = device_scheme_kinds();
+  kinds.push_back(WeightKind::F16);
+  kinds.push_back(WeightKind::F32);
+  for (const WeightKind kind : kinds) {
     DequantParams dp;
     dp.kind = kind;
     dp.rows = rows;
@@ -85,7 +85,7 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
       pool.parallel_for(numel, 1 << 16,
                         [&](size_t b0, size_t e0) { dequantize_to_bf16_cpu(dp, out.data() + b0, b0, e0); });
     });
-    p.dequant_gelems_per_s[key] = static_cast<double>(numel) / s / 1e9;
+    p.dequant_gelems_per_s[weight_kind_name(kind)] = static_cast<double>(numel) / s / 1e9;
   }
   p.context_bytes = 1;  // no device context on the CPU
   p.cublas_workspace_bytes = 1;
