@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -28,6 +29,32 @@
 #include "qtool/runner/profile.hpp"
 
 namespace qtool::bench {
+
+// The benchmarks' command line, flag by flag: `for (ArgCursor c(argc, argv); c.next();)`, then
+// flag() and, for a flag that takes one, value() (a missing value exits with 2).
+class ArgCursor {
+ public:
+  ArgCursor(int argc, char** argv) : argc_(argc), argv_(argv) {}
+  bool next() {
+    if (++i_ >= argc_) return false;
+    flag_ = argv_[i_];
+    return true;
+  }
+  const std::string& flag() const { return flag_; }
+  std::string value() {
+    if (i_ + 1 >= argc_) {
+      std::fprintf(stderr, "%s needs a value\n", flag_.c_str());
+      std::exit(2);
+    }
+    return argv_[++i_];
+  }
+
+ private:
+  int argc_;
+  char** argv_;
+  int i_ = 0;
+  std::string flag_;
+};
 
 // A benchmark's set-up: its work folder `work` (a fresh one under the temp folder when empty),
 // emptied now and removed with the set-up; "device", "date" and "profile" in `out`; the device

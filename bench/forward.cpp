@@ -171,39 +171,32 @@ json run_scheme(const Args& a, const std::string& scheme, const std::filesystem:
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string k = argv[i];
-    const auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+  for (bench::ArgCursor args(argc, argv); args.next();) {
+    const std::string& k = args.flag();
     if (k == "--preset") {
-      a.preset = next();
+      a.preset = args.value();
     } else if (k == "--scale") {
-      a.scale = std::stod(next());
+      a.scale = std::stod(args.value());
     } else if (k == "--tokens") {
-      a.tokens = std::stoull(next());
+      a.tokens = std::stoull(args.value());
     } else if (k == "--budget") {
-      a.budget = parse_size(next(), "--budget");
+      a.budget = parse_size(args.value(), "--budget");
     } else if (k == "--resident-fraction") {
-      a.resident_fraction = std::stod(next());
+      a.resident_fraction = std::stod(args.value());
     } else if (k == "--steps") {
-      a.steps = static_cast<uint32_t>(std::stoul(next()));
+      a.steps = static_cast<uint32_t>(std::stoul(args.value()));
     } else if (k == "--schemes") {
       a.schemes.clear();
-      std::stringstream ss(next());
+      std::stringstream ss(args.value());
       for (std::string t; std::getline(ss, t, ',');) a.schemes.push_back(t);
     } else if (k == "--work") {
-      a.work = next();
+      a.work = args.value();
     } else if (k == "--data") {
-      a.data = next();
+      a.data = args.value();
     } else if (k == "--json") {
-      a.json_out = next();
+      a.json_out = args.value();
     } else if (k == "--models-dir") {
-      a.models_dir = next();
+      a.models_dir = args.value();
     } else {
       std::fprintf(stderr,
                    "usage: bench_forward [--preset flux|llama] [--scale S] [--tokens N] [--budget SIZE] "

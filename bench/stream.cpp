@@ -87,33 +87,26 @@ double median_ms(const rc::Stream& s, int repeats, Fn&& fn) {
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string k = argv[i];
-    const auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+  for (bench::ArgCursor args(argc, argv); args.next();) {
+    const std::string& k = args.flag();
     if (k == "--scale")
-      a.scale = std::stod(next());
+      a.scale = std::stod(args.value());
     else if (k == "--tokens")
-      a.tokens = std::stoull(next());
+      a.tokens = std::stoull(args.value());
     else if (k == "--stream-tokens")
-      a.stream_tokens = std::stoull(next());
+      a.stream_tokens = std::stoull(args.value());
     else if (k == "--resident-fraction")
-      a.resident_fraction = std::stod(next());
+      a.resident_fraction = std::stod(args.value());
     else if (k == "--steps")
-      a.steps = static_cast<uint32_t>(std::stoul(next()));
+      a.steps = static_cast<uint32_t>(std::stoul(args.value()));
     else if (k == "--work")
-      a.work = next();
+      a.work = args.value();
     else if (k == "--json")
-      a.json_out = next();
+      a.json_out = args.value();
     else if (k == "--models-dir")
-      a.models_dir = next();
+      a.models_dir = args.value();
     else if (k == "--data")
-      a.data = next();
+      a.data = args.value();
     else {
       std::fprintf(stderr,
                    "usage: bench_stream [--scale S] [--tokens N] [--stream-tokens N] [--resident-fraction F] "

@@ -71,8 +71,9 @@ int run_plan(const PlanCliOptions& o, const GlobalOptions& global) {
   if (o.device_profile.empty())
     r.choice = profile_choice_inputs(global);
   else
-    r.profile =
-        with_option("--device-profile", [&] { return planner::named_device_profile(o.device_profile); });
+    r.profile = with_option("--device-profile", [&] {
+      return planner::named_device_profile(o.device_profile, "--device-profile");
+    });
   r.models_dir = o.models_dir;
   r.max_memory = o.max_memory;
   r.info = [&global](std::string_view line) { info(global, std::string(line)); };
