@@ -56,7 +56,7 @@ struct DequantParams {
   uint64_t numel() const { return rows * cols; }
 };
 
-bool is_4bit(WeightKind kind);                 // the scheme table's is_4bit
+bool is_4bit(WeightKind kind);                  // the scheme table's is_4bit
 std::string weight_kind_name(WeightKind kind);  // "bf16", "int8", "nf4", ... ("host" for Host)
 // The kinds the element functions decode for a quantized weight, in the scheme table's order.
 std::vector<WeightKind> device_scheme_kinds();
