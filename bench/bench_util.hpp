@@ -20,6 +20,7 @@
 
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
 #include "qtool/formats/synth.hpp"
 #include "qtool/libquant/config.hpp"
 #include "qtool/libquant/convert.hpp"
@@ -181,6 +182,15 @@ inline planner::Plan plan_streaming(const Checkpoint& ckpt, const planner::Devic
                             : smallest_budget(ckpt, o) +
                                   static_cast<uint64_t>(resident_fraction * static_cast<double>(total));
   return planner::make_plan(ckpt, o);
+}
+
+// The result table on stdout, and (with `json_out`) `out` with the table to that file.
+inline void print_results(const std::vector<std::string>& table, nlohmann::json& out,
+                          const std::filesystem::path& json_out) {
+  std::printf("\n| measurement | ratio | target | met |\n|---|---|---|---|\n");
+  for (const std::string& l : table) std::printf("%s\n", l.c_str());
+  out["table"] = table;
+  if (!json_out.empty()) write_json_file(json_out, out);
 }
 
 // "| what | value | op target | met |": op ">=", "<=", or "+-" (|value - 1| <= target).

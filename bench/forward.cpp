@@ -231,10 +231,7 @@ int main(int argc, char** argv) {
     for (const std::string& scheme : a.schemes)
       out[scheme] = run_scheme(a, scheme, data / scheme, setup.profile, setup.templates, *backend, table);
 
-    std::printf("\n| measurement | ratio | target | met |\n|---|---|---|---|\n");
-    for (const std::string& l : table) std::printf("%s\n", l.c_str());
-    out["table"] = table;
-    if (!a.json_out.empty()) write_json_file(a.json_out, out);
+    bench::print_results(table, out, a.json_out);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_forward: %s\n", e.what());

@@ -285,10 +285,7 @@ int main(int argc, char** argv) {
                    scheme, st_ms, res_ms, transfer_ms, pred_ms, same ? "bitwise equal" : "OUTPUTS DIFFER");
     }
 
-    std::printf("\n| measurement | ratio | target | met |\n|---|---|---|---|\n");
-    for (const std::string& l : table) std::printf("%s\n", l.c_str());
-    out["table"] = table;
-    if (!a.json_out.empty()) write_json_file(a.json_out, out);
+    bench::print_results(table, out, a.json_out);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_stream: %s\n", e.what());

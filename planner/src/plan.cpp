@@ -242,20 +242,18 @@ json plan_to_json(const Plan& p) {
   j["components"] = std::move(comps);
   ojson groups = ojson::array();
   for (const OffloadGroup& g : p.groups) {
-    ojson gj;
-    gj["id"] = g.id;
-    gj["component"] = g.component;
-    gj["modules"] = g.modules;
     ojson ts = ojson::array();
     for (const GroupTensor& t : g.tensors)
       ts.push_back({{"name", t.name}, {"nbytes", t.nbytes}, {"arena_offset", t.arena_offset}});
-    gj["tensors"] = std::move(ts);
-    gj["bytes"] = g.bytes;
-    gj["arena_bytes"] = g.arena_bytes;
-    gj["target"] = loc_oj(g.target);
-    gj["gpu"] = g.gpu;
-    gj["copy_s"] = g.copy_s;
-    groups.push_back(std::move(gj));
+    groups.push_back({{"id", g.id},
+                      {"component", g.component},
+                      {"modules", g.modules},
+                      {"tensors", std::move(ts)},
+                      {"bytes", g.bytes},
+                      {"arena_bytes", g.arena_bytes},
+                      {"target", loc_oj(g.target)},
+                      {"gpu", g.gpu},
+                      {"copy_s", g.copy_s}});
   }
   j["groups"] = std::move(groups);
   ojson sched = ojson::array();

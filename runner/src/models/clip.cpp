@@ -90,7 +90,6 @@ class ClipForward final : public TokenForward {
     ids_ = ints_of(ids);
     positions_ = positions_of(inputs, batch_, seq_);
     h_ = ops.alloc(rows(), a_.hidden_size, dtype_);
-    has_mask_ = find_input(inputs, "attention_mask") != nullptr;
     mask_ = upload_key_mask(ops, inputs, batch_, seq_);
   }
 
@@ -170,7 +169,7 @@ class ClipForward final : public TokenForward {
     AttentionShape shape =
         self_attention(batch_, seq_, a_.n_heads, a_.n_heads, a_.head_dim(), head_dim_scale(a_.head_dim()));
     shape.causal = true;
-    if (has_mask_) shape.key_mask = &mask_;
+    shape.key_mask = mask_.get();
     ops.attention(qkv.q, qkv.k, qkv.v, shape, att);
     ops.linear(att, *o.weight, o.bias, z);
     ops.residual(h_, nullptr, z, batch_, h_);
@@ -200,8 +199,8 @@ class ClipForward final : public TokenForward {
   Activation act_;
 
   std::vector<int64_t> ids_, positions_, eos_;
-  bool has_mask_ = false;
-  Mat h_, mask_;
+  KeyMask mask_;
+  Mat h_;
 };
 
 }  // namespace

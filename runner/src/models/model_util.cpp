@@ -252,12 +252,12 @@ std::vector<int64_t> positions_of(const std::vector<HostTensor>& inputs, int64_t
   return positions;
 }
 
-Mat upload_key_mask(Ops& ops, const std::vector<HostTensor>& inputs, int64_t batch, int64_t seq) {
+KeyMask upload_key_mask(Ops& ops, const std::vector<HostTensor>& inputs, int64_t batch, int64_t seq) {
   const HostTensor* m = find_input(inputs, "attention_mask");
   const std::vector<int64_t> keep =
       m ? ints_of(*m) : std::vector<int64_t>(static_cast<size_t>(batch * seq), 1);
-  const Mat mask = ops.alloc(batch, seq, DType::I64);
-  ops.upload(keep.data(), mask);
+  const KeyMask mask{ops.alloc(batch, seq, DType::I64), m != nullptr};
+  ops.upload(keep.data(), mask.mat);
   return mask;
 }
 

@@ -79,8 +79,13 @@ void check_shaped_as_ids(const HostTensor& t, const HostTensor& ids);
 void check_attention_mask(const std::vector<HostTensor>& inputs, const HostTensor& ids);
 // position_ids when given, else each sample's 0 .. seq - 1.
 std::vector<int64_t> positions_of(const std::vector<HostTensor>& inputs, int64_t batch, int64_t seq);
-// attention_mask (all ones when none is given) uploaded as I64 [batch, seq].
-Mat upload_key_mask(Ops& ops, const std::vector<HostTensor>& inputs, int64_t batch, int64_t seq);
+// attention_mask uploaded as I64 [batch, seq] (all ones when none is given), and whether one was.
+struct KeyMask {
+  Mat mat;
+  bool given = false;
+  const Mat* get() const { return given ? &mat : nullptr; }  // AttentionShape::key_mask
+};
+KeyMask upload_key_mask(Ops& ops, const std::vector<HostTensor>& inputs, int64_t batch, int64_t seq);
 
 // --- weights -----------------------------------------------------------------------------------------
 

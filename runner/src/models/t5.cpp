@@ -57,7 +57,6 @@ class T5Forward final : public TokenForward {
     ids_ = ids;
     h_ = ops.alloc(rows(), a_.d_model, stream_dtype());
     bias_ = ops.alloc(a_.n_heads * seq_, seq_, dtype_);
-    has_mask_ = find_input(inputs, "attention_mask") != nullptr;
     mask_ = upload_key_mask(ops, inputs, batch_, seq_);
   }
 
@@ -158,7 +157,7 @@ class T5Forward final : public TokenForward {
     const Mat att = ops.alloc(n, in, dtype_);
     AttentionShape shape = self_attention(batch_, seq_, a_.n_heads, a_.n_heads, a_.d_kv, 1.0f);
     shape.bias = &bias_;
-    if (has_mask_) shape.key_mask = &mask_;
+    shape.key_mask = mask_.get();
     ops.attention(qkv.q, qkv.k, qkv.v, shape, att);
     ops.linear(att, *o.weight, nullptr, z);
     if (stream16) {
@@ -207,8 +206,8 @@ class T5Forward final : public TokenForward {
   Activation act_;
 
   HostTensor ids_;
-  bool has_mask_ = false;
-  Mat h_, bias_, mask_, out_;
+  KeyMask mask_;
+  Mat h_, bias_, out_;
 };
 
 }  // namespace
