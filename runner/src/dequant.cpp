@@ -54,13 +54,6 @@ std::string weight_kind_name(WeightKind kind) {
   return "host";
 }
 
-std::vector<WeightKind> device_scheme_kinds() {
-  std::vector<WeightKind> kinds;
-  for (const quant::Scheme s : quant::all_schemes())
-    if (const WeightKind k = weight_kind_of(s); k != WeightKind::Host) kinds.push_back(k);
-  return kinds;
-}
-
 std::optional<WeightKind> weight_kind_of(DType dtype) {
   for (const auto& [d, kind] : kPlainKinds)
     if (d == dtype) return kind;

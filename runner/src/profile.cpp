@@ -70,22 +70,14 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
   const std::vector<uint8_t> q = random_finite_codes(numel * 4, 1);
   std::vector<float> scales(numel / 64 + rows, 0.01f);
   std::vector<uint16_t> out(numel);
-  // Each scheme the element functions decode, then the unquantized dtypes converted to bf16.
-  std::vector<WeightKind> kinds = device_scheme_kinds();
-  kinds.push_back(WeightKind::F16);
-  kinds.push_back(WeightKind::F32);
-  for (const WeightKind kind : kinds) {
-    DequantParams dp;
-    dp.kind = kind;
-    dp.rows = rows;
-    dp.cols = cols;
-    dp.weight = q.data();
-    dp.scale = reinterpret_cast<const uint8_t*>(scales.data());
+  for (const auto& [key, kind] : kProfiledDequantKinds) {
+    const DequantParams dp =
+        timing_weight(kind, rows, cols, q.data(), reinterpret_cast<const uint8_t*>(scales.data()));
     const double s = median_seconds(std::max<uint32_t>(1, o.repeats / 2), [&] {
       pool.parallel_for(numel, 1 << 16,
                         [&](size_t b0, size_t e0) { dequantize_to_bf16_cpu(dp, out.data() + b0, b0, e0); });
     });
-    p.dequant_gelems_per_s[weight_kind_name(kind)] = static_cast<double>(numel) / s / 1e9;
+    p.dequant_gelems_per_s[key] = static_cast<double>(numel) / s / 1e9;
   }
   p.context_bytes = 1;  // no device context on the CPU
   p.cublas_workspace_bytes = 1;

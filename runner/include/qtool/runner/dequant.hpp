@@ -15,7 +15,6 @@
 
 #include <cstdint>
 #include <string>
-#include <vector>
 
 #include "qtool/runner/kernel_math.hpp"
 
@@ -58,8 +57,6 @@ struct DequantParams {
 
 bool is_4bit(WeightKind kind);                  // the scheme table's is_4bit
 std::string weight_kind_name(WeightKind kind);  // "bf16", "int8", "nf4", ... ("host" for Host)
-// The kinds the element functions decode for a quantized weight, in the scheme table's order.
-std::vector<WeightKind> device_scheme_kinds();
 // The storage's name: the scheme's for a quantized weight ("int8", a registered scheme's name).
 std::string weight_name(const DequantParams& params);
 
