@@ -15,6 +15,7 @@
 #include <cfloat>
 #include <cmath>
 
+#include "attention_mma.hpp"
 #include "forward_kernels.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/runner/cuda_resources.hpp"
@@ -427,6 +428,14 @@ void launch_bias_round(const float* acc, const DequantParams* bias, const View& 
 }
 
 void launch_attention(const AttnArgs& a, cudaStream_t stream) {
+  if (a.batch * a.q_len * a.heads == 0) return;
+  if (attention_mma_supported(a))
+    launch_attention_mma(a, stream);
+  else
+    launch_attention_simt(a, stream);
+}
+
+void launch_attention_simt(const AttnArgs& a, cudaStream_t stream) {
   if (a.batch * a.q_len * a.heads == 0) return;
   const size_t smem = attention_smem(a.head_dim);
   QTOOL_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
