@@ -52,7 +52,7 @@ double median(std::vector<double> v) {
 std::vector<uint16_t> random_bf16(size_t n, std::mt19937_64& rng) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<uint16_t> v(n);
-  for (auto& x : v) x = qtool::kmath::f32_to_bf16_bits(nd(rng));
+  for (auto& x : v) x = qtool::runner::kmath::f32_to_bf16_bits(nd(rng));
   return v;
 }
 
@@ -152,7 +152,8 @@ int main(int argc, char** argv) {
     double max_d = 0.0;
     size_t nan = 0;
     for (size_t i = 0; i < nq; ++i) {
-      const float x = qtool::kmath::bf16_bits_to_f32(h_o[i]), y = qtool::kmath::bf16_bits_to_f32(h_ref[i]);
+      const float x = qtool::runner::kmath::bf16_bits_to_f32(h_o[i]),
+                  y = qtool::runner::kmath::bf16_bits_to_f32(h_ref[i]);
       if (std::isnan(x) || std::isnan(y)) {
         ++nan;
         continue;

@@ -262,6 +262,8 @@ __global__ void bias_round_kernel(const float* acc, DequantParams bias, bool has
 }
 
 // --- attention ---------------------------------------------------------------------------------
+// launch_attention takes the tensor-core kernel (attention_mma.cu) where it covers the case; this
+// one is the fallback for every other head_dim (<= 256), float32, and unaligned views.
 // Flash-attention style on CUDA cores: a block of kRowsPerBlock warps serves that many query rows
 // of one (sample, head); tiles of 32 keys and values are staged in shared memory as float32. Lane
 // u of a warp scores key u of the tile (q·k summed in order of d), the warp keeps the running

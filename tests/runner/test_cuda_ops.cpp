@@ -1,8 +1,10 @@
 // GPU tests of the CUDA backend of ops.hpp (label `gpu`): every op against the CPU backend at odd
 // sizes and strided views, in bf16 and f16 — bit for bit for all ops but linear and attention
 // (those within a stated tolerance) and the transcendental activations (CUDA's expf/tanhf may
-// differ from glibc's by an ulp of float32: the mismatch rate is printed and bounded) — and timings
-// of attention (Flux's and Llama's shapes) and of a linear. Without a device it prints why and
+// differ from glibc's by an ulp of float32: the mismatch rate is printed and bounded) — the
+// tensor-core attention (attention_mma.cu) against the CPU backend and the CUDA-core kernel at odd
+// sizes (max |diff| and relative RMS printed per case), and timings of attention (Flux's and
+// Llama's shapes) and of a linear. Without a device it prints why and
 // exits 77 (skipped). The random data's seed is printed; QTOOL_TEST_SEED overrides it.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
