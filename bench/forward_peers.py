@@ -288,7 +288,8 @@ class Runner:
         if load_done is not None:
             rec["load_s"] = load_done - t_load
         rec["output_finite"] = bool(torch.isfinite(out).all().item())
-        rec["output_rms"] = out.double().pow(2).mean().sqrt().item()
+        rec["output_rms"] = math.sqrt(sum(c.double().pow(2).sum().item() for c in out.flatten().split(1 << 24))
+                                      / max(out.numel(), 1))
         if model_key in self.ref:
             mx, rms = deviation(out, self.ref[model_key])
             rec["vs_bf16_resident_max_rel"], rec["vs_bf16_resident_rms_rel"] = mx, rms
