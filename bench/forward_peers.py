@@ -402,7 +402,7 @@ class Runner:
         from diffusers import FluxPipeline
 
         a, dev = self.a, self.dev
-        tcfg = read_config(a.pipeline, "transformer")
+        model_folder(a.pipeline, "transformer")  # a pipeline folder with its transformer, or a clear error
         with open(os.path.join(a.pipeline, "vae", "config.json")) as f:
             vsf = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
         rows, cols = grid(a.image_tokens)
