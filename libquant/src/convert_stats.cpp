@@ -105,6 +105,21 @@ uint8_t nibble(const uint8_t* packed, size_t i) {
   return (i & 1) ? (byte & 0x0F) : (byte >> 4);
 }
 
+// What each scheme's dequantizer gives for one element, as the scalar paths and the SIMD paths'
+// tails compute it.
+float int8_value(uint8_t q, float scb) {
+  return (static_cast<float>(static_cast<int8_t>(q)) * scb) * kInvInt8Max;
+}
+
+struct Bnb4Values {
+  const float* code;
+  const float* absmax;  // of blocks block0, block0 + 1, ...
+  size_t block0;
+  uint32_t bs;
+  const uint8_t* packed;
+  float operator()(size_t i) const { return code[nibble(packed, i)] * absmax[i / bs - block0]; }
+};
+
 // ---- scalar paths ----------------------------------------------------------------------------
 
 void int8_scalar(const uint8_t* q, const uint8_t* scb, DType dtype, const uint8_t* w, size_t cols, size_t r0,
@@ -114,7 +129,7 @@ void int8_scalar(const uint8_t* q, const uint8_t* scb, DType dtype, const uint8_
     const float s = load_f32(scb, r);
     for (size_t c = 0; c < cols; ++c) {
       const size_t i = r * cols + c;
-      acc.add(load_original(dtype, w, i), (static_cast<float>(static_cast<int8_t>(q[i])) * s) * kInvInt8Max);
+      acc.add(load_original(dtype, w, i), int8_value(q[i], s));
     }
   }
 }
@@ -131,11 +146,10 @@ void fp8_scalar(const float* table, const uint8_t* q, const uint8_t* scales, DTy
   }
 }
 
-void bnb4_scalar(const float* code, const float* absmax, size_t block0, uint32_t bs, const uint8_t* packed,
-                 DType dtype, const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
+void bnb4_scalar(const Bnb4Values& value, DType dtype, const uint8_t* w, size_t i0, size_t i1,
+                 ErrorSums& sums) {
   ScalarAcc acc(sums);
-  for (size_t i = i0; i < i1; ++i)
-    acc.add(load_original(dtype, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  for (size_t i = i0; i < i1; ++i) acc.add(load_original(dtype, w, i), value(i));
 }
 
 // ---- AVX2 paths ------------------------------------------------------------------------------
@@ -204,6 +218,8 @@ QTOOL_STATS_TARGET inline void run8(const uint8_t* w, size_t i, size_t n, const 
 struct Int8Dec {
   const uint8_t* q;
   __m256 s, inv;
+  QTOOL_STATS_TARGET Int8Dec(const uint8_t* q_, float scb)
+      : q(q_), s(_mm256_set1_ps(scb)), inv(_mm256_set1_ps(kInvInt8Max)) {}
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
     const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
     return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), s), inv);
@@ -218,6 +234,8 @@ struct Fp8Dec {
   const uint8_t* q;
   __m256 s;  // the row's scale, times 2^8 for e4m3
   bool e4m3;
+  QTOOL_STATS_TARGET Fp8Dec(const uint8_t* q_, float scale, bool e4m3_)
+      : q(q_), s(_mm256_set1_ps(e4m3_ ? scale * 0x1p8f : scale)), e4m3(e4m3_) {}
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
     const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
     __m128i h;
@@ -238,6 +256,15 @@ struct Bnb4Dec {
   size_t block0;
   unsigned log2_bs;
   __m256i shifts, low4;
+  QTOOL_STATS_TARGET explicit Bnb4Dec(const Bnb4Values& v)
+      : code_lo(_mm256_loadu_ps(v.code)),
+        code_hi(_mm256_loadu_ps(v.code + 8)),
+        packed(v.packed),
+        absmax(v.absmax),
+        block0(v.block0),
+        log2_bs(static_cast<unsigned>(__builtin_ctz(v.bs))),
+        shifts(_mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24)),
+        low4(_mm256_set1_epi32(0x0F)) {}
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
     uint32_t x;
     std::memcpy(&x, packed + i / 2, 4);
@@ -250,63 +277,6 @@ struct Bnb4Dec {
     return _mm256_mul_ps(v, _mm256_set1_ps(absmax[(i >> log2_bs) - block0]));
   }
 };
-
-template <DType D>
-QTOOL_STATS_TARGET void int8_avx2(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols,
-                                  size_t r0, size_t r1, ErrorSums& sums) {
-  ScalarAcc tail(sums);
-  const size_t n8 = cols & ~size_t{7};
-  for (size_t r = r0; r < r1; ++r) {
-    const float s = load_f32(scb, r);
-    const size_t base = r * cols;
-    run8<D>(w, base, n8, Int8Dec{q, _mm256_set1_ps(s), _mm256_set1_ps(kInvInt8Max)}, sums);
-    for (size_t c = n8; c < cols; ++c) {
-      const size_t i = base + c;
-      tail.add(load_original(D, w, i), (static_cast<float>(static_cast<int8_t>(q[i])) * s) * kInvInt8Max);
-    }
-  }
-}
-
-template <DType D>
-QTOOL_STATS_TARGET void fp8_avx2(Scheme scheme, const float* table, const uint8_t* q, const uint8_t* scales,
-                                 bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1,
-                                 ErrorSums& sums) {
-  const bool e4m3 = scheme == Scheme::Fp8E4M3;
-  ScalarAcc tail(sums);
-  const size_t n8 = cols & ~size_t{7};
-  for (size_t r = r0; r < r1; ++r) {
-    const float s = load_original(D, scales, per_tensor ? 0 : r);
-    const size_t base = r * cols;
-    run8<D>(w, base, n8, Fp8Dec{q, _mm256_set1_ps(e4m3 ? s * 0x1p8f : s), e4m3}, sums);
-    for (size_t c = n8; c < cols; ++c) {
-      const size_t i = base + c;
-      tail.add(load_original(D, w, i), table[q[i]] * s);
-    }
-  }
-}
-
-template <DType D>
-QTOOL_STATS_TARGET void bnb4_avx2(const float* code, const float* absmax, size_t block0, uint32_t bs,
-                                  const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1,
-                                  ErrorSums& sums) {
-  ScalarAcc tail(sums);
-  // Groups of 8 never straddle a block: blocks are powers of two >= 32 long.
-  const Bnb4Dec dec{_mm256_loadu_ps(code),
-                    _mm256_loadu_ps(code + 8),
-                    packed,
-                    absmax,
-                    block0,
-                    static_cast<unsigned>(__builtin_ctz(bs)),
-                    _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24),
-                    _mm256_set1_epi32(0x0F)};
-  size_t i = i0;
-  for (; i < i1 && i % 8 != 0; ++i)
-    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
-  const size_t n8 = (i1 - i) & ~size_t{7};
-  run8<D>(w, i, n8, dec, sums);
-  for (i += n8; i < i1; ++i)
-    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
-}
 
 // ---- AVX-512 paths: the same decoders on 16 lanes ---------------------------------------------
 
@@ -357,6 +327,8 @@ QTOOL_STATS_TARGET512 inline void run16(const uint8_t* w, size_t i, size_t n, co
 struct Int8Dec16 {
   const uint8_t* q;
   __m512 s, inv;
+  QTOOL_STATS_TARGET512 Int8Dec16(const uint8_t* q_, float scb)
+      : q(q_), s(_mm512_set1_ps(scb)), inv(_mm512_set1_ps(kInvInt8Max)) {}
   QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
     const __m128i q8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)), s), inv);
@@ -367,6 +339,8 @@ struct Fp8Dec16 {  // as Fp8Dec
   const uint8_t* q;
   __m512 s;
   bool e4m3;
+  QTOOL_STATS_TARGET512 Fp8Dec16(const uint8_t* q_, float scale, bool e4m3_)
+      : q(q_), s(_mm512_set1_ps(e4m3_ ? scale * 0x1p8f : scale)), e4m3(e4m3_) {}
   QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
     const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
     __m256i h;
@@ -390,6 +364,15 @@ struct Bnb4Dec16 {
   unsigned log2_bs;
   __m128i doubled;
   __m512i shifts, low4;
+  QTOOL_STATS_TARGET512 explicit Bnb4Dec16(const Bnb4Values& v)
+      : code(_mm512_loadu_ps(v.code)),
+        packed(v.packed),
+        absmax(v.absmax),
+        block0(v.block0),
+        log2_bs(static_cast<unsigned>(__builtin_ctz(v.bs))),
+        doubled(_mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)),
+        shifts(_mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0)),
+        low4(_mm512_set1_epi32(0x0F)) {}
   QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2));
     const __m512i wide = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, doubled));
@@ -398,61 +381,69 @@ struct Bnb4Dec16 {
   }
 };
 
-template <DType D>
-QTOOL_STATS_TARGET512 void int8_avx512(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols,
-                                       size_t r0, size_t r1, ErrorSums& sums) {
+// The lanes of one SIMD width: its decoders and its run over elements.
+struct Avx2 {
+  static constexpr size_t kLanes = 8;
+  using Int8 = Int8Dec;
+  using Fp8 = Fp8Dec;
+  using Bnb4 = Bnb4Dec;
+  template <DType D, typename Dec>
+  QTOOL_STATS_TARGET static void run(const uint8_t* w, size_t i, size_t n, const Dec& dec, ErrorSums& sums) {
+    run8<D>(w, i, n, dec, sums);
+  }
+};
+struct Avx512 {
+  static constexpr size_t kLanes = 16;
+  using Int8 = Int8Dec16;
+  using Fp8 = Fp8Dec16;
+  using Bnb4 = Bnb4Dec16;
+  template <DType D, typename Dec>
+  QTOOL_STATS_TARGET512 static void run(const uint8_t* w, size_t i, size_t n, const Dec& dec,
+                                        ErrorSums& sums) {
+    run16<D>(w, i, n, dec, sums);
+  }
+};
+
+// The SIMD paths of each scheme, for either width: whole lanes through L's decoder, the rest of a
+// row (or of the range, for 4-bit) through the scalar value.
+template <typename L, DType D>
+QTOOL_STATS_TARGET void int8_simd(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols,
+                                  size_t r0, size_t r1, ErrorSums& sums) {
   ScalarAcc tail(sums);
-  const size_t n16 = cols & ~size_t{15};
+  const size_t n_lanes = cols & ~(L::kLanes - 1);
   for (size_t r = r0; r < r1; ++r) {
     const float s = load_f32(scb, r);
     const size_t base = r * cols;
-    run16<D>(w, base, n16, Int8Dec16{q, _mm512_set1_ps(s), _mm512_set1_ps(kInvInt8Max)}, sums);
-    for (size_t c = n16; c < cols; ++c) {
-      const size_t i = base + c;
-      tail.add(load_original(D, w, i), (static_cast<float>(static_cast<int8_t>(q[i])) * s) * kInvInt8Max);
-    }
+    L::template run<D>(w, base, n_lanes, typename L::Int8(q, s), sums);
+    for (size_t i = base + n_lanes; i < base + cols; ++i)
+      tail.add(load_original(D, w, i), int8_value(q[i], s));
   }
 }
 
-template <DType D>
-QTOOL_STATS_TARGET512 void fp8_avx512(Scheme scheme, const float* table, const uint8_t* q,
-                                      const uint8_t* scales, bool per_tensor, const uint8_t* w, size_t cols,
-                                      size_t r0, size_t r1, ErrorSums& sums) {
-  const bool e4m3 = scheme == Scheme::Fp8E4M3;
+template <typename L, DType D>
+QTOOL_STATS_TARGET void fp8_simd(Scheme scheme, const float* table, const uint8_t* q, const uint8_t* scales,
+                                 bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1,
+                                 ErrorSums& sums) {
   ScalarAcc tail(sums);
-  const size_t n16 = cols & ~size_t{15};
+  const size_t n_lanes = cols & ~(L::kLanes - 1);
   for (size_t r = r0; r < r1; ++r) {
     const float s = load_original(D, scales, per_tensor ? 0 : r);
     const size_t base = r * cols;
-    run16<D>(w, base, n16, Fp8Dec16{q, _mm512_set1_ps(e4m3 ? s * 0x1p8f : s), e4m3}, sums);
-    for (size_t c = n16; c < cols; ++c) {
-      const size_t i = base + c;
-      tail.add(load_original(D, w, i), table[q[i]] * s);
-    }
+    L::template run<D>(w, base, n_lanes, typename L::Fp8(q, s, scheme == Scheme::Fp8E4M3), sums);
+    for (size_t i = base + n_lanes; i < base + cols; ++i) tail.add(load_original(D, w, i), table[q[i]] * s);
   }
 }
 
-template <DType D>
-QTOOL_STATS_TARGET512 void bnb4_avx512(const float* code, const float* absmax, size_t block0, uint32_t bs,
-                                       const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1,
-                                       ErrorSums& sums) {
+// Groups of lanes never straddle a block: blocks are powers of two >= 32 long.
+template <typename L, DType D>
+QTOOL_STATS_TARGET void bnb4_simd(const Bnb4Values& value, const uint8_t* w, size_t i0, size_t i1,
+                                  ErrorSums& sums) {
   ScalarAcc tail(sums);
-  // Groups of 16 never straddle a block: blocks are powers of two >= 32 long.
-  const Bnb4Dec16 dec{_mm512_loadu_ps(code),
-                      packed,
-                      absmax,
-                      block0,
-                      static_cast<unsigned>(__builtin_ctz(bs)),
-                      _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
-                      _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0),
-                      _mm512_set1_epi32(0x0F)};
   size_t i = i0;
-  for (; i < i1 && i % 16 != 0; ++i)
-    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
-  const size_t n16 = (i1 - i) & ~size_t{15};
-  run16<D>(w, i, n16, dec, sums);
-  for (i += n16; i < i1; ++i)
-    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  for (; i < i1 && i % L::kLanes != 0; ++i) tail.add(load_original(D, w, i), value(i));
+  const size_t n_lanes = (i1 - i) & ~(L::kLanes - 1);
+  L::template run<D>(w, i, n_lanes, typename L::Bnb4(value), sums);
+  for (i += n_lanes; i < i1; ++i) tail.add(load_original(D, w, i), value(i));
 }
 
 bool cpu_has_avx2() { return cpu_features().fma; }
@@ -469,28 +460,27 @@ void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, D
 
 namespace {
 
-// The paths `impl` allows on this CPU.
-struct StatsPath {
-  bool simd = false;    // AVX2 + FMA
-  bool avx512 = false;  // AVX-512
-};
-StatsPath stats_path([[maybe_unused]] Impl impl) {
-  StatsPath path;
-#ifdef QTOOL_STATS_SIMD
-  path.simd = impl != Impl::Reference && cpu_has_avx2();
-  path.avx512 = path.simd && use_avx512(impl);
-#endif
-  return path;
-}
-
-// fn.template operator()<D>() with D the original weight's dtype (BF16, F16, else F32).
+// With the SIMD path `impl` allows on this CPU: fn.template operator()<L, D>() with L its width
+// (Avx512 or Avx2) and D the original weight's dtype (BF16, F16, else F32); true. Without: false.
 template <typename Fn>
-void with_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::BF16: fn.template operator()<DType::BF16>(); return;
-    case DType::F16: fn.template operator()<DType::F16>(); return;
-    default: fn.template operator()<DType::F32>(); return;
-  }
+bool with_simd([[maybe_unused]] Impl impl, [[maybe_unused]] DType dtype, [[maybe_unused]] Fn&& fn) {
+#ifdef QTOOL_STATS_SIMD
+  if (impl == Impl::Reference || !cpu_has_avx2()) return false;
+  auto with_dtype = [&]<typename L>() {
+    switch (dtype) {
+      case DType::BF16: fn.template operator()<L, DType::BF16>(); return;
+      case DType::F16: fn.template operator()<L, DType::F16>(); return;
+      default: fn.template operator()<L, DType::F32>(); return;
+    }
+  };
+  if (use_avx512(impl))
+    with_dtype.template operator()<Avx512>();
+  else
+    with_dtype.template operator()<Avx2>();
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
@@ -503,14 +493,8 @@ void int8_accumulate_error(const QuantizedLinear& linear, const TensorBytes& par
   const uint8_t* q = parts.weight.data();
   const uint8_t* scb = parts.scale.data();
   ErrorSums local;
-  [[maybe_unused]] const StatsPath path = stats_path(impl);
-#ifdef QTOOL_STATS_SIMD
-  if (path.avx512)
-    with_dtype(dtype, [&]<DType D>() { int8_avx512<D>(q, scb, original, cols, r0, r1, local); });
-  else if (path.simd)
-    with_dtype(dtype, [&]<DType D>() { int8_avx2<D>(q, scb, original, cols, r0, r1, local); });
-  else
-#endif
+  if (!with_simd(impl, dtype,
+                 [&]<typename L, DType D>() { int8_simd<L, D>(q, scb, original, cols, r0, r1, local); }))
     int8_scalar(q, scb, dtype, original, cols, r0, r1, local);
   sums.add(local);
 }
@@ -525,18 +509,9 @@ void fp8_accumulate_error(const QuantizedLinear& linear, const TensorBytes& part
   const uint8_t* q = parts.weight.data();
   const uint8_t* scales = parts.scale.data();
   ErrorSums local;
-  [[maybe_unused]] const StatsPath path = stats_path(impl);
-#ifdef QTOOL_STATS_SIMD
-  if (path.avx512)
-    with_dtype(dtype, [&]<DType D>() {
-      fp8_avx512<D>(scheme, table.data(), q, scales, per_tensor, original, cols, r0, r1, local);
-    });
-  else if (path.simd)
-    with_dtype(dtype, [&]<DType D>() {
-      fp8_avx2<D>(scheme, table.data(), q, scales, per_tensor, original, cols, r0, r1, local);
-    });
-  else
-#endif
+  if (!with_simd(impl, dtype, [&]<typename L, DType D>() {
+        fp8_simd<L, D>(scheme, table.data(), q, scales, per_tensor, original, cols, r0, r1, local);
+      }))
     fp8_scalar(table.data(), q, scales, dtype, per_tensor, original, cols, r0, r1, local);
   sums.add(local);
 }
@@ -550,21 +525,11 @@ void bnb4_accumulate_error(const QuantizedLinear& linear, const TensorBytes& par
   std::vector<float> absmax(b1 - b0);
   decode_absmax(linear, parts, absmax.data(), b0, b1);
   const auto code = bnb4_codes(linear, parts);
-  const uint8_t* packed = parts.weight.data();
+  const Bnb4Values value{code.data(), absmax.data(), b0, bs, parts.weight.data()};
   ErrorSums local;
-  [[maybe_unused]] const StatsPath path = stats_path(impl);
-#ifdef QTOOL_STATS_SIMD
-  if (path.avx512)
-    with_dtype(dtype, [&]<DType D>() {
-      bnb4_avx512<D>(code.data(), absmax.data(), b0, bs, packed, original, i0, i1, local);
-    });
-  else if (path.simd)
-    with_dtype(dtype, [&]<DType D>() {
-      bnb4_avx2<D>(code.data(), absmax.data(), b0, bs, packed, original, i0, i1, local);
-    });
-  else
-#endif
-    bnb4_scalar(code.data(), absmax.data(), b0, bs, packed, dtype, original, i0, i1, local);
+  if (!with_simd(impl, dtype,
+                 [&]<typename L, DType D>() { bnb4_simd<L, D>(value, original, i0, i1, local); }))
+    bnb4_scalar(value, dtype, original, i0, i1, local);
   sums.add(local);
 }
 
