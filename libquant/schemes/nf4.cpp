@@ -378,7 +378,7 @@ void write_quant_state(const WeightView& w, const SchemeOptions& options, float 
 // Double quant of the float32 block absmax into outs[1] (codes), outs[3] (nested absmax) and
 // outs[4] (the nested code map); returns the nested offset, mean(absmax).
 float double_quantize_absmax(const std::vector<float>& absmax, std::span<const std::span<uint8_t>> outs,
-                             ThreadPool& pool) {
+                             ThreadPool& pool, Impl impl) {
   const uint64_t n_blocks = absmax.size();
   const float offset = torch_mean_f32(absmax.data(), n_blocks);
   if (!std::isfinite(offset))
@@ -386,7 +386,7 @@ float double_quantize_absmax(const std::vector<float>& absmax, std::span<const s
          "the mean of the block absmax overflows float32; double quant cannot encode it");
   const uint64_t n_blocks2 = (n_blocks + kNestedBlocksize - 1) / kNestedBlocksize;
   pool.parallel_for(n_blocks2, 64, [&](size_t b, size_t e) {
-    dynamic_quantize_blocks(absmax.data(), n_blocks, offset, b, e, outs[1].data(), outs[3].data());
+    dynamic_quantize_blocks(absmax.data(), n_blocks, offset, b, e, outs[1].data(), outs[3].data(), impl);
   });
   std::memcpy(outs[4].data(), dynamic_map_table().data(), sizeof(float) * 256);
   return offset;
@@ -421,7 +421,7 @@ void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
           bnb4_quantize_blocks_fast(w, options.scheme, options.blocksize, sb, se, packed, absmax, impl);
       });
   if (!options.double_quant) return;
-  write_quant_state(w, options, double_quantize_absmax(absmax_f32, outs, pool), outs.back());
+  write_quant_state(w, options, double_quantize_absmax(absmax_f32, outs, pool, impl), outs.back());
   if (!range_done) return;
   const uint64_t range =
       std::max<uint64_t>(1, kRangeDoneBytes / (uint64_t{options.blocksize} * dtype_size(w.dtype))) *

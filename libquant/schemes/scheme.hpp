@@ -179,8 +179,10 @@ float torch_mean_f32(const float* x, uint64_t n, int lanes = kTorchMeanLanes,
 // per block absmax2 = max |x - offset|; q from a 65536-entry lookup table of the map's midpoints
 // (index trunc(fma((clamp(v / absmax2) + 1) / 2, 65535, 0.5))); an all-zero block gives q = 0.
 // Blocks [block_begin, block_end) of ceil(n / 256); q U8 [n], absmax2 F32 [n_blocks2] (bytes).
+// `impl`: Reference the scalar loop; otherwise full blocks take the AVX2 + FMA path when the CPU
+// has it (the same operations lane by lane, bit for bit).
 void dynamic_quantize_blocks(const float* x, uint64_t n, float offset, uint64_t block_begin,
-                             uint64_t block_end, uint8_t* q, uint8_t* absmax2);
+                             uint64_t block_end, uint8_t* q, uint8_t* absmax2, Impl impl = Impl::Fast);
 // absmax[i] = (map[q[i]] * nested_absmax[i / 256]) + offset for i in [begin, end).
 void dynamic_dequantize(const uint8_t* q, const float* map, const float* nested_absmax, float offset,
                         uint64_t begin, uint64_t end, float* out);
