@@ -59,20 +59,35 @@ template <bool E5M2, typename V>
 // |w| <= 450 * scale (the values a row or tensor with that scale holds): after rounding to the
 // weight's dtype the two agree everywhere, up to the sign of a zero quotient, which the zero
 // point's + 0 erases. F32 weights and scales whose reciprocal overflows divide.
+// The overloads the lane-generic code below picks by width.
+QTOOL_AVX2_FMA inline __m256 fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+QTOOL_AVX512 inline __m512 fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+QTOOL_AVX2 inline __m256 clamp_lanes(__m256 s, __m256 vmax) {
+  return _mm256_min_ps(_mm256_max_ps(s, _mm256_sub_ps(_mm256_setzero_ps(), vmax)), vmax);
+}
+QTOOL_AVX512 inline __m512 clamp_lanes(__m512 s, __m512 vmax) {
+  return _mm512_min_ps(_mm512_max_ps(s, _mm512_sub_ps(_mm512_setzero_ps(), vmax)), vmax);
+}
+
+// The fp8 codes of weights `x` (float32 lanes), in the low byte of each lane: the quotient,
+// rounded to the weight's dtype, plus the zero point, clamped to +-max, encoded.
+template <DType D, bool E5M2, bool Recip, typename V>
+[[gnu::always_inline]] inline V quant_lanes(V x, V vscale, V vrecip, V vmax) {
+  V q;
+  if constexpr (Recip) {
+    const V q0 = x * vrecip;
+    q = fmadd(fmadd(-q0, vscale, x), vrecip, q0);  // fl(-q0 * scale + x) = fnmadd(q0, scale, x)
+  } else {
+    q = x / vscale;
+  }
+  return encode_fp8<E5M2>(clamp_lanes(simd::round_to<D>(q) + V{}, vmax));
+}
+
 template <DType D, bool E5M2, bool Recip>
 QTOOL_AVX2_FMA inline __m256i quant8(const uint8_t* src, uint64_t c, __m256 vscale, __m256 vrecip,
                                      __m256 vmax) {
-  const __m256 x = simd::load8<D>(src + c * simd::elem_size<D>());
-  __m256 q;
-  if constexpr (Recip) {
-    const __m256 q0 = _mm256_mul_ps(x, vrecip);
-    q = _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, vscale, x), vrecip, q0);
-  } else {
-    q = _mm256_div_ps(x, vscale);
-  }
-  __m256 s = _mm256_add_ps(simd::round_to<D>(q), _mm256_setzero_ps());
-  s = _mm256_min_ps(_mm256_max_ps(s, _mm256_sub_ps(_mm256_setzero_ps(), vmax)), vmax);
-  return (__m256i)encode_fp8<E5M2>(s);
+  return (__m256i)quant_lanes<D, E5M2, Recip>(simd::load8<D>(src + c * simd::elem_size<D>()), vscale, vrecip,
+                                              vmax);
 }
 
 // The reference's arithmetic for the last columns of a row.
@@ -108,20 +123,11 @@ QTOOL_AVX512 void quant_row_avx512(const uint8_t* src, uint64_t cols, float scal
   const __m512 vscale = _mm512_set1_ps(scale);
   const __m512 vrecip = _mm512_set1_ps(1.0f / scale);
   const __m512 vmax = _mm512_set1_ps(fmt.max);
-  const __m512 vmin = _mm512_set1_ps(-fmt.max);
   uint64_t c = 0;
   for (; c + 16 <= cols; c += 16) {
-    const __m512 x = simd::load16<D>(src + c * simd::elem_size<D>());
-    __m512 qv;
-    if constexpr (Recip) {
-      const __m512 q0 = _mm512_mul_ps(x, vrecip);
-      qv = _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, vscale, x), vrecip, q0);
-    } else {
-      qv = _mm512_div_ps(x, vscale);
-    }
-    __m512 s = _mm512_add_ps(simd::round_to<D>(qv), _mm512_setzero_ps());
-    s = _mm512_min_ps(_mm512_max_ps(s, vmin), vmax);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm512_cvtepi32_epi8((__m512i)encode_fp8<E5M2>(s)));
+    const __m512 codes =
+        quant_lanes<D, E5M2, Recip>(simd::load16<D>(src + c * simd::elem_size<D>()), vscale, vrecip, vmax);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm512_cvtepi32_epi8((__m512i)codes));
   }
   quant_tail(D, fmt, src, c, cols, scale, q);
 }

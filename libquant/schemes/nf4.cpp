@@ -137,30 +137,35 @@ inline float store_block_absmax(uint32_t bits, uint64_t b, uint8_t* absmax_out) 
   return 1.0f / std::max(amax, kMinAbsmax);
 }
 
+// One full block (blocksize a multiple of 16) scaled by `r`, 16 elements a step.
+template <DType D, bool Fp4>
+QTOOL_AVX2 inline void block_avx2(const Thresholds& thr, __m128i pattern_of, const uint8_t* src,
+                                  uint32_t blocksize, float r, uint8_t* out) {
+  const __m256 vr = _mm256_set1_ps(r);
+  const __m128i nibble_weights = _mm_set1_epi16(0x0110);  // bytes (16, 1): 16 * even + odd
+  for (uint64_t i = 0; i < blocksize; i += 16) {
+    const __m256i k0 = count8(thr, scaled8<D>(src, i, vr));
+    const __m256i k1 = count8(thr, scaled8<D>(src, i + 8, vr));
+    // 16 sorted indices as bytes, in element order.
+    const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(k0, k1), 0xD8);
+    __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+    if constexpr (Fp4) bytes = _mm_shuffle_epi8(pattern_of, bytes);
+    const __m128i pairs = _mm_maddubs_epi16(bytes, nibble_weights);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i / 2), _mm_packus_epi16(pairs, pairs));
+  }
+}
+
 // Quantizes the full blocks [block_begin, block_end) (blocksize a multiple of 16).
 template <DType D, bool Fp4>
 QTOOL_AVX2 void full_blocks_avx2(const uint8_t* data, const Bnb4Table& t, uint32_t blocksize,
                                  uint64_t block_begin, uint64_t block_end, uint8_t* packed,
                                  uint8_t* absmax_out) {
-  using namespace simd;
   const Thresholds thr = make_thresholds(t.thresholds.data());
   const __m128i pattern_of = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t.pattern_of.data()));
-  const __m128i nibble_weights = _mm_set1_epi16(0x0110);  // bytes (16, 1): 16 * even + odd
   for (uint64_t b = block_begin; b < block_end; ++b) {
     const uint8_t* src = block_input<D>(data, blocksize, b);
-    const __m256 vr =
-        _mm256_set1_ps(store_block_absmax<D>(absmax_bits_avx2<D>(src, blocksize), b, absmax_out));
-    uint8_t* out = packed + b * blocksize / 2;
-    for (uint64_t i = 0; i < blocksize; i += 16) {
-      const __m256i k0 = count8(thr, scaled8<D>(src, i, vr));
-      const __m256i k1 = count8(thr, scaled8<D>(src, i + 8, vr));
-      // 16 sorted indices as bytes, in element order.
-      const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(k0, k1), 0xD8);
-      __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
-      if constexpr (Fp4) bytes = _mm_shuffle_epi8(pattern_of, bytes);
-      const __m128i pairs = _mm_maddubs_epi16(bytes, nibble_weights);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i / 2), _mm_packus_epi16(pairs, pairs));
-    }
+    const float r = store_block_absmax<D>(simd::absmax_bits_avx2<D>(src, blocksize), b, absmax_out);
+    block_avx2<D, Fp4>(thr, pattern_of, src, blocksize, r, packed + b * blocksize / 2);
   }
 }
 
@@ -199,30 +204,35 @@ QTOOL_AVX512 inline __m128i pack_nibbles16(__m512i k) {
   return _mm512_cvtepi64_epi8(pairs);
 }
 
+// One full block (blocksize a multiple of 32) scaled by `r`, 32 elements a step.
+template <DType D, bool Fp4>
+QTOOL_AVX512 inline void block_avx512(const Thresholds16& thr, __m512i pattern_of, const uint8_t* src,
+                                      uint32_t blocksize, float r, uint8_t* out) {
+  const __m512 vr = _mm512_set1_ps(r);
+  for (uint64_t i = 0; i < blocksize; i += 32) {
+    __m512i k0 = count16(thr, _mm512_mul_ps(simd::load16<D>(src + i * simd::elem_size<D>()), vr));
+    __m512i k1 = count16(thr, _mm512_mul_ps(simd::load16<D>(src + (i + 16) * simd::elem_size<D>()), vr));
+    if constexpr (Fp4) {
+      k0 = _mm512_permutexvar_epi32(k0, pattern_of);
+      k1 = _mm512_permutexvar_epi32(k1, pattern_of);
+    }
+    const __m128i bytes = _mm_unpacklo_epi64(pack_nibbles16(k0), pack_nibbles16(k1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), bytes);
+  }
+}
+
 template <DType D, bool Fp4>
 QTOOL_AVX512 void full_blocks_avx512(const uint8_t* data, const Bnb4Table& t, uint32_t blocksize,
                                      uint64_t block_begin, uint64_t block_end, uint8_t* packed,
                                      uint8_t* absmax_out) {
-  using namespace simd;
   const Thresholds16 thr = make_thresholds16(t.thresholds.data());
   alignas(64) int32_t pattern[16];
   for (int k = 0; k < 16; ++k) pattern[k] = t.pattern_of[static_cast<size_t>(k)];
   const __m512i pattern_of = _mm512_load_si512(pattern);
   for (uint64_t b = block_begin; b < block_end; ++b) {
     const uint8_t* src = block_input<D>(data, blocksize, b);
-    const __m512 vr =
-        _mm512_set1_ps(store_block_absmax<D>(absmax_bits_avx512<D>(src, blocksize), b, absmax_out));
-    uint8_t* out = packed + b * blocksize / 2;
-    for (uint64_t i = 0; i < blocksize; i += 32) {
-      __m512i k0 = count16(thr, _mm512_mul_ps(load16<D>(src + i * elem_size<D>()), vr));
-      __m512i k1 = count16(thr, _mm512_mul_ps(load16<D>(src + (i + 16) * elem_size<D>()), vr));
-      if constexpr (Fp4) {
-        k0 = _mm512_permutexvar_epi32(k0, pattern_of);
-        k1 = _mm512_permutexvar_epi32(k1, pattern_of);
-      }
-      const __m128i bytes = _mm_unpacklo_epi64(pack_nibbles16(k0), pack_nibbles16(k1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), bytes);
-    }
+    const float r = store_block_absmax<D>(simd::absmax_bits_avx512<D>(src, blocksize), b, absmax_out);
+    block_avx512<D, Fp4>(thr, pattern_of, src, blocksize, r, packed + b * blocksize / 2);
   }
 }
 

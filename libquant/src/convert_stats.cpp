@@ -226,6 +226,13 @@ struct Int8Dec {
   }
 };
 
+// The float16 bits of fp8 codes in 16-bit lanes (U16: a GCC vector of uint16; always inlined
+// into the decoder of its width).
+template <typename U16>
+[[gnu::always_inline]] inline U16 fp8_f16_bits(U16 v, bool e4m3) {
+  return e4m3 ? (U16)(((v & 0x80) << 8) | ((v & 0x7F) << 7)) : (U16)(v << 8);
+}
+
 // fp8 codes decoded through float16: e5m2 is the high byte of a float16; e4m3 moves its exponent
 // and mantissa three bits down, which reads as a float16 2^8 times too small (subnormals
 // included), and the scale carries the 2^8. Exact for every finite code (the quantizers clamp, so
@@ -237,15 +244,9 @@ struct Fp8Dec {
   QTOOL_STATS_TARGET Fp8Dec(const uint8_t* q_, float scale, bool e4m3_)
       : q(q_), s(_mm256_set1_ps(e4m3_ ? scale * 0x1p8f : scale)), e4m3(e4m3_) {}
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
+    using U16 = uint16_t __attribute__((vector_size(16)));
     const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
-    __m128i h;
-    if (e4m3) {
-      h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8),
-                       _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7F)), 7));
-    } else {
-      h = _mm_slli_epi16(v, 8);
-    }
-    return _mm256_mul_ps(_mm256_cvtph_ps(h), s);
+    return _mm256_mul_ps(_mm256_cvtph_ps((__m128i)fp8_f16_bits((U16)v, e4m3)), s);
   }
 };
 
@@ -342,15 +343,9 @@ struct Fp8Dec16 {  // as Fp8Dec
   QTOOL_STATS_TARGET512 Fp8Dec16(const uint8_t* q_, float scale, bool e4m3_)
       : q(q_), s(_mm512_set1_ps(e4m3_ ? scale * 0x1p8f : scale)), e4m3(e4m3_) {}
   QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
+    using U16 = uint16_t __attribute__((vector_size(32)));
     const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
-    __m256i h;
-    if (e4m3) {
-      h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8),
-                          _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7));
-    } else {
-      h = _mm256_slli_epi16(v, 8);
-    }
-    return _mm512_mul_ps(_mm512_cvtph_ps(h), s);
+    return _mm512_mul_ps(_mm512_cvtph_ps((__m256i)fp8_f16_bits((U16)v, e4m3)), s);
   }
 };
 
