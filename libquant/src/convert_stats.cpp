@@ -168,49 +168,69 @@ QTOOL_STATS_TARGET inline float hmax(__m256 v) {
   return std::max({t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]});
 }
 
-template <DType D>
-QTOOL_STATS_TARGET inline __m256 load8(const uint8_t* w, size_t i) {
-  if constexpr (D == DType::BF16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else if constexpr (D == DType::F16) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i)));
-  } else {
-    return _mm256_loadu_ps(reinterpret_cast<const float*>(w + 4 * i));
-  }
+// The accumulating operations by width, for run_lanes below.
+QTOOL_STATS_TARGET inline __m256 fmadd_lanes(__m256 a, __m256 b, __m256 c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+QTOOL_STATS_TARGET inline __m256 max_lanes(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+
+#define QTOOL_STATS_TARGET512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
+
+QTOOL_STATS_TARGET512 inline __m512 fmadd_lanes(__m512 a, __m512 b, __m512 c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+QTOOL_STATS_TARGET512 inline __m512 max_lanes(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+// 16 lanes: the two halves added (or maxed) lane-wise, then as 8.
+QTOOL_STATS_TARGET512 inline float hsum(__m512 v) {
+  return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+QTOOL_STATS_TARGET512 inline float hmax(__m512 v) {
+  return hmax(_mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
 
-// Elements [i, i + n) (n a multiple of 8) against what `dec(j)` decodes for elements [j, j + 8).
-// Two independent sets of accumulators, kept in registers and flushed every kFlushEvery elements.
-template <DType D, typename Dec>
-QTOOL_STATS_TARGET inline void run8(const uint8_t* w, size_t i, size_t n, const Dec& dec, ErrorSums& sums) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
+template <typename V>
+[[gnu::always_inline]] inline V abs_lanes(V d) {
+  using U = typename simd::LaneBits<sizeof(V)>::type;
+  return (V)((U)d & 0x7FFFFFFFu);
+}
+
+// Elements [i, i + n) (n a multiple of L::kLanes) against what `dec(j)` decodes for elements
+// [j, j + L::kLanes). Two independent sets of accumulators, kept in registers and flushed every
+// kFlushEvery elements. One definition for both widths, always inlined into L::run (whose target
+// picks the instructions).
+template <typename L, DType D, typename Dec>
+[[gnu::always_inline]] inline void run_lanes(const uint8_t* w, size_t i, size_t n, const Dec& dec,
+                                             ErrorSums& sums) {
+  using V = typename L::V;
+  constexpr size_t kLanes = L::kLanes;
+  constexpr size_t kSize = simd::elem_size<D>();
   for (size_t done = 0; done < n;) {
     const size_t m = std::min(n - done, kFlushEvery);
-    __m256 r0 = _mm256_setzero_ps(), r1 = r0, e0 = r0, e1 = r0, x0 = r0, x1 = r0;
+    V r0{}, r1{}, e0{}, e1{}, x0{}, x1{};
     const size_t base = i + done;
     size_t k = 0;
-    for (; k + 16 <= m; k += 16) {
-      if (k % 32 == 0) simd::prefetch_ahead(w + (base + k) * (D == DType::F32 ? 4 : 2), 64);
-      const __m256 w0 = load8<D>(w, base + k), w1 = load8<D>(w, base + k + 8);
-      const __m256 d0 = _mm256_sub_ps(dec(base + k), w0), d1 = _mm256_sub_ps(dec(base + k + 8), w1);
-      r0 = _mm256_fmadd_ps(w0, w0, r0);
-      r1 = _mm256_fmadd_ps(w1, w1, r1);
-      e0 = _mm256_fmadd_ps(d0, d0, e0);
-      e1 = _mm256_fmadd_ps(d1, d1, e1);
-      x0 = _mm256_max_ps(x0, _mm256_andnot_ps(sign, d0));
-      x1 = _mm256_max_ps(x1, _mm256_andnot_ps(sign, d1));
+    for (; k + 2 * kLanes <= m; k += 2 * kLanes) {
+      if (k % 32 == 0) simd::prefetch_ahead(w + (base + k) * kSize, 64);
+      const V w0 = L::template load<D>(w + (base + k) * kSize);
+      const V w1 = L::template load<D>(w + (base + k + kLanes) * kSize);
+      const V d0 = dec(base + k) - w0, d1 = dec(base + k + kLanes) - w1;
+      r0 = fmadd_lanes(w0, w0, r0);
+      r1 = fmadd_lanes(w1, w1, r1);
+      e0 = fmadd_lanes(d0, d0, e0);
+      e1 = fmadd_lanes(d1, d1, e1);
+      x0 = max_lanes(x0, abs_lanes(d0));
+      x1 = max_lanes(x1, abs_lanes(d1));
     }
-    for (; k < m; k += 8) {
-      const __m256 w0 = load8<D>(w, base + k);
-      const __m256 d0 = _mm256_sub_ps(dec(base + k), w0);
-      r0 = _mm256_fmadd_ps(w0, w0, r0);
-      e0 = _mm256_fmadd_ps(d0, d0, e0);
-      x0 = _mm256_max_ps(x0, _mm256_andnot_ps(sign, d0));
+    for (; k < m; k += kLanes) {
+      const V w0 = L::template load<D>(w + (base + k) * kSize);
+      const V d0 = dec(base + k) - w0;
+      r0 = fmadd_lanes(w0, w0, r0);
+      e0 = fmadd_lanes(d0, d0, e0);
+      x0 = max_lanes(x0, abs_lanes(d0));
     }
-    sums.sum_sq_ref += hsum(_mm256_add_ps(r0, r1));
-    sums.sum_sq_err += hsum(_mm256_add_ps(e0, e1));
-    sums.max_abs_err = std::max(sums.max_abs_err, hmax(_mm256_max_ps(x0, x1)));
+    sums.sum_sq_ref += hsum(r0 + r1);
+    sums.sum_sq_err += hsum(e0 + e1);
+    sums.max_abs_err = std::max(sums.max_abs_err, hmax(max_lanes(x0, x1)));
     done += m;
   }
 }
@@ -279,51 +299,7 @@ struct Bnb4Dec {
   }
 };
 
-// ---- AVX-512 paths: the same decoders on 16 lanes ---------------------------------------------
-
-#define QTOOL_STATS_TARGET512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
-
-template <DType D>
-QTOOL_STATS_TARGET512 inline __m512 load16(const uint8_t* w, size_t i) {
-  return simd::load16<D>(w + i * (D == DType::F32 ? 4 : 2));
-}
-
-// Elements [i, i + n) (n a multiple of 16) against what `dec(j)` decodes for elements [j, j + 16).
-template <DType D, typename Dec>
-QTOOL_STATS_TARGET512 inline void run16(const uint8_t* w, size_t i, size_t n, const Dec& dec,
-                                        ErrorSums& sums) {
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  for (size_t done = 0; done < n;) {
-    const size_t m = std::min(n - done, kFlushEvery);
-    __m512 r0 = _mm512_setzero_ps(), r1 = r0, e0 = r0, e1 = r0, x0 = r0, x1 = r0;
-    const size_t base = i + done;
-    size_t k = 0;
-    for (; k + 32 <= m; k += 32) {
-      simd::prefetch_ahead(w + (base + k) * (D == DType::F32 ? 4 : 2), 64);
-      const __m512 w0 = load16<D>(w, base + k), w1 = load16<D>(w, base + k + 16);
-      const __m512 d0 = _mm512_sub_ps(dec(base + k), w0), d1 = _mm512_sub_ps(dec(base + k + 16), w1);
-      r0 = _mm512_fmadd_ps(w0, w0, r0);
-      r1 = _mm512_fmadd_ps(w1, w1, r1);
-      e0 = _mm512_fmadd_ps(d0, d0, e0);
-      e1 = _mm512_fmadd_ps(d1, d1, e1);
-      x0 = _mm512_max_ps(x0, _mm512_andnot_ps(sign, d0));
-      x1 = _mm512_max_ps(x1, _mm512_andnot_ps(sign, d1));
-    }
-    for (; k < m; k += 16) {
-      const __m512 w0 = load16<D>(w, base + k);
-      const __m512 d0 = _mm512_sub_ps(dec(base + k), w0);
-      r0 = _mm512_fmadd_ps(w0, w0, r0);
-      e0 = _mm512_fmadd_ps(d0, d0, e0);
-      x0 = _mm512_max_ps(x0, _mm512_andnot_ps(sign, d0));
-    }
-    const __m512 r = _mm512_add_ps(r0, r1), e = _mm512_add_ps(e0, e1), x = _mm512_max_ps(x0, x1);
-    sums.sum_sq_ref += hsum(_mm256_add_ps(_mm512_castps512_ps256(r), _mm512_extractf32x8_ps(r, 1)));
-    sums.sum_sq_err += hsum(_mm256_add_ps(_mm512_castps512_ps256(e), _mm512_extractf32x8_ps(e, 1)));
-    sums.max_abs_err = std::max(sums.max_abs_err,
-                                hmax(_mm256_max_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1))));
-    done += m;
-  }
-}
+// ---- AVX-512: the same decoders on 16 lanes ------------------------------------------------------
 
 struct Int8Dec16 {
   const uint8_t* q;
@@ -378,16 +354,22 @@ struct Bnb4Dec16 {
 
 // The lanes of one SIMD width: its decoders and its run over elements.
 struct Avx2 {
+  using V = __m256;
   static constexpr size_t kLanes = 8;
   using Int8 = Int8Dec;
   using Fp8 = Fp8Dec;
   using Bnb4 = Bnb4Dec;
   template <DType D, typename Dec>
   QTOOL_STATS_TARGET static void run(const uint8_t* w, size_t i, size_t n, const Dec& dec, ErrorSums& sums) {
-    run8<D>(w, i, n, dec, sums);
+    run_lanes<Avx2, D>(w, i, n, dec, sums);
+  }
+  template <DType D>
+  QTOOL_STATS_TARGET static __m256 load(const uint8_t* p) {
+    return simd::load8<D>(p);
   }
 };
 struct Avx512 {
+  using V = __m512;
   static constexpr size_t kLanes = 16;
   using Int8 = Int8Dec16;
   using Fp8 = Fp8Dec16;
@@ -395,7 +377,11 @@ struct Avx512 {
   template <DType D, typename Dec>
   QTOOL_STATS_TARGET512 static void run(const uint8_t* w, size_t i, size_t n, const Dec& dec,
                                         ErrorSums& sums) {
-    run16<D>(w, i, n, dec, sums);
+    run_lanes<Avx512, D>(w, i, n, dec, sums);
+  }
+  template <DType D>
+  QTOOL_STATS_TARGET512 static __m512 load(const uint8_t* p) {
+    return simd::load16<D>(p);
   }
 };
 
