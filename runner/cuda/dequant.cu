@@ -137,17 +137,7 @@ __global__ void dequant_scalar_kernel(DequantParams p, uint64_t begin, uint64_t 
     out[i] = kmath::f32_to_bf16_bits(dq::element_f32(p, i, code_table, nested_map));
 }
 
-int grid_for(uint64_t work_items) {
-  static int max_blocks = [] {
-    int device = 0;
-    cudaGetDevice(&device);
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    return std::max(1, sms) * 8;
-  }();
-  const uint64_t need = (work_items + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<uint64_t>(1, std::min<uint64_t>(need, static_cast<uint64_t>(max_blocks))));
-}
+int grid_for(uint64_t work_items) { return cuda::grid_for(work_items, kThreads); }
 
 void launch_scalar(const DequantParams& p, uint64_t begin, uint64_t end, const float* code_table,
                    const float* nested_map, uint16_t* out, cudaStream_t stream) {
@@ -210,6 +200,16 @@ DeviceTables upload_tables(void* device_memory, cudaStream_t stream) {
   return DeviceTables{base, base + 16, base + 32};
 }
 
+CodeTables code_tables(const DequantParams& p, const DeviceTables& tables) {
+  CodeTables t;
+  t.nested = tables.dynamic_map;
+  if (!is_4bit(p.kind)) return t;
+  t.code = p.quant_map ? reinterpret_cast<const float*>(p.quant_map)
+                       : (p.kind == WeightKind::Nf4 ? tables.nf4 : tables.fp4);
+  if (p.nested_quant_map) t.nested = reinterpret_cast<const float*>(p.nested_quant_map);
+  return t;
+}
+
 void dequantize_to_bf16(const DequantParams& p, const DeviceTables& tables, uint16_t* out,
                         cudaStream_t stream) {
   require_device_kind(p);
@@ -218,13 +218,7 @@ void dequantize_to_bf16(const DequantParams& p, const DeviceTables& tables, uint
     QTOOL_CUDA_CHECK(cudaMemcpyAsync(out, p.weight, p.numel() * 2, cudaMemcpyDeviceToDevice, stream));
     return;
   }
-  const float* code_table = nullptr;
-  const float* nested_map = tables.dynamic_map;
-  if (is_4bit(p.kind)) {
-    code_table = p.quant_map ? reinterpret_cast<const float*>(p.quant_map)
-                             : (p.kind == WeightKind::Nf4 ? tables.nf4 : tables.fp4);
-    if (p.nested_quant_map) nested_map = reinterpret_cast<const float*>(p.nested_quant_map);
-  }
+  const auto [code_table, nested_map] = code_tables(p, tables);
   const bool vec_ok = aligned16(out) && aligned16(p.weight);
   switch (p.kind) {
     case WeightKind::Int8:

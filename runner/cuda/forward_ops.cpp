@@ -16,8 +16,6 @@ namespace {
 
 namespace fwd = cuda::fwd;
 
-bool is_activation_dtype(DType dt) { return dt == DType::BF16 || dt == DType::F16 || dt == DType::F32; }
-
 int dt_code(DType dt) {
   switch (dt) {
     case DType::BF16: return fwd::kBf16;
@@ -26,30 +24,9 @@ int dt_code(DType dt) {
   }
 }
 
-void check_view(const Mat& m) {
-  QTOOL_ASSERT_MSG(is_activation_dtype(m.dtype) && m.rows >= 0 && m.cols >= 0 && m.ld >= m.cols,
-                   "activation view [", m.rows, ", ", m.cols, "] ld ", m.ld, " ", dtype_name(m.dtype));
-}
-
 fwd::View view(const Mat& m) {
   check_view(m);
   return {m.data, dt_code(m.dtype), m.rows, m.cols, m.ld};
-}
-
-void check_same_shape(const Mat& a, const Mat& b) {
-  QTOOL_ASSERT_MSG(a.rows == b.rows && a.cols == b.cols, "shapes [", a.rows, ", ", a.cols, "] and [", b.rows,
-                   ", ", b.cols, "] differ");
-}
-
-void check_per_sample(const Mat& x, const Mat& vec, int64_t batch) {
-  check_view(vec);
-  QTOOL_ASSERT_MSG(batch > 0 && x.rows % batch == 0 && vec.rows == batch && vec.cols == x.cols,
-                   "per-sample vector [", vec.rows, ", ", vec.cols, "] for [", x.rows, ", ", x.cols,
-                   "] batch ", batch);
-}
-
-bool is_plain(const DequantParams& w) {
-  return w.kind == WeightKind::Bf16 || w.kind == WeightKind::F16 || w.kind == WeightKind::F32;
 }
 
 float finfo_min(DType dt) {
@@ -260,14 +237,8 @@ void CudaOps::linear(const Mat& x, const DequantParams& weight, const DequantPar
     if (x.dtype == DType::BF16) {
       cuda::dequantize_to_bf16(weight, tables_, static_cast<uint16_t*>(wbuf), stream_);
     } else {
-      const float* code_table = nullptr;
-      const float* nested_map = tables_.dynamic_map;
-      if (is_4bit(weight.kind)) {
-        code_table = weight.quant_map ? reinterpret_cast<const float*>(weight.quant_map)
-                                      : (weight.kind == WeightKind::Nf4 ? tables_.nf4 : tables_.fp4);
-        if (weight.nested_quant_map) nested_map = reinterpret_cast<const float*>(weight.nested_quant_map);
-      }
-      fwd::launch_dequant_generic(weight, code_table, nested_map, dt_code(x.dtype), wbuf, stream_);
+      const cuda::CodeTables t = cuda::code_tables(weight, tables_);
+      fwd::launch_dequant_generic(weight, t.code, t.nested, dt_code(x.dtype), wbuf, stream_);
     }
     w = wbuf;
   }

@@ -6,11 +6,8 @@
 #include "qtool/runner/kernel_math.hpp"
 
 namespace qtool::runner::cuda {
-namespace {
 
-constexpr int kThreads = 256;
-
-int grid_for(uint64_t work_items) {
+int grid_for(uint64_t work_items, int threads) {
   static int max_blocks = [] {
     int device = 0;
     cudaGetDevice(&device);
@@ -18,9 +15,16 @@ int grid_for(uint64_t work_items) {
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     return std::max(1, sms) * 8;
   }();
-  const uint64_t need = (work_items + kThreads - 1) / kThreads;
+  const uint64_t per = static_cast<uint64_t>(threads);
+  const uint64_t need = (work_items + per - 1) / per;
   return static_cast<int>(std::max<uint64_t>(1, std::min<uint64_t>(need, static_cast<uint64_t>(max_blocks))));
 }
+
+namespace {
+
+constexpr int kThreads = 256;
+
+int grid_for(uint64_t work_items) { return cuda::grid_for(work_items, kThreads); }
 
 __global__ void activation_kernel(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uint64_t col_begin,
                                   uint64_t width, uint16_t* out) {

@@ -196,30 +196,16 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
       std::vector<float> s(numel / 64 + rows, 0.01f);
       QTOOL_CUDA_CHECK(cudaMemcpy(scales.data(), s.data(), s.size() * 4, cudaMemcpyHostToDevice));
     }
-    const std::pair<const char*, WeightKind> kinds[] = {
-        {"int8", WeightKind::Int8}, {"fp8_e4m3", WeightKind::Fp8E4M3}, {"fp8_e5m2", WeightKind::Fp8E5M2},
-        {"nf4", WeightKind::Nf4},   {"fp4", WeightKind::Fp4},          {"f16", WeightKind::F16},
-        {"f32", WeightKind::F32}};
-    for (const auto& [key, kind] : kinds) {
-      DequantParams dp;
-      dp.kind = kind;
-      dp.rows = rows;
-      dp.cols = cols;
-      dp.weight = q.as<uint8_t>();
-      dp.scale = scales.as<uint8_t>();
+    for (const auto& [key, kind] : kProfiledDequantKinds) {
+      const DequantParams dp = timing_weight(kind, rows, cols, q.as<uint8_t>(), scales.as<uint8_t>());
       const double ms = median_ms(
           stream, o.repeats, [&] { cuda::dequantize_to_bf16(dp, tables, out.as<uint16_t>(), stream.get()); });
       p.dequant_gelems_per_s[key] = static_cast<double>(numel) / (ms * 1e6);
       log(str_cat("  dequant ", key, ": ", p.dequant_gelems_per_s[key], " G weights/s"));
     }
     // The scalar paths (odd widths, 4-bit tails) load their own kernel.
-    for (const auto& [key, kind] : kinds) {
-      DequantParams odd;
-      odd.kind = kind;
-      odd.rows = 3;
-      odd.cols = 17;
-      odd.weight = q.as<uint8_t>();
-      odd.scale = scales.as<uint8_t>();
+    for (const auto& [key, kind] : kProfiledDequantKinds) {
+      const DequantParams odd = timing_weight(kind, 3, 17, q.as<uint8_t>(), scales.as<uint8_t>());
       cuda::dequantize_to_bf16(odd, tables, out.as<uint16_t>(), stream.get());
     }
     {

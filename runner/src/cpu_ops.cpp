@@ -126,28 +126,6 @@ void mean_var(const float* x, int64_t n, float* mean, float* var) {
 
 float rsqrt(float v) { return 1.0f / std::sqrt(v); }
 
-void check_same_shape(const Mat& a, const Mat& b) {
-  QTOOL_ASSERT_MSG(a.rows == b.rows && a.cols == b.cols, "shapes [", a.rows, ", ", a.cols, "] and [", b.rows,
-                   ", ", b.cols, "] differ");
-}
-
-void check_view(const Mat& m) {
-  QTOOL_ASSERT_MSG(is_activation_dtype(m.dtype) && m.rows >= 0 && m.cols >= 0 && m.ld >= m.cols,
-                   "activation view [", m.rows, ", ", m.cols, "] ld ", m.ld, " ", dtype_name(m.dtype));
-}
-
-// A per-sample vector view [batch, cols] for x's rows: row r of x reads row r / (rows / batch).
-void check_per_sample(const Mat& x, const Mat& vec, int64_t batch) {
-  check_view(vec);
-  QTOOL_ASSERT_MSG(batch > 0 && x.rows % batch == 0 && vec.rows == batch && vec.cols == x.cols,
-                   "per-sample vector [", vec.rows, ", ", vec.cols, "] for [", x.rows, ", ", x.cols,
-                   "] batch ", batch);
-}
-
-bool is_plain(const DequantParams& w) {
-  return w.kind == WeightKind::Bf16 || w.kind == WeightKind::F16 || w.kind == WeightKind::F32;
-}
-
 class CpuOps final : public Ops {
  public:
   CpuOps(ThreadPool& pool, uint64_t capacity)

@@ -76,10 +76,6 @@ inline void store(DType dt, uint8_t* p, int64_t i, float v) {
   QTOOL_ASSERT_MSG(false, "activation dtype ", dtype_name(dt), " is not BF16, F16 or F32");
 }
 
-inline bool is_activation_dtype(DType dt) {
-  return dt == DType::BF16 || dt == DType::F16 || dt == DType::F32;
-}
-
 inline uint8_t* row_ptr(const Mat& m, int64_t r) {
   return static_cast<uint8_t*>(m.data) + static_cast<size_t>(r * m.ld) * m.elem_bytes();
 }

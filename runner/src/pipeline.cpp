@@ -284,32 +284,42 @@ std::vector<HostTensor> FluxPipelineFlow::inputs(size_t p) const {
   return in;
 }
 
+namespace {
+
+const HostTensor& named_output(const std::vector<HostTensor>& outputs, const char* name) {
+  for (const HostTensor& t : outputs)
+    if (t.name == name) return t;
+  fail(ErrorKind::Internal, "the forward gave no output '", name, "'");
+}
+
+// The output `name` of an encoder's pass, which the transformer takes as an input of `rank`
+// dimensions whose last is its `dim` (`width`).
+const HostTensor& encoder_output(const std::vector<HostTensor>& outputs, const char* encoder,
+                                 const char* name, size_t rank, const char* dim, int64_t width) {
+  const HostTensor& t = named_output(outputs, name);
+  if (t.shape.size() != rank || t.shape.back() != width)
+    fail(ErrorKind::InvalidInput, "the ", encoder, "'s ", name, " has shape ", models::shape_str(t.shape),
+         " but the transformer's ", dim, " is ", width);
+  return t;
+}
+
+}  // namespace
+
 void FluxPipelineFlow::take(size_t p, const std::vector<HostTensor>& outputs) {
   Impl& m = *impl_;
   QTOOL_ASSERT(p < passes_.size());
   const Pass& pass = passes_[p];
-  const auto named = [&](const char* name) -> const HostTensor& {
-    for (const HostTensor& t : outputs)
-      if (t.name == name) return t;
-    fail(ErrorKind::Internal, "the forward gave no output '", name, "'");
-  };
   if (pass.component == m.clip) {
-    m.pooled = named("pooler_output");
-    if (m.pooled.shape.size() != 2 || m.pooled.shape[1] != m.arch.pooled_projection_dim)
-      fail(ErrorKind::InvalidInput, "the text_encoder's pooler_output has shape ",
-           models::shape_str(m.pooled.shape), " but the transformer's pooled_projection_dim is ",
-           m.arch.pooled_projection_dim);
+    m.pooled = encoder_output(outputs, "text_encoder", "pooler_output", 2, "pooled_projection_dim",
+                              m.arch.pooled_projection_dim);
     return;
   }
   if (pass.component == m.t5) {
-    m.hidden = named("last_hidden_state");
-    if (m.hidden.shape.size() != 3 || m.hidden.shape[2] != m.arch.joint_attention_dim)
-      fail(ErrorKind::InvalidInput, "the text_encoder_2's last_hidden_state has shape ",
-           models::shape_str(m.hidden.shape), " but the transformer's joint_attention_dim is ",
-           m.arch.joint_attention_dim);
+    m.hidden = encoder_output(outputs, "text_encoder_2", "last_hidden_state", 3, "joint_attention_dim",
+                              m.arch.joint_attention_dim);
     return;
   }
-  const std::vector<float> sample = floats_of(named("sample"));
+  const std::vector<float> sample = floats_of(named_output(outputs, "sample"));
   const size_t i = static_cast<size_t>(pass.denoise_step);
   flow_match_euler_step(m.latents, sample, run_.schedule.sigmas[i], run_.schedule.sigmas[i + 1], m.dtype);
   if (i + 1 == run_.denoise_steps)

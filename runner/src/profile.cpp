@@ -70,17 +70,9 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
   const std::vector<uint8_t> q = random_finite_codes(numel * 4, 1);
   std::vector<float> scales(numel / 64 + rows, 0.01f);
   std::vector<uint16_t> out(numel);
-  const std::pair<const char*, WeightKind> kinds[] = {
-      {"int8", WeightKind::Int8}, {"fp8_e4m3", WeightKind::Fp8E4M3}, {"fp8_e5m2", WeightKind::Fp8E5M2},
-      {"nf4", WeightKind::Nf4},   {"fp4", WeightKind::Fp4},          {"f16", WeightKind::F16},
-      {"f32", WeightKind::F32}};
-  for (const auto& [key, kind] : kinds) {
-    DequantParams dp;
-    dp.kind = kind;
-    dp.rows = rows;
-    dp.cols = cols;
-    dp.weight = q.data();
-    dp.scale = reinterpret_cast<const uint8_t*>(scales.data());
+  for (const auto& [key, kind] : kProfiledDequantKinds) {
+    const DequantParams dp =
+        timing_weight(kind, rows, cols, q.data(), reinterpret_cast<const uint8_t*>(scales.data()));
     const double s = median_seconds(std::max<uint32_t>(1, o.repeats / 2), [&] {
       pool.parallel_for(numel, 1 << 16,
                         [&](size_t b0, size_t e0) { dequantize_to_bf16_cpu(dp, out.data() + b0, b0, e0); });

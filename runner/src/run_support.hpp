@@ -1,6 +1,8 @@
-// Pieces both backends use: reading a disk group from the checkpoint's files.
+// Pieces the runner's sources share: enum names from a table, a disk group read from the
+// checkpoint's files, a linear run alone.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -11,6 +13,14 @@
 #include "qtool/runner/schedule.hpp"
 
 namespace qtool::runner {
+
+// The name of enum value `e` from a table of its type's names in declaration order ("?" for a value
+// past the table). Each table is checked against the type's last value where it is written.
+template <typename E, size_t N>
+constexpr const char* enum_name(E e, const std::array<const char*, N>& names) {
+  const auto i = static_cast<size_t>(e);
+  return i < N ? names[i] : "?";
+}
 
 // Every shard file of a checkpoint, opened for pread. Reading a group lays its tensors out as
 // fill_arena does (same offsets, zeroed gaps), from the files rather than the mapping, so a disk

@@ -11,6 +11,7 @@
 #include "qtool/libquant/config.hpp"
 #include "qtool/libquant/quant.hpp"
 #include "qtool/runner/plan_checks.hpp"
+#include "run_support.hpp"
 
 namespace qtool::runner {
 namespace {
@@ -227,53 +228,65 @@ DequantParams quantized_params(const quant::QuantizedLinear& ql, const Component
 }
 
 const char* placement_name(Placement placement) {
-  switch (placement) {
-    case Placement::Resident: return "gpu";
-    case Placement::Cpu: return "cpu";
-    case Placement::Disk: return "disk";
-  }
-  return "?";
+  static constexpr std::array<const char*, 3> kNames = {"gpu", "cpu", "disk"};
+  static_assert(kNames.size() == static_cast<size_t>(Placement::Disk) + 1);
+  return enum_name(placement, kNames);
 }
 
-Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan) {
-  Schedule s;
+namespace {
+
+// What build_schedule learns from the plan as it goes: the checkpoint's components by the plan's
+// index, and where each tensor (component, shard, index) was placed.
+struct PlanPlacement {
+  const Checkpoint& checkpoint;
+  std::vector<uint32_t> comp_of;                                          // plan component -> checkpoint's
+  std::vector<std::unordered_map<uint64_t, uint64_t>> group_offset;       // per group id: tensor -> offset
+  std::map<int, std::unordered_map<uint64_t, uint64_t>> resident_offset;  // per GPU: tensor -> offset
+  std::unordered_set<uint64_t> placed;  // every tensor must end up somewhere
+  std::set<int> devices;
+
+  const Component& comp(uint32_t ci) const { return checkpoint.components()[ci]; }
+  // The entry of tensor `name` of component `ci`; Error(InvalidInput) naming `where` if absent.
+  Component::Entry lookup(uint32_t ci, const std::string& name, const std::string& where) const {
+    const auto e = comp(ci).find(name);
+    if (!e)
+      fail(ErrorKind::InvalidInput, where, ": tensor '", label(comp(ci).name(), name),
+           "' is not in the checkpoint ", checkpoint.root().string());
+    return *e;
+  }
+};
+
+PlanPlacement map_components(const Checkpoint& checkpoint, const planner::Plan& plan) {
+  PlanPlacement pp{checkpoint, std::vector<uint32_t>(plan.components.size()), {}, {}, {}, {}};
+  pp.group_offset.resize(plan.groups.size());
   const auto& comps = checkpoint.components();
-  // Plan component index -> checkpoint component index.
-  std::vector<uint32_t> comp_of(plan.components.size());
   for (size_t i = 0; i < plan.components.size(); ++i) {
     const Component* c = checkpoint.find_component(plan.components[i].name);
     if (!c)
       fail(ErrorKind::InvalidInput, "the plan's component '", plan.components[i].name,
            "' is not in the checkpoint ", checkpoint.root().string());
-    comp_of[i] = static_cast<uint32_t>(c - comps.data());
+    pp.comp_of[i] = static_cast<uint32_t>(c - comps.data());
   }
-  const auto lookup = [&](uint32_t ci, const std::string& name, const std::string& where) {
-    const auto e = comps[ci].find(name);
-    if (!e)
-      fail(ErrorKind::InvalidInput, where, ": tensor '", label(comps[ci].name(), name),
-           "' is not in the checkpoint ", checkpoint.root().string());
-    return *e;
-  };
+  return pp;
+}
 
-  // Tensor (component, shard, index) -> arena, offset; every tensor must end up somewhere.
-  std::vector<std::unordered_map<uint64_t, uint64_t>> offset_in(plan.groups.size());
-  std::unordered_set<uint64_t> placed;
-  std::set<int> devices;
-
+// One arena per offload group, its tensors where the plan puts them.
+void add_group_arenas(const planner::Plan& plan, PlanPlacement& pp, Schedule& s) {
   for (const planner::OffloadGroup& g : plan.groups) {
     const std::string where = str_cat("plan group ", g.id);
     if (g.gpu < 0) fail(ErrorKind::InvalidInput, where, ": gpu ", g.gpu, " is not a GPU index");
-    const uint32_t ci = comp_of.at(g.component);
+    const uint32_t ci = pp.comp_of.at(g.component);
+    const Component& comp = pp.comp(ci);
     Arena a;
-    a.name = str_cat("group ", g.id, " (", join_modules(comps[ci].name(), g.modules), ")");
+    a.name = str_cat("group ", g.id, " (", join_modules(comp.name(), g.modules), ")");
     a.placement = g.target.kind == planner::Location::Kind::Disk ? Placement::Disk : Placement::Cpu;
     a.device = g.gpu;
     a.bytes = g.arena_bytes;
     for (const planner::GroupTensor& t : g.tensors) {
-      const Component::Entry e = lookup(ci, t.name, where);
-      const uint64_t nbytes = comps[ci].info(e).nbytes();
+      const Component::Entry e = pp.lookup(ci, t.name, where);
+      const uint64_t nbytes = comp.info(e).nbytes();
       if (nbytes != t.nbytes)
-        fail(ErrorKind::InvalidInput, where, ": tensor '", label(comps[ci].name(), t.name), "' has ", nbytes,
+        fail(ErrorKind::InvalidInput, where, ": tensor '", label(comp.name(), t.name), "' has ", nbytes,
              " bytes in the checkpoint but ", t.nbytes, " in the plan");
       const auto tensor_end = checked_add(t.arena_offset, nbytes);
       if (t.arena_offset % kArenaAlign != 0 || !tensor_end || *tensor_end > g.arena_bytes)
@@ -282,33 +295,35 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
       a.tensors.push_back({ci, e, t.arena_offset, nbytes});
       a.index.emplace(key_of(ci, e), t.arena_offset);
       a.payload_bytes += nbytes;
-      offset_in[g.id].emplace(key_of(ci, e), t.arena_offset);
-      placed.insert(key_of(ci, e));
+      pp.group_offset[g.id].emplace(key_of(ci, e), t.arena_offset);
+      pp.placed.insert(key_of(ci, e));
     }
-    devices.insert(g.gpu);
+    pp.devices.insert(g.gpu);
     s.arenas.push_back(std::move(a));
   }
+}
 
-  // Resident arenas: the tensors of each GPU's resident steps, in schedule order.
+// Resident arenas: the tensors of each GPU's resident steps, in schedule order, laid out as the
+// planner lays them out.
+void add_resident_arenas(const planner::Plan& plan, PlanPlacement& pp, Schedule& s) {
   std::map<int, std::vector<std::pair<uint32_t, Component::Entry>>> resident_tensors;
-  std::map<int, std::unordered_map<uint64_t, uint64_t>> resident_offset;
   for (size_t si = 0; si < plan.schedule.size(); ++si) {
     const planner::ScheduleStep& st = plan.schedule[si];
     if (st.gpu < 0)
       fail(ErrorKind::InvalidInput, "plan schedule[", si, "]: gpu ", st.gpu, " is not a GPU index");
-    devices.insert(st.gpu);
+    pp.devices.insert(st.gpu);
     if (st.group >= 0) continue;
-    const uint32_t ci = comp_of.at(st.component);
+    const uint32_t ci = pp.comp_of.at(st.component);
     auto& list = resident_tensors[st.gpu];
-    auto& offs = resident_offset[st.gpu];
+    auto& offs = pp.resident_offset[st.gpu];
     for (const std::string& name : st.tensors) {
-      const Component::Entry e = lookup(ci, name, str_cat("plan schedule[", si, "]"));
+      const Component::Entry e = pp.lookup(ci, name, str_cat("plan schedule[", si, "]"));
       if (offs.emplace(key_of(ci, e), 0).second) list.emplace_back(ci, e);
     }
   }
   for (auto& [gpu, list] : resident_tensors) {
     std::vector<uint64_t> sizes;
-    for (const auto& [ci, e] : list) sizes.push_back(comps[ci].info(e).nbytes());
+    for (const auto& [ci, e] : list) sizes.push_back(pp.comp(ci).info(e).nbytes());
     const planner::ArenaLayout layout = planner::layout_arena(sizes);
     Arena a;
     a.name = str_cat("gpu", gpu, " resident");
@@ -316,103 +331,142 @@ Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan)
     a.device = gpu;
     a.bytes = layout.total;
     for (size_t i = 0; i < list.size(); ++i) {
+      const uint64_t key = key_of(list[i].first, list[i].second);
       a.tensors.push_back({list[i].first, list[i].second, layout.offsets[i], sizes[i]});
-      a.index.emplace(key_of(list[i].first, list[i].second), layout.offsets[i]);
+      a.index.emplace(key, layout.offsets[i]);
       a.payload_bytes += sizes[i];
-      resident_offset[gpu][key_of(list[i].first, list[i].second)] = layout.offsets[i];
-      placed.insert(key_of(list[i].first, list[i].second));
+      pp.resident_offset[gpu][key] = layout.offsets[i];
+      pp.placed.insert(key);
     }
     s.resident_arena[gpu] = static_cast<uint32_t>(s.arenas.size());
     s.arenas.push_back(std::move(a));
   }
-  s.devices.assign(devices.begin(), devices.end());
-  s.n_slots = std::max<uint32_t>(1, plan.settings.prefetch);
-  for (const planner::DevicePlan& d : plan.devices)
-    if (d.location.is_gpu() && d.n_slots > 0) s.n_slots = std::max(s.n_slots, d.n_slots);
-  if (s.n_slots > planner::kMaxPrefetch)
-    fail(ErrorKind::InvalidInput, "the plan asks for ", s.n_slots,
-         " device slots per GPU (settings.prefetch, ", "devices[].n_slots); at most ", planner::kMaxPrefetch);
+}
 
-  // Everything must be placed: tied aliases excepted (they use their primary's memory).
+// The device slots per streaming GPU: the plan's prefetch, or more where a device asks for more.
+uint32_t slots_of(const planner::Plan& plan) {
+  uint32_t n = std::max<uint32_t>(1, plan.settings.prefetch);
+  for (const planner::DevicePlan& d : plan.devices)
+    if (d.location.is_gpu() && d.n_slots > 0) n = std::max(n, d.n_slots);
+  if (n > planner::kMaxPrefetch)
+    fail(ErrorKind::InvalidInput, "the plan asks for ", n, " device slots per GPU (settings.prefetch, ",
+         "devices[].n_slots); at most ", planner::kMaxPrefetch);
+  return n;
+}
+
+// Everything must be placed: tied aliases excepted (they use their primary's memory).
+void check_all_placed(const planner::Plan& plan, const PlanPlacement& pp) {
   for (size_t pi = 0; pi < plan.components.size(); ++pi) {
-    const uint32_t ci = comp_of[pi];
+    const uint32_t ci = pp.comp_of[pi];
     std::unordered_set<std::string> aliases;
     for (const planner::TiedAlias& t : plan.components[pi].tied) aliases.insert(t.alias);
-    for (const auto& e : comps[ci].entries()) {
-      const std::string& name = comps[ci].info(e).name;
-      if (!placed.count(key_of(ci, e)) && !aliases.count(name))
+    for (const auto& e : pp.comp(ci).entries()) {
+      const std::string& name = pp.comp(ci).info(e).name;
+      if (!pp.placed.count(key_of(ci, e)) && !aliases.count(name))
         fail(ErrorKind::InvalidInput, "the plan places no group or resident step holding tensor '",
-             label(comps[ci].name(), name), "' of ", checkpoint.root().string(),
+             label(pp.comp(ci).name(), name), "' of ", pp.checkpoint.root().string(),
              " (was the plan made for another checkpoint?)");
     }
   }
+}
 
-  // Steps and the linears each runs.
-  std::vector<std::unordered_map<std::string, LinearDesc>> linears_by_comp(comps.size());
-  std::vector<bool> have_linears(comps.size(), false);
+// Schedule step `si`'s tensors: where each is in the step's arena.
+struct StepTensors {
+  const PlanPlacement& pp;
+  const planner::ScheduleStep& st;
+  uint32_t ci;
+  bool streamed;
+  std::string where;  // "plan schedule[3]"
+  std::optional<uint64_t> offset_of(const std::string& name) const {
+    const uint64_t k = key_of(ci, pp.lookup(ci, name, where));
+    const auto& m = streamed ? pp.group_offset[static_cast<size_t>(st.group)] : pp.resident_offset.at(st.gpu);
+    const auto it = m.find(k);
+    if (it == m.end()) return std::nullopt;
+    return it->second;
+  }
+};
+
+// The linear of weight `d` run by the step, every part of it in the step's arena.
+LinearTask make_linear_task(const StepTensors& t, const LinearDesc& d, const Schedule& s) {
+  const Component& comp = t.pp.comp(t.ci);
+  LinearTask task;
+  task.id = static_cast<uint32_t>(s.linears.size());
+  task.step = static_cast<uint32_t>(s.steps.size());
+  task.component = comp.name();
+  task.component_index = t.ci;
+  task.module = d.module;
+  task.scheme = d.scheme;
+  task.params = d.params;
+  for (const std::string& part : d.all_tensors) {
+    if (!t.offset_of(part))
+      fail(ErrorKind::InvalidInput, t.where, ": the quant state '", label(comp.name(), part), "' of linear '",
+           d.module, "' is not in the same ", t.streamed ? "group" : "resident arena",
+           " as its weight: a weight and its quant state must travel together");
+    task.weight_bytes += comp.info(t.pp.lookup(t.ci, part, t.where)).nbytes();
+  }
+  for (int p = 0; p < kNumParts; ++p) {
+    if (d.part_name[p].empty()) continue;
+    const Component::Entry e = t.pp.lookup(t.ci, d.part_name[p], t.where);
+    task.part_offset[p] = *t.offset_of(d.part_name[p]);
+    task.part_bytes[p] = comp.info(e).nbytes();
+    task.part_entry[static_cast<size_t>(p)] = e;
+  }
+  return task;
+}
+
+// The plan's steps in order, and the linears each runs.
+void add_steps(const planner::Plan& plan, const PlanPlacement& pp, Schedule& s) {
+  const size_t n_comps = pp.checkpoint.components().size();
+  std::vector<std::unordered_map<std::string, LinearDesc>> linears_by_comp(n_comps);
+  std::vector<bool> have_linears(n_comps, false);
   for (size_t si = 0; si < plan.schedule.size(); ++si) {
     const planner::ScheduleStep& st = plan.schedule[si];
-    const uint32_t ci = comp_of.at(st.component);
+    const uint32_t ci = pp.comp_of.at(st.component);
     if (!have_linears[ci]) {
-      linears_by_comp[ci] = linears_of(comps[ci]);
+      linears_by_comp[ci] = linears_of(pp.comp(ci));
       have_linears[ci] = true;
     }
-    const std::string where = str_cat("plan schedule[", si, "]");
     ExecStep x;
-    x.name = join_modules(comps[ci].name(), st.modules);
+    x.name = join_modules(pp.comp(ci).name(), st.modules);
     x.modules = st.modules;
     x.component = ci;
     x.device = st.gpu;
     x.streamed = st.group >= 0;
     x.arena = x.streamed ? static_cast<uint32_t>(st.group) : s.resident_arena.at(st.gpu);
     x.predicted_compute_s = st.compute_s;
+    const StepTensors tensors{pp, st, ci, x.streamed, str_cat("plan schedule[", si, "]")};
     if (x.streamed && plan.groups[static_cast<size_t>(st.group)].gpu != st.gpu)
-      fail(ErrorKind::InvalidInput, where, ": runs on gpu ", st.gpu, " but its group ", st.group,
+      fail(ErrorKind::InvalidInput, tensors.where, ": runs on gpu ", st.gpu, " but its group ", st.group,
            " is streamed to gpu ", plan.groups[static_cast<size_t>(st.group)].gpu);
-    const auto offset_of = [&](const std::string& name) -> std::optional<uint64_t> {
-      const uint64_t k = key_of(ci, lookup(ci, name, where));
-      const auto& m = x.streamed ? offset_in[static_cast<size_t>(st.group)] : resident_offset[st.gpu];
-      const auto it = m.find(k);
-      if (it == m.end()) return std::nullopt;
-      return it->second;
-    };
     for (const std::string& name : st.tensors) {
-      if (!offset_of(name))
-        fail(ErrorKind::InvalidInput, where, ": tensor '", label(comps[ci].name(), name), "' is not in ",
+      if (!tensors.offset_of(name))
+        fail(ErrorKind::InvalidInput, tensors.where, ": tensor '", label(pp.comp(ci).name(), name),
+             "' is not in ",
              x.streamed ? str_cat("its group ", st.group) : str_cat("gpu ", st.gpu, "'s resident arena"));
       const auto it = linears_by_comp[ci].find(name);
       if (it == linears_by_comp[ci].end()) continue;
-      const LinearDesc& d = it->second;
-      LinearTask task;
-      task.id = static_cast<uint32_t>(s.linears.size());
-      task.step = static_cast<uint32_t>(s.steps.size());
-      task.component = comps[ci].name();
-      task.component_index = ci;
-      task.module = d.module;
-      task.scheme = d.scheme;
-      task.params = d.params;
-      for (const std::string& part : d.all_tensors) {
-        if (!offset_of(part))
-          fail(ErrorKind::InvalidInput, where, ": the quant state '", label(comps[ci].name(), part),
-               "' of linear '", d.module, "' is not in the same ", x.streamed ? "group" : "resident arena",
-               " as its weight: a weight and its quant state must travel together");
-        task.weight_bytes += comps[ci].info(lookup(ci, part, where)).nbytes();
-      }
-      for (int p = 0; p < kNumParts; ++p) {
-        if (d.part_name[p].empty()) continue;
-        const Component::Entry e = lookup(ci, d.part_name[p], where);
-        task.part_offset[p] = *offset_of(d.part_name[p]);
-        task.part_bytes[p] = comps[ci].info(e).nbytes();
-        task.part_entry[static_cast<size_t>(p)] = e;
-      }
+      LinearTask task = make_linear_task(tensors, it->second, s);
       x.flops_per_token += 2 * task.params.rows * task.params.cols;
       x.linears.push_back(task.id);
       s.linears.push_back(std::move(task));
     }
     s.steps.push_back(std::move(x));
   }
+}
+
+}  // namespace
+
+Schedule build_schedule(const Checkpoint& checkpoint, const planner::Plan& plan) {
+  Schedule s;
+  PlanPlacement pp = map_components(checkpoint, plan);
+  add_group_arenas(plan, pp, s);
+  add_resident_arenas(plan, pp, s);
+  s.devices.assign(pp.devices.begin(), pp.devices.end());
+  s.n_slots = slots_of(plan);
+  check_all_placed(plan, pp);
+  add_steps(plan, pp, s);
   check_plan_consistency(checkpoint, plan, s);
-  index_weights(checkpoint, plan, comp_of, s);
+  index_weights(checkpoint, plan, pp.comp_of, s);
   return s;
 }
 

@@ -89,6 +89,14 @@ std::map<std::string, std::vector<HostTensor>> read_pipeline_inputs(const Safete
   return by_component;
 }
 
+// Error(InvalidInput) for --inputs or --outputs `file` when no component of the checkpoint has a
+// forward: "<option> <file>: no component of <checkpoint><what>".
+[[noreturn]] void fail_no_forward(const char* option, const std::filesystem::path& file,
+                                  const Checkpoint& checkpoint, const char* what) {
+  fail(ErrorKind::InvalidInput, option, " ", file.string(), ": no component of ", checkpoint.root().string(),
+       what);
+}
+
 }  // namespace
 
 std::map<std::string, std::vector<HostTensor>> read_inputs(const std::filesystem::path& file,
@@ -109,11 +117,9 @@ std::map<std::string, std::vector<HostTensor>> read_inputs(const std::filesystem
     forwards.emplace(c.name(), std::move(f));
   }
   if (forwards.empty())
-    fail(ErrorKind::InvalidInput, "--inputs ", file.string(), ": no component of ",
-         checkpoint.root().string(),
-         " has a forward the runner executes (LlamaForCausalLM, FluxTransformer2DModel, T5EncoderModel, "
-         "CLIPTextModel): it runs linears only "
-         "and takes no inputs");
+    fail_no_forward("--inputs", file, checkpoint,
+                    " has a forward the runner executes (LlamaForCausalLM, FluxTransformer2DModel, "
+                    "T5EncoderModel, CLIPTextModel): it runs linears only and takes no inputs");
   for (const TensorInfo& t : in.tensors()) {
     // An --outputs file replays: its outputs are not inputs.
     bool is_output = false;
@@ -169,11 +175,10 @@ void write_outputs(const std::filesystem::path& file, const Checkpoint& checkpoi
     if (with_inputs) tensors.emplace_back(kLatentsInput, &run.pipeline.latents);
   }
   if (tensors.empty())
-    fail(ErrorKind::InvalidInput, "--outputs ", file.string(), ": no component of ",
-         checkpoint.root().string(),
-         " ran a forward (LlamaForCausalLM, FluxTransformer2DModel, T5EncoderModel and CLIPTextModel have "
-         "one, "
-         "on either backend)");
+    fail_no_forward(
+        "--outputs", file, checkpoint,
+        " ran a forward (LlamaForCausalLM, FluxTransformer2DModel, T5EncoderModel and CLIPTextModel "
+        "have one, on either backend)");
   for (const auto& [name, t] : tensors) decls.push_back({name, t->dtype, t->shape});
   SafetensorsWriter w(file, decls, {{"producer", "qtool verify"}});
   for (const auto& [name, t] : tensors) w.write(name, t->bytes);

@@ -22,6 +22,18 @@ struct DeviceTables {
 inline constexpr size_t kDeviceTablesBytes = (16 + 16 + 256) * sizeof(float);
 DeviceTables upload_tables(void* device_memory, cudaStream_t stream);
 
+// The code table and the nested (double quant) map a weight dequantizes with: the checkpoint's
+// own quant_map tensors where it has them, else the built-in tables (code: 4-bit kinds only).
+struct CodeTables {
+  const float* code = nullptr;
+  const float* nested = nullptr;
+};
+CodeTables code_tables(const DequantParams& params, const DeviceTables& tables);
+
+// Blocks of `threads` for a grid-stride loop over `work_items` items: enough to cover them, at
+// most 8 per multiprocessor of the first device asked about.
+int grid_for(uint64_t work_items, int threads);
+
 // Dequantizes a whole weight ([rows, cols], `params` pointing into device memory) to bf16 bits in
 // `out` ([rows, cols], 16-byte aligned). Bit-identical with dequantize_to_bf16_cpu. Kinds Bf16
 // are copied unchanged.

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "qtool/formats/dtype.hpp"
+#include "qtool/formats/error.hpp"
 #include "qtool/runner/dequant.hpp"
 
 namespace qtool::runner {
@@ -43,6 +44,35 @@ struct Mat {
     return {static_cast<uint8_t*>(data) + r0 * ld * elem_bytes(), dtype, n, cols, ld};
   }
 };
+
+// The checks every backend's ops make of their arguments (our own invariants: a forward passing
+// a bad view is a bug, not bad input).
+inline bool is_activation_dtype(DType dt) {
+  return dt == DType::BF16 || dt == DType::F16 || dt == DType::F32;
+}
+
+inline void check_view(const Mat& m) {
+  QTOOL_ASSERT_MSG(is_activation_dtype(m.dtype) && m.rows >= 0 && m.cols >= 0 && m.ld >= m.cols,
+                   "activation view [", m.rows, ", ", m.cols, "] ld ", m.ld, " ", dtype_name(m.dtype));
+}
+
+inline void check_same_shape(const Mat& a, const Mat& b) {
+  QTOOL_ASSERT_MSG(a.rows == b.rows && a.cols == b.cols, "shapes [", a.rows, ", ", a.cols, "] and [", b.rows,
+                   ", ", b.cols, "] differ");
+}
+
+// A per-sample vector view [batch, cols] for x's rows: row r of x reads row r / (rows / batch).
+inline void check_per_sample(const Mat& x, const Mat& vec, int64_t batch) {
+  check_view(vec);
+  QTOOL_ASSERT_MSG(batch > 0 && x.rows % batch == 0 && vec.rows == batch && vec.cols == x.cols,
+                   "per-sample vector [", vec.rows, ", ", vec.cols, "] for [", x.rows, ", ", x.cols,
+                   "] batch ", batch);
+}
+
+// A plain (unquantized) float tensor: the kinds norms, embeddings and biases accept.
+inline bool is_plain(const DequantParams& w) {
+  return w.kind == WeightKind::Bf16 || w.kind == WeightKind::F16 || w.kind == WeightKind::F32;
+}
 
 // The two RMSNorm roundings of MODELS.md: torch.nn.RMSNorm / F.rms_norm (Flux q/k norms) round
 // once, ⟦x·rsqrt(mean(x²)+ε)·w⟧; LlamaRMSNorm and T5LayerNorm round twice, ⟦w·⟦x·rsqrt(mean(x²)+ε)⟧⟧.

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "qtool/planner/device_profile.hpp"
+#include "qtool/runner/dequant.hpp"
 
 namespace qtool::runner {
 
@@ -53,5 +54,21 @@ double measure_disk_read_gbps(const std::filesystem::path& dir, uint64_t bytes, 
 // weights never have them, and they would send the kernels to their bit-exact, slower NaN path),
 // and every odd byte below 0x40, so that f16 and f32 views are finite too.
 std::vector<uint8_t> random_finite_codes(size_t bytes, uint64_t seed);
+
+// The weight kinds both profiles time dequantization for, under the key the profile writes.
+struct ProfiledKind {
+  const char* key;
+  WeightKind kind;
+};
+inline constexpr ProfiledKind kProfiledDequantKinds[] = {
+    {"int8", WeightKind::Int8}, {"fp8_e4m3", WeightKind::Fp8E4M3}, {"fp8_e5m2", WeightKind::Fp8E5M2},
+    {"nf4", WeightKind::Nf4},   {"fp4", WeightKind::Fp4},          {"f16", WeightKind::F16},
+    {"f32", WeightKind::F32}};
+
+// A [rows, cols] weight of `kind` over random codes and per-block scales, for timing.
+inline DequantParams timing_weight(WeightKind kind, uint64_t rows, uint64_t cols, const uint8_t* codes,
+                                   const uint8_t* scales) {
+  return DequantParams{.kind = kind, .rows = rows, .cols = cols, .weight = codes, .scale = scales};
+}
 
 }  // namespace qtool::runner

@@ -1,0 +1,239 @@
+// verify's measured sections (verify_checks.hpp): peak memory per GPU against the plan, what each
+// phase found, the step time against the plan's prediction, and the report's tail.
+#include <algorithm>
+#include <cmath>
+
+#include "qtool/formats/error.hpp"
+#include "qtool/formats/json.hpp"
+#include "qtool/formats/size.hpp"
+#include "verify_checks.hpp"
+#include "verify_forward.hpp"
+
+namespace qtool::runner::verify_detail {
+
+using nlohmann::json;
+
+namespace {
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// The plan's bytes for a buffer class: its reserve item of that name; the resident arena; the
+// forwards' activations are the reserve items named "activations: ...".
+uint64_t planned_item_bytes(const planner::DevicePlan& dp, MemoryKind kind) {
+  if (kind == MemoryKind::ResidentArena) return dp.arena_bytes;
+  uint64_t bytes = 0;
+  for (const planner::ReserveItem& ri : dp.reserve) {
+    if (kind == MemoryKind::ForwardActivations ? ri.name.rfind(planner::kForwardActivationPrefix, 0) == 0
+                                               : ri.name == memory_kind_name(kind))
+      bytes += ri.bytes;
+  }
+  return bytes;
+}
+
+// One GPU's memory against its plan: the report's entry and the check's words for it.
+struct DeviceMemoryCheck {
+  json entry;
+  bool ok = true;
+  std::string detail;
+};
+
+DeviceMemoryCheck check_device_memory(const DeviceMemory& m, const planner::DevicePlan* dp, bool on_gpu) {
+  DeviceMemoryCheck r;
+  r.entry = {{"gpu", m.device},
+             {"allocated_bytes", m.allocated_bytes},
+             {"measured_peak_bytes", m.measured_peak_bytes},
+             {"baseline_bytes", m.baseline_bytes},
+             {"pinned_host_bytes", m.pinned_host_bytes},
+             {"how", m.how}};
+  json items = json::array();
+  uint64_t modelled = 0;  // plan items the CPU backend has no counterpart for
+  std::string item_over;
+  for (const MemoryItem& it : m.items) {
+    const uint64_t planned_bytes = dp ? planned_item_bytes(*dp, it.kind) : 0;
+    items.push_back(
+        {{"name", memory_kind_name(it.kind)}, {"allocated", it.bytes}, {"planned", planned_bytes}});
+    // The forwards' activations are a model of the plan's own: each must hold on its own.
+    if (dp && it.kind == MemoryKind::ForwardActivations && it.bytes > planned_bytes)
+      item_over = str_cat(", forward activations ", format_size(it.bytes), " over the plan's ",
+                          format_size(planned_bytes), " OVER");
+  }
+  if (dp)
+    for (const planner::ReserveItem& ri : dp->reserve)
+      if (ri.name == "cuda_context" || ri.name == "cublas_workspace") modelled += ri.bytes;
+  r.entry["items"] = std::move(items);
+  if (!dp) {
+    r.detail = str_cat("gpu ", m.device, ": not in the plan");
+    r.ok = false;
+    return r;
+  }
+  const uint64_t measured = on_gpu ? m.measured_peak_bytes : m.measured_peak_bytes + modelled;
+  r.entry["predicted_peak_bytes"] = dp->predicted_peak;
+  r.entry["compared_bytes"] = measured;
+  r.ok = measured <= dp->predicted_peak && item_over.empty();
+  r.detail =
+      str_cat("gpu ", m.device, " ", format_size(measured),
+              on_gpu ? " measured" : " (buffers, the ops' activation peak, the plan's context and workspace)",
+              " vs ", format_size(dp->predicted_peak), " predicted",
+              measured <= dp->predicted_peak ? "" : " OVER", item_over);
+  return r;
+}
+
+// The step times' medians (the first step left out: it warms caches and loads kernels) against
+// the plan's prediction.
+struct StepTimes {
+  double measured = 0;  // ms, median
+  double predicted = 0;
+  double ratio = 0;
+  double resident = 0;  // all-resident median, 0 when none ran
+  double gbps = 0;      // host-to-device bytes per step over the measured time
+};
+
+StepTimes step_times(const Setup& s, const RunResult& planned, const std::vector<double>& planned_ms,
+                     const std::vector<double>& resident_ms) {
+  StepTimes t;
+  std::vector<double> ms = planned_ms;
+  if (ms.size() >= 2) ms.erase(ms.begin());  // the first step warms caches and loads kernels
+  t.measured = median(ms);
+  t.predicted = s.plan.predicted_step_s * 1000.0;
+  t.ratio = t.predicted > 0 ? t.measured / t.predicted : 0.0;
+  std::vector<double> rms = resident_ms;
+  if (rms.size() >= 2) rms.erase(rms.begin());
+  t.resident = median(rms);
+  t.gbps = t.measured > 0 ? static_cast<double>(planned.h2d_bytes_per_step) / (t.measured * 1e6) : 0.0;
+  return t;
+}
+
+std::string step_time_detail(const StepTimes& t, const RunResult& planned) {
+  std::string detail = str_cat(fmt("%.3f", t.measured), " ms measured (median), ", fmt("%.3f", t.predicted),
+                               " ms predicted, ratio ", fmt("%.2f", t.ratio));
+  if (t.resident > 0) detail += str_cat("; all-resident ", fmt("%.3f", t.resident), " ms");
+  if (planned.h2d_bytes_per_step)
+    detail += str_cat("; ", format_size(planned.h2d_bytes_per_step), " streamed per step (",
+                      fmt("%.1f", t.gbps), " GB/s)");
+  if (planned.pipeline.ran)
+    detail +=
+        str_cat("; a run step is the whole pipeline (the encoders once, the transformer ",
+                planned.pipeline.denoise_steps, " times), the plan's prediction one pass of each component");
+  return detail;
+}
+
+}  // namespace
+
+void check_peak_memory(const Setup& s, const RunResult& planned, const std::vector<Phase>& phases,
+                       Checks& checks) {
+  json memory = json::array();
+  size_t over = 0;
+  std::string detail;
+  for (const DeviceMemory& m : planned.memory) {
+    DeviceMemoryCheck d =
+        check_device_memory(m, s.plan.find_device(planner::Location::on_gpu(m.device)), s.on_gpu);
+    if (!d.ok) ++over;
+    detail += str_cat(detail.empty() ? "" : "; ", d.detail);
+    memory.push_back(std::move(d.entry));
+  }
+  std::string phase_peaks;
+  if (phases.size() > 1)
+    for (const ComponentRun& c : planned.components)
+      if (c.forward)
+        phase_peaks += str_cat(phase_peaks.empty() ? "; forward activations per phase: " : ", ", c.component,
+                               " ", format_size(c.activation_peak_bytes));
+  detail += phase_peaks;
+  if (!s.plan_tokens)
+    checks.add("peak memory", CheckResult::Status::Skip,
+               str_cat("the plan was made for ", s.plan.settings.tokens, " tokens, this run used ", s.tokens,
+                       ": ", detail));
+  else
+    checks.add("peak memory", over ? CheckResult::Status::Fail : CheckResult::Status::Pass, detail);
+  checks.json()["memory"] = std::move(memory);
+}
+
+// Per phase, what the checks found.
+void report_phases(const RunResult& planned, const std::vector<Phase>& phases, Checks& checks) {
+  json& j = checks.json();
+  json pj = json::array();
+  for (const Phase& p : phases) {
+    const ComponentRun* c = nullptr;
+    for (const ComponentRun& r : planned.components)
+      if (r.component == p.component) c = &r;
+    json one = {{"component", p.component},
+                {"ran", c && c->forward ? "forward" : "linears only"},
+                {"passes", c ? c->passes : 0},
+                {"outputs_checked", p.outputs},
+                {"nonfinite", p.nonfinite},
+                {"streamed_vs_resident_mismatches", p.mismatches},
+                {"unread_tensors", c ? c->unread_tensors.size() : 0},
+                {"activation_peak_bytes", c ? c->activation_peak_bytes : 0}};
+    if (j.contains("forward_reference"))
+      for (const json& fr : j["forward_reference"])
+        if (fr["component"] == p.component) one["reference"] = fr;
+    pj.push_back(std::move(one));
+  }
+  j["phases"] = std::move(pj);
+}
+
+// Step time. On a GPU, timed in runs of their own without digests: a step then does only a
+// model's work.
+void check_step_time(const Setup& s, const RunResult& planned, std::vector<double> resident_ms,
+                     Checks& checks) {
+  std::vector<double> planned_ms = planned.step_ms;
+  if (s.on_gpu) {
+    RunOptions t = s.run_opts;
+    t.digests = false;
+    t.trace = false;
+    planned_ms = s.backend->run(s.checkpoint, s.schedule, t).step_ms;
+    if (!resident_ms.empty()) {
+      t.mode = Mode::AllResident;
+      resident_ms = s.backend->run(s.checkpoint, s.schedule, t).step_ms;
+    }
+  }
+  const StepTimes st = step_times(s, planned, planned_ms, resident_ms);
+  checks.json()["timing"] = {{"step_ms", planned_ms},
+                             {"timed_without_digests", s.on_gpu},
+                             {"median_step_ms", st.measured},
+                             {"predicted_step_ms", st.predicted},
+                             {"ratio", st.ratio},
+                             {"all_resident_step_ms", resident_ms},
+                             {"all_resident_median_ms", st.resident},
+                             {"h2d_bytes_per_step", planned.h2d_bytes_per_step},
+                             {"peer_bytes_per_step", planned.peer_bytes_per_step},
+                             {"effective_h2d_gbps", st.gbps}};
+  const std::string detail = step_time_detail(st, planned);
+  if (!s.on_gpu) {
+    checks.add("step time", CheckResult::Status::Info, detail + " (CPU backend: the plan predicts a GPU)");
+  } else if (!s.plan_tokens) {
+    checks.add("step time", CheckResult::Status::Skip,
+               detail + str_cat(" (the plan was made for ", s.plan.settings.tokens, " tokens)"));
+  } else if (s.options.time_tolerance) {
+    const bool ok = std::fabs(st.ratio - 1.0) <= *s.options.time_tolerance;
+    checks.add("step time", ok ? CheckResult::Status::Pass : CheckResult::Status::Fail,
+               detail + str_cat(" (tolerance ", fmt("%.0f", *s.options.time_tolerance * 100), "%)"));
+  } else {
+    checks.add("step time", CheckResult::Status::Info, detail);
+  }
+}
+
+// The checks, the notes and --outputs in the report, and the report written (--report).
+void finish_report(const Setup& s, const RunResult& planned, Checks& checks) {
+  const VerifyOptions& o = s.options;
+  json& j = checks.json();
+  json list = json::array();
+  for (const CheckResult& c : checks.report().checks)
+    list.push_back({{"name", c.name}, {"status", check_status_name(c.status)}, {"detail", c.detail}});
+  j["checks"] = std::move(list);
+  j["passed"] = checks.report().passed();
+  j["notes"] = planned.notes;
+  if (!o.outputs.empty()) {
+    write_outputs(o.outputs, s.checkpoint, planned, o.inputs.empty());
+    j["outputs"] = o.outputs.string();
+    checks.log(str_cat("  outputs: ", o.outputs.string(),
+                       o.inputs.empty() ? " (with the inputs drawn from the seed, to replay the run)" : ""));
+  }
+  if (!o.report.empty()) write_json_file(o.report, j);
+}
+
+}  // namespace qtool::runner::verify_detail
