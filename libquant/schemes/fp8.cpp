@@ -33,7 +33,7 @@ float dtype_eps(DType dtype) {
 // integer arithmetic as c10's fp8e4m3fn_from_fp32_value / fp8e5m2_from_fp32_value), in the low
 // byte of each lane (returned in float lanes); for AVX2 (__m256) and AVX-512 (__m512) lanes alike.
 template <bool E5M2, typename V>
-[[gnu::always_inline]] inline V encode_fp8(V x) {
+[[gnu::always_inline]] inline V encode_fp8(const V& x) {
   using U = typename simd::LaneBits<sizeof(V)>::type;
   using I = typename simd::LaneBits<sizeof(V)>::signed_type;
   constexpr int kManShift = E5M2 ? 21 : 20;  // 23 - mantissa bits
@@ -72,7 +72,7 @@ QTOOL_AVX512 inline __m512 clamp_lanes(__m512 s, __m512 vmax) {
 // The fp8 codes of weights `x` (float32 lanes), in the low byte of each lane: the quotient,
 // rounded to the weight's dtype, plus the zero point, clamped to +-max, encoded.
 template <DType D, bool E5M2, bool Recip, typename V>
-[[gnu::always_inline]] inline V quant_lanes(V x, V vscale, V vrecip, V vmax) {
+[[gnu::always_inline]] inline V quant_lanes(const V& x, const V& vscale, const V& vrecip, const V& vmax) {
   V q;
   if constexpr (Recip) {
     const V q0 = x * vrecip;

@@ -218,14 +218,14 @@ struct LaneBits<64> {
 
 // Round finite float32 lanes to bfloat16 precision (RNE) and back.
 template <typename V>
-[[gnu::always_inline]] inline V round_bf16(V x) {
+[[gnu::always_inline]] inline V round_bf16(const V& x) {
   using U = typename LaneBits<sizeof(V)>::type;
   const U u = (U)x;
   return (V)((u + (((u >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u);
 }
 
 template <DType D, typename V>
-[[gnu::always_inline]] inline V round_to(V x) {
+[[gnu::always_inline]] inline V round_to(const V& x) {
   if constexpr (D == DType::BF16)
     return round_bf16(x);
   else if constexpr (D == DType::F16)

@@ -189,7 +189,7 @@ QTOOL_STATS_TARGET512 inline float hmax(__m512 v) {
 }
 
 template <typename V>
-[[gnu::always_inline]] inline V abs_lanes(V d) {
+[[gnu::always_inline]] inline V abs_lanes(const V& d) {
   using U = typename simd::LaneBits<sizeof(V)>::type;
   return (V)((U)d & 0x7FFFFFFFu);
 }
@@ -249,7 +249,7 @@ struct Int8Dec {
 // The float16 bits of fp8 codes in 16-bit lanes (U16: a GCC vector of uint16; always inlined
 // into the decoder of its width).
 template <typename U16>
-[[gnu::always_inline]] inline U16 fp8_f16_bits(U16 v, bool e4m3) {
+[[gnu::always_inline]] inline U16 fp8_f16_bits(const U16& v, bool e4m3) {
   return e4m3 ? (U16)(((v & 0x80) << 8) | ((v & 0x7F) << 7)) : (U16)(v << 8);
 }
 
