@@ -23,7 +23,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -172,39 +171,32 @@ json run_scheme(const Args& a, const std::string& scheme, const std::filesystem:
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string k = argv[i];
-    const auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+  for (bench::ArgCursor args(argc, argv); args.next();) {
+    const std::string& k = args.flag();
     if (k == "--preset") {
-      a.preset = next();
+      a.preset = args.value();
     } else if (k == "--scale") {
-      a.scale = std::stod(next());
+      a.scale = std::stod(args.value());
     } else if (k == "--tokens") {
-      a.tokens = std::stoull(next());
+      a.tokens = std::stoull(args.value());
     } else if (k == "--budget") {
-      a.budget = parse_size(next(), "--budget");
+      a.budget = parse_size(args.value(), "--budget");
     } else if (k == "--resident-fraction") {
-      a.resident_fraction = std::stod(next());
+      a.resident_fraction = std::stod(args.value());
     } else if (k == "--steps") {
-      a.steps = static_cast<uint32_t>(std::stoul(next()));
+      a.steps = static_cast<uint32_t>(std::stoul(args.value()));
     } else if (k == "--schemes") {
       a.schemes.clear();
-      std::stringstream ss(next());
+      std::stringstream ss(args.value());
       for (std::string t; std::getline(ss, t, ',');) a.schemes.push_back(t);
     } else if (k == "--work") {
-      a.work = next();
+      a.work = args.value();
     } else if (k == "--data") {
-      a.data = next();
+      a.data = args.value();
     } else if (k == "--json") {
-      a.json_out = next();
+      a.json_out = args.value();
     } else if (k == "--models-dir") {
-      a.models_dir = next();
+      a.models_dir = args.value();
     } else {
       std::fprintf(stderr,
                    "usage: bench_forward [--preset flux|llama] [--scale S] [--tokens N] [--budget SIZE] "
@@ -223,71 +215,23 @@ int main(int argc, char** argv) {
     return 77;
   }
   try {
-    if (a.work.empty())
-      a.work = std::filesystem::temp_directory_path() / ("qtool-bench-forward-" + std::to_string(::getpid()));
-    std::filesystem::remove_all(a.work);
-    std::filesystem::create_directories(a.work);
-    struct Cleanup {
-      std::filesystem::path p;
-      ~Cleanup() {
-        std::error_code ec;
-        std::filesystem::remove_all(p, ec);
-      }
-    } cleanup{a.work};
     json out;
-    const std::string device = rc::describe_device(0);
-    log("bench_forward on %s", device.c_str());
-    out["device"] = device;
-    {
-      const std::time_t now = std::time(nullptr);
-      char buf[32];
-      std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&now));
-      out["date"] = buf;
-    }
+    const bench::BenchSetup setup("bench_forward", a.work, a.models_dir, out);
     out["args"] = {{"preset", a.preset}, {"scale", a.scale}, {"tokens", a.tokens},
                    {"budget", a.budget}, {"steps", a.steps}, {"resident_fraction", a.resident_fraction}};
-    ProfileOptions po;
-    po.device = 0;
-    po.tmp_dir = a.work;
-    po.log = [](std::string_view s) { log("%.*s", static_cast<int>(s.size()), s.data()); };
-    const planner::DeviceProfile profile = measure_cuda_profile(po);
-    out["profile"] = planner::device_profile_to_json(profile);
-    planner::TemplateLibrary templates;
-    const planner::TemplateLibrary* tl = nullptr;
-    if (std::filesystem::exists(a.models_dir)) {
-      templates.load_dir(a.models_dir);
-      tl = &templates;
-    }
-
-    const auto t0 = std::chrono::steady_clock::now();
     const std::filesystem::path data = a.data.empty() ? a.work : a.data;
-    if (a.data.empty()) {
-      SynthSpec spec;
-      spec.preset = a.preset;
-      spec.scale = a.scale;
-      if (a.preset == "flux") spec.components = {"transformer"};
-      SynthWriteOptions sw;
-      sw.seed = 1;
-      write_synth_model(make_synth_model(spec), a.work / "bf16", sw);
-      for (const std::string& scheme : a.schemes) {
-        if (scheme == "bf16") continue;
-        quant::SchemeOptions so;
-        so.scheme = *quant::parse_scheme(scheme);
-        quant::ConvertOptions co;
-        quant::quantize_checkpoint(a.work / "bf16", quant::config_for_scheme(so), a.work / scheme, co);
-      }
-    }
-    log("data ready in %.1f s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (a.data.empty())
+      bench::write_bench_data(
+          a.work, a.preset, a.scale,
+          a.preset == "flux" ? std::vector<std::string>{"transformer"} : std::vector<std::string>{},
+          a.schemes);
 
     auto backend = make_cuda_backend();
     std::vector<std::string> table;
     for (const std::string& scheme : a.schemes)
-      out[scheme] = run_scheme(a, scheme, data / scheme, profile, tl, *backend, table);
+      out[scheme] = run_scheme(a, scheme, data / scheme, setup.profile, setup.templates, *backend, table);
 
-    std::printf("\n| measurement | ratio | target | met |\n|---|---|---|---|\n");
-    for (const std::string& l : table) std::printf("%s\n", l.c_str());
-    out["table"] = table;
-    if (!a.json_out.empty()) write_json_file(a.json_out, out);
+    bench::print_results(table, out, a.json_out);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_forward: %s\n", e.what());

@@ -23,7 +23,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -88,33 +87,26 @@ double median_ms(const rc::Stream& s, int repeats, Fn&& fn) {
 
 int main(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string k = argv[i];
-    const auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", k.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+  for (bench::ArgCursor args(argc, argv); args.next();) {
+    const std::string& k = args.flag();
     if (k == "--scale")
-      a.scale = std::stod(next());
+      a.scale = std::stod(args.value());
     else if (k == "--tokens")
-      a.tokens = std::stoull(next());
+      a.tokens = std::stoull(args.value());
     else if (k == "--stream-tokens")
-      a.stream_tokens = std::stoull(next());
+      a.stream_tokens = std::stoull(args.value());
     else if (k == "--resident-fraction")
-      a.resident_fraction = std::stod(next());
+      a.resident_fraction = std::stod(args.value());
     else if (k == "--steps")
-      a.steps = static_cast<uint32_t>(std::stoul(next()));
+      a.steps = static_cast<uint32_t>(std::stoul(args.value()));
     else if (k == "--work")
-      a.work = next();
+      a.work = args.value();
     else if (k == "--json")
-      a.json_out = next();
+      a.json_out = args.value();
     else if (k == "--models-dir")
-      a.models_dir = next();
+      a.models_dir = args.value();
     else if (k == "--data")
-      a.data = next();
+      a.data = args.value();
     else {
       std::fprintf(stderr,
                    "usage: bench_stream [--scale S] [--tokens N] [--stream-tokens N] [--resident-fraction F] "
@@ -127,63 +119,15 @@ int main(int argc, char** argv) {
     return 77;
   }
   try {
-    if (a.work.empty())
-      a.work = std::filesystem::temp_directory_path() / ("qtool-bench-stream-" + std::to_string(::getpid()));
-    std::filesystem::remove_all(a.work);
-    std::filesystem::create_directories(a.work);
-    struct Cleanup {
-      std::filesystem::path p;
-      ~Cleanup() {
-        std::error_code ec;
-        std::filesystem::remove_all(p, ec);
-      }
-    } cleanup{a.work};
     json out;
     std::vector<std::string> table;
-    const std::string device = rc::describe_device(0);
-    std::fprintf(stderr, "bench_stream on %s\n", device.c_str());
-    out["device"] = device;
-    {
-      const std::time_t now = std::time(nullptr);
-      char buf[32];
-      std::strftime(buf, sizeof buf, "%Y-%m-%d", std::gmtime(&now));
-      out["date"] = buf;
-    }
-
-    // The profile every plan below is made with.
-    ProfileOptions po;
-    po.device = 0;
-    po.tmp_dir = a.work;
-    po.log = [](std::string_view s) { std::fprintf(stderr, "%.*s\n", static_cast<int>(s.size()), s.data()); };
-    const planner::DeviceProfile profile = measure_cuda_profile(po);
-    out["profile"] = planner::device_profile_to_json(profile);
-    planner::TemplateLibrary templates;
-    const planner::TemplateLibrary* tl = nullptr;
-    if (std::filesystem::exists(a.models_dir)) {
-      templates.load_dir(a.models_dir);
-      tl = &templates;
-    }
+    const bench::BenchSetup setup("bench_stream", a.work, a.models_dir, out);
+    const planner::DeviceProfile& profile = setup.profile;
+    const planner::TemplateLibrary* tl = setup.templates;
 
     // Data.
-    const auto t0 = std::chrono::steady_clock::now();
     const std::filesystem::path data = a.data.empty() ? a.work : a.data;
-    if (a.data.empty()) {
-      SynthSpec spec;
-      spec.preset = "flux";
-      spec.scale = a.scale;
-      spec.components = {"transformer"};
-      SynthWriteOptions sw;
-      sw.seed = 1;
-      write_synth_model(make_synth_model(spec), a.work / "bf16", sw);
-      for (const char* scheme : {"nf4", "int8"}) {
-        quant::SchemeOptions so;
-        so.scheme = *quant::parse_scheme(scheme);
-        quant::ConvertOptions co;
-        quant::quantize_checkpoint(a.work / "bf16", quant::config_for_scheme(so), a.work / scheme, co);
-      }
-    }
-    std::fprintf(stderr, "data ready in %.1f s\n",
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (a.data.empty()) bench::write_bench_data(a.work, "flux", a.scale, {"transformer"}, {"nf4", "int8"});
 
     rc::Stream stream(0);
     // Peers: a device-to-device copy and dequant kernels on an 8192 x 8192 weight.
@@ -341,10 +285,7 @@ int main(int argc, char** argv) {
                    scheme, st_ms, res_ms, transfer_ms, pred_ms, same ? "bitwise equal" : "OUTPUTS DIFFER");
     }
 
-    std::printf("\n| measurement | ratio | target | met |\n|---|---|---|---|\n");
-    for (const std::string& l : table) std::printf("%s\n", l.c_str());
-    out["table"] = table;
-    if (!a.json_out.empty()) write_json_file(a.json_out, out);
+    bench::print_results(table, out, a.json_out);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_stream: %s\n", e.what());

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "qtool/formats/size.hpp"
+#include "qtool/formats/thread_pool.hpp"
 
 namespace qtool::cli {
 namespace {
@@ -29,6 +30,15 @@ void add_registered_commands(CLI::App& app, const GlobalOptions& global, Command
   auto commands = registry();
   std::sort(commands.begin(), commands.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   for (const auto& [order, add] : commands) add(app, global, run);
+}
+
+void add_backend_option(CLI::App* cmd, std::string& backend) {
+  cmd->add_option("--backend", backend, "auto (CUDA when a GPU is present), cuda or cpu")
+      ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
+}
+
+void add_threads_option(CLI::App* cmd, size_t& threads, const std::string& help) {
+  cmd->add_option("--threads,-j", threads, help)->check(count_range(0, static_cast<int64_t>(kMaxThreads)));
 }
 
 bool use_color() {

@@ -6,8 +6,10 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/progress.hpp"
@@ -41,9 +43,30 @@ struct CommandRegistrar {
 };
 void add_registered_commands(CLI::App& app, const GlobalOptions& global, CommandFn& run);
 
+// Adds the subcommand `name` to `app`, its options to be parsed into a fresh Options (declare
+// them on the subcommand returned); when it is the one invoked, `run` becomes
+// run_command(options, global).
+template <class Options, class RunFn>
+std::pair<CLI::App*, std::shared_ptr<Options>> add_command(CLI::App& app, const GlobalOptions& global,
+                                                           CommandFn& run, const std::string& name,
+                                                           const std::string& description,
+                                                           RunFn run_command) {
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(name, description);
+  cmd->callback([o, &global, &run, run_command] {
+    run = [o, &global, run_command] { return run_command(*o, global); };
+  });
+  return {cmd, o};
+}
+
 // A check for count options: an integer from lo to hi. Checked on the text, so that "-1" is refused
 // instead of wrapping into a huge unsigned value.
 inline CLI::Range count_range(int64_t lo, int64_t hi) { return CLI::Range(lo, hi); }
+
+// The options several commands share: --backend (auto, cuda or cpu) and --threads,-j (0: every
+// core, at most kMaxThreads).
+void add_backend_option(CLI::App* cmd, std::string& backend);
+void add_threads_option(CLI::App* cmd, size_t& threads, const std::string& help);
 
 // Human output goes to stderr; these respect --quiet, --verbose and NO_COLOR.
 void info(const GlobalOptions& global, std::string_view line);

@@ -33,16 +33,15 @@ int run_dequantize(const DequantizeOptions& o, const GlobalOptions& global) {
 }
 
 void add_dequantize_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  auto o = std::make_shared<DequantizeOptions>();
-  CLI::App* cmd = app.add_subcommand("dequantize",
-                                     "Turn a quantized checkpoint (qtool's, or any bitsandbytes int8/4-bit "
-                                     "or compressed-tensors fp8 one) back "
-                                     "into plain weights; quant state and quantization_config are removed");
+  const auto [cmd, o] = add_command<DequantizeOptions>(
+      app, global, run, "dequantize",
+      "Turn a quantized checkpoint (qtool's, or any bitsandbytes int8/4-bit or compressed-tensors fp8 one) "
+      "back into plain weights; quant state and quantization_config are removed",
+      run_dequantize);
   add_convert_options(cmd, *o, "Write the report as JSON to this file");
   cmd->add_option("--dtype", o->dtype,
                   "dtype of the dequantized weights: bf16, f16 or f32 (default: the dtype they had before "
                   "quantization; other tensors keep theirs)");
-  cmd->callback([o, &global, &run] { run = [o, &global] { return run_dequantize(*o, global); }; });
 }
 
 const CommandRegistrar kRegistrar(35, add_dequantize_command);

@@ -59,13 +59,41 @@ planner::ProfileChoiceInputs profile_choice_inputs(const GlobalOptions& global) 
   return in;
 }
 
+int run_plan(const PlanCliOptions& o, const GlobalOptions& global) {
+  planner::PlanRequest r;
+  r.checkpoint = o.checkpoint;
+  r.options.strategy = planner::parse_strategy(o.device_map);
+  r.options.offload = planner::parse_offload_mode(o.offload);
+  r.options.tokens = o.tokens;
+  r.options.blocks_per_group = o.blocks_per_group;
+  r.options.prefetch = o.prefetch;
+  r.options.qtool_version = QTOOL_VERSION;
+  if (o.device_profile.empty())
+    r.choice = profile_choice_inputs(global);
+  else
+    r.profile = with_option("--device-profile", [&] {
+      return planner::named_device_profile(o.device_profile, "--device-profile");
+    });
+  r.models_dir = o.models_dir;
+  r.max_memory = o.max_memory;
+  r.info = [&global](std::string_view line) { info(global, std::string(line)); };
+  r.warn = [](std::string_view line) { warn(std::string(line)); };
+  const planner::Plan plan = planner::plan_checkpoint(r);
+  if (!o.output.empty()) write_plan(o.output, plan);
+  if (!o.svg.empty()) write_text_file(o.svg, planner::plan_svg(plan));
+  if (!global.quiet) std::fputs(planner::plan_table(plan).c_str(), stderr);
+  if (!o.output.empty()) info(global, "wrote " + o.output);
+  if (o.json) std::cout << dump_json(planner::plan_to_json(plan), 2) << "\n";
+  return 0;
+}
+
 void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  auto o = std::make_shared<PlanCliOptions>();
-  CLI::App* cmd = app.add_subcommand(
-      "plan",
+  const auto [cmd, o] = add_command<PlanCliOptions>(
+      app, global, run, "plan",
       "Place every module of a checkpoint on GPUs, pinned host memory or disk within a memory budget, "
       "with offloaded weights streamed in groups through device slots; predict each device's peak memory "
-      "and the time of one step. Reads only the checkpoint's headers.");
+      "and the time of one step. Reads only the checkpoint's headers.",
+      run_plan);
   cmd->add_option("checkpoint", o->checkpoint,
                   "A .safetensors file, a model folder or a diffusers pipeline folder")
       ->required();
@@ -100,34 +128,6 @@ void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
   cmd->add_option("-o,--output", o->output, "Write the plan file here");
   cmd->add_option("--svg", o->svg, "Draw each device's memory as an SVG bar chart");
   cmd->add_flag("--json", o->json, "Print the plan as JSON on stdout");
-  cmd->callback([&global, &run, o] {
-    run = [&global, o]() -> int {
-      planner::PlanRequest r;
-      r.checkpoint = o->checkpoint;
-      r.options.strategy = planner::parse_strategy(o->device_map);
-      r.options.offload = planner::parse_offload_mode(o->offload);
-      r.options.tokens = o->tokens;
-      r.options.blocks_per_group = o->blocks_per_group;
-      r.options.prefetch = o->prefetch;
-      r.options.qtool_version = QTOOL_VERSION;
-      if (o->device_profile.empty())
-        r.choice = profile_choice_inputs(global);
-      else
-        r.profile =
-            with_option("--device-profile", [&] { return planner::named_device_profile(o->device_profile); });
-      r.models_dir = o->models_dir;
-      r.max_memory = o->max_memory;
-      r.info = [&global](std::string_view line) { info(global, std::string(line)); };
-      r.warn = [](std::string_view line) { warn(std::string(line)); };
-      const planner::Plan plan = planner::plan_checkpoint(r);
-      if (!o->output.empty()) write_plan(o->output, plan);
-      if (!o->svg.empty()) write_text_file(o->svg, planner::plan_svg(plan));
-      if (!global.quiet) std::fputs(planner::plan_table(plan).c_str(), stderr);
-      if (!o->output.empty()) info(global, "wrote " + o->output);
-      if (o->json) std::cout << dump_json(planner::plan_to_json(plan), 2) << "\n";
-      return 0;
-    };
-  });
 }
 
 const CommandRegistrar kRegistrar(40, add_plan);

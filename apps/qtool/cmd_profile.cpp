@@ -50,14 +50,13 @@ int run_profile(const ProfileCliOptions& o, const GlobalOptions& global) {
 }
 
 void add_profile_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  auto o = std::make_shared<ProfileCliOptions>();
-  CLI::App* cmd = app.add_subcommand(
-      "profile",
+  const auto [cmd, o] = add_command<ProfileCliOptions>(
+      app, global, run, "profile",
       "Measure this machine's device profile for the planner: host-to-device bandwidth (pinned, pageable), "
-      "GEMM rate, dequant rates, context and workspace bytes");
+      "GEMM rate, dequant rates, context and workspace bytes",
+      run_profile);
   cmd->add_option("-o,--output", o->output, "Write the profile JSON here (default: stdout)");
-  cmd->add_option("--backend", o->backend, "auto (CUDA when a GPU is present), cuda or cpu")
-      ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
+  add_backend_option(cmd, o->backend);
   cmd->add_option("--device", o->device, "The GPU to measure (default 0)");
   cmd->add_option("--copy-size", o->copy_size, "Bytes per bandwidth measurement (default 256MiB)");
   cmd->add_option("--tokens", o->tokens, "GEMM rate measured at [tokens, 4096] x [4096, 4096] (default 4096)")
@@ -66,10 +65,8 @@ void add_profile_command(CLI::App& app, const GlobalOptions& global, CommandFn& 
       ->check(CLI::Range(1u, 1000u));
   cmd->add_option("--tmp-dir", o->tmp_dir,
                   "Folder for the disk-read test file (default: the system's temp dir)");
-  cmd->add_option("--threads,-j", o->threads, "CPU threads for the CPU backend (default: every core)")
-      ->check(count_range(0, static_cast<int64_t>(kMaxThreads)));
+  add_threads_option(cmd, o->threads, "CPU threads for the CPU backend (default: every core)");
   cmd->add_option("--name", o->name, "The profile's name (default: the device's)");
-  cmd->callback([o, &global, &run] { run = [o, &global] { return run_profile(*o, global); }; });
 }
 
 const CommandRegistrar kRegistrar(60, add_profile_command);

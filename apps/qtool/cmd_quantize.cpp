@@ -43,11 +43,11 @@ int run_quantize(const QuantizeOptions& o, const GlobalOptions& global) {
 }
 
 void add_quantize_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  auto o = std::make_shared<QuantizeOptions>();
-  CLI::App* cmd = app.add_subcommand(
-      "quantize",
+  const auto [cmd, o] = add_command<QuantizeOptions>(
+      app, global, run, "quantize",
       "Quantize a checkpoint (int8, fp8, nf4/fp4) as a quant-mapping config says, in the layouts that "
-      "bitsandbytes and compressed-tensors loaders read");
+      "bitsandbytes and compressed-tensors loaders read",
+      run_quantize);
   add_convert_options(cmd, *o, "Write the report (bytes, time, per-tensor error) as JSON to this file");
   auto* config =
       cmd->add_option("--config,-c", o->config,
@@ -59,7 +59,6 @@ void add_quantize_command(CLI::App& app, const GlobalOptions& global, CommandFn&
                       "options (int8, fp8_e4m3, fp8_e5m2, nf4, fp4)");
   config->excludes(scheme);
   scheme->excludes(config);
-  cmd->callback([o, &global, &run] { run = [o, &global] { return run_quantize(*o, global); }; });
 }
 
 const CommandRegistrar kRegistrar(30, add_quantize_command);

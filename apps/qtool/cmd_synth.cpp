@@ -110,19 +110,51 @@ void print_summary(const GlobalOptions& global, const SynthModel& model, const S
                format_size(r.n_bytes), " in ", secs, " (", format_size(static_cast<uint64_t>(rate)), "/s)"));
 }
 
+int run_synth(const SynthCliOptions& o, const GlobalOptions& global) {
+  SynthSpec spec;
+  spec.preset = o.preset;
+  spec.scale = o.scale;
+  const auto dt = parse_dtype_cli(o.dtype);
+  if (!dt || (*dt != DType::BF16 && *dt != DType::F16 && *dt != DType::F32))
+    fail(ErrorKind::Usage, "--dtype: '", o.dtype, "' is not one of bf16, f16, f32");
+  spec.dtype = *dt;
+  spec.components = o.components;
+  const SynthModel model = make_synth_model(spec);
+
+  SynthWriteOptions wo;
+  wo.seed = o.seed;
+  if (!o.max_shard_size.empty()) wo.max_shard_size = parse_size(o.max_shard_size, "--max-shard-size");
+  wo.threads = o.threads;
+  wo.force = o.force;
+
+  SynthResult result;
+  if (o.dry_run) {
+    result = synth_summary(model, wo);
+  } else {
+    if (o.output.empty()) fail(ErrorKind::Usage, "-o/--output: an output folder is required");
+    ProgressBar bar(global, "synth " + model.preset);
+    wo.progress = bar.callback();
+    result = write_synth_model(model, o.output, wo);
+    bar.finish();
+  }
+  print_summary(global, model, result, o);
+  if (o.json) std::cout << dump_json(summary_json(model, result, o), 2) << std::endl;
+  return 0;
+}
+
 void add_synth(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  auto o = std::make_shared<SynthCliOptions>();
   std::string presets;
   for (const auto& p : synth_presets()) presets += "\n  " + p.name + ": " + p.description;
-  CLI::App* cmd = app.add_subcommand(
-      "synth",
+  const auto [cmd, o] = add_command<SynthCliOptions>(
+      app, global, run, "synth",
       "Write a synthetic checkpoint with a real architecture's tensor names, shapes, configs and folder "
       "layout, and deterministic weights that look trained (normal, per-row scales, rare outliers).\n"
       "Presets:" +
           presets +
           "\n"
           "--scale S shrinks widths (head counts, FFN sizes, channels, vocabularies) and depths (blocks, "
-          "at least 2 per list) by S, keeping head dims and every config consistent with the shapes.");
+          "at least 2 per list) by S, keeping head dims and every config consistent with the shapes.",
+      run_synth);
   cmd->add_option("--preset", o->preset, "Preset name")->required();
   cmd->add_option("--scale", o->scale, "Shrink factor, 0 < S <= 1")->default_val(1.0);
   cmd->add_option("--dtype", o->dtype, "bf16, f16 or f32")->default_val("bf16");
@@ -141,39 +173,6 @@ void add_synth(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
                 "Describe the checkpoint (with --json: every tensor and config) without writing");
   cmd->add_flag("--json", o->json, "Print a JSON summary on stdout");
   cmd->add_option("-o,--output", o->output, "Output folder");
-  cmd->callback([&global, &run, o] {
-    run = [&global, o]() -> int {
-      SynthSpec spec;
-      spec.preset = o->preset;
-      spec.scale = o->scale;
-      const auto dt = parse_dtype_cli(o->dtype);
-      if (!dt || (*dt != DType::BF16 && *dt != DType::F16 && *dt != DType::F32))
-        fail(ErrorKind::Usage, "--dtype: '", o->dtype, "' is not one of bf16, f16, f32");
-      spec.dtype = *dt;
-      spec.components = o->components;
-      const SynthModel model = make_synth_model(spec);
-
-      SynthWriteOptions wo;
-      wo.seed = o->seed;
-      if (!o->max_shard_size.empty()) wo.max_shard_size = parse_size(o->max_shard_size, "--max-shard-size");
-      wo.threads = o->threads;
-      wo.force = o->force;
-
-      SynthResult result;
-      if (o->dry_run) {
-        result = synth_summary(model, wo);
-      } else {
-        if (o->output.empty()) fail(ErrorKind::Usage, "-o/--output: an output folder is required");
-        ProgressBar bar(global, "synth " + model.preset);
-        wo.progress = bar.callback();
-        result = write_synth_model(model, o->output, wo);
-        bar.finish();
-      }
-      print_summary(global, model, result, *o);
-      if (o->json) std::cout << dump_json(summary_json(model, result, *o), 2) << std::endl;
-      return 0;
-    };
-  });
 }
 
 static CommandRegistrar reg(20, add_synth);

@@ -20,42 +20,21 @@
 namespace qtool::cli {
 namespace {
 
+// The options runner::verify takes are parsed into `verify` directly; the three whose default is
+// "not given" have a sentinel here.
 struct VerifyCliOptions {
-  std::string checkpoint;
-  std::string plan;
-  std::string reference;
-  std::string backend = "auto";
-  uint64_t tokens = 0;
-  uint32_t steps = 3;
+  runner::VerifyOptions verify;
+  uint64_t tokens = 0;         // 0: the plan's
   uint32_t denoise_steps = 0;  // 0: runner::kDefaultDenoiseSteps
-  uint64_t seed = 0;
-  bool poison = false;
-  double time_tolerance = -1;
-  std::string inputs;
-  std::string outputs;
-  std::string report;
-  std::string trace;
-  size_t threads = 0;
+  double time_tolerance = -1;  // < 0: report the step time only
   bool json = false;
 };
 
 int run_verify(const VerifyCliOptions& o, const GlobalOptions& global) {
-  runner::VerifyOptions v;
-  v.checkpoint = o.checkpoint;
-  v.plan = o.plan;
-  v.reference = o.reference;
-  v.backend = o.backend;
+  runner::VerifyOptions v = o.verify;
   if (o.tokens) v.tokens = o.tokens;
-  v.steps = o.steps;
   if (o.denoise_steps) v.denoise_steps = o.denoise_steps;
-  v.seed = o.seed;
-  v.poison = o.poison;
   if (o.time_tolerance >= 0) v.time_tolerance = o.time_tolerance;
-  v.inputs = o.inputs;
-  v.outputs = o.outputs;
-  v.report = o.report;
-  v.trace = o.trace;
-  v.threads = o.threads;
   v.log = [&global](std::string_view line) { info(global, line); };
   const runner::VerifyReport report = runner::verify(v);
   if (o.json) std::printf("%s\n", dump_json(report.json, 2).c_str());
@@ -70,37 +49,36 @@ int run_verify(const VerifyCliOptions& o, const GlobalOptions& global) {
 }
 
 void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  auto o = std::make_shared<VerifyCliOptions>();
-  CLI::App* cmd = app.add_subcommand(
-      "verify",
+  const auto [cmd, o] = add_command<VerifyCliOptions>(
+      app, global, run, "verify",
       "Run a plan on its checkpoint (the model's real forward where qtool has it) and check it: fingerprint, "
       "finite outputs, streamed == all-resident bit for bit, error against the original model, peak memory "
-      "and step time against the plan");
-  cmd->add_option("CKPT", o->checkpoint, "The checkpoint the plan was made for")->required();
-  cmd->add_option("--plan", o->plan, "The plan (qtool plan -o plan.json)")->required();
+      "and step time against the plan",
+      run_verify);
+  cmd->add_option("CKPT", o->verify.checkpoint, "The checkpoint the plan was made for")->required();
+  cmd->add_option("--plan", o->verify.plan, "The plan (qtool plan -o plan.json)")->required();
   cmd->add_option(
-      "--reference", o->reference,
+      "--reference", o->verify.reference,
       "The original (unquantized) checkpoint: each linear's output is compared with the original's");
-  cmd->add_option("--backend", o->backend, "auto (CUDA when a GPU is present), cuda or cpu")
-      ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
+  add_backend_option(cmd, o->verify.backend);
   cmd->add_option("--tokens", o->tokens, "Activation rows per linear (default: the plan's)")
       ->check(count_range(1, static_cast<int64_t>(planner::kMaxTokens)));
-  cmd->add_option("--steps", o->steps, "Steps to run; the first is a warm-up for timing (default 3)")
+  cmd->add_option("--steps", o->verify.steps, "Steps to run; the first is a warm-up for timing (default 3)")
       ->check(CLI::Range(1u, 100000u));
   cmd->add_option("--denoise-steps", o->denoise_steps,
                   str_cat("A FluxPipeline folder: denoising steps of the transformer (default ",
                           runner::kDefaultDenoiseSteps, "); each run step runs the whole pipeline"))
       ->check(CLI::Range(1u, runner::kMaxDenoiseSteps));
-  cmd->add_option("--seed", o->seed, "Seed of the activations (step s uses seed + s)");
+  cmd->add_option("--seed", o->verify.seed, "Seed of the activations (step s uses seed + s)");
   cmd->add_flag(
-      "--poison", o->poison,
+      "--poison", o->verify.poison,
       "Also run once with every host arena overwritten right after its copy: outputs must not change");
   cmd->add_option("--time-tolerance", o->time_tolerance,
                   "Fail when the measured step time is off the plan's prediction by more than this fraction "
                   "(e.g. 0.2); without it the step time is reported only")
       ->check(CLI::Range(0.0, 100.0));
   cmd->add_option(
-      "--inputs", o->inputs,
+      "--inputs", o->verify.inputs,
       "The forward's inputs (safetensors) under the framework's argument names: input_ids [B, T] "
       "(Llama); hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, "
       "guidance (Flux); prefixed by the component in a pipeline (transformer.hidden_states). A "
@@ -108,19 +86,17 @@ void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& r
       "latents [B, image tokens, in_channels] (packed, as FluxPipeline's latents=). Default: drawn from "
       "--seed at the plan's tokens");
   cmd->add_option(
-      "--outputs", o->outputs,
+      "--outputs", o->verify.outputs,
       "Write the forward's output (logits / sample, F32, prefixed in a pipeline) to this safetensors "
       "file, with the inputs when they were drawn from the seed; a FluxPipeline run writes its final "
       "latents as `images` (FluxPipeline(output_type=\"latent\").images) and the encoders' outputs");
-  cmd->add_option("--report", o->report, "Write the report as JSON to this file");
+  cmd->add_option("--report", o->verify.report, "Write the report as JSON to this file");
   cmd->add_option(
-      "--trace", o->trace,
+      "--trace", o->verify.trace,
       "Write a Chrome trace-event JSON of the copy and compute streams (Perfetto, chrome://tracing)");
-  cmd->add_option("--threads,-j", o->threads,
-                  "CPU threads (CPU backend and host checks; default: every core)")
-      ->check(count_range(0, static_cast<int64_t>(kMaxThreads)));
+  add_threads_option(cmd, o->verify.threads,
+                     "CPU threads (CPU backend and host checks; default: every core)");
   cmd->add_flag("--json", o->json, "Print the report as JSON on stdout");
-  cmd->callback([o, &global, &run] { run = [o, &global] { return run_verify(*o, global); }; });
 }
 
 const CommandRegistrar kRegistrar(50, add_verify_command);

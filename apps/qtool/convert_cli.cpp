@@ -23,8 +23,7 @@ void add_convert_options(CLI::App* cmd, ConvertCliOptions& o, const std::string&
                   "Input: a .safetensors file, a model folder or a diffusers pipeline folder")
       ->required();
   cmd->add_option("-o,--output", o.output, "Output file or folder (appears only when complete)")->required();
-  cmd->add_option("--threads,-j", o.threads, "Worker threads (default: every core)")
-      ->check(count_range(0, static_cast<int64_t>(kMaxThreads)));
+  add_threads_option(cmd, o.threads, "Worker threads (default: every core)");
   cmd->add_option("--max-shard-size", o.max_shard_size,
                   "Largest output shard, e.g. 5GB or 2GiB (default: as the input: one file stays one file, "
                   "shards stay at most the size of the largest input shard)");

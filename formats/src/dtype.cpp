@@ -1,5 +1,6 @@
 #include "qtool/formats/dtype.hpp"
 
+#include <bit>
 #include <cmath>
 #include <cstring>
 
@@ -40,17 +41,8 @@ const DTypeTraits& traits(DType dt) {
   return kTraits[i];
 }
 
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+uint32_t bits_of(float f) { return std::bit_cast<uint32_t>(f); }
+float float_of(uint32_t u) { return std::bit_cast<float>(u); }
 
 // A binary float with `man_bits` mantissa bits and exponent `bias`, decoded exactly.
 float decode_minifloat(uint32_t code, int exp_bits, int man_bits, int bias) {
@@ -88,11 +80,17 @@ uint32_t encode_magnitude(float x, int man_bits, int bias) {
   return code > 0xFFFFFFFFull ? 0xFFFFFFFFu : static_cast<uint32_t>(code);
 }
 
+// A T at `p` (any alignment).
 template <typename T>
-float load_as_float(const uint8_t* p) {
+T load(const uint8_t* p) {
   T v;
   std::memcpy(&v, p, sizeof(T));
-  return static_cast<float>(v);
+  return v;
+}
+
+template <typename T>
+float load_as_float(const uint8_t* p) {
+  return static_cast<float>(load<T>(p));
 }
 
 }  // namespace
@@ -194,18 +192,10 @@ void convert_to_f32(DType dt, const void* src, float* dst, size_t n) {
       for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<uint16_t>(p + 2 * i);
       return;
     case DType::F16:
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, p + 2 * i, 2);
-        dst[i] = f16_to_f32(h);
-      }
+      for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(load<uint16_t>(p + 2 * i));
       return;
     case DType::BF16:
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, p + 2 * i, 2);
-        dst[i] = bf16_to_f32(h);
-      }
+      for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(load<uint16_t>(p + 2 * i));
       return;
     case DType::I32:
       for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<int32_t>(p + 4 * i);

@@ -168,6 +168,12 @@ class HeaderSax {
   }
   bool value(Kind kind);
   void finish_entry();
+  // The end of an array or object inside a skipped value: back to where the skip began after
+  // the outermost one.
+  bool end_skipped() {
+    if (--skip_depth_ == 0) state_ = skip_return_;
+    return true;
+  }
 
   std::string_view label_;
   const size_t* pos_;
@@ -327,9 +333,7 @@ bool HeaderSax::end_array() {
       entry_.end = offsets_[1];
       state_ = State::Entry;
       return true;
-    case State::Skip:
-      if (--skip_depth_ == 0) state_ = skip_return_;
-      return true;
+    case State::Skip: return end_skipped();
     default: fail_header("unexpected end of array");
   }
 }
@@ -337,18 +341,12 @@ bool HeaderSax::end_array() {
 bool HeaderSax::end_object() {
   switch (state_) {
     case State::Top: state_ = State::Done; return true;
+    case State::Entry: finish_entry(); [[fallthrough]];
     case State::Metadata:
       state_ = State::Top;
       entry_ = TensorInfo{};
       return true;
-    case State::Entry:
-      finish_entry();
-      state_ = State::Top;
-      entry_ = TensorInfo{};
-      return true;
-    case State::Skip:
-      if (--skip_depth_ == 0) state_ = skip_return_;
-      return true;
+    case State::Skip: return end_skipped();
     default: fail_header("unexpected end of object");
   }
 }

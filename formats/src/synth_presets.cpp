@@ -59,6 +59,27 @@ class Builder {
 
 std::string idx(const std::string& prefix, int64_t i) { return prefix + "." + std::to_string(i); }
 
+// A pipeline component ("" for a single model) of `library` ("diffusers" or "transformers").
+SynthComponent component(std::string name, std::string library, std::string class_name) {
+  SynthComponent c;
+  c.name = std::move(name);
+  c.library = std::move(library);
+  c.class_name = std::move(class_name);
+  return c;
+}
+
+// A component with weights: its library's weights file base name and default shard size
+// (diffusers: diffusion_pytorch_model, 10 GB; transformers: model, 5 GB).
+SynthComponent weighted_component(std::string name, std::string library, std::string class_name,
+                                  uint64_t published_params) {
+  SynthComponent c = component(std::move(name), std::move(library), std::move(class_name));
+  const bool diffusers = c.library == "diffusers";
+  c.weights_base = diffusers ? "diffusion_pytorch_model" : "model";
+  c.default_max_shard_size = (diffusers ? 10 : 5) * kGB;
+  c.published_params = published_params;
+  return c;
+}
+
 // --- FLUX.1 transformer (diffusers FluxTransformer2DModel) ---
 
 struct FluxDims {
@@ -74,13 +95,7 @@ struct FluxDims {
 };
 
 SynthComponent flux_transformer(const FluxDims& d, DType dt) {
-  SynthComponent c;
-  c.name = "transformer";
-  c.library = "diffusers";
-  c.class_name = "FluxTransformer2DModel";
-  c.weights_base = "diffusion_pytorch_model";
-  c.default_max_shard_size = 10 * kGB;
-  c.published_params = 11'901'408'320;
+  SynthComponent c = weighted_component("transformer", "diffusers", "FluxTransformer2DModel", 11'901'408'320);
   const int64_t D = d.heads * d.head_dim;
   const int64_t kTimeProj = 256;  // Timesteps(num_channels=256)
   Builder b(c.tensors, dt);
@@ -157,13 +172,7 @@ struct VaeDims {
 };
 
 SynthComponent flux_vae(const VaeDims& d, DType dt) {
-  SynthComponent c;
-  c.name = "vae";
-  c.library = "diffusers";
-  c.class_name = "AutoencoderKL";
-  c.weights_base = "diffusion_pytorch_model";
-  c.default_max_shard_size = 10 * kGB;
-  c.published_params = 83'819'683;
+  SynthComponent c = weighted_component("vae", "diffusers", "AutoencoderKL", 83'819'683);
   Builder b(c.tensors, dt);
   auto resnet = [&](const std::string& p, int64_t in, int64_t out) {  // ResnetBlock2D
     b.norm(p + ".norm1", in);
@@ -250,13 +259,7 @@ struct ClipDims {
 };
 
 SynthComponent clip_text(const ClipDims& d, DType dt) {
-  SynthComponent c;
-  c.name = "text_encoder";
-  c.library = "transformers";
-  c.class_name = "CLIPTextModel";
-  c.weights_base = "model";
-  c.default_max_shard_size = 5 * kGB;
-  c.published_params = 123'060'480;
+  SynthComponent c = weighted_component("text_encoder", "transformers", "CLIPTextModel", 123'060'480);
   const int64_t H = d.hidden();
   Builder b(c.tensors, dt);
   // Hub checkpoints keep the CLIPTextTransformer under "text_model." (transformers maps it).
@@ -314,13 +317,7 @@ struct T5Dims {
 };
 
 SynthComponent t5_encoder(const T5Dims& d, DType dt) {
-  SynthComponent c;
-  c.name = "text_encoder_2";
-  c.library = "transformers";
-  c.class_name = "T5EncoderModel";
-  c.weights_base = "model";
-  c.default_max_shard_size = 5 * kGB;
-  c.published_params = 4'762'310'656;
+  SynthComponent c = weighted_component("text_encoder_2", "transformers", "T5EncoderModel", 4'762'310'656);
   const int64_t M = d.d_model(), inner = d.heads * d.d_kv;
   Builder b(c.tensors, dt);
   // encoder.embed_tokens.weight is tied to shared.weight and not saved.
@@ -376,10 +373,7 @@ SynthComponent t5_encoder(const T5Dims& d, DType dt) {
 // --- The non-weight pipeline components ---
 
 SynthComponent flux_scheduler() {
-  SynthComponent c;
-  c.name = "scheduler";
-  c.library = "diffusers";
-  c.class_name = "FlowMatchEulerDiscreteScheduler";
+  SynthComponent c = component("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler");
   c.json_files["scheduler_config.json"] = json{
       {"_class_name", c.class_name},  {"_diffusers_version", kDiffusersVersion},
       {"base_image_seq_len", 256},    {"base_shift", 0.5},
@@ -391,19 +385,13 @@ SynthComponent flux_scheduler() {
 }
 
 SynthComponent clip_tokenizer(int64_t max_positions) {
-  SynthComponent c;
-  c.name = "tokenizer";
-  c.library = "transformers";
-  c.class_name = "CLIPTokenizer";
+  SynthComponent c = component("tokenizer", "transformers", "CLIPTokenizer");
   synth_detail::add_clip_tokenizer_files(c, max_positions);
   return c;
 }
 
 SynthComponent t5_tokenizer() {
-  SynthComponent c;
-  c.name = "tokenizer_2";
-  c.library = "transformers";
-  c.class_name = "T5TokenizerFast";
+  SynthComponent c = component("tokenizer_2", "transformers", "T5TokenizerFast");
   synth_detail::add_t5_tokenizer_files(c);
   return c;
 }
@@ -426,13 +414,8 @@ struct LlamaDims {
 
 SynthComponent llama(const LlamaDims& d, DType dt, uint64_t published, uint64_t max_shard,
                      const char* version) {
-  SynthComponent c;
-  c.name = "";
-  c.library = "transformers";
-  c.class_name = "LlamaForCausalLM";
-  c.weights_base = "model";
+  SynthComponent c = weighted_component("", "transformers", "LlamaForCausalLM", published);
   c.default_max_shard_size = max_shard;
-  c.published_params = published;
   const int64_t H = d.hidden(), kv = d.kv_heads * d.head_dim;
   Builder b(c.tensors, dt);
   b.weight("model.embed_tokens.weight", {d.vocab, H});

@@ -24,14 +24,20 @@ class ConfigReader {
   }
   bool has(std::string_view key) const { return find(j_, key) != nullptr; }
 
+  // The value at `key`, or null when it is absent and there is a fallback; without one,
+  // Error(InvalidInput) naming the key (`where` is its path prefix).
+  const json* required(const json& obj, std::string_view key, bool has_fallback,
+                       std::string_view where) const {
+    const json* v = find(obj, key);
+    if (!v && !has_fallback) fail(ErrorKind::InvalidInput, file_, ": missing key '", where, key, "'");
+    return v;
+  }
+
   // A positive integer (JSON integers, or floats with an integral value as some writers emit).
   int64_t positive(const json& obj, std::string_view key, std::optional<int64_t> fallback,
                    std::string_view where = {}) const {
-    const json* v = find(obj, key);
-    if (!v) {
-      if (fallback) return *fallback;
-      fail(ErrorKind::InvalidInput, file_, ": missing key '", where, key, "'");
-    }
+    const json* v = required(obj, key, fallback.has_value(), where);
+    if (!v) return *fallback;
     int64_t n = 0;
     if (v->is_number_integer()) {
       n = v->get<int64_t>();
@@ -51,11 +57,8 @@ class ConfigReader {
 
   double positive_real(const json& obj, std::string_view key, std::optional<double> fallback,
                        std::string_view where = {}) const {
-    const json* v = find(obj, key);
-    if (!v) {
-      if (fallback) return *fallback;
-      fail(ErrorKind::InvalidInput, file_, ": missing key '", where, key, "'");
-    }
+    const json* v = required(obj, key, fallback.has_value(), where);
+    if (!v) return *fallback;
     if (!v->is_number() || !std::isfinite(v->get<double>()) || v->get<double>() <= 0.0)
       fail(ErrorKind::InvalidInput, file_, ": key '", where, key, "' must be a positive number, not ",
            v->dump());

@@ -219,14 +219,9 @@ json plan_to_json(const Plan& p) {
   j["devices"] = std::move(devs);
   ojson comps = ojson::array();
   for (const ComponentPlan& c : p.components) {
-    ojson cj;
-    cj["name"] = c.name;
-    cj["class_name"] = c.class_name;
-    cj["template"] = c.template_name;
+    ojson cj = {{"name", c.name}, {"class_name", c.class_name}, {"template", c.template_name}};
     if (!c.checkpoint_prefix.empty()) cj["checkpoint_prefix"] = c.checkpoint_prefix;
-    cj["forward"] = c.forward;
-    cj["bytes"] = c.bytes;
-    cj["step_s"] = c.step_s;
+    cj.update(ojson{{"forward", c.forward}, {"bytes", c.bytes}, {"step_s", c.step_s}});
     ojson dm = ojson::object();
     ojson reasons = ojson::object();
     ojson mbytes = ojson::object();
@@ -247,39 +242,35 @@ json plan_to_json(const Plan& p) {
   j["components"] = std::move(comps);
   ojson groups = ojson::array();
   for (const OffloadGroup& g : p.groups) {
-    ojson gj;
-    gj["id"] = g.id;
-    gj["component"] = g.component;
-    gj["modules"] = g.modules;
     ojson ts = ojson::array();
     for (const GroupTensor& t : g.tensors)
       ts.push_back({{"name", t.name}, {"nbytes", t.nbytes}, {"arena_offset", t.arena_offset}});
-    gj["tensors"] = std::move(ts);
-    gj["bytes"] = g.bytes;
-    gj["arena_bytes"] = g.arena_bytes;
-    gj["target"] = loc_oj(g.target);
-    gj["gpu"] = g.gpu;
-    gj["copy_s"] = g.copy_s;
-    groups.push_back(std::move(gj));
+    groups.push_back({{"id", g.id},
+                      {"component", g.component},
+                      {"modules", g.modules},
+                      {"tensors", std::move(ts)},
+                      {"bytes", g.bytes},
+                      {"arena_bytes", g.arena_bytes},
+                      {"target", loc_oj(g.target)},
+                      {"gpu", g.gpu},
+                      {"copy_s", g.copy_s}});
   }
   j["groups"] = std::move(groups);
   ojson sched = ojson::array();
   for (const ScheduleStep& s : p.schedule) {
-    ojson sj;
-    sj["component"] = s.component;
-    sj["modules"] = s.modules;
-    sj["gpu"] = s.gpu;
-    sj["group"] = s.group;
-    sj["tensors"] = s.tensors;
     ojson lin = ojson::array();
     for (const LinearOp& l : s.linears) {
       lin.push_back(
           {{"module", l.module}, {"weight", l.weight}, {"out", l.out}, {"in", l.in}, {"kind", l.kind}});
     }
-    sj["linears"] = std::move(lin);
-    sj["flops"] = s.flops;
-    sj["compute_s"] = s.compute_s;
-    sched.push_back(std::move(sj));
+    sched.push_back({{"component", s.component},
+                     {"modules", s.modules},
+                     {"gpu", s.gpu},
+                     {"group", s.group},
+                     {"tensors", s.tensors},
+                     {"linears", std::move(lin)},
+                     {"flops", s.flops},
+                     {"compute_s", s.compute_s}});
   }
   j["schedule"] = std::move(sched);
   j["notes"] = p.notes;

@@ -6,15 +6,19 @@
 
 namespace qtool::planner {
 
-ProfileChoice named_device_profile(const std::string& spec) {
+ProfileChoice named_device_profile(const std::string& spec, std::string_view given_by) {
   namespace fs = std::filesystem;
+  // "device profile <spec> (<where>, <given_by>)", the parenthesis left out when empty.
+  const auto source = [&](const std::string& where) {
+    const std::string why = where.empty() || given_by.empty() ? where + std::string(given_by)
+                                                              : where + ", " + std::string(given_by);
+    return "device profile " + spec + (why.empty() ? "" : " (" + why + ")");
+  };
   std::error_code ec;
-  if (fs::is_regular_file(spec, ec))
-    return {load_device_profile(spec), "device profile " + spec + " (--device-profile)"};
+  if (fs::is_regular_file(spec, ec)) return {load_device_profile(spec), source("")};
   if (auto dir = find_data_subdir("devices")) {
     const fs::path p = *dir / (spec + ".json");
-    if (fs::is_regular_file(p, ec))
-      return {load_device_profile(p), "device profile " + spec + " (" + p.string() + ", --device-profile)"};
+    if (fs::is_regular_file(p, ec)) return {load_device_profile(p), source(p.string())};
   }
   fail(ErrorKind::Usage, "device profile '", spec,
        "' is neither a file nor a profile in sample_configs/devices/");

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/size.hpp"
 
 namespace qtool::runner::cuda {
 namespace {
@@ -207,7 +208,15 @@ void Event::reset() noexcept {
 DeviceBuffer::DeviceBuffer(int device, size_t nbytes) : device_(device), size_(nbytes) {
   if (nbytes == 0) return;
   DeviceScope scope(device);
-  QTOOL_CUDA_CHECK(cudaMalloc(&data_, nbytes));
+  const cudaError_t err = cudaMalloc(&data_, nbytes);
+  if (err == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    (void)cudaMemGetInfo(&free_b, &total_b);
+    fail(ErrorKind::InvalidInput, "GPU ", device, " cannot allocate ", format_size(nbytes), " (", nbytes,
+         " bytes): ", format_size(free_b), " of ", format_size(total_b), " free");
+  }
+  QTOOL_CUDA_CHECK(err);
 }
 
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {

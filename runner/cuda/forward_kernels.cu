@@ -15,6 +15,7 @@
 #include <cfloat>
 #include <cmath>
 
+#include "attention_mma.hpp"
 #include "forward_kernels.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/runner/cuda_resources.hpp"
@@ -261,6 +262,8 @@ __global__ void bias_round_kernel(const float* acc, DequantParams bias, bool has
 }
 
 // --- attention ---------------------------------------------------------------------------------
+// launch_attention takes the tensor-core kernel (attention_mma.cu) where it covers the case; this
+// one is the fallback for every other head_dim (<= 256), float32, and unaligned views.
 // Flash-attention style on CUDA cores: a block of kRowsPerBlock warps serves that many query rows
 // of one (sample, head); tiles of 32 keys and values are staged in shared memory as float32. Lane
 // u of a warp scores key u of the tile (q·k summed in order of d), the warp keeps the running
@@ -427,6 +430,14 @@ void launch_bias_round(const float* acc, const DequantParams* bias, const View& 
 }
 
 void launch_attention(const AttnArgs& a, cudaStream_t stream) {
+  if (a.batch * a.q_len * a.heads == 0) return;
+  if (attention_mma_supported(a))
+    launch_attention_mma(a, stream);
+  else
+    launch_attention_simt(a, stream);
+}
+
+void launch_attention_simt(const AttnArgs& a, cudaStream_t stream) {
   if (a.batch * a.q_len * a.heads == 0) return;
   const size_t smem = attention_smem(a.head_dim);
   QTOOL_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

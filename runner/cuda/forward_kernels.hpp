@@ -54,6 +54,9 @@ struct AttnArgs {
   int64_t mask_ld = 0;
   float mask_value = 0.0f;  // finfo(dtype).min
 };
+// The tensor-core kernel (attention_mma.hpp) where it covers `a`, else the CUDA-core one.
 void launch_attention(const AttnArgs& a, cudaStream_t stream);
+// The CUDA-core kernel (float32 FMA): any head_dim <= 256, dtype and stride.
+void launch_attention_simt(const AttnArgs& a, cudaStream_t stream);
 
 }  // namespace qtool::runner::cuda::fwd

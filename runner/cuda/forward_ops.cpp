@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "forward_kernels.hpp"
+#include "op_times.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/runner/activation_stack.hpp"
 #include "qtool/runner/cuda_forward_ops.hpp"
@@ -90,6 +91,7 @@ class CudaOps final : public Ops {
     QTOOL_ASSERT(ids.rows == out.rows && ids.cols == 1 && is_plain(table) &&
                  table.cols == static_cast<uint64_t>(out.cols));
     cuda::DeviceScope scope(device_);
+    cuda::OpTimes::Span span(times_, "embedding", stream_);
     fwd::launch_embedding(ids.data, ids.dtype == DType::I64, ids.ld, table, view(out), stream_);
   }
 
@@ -147,6 +149,7 @@ class CudaOps final : public Ops {
                      " for width ", x.cols);
     QTOOL_ASSERT(cos.rows == x.rows && sin.rows == x.rows && cos.cols == head_dim && sin.cols == head_dim);
     cuda::DeviceScope scope(device_);
+    cuda::OpTimes::Span span(times_, "rope", stream_);
     fwd::launch_rope(style == RopeStyle::Adjacent, view(x), head_dim, view(cos), view(sin), view(out),
                      stream_);
   }
@@ -165,6 +168,7 @@ class CudaOps final : public Ops {
   void elementwise(fwd::Ew op, int act, const Mat& a, const Mat* b, const Mat* g, int64_t seq, float bound,
                    const Mat& out) {
     cuda::DeviceScope scope(device_);
+    cuda::OpTimes::Span span(times_, "elementwise", stream_);
     const fwd::View none{};
     fwd::launch_elementwise(op, act, view(a), b ? view(*b) : none, g ? view(*g) : none, seq, bound, view(out),
                             stream_);
@@ -175,6 +179,7 @@ class CudaOps final : public Ops {
       fail(ErrorKind::InvalidInput, "GPU norm: rows of ", x.cols, " columns exceed the ", max_norm_cols_,
            " a block's shared memory holds on device ", device_);
     cuda::DeviceScope scope(device_);
+    cuda::OpTimes::Span span(times_, "norm", stream_);
     const fwd::View none{};
     fwd::launch_norm(mode, view(x), w, b, group, eps, shift ? view(*shift) : none,
                      scale ? view(*scale) : none, seq, view(out), stream_);
@@ -200,6 +205,7 @@ class CudaOps final : public Ops {
   cuda::CublasHandle cublas_;
   cuda::DeviceBuffer workspace_;
   int64_t max_norm_cols_ = 0;
+  cuda::OpTimes times_;  // declared last: destroyed first, while the stream still exists
 };
 
 // The dtype of a plain weight (a bias), or I8 (not plain).
@@ -234,6 +240,7 @@ void CudaOps::linear(const Mat& x, const DequantParams& weight, const DequantPar
                                               : WeightKind::F32)) {
     const uint64_t w_bytes = static_cast<uint64_t>(n_out) * static_cast<uint64_t>(in) * dtype_size(x.dtype);
     void* wbuf = w_bytes <= scratch_.size() ? scratch_.data() : alloc(n_out, in, x.dtype).data;
+    cuda::OpTimes::Span span(times_, "linear: dequant", stream_);
     if (x.dtype == DType::BF16) {
       cuda::dequantize_to_bf16(weight, tables_, static_cast<uint16_t*>(wbuf), stream_);
     } else {
@@ -246,6 +253,7 @@ void CudaOps::linear(const Mat& x, const DequantParams& weight, const DequantPar
   // itself: the bias broadcast into it first and added by the GEMM's epilogue (beta = 1) to the
   // float32 sums before their one rounding. Otherwise an fp32 accumulator on the stack, and the
   // bias added before the rounding by a kernel of our own.
+  cuda::OpTimes::Span span(times_, "linear: gemm + bias", stream_);
   const bool direct = !bias || plain_dtype(*bias) == out.dtype;
   Mat acc = out;
   if (!direct) acc = alloc(tokens, n_out, DType::F32);
@@ -311,6 +319,7 @@ void CudaOps::attention(const Mat& q, const Mat& k, const Mat& v, const Attentio
     a.mask_value = finfo_min(q.dtype);
   }
   cuda::DeviceScope scope(device_);
+  cuda::OpTimes::Span span(times_, "attention", stream_);
   fwd::launch_attention(a, stream_);
 }
 

@@ -49,6 +49,17 @@ struct Head {
 
 constexpr int kRows = 4;  // query rows of one head that share each K and V load
 
+// a_r += (x0, x1)·c(r) for the R rows (sixteen lanes): one load of x serves every row.
+template <int R, class Coef>
+[[gnu::always_inline]] inline void axpy16_rows(v8f (&a)[R][2], v8f x0, v8f x1, Coef c) {
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float cr = c(r);
+    a[r][0] += scaled(x0, cr);
+    a[r][1] += scaled(x1, cr);
+  }
+}
+
 // s_r[u] = (Σ_d q_r[d]·k_{u,d}, summed in order of d)·scale for rows r < R and u < n8 (a multiple
 // of 8): two vectors of eight keys per pass, each K load used by the R rows.
 template <int R>
@@ -59,13 +70,7 @@ template <int R>
     v8f a[R][2] = {};
     for (int64_t d = 0; d < h.hd; ++d) {
       const float* k = h.kt + d * h.kvp + u;
-      const v8f k0 = load8(k), k1 = load8(k + 8);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const float qd = q[r][d];
-        a[r][0] += scaled(k0, qd);
-        a[r][1] += scaled(k1, qd);
-      }
+      axpy16_rows<R>(a, load8(k), load8(k + 8), [&](int r) { return q[r][d]; });
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
@@ -97,13 +102,7 @@ template <int R>
     for (int r = 0; r < R; ++r) a[r][0] = load8(acc[r] + d), a[r][1] = load8(acc[r] + d + 8);
     for (int64_t u = u0; u < u1; ++u) {
       const float* v = h.vf + u * h.hdp + d;
-      const v8f v0 = load8(v), v1 = load8(v + 8);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const float pu = p[r][u];
-        a[r][0] += scaled(v0, pu);
-        a[r][1] += scaled(v1, pu);
-      }
+      axpy16_rows<R>(a, load8(v), load8(v + 8), [&](int r) { return p[r][u]; });
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) store8(acc[r] + d, a[r][0]), store8(acc[r] + d + 8, a[r][1]);

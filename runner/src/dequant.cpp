@@ -1,31 +1,63 @@
 #include "qtool/runner/dequant.hpp"
 
+#include <cctype>
 #include <cstring>
+#include <optional>
 #include <span>
 #include <utility>
 #include <vector>
 
+#include "qtool/formats/dtype.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/libquant/quant.hpp"
 #include "qtool/runner/schedule.hpp"
 
 namespace qtool::runner {
 
-bool is_4bit(WeightKind kind) { return kind == WeightKind::Nf4 || kind == WeightKind::Fp4; }
+namespace {
 
-const char* weight_kind_name(WeightKind kind) {
-  switch (kind) {
-    case WeightKind::Bf16: return "bf16";
-    case WeightKind::F16: return "f16";
-    case WeightKind::F32: return "f32";
-    case WeightKind::Int8: return "int8";
-    case WeightKind::Fp8E4M3: return "fp8_e4m3";
-    case WeightKind::Fp8E5M2: return "fp8_e5m2";
-    case WeightKind::Nf4: return "nf4";
-    case WeightKind::Fp4: return "fp4";
-    case WeightKind::Host: return "host";
+// The schemes the element functions of dequant.hpp decode; every other one is Host. The one
+// place a quantized WeightKind meets its scheme.
+constexpr std::pair<quant::Scheme, WeightKind> kDeviceKinds[] = {
+    {quant::Scheme::Int8, WeightKind::Int8},
+    {quant::Scheme::Fp8E4M3, WeightKind::Fp8E4M3},
+    {quant::Scheme::Fp8E5M2, WeightKind::Fp8E5M2},
+    {quant::Scheme::Nf4, WeightKind::Nf4},
+    {quant::Scheme::Fp4, WeightKind::Fp4}};
+
+// The plain dtypes a linear weight may have unquantized.
+constexpr std::pair<DType, WeightKind> kPlainKinds[] = {
+    {DType::BF16, WeightKind::Bf16}, {DType::F16, WeightKind::F16}, {DType::F32, WeightKind::F32}};
+
+// The scheme of a quantized kind the element functions decode; nullopt for plain kinds and Host.
+std::optional<quant::Scheme> scheme_of_kind(WeightKind kind) {
+  for (const auto& [s, k] : kDeviceKinds)
+    if (k == kind) return s;
+  return std::nullopt;
+}
+
+}  // namespace
+
+bool is_4bit(WeightKind kind) {
+  const auto scheme = scheme_of_kind(kind);
+  return scheme && quant::is_4bit(*scheme);
+}
+
+std::string weight_kind_name(WeightKind kind) {
+  if (const auto scheme = scheme_of_kind(kind)) return std::string(quant::scheme_name(*scheme));
+  for (const auto& [dtype, k] : kPlainKinds) {
+    if (k != kind) continue;
+    std::string name(dtype_name(dtype));  // "BF16" -> "bf16", as the planner's kinds
+    for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return name;
   }
-  return "?";
+  return "host";
+}
+
+std::optional<WeightKind> weight_kind_of(DType dtype) {
+  for (const auto& [d, kind] : kPlainKinds)
+    if (d == dtype) return kind;
+  return std::nullopt;
 }
 
 std::string weight_name(const DequantParams& params) {
@@ -35,14 +67,6 @@ std::string weight_name(const DequantParams& params) {
 }
 
 namespace {
-
-// The schemes the element functions of dequant.hpp decode; every other one is Host.
-constexpr std::pair<quant::Scheme, WeightKind> kDeviceKinds[] = {
-    {quant::Scheme::Int8, WeightKind::Int8},
-    {quant::Scheme::Fp8E4M3, WeightKind::Fp8E4M3},
-    {quant::Scheme::Fp8E5M2, WeightKind::Fp8E5M2},
-    {quant::Scheme::Nf4, WeightKind::Nf4},
-    {quant::Scheme::Fp4, WeightKind::Fp4}};
 
 // The libquant view of a Host weight: its linear (shape, options, original dtype) and part spans
 // of the sizes its layout gives.

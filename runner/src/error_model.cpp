@@ -103,7 +103,7 @@ std::vector<double> column_error_variance(const DequantParams& p, WeightKind ref
           }
           case WeightKind::Host:
             fail(ErrorKind::Unsupported, "the error model has no rule for scheme ", weight_name(p),
-                 " (verify --reference needs one)");
+                 " (a comparison with the original needs one)");
           case WeightKind::Bf16:
           case WeightKind::F16:
           case WeightKind::F32:

@@ -55,9 +55,7 @@ struct MappedWeights::Impl {
     QTOOL_ASSERT(e.has_value());
     const TensorInfo& info = comp.info(*e);
     DequantParams p;
-    p.kind = info.dtype == DType::BF16  ? WeightKind::Bf16
-             : info.dtype == DType::F16 ? WeightKind::F16
-                                        : WeightKind::F32;
+    p.kind = weight_kind_of(info.dtype).value_or(WeightKind::F32);
     p.rows = info.shape.size() >= 2 ? static_cast<uint64_t>(info.shape[0]) : 1;
     p.cols = 1;
     for (size_t d = info.shape.size() >= 2 ? 1 : 0; d < info.shape.size(); ++d)

@@ -159,7 +159,7 @@ std::optional<std::string> gpu_device_name(int device) {
 planner::DeviceProfile measure_profile(const ProfileOptions& options) {
   if (options.backend == "cpu") return measure_cpu_profile(options);
   if (options.backend != "auto" && options.backend != "cuda")
-    fail(ErrorKind::Usage, "--backend: '", options.backend, "' is not auto, cuda or cpu");
+    fail(ErrorKind::Usage, "backend '", options.backend, "' is not auto, cuda or cpu");
 #if defined(QTOOL_HAVE_CUDA)
   if (cuda_backend_available()) return measure_cuda_profile(options);
 #endif

@@ -16,15 +16,6 @@
 namespace qtool::runner {
 namespace {
 
-std::optional<WeightKind> kind_of_dtype(DType dtype) {
-  switch (dtype) {
-    case DType::BF16: return WeightKind::Bf16;
-    case DType::F16: return WeightKind::F16;
-    case DType::F32: return WeightKind::F32;
-    default: return std::nullopt;
-  }
-}
-
 std::string label(const std::string& component, std::string_view name) {
   return component.empty() ? std::string(name) : component + "/" + std::string(name);
 }
@@ -78,7 +69,7 @@ std::unordered_map<std::string, LinearDesc> linears_of(const Component& comp) {
                       (module.size() == 7 || module[module.size() - 8] == '.') && info.shape.size() == 2 &&
                       info.name == module + ".weight";
     if (!head && quant::linear_exclusion(info.name, info.dtype, info.shape)) continue;
-    const auto kind = kind_of_dtype(info.dtype);
+    const auto kind = weight_kind_of(info.dtype);
     if (!kind) continue;
     LinearDesc d;
     d.module = quant::module_of_tensor(info.name);
@@ -133,7 +124,7 @@ void index_weights(const Checkpoint& checkpoint, const planner::Plan& plan,
     for (const Component::Entry& e : comp.entries()) {
       const TensorInfo& info = comp.info(e);
       if (in_linears.count(info.name)) continue;
-      const auto kind = kind_of_dtype(info.dtype);
+      const auto kind = weight_kind_of(info.dtype);
       if (!kind) continue;
       WeightRef w;
       w.component = static_cast<uint32_t>(ci);

@@ -238,9 +238,7 @@ std::map<std::string, std::vector<double>> predicted_variance(const Component& q
     const auto re = reference.find(name);
     if (!re) continue;
     const DType dt = reference.info(*re).dtype;
-    const WeightKind ref_kind = dt == DType::BF16  ? WeightKind::Bf16
-                                : dt == DType::F16 ? WeightKind::F16
-                                                   : WeightKind::F32;
+    const WeightKind ref_kind = weight_kind_of(dt).value_or(WeightKind::F32);
     out[name] = column_error_variance(quantized_params(ql, quantized), ref_kind, pool);
   }
   return out;

@@ -1,8 +1,10 @@
 // GPU tests of the CUDA backend of ops.hpp (label `gpu`): every op against the CPU backend at odd
 // sizes and strided views, in bf16 and f16 — bit for bit for all ops but linear and attention
 // (those within a stated tolerance) and the transcendental activations (CUDA's expf/tanhf may
-// differ from glibc's by an ulp of float32: the mismatch rate is printed and bounded) — and timings
-// of attention (Flux's and Llama's shapes) and of a linear. Without a device it prints why and
+// differ from glibc's by an ulp of float32: the mismatch rate is printed and bounded) — the
+// tensor-core attention (attention_mma.cu) against the CPU backend and the CUDA-core kernel at odd
+// sizes (max |diff| and relative RMS printed per case), and timings of attention (Flux's and
+// Llama's shapes) and of a linear. Without a device it prints why and
 // exits 77 (skipped). The random data's seed is printed; QTOOL_TEST_SEED overrides it.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
@@ -16,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_mma.hpp"  // runner/cuda: the attention kernels, called directly below
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
@@ -27,6 +30,7 @@
 using namespace qtool;
 using namespace qtool::runner;
 namespace rc = qtool::runner::cuda;
+namespace fwd = qtool::runner::cuda::fwd;
 
 namespace {
 
@@ -121,7 +125,10 @@ std::vector<uint8_t> fetch(Ops& ops, const Mat& m) {
 
 // Elements whose bits differ between the backends' outputs; with nan_equal, any two NaNs are
 // equal (the norms: a NaN in a row reaches every output through the row's statistics, summed in
-// double, whose NaN payloads the GPU does not carry as x86 does).
+// double, whose NaN payloads the GPU does not carry as x86 does; the activations and RoPE: where
+// two NaNs meet in a commutative operation, which payload and sign the CPU keeps depends on the
+// operand order its compiler chose, and expf of a NaN returns the GPU's own NaN). Where one side
+// is NaN and the other is not, it is still a difference.
 size_t mismatches(Both& b, const Pair& out, bool nan_equal = false) {
   const auto hc = fetch(*b.cpu, out.c);
   const auto hg = fetch(*b.gpu, out.g);
@@ -129,7 +136,10 @@ size_t mismatches(Both& b, const Pair& out, bool nan_equal = false) {
   size_t bad = 0;
   for (size_t i = 0; i < hc.size() / eb; ++i) {
     if (nan_equal && std::isnan(get(out.c.dtype, hc, i)) && std::isnan(get(out.c.dtype, hg, i))) continue;
-    bad += std::memcmp(hc.data() + i * eb, hg.data() + i * eb, eb) != 0;
+    if (std::memcmp(hc.data() + i * eb, hg.data() + i * eb, eb) == 0) continue;
+    if (++bad <= 3)
+      std::printf("    element %zu: cpu %.9g, gpu %.9g\n", i, static_cast<double>(get(out.c.dtype, hc, i)),
+                  static_cast<double>(get(out.c.dtype, hg, i)));
   }
   return bad;
 }
@@ -214,7 +224,7 @@ TEST_CASE("cuda ops: element-wise ops equal the CPU backend's bits") {
       Pair out = out_pair(b, rows, cols, dt, 3);
       b.cpu->activation(a.act, x.c, out.c);
       b.gpu->activation(a.act, x.g, out.g);
-      size_t bad = mismatches(b, out);
+      size_t bad = mismatches(b, out, true);
       report(a.name, dt, bad, n);
       if (a.transcendental)
         CHECK(bad * 1000 <= n);  // at most 0.1 %: an ulp of float32 crossing a rounding boundary
@@ -223,7 +233,7 @@ TEST_CASE("cuda ops: element-wise ops equal the CPU backend's bits") {
       // In place.
       b.cpu->activation(a.act, x.c, x.c);
       b.gpu->activation(a.act, x.g, x.g);
-      bad = mismatches(b, x);
+      bad = mismatches(b, x, true);
       if (a.transcendental)
         CHECK(bad * 1000 <= n);
       else
@@ -233,7 +243,7 @@ TEST_CASE("cuda ops: element-wise ops equal the CPU backend's bits") {
       Pair u = random_pair(b, rows, cols, dt, 0, 2.0f);
       b.cpu->gated(a.act, g.c, u.c, out.c);
       b.gpu->gated(a.act, g.g, u.g, out.g);
-      bad = mismatches(b, out);
+      bad = mismatches(b, out, true);
       report((std::string("gated ") + a.name).c_str(), dt, bad, n);
       if (a.transcendental)
         CHECK(bad * 1000 <= n);
@@ -390,14 +400,14 @@ TEST_CASE("cuda ops: rope equals the CPU backend's bits") {
         Pair out = out_pair(b, rows, cols, dt, 2);
         b.cpu->rope(st, x.c, hd, cs.c, sn.c, out.c);
         b.gpu->rope(st, x.g, hd, cs.g, sn.g, out.g);
-        size_t bad = mismatches(b, out);
+        size_t bad = mismatches(b, out, true);
         const std::string name = std::string("rope ") + (st == RopeStyle::Adjacent ? "Adjacent" : "Halves") +
                                  " hd " + std::to_string(hd);
         report(name.c_str(), dt, bad, static_cast<size_t>(rows * cols));
         CHECK(bad == 0);
         b.cpu->rope(st, x.c, hd, cs.c, sn.c, x.c);
         b.gpu->rope(st, x.g, hd, cs.g, sn.g, x.g);
-        bad = mismatches(b, x);
+        bad = mismatches(b, x, true);
         CHECK(bad == 0);
       }
     }
@@ -537,6 +547,236 @@ TEST_CASE("cuda ops: attention within tolerance of the CPU backend") {
         b.gpu->release(mg);
       }
     }
+  }
+}
+
+// --- the tensor-core attention (attention_mma.cu) -----------------------------------------------
+
+// A [rows, cols] view at column 8 of a [rows, cols + 16] buffer on both backends (strided, its
+// rows 16-byte aligned: the layout the tensor-core kernel takes), holding `host` (rows * cols
+// floats, rounded to dt).
+Pair aligned_pair(Both& b, const std::vector<float>& host, int64_t rows, int64_t cols, DType dt) {
+  const int64_t ld = cols + 16;
+  std::vector<uint8_t> bytes(static_cast<size_t>(rows * ld) * dtype_size(dt), 0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      put(dt, bytes, static_cast<size_t>(r * ld + 8 + c), host[r * cols + c]);
+  Mat c = b.cpu->alloc(rows, ld, dt), g = b.gpu->alloc(rows, ld, dt);
+  b.cpu->upload(bytes.data(), c);
+  b.gpu->upload(bytes.data(), g);
+  return {c.cols_view(8, cols), g.cols_view(8, cols)};
+}
+
+std::vector<float> normal_floats(Both& b, int64_t n, float stddev) {
+  std::normal_distribution<float> nd(0.0f, stddev);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = nd(b.rng);
+  return v;
+}
+
+fwd::View fview(const Mat& m) {
+  const int dt = m.dtype == DType::BF16 ? fwd::kBf16 : m.dtype == DType::F16 ? fwd::kF16 : fwd::kF32;
+  return {m.data, dt, m.rows, m.cols, m.ld};
+}
+
+// The kernel arguments CudaOps::attention builds for these GPU views.
+fwd::AttnArgs attn_args(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& s, const Mat& out) {
+  fwd::AttnArgs a;
+  a.q = fview(q);
+  a.k = fview(k);
+  a.v = fview(v);
+  a.out = fview(out);
+  a.batch = s.batch;
+  a.q_len = s.q_len;
+  a.kv_len = s.kv_len;
+  a.heads = s.heads;
+  a.kv_heads = s.kv_heads;
+  a.head_dim = s.head_dim;
+  a.scale = s.scale;
+  a.causal = s.causal;
+  if (s.bias) a.bias = fview(*s.bias);
+  if (s.key_mask) {
+    a.mask = s.key_mask->data;
+    a.mask_i64 = s.key_mask->dtype == DType::I64;
+    a.mask_ld = s.key_mask->ld;
+    a.mask_value = q.dtype == DType::F16 ? -65504.0f : kmath::bf16_bits_to_f32(0xFF7Fu);
+  }
+  return a;
+}
+
+struct AttnStats {
+  double max_abs = 0.0;     // over elements where neither is NaN
+  double rel_rms = 0.0;     // sqrt(sum (x - ref)^2 / sum ref^2) over the same elements
+  size_t nan_mismatch = 0;  // one NaN, the other not
+  size_t beyond = 0;        // |x - ref| > rel * (|ref| + w) + 1e-6
+};
+
+// x against ref; w: the CPU's attention with |V| (sum p|v| / l, what the rounding of P scales with).
+AttnStats compare_attn(DType dt, const std::vector<uint8_t>& x, const std::vector<uint8_t>& ref,
+                       const std::vector<uint8_t>& w, float rel) {
+  AttnStats st;
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < x.size() / dtype_size(dt); ++i) {
+    const float a = get(dt, x, i), r = get(dt, ref, i);
+    if (std::isnan(a) || std::isnan(r)) {
+      st.nan_mismatch += std::isnan(a) != std::isnan(r);
+      continue;
+    }
+    if (a == r) {  // equal infinities too
+      if (std::isfinite(r)) den += static_cast<double>(r) * r;
+      continue;
+    }
+    const double e = std::fabs(static_cast<double>(a) - r);
+    st.max_abs = std::max(st.max_abs, e);
+    num += e * e;
+    den += static_cast<double>(r) * r;
+    const float wi = get(dt, w, i);
+    if (!(e <= rel * (std::fabs(r) + (std::isnan(wi) ? 0.0f : wi)) + 1e-6)) ++st.beyond;
+  }
+  st.rel_rms = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  return st;
+}
+
+struct AttnCase {
+  const char* name;
+  int64_t batch, q_len, kv_len, heads, kv_heads, hd;
+  bool causal;
+  float scale;  // 0: 1/sqrt(hd)
+  DType dt = DType::BF16;
+  bool bias = false, mask = false;
+  float qk_std = 1.0f;  // 30: logits of about 1e4
+  int special = 0;      // 1: a NaN in q and an Inf in k; 2: a bias row of -inf (a row with no finite score)
+};
+
+TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-core kernel") {
+  Both b;
+  // Fallback rule: head dims other than 64/128, float32, and rows that are not 16-byte aligned go to
+  // the CUDA-core kernel (the other attention test covers those against the CPU).
+  {
+    Mat q = b.gpu->alloc(8, 2 * 128, DType::BF16), k = b.gpu->alloc(8, 2 * 128, DType::BF16);
+    AttentionShape s;
+    s.q_len = s.kv_len = 8;
+    s.heads = s.kv_heads = 2;
+    s.head_dim = 128;
+    CHECK(fwd::attention_mma_supported(attn_args(q, k, k, s, q)));
+    CHECK_FALSE(fwd::attention_mma_supported(attn_args(q.cols_view(1, 255), k, k, s, q)));
+    Mat q80 = b.gpu->alloc(8, 2 * 80, DType::BF16);
+    s.head_dim = 80;
+    CHECK_FALSE(fwd::attention_mma_supported(attn_args(q80, q80, q80, s, q80)));
+    Mat f = b.gpu->alloc(8, 2 * 64, DType::F32);
+    s.head_dim = 64;
+    CHECK_FALSE(fwd::attention_mma_supported(attn_args(f, f, f, s, f)));
+  }
+  const AttnCase cases[] = {
+      {"T 1", 1, 1, 1, 2, 2, 64, false, 0},
+      {"T 1 causal", 1, 1, 1, 2, 2, 128, true, 0},
+      {"T 17 causal GQA 4", 2, 17, 17, 8, 2, 64, true, 0},
+      {"T 63", 1, 63, 63, 3, 3, 128, false, 0},
+      {"T 65 causal GQA 4", 1, 65, 65, 4, 1, 128, true, 0},
+      {"T 200 causal GQA 2", 1, 200, 200, 6, 3, 64, true, 0},
+      {"q 17 kv 200", 2, 17, 200, 4, 4, 128, false, 0},
+      {"q 200 kv 65 scale 1 GQA 2", 1, 200, 65, 2, 1, 64, false, 1.0f},
+      {"T 4608 (4096+512), 2 heads", 1, 4608, 4608, 2, 2, 128, false, 0},
+      {"T 4097 causal GQA 4", 1, 4097, 4097, 4, 1, 128, true, 0},
+      {"T5-like T 77 scale 1 bias mask", 2, 77, 77, 4, 4, 64, false, 1.0f, DType::BF16, true, true},
+      {"CLIP-like T 77 causal mask", 2, 77, 77, 4, 4, 64, true, 0, DType::BF16, false, true},
+      {"T 130 causal bias", 1, 130, 130, 2, 2, 128, true, 0, DType::BF16, true},
+      {"f16 T 200 causal GQA 4", 1, 200, 200, 4, 1, 128, true, 0, DType::F16},
+      {"f16 T 65 scale 1 bias mask", 2, 65, 65, 2, 2, 64, false, 1.0f, DType::F16, true, true},
+      {"logits ~1e4 T 300", 1, 300, 300, 2, 2, 128, false, 1.0f, DType::BF16, false, false, 30.0f},
+      {"logits ~1e4 T 129 causal", 1, 129, 129, 2, 1, 64, true, 1.0f, DType::BF16, false, false, 30.0f},
+      {"NaN in q, Inf in k, causal", 1, 70, 70, 2, 2, 128, true, 0, DType::BF16, false, false, 1.0f, 1},
+      {"bias row of -inf", 1, 33, 90, 2, 2, 64, false, 0, DType::BF16, true, false, 1.0f, 2},
+  };
+  for (const AttnCase& c : cases) {
+    CAPTURE(c.name);
+    const size_t mc = b.cpu->mark(), mg = b.gpu->mark();
+    AttentionShape s;
+    s.batch = c.batch;
+    s.q_len = c.q_len;
+    s.kv_len = c.kv_len;
+    s.heads = c.heads;
+    s.kv_heads = c.kv_heads;
+    s.head_dim = c.hd;
+    s.scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
+    s.causal = c.causal;
+    const int64_t qrows = c.batch * c.q_len, kvrows = c.batch * c.kv_len;
+    const int64_t qcols = c.heads * c.hd, kvcols = c.kv_heads * c.hd;
+    std::vector<float> hq = normal_floats(b, qrows * qcols, c.qk_std);
+    std::vector<float> hk = normal_floats(b, kvrows * kvcols, c.qk_std);
+    std::vector<float> hv = normal_floats(b, kvrows * kvcols, 1.0f);
+    if (c.special == 1) {
+      hq[static_cast<size_t>(3 * qcols + 5)] = NAN;               // row 3, head 0: NaN
+      hk[static_cast<size_t>(7 * kvcols + c.hd + 2)] = INFINITY;  // key 7, kv head 1: +-Inf scores
+    }
+    std::vector<float> hv_abs(hv.size());
+    for (size_t i = 0; i < hv.size(); ++i) hv_abs[i] = std::fabs(hv[i]);
+    Pair q = aligned_pair(b, hq, qrows, qcols, c.dt);
+    Pair k = aligned_pair(b, hk, kvrows, kvcols, c.dt);
+    Pair v = aligned_pair(b, hv, kvrows, kvcols, c.dt);
+    Pair va = aligned_pair(b, hv_abs, kvrows, kvcols, c.dt);
+    std::vector<float> hbias;
+    if (c.bias) {
+      hbias = normal_floats(b, c.heads * c.q_len * c.kv_len, 2.0f);
+      if (c.special == 2)
+        for (int64_t u = 0; u < c.kv_len; ++u)
+          hbias[static_cast<size_t>((c.q_len + 4) * c.kv_len + u)] = -INFINITY;
+    }
+    Pair bias = c.bias ? aligned_pair(b, hbias, c.heads * c.q_len, c.kv_len, DType::F32) : Pair{};
+    std::vector<int64_t> keep(static_cast<size_t>(c.batch * c.kv_len), 1);
+    for (int64_t u = 1; u < c.kv_len; u += 3) keep[static_cast<size_t>(u)] = 0;
+    if (c.batch > 1)
+      for (int64_t u = 0; u < c.kv_len; ++u)
+        keep[static_cast<size_t>(c.kv_len + u)] = 0;  // fully masked sample
+    Mat mask_c = b.cpu->alloc(c.batch, c.kv_len, DType::I64),
+        mask_g = b.gpu->alloc(c.batch, c.kv_len, DType::I64);
+    b.cpu->upload(keep.data(), mask_c);
+    b.gpu->upload(keep.data(), mask_g);
+    AttentionShape sc = s, sg = s;
+    if (c.bias) {
+      sc.bias = &bias.c;
+      sg.bias = &bias.g;
+    }
+    if (c.mask) {
+      sc.key_mask = &mask_c;
+      sg.key_mask = &mask_g;
+    }
+    Pair out = out_pair(b, qrows, qcols, c.dt, 8);
+    Pair w = out_pair(b, qrows, qcols, c.dt, 0);
+    Mat out_simt = b.gpu->alloc(qrows, qcols, c.dt), out_w4 = b.gpu->alloc(qrows, qcols, c.dt);
+    b.cpu->attention(q.c, k.c, v.c, sc, out.c);
+    b.cpu->attention(q.c, k.c, va.c, sc, w.c);
+    const fwd::AttnArgs args = attn_args(q.g, k.g, v.g, sg, out.g);
+    REQUIRE(fwd::attention_mma_supported(args));
+    b.gpu->attention(q.g, k.g, v.g, sg, out.g);  // the tensor-core kernel, 8 warps
+    fwd::AttnArgs a4 = args, as = args;
+    a4.out = fview(out_w4);
+    as.out = fview(out_simt);
+    fwd::launch_attention_mma(a4, b.stream.get(), 4);
+    fwd::launch_attention_simt(as, b.stream.get());
+    const auto h_cpu = fetch(*b.cpu, out.c), h_w = fetch(*b.cpu, w.c);
+    const auto h_mma = fetch(*b.gpu, out.g), h_w4 = fetch(*b.gpu, out_w4), h_simt = fetch(*b.gpu, out_simt);
+    const float rel = c.dt == DType::BF16 ? 1.0f / 64 : 1.0f / 256;
+    const AttnStats st = compare_attn(c.dt, h_mma, h_cpu, h_w, rel);
+    const AttnStats ss = compare_attn(c.dt, h_simt, h_cpu, h_w, rel);
+    const AttnStats sm = compare_attn(c.dt, h_mma, h_simt, h_w, rel);
+    std::printf(
+        "  attention mma %-4s hd %3lld %-32s: vs cpu max|d| %.3g rel rms %.3g (%zu beyond, %zu NaN differ) | "
+        "simt vs cpu max|d| %.3g rel rms %.3g | mma vs simt max|d| %.3g | 4 warps == 8 warps: %s\n",
+        dn(c.dt).c_str(), static_cast<long long>(c.hd), c.name, st.max_abs, st.rel_rms, st.beyond,
+        st.nan_mismatch, ss.max_abs, ss.rel_rms, sm.max_abs, h_mma == h_w4 ? "yes" : "NO");
+    CHECK(st.beyond == 0);
+    CHECK(st.nan_mismatch == 0);
+    CHECK(st.rel_rms <= (c.dt == DType::BF16 ? 8e-3 : 2e-3));
+    CHECK(sm.nan_mismatch == 0);
+    CHECK(h_mma == h_w4);  // a row's arithmetic does not depend on the block's height
+    if (c.special == 1) {
+      // Row 3 of head 0 is NaN; a row whose score against key 7 is +Inf is NaN; the others finite.
+      CHECK(std::isnan(get(c.dt, h_mma, static_cast<size_t>(3 * qcols))));
+    }
+    if (c.special == 2) CHECK(std::isnan(get(c.dt, h_mma, static_cast<size_t>(4 * qcols + c.hd))));
+    b.cpu->release(mc);
+    b.gpu->release(mg);
   }
 }
 

@@ -34,23 +34,17 @@ namespace {
 
 using planner::ClipTextArch;
 
-class ClipForward final : public StagedForward {
+class ClipForward final : public TokenForward {
  public:
   ClipForward(const ClipTextArch& arch, DType dtype, std::string config_file)
-      : arch_(arch),
+      : TokenForward(arch, "CLIPTextModel", dtype, std::move(config_file), arch.vocab_size),
         a_(arch),
-        dtype_(dtype),
-        config_file_(std::move(config_file)),
         act_(activation_of(a_.act)) {
     units_.push_back(a_.prefix + "embeddings");
     for (int64_t i = 0; i < a_.n_layers; ++i)
       units_.push_back(a_.prefix + "encoder.layers." + std::to_string(i));
     units_.push_back(a_.prefix + "final_layer_norm");
   }
-
-  std::string architecture() const override { return "CLIPTextModel"; }
-  const std::vector<std::string>& units() const override { return units_; }
-  const planner::Arch& arch() const override { return arch_; }
 
   std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override {
     return {{"input_ids", {DType::I64, DType::I32}, {batch, tokens}, false},
@@ -71,37 +65,19 @@ class ClipForward final : public StagedForward {
         ids[static_cast<size_t>(b * tokens + t)] =
             t >= end ? eos : static_cast<int64_t>(rng.next() % static_cast<uint64_t>(eos));
     }
-    HostTensor t{"input_ids", DType::I64, {batch, tokens}, std::vector<uint8_t>(ids.size() * 8)};
-    std::memcpy(t.bytes.data(), ids.data(), t.bytes.size());
-    return {std::move(t)};
+    return {int64_input("input_ids", batch, tokens, ids)};
   }
 
   void check_inputs(const std::vector<HostTensor>& inputs, int64_t max_tokens) const override {
-    check_against(inputs, input_specs(-1, -1));
-    const HostTensor& ids = *find_input(inputs, "input_ids");
-    if (ids.shape[1] > max_tokens)
-      fail(ErrorKind::InvalidInput, "input 'input_ids' has ", ids.shape[1], " tokens; the plan was made for ",
-           max_tokens);
+    const HostTensor& ids = checked_ids(inputs, max_tokens);
     const HostTensor* pos = find_input(inputs, "position_ids");
     if (!pos && ids.shape[1] > a_.max_positions)
       fail(ErrorKind::InvalidInput, "input 'input_ids' has ", ids.shape[1],
            " tokens; max_position_embeddings is ", a_.max_positions);
-    for (int64_t v : ints_of(ids))
-      if (v < 0 || v >= a_.vocab_size)
-        fail(ErrorKind::InvalidInput, "input 'input_ids' holds token id ", v, ", outside the vocabulary [0, ",
-             a_.vocab_size, ")");
-    if (const HostTensor* m = find_input(inputs, "attention_mask")) {
-      if (m->shape != ids.shape)
-        fail(ErrorKind::InvalidInput, "input 'attention_mask' has shape ", shape_str(m->shape),
-             "; 'input_ids' has ", shape_str(ids.shape));
-      for (int64_t v : ints_of(*m))
-        if (v != 0 && v != 1)
-          fail(ErrorKind::InvalidInput, "input 'attention_mask' holds ", v, "; it must be 0 or 1");
-    }
+    check_token_range(ids, a_.vocab_size);
+    check_attention_mask(inputs, ids);
     if (pos) {
-      if (pos->shape != ids.shape)
-        fail(ErrorKind::InvalidInput, "input 'position_ids' has shape ", shape_str(pos->shape),
-             "; 'input_ids' has ", shape_str(ids.shape));
+      check_shaped_as_ids(*pos, ids);
       for (int64_t v : ints_of(*pos))
         if (v < 0 || v >= a_.max_positions)
           fail(ErrorKind::InvalidInput, "input 'position_ids' holds position ", v, ", outside [0, ",
@@ -110,22 +86,11 @@ class ClipForward final : public StagedForward {
   }
 
   void begin(Ops& ops, const std::vector<HostTensor>& inputs) override {
-    const HostTensor& ids = *find_input(inputs, "input_ids");
-    batch_ = ids.shape[0];
-    seq_ = ids.shape[1];
+    const HostTensor& ids = begin_ids(inputs);
     ids_ = ints_of(ids);
-    positions_.assign(static_cast<size_t>(rows()), 0);
-    if (const HostTensor* pos = find_input(inputs, "position_ids")) {
-      positions_ = ints_of(*pos);
-    } else {
-      for (int64_t r = 0; r < rows(); ++r) positions_[static_cast<size_t>(r)] = r % seq_;
-    }
+    positions_ = positions_of(inputs, batch_, seq_);
     h_ = ops.alloc(rows(), a_.hidden_size, dtype_);
-    const HostTensor* m = find_input(inputs, "attention_mask");
-    has_mask_ = m != nullptr;
-    const std::vector<int64_t> keep = m ? ints_of(*m) : std::vector<int64_t>(static_cast<size_t>(rows()), 1);
-    mask_ = ops.alloc(batch_, seq_, DType::I64);
-    ops.upload(keep.data(), mask_);
+    mask_ = upload_key_mask(ops, inputs, batch_, seq_);
   }
 
   void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
@@ -136,17 +101,13 @@ class ClipForward final : public StagedForward {
   }
 
   std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
-    HostTensor t{units_[unit], dtype_, {batch_, seq_, a_.hidden_size}, {}};
-    download_rows(ops, h_, 0, rows(), t);
-    return {std::move(t)};
+    return {download_tensor(ops, h_, units_[unit], {batch_, seq_, a_.hidden_size})};
   }
 
   std::vector<std::string> output_names() const override { return {"last_hidden_state", "pooler_output"}; }
 
   HostTensor output(Ops& ops) override {
-    HostTensor out{"last_hidden_state", DType::F32, {batch_, seq_, a_.hidden_size}, {}};
-    out.bytes = to_f32(ops, h_, 0, rows());
-    return out;
+    return download_f32_tensor(ops, h_, "last_hidden_state", {batch_, seq_, a_.hidden_size});
   }
 
   std::vector<HostTensor> outputs(Ops& ops) override {
@@ -154,7 +115,7 @@ class ClipForward final : public StagedForward {
     out.push_back(output(ops));
     HostTensor pooled{"pooler_output", DType::F32, {batch_, a_.hidden_size}, {}};
     for (int64_t b = 0; b < batch_; ++b) {
-      const auto row = to_f32(ops, h_, b * seq_ + eos_[static_cast<size_t>(b)], 1);
+      const auto row = download_f32(ops, h_, b * seq_ + eos_[static_cast<size_t>(b)], 1);
       pooled.bytes.insert(pooled.bytes.end(), row.begin(), row.end());
     }
     out.push_back(std::move(pooled));
@@ -162,17 +123,6 @@ class ClipForward final : public StagedForward {
   }
 
  private:
-  int64_t rows() const { return batch_ * seq_; }
-
-  std::vector<uint8_t> to_f32(Ops& ops, const Mat& m, int64_t row, int64_t n) {
-    HostTensor raw{"", dtype_, {}, {}};
-    download_rows(ops, m, row, n, raw);
-    std::vector<uint8_t> f(static_cast<size_t>(n * m.cols) * 4);
-    convert_to_f32(dtype_, raw.bytes.data(), reinterpret_cast<float*>(f.data()),
-                   static_cast<size_t>(n * m.cols));
-    return f;
-  }
-
   // h = ⟦token_embedding[input_ids] + position_embedding[position_ids]⟧. The two embeddings are
   // the planner's units before "embeddings" itself: fetched one after the other.
   void embed(Ops& ops, WeightSource& weights) {
@@ -200,10 +150,8 @@ class ClipForward final : public StagedForward {
     UnitWeights w(config_file_);
     const DequantParams& ln1_w = w.vec(p + "layer_norm1.weight", d);
     const DequantParams& ln1_b = w.vec(p + "layer_norm1.bias", d);
-    const Linear q = w.linear(p + "self_attn.q_proj", d, d, true);
-    const Linear k = w.linear(p + "self_attn.k_proj", d, d, true);
-    const Linear v = w.linear(p + "self_attn.v_proj", d, d, true);
-    const Linear o = w.linear(p + "self_attn.out_proj", d, d, true);
+    const auto [q, k, v, o] =
+        w.linears(p + "self_attn.", {"q_proj", "k_proj", "v_proj", "out_proj"}, d, d, true);
     const DequantParams& ln2_w = w.vec(p + "layer_norm2.weight", d);
     const DequantParams& ln2_b = w.vec(p + "layer_norm2.bias", d);
     const Linear fc1 = w.linear(p + "mlp.fc1", d, a_.intermediate_size, true);
@@ -216,22 +164,13 @@ class ClipForward final : public StagedForward {
     const Mat z = ops.alloc(n, d, dtype_);
     const size_t m_attn = ops.mark();
     ops.layer_norm(h_, &ln1_w, &ln1_b, eps, z);
-    const Mat qm = ops.alloc(n, d, dtype_);
-    const Mat km = ops.alloc(n, d, dtype_);
-    const Mat vm = ops.alloc(n, d, dtype_);
-    ops.linear(z, *q.weight, q.bias, qm);
-    ops.linear(z, *k.weight, k.bias, km);
-    ops.linear(z, *v.weight, v.bias, vm);
+    const Qkv qkv = project_qkv(ops, z, q, k, v, d, d, dtype_);
     const Mat att = ops.alloc(n, d, dtype_);
-    AttentionShape shape;
-    shape.batch = batch_;
-    shape.q_len = shape.kv_len = seq_;
-    shape.heads = shape.kv_heads = a_.n_heads;
-    shape.head_dim = a_.head_dim();
-    shape.scale = static_cast<float>(std::pow(static_cast<double>(a_.head_dim()), -0.5));
+    AttentionShape shape =
+        self_attention(batch_, seq_, a_.n_heads, a_.n_heads, a_.head_dim(), head_dim_scale(a_.head_dim()));
     shape.causal = true;
-    if (has_mask_) shape.key_mask = &mask_;
-    ops.attention(qm, km, vm, shape, att);
+    shape.key_mask = mask_.get();
+    ops.attention(qkv.q, qkv.k, qkv.v, shape, att);
     ops.linear(att, *o.weight, o.bias, z);
     ops.residual(h_, nullptr, z, batch_, h_);
     ops.release(m_attn);
@@ -256,17 +195,12 @@ class ClipForward final : public StagedForward {
     eos_ = clip_eos_positions(ids_, batch_, seq_, a_.eos_token_id);
   }
 
-  planner::Arch arch_;
   ClipTextArch a_;
-  DType dtype_;
-  std::string config_file_;
   Activation act_;
-  std::vector<std::string> units_;
 
-  int64_t batch_ = 0, seq_ = 0;
   std::vector<int64_t> ids_, positions_, eos_;
-  bool has_mask_ = false;
-  Mat h_, mask_;
+  KeyMask mask_;
+  Mat h_;
 };
 
 }  // namespace

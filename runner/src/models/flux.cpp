@@ -4,6 +4,7 @@
 // The residual stream is one [B·(Tt + Ti), D] buffer, sample by sample, text tokens first: the
 // joint attention and the single blocks read it as it is; the double blocks' per-stream ops run on
 // each sample's text rows and image rows (views).
+#include <array>
 #include <cmath>
 #include <cstring>
 
@@ -19,10 +20,10 @@ using planner::FluxArch;
 constexpr float kEps = 1e-6f;
 constexpr int64_t kSinusoid = 256;
 
-class FluxForward final : public StagedForward {
+class FluxForward final : public ModelForward {
  public:
   FluxForward(const FluxArch& arch, DType dtype, std::string config_file)
-      : arch_(arch), a_(arch), dtype_(dtype), config_file_(std::move(config_file)) {
+      : ModelForward(arch, "FluxTransformer2DModel", dtype, std::move(config_file)), a_(arch) {
     units_ = {"x_embedder", "time_text_embed", "context_embedder"};
     for (int64_t i = 0; i < a_.n_double; ++i) units_.push_back("transformer_blocks." + std::to_string(i));
     for (int64_t j = 0; j < a_.n_single; ++j)
@@ -30,10 +31,6 @@ class FluxForward final : public StagedForward {
     units_.push_back("norm_out");
     units_.push_back("proj_out");
   }
-
-  std::string architecture() const override { return "FluxTransformer2DModel"; }
-  const std::vector<std::string>& units() const override { return units_; }
-  const planner::Arch& arch() const override { return arch_; }
 
   std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override {
     return specs(batch, tokens, a_.text_tokens);
@@ -162,16 +159,8 @@ class FluxForward final : public StagedForward {
     const std::string& u = units_[unit];
     if (u == "x_embedder") return {stream(u, false)};
     if (u == "context_embedder") return {stream(u, true)};
-    if (u == "time_text_embed") {
-      HostTensor t{u, dtype_, {batch_, d}, {}};
-      download_rows(ops, c_, 0, batch_, t);
-      return {std::move(t)};
-    }
-    if (u == "norm_out") {
-      HostTensor t{u, dtype_, {batch_, ti_, d}, {}};
-      download_rows(ops, normed_, 0, batch_ * ti_, t);
-      return {std::move(t)};
-    }
+    if (u == "time_text_embed") return {download_tensor(ops, c_, u, {batch_, d})};
+    if (u == "norm_out") return {download_tensor(ops, normed_, u, {batch_, ti_, d})};
     if (u == "proj_out") return {};
     return {stream(u + ".txt", true), stream(u + ".img", false)};
   }
@@ -179,12 +168,7 @@ class FluxForward final : public StagedForward {
   std::vector<std::string> output_names() const override { return {"sample"}; }
 
   HostTensor output(Ops& ops) override {
-    const size_t n = static_cast<size_t>(sample_.rows * sample_.cols);
-    std::vector<uint8_t> raw(n * dtype_size(dtype_));
-    ops.download(sample_, raw.data());
-    HostTensor out{"sample", DType::F32, {batch_, ti_, out_cols()}, std::vector<uint8_t>(n * 4)};
-    convert_to_f32(dtype_, raw.data(), reinterpret_cast<float*>(out.bytes.data()), n);
-    return out;
+    return download_f32_tensor(ops, sample_, "sample", {batch_, ti_, out_cols()});
   }
 
  private:
@@ -210,27 +194,40 @@ class FluxForward final : public StagedForward {
     return s;
   }
 
+  // SDPA's default scale 1 / sqrt(hd) (a double), in float32.
   AttentionShape joint_attention() const {
-    AttentionShape s;
-    s.batch = batch_;
-    s.q_len = s.kv_len = seq();
-    s.heads = s.kv_heads = a_.n_heads;
-    s.head_dim = a_.head_dim;
-    s.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(a_.head_dim)));
-    return s;
+    return self_attention(batch_, seq(), a_.n_heads, a_.n_heads, a_.head_dim,
+                          static_cast<float>(1.0 / std::sqrt(static_cast<double>(a_.head_dim))));
+  }
+
+  // RoPE on sample b's rows of q and k (the joint sequence [text ; image]).
+  void rope_sample(Ops& ops, const Mat& q, const Mat& k, int64_t b) const {
+    const int64_t hd = a_.head_dim;
+    ops.rope(RopeStyle::Adjacent, q.rows_view(b * seq(), seq()), hd, cos_, sin_,
+             q.rows_view(b * seq(), seq()));
+    ops.rope(RopeStyle::Adjacent, k.rows_view(b * seq(), seq()), hd, cos_, sin_,
+             k.rows_view(b * seq(), seq()));
+  }
+
+  // Lin(in; `name`) of the host rows `host` [B·tokens, in_cols] into each sample's text (`text`)
+  // or image rows of the stream.
+  void embed_stream(Ops& ops, WeightSource& weights, const char* name, int64_t in_cols,
+                    const std::vector<uint8_t>& host, bool text) {
+    UnitWeights w(config_file_);
+    const Linear lin = w.linear(name, in_cols, a_.dim(), true);
+    w.fetch(weights);
+    const int64_t tokens = text ? tt_ : ti_;
+    const size_t m = ops.mark();
+    const Mat in = ops.alloc(batch_ * tokens, in_cols, dtype_);
+    ops.upload(host.data(), in);
+    for (int64_t b = 0; b < batch_; ++b)
+      ops.linear(in.rows_view(b * tokens, tokens), *lin.weight, lin.bias, text ? txt(hs_, b) : img(hs_, b));
+    ops.release(m);
   }
 
   // Packed latents [B·Ti, in] -> each sample's image rows of the stream.
   void x_embedder(Ops& ops, WeightSource& weights) {
-    UnitWeights w(config_file_);
-    const Linear lin = w.linear("x_embedder", a_.in_channels, a_.dim(), true);
-    w.fetch(weights);
-    const size_t m = ops.mark();
-    const Mat in = ops.alloc(batch_ * ti_, a_.in_channels, dtype_);
-    ops.upload(x_in_.data(), in);
-    for (int64_t b = 0; b < batch_; ++b)
-      ops.linear(in.rows_view(b * ti_, ti_), *lin.weight, lin.bias, img(hs_, b));
-    ops.release(m);
+    embed_stream(ops, weights, "x_embedder", a_.in_channels, x_in_, false);
   }
 
   // c = ⟦⟦e_t + e_g⟧ + e_p⟧ (no guidance: ⟦e_t + e_p⟧), and SiLU(c), which every modulation reads.
@@ -277,20 +274,13 @@ class FluxForward final : public StagedForward {
 
   // T5 hidden states [B·Tt, joint] -> each sample's text rows of the stream.
   void context_embedder(Ops& ops, WeightSource& weights) {
-    UnitWeights w(config_file_);
-    const Linear lin = w.linear("context_embedder", a_.joint_attention_dim, a_.dim(), true);
-    w.fetch(weights);
-    const size_t m = ops.mark();
-    const Mat in = ops.alloc(batch_ * tt_, a_.joint_attention_dim, dtype_);
-    ops.upload(y_in_.data(), in);
-    for (int64_t b = 0; b < batch_; ++b)
-      ops.linear(in.rows_view(b * tt_, tt_), *lin.weight, lin.bias, txt(hs_, b));
-    ops.release(m);
+    embed_stream(ops, weights, "context_embedder", a_.joint_attention_dim, y_in_, true);
   }
 
   // One stream's weights in a double block.
   struct Stream {
-    Linear mod, q, k, v, out, ff_in, ff_out;
+    Linear mod, out, ff_in, ff_out;
+    std::array<Linear, 3> qkv;
     const DequantParams* norm_q = nullptr;
     const DequantParams* norm_k = nullptr;
   };
@@ -302,12 +292,8 @@ class FluxForward final : public StagedForward {
     Stream x, y;  // image, text
     x.mod = w.linear(p + "norm1.linear", d, 6 * d, true);
     y.mod = w.linear(p + "norm1_context.linear", d, 6 * d, true);
-    x.q = w.linear(p + "attn.to_q", d, d, true);
-    x.k = w.linear(p + "attn.to_k", d, d, true);
-    x.v = w.linear(p + "attn.to_v", d, d, true);
-    y.q = w.linear(p + "attn.add_q_proj", d, d, true);
-    y.k = w.linear(p + "attn.add_k_proj", d, d, true);
-    y.v = w.linear(p + "attn.add_v_proj", d, d, true);
+    x.qkv = w.linears(p + "attn.", {"to_q", "to_k", "to_v"}, d, d, true);
+    y.qkv = w.linears(p + "attn.", {"add_q_proj", "add_k_proj", "add_v_proj"}, d, d, true);
     x.norm_q = &w.vec(p + "attn.norm_q.weight", hd);
     x.norm_k = &w.vec(p + "attn.norm_k.weight", hd);
     y.norm_q = &w.vec(p + "attn.norm_added_q.weight", hd);
@@ -334,9 +320,10 @@ class FluxForward final : public StagedForward {
     // One stream's rows of sample b: Mod, q/k/v, per-head RMSNorm of q and k.
     const auto project = [&](const Stream& s, const Mat& mod, int64_t b, auto rows) {
       ops.modulate(rows(hs_, b), chunk(mod, b, 0), chunk(mod, b, 1), 1, kEps, rows(nrm, b));
-      ops.linear(rows(nrm, b), *s.q.weight, s.q.bias, rows(q, b));
-      ops.linear(rows(nrm, b), *s.k.weight, s.k.bias, rows(k, b));
-      ops.linear(rows(nrm, b), *s.v.weight, s.v.bias, rows(v, b));
+      const auto& [lq, lk, lv] = s.qkv;
+      ops.linear(rows(nrm, b), *lq.weight, lq.bias, rows(q, b));
+      ops.linear(rows(nrm, b), *lk.weight, lk.bias, rows(k, b));
+      ops.linear(rows(nrm, b), *lv.weight, lv.bias, rows(v, b));
       ops.rms_norm(rows(q, b), *s.norm_q, kEps, RmsRounding::Once, hd, rows(q, b));
       ops.rms_norm(rows(k, b), *s.norm_k, kEps, RmsRounding::Once, hd, rows(k, b));
     };
@@ -345,11 +332,7 @@ class FluxForward final : public StagedForward {
     for (int64_t b = 0; b < batch_; ++b) {
       project(x, mod_x, b, img_rows);
       project(y, mod_y, b, txt_rows);
-      // RoPE after the norms, over the joint sequence [text ; image].
-      ops.rope(RopeStyle::Adjacent, q.rows_view(b * seq(), seq()), hd, cos_, sin_,
-               q.rows_view(b * seq(), seq()));
-      ops.rope(RopeStyle::Adjacent, k.rows_view(b * seq(), seq()), hd, cos_, sin_,
-               k.rows_view(b * seq(), seq()));
+      rope_sample(ops, q, k, b);  // after the norms
     }
     ops.attention(q, k, v, joint_attention(), nrm);
     // stream = ⟦stream + ⟦gate · Lin(rows; lin)⟧⟧ on sample b's rows of `in`, gate = chunk g.
@@ -388,9 +371,7 @@ class FluxForward final : public StagedForward {
     UnitWeights w(config_file_);
     const Linear mod_lin = w.linear(p + "norm.linear", d, 3 * d, true);
     const Linear mlp = w.linear(p + "proj_mlp", d, f, true);
-    const Linear to_q = w.linear(p + "attn.to_q", d, d, true);
-    const Linear to_k = w.linear(p + "attn.to_k", d, d, true);
-    const Linear to_v = w.linear(p + "attn.to_v", d, d, true);
+    const auto [to_q, to_k, to_v] = w.linears(p + "attn.", {"to_q", "to_k", "to_v"}, d, d, true);
     const DequantParams& norm_q = w.vec(p + "attn.norm_q.weight", hd);
     const DequantParams& norm_k = w.vec(p + "attn.norm_k.weight", hd);
     const Linear out = w.linear(p + "proj_out", d + f, d, true);
@@ -407,20 +388,10 @@ class FluxForward final : public StagedForward {
     ops.linear(nrm, *mlp.weight, mlp.bias, u);
     ops.activation(Activation::GeluTanh, u, u);
     const size_t m_qkv = ops.mark();
-    const Mat q = ops.alloc(n, d, dtype_);
-    const Mat k = ops.alloc(n, d, dtype_);
-    const Mat v = ops.alloc(n, d, dtype_);
-    ops.linear(nrm, *to_q.weight, to_q.bias, q);
-    ops.linear(nrm, *to_k.weight, to_k.bias, k);
-    ops.linear(nrm, *to_v.weight, to_v.bias, v);
+    const auto [q, k, v] = project_qkv(ops, nrm, to_q, to_k, to_v, d, d, dtype_);
     ops.rms_norm(q, norm_q, kEps, RmsRounding::Once, hd, q);
     ops.rms_norm(k, norm_k, kEps, RmsRounding::Once, hd, k);
-    for (int64_t b = 0; b < batch_; ++b) {
-      ops.rope(RopeStyle::Adjacent, q.rows_view(b * seq(), seq()), hd, cos_, sin_,
-               q.rows_view(b * seq(), seq()));
-      ops.rope(RopeStyle::Adjacent, k.rows_view(b * seq(), seq()), hd, cos_, sin_,
-               k.rows_view(b * seq(), seq()));
-    }
+    for (int64_t b = 0; b < batch_; ++b) rope_sample(ops, q, k, b);
     ops.attention(q, k, v, joint_attention(), cat.cols_view(0, d));
     ops.release(m_qkv);
     ops.linear(cat, *out.weight, out.bias, nrm);
@@ -455,11 +426,7 @@ class FluxForward final : public StagedForward {
     ops.release(norm_mark_);
   }
 
-  planner::Arch arch_;
   FluxArch a_;
-  DType dtype_;
-  std::string config_file_;
-  std::vector<std::string> units_;
 
   int64_t batch_ = 0, ti_ = 0, tt_ = 0;
   std::vector<uint8_t> x_in_, y_in_, pooled_in_, t_phi_, g_phi_;

@@ -12,10 +12,10 @@ namespace {
 
 using planner::LlamaArch;
 
-class LlamaForward final : public StagedForward {
+class LlamaForward final : public TokenForward {
  public:
   LlamaForward(const LlamaArch& arch, DType dtype, std::string config_file)
-      : arch_(arch), a_(arch), dtype_(dtype), config_file_(std::move(config_file)) {
+      : TokenForward(arch, "LlamaForCausalLM", dtype, std::move(config_file), arch.vocab_size), a_(arch) {
     units_.push_back("model.embed_tokens");
     for (int64_t i = 0; i < a_.n_layers; ++i) units_.push_back("model.layers." + std::to_string(i));
     units_.push_back("model.norm");
@@ -23,38 +23,16 @@ class LlamaForward final : public StagedForward {
     inv_freq_ = llama_inv_freq(a_);
   }
 
-  std::string architecture() const override { return "LlamaForCausalLM"; }
-  const std::vector<std::string>& units() const override { return units_; }
-  const planner::Arch& arch() const override { return arch_; }
-
   std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override {
     return {{"input_ids", {DType::I64, DType::I32}, {batch, tokens}, false},
             {"position_ids", {DType::I64, DType::I32}, {batch, tokens}, true}};
   }
 
-  std::vector<HostTensor> random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const override {
-    Rng rng(seed);
-    std::vector<int64_t> ids(static_cast<size_t>(batch * tokens));
-    for (int64_t& v : ids) v = static_cast<int64_t>(rng.next() % static_cast<uint64_t>(a_.vocab_size));
-    HostTensor t{"input_ids", DType::I64, {batch, tokens}, std::vector<uint8_t>(ids.size() * 8)};
-    std::memcpy(t.bytes.data(), ids.data(), t.bytes.size());
-    return {std::move(t)};
-  }
-
   void check_inputs(const std::vector<HostTensor>& inputs, int64_t max_tokens) const override {
-    check_against(inputs, input_specs(-1, -1));
-    const HostTensor& ids = *find_input(inputs, "input_ids");
-    if (ids.shape[1] > max_tokens)
-      fail(ErrorKind::InvalidInput, "input 'input_ids' has ", ids.shape[1], " tokens; the plan was made for ",
-           max_tokens);
-    for (int64_t v : ints_of(ids))
-      if (v < 0 || v >= a_.vocab_size)
-        fail(ErrorKind::InvalidInput, "input 'input_ids' holds token id ", v, ", outside the vocabulary [0, ",
-             a_.vocab_size, ")");
+    const HostTensor& ids = checked_ids(inputs, max_tokens);
+    check_token_range(ids, a_.vocab_size);
     if (const HostTensor* pos = find_input(inputs, "position_ids")) {
-      if (pos->shape != ids.shape)
-        fail(ErrorKind::InvalidInput, "input 'position_ids' has shape ", shape_str(pos->shape),
-             "; 'input_ids' has ", shape_str(ids.shape));
+      check_shaped_as_ids(*pos, ids);
       for (int64_t v : ints_of(*pos))
         if (v < 0 || v > (int64_t{1} << 24))
           fail(ErrorKind::InvalidInput, "input 'position_ids' holds position ", v, ", outside [0, 2^24]");
@@ -62,19 +40,11 @@ class LlamaForward final : public StagedForward {
   }
 
   void begin(Ops& ops, const std::vector<HostTensor>& inputs) override {
-    const HostTensor& ids = *find_input(inputs, "input_ids");
-    batch_ = ids.shape[0];
-    seq_ = ids.shape[1];
+    const HostTensor& ids = begin_ids(inputs);
     ids_ = ids;
     const int64_t n = batch_ * seq_;
-    std::vector<int64_t> positions(static_cast<size_t>(n));
-    if (const HostTensor* pos = find_input(inputs, "position_ids")) {
-      positions = ints_of(*pos);
-    } else {
-      for (int64_t r = 0; r < n; ++r) positions[static_cast<size_t>(r)] = r % seq_;
-    }
     std::vector<uint8_t> cos, sin;
-    llama_rope_tables(inv_freq_, positions, dtype_, cos, sin);
+    llama_rope_tables(inv_freq_, positions_of(inputs, batch_, seq_), dtype_, cos, sin);
     h_ = ops.alloc(n, a_.hidden_size, dtype_);
     cos_ = ops.alloc(n, a_.head_dim, dtype_);
     sin_ = ops.alloc(n, a_.head_dim, dtype_);
@@ -92,26 +62,16 @@ class LlamaForward final : public StagedForward {
 
   std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
     if (unit == 0 || unit == units_.size() - 1) return {};
-    HostTensor t{units_[unit], dtype_, {batch_, seq_, a_.hidden_size}, {}};
-    download_rows(ops, h_, 0, rows(), t);
-    return {std::move(t)};
+    return {download_tensor(ops, h_, units_[unit], {batch_, seq_, a_.hidden_size})};
   }
 
   std::vector<std::string> output_names() const override { return {"logits"}; }
 
   HostTensor output(Ops& ops) override {
-    std::vector<uint8_t> raw(static_cast<size_t>(logits_.rows * logits_.cols) * dtype_size(dtype_));
-    ops.download(logits_, raw.data());
-    HostTensor out{"logits", DType::F32, {batch_, seq_, a_.vocab_size}, {}};
-    out.bytes.resize(static_cast<size_t>(logits_.rows * logits_.cols) * 4);
-    convert_to_f32(dtype_, raw.data(), reinterpret_cast<float*>(out.bytes.data()),
-                   static_cast<size_t>(logits_.rows * logits_.cols));
-    return out;
+    return download_f32_tensor(ops, logits_, "logits", {batch_, seq_, a_.vocab_size});
   }
 
  private:
-  int64_t rows() const { return batch_ * seq_; }
-
   // h = embed_tokens[input_ids]
   void embed(Ops& ops, WeightSource& weights) {
     UnitWeights w(config_file_);
@@ -147,22 +107,12 @@ class LlamaForward final : public StagedForward {
     const Mat z = ops.alloc(n, d, dtype_);
     const size_t m_attn = ops.mark();
     ops.rms_norm(h_, in_norm, eps, RmsRounding::Twice, 0, z);
-    const Mat q = ops.alloc(n, q_cols, dtype_);
-    const Mat k = ops.alloc(n, kv_cols, dtype_);
-    const Mat v = ops.alloc(n, kv_cols, dtype_);
-    ops.linear(z, *q_proj.weight, q_proj.bias, q);
-    ops.linear(z, *k_proj.weight, k_proj.bias, k);
-    ops.linear(z, *v_proj.weight, v_proj.bias, v);
+    const auto [q, k, v] = project_qkv(ops, z, q_proj, k_proj, v_proj, q_cols, kv_cols, dtype_);
     ops.rope(RopeStyle::Halves, q, a_.head_dim, cos_, sin_, q);
     ops.rope(RopeStyle::Halves, k, a_.head_dim, cos_, sin_, k);
     const Mat att = ops.alloc(n, q_cols, dtype_);
-    AttentionShape shape;
-    shape.batch = batch_;
-    shape.q_len = shape.kv_len = seq_;
-    shape.heads = a_.n_heads;
-    shape.kv_heads = a_.n_kv_heads;
-    shape.head_dim = a_.head_dim;
-    shape.scale = static_cast<float>(std::pow(static_cast<double>(a_.head_dim), -0.5));
+    AttentionShape shape =
+        self_attention(batch_, seq_, a_.n_heads, a_.n_kv_heads, a_.head_dim, head_dim_scale(a_.head_dim));
     shape.causal = true;
     ops.attention(q, k, v, shape, att);
     ops.linear(att, *o_proj.weight, o_proj.bias, z);
@@ -198,14 +148,9 @@ class LlamaForward final : public StagedForward {
     ops.linear(h_, *lm_head.weight, nullptr, logits_);
   }
 
-  planner::Arch arch_;
   LlamaArch a_;
-  DType dtype_;
-  std::string config_file_;
-  std::vector<std::string> units_;
   std::vector<float> inv_freq_;
 
-  int64_t batch_ = 0, seq_ = 0;
   HostTensor ids_;
   Mat h_, cos_, sin_, logits_;
 };

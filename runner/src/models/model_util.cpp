@@ -204,6 +204,63 @@ void check_against(const std::vector<HostTensor>& inputs, const std::vector<Inpu
       fail(ErrorKind::InvalidInput, "input '", s.name, "' is missing (shape ", shape_str(s.shape), ")");
 }
 
+HostTensor int64_input(std::string name, int64_t batch, int64_t tokens, const std::vector<int64_t>& values) {
+  QTOOL_ASSERT(values.size() == static_cast<size_t>(batch * tokens));
+  HostTensor t{std::move(name), DType::I64, {batch, tokens}, std::vector<uint8_t>(values.size() * 8)};
+  std::memcpy(t.bytes.data(), values.data(), t.bytes.size());
+  return t;
+}
+
+HostTensor random_token_ids(Rng& rng, int64_t batch, int64_t tokens, int64_t vocab) {
+  std::vector<int64_t> ids(static_cast<size_t>(batch * tokens));
+  for (int64_t& v : ids) v = static_cast<int64_t>(rng.next() % static_cast<uint64_t>(vocab));
+  return int64_input("input_ids", batch, tokens, ids);
+}
+
+void check_token_count(const HostTensor& ids, int64_t max_tokens) {
+  if (ids.shape[1] > max_tokens)
+    fail(ErrorKind::InvalidInput, "input 'input_ids' has ", ids.shape[1], " tokens; the plan was made for ",
+         max_tokens);
+}
+
+void check_token_range(const HostTensor& ids, int64_t vocab) {
+  for (int64_t v : ints_of(ids))
+    if (v < 0 || v >= vocab)
+      fail(ErrorKind::InvalidInput, "input 'input_ids' holds token id ", v, ", outside the vocabulary [0, ",
+           vocab, ")");
+}
+
+void check_shaped_as_ids(const HostTensor& t, const HostTensor& ids) {
+  if (t.shape != ids.shape)
+    fail(ErrorKind::InvalidInput, "input '", t.name, "' has shape ", shape_str(t.shape), "; 'input_ids' has ",
+         shape_str(ids.shape));
+}
+
+void check_attention_mask(const std::vector<HostTensor>& inputs, const HostTensor& ids) {
+  const HostTensor* m = find_input(inputs, "attention_mask");
+  if (!m) return;
+  check_shaped_as_ids(*m, ids);
+  for (int64_t v : ints_of(*m))
+    if (v != 0 && v != 1)
+      fail(ErrorKind::InvalidInput, "input 'attention_mask' holds ", v, "; it must be 0 or 1");
+}
+
+std::vector<int64_t> positions_of(const std::vector<HostTensor>& inputs, int64_t batch, int64_t seq) {
+  if (const HostTensor* pos = find_input(inputs, "position_ids")) return ints_of(*pos);
+  std::vector<int64_t> positions(static_cast<size_t>(batch * seq));
+  for (int64_t r = 0; r < batch * seq; ++r) positions[static_cast<size_t>(r)] = r % seq;
+  return positions;
+}
+
+KeyMask upload_key_mask(Ops& ops, const std::vector<HostTensor>& inputs, int64_t batch, int64_t seq) {
+  const HostTensor* m = find_input(inputs, "attention_mask");
+  const std::vector<int64_t> keep =
+      m ? ints_of(*m) : std::vector<int64_t>(static_cast<size_t>(batch * seq), 1);
+  const KeyMask mask{ops.alloc(batch, seq, DType::I64), m != nullptr};
+  ops.upload(keep.data(), mask.mat);
+  return mask;
+}
+
 uint64_t Rng::next() {
   uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -256,6 +313,32 @@ Activation activation_of(const std::string& act) {
   if (act == "silu") return Activation::Silu;
   QTOOL_ASSERT_MSG(act == "gelu_pytorch_tanh", "activation ", act);
   return Activation::GeluTanh;
+}
+
+float head_dim_scale(int64_t head_dim) {
+  return static_cast<float>(std::pow(static_cast<double>(head_dim), -0.5));
+}
+
+AttentionShape self_attention(int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                              float scale) {
+  AttentionShape s;
+  s.batch = batch;
+  s.q_len = s.kv_len = seq;
+  s.heads = heads;
+  s.kv_heads = kv_heads;
+  s.head_dim = head_dim;
+  s.scale = scale;
+  return s;
+}
+
+Qkv project_qkv(Ops& ops, const Mat& x, const Linear& q, const Linear& k, const Linear& v, int64_t q_cols,
+                int64_t kv_cols, DType dtype) {
+  Qkv out{ops.alloc(x.rows, q_cols, dtype), ops.alloc(x.rows, kv_cols, dtype),
+          ops.alloc(x.rows, kv_cols, dtype)};
+  ops.linear(x, *q.weight, q.bias, out.q);
+  ops.linear(x, *k.weight, k.bias, out.k);
+  ops.linear(x, *v.weight, v.bias, out.v);
+  return out;
 }
 
 bool plan_order_less(std::string_view a, std::string_view b) {
@@ -312,6 +395,44 @@ void download_rows(Ops& ops, const Mat& m, int64_t row, int64_t n, HostTensor& t
   const size_t at = t.bytes.size();
   t.bytes.resize(at + static_cast<size_t>(n * m.cols) * m.elem_bytes());
   ops.download(v, t.bytes.data() + at);
+}
+
+HostTensor download_tensor(Ops& ops, const Mat& m, std::string name, std::vector<int64_t> shape) {
+  HostTensor t{std::move(name), m.dtype, std::move(shape), {}};
+  download_rows(ops, m, 0, m.rows, t);
+  return t;
+}
+
+std::vector<uint8_t> download_f32(Ops& ops, const Mat& m, int64_t row, int64_t n) {
+  HostTensor raw{"", m.dtype, {}, {}};
+  download_rows(ops, m, row, n, raw);
+  std::vector<uint8_t> f(static_cast<size_t>(n * m.cols) * 4);
+  convert_to_f32(m.dtype, raw.bytes.data(), reinterpret_cast<float*>(f.data()),
+                 static_cast<size_t>(n * m.cols));
+  return f;
+}
+
+HostTensor download_f32_tensor(Ops& ops, const Mat& m, std::string name, std::vector<int64_t> shape) {
+  return HostTensor{std::move(name), DType::F32, std::move(shape), download_f32(ops, m, 0, m.rows)};
+}
+
+std::vector<HostTensor> TokenForward::random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const {
+  Rng rng(seed);
+  return {random_token_ids(rng, batch, tokens, vocab_)};
+}
+
+const HostTensor& TokenForward::checked_ids(const std::vector<HostTensor>& inputs, int64_t max_tokens) const {
+  check_against(inputs, input_specs(-1, -1));
+  const HostTensor& ids = *find_input(inputs, "input_ids");
+  check_token_count(ids, max_tokens);
+  return ids;
+}
+
+const HostTensor& TokenForward::begin_ids(const std::vector<HostTensor>& inputs) {
+  const HostTensor& ids = *find_input(inputs, "input_ids");
+  batch_ = ids.shape[0];
+  seq_ = ids.shape[1];
+  return ids;
 }
 
 }  // namespace qtool::runner::models

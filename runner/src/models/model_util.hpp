@@ -3,12 +3,14 @@
 // random_inputs, and fetching a unit's weights in the plan's order with their shapes checked.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "models.hpp"
 #include "qtool/planner/arch.hpp"
 #include "qtool/runner/forward.hpp"
 
@@ -61,6 +63,30 @@ class Rng {
   uint64_t state_;
 };
 
+// --- token inputs (Llama, T5, CLIP) ------------------------------------------------------------------
+
+// An I64 input [batch, tokens] named `name` holding `values`.
+HostTensor int64_input(std::string name, int64_t batch, int64_t tokens, const std::vector<int64_t>& values);
+// input_ids [batch, tokens] drawn uniformly from [0, vocab).
+HostTensor random_token_ids(Rng& rng, int64_t batch, int64_t tokens, int64_t vocab);
+// input_ids: at most `max_tokens` tokens per sample (what the plan was made for).
+void check_token_count(const HostTensor& ids, int64_t max_tokens);
+// input_ids: every id inside the vocabulary [0, vocab).
+void check_token_range(const HostTensor& ids, int64_t vocab);
+// A per-token input (attention_mask, position_ids) has the shape of input_ids.
+void check_shaped_as_ids(const HostTensor& t, const HostTensor& ids);
+// attention_mask, when given: the shape of input_ids, every value 0 or 1.
+void check_attention_mask(const std::vector<HostTensor>& inputs, const HostTensor& ids);
+// position_ids when given, else each sample's 0 .. seq - 1.
+std::vector<int64_t> positions_of(const std::vector<HostTensor>& inputs, int64_t batch, int64_t seq);
+// attention_mask uploaded as I64 [batch, seq] (all ones when none is given), and whether one was.
+struct KeyMask {
+  Mat mat;
+  bool given = false;
+  const Mat* get() const { return given ? &mat : nullptr; }  // AttentionShape::key_mask
+};
+KeyMask upload_key_mask(Ops& ops, const std::vector<HostTensor>& inputs, int64_t batch, int64_t seq);
+
 // --- weights -----------------------------------------------------------------------------------------
 
 // A linear's weight and optional bias.
@@ -81,6 +107,14 @@ class UnitWeights {
   const DequantParams& mat(std::string name, int64_t rows, int64_t cols);
   // `<module>.weight` [out, in] and, when `bias`, `<module>.bias` [out].
   Linear linear(const std::string& module, int64_t in, int64_t out, bool bias);
+  // linear(prefix + name, in, out, bias) for each of `names` (an attention's q, k, v ...).
+  template <size_t N>
+  std::array<Linear, N> linears(const std::string& prefix, const char* const (&names)[N], int64_t in,
+                                int64_t out, bool bias) {
+    std::array<Linear, N> l;
+    for (size_t i = 0; i < N; ++i) l[i] = linear(prefix + names[i], in, out, bias);
+    return l;
+  }
   // Fetches the tensors declared since the last fetch, in the plan's order, and checks their
   // shapes. (A unit that spans several of the planner's units, like Flux's time_text_embed,
   // fetches once per planner unit, in their order.)
@@ -98,8 +132,78 @@ class UnitWeights {
 };
 
 // Whether tensor `a` comes before tensor `b` in a unit's plan order (see UnitWeights).
+bool plan_order_less(std::string_view a, std::string_view b);
+
+// --- layers ------------------------------------------------------------------------------------------
+
 // The activation a config's `hidden_act` / `dense_act_fn` names (the arch parsers accept only these).
 Activation activation_of(const std::string& act);
-bool plan_order_less(std::string_view a, std::string_view b);
+// hd^-0.5 as transformers computes `head_dim**-0.5` (a double), in float32.
+float head_dim_scale(int64_t head_dim);
+// Self-attention over `seq` tokens per sample (no mask, no bias, not causal).
+AttentionShape self_attention(int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                              float scale);
+// The projections of one attention: q [rows, q_cols], k and v [rows, kv_cols] in `dtype`,
+// allocated in that order on `ops`, then q = Lin(x; q), k = Lin(x; k), v = Lin(x; v).
+struct Qkv {
+  Mat q, k, v;
+};
+Qkv project_qkv(Ops& ops, const Mat& x, const Linear& q, const Linear& k, const Linear& v, int64_t q_cols,
+                int64_t kv_cols, DType dtype);
+
+// --- outputs -----------------------------------------------------------------------------------------
+
+// `m` (dense) to the host as a tensor `name` [shape] of its dtype (a stage).
+HostTensor download_tensor(Ops& ops, const Mat& m, std::string name, std::vector<int64_t> shape);
+// Rows [row, row + n) of `m` (dense) as float32 bytes.
+std::vector<uint8_t> download_f32(Ops& ops, const Mat& m, int64_t row, int64_t n);
+// `m` (dense) to the host as an F32 tensor `name` [shape] (an output).
+HostTensor download_f32_tensor(Ops& ops, const Mat& m, std::string name, std::vector<int64_t> shape);
+
+// --- the forwards' frame ------------------------------------------------------------------------
+
+// What every architecture's forward holds: its config, the class it implements, the model dtype,
+// the config file named in messages, and its units in order (filled by the subclass).
+class ModelForward : public StagedForward {
+ public:
+  ModelForward(planner::Arch arch, std::string architecture, DType dtype, std::string config_file)
+      : arch_(std::move(arch)),
+        architecture_(std::move(architecture)),
+        dtype_(dtype),
+        config_file_(std::move(config_file)) {}
+  std::string architecture() const override { return architecture_; }
+  const std::vector<std::string>& units() const override { return units_; }
+  const planner::Arch& arch() const override { return arch_; }
+
+ protected:
+  planner::Arch arch_;
+  std::string architecture_;
+  DType dtype_;
+  std::string config_file_;
+  std::vector<std::string> units_;
+};
+
+// The forwards whose input is token ids (Llama, T5, CLIP): input_ids [batch, tokens], each id in
+// [0, vocab).
+class TokenForward : public ModelForward {
+ public:
+  TokenForward(planner::Arch arch, std::string architecture, DType dtype, std::string config_file,
+               int64_t vocab)
+      : ModelForward(std::move(arch), std::move(architecture), dtype, std::move(config_file)),
+        vocab_(vocab) {}
+  // Ids drawn uniformly from the vocabulary.
+  std::vector<HostTensor> random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const override;
+
+ protected:
+  // input_ids after the checks every token forward makes first: the inputs match input_specs,
+  // at most `max_tokens` tokens.
+  const HostTensor& checked_ids(const std::vector<HostTensor>& inputs, int64_t max_tokens) const;
+  // input_ids, with batch_ and seq_ read off its shape (begin()).
+  const HostTensor& begin_ids(const std::vector<HostTensor>& inputs);
+  int64_t rows() const { return batch_ * seq_; }
+
+  int64_t vocab_;
+  int64_t batch_ = 0, seq_ = 0;
+};
 
 }  // namespace qtool::runner::models

@@ -30,69 +30,34 @@ namespace {
 
 using planner::T5EncoderArch;
 
-class T5Forward final : public StagedForward {
+class T5Forward final : public TokenForward {
  public:
   T5Forward(const T5EncoderArch& arch, DType dtype, std::string config_file)
-      : arch_(arch),
+      : TokenForward(arch, "T5EncoderModel", dtype, std::move(config_file), arch.vocab_size),
         a_(arch),
-        dtype_(dtype),
-        config_file_(std::move(config_file)),
         act_(activation_of(a_.act)) {
     units_.push_back("shared");
     for (int64_t i = 0; i < a_.n_layers; ++i) units_.push_back("encoder.block." + std::to_string(i));
     units_.push_back("encoder.final_layer_norm");
   }
 
-  std::string architecture() const override { return "T5EncoderModel"; }
-  const std::vector<std::string>& units() const override { return units_; }
-  const planner::Arch& arch() const override { return arch_; }
-
   std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override {
     return {{"input_ids", {DType::I64, DType::I32}, {batch, tokens}, false},
             {"attention_mask", {DType::I64, DType::I32}, {batch, tokens}, true}};
   }
 
-  std::vector<HostTensor> random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const override {
-    Rng rng(seed);
-    std::vector<int64_t> ids(static_cast<size_t>(batch * tokens));
-    for (int64_t& v : ids) v = static_cast<int64_t>(rng.next() % static_cast<uint64_t>(a_.vocab_size));
-    HostTensor t{"input_ids", DType::I64, {batch, tokens}, std::vector<uint8_t>(ids.size() * 8)};
-    std::memcpy(t.bytes.data(), ids.data(), t.bytes.size());
-    return {std::move(t)};
-  }
-
   void check_inputs(const std::vector<HostTensor>& inputs, int64_t max_tokens) const override {
-    check_against(inputs, input_specs(-1, -1));
-    const HostTensor& ids = *find_input(inputs, "input_ids");
-    if (ids.shape[1] > max_tokens)
-      fail(ErrorKind::InvalidInput, "input 'input_ids' has ", ids.shape[1], " tokens; the plan was made for ",
-           max_tokens);
-    for (int64_t v : ints_of(ids))
-      if (v < 0 || v >= a_.vocab_size)
-        fail(ErrorKind::InvalidInput, "input 'input_ids' holds token id ", v, ", outside the vocabulary [0, ",
-             a_.vocab_size, ")");
-    if (const HostTensor* m = find_input(inputs, "attention_mask")) {
-      if (m->shape != ids.shape)
-        fail(ErrorKind::InvalidInput, "input 'attention_mask' has shape ", shape_str(m->shape),
-             "; 'input_ids' has ", shape_str(ids.shape));
-      for (int64_t v : ints_of(*m))
-        if (v != 0 && v != 1)
-          fail(ErrorKind::InvalidInput, "input 'attention_mask' holds ", v, "; it must be 0 or 1");
-    }
+    const HostTensor& ids = checked_ids(inputs, max_tokens);
+    check_token_range(ids, a_.vocab_size);
+    check_attention_mask(inputs, ids);
   }
 
   void begin(Ops& ops, const std::vector<HostTensor>& inputs) override {
-    const HostTensor& ids = *find_input(inputs, "input_ids");
-    batch_ = ids.shape[0];
-    seq_ = ids.shape[1];
+    const HostTensor& ids = begin_ids(inputs);
     ids_ = ids;
     h_ = ops.alloc(rows(), a_.d_model, stream_dtype());
     bias_ = ops.alloc(a_.n_heads * seq_, seq_, dtype_);
-    const HostTensor* m = find_input(inputs, "attention_mask");
-    has_mask_ = m != nullptr;
-    const std::vector<int64_t> keep = m ? ints_of(*m) : std::vector<int64_t>(static_cast<size_t>(rows()), 1);
-    mask_ = ops.alloc(batch_, seq_, DType::I64);
-    ops.upload(keep.data(), mask_);
+    mask_ = upload_key_mask(ops, inputs, batch_, seq_);
   }
 
   void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
@@ -104,25 +69,16 @@ class T5Forward final : public StagedForward {
 
   std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
     if (unit == 0 || unit == units_.size() - 1) return {};
-    HostTensor t{units_[unit], h_.dtype, {batch_, seq_, a_.d_model}, {}};
-    download_rows(ops, h_, 0, rows(), t);
-    return {std::move(t)};
+    return {download_tensor(ops, h_, units_[unit], {batch_, seq_, a_.d_model})};
   }
 
   std::vector<std::string> output_names() const override { return {"last_hidden_state"}; }
 
   HostTensor output(Ops& ops) override {
-    const size_t n = static_cast<size_t>(out_.rows * out_.cols);
-    std::vector<uint8_t> raw(n * dtype_size(dtype_));
-    ops.download(out_, raw.data());
-    HostTensor out{"last_hidden_state", DType::F32, {batch_, seq_, a_.d_model}, {}};
-    out.bytes.resize(n * 4);
-    convert_to_f32(dtype_, raw.data(), reinterpret_cast<float*>(out.bytes.data()), n);
-    return out;
+    return download_f32_tensor(ops, out_, "last_hidden_state", {batch_, seq_, a_.d_model});
   }
 
  private:
-  int64_t rows() const { return batch_ * seq_; }
   bool f16() const { return dtype_ == DType::F16; }
   // fp16: float32 from block 0's feed-forward on (until then it holds fp16 values exactly).
   DType stream_dtype() const { return f16() ? DType::F32 : dtype_; }
@@ -175,9 +131,7 @@ class T5Forward final : public StagedForward {
     const int64_t d = a_.d_model, in = a_.inner(), n = rows();
     UnitWeights w(config_file_);
     const DequantParams& ln0 = w.vec(p + "0.layer_norm.weight", d);
-    const Linear q = w.linear(p + "0.SelfAttention.q", d, in, false);
-    const Linear k = w.linear(p + "0.SelfAttention.k", d, in, false);
-    const Linear v = w.linear(p + "0.SelfAttention.v", d, in, false);
+    const auto [q, k, v] = w.linears(p + "0.SelfAttention.", {"q", "k", "v"}, d, in, false);
     const Linear o = w.linear(p + "0.SelfAttention.o", in, d, false);
     const DequantParams* rel =
         i == 0 ? &w.mat(p + "0.SelfAttention.relative_attention_bias.weight", a_.num_buckets, a_.n_heads)
@@ -199,22 +153,12 @@ class T5Forward final : public StagedForward {
     const Mat sum16 = stream16 ? ops.alloc(n, d, dtype_) : Mat{};
     const size_t m_attn = ops.mark();
     ops.rms_norm(h_, ln0, eps, RmsRounding::Twice, 0, z);
-    const Mat qm = ops.alloc(n, in, dtype_);
-    const Mat km = ops.alloc(n, in, dtype_);
-    const Mat vm = ops.alloc(n, in, dtype_);
-    ops.linear(z, *q.weight, nullptr, qm);
-    ops.linear(z, *k.weight, nullptr, km);
-    ops.linear(z, *v.weight, nullptr, vm);
+    const Qkv qkv = project_qkv(ops, z, q, k, v, in, in, dtype_);
     const Mat att = ops.alloc(n, in, dtype_);
-    AttentionShape shape;
-    shape.batch = batch_;
-    shape.q_len = shape.kv_len = seq_;
-    shape.heads = shape.kv_heads = a_.n_heads;
-    shape.head_dim = a_.d_kv;
-    shape.scale = 1.0f;
+    AttentionShape shape = self_attention(batch_, seq_, a_.n_heads, a_.n_heads, a_.d_kv, 1.0f);
     shape.bias = &bias_;
-    if (has_mask_) shape.key_mask = &mask_;
-    ops.attention(qm, km, vm, shape, att);
+    shape.key_mask = mask_.get();
+    ops.attention(qkv.q, qkv.k, qkv.v, shape, att);
     ops.linear(att, *o.weight, nullptr, z);
     if (stream16) {
       ops.residual(h_, nullptr, z, batch_, sum16);
@@ -258,17 +202,12 @@ class T5Forward final : public StagedForward {
     ops.rms_norm(h_, norm, static_cast<float>(a_.eps), RmsRounding::Twice, 0, out_);
   }
 
-  planner::Arch arch_;
   T5EncoderArch a_;
-  DType dtype_;
-  std::string config_file_;
   Activation act_;
-  std::vector<std::string> units_;
 
-  int64_t batch_ = 0, seq_ = 0;
   HostTensor ids_;
-  bool has_mask_ = false;
-  Mat h_, bias_, mask_, out_;
+  KeyMask mask_;
+  Mat h_, bias_, out_;
 };
 
 }  // namespace

@@ -29,8 +29,9 @@ struct PlanRequest {
 };
 
 // The profile of `spec`: an existing file, else sample_configs/devices/<spec>.json, else
-// Error(Usage) naming `spec`. Returns it with a sentence saying which it is.
-ProfileChoice named_device_profile(const std::string& spec);
+// Error(Usage) naming `spec`. Returns it with a sentence saying which it is and, when `given_by`
+// is not empty, where the spec came from (the CLI passes its option, "--device-profile").
+ProfileChoice named_device_profile(const std::string& spec, std::string_view given_by = {});
 
 // Error(InvalidInput) for bad input (the checkpoint, the budget, a profile, templates);
 // Error(Internal) when the plan fails its own check.

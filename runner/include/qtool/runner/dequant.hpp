@@ -22,7 +22,10 @@ namespace qtool::runner {
 
 // How a linear weight is stored: a plain dtype, a scheme the element functions below (and the CUDA
 // kernels) decode, or Host: any other scheme of libquant's table, dequantized on the CPU through its
-// table entry (DequantParams::scheme); the CUDA backend refuses it.
+// table entry (DequantParams::scheme); the CUDA backend refuses it. This is the kernels' tag only
+// (this header is compiled without libquant): the facts of a quantized kind (its name, 4-bit or
+// not) are its scheme's row of libquant's table, reached through one mapping in dequant.cpp
+// (weight_kind_of, scheme_of_kind); a plain kind's are its DType's.
 enum class WeightKind : uint8_t { Bf16, F16, F32, Int8, Fp8E4M3, Fp8E5M2, Nf4, Fp4, Host };
 
 // The dtype of an fp8 weight_scale tensor.
@@ -52,8 +55,8 @@ struct DequantParams {
   uint64_t numel() const { return rows * cols; }
 };
 
-bool is_4bit(WeightKind kind);
-const char* weight_kind_name(WeightKind kind);  // "bf16", "int8", "nf4", ... ("host" for Host)
+bool is_4bit(WeightKind kind);                  // the scheme table's is_4bit
+std::string weight_kind_name(WeightKind kind);  // "bf16", "int8", "nf4", ... ("host" for Host)
 // The storage's name: the scheme's for a quantized weight ("int8", a registered scheme's name).
 std::string weight_name(const DequantParams& params);
 

@@ -24,25 +24,18 @@
 
 namespace qtool::runner::kmath {
 
-QTOOL_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-#endif
+// The bits of a value as another type of its size (float <-> uint32_t), on host and device (a
+// copy between locals compiles to a register move on both).
+template <class To, class From>
+QTOOL_HD To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To t;
+  std::memcpy(&t, &v, sizeof(To));
+  return t;
 }
 
-QTOOL_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-#endif
-}
+QTOOL_HD uint32_t float_bits(float f) { return bits_as<uint32_t>(f); }
+QTOOL_HD float bits_float(uint32_t u) { return bits_as<float>(u); }
 
 QTOOL_HD bool is_nan_bits(uint32_t u) { return (u & 0x7FFFFFFFu) > 0x7F800000u; }
 

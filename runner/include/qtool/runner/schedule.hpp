@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -62,6 +63,8 @@ inline constexpr uint64_t kNoPart = UINT64_MAX;
 // The runner's storage of a libquant scheme: the element functions (and CUDA kernels) that decode
 // it, or Host for a scheme that has only libquant's dequantizer (dequant.cpp's table).
 WeightKind weight_kind_of(quant::Scheme scheme);
+// The kind of an unquantized linear weight of `dtype` (BF16, F16, F32); nullopt for another dtype.
+std::optional<WeightKind> weight_kind_of(DType dtype);
 // The slot of a quant part; -1 for parts no dequantizer reads (weight_format, quant_state).
 int part_slot(quant::Part part);
 
