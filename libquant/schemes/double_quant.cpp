@@ -3,9 +3,11 @@
 // bitsandbytes' CPU quantize_blockwise does it (a 65536-entry lookup table, not a nearest search).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "scheme.hpp"
+#include "simd.hpp"
 
 namespace qtool::quant::detail {
 namespace {
@@ -130,13 +132,48 @@ float scalar_row_sum(const float* x, int64_t n) {
       n, 0.0f, [&](int64_t i) { return x[i]; }, [](float& a, float b) { a += b; });
 }
 
-// One contiguous inner reduction (cascade_sum's loop on [x, x + n)).
-float inner_sum(const float* x, int64_t n, int lanes) {
+// One contiguous inner reduction (cascade_sum's loop on [x, x + n)) with `Lanes` lanes, each lane's
+// adds in the same order; LaneVec is a GCC vector of Lanes floats (lane-wise adds, as torch's
+// Vectorized<float>), or Vec for a lane count given at run time.
+template <typename LaneVec, typename Load, typename Add, typename Lane>
+float inner_sum_with(const float* x, int64_t n, int lanes, Load load, Add add, Lane lane) {
   if (n < lanes) return scalar_row_sum(x, n);
   const int64_t vec_size = n / lanes;
-  Vec zero;
-  const Vec acc = row_sum<Vec>(
-      vec_size, zero,
+  const LaneVec acc = row_sum<LaneVec>(vec_size, LaneVec{}, load, add);
+  float final_acc = 0.0f;
+  for (int64_t k = vec_size * lanes; k < n; ++k) final_acc += x[k];
+  for (int l = 0; l < lanes; ++l) final_acc += lane(acc, l);
+  return final_acc;
+}
+
+// Lanes floats as Lanes / 4 SSE vectors (the baseline's width, so nothing depends on a target).
+template <int Lanes>
+struct FixedLanes {
+  using V4 = float __attribute__((vector_size(16)));
+  V4 part[Lanes / 4] = {};
+};
+
+template <int Lanes>
+float inner_sum_fixed(const float* x, int64_t n) {
+  using L = FixedLanes<Lanes>;
+  return inner_sum_with<L>(
+      x, n, Lanes,
+      [&](int64_t i) {
+        L v;
+        std::memcpy(v.part, x + i * Lanes, sizeof v.part);
+        return v;
+      },
+      [](L& a, const L& b) {
+        for (int k = 0; k < Lanes / 4; ++k) a.part[k] += b.part[k];
+      },
+      [](const L& v, int l) { return v.part[l / 4][l % 4]; });
+}
+
+float inner_sum(const float* x, int64_t n, int lanes) {
+  if (lanes == 8) return inner_sum_fixed<8>(x, n);
+  if (lanes == 16) return inner_sum_fixed<16>(x, n);
+  return inner_sum_with<Vec>(
+      x, n, lanes,
       [&](int64_t i) {
         Vec v;
         for (int l = 0; l < lanes; ++l) v.v[static_cast<size_t>(l)] = x[i * lanes + l];
@@ -144,11 +181,8 @@ float inner_sum(const float* x, int64_t n, int lanes) {
       },
       [lanes](Vec& a, const Vec& b) {
         for (int l = 0; l < lanes; ++l) a.v[static_cast<size_t>(l)] += b.v[static_cast<size_t>(l)];
-      });
-  float final_acc = 0.0f;
-  for (int64_t k = vec_size * lanes; k < n; ++k) final_acc += x[k];
-  for (int l = 0; l < lanes; ++l) final_acc += acc.v[static_cast<size_t>(l)];
-  return final_acc;
+      },
+      [](const Vec& v, int l) { return v.v[static_cast<size_t>(l)]; });
 }
 
 // float -> int32 by truncation as x86's cvttss2si does it (bitsandbytes' binary relies on it):
@@ -198,26 +232,76 @@ float torch_mean_f32(const float* x, uint64_t n_u, int lanes, int threads) {
   return sum / static_cast<float>(n);
 }
 
-void dynamic_quantize_blocks(const float* x, uint64_t n, float offset, uint64_t block_begin,
-                             uint64_t block_end, uint8_t* q, uint8_t* absmax2) {
+namespace {
+
+// One nested block [begin, end) of (x - offset) into 8-bit codes; returns its absmax. The reference.
+float dynamic_quantize_block_ref(const float* x, float offset, uint64_t begin, uint64_t end, uint8_t* q) {
   const auto& lut = dynamic_lut().lut;
+  float amax = 0.0f;
+  for (uint64_t i = begin; i < end; ++i) amax = std::max(amax, std::fabs(x[i] - offset));
+  if (amax == 0.0f) {
+    std::fill(q + begin, q + end, uint8_t{0});
+    return amax;
+  }
+  const float inv = 1.0f / amax;
+  for (uint64_t i = begin; i < end; ++i) {
+    const float v = std::clamp((x[i] - offset) * inv, -1.0f, 1.0f);
+    // bitsandbytes' x86 build contracts `(v + 1) * 0.5 * 65535 + 0.5` into one FMA.
+    const float idx = std::fma((v + 1.0f) * 0.5f, 65535.0f, 0.5f);
+    q[i] = lut[static_cast<uint16_t>(truncate_like_cvttss2si(idx))];
+  }
+  return amax;
+}
+
+#if QTOOL_HAVE_X86_SIMD
+// The same for a full block (kNestedBlocksize, a multiple of 8) with AVX2 + FMA: the same
+// operations lane by lane. max_ps(v, acc) keeps acc where v is NaN as std::max(acc, v) does;
+// max_ps(-1, v) and min_ps(1, v) pass a NaN v through as std::clamp does; cvttps gives INT32_MIN for
+// NaN and out-of-range values as cvttss2si does.
+QTOOL_AVX2_FMA float dynamic_quantize_block_avx2(const float* x, float offset, uint64_t begin, uint8_t* q) {
+  static_assert(kNestedBlocksize % 8 == 0);
+  const __m256 voff = _mm256_set1_ps(offset);
+  __m256 vmax = _mm256_setzero_ps();
+  for (uint64_t i = 0; i < kNestedBlocksize; i += 8) {
+    const __m256 d = simd::abs8(_mm256_sub_ps(_mm256_loadu_ps(x + begin + i), voff));
+    vmax = _mm256_max_ps(d, vmax);
+  }
+  const float amax = simd::hmax8(vmax);
+  if (amax == 0.0f) {
+    std::fill(q + begin, q + begin + kNestedBlocksize, uint8_t{0});
+    return amax;
+  }
+  const __m256 vinv = _mm256_set1_ps(1.0f / amax);
+  const __m256 one = _mm256_set1_ps(1.0f), minus_one = _mm256_set1_ps(-1.0f), half = _mm256_set1_ps(0.5f);
+  const __m256 scale = _mm256_set1_ps(65535.0f);
+  const auto& lut = dynamic_lut().lut;
+  alignas(32) int32_t idx[8];
+  for (uint64_t i = 0; i < kNestedBlocksize; i += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + begin + i), voff), vinv);
+    v = _mm256_min_ps(one, _mm256_max_ps(minus_one, v));
+    const __m256 f = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_add_ps(v, one), half), scale, half);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(idx), _mm256_cvttps_epi32(f));
+    for (int k = 0; k < 8; ++k) q[begin + i + static_cast<uint64_t>(k)] = lut[static_cast<uint16_t>(idx[k])];
+  }
+  return amax;
+}
+#endif
+
+}  // namespace
+
+void dynamic_quantize_blocks(const float* x, uint64_t n, float offset, uint64_t block_begin,
+                             uint64_t block_end, uint8_t* q, uint8_t* absmax2, Impl impl) {
   for (uint64_t b = block_begin; b < block_end; ++b) {
     const uint64_t begin = b * kNestedBlocksize;
     const uint64_t end = std::min<uint64_t>(n, begin + kNestedBlocksize);
-    float amax = 0.0f;
-    for (uint64_t i = begin; i < end; ++i) amax = std::max(amax, std::fabs(x[i] - offset));
+    float amax;
+#if QTOOL_HAVE_X86_SIMD
+    if (impl != Impl::Reference && end - begin == kNestedBlocksize && cpu_features().fma)
+      amax = dynamic_quantize_block_avx2(x, offset, begin, q);
+    else
+#endif
+      amax = dynamic_quantize_block_ref(x, offset, begin, end, q);
     store_f32(absmax2 + 4 * b, amax);
-    if (amax == 0.0f) {
-      std::fill(q + begin, q + end, uint8_t{0});
-      continue;
-    }
-    const float inv = 1.0f / amax;
-    for (uint64_t i = begin; i < end; ++i) {
-      const float v = std::clamp((x[i] - offset) * inv, -1.0f, 1.0f);
-      // bitsandbytes' x86 build contracts `(v + 1) * 0.5 * 65535 + 0.5` into one FMA.
-      const float idx = std::fma((v + 1.0f) * 0.5f, 65535.0f, 0.5f);
-      q[i] = lut[static_cast<uint16_t>(truncate_like_cvttss2si(idx))];
-    }
   }
 }
 

@@ -30,28 +30,26 @@ float dtype_eps(DType dtype) {
 
 #if QTOOL_HAVE_X86_SIMD
 // fp8 code of finite float32 lanes within +-max, round to nearest even with subnormals (the same
-// integer arithmetic as c10's fp8e4m3fn_from_fp32_value / fp8e5m2_from_fp32_value).
-template <bool E5M2>
-QTOOL_AVX2 inline __m256i encode_fp8(__m256 x) {
-  const __m256i u = _mm256_castps_si256(x);
-  const __m256i sign = _mm256_and_si256(u, _mm256_set1_epi32(INT32_MIN));
-  const __m256i a = _mm256_xor_si256(u, sign);
+// integer arithmetic as c10's fp8e4m3fn_from_fp32_value / fp8e5m2_from_fp32_value), in the low
+// byte of each lane (returned in float lanes); for AVX2 (__m256) and AVX-512 (__m512) lanes alike.
+template <bool E5M2, typename V>
+[[gnu::always_inline]] inline V encode_fp8(const V& x) {
+  using U = typename simd::LaneBits<sizeof(V)>::type;
+  using I = typename simd::LaneBits<sizeof(V)>::signed_type;
   constexpr int kManShift = E5M2 ? 21 : 20;  // 23 - mantissa bits
   constexpr uint32_t kMinNormal = E5M2 ? (113u << 23) : (121u << 23);
   constexpr uint32_t kDenormMask = E5M2 ? (134u << 23) : (141u << 23);
   constexpr uint32_t kRebias = static_cast<uint32_t>(E5M2 ? (15 - 127) : (7 - 127)) << 23;
   constexpr uint32_t kHalfUlp = E5M2 ? 0xFFFFFu : 0x7FFFFu;
+  const U u = (U)x;
+  const U sign = u & 0x80000000u;
+  const U a = u ^ sign;
   // Subnormal codes: adding 2^(bias + mantissa) rounds to the code's spacing in float32 hardware.
-  const __m256 dm = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(kDenormMask)));
-  const __m256i denorm = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), dm)),
-                                          _mm256_set1_epi32(static_cast<int32_t>(kDenormMask)));
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(a, kManShift), _mm256_set1_epi32(1));
-  const __m256i normal = _mm256_srli_epi32(
-      _mm256_add_epi32(_mm256_add_epi32(a, odd), _mm256_set1_epi32(static_cast<int32_t>(kRebias + kHalfUlp))),
-      kManShift);
-  const __m256i is_denorm = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(kMinNormal)), a);
-  const __m256i code = _mm256_blendv_epi8(normal, denorm, is_denorm);
-  return _mm256_or_si256(code, _mm256_srli_epi32(sign, 24));
+  const V dm = (V)(U{} + kDenormMask);
+  const U denorm = (U)((V)a + dm) - kDenormMask;
+  const U normal = (a + ((a >> kManShift) & 1u) + (kRebias + kHalfUlp)) >> kManShift;
+  const U code = (I)a < static_cast<int32_t>(kMinNormal) ? denorm : normal;
+  return (V)(code | (sign >> 24));
 }
 
 // The quotient w / scale rounded to float32 (RNE). With the reciprocal y = fl(1 / scale), Markstein's
@@ -61,20 +59,35 @@ QTOOL_AVX2 inline __m256i encode_fp8(__m256 x) {
 // |w| <= 450 * scale (the values a row or tensor with that scale holds): after rounding to the
 // weight's dtype the two agree everywhere, up to the sign of a zero quotient, which the zero
 // point's + 0 erases. F32 weights and scales whose reciprocal overflows divide.
+// The overloads the lane-generic code below picks by width.
+QTOOL_AVX2_FMA inline __m256 fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+QTOOL_AVX512 inline __m512 fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+QTOOL_AVX2 inline __m256 clamp_lanes(__m256 s, __m256 vmax) {
+  return _mm256_min_ps(_mm256_max_ps(s, _mm256_sub_ps(_mm256_setzero_ps(), vmax)), vmax);
+}
+QTOOL_AVX512 inline __m512 clamp_lanes(__m512 s, __m512 vmax) {
+  return _mm512_min_ps(_mm512_max_ps(s, _mm512_sub_ps(_mm512_setzero_ps(), vmax)), vmax);
+}
+
+// The fp8 codes of weights `x` (float32 lanes), in the low byte of each lane: the quotient,
+// rounded to the weight's dtype, plus the zero point, clamped to +-max, encoded.
+template <DType D, bool E5M2, bool Recip, typename V>
+[[gnu::always_inline]] inline V quant_lanes(const V& x, const V& vscale, const V& vrecip, const V& vmax) {
+  V q;
+  if constexpr (Recip) {
+    const V q0 = x * vrecip;
+    q = fmadd(fmadd(-q0, vscale, x), vrecip, q0);  // fl(-q0 * scale + x) = fnmadd(q0, scale, x)
+  } else {
+    q = x / vscale;
+  }
+  return encode_fp8<E5M2>(clamp_lanes(simd::round_to<D>(q) + V{}, vmax));
+}
+
 template <DType D, bool E5M2, bool Recip>
 QTOOL_AVX2_FMA inline __m256i quant8(const uint8_t* src, uint64_t c, __m256 vscale, __m256 vrecip,
                                      __m256 vmax) {
-  const __m256 x = simd::load8<D>(src + c * simd::elem_size<D>());
-  __m256 q;
-  if constexpr (Recip) {
-    const __m256 q0 = _mm256_mul_ps(x, vrecip);
-    q = _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, vscale, x), vrecip, q0);
-  } else {
-    q = _mm256_div_ps(x, vscale);
-  }
-  __m256 s = _mm256_add_ps(simd::round_to<D>(q), _mm256_setzero_ps());
-  s = _mm256_min_ps(_mm256_max_ps(s, _mm256_sub_ps(_mm256_setzero_ps(), vmax)), vmax);
-  return encode_fp8<E5M2>(s);
+  return (__m256i)quant_lanes<D, E5M2, Recip>(simd::load8<D>(src + c * simd::elem_size<D>()), vscale, vrecip,
+                                              vmax);
 }
 
 // The reference's arithmetic for the last columns of a row.
@@ -104,48 +117,17 @@ QTOOL_AVX2_FMA void quant_row_avx2(const uint8_t* src, uint64_t cols, float scal
 }
 
 // AVX-512: the same arithmetic on 16 lanes.
-template <bool E5M2>
-QTOOL_AVX512 inline __m512i encode_fp8_16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32(INT32_MIN));
-  const __m512i a = _mm512_xor_si512(u, sign);
-  constexpr int kManShift = E5M2 ? 21 : 20;
-  constexpr uint32_t kMinNormal = E5M2 ? (113u << 23) : (121u << 23);
-  constexpr uint32_t kDenormMask = E5M2 ? (134u << 23) : (141u << 23);
-  constexpr uint32_t kRebias = static_cast<uint32_t>(E5M2 ? (15 - 127) : (7 - 127)) << 23;
-  constexpr uint32_t kHalfUlp = E5M2 ? 0xFFFFFu : 0x7FFFFu;
-  const __m512 dm = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(kDenormMask)));
-  const __m512i denorm = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), dm)),
-                                          _mm512_set1_epi32(static_cast<int32_t>(kDenormMask)));
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(a, kManShift), _mm512_set1_epi32(1));
-  const __m512i normal = _mm512_srli_epi32(
-      _mm512_add_epi32(_mm512_add_epi32(a, odd), _mm512_set1_epi32(static_cast<int32_t>(kRebias + kHalfUlp))),
-      kManShift);
-  const __mmask16 is_denorm = _mm512_cmplt_epi32_mask(a, _mm512_set1_epi32(static_cast<int32_t>(kMinNormal)));
-  const __m512i code = _mm512_mask_blend_epi32(is_denorm, normal, denorm);
-  return _mm512_or_si512(code, _mm512_srli_epi32(sign, 24));
-}
-
 template <DType D, bool E5M2, bool Recip>
 QTOOL_AVX512 void quant_row_avx512(const uint8_t* src, uint64_t cols, float scale, uint8_t* q) {
   const Fp8Format& fmt = E5M2 ? kE5M2 : kE4M3;
   const __m512 vscale = _mm512_set1_ps(scale);
   const __m512 vrecip = _mm512_set1_ps(1.0f / scale);
   const __m512 vmax = _mm512_set1_ps(fmt.max);
-  const __m512 vmin = _mm512_set1_ps(-fmt.max);
   uint64_t c = 0;
   for (; c + 16 <= cols; c += 16) {
-    const __m512 x = simd::load16<D>(src + c * simd::elem_size<D>());
-    __m512 qv;
-    if constexpr (Recip) {
-      const __m512 q0 = _mm512_mul_ps(x, vrecip);
-      qv = _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, vscale, x), vrecip, q0);
-    } else {
-      qv = _mm512_div_ps(x, vscale);
-    }
-    __m512 s = _mm512_add_ps(simd::round_to16<D>(qv), _mm512_setzero_ps());
-    s = _mm512_min_ps(_mm512_max_ps(s, vmin), vmax);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm512_cvtepi32_epi8(encode_fp8_16<E5M2>(s)));
+    const __m512 codes =
+        quant_lanes<D, E5M2, Recip>(simd::load16<D>(src + c * simd::elem_size<D>()), vscale, vrecip, vmax);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm512_cvtepi32_epi8((__m512i)codes));
   }
   quant_tail(D, fmt, src, c, cols, scale, q);
 }
@@ -287,11 +269,11 @@ void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<c
                   ThreadPool& pool, Impl impl, const RangeDone& range_done) {
   uint8_t* q = outs[0].data();
   uint8_t* scales = outs[1].data();
-  const uint64_t min_rows = std::max<uint64_t>(1, (uint64_t{1} << 16) / std::max<uint64_t>(1, w.cols));
   float tensor_scale = -1.0f;
   if (options.per_tensor) {
     std::mutex mu;
     float amax = 0.0f;
+    const uint64_t min_rows = std::max<uint64_t>(1, kMinShareElements / std::max<uint64_t>(1, w.cols));
     pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
       const float m = fp8_absmax_rows(w, b, e, impl);
       std::lock_guard<std::mutex> lock(mu);
@@ -300,17 +282,11 @@ void fp8_quantize(const WeightView& w, const SchemeOptions& options, std::span<c
     tensor_scale = fp8_scale(w.dtype, amax, fp8_format(options.scheme).max);
     store_element(w.dtype, scales, 0, tensor_scale);
   }
-  const uint64_t step =
-      std::max<uint64_t>(1, kRangeDoneBytes / std::max<uint64_t>(1, w.cols * dtype_size(w.dtype)));
-  pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
-    for (uint64_t r = b; r < e; r += step) {
-      const uint64_t re = std::min<uint64_t>(e, r + step);
-      if (impl == Impl::Reference)
-        fp8_quantize_rows_ref(w, options.scheme, tensor_scale, r, re, q, scales);
-      else
-        fp8_quantize_rows_fast(w, options.scheme, tensor_scale, r, re, q, scales, impl);
-      if (range_done) range_done(r * w.cols, re * w.cols);
-    }
+  quantize_in_steps(w.rows, w.cols, w.numel(), w.dtype, pool, range_done, [&](uint64_t r, uint64_t re) {
+    if (impl == Impl::Reference)
+      fp8_quantize_rows_ref(w, options.scheme, tensor_scale, r, re, q, scales);
+    else
+      fp8_quantize_rows_fast(w, options.scheme, tensor_scale, r, re, q, scales, impl);
   });
 }
 

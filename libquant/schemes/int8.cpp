@@ -69,7 +69,7 @@ QTOOL_AVX512 void quant_row_avx512(const uint8_t* src, uint64_t cols, float m, u
   uint64_t c = 0;
   for (; c + 16 <= cols; c += 16) {
     __m512 h = simd::load16<D>(src + c * simd::elem_size<D>());
-    if constexpr (kRoundF16) h = simd::round_f16_16(h);
+    if constexpr (kRoundF16) h = simd::round_f16(h);
     const __m512i i =
         _mm512_cvt_roundps_epi32(_mm512_mul_ps(h, vm), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm512_cvtsepi32_epi8(i));
@@ -180,18 +180,11 @@ void int8_quantize(const WeightView& w, const SchemeOptions&, std::span<const st
   uint8_t* q = outs[0].data();
   uint8_t* scb = outs[1].data();
   outs[2][0] = 0;  // weight_format: "row"
-  const uint64_t min_rows = std::max<uint64_t>(1, (uint64_t{1} << 16) / std::max<uint64_t>(1, w.cols));
-  const uint64_t step =
-      std::max<uint64_t>(1, kRangeDoneBytes / std::max<uint64_t>(1, w.cols * dtype_size(w.dtype)));
-  pool.parallel_for(w.rows, min_rows, [&](size_t b, size_t e) {
-    for (uint64_t r = b; r < e; r += step) {
-      const uint64_t re = std::min<uint64_t>(e, r + step);
-      if (impl == Impl::Reference)
-        int8_quantize_rows_ref(w, r, re, q, scb);
-      else
-        int8_quantize_rows_fast(w, r, re, q, scb, impl);
-      if (range_done) range_done(r * w.cols, re * w.cols);
-    }
+  quantize_in_steps(w.rows, w.cols, w.numel(), w.dtype, pool, range_done, [&](uint64_t r, uint64_t re) {
+    if (impl == Impl::Reference)
+      int8_quantize_rows_ref(w, r, re, q, scb);
+    else
+      int8_quantize_rows_fast(w, r, re, q, scb, impl);
   });
 }
 

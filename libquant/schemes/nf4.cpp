@@ -119,11 +119,40 @@ QTOOL_AVX2 inline __m256 scaled8(const uint8_t* src, uint64_t i, __m256 vr) {
   return _mm256_mul_ps(simd::load8<D>(src + i * simd::elem_size<D>()), vr);
 }
 
-// The block's absmax from the bits of its magnitudes (simd.hpp); BadValueError on Inf/NaN.
+// Where full block b starts in the input; the hardware is asked to fetch ahead of it.
 template <DType D>
-inline float block_absmax(uint32_t bits) {
+inline const uint8_t* block_input(const uint8_t* data, uint32_t blocksize, uint64_t b) {
+  const uint8_t* src = data + b * blocksize * simd::elem_size<D>();
+  simd::prefetch_ahead(src, uint64_t{blocksize} * simd::elem_size<D>());
+  return src;
+}
+
+// Block b's absmax, from the bits of its magnitudes (simd.hpp), stored; returns the reciprocal the
+// block is scaled by. BadValueError on Inf/NaN.
+template <DType D>
+inline float store_block_absmax(uint32_t bits, uint64_t b, uint8_t* absmax_out) {
   if (bits >= simd::inf_bits<D>()) throw BadValueError(BadValue::NonFinite);
-  return simd::from_bits<D>(bits);
+  const float amax = simd::from_bits<D>(bits);
+  store_f32(absmax_out + 4 * b, amax);
+  return 1.0f / std::max(amax, kMinAbsmax);
+}
+
+// One full block (blocksize a multiple of 16) scaled by `r`, 16 elements a step.
+template <DType D, bool Fp4>
+QTOOL_AVX2 inline void block_avx2(const Thresholds& thr, __m128i pattern_of, const uint8_t* src,
+                                  uint32_t blocksize, float r, uint8_t* out) {
+  const __m256 vr = _mm256_set1_ps(r);
+  const __m128i nibble_weights = _mm_set1_epi16(0x0110);  // bytes (16, 1): 16 * even + odd
+  for (uint64_t i = 0; i < blocksize; i += 16) {
+    const __m256i k0 = count8(thr, scaled8<D>(src, i, vr));
+    const __m256i k1 = count8(thr, scaled8<D>(src, i + 8, vr));
+    // 16 sorted indices as bytes, in element order.
+    const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(k0, k1), 0xD8);
+    __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+    if constexpr (Fp4) bytes = _mm_shuffle_epi8(pattern_of, bytes);
+    const __m128i pairs = _mm_maddubs_epi16(bytes, nibble_weights);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i / 2), _mm_packus_epi16(pairs, pairs));
+  }
 }
 
 // Quantizes the full blocks [block_begin, block_end) (blocksize a multiple of 16).
@@ -131,28 +160,12 @@ template <DType D, bool Fp4>
 QTOOL_AVX2 void full_blocks_avx2(const uint8_t* data, const Bnb4Table& t, uint32_t blocksize,
                                  uint64_t block_begin, uint64_t block_end, uint8_t* packed,
                                  uint8_t* absmax_out) {
-  using namespace simd;
   const Thresholds thr = make_thresholds(t.thresholds.data());
   const __m128i pattern_of = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t.pattern_of.data()));
-  const __m128i nibble_weights = _mm_set1_epi16(0x0110);  // bytes (16, 1): 16 * even + odd
   for (uint64_t b = block_begin; b < block_end; ++b) {
-    const uint64_t begin = b * blocksize;
-    const uint8_t* src = data + begin * elem_size<D>();
-    prefetch_ahead(src, uint64_t{blocksize} * elem_size<D>());
-    const float amax = block_absmax<D>(absmax_bits_avx2<D>(src, blocksize));
-    store_f32(absmax_out + 4 * b, amax);
-    const __m256 vr = _mm256_set1_ps(1.0f / std::max(amax, kMinAbsmax));
-    uint8_t* out = packed + begin / 2;
-    for (uint64_t i = 0; i < blocksize; i += 16) {
-      const __m256i k0 = count8(thr, scaled8<D>(src, i, vr));
-      const __m256i k1 = count8(thr, scaled8<D>(src, i + 8, vr));
-      // 16 sorted indices as bytes, in element order.
-      const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(k0, k1), 0xD8);
-      __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
-      if constexpr (Fp4) bytes = _mm_shuffle_epi8(pattern_of, bytes);
-      const __m128i pairs = _mm_maddubs_epi16(bytes, nibble_weights);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i / 2), _mm_packus_epi16(pairs, pairs));
-    }
+    const uint8_t* src = block_input<D>(data, blocksize, b);
+    const float r = store_block_absmax<D>(simd::absmax_bits_avx2<D>(src, blocksize), b, absmax_out);
+    block_avx2<D, Fp4>(thr, pattern_of, src, blocksize, r, packed + b * blocksize / 2);
   }
 }
 
@@ -191,33 +204,35 @@ QTOOL_AVX512 inline __m128i pack_nibbles16(__m512i k) {
   return _mm512_cvtepi64_epi8(pairs);
 }
 
+// One full block (blocksize a multiple of 32) scaled by `r`, 32 elements a step.
+template <DType D, bool Fp4>
+QTOOL_AVX512 inline void block_avx512(const Thresholds16& thr, __m512i pattern_of, const uint8_t* src,
+                                      uint32_t blocksize, float r, uint8_t* out) {
+  const __m512 vr = _mm512_set1_ps(r);
+  for (uint64_t i = 0; i < blocksize; i += 32) {
+    __m512i k0 = count16(thr, _mm512_mul_ps(simd::load16<D>(src + i * simd::elem_size<D>()), vr));
+    __m512i k1 = count16(thr, _mm512_mul_ps(simd::load16<D>(src + (i + 16) * simd::elem_size<D>()), vr));
+    if constexpr (Fp4) {
+      k0 = _mm512_permutexvar_epi32(k0, pattern_of);
+      k1 = _mm512_permutexvar_epi32(k1, pattern_of);
+    }
+    const __m128i bytes = _mm_unpacklo_epi64(pack_nibbles16(k0), pack_nibbles16(k1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), bytes);
+  }
+}
+
 template <DType D, bool Fp4>
 QTOOL_AVX512 void full_blocks_avx512(const uint8_t* data, const Bnb4Table& t, uint32_t blocksize,
                                      uint64_t block_begin, uint64_t block_end, uint8_t* packed,
                                      uint8_t* absmax_out) {
-  using namespace simd;
   const Thresholds16 thr = make_thresholds16(t.thresholds.data());
   alignas(64) int32_t pattern[16];
   for (int k = 0; k < 16; ++k) pattern[k] = t.pattern_of[static_cast<size_t>(k)];
   const __m512i pattern_of = _mm512_load_si512(pattern);
   for (uint64_t b = block_begin; b < block_end; ++b) {
-    const uint64_t begin = b * blocksize;
-    const uint8_t* src = data + begin * elem_size<D>();
-    prefetch_ahead(src, uint64_t{blocksize} * elem_size<D>());
-    const float amax = block_absmax<D>(absmax_bits_avx512<D>(src, blocksize));
-    store_f32(absmax_out + 4 * b, amax);
-    const __m512 vr = _mm512_set1_ps(1.0f / std::max(amax, kMinAbsmax));
-    uint8_t* out = packed + begin / 2;
-    for (uint64_t i = 0; i < blocksize; i += 32) {
-      __m512i k0 = count16(thr, _mm512_mul_ps(load16<D>(src + i * elem_size<D>()), vr));
-      __m512i k1 = count16(thr, _mm512_mul_ps(load16<D>(src + (i + 16) * elem_size<D>()), vr));
-      if constexpr (Fp4) {
-        k0 = _mm512_permutexvar_epi32(k0, pattern_of);
-        k1 = _mm512_permutexvar_epi32(k1, pattern_of);
-      }
-      const __m128i bytes = _mm_unpacklo_epi64(pack_nibbles16(k0), pack_nibbles16(k1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), bytes);
-    }
+    const uint8_t* src = block_input<D>(data, blocksize, b);
+    const float r = store_block_absmax<D>(simd::absmax_bits_avx512<D>(src, blocksize), b, absmax_out);
+    block_avx512<D, Fp4>(thr, pattern_of, src, blocksize, r, packed + b * blocksize / 2);
   }
 }
 
@@ -358,6 +373,37 @@ size_t quant_state_max_size(DType dtype, uint64_t rows, uint64_t cols, const Sch
   return quant_state_json_with(dtype, rows, cols, options, std::string(kMaxFloatReprChars, '0')).size();
 }
 
+namespace {
+
+// The quant_state JSON, then zeros: the part has room for the longest nested_offset
+// (quant_state_bytes).
+void write_quant_state(const WeightView& w, const SchemeOptions& options, float nested_offset,
+                       std::span<uint8_t> state) {
+  const std::string json = quant_state_json(w.dtype, w.rows, w.cols, options, nested_offset);
+  QTOOL_ASSERT(json.size() <= state.size());
+  std::memcpy(state.data(), json.data(), json.size());
+  std::memset(state.data() + json.size(), 0, state.size() - json.size());
+}
+
+// Double quant of the float32 block absmax into outs[1] (codes), outs[3] (nested absmax) and
+// outs[4] (the nested code map); returns the nested offset, mean(absmax).
+float double_quantize_absmax(const std::vector<float>& absmax, std::span<const std::span<uint8_t>> outs,
+                             ThreadPool& pool, Impl impl) {
+  const uint64_t n_blocks = absmax.size();
+  const float offset = torch_mean_f32(absmax.data(), n_blocks);
+  if (!std::isfinite(offset))
+    fail(ErrorKind::InvalidInput,
+         "the mean of the block absmax overflows float32; double quant cannot encode it");
+  const uint64_t n_blocks2 = (n_blocks + kNestedBlocksize - 1) / kNestedBlocksize;
+  pool.parallel_for(n_blocks2, 64, [&](size_t b, size_t e) {
+    dynamic_quantize_blocks(absmax.data(), n_blocks, offset, b, e, outs[1].data(), outs[3].data(), impl);
+  });
+  std::memcpy(outs[4].data(), dynamic_map_table().data(), sizeof(float) * 256);
+  return offset;
+}
+
+}  // namespace
+
 void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
                    std::span<const std::span<uint8_t>> outs, ThreadPool& pool, Impl impl,
                    const RangeDone& range_done) {
@@ -372,46 +418,24 @@ void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
     absmax_f32.resize(n_blocks);
     absmax = reinterpret_cast<uint8_t*>(absmax_f32.data());
   } else {
-    // The JSON, then zeros: the part has room for the longest nested_offset (quant_state_bytes).
-    const std::string json = quant_state_json(w.dtype, w.rows, w.cols, options, 0.0f);
-    std::span<uint8_t> state = outs.back();
-    QTOOL_ASSERT(json.size() <= state.size());
-    std::memcpy(state.data(), json.data(), json.size());
-    std::memset(state.data() + json.size(), 0, state.size() - json.size());
+    write_quant_state(w, options, 0.0f, outs.back());
   }
-  const uint64_t min_blocks = std::max<uint64_t>(1, (uint64_t{1} << 16) / options.blocksize);
-  // Blocks per reported range (without double quant, whose absmax are not final yet).
-  const uint64_t step =
-      std::max<uint64_t>(1, kRangeDoneBytes / (uint64_t{options.blocksize} * dtype_size(w.dtype)));
-  const bool report_now = range_done && !options.double_quant;
-  pool.parallel_for(n_blocks, min_blocks, [&](size_t b, size_t e) {
-    for (uint64_t sb = b; sb < e; sb += step) {
-      const uint64_t se = std::min<uint64_t>(e, sb + step);
-      if (impl == Impl::Reference)
-        bnb4_quantize_blocks_ref(w, options.scheme, options.blocksize, sb, se, packed, absmax);
-      else
-        bnb4_quantize_blocks_fast(w, options.scheme, options.blocksize, sb, se, packed, absmax, impl);
-      if (report_now) range_done(sb * options.blocksize, std::min<uint64_t>(n, se * options.blocksize));
-    }
-  });
+  // Ranges are reported as they are done without double quant, whose absmax are not final yet.
+  const RangeDone not_yet;
+  quantize_in_steps(
+      n_blocks, options.blocksize, n, w.dtype, pool, options.double_quant ? not_yet : range_done,
+      [&](uint64_t sb, uint64_t se) {
+        if (impl == Impl::Reference)
+          bnb4_quantize_blocks_ref(w, options.scheme, options.blocksize, sb, se, packed, absmax);
+        else
+          bnb4_quantize_blocks_fast(w, options.scheme, options.blocksize, sb, se, packed, absmax, impl);
+      });
   if (!options.double_quant) return;
-  const float offset = torch_mean_f32(absmax_f32.data(), n_blocks);
-  if (!std::isfinite(offset))
-    fail(ErrorKind::InvalidInput,
-         "the mean of the block absmax overflows float32; double quant cannot encode it");
-  const uint64_t n_blocks2 = (n_blocks + kNestedBlocksize - 1) / kNestedBlocksize;
-  pool.parallel_for(n_blocks2, 64, [&](size_t b, size_t e) {
-    dynamic_quantize_blocks(absmax_f32.data(), n_blocks, offset, b, e, outs[1].data(), outs[3].data());
-  });
-  std::memcpy(outs[4].data(), dynamic_map_table().data(), sizeof(float) * 256);
-  // The JSON, then zeros: the part has room for the longest nested_offset (quant_state_bytes).
-  const std::string json = quant_state_json(w.dtype, w.rows, w.cols, options, offset);
-  std::span<uint8_t> state = outs.back();
-  QTOOL_ASSERT(json.size() <= state.size());
-  std::memcpy(state.data(), json.data(), json.size());
-  std::memset(state.data() + json.size(), 0, state.size() - json.size());
+  write_quant_state(w, options, double_quantize_absmax(absmax_f32, outs, pool, impl), outs.back());
   if (!range_done) return;
-  const uint64_t range = step * options.blocksize;
+  const uint64_t range =
+      std::max<uint64_t>(1, kRangeDoneBytes / (uint64_t{options.blocksize} * dtype_size(w.dtype))) *
+      options.blocksize;
   pool.parallel_for((n + range - 1) / range, 1, [&](size_t b, size_t e) {
     for (uint64_t k = b; k < e; ++k) range_done(k * range, std::min(n, (k + 1) * range));
   });

@@ -7,6 +7,7 @@
 // positions in the full tensors, so disjoint ranges can run concurrently.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -22,6 +23,7 @@
 #include "qtool/formats/checkpoint.hpp"
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/thread_pool.hpp"
 #include "qtool/libquant/quant.hpp"
 
 namespace qtool::quant::detail {
@@ -177,8 +179,10 @@ float torch_mean_f32(const float* x, uint64_t n, int lanes = kTorchMeanLanes,
 // per block absmax2 = max |x - offset|; q from a 65536-entry lookup table of the map's midpoints
 // (index trunc(fma((clamp(v / absmax2) + 1) / 2, 65535, 0.5))); an all-zero block gives q = 0.
 // Blocks [block_begin, block_end) of ceil(n / 256); q U8 [n], absmax2 F32 [n_blocks2] (bytes).
+// `impl`: Reference the scalar loop; otherwise full blocks take the AVX2 + FMA path when the CPU
+// has it (the same operations lane by lane, bit for bit).
 void dynamic_quantize_blocks(const float* x, uint64_t n, float offset, uint64_t block_begin,
-                             uint64_t block_end, uint8_t* q, uint8_t* absmax2);
+                             uint64_t block_end, uint8_t* q, uint8_t* absmax2, Impl impl = Impl::Fast);
 // absmax[i] = (map[q[i]] * nested_absmax[i / 256]) + offset for i in [begin, end).
 void dynamic_dequantize(const uint8_t* q, const float* map, const float* nested_absmax, float offset,
                         uint64_t begin, uint64_t end, float* out);
@@ -338,5 +342,25 @@ void quantize_weight_impl(std::string_view tensor_label, DType dtype, std::span<
 // Bytes of input a kernel quantizes before it reports the range done: small enough that the
 // caller's pass over the same range (convert's error statistics) finds it in the core's cache.
 inline constexpr uint64_t kRangeDoneBytes = uint64_t{256} << 10;
+// The fewest elements a worker thread is given at once.
+inline constexpr uint64_t kMinShareElements = uint64_t{1} << 16;
+
+// Units of `unit_elements` elements each (rows, or 4-bit blocks) split across `pool`, at least
+// kMinShareElements a share, each share in steps of about kRangeDoneBytes of input:
+// `quantize(u, ue)` per step, then `range_done` (when set) over the step's elements, clamped to
+// `n_elements`.
+template <typename Fn>
+void quantize_in_steps(uint64_t n_units, uint64_t unit_elements, uint64_t n_elements, DType dtype,
+                       ThreadPool& pool, const RangeDone& range_done, const Fn& quantize) {
+  const uint64_t unit = std::max<uint64_t>(1, unit_elements);
+  const uint64_t step = std::max<uint64_t>(1, kRangeDoneBytes / (unit * dtype_size(dtype)));
+  pool.parallel_for(n_units, std::max<uint64_t>(1, kMinShareElements / unit), [&](size_t b, size_t e) {
+    for (uint64_t u = b; u < e; u += step) {
+      const uint64_t ue = std::min<uint64_t>(e, u + step);
+      quantize(u, ue);
+      if (range_done) range_done(std::min(n_elements, u * unit), std::min(n_elements, ue * unit));
+    }
+  });
+}
 
 }  // namespace qtool::quant::detail

@@ -21,6 +21,11 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+// The lane-generic helpers below (and fp8.cpp's encode_fp8) take and return vectors without a
+// target attribute of their own; they are always inlined into a function of the lanes' target, so
+// -Wpsabi's warning about passing such vectors without that target (which GCC gives at the end of
+// the file, whatever the pragmas around the template) concerns calls that never exist.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #define QTOOL_AVX2 __attribute__((target("avx2,f16c")))
 #define QTOOL_AVX2_FMA __attribute__((target("avx2,f16c,fma")))
@@ -65,24 +70,6 @@ QTOOL_AVX2 inline float hmax8(__m256 v) {
 // Round float32 lanes to float16 precision (RNE, subnormals, overflow to Inf) and back.
 QTOOL_AVX2 inline __m256 round_f16(__m256 x) {
   return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// Round finite float32 lanes to bfloat16 precision (RNE) and back.
-QTOOL_AVX2 inline __m256 round_bf16(__m256 x) {
-  const __m256i u = _mm256_castps_si256(x);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
-}
-
-template <DType D>
-QTOOL_AVX2 inline __m256 round_to(__m256 x) {
-  if constexpr (D == DType::BF16)
-    return round_bf16(x);
-  else if constexpr (D == DType::F16)
-    return round_f16(x);
-  else
-    return x;
 }
 
 // 32 lanes of 0..255 in four epi32 vectors -> 32 bytes in order.
@@ -207,25 +194,42 @@ QTOOL_AVX512 inline uint32_t absmax_bits_avx512(const uint8_t* p, uint64_t n) {
   return best;
 }
 
-// Round float32 lanes to float16 precision (RNE, subnormals, overflow to Inf) and back.
-QTOOL_AVX512 inline __m512 round_f16_16(__m512 x) {
+QTOOL_AVX512 inline __m512 round_f16(__m512 x) {
   return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+// --- Rounding to the weight's dtype, one definition for AVX2 (__m256) and AVX-512 (__m512) -------
+// Written with GCC vector operators on the lanes' bits; always inlined into a function of the
+// matching target attribute, which picks the instructions (the same as the intrinsics would be).
+
+// The float lanes of a vector of `Bytes` bytes (__m256: 32, __m512: 64) as uint32 and int32 lanes.
+template <size_t Bytes>
+struct LaneBits;
+template <>
+struct LaneBits<32> {
+  using type = uint32_t __attribute__((vector_size(32)));
+  using signed_type = int32_t __attribute__((vector_size(32)));
+};
+template <>
+struct LaneBits<64> {
+  using type = uint32_t __attribute__((vector_size(64)));
+  using signed_type = int32_t __attribute__((vector_size(64)));
+};
+
 // Round finite float32 lanes to bfloat16 precision (RNE) and back.
-QTOOL_AVX512 inline __m512 round_bf16_16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+template <typename V>
+[[gnu::always_inline]] inline V round_bf16(const V& x) {
+  using U = typename LaneBits<sizeof(V)>::type;
+  const U u = (U)x;
+  return (V)((u + (((u >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u);
 }
 
-template <DType D>
-QTOOL_AVX512 inline __m512 round_to16(__m512 x) {
+template <DType D, typename V>
+[[gnu::always_inline]] inline V round_to(const V& x) {
   if constexpr (D == DType::BF16)
-    return round_bf16_16(x);
+    return round_bf16(x);
   else if constexpr (D == DType::F16)
-    return round_f16_16(x);
+    return round_f16(x);
   else
     return x;
 }

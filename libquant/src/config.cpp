@@ -376,9 +376,10 @@ const ComponentPlan* QuantPlan::find(std::string_view component) const {
   return nullptr;
 }
 
-QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpoint) {
-  const std::string& label = config.label;
-  QuantPlan plan;
+namespace {
+
+// Every component the config names must hold weights: Error(InvalidInput) naming the key.
+void check_named_components(const QuantConfig& config, const Checkpoint& checkpoint) {
   auto known_components = [&] {
     std::string names;
     for (const auto& c : checkpoint.components()) {
@@ -392,10 +393,10 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
     const auto& others = checkpoint.other_components();
     if (std::find(others.begin(), others.end(), name) != others.end()) {
       config_error(
-          label, key,
+          config.label, key,
           str_cat("component '", name, "' holds no weights (weight components: ", known_components(), ")"));
     }
-    config_error(label, key,
+    config_error(config.label, key,
                  str_cat("unknown component '", name, "' in ", checkpoint.root().string(), " (it has ",
                          known_components(), ")"));
   };
@@ -406,124 +407,158 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
   }
   for (const auto& [name, entry] : config.quant_mapping)
     check_component(name, str_cat("quant_mapping.", name));
+}
 
+// The scheme of a component (its quant_mapping entry, else quant_backend if it is listed) and the
+// config key it comes from; its own modules_to_not_convert patterns go to `own_patterns`.
+ComponentPlan component_scheme(const QuantConfig& config, const Component& component,
+                               std::vector<std::string>& own_patterns) {
+  ComponentPlan cp;
+  cp.component = component.name();
+  const auto mapped = config.quant_mapping.find(component.name());
+  const bool listed = !config.components_to_quantize ||
+                      std::find(config.components_to_quantize->begin(), config.components_to_quantize->end(),
+                                component.name()) != config.components_to_quantize->end();
+  if (mapped != config.quant_mapping.end()) {
+    cp.options = mapped->second.options;
+    cp.source_key = str_cat("quant_mapping.", component.name());
+    own_patterns = mapped->second.modules_to_not_convert;
+  } else if (listed && config.backend) {
+    cp.options = config.backend;
+    cp.source_key = "quant_backend";
+  }
+  return cp;
+}
+
+// A component's modules split by what becomes of their 2-D float `.weight`.
+struct ModuleSplit {
+  std::set<std::string> quantized;
+  std::set<std::string> unquantized;
+  std::set<std::string> modules;  // every module with a tensor
+  size_t n_pattern_excluded = 0;  // linears left out by a pattern
+  std::string first_excluded;     // "'module' by 'pattern'"
+};
+
+ModuleSplit split_modules(const Component& component, const std::vector<std::string>& patterns) {
+  ModuleSplit split;
+  const std::vector<std::string> kept = loader_kept_modules(component);
+  for (const auto& e : component.entries()) {
+    const TensorInfo& t = component.info(e);
+    split.modules.insert(module_of_tensor(t.name));
+    const bool weight_2d = t.shape.size() == 2 && dtype_is_float(t.dtype) && t.name.size() > 7 &&
+                           t.name.compare(t.name.size() - 7, 7, ".weight") == 0;
+    if (!weight_2d) continue;
+    const std::string module = t.name.substr(0, t.name.size() - 7);
+    if (linear_exclusion(t.name, t.dtype, t.shape)) {
+      split.unquantized.insert(module);
+      continue;
+    }
+    bool skip = false;
+    for (const auto& p : patterns) {
+      if (skip || !pattern_matches(p, module)) continue;
+      skip = true;
+      ++split.n_pattern_excluded;
+      if (split.first_excluded.empty()) split.first_excluded = str_cat("'", module, "' by '", p, "'");
+    }
+    for (const auto& p : kept) skip = skip || pattern_matches(p, module);
+    (skip ? split.unquantized : split.quantized).insert(module);
+  }
+  return split;
+}
+
+// Sets matched[i] where patterns[i] matches one of `modules`.
+void mark_matched(const std::vector<std::string>& patterns, const std::set<std::string>& modules,
+                  std::vector<bool>& matched) {
+  for (const auto& module : modules) {
+    for (size_t i = 0; i < matched.size(); ++i) {
+      if (!matched[i] && pattern_matches(patterns[i], module)) matched[i] = true;
+    }
+  }
+}
+
+// A loader reads the unquantized list with its own rule; warn where that rule would also catch a
+// module that is quantized (the file would not load there).
+void warn_loader_conflicts(const Checkpoint& checkpoint, const Component& component, const ComponentPlan& cp,
+                           std::vector<std::string>& warnings) {
+  const std::string library = loader_library(checkpoint, component);
+  if (library != "transformers" && library != "diffusers") return;
+  size_t n_conflicts = 0;
+  std::string example;
+  for (const auto& key : cp.unquantized_modules) {
+    for (const auto& module : cp.quantized_modules) {
+      const bool hit =
+          library == "transformers" ? transformers_skips(key, module) : diffusers_skips(key, module);
+      if (!hit) continue;
+      if (n_conflicts++ == 0) example = str_cat("'", module, "' (by '", key, "')");
+    }
+  }
+  if (n_conflicts > 0) {
+    warnings.push_back(str_cat(component_label(cp.component), ": ", library, "' skip rule would also leave ",
+                               n_conflicts, " quantized module(s) unconverted, e.g. ", example,
+                               "; that loader will not read this component. Quantize or skip them alike."));
+  }
+}
+
+// The plan of one component the config gives a scheme; `global_matched` collects which of the
+// config's modules_to_not_convert patterns matched a module.
+void plan_quantized_component(const QuantConfig& config, const Checkpoint& checkpoint,
+                              const Component& component, ComponentPlan& cp,
+                              const std::vector<std::string>& own_patterns, std::vector<bool>& global_matched,
+                              std::vector<std::string>& warnings) {
+  const std::string& label = config.label;
+  const auto already = find_quantized_linears(component);
+  if (!already.empty()) {
+    fail(ErrorKind::InvalidInput, checkpoint.root().string(), ": ", component_label(component.name()),
+         " is already quantized (module '", already.front().module, "' is ",
+         scheme_name(already.front().options.scheme), "); run `qtool dequantize` first");
+  }
+  cp.patterns = config.modules_to_not_convert;
+  cp.patterns.insert(cp.patterns.end(), own_patterns.begin(), own_patterns.end());
+  ModuleSplit split = split_modules(component, cp.patterns);
+  // Patterns that leave nothing to quantize are a mistake, not an empty component: say so
+  // instead of copying the component unchanged under a quantized config.
+  if (split.quantized.empty() && split.n_pattern_excluded > 0)
+    fail(ErrorKind::InvalidInput, label, ": modules_to_not_convert: nothing would be quantized in ",
+         component_label(cp.component), ": the patterns exclude all ", split.n_pattern_excluded,
+         " of its linear weights (first ", split.first_excluded,
+         "); narrow the patterns, or leave the component out of the config");
+  std::vector<bool> own_matched(own_patterns.size(), false);
+  mark_matched(config.modules_to_not_convert, split.modules, global_matched);
+  mark_matched(own_patterns, split.modules, own_matched);
+  for (size_t i = 0; i < own_matched.size(); ++i) {
+    if (!own_matched[i]) {
+      warnings.push_back(str_cat(label, ": ", cp.source_key, ".modules_to_not_convert[", i, "]: pattern '",
+                                 own_patterns[i], "' matches no module of ", component_label(cp.component)));
+    }
+  }
+  if (tied_embeddings(component) && !component.find("lm_head.weight")) split.unquantized.insert("lm_head");
+  if (split.quantized.empty()) {
+    warnings.push_back(str_cat(label, ": ", cp.source_key, ": ", component_label(cp.component),
+                               " has no linear weight to quantize; it is copied unchanged"));
+  }
+  cp.quantized_modules.assign(split.quantized.begin(), split.quantized.end());
+  cp.unquantized_modules.assign(split.unquantized.begin(), split.unquantized.end());
+  warn_loader_conflicts(checkpoint, component, cp, warnings);
+}
+
+}  // namespace
+
+QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpoint) {
+  check_named_components(config, checkpoint);
+  QuantPlan plan;
   // Which patterns matched something, over the components they apply to.
   std::vector<bool> global_matched(config.modules_to_not_convert.size(), false);
   for (const Component& component : checkpoint.components()) {
-    ComponentPlan cp;
-    cp.component = component.name();
-    const auto mapped = config.quant_mapping.find(component.name());
-    const bool listed =
-        !config.components_to_quantize ||
-        std::find(config.components_to_quantize->begin(), config.components_to_quantize->end(),
-                  component.name()) != config.components_to_quantize->end();
     std::vector<std::string> own_patterns;
-    if (mapped != config.quant_mapping.end()) {
-      cp.options = mapped->second.options;
-      cp.source_key = str_cat("quant_mapping.", component.name());
-      own_patterns = mapped->second.modules_to_not_convert;
-    } else if (listed && config.backend) {
-      cp.options = config.backend;
-      cp.source_key = "quant_backend";
-    }
-    if (!cp.options) {
-      plan.components.push_back(std::move(cp));
-      continue;
-    }
-    const auto already = find_quantized_linears(component);
-    if (!already.empty()) {
-      fail(ErrorKind::InvalidInput, checkpoint.root().string(), ": ", component_label(component.name()),
-           " is already quantized (module '", already.front().module, "' is ",
-           scheme_name(already.front().options.scheme), "); run `qtool dequantize` first");
-    }
-    cp.patterns = config.modules_to_not_convert;
-    cp.patterns.insert(cp.patterns.end(), own_patterns.begin(), own_patterns.end());
-    std::vector<bool> own_matched(own_patterns.size(), false);
-
-    std::set<std::string> quantized;
-    std::set<std::string> unquantized;
-    std::set<std::string> modules;
-    const std::vector<std::string> kept = loader_kept_modules(component);
-    size_t n_pattern_excluded = 0;
-    std::string first_excluded;
-    for (const auto& e : component.entries()) {
-      const TensorInfo& t = component.info(e);
-      modules.insert(module_of_tensor(t.name));
-      const bool weight_2d = t.shape.size() == 2 && dtype_is_float(t.dtype) && t.name.size() > 7 &&
-                             t.name.compare(t.name.size() - 7, 7, ".weight") == 0;
-      if (!weight_2d) continue;
-      const std::string module = t.name.substr(0, t.name.size() - 7);
-      if (linear_exclusion(t.name, t.dtype, t.shape)) {
-        unquantized.insert(module);
-        continue;
-      }
-      bool skip = false;
-      for (const auto& p : cp.patterns) {
-        if (skip || !pattern_matches(p, module)) continue;
-        skip = true;
-        ++n_pattern_excluded;
-        if (first_excluded.empty()) first_excluded = str_cat("'", module, "' by '", p, "'");
-      }
-      for (const auto& p : kept) skip = skip || pattern_matches(p, module);
-      (skip ? unquantized : quantized).insert(module);
-    }
-    // Patterns that leave nothing to quantize are a mistake, not an empty component: say so
-    // instead of copying the component unchanged under a quantized config.
-    if (quantized.empty() && n_pattern_excluded > 0)
-      fail(ErrorKind::InvalidInput, label, ": modules_to_not_convert: nothing would be quantized in ",
-           component_label(cp.component), ": the patterns exclude all ", n_pattern_excluded,
-           " of its linear weights (first ", first_excluded,
-           "); narrow the patterns, or leave the component out of the config");
-    for (const auto& module : modules) {
-      for (size_t i = 0; i < global_matched.size(); ++i) {
-        if (!global_matched[i] && pattern_matches(config.modules_to_not_convert[i], module))
-          global_matched[i] = true;
-      }
-      for (size_t i = 0; i < own_matched.size(); ++i) {
-        if (!own_matched[i] && pattern_matches(own_patterns[i], module)) own_matched[i] = true;
-      }
-    }
-    for (size_t i = 0; i < own_matched.size(); ++i) {
-      if (!own_matched[i]) {
-        plan.warnings.push_back(str_cat(label, ": ", cp.source_key, ".modules_to_not_convert[", i,
-                                        "]: pattern '", own_patterns[i], "' matches no module of ",
-                                        component_label(cp.component)));
-      }
-    }
-    if (tied_embeddings(component) && !component.find("lm_head.weight")) unquantized.insert("lm_head");
-    if (quantized.empty()) {
-      plan.warnings.push_back(str_cat(label, ": ", cp.source_key, ": ", component_label(cp.component),
-                                      " has no linear weight to quantize; it is copied unchanged"));
-    }
-    cp.quantized_modules.assign(quantized.begin(), quantized.end());
-    cp.unquantized_modules.assign(unquantized.begin(), unquantized.end());
-
-    // A loader reads the unquantized list with its own rule; warn where that rule would also
-    // catch a module that is quantized (the file would not load there).
-    const std::string library = loader_library(checkpoint, component);
-    if (library == "transformers" || library == "diffusers") {
-      size_t n_conflicts = 0;
-      std::string example;
-      for (const auto& key : cp.unquantized_modules) {
-        for (const auto& module : cp.quantized_modules) {
-          const bool hit =
-              library == "transformers" ? transformers_skips(key, module) : diffusers_skips(key, module);
-          if (!hit) continue;
-          if (n_conflicts++ == 0) example = str_cat("'", module, "' (by '", key, "')");
-        }
-      }
-      if (n_conflicts > 0) {
-        plan.warnings.push_back(
-            str_cat(component_label(cp.component), ": ", library, "' skip rule would also leave ",
-                    n_conflicts, " quantized module(s) unconverted, e.g. ", example,
-                    "; that loader will not read this component. Quantize or skip them alike."));
-      }
-    }
+    ComponentPlan cp = component_scheme(config, component, own_patterns);
+    if (cp.options)
+      plan_quantized_component(config, checkpoint, component, cp, own_patterns, global_matched,
+                               plan.warnings);
     plan.components.push_back(std::move(cp));
   }
   for (size_t i = 0; i < global_matched.size(); ++i) {
     if (!global_matched[i]) {
-      plan.warnings.push_back(str_cat(label, ": modules_to_not_convert[", i, "]: pattern '",
+      plan.warnings.push_back(str_cat(config.label, ": modules_to_not_convert[", i, "]: pattern '",
                                       config.modules_to_not_convert[i],
                                       "' matches no module of the quantized components"));
     }
@@ -531,7 +566,7 @@ QuantPlan plan_quantization(const QuantConfig& config, const Checkpoint& checkpo
   const bool any = std::any_of(plan.components.begin(), plan.components.end(),
                                [](const ComponentPlan& c) { return c.options.has_value(); });
   if (!any)
-    fail(ErrorKind::InvalidInput, label, ": the config quantizes no component of ",
+    fail(ErrorKind::InvalidInput, config.label, ": the config quantizes no component of ",
          checkpoint.root().string());
   return plan;
 }

@@ -105,6 +105,21 @@ uint8_t nibble(const uint8_t* packed, size_t i) {
   return (i & 1) ? (byte & 0x0F) : (byte >> 4);
 }
 
+// What each scheme's dequantizer gives for one element, as the scalar paths and the SIMD paths'
+// tails compute it.
+float int8_value(uint8_t q, float scb) {
+  return (static_cast<float>(static_cast<int8_t>(q)) * scb) * kInvInt8Max;
+}
+
+struct Bnb4Values {
+  const float* code;
+  const float* absmax;  // of blocks block0, block0 + 1, ...
+  size_t block0;
+  uint32_t bs;
+  const uint8_t* packed;
+  float operator()(size_t i) const { return code[nibble(packed, i)] * absmax[i / bs - block0]; }
+};
+
 // ---- scalar paths ----------------------------------------------------------------------------
 
 void int8_scalar(const uint8_t* q, const uint8_t* scb, DType dtype, const uint8_t* w, size_t cols, size_t r0,
@@ -114,7 +129,7 @@ void int8_scalar(const uint8_t* q, const uint8_t* scb, DType dtype, const uint8_
     const float s = load_f32(scb, r);
     for (size_t c = 0; c < cols; ++c) {
       const size_t i = r * cols + c;
-      acc.add(load_original(dtype, w, i), (static_cast<float>(static_cast<int8_t>(q[i])) * s) * kInvInt8Max);
+      acc.add(load_original(dtype, w, i), int8_value(q[i], s));
     }
   }
 }
@@ -131,11 +146,10 @@ void fp8_scalar(const float* table, const uint8_t* q, const uint8_t* scales, DTy
   }
 }
 
-void bnb4_scalar(const float* code, const float* absmax, size_t block0, uint32_t bs, const uint8_t* packed,
-                 DType dtype, const uint8_t* w, size_t i0, size_t i1, ErrorSums& sums) {
+void bnb4_scalar(const Bnb4Values& value, DType dtype, const uint8_t* w, size_t i0, size_t i1,
+                 ErrorSums& sums) {
   ScalarAcc acc(sums);
-  for (size_t i = i0; i < i1; ++i)
-    acc.add(load_original(dtype, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  for (size_t i = i0; i < i1; ++i) acc.add(load_original(dtype, w, i), value(i));
 }
 
 // ---- AVX2 paths ------------------------------------------------------------------------------
@@ -154,49 +168,69 @@ QTOOL_STATS_TARGET inline float hmax(__m256 v) {
   return std::max({t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]});
 }
 
-template <DType D>
-QTOOL_STATS_TARGET inline __m256 load8(const uint8_t* w, size_t i) {
-  if constexpr (D == DType::BF16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else if constexpr (D == DType::F16) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i)));
-  } else {
-    return _mm256_loadu_ps(reinterpret_cast<const float*>(w + 4 * i));
-  }
+// The accumulating operations by width, for run_lanes below.
+QTOOL_STATS_TARGET inline __m256 fmadd_lanes(__m256 a, __m256 b, __m256 c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+QTOOL_STATS_TARGET inline __m256 max_lanes(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+
+#define QTOOL_STATS_TARGET512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
+
+QTOOL_STATS_TARGET512 inline __m512 fmadd_lanes(__m512 a, __m512 b, __m512 c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+QTOOL_STATS_TARGET512 inline __m512 max_lanes(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+// 16 lanes: the two halves added (or maxed) lane-wise, then as 8.
+QTOOL_STATS_TARGET512 inline float hsum(__m512 v) {
+  return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+QTOOL_STATS_TARGET512 inline float hmax(__m512 v) {
+  return hmax(_mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
 
-// Elements [i, i + n) (n a multiple of 8) against what `dec(j)` decodes for elements [j, j + 8).
-// Two independent sets of accumulators, kept in registers and flushed every kFlushEvery elements.
-template <DType D, typename Dec>
-QTOOL_STATS_TARGET inline void run8(const uint8_t* w, size_t i, size_t n, const Dec& dec, ErrorSums& sums) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
+template <typename V>
+[[gnu::always_inline]] inline V abs_lanes(const V& d) {
+  using U = typename simd::LaneBits<sizeof(V)>::type;
+  return (V)((U)d & 0x7FFFFFFFu);
+}
+
+// Elements [i, i + n) (n a multiple of L::kLanes) against what `dec(j)` decodes for elements
+// [j, j + L::kLanes). Two independent sets of accumulators, kept in registers and flushed every
+// kFlushEvery elements. One definition for both widths, always inlined into L::run (whose target
+// picks the instructions).
+template <typename L, DType D, typename Dec>
+[[gnu::always_inline]] inline void run_lanes(const uint8_t* w, size_t i, size_t n, const Dec& dec,
+                                             ErrorSums& sums) {
+  using V = typename L::V;
+  constexpr size_t kLanes = L::kLanes;
+  constexpr size_t kSize = simd::elem_size<D>();
   for (size_t done = 0; done < n;) {
     const size_t m = std::min(n - done, kFlushEvery);
-    __m256 r0 = _mm256_setzero_ps(), r1 = r0, e0 = r0, e1 = r0, x0 = r0, x1 = r0;
+    V r0{}, r1{}, e0{}, e1{}, x0{}, x1{};
     const size_t base = i + done;
     size_t k = 0;
-    for (; k + 16 <= m; k += 16) {
-      if (k % 32 == 0) simd::prefetch_ahead(w + (base + k) * (D == DType::F32 ? 4 : 2), 64);
-      const __m256 w0 = load8<D>(w, base + k), w1 = load8<D>(w, base + k + 8);
-      const __m256 d0 = _mm256_sub_ps(dec(base + k), w0), d1 = _mm256_sub_ps(dec(base + k + 8), w1);
-      r0 = _mm256_fmadd_ps(w0, w0, r0);
-      r1 = _mm256_fmadd_ps(w1, w1, r1);
-      e0 = _mm256_fmadd_ps(d0, d0, e0);
-      e1 = _mm256_fmadd_ps(d1, d1, e1);
-      x0 = _mm256_max_ps(x0, _mm256_andnot_ps(sign, d0));
-      x1 = _mm256_max_ps(x1, _mm256_andnot_ps(sign, d1));
+    for (; k + 2 * kLanes <= m; k += 2 * kLanes) {
+      if (k % 32 == 0) simd::prefetch_ahead(w + (base + k) * kSize, 64);
+      const V w0 = L::template load<D>(w + (base + k) * kSize);
+      const V w1 = L::template load<D>(w + (base + k + kLanes) * kSize);
+      const V d0 = dec(base + k) - w0, d1 = dec(base + k + kLanes) - w1;
+      r0 = fmadd_lanes(w0, w0, r0);
+      r1 = fmadd_lanes(w1, w1, r1);
+      e0 = fmadd_lanes(d0, d0, e0);
+      e1 = fmadd_lanes(d1, d1, e1);
+      x0 = max_lanes(x0, abs_lanes(d0));
+      x1 = max_lanes(x1, abs_lanes(d1));
     }
-    for (; k < m; k += 8) {
-      const __m256 w0 = load8<D>(w, base + k);
-      const __m256 d0 = _mm256_sub_ps(dec(base + k), w0);
-      r0 = _mm256_fmadd_ps(w0, w0, r0);
-      e0 = _mm256_fmadd_ps(d0, d0, e0);
-      x0 = _mm256_max_ps(x0, _mm256_andnot_ps(sign, d0));
+    for (; k < m; k += kLanes) {
+      const V w0 = L::template load<D>(w + (base + k) * kSize);
+      const V d0 = dec(base + k) - w0;
+      r0 = fmadd_lanes(w0, w0, r0);
+      e0 = fmadd_lanes(d0, d0, e0);
+      x0 = max_lanes(x0, abs_lanes(d0));
     }
-    sums.sum_sq_ref += hsum(_mm256_add_ps(r0, r1));
-    sums.sum_sq_err += hsum(_mm256_add_ps(e0, e1));
-    sums.max_abs_err = std::max(sums.max_abs_err, hmax(_mm256_max_ps(x0, x1)));
+    sums.sum_sq_ref += hsum(r0 + r1);
+    sums.sum_sq_err += hsum(e0 + e1);
+    sums.max_abs_err = std::max(sums.max_abs_err, hmax(max_lanes(x0, x1)));
     done += m;
   }
 }
@@ -204,11 +238,20 @@ QTOOL_STATS_TARGET inline void run8(const uint8_t* w, size_t i, size_t n, const 
 struct Int8Dec {
   const uint8_t* q;
   __m256 s, inv;
+  QTOOL_STATS_TARGET Int8Dec(const uint8_t* q_, float scb)
+      : q(q_), s(_mm256_set1_ps(scb)), inv(_mm256_set1_ps(kInvInt8Max)) {}
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
     const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
     return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), s), inv);
   }
 };
+
+// The float16 bits of fp8 codes in 16-bit lanes (U16: a GCC vector of uint16; always inlined
+// into the decoder of its width).
+template <typename U16>
+[[gnu::always_inline]] inline U16 fp8_f16_bits(const U16& v, bool e4m3) {
+  return e4m3 ? (U16)(((v & 0x80) << 8) | ((v & 0x7F) << 7)) : (U16)(v << 8);
+}
 
 // fp8 codes decoded through float16: e5m2 is the high byte of a float16; e4m3 moves its exponent
 // and mantissa three bits down, which reads as a float16 2^8 times too small (subnormals
@@ -218,16 +261,12 @@ struct Fp8Dec {
   const uint8_t* q;
   __m256 s;  // the row's scale, times 2^8 for e4m3
   bool e4m3;
+  QTOOL_STATS_TARGET Fp8Dec(const uint8_t* q_, float scale, bool e4m3_)
+      : q(q_), s(_mm256_set1_ps(e4m3_ ? scale * 0x1p8f : scale)), e4m3(e4m3_) {}
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
+    using U16 = uint16_t __attribute__((vector_size(16)));
     const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
-    __m128i h;
-    if (e4m3) {
-      h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8),
-                       _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7F)), 7));
-    } else {
-      h = _mm_slli_epi16(v, 8);
-    }
-    return _mm256_mul_ps(_mm256_cvtph_ps(h), s);
+    return _mm256_mul_ps(_mm256_cvtph_ps((__m128i)fp8_f16_bits((U16)v, e4m3)), s);
   }
 };
 
@@ -238,6 +277,15 @@ struct Bnb4Dec {
   size_t block0;
   unsigned log2_bs;
   __m256i shifts, low4;
+  QTOOL_STATS_TARGET explicit Bnb4Dec(const Bnb4Values& v)
+      : code_lo(_mm256_loadu_ps(v.code)),
+        code_hi(_mm256_loadu_ps(v.code + 8)),
+        packed(v.packed),
+        absmax(v.absmax),
+        block0(v.block0),
+        log2_bs(static_cast<unsigned>(__builtin_ctz(v.bs))),
+        shifts(_mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24)),
+        low4(_mm256_set1_epi32(0x0F)) {}
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
     uint32_t x;
     std::memcpy(&x, packed + i / 2, 4);
@@ -251,112 +299,13 @@ struct Bnb4Dec {
   }
 };
 
-template <DType D>
-QTOOL_STATS_TARGET void int8_avx2(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols,
-                                  size_t r0, size_t r1, ErrorSums& sums) {
-  ScalarAcc tail(sums);
-  const size_t n8 = cols & ~size_t{7};
-  for (size_t r = r0; r < r1; ++r) {
-    const float s = load_f32(scb, r);
-    const size_t base = r * cols;
-    run8<D>(w, base, n8, Int8Dec{q, _mm256_set1_ps(s), _mm256_set1_ps(kInvInt8Max)}, sums);
-    for (size_t c = n8; c < cols; ++c) {
-      const size_t i = base + c;
-      tail.add(load_original(D, w, i), (static_cast<float>(static_cast<int8_t>(q[i])) * s) * kInvInt8Max);
-    }
-  }
-}
-
-template <DType D>
-QTOOL_STATS_TARGET void fp8_avx2(Scheme scheme, const float* table, const uint8_t* q, const uint8_t* scales,
-                                 bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1,
-                                 ErrorSums& sums) {
-  const bool e4m3 = scheme == Scheme::Fp8E4M3;
-  ScalarAcc tail(sums);
-  const size_t n8 = cols & ~size_t{7};
-  for (size_t r = r0; r < r1; ++r) {
-    const float s = load_original(D, scales, per_tensor ? 0 : r);
-    const size_t base = r * cols;
-    run8<D>(w, base, n8, Fp8Dec{q, _mm256_set1_ps(e4m3 ? s * 0x1p8f : s), e4m3}, sums);
-    for (size_t c = n8; c < cols; ++c) {
-      const size_t i = base + c;
-      tail.add(load_original(D, w, i), table[q[i]] * s);
-    }
-  }
-}
-
-template <DType D>
-QTOOL_STATS_TARGET void bnb4_avx2(const float* code, const float* absmax, size_t block0, uint32_t bs,
-                                  const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1,
-                                  ErrorSums& sums) {
-  ScalarAcc tail(sums);
-  // Groups of 8 never straddle a block: blocks are powers of two >= 32 long.
-  const Bnb4Dec dec{_mm256_loadu_ps(code),
-                    _mm256_loadu_ps(code + 8),
-                    packed,
-                    absmax,
-                    block0,
-                    static_cast<unsigned>(__builtin_ctz(bs)),
-                    _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24),
-                    _mm256_set1_epi32(0x0F)};
-  size_t i = i0;
-  for (; i < i1 && i % 8 != 0; ++i)
-    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
-  const size_t n8 = (i1 - i) & ~size_t{7};
-  run8<D>(w, i, n8, dec, sums);
-  for (i += n8; i < i1; ++i)
-    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
-}
-
-// ---- AVX-512 paths: the same decoders on 16 lanes ---------------------------------------------
-
-#define QTOOL_STATS_TARGET512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
-
-template <DType D>
-QTOOL_STATS_TARGET512 inline __m512 load16(const uint8_t* w, size_t i) {
-  return simd::load16<D>(w + i * (D == DType::F32 ? 4 : 2));
-}
-
-// Elements [i, i + n) (n a multiple of 16) against what `dec(j)` decodes for elements [j, j + 16).
-template <DType D, typename Dec>
-QTOOL_STATS_TARGET512 inline void run16(const uint8_t* w, size_t i, size_t n, const Dec& dec,
-                                        ErrorSums& sums) {
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  for (size_t done = 0; done < n;) {
-    const size_t m = std::min(n - done, kFlushEvery);
-    __m512 r0 = _mm512_setzero_ps(), r1 = r0, e0 = r0, e1 = r0, x0 = r0, x1 = r0;
-    const size_t base = i + done;
-    size_t k = 0;
-    for (; k + 32 <= m; k += 32) {
-      simd::prefetch_ahead(w + (base + k) * (D == DType::F32 ? 4 : 2), 64);
-      const __m512 w0 = load16<D>(w, base + k), w1 = load16<D>(w, base + k + 16);
-      const __m512 d0 = _mm512_sub_ps(dec(base + k), w0), d1 = _mm512_sub_ps(dec(base + k + 16), w1);
-      r0 = _mm512_fmadd_ps(w0, w0, r0);
-      r1 = _mm512_fmadd_ps(w1, w1, r1);
-      e0 = _mm512_fmadd_ps(d0, d0, e0);
-      e1 = _mm512_fmadd_ps(d1, d1, e1);
-      x0 = _mm512_max_ps(x0, _mm512_andnot_ps(sign, d0));
-      x1 = _mm512_max_ps(x1, _mm512_andnot_ps(sign, d1));
-    }
-    for (; k < m; k += 16) {
-      const __m512 w0 = load16<D>(w, base + k);
-      const __m512 d0 = _mm512_sub_ps(dec(base + k), w0);
-      r0 = _mm512_fmadd_ps(w0, w0, r0);
-      e0 = _mm512_fmadd_ps(d0, d0, e0);
-      x0 = _mm512_max_ps(x0, _mm512_andnot_ps(sign, d0));
-    }
-    const __m512 r = _mm512_add_ps(r0, r1), e = _mm512_add_ps(e0, e1), x = _mm512_max_ps(x0, x1);
-    sums.sum_sq_ref += hsum(_mm256_add_ps(_mm512_castps512_ps256(r), _mm512_extractf32x8_ps(r, 1)));
-    sums.sum_sq_err += hsum(_mm256_add_ps(_mm512_castps512_ps256(e), _mm512_extractf32x8_ps(e, 1)));
-    sums.max_abs_err = std::max(sums.max_abs_err,
-                                hmax(_mm256_max_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1))));
-    done += m;
-  }
-}
+// ---- AVX-512: the same decoders on 16 lanes ------------------------------------------------------
 
 struct Int8Dec16 {
   const uint8_t* q;
   __m512 s, inv;
+  QTOOL_STATS_TARGET512 Int8Dec16(const uint8_t* q_, float scb)
+      : q(q_), s(_mm512_set1_ps(scb)), inv(_mm512_set1_ps(kInvInt8Max)) {}
   QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
     const __m128i q8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)), s), inv);
@@ -367,16 +316,12 @@ struct Fp8Dec16 {  // as Fp8Dec
   const uint8_t* q;
   __m512 s;
   bool e4m3;
+  QTOOL_STATS_TARGET512 Fp8Dec16(const uint8_t* q_, float scale, bool e4m3_)
+      : q(q_), s(_mm512_set1_ps(e4m3_ ? scale * 0x1p8f : scale)), e4m3(e4m3_) {}
   QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
+    using U16 = uint16_t __attribute__((vector_size(32)));
     const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
-    __m256i h;
-    if (e4m3) {
-      h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8),
-                          _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7));
-    } else {
-      h = _mm256_slli_epi16(v, 8);
-    }
-    return _mm512_mul_ps(_mm512_cvtph_ps(h), s);
+    return _mm512_mul_ps(_mm512_cvtph_ps((__m256i)fp8_f16_bits((U16)v, e4m3)), s);
   }
 };
 
@@ -390,6 +335,15 @@ struct Bnb4Dec16 {
   unsigned log2_bs;
   __m128i doubled;
   __m512i shifts, low4;
+  QTOOL_STATS_TARGET512 explicit Bnb4Dec16(const Bnb4Values& v)
+      : code(_mm512_loadu_ps(v.code)),
+        packed(v.packed),
+        absmax(v.absmax),
+        block0(v.block0),
+        log2_bs(static_cast<unsigned>(__builtin_ctz(v.bs))),
+        doubled(_mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)),
+        shifts(_mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0)),
+        low4(_mm512_set1_epi32(0x0F)) {}
   QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2));
     const __m512i wide = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, doubled));
@@ -398,61 +352,79 @@ struct Bnb4Dec16 {
   }
 };
 
-template <DType D>
-QTOOL_STATS_TARGET512 void int8_avx512(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols,
-                                       size_t r0, size_t r1, ErrorSums& sums) {
+// The lanes of one SIMD width: its decoders and its run over elements.
+struct Avx2 {
+  using V = __m256;
+  static constexpr size_t kLanes = 8;
+  using Int8 = Int8Dec;
+  using Fp8 = Fp8Dec;
+  using Bnb4 = Bnb4Dec;
+  template <DType D, typename Dec>
+  QTOOL_STATS_TARGET static void run(const uint8_t* w, size_t i, size_t n, const Dec& dec, ErrorSums& sums) {
+    run_lanes<Avx2, D>(w, i, n, dec, sums);
+  }
+  template <DType D>
+  QTOOL_STATS_TARGET static __m256 load(const uint8_t* p) {
+    return simd::load8<D>(p);
+  }
+};
+struct Avx512 {
+  using V = __m512;
+  static constexpr size_t kLanes = 16;
+  using Int8 = Int8Dec16;
+  using Fp8 = Fp8Dec16;
+  using Bnb4 = Bnb4Dec16;
+  template <DType D, typename Dec>
+  QTOOL_STATS_TARGET512 static void run(const uint8_t* w, size_t i, size_t n, const Dec& dec,
+                                        ErrorSums& sums) {
+    run_lanes<Avx512, D>(w, i, n, dec, sums);
+  }
+  template <DType D>
+  QTOOL_STATS_TARGET512 static __m512 load(const uint8_t* p) {
+    return simd::load16<D>(p);
+  }
+};
+
+// The SIMD paths of each scheme, for either width: whole lanes through L's decoder, the rest of a
+// row (or of the range, for 4-bit) through the scalar value.
+template <typename L, DType D>
+QTOOL_STATS_TARGET void int8_simd(const uint8_t* q, const uint8_t* scb, const uint8_t* w, size_t cols,
+                                  size_t r0, size_t r1, ErrorSums& sums) {
   ScalarAcc tail(sums);
-  const size_t n16 = cols & ~size_t{15};
+  const size_t n_lanes = cols & ~(L::kLanes - 1);
   for (size_t r = r0; r < r1; ++r) {
     const float s = load_f32(scb, r);
     const size_t base = r * cols;
-    run16<D>(w, base, n16, Int8Dec16{q, _mm512_set1_ps(s), _mm512_set1_ps(kInvInt8Max)}, sums);
-    for (size_t c = n16; c < cols; ++c) {
-      const size_t i = base + c;
-      tail.add(load_original(D, w, i), (static_cast<float>(static_cast<int8_t>(q[i])) * s) * kInvInt8Max);
-    }
+    L::template run<D>(w, base, n_lanes, typename L::Int8(q, s), sums);
+    for (size_t i = base + n_lanes; i < base + cols; ++i)
+      tail.add(load_original(D, w, i), int8_value(q[i], s));
   }
 }
 
-template <DType D>
-QTOOL_STATS_TARGET512 void fp8_avx512(Scheme scheme, const float* table, const uint8_t* q,
-                                      const uint8_t* scales, bool per_tensor, const uint8_t* w, size_t cols,
-                                      size_t r0, size_t r1, ErrorSums& sums) {
-  const bool e4m3 = scheme == Scheme::Fp8E4M3;
+template <typename L, DType D>
+QTOOL_STATS_TARGET void fp8_simd(Scheme scheme, const float* table, const uint8_t* q, const uint8_t* scales,
+                                 bool per_tensor, const uint8_t* w, size_t cols, size_t r0, size_t r1,
+                                 ErrorSums& sums) {
   ScalarAcc tail(sums);
-  const size_t n16 = cols & ~size_t{15};
+  const size_t n_lanes = cols & ~(L::kLanes - 1);
   for (size_t r = r0; r < r1; ++r) {
     const float s = load_original(D, scales, per_tensor ? 0 : r);
     const size_t base = r * cols;
-    run16<D>(w, base, n16, Fp8Dec16{q, _mm512_set1_ps(e4m3 ? s * 0x1p8f : s), e4m3}, sums);
-    for (size_t c = n16; c < cols; ++c) {
-      const size_t i = base + c;
-      tail.add(load_original(D, w, i), table[q[i]] * s);
-    }
+    L::template run<D>(w, base, n_lanes, typename L::Fp8(q, s, scheme == Scheme::Fp8E4M3), sums);
+    for (size_t i = base + n_lanes; i < base + cols; ++i) tail.add(load_original(D, w, i), table[q[i]] * s);
   }
 }
 
-template <DType D>
-QTOOL_STATS_TARGET512 void bnb4_avx512(const float* code, const float* absmax, size_t block0, uint32_t bs,
-                                       const uint8_t* packed, const uint8_t* w, size_t i0, size_t i1,
-                                       ErrorSums& sums) {
+// Groups of lanes never straddle a block: blocks are powers of two >= 32 long.
+template <typename L, DType D>
+QTOOL_STATS_TARGET void bnb4_simd(const Bnb4Values& value, const uint8_t* w, size_t i0, size_t i1,
+                                  ErrorSums& sums) {
   ScalarAcc tail(sums);
-  // Groups of 16 never straddle a block: blocks are powers of two >= 32 long.
-  const Bnb4Dec16 dec{_mm512_loadu_ps(code),
-                      packed,
-                      absmax,
-                      block0,
-                      static_cast<unsigned>(__builtin_ctz(bs)),
-                      _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
-                      _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0),
-                      _mm512_set1_epi32(0x0F)};
   size_t i = i0;
-  for (; i < i1 && i % 16 != 0; ++i)
-    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
-  const size_t n16 = (i1 - i) & ~size_t{15};
-  run16<D>(w, i, n16, dec, sums);
-  for (i += n16; i < i1; ++i)
-    tail.add(load_original(D, w, i), code[nibble(packed, i)] * absmax[i / bs - block0]);
+  for (; i < i1 && i % L::kLanes != 0; ++i) tail.add(load_original(D, w, i), value(i));
+  const size_t n_lanes = (i1 - i) & ~(L::kLanes - 1);
+  L::template run<D>(w, i, n_lanes, typename L::Bnb4(value), sums);
+  for (i += n_lanes; i < i1; ++i) tail.add(load_original(D, w, i), value(i));
 }
 
 bool cpu_has_avx2() { return cpu_features().fma; }
@@ -469,28 +441,27 @@ void accumulate_error(const QuantizedLinear& linear, const TensorBytes& parts, D
 
 namespace {
 
-// The paths `impl` allows on this CPU.
-struct StatsPath {
-  bool simd = false;    // AVX2 + FMA
-  bool avx512 = false;  // AVX-512
-};
-StatsPath stats_path([[maybe_unused]] Impl impl) {
-  StatsPath path;
-#ifdef QTOOL_STATS_SIMD
-  path.simd = impl != Impl::Reference && cpu_has_avx2();
-  path.avx512 = path.simd && use_avx512(impl);
-#endif
-  return path;
-}
-
-// fn.template operator()<D>() with D the original weight's dtype (BF16, F16, else F32).
+// With the SIMD path `impl` allows on this CPU: fn.template operator()<L, D>() with L its width
+// (Avx512 or Avx2) and D the original weight's dtype (BF16, F16, else F32); true. Without: false.
 template <typename Fn>
-void with_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::BF16: fn.template operator()<DType::BF16>(); return;
-    case DType::F16: fn.template operator()<DType::F16>(); return;
-    default: fn.template operator()<DType::F32>(); return;
-  }
+bool with_simd([[maybe_unused]] Impl impl, [[maybe_unused]] DType dtype, [[maybe_unused]] Fn&& fn) {
+#ifdef QTOOL_STATS_SIMD
+  if (impl == Impl::Reference || !cpu_has_avx2()) return false;
+  auto with_dtype = [&]<typename L>() {
+    switch (dtype) {
+      case DType::BF16: fn.template operator()<L, DType::BF16>(); return;
+      case DType::F16: fn.template operator()<L, DType::F16>(); return;
+      default: fn.template operator()<L, DType::F32>(); return;
+    }
+  };
+  if (use_avx512(impl))
+    with_dtype.template operator()<Avx512>();
+  else
+    with_dtype.template operator()<Avx2>();
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
@@ -503,14 +474,8 @@ void int8_accumulate_error(const QuantizedLinear& linear, const TensorBytes& par
   const uint8_t* q = parts.weight.data();
   const uint8_t* scb = parts.scale.data();
   ErrorSums local;
-  [[maybe_unused]] const StatsPath path = stats_path(impl);
-#ifdef QTOOL_STATS_SIMD
-  if (path.avx512)
-    with_dtype(dtype, [&]<DType D>() { int8_avx512<D>(q, scb, original, cols, r0, r1, local); });
-  else if (path.simd)
-    with_dtype(dtype, [&]<DType D>() { int8_avx2<D>(q, scb, original, cols, r0, r1, local); });
-  else
-#endif
+  if (!with_simd(impl, dtype,
+                 [&]<typename L, DType D>() { int8_simd<L, D>(q, scb, original, cols, r0, r1, local); }))
     int8_scalar(q, scb, dtype, original, cols, r0, r1, local);
   sums.add(local);
 }
@@ -525,18 +490,9 @@ void fp8_accumulate_error(const QuantizedLinear& linear, const TensorBytes& part
   const uint8_t* q = parts.weight.data();
   const uint8_t* scales = parts.scale.data();
   ErrorSums local;
-  [[maybe_unused]] const StatsPath path = stats_path(impl);
-#ifdef QTOOL_STATS_SIMD
-  if (path.avx512)
-    with_dtype(dtype, [&]<DType D>() {
-      fp8_avx512<D>(scheme, table.data(), q, scales, per_tensor, original, cols, r0, r1, local);
-    });
-  else if (path.simd)
-    with_dtype(dtype, [&]<DType D>() {
-      fp8_avx2<D>(scheme, table.data(), q, scales, per_tensor, original, cols, r0, r1, local);
-    });
-  else
-#endif
+  if (!with_simd(impl, dtype, [&]<typename L, DType D>() {
+        fp8_simd<L, D>(scheme, table.data(), q, scales, per_tensor, original, cols, r0, r1, local);
+      }))
     fp8_scalar(table.data(), q, scales, dtype, per_tensor, original, cols, r0, r1, local);
   sums.add(local);
 }
@@ -550,21 +506,11 @@ void bnb4_accumulate_error(const QuantizedLinear& linear, const TensorBytes& par
   std::vector<float> absmax(b1 - b0);
   decode_absmax(linear, parts, absmax.data(), b0, b1);
   const auto code = bnb4_codes(linear, parts);
-  const uint8_t* packed = parts.weight.data();
+  const Bnb4Values value{code.data(), absmax.data(), b0, bs, parts.weight.data()};
   ErrorSums local;
-  [[maybe_unused]] const StatsPath path = stats_path(impl);
-#ifdef QTOOL_STATS_SIMD
-  if (path.avx512)
-    with_dtype(dtype, [&]<DType D>() {
-      bnb4_avx512<D>(code.data(), absmax.data(), b0, bs, packed, original, i0, i1, local);
-    });
-  else if (path.simd)
-    with_dtype(dtype, [&]<DType D>() {
-      bnb4_avx2<D>(code.data(), absmax.data(), b0, bs, packed, original, i0, i1, local);
-    });
-  else
-#endif
-    bnb4_scalar(code.data(), absmax.data(), b0, bs, packed, dtype, original, i0, i1, local);
+  if (!with_simd(impl, dtype,
+                 [&]<typename L, DType D>() { bnb4_simd<L, D>(value, original, i0, i1, local); }))
+    bnb4_scalar(value, dtype, original, i0, i1, local);
   sums.add(local);
 }
 

@@ -106,4 +106,50 @@ std::vector<OtherFile> list_other_files(const Checkpoint& checkpoint) {
   return std::move(w.files);
 }
 
+fs::path normal_abs(const fs::path& path) { return fs::absolute(path).lexically_normal(); }
+
+namespace {
+
+bool is_weight_file_name(const std::string& name) {
+  static const char* const kExt[] = {".safetensors", ".bin",     ".pt", ".pth", ".ckpt",
+                                     ".gguf",        ".msgpack", ".h5", ".onnx"};
+  for (const char* ext : kExt) {
+    const std::string e(ext);
+    if (name.size() >= e.size() && name.compare(name.size() - e.size(), e.size(), e) == 0) return true;
+  }
+  return name.size() > 22 && name.find(".safetensors.index.json") != std::string::npos;
+}
+
+}  // namespace
+
+uint64_t copy_other_files(const Checkpoint& checkpoint, const std::vector<OtherFile>& files,
+                          const fs::path& out_root, const std::set<fs::path>& skip,
+                          std::vector<std::string>& warnings,
+                          const std::function<void(std::string_view)>& on_warning) {
+  std::set<fs::path> weights = skip;
+  for (const Component& c : checkpoint.components()) {
+    for (const auto& s : c.shards()) weights.insert(normal_abs(s.path()));
+    if (!c.index_path().empty()) weights.insert(normal_abs(c.index_path()));
+  }
+  uint64_t n_copied = 0;
+  for (const OtherFile& f : files) {
+    if (weights.count(normal_abs(f.source))) continue;
+    if (is_weight_file_name(f.rel.filename().string())) {
+      const std::string w = str_cat("not copied: ", (checkpoint.root() / f.rel).string(),
+                                    " (weights that no component of the checkpoint reads)");
+      warnings.push_back(w);
+      if (on_warning) on_warning(w);
+      continue;
+    }
+    std::error_code ec;
+    const fs::path dst = out_root / f.rel;
+    fs::create_directories(dst.parent_path(), ec);
+    if (ec) fail(ErrorKind::Io, dst.parent_path().string(), ": cannot create folder: ", ec.message());
+    fs::copy_file(f.source, dst, fs::copy_options::overwrite_existing, ec);
+    if (ec) fail(ErrorKind::Io, f.source.string(), ": cannot copy to ", dst.string(), ": ", ec.message());
+    ++n_copied;
+  }
+  return n_copied;
+}
+
 }  // namespace qtool::quant::detail

@@ -3,6 +3,10 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
+#include <set>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "qtool/formats/checkpoint.hpp"
@@ -24,5 +28,17 @@ struct OtherFile {
 //     that no file from elsewhere lands in the output;
 //   - that cannot be resolved (a loop of links, a missing target): Error(InvalidInput) naming it.
 std::vector<OtherFile> list_other_files(const Checkpoint& checkpoint);
+
+// `path` made absolute and lexically normal: how weight and config paths are compared.
+std::filesystem::path normal_abs(const std::filesystem::path& path);
+
+// Copies `files` that are not a component's weights and not in `skip` (absolute, normal: files the
+// conversion writes itself) into `out_root`, keeping relative paths; returns how many. Weight files
+// that no component reads (other variants, pickles) are not copied: a warning names each, appended
+// to `warnings` and passed to `on_warning`.
+uint64_t copy_other_files(const Checkpoint& checkpoint, const std::vector<OtherFile>& files,
+                          const std::filesystem::path& out_root, const std::set<std::filesystem::path>& skip,
+                          std::vector<std::string>& warnings,
+                          const std::function<void(std::string_view)>& on_warning);
 
 }  // namespace qtool::quant::detail

@@ -3,6 +3,7 @@
 // the error of dequant(quant(x)).
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "test_scheme_util.hpp"
 
@@ -255,6 +256,37 @@ TEST_CASE("4-bit: the short last block divides and keeps its clamped absmax; odd
   CHECK(am == 1e-38f);           // clamped, as torch stores the short block's max
   REQUIRE(outs[0].size() == 3);  // (5 + 1) / 2
   CHECK(outs[0][2] == 0x77);     // element 4 and the pad: both code 7
+}
+
+TEST_CASE("double quant's nested blocks: the AVX2 path equals the reference, edge blocks included") {
+  const uint64_t seed = test::scheme_test_seed("nested blocks");
+  std::mt19937_64 rng(seed);
+  std::lognormal_distribution<float> ld(-4.0f, 1.5f);
+  for (const uint64_t n : {uint64_t{1}, uint64_t{255}, uint64_t{256}, uint64_t{257}, uint64_t{2048 + 77}}) {
+    std::vector<float> x(n);
+    for (auto& v : x) v = ld(rng);
+    // Block 1 (when there is one): all equal to the offset (absmax2 0, codes 0); block 2: 0 and
+    // the smallest subnormal (at offset 0, 1 / absmax2 overflows: the reference's NaN path);
+    // block 3: the extremes.
+    const float offset = detail::torch_mean_f32(x.data(), n);
+    for (uint64_t i = 256; i < std::min<uint64_t>(n, 512); ++i) x[i] = offset;
+    for (uint64_t i = 512; i < std::min<uint64_t>(n, 768); ++i)
+      x[i] = i % 2 ? 0.0f : std::numeric_limits<float>::denorm_min();
+    for (uint64_t i = 768; i < std::min<uint64_t>(n, 1024); ++i)
+      x[i] = i % 3 == 0 ? 0.0f : (i % 3 == 1 ? 3.4e38f : std::numeric_limits<float>::denorm_min());
+    const uint64_t n_blocks2 = (n + kNestedBlocksize - 1) / kNestedBlocksize;
+    for (const float off : {offset, 0.0f, 1.5f}) {
+      CAPTURE(n);
+      CAPTURE(off);
+      std::vector<uint8_t> q_ref(n), q_fast(n), a_ref(4 * n_blocks2), a_fast(4 * n_blocks2);
+      detail::dynamic_quantize_blocks(x.data(), n, off, 0, n_blocks2, q_ref.data(), a_ref.data(),
+                                      Impl::Reference);
+      detail::dynamic_quantize_blocks(x.data(), n, off, 0, n_blocks2, q_fast.data(), a_fast.data(),
+                                      Impl::Fast);
+      CHECK(q_ref == q_fast);
+      CHECK(a_ref == a_fast);
+    }
+  }
 }
 
 TEST_CASE("dequant(quant(x)) stays within each scheme's error bound") {
