@@ -69,9 +69,12 @@ class CudaDevice final : public Device {
 
   uint8_t* allocate(MemoryKind kind, uint64_t bytes) override {
     buffers_.emplace_back(gpu_.device, bytes);
+    kinds_.push_back(kind);
     note(kind, bytes);
     return buffers_.back().as<uint8_t>();
   }
+  void free(uint8_t* memory) override;
+  uint64_t held_bytes() override;
   void upload(uint8_t* dst, std::span<const uint8_t> host) override {
     DeviceScope scope(gpu_.device);
     QTOOL_CUDA_CHECK(cudaMemcpy(dst, host.data(), host.size(), cudaMemcpyHostToDevice));
@@ -108,6 +111,7 @@ class CudaDevice final : public Device {
   CudaPlatform& platform_;
   Gpu& gpu_;
   std::deque<DeviceBuffer> buffers_;
+  std::deque<MemoryKind> kinds_;  // per buffer
   std::vector<MemoryItem> items_;
   std::mutex mu_;
   std::deque<SlotEvents> slots_;  // a deque: references stay valid as it grows
@@ -210,6 +214,34 @@ void CudaDevice::release(uint32_t slot) {
   if (it == e.freed.end()) it = e.freed.emplace(c.device, Event(c.device)).first;
   it->second.record(c.compute.get());
   e.last_freed = &it->second;
+}
+
+void CudaDevice::free(uint8_t* memory) {
+  for (size_t i = 0; i < buffers_.size(); ++i) {
+    if (buffers_[i].as<uint8_t>() != memory) continue;
+    DeviceScope scope(gpu_.device);
+    QTOOL_CUDA_CHECK(cudaDeviceSynchronize());  // nothing may still read it
+    peak_ = std::max(peak_, used_bytes(gpu_.device));
+    for (auto it = items_.rbegin(); it != items_.rend(); ++it)
+      if (it->kind == kinds_[i] && it->bytes == buffers_[i].size()) {
+        items_.erase(std::next(it).base());
+        break;
+      }
+    buffers_.erase(buffers_.begin() + static_cast<std::ptrdiff_t>(i));
+    kinds_.erase(kinds_.begin() + static_cast<std::ptrdiff_t>(i));
+    return;
+  }
+  QTOOL_ASSERT(false && "free of memory this device did not allocate");
+}
+
+uint64_t CudaDevice::held_bytes() {
+  DeviceScope scope(gpu_.device);
+  QTOOL_CUDA_CHECK(cudaDeviceSynchronize());
+  const uint64_t used = used_bytes(gpu_.device);
+  peak_ = std::max(peak_, used);
+  std::vector<MemoryItem> items = items_;
+  for (const MemoryItem& it : gpu_.ops_items) items.push_back(it);
+  return cuda_needed_peak(items, used, gpu_.activation_capacity);
 }
 
 DeviceMemory CudaDevice::memory() const {

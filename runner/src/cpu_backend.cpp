@@ -66,9 +66,25 @@ class CpuDevice final : public Device {
   explicit CpuDevice(int index) : index_(index) {}
   uint8_t* allocate(MemoryKind kind, uint64_t bytes) override {
     buffers_.emplace_back(bytes);
+    kinds_.push_back(kind);
     note(kind, bytes);
+    live_ += bytes;
+    peak_live_ = std::max(peak_live_, live_);
     return buffers_.back().data();
   }
+  void free(uint8_t* memory) override {
+    for (size_t i = 0; i < buffers_.size(); ++i) {
+      if (buffers_[i].data() != memory) continue;
+      const uint64_t bytes = buffers_[i].size();
+      forget_item(kinds_[i], bytes);
+      live_ -= bytes;
+      buffers_.erase(buffers_.begin() + static_cast<std::ptrdiff_t>(i));
+      kinds_.erase(kinds_.begin() + static_cast<std::ptrdiff_t>(i));
+      return;
+    }
+    QTOOL_ASSERT(false && "free of memory this device did not allocate");
+  }
+  uint64_t held_bytes() override { return live_; }
   void upload(uint8_t* dst, std::span<const uint8_t> host) override {
     std::memcpy(dst, host.data(), host.size());
   }
@@ -83,17 +99,28 @@ class CpuDevice final : public Device {
     m.device = index_;
     m.items = items_;
     for (const MemoryItem& it : items_) m.allocated_bytes += it.bytes;
-    m.measured_peak_bytes = m.allocated_bytes;
+    // The most the live buffers held at once, and the activation items the ops noted.
+    m.measured_peak_bytes = m.allocated_bytes - live_ + peak_live_;
     m.how =
-        "CPU backend: bytes of the host buffers standing in for device memory, and the ops' activation peak "
-        "(Ops::peak_bytes)";
+        "CPU backend: the most bytes the host buffers standing in for device memory held at once, and the "
+        "ops' activation peak (Ops::peak_bytes)";
     return m;
   }
 
  private:
+  void forget_item(MemoryKind kind, uint64_t bytes) {
+    for (auto it = items_.rbegin(); it != items_.rend(); ++it)
+      if (it->kind == kind && it->bytes == bytes) {
+        items_.erase(std::next(it).base());
+        return;
+      }
+  }
+
   int index_;
   std::deque<AlignedBuffer> buffers_;
+  std::deque<MemoryKind> kinds_;  // per buffer
   std::vector<MemoryItem> items_;
+  uint64_t live_ = 0, peak_live_ = 0;
 };
 
 class CpuPlatform final : public Platform {

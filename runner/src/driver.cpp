@@ -171,11 +171,17 @@ void Driver::run_step(uint32_t run_step) {
     flow_ = std::make_unique<FluxPipelineFlow>(checkpoint_, options_.denoise_steps,
                                                static_cast<int64_t>(options_.tokens), options_.seed,
                                                options_.inputs);
+  ring_phase_ = -1;
   std::thread copier([this, run_step] { copy_loop(run_step); });
   try {
     for (size_t p = 0; p < passes_.size(); ++p) {
       cur_pass_ = p;
+      const bool first = phased_ && (p == 0 || pass_phase_[p] != pass_phase_[p - 1]);
+      const bool last = phased_ && (p + 1 == passes_.size() || pass_phase_[p + 1] != pass_phase_[p]);
+      if (first) begin_phase(pass_phase_[p]);
       run_component(passes_[p], run_step, p);
+      if (phased_) ++result_.phases[pass_phase_[p]].passes;
+      if (last) end_phase(pass_phase_[p]);
     }
     if (flow_) result_.pipeline = flow_->result();
   } catch (...) {
@@ -196,6 +202,7 @@ void Driver::run_step(uint32_t run_step) {
 
 RunResult Driver::run() {
   planned_ = options_.mode == Mode::Planned;
+  phased_ = planned_ && !options_.phases.empty();
   result_.backend = platform_.name();
   result_.device_names = platform_.device_names();
   result_.mode = options_.mode;

@@ -16,6 +16,7 @@ void Driver::set_up() {
   for (size_t ai = 0; ai < schedule_.arenas.size(); ++ai) {
     const Arena& a = schedule_.arenas[ai];
     if (!schedule_.arena_used(ai) || a.bytes == 0) continue;
+    if (phased_ && !a.streamed()) continue;  // split per component (set_up_phases)
     if (!a.streamed() || !planned_) {
       Device& dev = *devices_.at(a.device);
       uint8_t* mem =
@@ -30,6 +31,7 @@ void Driver::set_up() {
     }
   }
   k_ = std::max<uint64_t>(1, schedule_.n_slots);
+  if (phased_) set_up_phases();
   rank_.assign(schedule_.steps.size(), SIZE_MAX);
   dev_rank_.assign(schedule_.steps.size(), 0);
   std::vector<std::vector<size_t>> streamed_of(checkpoint_.components().size());
@@ -46,12 +48,13 @@ void Driver::set_up() {
     pass_item0_.push_back(items_.size());
     for (size_t si : streamed_of[passes_[p]]) {
       items_.push_back({si, device_items_[schedule_.steps[si].device]++});
+      item_phase_.push_back(phased_ ? pass_phase_[p] : 0);
       result_.h2d_bytes_per_step += schedule_.arenas[schedule_.steps[si].arena].bytes;
       ++result_.copies_per_step[si];
     }
   }
   for (auto& [d, dev] : devices_) {
-    const uint64_t slot_bytes = planned_ ? schedule_.slot_bytes(d) : 0;
+    const uint64_t slot_bytes = planned_ && !phased_ ? schedule_.slot_bytes(d) : 0;
     if (slot_bytes) slots_[d] = {dev->allocate(MemoryKind::DeviceSlots, k_ * slot_bytes), slot_bytes};
   }
   const uint64_t staging_bytes = planned_ ? schedule_.max_staging_bytes() : 0;
@@ -70,7 +73,11 @@ void Driver::copy_loop(uint32_t run_step) {
       const Arena& a = schedule_.arenas[st.arena];
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return abort_ || released_[st.device] + k_ > seq; });
+        // A run by phase copies a phase's groups once its ring exists.
+        cv_.wait(lock, [&] {
+          return abort_ || (released_[st.device] + slots_of(si) > seq &&
+                            (!phased_ || ring_phase_ == static_cast<int64_t>(item_phase_[k])));
+        });
         if (abort_) return;
       }
       std::span<uint8_t> host;
@@ -85,7 +92,7 @@ void Driver::copy_loop(uint32_t run_step) {
         host = {host_arena_[st.arena]->data(), a.bytes};
       }
       const auto [base, slot_bytes] = slots_.at(st.device);
-      const uint32_t slot = static_cast<uint32_t>(seq % k_);
+      const uint32_t slot = static_cast<uint32_t>(seq % slots_of(si));
       const auto t0 = Clock::now();
       devices_.at(st.device)->copy_to_slot(
           slot, base + slot * slot_bytes, host,
@@ -113,7 +120,7 @@ void Driver::wait_copy(size_t si) {
   if (copy_error_) std::rethrow_exception(copy_error_);
   if (abort_) fail(ErrorKind::Internal, "the run was aborted");
   lock.unlock();
-  devices_.at(schedule_.steps[si].device)->wait_copied(static_cast<uint32_t>(items_[k].seq % k_));
+  devices_.at(schedule_.steps[si].device)->wait_copied(static_cast<uint32_t>(items_[k].seq % slots_of(si)));
 }
 
 // The step's slot may be refilled: wait for its copy if it was never read, release it.
@@ -123,7 +130,7 @@ void Driver::finish(size_t si) {
   if (state_[k] == StepState::Pending) wait_copy(si);
   const int d = schedule_.steps[si].device;
   const uint64_t seq = items_[k].seq;
-  devices_.at(d)->release(static_cast<uint32_t>(seq % k_));
+  devices_.at(d)->release(static_cast<uint32_t>(seq % slots_of(si)));
   {
     std::lock_guard<std::mutex> lock(mu_);
     state_[k] = StepState::Released;
@@ -136,7 +143,13 @@ void Driver::finish(size_t si) {
 
 const uint8_t* Driver::acquire(size_t si, const std::string& tensor) {
   if (!streamed(si)) {
-    const uint32_t a = schedule_.steps[si].arena;
+    const ExecStep& st = schedule_.steps[si];
+    if (phased_) {  // the component's own allocation, at the arena's offsets from its span's start
+      const Span& span = spans_.at({st.component, st.device});
+      QTOOL_ASSERT(span.mem != nullptr);
+      return reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(span.mem) - span.lo);
+    }
+    const uint32_t a = st.arena;
     QTOOL_ASSERT(on_device_[a] != nullptr);
     return on_device_[a];
   }
@@ -151,7 +164,7 @@ const uint8_t* Driver::acquire(size_t si, const std::string& tensor) {
     state_[k] = StepState::Held;
   }
   const auto [base, slot_bytes] = slots_.at(d);
-  return base + (items_[k].seq % k_) * slot_bytes;
+  return base + (items_[k].seq % slots_of(si)) * slot_bytes;
 }
 
 }  // namespace qtool::runner::driver_detail

@@ -88,6 +88,12 @@ class Driver {
   // The copy of streamed step `si` in the current pass.
   size_t item(size_t si) const { return pass_item0_[cur_pass_] + rank_[si]; }
   void set_up();
+  // A run by phase (RunOptions::phases, driver_phases.cpp).
+  void set_up_phases();
+  void begin_phase(size_t phase);
+  void end_phase(size_t phase);
+  void note_phase_peak(size_t phase);
+  uint64_t slots_of(size_t si) const;  // K of the ring step `si` is copied into
   void make_forwards();
   void make_passes();
   void copy_loop(uint32_t run_step);
@@ -119,6 +125,22 @@ class Driver {
   std::vector<std::unique_ptr<HostBuffer>> staging_;     // disk groups
   std::map<int, std::pair<uint8_t*, uint64_t>> slots_;   // per GPU: ring base, slot bytes
   uint64_t k_ = 1;                                       // slots per ring
+  // A run by phase: per (component, GPU) its tensors in the GPU's resident arena, [lo, lo + bytes),
+  // with their host copy and, while held, their device memory.
+  struct Span {
+    uint64_t lo = 0, bytes = 0;
+    std::unique_ptr<HostBuffer> host;
+    uint8_t* mem = nullptr;
+  };
+  bool phased_ = false;
+  std::map<std::pair<uint32_t, int>, Span> spans_;
+  std::vector<uint8_t> loaded_;                      // per component: loaded per phase, else job-resident
+  std::vector<size_t> pass_phase_;                   // per pass: its phase
+  std::vector<std::map<int, uint64_t>> phase_slot_;  // per phase, per GPU: its slot bytes
+  std::vector<std::map<int, uint64_t>> phase_k_;     // per phase, per GPU: its slots
+  std::vector<size_t> item_phase_;                   // per copy item: its phase
+  int64_t ring_phase_ = -1;                          // the phase whose rings are allocated (mu_)
+  Clock::time_point phase_t0_;                       // the phase's passes began
   // A run step runs passes: one run of one component's units each, in order (each component
   // once; a FluxPipeline's transformer once per denoising step). The copy thread copies every
   // pass's streamed steps, in pass order.

@@ -167,17 +167,19 @@ void Driver::unit_steps(uint32_t component, const std::vector<std::string>& unit
   // A unit holds every step it reads until it ends: its streamed steps must fit the ring at once.
   for (size_t u = 0; u < units.size(); ++u) {
     std::map<int, std::pair<uint64_t, uint64_t>> span;  // GPU -> first, last seq
+    uint64_t k = k_;
     for (size_t si : out[u]) {
       if (!streamed(si)) continue;
+      k = slots_of(si);
       const uint64_t seq = dev_rank_[si];
       auto [it, fresh] = span.try_emplace(schedule_.steps[si].device, seq, seq);
       if (!fresh) it->second = {std::min(it->second.first, seq), std::max(it->second.second, seq)};
     }
     for (const auto& [d, range] : span)
-      if (range.second - range.first + 1 > k_)
+      if (range.second - range.first + 1 > k)
         fail(ErrorKind::InvalidInput, "unit '", units[u], "' of the ", forwards_[component]->architecture(),
              " forward reads ", range.second - range.first + 1,
-             " streamed groups at once but the plan gives GPU ", d, " ", k_,
+             " streamed groups at once but the plan gives GPU ", d, " ", k,
              " slots: plan again with --prefetch ", range.second - range.first + 1, " or --offload block");
   }
 }

@@ -38,19 +38,6 @@ void check_plan_phases(const Checkpoint& checkpoint, const planner::Plan& plan) 
       fail(ErrorKind::InvalidInput, "plan phase '", ph.name, "': repeat ", ph.repeat,
            " but the pipeline runs it ", want, denoise ? " times (the plan's denoise_steps)" : " time");
   }
-  // The driver keeps every component on the GPUs for the whole job: a phase that loads or streams
-  // a component at its start would not be the plan verified.
-  for (const planner::PhasePlan& ph : plan.phases) {
-    for (const planner::PhaseComponent& c : ph.components) {
-      if (c.mode == planner::PhaseMode::Resident) continue;
-      fail(
-          ErrorKind::InvalidInput, "plan phase '", ph.name, "': component '",
-          plan.components[c.component].name, "' is ", planner::phase_mode_name(c.mode),
-          " there, but qtool verify keeps every component on the GPUs for the whole job and does not yet "
-          "load or release components between phases: plan with --no-phases (one sequence), or with a budget "
-          "that keeps every component resident");
-    }
-  }
 }
 
 }  // namespace qtool::runner

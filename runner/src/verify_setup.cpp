@@ -94,6 +94,17 @@ Setup::Setup(const VerifyOptions& o, const Checks& checks)
   run_opts.sizing.staging_buffers = schedule.n_slots;  // the planner's staging ring: K buffers
   run_opts.inputs = std::move(inputs);
   run_opts.denoise_steps = run_denoise;
+  // A plan by phase runs as planned: components loaded and rings allocated per phase.
+  for (const planner::PhasePlan& ph : plan.phases) {
+    RunOptions::Phase& rp = run_opts.phases.emplace_back();
+    rp.name = ph.name;
+    for (const planner::PhaseComponent& c : ph.components) {
+      rp.components.push_back(plan.components[c.component].name);
+      if (c.mode != planner::PhaseMode::Resident) rp.load.push_back(plan.components[c.component].name);
+    }
+    for (const planner::PhaseDevice& d : ph.devices)
+      if (d.location.is_gpu() && d.n_slots) rp.slots[d.location.gpu] = d.n_slots;
+  }
 }
 
 void report_setup(const Setup& s, Checks& checks) {

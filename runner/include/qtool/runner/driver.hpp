@@ -53,6 +53,13 @@ class Device {
   // Device memory (256-byte aligned, contents undefined), held until the device is destroyed and
   // recorded as an item of `kind`.
   virtual uint8_t* allocate(MemoryKind kind, uint64_t bytes) = 0;
+  // Gives back memory from allocate() once the work issued so far that reads it has completed; its
+  // item leaves memory().items (a plan by phase: a component loaded at its phase's start).
+  virtual void free(uint8_t* memory) = 0;
+  // Device memory held now: CPU: the live allocations; CUDA: cudaMemGetInfo's total - free once
+  // the work issued so far has completed, less the part of the ops' activation block not reached.
+  // Each call also counts toward memory().measured_peak_bytes.
+  virtual uint64_t held_bytes() = 0;
   // Synchronous host -> device copy (resident arenas, at set-up).
   virtual void upload(uint8_t* dst, std::span<const uint8_t> host) = 0;
   // Copy side (the driver's copy thread, in streaming order, once the slot is free): copies `host`

@@ -69,6 +69,18 @@ struct RunOptions {
   // other components; `inputs` then holds the encoders' ids under their component names and the
   // pipeline's `latents` under "". 0: every component once, on its own inputs.
   uint32_t denoise_steps = 0;
+  // A plan by phase (planner::PhasePlan), in run order: the driver runs each pass in the phase of
+  // its component. Components in no phase's `load` are resident for the job (uploaded at set-up);
+  // a phase's `load` components (loaded, and streamed ones' resident units) are uploaded at its
+  // start and freed at its end, and its streamed groups go through a ring of `slots` per GPU
+  // allocated at its start and freed at its end. Empty: every component resident for the run.
+  struct Phase {
+    std::string name;
+    std::vector<std::string> components;
+    std::vector<std::string> load;
+    std::map<int, uint32_t> slots;  // per GPU: the phase's device slots K
+  };
+  std::vector<Phase> phases;
 };
 
 struct LayerDigest {
@@ -161,6 +173,17 @@ struct RunResult {
   PipelineRun pipeline;
   // Per plan step: how many times a run step copies it (its component's passes when streamed, else 0).
   std::vector<uint32_t> copies_per_step;
+  // A run by phase (RunOptions::phases), the last run step's: per phase its load time at its start,
+  // the time of its passes, and per GPU the most memory held during it (Device::held_bytes).
+  struct PhaseRun {
+    std::string name;
+    double load_ms = 0;
+    double run_ms = 0;
+    uint32_t passes = 0;
+    uint64_t load_bytes = 0;
+    std::map<int, uint64_t> peak_bytes;
+  };
+  std::vector<PhaseRun> phases;
 };
 
 // One layer run outside the schedule (verify's reference pass): its output [tokens, out], bf16 bits.
