@@ -293,3 +293,78 @@ TEST_CASE(
     CHECK(weights.read().size() > 0);
   }
 }
+
+namespace {
+
+uint64_t item_bytes(const DeviceMemory& m, MemoryKind kind) {
+  uint64_t b = 0;
+  for (const MemoryItem& it : m.items) b += it.kind == kind ? it.bytes : 0;
+  return b;
+}
+
+RunOptions flux_phases(RunOptions o) {
+  o.denoise_steps = 2;
+  o.phases = {{"text_encoder", {"text_encoder"}, {"text_encoder"}, {}},
+              {"text_encoder_2", {"text_encoder_2"}, {}, {}},
+              {"denoise", {"transformer"}, {"transformer"}, {}},
+              {"vae", {"vae"}, {"vae"}, {}}};
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("a run by phase: a loaded component is held during its phase only, the outputs unchanged") {
+  test::TempDir dir("driver-phases");
+  auto backend = make_cpu_backend(2);
+  const auto path =
+      test::quantize(test::synth(dir.path, "tiny-flux", 21), dir.path / "nf4", {"nf4", "nf4", 64, true});
+  const Checkpoint ckpt = Checkpoint::open(path);
+  RunOptions o;
+  o.tokens = 12;
+  o.steps = 2;
+  o.seed = 3;
+  o.denoise_steps = 2;
+  SUBCASE("every component resident in the plan: text_encoder_2 for the job, the others loaded per phase") {
+    const Schedule s = build_schedule(ckpt, test::plan_streamed(ckpt, 4.0, 0.5, 12, 2));
+    REQUIRE(streamed(s, Placement::Cpu) + streamed(s, Placement::Disk) == 0);
+    const RunResult whole = backend->run(ckpt, s, o);
+    const RunResult phased = backend->run(ckpt, s, flux_phases(o));
+    CHECK(phased.unit_digests == whole.unit_digests);
+    CHECK(phased.digests == whole.digests);
+    CHECK(phased.pipeline.images.bytes == whole.pipeline.images.bytes);
+    REQUIRE(phased.phases.size() == 4);
+    const auto& ph = phased.phases;
+    CHECK(ph[2].passes == 2);
+    CHECK(ph[1].load_bytes == 0);
+    const uint64_t job = ph[1].peak_bytes.at(0);  // the job-resident weights alone
+    CHECK(job > 0);
+    for (size_t p : {0, 2, 3}) {
+      CAPTURE(p);
+      CHECK(ph[p].load_bytes > 0);
+      CHECK(ph[p].peak_bytes.at(0) == job + ph[p].load_bytes);  // held in its phase, nothing else
+    }
+    // Every loaded component's memory was given back at its phase's end: the run ends holding the
+    // job-resident weights, and the whole run never held two loaded components at once.
+    REQUIRE(phased.memory.size() == 1);
+    CHECK(item_bytes(phased.memory[0], MemoryKind::ResidentArena) == job);
+    const uint64_t all = item_bytes(whole.memory[0], MemoryKind::ResidentArena);
+    CHECK(job + ph[0].load_bytes + ph[2].load_bytes + ph[3].load_bytes == all);
+    const uint64_t acts = phased.memory[0].allocated_bytes - job;
+    CHECK(phased.memory[0].measured_peak_bytes ==
+          job + std::max({ph[0].load_bytes, ph[2].load_bytes, ph[3].load_bytes}) + acts);
+    CHECK(whole.memory[0].measured_peak_bytes == whole.memory[0].allocated_bytes);
+  }
+  SUBCASE("a streamed plan: each phase's ring is allocated in its phase and freed after it") {
+    const Schedule s = build_schedule(ckpt, test::plan_streamed(ckpt, 0.2, 0.5, 12, 2));
+    REQUIRE(streamed(s, Placement::Cpu) + streamed(s, Placement::Disk) > 0);
+    const RunResult whole = backend->run(ckpt, s, o);
+    const RunResult phased = backend->run(ckpt, s, flux_phases(o));
+    CHECK(phased.unit_digests == whole.unit_digests);
+    CHECK(phased.pipeline.images.bytes == whole.pipeline.images.bytes);
+    CHECK(phased.h2d_bytes_per_step == whole.h2d_bytes_per_step);
+    REQUIRE(phased.memory.size() == 1);
+    CHECK(item_bytes(phased.memory[0], MemoryKind::DeviceSlots) == 0);
+    CHECK(item_bytes(whole.memory[0], MemoryKind::DeviceSlots) > 0);
+    CHECK(phased.memory[0].measured_peak_bytes <= whole.memory[0].measured_peak_bytes);
+  }
+}
