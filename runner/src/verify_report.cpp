@@ -155,6 +155,18 @@ std::string check_phase_activations(const Setup& s, const planner::PhasePlan& ph
   return detail;
 }
 
+// A phase's measured times: its loads at its start, one run of its schedule (its passes' time over
+// their number), the job's time of it as the plan predicts it (load + repeat x step).
+void phase_times(const planner::PhasePlan& ph, const RunResult::PhaseRun& run, json& one) {
+  if (!run.passes) return;
+  const double step_s = run.run_ms / 1000.0 / run.passes;
+  one["measured_load_s"] = run.load_ms / 1000.0;
+  one["measured_step_s"] = step_s;
+  one["measured_passes"] = run.passes;
+  one["measured_load_bytes"] = run.load_bytes;
+  one["measured_time_s"] = run.load_ms / 1000.0 + ph.repeat * step_s;
+}
+
 // A plan by phase: per phase and GPU the memory held during the phase (the driver's per-phase
 // peak; on the CPU backend with the phase's activation peak and the plan's context and workspace,
 // as for the whole run) against the phase's predicted peak, and its measured times beside the
@@ -171,14 +183,7 @@ std::string check_phases(const Setup& s, const RunResult& planned, size_t& over,
                 {"predicted_step_s", ph.step_s}};
     uint64_t act = 0;
     detail += check_phase_activations(s, ph, planned, over, act, one);
-    if (run && run->passes) {
-      const double step_s = run->run_ms / 1000.0 / run->passes;
-      one["measured_load_s"] = run->load_ms / 1000.0;
-      one["measured_step_s"] = step_s;
-      one["measured_passes"] = run->passes;
-      one["measured_load_bytes"] = run->load_bytes;
-      one["measured_time_s"] = run->load_ms / 1000.0 + ph.repeat * step_s;
-    }
+    if (run) phase_times(ph, *run, one);
     json devs = json::array();
     for (const planner::PhaseDevice& d : ph.devices) {
       json dj = {{"gpu", d.location.gpu}, {"predicted_peak_bytes", d.predicted_peak}};
@@ -279,7 +284,14 @@ void check_step_time(const Setup& s, const RunResult& planned, std::vector<doubl
     RunOptions t = s.run_opts;
     t.digests = false;
     t.trace = false;
-    planned_ms = s.backend->run(s.checkpoint, s.schedule, t).step_ms;
+    const RunResult timed = s.backend->run(s.checkpoint, s.schedule, t);
+    planned_ms = timed.step_ms;
+    // A plan by phase: its phases' times from this run too (no digests), replacing the checked run's.
+    json& j = checks.json();
+    if (j.contains("plan_phases"))
+      for (size_t i = 0; i < s.plan.phases.size() && i < timed.phases.size() && i < j["plan_phases"].size();
+           ++i)
+        phase_times(s.plan.phases[i], timed.phases[i], j["plan_phases"][i]);
     if (!resident_ms.empty()) {
       t.mode = Mode::AllResident;
       resident_ms = s.backend->run(s.checkpoint, s.schedule, t).step_ms;

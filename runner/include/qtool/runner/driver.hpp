@@ -14,6 +14,8 @@
 //   lives at that moment: the resident arena, or the slot its group was copied into (waiting for
 //   that copy). A tied alias resolves to its primary in the unit's own steps (a tied head whose
 //   embedding is streamed names the group again, and it is copied again).
+// - A run by phase (RunOptions::phases): per (component, GPU) its part of the resident arena, held
+//   for the job or only during its phase; per phase its own ring of slots (driver_phases.cpp).
 // - Units and steps need not match one to one: a step may hold several units (block groups of N),
 //   and a unit may span several steps (leaf groups inside a block; a top-level module whose leaves
 //   are units of their own). A streamed step is released when the last unit using it ends, so a
