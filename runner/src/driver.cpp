@@ -209,10 +209,11 @@ RunResult Driver::run() {
   make_forwards();
   make_passes();
   set_up();
-  uint64_t batch = 1;  // the largest batch of the inputs (dimension 0 of each)
-  for (const auto& inputs : inputs_)
-    for (const HostTensor& t : inputs)
-      if (t.shape.size() >= 2) batch = std::max(batch, static_cast<uint64_t>(t.shape[0]));
+  uint64_t batch = 1;  // the largest batch of the inputs
+  for (size_t ci = 0; ci < inputs_.size(); ++ci)
+    if (ci < forwards_.size() && forwards_[ci] && !inputs_[ci].empty())
+      batch = std::max(batch, static_cast<uint64_t>(forwards_[ci]->batch_of(inputs_[ci])));
+  // The pipeline's own inputs (token ids, latents) are all batch-major.
   if (flow_)
     for (const auto& [name, inputs] : flow_->given_inputs())
       for (const HostTensor& t : inputs)

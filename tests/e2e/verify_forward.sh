@@ -17,6 +17,10 @@
 #     token input left out: the message names it.)
 #   verify_forward.sh QTOOL SOURCE_DIR WORK denoise-usage
 #     --denoise-steps on a model folder, 0 or past 1000: exit 2 naming the option.
+#   verify_forward.sh QTOOL SOURCE_DIR WORK long-sequence
+#     the tiny Flux transformer planned and verified at 4096 image tokens (the benchmark's size):
+#     the activation memory follows the batch of hidden_states, not the 4096 rows of img_ids (a
+#     forward sized by every input's first dimension asked for 4096 times its memory).
 #   verify_forward.sh QTOOL SOURCE_DIR WORK pipeline-vectors FOLDER
 #     the small FluxPipeline FOLDER (built and saved by diffusers / transformers,
 #     tests/interop/pipeline_flux.py --save) run by verify on the ids and latents of its
@@ -163,6 +167,17 @@ PY
   exit 0
 fi
 
+if [ "$MODE" = long-sequence ]; then
+  T=$WORK/long-sequence
+  rm -rf "$T"
+  mkdir -p "$T"
+  "$QTOOL" synth --preset tiny-flux --components transformer -o "$T/flux" -q
+  "$QTOOL" plan "$T/flux/transformer" --max-memory 0=1GiB,cpu=4GiB --tokens 4096 -o "$T/plan.json" -q
+  "$QTOOL" verify "$T/flux/transformer" --plan "$T/plan.json" --backend cpu >"$T/out" 2>&1 ||
+    { echo "FAIL: verify at 4096 tokens"; cat "$T/out"; exit 1; }
+  grep -q "\[pass\] peak memory" "$T/out" || { echo "FAIL: no peak memory check"; cat "$T/out"; exit 1; }
+  exit 0
+fi
 if [ "$MODE" = denoise-usage ]; then
   # --denoise-steps on a checkpoint that is not a FluxPipeline folder, and out of range: exit 2.
   for args in "$WORK/llama-nf4 --plan $WORK/plan-llama.json --denoise-steps 2" \

@@ -49,6 +49,7 @@ class ByteCheckForward final : public Forward {
   void check_inputs(const std::vector<HostTensor>& in, int64_t max_tokens) const override {
     real_->check_inputs(in, max_tokens);
   }
+  int64_t batch_of(const std::vector<HostTensor>& in) const override { return real_->batch_of(in); }
   void begin(Ops&, const std::vector<HostTensor>&) override {}
   void run_unit(size_t unit, Ops&, WeightSource& weights) override {
     const std::string& u = units()[unit];

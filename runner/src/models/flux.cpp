@@ -76,6 +76,9 @@ class FluxForward final : public ModelForward {
     return in;
   }
 
+  int64_t batch_of(const std::vector<HostTensor>& inputs) const override {
+    return find_input(inputs, "hidden_states")->shape.at(0);
+  }
   void check_inputs(const std::vector<HostTensor>& inputs, int64_t max_tokens) const override {
     check_against(inputs, specs(-1, -1, -1));
     const HostTensor& x = *find_input(inputs, "hidden_states");

@@ -193,6 +193,9 @@ class TokenForward : public ModelForward {
         vocab_(vocab) {}
   // Ids drawn uniformly from the vocabulary.
   std::vector<HostTensor> random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const override;
+  int64_t batch_of(const std::vector<HostTensor>& inputs) const override {
+    return find_input(inputs, "input_ids")->shape.at(0);
+  }
 
  protected:
   // input_ids after the checks every token forward makes first: the inputs match input_specs,

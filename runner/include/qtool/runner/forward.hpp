@@ -66,6 +66,9 @@ class Forward {
   // Error(InvalidInput) naming the input for a missing, misnamed, mis-shaped or out-of-range input
   // (token ids >= vocab) or more tokens than `max_tokens`.
   virtual void check_inputs(const std::vector<HostTensor>& inputs, int64_t max_tokens) const = 0;
+  // The batch of checked inputs: dimension 0 of the batch-major ones (not of every input: Flux's
+  // img_ids [Ti, 3] and txt_ids [Tt, 3] have no batch dimension).
+  virtual int64_t batch_of(const std::vector<HostTensor>& inputs) const = 0;
   // Uploads the inputs and computes what depends on them alone (RoPE tables, timestep
   // embeddings' sinusoids). Allocates the state the units share (the residual stream) from `ops`.
   virtual void begin(Ops& ops, const std::vector<HostTensor>& inputs) = 0;
