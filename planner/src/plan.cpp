@@ -292,11 +292,7 @@ DevicePlan device_from_json(Reader& r, const json& dj, size_t i, std::string_vie
   d.budget = b.is_null() ? std::numeric_limits<uint64_t>::max() : r.u64(dj, "budget", path);
   d.budget_source = r.str(dj, "budget_source", path);
   d.weights_bytes = r.u64(dj, "weights_bytes", path);
-  d.arena_bytes = r.u64(dj, "arena_bytes", path);
-  d.reserve = r.reserve(dj, path);
-  d.n_slots = static_cast<uint32_t>(r.bounded(dj, "n_slots", path, kMaxPrefetch));
-  d.slot_bytes = r.u64(dj, "slot_bytes", path);
-  d.predicted_peak = r.u64(dj, "predicted_peak", path);
+  r.gpu_memory(dj, path, d);
   return d;
 }
 

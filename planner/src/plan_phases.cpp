@@ -96,11 +96,7 @@ PhaseDevice phase_device_from_json(Reader& r, const json& dj, const std::string&
   if (!d.location.is_gpu())
     fail(ErrorKind::InvalidInput, r.label, ": key '", path, ".location' must be a GPU");
   d.resident_bytes = r.u64(dj, "resident_bytes", path);
-  d.arena_bytes = r.u64(dj, "arena_bytes", path);
-  d.reserve = r.reserve(dj, path);
-  d.n_slots = static_cast<uint32_t>(r.bounded(dj, "n_slots", path, kMaxPrefetch));
-  d.slot_bytes = r.u64(dj, "slot_bytes", path);
-  d.predicted_peak = r.u64(dj, "predicted_peak", path);
+  r.gpu_memory(dj, path, d);
   return d;
 }
 

@@ -80,6 +80,15 @@ struct Reader {
     }
     return out;
   }
+  // The memory layout a GPU's entry and a phase's GPU entry share: arena, reserve, slots, peak.
+  template <typename Gpu>
+  void gpu_memory(const json& obj, const std::string& path, Gpu& d) const {
+    d.arena_bytes = u64(obj, "arena_bytes", path);
+    d.reserve = reserve(obj, path);
+    d.n_slots = static_cast<uint32_t>(bounded(obj, "n_slots", path, kMaxPrefetch));
+    d.slot_bytes = u64(obj, "slot_bytes", path);
+    d.predicted_peak = u64(obj, "predicted_peak", path);
+  }
 };
 
 // The phases of a version 3 plan (plan_phases.cpp); `p` holds its components and schedule.

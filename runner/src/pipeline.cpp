@@ -57,10 +57,13 @@ FlowMatchConfig read_flow_match_config(const std::filesystem::path& file) {
   c.linear_time_shift = shift_type == "linear";
   for (const char* key : {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                           "stochastic_sampling", "use_flow_sigmas"})
-    if (flag(key)) fail(ErrorKind::InvalidInput, where(key), " is true: not implemented by the runner");
+    if (flag(key))
+      fail(ErrorKind::InvalidInput, where(key),
+           " is true: qtool's scheduler supports only the plain flow-matching sigmas");
   if (j.contains("shift_terminal") && !j["shift_terminal"].is_null() &&
       !(j["shift_terminal"].is_number() && j["shift_terminal"].get<double>() == 0))
-    fail(ErrorKind::InvalidInput, where("shift_terminal"), " is set: not implemented by the runner");
+    fail(ErrorKind::InvalidInput, where("shift_terminal"),
+         " is set: qtool's scheduler supports no terminal shift");
   return c;
 }
 

@@ -60,7 +60,7 @@ struct FlowMatchConfig {
   int64_t base_image_seq_len = 256, max_image_seq_len = 4096;
 };
 // Error(InvalidInput) naming the file and the key for a missing file, another scheduler class, a
-// bad value or an option not implemented.
+// bad value or an option the runner does not support.
 FlowMatchConfig read_flow_match_config(const std::filesystem::path& file);
 
 // The schedule FluxPipeline asks of the scheduler for `steps` steps and `image_seq_len` image
