@@ -54,7 +54,7 @@ class CudaOps final : public Ops {
         config_(config),
         block_(device, std::max<uint64_t>(config.activation_bytes, 1)),
         stack_(block_.as<uint8_t>(), config.activation_bytes, str_cat("GPU ", device, " activation memory")),
-        tables_mem_(device, cuda::kDeviceTablesBytes) {
+        tables_mem_(device, cuda::kDeviceTablesBytes + kDigestBytes) {
     if (config.dequant_scratch_bytes) scratch_ = cuda::DeviceBuffer(device, config.dequant_scratch_bytes);
     cuda::DeviceScope scope(device_);
     tables_ = cuda::upload_tables(tables_mem_.data(), stream_);
@@ -84,6 +84,28 @@ class CudaOps final : public Ops {
                                        static_cast<size_t>(src.ld) * src.elem_bytes(), row_bytes,
                                        static_cast<size_t>(src.rows), cudaMemcpyDeviceToHost, stream_));
     QTOOL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  bool digest(const Mat& m, uint64_t* hash, uint64_t* nonfinite) override {
+    if (m.dtype != DType::BF16 && m.dtype != DType::F16 && m.dtype != DType::F32) return false;
+    cuda::DeviceScope scope(device_);
+    // Two sums after the code tables, in their allocation (kDeviceTablesBytes is a multiple of 16).
+    auto* sums = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(tables_mem_.data()) +
+                                                       cuda::kDeviceTablesBytes);
+    QTOOL_CUDA_CHECK(cudaMemsetAsync(sums, 0, 2 * sizeof(unsigned long long), stream_));
+    const bool dense_bf16 =
+        m.dtype == DType::BF16 && m.ld == m.cols && (reinterpret_cast<uintptr_t>(m.data) & 15u) == 0;
+    if (dense_bf16)
+      cuda::accumulate_digest(static_cast<const uint16_t*>(m.data), static_cast<uint64_t>(m.rows * m.cols),
+                              sums, stream_);
+    else
+      fwd::launch_digest(view(m), sums, stream_);
+    unsigned long long host[2] = {0, 0};
+    QTOOL_CUDA_CHECK(cudaMemcpyAsync(host, sums, sizeof(host), cudaMemcpyDeviceToHost, stream_));
+    QTOOL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    *hash = host[0];
+    *nonfinite = host[1];
+    return true;
   }
 
   void embedding(const Mat& ids, const DequantParams& table, const Mat& out) override {
@@ -200,6 +222,7 @@ class CudaOps final : public Ops {
   cuda::DeviceBuffer block_;
   ActivationStack stack_;
   cuda::DeviceBuffer scratch_;  // linear's dequantized weight (a larger one takes the stack)
+  static constexpr size_t kDigestBytes = 2 * sizeof(unsigned long long);
   cuda::DeviceBuffer tables_mem_;
   cuda::DeviceTables tables_;
   cuda::CublasHandle cublas_;

@@ -25,6 +25,7 @@
 #include "qtool/runner/cpu_ops.hpp"
 #include "qtool/runner/cuda_forward_ops.hpp"
 #include "qtool/runner/cuda_resources.hpp"
+#include "qtool/runner/driver.hpp"
 #include "qtool/runner/kernel_math.hpp"
 
 using namespace qtool;
@@ -297,6 +298,24 @@ TEST_CASE("cuda ops: element-wise ops equal the CPU backend's bits") {
     report("copy F32 to", to, bad, static_cast<size_t>(rows * cols));
     CHECK(bad == 0);
   }
+}
+
+TEST_CASE("cuda ops: a view's digest on the device equals the host digest of its bytes") {
+  Both b;
+  // Dense and aligned bf16 (the 16-byte kernel), strided and misaligned views, odd element counts
+  // (a last half word), every dtype; NaN, Inf, zeros and subnormals among the values.
+  for (DType dt : {DType::BF16, DType::F16, DType::F32})
+    for (int64_t pad : {0, 3})
+      for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {3, 5}, {17, 64}, {129, 333}}) {
+        const Pair p = random_pair(b, rows, cols, dt, pad);
+        const auto host = fetch(*b.gpu, p.g);
+        const LayerDigest want = host_digest(host.data(), static_cast<uint64_t>(rows * cols), dt);
+        LayerDigest got;
+        REQUIRE(b.gpu->digest(p.g, &got.hash, &got.nonfinite));
+        INFO(dn(dt) << " [" << rows << ", " << cols << "] pad " << pad);
+        CHECK(got.hash == want.hash);
+        CHECK(got.nonfinite == want.nonfinite);
+      }
 }
 
 TEST_CASE("cuda ops: embedding equals the CPU backend's bits") {
