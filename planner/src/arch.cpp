@@ -496,17 +496,25 @@ std::vector<ActivationItem> activation_items(const Arch& arch, int64_t batch, in
   return flux_items(std::get<FluxArch>(arch), batch, tokens, dtype);
 }
 
-ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens) {
+ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens, uint64_t dtype_bytes) {
   ForwardFlops f;
   const auto lin = [](int64_t rows, int64_t in, int64_t out) { return 2 * u(rows) * u(in) * u(out); };
+  // Bytes of `rows` x `cols` elements moved `times` (one read or one write each).
+  const auto moved = [&](int64_t rows, int64_t cols, int64_t times) {
+    return u(rows) * u(cols) * u(times) * dtype_bytes;
+  };
   if (const auto* a = std::get_if<LlamaArch>(&arch)) {
-    const int64_t n = batch * tokens, d = a->hidden_size;
+    const int64_t n = batch * tokens, d = a->hidden_size, in = a->intermediate_size;
     const int64_t q_cols = a->n_heads * a->head_dim, kv_cols = a->n_kv_heads * a->head_dim;
     const uint64_t layer =
         lin(n, d, q_cols) + 2 * lin(n, d, kv_cols) + lin(n, q_cols, d) + 3 * lin(n, d, a->intermediate_size);
     f.linear = u(a->n_layers) * layer + lin(n, d, a->vocab_size);
     // Causal: half of the 4 * T^2 * H * hd of dense attention.
     f.attention = u(a->n_layers) * u(batch) * 2 * u(tokens) * u(tokens) * u(a->n_heads) * u(a->head_dim);
+    // Two RMS norms, RoPE of q and k, SiLU(gate) * up, two residual adds; then the final norm.
+    f.activation_bytes =
+        u(a->n_layers) * (moved(n, d, 2 * 2 + 2 * 3) + moved(n, q_cols + kv_cols, 2) + moved(n, in, 3)) +
+        moved(n, d, 2);
     return f;
   }
   if (const auto* a = std::get_if<T5EncoderArch>(&arch)) {
@@ -514,13 +522,20 @@ ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens) {
     const uint64_t layer = 4 * lin(n, d, in) + (a->gated ? 3 : 2) * lin(n, d, a->d_ff);
     f.linear = u(a->n_layers) * layer;
     f.attention = u(a->n_layers) * u(batch) * 4 * u(tokens) * u(tokens) * u(in);
+    // Two RMS norms, two residual adds, the feed-forward's activation (gated: act(gate) * up).
+    f.activation_bytes =
+        u(a->n_layers) * (moved(n, d, 2 * 2 + 2 * 3) + moved(n, a->d_ff, a->gated ? 3 : 2)) + moved(n, d, 2);
     return f;
   }
   if (const auto* a = std::get_if<ClipTextArch>(&arch)) {
-    const int64_t n = batch * tokens, d = a->hidden_size;
+    const int64_t n = batch * tokens, d = a->hidden_size, in = a->intermediate_size;
     f.linear = u(a->n_layers) * (4 * lin(n, d, d) + 2 * lin(n, d, a->intermediate_size));
     // Causal: half of dense attention.
     f.attention = u(a->n_layers) * u(batch) * 2 * u(tokens) * u(tokens) * u(d);
+    // Two layer norms, two residual adds, five biased linears of width d and fc1's (width in,
+    // broadcast and read back), QuickGELU over fc1's output.
+    f.activation_bytes =
+        u(a->n_layers) * (moved(n, d, 2 * 2 + 2 * 3 + 5 * 2) + moved(n, in, 2 + 2)) + moved(n, d, 2);
     return f;
   }
   const FluxArch& a = std::get<FluxArch>(arch);
@@ -534,6 +549,12 @@ ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens) {
   const uint64_t sgl = lin(batch, d, 3 * d) + 3 * lin(n, d, d) + lin(n, d, ff) + lin(n, d + ff, d);
   f.linear += u(a.n_double) * dbl + u(a.n_single) * sgl + lin(batch, d, 2 * d) + lin(batch * tokens, d, c);
   f.attention = u(a.n_double + a.n_single) * u(batch) * 4 * u(t) * u(t) * u(d);
+  // Per double block, in units of n x d: two modulations (2 each), the q/k RMS norms and RoPE
+  // (4 + 4), q/k/v/out biases (2 each), two gated residuals (3 each), ff_in's bias and GELU over
+  // its 4d output (8 + 8), ff_out's bias (2). Per single block: one modulation, q/k/v biases, the
+  // norms and RoPE, the MLP's bias and GELU (4d: 8 + 8), the output's bias and one gated residual.
+  f.activation_bytes = u(a.n_double) * moved(n, d, 2 * 2 + 8 + 4 * 2 + 2 * 3 + 8 + 8 + 2) +
+                       u(a.n_single) * moved(n, d, 2 + 3 * 2 + 8 + 8 + 8 + 2 + 3);
   return f;
 }
 
