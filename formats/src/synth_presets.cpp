@@ -57,6 +57,14 @@ class Builder {
     linear(prefix + names[2], kv_width, hidden, bias);
     linear(prefix + names[3], hidden, width, bias);
   }
+  // A gated MLP's gate, up and down projections, `names` in that order under `prefix`, without
+  // bias: `hidden` to `width` twice, and back.
+  void gated_mlp(const std::string& prefix, const std::array<const char*, 3>& names, int64_t hidden,
+                 int64_t width) {
+    linear(prefix + names[0], width, hidden, false);
+    linear(prefix + names[1], width, hidden, false);
+    linear(prefix + names[2], hidden, width, false);
+  }
   // LayerNorm / GroupNorm (weight and bias) or RMSNorm (weight only).
   void norm(const std::string& prefix, int64_t n, bool bias = true) {
     add(prefix + ".weight", {n}, SynthInit::NormWeight);
@@ -340,9 +348,7 @@ SynthComponent t5_encoder(const T5Dims& d, DType dt) {
     b.attention(p + ".layer.0.SelfAttention.", {"q", "k", "v", "o"}, M, inner, inner, false);
     if (i == 0) b.weight(p + ".layer.0.SelfAttention.relative_attention_bias.weight", {d.buckets, t.heads});
     b.norm(p + ".layer.0.layer_norm", M, false);  // T5LayerNorm: RMS, weight only
-    b.weight(p + ".layer.1.DenseReluDense.wi_0.weight", {t.intermediate, M});
-    b.weight(p + ".layer.1.DenseReluDense.wi_1.weight", {t.intermediate, M});
-    b.weight(p + ".layer.1.DenseReluDense.wo.weight", {M, t.intermediate});
+    b.gated_mlp(p + ".layer.1.DenseReluDense.", {"wi_0", "wi_1", "wo"}, M, t.intermediate);
     b.norm(p + ".layer.1.layer_norm", M, false);
   }
   b.norm("encoder.final_layer_norm", M, false);
@@ -428,9 +434,7 @@ SynthComponent llama(const LlamaDims& d, DType dt, uint64_t published, uint64_t 
   for (int64_t i = 0; i < t.layers; ++i) {
     const std::string p = idx("model.layers", i);
     b.attention(p + ".self_attn.", {"q_proj", "k_proj", "v_proj", "o_proj"}, H, H, kv, false);
-    b.weight(p + ".mlp.gate_proj.weight", {t.intermediate, H});
-    b.weight(p + ".mlp.up_proj.weight", {t.intermediate, H});
-    b.weight(p + ".mlp.down_proj.weight", {H, t.intermediate});
+    b.gated_mlp(p + ".mlp.", {"gate_proj", "up_proj", "down_proj"}, H, t.intermediate);
     b.norm(p + ".input_layernorm", H, false);
     b.norm(p + ".post_attention_layernorm", H, false);
   }
