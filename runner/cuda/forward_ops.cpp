@@ -46,26 +46,20 @@ cudaDataType cuda_type(DType dt) {
   }
 }
 
-class CudaOps final : public Ops {
+class CudaOps final : public StackOps<cuda::DeviceBuffer> {
  public:
   CudaOps(int device, cudaStream_t stream, const CudaOpsConfig& config)
-      : device_(device),
+      : StackOps(cuda::DeviceBuffer(device, std::max<uint64_t>(config.activation_bytes, 1)),
+                 config.activation_bytes, str_cat("GPU ", device, " activation memory")),
+        device_(device),
         stream_(stream),
         config_(config),
-        block_(device, std::max<uint64_t>(config.activation_bytes, 1)),
-        stack_(block_.as<uint8_t>(), config.activation_bytes, str_cat("GPU ", device, " activation memory")),
         tables_mem_(device, cuda::kDeviceTablesBytes) {
     if (config.dequant_scratch_bytes) scratch_ = cuda::DeviceBuffer(device, config.dequant_scratch_bytes);
     cuda::DeviceScope scope(device_);
     tables_ = cuda::upload_tables(tables_mem_.data(), stream_);
     max_norm_cols_ = fwd::max_norm_cols(device_);
   }
-
-  Mat alloc(int64_t rows, int64_t cols, DType dtype) override { return stack_.alloc(rows, cols, dtype); }
-  size_t mark() const override { return stack_.mark(); }
-  void release(size_t mark) override { stack_.release(mark); }
-  uint64_t peak_bytes() const override { return stack_.peak_bytes(); }
-  void reset_peak() override { stack_.reset_peak(); }
 
   void upload(const void* host, const Mat& dst) override {
     const size_t row_bytes = static_cast<size_t>(dst.cols) * dst.elem_bytes();
@@ -197,8 +191,6 @@ class CudaOps final : public Ops {
   int device_;
   cudaStream_t stream_;
   CudaOpsConfig config_;
-  cuda::DeviceBuffer block_;
-  ActivationStack stack_;
   cuda::DeviceBuffer scratch_;  // linear's dequantized weight (a larger one takes the stack)
   cuda::DeviceBuffer tables_mem_;
   cuda::DeviceTables tables_;
