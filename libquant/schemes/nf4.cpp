@@ -436,9 +436,8 @@ void bnb4_quantize(const WeightView& w, const SchemeOptions& options,
   const uint64_t range =
       std::max<uint64_t>(1, kRangeDoneBytes / (uint64_t{options.blocksize} * dtype_size(w.dtype))) *
       options.blocksize;
-  pool.parallel_for((n + range - 1) / range, 1, [&](size_t b, size_t e) {
-    for (uint64_t k = b; k < e; ++k) range_done(k * range, std::min(n, (k + 1) * range));
-  });
+  for_each_taken(pool, (n + range - 1) / range, pool.size(),
+                 [&](uint64_t k) { range_done(k * range, std::min(n, (k + 1) * range)); });
 }
 
 void bnb4_dequantize_linear(const QuantizedLinear& linear, const TensorBytes& parts, float* out,

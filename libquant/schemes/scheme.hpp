@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -345,21 +346,33 @@ inline constexpr uint64_t kRangeDoneBytes = uint64_t{256} << 10;
 // The fewest elements a worker thread is given at once.
 inline constexpr uint64_t kMinShareElements = uint64_t{1} << 16;
 
+// Calls fn(k) for every k in [0, n) on at most `max_threads` of the pool's threads, each thread
+// taking the next k as it finishes one. Equal static shares finish at different times when a
+// thread loses its core to another (convert's writer), and the others then wait; taken one at a
+// time, the steps keep every core busy to the end.
+template <typename Fn>
+void for_each_taken(ThreadPool& pool, uint64_t n, uint64_t max_threads, const Fn& fn) {
+  std::atomic<uint64_t> next{0};
+  const uint64_t threads = std::clamp<uint64_t>(max_threads, 1, std::max<uint64_t>(1, n));
+  pool.parallel_for(std::min<uint64_t>(pool.size(), threads), 1, [&](size_t, size_t) {
+    for (uint64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) fn(k);
+  });
+}
+
 // Units of `unit_elements` elements each (rows, or 4-bit blocks) split across `pool`, at least
-// kMinShareElements a share, each share in steps of about kRangeDoneBytes of input:
-// `quantize(u, ue)` per step, then `range_done` (when set) over the step's elements, clamped to
-// `n_elements`.
+// kMinShareElements a thread, in steps of about kRangeDoneBytes of input taken as threads free
+// up: `quantize(u, ue)` per step, then `range_done` (when set) over the step's elements, clamped
+// to `n_elements`.
 template <typename Fn>
 void quantize_in_steps(uint64_t n_units, uint64_t unit_elements, uint64_t n_elements, DType dtype,
                        ThreadPool& pool, const RangeDone& range_done, const Fn& quantize) {
   const uint64_t unit = std::max<uint64_t>(1, unit_elements);
   const uint64_t step = std::max<uint64_t>(1, kRangeDoneBytes / (unit * dtype_size(dtype)));
-  pool.parallel_for(n_units, std::max<uint64_t>(1, kMinShareElements / unit), [&](size_t b, size_t e) {
-    for (uint64_t u = b; u < e; u += step) {
-      const uint64_t ue = std::min<uint64_t>(e, u + step);
-      quantize(u, ue);
-      if (range_done) range_done(std::min(n_elements, u * unit), std::min(n_elements, ue * unit));
-    }
+  const uint64_t min_share = std::max<uint64_t>(1, kMinShareElements / unit);
+  for_each_taken(pool, (n_units + step - 1) / step, n_units / min_share, [&](uint64_t k) {
+    const uint64_t u = k * step, ue = std::min<uint64_t>(n_units, u + step);
+    quantize(u, ue);
+    if (range_done) range_done(std::min(n_elements, u * unit), std::min(n_elements, ue * unit));
   });
 }
 
