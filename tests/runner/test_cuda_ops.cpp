@@ -662,15 +662,8 @@ TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-
   for (const AttnCase& c : cases) {
     CAPTURE(c.name);
     const size_t mc = b.cpu->mark(), mg = b.gpu->mark();
-    AttentionShape s;
-    s.batch = c.batch;
-    s.q_len = c.q_len;
-    s.kv_len = c.kv_len;
-    s.heads = c.heads;
-    s.kv_heads = c.kv_heads;
-    s.head_dim = c.hd;
-    s.scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
-    s.causal = c.causal;
+    const float scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
+    AttentionShape s{c.batch, c.q_len, c.kv_len, c.heads, c.kv_heads, c.hd, scale, c.causal};
     const int64_t qrows = c.batch * c.q_len, kvrows = c.batch * c.kv_len;
     const int64_t qcols = c.heads * c.hd, kvcols = c.kv_heads * c.hd;
     std::vector<float> hq = normal_floats(b, qrows * qcols, c.qk_std);
