@@ -22,6 +22,7 @@
 #include "qtool/runner/cuda_resources.hpp"
 #include "qtool/runner/dequant.hpp"
 #include "qtool/runner/kernel_math.hpp"
+#include "view_access.cuh"
 
 namespace qtool::runner::cuda::fwd {
 
@@ -74,13 +75,6 @@ __device__ __forceinline__ float rnd(int dt, float v) {
   if (dt == kBf16) return kmath::bf16_bits_to_f32(kmath::f32_to_bf16_bits(v));
   if (dt == kF16) return dq::f16_to_f32(f16_bits(v));
   return v;
-}
-
-__device__ __forceinline__ float ld_el(const View& m, int64_t r, int64_t c) {
-  const int64_t i = r * m.ld + c;
-  if (m.dt == kBf16) return kmath::bf16_bits_to_f32(static_cast<const uint16_t*>(m.data)[i]);
-  if (m.dt == kF16) return dq::f16_to_f32(static_cast<const uint16_t*>(m.data)[i]);
-  return static_cast<const float*>(m.data)[i];
 }
 
 __device__ __forceinline__ void st_el(const View& m, int64_t r, int64_t c, float v) {

@@ -3,6 +3,7 @@
 // through the runner's dequant kernels and cuBLAS.
 #include <algorithm>
 
+#include "forward_args.hpp"
 #include "forward_kernels.hpp"
 #include "op_times.hpp"
 #include "qtool/formats/error.hpp"
@@ -16,6 +17,7 @@ namespace qtool::runner {
 namespace {
 
 namespace fwd = cuda::fwd;
+using fwd::view;
 
 int dt_code(DType dt) {
   switch (dt) {
@@ -23,11 +25,6 @@ int dt_code(DType dt) {
     case DType::F16: return fwd::kF16;
     default: return fwd::kF32;
   }
-}
-
-fwd::View view(const Mat& m) {
-  check_view(m);
-  return {m.data, dt_code(m.dtype), m.rows, m.cols, m.ld};
 }
 
 float finfo_min(DType dt) {
@@ -46,26 +43,54 @@ cudaDataType cuda_type(DType dt) {
   }
 }
 
-class CudaOps final : public Ops {
+}  // namespace
+
+fwd::View fwd::view(const Mat& m) {
+  check_view(m);
+  return {m.data, dt_code(m.dtype), m.rows, m.cols, m.ld};
+}
+
+fwd::AttnArgs fwd::attention_args(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& s,
+                                  const Mat& out) {
+  AttnArgs a;
+  a.q = view(q);
+  a.k = view(k);
+  a.v = view(v);
+  a.out = view(out);
+  a.batch = s.batch;
+  a.q_len = s.q_len;
+  a.kv_len = s.kv_len;
+  a.heads = s.heads;
+  a.kv_heads = s.kv_heads;
+  a.head_dim = s.head_dim;
+  a.scale = s.scale;
+  a.causal = s.causal;
+  if (s.bias) a.bias = view(*s.bias);
+  if (s.key_mask) {
+    a.mask = s.key_mask->data;
+    a.mask_i64 = s.key_mask->dtype == DType::I64;
+    a.mask_ld = s.key_mask->ld;
+    a.mask_value = finfo_min(q.dtype);
+  }
+  return a;
+}
+
+namespace {
+
+class CudaOps final : public StackOps<cuda::DeviceBuffer> {
  public:
   CudaOps(int device, cudaStream_t stream, const CudaOpsConfig& config)
-      : device_(device),
+      : StackOps(cuda::DeviceBuffer(device, std::max<uint64_t>(config.activation_bytes, 1)),
+                 config.activation_bytes, str_cat("GPU ", device, " activation memory")),
+        device_(device),
         stream_(stream),
         config_(config),
-        block_(device, std::max<uint64_t>(config.activation_bytes, 1)),
-        stack_(block_.as<uint8_t>(), config.activation_bytes, str_cat("GPU ", device, " activation memory")),
         tables_mem_(device, cuda::kDeviceTablesBytes + kDigestBytes) {
     if (config.dequant_scratch_bytes) scratch_ = cuda::DeviceBuffer(device, config.dequant_scratch_bytes);
     cuda::DeviceScope scope(device_);
     tables_ = cuda::upload_tables(tables_mem_.data(), stream_);
     max_norm_cols_ = fwd::max_norm_cols(device_);
   }
-
-  Mat alloc(int64_t rows, int64_t cols, DType dtype) override { return stack_.alloc(rows, cols, dtype); }
-  size_t mark() const override { return stack_.mark(); }
-  void release(size_t mark) override { stack_.release(mark); }
-  uint64_t peak_bytes() const override { return stack_.peak_bytes(); }
-  void reset_peak() override { stack_.reset_peak(); }
 
   void upload(const void* host, const Mat& dst) override {
     const size_t row_bytes = static_cast<size_t>(dst.cols) * dst.elem_bytes();
@@ -219,8 +244,6 @@ class CudaOps final : public Ops {
   int device_;
   cudaStream_t stream_;
   CudaOpsConfig config_;
-  cuda::DeviceBuffer block_;
-  ActivationStack stack_;
   cuda::DeviceBuffer scratch_;  // linear's dequantized weight (a larger one takes the stack)
   static constexpr size_t kDigestBytes = 2 * sizeof(unsigned long long);
   cuda::DeviceBuffer tables_mem_;
@@ -316,31 +339,10 @@ void CudaOps::attention(const Mat& q, const Mat& k, const Mat& v, const Attentio
                        q.dtype == k.dtype && q.dtype == v.dtype && (!s.causal || s.q_len == s.kv_len),
                    "attention: q [", q.rows, ", ", q.cols, "] k [", k.rows, ", ", k.cols, "] heads ", s.heads,
                    "/", s.kv_heads, " head_dim ", s.head_dim, " (at most 256)");
-  fwd::AttnArgs a;
-  a.q = view(q);
-  a.k = view(k);
-  a.v = view(v);
-  a.out = view(out);
-  a.batch = s.batch;
-  a.q_len = s.q_len;
-  a.kv_len = s.kv_len;
-  a.heads = s.heads;
-  a.kv_heads = s.kv_heads;
-  a.head_dim = s.head_dim;
-  a.scale = s.scale;
-  a.causal = s.causal;
-  if (s.bias) {
-    QTOOL_ASSERT(s.bias->rows == s.heads * s.q_len && s.bias->cols == s.kv_len);
-    a.bias = view(*s.bias);
-  }
-  if (s.key_mask) {
-    QTOOL_ASSERT((s.key_mask->dtype == DType::I64 || s.key_mask->dtype == DType::I32) &&
-                 s.key_mask->rows == s.batch && s.key_mask->cols == s.kv_len);
-    a.mask = s.key_mask->data;
-    a.mask_i64 = s.key_mask->dtype == DType::I64;
-    a.mask_ld = s.key_mask->ld;
-    a.mask_value = finfo_min(q.dtype);
-  }
+  QTOOL_ASSERT(!s.bias || (s.bias->rows == s.heads * s.q_len && s.bias->cols == s.kv_len));
+  QTOOL_ASSERT(!s.key_mask || ((s.key_mask->dtype == DType::I64 || s.key_mask->dtype == DType::I32) &&
+                               s.key_mask->rows == s.batch && s.key_mask->cols == s.kv_len));
+  const fwd::AttnArgs a = fwd::attention_args(q, k, v, s, out);
   cuda::DeviceScope scope(device_);
   cuda::OpTimes::Span span(times_, "attention", stream_);
   fwd::launch_attention(a, stream_);

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "attention_mma.hpp"  // runner/cuda: the attention kernels, called directly below
+#include "forward_args.hpp"   // runner/cuda: their arguments as the CUDA backend builds them
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
@@ -593,36 +594,6 @@ std::vector<float> normal_floats(Both& b, int64_t n, float stddev) {
   return v;
 }
 
-fwd::View fview(const Mat& m) {
-  const int dt = m.dtype == DType::BF16 ? fwd::kBf16 : m.dtype == DType::F16 ? fwd::kF16 : fwd::kF32;
-  return {m.data, dt, m.rows, m.cols, m.ld};
-}
-
-// The kernel arguments CudaOps::attention builds for these GPU views.
-fwd::AttnArgs attn_args(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& s, const Mat& out) {
-  fwd::AttnArgs a;
-  a.q = fview(q);
-  a.k = fview(k);
-  a.v = fview(v);
-  a.out = fview(out);
-  a.batch = s.batch;
-  a.q_len = s.q_len;
-  a.kv_len = s.kv_len;
-  a.heads = s.heads;
-  a.kv_heads = s.kv_heads;
-  a.head_dim = s.head_dim;
-  a.scale = s.scale;
-  a.causal = s.causal;
-  if (s.bias) a.bias = fview(*s.bias);
-  if (s.key_mask) {
-    a.mask = s.key_mask->data;
-    a.mask_i64 = s.key_mask->dtype == DType::I64;
-    a.mask_ld = s.key_mask->ld;
-    a.mask_value = q.dtype == DType::F16 ? -65504.0f : kmath::bf16_bits_to_f32(0xFF7Fu);
-  }
-  return a;
-}
-
 struct AttnStats {
   double max_abs = 0.0;     // over elements where neither is NaN
   double rel_rms = 0.0;     // sqrt(sum (x - ref)^2 / sum ref^2) over the same elements
@@ -677,14 +648,14 @@ TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-
     s.q_len = s.kv_len = 8;
     s.heads = s.kv_heads = 2;
     s.head_dim = 128;
-    CHECK(fwd::attention_mma_supported(attn_args(q, k, k, s, q)));
-    CHECK_FALSE(fwd::attention_mma_supported(attn_args(q.cols_view(1, 255), k, k, s, q)));
+    CHECK(fwd::attention_mma_supported(fwd::attention_args(q, k, k, s, q)));
+    CHECK_FALSE(fwd::attention_mma_supported(fwd::attention_args(q.cols_view(1, 255), k, k, s, q)));
     Mat q80 = b.gpu->alloc(8, 2 * 80, DType::BF16);
     s.head_dim = 80;
-    CHECK_FALSE(fwd::attention_mma_supported(attn_args(q80, q80, q80, s, q80)));
+    CHECK_FALSE(fwd::attention_mma_supported(fwd::attention_args(q80, q80, q80, s, q80)));
     Mat f = b.gpu->alloc(8, 2 * 64, DType::F32);
     s.head_dim = 64;
-    CHECK_FALSE(fwd::attention_mma_supported(attn_args(f, f, f, s, f)));
+    CHECK_FALSE(fwd::attention_mma_supported(fwd::attention_args(f, f, f, s, f)));
   }
   const AttnCase cases[] = {
       {"T 1", 1, 1, 1, 2, 2, 64, false, 0},
@@ -710,15 +681,8 @@ TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-
   for (const AttnCase& c : cases) {
     CAPTURE(c.name);
     const size_t mc = b.cpu->mark(), mg = b.gpu->mark();
-    AttentionShape s;
-    s.batch = c.batch;
-    s.q_len = c.q_len;
-    s.kv_len = c.kv_len;
-    s.heads = c.heads;
-    s.kv_heads = c.kv_heads;
-    s.head_dim = c.hd;
-    s.scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
-    s.causal = c.causal;
+    const float scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
+    AttentionShape s{c.batch, c.q_len, c.kv_len, c.heads, c.kv_heads, c.hd, scale, c.causal};
     const int64_t qrows = c.batch * c.q_len, kvrows = c.batch * c.kv_len;
     const int64_t qcols = c.heads * c.hd, kvcols = c.kv_heads * c.hd;
     std::vector<float> hq = normal_floats(b, qrows * qcols, c.qk_std);
@@ -765,12 +729,12 @@ TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-
     Mat out_simt = b.gpu->alloc(qrows, qcols, c.dt), out_w4 = b.gpu->alloc(qrows, qcols, c.dt);
     b.cpu->attention(q.c, k.c, v.c, sc, out.c);
     b.cpu->attention(q.c, k.c, va.c, sc, w.c);
-    const fwd::AttnArgs args = attn_args(q.g, k.g, v.g, sg, out.g);
+    const fwd::AttnArgs args = fwd::attention_args(q.g, k.g, v.g, sg, out.g);
     REQUIRE(fwd::attention_mma_supported(args));
     b.gpu->attention(q.g, k.g, v.g, sg, out.g);  // the tensor-core kernel, 8 warps
     fwd::AttnArgs a4 = args, as = args;
-    a4.out = fview(out_w4);
-    as.out = fview(out_simt);
+    a4.out = fwd::view(out_w4);
+    as.out = fwd::view(out_simt);
     fwd::launch_attention_mma(a4, b.stream.get(), 4);
     fwd::launch_attention_simt(as, b.stream.get());
     const auto h_cpu = fetch(*b.cpu, out.c), h_w = fetch(*b.cpu, w.c);
