@@ -3,6 +3,7 @@
 // through the runner's dequant kernels and cuBLAS.
 #include <algorithm>
 
+#include "attention_cudnn.hpp"
 #include "forward_kernels.hpp"
 #include "op_times.hpp"
 #include "qtool/formats/error.hpp"
@@ -54,7 +55,8 @@ class CudaOps final : public Ops {
         config_(config),
         block_(device, std::max<uint64_t>(config.activation_bytes, 1)),
         stack_(block_.as<uint8_t>(), config.activation_bytes, str_cat("GPU ", device, " activation memory")),
-        tables_mem_(device, cuda::kDeviceTablesBytes) {
+        tables_mem_(device, cuda::kDeviceTablesBytes),
+        cudnn_attention_(device, stream) {
     if (config.dequant_scratch_bytes) scratch_ = cuda::DeviceBuffer(device, config.dequant_scratch_bytes);
     cuda::DeviceScope scope(device_);
     tables_ = cuda::upload_tables(tables_mem_.data(), stream_);
@@ -205,7 +207,8 @@ class CudaOps final : public Ops {
   cuda::CublasHandle cublas_;
   cuda::DeviceBuffer workspace_;
   int64_t max_norm_cols_ = 0;
-  cuda::OpTimes times_;  // declared last: destroyed first, while the stream still exists
+  cuda::CudnnAttention cudnn_attention_;  // cuDNN's plans per attention shape (attention_cudnn.hpp)
+  cuda::OpTimes times_;                   // declared last: destroyed first, while the stream still exists
 };
 
 // The dtype of a plain weight (a bias), or I8 (not plain).
@@ -320,7 +323,16 @@ void CudaOps::attention(const Mat& q, const Mat& k, const Mat& v, const Attentio
   }
   cuda::DeviceScope scope(device_);
   cuda::OpTimes::Span span(times_, "attention", stream_);
-  fwd::launch_attention(a, stream_);
+  // cuDNN's fused kernel where it takes the case (its workspace, if any, on the activation stack),
+  // else ours.
+  const size_t m = mark();
+  cuda::run_attention(cudnn_attention_, a, stream_, [this](uint64_t bytes) -> void* {
+    const uint64_t start =
+        (stack_.held() + ActivationStack::kAlign - 1) / ActivationStack::kAlign * ActivationStack::kAlign;
+    if (start + bytes > stack_.capacity()) return nullptr;
+    return alloc(1, static_cast<int64_t>(bytes), DType::U8).data;
+  });
+  release(m);
 }
 
 }  // namespace
