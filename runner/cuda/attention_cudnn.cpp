@@ -169,12 +169,16 @@ struct CudnnLoad {
 CudnnLoad load_cudnn() {
   CudnnLoad r;
   const std::string soname = "libcudnn.so." + std::to_string(CUDNN_MAJOR);
-  std::vector<std::string> candidates = {soname};
+  // The toolkit's first (its cuDNN matches the headers qtool was built with and the CUDA runtime),
+  // then the loader's search (LD_LIBRARY_PATH, the cache), then the usual folders.
+  std::vector<std::string> candidates;
 #ifdef QTOOL_CUDA_LIBRARY_DIR
   candidates.push_back(std::string(QTOOL_CUDA_LIBRARY_DIR) + "/" + soname);
 #endif
-  for (const char* dir : {"/usr/local/cuda/lib64", "/usr/local/cuda/lib",
-                          "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"})
+  candidates.push_back("/usr/local/cuda/lib64/" + soname);
+  candidates.push_back(soname);
+  for (const char* dir :
+       {"/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"})
     candidates.push_back(std::string(dir) + "/" + soname);
   void* lib = nullptr;
   std::string first_error;
@@ -352,7 +356,7 @@ using Dims = std::array<int64_t, 4>;
 // The SDPA forward graph (see attention_cudnn.hpp) for `k`, finalized into an execution plan with the
 // first engine configuration of cuDNN's heuristics (mode A) that finalizes with a workspace of at
 // most kMaxWorkspaceBytes. Throws CudnnFailure when there is none.
-void build_plan(cudnnHandle_t handle, const Key& k, Plan& p) {
+void build_plan(cudnnHandle_t handle, const Key& k, Plan& p, bool graph_only = false) {
   auto make = [&](cudnnBackendDescriptorType_t type, std::string name) -> Desc& {
     p.descs.push_back(std::make_unique<Desc>(type, std::move(name)));
     return *p.descs.back();
@@ -473,10 +477,11 @@ void build_plan(cudnnHandle_t handle, const Key& k, Plan& p) {
   matmul("bmm2", pr, v, o);
 
   Desc& graph = make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph");
-  QTOOL_CUDNN_SET(graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
+  if (!graph_only) QTOOL_CUDNN_SET(graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
   QTOOL_CUDNN_SET(graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
                   static_cast<int64_t>(ops.size()), ops.data());
   graph.finalize();
+  if (graph_only) return;
 
   Desc& heur = make(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "engine heuristics (mode A)");
   const cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
@@ -666,6 +671,24 @@ size_t cudnn_version() {
   return l.ok ? l.version : 0;
 }
 
+std::string cudnn_check_graph(const fwd::AttnArgs& a) {
+  if (!cudnn_load().ok) return cudnn_load().why;
+  try {
+    Plan p;
+    build_plan(nullptr, key_of(a), p, true);
+  } catch (const CudnnFailure& e) {
+    return e.what();
+  }
+  return {};
+}
+
+std::string cudnn_description() {
+  const CudnnLoad& l = cudnn_load();
+  if (!l.ok) return str_cat("cuDNN not available: ", l.why);
+  return str_cat("cuDNN ", l.version / 10000, ".", l.version / 100 % 100, ".", l.version % 100, " (", l.from,
+                 "; built against ", CUDNN_MAJOR, ".", CUDNN_MINOR, ".", CUDNN_PATCHLEVEL, ")");
+}
+
 #else  // no cuDNN headers in the toolkit qtool was built with: the path is compiled out
 
 struct CudnnAttention::Impl {};
@@ -687,6 +710,10 @@ bool cudnn_available(std::string* why) {
 }
 
 size_t cudnn_version() { return 0; }
+
+std::string cudnn_check_graph(const fwd::AttnArgs&) { return "qtool was built without cuDNN's headers"; }
+
+std::string cudnn_description() { return "cuDNN not available: qtool was built without cuDNN's headers"; }
 
 #endif
 

@@ -52,6 +52,13 @@ AttentionCounts attention_counts();
 bool cudnn_available(std::string* why = nullptr);
 // cudnnGetVersion() of the loaded library (91900 for 9.19.0), 0 when it is not loaded.
 size_t cudnn_version();
+// "cuDNN 9.19.0 (/usr/local/cuda/lib/libcudnn.so.9; built against 9.19.0)", or why it is not available.
+std::string cudnn_description();
+// Builds and finalizes `a`'s attention graph up to the operation graph, without a handle or a
+// device (cuDNN 9.19 finalizes an operation graph without a handle; the heuristics and the plan need
+// the device): "" when cuDNN accepts every tensor, operation and the graph, else the first failure
+// (or why cuDNN is not available). For tests on machines without a GPU.
+std::string cudnn_check_graph(const fwd::AttnArgs& a);
 
 // cuDNN's fused attention forward on one device and stream, with its plans cached per shape. Cheap
 // to make: the library, the handle and a plan come at the first run that needs them.

@@ -207,8 +207,9 @@ class CudaOps final : public Ops {
   cuda::CublasHandle cublas_;
   cuda::DeviceBuffer workspace_;
   int64_t max_norm_cols_ = 0;
-  cuda::CudnnAttention cudnn_attention_;  // cuDNN's plans per attention shape (attention_cudnn.hpp)
-  cuda::OpTimes times_;                   // declared last: destroyed first, while the stream still exists
+  // cuDNN's attention plans per shape (attention_cudnn.hpp).
+  cuda::CudnnAttention cudnn_attention_;
+  cuda::OpTimes times_;  // declared last: destroyed first, while the stream still exists
 };
 
 // The dtype of a plain weight (a bias), or I8 (not plain).
