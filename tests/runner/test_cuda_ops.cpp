@@ -192,6 +192,15 @@ PlainWeight plain_weight(Both& b, int64_t rows, int64_t cols, DType dt, float sc
 
 const DType kDtypes[] = {DType::BF16, DType::F16};
 
+// The attention implementation for a scope (restored after).
+struct ImplScope {
+  rc::AttentionImpl prev;
+  explicit ImplScope(rc::AttentionImpl impl) : prev(rc::attention_impl()) { rc::set_attention_impl(impl); }
+  ~ImplScope() { rc::set_attention_impl(prev); }
+  ImplScope(const ImplScope&) = delete;
+  ImplScope& operator=(const ImplScope&) = delete;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -654,6 +663,7 @@ struct AttnCase {
 
 TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-core kernel") {
   Both b;
+  ImplScope own(rc::AttentionImpl::Own);  // Ops::attention below is our kernel, not cuDNN's
   // Fallback rule: head dims other than 64/128, float32, and rows that are not 16-byte aligned go to
   // the CUDA-core kernel (the other attention test covers those against the CPU).
   {
@@ -785,15 +795,6 @@ TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-
 }
 
 // --- cuDNN's fused attention (attention_cudnn.cpp) ------------------------------------------------
-
-// The attention implementation for a scope (restored after).
-struct ImplScope {
-  rc::AttentionImpl prev;
-  explicit ImplScope(rc::AttentionImpl impl) : prev(rc::attention_impl()) { rc::set_attention_impl(impl); }
-  ~ImplScope() { rc::set_attention_impl(prev); }
-  ImplScope(const ImplScope&) = delete;
-  ImplScope& operator=(const ImplScope&) = delete;
-};
 
 // True when cuDNN can be loaded; else prints why and fails only under QTOOL_TEST_REQUIRE_CUDNN=1.
 bool cudnn_or_skip() {
