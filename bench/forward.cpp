@@ -106,10 +106,18 @@ json run_scheme(const Args& a, const std::string& scheme, const std::filesystem:
   o.sizing.cublas_workspace_bytes = profile.cublas_workspace_bytes;
   o.sizing.alloc_granularity_bytes = profile.alloc_granularity_bytes;
   o.sizing.staging_buffers = s.n_slots;
+  // Each run with how long it took, set-up included (a full-size run's progress).
+  const auto t_start = std::chrono::steady_clock::now();
+  auto run = [&](const char* what) {
+    const RunResult r = backend.run(ckpt, s, o);
+    log("  %s %s: %s run done at %.1f s", a.preset.c_str(), scheme.c_str(), what,
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count());
+    return r;
+  };
   // 1. Checked: every unit's every op output, streamed against all-resident.
-  const RunResult checked = backend.run(ckpt, s, o);
+  const RunResult checked = run("checked streamed");
   o.mode = Mode::AllResident;
-  const RunResult checked_resident = backend.run(ckpt, s, o);
+  const RunResult checked_resident = run("checked resident");
   const bool same =
       checked.unit_digests == checked_resident.unit_digests && checked.digests == checked_resident.digests;
   uint64_t nonfinite = 0;
@@ -120,10 +128,11 @@ json run_scheme(const Args& a, const std::string& scheme, const std::filesystem:
         (ran.empty() ? "" : ", ") + (c.forward ? c.architecture + " forward" : std::string("linears only"));
   // 2. Timed.
   o.digests = false;
+  o.outputs = false;
   o.steps = a.steps;
-  const RunResult resident = backend.run(ckpt, s, o);
+  const RunResult resident = run("timed resident");
   o.mode = Mode::Planned;
-  const RunResult streamed = backend.run(ckpt, s, o);
+  const RunResult streamed = run("timed streamed");
   const double st_ms = bench::median(bench::tail(streamed.step_ms));
   const double res_ms = bench::median(bench::tail(resident.step_ms));
   const double pred_ms = plan.predicted_step_s * 1e3;

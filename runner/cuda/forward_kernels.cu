@@ -12,6 +12,7 @@
 // whole row through double sums (the NaNs agree, their payloads may not).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 
@@ -32,6 +33,27 @@ unsigned grid_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 * 8 ? 65535 * 8 : blocks));
 }
+
+// A launch over a rows x cols grid of cells: threads along x take columns (a warp-multiple no wider
+// than the row), along y rows, so that a kernel finds (row, column) without dividing a flat index
+// by the row length (a 64-bit division costs more than the memory access it indexes).
+struct Launch2 {
+  dim3 grid, block;
+};
+Launch2 launch2(int64_t rows, int64_t cols) {
+  const int64_t tx = std::min<int64_t>(kThreads, std::max<int64_t>(32, (cols + 31) / 32 * 32));
+  const int64_t ty = kThreads / tx;
+  const int64_t bx = std::min<int64_t>((cols + tx - 1) / tx, 65535);
+  const int64_t by = std::min<int64_t>((rows + ty - 1) / ty, 65535);
+  return {
+      dim3(static_cast<unsigned>(std::max<int64_t>(bx, 1)), static_cast<unsigned>(std::max<int64_t>(by, 1))),
+      dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty))};
+}
+// The first row / column of this thread under launch2, and the strides to its next ones.
+__device__ __forceinline__ int64_t row0() { return blockIdx.y * int64_t{blockDim.y} + threadIdx.y; }
+__device__ __forceinline__ int64_t row_step() { return int64_t{gridDim.y} * blockDim.y; }
+__device__ __forceinline__ int64_t col0() { return blockIdx.x * int64_t{blockDim.x} + threadIdx.x; }
+__device__ __forceinline__ int64_t col_step() { return int64_t{gridDim.x} * blockDim.x; }
 
 // float32 -> f16 bits exactly as cpu_ops::f32_to_f16_bits.
 __device__ __forceinline__ uint16_t f16_bits(float f) {
@@ -116,73 +138,72 @@ __device__ float activate(int act, float x, int dt) {
 
 __global__ void elementwise_kernel(Ew op, int act, View a, View b, View g, int64_t seq, float bound,
                                    View out) {
-  const int64_t n = out.rows * out.cols;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t r = i / out.cols;
-    const int64_t c = i - r * out.cols;
-    const float x = ld_el(a, r, c);
-    float y;
-    switch (op) {
-      case Ew::Activation: y = activate(act, x, out.dt); break;
-      case Ew::Gated: y = mul(activate(act, x, out.dt), ld_el(b, r, c)); break;
-      case Ew::Add: y = add(x, ld_el(b, r, c)); break;
-      case Ew::Residual: y = add(x, ld_el(b, r, c)); break;
-      case Ew::ResidualGated: y = add(x, rnd(out.dt, mul(ld_el(g, r / seq, c), ld_el(b, r, c)))); break;
-      case Ew::Copy: y = x; break;
-      case Ew::Clamp: y = x < -bound ? -bound : (x > bound ? bound : x); break;
-      default: y = x;
+  for (int64_t r = row0(); r < out.rows; r += row_step()) {
+    const int64_t rg = r / seq;  // the row of g (per sample)
+    for (int64_t c = col0(); c < out.cols; c += col_step()) {
+      const float x = ld_el(a, r, c);
+      float y;
+      switch (op) {
+        case Ew::Activation: y = activate(act, x, out.dt); break;
+        case Ew::Gated: y = mul(activate(act, x, out.dt), ld_el(b, r, c)); break;
+        case Ew::Add: y = add(x, ld_el(b, r, c)); break;
+        case Ew::Residual: y = add(x, ld_el(b, r, c)); break;
+        case Ew::ResidualGated: y = add(x, rnd(out.dt, mul(ld_el(g, rg, c), ld_el(b, r, c)))); break;
+        case Ew::Copy: y = x; break;
+        case Ew::Clamp: y = x < -bound ? -bound : (x > bound ? bound : x); break;
+        default: y = x;
+      }
+      st_el(out, r, c, y);
     }
-    st_el(out, r, c, y);
   }
 }
 
 __global__ void embedding_kernel(const void* ids, bool i64, int64_t ids_ld, DequantParams table, View out) {
-  const int64_t n = out.rows * out.cols;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t r = i / out.cols;
-    const int64_t c = i - r * out.cols;
+  for (int64_t r = row0(); r < out.rows; r += row_step()) {
     const int64_t id = i64 ? static_cast<const int64_t*>(ids)[r * ids_ld]
                            : static_cast<int64_t>(static_cast<const int32_t*>(ids)[r * ids_ld]);
-    st_el(out, r, c, dq::plain_value(table, static_cast<uint64_t>(id) * table.cols + c));
+    for (int64_t c = col0(); c < out.cols; c += col_step())
+      st_el(out, r, c, dq::plain_value(table, static_cast<uint64_t>(id) * table.cols + c));
   }
 }
 
-// One thread per rotation pair (both elements read before either is written: in place is safe).
+// One thread per rotation pair j of a row, for every head of it (both elements read before either
+// is written: in place is safe); cos and sin are read once for all heads.
 __global__ void rope_kernel(bool adjacent, View x, int64_t hd, View cs, View sn, View out) {
   const int64_t half = hd / 2;
-  const int64_t pairs_per_row = x.cols / 2;
-  const int64_t n = x.rows * pairs_per_row;
   const int dt = out.dt;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t r = i / pairs_per_row;
-    const int64_t p = i - r * pairs_per_row;
-    const int64_t h0 = (p / half) * hd;
-    const int64_t j = p % half;
-    if (adjacent) {
-      const int64_t m = 2 * j;
-      const float x0 = ld_el(x, r, h0 + m), x1 = ld_el(x, r, h0 + m + 1);
-      const float c0 = ld_el(cs, r, m), c1 = ld_el(cs, r, m + 1);
-      const float s0 = ld_el(sn, r, m), s1 = ld_el(sn, r, m + 1);
-      const float o0 = add(mul(x0, c0), mul(-x1, s0));
-      const float o1 = add(mul(x1, c1), mul(x0, s1));
-      st_el(out, r, h0 + m, o0);
-      st_el(out, r, h0 + m + 1, o1);
-    } else {
-      const int64_t m = j, m2 = j + half;
-      const float xa = ld_el(x, r, h0 + m), xb = ld_el(x, r, h0 + m2);
-      const float oa = add(rnd(dt, mul(xa, ld_el(cs, r, m))), rnd(dt, mul(-xb, ld_el(sn, r, m))));
-      const float ob = add(rnd(dt, mul(xb, ld_el(cs, r, m2))), rnd(dt, mul(xa, ld_el(sn, r, m2))));
-      st_el(out, r, h0 + m, oa);
-      st_el(out, r, h0 + m2, ob);
+  for (int64_t r = row0(); r < x.rows; r += row_step()) {
+    for (int64_t j = col0(); j < half; j += col_step()) {
+      if (adjacent) {
+        const int64_t m = 2 * j;
+        const float c0 = ld_el(cs, r, m), c1 = ld_el(cs, r, m + 1);
+        const float s0 = ld_el(sn, r, m), s1 = ld_el(sn, r, m + 1);
+        for (int64_t h0 = 0; h0 < x.cols; h0 += hd) {
+          const float x0 = ld_el(x, r, h0 + m), x1 = ld_el(x, r, h0 + m + 1);
+          st_el(out, r, h0 + m, add(mul(x0, c0), mul(-x1, s0)));
+          st_el(out, r, h0 + m + 1, add(mul(x1, c1), mul(x0, s1)));
+        }
+      } else {
+        const int64_t m = j, m2 = j + half;
+        const float ca = ld_el(cs, r, m), sa = ld_el(sn, r, m), cb = ld_el(cs, r, m2), sb = ld_el(sn, r, m2);
+        for (int64_t h0 = 0; h0 < x.cols; h0 += hd) {
+          const float xa = ld_el(x, r, h0 + m), xb = ld_el(x, r, h0 + m2);
+          st_el(out, r, h0 + m, add(rnd(dt, mul(xa, ca)), rnd(dt, mul(-xb, sa))));
+          st_el(out, r, h0 + m2, add(rnd(dt, mul(xb, cb)), rnd(dt, mul(xa, sb))));
+        }
+      }
     }
   }
 }
 
-// One block per row. The row is staged in shared memory; the per-group statistics are summed by
-// one thread each, sequentially in double (the CPU's order and precision: the same bits).
+// The warp's sum of its lanes' partials, folded as kmath::kSumLanes says (every lane gets it).
+__device__ __forceinline__ double warp_lane_sum(double v) {
+  for (int off = kmath::kSumLanes / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+  return v;
+}
+
+// One block per row. The row is staged in shared memory; each group's statistics are summed by
+// one warp in double, in kmath's lane order (the CPU's order and precision: the same bits).
 __global__ void norm_kernel(int mode, View x, DequantParams w, bool has_w, DequantParams b, bool has_b,
                             int64_t group, float eps, View shift, View scale, int64_t seq, View out) {
   extern __shared__ float sm[];
@@ -193,22 +214,28 @@ __global__ void norm_kernel(int mode, View x, DequantParams w, bool has_w, Dequa
   const int64_t n_groups = cols / group;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) v[c] = ld_el(x, r, c);
   __syncthreads();
-  for (int64_t g = threadIdx.x; g < n_groups; g += blockDim.x) {
+  const int lane = static_cast<int>(threadIdx.x) % kmath::kSumLanes;
+  const int64_t warps = blockDim.x / kmath::kSumLanes;
+  for (int64_t g = threadIdx.x / kmath::kSumLanes; g < n_groups; g += warps) {
     const float* vg = v + g * group;
     if (mode <= 1) {
       double s = 0.0;
-      for (int64_t i = 0; i < group; ++i) s += static_cast<double>(vg[i] * vg[i]);
+      for (int64_t i = lane; i < group; i += kmath::kSumLanes) s += static_cast<double>(vg[i] * vg[i]);
+      s = warp_lane_sum(s);
       const float ms = static_cast<float>(s / static_cast<double>(group));
-      stats[2 * g + 1] = 1.0f / sqrtf(ms + eps);
+      if (lane == 0) stats[2 * g + 1] = 1.0f / sqrtf(ms + eps);
     } else {
       double s = 0.0;
-      for (int64_t i = 0; i < group; ++i) s += vg[i];
-      const double mu = s / static_cast<double>(group);
+      for (int64_t i = lane; i < group; i += kmath::kSumLanes) s += vg[i];
+      const double mu = warp_lane_sum(s) / static_cast<double>(group);
       double q = 0.0;
-      for (int64_t i = 0; i < group; ++i) q += (vg[i] - mu) * (vg[i] - mu);
-      stats[2 * g] = static_cast<float>(mu);
+      for (int64_t i = lane; i < group; i += kmath::kSumLanes) q += (vg[i] - mu) * (vg[i] - mu);
+      q = warp_lane_sum(q);
       const float var = static_cast<float>(q / static_cast<double>(group));
-      stats[2 * g + 1] = 1.0f / sqrtf(var + eps);
+      if (lane == 0) {
+        stats[2 * g] = static_cast<float>(mu);
+        stats[2 * g + 1] = 1.0f / sqrtf(var + eps);
+      }
     }
   }
   __syncthreads();
@@ -251,13 +278,11 @@ __global__ void dequant_generic_kernel(DequantParams p, const float* code_table,
 }
 
 __global__ void bias_round_kernel(const float* acc, DequantParams bias, bool has_bias, View out) {
-  const int64_t n = out.rows * out.cols;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t r = i / out.cols;
-    const int64_t c = i - r * out.cols;
-    const float s = acc[i];
-    st_el(out, r, c, has_bias ? add(s, dq::plain_value(bias, static_cast<uint64_t>(c))) : s);
+  for (int64_t r = row0(); r < out.rows; r += row_step()) {
+    for (int64_t c = col0(); c < out.cols; c += col_step()) {
+      const float s = acc[r * out.cols + c];
+      st_el(out, r, c, has_bias ? add(s, dq::plain_value(bias, static_cast<uint64_t>(c))) : s);
+    }
   }
 }
 
@@ -372,23 +397,24 @@ size_t attention_smem(int64_t hd) {
 void launch_elementwise(Ew op, int act, const View& a, const View& b, const View& g, int64_t seq, float bound,
                         const View& out, cudaStream_t stream) {
   if (out.rows * out.cols == 0) return;
-  elementwise_kernel<<<grid_for(out.rows * out.cols), kThreads, 0, stream>>>(op, act, a, b, g, seq, bound,
-                                                                             out);
+  const Launch2 l = launch2(out.rows, out.cols);
+  elementwise_kernel<<<l.grid, l.block, 0, stream>>>(op, act, a, b, g, seq, bound, out);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 
 void launch_embedding(const void* ids, bool ids_i64, int64_t ids_ld, const DequantParams& table,
                       const View& out, cudaStream_t stream) {
   if (out.rows * out.cols == 0) return;
-  embedding_kernel<<<grid_for(out.rows * out.cols), kThreads, 0, stream>>>(ids, ids_i64, ids_ld, table, out);
+  const Launch2 l = launch2(out.rows, out.cols);
+  embedding_kernel<<<l.grid, l.block, 0, stream>>>(ids, ids_i64, ids_ld, table, out);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 
 void launch_rope(bool adjacent, const View& x, int64_t head_dim, const View& cos, const View& sin,
                  const View& out, cudaStream_t stream) {
-  const int64_t n = x.rows * (x.cols / 2);
-  if (n == 0) return;
-  rope_kernel<<<grid_for(n), kThreads, 0, stream>>>(adjacent, x, head_dim, cos, sin, out);
+  if (x.rows == 0 || head_dim < 2 || x.cols < head_dim) return;
+  const Launch2 l = launch2(x.rows, head_dim / 2);
+  rope_kernel<<<l.grid, l.block, 0, stream>>>(adjacent, x, head_dim, cos, sin, out);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 
@@ -424,8 +450,8 @@ void launch_dequant_generic(const DequantParams& p, const float* code_table, con
 void launch_bias_round(const float* acc, const DequantParams* bias, const View& out, cudaStream_t stream) {
   if (out.rows * out.cols == 0) return;
   const DequantParams none{};
-  bias_round_kernel<<<grid_for(out.rows * out.cols), kThreads, 0, stream>>>(acc, bias ? *bias : none,
-                                                                            bias != nullptr, out);
+  const Launch2 l = launch2(out.rows, out.cols);
+  bias_round_kernel<<<l.grid, l.block, 0, stream>>>(acc, bias ? *bias : none, bias != nullptr, out);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 

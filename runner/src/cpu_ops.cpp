@@ -106,20 +106,27 @@ float activate(Activation act, float x, DType dt) {
   return x;
 }
 
+// The sum of term(i) over [0, n) in double, in kmath's lane order (the CUDA norm kernel's).
+template <typename Term>
+double lane_order_sum(int64_t n, const Term& term) {
+  double p[kmath::kSumLanes] = {};
+  for (int64_t i = 0; i < n; ++i) p[i % kmath::kSumLanes] += term(i);
+  for (int off = kmath::kSumLanes / 2; off > 0; off /= 2)
+    for (int j = 0; j < off; ++j) p[j] += p[j + off];
+  return p[0];
+}
+
 // Mean of the squares (float32 squares, summed in double, rounded once).
 float mean_square(const float* x, int64_t n) {
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i] * x[i]);
+  const double s = lane_order_sum(n, [&](int64_t i) { return static_cast<double>(x[i] * x[i]); });
   return static_cast<float>(s / static_cast<double>(n));
 }
 
 // Biased mean and variance over n values (double sums, each rounded once to float32).
 void mean_var(const float* x, int64_t n, float* mean, float* var) {
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += x[i];
-  const double mu = s / static_cast<double>(n);
-  double v = 0.0;
-  for (int64_t i = 0; i < n; ++i) v += (x[i] - mu) * (x[i] - mu);
+  const double mu =
+      lane_order_sum(n, [&](int64_t i) { return static_cast<double>(x[i]); }) / static_cast<double>(n);
+  const double v = lane_order_sum(n, [&](int64_t i) { return (x[i] - mu) * (x[i] - mu); });
   *mean = static_cast<float>(mu);
   *var = static_cast<float>(v / static_cast<double>(n));
 }

@@ -13,14 +13,15 @@ namespace {
 
 class ForwardRunner final : public UnitRunner {
  public:
-  ForwardRunner(Forward& forward, std::vector<HostTensor> inputs)
-      : forward_(forward), inputs_(std::move(inputs)) {}
+  ForwardRunner(Forward& forward, std::vector<HostTensor> inputs, bool read_outputs)
+      : forward_(forward), inputs_(std::move(inputs)), read_outputs_(read_outputs) {}
   const std::vector<std::string>& units() const override { return forward_.units(); }
   void begin(Ops& ops, uint32_t) override { forward_.begin(ops, inputs_); }
   void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
     forward_.run_unit(unit, ops, weights);
   }
   void end(Ops& ops, ComponentRun& run) override {
+    if (!read_outputs_) return;
     std::vector<HostTensor> outs = forward_.outputs(ops);
     run.output = std::move(outs.front());
     run.more_outputs.assign(std::make_move_iterator(outs.begin() + 1), std::make_move_iterator(outs.end()));
@@ -30,6 +31,7 @@ class ForwardRunner final : public UnitRunner {
  private:
   Forward& forward_;
   std::vector<HostTensor> inputs_;
+  bool read_outputs_;
 };
 
 // Linears only: H [tokens, max_in] from the run step's seed, y = H[:, :in] W^T per linear.
@@ -195,7 +197,8 @@ ComponentUnits Driver::component_units(uint32_t ci, uint32_t run_step, size_t pa
   ComponentUnits cu;
   if (forwards_[ci]) {
     const bool in_flow = flow_ && pass < flow_->passes().size();
-    cu.runner = std::make_unique<ForwardRunner>(*forwards_[ci], in_flow ? flow_->inputs(pass) : inputs_[ci]);
+    cu.runner = std::make_unique<ForwardRunner>(*forwards_[ci], in_flow ? flow_->inputs(pass) : inputs_[ci],
+                                                options_.outputs || options_.digests || in_flow);
     cu.steps_of = unit_steps_[ci];
     cu.last_unit = last_unit_[ci];
     return cu;

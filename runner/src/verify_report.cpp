@@ -283,6 +283,7 @@ void check_step_time(const Setup& s, const RunResult& planned, std::vector<doubl
   if (s.on_gpu) {
     RunOptions t = s.run_opts;
     t.digests = false;
+    t.outputs = false;
     t.trace = false;
     const RunResult timed = s.backend->run(s.checkpoint, s.schedule, t);
     planned_ms = timed.step_ms;

@@ -51,6 +51,11 @@ struct RunOptions {
   // Reduce every output to a digest (a kernel per linear). Off for timing runs: a step then does
   // only a model's work (dequantize, multiply); digests are left zero.
   bool digests = true;
+  // Read each forward's outputs back to the host at the end of its pass (RunResult's output). Off
+  // for timing runs: they stay on the device, as a framework's forward leaves them (Llama's
+  // float32 logits at 4096 tokens are 2 GB). A pipeline's passes read theirs back either way (the
+  // next pass takes them), and so does a run with digests (an output's digest is of its bytes).
+  bool outputs = true;
   DeviceSizing sizing;
   // Tests: called on the host once the copy of streamed step `step`'s arena into its device slot
   // has completed and before the step computes, with the host bytes it was copied from (the

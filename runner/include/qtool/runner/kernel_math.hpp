@@ -138,4 +138,10 @@ QTOOL_HD uint32_t nonfinite_in_word(uint32_t word) {
 
 QTOOL_HD bool is_finite_bf16(uint16_t h) { return (h & 0x7F80u) != 0x7F80u; }
 
+// The order both backends sum a norm's statistics in, in double: term i into partial i % kSumLanes
+// in order of i (lane i % 32 of a CUDA warp), then the partials folded as the warp's butterfly
+// shuffles fold them (partial j += partial j + 16, then + 8, ..., + 1). One order, so the CPU and
+// the GPU give the same bits; the sum is the same to within double rounding as a sequential one.
+inline constexpr int kSumLanes = 32;
+
 }  // namespace qtool::runner::kmath
