@@ -62,7 +62,7 @@ t0=$(date +%s)
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CUDA_ARCHITECTURES=90 \
     "${PREFIX_ARGS[@]}" &&
     cmake --build "$BUILD" -j "$(nproc)" --target qtool runner_gpu_test runner_cuda_ops_test \
-      runner_cuda_driver_test bench_forward bench_stream
+      runner_cuda_driver_test runner_cudnn_graph_test bench_forward bench_stream bench_attention
 } >"$OUT/build.log" 2>&1
 rc=$?
 say "build exit $rc in $(($(date +%s) - t0)) s"
