@@ -109,8 +109,8 @@ AttentionCounts attention_counts() { return {g_own_calls.load(), g_cudnn_calls.l
 bool CudnnAttention::covers(const fwd::AttnArgs& a) {
   const int dt = a.q.dt;
   return !a.bias.data && !a.mask && (dt == fwd::kBf16 || dt == fwd::kF16) && a.k.dt == dt && a.v.dt == dt &&
-         a.out.dt == dt && a.head_dim >= 8 && a.head_dim <= 256 && a.head_dim % 8 == 0 && a.batch >= 1 &&
-         a.q_len >= 1 && a.kv_len >= 1 && a.heads >= 1 && a.kv_heads >= 1 && a.heads % a.kv_heads == 0 &&
+         a.out.dt == dt && (a.head_dim == 64 || a.head_dim == 128) && a.batch >= 1 && a.q_len >= 1 &&
+         a.kv_len >= 1 && a.heads >= 1 && a.kv_heads >= 1 && a.heads % a.kv_heads == 0 &&
          (!a.causal || a.q_len == a.kv_len) && aligned_view(a.q) && aligned_view(a.k) && aligned_view(a.v) &&
          aligned_view(a.out) && a.q.rows == a.batch * a.q_len && a.out.rows == a.q.rows &&
          a.k.rows == a.batch * a.kv_len && a.v.rows == a.k.rows && a.q.cols == a.heads * a.head_dim &&

@@ -75,8 +75,9 @@ class CudnnAttention {
   CudnnAttention& operator=(const CudnnAttention&) = delete;
 
   // The cases handed to cuDNN at all: no bias, no key mask; q, k, v, out all bf16 or all f16;
-  // head_dim a multiple of 8 up to 256; every view's data 16-byte aligned and its row stride a
-  // multiple of 8 elements; lengths >= 1; heads % kv_heads == 0; causal only with q_len == kv_len.
+  // head_dim 64 or 128 (the ones tested against the CPU backend on the GPU); every view's data
+  // 16-byte aligned and its row stride a multiple of 8 elements; out overlapping none of q, k, v;
+  // lengths >= 1; heads % kv_heads == 0; causal only with q_len == kv_len.
   static bool covers(const fwd::AttnArgs& a);
 
   // Launches `a` (covers(a) required) on the stream through cuDNN and returns true, or returns

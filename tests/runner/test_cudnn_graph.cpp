@@ -50,8 +50,8 @@ TEST_CASE("cuDNN attention: the cases the path takes") {
   const fwd::AttnArgs base = make_case(fwd::kBf16, 2, 77, 77, 8, 2, 128, true);
   CHECK(rc::CudnnAttention::covers(base));
   CHECK(rc::CudnnAttention::covers(make_case(fwd::kF16, 1, 1, 333, 4, 1, 64, false)));
-  CHECK(
-      rc::CudnnAttention::covers(make_case(fwd::kBf16, 1, 40, 40, 2, 2, 80, false)));  // hd 80: cuDNN decides
+  // head_dim 80: qtool's kernel (cuDNN takes it, but only 64 and 128 are tested on the GPU)
+  CHECK_FALSE(rc::CudnnAttention::covers(make_case(fwd::kBf16, 1, 40, 40, 2, 2, 80, false)));
   CHECK(rc::CudnnAttention::covers(make_case(fwd::kBf16, 1, 40, 40, 2, 2, 64, false, 16)));  // strided rows
   CHECK_FALSE(rc::CudnnAttention::covers(make_case(fwd::kF32, 1, 40, 40, 2, 2, 64, false)));
   CHECK_FALSE(rc::CudnnAttention::covers(make_case(fwd::kBf16, 1, 40, 40, 2, 2, 264, false)));
