@@ -328,49 +328,45 @@ class Runner:
         if n4 == 0:
             raise RuntimeError("the model has no bitsandbytes Linear4bit module: the nf4 file was not read as nf4")
 
-    # ---- cases ---------------------------------------------------------------------------------
-    def flux_resident(self, rec, quantized):
-        a, dev = self.a, self.dev
-        path = a.flux_nf4 if quantized else a.flux
-        cfg = read_config(path, "transformer")
-        inputs = flux_inputs(cfg, a.image_tokens, a.text_tokens, a.seed, dev, self.dtype)
+    def run_model(self, rec, quantized, load, place, step_of, model_key):
+        """Times load() and place(model) (the model where it runs) as the load, then the steps of
+        step_of(model) through finish; frees the model. The output of the last step."""
+        dev = self.dev
         dev.release()
         dev.reset_peak()
         t0 = time.perf_counter()
-        model = self.flux_load(path, quantized)
+        model = load()
         if quantized:
             self.quant_note(model, rec)
-        else:
-            model = model.to(dev.torch)
+        model = place(model)
         dev.sync()
         t1 = time.perf_counter()
-        out = self.finish(rec, t0, self.flux_step(model, inputs), "flux", t1)
+        out = self.finish(rec, t0, step_of(model), model_key, t1)
         del model
         dev.release()
         return out
 
-    def flux_group_offload(self, rec, quantized):
+    # ---- cases ---------------------------------------------------------------------------------
+    def flux(self, rec, quantized, group_offload):
         a, dev = self.a, self.dev
         path = a.flux_nf4 if quantized else a.flux
         cfg = read_config(path, "transformer")
         inputs = flux_inputs(cfg, a.image_tokens, a.text_tokens, a.seed, dev, self.dtype)
-        dev.release()
-        dev.reset_peak()
-        use_stream = dev.cuda
-        rec["offload"] = (f"enable_group_offload(onload_device={dev.name}, offload_device=cpu, "
-                          f"offload_type='block_level', num_blocks_per_group=1, use_stream={use_stream})")
-        t0 = time.perf_counter()
-        model = self.flux_load(path, quantized)
-        if quantized:
-            self.quant_note(model, rec)
-        model.enable_group_offload(onload_device=dev.torch, offload_device=torch.device("cpu"),
-                                   offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
-        dev.sync()
-        t1 = time.perf_counter()
-        out = self.finish(rec, t0, self.flux_step(model, inputs), "flux", t1)
-        del model
-        dev.release()
-        return out
+        if group_offload:
+            use_stream = dev.cuda
+            rec["offload"] = (f"enable_group_offload(onload_device={dev.name}, offload_device=cpu, "
+                              f"offload_type='block_level', num_blocks_per_group=1, use_stream={use_stream})")
+
+            def place(model):
+                model.enable_group_offload(onload_device=dev.torch, offload_device=torch.device("cpu"),
+                                           offload_type="block_level", num_blocks_per_group=1,
+                                           use_stream=use_stream)
+                return model
+        else:
+            def place(model):  # bitsandbytes puts a quantized model on the device as it loads
+                return model if quantized else model.to(dev.torch)
+        return self.run_model(rec, quantized, lambda: self.flux_load(path, quantized), place,
+                              lambda model: self.flux_step(model, inputs), "flux")
 
     def llama_resident(self, rec, quantized):
         from transformers import LlamaForCausalLM
@@ -379,23 +375,19 @@ class Runner:
         path = a.llama_nf4 if quantized else a.llama
         cfg = read_config(path, "")
         inputs = llama_inputs(cfg, a.llama_tokens, a.seed, dev)
-        dev.release()
-        dev.reset_peak()
-        t0 = time.perf_counter()
-        model = LlamaForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=dev.name).eval()
-        if quantized:
-            self.quant_note(model, rec)
-        dev.sync()
-        t1 = time.perf_counter()
-        rec["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
 
-        def step():
-            with torch.inference_mode():
-                return model(**inputs, use_cache=False, logits_to_keep=a.llama_logits_to_keep).logits
-        out = self.finish(rec, t0, step, "llama", t1)
+        def load():
+            return LlamaForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=dev.name).eval()
+
+        def step_of(model):
+            rec["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+
+            def step():
+                with torch.inference_mode():
+                    return model(**inputs, use_cache=False, logits_to_keep=a.llama_logits_to_keep).logits
+            return step
+        out = self.run_model(rec, quantized, load, lambda model: model, step_of, "llama")
         rec["logits_shape"] = list(out.shape)
-        del model
-        dev.release()
         return out
 
     def pipeline(self, rec):
@@ -493,10 +485,10 @@ class Runner:
         rec = {"name": name, "device": self.dev.name}
         try:
             fn = {
-                "flux_bf16_resident": lambda: self.flux_resident(rec, False),
-                "flux_nf4_resident": lambda: self.flux_resident(rec, True),
-                "flux_bf16_group_offload": lambda: self.flux_group_offload(rec, False),
-                "flux_nf4_group_offload": lambda: self.flux_group_offload(rec, True),
+                "flux_bf16_resident": lambda: self.flux(rec, False, False),
+                "flux_nf4_resident": lambda: self.flux(rec, True, False),
+                "flux_bf16_group_offload": lambda: self.flux(rec, False, True),
+                "flux_nf4_group_offload": lambda: self.flux(rec, True, True),
                 "llama_bf16_resident": lambda: self.llama_resident(rec, False),
                 "llama_nf4_resident": lambda: self.llama_resident(rec, True),
                 "pipeline_model_cpu_offload": lambda: self.pipeline(rec),
@@ -515,6 +507,21 @@ class Runner:
         return rec
 
 
+def run_captured(cmd, timeout, echo_lines):
+    """Runs cmd with its stdout and stderr captured and echoes the last echo_lines lines of its
+    output: (seconds, the output's non-blank lines, exit code or None when it timed out)."""
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        text, rc = p.stdout, p.returncode
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc = None
+    seconds = time.perf_counter() - t0
+    sys.stdout.write("".join(f"    | {ln}\n" for ln in text.splitlines()[-echo_lines:]))
+    return seconds, [ln for ln in text.splitlines() if ln.strip()], rc
+
+
 def run_child(args, name, ref_file):
     """Runs one case in a fresh process; its record, or "crashed: <last line>"."""
     with tempfile.TemporaryDirectory(prefix="forward-peers-") as tmp:
@@ -523,19 +530,9 @@ def run_child(args, name, ref_file):
         if ref_file:
             cmd += ["--ref", ref_file]
         log(f"{name}: in a subprocess")
-        t0 = time.perf_counter()
-        try:
-            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               timeout=args.child_timeout)
-            text, rc = p.stdout, p.returncode
-        except subprocess.TimeoutExpired as e:
-            text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            rc = None
-        sys.stdout.write("".join(f"    | {ln}\n" for ln in text.splitlines()[-40:]))
-        lines = [ln for ln in text.splitlines() if ln.strip()]
+        seconds, lines, rc = run_captured(cmd, args.child_timeout, 40)
         last = lines[-1].strip() if lines else "(no output)"
-        rec = {"name": name, "device": args.device, "subprocess": True,
-               "subprocess_s": time.perf_counter() - t0, "exit_code": rc}
+        rec = {"name": name, "device": args.device, "subprocess": True, "subprocess_s": seconds, "exit_code": rc}
         if rc is None:
             rec["error"] = f"timed out after {args.child_timeout} s: {last}"
         elif os.path.exists(out_json):
@@ -588,17 +585,7 @@ def run_qtool_bench(args, family):
                str(tokens), "--json", out_json] + extra
         rec["command"] = " ".join(shlex.quote(c) for c in cmd)
         log(f"qtool: {rec['command']}")
-        t0 = time.perf_counter()
-        try:
-            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               timeout=args.child_timeout)
-            text, rc = p.stdout, p.returncode
-        except subprocess.TimeoutExpired as e:
-            text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            rc = None
-        rec["wall_s"] = time.perf_counter() - t0
-        sys.stdout.write("".join(f"    | {ln}\n" for ln in text.splitlines()[-30:]))
-        lines = [ln for ln in text.splitlines() if ln.strip()]
+        rec["wall_s"], lines, rc = run_captured(cmd, args.child_timeout, 30)
         if rc == 0 and os.path.exists(out_json):
             with open(out_json) as f:
                 rec["result"] = json.load(f)

@@ -24,7 +24,9 @@ std::vector<std::pair<int, AddCommandFn>>& registry() {
 
 }  // namespace
 
-CommandRegistrar::CommandRegistrar(int order, AddCommandFn add) { registry().emplace_back(order, add); }
+CommandRegistrar::CommandRegistrar(int order, AddCommandFn add) {
+  registry().emplace_back(order, std::move(add));
+}
 
 void add_registered_commands(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
   auto commands = registry();

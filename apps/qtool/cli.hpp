@@ -35,29 +35,27 @@ struct GlobalOptions {
 // The function a command runs after parsing; returns the exit code (0, or 1 for a failed check).
 using CommandFn = std::function<int()>;
 
-// Each cmd_<name>.cpp registers its command with a static CommandRegistrar; `order` sets its place
-// in --help. `add` creates the subcommand on `app` and sets `run` when it is the one invoked.
-using AddCommandFn = void (*)(CLI::App& app, const GlobalOptions& global, CommandFn& run);
+// Each cmd_<name>.cpp registers its command with a static CommandRegistrar: `order` sets its place
+// in --help; `declare` declares its options on the subcommand, to be parsed into a fresh Options;
+// when it is the one invoked, main runs `run(options, global)`.
+using AddCommandFn = std::function<void(CLI::App& app, const GlobalOptions& global, CommandFn& run)>;
 struct CommandRegistrar {
+  template <class Options>
+  CommandRegistrar(int order, std::string name, std::string description,
+                   void (*declare)(CLI::App* cmd, Options& o),
+                   int (*run)(const Options& o, const GlobalOptions& global))
+      : CommandRegistrar(order, [=](CLI::App& app, const GlobalOptions& global, CommandFn& run_fn) {
+          auto o = std::make_shared<Options>();
+          CLI::App* cmd = app.add_subcommand(name, description);
+          cmd->callback(
+              [o, &global, &run_fn, run] { run_fn = [o, &global, run] { return run(*o, global); }; });
+          declare(cmd, *o);
+        }) {}
+
+ private:
   CommandRegistrar(int order, AddCommandFn add);
 };
 void add_registered_commands(CLI::App& app, const GlobalOptions& global, CommandFn& run);
-
-// Adds the subcommand `name` to `app`, its options to be parsed into a fresh Options (declare
-// them on the subcommand returned); when it is the one invoked, `run` becomes
-// run_command(options, global).
-template <class Options, class RunFn>
-std::pair<CLI::App*, std::shared_ptr<Options>> add_command(CLI::App& app, const GlobalOptions& global,
-                                                           CommandFn& run, const std::string& name,
-                                                           const std::string& description,
-                                                           RunFn run_command) {
-  auto o = std::make_shared<Options>();
-  CLI::App* cmd = app.add_subcommand(name, description);
-  cmd->callback([o, &global, &run, run_command] {
-    run = [o, &global, run_command] { return run_command(*o, global); };
-  });
-  return {cmd, o};
-}
 
 // A check for count options: an integer from lo to hi. Checked on the text, so that "-1" is refused
 // instead of wrapping into a huge unsigned value.

@@ -32,19 +32,18 @@ int run_dequantize(const DequantizeOptions& o, const GlobalOptions& global) {
   });
 }
 
-void add_dequantize_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  const auto [cmd, o] = add_command<DequantizeOptions>(
-      app, global, run, "dequantize",
-      "Turn a quantized checkpoint (qtool's, or any bitsandbytes int8/4-bit or compressed-tensors fp8 one) "
-      "back into plain weights; quant state and quantization_config are removed",
-      run_dequantize);
-  add_convert_options(cmd, *o, "Write the report as JSON to this file");
-  cmd->add_option("--dtype", o->dtype,
+void declare_dequantize(CLI::App* cmd, DequantizeOptions& o) {
+  add_convert_options(cmd, o, "Write the report as JSON to this file");
+  cmd->add_option("--dtype", o.dtype,
                   "dtype of the dequantized weights: bf16, f16 or f32 (default: the dtype they had before "
                   "quantization; other tensors keep theirs)");
 }
 
-const CommandRegistrar kRegistrar(35, add_dequantize_command);
+const CommandRegistrar kRegistrar(
+    35, "dequantize",
+    "Turn a quantized checkpoint (qtool's, or any bitsandbytes int8/4-bit or compressed-tensors fp8 one) "
+    "back into plain weights; quant state and quantization_config are removed",
+    declare_dequantize, run_dequantize);
 
 }  // namespace
 }  // namespace qtool::cli

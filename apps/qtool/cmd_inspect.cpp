@@ -141,19 +141,18 @@ int run_inspect(const InspectOptions& o, const GlobalOptions& global) {
   return 0;
 }
 
-void add_inspect(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  const auto [cmd, o] = add_command<InspectOptions>(
-      app, global, run, "inspect",
-      "Show what a checkpoint holds, from its headers alone (no tensor data is read): its layout "
-      "(a .safetensors file, a model folder, a diffusers pipeline folder), and per component the "
-      "tensors, dtypes, parameters, bytes, shards, config class and block lists (e.g. "
-      "transformer_blocks x19). Every file header and index is validated.",
-      run_inspect);
-  cmd->add_option("PATH", o->path, "A .safetensors file, a model folder or a pipeline folder")->required();
-  cmd->add_flag("--json", o->json, "Print the summary as JSON on stdout (the table still goes to stderr)");
+void declare_inspect(CLI::App* cmd, InspectOptions& o) {
+  cmd->add_option("PATH", o.path, "A .safetensors file, a model folder or a pipeline folder")->required();
+  cmd->add_flag("--json", o.json, "Print the summary as JSON on stdout (the table still goes to stderr)");
 }
 
-static CommandRegistrar reg(10, add_inspect);
+const CommandRegistrar kRegistrar(
+    10, "inspect",
+    "Show what a checkpoint holds, from its headers alone (no tensor data is read): its layout "
+    "(a .safetensors file, a model folder, a diffusers pipeline folder), and per component the "
+    "tensors, dtypes, parameters, bytes, shards, config class and block lists (e.g. "
+    "transformer_blocks x19). Every file header and index is validated.",
+    declare_inspect, run_inspect);
 
 }  // namespace
 }  // namespace qtool::cli

@@ -91,60 +91,58 @@ int run_plan(const PlanCliOptions& o, const GlobalOptions& global) {
   return 0;
 }
 
-void add_plan(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  const auto [cmd, o] = add_command<PlanCliOptions>(
-      app, global, run, "plan",
-      "Place every module of a checkpoint on GPUs, pinned host memory or disk within a memory budget, "
-      "with offloaded weights streamed in groups through device slots; predict each device's peak memory "
-      "and the time of one step (a pipeline with phases, e.g. FluxPipeline: per phase, and the whole "
-      "job's time). Reads only the checkpoint's headers.",
-      run_plan);
-  cmd->add_option("checkpoint", o->checkpoint,
+void declare_plan(CLI::App* cmd, PlanCliOptions& o) {
+  cmd->add_option("checkpoint", o.checkpoint,
                   "A .safetensors file, a model folder or a diffusers pipeline folder")
       ->required();
-  cmd->add_option("--device-map", o->device_map,
+  cmd->add_option("--device-map", o.device_map,
                   "sequential (fill GPU 0, then 1, ...), balanced (even load), balanced_low_0 (GPU 0 light), "
                   "auto (balanced with several GPUs)")
       ->default_val("auto");
   cmd->add_option(
-      "--max-memory", o->max_memory,
+      "--max-memory", o.max_memory,
       "Budget per device: 0=20GiB,1=20GiB,cpu=64GiB, accelerate's JSON dict {\"0\": \"20GiB\", "
       "\"cpu\": \"64GiB\"}, or a file holding either. Default: the GPUs' free memory and the host's "
       "available memory");
-  cmd->add_option("--tokens", o->tokens, "Activation rows per linear layer (sizes the activation buffers)")
+  cmd->add_option("--tokens", o.tokens, "Activation rows per linear layer (sizes the activation buffers)")
       ->default_val(4096)
       ->check(count_range(1, static_cast<int64_t>(planner::kMaxTokens)));
-  cmd->add_option("--offload", o->offload,
+  cmd->add_option("--offload", o.offload,
                   "Offload groups: block (N consecutive blocks), leaf (single layers), auto")
       ->default_val("auto");
-  cmd->add_option("--blocks-per-group", o->blocks_per_group,
+  cmd->add_option("--blocks-per-group", o.blocks_per_group,
                   "Blocks per offload group (block mode); default: chosen")
       ->check(count_range(1, planner::kMaxBlocksPerGroup));
-  cmd->add_option("--prefetch", o->prefetch,
+  cmd->add_option("--prefetch", o.prefetch,
                   "Device slots per streaming GPU (prefetch depth); default: chosen")
       ->check(count_range(1, planner::kMaxPrefetch));
   cmd->add_option(
-         "--denoise-steps", o->denoise_steps,
+         "--denoise-steps", o.denoise_steps,
          "Denoising steps of a pipeline planned by phase (FluxPipeline: the transformer's phase runs "
          "this many times); other checkpoints ignore it")
       ->default_val(planner::kDefaultDenoiseSteps)
       ->check(count_range(1, planner::kMaxDenoiseSteps));
-  cmd->add_flag("--no-phases", o->no_phases,
+  cmd->add_flag("--no-phases", o.no_phases,
                 "Plan a pipeline with phases as one sequence, every component present together (qtool verify "
                 "does not yet load or release components between phases)");
   cmd->add_option(
-      "--device-profile", o->device_profile,
+      "--device-profile", o.device_profile,
       "Device profile JSON (or a name in sample_configs/devices/); default: the GPU's (built in by "
       "name, or measured once and cached under $XDG_CACHE_HOME/qtool/profiles), h100-pcie-gen5 "
       "without a GPU");
-  cmd->add_option("--models-dir", o->models_dir,
-                  "Folder of model templates (default sample_configs/models/)");
-  cmd->add_option("-o,--output", o->output, "Write the plan file here");
-  cmd->add_option("--svg", o->svg, "Draw each device's memory as an SVG bar chart");
-  cmd->add_flag("--json", o->json, "Print the plan as JSON on stdout");
+  cmd->add_option("--models-dir", o.models_dir, "Folder of model templates (default sample_configs/models/)");
+  cmd->add_option("-o,--output", o.output, "Write the plan file here");
+  cmd->add_option("--svg", o.svg, "Draw each device's memory as an SVG bar chart");
+  cmd->add_flag("--json", o.json, "Print the plan as JSON on stdout");
 }
 
-const CommandRegistrar kRegistrar(40, add_plan);
+const CommandRegistrar kRegistrar(
+    40, "plan",
+    "Place every module of a checkpoint on GPUs, pinned host memory or disk within a memory budget, "
+    "with offloaded weights streamed in groups through device slots; predict each device's peak memory "
+    "and the time of one step (a pipeline with phases, e.g. FluxPipeline: per phase, and the whole "
+    "job's time). Reads only the checkpoint's headers.",
+    declare_plan, run_plan);
 
 }  // namespace
 }  // namespace qtool::cli

@@ -49,27 +49,26 @@ int run_profile(const ProfileCliOptions& o, const GlobalOptions& global) {
   return 0;
 }
 
-void add_profile_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  const auto [cmd, o] = add_command<ProfileCliOptions>(
-      app, global, run, "profile",
-      "Measure this machine's device profile for the planner: host-to-device bandwidth (pinned, pageable), "
-      "GEMM rate, dequant rates, context and workspace bytes",
-      run_profile);
-  cmd->add_option("-o,--output", o->output, "Write the profile JSON here (default: stdout)");
-  add_backend_option(cmd, o->backend);
-  cmd->add_option("--device", o->device, "The GPU to measure (default 0)");
-  cmd->add_option("--copy-size", o->copy_size, "Bytes per bandwidth measurement (default 256MiB)");
-  cmd->add_option("--tokens", o->tokens, "GEMM rate measured at [tokens, 4096] x [4096, 4096] (default 4096)")
+void declare_profile(CLI::App* cmd, ProfileCliOptions& o) {
+  cmd->add_option("-o,--output", o.output, "Write the profile JSON here (default: stdout)");
+  add_backend_option(cmd, o.backend);
+  cmd->add_option("--device", o.device, "The GPU to measure (default 0)");
+  cmd->add_option("--copy-size", o.copy_size, "Bytes per bandwidth measurement (default 256MiB)");
+  cmd->add_option("--tokens", o.tokens, "GEMM rate measured at [tokens, 4096] x [4096, 4096] (default 4096)")
       ->check(count_range(1, 1 << 20));
-  cmd->add_option("--repeats", o->repeats, "Timed repeats per measurement; the median is kept (default 7)")
+  cmd->add_option("--repeats", o.repeats, "Timed repeats per measurement; the median is kept (default 7)")
       ->check(CLI::Range(1u, 1000u));
-  cmd->add_option("--tmp-dir", o->tmp_dir,
+  cmd->add_option("--tmp-dir", o.tmp_dir,
                   "Folder for the disk-read test file (default: the system's temp dir)");
-  add_threads_option(cmd, o->threads, "CPU threads for the CPU backend (default: every core)");
-  cmd->add_option("--name", o->name, "The profile's name (default: the device's)");
+  add_threads_option(cmd, o.threads, "CPU threads for the CPU backend (default: every core)");
+  cmd->add_option("--name", o.name, "The profile's name (default: the device's)");
 }
 
-const CommandRegistrar kRegistrar(60, add_profile_command);
+const CommandRegistrar kRegistrar(
+    60, "profile",
+    "Measure this machine's device profile for the planner: host-to-device bandwidth (pinned, pageable), "
+    "GEMM rate, dequant rates, context and workspace bytes",
+    declare_profile, run_profile);
 
 }  // namespace
 }  // namespace qtool::cli

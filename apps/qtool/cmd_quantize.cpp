@@ -42,26 +42,25 @@ int run_quantize(const QuantizeOptions& o, const GlobalOptions& global) {
   });
 }
 
-void add_quantize_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  const auto [cmd, o] = add_command<QuantizeOptions>(
-      app, global, run, "quantize",
-      "Quantize a checkpoint (int8, fp8, nf4/fp4) as a quant-mapping config says, in the layouts that "
-      "bitsandbytes and compressed-tensors loaders read",
-      run_quantize);
-  add_convert_options(cmd, *o, "Write the report (bytes, time, per-tensor error) as JSON to this file");
+void declare_quantize(CLI::App* cmd, QuantizeOptions& o) {
+  add_convert_options(cmd, o, "Write the report (bytes, time, per-tensor error) as JSON to this file");
   auto* config =
-      cmd->add_option("--config,-c", o->config,
+      cmd->add_option("--config,-c", o.config,
                       "Quant-mapping config (JSON; see sample_configs/): quant_backend, quant_kwargs, "
                       "components_to_quantize, quant_mapping, modules_to_not_convert");
   auto* scheme =
-      cmd->add_option("--scheme", o->scheme,
+      cmd->add_option("--scheme", o.scheme,
                       "Instead of --config: quantize every component with this scheme and its default "
                       "options (int8, fp8_e4m3, fp8_e5m2, nf4, fp4)");
   config->excludes(scheme);
   scheme->excludes(config);
 }
 
-const CommandRegistrar kRegistrar(30, add_quantize_command);
+const CommandRegistrar kRegistrar(
+    30, "quantize",
+    "Quantize a checkpoint (int8, fp8, nf4/fp4) as a quant-mapping config says, in the layouts that "
+    "bitsandbytes and compressed-tensors loaders read",
+    declare_quantize, run_quantize);
 
 }  // namespace
 }  // namespace qtool::cli

@@ -142,40 +142,38 @@ int run_synth(const SynthCliOptions& o, const GlobalOptions& global) {
   return 0;
 }
 
-void add_synth(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
+// The description lists the presets, which come from the formats library at run time.
+void declare_synth(CLI::App* cmd, SynthCliOptions& o) {
   std::string presets;
   for (const auto& p : synth_presets()) presets += "\n  " + p.name + ": " + p.description;
-  const auto [cmd, o] = add_command<SynthCliOptions>(
-      app, global, run, "synth",
+  cmd->description(
       "Write a synthetic checkpoint with a real architecture's tensor names, shapes, configs and folder "
       "layout, and deterministic weights that look trained (normal, per-row scales, rare outliers).\n"
       "Presets:" +
-          presets +
-          "\n"
-          "--scale S shrinks widths (head counts, FFN sizes, channels, vocabularies) and depths (blocks, "
-          "at least 2 per list) by S, keeping head dims and every config consistent with the shapes.",
-      run_synth);
-  cmd->add_option("--preset", o->preset, "Preset name")->required();
-  cmd->add_option("--scale", o->scale, "Shrink factor, 0 < S <= 1")->default_val(1.0);
-  cmd->add_option("--dtype", o->dtype, "bf16, f16 or f32")->default_val("bf16");
-  cmd->add_option("--max-shard-size", o->max_shard_size,
+      presets +
+      "\n"
+      "--scale S shrinks widths (head counts, FFN sizes, channels, vocabularies) and depths (blocks, "
+      "at least 2 per list) by S, keeping head dims and every config consistent with the shapes.");
+  cmd->add_option("--preset", o.preset, "Preset name")->required();
+  cmd->add_option("--scale", o.scale, "Shrink factor, 0 < S <= 1")->default_val(1.0);
+  cmd->add_option("--dtype", o.dtype, "bf16, f16 or f32")->default_val("bf16");
+  cmd->add_option("--max-shard-size", o.max_shard_size,
                   "Largest shard (e.g. 5GB, 512MiB; 0: never shard). Default: the real model's sharding "
                   "(10GB diffusers, 5GB transformers), shrunk with --scale");
-  cmd->add_option("--seed", o->seed, "Seed of the values")->default_val(0);
-  cmd->add_option("--components", o->components,
-                  "Pipeline components to write (comma separated); default all")
+  cmd->add_option("--seed", o.seed, "Seed of the values")->default_val(0);
+  cmd->add_option("--components", o.components, "Pipeline components to write (comma separated); default all")
       ->delimiter(',');
-  cmd->add_option("--threads", o->threads, "Worker threads (0: all cores)")
+  cmd->add_option("--threads", o.threads, "Worker threads (0: all cores)")
       ->default_val(0)
       ->check(count_range(0, static_cast<int64_t>(kMaxThreads)));
-  cmd->add_flag("--force", o->force, "Replace an existing output");
-  cmd->add_flag("--dry-run", o->dry_run,
+  cmd->add_flag("--force", o.force, "Replace an existing output");
+  cmd->add_flag("--dry-run", o.dry_run,
                 "Describe the checkpoint (with --json: every tensor and config) without writing");
-  cmd->add_flag("--json", o->json, "Print a JSON summary on stdout");
-  cmd->add_option("-o,--output", o->output, "Output folder");
+  cmd->add_flag("--json", o.json, "Print a JSON summary on stdout");
+  cmd->add_option("-o,--output", o.output, "Output folder");
 }
 
-static CommandRegistrar reg(20, add_synth);
+const CommandRegistrar kRegistrar(20, "synth", "", declare_synth, run_synth);
 
 }  // namespace
 }  // namespace qtool::cli

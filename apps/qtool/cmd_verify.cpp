@@ -48,37 +48,31 @@ int run_verify(const VerifyCliOptions& o, const GlobalOptions& global) {
   return 1;
 }
 
-void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& run) {
-  const auto [cmd, o] = add_command<VerifyCliOptions>(
-      app, global, run, "verify",
-      "Run a plan on its checkpoint (the model's real forward where qtool has it) and check it: fingerprint, "
-      "finite outputs, streamed == all-resident bit for bit, error against the original model, peak memory "
-      "and step time against the plan",
-      run_verify);
-  cmd->add_option("CKPT", o->verify.checkpoint, "The checkpoint the plan was made for")->required();
-  cmd->add_option("--plan", o->verify.plan, "The plan (qtool plan -o plan.json)")->required();
+void declare_verify(CLI::App* cmd, VerifyCliOptions& o) {
+  cmd->add_option("CKPT", o.verify.checkpoint, "The checkpoint the plan was made for")->required();
+  cmd->add_option("--plan", o.verify.plan, "The plan (qtool plan -o plan.json)")->required();
   cmd->add_option(
-      "--reference", o->verify.reference,
+      "--reference", o.verify.reference,
       "The original (unquantized) checkpoint: each linear's output is compared with the original's");
-  add_backend_option(cmd, o->verify.backend);
-  cmd->add_option("--tokens", o->tokens, "Activation rows per linear (default: the plan's)")
+  add_backend_option(cmd, o.verify.backend);
+  cmd->add_option("--tokens", o.tokens, "Activation rows per linear (default: the plan's)")
       ->check(count_range(1, static_cast<int64_t>(planner::kMaxTokens)));
-  cmd->add_option("--steps", o->verify.steps, "Steps to run; the first is a warm-up for timing (default 3)")
+  cmd->add_option("--steps", o.verify.steps, "Steps to run; the first is a warm-up for timing (default 3)")
       ->check(CLI::Range(1u, 100000u));
-  cmd->add_option("--denoise-steps", o->denoise_steps,
+  cmd->add_option("--denoise-steps", o.denoise_steps,
                   str_cat("A FluxPipeline folder: denoising steps of the transformer (default ",
                           runner::kDefaultDenoiseSteps, "); each run step runs the whole pipeline"))
       ->check(CLI::Range(1u, runner::kMaxDenoiseSteps));
-  cmd->add_option("--seed", o->verify.seed, "Seed of the activations (step s uses seed + s)");
+  cmd->add_option("--seed", o.verify.seed, "Seed of the activations (step s uses seed + s)");
   cmd->add_flag(
-      "--poison", o->verify.poison,
+      "--poison", o.verify.poison,
       "Also run once with every host arena overwritten right after its copy: outputs must not change");
-  cmd->add_option("--time-tolerance", o->time_tolerance,
+  cmd->add_option("--time-tolerance", o.time_tolerance,
                   "Fail when the measured step time is off the plan's prediction by more than this fraction "
                   "(e.g. 0.2); without it the step time is reported only")
       ->check(CLI::Range(0.0, 100.0));
   cmd->add_option(
-      "--inputs", o->verify.inputs,
+      "--inputs", o.verify.inputs,
       "The forward's inputs (safetensors) under the framework's argument names: input_ids [B, T] "
       "(Llama); hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, "
       "guidance (Flux); prefixed by the component in a pipeline (transformer.hidden_states). A "
@@ -86,20 +80,24 @@ void add_verify_command(CLI::App& app, const GlobalOptions& global, CommandFn& r
       "latents [B, image tokens, in_channels] (packed, as FluxPipeline's latents=). Default: drawn from "
       "--seed at the plan's tokens");
   cmd->add_option(
-      "--outputs", o->verify.outputs,
+      "--outputs", o.verify.outputs,
       "Write the forward's output (logits / sample, F32, prefixed in a pipeline) to this safetensors "
       "file, with the inputs when they were drawn from the seed; a FluxPipeline run writes its final "
       "latents as `images` (FluxPipeline(output_type=\"latent\").images) and the encoders' outputs");
-  cmd->add_option("--report", o->verify.report, "Write the report as JSON to this file");
+  cmd->add_option("--report", o.verify.report, "Write the report as JSON to this file");
   cmd->add_option(
-      "--trace", o->verify.trace,
+      "--trace", o.verify.trace,
       "Write a Chrome trace-event JSON of the copy and compute streams (Perfetto, chrome://tracing)");
-  add_threads_option(cmd, o->verify.threads,
-                     "CPU threads (CPU backend and host checks; default: every core)");
-  cmd->add_flag("--json", o->json, "Print the report as JSON on stdout");
+  add_threads_option(cmd, o.verify.threads, "CPU threads (CPU backend and host checks; default: every core)");
+  cmd->add_flag("--json", o.json, "Print the report as JSON on stdout");
 }
 
-const CommandRegistrar kRegistrar(50, add_verify_command);
+const CommandRegistrar kRegistrar(
+    50, "verify",
+    "Run a plan on its checkpoint (the model's real forward where qtool has it) and check it: fingerprint, "
+    "finite outputs, streamed == all-resident bit for bit, error against the original model, peak memory "
+    "and step time against the plan",
+    declare_verify, run_verify);
 
 }  // namespace
 }  // namespace qtool::cli

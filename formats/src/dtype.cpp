@@ -9,30 +9,69 @@
 namespace qtool {
 namespace {
 
+// A T at `p` (any alignment).
+template <typename T>
+T load(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+// n elements of T at `p` as float32, each through `decode`; and back through `encode`.
+template <typename T, float (*decode)(T)>
+void decode_all(const uint8_t* p, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] = decode(load<T>(p + sizeof(T) * i));
+}
+template <typename T, T (*encode)(float)>
+void encode_all(const float* src, uint8_t* p, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const T v = encode(src[i]);
+    std::memcpy(p + sizeof(T) * i, &v, sizeof(T));
+  }
+}
+void copy_f32(const uint8_t* p, float* dst, size_t n) { std::memcpy(dst, p, 4 * n); }
+void copy_f32(const float* src, uint8_t* p, size_t n) { std::memcpy(p, src, 4 * n); }
+
+template <typename From, typename To>
+To cast(From v) {
+  return static_cast<To>(v);
+}
+float bool_value(uint8_t v) { return v ? 1.0f : 0.0f; }
+
+using DecodeFn = void (*)(const uint8_t* p, float* dst, size_t n);
+using EncodeFn = void (*)(const float* src, uint8_t* p, size_t n);
+
 struct DTypeTraits {
   DType dtype;
   const char* name;
   size_t size;
   bool is_float;
   const char* torch_name;
+  DecodeFn to_f32;
+  EncodeFn from_f32;  // null: not supported
 };
 
 constexpr DTypeTraits kTraits[kNumDTypes] = {
-    {DType::BOOL, "BOOL", 1, false, "bool"},
-    {DType::U8, "U8", 1, false, "uint8"},
-    {DType::I8, "I8", 1, false, "int8"},
-    {DType::F8_E5M2, "F8_E5M2", 1, true, "float8_e5m2"},
-    {DType::F8_E4M3, "F8_E4M3", 1, true, "float8_e4m3fn"},
-    {DType::I16, "I16", 2, false, "int16"},
-    {DType::U16, "U16", 2, false, "uint16"},
-    {DType::F16, "F16", 2, true, "float16"},
-    {DType::BF16, "BF16", 2, true, "bfloat16"},
-    {DType::I32, "I32", 4, false, "int32"},
-    {DType::U32, "U32", 4, false, "uint32"},
-    {DType::F32, "F32", 4, true, "float32"},
-    {DType::F64, "F64", 8, true, "float64"},
-    {DType::I64, "I64", 8, false, "int64"},
-    {DType::U64, "U64", 8, false, "uint64"},
+    {DType::BOOL, "BOOL", 1, false, "bool", decode_all<uint8_t, bool_value>, nullptr},
+    {DType::U8, "U8", 1, false, "uint8", decode_all<uint8_t, cast<uint8_t, float>>, nullptr},
+    {DType::I8, "I8", 1, false, "int8", decode_all<int8_t, cast<int8_t, float>>, nullptr},
+    {DType::F8_E5M2, "F8_E5M2", 1, true, "float8_e5m2", decode_all<uint8_t, fp8_e5m2_to_f32>,
+     encode_all<uint8_t, f32_to_fp8_e5m2>},
+    {DType::F8_E4M3, "F8_E4M3", 1, true, "float8_e4m3fn", decode_all<uint8_t, fp8_e4m3_to_f32>,
+     encode_all<uint8_t, f32_to_fp8_e4m3>},
+    {DType::I16, "I16", 2, false, "int16", decode_all<int16_t, cast<int16_t, float>>, nullptr},
+    {DType::U16, "U16", 2, false, "uint16", decode_all<uint16_t, cast<uint16_t, float>>, nullptr},
+    {DType::F16, "F16", 2, true, "float16", decode_all<uint16_t, f16_to_f32>,
+     encode_all<uint16_t, f32_to_f16>},
+    {DType::BF16, "BF16", 2, true, "bfloat16", decode_all<uint16_t, bf16_to_f32>,
+     encode_all<uint16_t, f32_to_bf16>},
+    {DType::I32, "I32", 4, false, "int32", decode_all<int32_t, cast<int32_t, float>>, nullptr},
+    {DType::U32, "U32", 4, false, "uint32", decode_all<uint32_t, cast<uint32_t, float>>, nullptr},
+    {DType::F32, "F32", 4, true, "float32", copy_f32, copy_f32},
+    {DType::F64, "F64", 8, true, "float64", decode_all<double, cast<double, float>>,
+     encode_all<double, cast<float, double>>},
+    {DType::I64, "I64", 8, false, "int64", decode_all<int64_t, cast<int64_t, float>>, nullptr},
+    {DType::U64, "U64", 8, false, "uint64", decode_all<uint64_t, cast<uint64_t, float>>, nullptr},
 };
 
 const DTypeTraits& traits(DType dt) {
@@ -78,19 +117,6 @@ uint32_t encode_magnitude(float x, int man_bits, int bias) {
   const uint64_t biased = static_cast<uint64_t>(e + bias);
   const uint64_t code = (biased << man_bits) | (static_cast<uint64_t>(q) - (1u << man_bits));
   return code > 0xFFFFFFFFull ? 0xFFFFFFFFu : static_cast<uint32_t>(code);
-}
-
-// A T at `p` (any alignment).
-template <typename T>
-T load(const uint8_t* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
-
-template <typename T>
-float load_as_float(const uint8_t* p) {
-  return static_cast<float>(load<T>(p));
 }
 
 }  // namespace
@@ -168,84 +194,14 @@ uint8_t f32_to_fp8_e5m2(float f) {
 }
 
 void convert_to_f32(DType dt, const void* src, float* dst, size_t n) {
-  const auto* p = static_cast<const uint8_t*>(src);
-  switch (dt) {
-    case DType::BOOL:
-      for (size_t i = 0; i < n; ++i) dst[i] = p[i] ? 1.0f : 0.0f;
-      return;
-    case DType::U8:
-      for (size_t i = 0; i < n; ++i) dst[i] = p[i];
-      return;
-    case DType::I8:
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(p[i]);
-      return;
-    case DType::F8_E5M2:
-      for (size_t i = 0; i < n; ++i) dst[i] = fp8_e5m2_to_f32(p[i]);
-      return;
-    case DType::F8_E4M3:
-      for (size_t i = 0; i < n; ++i) dst[i] = fp8_e4m3_to_f32(p[i]);
-      return;
-    case DType::I16:
-      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<int16_t>(p + 2 * i);
-      return;
-    case DType::U16:
-      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<uint16_t>(p + 2 * i);
-      return;
-    case DType::F16:
-      for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(load<uint16_t>(p + 2 * i));
-      return;
-    case DType::BF16:
-      for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(load<uint16_t>(p + 2 * i));
-      return;
-    case DType::I32:
-      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<int32_t>(p + 4 * i);
-      return;
-    case DType::U32:
-      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<uint32_t>(p + 4 * i);
-      return;
-    case DType::F32: std::memcpy(dst, p, 4 * n); return;
-    case DType::F64:
-      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<double>(p + 8 * i);
-      return;
-    case DType::I64:
-      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<int64_t>(p + 8 * i);
-      return;
-    case DType::U64:
-      for (size_t i = 0; i < n; ++i) dst[i] = load_as_float<uint64_t>(p + 8 * i);
-      return;
-  }
+  traits(dt).to_f32(static_cast<const uint8_t*>(src), dst, n);
 }
 
 void convert_from_f32(DType dt, const float* src, void* dst, size_t n) {
-  auto* p = static_cast<uint8_t*>(dst);
-  switch (dt) {
-    case DType::F32: std::memcpy(p, src, 4 * n); return;
-    case DType::F64:
-      for (size_t i = 0; i < n; ++i) {
-        const double d = src[i];
-        std::memcpy(p + 8 * i, &d, 8);
-      }
-      return;
-    case DType::BF16:
-      for (size_t i = 0; i < n; ++i) {
-        const uint16_t h = f32_to_bf16(src[i]);
-        std::memcpy(p + 2 * i, &h, 2);
-      }
-      return;
-    case DType::F16:
-      for (size_t i = 0; i < n; ++i) {
-        const uint16_t h = f32_to_f16(src[i]);
-        std::memcpy(p + 2 * i, &h, 2);
-      }
-      return;
-    case DType::F8_E4M3:
-      for (size_t i = 0; i < n; ++i) p[i] = f32_to_fp8_e4m3(src[i]);
-      return;
-    case DType::F8_E5M2:
-      for (size_t i = 0; i < n; ++i) p[i] = f32_to_fp8_e5m2(src[i]);
-      return;
-    default: fail(ErrorKind::Unsupported, "conversion from float32 to ", dtype_name(dt), " is not supported");
-  }
+  const EncodeFn encode = traits(dt).from_f32;
+  if (!encode)
+    fail(ErrorKind::Unsupported, "conversion from float32 to ", dtype_name(dt), " is not supported");
+  encode(src, static_cast<uint8_t*>(dst), n);
 }
 
 }  // namespace qtool

@@ -2,6 +2,7 @@
 // FluxTransformer2DModel and AutoencoderKL; transformers' CLIPTextModel, T5EncoderModel and
 // LlamaForCausalLM), in their state_dict order, with the config files those libraries write.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <set>
 #include <string>
@@ -45,6 +46,24 @@ class Builder {
   void conv(const std::string& prefix, int64_t out, int64_t in, int64_t k) {
     weight(prefix + ".weight", {out, in, k, k});
     add(prefix + ".bias", {out}, SynthInit::Bias);
+  }
+  // An attention's query, key, value and output projections, `names` in that order under
+  // `prefix`: `hidden` inputs to a query `width` and keys and values `kv_width` wide, and the
+  // output back from `width` to `hidden`.
+  void attention(const std::string& prefix, const std::array<const char*, 4>& names, int64_t hidden,
+                 int64_t width, int64_t kv_width, bool bias = true) {
+    linear(prefix + names[0], width, hidden, bias);
+    linear(prefix + names[1], kv_width, hidden, bias);
+    linear(prefix + names[2], kv_width, hidden, bias);
+    linear(prefix + names[3], hidden, width, bias);
+  }
+  // A gated MLP's gate, up and down projections, `names` in that order under `prefix`, without
+  // bias: `hidden` to `width` twice, and back.
+  void gated_mlp(const std::string& prefix, const std::array<const char*, 3>& names, int64_t hidden,
+                 int64_t width) {
+    linear(prefix + names[0], width, hidden, false);
+    linear(prefix + names[1], width, hidden, false);
+    linear(prefix + names[2], hidden, width, false);
   }
   // LayerNorm / GroupNorm (weight and bias) or RMSNorm (weight only).
   void norm(const std::string& prefix, int64_t n, bool bias = true) {
@@ -114,16 +133,10 @@ SynthComponent flux_transformer(const FluxDims& d, DType dt) {
     b.linear(p + ".norm1_context.linear", 6 * D, D);
     b.norm(p + ".attn.norm_q", d.head_dim, false);  // RMSNorm over the head dim
     b.norm(p + ".attn.norm_k", d.head_dim, false);
-    b.linear(p + ".attn.to_q", D, D);
-    b.linear(p + ".attn.to_k", D, D);
-    b.linear(p + ".attn.to_v", D, D);
-    b.linear(p + ".attn.to_out.0", D, D);
+    b.attention(p + ".attn.", {"to_q", "to_k", "to_v", "to_out.0"}, D, D, D);
     b.norm(p + ".attn.norm_added_q", d.head_dim, false);
     b.norm(p + ".attn.norm_added_k", d.head_dim, false);
-    b.linear(p + ".attn.add_q_proj", D, D);
-    b.linear(p + ".attn.add_k_proj", D, D);
-    b.linear(p + ".attn.add_v_proj", D, D);
-    b.linear(p + ".attn.to_add_out", D, D);
+    b.attention(p + ".attn.", {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}, D, D, D);
     b.linear(p + ".ff.net.0.proj", 4 * D, D);  // GELU(tanh) with mult 4
     b.linear(p + ".ff.net.2", D, 4 * D);
     b.linear(p + ".ff_context.net.0.proj", 4 * D, D);
@@ -183,10 +196,7 @@ SynthComponent flux_vae(const VaeDims& d, DType dt) {
   };
   auto mid_block = [&](const std::string& p, int64_t ch) {  // UNetMidBlock2D, one attention
     b.norm(p + ".attentions.0.group_norm", ch);
-    b.linear(p + ".attentions.0.to_q", ch, ch);
-    b.linear(p + ".attentions.0.to_k", ch, ch);
-    b.linear(p + ".attentions.0.to_v", ch, ch);
-    b.linear(p + ".attentions.0.to_out.0", ch, ch);
+    b.attention(p + ".attentions.0.", {"to_q", "to_k", "to_v", "to_out.0"}, ch, ch, ch);
     resnet(p + ".resnets.0", ch, ch);
     resnet(p + ".resnets.1", ch, ch);
   };
@@ -246,34 +256,49 @@ SynthComponent flux_vae(const VaeDims& d, DType dt) {
   return c;
 }
 
+// The sizes the text models (CLIP, T5, Llama) share, under their own names in each config.
+struct TextDims {
+  int64_t heads;
+  int64_t head_dim;      // T5: d_kv
+  int64_t intermediate;  // the MLP's width; T5: d_ff
+  int64_t layers;
+  int64_t vocab;
+  int64_t hidden() const { return heads * head_dim; }  // T5: d_model
+};
+
+// --scale on a text model: widths and depths shrink, head dims stay.
+TextDims scale_text(TextDims d, double s) {
+  d.heads = scaled(d.heads, s, 1, 1);
+  d.intermediate = scaled(d.intermediate, s, 64, 64);
+  d.layers = scaled(d.layers, s, 1, 2);
+  d.vocab = scaled(d.vocab, s, 64, 1024);
+  return d;
+}
+
 // --- CLIPTextModel (transformers), CLIP ViT-L/14's text tower ---
 
 struct ClipDims {
-  int64_t heads = 12;
-  int64_t head_dim = 64;
-  int64_t intermediate = 3072;
-  int64_t layers = 12;
-  int64_t vocab = 49408;
+  TextDims text{.heads = 12, .head_dim = 64, .intermediate = 3072, .layers = 12, .vocab = 49408};
   int64_t max_positions = 77;
-  int64_t hidden() const { return heads * head_dim; }
 };
 
 SynthComponent clip_text(const ClipDims& d, DType dt) {
   SynthComponent c = weighted_component("text_encoder", "transformers", "CLIPTextModel", 123'060'480);
-  const int64_t H = d.hidden();
+  const TextDims& t = d.text;
+  const int64_t H = t.hidden();
   Builder b(c.tensors, dt);
   // Hub checkpoints keep the CLIPTextTransformer under "text_model." (transformers maps it).
-  b.weight("text_model.embeddings.token_embedding.weight", {d.vocab, H});
+  b.weight("text_model.embeddings.token_embedding.weight", {t.vocab, H});
   b.weight("text_model.embeddings.position_embedding.weight", {d.max_positions, H});
-  for (int64_t i = 0; i < d.layers; ++i) {
+  for (int64_t i = 0; i < t.layers; ++i) {
     const std::string p = idx("text_model.encoder.layers", i);
     b.linear(p + ".self_attn.k_proj", H, H);
     b.linear(p + ".self_attn.v_proj", H, H);
     b.linear(p + ".self_attn.q_proj", H, H);
     b.linear(p + ".self_attn.out_proj", H, H);
     b.norm(p + ".layer_norm1", H);
-    b.linear(p + ".mlp.fc1", d.intermediate, H);
-    b.linear(p + ".mlp.fc2", H, d.intermediate);
+    b.linear(p + ".mlp.fc1", t.intermediate, H);
+    b.linear(p + ".mlp.fc2", H, t.intermediate);
     b.norm(p + ".layer_norm2", H);
   }
   b.norm("text_model.final_layer_norm", H);
@@ -289,17 +314,17 @@ SynthComponent clip_text(const ClipDims& d, DType dt) {
       {"hidden_size", H},
       {"initializer_factor", 1.0},
       {"initializer_range", 0.02},
-      {"intermediate_size", d.intermediate},
+      {"intermediate_size", t.intermediate},
       {"layer_norm_eps", 1e-05},
       {"max_position_embeddings", d.max_positions},
       {"model_type", "clip_text_model"},
-      {"num_attention_heads", d.heads},
-      {"num_hidden_layers", d.layers},
+      {"num_attention_heads", t.heads},
+      {"num_hidden_layers", t.layers},
       {"pad_token_id", 1},
       {"projection_dim", H},
       {"torch_dtype", std::string(dtype_torch_name(dt))},
       {"transformers_version", kFluxTransformersVersion},
-      {"vocab_size", d.vocab},
+      {"vocab_size", t.vocab},
   };
   return c;
 }
@@ -307,32 +332,23 @@ SynthComponent clip_text(const ClipDims& d, DType dt) {
 // --- T5EncoderModel (transformers), T5 v1.1 XXL's encoder ---
 
 struct T5Dims {
-  int64_t heads = 64;
-  int64_t d_kv = 64;
-  int64_t d_ff = 10240;
-  int64_t layers = 24;
-  int64_t vocab = 32128;
+  TextDims text{.heads = 64, .head_dim = 64, .intermediate = 10240, .layers = 24, .vocab = 32128};
   int64_t buckets = 32;
-  int64_t d_model() const { return heads * d_kv; }
 };
 
 SynthComponent t5_encoder(const T5Dims& d, DType dt) {
   SynthComponent c = weighted_component("text_encoder_2", "transformers", "T5EncoderModel", 4'762'310'656);
-  const int64_t M = d.d_model(), inner = d.heads * d.d_kv;
+  const TextDims& t = d.text;
+  const int64_t M = t.hidden(), inner = t.heads * t.head_dim;
   Builder b(c.tensors, dt);
   // encoder.embed_tokens.weight is tied to shared.weight and not saved.
-  b.weight("shared.weight", {d.vocab, M});
-  for (int64_t i = 0; i < d.layers; ++i) {
+  b.weight("shared.weight", {t.vocab, M});
+  for (int64_t i = 0; i < t.layers; ++i) {
     const std::string p = idx("encoder.block", i);
-    b.weight(p + ".layer.0.SelfAttention.q.weight", {inner, M});
-    b.weight(p + ".layer.0.SelfAttention.k.weight", {inner, M});
-    b.weight(p + ".layer.0.SelfAttention.v.weight", {inner, M});
-    b.weight(p + ".layer.0.SelfAttention.o.weight", {M, inner});
-    if (i == 0) b.weight(p + ".layer.0.SelfAttention.relative_attention_bias.weight", {d.buckets, d.heads});
+    b.attention(p + ".layer.0.SelfAttention.", {"q", "k", "v", "o"}, M, inner, inner, false);
+    if (i == 0) b.weight(p + ".layer.0.SelfAttention.relative_attention_bias.weight", {d.buckets, t.heads});
     b.norm(p + ".layer.0.layer_norm", M, false);  // T5LayerNorm: RMS, weight only
-    b.weight(p + ".layer.1.DenseReluDense.wi_0.weight", {d.d_ff, M});
-    b.weight(p + ".layer.1.DenseReluDense.wi_1.weight", {d.d_ff, M});
-    b.weight(p + ".layer.1.DenseReluDense.wo.weight", {M, d.d_ff});
+    b.gated_mlp(p + ".layer.1.DenseReluDense.", {"wi_0", "wi_1", "wo"}, M, t.intermediate);
     b.norm(p + ".layer.1.layer_norm", M, false);
   }
   b.norm("encoder.final_layer_norm", M, false);
@@ -341,8 +357,8 @@ SynthComponent t5_encoder(const T5Dims& d, DType dt) {
       {"_name_or_path", "google/t5-v1_1-xxl"},
       {"architectures", {c.class_name}},
       {"classifier_dropout", 0.0},
-      {"d_ff", d.d_ff},
-      {"d_kv", d.d_kv},
+      {"d_ff", t.intermediate},
+      {"d_kv", t.head_dim},
       {"d_model", M},
       {"decoder_start_token_id", 0},
       {"dense_act_fn", "gelu_new"},
@@ -354,9 +370,9 @@ SynthComponent t5_encoder(const T5Dims& d, DType dt) {
       {"is_gated_act", true},
       {"layer_norm_epsilon", 1e-06},
       {"model_type", "t5"},
-      {"num_decoder_layers", d.layers},
-      {"num_heads", d.heads},
-      {"num_layers", d.layers},
+      {"num_decoder_layers", t.layers},
+      {"num_heads", t.heads},
+      {"num_layers", t.layers},
       {"output_past", true},
       {"pad_token_id", 0},
       {"relative_attention_max_distance", 128},
@@ -365,7 +381,7 @@ SynthComponent t5_encoder(const T5Dims& d, DType dt) {
       {"torch_dtype", std::string(dtype_torch_name(dt))},
       {"transformers_version", kFluxTransformersVersion},
       {"use_cache", true},
-      {"vocab_size", d.vocab},
+      {"vocab_size", t.vocab},
   };
   return c;
 }
@@ -399,59 +415,50 @@ SynthComponent t5_tokenizer() {
 // --- LlamaForCausalLM (transformers) ---
 
 struct LlamaDims {
-  int64_t heads = 32;
+  TextDims text{.heads = 32, .head_dim = 128, .intermediate = 14336, .layers = 32, .vocab = 128256};
   int64_t kv_heads = 8;
-  int64_t head_dim = 128;
-  int64_t intermediate = 14336;
-  int64_t layers = 32;
-  int64_t vocab = 128256;
   int64_t max_positions = 8192;
   double rope_theta = 500000.0;
   json rope_scaling = nullptr;
   bool tie = false;
-  int64_t hidden() const { return heads * head_dim; }
 };
 
 SynthComponent llama(const LlamaDims& d, DType dt, uint64_t published, uint64_t max_shard,
                      const char* version) {
   SynthComponent c = weighted_component("", "transformers", "LlamaForCausalLM", published);
   c.default_max_shard_size = max_shard;
-  const int64_t H = d.hidden(), kv = d.kv_heads * d.head_dim;
+  const TextDims& t = d.text;
+  const int64_t H = t.hidden(), kv = d.kv_heads * t.head_dim;
   Builder b(c.tensors, dt);
-  b.weight("model.embed_tokens.weight", {d.vocab, H});
-  for (int64_t i = 0; i < d.layers; ++i) {
+  b.weight("model.embed_tokens.weight", {t.vocab, H});
+  for (int64_t i = 0; i < t.layers; ++i) {
     const std::string p = idx("model.layers", i);
-    b.weight(p + ".self_attn.q_proj.weight", {H, H});
-    b.weight(p + ".self_attn.k_proj.weight", {kv, H});
-    b.weight(p + ".self_attn.v_proj.weight", {kv, H});
-    b.weight(p + ".self_attn.o_proj.weight", {H, H});
-    b.weight(p + ".mlp.gate_proj.weight", {d.intermediate, H});
-    b.weight(p + ".mlp.up_proj.weight", {d.intermediate, H});
-    b.weight(p + ".mlp.down_proj.weight", {H, d.intermediate});
+    b.attention(p + ".self_attn.", {"q_proj", "k_proj", "v_proj", "o_proj"}, H, H, kv, false);
+    b.gated_mlp(p + ".mlp.", {"gate_proj", "up_proj", "down_proj"}, H, t.intermediate);
     b.norm(p + ".input_layernorm", H, false);
     b.norm(p + ".post_attention_layernorm", H, false);
   }
   b.norm("model.norm", H, false);
-  if (!d.tie) b.weight("lm_head.weight", {d.vocab, H});
+  if (!d.tie) b.weight("lm_head.weight", {t.vocab, H});
 
   // Llama 3 keeps its special tokens in the last 256 ids; so do the scaled vocabularies.
-  const int64_t bos = d.vocab - 256, eos = d.vocab - 255;
+  const int64_t bos = t.vocab - 256, eos = t.vocab - 255;
   c.json_files["config.json"] = json{
       {"architectures", {c.class_name}},
       {"attention_bias", false},
       {"attention_dropout", 0.0},
       {"bos_token_id", bos},
       {"eos_token_id", eos},
-      {"head_dim", d.head_dim},
+      {"head_dim", t.head_dim},
       {"hidden_act", "silu"},
       {"hidden_size", H},
       {"initializer_range", 0.02},
-      {"intermediate_size", d.intermediate},
+      {"intermediate_size", t.intermediate},
       {"max_position_embeddings", d.max_positions},
       {"mlp_bias", false},
       {"model_type", "llama"},
-      {"num_attention_heads", d.heads},
-      {"num_hidden_layers", d.layers},
+      {"num_attention_heads", t.heads},
+      {"num_hidden_layers", t.layers},
       {"num_key_value_heads", d.kv_heads},
       {"pretraining_tp", 1},
       {"rms_norm_eps", 1e-05},
@@ -461,7 +468,7 @@ SynthComponent llama(const LlamaDims& d, DType dt, uint64_t published, uint64_t 
       {"torch_dtype", std::string(dtype_torch_name(dt))},
       {"transformers_version", version},
       {"use_cache", true},
-      {"vocab_size", d.vocab},
+      {"vocab_size", t.vocab},
   };
   c.json_files["generation_config.json"] = json{
       {"bos_token_id", bos},
@@ -475,13 +482,12 @@ SynthComponent llama(const LlamaDims& d, DType dt, uint64_t published, uint64_t 
   return c;
 }
 
+// Llama's heads shrink by their key/value heads, keeping the query heads per key/value head.
 LlamaDims scale_llama(LlamaDims d, double s) {
-  const int64_t group = d.heads / d.kv_heads;
+  const int64_t group = d.text.heads / d.kv_heads;
+  d.text = scale_text(d.text, s);
   d.kv_heads = scaled(d.kv_heads, s, 1, 1);
-  d.heads = d.kv_heads * group;
-  d.intermediate = scaled(d.intermediate, s, 64, 64);
-  d.layers = scaled(d.layers, s, 1, 2);
-  d.vocab = scaled(d.vocab, s, 64, 1024);
+  d.text.heads = d.kv_heads * group;
   return d;
 }
 
@@ -493,14 +499,8 @@ struct FluxPipelineDims {
 };
 
 FluxPipelineDims scale_flux(FluxPipelineDims d, double s) {
-  d.clip.heads = scaled(d.clip.heads, s, 1, 1);
-  d.clip.intermediate = scaled(d.clip.intermediate, s, 64, 64);
-  d.clip.layers = scaled(d.clip.layers, s, 1, 2);
-  d.clip.vocab = scaled(d.clip.vocab, s, 64, 1024);
-  d.t5.heads = scaled(d.t5.heads, s, 1, 1);
-  d.t5.d_ff = scaled(d.t5.d_ff, s, 64, 64);
-  d.t5.layers = scaled(d.t5.layers, s, 1, 2);
-  d.t5.vocab = scaled(d.t5.vocab, s, 64, 1024);
+  d.clip.text = scale_text(d.clip.text, s);
+  d.t5.text = scale_text(d.t5.text, s);
   d.transformer.heads = scaled(d.transformer.heads, s, 1, 1);
   d.transformer.layers = scaled(d.transformer.layers, s, 1, 2);
   d.transformer.single_layers = scaled(d.transformer.single_layers, s, 1, 2);
@@ -516,16 +516,8 @@ FluxPipelineDims tiny_flux_dims() {
   d.transformer.axes_dims_rope = {8, 12, 12};
   d.transformer.layers = 2;
   d.transformer.single_layers = 2;
-  d.clip.heads = 2;
-  d.clip.head_dim = 32;
-  d.clip.intermediate = 256;
-  d.clip.layers = 2;
-  d.clip.vocab = 1024;
-  d.t5.heads = 2;
-  d.t5.d_kv = 32;
-  d.t5.d_ff = 128;
-  d.t5.layers = 2;
-  d.t5.vocab = 1024;
+  d.clip.text = {.heads = 2, .head_dim = 32, .intermediate = 256, .layers = 2, .vocab = 1024};
+  d.t5.text = {.heads = 2, .head_dim = 32, .intermediate = 128, .layers = 2, .vocab = 1024};
   d.vae.channels = {32, 32, 64, 64};
   d.vae.layers_per_block = 1;
   return d;
@@ -533,24 +525,16 @@ FluxPipelineDims tiny_flux_dims() {
 
 LlamaDims tiny_llama_dims() {
   LlamaDims d;
-  d.heads = 8;
+  d.text = {.heads = 8, .head_dim = 32, .intermediate = 704, .layers = 4, .vocab = 1024};
   d.kv_heads = 4;
-  d.head_dim = 32;
-  d.intermediate = 704;
-  d.layers = 4;
-  d.vocab = 1024;
   d.max_positions = 2048;
   return d;
 }
 
 LlamaDims llama32_1b_dims() {
   LlamaDims d;
-  d.heads = 32;
+  d.text = {.heads = 32, .head_dim = 64, .intermediate = 8192, .layers = 16, .vocab = 128256};
   d.kv_heads = 8;
-  d.head_dim = 64;
-  d.intermediate = 8192;
-  d.layers = 16;
-  d.vocab = 128256;
   d.max_positions = 131072;
   d.rope_scaling = json{{"factor", 32.0},
                         {"high_freq_factor", 4.0},
@@ -564,8 +548,8 @@ LlamaDims llama32_1b_dims() {
 std::vector<SynthComponent> flux_components(const FluxPipelineDims& in, DType dt) {
   FluxPipelineDims d = in;
   // The transformer's text inputs are the text encoders' outputs.
-  d.transformer.joint_attention_dim = d.t5.d_model();
-  d.transformer.pooled_projection_dim = d.clip.hidden();
+  d.transformer.joint_attention_dim = d.t5.text.hidden();
+  d.transformer.pooled_projection_dim = d.clip.text.hidden();
   std::vector<SynthComponent> out;
   out.push_back(flux_scheduler());
   out.push_back(clip_text(d.clip, dt));

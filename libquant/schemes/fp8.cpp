@@ -83,13 +83,6 @@ template <DType D, bool E5M2, bool Recip, typename V>
   return encode_fp8<E5M2>(clamp_lanes(simd::round_to<D>(q) + V{}, vmax));
 }
 
-template <DType D, bool E5M2, bool Recip>
-QTOOL_AVX2_FMA inline __m256i quant8(const uint8_t* src, uint64_t c, __m256 vscale, __m256 vrecip,
-                                     __m256 vmax) {
-  return (__m256i)quant_lanes<D, E5M2, Recip>(simd::load8<D>(src + c * simd::elem_size<D>()), vscale, vrecip,
-                                              vmax);
-}
-
 // The reference's arithmetic for the last columns of a row.
 inline void quant_tail(DType dtype, const Fp8Format& fmt, const uint8_t* src, uint64_t c, uint64_t cols,
                        float scale, uint8_t* q) {
@@ -99,37 +92,54 @@ inline void quant_tail(DType dtype, const Fp8Format& fmt, const uint8_t* src, ui
   }
 }
 
-template <DType D, bool E5M2, bool Recip>
-QTOOL_AVX2_FMA void quant_row_avx2(const uint8_t* src, uint64_t cols, float scale, uint8_t* q) {
-  const Fp8Format& fmt = E5M2 ? kE5M2 : kE4M3;
-  const __m256 vscale = _mm256_set1_ps(scale);
-  const __m256 vrecip = _mm256_set1_ps(1.0f / scale);
-  const __m256 vmax = _mm256_set1_ps(fmt.max);
-  uint64_t c = 0;
-  for (; c + 32 <= cols; c += 32) {
-    const __m256i packed = simd::pack_u8_32(quant8<D, E5M2, Recip>(src, c, vscale, vrecip, vmax),
-                                            quant8<D, E5M2, Recip>(src, c + 8, vscale, vrecip, vmax),
-                                            quant8<D, E5M2, Recip>(src, c + 16, vscale, vrecip, vmax),
-                                            quant8<D, E5M2, Recip>(src, c + 24, vscale, vrecip, vmax));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + c), packed);
+// The store of one step of codes, by width: codes(k) gives the code lanes of columns k, k + 1, ...
+// of the step; AVX2 packs the low bytes of four vectors into 32 bytes, AVX-512 narrows one to 16.
+struct Avx2Codes {
+  using V = __m256;
+  static constexpr uint64_t kStep = 32;
+  template <typename Codes>
+  QTOOL_AVX2_FMA static void store(uint8_t* q, const Codes& codes) {
+    const __m256i packed =
+        simd::pack_u8_32((__m256i)codes(0), (__m256i)codes(8), (__m256i)codes(16), (__m256i)codes(24));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), packed);
   }
+};
+struct Avx512Codes {
+  using V = __m512;
+  static constexpr uint64_t kStep = 16;
+  template <typename Codes>
+  QTOOL_AVX512 static void store(uint8_t* q, const Codes& codes) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8((__m512i)codes(0)));
+  }
+};
+
+// One row's codes: whole steps of L's lanes, the rest as the reference does. Always inlined into
+// the row function of L's target.
+template <typename L, DType D, bool E5M2, bool Recip>
+[[gnu::always_inline]] inline void quant_row_lanes(const uint8_t* src, uint64_t cols, float scale,
+                                                   uint8_t* q) {
+  using V = typename L::V;
+  const Fp8Format& fmt = E5M2 ? kE5M2 : kE4M3;
+  const V vscale = simd::splat<V>(scale), vrecip = simd::splat<V>(1.0f / scale),
+          vmax = simd::splat<V>(fmt.max);
+  uint64_t c = 0;
+  // The codes of columns c + k, c + k + 1, ... (always inlined into L::store).
+  const auto codes = [&](uint64_t k) __attribute__((always_inline)) {
+    return quant_lanes<D, E5M2, Recip>(simd::load_lanes<D, V>(src + (c + k) * simd::elem_size<D>()), vscale,
+                                       vrecip, vmax);
+  };
+  for (; c + L::kStep <= cols; c += L::kStep) L::store(q + c, codes);
   quant_tail(D, fmt, src, c, cols, scale, q);
 }
 
-// AVX-512: the same arithmetic on 16 lanes.
+template <DType D, bool E5M2, bool Recip>
+QTOOL_AVX2_FMA void quant_row_avx2(const uint8_t* src, uint64_t cols, float scale, uint8_t* q) {
+  quant_row_lanes<Avx2Codes, D, E5M2, Recip>(src, cols, scale, q);
+}
+
 template <DType D, bool E5M2, bool Recip>
 QTOOL_AVX512 void quant_row_avx512(const uint8_t* src, uint64_t cols, float scale, uint8_t* q) {
-  const Fp8Format& fmt = E5M2 ? kE5M2 : kE4M3;
-  const __m512 vscale = _mm512_set1_ps(scale);
-  const __m512 vrecip = _mm512_set1_ps(1.0f / scale);
-  const __m512 vmax = _mm512_set1_ps(fmt.max);
-  uint64_t c = 0;
-  for (; c + 16 <= cols; c += 16) {
-    const __m512 codes =
-        quant_lanes<D, E5M2, Recip>(simd::load16<D>(src + c * simd::elem_size<D>()), vscale, vrecip, vmax);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm512_cvtepi32_epi8((__m512i)codes));
-  }
-  quant_tail(D, fmt, src, c, cols, scale, q);
+  quant_row_lanes<Avx512Codes, D, E5M2, Recip>(src, cols, scale, q);
 }
 
 template <DType D, bool E5M2>

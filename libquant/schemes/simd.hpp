@@ -194,6 +194,28 @@ QTOOL_AVX512 inline uint32_t absmax_bits_avx512(const uint8_t* p, uint64_t n) {
   return best;
 }
 
+// A float in every lane of V (__m256 or __m512).
+template <typename V>
+V splat(float x);
+template <>
+QTOOL_AVX2 inline __m256 splat<__m256>(float x) {
+  return _mm256_set1_ps(x);
+}
+template <>
+QTOOL_AVX512 inline __m512 splat<__m512>(float x) {
+  return _mm512_set1_ps(x);
+}
+
+// The elements of a BF16/F16/F32 buffer as the float32 lanes of V: load8 or load16, for the
+// lane-generic code (always inlined into a function of V's target).
+template <DType D, typename V>
+[[gnu::always_inline]] inline V load_lanes(const uint8_t* p) {
+  if constexpr (sizeof(V) == sizeof(__m256))
+    return load8<D>(p);
+  else
+    return load16<D>(p);
+}
+
 QTOOL_AVX512 inline __m512 round_f16(__m512 x) {
   return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }

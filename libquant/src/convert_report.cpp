@@ -37,19 +37,29 @@ struct Totals {
   }
 };
 
+// The figures a component and the totals both report.
+json counts_json(size_t n_quantized, size_t n_copied, uint64_t bytes_in, uint64_t bytes_out) {
+  return {{"tensors_converted", n_quantized},
+          {"tensors_copied", n_copied},
+          {"bytes_in", bytes_in},
+          {"bytes_out", bytes_out}};
+}
+
+// The relative RMS error and the SQNR of error sums (null where not finite).
+void add_error_json(json& j, double sum_ref, double sum_err) {
+  j["rel_rms"] = finite_or_null(rel_rms_of(sum_ref, sum_err));
+  j["sqnr_db"] = finite_or_null(sqnr_of(sum_ref, sum_err));
+}
+
 json component_json(const ComponentReport& c, bool with_error) {
-  json cj = {{"name", c.name},
-             {"scheme", c.options.is_null() ? json(nullptr) : c.options.at("scheme")},
-             {"options", c.options},
-             {"tensors_converted", c.n_quantized},
-             {"tensors_copied", c.n_copied},
-             {"bytes_in", c.bytes_in},
-             {"bytes_out", c.bytes_out},
-             {"shards", c.n_shards},
-             {"unquantized_modules", c.unquantized_modules}};
+  json cj = counts_json(c.n_quantized, c.n_copied, c.bytes_in, c.bytes_out);
+  cj["name"] = c.name;
+  cj["scheme"] = c.options.is_null() ? json(nullptr) : c.options.at("scheme");
+  cj["options"] = c.options;
+  cj["shards"] = c.n_shards;
+  cj["unquantized_modules"] = c.unquantized_modules;
   if (with_error) {
-    cj["rel_rms"] = finite_or_null(rel_rms_of(c.sum_sq_ref, c.sum_sq_err));
-    cj["sqnr_db"] = finite_or_null(sqnr_of(c.sum_sq_ref, c.sum_sq_err));
+    add_error_json(cj, c.sum_sq_ref, c.sum_sq_err);
     cj["worst_tensor"] = c.worst_tensor;
     cj["worst_sqnr_db"] = finite_or_null(c.worst_sqnr_db);
   }
@@ -65,8 +75,7 @@ json tensor_json(const TensorReport& t) {
              {"bytes_in", t.bytes_in},
              {"bytes_out", t.bytes_out}};
   if (t.has_error) {
-    tj["rel_rms"] = finite_or_null(t.rel_rms());
-    tj["sqnr_db"] = finite_or_null(t.sqnr_db());
+    add_error_json(tj, t.sum_sq_ref, t.sum_sq_err);
     tj["max_abs_err"] = t.max_abs_err;
   }
   return tj;
@@ -149,13 +158,9 @@ json report_to_json(const ConvertReport& report) {
     totals.add(c);
   }
   j["components"] = comps;
-  json tj = {{"tensors_converted", totals.n_quantized},
-             {"tensors_copied", totals.n_copied},
-             {"bytes_in", report.bytes_in},
-             {"bytes_out", report.bytes_out}};
+  json tj = counts_json(totals.n_quantized, totals.n_copied, report.bytes_in, report.bytes_out);
   if (quantize) {
-    tj["rel_rms"] = finite_or_null(rel_rms_of(totals.sum_ref, totals.sum_err));
-    tj["sqnr_db"] = finite_or_null(sqnr_of(totals.sum_ref, totals.sum_err));
+    add_error_json(tj, totals.sum_ref, totals.sum_err);
     tj["worst"] = worst_component_tensor(report);
   }
   j["totals"] = tj;

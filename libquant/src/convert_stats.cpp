@@ -235,17 +235,6 @@ template <typename L, DType D, typename Dec>
   }
 }
 
-struct Int8Dec {
-  const uint8_t* q;
-  __m256 s, inv;
-  QTOOL_STATS_TARGET Int8Dec(const uint8_t* q_, float scb)
-      : q(q_), s(_mm256_set1_ps(scb)), inv(_mm256_set1_ps(kInvInt8Max)) {}
-  QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
-    const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
-    return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), s), inv);
-  }
-};
-
 // The float16 bits of fp8 codes in 16-bit lanes (U16: a GCC vector of uint16; always inlined
 // into the decoder of its width).
 template <typename U16>
@@ -253,37 +242,83 @@ template <typename U16>
   return e4m3 ? (U16)(((v & 0x80) << 8) | ((v & 0x7F) << 7)) : (U16)(v << 8);
 }
 
-// fp8 codes decoded through float16: e5m2 is the high byte of a float16; e4m3 moves its exponent
-// and mantissa three bits down, which reads as a float16 2^8 times too small (subnormals
-// included), and the scale carries the 2^8. Exact for every finite code (the quantizers clamp, so
-// NaN and Inf codes are never written), and the product rounds once, as table[q] * s does.
-struct Fp8Dec {
+// The codes at q as float lanes of V, by width: int8 codes, and fp8 codes decoded through
+// float16 (e5m2 is the high byte of a float16; e4m3 moves its exponent and mantissa three bits
+// down, which reads as a float16 2^8 times too small, subnormals included).
+template <typename V>
+V int8_lanes(const uint8_t* q);
+template <>
+QTOOL_STATS_TARGET inline __m256 int8_lanes<__m256>(const uint8_t* q) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+template <>
+QTOOL_STATS_TARGET512 inline __m512 int8_lanes<__m512>(const uint8_t* q) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+}
+template <typename V>
+V fp8_lanes(const uint8_t* q, bool e4m3);
+template <>
+QTOOL_STATS_TARGET inline __m256 fp8_lanes<__m256>(const uint8_t* q, bool e4m3) {
+  using U16 = uint16_t __attribute__((vector_size(16)));
+  const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  return _mm256_cvtph_ps((__m128i)fp8_f16_bits((U16)v, e4m3));
+}
+template <>
+QTOOL_STATS_TARGET512 inline __m512 fp8_lanes<__m512>(const uint8_t* q, bool e4m3) {
+  using U16 = uint16_t __attribute__((vector_size(32)));
+  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  return _mm512_cvtph_ps((__m256i)fp8_f16_bits((U16)v, e4m3));
+}
+
+// The decoders of int8 and fp8, one definition for both widths: what elements i, i + 1, ... decode
+// to as the lanes of L::V. Always inlined into L::run (whose target picks the instructions); the
+// loop-invariant broadcasts are hoisted out of its loop.
+template <typename L>
+struct Int8Dec {
+  using V = typename L::V;
   const uint8_t* q;
-  __m256 s;  // the row's scale, times 2^8 for e4m3
-  bool e4m3;
-  QTOOL_STATS_TARGET Fp8Dec(const uint8_t* q_, float scale, bool e4m3_)
-      : q(q_), s(_mm256_set1_ps(e4m3_ ? scale * 0x1p8f : scale)), e4m3(e4m3_) {}
-  QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
-    using U16 = uint16_t __attribute__((vector_size(16)));
-    const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
-    return _mm256_mul_ps(_mm256_cvtph_ps((__m128i)fp8_f16_bits((U16)v, e4m3)), s);
+  float scb;
+  [[gnu::always_inline]] V operator()(size_t i) const {
+    return (int8_lanes<V>(q + i) * simd::splat<V>(scb)) * simd::splat<V>(kInvInt8Max);
   }
 };
 
-struct Bnb4Dec {
-  __m256 code_lo, code_hi;  // code[0..7], code[8..15]
+// fp8: exact for every finite code (the quantizers clamp, so NaN and Inf codes are never
+// written), and the product rounds once, as table[q] * s does.
+template <typename L>
+struct Fp8Dec {
+  using V = typename L::V;
+  const uint8_t* q;
+  float s;  // the row's scale, times 2^8 for e4m3
+  bool e4m3;
+  Fp8Dec(const uint8_t* q_, float scale, bool e4m3_)
+      : q(q_), s(e4m3_ ? scale * 0x1p8f : scale), e4m3(e4m3_) {}
+  [[gnu::always_inline]] V operator()(size_t i) const {
+    return fp8_lanes<V>(q + i, e4m3) * simd::splat<V>(s);
+  }
+};
+
+// Where the 4-bit codes and the block absmax of element i are, for the decoders of both widths.
+struct Bnb4Blocks {
   const uint8_t* packed;
   const float* absmax;  // absmax of block (i >> log2_bs) - block0
   size_t block0;
   unsigned log2_bs;
-  __m256i shifts, low4;
-  QTOOL_STATS_TARGET explicit Bnb4Dec(const Bnb4Values& v)
-      : code_lo(_mm256_loadu_ps(v.code)),
-        code_hi(_mm256_loadu_ps(v.code + 8)),
-        packed(v.packed),
+  explicit Bnb4Blocks(const Bnb4Values& v)
+      : packed(v.packed),
         absmax(v.absmax),
         block0(v.block0),
-        log2_bs(static_cast<unsigned>(__builtin_ctz(v.bs))),
+        log2_bs(static_cast<unsigned>(__builtin_ctz(v.bs))) {}
+  float block_absmax(size_t i) const { return absmax[(i >> log2_bs) - block0]; }
+};
+
+struct Bnb4Dec : Bnb4Blocks {
+  __m256 code_lo, code_hi;  // code[0..7], code[8..15]
+  __m256i shifts, low4;
+  QTOOL_STATS_TARGET explicit Bnb4Dec(const Bnb4Values& v)
+      : Bnb4Blocks(v),
+        code_lo(_mm256_loadu_ps(v.code)),
+        code_hi(_mm256_loadu_ps(v.code + 8)),
         shifts(_mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24)),
         low4(_mm256_set1_epi32(0x0F)) {}
   QTOOL_STATS_TARGET __m256 operator()(size_t i) const {
@@ -295,52 +330,19 @@ struct Bnb4Dec {
     const __m256 lo = _mm256_permutevar8x32_ps(code_lo, idx);
     const __m256 hi = _mm256_permutevar8x32_ps(code_hi, idx);
     const __m256 v = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-    return _mm256_mul_ps(v, _mm256_set1_ps(absmax[(i >> log2_bs) - block0]));
-  }
-};
-
-// ---- AVX-512: the same decoders on 16 lanes ------------------------------------------------------
-
-struct Int8Dec16 {
-  const uint8_t* q;
-  __m512 s, inv;
-  QTOOL_STATS_TARGET512 Int8Dec16(const uint8_t* q_, float scb)
-      : q(q_), s(_mm512_set1_ps(scb)), inv(_mm512_set1_ps(kInvInt8Max)) {}
-  QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
-    const __m128i q8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)), s), inv);
-  }
-};
-
-struct Fp8Dec16 {  // as Fp8Dec
-  const uint8_t* q;
-  __m512 s;
-  bool e4m3;
-  QTOOL_STATS_TARGET512 Fp8Dec16(const uint8_t* q_, float scale, bool e4m3_)
-      : q(q_), s(_mm512_set1_ps(e4m3_ ? scale * 0x1p8f : scale)), e4m3(e4m3_) {}
-  QTOOL_STATS_TARGET512 __m512 operator()(size_t i) const {
-    using U16 = uint16_t __attribute__((vector_size(32)));
-    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
-    return _mm512_mul_ps(_mm512_cvtph_ps((__m256i)fp8_f16_bits((U16)v, e4m3)), s);
+    return _mm256_mul_ps(v, _mm256_set1_ps(block_absmax(i)));
   }
 };
 
 // 16 codes from 8 bytes: each byte doubled (pshufb), widened, the even lanes shifted right by 4,
 // masked to 4 bits, and looked up in the 16-entry table with one permute.
-struct Bnb4Dec16 {
+struct Bnb4Dec16 : Bnb4Blocks {
   __m512 code;
-  const uint8_t* packed;
-  const float* absmax;
-  size_t block0;
-  unsigned log2_bs;
   __m128i doubled;
   __m512i shifts, low4;
   QTOOL_STATS_TARGET512 explicit Bnb4Dec16(const Bnb4Values& v)
-      : code(_mm512_loadu_ps(v.code)),
-        packed(v.packed),
-        absmax(v.absmax),
-        block0(v.block0),
-        log2_bs(static_cast<unsigned>(__builtin_ctz(v.bs))),
+      : Bnb4Blocks(v),
+        code(_mm512_loadu_ps(v.code)),
         doubled(_mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)),
         shifts(_mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0)),
         low4(_mm512_set1_epi32(0x0F)) {}
@@ -348,16 +350,14 @@ struct Bnb4Dec16 {
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2));
     const __m512i wide = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, doubled));
     const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(wide, shifts), low4);
-    return _mm512_mul_ps(_mm512_permutexvar_ps(idx, code), _mm512_set1_ps(absmax[(i >> log2_bs) - block0]));
+    return _mm512_mul_ps(_mm512_permutexvar_ps(idx, code), _mm512_set1_ps(block_absmax(i)));
   }
 };
 
-// The lanes of one SIMD width: its decoders and its run over elements.
+// The lanes of one SIMD width: its 4-bit decoder, its run over elements and its loads.
 struct Avx2 {
   using V = __m256;
   static constexpr size_t kLanes = 8;
-  using Int8 = Int8Dec;
-  using Fp8 = Fp8Dec;
   using Bnb4 = Bnb4Dec;
   template <DType D, typename Dec>
   QTOOL_STATS_TARGET static void run(const uint8_t* w, size_t i, size_t n, const Dec& dec, ErrorSums& sums) {
@@ -371,8 +371,6 @@ struct Avx2 {
 struct Avx512 {
   using V = __m512;
   static constexpr size_t kLanes = 16;
-  using Int8 = Int8Dec16;
-  using Fp8 = Fp8Dec16;
   using Bnb4 = Bnb4Dec16;
   template <DType D, typename Dec>
   QTOOL_STATS_TARGET512 static void run(const uint8_t* w, size_t i, size_t n, const Dec& dec,
@@ -395,7 +393,7 @@ QTOOL_STATS_TARGET void int8_simd(const uint8_t* q, const uint8_t* scb, const ui
   for (size_t r = r0; r < r1; ++r) {
     const float s = load_f32(scb, r);
     const size_t base = r * cols;
-    L::template run<D>(w, base, n_lanes, typename L::Int8(q, s), sums);
+    L::template run<D>(w, base, n_lanes, Int8Dec<L>{q, s}, sums);
     for (size_t i = base + n_lanes; i < base + cols; ++i)
       tail.add(load_original(D, w, i), int8_value(q[i], s));
   }
@@ -410,7 +408,7 @@ QTOOL_STATS_TARGET void fp8_simd(Scheme scheme, const float* table, const uint8_
   for (size_t r = r0; r < r1; ++r) {
     const float s = load_original(D, scales, per_tensor ? 0 : r);
     const size_t base = r * cols;
-    L::template run<D>(w, base, n_lanes, typename L::Fp8(q, s, scheme == Scheme::Fp8E4M3), sums);
+    L::template run<D>(w, base, n_lanes, Fp8Dec<L>(q, s, scheme == Scheme::Fp8E4M3), sums);
     for (size_t i = base + n_lanes; i < base + cols; ++i) tail.add(load_original(D, w, i), table[q[i]] * s);
   }
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 
 #include "qtool/formats/error.hpp"
@@ -85,6 +86,36 @@ std::string config_file(const Component& component) {
   return dir.empty() ? std::string("config.json") : (component.dir() / "config.json").string();
 }
 
+// A size key of a config and the field of the arch struct it sets.
+template <class A>
+struct SizeKey {
+  std::string_view key;
+  int64_t A::*field;
+};
+
+// Reads `keys` of `obj` into `a`, in order. A key the config lacks leaves its field at the struct's
+// default, the framework's (FluxTransformer2DModel's, T5Config's ...), or, when `required`, is an
+// error.
+template <class A>
+void read_sizes(const ConfigReader& r, const json& obj, A& a, std::initializer_list<SizeKey<A>> keys,
+                bool required = false, std::string_view where = {}) {
+  for (const SizeKey<A>& k : keys)
+    a.*k.field = r.positive(obj, k.key, required ? std::nullopt : std::optional<int64_t>(a.*k.field), where);
+}
+
+// The sizes that transformers' text configs (LlamaConfig, CLIPTextConfig) name alike.
+template <class A>
+void read_text_sizes(const ConfigReader& r, const json& obj, A& a, bool required,
+                     std::string_view where = {}) {
+  read_sizes<A>(r, obj, a,
+                {{"vocab_size", &A::vocab_size},
+                 {"hidden_size", &A::hidden_size},
+                 {"intermediate_size", &A::intermediate_size},
+                 {"num_hidden_layers", &A::n_layers},
+                 {"num_attention_heads", &A::n_heads}},
+                required, where);
+}
+
 // rope_theta and rope_scaling (transformers 4.x: top-level rope_theta, rope_scaling with `rope_type`
 // or the older `type`) or rope_parameters (5.x: one dict holding rope_theta and the type's fields).
 void read_llama_rope(const ConfigReader& r, LlamaArch& a) {
@@ -144,11 +175,7 @@ void read_llama_rope(const ConfigReader& r, LlamaArch& a) {
 
 LlamaArch read_llama(const ConfigReader& r) {
   LlamaArch a;
-  a.vocab_size = r.positive("vocab_size");
-  a.hidden_size = r.positive("hidden_size");
-  a.intermediate_size = r.positive("intermediate_size");
-  a.n_layers = r.positive("num_hidden_layers");
-  a.n_heads = r.positive("num_attention_heads");
+  read_text_sizes(r, r.root(), a, true);
   a.n_kv_heads = r.positive("num_key_value_heads", a.n_heads);
   if (a.n_heads % a.n_kv_heads != 0)
     fail(ErrorKind::InvalidInput, r.file(), ": key 'num_key_value_heads' (", a.n_kv_heads,
@@ -174,15 +201,16 @@ LlamaArch read_llama(const ConfigReader& r) {
 // diffusers fills keys a config lacks with FluxTransformer2DModel's defaults; so does this.
 FluxArch read_flux(const ConfigReader& r) {
   FluxArch a;
-  a.patch_size = r.positive("patch_size", 1);
-  a.in_channels = r.positive("in_channels", 64);
+  read_sizes(r, r.root(), a,
+             {{"patch_size", &FluxArch::patch_size}, {"in_channels", &FluxArch::in_channels}});
   a.out_channels = r.positive("out_channels", a.in_channels);
-  a.n_double = r.positive("num_layers", 19);
-  a.n_single = r.positive("num_single_layers", 38);
-  a.head_dim = r.positive("attention_head_dim", 128);
-  a.n_heads = r.positive("num_attention_heads", 24);
-  a.joint_attention_dim = r.positive("joint_attention_dim", 4096);
-  a.pooled_projection_dim = r.positive("pooled_projection_dim", 768);
+  read_sizes(r, r.root(), a,
+             {{"num_layers", &FluxArch::n_double},
+              {"num_single_layers", &FluxArch::n_single},
+              {"attention_head_dim", &FluxArch::head_dim},
+              {"num_attention_heads", &FluxArch::n_heads},
+              {"joint_attention_dim", &FluxArch::joint_attention_dim},
+              {"pooled_projection_dim", &FluxArch::pooled_projection_dim}});
   a.guidance_embeds = r.boolean("guidance_embeds", false);
   if (const json* axes = r.find(r.root(), "axes_dims_rope")) {
     if (!axes->is_array() || axes->empty())
@@ -222,14 +250,15 @@ bool known_act(const std::string& a) {
 // transformers fills keys a config lacks with T5Config's defaults; so does this.
 T5EncoderArch read_t5(const ConfigReader& r) {
   T5EncoderArch a;
-  a.vocab_size = r.positive("vocab_size", 32128);
-  a.d_model = r.positive("d_model", 512);
-  a.d_kv = r.positive("d_kv", 64);
-  a.n_heads = r.positive("num_heads", 8);
-  a.d_ff = r.positive("d_ff", 2048);
-  a.n_layers = r.positive("num_layers", 6);
-  a.num_buckets = r.positive("relative_attention_num_buckets", 32);
-  a.max_distance = r.positive("relative_attention_max_distance", 128);
+  read_sizes(r, r.root(), a,
+             {{"vocab_size", &T5EncoderArch::vocab_size},
+              {"d_model", &T5EncoderArch::d_model},
+              {"d_kv", &T5EncoderArch::d_kv},
+              {"num_heads", &T5EncoderArch::n_heads},
+              {"d_ff", &T5EncoderArch::d_ff},
+              {"num_layers", &T5EncoderArch::n_layers},
+              {"relative_attention_num_buckets", &T5EncoderArch::num_buckets},
+              {"relative_attention_max_distance", &T5EncoderArch::max_distance}});
   if (a.num_buckets < 4 || a.num_buckets % 4 != 0)
     fail(ErrorKind::InvalidInput, r.file(), ": key 'relative_attention_num_buckets' (", a.num_buckets,
          ") must be a multiple of 4");
@@ -259,12 +288,8 @@ ClipTextArch read_clip(const ConfigReader& r, const Component& component) {
     fail(ErrorKind::InvalidInput, r.file(), ": key 'text_config' must be an object, not ", tc->dump());
   const json& c = tc ? *tc : r.root();
   const std::string where = tc ? "text_config." : "";
-  a.vocab_size = r.positive(c, "vocab_size", 49408, where);
-  a.hidden_size = r.positive(c, "hidden_size", 512, where);
-  a.intermediate_size = r.positive(c, "intermediate_size", 2048, where);
-  a.n_layers = r.positive(c, "num_hidden_layers", 12, where);
-  a.n_heads = r.positive(c, "num_attention_heads", 8, where);
-  a.max_positions = r.positive(c, "max_position_embeddings", 77, where);
+  read_text_sizes(r, c, a, false, where);
+  a.max_positions = r.positive(c, "max_position_embeddings", a.max_positions, where);
   if (a.hidden_size % a.n_heads != 0)
     fail(ErrorKind::InvalidInput, r.file(), ": key '", where, "num_attention_heads' (", a.n_heads,
          ") must divide '", where, "hidden_size' (", a.hidden_size, ")");
@@ -496,17 +521,25 @@ std::vector<ActivationItem> activation_items(const Arch& arch, int64_t batch, in
   return flux_items(std::get<FluxArch>(arch), batch, tokens, dtype);
 }
 
-ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens) {
+ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens, uint64_t dtype_bytes) {
   ForwardFlops f;
   const auto lin = [](int64_t rows, int64_t in, int64_t out) { return 2 * u(rows) * u(in) * u(out); };
+  // Bytes of `rows` x `cols` elements moved `times` (one read or one write each).
+  const auto moved = [&](int64_t rows, int64_t cols, int64_t times) {
+    return u(rows) * u(cols) * u(times) * dtype_bytes;
+  };
   if (const auto* a = std::get_if<LlamaArch>(&arch)) {
-    const int64_t n = batch * tokens, d = a->hidden_size;
+    const int64_t n = batch * tokens, d = a->hidden_size, in = a->intermediate_size;
     const int64_t q_cols = a->n_heads * a->head_dim, kv_cols = a->n_kv_heads * a->head_dim;
     const uint64_t layer =
         lin(n, d, q_cols) + 2 * lin(n, d, kv_cols) + lin(n, q_cols, d) + 3 * lin(n, d, a->intermediate_size);
     f.linear = u(a->n_layers) * layer + lin(n, d, a->vocab_size);
     // Causal: half of the 4 * T^2 * H * hd of dense attention.
     f.attention = u(a->n_layers) * u(batch) * 2 * u(tokens) * u(tokens) * u(a->n_heads) * u(a->head_dim);
+    // Two RMS norms, RoPE of q and k, SiLU(gate) * up, two residual adds; then the final norm.
+    f.activation_bytes =
+        u(a->n_layers) * (moved(n, d, 2 * 2 + 2 * 3) + moved(n, q_cols + kv_cols, 2) + moved(n, in, 3)) +
+        moved(n, d, 2);
     return f;
   }
   if (const auto* a = std::get_if<T5EncoderArch>(&arch)) {
@@ -514,13 +547,20 @@ ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens) {
     const uint64_t layer = 4 * lin(n, d, in) + (a->gated ? 3 : 2) * lin(n, d, a->d_ff);
     f.linear = u(a->n_layers) * layer;
     f.attention = u(a->n_layers) * u(batch) * 4 * u(tokens) * u(tokens) * u(in);
+    // Two RMS norms, two residual adds, the feed-forward's activation (gated: act(gate) * up).
+    f.activation_bytes =
+        u(a->n_layers) * (moved(n, d, 2 * 2 + 2 * 3) + moved(n, a->d_ff, a->gated ? 3 : 2)) + moved(n, d, 2);
     return f;
   }
   if (const auto* a = std::get_if<ClipTextArch>(&arch)) {
-    const int64_t n = batch * tokens, d = a->hidden_size;
+    const int64_t n = batch * tokens, d = a->hidden_size, in = a->intermediate_size;
     f.linear = u(a->n_layers) * (4 * lin(n, d, d) + 2 * lin(n, d, a->intermediate_size));
     // Causal: half of dense attention.
     f.attention = u(a->n_layers) * u(batch) * 2 * u(tokens) * u(tokens) * u(d);
+    // Two layer norms, two residual adds, five biased linears of width d and fc1's (width in,
+    // broadcast and read back), QuickGELU over fc1's output.
+    f.activation_bytes =
+        u(a->n_layers) * (moved(n, d, 2 * 2 + 2 * 3 + 5 * 2) + moved(n, in, 2 + 2)) + moved(n, d, 2);
     return f;
   }
   const FluxArch& a = std::get<FluxArch>(arch);
@@ -534,6 +574,12 @@ ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens) {
   const uint64_t sgl = lin(batch, d, 3 * d) + 3 * lin(n, d, d) + lin(n, d, ff) + lin(n, d + ff, d);
   f.linear += u(a.n_double) * dbl + u(a.n_single) * sgl + lin(batch, d, 2 * d) + lin(batch * tokens, d, c);
   f.attention = u(a.n_double + a.n_single) * u(batch) * 4 * u(t) * u(t) * u(d);
+  // Per double block, in units of n x d: two modulations (2 each), the q/k RMS norms and RoPE
+  // (4 + 4), q/k/v/out biases (2 each), two gated residuals (3 each), ff_in's bias and GELU over
+  // its 4d output (8 + 8), ff_out's bias (2). Per single block: one modulation, q/k/v biases, the
+  // norms and RoPE, the MLP's bias and GELU (4d: 8 + 8), the output's bias and one gated residual.
+  f.activation_bytes = u(a.n_double) * moved(n, d, 2 * 2 + 8 + 4 * 2 + 2 * 3 + 8 + 8 + 2) +
+                       u(a.n_single) * moved(n, d, 2 + 3 * 2 + 8 + 8 + 8 + 2 + 3);
   return f;
 }
 

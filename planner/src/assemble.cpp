@@ -250,7 +250,7 @@ ScheduleStep Planner::schedule_step(const StepDraft& s) const {
     st.compute_s += linear_seconds(op, rows, opt_.profile);
   }
   for (uint32_t id : s.units)
-    if (cd.arch && units_[id].is_block && s.leaf <= 0) st.compute_s += cd.attention_s_per_block;
+    if (cd.arch && units_[id].is_block && s.leaf <= 0) st.compute_s += cd.forward_ops_s_per_block;
   return st;
 }
 

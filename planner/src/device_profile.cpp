@@ -31,6 +31,8 @@ nlohmann::json device_profile_to_json(const DeviceProfile& p) {
   j["disk_read_gbps"] = p.disk_read_gbps;
   j["device_bandwidth_gbps"] = p.device_bandwidth_gbps;
   j["bf16_tflops"] = p.bf16_tflops;
+  j["attention_tflops"] = p.attention_tflops;
+  j["activation_gbps"] = p.activation_gbps;
   j["dequant_gelems_per_s"] = p.dequant_gelems_per_s;
   j["context_bytes"] = p.context_bytes;
   j["cublas_workspace_bytes"] = p.cublas_workspace_bytes;
@@ -114,6 +116,10 @@ DeviceProfile device_profile_from_json(const nlohmann::json& j, std::string_view
       p.device_bandwidth_gbps = positive_number(v, label, key, false);
     } else if (key == "bf16_tflops") {
       p.bf16_tflops = positive_number(v, label, key, false);
+    } else if (key == "attention_tflops") {
+      p.attention_tflops = positive_number(v, label, key, false);
+    } else if (key == "activation_gbps") {
+      p.activation_gbps = positive_number(v, label, key, false);
     } else if (key == "dequant_gelems_per_s") {
       if (!v.is_object())
         fail(ErrorKind::InvalidInput, label, ": key 'dequant_gelems_per_s' must be an object");

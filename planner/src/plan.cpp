@@ -11,9 +11,11 @@
 
 namespace qtool::planner {
 
-using nlohmann::json;
-using ojson = nlohmann::ordered_json;
+using detail::gpu_memory_to_json;
+using detail::json_array;
+using detail::ojson;
 using detail::Reader;
+using nlohmann::json;
 
 std::string Location::str() const {
   switch (kind) {
@@ -150,13 +152,6 @@ uint64_t Plan::offloaded_bytes() const {
 
 namespace {
 
-ojson reserve_to_json(const std::vector<ReserveItem>& items) {
-  ojson a = ojson::array();
-  for (const ReserveItem& r : items)
-    a.push_back({{"name", r.name}, {"bytes", r.bytes}, {"detail", r.detail}});
-  return a;
-}
-
 ojson loc_oj(const Location& l) {
   if (l.is_gpu()) return ojson(l.gpu);
   return ojson(l.str());
@@ -200,8 +195,7 @@ json plan_to_json(const Plan& p) {
   j["compute_s"] = p.compute_s;
   j["gpu_bytes"] = p.gpu_bytes();
   j["offloaded_bytes"] = p.offloaded_bytes();
-  ojson devs = ojson::array();
-  for (const DevicePlan& d : p.devices) {
+  j["devices"] = json_array(p.devices, [](const DevicePlan& d) {
     ojson dj;
     dj["device"] = d.device;
     dj["location"] = loc_oj(d.location);
@@ -211,16 +205,10 @@ json plan_to_json(const Plan& p) {
       dj["budget"] = d.budget;
     dj["budget_source"] = d.budget_source;
     dj["weights_bytes"] = d.weights_bytes;
-    dj["arena_bytes"] = d.arena_bytes;
-    dj["reserve"] = reserve_to_json(d.reserve);
-    dj["n_slots"] = d.n_slots;
-    dj["slot_bytes"] = d.slot_bytes;
-    dj["predicted_peak"] = d.predicted_peak;
-    devs.push_back(std::move(dj));
-  }
-  j["devices"] = std::move(devs);
-  ojson comps = ojson::array();
-  for (const ComponentPlan& c : p.components) {
+    gpu_memory_to_json(d, dj);
+    return dj;
+  });
+  j["components"] = json_array(p.components, [](const ComponentPlan& c) {
     ojson cj = {{"name", c.name}, {"class_name", c.class_name}, {"template", c.template_name}};
     if (!c.checkpoint_prefix.empty()) cj["checkpoint_prefix"] = c.checkpoint_prefix;
     cj.update(ojson{{"forward", c.forward}, {"bytes", c.bytes}, {"step_s", c.step_s}});
@@ -236,45 +224,44 @@ json plan_to_json(const Plan& p) {
     cj["device_map"] = std::move(dm);
     cj["offload_reasons"] = std::move(reasons);
     cj["module_bytes"] = std::move(mbytes);
-    ojson tied = ojson::array();
-    for (const TiedAlias& t : c.tied) tied.push_back({{"alias", t.alias}, {"primary", t.primary}});
-    cj["tied"] = std::move(tied);
-    comps.push_back(std::move(cj));
-  }
-  j["components"] = std::move(comps);
-  ojson groups = ojson::array();
-  for (const OffloadGroup& g : p.groups) {
-    ojson ts = ojson::array();
-    for (const GroupTensor& t : g.tensors)
-      ts.push_back({{"name", t.name}, {"nbytes", t.nbytes}, {"arena_offset", t.arena_offset}});
-    groups.push_back({{"id", g.id},
-                      {"component", g.component},
-                      {"modules", g.modules},
-                      {"tensors", std::move(ts)},
-                      {"bytes", g.bytes},
-                      {"arena_bytes", g.arena_bytes},
-                      {"target", loc_oj(g.target)},
-                      {"gpu", g.gpu},
-                      {"copy_s", g.copy_s}});
-  }
-  j["groups"] = std::move(groups);
-  ojson sched = ojson::array();
-  for (const ScheduleStep& s : p.schedule) {
-    ojson lin = ojson::array();
-    for (const LinearOp& l : s.linears) {
-      lin.push_back(
-          {{"module", l.module}, {"weight", l.weight}, {"out", l.out}, {"in", l.in}, {"kind", l.kind}});
-    }
-    sched.push_back({{"component", s.component},
-                     {"modules", s.modules},
-                     {"gpu", s.gpu},
-                     {"group", s.group},
-                     {"tensors", s.tensors},
-                     {"linears", std::move(lin)},
-                     {"flops", s.flops},
-                     {"compute_s", s.compute_s}});
-  }
-  j["schedule"] = std::move(sched);
+    cj["tied"] = json_array(c.tied, [](const TiedAlias& t) {
+      return ojson{{"alias", t.alias}, {"primary", t.primary}};
+    });
+    return cj;
+  });
+  j["groups"] = json_array(p.groups, [](const OffloadGroup& g) {
+    return ojson{
+        {"id", g.id},
+        {"component", g.component},
+        {"modules", g.modules},
+        {"tensors",
+         json_array(g.tensors,
+                    [](const GroupTensor& t) {
+                      return ojson{{"name", t.name}, {"nbytes", t.nbytes}, {"arena_offset", t.arena_offset}};
+                    })},
+        {"bytes", g.bytes},
+        {"arena_bytes", g.arena_bytes},
+        {"target", loc_oj(g.target)},
+        {"gpu", g.gpu},
+        {"copy_s", g.copy_s}};
+  });
+  j["schedule"] = json_array(p.schedule, [](const ScheduleStep& s) {
+    return ojson{{"component", s.component},
+                 {"modules", s.modules},
+                 {"gpu", s.gpu},
+                 {"group", s.group},
+                 {"tensors", s.tensors},
+                 {"linears", json_array(s.linears,
+                                        [](const LinearOp& l) {
+                                          return ojson{{"module", l.module},
+                                                       {"weight", l.weight},
+                                                       {"out", l.out},
+                                                       {"in", l.in},
+                                                       {"kind", l.kind}};
+                                        })},
+                 {"flops", s.flops},
+                 {"compute_s", s.compute_s}};
+  });
   j["notes"] = p.notes;
   if (!p.phases.empty()) detail::phases_to_json(p, j);
   // Strings that are not UTF-8 (a checkpoint path from the command line) become U+FFFD here.

@@ -25,8 +25,6 @@ PhaseMode parse_phase_mode(std::string_view text, std::string_view where) {
 
 namespace detail {
 
-using ojson = nlohmann::ordered_json;
-
 namespace {
 
 ojson phase_json(const Plan& p, const PhasePlan& ph) {
@@ -43,31 +41,21 @@ ojson phase_json(const Plan& p, const PhasePlan& ph) {
   j["transfer_s"] = ph.transfer_s;
   j["compute_s"] = ph.compute_s;
   j["time_s"] = ph.time_s;
-  ojson comps = ojson::array();
-  for (const PhaseComponent& c : ph.components) {
-    comps.push_back({{"name", p.components[c.component].name},
-                     {"mode", phase_mode_name(c.mode)},
-                     {"reason", c.reason},
-                     {"load_bytes", c.load_bytes},
-                     {"load_from", c.load_pinned ? "pinned" : "pageable"},
-                     {"load_s", c.load_s}});
-  }
-  j["components"] = std::move(comps);
-  ojson devs = ojson::array();
-  for (const PhaseDevice& d : ph.devices) {
-    ojson res = ojson::array();
-    for (const ReserveItem& r : d.reserve)
-      res.push_back({{"name", r.name}, {"bytes", r.bytes}, {"detail", r.detail}});
-    devs.push_back({{"device", str_cat("cuda:", d.location.gpu)},
-                    {"location", d.location.gpu},
-                    {"resident_bytes", d.resident_bytes},
-                    {"arena_bytes", d.arena_bytes},
-                    {"reserve", std::move(res)},
-                    {"n_slots", d.n_slots},
-                    {"slot_bytes", d.slot_bytes},
-                    {"predicted_peak", d.predicted_peak}});
-  }
-  j["devices"] = std::move(devs);
+  j["components"] = json_array(ph.components, [&p](const PhaseComponent& c) {
+    return ojson{{"name", p.components[c.component].name},
+                 {"mode", phase_mode_name(c.mode)},
+                 {"reason", c.reason},
+                 {"load_bytes", c.load_bytes},
+                 {"load_from", c.load_pinned ? "pinned" : "pageable"},
+                 {"load_s", c.load_s}};
+  });
+  j["devices"] = json_array(ph.devices, [](const PhaseDevice& d) {
+    ojson dj = {{"device", str_cat("cuda:", d.location.gpu)},
+                {"location", d.location.gpu},
+                {"resident_bytes", d.resident_bytes}};
+    gpu_memory_to_json(d, dj);
+    return dj;
+  });
   return j;
 }
 
@@ -136,9 +124,7 @@ void phases_to_json(const Plan& p, ojson& j) {
   j["denoise_steps"] = p.denoise_steps;
   j["job_load_s"] = p.job_load_s;
   j["predicted_job_s"] = p.predicted_job_s;
-  ojson phases = ojson::array();
-  for (const PhasePlan& ph : p.phases) phases.push_back(phase_json(p, ph));
-  j["phases"] = std::move(phases);
+  j["phases"] = json_array(p.phases, [&p](const PhasePlan& ph) { return phase_json(p, ph); });
 }
 
 void phases_from_json(Reader& r, const json& j, Plan& p) {

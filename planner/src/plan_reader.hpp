@@ -1,5 +1,5 @@
 // The plan file's typed JSON accessors (plan.cpp, plan_phases.cpp): every error names the file
-// and the key path.
+// and the key path; and the writers the two files share.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -91,8 +91,30 @@ struct Reader {
   }
 };
 
+using ojson = nlohmann::ordered_json;
+
+// A JSON array of to_json(item) for each of `items`.
+template <typename T, typename F>
+ojson json_array(const std::vector<T>& items, F to_json) {
+  ojson a = ojson::array();
+  for (const T& item : items) a.push_back(to_json(item));
+  return a;
+}
+
+// What Reader::gpu_memory reads, appended to `j` in the plan file's order.
+template <typename Gpu>
+void gpu_memory_to_json(const Gpu& d, ojson& j) {
+  j["arena_bytes"] = d.arena_bytes;
+  j["reserve"] = json_array(d.reserve, [](const ReserveItem& r) {
+    return ojson{{"name", r.name}, {"bytes", r.bytes}, {"detail", r.detail}};
+  });
+  j["n_slots"] = d.n_slots;
+  j["slot_bytes"] = d.slot_bytes;
+  j["predicted_peak"] = d.predicted_peak;
+}
+
 // The phases of a version 3 plan (plan_phases.cpp); `p` holds its components and schedule.
-void phases_to_json(const Plan& p, nlohmann::ordered_json& j);
+void phases_to_json(const Plan& p, ojson& j);
 void phases_from_json(Reader& r, const json& j, Plan& p);
 
 }  // namespace qtool::planner::detail

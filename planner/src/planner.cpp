@@ -5,7 +5,9 @@
 #include <limits>
 #include <map>
 #include <numeric>
+#include <string>
 #include <unordered_map>
+#include <utility>
 
 #include "planner_impl.hpp"
 #include "qtool/formats/checked.hpp"
@@ -16,22 +18,26 @@
 
 namespace qtool::planner {
 
+// Each strategy with its --device-map name.
+constexpr std::pair<Strategy, std::string_view> kStrategyNames[] = {
+    {Strategy::Sequential, "sequential"},
+    {Strategy::Balanced, "balanced"},
+    {Strategy::BalancedLow0, "balanced_low_0"},
+    {Strategy::Auto, "auto"},
+};
+
 Strategy parse_strategy(std::string_view text) {
-  if (text == "sequential") return Strategy::Sequential;
-  if (text == "balanced") return Strategy::Balanced;
-  if (text == "balanced_low_0") return Strategy::BalancedLow0;
-  if (text == "auto") return Strategy::Auto;
-  fail(ErrorKind::Usage, "--device-map: unknown strategy '", text,
-       "' (sequential, balanced, balanced_low_0, auto)");
+  std::string all;
+  for (const auto& [strategy, name] : kStrategyNames) {
+    if (text == name) return strategy;
+    all += str_cat(all.empty() ? "" : ", ", name);
+  }
+  fail(ErrorKind::Usage, "--device-map: unknown strategy '", text, "' (", all, ")");
 }
 
 std::string_view strategy_name(Strategy s) {
-  switch (s) {
-    case Strategy::Sequential: return "sequential";
-    case Strategy::Balanced: return "balanced";
-    case Strategy::BalancedLow0: return "balanced_low_0";
-    case Strategy::Auto: return "auto";
-  }
+  for (const auto& [strategy, name] : kStrategyNames)
+    if (strategy == s) return name;
   return "?";
 }
 

@@ -56,7 +56,7 @@ struct CompData {
   std::optional<Arch> arch;              // a real forward runs (else linears only)
   std::vector<ReserveItem> activations;  // its activation items at the plan's tokens
   uint64_t activation_bytes = 0;
-  double attention_s_per_block = 0;  // its attention, shared by its blocks
+  double forward_ops_s_per_block = 0;  // its attention and memory-bound ops, shared by its blocks
 };
 
 // A module a group or step holds: a whole unit, or one leaf of it (leaf mode).

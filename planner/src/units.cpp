@@ -85,8 +85,8 @@ void Planner::unit_work(UnitInfo& u, const CompData& cd,
   }
   u.arena = layout_arena(all_sizes).total;
   if (cd.arch && u.is_block) {
-    u.compute_s += cd.attention_s_per_block;
-    if (!u.leaves.empty()) u.leaves.front().compute_s += cd.attention_s_per_block;
+    u.compute_s += cd.forward_ops_s_per_block;
+    if (!u.leaves.empty()) u.leaves.front().compute_s += cd.forward_ops_s_per_block;
   }
 }
 
@@ -103,9 +103,12 @@ void Planner::set_forward(CompData& cd, const ComponentInput& input) const {
   if (const auto* l = std::get_if<LlamaArch>(&*cd.arch)) blocks = static_cast<uint64_t>(l->n_layers);
   if (const auto* f = std::get_if<FluxArch>(&*cd.arch))
     blocks = static_cast<uint64_t>(f->n_double + f->n_single);
-  const double attention = static_cast<double>(forward_flops(*cd.arch, 1, tokens).attention);
-  if (blocks)
-    cd.attention_s_per_block = attention / static_cast<double>(blocks) / (opt_.profile.bf16_tflops * 1e12);
+  if (const auto* t = std::get_if<T5EncoderArch>(&*cd.arch)) blocks = static_cast<uint64_t>(t->n_layers);
+  if (const auto* c = std::get_if<ClipTextArch>(&*cd.arch)) blocks = static_cast<uint64_t>(c->n_layers);
+  const ForwardFlops f = forward_flops(*cd.arch, 1, tokens, dtype_size(input.activation_dtype));
+  const double seconds = static_cast<double>(f.attention) / (opt_.profile.attention_tflops * 1e12) +
+                         static_cast<double>(f.activation_bytes) / (opt_.profile.activation_gbps * 1e9);
+  if (blocks) cd.forward_ops_s_per_block = seconds / static_cast<double>(blocks);
 }
 
 // One component's tree, forward and execution units (appended to units_).

@@ -22,6 +22,7 @@
 #include "qtool/runner/cuda_resources.hpp"
 #include "qtool/runner/dequant.hpp"
 #include "qtool/runner/kernel_math.hpp"
+#include "view_access.cuh"
 
 namespace qtool::runner::cuda::fwd {
 
@@ -99,14 +100,6 @@ __device__ __forceinline__ float exp2_approx(float x) {  // 2^x; -inf -> 0, NaN 
   return y;
 }
 
-// An element of the bias view (any activation dtype).
-__device__ __forceinline__ float bias_at(const View& m, int64_t r, int64_t c) {
-  const int64_t i = r * m.ld + c;
-  if (m.dt == kBf16) return kmath::bf16_bits_to_f32(static_cast<const uint16_t*>(m.data)[i]);
-  if (m.dt == kF16) return dq::f16_to_f32(static_cast<const uint16_t*>(m.data)[i]);
-  return static_cast<const float*>(m.data)[i];
-}
-
 __device__ __forceinline__ bool key_dropped(const AttnArgs& a, int64_t b, int64_t u) {
   return a.mask_i64 ? static_cast<const int64_t*>(a.mask)[b * a.mask_ld + u] == 0
                     : static_cast<const int32_t*>(a.mask)[b * a.mask_ld + u] == 0;
@@ -115,7 +108,7 @@ __device__ __forceinline__ bool key_dropped(const AttnArgs& a, int64_t b, int64_
 // x (a scaled score of row t, key u) plus the bias and the key mask, in the CPU backend's order.
 __device__ __forceinline__ float bias_and_mask(const AttnArgs& a, float x, int64_t b, int64_t h, int64_t t,
                                                int64_t u) {
-  if (a.bias.data && t < a.q_len) x = x + bias_at(a.bias, h * a.q_len + t, u);
+  if (a.bias.data && t < a.q_len) x = x + ld_el(a.bias, h * a.q_len + t, u);
   if (a.mask && key_dropped(a, b, u)) x = x + a.mask_value;
   return x;
 }

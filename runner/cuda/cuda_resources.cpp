@@ -134,58 +134,57 @@ DeviceScope::~DeviceScope() {
     report_release_error(cudaSetDevice(previous_), "cudaSetDevice (restore)");
 }
 
-// --- Stream --------------------------------------------------------------------------------------
+namespace {
 
-Stream::Stream(int device, int priority) : device_(device) {
-  DeviceScope scope(device);
-  QTOOL_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority));
-}
-
-Stream& Stream::operator=(Stream&& other) noexcept {
-  if (this != &other) {
-    reset();
-    device_ = other.device_;
-    stream_ = std::exchange(other.stream_, nullptr);
-  }
-  return *this;
-}
-
-void Stream::synchronize() const { QTOOL_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
-
-void Stream::wait(cudaEvent_t event) const { QTOOL_CUDA_CHECK(cudaStreamWaitEvent(stream_, event, 0)); }
-
-void Stream::reset() noexcept {
-  if (!stream_) return;
+// Runs `release` with `device` current and makes the previous device current again (errors
+// ignored: it runs in destructors).
+template <class F>
+void on_device(int device, F&& release) noexcept {
   int prev = -1;
   (void)cudaGetDevice(&prev);
-  (void)cudaSetDevice(device_);
-  report_release_error(cudaStreamDestroy(stream_), "cudaStreamDestroy");
+  (void)cudaSetDevice(device);
+  release();
   if (prev >= 0) (void)cudaSetDevice(prev);
-  stream_ = nullptr;
 }
+
+}  // namespace
+
+// --- Stream --------------------------------------------------------------------------------------
+
+Stream::Stream(int device, int priority) : stream_(device) {
+  DeviceScope scope(device);
+  cudaStream_t stream = nullptr;
+  QTOOL_CUDA_CHECK(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, priority));
+  stream_.reset(stream);
+}
+
+void Stream::Destroy::operator()(int device, cudaStream_t stream) const noexcept {
+  on_device(device, [&] { report_release_error(cudaStreamDestroy(stream), "cudaStreamDestroy"); });
+}
+
+void Stream::synchronize() const { QTOOL_CUDA_CHECK(cudaStreamSynchronize(get())); }
+
+void Stream::wait(cudaEvent_t event) const { QTOOL_CUDA_CHECK(cudaStreamWaitEvent(get(), event, 0)); }
 
 // --- Event ---------------------------------------------------------------------------------------
 
-Event::Event(int device, Timing timing) : device_(device) {
+Event::Event(int device, Timing timing) : event_(device) {
   DeviceScope scope(device);
   const unsigned flags = timing == Timing::On ? cudaEventDefault : cudaEventDisableTiming;
-  QTOOL_CUDA_CHECK(cudaEventCreateWithFlags(&event_, flags));
+  cudaEvent_t event = nullptr;
+  QTOOL_CUDA_CHECK(cudaEventCreateWithFlags(&event, flags));
+  event_.reset(event);
 }
 
-Event& Event::operator=(Event&& other) noexcept {
-  if (this != &other) {
-    reset();
-    device_ = other.device_;
-    event_ = std::exchange(other.event_, nullptr);
-  }
-  return *this;
+void Event::Destroy::operator()(int, cudaEvent_t event) const noexcept {
+  report_release_error(cudaEventDestroy(event), "cudaEventDestroy");
 }
 
-void Event::record(cudaStream_t stream) const { QTOOL_CUDA_CHECK(cudaEventRecord(event_, stream)); }
-void Event::synchronize() const { QTOOL_CUDA_CHECK(cudaEventSynchronize(event_)); }
+void Event::record(cudaStream_t stream) const { QTOOL_CUDA_CHECK(cudaEventRecord(get(), stream)); }
+void Event::synchronize() const { QTOOL_CUDA_CHECK(cudaEventSynchronize(get())); }
 
 bool Event::query() const {
-  const cudaError_t err = cudaEventQuery(event_);
+  const cudaError_t err = cudaEventQuery(get());
   if (err == cudaErrorNotReady) return false;
   QTOOL_CUDA_CHECK(err);
   return true;
@@ -193,22 +192,19 @@ bool Event::query() const {
 
 float Event::elapsed_ms_since(const Event& start) const {
   float ms = 0.0f;
-  QTOOL_CUDA_CHECK(cudaEventElapsedTime(&ms, start.event_, event_));
+  QTOOL_CUDA_CHECK(cudaEventElapsedTime(&ms, start.get(), get()));
   return ms;
 }
 
-void Event::reset() noexcept {
-  if (!event_) return;
-  report_release_error(cudaEventDestroy(event_), "cudaEventDestroy");
-  event_ = nullptr;
-}
+// --- DeviceBuffer, PinnedBuffer ------------------------------------------------------------------
 
-// --- DeviceBuffer --------------------------------------------------------------------------------
+namespace {
 
-DeviceBuffer::DeviceBuffer(int device, size_t nbytes) : device_(device), size_(nbytes) {
-  if (nbytes == 0) return;
+void* device_malloc(int device, size_t nbytes) {
+  if (nbytes == 0) return nullptr;
   DeviceScope scope(device);
-  const cudaError_t err = cudaMalloc(&data_, nbytes);
+  void* data = nullptr;
+  const cudaError_t err = cudaMalloc(&data, nbytes);
   if (err == cudaErrorMemoryAllocation) {
     (void)cudaGetLastError();
     size_t free_b = 0, total_b = 0;
@@ -217,87 +213,54 @@ DeviceBuffer::DeviceBuffer(int device, size_t nbytes) : device_(device), size_(n
          " bytes): ", format_size(free_b), " of ", format_size(total_b), " free");
   }
   QTOOL_CUDA_CHECK(err);
+  return data;
 }
 
-DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
-  if (this != &other) {
-    reset();
-    device_ = other.device_;
-    data_ = std::exchange(other.data_, nullptr);
-    size_ = std::exchange(other.size_, 0);
-  }
-  return *this;
+void* host_alloc(size_t nbytes) {
+  void* data = nullptr;
+  if (nbytes) QTOOL_CUDA_CHECK(cudaHostAlloc(&data, nbytes, cudaHostAllocPortable));
+  return data;
 }
 
-void DeviceBuffer::reset() noexcept {
-  if (data_) {
-    int prev = -1;
-    (void)cudaGetDevice(&prev);
-    (void)cudaSetDevice(device_);
-    report_release_error(cudaFree(data_), "cudaFree");
-    if (prev >= 0) (void)cudaSetDevice(prev);
-  }
-  data_ = nullptr;
-  size_ = 0;
+}  // namespace
+
+DeviceBuffer::DeviceBuffer(int device, size_t nbytes)
+    : Memory(device, device_malloc(device, nbytes), nbytes) {}
+
+void CudaFree::operator()(int device, void* data) const noexcept {
+  on_device(device, [&] { report_release_error(cudaFree(data), "cudaFree"); });
 }
 
-// --- PinnedBuffer --------------------------------------------------------------------------------
+PinnedBuffer::PinnedBuffer(size_t nbytes) : Memory(-1, host_alloc(nbytes), nbytes) {}
 
-PinnedBuffer::PinnedBuffer(size_t nbytes) : size_(nbytes) {
-  if (nbytes == 0) return;
-  QTOOL_CUDA_CHECK(cudaHostAlloc(&data_, nbytes, cudaHostAllocPortable));
-}
-
-PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& other) noexcept {
-  if (this != &other) {
-    reset();
-    data_ = std::exchange(other.data_, nullptr);
-    size_ = std::exchange(other.size_, 0);
-  }
-  return *this;
-}
-
-void PinnedBuffer::reset() noexcept {
-  if (data_) report_release_error(cudaFreeHost(data_), "cudaFreeHost");
-  data_ = nullptr;
-  size_ = 0;
+void CudaFreeHost::operator()(int, void* data) const noexcept {
+  report_release_error(cudaFreeHost(data), "cudaFreeHost");
 }
 
 // --- CublasHandle --------------------------------------------------------------------------------
 
-CublasHandle::CublasHandle(int device) : device_(device) {
+CublasHandle::CublasHandle(int device) : handle_(device) {
   DeviceScope scope(device);
-  QTOOL_CUBLAS_CHECK(cublas().create(&handle_));
-  QTOOL_CUBLAS_CHECK(cublas().set_pointer_mode(handle_, CUBLAS_POINTER_MODE_HOST));
+  cublasHandle_t handle = nullptr;
+  QTOOL_CUBLAS_CHECK(cublas().create(&handle));
+  handle_.reset(handle);
+  QTOOL_CUBLAS_CHECK(cublas().set_pointer_mode(handle, CUBLAS_POINTER_MODE_HOST));
 }
 
-CublasHandle& CublasHandle::operator=(CublasHandle&& other) noexcept {
-  if (this != &other) {
-    reset();
-    device_ = other.device_;
-    handle_ = std::exchange(other.handle_, nullptr);
-  }
-  return *this;
+void CublasHandle::Destroy::operator()(int device, cublasHandle_t handle) const noexcept {
+  on_device(device, [&] {
+    const cublasStatus_t st = cublas().destroy(handle);
+    if (st != CUBLAS_STATUS_SUCCESS)
+      std::fprintf(stderr, "qtool: warning: cublasDestroy failed: %d\n", static_cast<int>(st));
+  });
 }
 
 void CublasHandle::set_stream(cudaStream_t stream) const {
-  QTOOL_CUBLAS_CHECK(cublas().set_stream(handle_, stream));
+  QTOOL_CUBLAS_CHECK(cublas().set_stream(get(), stream));
 }
 
 void CublasHandle::set_workspace(void* workspace, size_t nbytes) const {
-  QTOOL_CUBLAS_CHECK(cublas().set_workspace(handle_, workspace, nbytes));
-}
-
-void CublasHandle::reset() noexcept {
-  if (!handle_) return;
-  int prev = -1;
-  (void)cudaGetDevice(&prev);
-  (void)cudaSetDevice(device_);
-  const cublasStatus_t st = cublas().destroy(handle_);
-  if (st != CUBLAS_STATUS_SUCCESS)
-    std::fprintf(stderr, "qtool: warning: cublasDestroy failed: %d\n", static_cast<int>(st));
-  if (prev >= 0) (void)cudaSetDevice(prev);
-  handle_ = nullptr;
+  QTOOL_CUBLAS_CHECK(cublas().set_workspace(get(), workspace, nbytes));
 }
 
 }  // namespace qtool::runner::cuda

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "attention_cudnn.hpp"
+#include "forward_args.hpp"
 #include "forward_kernels.hpp"
 #include "op_times.hpp"
 #include "qtool/formats/error.hpp"
@@ -17,6 +18,7 @@ namespace qtool::runner {
 namespace {
 
 namespace fwd = cuda::fwd;
+using fwd::view;
 
 int dt_code(DType dt) {
   switch (dt) {
@@ -24,11 +26,6 @@ int dt_code(DType dt) {
     case DType::F16: return fwd::kF16;
     default: return fwd::kF32;
   }
-}
-
-fwd::View view(const Mat& m) {
-  check_view(m);
-  return {m.data, dt_code(m.dtype), m.rows, m.cols, m.ld};
 }
 
 float finfo_min(DType dt) {
@@ -47,27 +44,55 @@ cudaDataType cuda_type(DType dt) {
   }
 }
 
-class CudaOps final : public Ops {
+}  // namespace
+
+fwd::View fwd::view(const Mat& m) {
+  check_view(m);
+  return {m.data, dt_code(m.dtype), m.rows, m.cols, m.ld};
+}
+
+fwd::AttnArgs fwd::attention_args(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& s,
+                                  const Mat& out) {
+  AttnArgs a;
+  a.q = view(q);
+  a.k = view(k);
+  a.v = view(v);
+  a.out = view(out);
+  a.batch = s.batch;
+  a.q_len = s.q_len;
+  a.kv_len = s.kv_len;
+  a.heads = s.heads;
+  a.kv_heads = s.kv_heads;
+  a.head_dim = s.head_dim;
+  a.scale = s.scale;
+  a.causal = s.causal;
+  if (s.bias) a.bias = view(*s.bias);
+  if (s.key_mask) {
+    a.mask = s.key_mask->data;
+    a.mask_i64 = s.key_mask->dtype == DType::I64;
+    a.mask_ld = s.key_mask->ld;
+    a.mask_value = finfo_min(q.dtype);
+  }
+  return a;
+}
+
+namespace {
+
+class CudaOps final : public StackOps<cuda::DeviceBuffer> {
  public:
   CudaOps(int device, cudaStream_t stream, const CudaOpsConfig& config)
-      : device_(device),
+      : StackOps(cuda::DeviceBuffer(device, std::max<uint64_t>(config.activation_bytes, 1)),
+                 config.activation_bytes, str_cat("GPU ", device, " activation memory")),
+        device_(device),
         stream_(stream),
         config_(config),
-        block_(device, std::max<uint64_t>(config.activation_bytes, 1)),
-        stack_(block_.as<uint8_t>(), config.activation_bytes, str_cat("GPU ", device, " activation memory")),
-        tables_mem_(device, cuda::kDeviceTablesBytes),
+        tables_mem_(device, cuda::kDeviceTablesBytes + kDigestBytes),
         cudnn_attention_(device, stream) {
     if (config.dequant_scratch_bytes) scratch_ = cuda::DeviceBuffer(device, config.dequant_scratch_bytes);
     cuda::DeviceScope scope(device_);
     tables_ = cuda::upload_tables(tables_mem_.data(), stream_);
     max_norm_cols_ = fwd::max_norm_cols(device_);
   }
-
-  Mat alloc(int64_t rows, int64_t cols, DType dtype) override { return stack_.alloc(rows, cols, dtype); }
-  size_t mark() const override { return stack_.mark(); }
-  void release(size_t mark) override { stack_.release(mark); }
-  uint64_t peak_bytes() const override { return stack_.peak_bytes(); }
-  void reset_peak() override { stack_.reset_peak(); }
 
   void upload(const void* host, const Mat& dst) override {
     const size_t row_bytes = static_cast<size_t>(dst.cols) * dst.elem_bytes();
@@ -86,6 +111,28 @@ class CudaOps final : public Ops {
                                        static_cast<size_t>(src.ld) * src.elem_bytes(), row_bytes,
                                        static_cast<size_t>(src.rows), cudaMemcpyDeviceToHost, stream_));
     QTOOL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  bool digest(const Mat& m, uint64_t* hash, uint64_t* nonfinite) override {
+    if (m.dtype != DType::BF16 && m.dtype != DType::F16 && m.dtype != DType::F32) return false;
+    cuda::DeviceScope scope(device_);
+    // Two sums after the code tables, in their allocation (kDeviceTablesBytes is a multiple of 16).
+    auto* sums = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(tables_mem_.data()) +
+                                                       cuda::kDeviceTablesBytes);
+    QTOOL_CUDA_CHECK(cudaMemsetAsync(sums, 0, 2 * sizeof(unsigned long long), stream_));
+    const bool dense_bf16 =
+        m.dtype == DType::BF16 && m.ld == m.cols && (reinterpret_cast<uintptr_t>(m.data) & 15u) == 0;
+    if (dense_bf16)
+      cuda::accumulate_digest(static_cast<const uint16_t*>(m.data), static_cast<uint64_t>(m.rows * m.cols),
+                              sums, stream_);
+    else
+      fwd::launch_digest(view(m), sums, stream_);
+    unsigned long long host[2] = {0, 0};
+    QTOOL_CUDA_CHECK(cudaMemcpyAsync(host, sums, sizeof(host), cudaMemcpyDeviceToHost, stream_));
+    QTOOL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    *hash = host[0];
+    *nonfinite = host[1];
+    return true;
   }
 
   void embedding(const Mat& ids, const DequantParams& table, const Mat& out) override {
@@ -199,9 +246,8 @@ class CudaOps final : public Ops {
   int device_;
   cudaStream_t stream_;
   CudaOpsConfig config_;
-  cuda::DeviceBuffer block_;
-  ActivationStack stack_;
   cuda::DeviceBuffer scratch_;  // linear's dequantized weight (a larger one takes the stack)
+  static constexpr size_t kDigestBytes = 2 * sizeof(unsigned long long);
   cuda::DeviceBuffer tables_mem_;
   cuda::DeviceTables tables_;
   cuda::CublasHandle cublas_;
@@ -297,41 +343,22 @@ void CudaOps::attention(const Mat& q, const Mat& k, const Mat& v, const Attentio
                        q.dtype == k.dtype && q.dtype == v.dtype && (!s.causal || s.q_len == s.kv_len),
                    "attention: q [", q.rows, ", ", q.cols, "] k [", k.rows, ", ", k.cols, "] heads ", s.heads,
                    "/", s.kv_heads, " head_dim ", s.head_dim, " (at most 256)");
-  fwd::AttnArgs a;
-  a.q = view(q);
-  a.k = view(k);
-  a.v = view(v);
-  a.out = view(out);
-  a.batch = s.batch;
-  a.q_len = s.q_len;
-  a.kv_len = s.kv_len;
-  a.heads = s.heads;
-  a.kv_heads = s.kv_heads;
-  a.head_dim = s.head_dim;
-  a.scale = s.scale;
-  a.causal = s.causal;
-  if (s.bias) {
-    QTOOL_ASSERT(s.bias->rows == s.heads * s.q_len && s.bias->cols == s.kv_len);
-    a.bias = view(*s.bias);
-  }
-  if (s.key_mask) {
-    QTOOL_ASSERT((s.key_mask->dtype == DType::I64 || s.key_mask->dtype == DType::I32) &&
-                 s.key_mask->rows == s.batch && s.key_mask->cols == s.kv_len);
-    a.mask = s.key_mask->data;
-    a.mask_i64 = s.key_mask->dtype == DType::I64;
-    a.mask_ld = s.key_mask->ld;
-    a.mask_value = finfo_min(q.dtype);
-  }
+  QTOOL_ASSERT(!s.bias || (s.bias->rows == s.heads * s.q_len && s.bias->cols == s.kv_len));
+  QTOOL_ASSERT(!s.key_mask || ((s.key_mask->dtype == DType::I64 || s.key_mask->dtype == DType::I32) &&
+                               s.key_mask->rows == s.batch && s.key_mask->cols == s.kv_len));
+  const fwd::AttnArgs a = fwd::attention_args(q, k, v, s, out);
   cuda::DeviceScope scope(device_);
   cuda::OpTimes::Span span(times_, "attention", stream_);
   // cuDNN's fused kernel where it takes the case (its workspace, if any, on the activation stack),
   // else ours.
   const size_t m = mark();
   cuda::run_attention(cudnn_attention_, a, stream_, [this](uint64_t bytes) -> void* {
-    const uint64_t start =
-        (stack_.held() + ActivationStack::kAlign - 1) / ActivationStack::kAlign * ActivationStack::kAlign;
-    if (start + bytes > stack_.capacity()) return nullptr;
-    return alloc(1, static_cast<int64_t>(bytes), DType::U8).data;
+    try {
+      return alloc(1, static_cast<int64_t>(bytes), DType::U8).data;
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::InvalidInput) throw;
+      return nullptr;  // the stack cannot give it: our kernel serves the call
+    }
   });
   release(m);
 }

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <new>
 
 #include "cpu_ops_impl.hpp"
@@ -133,27 +134,29 @@ void mean_var(const float* x, int64_t n, float* mean, float* var) {
 
 float rsqrt(float v) { return 1.0f / std::sqrt(v); }
 
-class CpuOps final : public Ops {
+// The CPU's activation memory: `bytes` (at least 1) aligned to kAlign.
+class HostBlock {
+ public:
+  explicit HostBlock(uint64_t bytes)
+      : p_(static_cast<uint8_t*>(::operator new(std::max<uint64_t>(bytes, 1), std::align_val_t(kAlign)))) {}
+  void* data() const { return p_.get(); }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const { ::operator delete(p, std::align_val_t(kAlign)); }
+  };
+  std::unique_ptr<uint8_t, Free> p_;
+};
+
+class CpuOps final : public StackOps<HostBlock> {
  public:
   CpuOps(ThreadPool& pool, uint64_t capacity)
-      : pool_(pool),
-        block_(
-            static_cast<uint8_t*>(::operator new(std::max<uint64_t>(capacity, 1), std::align_val_t(kAlign)))),
-        stack_(block_, capacity, "CPU activation memory") {
+      : StackOps(HostBlock(capacity), capacity, "CPU activation memory"), pool_(pool) {
     const size_t slots = pool.size();
     scratch_.weight_rows.resize(slots);
     scratch_.kv.resize(slots);
     scratch_.scores.resize(slots);
   }
-  ~CpuOps() override { ::operator delete(block_, std::align_val_t(kAlign)); }
-  CpuOps(const CpuOps&) = delete;
-  CpuOps& operator=(const CpuOps&) = delete;
-
-  Mat alloc(int64_t rows, int64_t cols, DType dtype) override { return stack_.alloc(rows, cols, dtype); }
-  size_t mark() const override { return stack_.mark(); }
-  void release(size_t mark) override { stack_.release(mark); }
-  uint64_t peak_bytes() const override { return stack_.peak_bytes(); }
-  void reset_peak() override { stack_.reset_peak(); }
 
   void upload(const void* host, const Mat& dst) override {
     const size_t row_bytes = static_cast<size_t>(dst.cols) * dst.elem_bytes();
@@ -198,8 +201,6 @@ class CpuOps final : public Ops {
                 const std::function<void(int64_t, float* const*)>& fn);
 
   ThreadPool& pool_;
-  uint8_t* block_;
-  ActivationStack stack_;
   Scratch scratch_;
 };
 

@@ -229,6 +229,22 @@ std::pair<double, double> compare(const std::vector<float>& a, const std::vector
   return {den > 0 ? std::sqrt(num / den) : INFINITY, mx};
 }
 
+// r's measured error: the non-finite values of the quantized output y_q, its relative and largest
+// absolute error against the original's y_ref.
+void measure(ForwardReference& r, const std::vector<float>& y_q, const std::vector<float>& y_ref) {
+  for (float v : y_q) r.nonfinite += std::isfinite(v) ? 0 : 1;
+  std::tie(r.rel_error, r.max_abs_error) = compare(y_q, y_ref);
+}
+
+// The seed of the simulated noise, from verify's seed.
+uint64_t noise_seed(uint64_t seed) { return seed ^ 0x5EEDF0D5ull; }
+
+// r's bound from y_sim, the original's output with the error model's noise in its quantized linears.
+void bound_by(ForwardReference& r, const std::vector<float>& y_sim, const std::vector<float>& y_ref) {
+  r.simulated_rel_error = compare(y_sim, y_ref).first;
+  r.bound = kForwardBoundFactor * r.simulated_rel_error + kForwardBoundFloor;
+}
+
 // Per quantized linear of `quantized`: its weight's name and the error variance of each column.
 std::map<std::string, std::vector<double>> predicted_variance(const Component& quantized,
                                                               const Component& reference, ThreadPool& pool) {
@@ -317,19 +333,17 @@ ForwardReference compare_forward_with_reference(const Component& quantized, cons
   if (y_ref.size() != y_q.size())
     fail(ErrorKind::InvalidInput, "--reference: the original's ", r.output, " has ", y_ref.size(),
          " values, the quantized model's ", y_q.size(), ": not the same model");
-  for (float v : y_q) r.nonfinite += std::isfinite(v) ? 0 : 1;
-  std::tie(r.rel_error, r.max_abs_error) = compare(y_q, y_ref);
+  measure(r, y_q, y_ref);
 
   const std::map<std::string, std::vector<double>> variance = predicted_variance(quantized, reference, pool);
   r.exact = variance.empty();
   if (r.exact) return r;
   r.substituted = substituted_forward_equal(*fwd, *ops, quantized, reference, run, tied);
-  r.noise_seed = seed ^ 0x5EEDF0D5ull;
+  r.noise_seed = noise_seed(seed);
   std::mt19937_64 rng(r.noise_seed);
   MappedWeights noisy(reference, tied, add_predicted_noise(variance, rng));
   const std::vector<float> y_sim = as_f32(run_forward(*fwd, *ops, noisy, run.inputs));
-  r.simulated_rel_error = compare(y_sim, y_ref).first;
-  r.bound = kForwardBoundFactor * r.simulated_rel_error + kForwardBoundFloor;
+  bound_by(r, y_sim, y_ref);
   return r;
 }
 
@@ -389,8 +403,7 @@ ForwardReference compare_pipeline_with_reference(const Checkpoint& quantized, co
   if (y_ref.size() != y_q.size())
     fail(ErrorKind::InvalidInput, "--reference: the original pipeline's latents have ", y_ref.size(),
          " values, the quantized one's ", y_q.size(), ": not the same pipeline");
-  for (float v : y_q) r.nonfinite += std::isfinite(v) ? 0 : 1;
-  std::tie(r.rel_error, r.max_abs_error) = compare(y_q, y_ref);
+  measure(r, y_q, y_ref);
 
   // Per component of the flow: its quantized linears' predicted error variance.
   std::map<std::string, std::map<std::string, std::vector<double>>> variance;
@@ -407,13 +420,12 @@ ForwardReference compare_pipeline_with_reference(const Checkpoint& quantized, co
     return std::make_unique<MappedWeights>(c, tied_of(c), substitute_dequantized(*qc));
   });
   r.substituted = y_sub.size() == y_q.size() && std::memcmp(y_sub.data(), y_q.data(), y_q.size() * 4) == 0;
-  r.noise_seed = seed ^ 0x5EEDF0D5ull;
+  r.noise_seed = noise_seed(seed);
   std::mt19937_64 rng(r.noise_seed);
   const std::vector<float> y_sim = run_pipeline(reference, run, tokens, *ops, [&](const Component& c) {
     return std::make_unique<MappedWeights>(c, tied_of(c), add_predicted_noise(variance[c.name()], rng));
   });
-  r.simulated_rel_error = compare(y_sim, y_ref).first;
-  r.bound = kForwardBoundFactor * r.simulated_rel_error + kForwardBoundFloor;
+  bound_by(r, y_sim, y_ref);
   return r;
 }
 

@@ -23,12 +23,14 @@
 
 #include "attention_cudnn.hpp"  // runner/cuda: cuDNN's attention path, its choice and counts
 #include "attention_mma.hpp"    // runner/cuda: the attention kernels, called directly below
+#include "forward_args.hpp"     // runner/cuda: their arguments as the CUDA backend builds them
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
 #include "qtool/runner/cpu_ops.hpp"
 #include "qtool/runner/cuda_forward_ops.hpp"
 #include "qtool/runner/cuda_resources.hpp"
+#include "qtool/runner/driver.hpp"
 #include "qtool/runner/kernel_math.hpp"
 
 using namespace qtool;
@@ -312,6 +314,24 @@ TEST_CASE("cuda ops: element-wise ops equal the CPU backend's bits") {
   }
 }
 
+TEST_CASE("cuda ops: a view's digest on the device equals the host digest of its bytes") {
+  Both b;
+  // Dense and aligned bf16 (the 16-byte kernel), strided and misaligned views, odd element counts
+  // (a last half word), every dtype; NaN, Inf, zeros and subnormals among the values.
+  for (DType dt : {DType::BF16, DType::F16, DType::F32})
+    for (int64_t pad : {0, 3})
+      for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {3, 5}, {17, 64}, {129, 333}}) {
+        const Pair p = random_pair(b, rows, cols, dt, pad);
+        const auto host = fetch(*b.gpu, p.g);
+        const LayerDigest want = host_digest(host.data(), static_cast<uint64_t>(rows * cols), dt);
+        LayerDigest got;
+        REQUIRE(b.gpu->digest(p.g, &got.hash, &got.nonfinite));
+        INFO(dn(dt) << " [" << rows << ", " << cols << "] pad " << pad);
+        CHECK(got.hash == want.hash);
+        CHECK(got.nonfinite == want.nonfinite);
+      }
+}
+
 TEST_CASE("cuda ops: embedding equals the CPU backend's bits") {
   Both b;
   const int64_t vocab = 53, dim = 97, n = 41;
@@ -587,36 +607,6 @@ std::vector<float> normal_floats(Both& b, int64_t n, float stddev) {
   return v;
 }
 
-fwd::View fview(const Mat& m) {
-  const int dt = m.dtype == DType::BF16 ? fwd::kBf16 : m.dtype == DType::F16 ? fwd::kF16 : fwd::kF32;
-  return {m.data, dt, m.rows, m.cols, m.ld};
-}
-
-// The kernel arguments CudaOps::attention builds for these GPU views.
-fwd::AttnArgs attn_args(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& s, const Mat& out) {
-  fwd::AttnArgs a;
-  a.q = fview(q);
-  a.k = fview(k);
-  a.v = fview(v);
-  a.out = fview(out);
-  a.batch = s.batch;
-  a.q_len = s.q_len;
-  a.kv_len = s.kv_len;
-  a.heads = s.heads;
-  a.kv_heads = s.kv_heads;
-  a.head_dim = s.head_dim;
-  a.scale = s.scale;
-  a.causal = s.causal;
-  if (s.bias) a.bias = fview(*s.bias);
-  if (s.key_mask) {
-    a.mask = s.key_mask->data;
-    a.mask_i64 = s.key_mask->dtype == DType::I64;
-    a.mask_ld = s.key_mask->ld;
-    a.mask_value = q.dtype == DType::F16 ? -65504.0f : kmath::bf16_bits_to_f32(0xFF7Fu);
-  }
-  return a;
-}
-
 struct AttnStats {
   double max_abs = 0.0;     // over elements where neither is NaN
   double rel_rms = 0.0;     // sqrt(sum (x - ref)^2 / sum ref^2) over the same elements
@@ -672,14 +662,14 @@ TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-
     s.q_len = s.kv_len = 8;
     s.heads = s.kv_heads = 2;
     s.head_dim = 128;
-    CHECK(fwd::attention_mma_supported(attn_args(q, k, k, s, q)));
-    CHECK_FALSE(fwd::attention_mma_supported(attn_args(q.cols_view(1, 255), k, k, s, q)));
+    CHECK(fwd::attention_mma_supported(fwd::attention_args(q, k, k, s, q)));
+    CHECK_FALSE(fwd::attention_mma_supported(fwd::attention_args(q.cols_view(1, 255), k, k, s, q)));
     Mat q80 = b.gpu->alloc(8, 2 * 80, DType::BF16);
     s.head_dim = 80;
-    CHECK_FALSE(fwd::attention_mma_supported(attn_args(q80, q80, q80, s, q80)));
+    CHECK_FALSE(fwd::attention_mma_supported(fwd::attention_args(q80, q80, q80, s, q80)));
     Mat f = b.gpu->alloc(8, 2 * 64, DType::F32);
     s.head_dim = 64;
-    CHECK_FALSE(fwd::attention_mma_supported(attn_args(f, f, f, s, f)));
+    CHECK_FALSE(fwd::attention_mma_supported(fwd::attention_args(f, f, f, s, f)));
   }
   const AttnCase cases[] = {
       {"T 1", 1, 1, 1, 2, 2, 64, false, 0},
@@ -705,15 +695,8 @@ TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-
   for (const AttnCase& c : cases) {
     CAPTURE(c.name);
     const size_t mc = b.cpu->mark(), mg = b.gpu->mark();
-    AttentionShape s;
-    s.batch = c.batch;
-    s.q_len = c.q_len;
-    s.kv_len = c.kv_len;
-    s.heads = c.heads;
-    s.kv_heads = c.kv_heads;
-    s.head_dim = c.hd;
-    s.scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
-    s.causal = c.causal;
+    const float scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
+    AttentionShape s{c.batch, c.q_len, c.kv_len, c.heads, c.kv_heads, c.hd, scale, c.causal};
     const int64_t qrows = c.batch * c.q_len, kvrows = c.batch * c.kv_len;
     const int64_t qcols = c.heads * c.hd, kvcols = c.kv_heads * c.hd;
     std::vector<float> hq = normal_floats(b, qrows * qcols, c.qk_std);
@@ -760,12 +743,12 @@ TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-
     Mat out_simt = b.gpu->alloc(qrows, qcols, c.dt), out_w4 = b.gpu->alloc(qrows, qcols, c.dt);
     b.cpu->attention(q.c, k.c, v.c, sc, out.c);
     b.cpu->attention(q.c, k.c, va.c, sc, w.c);
-    const fwd::AttnArgs args = attn_args(q.g, k.g, v.g, sg, out.g);
+    const fwd::AttnArgs args = fwd::attention_args(q.g, k.g, v.g, sg, out.g);
     REQUIRE(fwd::attention_mma_supported(args));
     b.gpu->attention(q.g, k.g, v.g, sg, out.g);  // the tensor-core kernel, 8 warps
     fwd::AttnArgs a4 = args, as = args;
-    a4.out = fview(out_w4);
-    as.out = fview(out_simt);
+    a4.out = fwd::view(out_w4);
+    as.out = fwd::view(out_simt);
     fwd::launch_attention_mma(a4, b.stream.get(), 4);
     fwd::launch_attention_simt(as, b.stream.get());
     const auto h_cpu = fetch(*b.cpu, out.c), h_w = fetch(*b.cpu, w.c);
@@ -856,7 +839,7 @@ TEST_CASE("cuda ops: cuDNN attention against the CPU backend") {
     Mat out2 = b.gpu->alloc(qrows, qcols, c.dt), out_mma = b.gpu->alloc(qrows, qcols, c.dt);
     b.cpu->attention(q.c, k.c, v.c, s, out.c);
     b.cpu->attention(q.c, k.c, va.c, s, w.c);
-    const fwd::AttnArgs args = attn_args(q.g, k.g, v.g, s, out.g);
+    const fwd::AttnArgs args = fwd::attention_args(q.g, k.g, v.g, s, out.g);
     REQUIRE(rc::CudnnAttention::covers(args));
     const rc::AttentionCounts before = rc::attention_counts();
     try {
@@ -874,7 +857,7 @@ TEST_CASE("cuda ops: cuDNN attention against the CPU backend") {
     CHECK(after.cudnn == before.cudnn + 2);  // cuDNN ran, not the fallback
     CHECK(after.own == before.own);
     fwd::AttnArgs am = args;
-    am.out = fview(out_mma);
+    am.out = fwd::view(out_mma);
     fwd::launch_attention_mma(am, b.stream.get());
     const auto h_cpu = fetch(*b.cpu, out.c), h_w = fetch(*b.cpu, w.c);
     const auto h_dnn = fetch(*b.gpu, out.g), h_dnn2 = fetch(*b.gpu, out2), h_mma = fetch(*b.gpu, out_mma);
@@ -928,7 +911,7 @@ TEST_CASE("cuda ops: which attention serves which case (QTOOL_ATTENTION, fallbac
   CHECK(std::string(served(rc::AttentionImpl::Cudnn, odd.g, s)) == "own");  // not covered: misaligned
   // One plan per shape, built at the first call.
   rc::CudnnAttention dnn(0, b.stream.get());
-  fwd::AttnArgs a = attn_args(x.g, x.g, x.g, s, o);
+  fwd::AttnArgs a = fwd::attention_args(x.g, x.g, x.g, s, o);
   std::string why;
   const auto no_workspace = [](uint64_t) -> void* { return nullptr; };
   const bool ran1 = dnn.run(a, no_workspace, &why);

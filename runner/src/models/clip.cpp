@@ -37,19 +37,15 @@ using planner::ClipTextArch;
 class ClipForward final : public TokenForward {
  public:
   ClipForward(const ClipTextArch& arch, DType dtype, std::string config_file)
-      : TokenForward(arch, "CLIPTextModel", dtype, std::move(config_file), arch.vocab_size),
+      : TokenForward(arch, "CLIPTextModel", dtype, std::move(config_file), arch.vocab_size, arch.hidden_size,
+                     "last_hidden_state", {"attention_mask", "position_ids"}),
         a_(arch),
         act_(activation_of(a_.act)) {
-    units_.push_back(a_.prefix + "embeddings");
+    add_unit(a_.prefix + "embeddings", [this](Ops& ops, WeightSource& w) { embed(ops, w); });
     for (int64_t i = 0; i < a_.n_layers; ++i)
-      units_.push_back(a_.prefix + "encoder.layers." + std::to_string(i));
-    units_.push_back(a_.prefix + "final_layer_norm");
-  }
-
-  std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override {
-    return {{"input_ids", {DType::I64, DType::I32}, {batch, tokens}, false},
-            {"attention_mask", {DType::I64, DType::I32}, {batch, tokens}, true},
-            {"position_ids", {DType::I64, DType::I32}, {batch, tokens}, true}};
+      add_unit(a_.prefix + "encoder.layers." + std::to_string(i),
+               [this, i](Ops& ops, WeightSource& w) { layer(i, ops, w); });
+    add_unit(a_.prefix + "final_layer_norm", [this](Ops& ops, WeightSource& w) { final_norm(ops, w); });
   }
 
   // Random ids with an EOS in every sample (at a random position, the tail padded with EOS as
@@ -86,29 +82,15 @@ class ClipForward final : public TokenForward {
   }
 
   void begin(Ops& ops, const std::vector<HostTensor>& inputs) override {
-    const HostTensor& ids = begin_ids(inputs);
-    ids_ = ints_of(ids);
+    begin_stream(ops, inputs, dtype_);
     positions_ = positions_of(inputs, batch_, seq_);
-    h_ = ops.alloc(rows(), a_.hidden_size, dtype_);
     mask_ = upload_key_mask(ops, inputs, batch_, seq_);
   }
 
-  void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
-    QTOOL_ASSERT(unit < units_.size());
-    if (unit == 0) return embed(ops, weights);
-    if (unit == units_.size() - 1) return final_norm(ops, weights);
-    layer(static_cast<int64_t>(unit - 1), ops, weights);
-  }
-
-  std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
-    return {download_tensor(ops, h_, units_[unit], {batch_, seq_, a_.hidden_size})};
-  }
+  // The stream after every unit (the last one's normalised in place).
+  std::vector<HostTensor> stages(Ops& ops, size_t unit) override { return {stream_stage(ops, unit)}; }
 
   std::vector<std::string> output_names() const override { return {"last_hidden_state", "pooler_output"}; }
-
-  HostTensor output(Ops& ops) override {
-    return download_f32_tensor(ops, h_, "last_hidden_state", {batch_, seq_, a_.hidden_size});
-  }
 
   std::vector<HostTensor> outputs(Ops& ops) override {
     std::vector<HostTensor> out;
@@ -136,7 +118,7 @@ class ClipForward final : public TokenForward {
     const Mat ids = ops.alloc(rows(), 1, DType::I64);
     const Mat pids = ops.alloc(rows(), 1, DType::I64);
     const Mat pe = ops.alloc(rows(), a_.hidden_size, dtype_);
-    ops.upload(ids_.data(), ids);
+    ops.upload(ints_of(ids_).data(), ids);
     ops.upload(positions_.data(), pids);
     ops.embedding(ids, tok, h_);
     ops.embedding(pids, pos, pe);
@@ -185,22 +167,22 @@ class ClipForward final : public TokenForward {
     ops.release(m);
   }
 
-  // last_hidden_state = LN(h), in place; the EOS positions for the pooled output.
+  // last_hidden_state = LN(h), in place (the output); the EOS positions for the pooled output.
   void final_norm(Ops& ops, WeightSource& weights) {
     UnitWeights w(config_file_);
     const DequantParams& nw = w.vec(a_.prefix + "final_layer_norm.weight", a_.hidden_size);
     const DequantParams& nb = w.vec(a_.prefix + "final_layer_norm.bias", a_.hidden_size);
     w.fetch(weights);
     ops.layer_norm(h_, &nw, &nb, static_cast<float>(a_.eps), h_);
-    eos_ = clip_eos_positions(ids_, batch_, seq_, a_.eos_token_id);
+    out_ = h_;
+    eos_ = clip_eos_positions(ints_of(ids_), batch_, seq_, a_.eos_token_id);
   }
 
   ClipTextArch a_;
   Activation act_;
 
-  std::vector<int64_t> ids_, positions_, eos_;
+  std::vector<int64_t> positions_, eos_;
   KeyMask mask_;
-  Mat h_;
 };
 
 }  // namespace

@@ -24,12 +24,17 @@ class FluxForward final : public ModelForward {
  public:
   FluxForward(const FluxArch& arch, DType dtype, std::string config_file)
       : ModelForward(arch, "FluxTransformer2DModel", dtype, std::move(config_file)), a_(arch) {
-    units_ = {"x_embedder", "time_text_embed", "context_embedder"};
-    for (int64_t i = 0; i < a_.n_double; ++i) units_.push_back("transformer_blocks." + std::to_string(i));
+    add_unit("x_embedder", [this](Ops& ops, WeightSource& w) { x_embedder(ops, w); });
+    add_unit("time_text_embed", [this](Ops& ops, WeightSource& w) { time_text_embed(ops, w); });
+    add_unit("context_embedder", [this](Ops& ops, WeightSource& w) { context_embedder(ops, w); });
+    for (int64_t i = 0; i < a_.n_double; ++i)
+      add_unit("transformer_blocks." + std::to_string(i),
+               [this, i](Ops& ops, WeightSource& w) { double_block(i, ops, w); });
     for (int64_t j = 0; j < a_.n_single; ++j)
-      units_.push_back("single_transformer_blocks." + std::to_string(j));
-    units_.push_back("norm_out");
-    units_.push_back("proj_out");
+      add_unit("single_transformer_blocks." + std::to_string(j),
+               [this, j](Ops& ops, WeightSource& w) { single_block(j, ops, w); });
+    add_unit("norm_out", [this](Ops& ops, WeightSource& w) { norm_out_unit(ops, w); });
+    add_unit("proj_out", [this](Ops& ops, WeightSource& w) { proj_out(ops, w); });
   }
 
   std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override {
@@ -136,19 +141,6 @@ class FluxForward final : public ModelForward {
     sample_ = ops.alloc(batch_ * ti_, out_cols(), dtype_);
     ops.upload(cos.data(), cos_);
     ops.upload(sin.data(), sin_);
-  }
-
-  void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
-    QTOOL_ASSERT(unit < units_.size());
-    const size_t first_double = 3, first_single = first_double + static_cast<size_t>(a_.n_double);
-    const size_t norm_out = first_single + static_cast<size_t>(a_.n_single);
-    if (unit == 0) return x_embedder(ops, weights);
-    if (unit == 1) return time_text_embed(ops, weights);
-    if (unit == 2) return context_embedder(ops, weights);
-    if (unit < first_single) return double_block(static_cast<int64_t>(unit - first_double), ops, weights);
-    if (unit < norm_out) return single_block(static_cast<int64_t>(unit - first_single), ops, weights);
-    if (unit == norm_out) return norm_out_unit(ops, weights);
-    proj_out(ops, weights);
   }
 
   std::vector<HostTensor> stages(Ops& ops, size_t unit) override {

@@ -15,17 +15,20 @@ using planner::LlamaArch;
 class LlamaForward final : public TokenForward {
  public:
   LlamaForward(const LlamaArch& arch, DType dtype, std::string config_file)
-      : TokenForward(arch, "LlamaForCausalLM", dtype, std::move(config_file), arch.vocab_size), a_(arch) {
-    units_.push_back("model.embed_tokens");
-    for (int64_t i = 0; i < a_.n_layers; ++i) units_.push_back("model.layers." + std::to_string(i));
-    units_.push_back("model.norm");
-    units_.push_back("lm_head");
+      : TokenForward(arch, "LlamaForCausalLM", dtype, std::move(config_file), arch.vocab_size,
+                     arch.hidden_size, "logits", {"position_ids"}),
+        a_(arch) {
+    // h = embed_tokens[input_ids]
+    add_unit("model.embed_tokens",
+             [this](Ops& ops, WeightSource& w) { embed_tokens(ops, w, "model.embed_tokens.weight"); });
+    for (int64_t i = 0; i < a_.n_layers; ++i)
+      add_unit("model.layers." + std::to_string(i),
+               [this, i](Ops& ops, WeightSource& w) { layer(i, ops, w); });
+    add_unit("model.norm", [this](Ops& ops, WeightSource& w) {
+      final_rms_norm(ops, w, "model.norm.weight", a_.rms_norm_eps, h_);
+    });
+    add_unit("lm_head", [this](Ops& ops, WeightSource& w) { head(ops, w); });
     inv_freq_ = llama_inv_freq(a_);
-  }
-
-  std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override {
-    return {{"input_ids", {DType::I64, DType::I32}, {batch, tokens}, false},
-            {"position_ids", {DType::I64, DType::I32}, {batch, tokens}, true}};
   }
 
   void check_inputs(const std::vector<HostTensor>& inputs, int64_t max_tokens) const override {
@@ -40,50 +43,17 @@ class LlamaForward final : public TokenForward {
   }
 
   void begin(Ops& ops, const std::vector<HostTensor>& inputs) override {
-    const HostTensor& ids = begin_ids(inputs);
-    ids_ = ids;
-    const int64_t n = batch_ * seq_;
+    begin_stream(ops, inputs, dtype_);
+    const int64_t n = rows();
     std::vector<uint8_t> cos, sin;
     llama_rope_tables(inv_freq_, positions_of(inputs, batch_, seq_), dtype_, cos, sin);
-    h_ = ops.alloc(n, a_.hidden_size, dtype_);
     cos_ = ops.alloc(n, a_.head_dim, dtype_);
     sin_ = ops.alloc(n, a_.head_dim, dtype_);
     ops.upload(cos.data(), cos_);
     ops.upload(sin.data(), sin_);
   }
 
-  void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
-    QTOOL_ASSERT(unit < units_.size());
-    if (unit == 0) return embed(ops, weights);
-    if (unit == units_.size() - 2) return final_norm(ops, weights);
-    if (unit == units_.size() - 1) return head(ops, weights);
-    layer(static_cast<int64_t>(unit - 1), ops, weights);
-  }
-
-  std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
-    if (unit == 0 || unit == units_.size() - 1) return {};
-    return {download_tensor(ops, h_, units_[unit], {batch_, seq_, a_.hidden_size})};
-  }
-
-  std::vector<std::string> output_names() const override { return {"logits"}; }
-
-  HostTensor output(Ops& ops) override {
-    return download_f32_tensor(ops, logits_, "logits", {batch_, seq_, a_.vocab_size});
-  }
-
  private:
-  // h = embed_tokens[input_ids]
-  void embed(Ops& ops, WeightSource& weights) {
-    UnitWeights w(config_file_);
-    const DequantParams& table = w.mat("model.embed_tokens.weight", a_.vocab_size, a_.hidden_size);
-    w.fetch(weights);
-    const size_t m = ops.mark();
-    const Mat ids = ops.alloc(rows(), 1, ids_.dtype);
-    ops.upload(ids_.bytes.data(), ids);
-    ops.embedding(ids, table, h_);
-    ops.release(m);
-  }
-
   void layer(int64_t i, Ops& ops, WeightSource& weights) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     const int64_t d = a_.hidden_size, q_cols = a_.n_heads * a_.head_dim,
@@ -131,28 +101,19 @@ class LlamaForward final : public TokenForward {
     ops.release(m);
   }
 
-  void final_norm(Ops& ops, WeightSource& weights) {
-    UnitWeights w(config_file_);
-    const DequantParams& norm = w.vec("model.norm.weight", a_.hidden_size);
-    w.fetch(weights);
-    ops.rms_norm(h_, norm, static_cast<float>(a_.rms_norm_eps), RmsRounding::Twice, 0, h_);
-  }
-
-  // logits = Lin(h; lm_head), held until output(). A tied head reads model.embed_tokens.weight
+  // logits = Lin(h; lm_head) (the output), held until output(). A tied head reads model.embed_tokens.weight
   // through the WeightSource's alias.
   void head(Ops& ops, WeightSource& weights) {
     UnitWeights w(config_file_);
     const Linear lm_head = w.linear("lm_head", a_.hidden_size, a_.vocab_size, false);
     w.fetch(weights);
-    logits_ = ops.alloc(rows(), a_.vocab_size, dtype_);
-    ops.linear(h_, *lm_head.weight, nullptr, logits_);
+    out_ = ops.alloc(rows(), a_.vocab_size, dtype_);
+    ops.linear(h_, *lm_head.weight, nullptr, out_);
   }
 
   LlamaArch a_;
   std::vector<float> inv_freq_;
-
-  HostTensor ids_;
-  Mat h_, cos_, sin_, logits_;
+  Mat cos_, sin_;
 };
 
 }  // namespace

@@ -416,6 +416,13 @@ HostTensor download_f32_tensor(Ops& ops, const Mat& m, std::string name, std::ve
   return HostTensor{std::move(name), DType::F32, std::move(shape), download_f32(ops, m, 0, m.rows)};
 }
 
+std::vector<InputSpec> TokenForward::input_specs(int64_t batch, int64_t tokens) const {
+  std::vector<InputSpec> specs = {{"input_ids", {DType::I64, DType::I32}, {batch, tokens}, false}};
+  for (const std::string& name : optional_inputs_)
+    specs.push_back({name, {DType::I64, DType::I32}, {batch, tokens}, true});
+  return specs;
+}
+
 std::vector<HostTensor> TokenForward::random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const {
   Rng rng(seed);
   return {random_token_ids(rng, batch, tokens, vocab_)};
@@ -428,11 +435,30 @@ const HostTensor& TokenForward::checked_ids(const std::vector<HostTensor>& input
   return ids;
 }
 
-const HostTensor& TokenForward::begin_ids(const std::vector<HostTensor>& inputs) {
-  const HostTensor& ids = *find_input(inputs, "input_ids");
-  batch_ = ids.shape[0];
-  seq_ = ids.shape[1];
-  return ids;
+void TokenForward::begin_stream(Ops& ops, const std::vector<HostTensor>& inputs, DType stream_dtype) {
+  ids_ = *find_input(inputs, "input_ids");
+  batch_ = ids_.shape[0];
+  seq_ = ids_.shape[1];
+  h_ = ops.alloc(rows(), width_, stream_dtype);
+}
+
+void TokenForward::embed_tokens(Ops& ops, WeightSource& weights, const std::string& table) {
+  UnitWeights w(config_file_);
+  const DequantParams& t = w.mat(table, vocab_, width_);
+  w.fetch(weights);
+  const size_t m = ops.mark();
+  const Mat ids = ops.alloc(rows(), 1, ids_.dtype);
+  ops.upload(ids_.bytes.data(), ids);
+  ops.embedding(ids, t, h_);
+  ops.release(m);
+}
+
+void TokenForward::final_rms_norm(Ops& ops, WeightSource& weights, const std::string& weight, double eps,
+                                  const Mat& out) {
+  UnitWeights w(config_file_);
+  const DequantParams& norm = w.vec(weight, width_);
+  w.fetch(weights);
+  ops.rms_norm(h_, norm, static_cast<float>(eps), RmsRounding::Twice, 0, out);
 }
 
 }  // namespace qtool::runner::models

@@ -6,11 +6,13 @@
 #include <array>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "models.hpp"
+#include "qtool/formats/error.hpp"
 #include "qtool/planner/arch.hpp"
 #include "qtool/runner/forward.hpp"
 
@@ -163,7 +165,8 @@ HostTensor download_f32_tensor(Ops& ops, const Mat& m, std::string name, std::ve
 // --- the forwards' frame ------------------------------------------------------------------------
 
 // What every architecture's forward holds: its config, the class it implements, the model dtype,
-// the config file named in messages, and its units in order (filled by the subclass).
+// the config file named in messages, and its units in order, each with the step that runs it
+// (added by the subclass).
 class ModelForward : public StagedForward {
  public:
   ModelForward(planner::Arch arch, std::string architecture, DType dtype, std::string config_file)
@@ -174,39 +177,80 @@ class ModelForward : public StagedForward {
   std::string architecture() const override { return architecture_; }
   const std::vector<std::string>& units() const override { return units_; }
   const planner::Arch& arch() const override { return arch_; }
+  void run_unit(size_t unit, Ops& ops, WeightSource& weights) final {
+    QTOOL_ASSERT(unit < steps_.size());
+    steps_[unit](ops, weights);
+  }
 
  protected:
+  // Appends unit `name` (the planner's module name), run by `step`.
+  void add_unit(std::string name, std::function<void(Ops&, WeightSource&)> step) {
+    units_.push_back(std::move(name));
+    steps_.push_back(std::move(step));
+  }
+
   planner::Arch arch_;
   std::string architecture_;
   DType dtype_;
   std::string config_file_;
   std::vector<std::string> units_;
+
+ private:
+  std::vector<std::function<void(Ops&, WeightSource&)>> steps_;
 };
 
 // The forwards whose input is token ids (Llama, T5, CLIP): input_ids [batch, tokens], each id in
-// [0, vocab).
+// [0, vocab), with `optional_inputs` of its shape (attention_mask, position_ids); a residual stream
+// [batch * tokens, width]; an output [batch, tokens, *] named `output_name`.
 class TokenForward : public ModelForward {
  public:
   TokenForward(planner::Arch arch, std::string architecture, DType dtype, std::string config_file,
-               int64_t vocab)
+               int64_t vocab, int64_t width, std::string output_name,
+               std::vector<std::string> optional_inputs)
       : ModelForward(std::move(arch), std::move(architecture), dtype, std::move(config_file)),
-        vocab_(vocab) {}
+        vocab_(vocab),
+        width_(width),
+        output_name_(std::move(output_name)),
+        optional_inputs_(std::move(optional_inputs)) {}
+  std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override;
   // Ids drawn uniformly from the vocabulary.
   std::vector<HostTensor> random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const override;
   int64_t batch_of(const std::vector<HostTensor>& inputs) const override {
     return find_input(inputs, "input_ids")->shape.at(0);
+  }
+  // The stream after each unit but the first (the embedding) and the last.
+  std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
+    if (unit == 0 || unit == units_.size() - 1) return {};
+    return {stream_stage(ops, unit)};
+  }
+  std::vector<std::string> output_names() const override { return {output_name_}; }
+  HostTensor output(Ops& ops) override {
+    return download_f32_tensor(ops, out_, output_name_, {batch_, seq_, out_.cols});
   }
 
  protected:
   // input_ids after the checks every token forward makes first: the inputs match input_specs,
   // at most `max_tokens` tokens.
   const HostTensor& checked_ids(const std::vector<HostTensor>& inputs, int64_t max_tokens) const;
-  // input_ids, with batch_ and seq_ read off its shape (begin()).
-  const HostTensor& begin_ids(const std::vector<HostTensor>& inputs);
+  // begin(): batch_, seq_ and ids_ from input_ids, and the stream allocated in `stream_dtype`.
+  void begin_stream(Ops& ops, const std::vector<HostTensor>& inputs, DType stream_dtype);
+  // h = table[input_ids], the table [vocab, width] named `table` (Llama's and T5's embedding).
+  void embed_tokens(Ops& ops, WeightSource& weights, const std::string& table);
+  // out = RMSh(h) (rounded twice) with the [width] weight `weight`: Llama's and T5's final norm.
+  void final_rms_norm(Ops& ops, WeightSource& weights, const std::string& weight, double eps, const Mat& out);
+  // The stream after `unit`, named after it, [batch, tokens, width].
+  HostTensor stream_stage(Ops& ops, size_t unit) {
+    return download_tensor(ops, h_, units_[unit], {batch_, seq_, width_});
+  }
   int64_t rows() const { return batch_ * seq_; }
 
-  int64_t vocab_;
+  int64_t vocab_, width_;
+  std::string output_name_;
+  std::vector<std::string> optional_inputs_;
   int64_t batch_ = 0, seq_ = 0;
+  HostTensor ids_;  // input_ids
+  Mat h_;           // the residual stream [rows, width]
+  Mat out_;         // the output [rows, *], set by the last unit
 };
 
 }  // namespace qtool::runner::models

@@ -33,17 +33,19 @@ using planner::T5EncoderArch;
 class T5Forward final : public TokenForward {
  public:
   T5Forward(const T5EncoderArch& arch, DType dtype, std::string config_file)
-      : TokenForward(arch, "T5EncoderModel", dtype, std::move(config_file), arch.vocab_size),
+      : TokenForward(arch, "T5EncoderModel", dtype, std::move(config_file), arch.vocab_size, arch.d_model,
+                     "last_hidden_state", {"attention_mask"}),
         a_(arch),
         act_(activation_of(a_.act)) {
-    units_.push_back("shared");
-    for (int64_t i = 0; i < a_.n_layers; ++i) units_.push_back("encoder.block." + std::to_string(i));
-    units_.push_back("encoder.final_layer_norm");
-  }
-
-  std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override {
-    return {{"input_ids", {DType::I64, DType::I32}, {batch, tokens}, false},
-            {"attention_mask", {DType::I64, DType::I32}, {batch, tokens}, true}};
+    // h = shared[input_ids] (no scaling; fp16 values, exactly, in an F32 stream)
+    add_unit("shared", [this](Ops& ops, WeightSource& w) { embed_tokens(ops, w, "shared.weight"); });
+    for (int64_t i = 0; i < a_.n_layers; ++i)
+      add_unit("encoder.block." + std::to_string(i),
+               [this, i](Ops& ops, WeightSource& w) { block(i, ops, w); });
+    add_unit("encoder.final_layer_norm", [this](Ops& ops, WeightSource& w) {
+      out_ = ops.alloc(rows(), a_.d_model, dtype_);
+      final_rms_norm(ops, w, "encoder.final_layer_norm.weight", a_.eps, out_);
+    });
   }
 
   void check_inputs(const std::vector<HostTensor>& inputs, int64_t max_tokens) const override {
@@ -53,47 +55,15 @@ class T5Forward final : public TokenForward {
   }
 
   void begin(Ops& ops, const std::vector<HostTensor>& inputs) override {
-    const HostTensor& ids = begin_ids(inputs);
-    ids_ = ids;
-    h_ = ops.alloc(rows(), a_.d_model, stream_dtype());
+    begin_stream(ops, inputs, stream_dtype());
     bias_ = ops.alloc(a_.n_heads * seq_, seq_, dtype_);
     mask_ = upload_key_mask(ops, inputs, batch_, seq_);
-  }
-
-  void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
-    QTOOL_ASSERT(unit < units_.size());
-    if (unit == 0) return embed(ops, weights);
-    if (unit == units_.size() - 1) return final_norm(ops, weights);
-    block(static_cast<int64_t>(unit - 1), ops, weights);
-  }
-
-  std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
-    if (unit == 0 || unit == units_.size() - 1) return {};
-    return {download_tensor(ops, h_, units_[unit], {batch_, seq_, a_.d_model})};
-  }
-
-  std::vector<std::string> output_names() const override { return {"last_hidden_state"}; }
-
-  HostTensor output(Ops& ops) override {
-    return download_f32_tensor(ops, out_, "last_hidden_state", {batch_, seq_, a_.d_model});
   }
 
  private:
   bool f16() const { return dtype_ == DType::F16; }
   // fp16: float32 from block 0's feed-forward on (until then it holds fp16 values exactly).
   DType stream_dtype() const { return f16() ? DType::F32 : dtype_; }
-
-  // h = shared[input_ids] (no scaling).
-  void embed(Ops& ops, WeightSource& weights) {
-    UnitWeights w(config_file_);
-    const DequantParams& table = w.mat("shared.weight", a_.vocab_size, a_.d_model);
-    w.fetch(weights);
-    const size_t m = ops.mark();
-    const Mat ids = ops.alloc(rows(), 1, ids_.dtype);
-    ops.upload(ids_.bytes.data(), ids);
-    ops.embedding(ids, table, h_);  // fp16 values, exactly, in an F32 stream
-    ops.release(m);
-  }
 
   // Bias[h·T + t, s] = relative_attention_bias.weight[bucket(s − t), h]: a lookup of the bucket
   // ids [T·T] in the [NB, H] table, then each head's column copied into its rows.
@@ -194,20 +164,10 @@ class T5Forward final : public TokenForward {
     ops.release(m);
   }
 
-  void final_norm(Ops& ops, WeightSource& weights) {
-    UnitWeights w(config_file_);
-    const DequantParams& norm = w.vec("encoder.final_layer_norm.weight", a_.d_model);
-    w.fetch(weights);
-    out_ = ops.alloc(rows(), a_.d_model, dtype_);
-    ops.rms_norm(h_, norm, static_cast<float>(a_.eps), RmsRounding::Twice, 0, out_);
-  }
-
   T5EncoderArch a_;
   Activation act_;
-
-  HostTensor ids_;
   KeyMask mask_;
-  Mat h_, bias_, out_;
+  Mat bias_;
 };
 
 }  // namespace

@@ -122,8 +122,13 @@ std::vector<ActivationItem> activation_items(const Arch& arch, int64_t batch, in
 struct ForwardFlops {
   uint64_t linear = 0;
   uint64_t attention = 0;
+  // Bytes the memory-bound ops read and write (activation dtype): each norm, activation, RoPE
+  // and residual reads its inputs and writes its output once, and a linear's bias is broadcast
+  // into its output first and read back by the GEMM (the CUDA backend's linear).
+  uint64_t activation_bytes = 0;
   uint64_t total() const { return linear + attention; }
 };
-ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens);
+// `dtype_bytes`: the activation dtype's size (activation_bytes).
+ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens, uint64_t dtype_bytes = 2);
 
 }  // namespace qtool::planner

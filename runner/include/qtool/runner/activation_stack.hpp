@@ -4,7 +4,7 @@
 // the peak is the most bytes held at once since reset_peak. An allocation that would pass the
 // capacity is Error(InvalidInput) naming the bytes asked and held: the plan reserves this memory,
 // so an overflow means its activation reserve was wrong. The CPU and CUDA ops share it; the block
-// itself is theirs (this class never dereferences it).
+// itself is theirs (this class never dereferences it); StackOps below pairs the two.
 #pragma once
 
 #include <algorithm>
@@ -55,6 +55,28 @@ class ActivationStack {
   std::string where_;
   uint64_t top_ = 0;
   uint64_t peak_ = 0;
+};
+
+// An Ops backend's activation memory: a `Block` it owns (a host or device buffer; data() its first
+// byte, which stays put when the block moves) used as one ActivationStack, whose alloc, mark,
+// release, peak_bytes and reset_peak are the backend's. The CPU and CUDA backends derive from it.
+template <class Block>
+class StackOps : public Ops {
+ public:
+  Mat alloc(int64_t rows, int64_t cols, DType dtype) override { return stack_.alloc(rows, cols, dtype); }
+  size_t mark() const override { return stack_.mark(); }
+  void release(size_t mark) override { stack_.release(mark); }
+  uint64_t peak_bytes() const override { return stack_.peak_bytes(); }
+  void reset_peak() override { stack_.reset_peak(); }
+
+ protected:
+  // `block` holds at least `capacity` bytes; `where` names the memory in errors.
+  StackOps(Block block, uint64_t capacity, std::string where)
+      : block_(std::move(block)), stack_(static_cast<uint8_t*>(block_.data()), capacity, std::move(where)) {}
+
+ private:
+  Block block_;
+  ActivationStack stack_;
 };
 
 }  // namespace qtool::runner

@@ -23,6 +23,14 @@ namespace qtool::runner::cuda {
 [[noreturn]] void cuda_fail(cudaError_t err, const char* expr, const char* file, int line);
 [[noreturn]] void cublas_fail(cublasStatus_t status, const char* expr, const char* file, int line);
 
+// QTOOL_CUDA_CHECK(expr) and QTOOL_CUBLAS_CHECK(expr): the fail above unless `expr` succeeded.
+inline void check_cuda(cudaError_t err, const char* expr, const char* file, int line) {
+  if (err != cudaSuccess) cuda_fail(err, expr, file, line);
+}
+inline void check_cublas(cublasStatus_t status, const char* expr, const char* file, int line) {
+  if (status != CUBLAS_STATUS_SUCCESS) cublas_fail(status, expr, file, line);
+}
+
 // cuBLAS, loaded on first use with dlopen (libcublas.so.<major> of the toolkit qtool was built
 // with), so that commands which never touch a GPU do not map its half a gigabyte of libraries at
 // start-up. Throws Error(Unsupported) naming the library and dlerror() when it cannot be loaded.
@@ -46,19 +54,8 @@ std::string describe_device(int device);
 
 }  // namespace qtool::runner::cuda
 
-#define QTOOL_CUDA_CHECK(expr)                                                      \
-  do {                                                                              \
-    const cudaError_t qtool_cuda_err_ = (expr);                                     \
-    if (qtool_cuda_err_ != cudaSuccess)                                             \
-      ::qtool::runner::cuda::cuda_fail(qtool_cuda_err_, #expr, __FILE__, __LINE__); \
-  } while (0)
-
-#define QTOOL_CUBLAS_CHECK(expr)                                                       \
-  do {                                                                                 \
-    const cublasStatus_t qtool_cublas_st_ = (expr);                                    \
-    if (qtool_cublas_st_ != CUBLAS_STATUS_SUCCESS)                                     \
-      ::qtool::runner::cuda::cublas_fail(qtool_cublas_st_, #expr, __FILE__, __LINE__); \
-  } while (0)
+#define QTOOL_CUDA_CHECK(expr) ::qtool::runner::cuda::check_cuda((expr), #expr, __FILE__, __LINE__)
+#define QTOOL_CUBLAS_CHECK(expr) ::qtool::runner::cuda::check_cublas((expr), #expr, __FILE__, __LINE__)
 
 // After a kernel launch: the launch's own error (bad configuration), without synchronising.
 #define QTOOL_CUDA_CHECK_LAUNCH() QTOOL_CUDA_CHECK(cudaPeekAtLastError())
@@ -77,28 +74,57 @@ class DeviceScope {
   int previous_ = -1;
 };
 
+// The handle a wrapper below owns, with the device it was made on: moved (the source left empty),
+// never copied, and released once, by Release{}(device, handle), when it is dropped or replaced
+// (an empty handle is not released).
+template <class Handle, class Release>
+class Owned {
+ public:
+  Owned() = default;
+  explicit Owned(int device, Handle handle = {}) noexcept : device_(device), handle_(handle) {}
+  ~Owned() { reset(); }
+  Owned(Owned&& other) noexcept : device_(other.device_), handle_(std::exchange(other.handle_, Handle{})) {}
+  Owned& operator=(Owned&& other) noexcept {
+    if (this != &other) {
+      reset();
+      device_ = other.device_;
+      handle_ = std::exchange(other.handle_, Handle{});
+    }
+    return *this;
+  }
+
+  Handle get() const { return handle_; }
+  int device() const { return device_; }
+  // Releases the handle held and takes `handle` (made on device()).
+  void reset(Handle handle = {}) noexcept {
+    if (handle_) Release{}(device_, handle_);
+    handle_ = handle;
+  }
+
+ private:
+  int device_ = -1;
+  Handle handle_{};
+};
+
 // A non-blocking stream (never synchronises with the legacy default stream).
 class Stream {
  public:
   Stream() = default;
   explicit Stream(int device, int priority = 0);
-  ~Stream() { reset(); }
-  Stream(Stream&& other) noexcept : device_(other.device_), stream_(std::exchange(other.stream_, nullptr)) {}
-  Stream& operator=(Stream&& other) noexcept;
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
 
-  cudaStream_t get() const { return stream_; }
-  int device() const { return device_; }
-  explicit operator bool() const { return stream_ != nullptr; }
+  cudaStream_t get() const { return stream_.get(); }
+  int device() const { return stream_.device(); }
+  explicit operator bool() const { return stream_.get() != nullptr; }
   void synchronize() const;
   // The stream waits (on the device, not the host) until `event`'s latest record has completed.
   void wait(cudaEvent_t event) const;
-  void reset() noexcept;
+  void reset() noexcept { stream_.reset(); }
 
  private:
-  int device_ = -1;
-  cudaStream_t stream_ = nullptr;
+  struct Destroy {
+    void operator()(int device, cudaStream_t stream) const noexcept;
+  };
+  Owned<cudaStream_t, Destroy> stream_;
 };
 
 class Event {
@@ -106,75 +132,69 @@ class Event {
   enum class Timing : uint8_t { Off, On };
   Event() = default;
   explicit Event(int device, Timing timing = Timing::Off);
-  ~Event() { reset(); }
-  Event(Event&& other) noexcept : device_(other.device_), event_(std::exchange(other.event_, nullptr)) {}
-  Event& operator=(Event&& other) noexcept;
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
 
-  cudaEvent_t get() const { return event_; }
-  explicit operator bool() const { return event_ != nullptr; }
+  cudaEvent_t get() const { return event_.get(); }
+  explicit operator bool() const { return event_.get() != nullptr; }
   void record(cudaStream_t stream) const;
   void synchronize() const;  // host waits for the latest record
   bool query() const;        // true when the latest record has completed
   // Milliseconds from `start` to this event (both timed, both completed).
   float elapsed_ms_since(const Event& start) const;
-  void reset() noexcept;
+  void reset() noexcept { event_.reset(); }
 
  private:
-  int device_ = -1;
-  cudaEvent_t event_ = nullptr;
+  struct Destroy {
+    void operator()(int device, cudaEvent_t event) const noexcept;
+  };
+  Owned<cudaEvent_t, Destroy> event_;
+};
+
+// Memory that `Free` releases: its first byte, its size in bytes (0 once moved from or reset) and
+// the device it was made on.
+template <class Free>
+class Memory {
+ public:
+  Memory() = default;
+
+  void* data() const { return data_.get(); }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_.get());
+  }
+  size_t size() const { return data_.get() ? size_ : 0; }
+  int device() const { return data_.device(); }
+  void reset() noexcept { data_.reset(); }
+
+ protected:
+  Memory(int device, void* data, size_t size) noexcept : data_(device, data), size_(size) {}
+
+ private:
+  Owned<void*, Free> data_;
+  size_t size_ = 0;
+};
+
+struct CudaFree {
+  void operator()(int device, void* data) const noexcept;
+};
+struct CudaFreeHost {
+  void operator()(int device, void* data) const noexcept;
 };
 
 // Device memory from cudaMalloc on one device.
-class DeviceBuffer {
+class DeviceBuffer : public Memory<CudaFree> {
  public:
   DeviceBuffer() = default;
   DeviceBuffer(int device, size_t nbytes);
-  ~DeviceBuffer() { reset(); }
-  DeviceBuffer(DeviceBuffer&& other) noexcept
-      : device_(other.device_),
-        data_(std::exchange(other.data_, nullptr)),
-        size_(std::exchange(other.size_, 0)) {}
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
-  void* data() const { return data_; }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(data_);
-  }
-  size_t size() const { return size_; }
-  int device() const { return device_; }
-  void reset() noexcept;
-
- private:
-  int device_ = -1;
-  void* data_ = nullptr;
-  size_t size_ = 0;
 };
 
 // Page-locked host memory (cudaHostAlloc, portable across devices), so host-to-device copies run
 // at full bus speed and asynchronously.
-class PinnedBuffer {
+class PinnedBuffer : public Memory<CudaFreeHost> {
  public:
   PinnedBuffer() = default;
   explicit PinnedBuffer(size_t nbytes);
-  ~PinnedBuffer() { reset(); }
-  PinnedBuffer(PinnedBuffer&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
-  PinnedBuffer& operator=(PinnedBuffer&& other) noexcept;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
 
-  uint8_t* data() const { return static_cast<uint8_t*>(data_); }
-  size_t size() const { return size_; }
-  void reset() noexcept;
-
- private:
-  void* data_ = nullptr;
-  size_t size_ = 0;
+  uint8_t* data() const { return as<uint8_t>(); }
 };
 
 // A cuBLAS handle bound to one device, with pointer mode host and (when given) a caller-owned
@@ -183,22 +203,18 @@ class CublasHandle {
  public:
   CublasHandle() = default;
   explicit CublasHandle(int device);
-  ~CublasHandle() { reset(); }
-  CublasHandle(CublasHandle&& other) noexcept
-      : device_(other.device_), handle_(std::exchange(other.handle_, nullptr)) {}
-  CublasHandle& operator=(CublasHandle&& other) noexcept;
-  CublasHandle(const CublasHandle&) = delete;
-  CublasHandle& operator=(const CublasHandle&) = delete;
 
-  cublasHandle_t get() const { return handle_; }
-  int device() const { return device_; }
+  cublasHandle_t get() const { return handle_.get(); }
+  int device() const { return handle_.device(); }
   void set_stream(cudaStream_t stream) const;
   void set_workspace(void* workspace, size_t nbytes) const;
-  void reset() noexcept;
+  void reset() noexcept { handle_.reset(); }
 
  private:
-  int device_ = -1;
-  cublasHandle_t handle_ = nullptr;
+  struct Destroy {
+    void operator()(int device, cublasHandle_t handle) const noexcept;
+  };
+  Owned<cublasHandle_t, Destroy> handle_;
 };
 
 }  // namespace qtool::runner::cuda

@@ -59,42 +59,41 @@ QTOOL_HD float x86_nan_result(float a, float b) {
   return bits_float(0xFFC00000u);
 }
 
-// a * b, a + b and a / b, each rounded once (never fused into an FMA), with x86 NaN results.
-QTOOL_HD float x86_mul(float a, float b) {
+// a * b, a + b and a / b, each rounded once (never fused into an FMA), with IEEE NaN results.
 #if defined(__CUDA_ARCH__)
-  const float r = __fmul_rn(a, b);
+QTOOL_HD float ieee_mul(float a, float b) { return __fmul_rn(a, b); }
+QTOOL_HD float ieee_add(float a, float b) { return __fadd_rn(a, b); }
+QTOOL_HD float ieee_div(float a, float b) { return __fdiv_rn(a, b); }
 #else
-  const float r = a * b;
+QTOOL_HD float ieee_mul(float a, float b) { return a * b; }
+QTOOL_HD float ieee_add(float a, float b) { return a + b; }
+QTOOL_HD float ieee_div(float a, float b) { return a / b; }
 #endif
+
+// The x86 result of a binary operation on `a` and `b` whose IEEE result is `r`.
+QTOOL_HD float x86_result(float r, float a, float b) {
   return is_nan_bits(float_bits(r)) ? x86_nan_result(a, b) : r;
 }
 
-QTOOL_HD float x86_add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  const float r = __fadd_rn(a, b);
-#else
-  const float r = a + b;
-#endif
-  return is_nan_bits(float_bits(r)) ? x86_nan_result(a, b) : r;
-}
+// The same operations with x86 NaN results.
+QTOOL_HD float x86_mul(float a, float b) { return x86_result(ieee_mul(a, b), a, b); }
+QTOOL_HD float x86_add(float a, float b) { return x86_result(ieee_add(a, b), a, b); }
+QTOOL_HD float x86_div(float a, float b) { return x86_result(ieee_div(a, b), a, b); }
 
-QTOOL_HD float x86_div(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  const float r = __fdiv_rn(a, b);
-#else
-  const float r = a / b;
-#endif
-  return is_nan_bits(float_bits(r)) ? x86_nan_result(a, b) : r;
+// A xorshift-multiply finaliser: two multiplications, each between xor-shifts (bijective).
+template <class T>
+QTOOL_HD T xorshift_multiply(T x, int s0, T m0, int s1, T m1, int s2) {
+  x ^= x >> s0;
+  x *= m0;
+  x ^= x >> s1;
+  x *= m1;
+  x ^= x >> s2;
+  return x;
 }
 
 // splitmix64's finaliser: a bijective 64-bit mixer.
 QTOOL_HD uint64_t mix64(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xBF58476D1CE4E5B9ull;
-  x ^= x >> 27;
-  x *= 0x94D049BB133111EBull;
-  x ^= x >> 31;
-  return x;
+  return xorshift_multiply<uint64_t>(x, 30, 0xBF58476D1CE4E5B9ull, 27, 0x94D049BB133111EBull, 31);
 }
 
 inline constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
@@ -114,12 +113,7 @@ QTOOL_HD uint16_t activation_bf16(uint64_t stream, uint64_t token, uint64_t colu
 
 // murmur3's 32-bit finaliser: a bijective mixer.
 QTOOL_HD uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return h;
+  return xorshift_multiply<uint32_t>(h, 16, 0x85EBCA6Bu, 13, 0xC2B2AE35u, 16);
 }
 
 // Word k's contribution to an output digest: the bf16 elements 2k (low half) and 2k + 1 (high

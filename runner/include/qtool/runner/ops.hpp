@@ -122,6 +122,13 @@ class Ops {
   // Host <-> backend copies of a whole view (host side dense, rows * cols elements of its dtype).
   virtual void upload(const void* host, const Mat& dst) = 0;
   virtual void download(const Mat& src, void* host) = 0;
+  // The digest of a view's elements (driver.hpp's host_digest of its dense bytes: hash and
+  // non-finite count) computed where the view is, when the backend can: true and the two values
+  // set; false: the caller downloads the view and digests it on the host.
+  virtual bool digest(const Mat& m, uint64_t* hash, uint64_t* nonfinite) {
+    (void)m, (void)hash, (void)nonfinite;
+    return false;
+  }
 
   // --- ops -----------------------------------------------------------------------------------------
   // out[i, :] = table[ids[i], :] (table [vocab, D], plain dtype, converted to out's dtype). ids
