@@ -280,42 +280,6 @@ __global__ void bias_round_kernel(const float* acc, DequantParams bias, bool has
   }
 }
 
-// Word k of m's dense bytes (elements 2k, 2k + 1 of a 16-bit view, element k of a float32 one):
-// its digest term and non-finite elements, one word per thread and iteration.
-__global__ void digest_view_kernel(View m, unsigned long long* sums) {
-  const int64_t n = m.rows * m.cols;
-  const int per_word = m.dt == kF32 ? 1 : 2;
-  const int64_t n_words = (n + per_word - 1) / per_word;
-  uint64_t sum = 0;
-  unsigned long long bad = 0;
-  for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k < n_words;
-       k += int64_t{gridDim.x} * blockDim.x) {
-    uint32_t word = 0;
-    for (int j = 0; j < per_word; ++j) {
-      const int64_t e = k * per_word + j;
-      if (e >= n) break;
-      const int64_t r = e / m.cols, i = (e - r * m.cols) + r * m.ld;
-      if (m.dt == kF32) {
-        word = kmath::float_bits(static_cast<const float*>(m.data)[i]);
-        bad += (word & 0x7F800000u) == 0x7F800000u;
-      } else {
-        const uint32_t h = static_cast<const uint16_t*>(m.data)[i];
-        word |= h << (16 * j);
-        bad += (h & (m.dt == kBf16 ? 0x7F80u : 0x7C00u)) == (m.dt == kBf16 ? 0x7F80u : 0x7C00u);
-      }
-    }
-    sum += kmath::digest_term(static_cast<uint64_t>(k), word);
-  }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    sum += __shfl_down_sync(0xFFFFFFFFu, sum, offset);
-    bad += __shfl_down_sync(0xFFFFFFFFu, bad, offset);
-  }
-  if ((threadIdx.x & 31) == 0) {
-    atomicAdd(sums, static_cast<unsigned long long>(sum));
-    if (bad) atomicAdd(sums + 1, bad);
-  }
-}
-
 // --- attention ---------------------------------------------------------------------------------
 // launch_attention takes the tensor-core kernel (attention_mma.cu) where it covers the case; this
 // one is the fallback for every other head_dim (<= 256), float32, and unaligned views.
@@ -474,13 +438,6 @@ void launch_dequant_generic(const DequantParams& p, const float* code_table, con
   if (p.numel() == 0) return;
   dequant_generic_kernel<<<grid_for(static_cast<int64_t>(p.numel())), kThreads, 0, stream>>>(
       p, code_table, nested_map, dt, out);
-  QTOOL_CUDA_CHECK_LAUNCH();
-}
-
-void launch_digest(const View& m, unsigned long long* sums, cudaStream_t stream) {
-  const int64_t n = m.rows * m.cols;
-  if (n == 0) return;
-  digest_view_kernel<<<grid_for(m.dt == kF32 ? n : (n + 1) / 2), kThreads, 0, stream>>>(m, sums);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 

@@ -42,9 +42,6 @@ void launch_dequant_generic(const DequantParams& p, const float* code_table, con
                             void* out, cudaStream_t stream);
 // out = ⟦acc + bias⟧ with acc [rows, cols] dense F32; bias plain or null.
 void launch_bias_round(const float* acc, const DequantParams* bias, const View& out, cudaStream_t stream);
-// Adds the digest terms of m's dense bytes (host_digest's words) to sums[0] and its non-finite
-// elements to sums[1].
-void launch_digest(const View& m, unsigned long long* sums, cudaStream_t stream);
 
 struct AttnArgs {
   View q, k, v, out;

@@ -126,7 +126,8 @@ class CudaOps final : public StackOps<cuda::DeviceBuffer> {
       cuda::accumulate_digest(static_cast<const uint16_t*>(m.data), static_cast<uint64_t>(m.rows * m.cols),
                               sums, stream_);
     else
-      fwd::launch_digest(view(m), sums, stream_);
+      cuda::accumulate_digest_view(m.data, m.dtype == DType::F32 ? 32 : 16, m.dtype == DType::F16, m.rows,
+                                   m.cols, m.ld, sums, stream_);
     unsigned long long host[2] = {0, 0};
     QTOOL_CUDA_CHECK(cudaMemcpyAsync(host, sums, sizeof(host), cudaMemcpyDeviceToHost, stream_));
     QTOOL_CUDA_CHECK(cudaStreamSynchronize(stream_));

@@ -37,6 +37,19 @@ __global__ void activation_kernel(uint64_t stream_seed, uint64_t tokens, uint64_
   }
 }
 
+// A thread's digest sums into digest[0] and [1], a warp at a time. Integer sums commute: the
+// result does not depend on the order of the atomics.
+__device__ void add_to_digest(uint64_t sum, unsigned long long bad, unsigned long long* digest) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    sum += __shfl_down_sync(0xFFFFFFFFu, sum, offset);
+    bad += __shfl_down_sync(0xFFFFFFFFu, bad, offset);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    atomicAdd(digest, static_cast<unsigned long long>(sum));
+    if (bad) atomicAdd(digest + 1, bad);
+  }
+}
+
 // Sums the digest terms of y's words: eight elements (one 16-byte load) per thread and iteration,
 // then the odd words and the last odd element.
 __global__ void digest_kernel(const uint16_t* y, uint64_t n, unsigned long long* digest) {
@@ -62,15 +75,31 @@ __global__ void digest_kernel(const uint16_t* y, uint64_t n, unsigned long long*
     sum += kmath::digest_term(k, word);
     bad += kmath::nonfinite_in_word(word);
   }
-  // Integer sums commute: the result does not depend on the order of the atomics.
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    sum += __shfl_down_sync(0xFFFFFFFFu, sum, offset);
-    bad += __shfl_down_sync(0xFFFFFFFFu, bad, offset);
+  add_to_digest(sum, bad, digest);
+}
+
+// Word k of a view's dense bytes (elements 2k, 2k + 1 of a 16-bit view, element k of a float32
+// one): its digest term and non-finite elements, one word per thread and iteration.
+__global__ void digest_view_kernel(const void* data, int elem_bits, bool f16, int64_t rows, int64_t cols,
+                                   int64_t ld, unsigned long long* digest) {
+  const int64_t n = rows * cols;
+  const int per_word = elem_bits == 32 ? 1 : 2;
+  const uint32_t exp_mask = elem_bits == 32 ? 0x7F800000u : (f16 ? 0x7C00u : 0x7F80u);
+  uint64_t sum = 0;
+  unsigned long long bad = 0;
+  for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k * per_word < n;
+       k += int64_t{gridDim.x} * blockDim.x) {
+    uint32_t word = 0;
+    for (int j = 0; j < per_word && k * per_word + j < n; ++j) {
+      const int64_t e = k * per_word + j, r = e / cols, i = e - r * cols + r * ld;
+      const uint32_t v =
+          elem_bits == 32 ? static_cast<const uint32_t*>(data)[i] : static_cast<const uint16_t*>(data)[i];
+      word |= v << (16 * j);
+      bad += (v & exp_mask) == exp_mask;
+    }
+    sum += kmath::digest_term(static_cast<uint64_t>(k), word);
   }
-  if ((threadIdx.x & 31) == 0) {
-    atomicAdd(digest, static_cast<unsigned long long>(sum));
-    if (bad) atomicAdd(digest + 1, bad);
-  }
+  add_to_digest(sum, bad, digest);
 }
 
 }  // namespace
@@ -88,6 +117,16 @@ void accumulate_digest(const uint16_t* y, uint64_t n, unsigned long long* digest
   if (n == 0) return;
   QTOOL_ASSERT((reinterpret_cast<uintptr_t>(y) & 15u) == 0);  // 16-byte loads
   digest_kernel<<<grid_for(n / 8 + 1), kThreads, 0, stream>>>(y, n, digest);
+  QTOOL_CUDA_CHECK_LAUNCH();
+}
+
+void accumulate_digest_view(const void* data, int elem_bits, bool f16, int64_t rows, int64_t cols, int64_t ld,
+                            unsigned long long* digest, cudaStream_t stream) {
+  const int64_t n = rows * cols;
+  if (n == 0) return;
+  QTOOL_ASSERT(elem_bits == 16 || elem_bits == 32);
+  digest_view_kernel<<<grid_for(static_cast<uint64_t>(elem_bits == 32 ? n : (n + 1) / 2)), kThreads, 0,
+                       stream>>>(data, elem_bits, f16, rows, cols, ld, digest);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 

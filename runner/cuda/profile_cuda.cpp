@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <ctime>
 #include <random>
@@ -10,6 +11,7 @@
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/size.hpp"
+#include "qtool/runner/cuda_forward_ops.hpp"
 #include "qtool/runner/cuda_ops.hpp"
 #include "qtool/runner/cuda_resources.hpp"
 #include "qtool/runner/profile.hpp"
@@ -182,6 +184,41 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
     QTOOL_CUDA_CHECK(cudaMemsetAsync(digest.data(), 0, 16, stream.get()));
     cuda::accumulate_digest(y.as<uint16_t>(), t * 1536, digest.as<unsigned long long>(), stream.get());
     stream.synchronize();
+  }
+
+  // The runner's forward ops through its CUDA backend at Flux's shape (FLUX.1-dev: 24 heads of
+  // 128, 4096 image + 512 text tokens): attention, and the memory-bound ops a block runs most (a
+  // modulation, GELU over the MLP's hidden state, a gated residual), on random bf16 values.
+  {
+    const int64_t t = 4608, heads = 24, hd = 128, d = heads * hd;
+    const auto elems = static_cast<uint64_t>(4 * t * d + 4 * t * d + 2 * d);
+    auto ops = make_cuda_ops(dev, stream.get(), elems * 2 + (16u << 20));
+    const Mat q = ops->alloc(t, d, DType::BF16), k = ops->alloc(t, d, DType::BF16),
+              v = ops->alloc(t, d, DType::BF16), out = ops->alloc(t, d, DType::BF16),
+              hidden = ops->alloc(t, 4 * d, DType::BF16), mod = ops->alloc(1, 2 * d, DType::BF16);
+    uint64_t seed = 21;
+    for (const Mat* m : {&q, &k, &v, &hidden, &mod})
+      cuda::generate_activation(seed++, static_cast<uint64_t>(m->rows), static_cast<uint64_t>(m->cols), 0,
+                                static_cast<uint64_t>(m->cols), static_cast<uint16_t*>(m->data),
+                                stream.get());
+    AttentionShape shape;
+    shape.q_len = shape.kv_len = t;
+    shape.heads = shape.kv_heads = heads;
+    shape.head_dim = hd;
+    shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const double att_ms = median_ms(stream, o.repeats, [&] { ops->attention(q, k, v, shape, out); });
+    p.attention_tflops =
+        4.0 * static_cast<double>(t) * static_cast<double>(t) * static_cast<double>(d) / (att_ms * 1e9);
+    const Mat shift = mod.cols_view(0, d), scale = mod.cols_view(d, d);
+    const double act_ms = median_ms(stream, o.repeats, [&] {
+      ops->modulate(q, shift, scale, 1, 1e-6f, out);
+      ops->activation(Activation::GeluTanh, hidden, hidden);
+      ops->residual(k, &shift, v, 1, k);
+    });
+    // Bytes read plus written: the modulation 2 x [t, d], GELU 2 x [t, 4d], the residual 3 x [t, d].
+    p.activation_gbps = static_cast<double>((2 + 8 + 3) * t * d * 2) / (act_ms * 1e6);
+    log(str_cat("  forward ops at Flux's shape: attention ", p.attention_tflops,
+                " TFLOP/s; modulation, GELU, ", "residual ", p.activation_gbps, " GB/s"));
   }
 
   // Dequant kernels: an 8192 x 8192 weight of random (finite) codes per scheme.

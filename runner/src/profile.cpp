@@ -65,6 +65,9 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
     cpu::gemm_bf16(x.data(), k, w.data(), y.data(), t, k, m, pool);
   });
   p.bf16_tflops = 2.0 * static_cast<double>(t * k * m) / gemm_s / 1e12;
+  // Not measured here: attention at the GEMM rate, the memory-bound ops at a quarter of memcpy's.
+  p.attention_tflops = p.bf16_tflops;
+  p.activation_gbps = p.device_bandwidth_gbps / 4;
   // Dequant per scheme on a 1024 x 4096 weight of random (finite) codes.
   const uint64_t rows = 1024, cols = 4096, numel = rows * cols;
   const std::vector<uint8_t> q = random_finite_codes(numel * 4, 1);
@@ -90,7 +93,8 @@ planner::DeviceProfile measure_cpu_profile(const ProfileOptions& o) {
   p.description = "measured by qtool profile on " + today() + " for the CPU backend (" +
                   std::to_string(pool.size()) +
                   " threads): memcpy stands in for host-to-device copies; GEMM and dequant rates are the CPU "
-                  "kernels'";
+                  "kernels'; attention and the memory-bound ops are estimated (the GEMM rate, a quarter of "
+                  "memcpy's)";
   return p;
 }
 

@@ -48,6 +48,11 @@ void generate_activation(uint64_t stream_seed, uint64_t tokens, uint64_t ld, uin
 // Adds the digest of y[0, n) (bf16 bits) to digest[0] (wrapping sum of kmath::digest_term) and the
 // count of non-finite elements to digest[1]. The caller zeroes `digest` first.
 void accumulate_digest(const uint16_t* y, uint64_t n, unsigned long long* digest, cudaStream_t stream);
+// The same for a [rows, cols] view with row stride ld (elements) of bf16, f16 or float32
+// (`elem_bits` 16 with `f16` false or true, or 32): the digest of its dense bytes, as driver.hpp's
+// host_digest gives it, and its non-finite elements of that dtype.
+void accumulate_digest_view(const void* data, int elem_bits, bool f16, int64_t rows, int64_t cols, int64_t ld,
+                            unsigned long long* digest, cudaStream_t stream);
 
 // y[tokens, out] (bf16, dense) = x[tokens, in] (bf16, row stride ldx) * w[out, in]^T (bf16), fp32
 // accumulation rounded once to bf16, on the handle's stream (the caller set it). Deterministic
