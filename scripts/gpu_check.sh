@@ -39,7 +39,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 say "gpu_check ($STAGES) on $(hostname), $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current \
   --format=csv,noheader 2>&1 | tee -a "$SUMMARY"
-ls /usr/lib/x86_64-linux-gnu/libcudnn.so* 2>/dev/null | head -1 | sed 's/^/cuDNN present (not used yet): /' >>"$SUMMARY"
+ls /usr/local/cuda/lib64/libcudnn.so.9 /usr/lib/x86_64-linux-gnu/libcudnn.so.9 2>/dev/null |
+  sed 's/^/cuDNN library (attention_cudnn.cpp loads the toolkit'"'"'s first): /' >>"$SUMMARY"
 
 # --- Build. --------------------------------------------------------------------------------------
 if has build; then
@@ -61,7 +62,7 @@ t0=$(date +%s)
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CUDA_ARCHITECTURES=90 \
     "${PREFIX_ARGS[@]}" &&
     cmake --build "$BUILD" -j "$(nproc)" --target qtool runner_gpu_test runner_cuda_ops_test \
-      runner_cuda_driver_test bench_forward bench_stream
+      runner_cuda_driver_test runner_cudnn_graph_test bench_forward bench_stream bench_attention
 } >"$OUT/build.log" 2>&1
 rc=$?
 say "build exit $rc in $(($(date +%s) - t0)) s"

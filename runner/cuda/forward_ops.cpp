@@ -3,6 +3,7 @@
 // through the runner's dequant kernels and cuBLAS.
 #include <algorithm>
 
+#include "attention_cudnn.hpp"
 #include "forward_args.hpp"
 #include "forward_kernels.hpp"
 #include "op_times.hpp"
@@ -85,7 +86,8 @@ class CudaOps final : public StackOps<cuda::DeviceBuffer> {
         device_(device),
         stream_(stream),
         config_(config),
-        tables_mem_(device, cuda::kDeviceTablesBytes + kDigestBytes) {
+        tables_mem_(device, cuda::kDeviceTablesBytes + kDigestBytes),
+        cudnn_attention_(device, stream) {
     if (config.dequant_scratch_bytes) scratch_ = cuda::DeviceBuffer(device, config.dequant_scratch_bytes);
     cuda::DeviceScope scope(device_);
     tables_ = cuda::upload_tables(tables_mem_.data(), stream_);
@@ -252,6 +254,8 @@ class CudaOps final : public StackOps<cuda::DeviceBuffer> {
   cuda::CublasHandle cublas_;
   cuda::DeviceBuffer workspace_;
   int64_t max_norm_cols_ = 0;
+  // cuDNN's attention plans per shape (attention_cudnn.hpp).
+  cuda::CudnnAttention cudnn_attention_;
   cuda::OpTimes times_;  // declared last: destroyed first, while the stream still exists
 };
 
@@ -346,7 +350,18 @@ void CudaOps::attention(const Mat& q, const Mat& k, const Mat& v, const Attentio
   const fwd::AttnArgs a = fwd::attention_args(q, k, v, s, out);
   cuda::DeviceScope scope(device_);
   cuda::OpTimes::Span span(times_, "attention", stream_);
-  fwd::launch_attention(a, stream_);
+  // cuDNN's fused kernel where it takes the case (its workspace, if any, on the activation stack),
+  // else ours.
+  const size_t m = mark();
+  cuda::run_attention(cudnn_attention_, a, stream_, [this](uint64_t bytes) -> void* {
+    try {
+      return alloc(1, static_cast<int64_t>(bytes), DType::U8).data;
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::InvalidInput) throw;
+      return nullptr;  // the stack cannot give it: our kernel serves the call
+    }
+  });
+  release(m);
 }
 
 }  // namespace

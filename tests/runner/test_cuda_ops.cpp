@@ -4,7 +4,10 @@
 // differ from glibc's by an ulp of float32: the mismatch rate is printed and bounded) — the
 // tensor-core attention (attention_mma.cu) against the CPU backend and the CUDA-core kernel at odd
 // sizes (max |diff| and relative RMS printed per case), and timings of attention (Flux's and
-// Llama's shapes) and of a linear. Without a device it prints why and
+// Llama's shapes, qtool's kernel and cuDNN's) and of a linear; cuDNN's fused attention
+// (attention_cudnn.cpp, forced) against the CPU backend, with a check that it, not the fallback,
+// ran (skipped with a note when cuDNN cannot be loaded; QTOOL_TEST_REQUIRE_CUDNN=1 makes that a
+// failure). Without a device it prints why and
 // exits 77 (skipped). The random data's seed is printed; QTOOL_TEST_SEED overrides it.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
@@ -18,8 +21,9 @@
 #include <string>
 #include <vector>
 
-#include "attention_mma.hpp"  // runner/cuda: the attention kernels, called directly below
-#include "forward_args.hpp"   // runner/cuda: their arguments as the CUDA backend builds them
+#include "attention_cudnn.hpp"  // runner/cuda: cuDNN's attention path, its choice and counts
+#include "attention_mma.hpp"    // runner/cuda: the attention kernels, called directly below
+#include "forward_args.hpp"     // runner/cuda: their arguments as the CUDA backend builds them
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
@@ -189,6 +193,15 @@ PlainWeight plain_weight(Both& b, int64_t rows, int64_t cols, DType dt, float sc
 }
 
 const DType kDtypes[] = {DType::BF16, DType::F16};
+
+// The attention implementation for a scope (restored after).
+struct ImplScope {
+  rc::AttentionImpl prev;
+  explicit ImplScope(rc::AttentionImpl impl) : prev(rc::attention_impl()) { rc::set_attention_impl(impl); }
+  ~ImplScope() { rc::set_attention_impl(prev); }
+  ImplScope(const ImplScope&) = delete;
+  ImplScope& operator=(const ImplScope&) = delete;
+};
 
 }  // namespace
 
@@ -640,6 +653,7 @@ struct AttnCase {
 
 TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-core kernel") {
   Both b;
+  ImplScope own(rc::AttentionImpl::Own);  // Ops::attention below is our kernel, not cuDNN's
   // Fallback rule: head dims other than 64/128, float32, and rows that are not 16-byte aligned go to
   // the CUDA-core kernel (the other attention test covers those against the CPU).
   {
@@ -763,6 +777,154 @@ TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-
   }
 }
 
+// --- cuDNN's fused attention (attention_cudnn.cpp) ------------------------------------------------
+
+// True when cuDNN can be loaded; else prints why and fails only under QTOOL_TEST_REQUIRE_CUDNN=1.
+bool cudnn_or_skip() {
+  std::string why;
+  if (rc::cudnn_available(&why)) return true;
+  std::printf("  cuDNN not available (%s): cuDNN attention cases skipped\n", why.c_str());
+  const char* req = std::getenv("QTOOL_TEST_REQUIRE_CUDNN");
+  CHECK_MESSAGE(!(req && std::strcmp(req, "1") == 0), "QTOOL_TEST_REQUIRE_CUDNN=1 but cuDNN: ", why);
+  return false;
+}
+
+TEST_CASE("cuda ops: cuDNN attention against the CPU backend") {
+  if (!cudnn_or_skip()) return;
+  std::printf("  %s\n", rc::cudnn_description().c_str());
+  Both b;
+  ImplScope forced(rc::AttentionImpl::Cudnn);
+  const AttnCase cases[] = {
+      {"T 1", 1, 1, 1, 2, 2, 64, false, 0},
+      {"T 1 causal", 1, 1, 1, 2, 2, 128, true, 0},
+      {"q 1 kv 333 GQA 4", 2, 1, 333, 4, 1, 128, false, 0},
+      {"T 77", 2, 77, 77, 4, 4, 64, false, 0},
+      {"T 77 causal GQA 4", 2, 77, 77, 8, 2, 128, true, 0},
+      {"f16 T 77 causal", 1, 77, 77, 4, 4, 64, true, 0, DType::F16},
+      {"T 333 causal GQA 4", 1, 333, 333, 8, 2, 128, true, 0},
+      {"f16 T 333 GQA 4", 1, 333, 333, 8, 2, 64, false, 0, DType::F16},
+      {"q 77 kv 333 scale 1", 2, 77, 333, 2, 2, 128, false, 1.0f},
+      {"Flux-like T 1152 (1024+128), 3 heads", 1, 1152, 1152, 3, 3, 128, false, 0},
+      {"f16 Flux-like T 1152, 3 heads", 1, 1152, 1152, 3, 3, 128, false, 0, DType::F16},
+      {"Llama-like T 1024 causal 8/2", 1, 1024, 1024, 8, 2, 128, true, 0},
+      {"f16 Llama-like T 1024 causal 8/2 hd 64", 1, 1024, 1024, 8, 2, 64, true, 0, DType::F16},
+      {"logits ~1e4 T 300", 1, 300, 300, 2, 2, 128, false, 1.0f, DType::BF16, false, false, 30.0f},
+      {"logits ~1e4 T 129 causal GQA 2", 1, 129, 129, 2, 1, 64, true, 1.0f, DType::BF16, false, false, 30.0f},
+  };
+  for (const AttnCase& c : cases) {
+    CAPTURE(c.name);
+    const size_t mc = b.cpu->mark(), mg = b.gpu->mark();
+    AttentionShape s;
+    s.batch = c.batch;
+    s.q_len = c.q_len;
+    s.kv_len = c.kv_len;
+    s.heads = c.heads;
+    s.kv_heads = c.kv_heads;
+    s.head_dim = c.hd;
+    s.scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
+    s.causal = c.causal;
+    const int64_t qrows = c.batch * c.q_len, kvrows = c.batch * c.kv_len;
+    const int64_t qcols = c.heads * c.hd, kvcols = c.kv_heads * c.hd;
+    std::vector<float> hq = normal_floats(b, qrows * qcols, c.qk_std);
+    std::vector<float> hk = normal_floats(b, kvrows * kvcols, c.qk_std);
+    std::vector<float> hv = normal_floats(b, kvrows * kvcols, 1.0f);
+    std::vector<float> hv_abs(hv.size());
+    for (size_t i = 0; i < hv.size(); ++i) hv_abs[i] = std::fabs(hv[i]);
+    Pair q = aligned_pair(b, hq, qrows, qcols, c.dt);
+    Pair k = aligned_pair(b, hk, kvrows, kvcols, c.dt);
+    Pair v = aligned_pair(b, hv, kvrows, kvcols, c.dt);
+    Pair va = aligned_pair(b, hv_abs, kvrows, kvcols, c.dt);
+    Pair out = out_pair(b, qrows, qcols, c.dt, 8);
+    Pair w = out_pair(b, qrows, qcols, c.dt, 0);
+    Mat out2 = b.gpu->alloc(qrows, qcols, c.dt), out_mma = b.gpu->alloc(qrows, qcols, c.dt);
+    b.cpu->attention(q.c, k.c, v.c, s, out.c);
+    b.cpu->attention(q.c, k.c, va.c, s, w.c);
+    const fwd::AttnArgs args = fwd::attention_args(q.g, k.g, v.g, s, out.g);
+    REQUIRE(rc::CudnnAttention::covers(args));
+    const rc::AttentionCounts before = rc::attention_counts();
+    try {
+      b.gpu->attention(q.g, k.g, v.g, s, out.g);  // cuDNN (forced: Error(Unsupported) if it refuses)
+      b.gpu->attention(q.g, k.g, v.g, s, out2);   // again: the cached plan
+    } catch (const Error& e) {
+      std::printf("  attention cudnn %-4s hd %3lld %-40s: %s\n", dn(c.dt).c_str(),
+                  static_cast<long long>(c.hd), c.name, e.what());
+      FAIL_CHECK(e.what());  // and on to the next case
+      b.cpu->release(mc);
+      b.gpu->release(mg);
+      continue;
+    }
+    const rc::AttentionCounts after = rc::attention_counts();
+    CHECK(after.cudnn == before.cudnn + 2);  // cuDNN ran, not the fallback
+    CHECK(after.own == before.own);
+    fwd::AttnArgs am = args;
+    am.out = fwd::view(out_mma);
+    fwd::launch_attention_mma(am, b.stream.get());
+    const auto h_cpu = fetch(*b.cpu, out.c), h_w = fetch(*b.cpu, w.c);
+    const auto h_dnn = fetch(*b.gpu, out.g), h_dnn2 = fetch(*b.gpu, out2), h_mma = fetch(*b.gpu, out_mma);
+    const float rel = c.dt == DType::BF16 ? 1.0f / 64 : 1.0f / 256;
+    const AttnStats st = compare_attn(c.dt, h_dnn, h_cpu, h_w, rel);
+    const AttnStats sm = compare_attn(c.dt, h_mma, h_cpu, h_w, rel);
+    const AttnStats sd = compare_attn(c.dt, h_dnn, h_mma, h_w, rel);
+    std::printf(
+        "  attention cudnn %-4s hd %3lld %-40s: vs cpu max|d| %.3g rel rms %.3g (%zu beyond, %zu NaN differ) "
+        "| "
+        "mma vs cpu max|d| %.3g rel rms %.3g | cudnn vs mma max|d| %.3g | deterministic: %s\n",
+        dn(c.dt).c_str(), static_cast<long long>(c.hd), c.name, st.max_abs, st.rel_rms, st.beyond,
+        st.nan_mismatch, sm.max_abs, sm.rel_rms, sd.max_abs, h_dnn == h_dnn2 ? "yes" : "NO");
+    CHECK(st.beyond == 0);
+    CHECK(st.nan_mismatch == 0);
+    CHECK(st.rel_rms <= (c.dt == DType::BF16 ? 8e-3 : 2e-3));
+    CHECK(h_dnn == h_dnn2);  // streamed == resident bit for bit relies on it
+    b.cpu->release(mc);
+    b.gpu->release(mg);
+  }
+}
+
+TEST_CASE("cuda ops: which attention serves which case (QTOOL_ATTENTION, fallbacks, plan cache)") {
+  if (!cudnn_or_skip()) return;
+  Both b;
+  AttentionShape s;
+  s.batch = 1;
+  s.q_len = s.kv_len = 40;
+  s.heads = s.kv_heads = 2;
+  s.head_dim = 64;
+  s.scale = 0.125f;
+  const int64_t rows = 40, cols = 128;
+  std::vector<float> hx = normal_floats(b, rows * cols, 1.0f);
+  Pair x = aligned_pair(b, hx, rows, cols, DType::BF16);
+  Mat o = b.gpu->alloc(rows, cols, DType::BF16);
+  Pair bias = random_pair(b, s.heads * s.q_len, s.kv_len, DType::F32, 0, 1.0f, false);
+  Pair odd = random_pair(b, rows, cols, DType::BF16, 3, 1.0f, false);  // rows not 16-byte aligned
+  const auto served = [&](rc::AttentionImpl impl, const Mat& q, const AttentionShape& sh) {
+    ImplScope scope(impl);
+    const rc::AttentionCounts before = rc::attention_counts();
+    b.gpu->attention(q, q, q, sh, o);
+    const rc::AttentionCounts after = rc::attention_counts();
+    CHECK(after.own + after.cudnn == before.own + before.cudnn + 1);
+    return after.cudnn > before.cudnn ? "cudnn" : "own";
+  };
+  CHECK(std::string(served(rc::AttentionImpl::Cudnn, x.g, s)) == "cudnn");
+  CHECK(std::string(served(rc::AttentionImpl::Own, x.g, s)) == "own");
+  AttentionShape with_bias = s;
+  with_bias.bias = &bias.g;  // T5: always qtool's kernel, even when cuDNN is forced
+  CHECK(std::string(served(rc::AttentionImpl::Cudnn, x.g, with_bias)) == "own");
+  CHECK(std::string(served(rc::AttentionImpl::Cudnn, odd.g, s)) == "own");  // not covered: misaligned
+  // One plan per shape, built at the first call.
+  rc::CudnnAttention dnn(0, b.stream.get());
+  fwd::AttnArgs a = fwd::attention_args(x.g, x.g, x.g, s, o);
+  std::string why;
+  const auto no_workspace = [](uint64_t) -> void* { return nullptr; };
+  const bool ran1 = dnn.run(a, no_workspace, &why);
+  const bool ran2 = dnn.run(a, no_workspace, &why);
+  INFO(why);
+  CHECK(ran1 == ran2);
+  CHECK(dnn.plans_built() + dnn.shapes_refused() == 1);
+  a.causal = true;
+  (void)dnn.run(a, no_workspace, &why);
+  CHECK(dnn.plans_built() + dnn.shapes_refused() == 2);
+  QTOOL_CUDA_CHECK(cudaStreamSynchronize(b.stream.get()));
+}
+
 TEST_CASE("cuda ops: the activation stack") {
   rc::Stream stream(0);
   auto ops = make_cuda_ops(0, stream.get(), 4096);
@@ -804,15 +966,20 @@ TEST_CASE("cuda ops: timings (attention at Flux's and Llama's shapes, a linear)"
     s.head_dim = c.hd;
     s.scale = 0.088f;
     s.causal = c.causal;
-    ops->attention(q, k, v, s, o);  // warm-up
-    const int reps = 3;
-    t0.record(stream.get());
-    for (int i = 0; i < reps; ++i) ops->attention(q, k, v, s, o);
-    t1.record(stream.get());
-    t1.synchronize();
-    const double ms = t1.elapsed_ms_since(t0) / reps;
-    const double flop = 4.0 * c.heads * static_cast<double>(c.t) * c.t * c.hd * (c.causal ? 0.5 : 1.0);
-    std::printf("  attention %s: %.3f ms, %.1f TFLOP/s\n", c.name, ms, flop / ms / 1e9);
+    for (const rc::AttentionImpl impl : {rc::AttentionImpl::Own, rc::AttentionImpl::Cudnn}) {
+      if (impl == rc::AttentionImpl::Cudnn && !rc::cudnn_available()) continue;
+      ImplScope scope(impl);
+      ops->attention(q, k, v, s, o);  // warm-up (and cuDNN's plan)
+      const int reps = 3;
+      t0.record(stream.get());
+      for (int i = 0; i < reps; ++i) ops->attention(q, k, v, s, o);
+      t1.record(stream.get());
+      t1.synchronize();
+      const double ms = t1.elapsed_ms_since(t0) / reps;
+      const double flop = 4.0 * c.heads * static_cast<double>(c.t) * c.t * c.hd * (c.causal ? 0.5 : 1.0);
+      std::printf("  attention %-5s %s: %.3f ms, %.1f TFLOP/s\n", rc::attention_impl_name(impl), c.name, ms,
+                  flop / ms / 1e9);
+    }
     ops->release(m);
   }
   {

@@ -2,8 +2,9 @@
 // synchronisation except in upload/download. Only available when the CUDA backend is built
 // (QTOOL_HAVE_CUDA). The element-wise and norm ops give the CPU backend's bits (up to the
 // transcendentals' last ulp, see forward_kernels.cu); linear (dequant + cuBLAS, fp32 accumulation,
-// bias added in fp32 before the one rounding) and attention (a fused kernel of our own) match it
-// within a tolerance.
+// bias added in fp32 before the one rounding) and attention (cuDNN's fused flash attention where it
+// takes the case, else a fused kernel of our own: runner/cuda/attention_cudnn.hpp) match it within a
+// tolerance.
 #pragma once
 
 #include <cuda_runtime.h>
