@@ -41,8 +41,10 @@ std::atomic<uint64_t> g_cudnn_calls{0};
 
 AttentionImpl impl_from_env() {
   const char* e = std::getenv("QTOOL_ATTENTION");
-  if (!e || !*e || std::strcmp(e, "auto") == 0) return AttentionImpl::Auto;
-  if (std::strcmp(e, "own") == 0) return AttentionImpl::Own;
+  // Unset: qtool's kernel, until the cuDNN path has run on a GPU (it has been built and its graph
+  // checked against the library, never executed): auto and cudnn opt in.
+  if (!e || !*e || std::strcmp(e, "own") == 0) return AttentionImpl::Own;
+  if (std::strcmp(e, "auto") == 0) return AttentionImpl::Auto;
   if (std::strcmp(e, "cudnn") == 0) return AttentionImpl::Cudnn;
   fail(ErrorKind::InvalidInput, "environment variable QTOOL_ATTENTION=", e, ": expected auto, own or cudnn");
 }
