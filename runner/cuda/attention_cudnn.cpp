@@ -365,51 +365,65 @@ void build_plan(cudnnHandle_t handle, const Key& k, Plan& p, bool graph_only = f
     return tensor(name, next_virtual++, dt, dims, strides, true);
   };
 
+  // One node of the graph: the descriptor of what it computes (`what_type`, "<kind> <name>", its
+  // attributes set by `describe`) and the operation that applies it (`op_type`, "<kind> operation
+  // <name>", its tensors and that descriptor set by `connect`), each finalized; the operation joins ops.
   std::vector<cudnnBackendDescriptor_t> ops;
-  auto matmul = [&](const char* name, const Desc& a, const Desc& b, const Desc& c) {
-    Desc& m = make(CUDNN_BACKEND_MATMUL_DESCRIPTOR, str_cat("matmul ", name));
-    QTOOL_CUDNN_SET(m, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32);
-    m.finalize();
-    Desc& op = make(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, str_cat("matmul operation ", name));
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, a);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, b);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, c);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, m);
+  auto operation = [&](cudnnBackendDescriptorType_t what_type, cudnnBackendDescriptorType_t op_type,
+                       const char* kind, const char* name, auto&& describe, auto&& connect) {
+    Desc& what = make(what_type, str_cat(kind, " ", name));
+    describe(what);
+    what.finalize();
+    Desc& op = make(op_type, str_cat(kind, " operation ", name));
+    connect(op, what);
     op.finalize();
     ops.push_back(op.get());
+  };
+  auto matmul = [&](const char* name, const Desc& a, const Desc& b, const Desc& c) {
+    operation(
+        CUDNN_BACKEND_MATMUL_DESCRIPTOR, CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, "matmul", name,
+        [&](Desc& m) { QTOOL_CUDNN_SET(m, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32); },
+        [&](Desc& op, const Desc& m) {
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, a);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, b);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, c);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, m);
+        });
   };
   // y = mode(x [, b] [, t]); gen_index takes `axis`.
   auto pointwise = [&](const char* name, cudnnPointwiseMode_t mode, cudnnDataType_t prec, const Desc& x,
                        const Desc* b, const Desc* t, const Desc& y, int64_t axis = -1) {
-    Desc& pw = make(CUDNN_BACKEND_POINTWISE_DESCRIPTOR, str_cat("pointwise ", name));
-    QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
-    QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &prec);
-    if (mode == CUDNN_POINTWISE_GEN_INDEX)
-      QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis);
-    pw.finalize();
-    Desc& op = make(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, str_cat("pointwise operation ", name));
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x);
-    if (b) QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
-    if (t) QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, *t);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y);
-    const float one = 1.0f;
-    QTOOL_CUDNN_SET(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, CUDNN_TYPE_FLOAT, 1, &one);
-    QTOOL_CUDNN_SET(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, CUDNN_TYPE_FLOAT, 1, &one);
-    op.finalize();
-    ops.push_back(op.get());
+    operation(
+        CUDNN_BACKEND_POINTWISE_DESCRIPTOR, CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, "pointwise", name,
+        [&](Desc& pw) {
+          QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
+          QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &prec);
+          if (mode == CUDNN_POINTWISE_GEN_INDEX)
+            QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis);
+        },
+        [&](Desc& op, const Desc& pw) {
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x);
+          if (b) QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
+          if (t) QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, *t);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y);
+          const float one = 1.0f;
+          QTOOL_CUDNN_SET(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, CUDNN_TYPE_FLOAT, 1, &one);
+          QTOOL_CUDNN_SET(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, CUDNN_TYPE_FLOAT, 1, &one);
+        });
   };
   auto reduction = [&](const char* name, cudnnReduceTensorOp_t kind, const Desc& x, const Desc& y) {
-    Desc& r = make(CUDNN_BACKEND_REDUCTION_DESCRIPTOR, str_cat("reduction ", name));
-    QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &kind);
-    QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32);
-    r.finalize();
-    Desc& op = make(CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, str_cat("reduction operation ", name));
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, r);
-    op.finalize();
-    ops.push_back(op.get());
+    operation(
+        CUDNN_BACKEND_REDUCTION_DESCRIPTOR, CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, "reduction", name,
+        [&](Desc& r) {
+          QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &kind);
+          QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32);
+        },
+        [&](Desc& op, const Desc& r) {
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, r);
+        });
   };
 
   const int64_t b = k.batch, h = k.heads, hk = k.kv_heads, sq = k.q_len, skv = k.kv_len, d = k.head_dim;
