@@ -37,8 +37,12 @@ using planner::ClipTextArch;
 class ClipForward final : public TokenForward {
  public:
   ClipForward(const ClipTextArch& arch, DType dtype, std::string config_file)
-      : TokenForward(arch, "CLIPTextModel", dtype, std::move(config_file), arch.vocab_size, arch.hidden_size,
-                     "last_hidden_state", {"attention_mask", "position_ids"}),
+      : TokenForward(arch, dtype, std::move(config_file),
+                     {.architecture = "CLIPTextModel",
+                      .vocab = arch.vocab_size,
+                      .width = arch.hidden_size,
+                      .output_name = "last_hidden_state",
+                      .optional_inputs = {"attention_mask", "position_ids"}}),
         a_(arch),
         act_(activation_of(a_.act)) {
     add_unit(a_.prefix + "embeddings", [this](Ops& ops, WeightSource& w) { embed(ops, w); });

@@ -15,8 +15,12 @@ using planner::LlamaArch;
 class LlamaForward final : public TokenForward {
  public:
   LlamaForward(const LlamaArch& arch, DType dtype, std::string config_file)
-      : TokenForward(arch, "LlamaForCausalLM", dtype, std::move(config_file), arch.vocab_size,
-                     arch.hidden_size, "logits", {"position_ids"}),
+      : TokenForward(arch, dtype, std::move(config_file),
+                     {.architecture = "LlamaForCausalLM",
+                      .vocab = arch.vocab_size,
+                      .width = arch.hidden_size,
+                      .output_name = "logits",
+                      .optional_inputs = {"position_ids"}}),
         a_(arch) {
     // h = embed_tokens[input_ids]
     add_unit("model.embed_tokens",

@@ -33,8 +33,12 @@ using planner::T5EncoderArch;
 class T5Forward final : public TokenForward {
  public:
   T5Forward(const T5EncoderArch& arch, DType dtype, std::string config_file)
-      : TokenForward(arch, "T5EncoderModel", dtype, std::move(config_file), arch.vocab_size, arch.d_model,
-                     "last_hidden_state", {"attention_mask"}),
+      : TokenForward(arch, dtype, std::move(config_file),
+                     {.architecture = "T5EncoderModel",
+                      .vocab = arch.vocab_size,
+                      .width = arch.d_model,
+                      .output_name = "last_hidden_state",
+                      .optional_inputs = {"attention_mask"}}),
         a_(arch),
         act_(activation_of(a_.act)) {
     // h = shared[input_ids] (no scaling; fp16 values, exactly, in an F32 stream)
