@@ -46,9 +46,7 @@ class ClipForward final : public TokenForward {
         a_(arch),
         act_(activation_of(a_.act)) {
     add_unit(a_.prefix + "embeddings", [this](Ops& ops, WeightSource& w) { embed(ops, w); });
-    for (int64_t i = 0; i < a_.n_layers; ++i)
-      add_unit(a_.prefix + "encoder.layers." + std::to_string(i),
-               [this, i](Ops& ops, WeightSource& w) { layer(i, ops, w); });
+    add_blocks(a_.prefix + "encoder.layers.", a_.n_layers, &ClipForward::layer);
     add_unit(a_.prefix + "final_layer_norm", [this](Ops& ops, WeightSource& w) { final_norm(ops, w); });
   }
 

@@ -25,9 +25,7 @@ class LlamaForward final : public TokenForward {
     // h = embed_tokens[input_ids]
     add_unit("model.embed_tokens",
              [this](Ops& ops, WeightSource& w) { embed_tokens(ops, w, "model.embed_tokens.weight"); });
-    for (int64_t i = 0; i < a_.n_layers; ++i)
-      add_unit("model.layers." + std::to_string(i),
-               [this, i](Ops& ops, WeightSource& w) { layer(i, ops, w); });
+    add_blocks("model.layers.", a_.n_layers, &LlamaForward::layer);
     add_unit("model.norm", [this](Ops& ops, WeightSource& w) {
       final_rms_norm(ops, w, "model.norm.weight", a_.rms_norm_eps, h_);
     });

@@ -188,6 +188,15 @@ class ModelForward : public StagedForward {
     units_.push_back(std::move(name));
     steps_.push_back(std::move(step));
   }
+  // Appends a block list: units `prefix`0 ... `prefix`<n - 1>, unit i run by (self->*step)(i, ...),
+  // `self` being this forward as its class Self.
+  template <class Self>
+  void add_blocks(const std::string& prefix, int64_t n, void (Self::*step)(int64_t, Ops&, WeightSource&)) {
+    Self* self = static_cast<Self*>(this);
+    for (int64_t i = 0; i < n; ++i)
+      add_unit(prefix + std::to_string(i),
+               [self, step, i](Ops& ops, WeightSource& w) { (self->*step)(i, ops, w); });
+  }
 
   planner::Arch arch_;
   std::string architecture_;
