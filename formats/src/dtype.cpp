@@ -51,27 +51,34 @@ struct DTypeTraits {
   EncodeFn from_f32;  // null: not supported
 };
 
+// The rows of the two common kinds, `size` being the element type's: an integer dtype read by
+// value and never written; a float dtype stored as T's bits, read through `decode` and written
+// through `encode`.
+template <typename T>
+constexpr DTypeTraits integer_row(DType dtype, const char* name, const char* torch_name) {
+  return {dtype, name, sizeof(T), false, torch_name, decode_all<T, cast<T, float>>, nullptr};
+}
+template <typename T, float (*decode)(T), T (*encode)(float)>
+constexpr DTypeTraits float_row(DType dtype, const char* name, const char* torch_name) {
+  return {dtype, name, sizeof(T), true, torch_name, decode_all<T, decode>, encode_all<T, encode>};
+}
+
 constexpr DTypeTraits kTraits[kNumDTypes] = {
     {DType::BOOL, "BOOL", 1, false, "bool", decode_all<uint8_t, bool_value>, nullptr},
-    {DType::U8, "U8", 1, false, "uint8", decode_all<uint8_t, cast<uint8_t, float>>, nullptr},
-    {DType::I8, "I8", 1, false, "int8", decode_all<int8_t, cast<int8_t, float>>, nullptr},
-    {DType::F8_E5M2, "F8_E5M2", 1, true, "float8_e5m2", decode_all<uint8_t, fp8_e5m2_to_f32>,
-     encode_all<uint8_t, f32_to_fp8_e5m2>},
-    {DType::F8_E4M3, "F8_E4M3", 1, true, "float8_e4m3fn", decode_all<uint8_t, fp8_e4m3_to_f32>,
-     encode_all<uint8_t, f32_to_fp8_e4m3>},
-    {DType::I16, "I16", 2, false, "int16", decode_all<int16_t, cast<int16_t, float>>, nullptr},
-    {DType::U16, "U16", 2, false, "uint16", decode_all<uint16_t, cast<uint16_t, float>>, nullptr},
-    {DType::F16, "F16", 2, true, "float16", decode_all<uint16_t, f16_to_f32>,
-     encode_all<uint16_t, f32_to_f16>},
-    {DType::BF16, "BF16", 2, true, "bfloat16", decode_all<uint16_t, bf16_to_f32>,
-     encode_all<uint16_t, f32_to_bf16>},
-    {DType::I32, "I32", 4, false, "int32", decode_all<int32_t, cast<int32_t, float>>, nullptr},
-    {DType::U32, "U32", 4, false, "uint32", decode_all<uint32_t, cast<uint32_t, float>>, nullptr},
+    integer_row<uint8_t>(DType::U8, "U8", "uint8"),
+    integer_row<int8_t>(DType::I8, "I8", "int8"),
+    float_row<uint8_t, fp8_e5m2_to_f32, f32_to_fp8_e5m2>(DType::F8_E5M2, "F8_E5M2", "float8_e5m2"),
+    float_row<uint8_t, fp8_e4m3_to_f32, f32_to_fp8_e4m3>(DType::F8_E4M3, "F8_E4M3", "float8_e4m3fn"),
+    integer_row<int16_t>(DType::I16, "I16", "int16"),
+    integer_row<uint16_t>(DType::U16, "U16", "uint16"),
+    float_row<uint16_t, f16_to_f32, f32_to_f16>(DType::F16, "F16", "float16"),
+    float_row<uint16_t, bf16_to_f32, f32_to_bf16>(DType::BF16, "BF16", "bfloat16"),
+    integer_row<int32_t>(DType::I32, "I32", "int32"),
+    integer_row<uint32_t>(DType::U32, "U32", "uint32"),
     {DType::F32, "F32", 4, true, "float32", copy_f32, copy_f32},
-    {DType::F64, "F64", 8, true, "float64", decode_all<double, cast<double, float>>,
-     encode_all<double, cast<float, double>>},
-    {DType::I64, "I64", 8, false, "int64", decode_all<int64_t, cast<int64_t, float>>, nullptr},
-    {DType::U64, "U64", 8, false, "uint64", decode_all<uint64_t, cast<uint64_t, float>>, nullptr},
+    float_row<double, cast<double, float>, cast<float, double>>(DType::F64, "F64", "float64"),
+    integer_row<int64_t>(DType::I64, "I64", "int64"),
+    integer_row<uint64_t>(DType::U64, "U64", "uint64"),
 };
 
 const DTypeTraits& traits(DType dt) {

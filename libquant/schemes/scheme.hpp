@@ -267,6 +267,16 @@ struct SchemeEntry {
                            Impl impl) = nullptr;
 };
 const SchemeEntry& scheme_entry(Scheme scheme);
+// The names a quantized linear's parts take after "<module>." that hold a dot themselves, over every
+// scheme of the table with each option key it reads off and on (module_of_tensor strips them whole).
+// A name ending in its scheme's own name (bitsandbytes' "weight.quant_state.bitsandbytes__nf4") is
+// a stem ("weight.quant_state.bitsandbytes__") that any one word without a dot completes, so that a
+// quant type qtool lacks still stays with its module, where the recogniser refuses it by name.
+struct DottedPartNames {
+  std::vector<std::string> suffixes;  // "weight.absmax", "weight.nested_quant_map"
+  std::vector<std::string> stems;     // "weight.quant_state.bitsandbytes__"
+};
+const DottedPartNames& dotted_part_names();
 // Adds a scheme to the table (from a test or a plugin, at static initialisation or before any
 // thread uses the table) and returns the value that names it; entry.info.scheme is ignored.
 // Error(InvalidInput) for a name or alias the table already has, or a table that is full.

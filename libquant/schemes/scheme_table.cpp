@@ -1,5 +1,6 @@
 // The scheme table: the one place the rest of qtool looks schemes up in. Built-in rows here;
 // register_scheme adds rows at run time (a test's scheme, a plugin).
+#include <algorithm>
 #include <deque>
 
 #include "scheme.hpp"
@@ -86,7 +87,46 @@ std::deque<SchemeEntry>& table() {
   return t;
 }
 
+// Adds the dotted names of `entry`'s parts to `names` (each once).
+void add_dotted_part_names(const SchemeEntry& entry, DottedPartNames& names) {
+  const bool double_quant = entry.info.option_keys & kOptionDoubleQuant;
+  const bool per_tensor = entry.info.option_keys & kOptionPerTensor;
+  auto add = [](std::vector<std::string>& to, std::string name) {
+    if (std::find(to.begin(), to.end(), name) == to.end()) to.push_back(std::move(name));
+  };
+  for (const bool dq : {false, true}) {
+    for (const bool pt : {false, true}) {
+      if ((dq && !double_quant) || (pt && !per_tensor)) continue;
+      SchemeOptions options;
+      options.scheme = entry.info.scheme;
+      options.double_quant = dq;
+      options.per_tensor = pt;
+      for (const TensorDecl& d : entry.decls("", DType::BF16, 64, 64, options)) {
+        if (d.name.find('.') == std::string::npos) continue;
+        if (d.name.size() > entry.info.name.size() && d.name.ends_with(entry.info.name))
+          add(names.stems, d.name.substr(0, d.name.size() - entry.info.name.size()));
+        else
+          add(names.suffixes, d.name);
+      }
+    }
+  }
+}
+
+// Built at the first use, from the rows the table has then; register_scheme adds later rows'.
+bool g_dotted_part_names_built = false;
+DottedPartNames& dotted_part_names_of_table() {
+  static DottedPartNames names = [] {
+    DottedPartNames n;
+    for (const SchemeEntry& e : table()) add_dotted_part_names(e, n);
+    g_dotted_part_names_built = true;
+    return n;
+  }();
+  return names;
+}
+
 }  // namespace
+
+const DottedPartNames& dotted_part_names() { return dotted_part_names_of_table(); }
 
 const SchemeEntry& scheme_entry(Scheme scheme) {
   const auto& t = table();
@@ -107,6 +147,7 @@ Scheme register_scheme(const SchemeEntry& entry) {
     if (parse_scheme(s)) fail(ErrorKind::InvalidInput, "scheme '", entry.info.name, "': '", s, "' is taken");
   t.push_back(entry);
   t.back().info.scheme = static_cast<Scheme>(t.size() - 1);
+  if (g_dotted_part_names_built) add_dotted_part_names(t.back(), dotted_part_names_of_table());
   return t.back().info.scheme;
 }
 

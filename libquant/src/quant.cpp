@@ -236,22 +236,17 @@ uint64_t QuantizedLinear::n_blocks() const {
 }
 
 std::string module_of_tensor(std::string_view name) {
-  // Quant-state suffixes that contain dots come first, with or without a module before them.
-  auto strip = [&](std::string_view suffix) -> std::optional<std::string> {
-    if (name == suffix) return std::string();
-    if (name.size() > suffix.size() && name.ends_with(suffix) && name[name.size() - suffix.size() - 1] == '.')
-      return std::string(name.substr(0, name.size() - suffix.size() - 1));
-    return std::nullopt;
-  };
-  static constexpr std::string_view kStateSuffixes[] = {"weight.absmax", "weight.quant_map",
-                                                        "weight.nested_absmax", "weight.nested_quant_map"};
-  for (std::string_view s : kStateSuffixes)
-    if (auto m = strip(s)) return *m;
-  constexpr std::string_view kState = "weight.quant_state.bitsandbytes__";
-  if (const size_t p = name.rfind(kState); p != std::string_view::npos &&
-                                           name.find('.', p + kState.size()) == std::string_view::npos &&
+  // The quant-state names that contain dots come first (detail::dotted_part_names: the scheme
+  // table's), with or without a module before them.
+  const detail::DottedPartNames& dotted = detail::dotted_part_names();
+  for (const std::string& s : dotted.suffixes)
+    if (detail::has_suffix(name, s))
+      return name == s ? std::string() : std::string(name.substr(0, name.size() - s.size() - 1));
+  for (const std::string& stem : dotted.stems)
+    if (const size_t p = name.rfind(stem); p != std::string_view::npos &&
+                                           name.find('.', p + stem.size()) == std::string_view::npos &&
                                            (p == 0 || name[p - 1] == '.'))
-    return std::string(name.substr(0, p == 0 ? 0 : p - 1));
+      return std::string(name.substr(0, p == 0 ? 0 : p - 1));
   const size_t dot = name.rfind('.');
   if (dot == std::string_view::npos) return std::string();
   return std::string(name.substr(0, dot));

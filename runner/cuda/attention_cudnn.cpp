@@ -2,8 +2,6 @@
 // qtool's kernels as the fallback (attention_cudnn.hpp says what and when).
 #include "attention_cudnn.hpp"
 
-#include <dlfcn.h>
-
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -15,7 +13,6 @@
 #include <map>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -144,20 +141,25 @@ void run_attention(CudnnAttention& cudnn, const fwd::AttnArgs& a, cudaStream_t s
 namespace {
 
 // The functions of cuDNN's graph API qtool calls, resolved from libcudnn.so.9 (which forwards them
-// to libcudnn_graph.so.9).
-struct CudnnApi {
-  decltype(&::cudnnGetVersion) get_version;
-  decltype(&::cudnnGetErrorString) get_error_string;
-  decltype(&::cudnnGetLastErrorString) get_last_error_string;  // may be null
-  decltype(&::cudnnCreate) create;
-  decltype(&::cudnnDestroy) destroy;
-  decltype(&::cudnnSetStream) set_stream;
-  decltype(&::cudnnBackendCreateDescriptor) create_descriptor;
-  decltype(&::cudnnBackendDestroyDescriptor) destroy_descriptor;
-  decltype(&::cudnnBackendSetAttribute) set_attribute;
-  decltype(&::cudnnBackendGetAttribute) get_attribute;
-  decltype(&::cudnnBackendFinalize) finalize;
-  decltype(&::cudnnBackendExecute) execute;
+// to libcudnn_graph.so.9): X(member of CudnnApi, cuDNN's symbol, required).
+#define QTOOL_CUDNN_FUNCTIONS(X)                             \
+  X(get_version, cudnnGetVersion, true)                      \
+  X(get_error_string, cudnnGetErrorString, true)             \
+  X(get_last_error_string, cudnnGetLastErrorString, false)   \
+  X(create, cudnnCreate, true)                               \
+  X(destroy, cudnnDestroy, true)                             \
+  X(set_stream, cudnnSetStream, true)                        \
+  X(create_descriptor, cudnnBackendCreateDescriptor, true)   \
+  X(destroy_descriptor, cudnnBackendDestroyDescriptor, true) \
+  X(set_attribute, cudnnBackendSetAttribute, true)           \
+  X(get_attribute, cudnnBackendGetAttribute, true)           \
+  X(finalize, cudnnBackendFinalize, true)                    \
+  X(execute, cudnnBackendExecute, true)
+
+struct CudnnApi {  // a member not required may be null
+#define QTOOL_CUDNN_MEMBER(member, symbol, required) decltype(&::symbol) member;
+  QTOOL_CUDNN_FUNCTIONS(QTOOL_CUDNN_MEMBER)
+#undef QTOOL_CUDNN_MEMBER
 };
 
 struct CudnnLoad {
@@ -173,51 +175,23 @@ CudnnLoad load_cudnn() {
   const std::string soname = "libcudnn.so." + std::to_string(CUDNN_MAJOR);
   // The toolkit's first (its cuDNN matches the headers qtool was built with and the CUDA runtime),
   // then the loader's search (LD_LIBRARY_PATH, the cache), then the usual folders.
-  std::vector<std::string> candidates;
-#ifdef QTOOL_CUDA_LIBRARY_DIR
-  candidates.push_back(std::string(QTOOL_CUDA_LIBRARY_DIR) + "/" + soname);
-#endif
-  candidates.push_back("/usr/local/cuda/lib64/" + soname);
-  candidates.push_back(soname);
-  for (const char* dir :
-       {"/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"})
-    candidates.push_back(std::string(dir) + "/" + soname);
-  void* lib = nullptr;
-  std::string first_error;
-  for (const std::string& name : candidates) {
-    lib = ::dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (lib) {
-      r.from = name;
-      break;
-    }
-    if (first_error.empty()) {
-      const char* e = ::dlerror();
-      first_error = e ? e : "not found";
-    }
-  }
-  if (!lib) {
-    r.why = str_cat("cannot load cuDNN (", soname, "): ", first_error);
+  const LoadedLibrary lib = open_first_library(library_candidates(
+      soname, {kBuildToolkitDir, "/usr/local/cuda/lib64", kLoaderSearch, "/usr/local/cuda/lib",
+               "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"}));
+  if (!lib.handle) {
+    r.why = str_cat("cannot load cuDNN (", soname, "): ", lib.first_error);
     return r;
   }
+  r.from = lib.name;
   std::string missing;
-  auto sym = [&](auto& fn, const char* name, bool required = true) {
-    void* p = ::dlsym(lib, name);
-    if (!p && required) missing += str_cat(missing.empty() ? "" : ", ", name);
-    fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
-  };
   CudnnApi& api = r.api;
-  sym(api.get_version, "cudnnGetVersion");
-  sym(api.get_error_string, "cudnnGetErrorString");
-  sym(api.get_last_error_string, "cudnnGetLastErrorString", false);
-  sym(api.create, "cudnnCreate");
-  sym(api.destroy, "cudnnDestroy");
-  sym(api.set_stream, "cudnnSetStream");
-  sym(api.create_descriptor, "cudnnBackendCreateDescriptor");
-  sym(api.destroy_descriptor, "cudnnBackendDestroyDescriptor");
-  sym(api.set_attribute, "cudnnBackendSetAttribute");
-  sym(api.get_attribute, "cudnnBackendGetAttribute");
-  sym(api.finalize, "cudnnBackendFinalize");
-  sym(api.execute, "cudnnBackendExecute");
+  auto resolve = [&](auto& fn, const char* name, bool required) {
+    if (!resolve_symbol(lib.handle, name, fn) && required)
+      missing += str_cat(missing.empty() ? "" : ", ", name);
+  };
+#define QTOOL_CUDNN_RESOLVE(member, symbol, required) resolve(api.member, #symbol, required);
+  QTOOL_CUDNN_FUNCTIONS(QTOOL_CUDNN_RESOLVE)
+#undef QTOOL_CUDNN_RESOLVE
   if (!missing.empty()) {
     r.why = str_cat(r.from, " lacks ", missing);
     return r;  // the library stays mapped: harmless, and dlclose of a half-used library is not
@@ -391,51 +365,65 @@ void build_plan(cudnnHandle_t handle, const Key& k, Plan& p, bool graph_only = f
     return tensor(name, next_virtual++, dt, dims, strides, true);
   };
 
+  // One node of the graph: the descriptor of what it computes (`what_type`, "<kind> <name>", its
+  // attributes set by `describe`) and the operation that applies it (`op_type`, "<kind> operation
+  // <name>", its tensors and that descriptor set by `connect`), each finalized; the operation joins ops.
   std::vector<cudnnBackendDescriptor_t> ops;
-  auto matmul = [&](const char* name, const Desc& a, const Desc& b, const Desc& c) {
-    Desc& m = make(CUDNN_BACKEND_MATMUL_DESCRIPTOR, str_cat("matmul ", name));
-    QTOOL_CUDNN_SET(m, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32);
-    m.finalize();
-    Desc& op = make(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, str_cat("matmul operation ", name));
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, a);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, b);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, c);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, m);
+  auto operation = [&](cudnnBackendDescriptorType_t what_type, cudnnBackendDescriptorType_t op_type,
+                       const char* kind, const char* name, auto&& describe, auto&& connect) {
+    Desc& what = make(what_type, str_cat(kind, " ", name));
+    describe(what);
+    what.finalize();
+    Desc& op = make(op_type, str_cat(kind, " operation ", name));
+    connect(op, what);
     op.finalize();
     ops.push_back(op.get());
+  };
+  auto matmul = [&](const char* name, const Desc& a, const Desc& b, const Desc& c) {
+    operation(
+        CUDNN_BACKEND_MATMUL_DESCRIPTOR, CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, "matmul", name,
+        [&](Desc& m) { QTOOL_CUDNN_SET(m, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32); },
+        [&](Desc& op, const Desc& m) {
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, a);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, b);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, c);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, m);
+        });
   };
   // y = mode(x [, b] [, t]); gen_index takes `axis`.
   auto pointwise = [&](const char* name, cudnnPointwiseMode_t mode, cudnnDataType_t prec, const Desc& x,
                        const Desc* b, const Desc* t, const Desc& y, int64_t axis = -1) {
-    Desc& pw = make(CUDNN_BACKEND_POINTWISE_DESCRIPTOR, str_cat("pointwise ", name));
-    QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
-    QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &prec);
-    if (mode == CUDNN_POINTWISE_GEN_INDEX)
-      QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis);
-    pw.finalize();
-    Desc& op = make(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, str_cat("pointwise operation ", name));
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x);
-    if (b) QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
-    if (t) QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, *t);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y);
-    const float one = 1.0f;
-    QTOOL_CUDNN_SET(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, CUDNN_TYPE_FLOAT, 1, &one);
-    QTOOL_CUDNN_SET(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, CUDNN_TYPE_FLOAT, 1, &one);
-    op.finalize();
-    ops.push_back(op.get());
+    operation(
+        CUDNN_BACKEND_POINTWISE_DESCRIPTOR, CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, "pointwise", name,
+        [&](Desc& pw) {
+          QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
+          QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &prec);
+          if (mode == CUDNN_POINTWISE_GEN_INDEX)
+            QTOOL_CUDNN_SET(pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis);
+        },
+        [&](Desc& op, const Desc& pw) {
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x);
+          if (b) QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
+          if (t) QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, *t);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y);
+          const float one = 1.0f;
+          QTOOL_CUDNN_SET(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, CUDNN_TYPE_FLOAT, 1, &one);
+          QTOOL_CUDNN_SET(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, CUDNN_TYPE_FLOAT, 1, &one);
+        });
   };
   auto reduction = [&](const char* name, cudnnReduceTensorOp_t kind, const Desc& x, const Desc& y) {
-    Desc& r = make(CUDNN_BACKEND_REDUCTION_DESCRIPTOR, str_cat("reduction ", name));
-    QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &kind);
-    QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32);
-    r.finalize();
-    Desc& op = make(CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, str_cat("reduction operation ", name));
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y);
-    QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, r);
-    op.finalize();
-    ops.push_back(op.get());
+    operation(
+        CUDNN_BACKEND_REDUCTION_DESCRIPTOR, CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, "reduction", name,
+        [&](Desc& r) {
+          QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &kind);
+          QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32);
+        },
+        [&](Desc& op, const Desc& r) {
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y);
+          QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, r);
+        });
   };
 
   const int64_t b = k.batch, h = k.heads, hk = k.kv_heads, sq = k.q_len, skv = k.kv_len, d = k.head_dim;

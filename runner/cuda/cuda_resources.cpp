@@ -4,7 +4,6 @@
 
 #include <cstdio>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "qtool/formats/error.hpp"
@@ -43,34 +42,16 @@ const char* cublas_status_name(cublasStatus_t status) {
 
 CublasApi load_cublas() {
   const std::string soname = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
-  // The loader's search (LD_LIBRARY_PATH, the cache, the binary's run path), then the toolkit
-  // qtool was built with, then the usual toolkit folders.
-  std::vector<std::string> candidates = {soname};
-#ifdef QTOOL_CUDA_LIBRARY_DIR
-  candidates.push_back(std::string(QTOOL_CUDA_LIBRARY_DIR) + "/" + soname);
-#endif
-  for (const char* dir :
-       {"/usr/local/cuda/lib64", "/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib"})
-    candidates.push_back(std::string(dir) + "/" + soname);
-  void* lib = nullptr;
-  std::string first_error;
-  for (const std::string& name : candidates) {
-    lib = ::dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (lib) break;
-    if (first_error.empty()) {
-      const char* e = ::dlerror();
-      first_error = e ? e : "not found";
-    }
-  }
-  if (!lib) {
-    fail(ErrorKind::Unsupported, "cannot load cuBLAS (", soname, "): ", first_error,
+  const LoadedLibrary lib = open_first_library(
+      library_candidates(soname, {kLoaderSearch, kBuildToolkitDir, "/usr/local/cuda/lib64",
+                                  "/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib"}));
+  if (!lib.handle) {
+    fail(ErrorKind::Unsupported, "cannot load cuBLAS (", soname, "): ", lib.first_error,
          "; install the CUDA toolkit's cuBLAS or add its folder to LD_LIBRARY_PATH");
   }
   auto sym = [&](auto& fn, const char* name) {
-    void* p = ::dlsym(lib, name);
-    if (!p)
+    if (!resolve_symbol(lib.handle, name, fn))
       fail(ErrorKind::Unsupported, soname, " has no symbol ", name, ": is it cuBLAS ", CUBLAS_VER_MAJOR, "?");
-    fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
   };
   CublasApi api{};
   sym(api.create, "cublasCreate_v2");
@@ -84,6 +65,41 @@ CublasApi load_cublas() {
 }
 
 }  // namespace
+
+std::vector<std::string> library_candidates(const std::string& soname,
+                                            std::initializer_list<std::string_view> places) {
+  std::vector<std::string> candidates;
+  for (const std::string_view place : places) {
+    if (place == kLoaderSearch) {
+      candidates.push_back(soname);
+    } else if (place == kBuildToolkitDir) {
+#ifdef QTOOL_CUDA_LIBRARY_DIR
+      candidates.push_back(std::string(QTOOL_CUDA_LIBRARY_DIR) + "/" + soname);
+#endif
+    } else {
+      candidates.push_back(std::string(place) + "/" + soname);
+    }
+  }
+  return candidates;
+}
+
+LoadedLibrary open_first_library(const std::vector<std::string>& candidates) {
+  LoadedLibrary lib;
+  for (const std::string& name : candidates) {
+    lib.handle = ::dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib.handle) {
+      lib.name = name;
+      return lib;
+    }
+    if (lib.first_error.empty()) {
+      const char* e = ::dlerror();
+      lib.first_error = e ? e : "not found";
+    }
+  }
+  return lib;
+}
+
+void* library_symbol(void* library, const char* name) { return ::dlsym(library, name); }
 
 const CublasApi& cublas() {
   static const CublasApi api = load_cublas();  // a failed load is tried again on the next call

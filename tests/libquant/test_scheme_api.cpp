@@ -312,6 +312,29 @@ TEST_CASE("module_of_tensor keeps quant state with its weight") {
   CHECK(module_of_tensor("transformer_blocks.0.attn.to_q.weight") == "transformer_blocks.0.attn.to_q");
   CHECK(module_of_tensor("weight") == "");
   CHECK(module_of_tensor("weight.absmax") == "");
+  // A quant type qtool lacks stays with its module (its recogniser refuses it by name); a dot after
+  // the type makes it another tensor's name.
+  CHECK(module_of_tensor("a.b.weight.quant_state.bitsandbytes__int3") == "a.b");
+  CHECK(module_of_tensor("weight.quant_state.bitsandbytes__nf4") == "");
+  CHECK(module_of_tensor("a.weight.quant_state.bitsandbytes__nf4.x") ==
+        "a.weight.quant_state.bitsandbytes__nf4");
+  CHECK(module_of_tensor("a.bweight.absmax") == "a.bweight");
+}
+
+TEST_CASE("the dotted names module_of_tensor strips are those the scheme table writes") {
+  const detail::DottedPartNames& names = detail::dotted_part_names();
+  CHECK(names.suffixes == std::vector<std::string>{"weight.absmax", "weight.quant_map",
+                                                   "weight.nested_absmax", "weight.nested_quant_map"});
+  CHECK(names.stems == std::vector<std::string>{"weight.quant_state.bitsandbytes__"});
+  // Every dotted name a built-in scheme writes is one of them.
+  for (const Scheme scheme : all_schemes())
+    for (const bool dq : {false, true}) {
+      SchemeOptions o;
+      o.scheme = scheme;
+      o.double_quant = dq && scheme_info(scheme).option_keys & kOptionDoubleQuant;
+      for (const TensorDecl& d : quantized_decls("m", DType::F16, std::vector<int64_t>{8, 64}, o))
+        CHECK(module_of_tensor(d.name) == "m");
+    }
 }
 
 TEST_CASE("find_quantized_linears recognises every scheme in a safetensors file and dequantizes it") {

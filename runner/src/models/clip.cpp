@@ -37,14 +37,16 @@ using planner::ClipTextArch;
 class ClipForward final : public TokenForward {
  public:
   ClipForward(const ClipTextArch& arch, DType dtype, std::string config_file)
-      : TokenForward(arch, "CLIPTextModel", dtype, std::move(config_file), arch.vocab_size, arch.hidden_size,
-                     "last_hidden_state", {"attention_mask", "position_ids"}),
+      : TokenForward(arch, dtype, std::move(config_file),
+                     {.architecture = "CLIPTextModel",
+                      .vocab = arch.vocab_size,
+                      .width = arch.hidden_size,
+                      .output_name = "last_hidden_state",
+                      .optional_inputs = {"attention_mask", "position_ids"}}),
         a_(arch),
         act_(activation_of(a_.act)) {
     add_unit(a_.prefix + "embeddings", [this](Ops& ops, WeightSource& w) { embed(ops, w); });
-    for (int64_t i = 0; i < a_.n_layers; ++i)
-      add_unit(a_.prefix + "encoder.layers." + std::to_string(i),
-               [this, i](Ops& ops, WeightSource& w) { layer(i, ops, w); });
+    add_blocks(a_.prefix + "encoder.layers.", a_.n_layers, &ClipForward::layer);
     add_unit(a_.prefix + "final_layer_norm", [this](Ops& ops, WeightSource& w) { final_norm(ops, w); });
   }
 

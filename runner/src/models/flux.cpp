@@ -27,12 +27,8 @@ class FluxForward final : public ModelForward {
     add_unit("x_embedder", [this](Ops& ops, WeightSource& w) { x_embedder(ops, w); });
     add_unit("time_text_embed", [this](Ops& ops, WeightSource& w) { time_text_embed(ops, w); });
     add_unit("context_embedder", [this](Ops& ops, WeightSource& w) { context_embedder(ops, w); });
-    for (int64_t i = 0; i < a_.n_double; ++i)
-      add_unit("transformer_blocks." + std::to_string(i),
-               [this, i](Ops& ops, WeightSource& w) { double_block(i, ops, w); });
-    for (int64_t j = 0; j < a_.n_single; ++j)
-      add_unit("single_transformer_blocks." + std::to_string(j),
-               [this, j](Ops& ops, WeightSource& w) { single_block(j, ops, w); });
+    add_blocks("transformer_blocks.", a_.n_double, &FluxForward::double_block);
+    add_blocks("single_transformer_blocks.", a_.n_single, &FluxForward::single_block);
     add_unit("norm_out", [this](Ops& ops, WeightSource& w) { norm_out_unit(ops, w); });
     add_unit("proj_out", [this](Ops& ops, WeightSource& w) { proj_out(ops, w); });
   }

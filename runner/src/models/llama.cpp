@@ -15,15 +15,17 @@ using planner::LlamaArch;
 class LlamaForward final : public TokenForward {
  public:
   LlamaForward(const LlamaArch& arch, DType dtype, std::string config_file)
-      : TokenForward(arch, "LlamaForCausalLM", dtype, std::move(config_file), arch.vocab_size,
-                     arch.hidden_size, "logits", {"position_ids"}),
+      : TokenForward(arch, dtype, std::move(config_file),
+                     {.architecture = "LlamaForCausalLM",
+                      .vocab = arch.vocab_size,
+                      .width = arch.hidden_size,
+                      .output_name = "logits",
+                      .optional_inputs = {"position_ids"}}),
         a_(arch) {
     // h = embed_tokens[input_ids]
     add_unit("model.embed_tokens",
              [this](Ops& ops, WeightSource& w) { embed_tokens(ops, w, "model.embed_tokens.weight"); });
-    for (int64_t i = 0; i < a_.n_layers; ++i)
-      add_unit("model.layers." + std::to_string(i),
-               [this, i](Ops& ops, WeightSource& w) { layer(i, ops, w); });
+    add_blocks("model.layers.", a_.n_layers, &LlamaForward::layer);
     add_unit("model.norm", [this](Ops& ops, WeightSource& w) {
       final_rms_norm(ops, w, "model.norm.weight", a_.rms_norm_eps, h_);
     });

@@ -418,14 +418,14 @@ HostTensor download_f32_tensor(Ops& ops, const Mat& m, std::string name, std::ve
 
 std::vector<InputSpec> TokenForward::input_specs(int64_t batch, int64_t tokens) const {
   std::vector<InputSpec> specs = {{"input_ids", {DType::I64, DType::I32}, {batch, tokens}, false}};
-  for (const std::string& name : optional_inputs_)
+  for (const std::string& name : model_.optional_inputs)
     specs.push_back({name, {DType::I64, DType::I32}, {batch, tokens}, true});
   return specs;
 }
 
 std::vector<HostTensor> TokenForward::random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const {
   Rng rng(seed);
-  return {random_token_ids(rng, batch, tokens, vocab_)};
+  return {random_token_ids(rng, batch, tokens, model_.vocab)};
 }
 
 const HostTensor& TokenForward::checked_ids(const std::vector<HostTensor>& inputs, int64_t max_tokens) const {
@@ -439,12 +439,12 @@ void TokenForward::begin_stream(Ops& ops, const std::vector<HostTensor>& inputs,
   ids_ = *find_input(inputs, "input_ids");
   batch_ = ids_.shape[0];
   seq_ = ids_.shape[1];
-  h_ = ops.alloc(rows(), width_, stream_dtype);
+  h_ = ops.alloc(rows(), model_.width, stream_dtype);
 }
 
 void TokenForward::embed_tokens(Ops& ops, WeightSource& weights, const std::string& table) {
   UnitWeights w(config_file_);
-  const DequantParams& t = w.mat(table, vocab_, width_);
+  const DequantParams& t = w.mat(table, model_.vocab, model_.width);
   w.fetch(weights);
   const size_t m = ops.mark();
   const Mat ids = ops.alloc(rows(), 1, ids_.dtype);
@@ -456,7 +456,7 @@ void TokenForward::embed_tokens(Ops& ops, WeightSource& weights, const std::stri
 void TokenForward::final_rms_norm(Ops& ops, WeightSource& weights, const std::string& weight, double eps,
                                   const Mat& out) {
   UnitWeights w(config_file_);
-  const DequantParams& norm = w.vec(weight, width_);
+  const DequantParams& norm = w.vec(weight, model_.width);
   w.fetch(weights);
   ops.rms_norm(h_, norm, static_cast<float>(eps), RmsRounding::Twice, 0, out);
 }

@@ -188,6 +188,15 @@ class ModelForward : public StagedForward {
     units_.push_back(std::move(name));
     steps_.push_back(std::move(step));
   }
+  // Appends a block list: units `prefix`0 ... `prefix`<n - 1>, unit i run by (self->*step)(i, ...),
+  // `self` being this forward as its class Self.
+  template <class Self>
+  void add_blocks(const std::string& prefix, int64_t n, void (Self::*step)(int64_t, Ops&, WeightSource&)) {
+    Self* self = static_cast<Self*>(this);
+    for (int64_t i = 0; i < n; ++i)
+      add_unit(prefix + std::to_string(i),
+               [self, step, i](Ops& ops, WeightSource& w) { (self->*step)(i, ops, w); });
+  }
 
   planner::Arch arch_;
   std::string architecture_;
@@ -199,19 +208,24 @@ class ModelForward : public StagedForward {
   std::vector<std::function<void(Ops&, WeightSource&)>> steps_;
 };
 
+// What a forward whose input is token ids is, beside its weights and its arch.
+struct TokenModel {
+  std::string architecture;                  // the class it implements: "CLIPTextModel"
+  int64_t vocab = 0;                         // ids in [0, vocab)
+  int64_t width = 0;                         // of the residual stream
+  std::string output_name;                   // "last_hidden_state", "logits"
+  std::vector<std::string> optional_inputs;  // beside input_ids, of its shape: "attention_mask"
+};
+
 // The forwards whose input is token ids (Llama, T5, CLIP): input_ids [batch, tokens], each id in
-// [0, vocab), with `optional_inputs` of its shape (attention_mask, position_ids); a residual stream
-// [batch * tokens, width]; an output [batch, tokens, *] named `output_name`.
+// [0, model.vocab), with `model.optional_inputs` of its shape (attention_mask, position_ids); a
+// residual stream [batch * tokens, model.width]; an output [batch, tokens, *] named
+// `model.output_name`.
 class TokenForward : public ModelForward {
  public:
-  TokenForward(planner::Arch arch, std::string architecture, DType dtype, std::string config_file,
-               int64_t vocab, int64_t width, std::string output_name,
-               std::vector<std::string> optional_inputs)
-      : ModelForward(std::move(arch), std::move(architecture), dtype, std::move(config_file)),
-        vocab_(vocab),
-        width_(width),
-        output_name_(std::move(output_name)),
-        optional_inputs_(std::move(optional_inputs)) {}
+  TokenForward(planner::Arch arch, DType dtype, std::string config_file, TokenModel model)
+      : ModelForward(std::move(arch), model.architecture, dtype, std::move(config_file)),
+        model_(std::move(model)) {}
   std::vector<InputSpec> input_specs(int64_t batch, int64_t tokens) const override;
   // Ids drawn uniformly from the vocabulary.
   std::vector<HostTensor> random_inputs(int64_t batch, int64_t tokens, uint64_t seed) const override;
@@ -223,9 +237,9 @@ class TokenForward : public ModelForward {
     if (unit == 0 || unit == units_.size() - 1) return {};
     return {stream_stage(ops, unit)};
   }
-  std::vector<std::string> output_names() const override { return {output_name_}; }
+  std::vector<std::string> output_names() const override { return {model_.output_name}; }
   HostTensor output(Ops& ops) override {
-    return download_f32_tensor(ops, out_, output_name_, {batch_, seq_, out_.cols});
+    return download_f32_tensor(ops, out_, model_.output_name, {batch_, seq_, out_.cols});
   }
 
  protected:
@@ -240,13 +254,11 @@ class TokenForward : public ModelForward {
   void final_rms_norm(Ops& ops, WeightSource& weights, const std::string& weight, double eps, const Mat& out);
   // The stream after `unit`, named after it, [batch, tokens, width].
   HostTensor stream_stage(Ops& ops, size_t unit) {
-    return download_tensor(ops, h_, units_[unit], {batch_, seq_, width_});
+    return download_tensor(ops, h_, units_[unit], {batch_, seq_, model_.width});
   }
   int64_t rows() const { return batch_ * seq_; }
 
-  int64_t vocab_, width_;
-  std::string output_name_;
-  std::vector<std::string> optional_inputs_;
+  TokenModel model_;
   int64_t batch_ = 0, seq_ = 0;
   HostTensor ids_;  // input_ids
   Mat h_;           // the residual stream [rows, width]

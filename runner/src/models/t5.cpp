@@ -33,15 +33,17 @@ using planner::T5EncoderArch;
 class T5Forward final : public TokenForward {
  public:
   T5Forward(const T5EncoderArch& arch, DType dtype, std::string config_file)
-      : TokenForward(arch, "T5EncoderModel", dtype, std::move(config_file), arch.vocab_size, arch.d_model,
-                     "last_hidden_state", {"attention_mask"}),
+      : TokenForward(arch, dtype, std::move(config_file),
+                     {.architecture = "T5EncoderModel",
+                      .vocab = arch.vocab_size,
+                      .width = arch.d_model,
+                      .output_name = "last_hidden_state",
+                      .optional_inputs = {"attention_mask"}}),
         a_(arch),
         act_(activation_of(a_.act)) {
     // h = shared[input_ids] (no scaling; fp16 values, exactly, in an F32 stream)
     add_unit("shared", [this](Ops& ops, WeightSource& w) { embed_tokens(ops, w, "shared.weight"); });
-    for (int64_t i = 0; i < a_.n_layers; ++i)
-      add_unit("encoder.block." + std::to_string(i),
-               [this, i](Ops& ops, WeightSource& w) { block(i, ops, w); });
+    add_blocks("encoder.block.", a_.n_layers, &T5Forward::block);
     add_unit("encoder.final_layer_norm", [this](Ops& ops, WeightSource& w) {
       out_ = ops.alloc(rows(), a_.d_model, dtype_);
       final_rms_norm(ops, w, "encoder.final_layer_norm.weight", a_.eps, out_);

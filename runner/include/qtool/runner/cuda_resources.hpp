@@ -12,8 +12,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <string_view>
 #include <utility>
+#include <vector>
 
 namespace qtool::runner::cuda {
 
@@ -46,6 +49,31 @@ struct CublasApi {
                             void*, cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
 };
 const CublasApi& cublas();
+
+// Loading a library of the CUDA toolkit at run time (cuBLAS above, cuDNN in attention_cudnn.cpp).
+// The places to look for `soname`, in the caller's order: kLoaderSearch (the bare name: the
+// dynamic loader's own search, LD_LIBRARY_PATH, the cache, the binary's run path),
+// kBuildToolkitDir (the library folder of the toolkit qtool was built with; left out when the build
+// does not know it) or a folder.
+inline constexpr std::string_view kLoaderSearch = "";
+inline constexpr std::string_view kBuildToolkitDir = "<the build's toolkit>";
+std::vector<std::string> library_candidates(const std::string& soname,
+                                            std::initializer_list<std::string_view> places);
+// The first of `candidates` that dlopen loads (RTLD_NOW | RTLD_LOCAL); the library stays loaded for
+// the process's life.
+struct LoadedLibrary {
+  void* handle = nullptr;   // null: none loaded
+  std::string name;         // the candidate loaded
+  std::string first_error;  // when none loaded: the first candidate's dlerror() ("not found")
+};
+LoadedLibrary open_first_library(const std::vector<std::string>& candidates);
+// `fn` set to the symbol `name` of `library` (null when it has none); whether it has it.
+void* library_symbol(void* library, const char* name);
+template <class Fn>
+bool resolve_symbol(void* library, const char* name, Fn& fn) {
+  fn = reinterpret_cast<Fn>(library_symbol(library, name));
+  return fn != nullptr;
+}
 
 // The number of CUDA devices; 0 when there is no driver or no device (never throws).
 int device_count();
