@@ -197,6 +197,69 @@ QTOOL_AVX512 inline __m512i count16(const Thresholds16& th, __m512 s) {
                                _mm512_set1_epi32(1));
 }
 
+// The search above as the block loop's counter.
+struct SearchCount {
+  Thresholds16 th;
+  QTOOL_AVX512 __m512i operator()(__m512 s) const { return count16(th, s); }
+};
+
+// Where the thresholds allow it (nf4's are at least 0.08 apart), a table lookup instead of the
+// search: [-1, 1) cut into 32 buckets of 1/16, bucket k = trunc(16 s + 16) (clamped to 31) holding
+// at most one threshold; the count is the number of thresholds below the bucket plus one when s
+// is above the bucket's own. 16 s + 16 rounds at most 2^-24 of s across a bucket's lower edge
+// (never below it), which is harmless when the bucket below has its threshold further from that
+// edge: make_buckets checks both conditions, and fp4 (two thresholds around 0) keeps the search.
+struct Buckets {
+  bool usable = true;
+  alignas(64) float thr[32];
+  alignas(64) int32_t below[32];
+};
+
+Buckets make_buckets(const Bnb4Table& t) {
+  Buckets b;
+  for (int k = 0; k < 32; ++k) {
+    const float lo = static_cast<float>(k) / 16.0f - 1.0f, hi = static_cast<float>(k + 1) / 16.0f - 1.0f;
+    int below = 0, inside = 0;
+    b.thr[k] = 2.0f;  // no threshold: s is never above it
+    for (float x : t.thresholds) {
+      if (!(x > -1.0f && x < 1.0f)) b.usable = false;
+      if (x < lo) ++below;
+      if (x >= lo && x < hi) {
+        ++inside;
+        b.thr[k] = x;
+        if (!(x < hi - 0x1p-22f)) b.usable = false;
+      }
+    }
+    if (inside > 1) b.usable = false;
+    b.below[k] = below;
+  }
+  return b;
+}
+
+const Buckets& buckets_of(Scheme scheme) {
+  static const Buckets nf4 = make_buckets(bnb4_table(Scheme::Nf4));
+  static const Buckets fp4 = make_buckets(bnb4_table(Scheme::Fp4));
+  return scheme == Scheme::Fp4 ? fp4 : nf4;
+}
+
+struct BucketCount {
+  __m512 thr_lo, thr_hi;
+  __m512i below_lo, below_hi;
+  QTOOL_AVX512 explicit BucketCount(const Buckets& b)
+      : thr_lo(_mm512_load_ps(b.thr)),
+        thr_hi(_mm512_load_ps(b.thr + 16)),
+        below_lo(_mm512_load_si512(b.below)),
+        below_hi(_mm512_load_si512(b.below + 16)) {}
+  QTOOL_AVX512 __m512i operator()(__m512 s) const {
+    const __m512 sixteen = _mm512_set1_ps(16.0f);
+    const __m512i key =
+        _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_fmadd_ps(s, sixteen, sixteen)), _mm512_set1_epi32(31));
+    const __m512 thr = _mm512_permutex2var_ps(thr_lo, key, thr_hi);
+    const __m512i below = _mm512_permutex2var_epi32(below_lo, key, below_hi);
+    return _mm512_mask_add_epi32(below, _mm512_cmp_ps_mask(thr, s, _CMP_LT_OQ), below, _mm512_set1_epi32(1));
+  }
+};
+
 // 16 codes (int32 lanes, element order) -> 8 bytes, high nibble first: each 64-bit lane holds an
 // (even, odd) pair; (lane << 4) | (lane >> 32) puts even << 4 | odd in its low byte.
 QTOOL_AVX512 inline __m128i pack_nibbles16(__m512i k) {
@@ -205,13 +268,13 @@ QTOOL_AVX512 inline __m128i pack_nibbles16(__m512i k) {
 }
 
 // One full block (blocksize a multiple of 32) scaled by `r`, 32 elements a step.
-template <DType D, bool Fp4>
-QTOOL_AVX512 inline void block_avx512(const Thresholds16& thr, __m512i pattern_of, const uint8_t* src,
+template <DType D, bool Fp4, typename Count>
+QTOOL_AVX512 inline void block_avx512(const Count& count, __m512i pattern_of, const uint8_t* src,
                                       uint32_t blocksize, float r, uint8_t* out) {
   const __m512 vr = _mm512_set1_ps(r);
   for (uint64_t i = 0; i < blocksize; i += 32) {
-    __m512i k0 = count16(thr, _mm512_mul_ps(simd::load16<D>(src + i * simd::elem_size<D>()), vr));
-    __m512i k1 = count16(thr, _mm512_mul_ps(simd::load16<D>(src + (i + 16) * simd::elem_size<D>()), vr));
+    __m512i k0 = count(_mm512_mul_ps(simd::load16<D>(src + i * simd::elem_size<D>()), vr));
+    __m512i k1 = count(_mm512_mul_ps(simd::load16<D>(src + (i + 16) * simd::elem_size<D>()), vr));
     if constexpr (Fp4) {
       k0 = _mm512_permutexvar_epi32(k0, pattern_of);
       k1 = _mm512_permutexvar_epi32(k1, pattern_of);
@@ -221,19 +284,30 @@ QTOOL_AVX512 inline void block_avx512(const Thresholds16& thr, __m512i pattern_o
   }
 }
 
-template <DType D, bool Fp4>
-QTOOL_AVX512 void full_blocks_avx512(const uint8_t* data, const Bnb4Table& t, uint32_t blocksize,
-                                     uint64_t block_begin, uint64_t block_end, uint8_t* packed,
-                                     uint8_t* absmax_out) {
-  const Thresholds16 thr = make_thresholds16(t.thresholds.data());
+template <DType D, bool Fp4, typename Count>
+QTOOL_AVX512 void full_blocks_avx512(const uint8_t* data, const Bnb4Table& t, const Count& count,
+                                     uint32_t blocksize, uint64_t block_begin, uint64_t block_end,
+                                     uint8_t* packed, uint8_t* absmax_out) {
   alignas(64) int32_t pattern[16];
   for (int k = 0; k < 16; ++k) pattern[k] = t.pattern_of[static_cast<size_t>(k)];
   const __m512i pattern_of = _mm512_load_si512(pattern);
   for (uint64_t b = block_begin; b < block_end; ++b) {
     const uint8_t* src = block_input<D>(data, blocksize, b);
     const float r = store_block_absmax<D>(simd::absmax_bits_avx512<D>(src, blocksize), b, absmax_out);
-    block_avx512<D, Fp4>(thr, pattern_of, src, blocksize, r, packed + b * blocksize / 2);
+    block_avx512<D, Fp4>(count, pattern_of, src, blocksize, r, packed + b * blocksize / 2);
   }
+}
+
+template <DType D, bool Fp4>
+QTOOL_AVX512 void full_blocks_avx512(const uint8_t* data, Scheme scheme, const Bnb4Table& t,
+                                     uint32_t blocksize, uint64_t block_begin, uint64_t block_end,
+                                     uint8_t* packed, uint8_t* absmax_out) {
+  if (const Buckets& b = buckets_of(scheme); b.usable)
+    full_blocks_avx512<D, Fp4>(data, t, BucketCount(b), blocksize, block_begin, block_end, packed,
+                               absmax_out);
+  else
+    full_blocks_avx512<D, Fp4>(data, t, SearchCount{make_thresholds16(t.thresholds.data())}, blocksize,
+                               block_begin, block_end, packed, absmax_out);
 }
 
 template <DType D>
@@ -243,9 +317,9 @@ QTOOL_AVX2 void full_blocks_dispatch(const uint8_t* data, Scheme scheme, const B
   const bool fp4 = scheme == Scheme::Fp4;
   if (avx512 && blocksize % 32 == 0) {
     if (fp4)
-      full_blocks_avx512<D, true>(data, t, blocksize, block_begin, block_end, packed, absmax);
+      full_blocks_avx512<D, true>(data, scheme, t, blocksize, block_begin, block_end, packed, absmax);
     else
-      full_blocks_avx512<D, false>(data, t, blocksize, block_begin, block_end, packed, absmax);
+      full_blocks_avx512<D, false>(data, scheme, t, blocksize, block_begin, block_end, packed, absmax);
   } else if (fp4) {
     full_blocks_avx2<D, true>(data, t, blocksize, block_begin, block_end, packed, absmax);
   } else {
