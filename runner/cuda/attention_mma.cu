@@ -140,14 +140,144 @@ __device__ __forceinline__ uint32_t tile_addr(const uint16_t* tile, int row, int
   return smem_addr(tile + row * HD + ((chunk ^ (row & 7)) << 3));
 }
 
+constexpr int kNb = kBc / 8;  // 8-key column blocks of S
+
+// S = Q·Kᵀ for the warp's 16 rows and the tile's kBc keys (K fragments by ldmatrix from `kt`).
+template <int HD, bool F16>
+__device__ __forceinline__ void tile_scores(float (&s)[kNb][4], const uint32_t (&qf)[HD / 16][4],
+                                            const uint16_t* kt, int lane) {
+#pragma unroll
+  for (int i = 0; i < kNb; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < kNb / 2; ++np) {
+      uint32_t r[4];
+      ldsm_x4(r, tile_addr<HD>(kt, np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
+      mma16816<F16>(s[2 * np], qf[kk], r[0], r[1]);
+      mma16816<F16>(s[2 * np + 1], qf[kk], r[2], r[3]);
+    }
+  }
+}
+
+// Where a lane's scores sit: sample b, head h, the lane's first row (the other is row0 + 8), the
+// tile's first key kv0 and the lane's column pair tq.
+struct LanePos {
+  int64_t b, h, row0, kv0;
+  int tq;
+};
+
+// Scale, bias, masks (in the CPU backend's order) of the tile's scores, and their row maxima
+// folded into mx. Key kv0 + c (c = nb·8 + 2·tq + e % 2) is visible to row row0 + 8·(e / 2) iff
+// c < n_keys and, causal, c <= diag + 8·(e / 2); `edge` says whether any key can be hidden or
+// biased (else only the scale applies), `biased` whether there is a bias or a key mask.
+__device__ __forceinline__ void mask_scores(const AttnArgs& a, const LanePos& p, bool edge, bool biased,
+                                            float (&s)[kNb][4], float (&mx)[2]) {
+  const int n_keys = static_cast<int>(a.kv_len - p.kv0 < kBc ? a.kv_len - p.kv0 : kBc);
+  const int diag = a.causal ? static_cast<int>(p.row0 - p.kv0 < kBc ? p.row0 - p.kv0 : kBc) : kBc;
+#pragma unroll
+  for (int nb = 0; nb < kNb; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[nb][e] * a.scale;
+      if (edge) {
+        const int c = nb * 8 + 2 * p.tq + (e & 1);
+        if (c >= n_keys || c > diag + (e >> 1) * 8) {
+          x = -INFINITY;
+        } else if (biased) {
+          x = bias_and_mask(a, x, p.b, p.h, p.row0 + (e >> 1) * 8, p.kv0 + c);
+        }
+      }
+      s[nb][e] = x;
+      mx[e >> 1] = fmaxf(mx[e >> 1], x);
+    }
+  }
+}
+
+// The online softmax's step: the rows' new maxima (over the four lanes sharing a row), S turned
+// into P = exp(S - m), the running sums l and the accumulator O rescaled to the new maxima.
+template <int HD>
+__device__ __forceinline__ void softmax_step(float (&s)[kNb][4], float (&mx)[2], float (&m)[2], float (&l)[2],
+                                             float (&o)[HD / 8][4]) {
+  float mu[2], corr[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xFFFFFFFFu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xFFFFFFFFu, mx[i], 2));
+    mu[i] = mx[i] == -INFINITY ? 0.0f : mx[i];  // no visible score yet: exp(-inf - 0) = 0
+    corr[i] = exp2_approx((m[i] - mu[i]) * kLog2e);
+    m[i] = mx[i];
+  }
+  float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int nb = 0; nb < kNb; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = exp2_approx((s[nb][e] - mu[e >> 1]) * kLog2e);
+      s[nb][e] = p;
+      rs[e >> 1] += p;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) l[i] = l[i] * corr[i] + rs[i];
+#pragma unroll
+  for (int db = 0; db < HD / 8; ++db) {
+    o[db][0] *= corr[0];
+    o[db][1] *= corr[0];
+    o[db][2] *= corr[1];
+    o[db][3] *= corr[1];
+  }
+}
+
+// O += P·V, P rounded to the dtype (the A fragments are S's accumulator layout; V fragments by
+// ldmatrix.trans from `vt`).
+template <int HD, bool F16>
+__device__ __forceinline__ void accumulate_pv(float (&o)[HD / 8][4], const float (&s)[kNb][4],
+                                              const uint16_t* vt, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kBc / 16; ++kk) {
+    const uint32_t pa[4] = {pack2<F16>(s[2 * kk][0], s[2 * kk][1]), pack2<F16>(s[2 * kk][2], s[2 * kk][3]),
+                            pack2<F16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                            pack2<F16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < HD / 16; ++dp) {
+      uint32_t r[4];
+      ldsm_x4_trans(r,
+                    tile_addr<HD>(vt, kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)));
+      mma16816<F16>(o[2 * dp], pa, r[0], r[1]);
+      mma16816<F16>(o[2 * dp + 1], pa, r[2], r[3]);
+    }
+  }
+}
+
+// out = O / l for the lane's two rows, l summed over the four lanes of a row.
+template <int HD, bool F16>
+__device__ __forceinline__ void store_rows(const AttnArgs& a, const LanePos& p, const float (&o)[HD / 8][4],
+                                           float (&l)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 2);
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t t = p.row0 + half * 8;
+    if (t >= a.q_len) continue;
+    uint16_t* og = static_cast<uint16_t*>(a.out.data) + (p.b * a.q_len + t) * a.out.ld + p.h * HD + 2 * p.tq;
+#pragma unroll
+    for (int db = 0; db < HD / 8; ++db)
+      *reinterpret_cast<uint32_t*>(og + db * 8) =
+          pack2<F16>(o[db][2 * half] / l[half], o[db][2 * half + 1] / l[half]);
+  }
+}
+
 template <int HD, int W, bool F16>
 // hd 64: at most 128 registers (two 8-warp or four 4-warp blocks an SM); hd 128: up to 255.
 __global__ void __launch_bounds__(32 * W, (HD == 64 ? 16 : 8) / W) attention_mma_kernel(AttnArgs a) {
   using T = Tiles<HD, W>;
   constexpr int kBr = T::kBr;
   constexpr int kThreads = T::kThreads;
-  constexpr int kNb = kBc / 8;  // 8-key column blocks of S
-  constexpr int kDb = HD / 8;   // 8-wide column blocks of O
+  constexpr int kDb = HD / 8;  // 8-wide column blocks of O
   extern __shared__ __align__(128) unsigned char attn_smem[];
   uint16_t* qs = reinterpret_cast<uint16_t*>(attn_smem);  // [kBr][HD]
   uint16_t* ks = qs + kBr * HD;                           // [2][kBc][HD]
@@ -155,9 +285,10 @@ __global__ void __launch_bounds__(32 * W, (HD == 64 ? 16 : 8) / W) attention_mma
 
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t b = blockIdx.z;
-  const int64_t h = blockIdx.y;
-  const int64_t hkv = h / (a.heads / a.kv_heads);
+  LanePos p;
+  p.b = blockIdx.z;
+  p.h = blockIdx.y;
+  const int64_t hkv = p.h / (a.heads / a.kv_heads);
   // Causal blocks differ in length: the longest (last query rows) go first.
   const int64_t qb = a.causal ? int64_t{gridDim.x} - 1 - blockIdx.x : int64_t{blockIdx.x};
   const int64_t q0 = qb * kBr;
@@ -165,18 +296,17 @@ __global__ void __launch_bounds__(32 * W, (HD == 64 ? 16 : 8) / W) attention_mma
   if (a.causal && q0 + kBr < kv_end) kv_end = q0 + kBr;
   const int n_tiles = static_cast<int>((kv_end + kBc - 1) / kBc);
 
-  const uint16_t* qg = static_cast<const uint16_t*>(a.q.data) + b * a.q_len * a.q.ld + h * HD;
-  const uint16_t* kg = static_cast<const uint16_t*>(a.k.data) + b * a.kv_len * a.k.ld + hkv * HD;
-  const uint16_t* vg = static_cast<const uint16_t*>(a.v.data) + b * a.kv_len * a.v.ld + hkv * HD;
+  const uint16_t* qg = static_cast<const uint16_t*>(a.q.data) + p.b * a.q_len * a.q.ld + p.h * HD;
+  const uint16_t* kg = static_cast<const uint16_t*>(a.k.data) + p.b * a.kv_len * a.k.ld + hkv * HD;
+  const uint16_t* vg = static_cast<const uint16_t*>(a.v.data) + p.b * a.kv_len * a.v.ld + hkv * HD;
 
   load_tile<HD, kThreads, kBr>(qs, qg, a.q.ld, q0, a.q_len);
   load_tile<HD, kThreads, kBc>(ks, kg, a.k.ld, 0, a.kv_len);
   load_tile<HD, kThreads, kBc>(vs, vg, a.v.ld, 0, a.kv_len);
   cp_async_commit();
 
-  const int g = lane >> 2;  // the fragment row (and row + 8) of this lane
-  const int tq = lane & 3;  // the fragment column pair of this lane
-  const int64_t row0 = q0 + warp * 16 + g;
+  p.tq = lane & 3;                        // the fragment column pair of this lane
+  p.row0 = q0 + warp * 16 + (lane >> 2);  // the fragment row (and row + 8) of this lane
   const int64_t warp_first = q0 + warp * 16;
   const int64_t warp_last = warp_first + 15;
   const bool has_bias = a.bias.data != nullptr;
@@ -204,115 +334,21 @@ __global__ void __launch_bounds__(32 * W, (HD == 64 ? 16 : 8) / W) attention_mma
         ldsm_x4(qf[kk],
                 tile_addr<HD>(qs, warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * kk + (lane >> 4)));
     }
-    const int64_t kv0 = int64_t{j} * kBc;
-    if (!(a.causal && kv0 > warp_last)) {
-      const uint16_t* kt = ks + buf * kBc * HD;
-      const uint16_t* vt = vs + buf * kBc * HD;
-      // S = Q·Kᵀ.
+    p.kv0 = int64_t{j} * kBc;
+    if (!(a.causal && p.kv0 > warp_last)) {
       float s[kNb][4];
-#pragma unroll
-      for (int i = 0; i < kNb; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) {
-#pragma unroll
-        for (int np = 0; np < kNb / 2; ++np) {
-          uint32_t r[4];
-          ldsm_x4(r,
-                  tile_addr<HD>(kt, np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
-          mma16816<F16>(s[2 * np], qf[kk], r[0], r[1]);
-          mma16816<F16>(s[2 * np + 1], qf[kk], r[2], r[3]);
-        }
-      }
-      // Scale, bias, masks (in the CPU backend's order), and the tile's row maxima.
-      // Key kv0 + c (c = nb·8 + 2·tq + e % 2) is visible to row row0 + 8·(e / 2) iff c < n_keys and,
-      // causal, c <= diag + 8·(e / 2).
+      tile_scores<HD, F16>(s, qf, ks + buf * kBc * HD, lane);
       const bool edge =
-          kv0 + kBc > a.kv_len || (a.causal && kv0 + kBc - 1 > warp_first) || has_bias || has_mask;
-      const int n_keys = static_cast<int>(a.kv_len - kv0 < kBc ? a.kv_len - kv0 : kBc);
-      const int diag = a.causal ? static_cast<int>(row0 - kv0 < kBc ? row0 - kv0 : kBc) : kBc;
+          p.kv0 + kBc > a.kv_len || (a.causal && p.kv0 + kBc - 1 > warp_first) || has_bias || has_mask;
       float mx[2] = {m[0], m[1]};
-#pragma unroll
-      for (int nb = 0; nb < kNb; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = s[nb][e] * a.scale;
-          if (edge) {
-            const int c = nb * 8 + 2 * tq + (e & 1);
-            if (c >= n_keys || c > diag + (e >> 1) * 8) {
-              x = -INFINITY;
-            } else if (has_bias || has_mask) {
-              x = bias_and_mask(a, x, b, h, row0 + (e >> 1) * 8, kv0 + c);
-            }
-          }
-          s[nb][e] = x;
-          mx[e >> 1] = fmaxf(mx[e >> 1], x);
-        }
-      }
-      float mu[2], corr[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xFFFFFFFFu, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xFFFFFFFFu, mx[i], 2));
-        mu[i] = mx[i] == -INFINITY ? 0.0f : mx[i];  // no visible score yet: exp(-inf - 0) = 0
-        corr[i] = exp2_approx((m[i] - mu[i]) * kLog2e);
-        m[i] = mx[i];
-      }
-      // P = exp(S - m), the running sums, O rescaled.
-      float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int nb = 0; nb < kNb; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float p = exp2_approx((s[nb][e] - mu[e >> 1]) * kLog2e);
-          s[nb][e] = p;
-          rs[e >> 1] += p;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) l[i] = l[i] * corr[i] + rs[i];
-#pragma unroll
-      for (int db = 0; db < kDb; ++db) {
-        o[db][0] *= corr[0];
-        o[db][1] *= corr[0];
-        o[db][2] *= corr[1];
-        o[db][3] *= corr[1];
-      }
-      // O += P·V, P rounded to the dtype (the A fragments are S's accumulator layout).
-#pragma unroll
-      for (int kk = 0; kk < kBc / 16; ++kk) {
-        const uint32_t pa[4] = {
-            pack2<F16>(s[2 * kk][0], s[2 * kk][1]), pack2<F16>(s[2 * kk][2], s[2 * kk][3]),
-            pack2<F16>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<F16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-        for (int dp = 0; dp < kDb / 2; ++dp) {
-          uint32_t r[4];
-          ldsm_x4_trans(
-              r, tile_addr<HD>(vt, kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)));
-          mma16816<F16>(o[2 * dp], pa, r[0], r[1]);
-          mma16816<F16>(o[2 * dp + 1], pa, r[2], r[3]);
-        }
-      }
+      mask_scores(a, p, edge, has_bias || has_mask, s, mx);
+      softmax_step<HD>(s, mx, m, l, o);
+      accumulate_pv<HD, F16>(o, s, vs + buf * kBc * HD, lane);
     }
     __syncthreads();  // every warp is done with buffer `buf` before tile j + 2 is copied into it
   }
   cp_async_wait<0>();
-
-  // out = O / l, l summed over the four lanes of a row.
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xFFFFFFFFu, l[i], 2);
-  }
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t t = row0 + half * 8;
-    if (t >= a.q_len) continue;
-    uint16_t* og = static_cast<uint16_t*>(a.out.data) + (b * a.q_len + t) * a.out.ld + h * HD + 2 * tq;
-#pragma unroll
-    for (int db = 0; db < kDb; ++db)
-      *reinterpret_cast<uint32_t*>(og + db * 8) =
-          pack2<F16>(o[db][2 * half] / l[half], o[db][2 * half + 1] / l[half]);
-  }
+  store_rows<HD, F16>(a, p, o, l);
 }
 
 template <int HD, int W, bool F16>
