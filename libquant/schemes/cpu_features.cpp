@@ -23,10 +23,12 @@ CpuFeatures detect() {
   const bool zmm_state = (xcr0_lo & 0xE6u) == 0xE6u;
   if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return f;
   const bool avx2 = (ebx >> 5) & 1;
-  const bool avx512f = (ebx >> 16) & 1, avx512bw = (ebx >> 30) & 1, avx512vl = (ebx >> 31) & 1;
+  const bool avx512f = (ebx >> 16) & 1, avx512dq = (ebx >> 17) & 1, avx512bw = (ebx >> 30) & 1,
+             avx512vl = (ebx >> 31) & 1;
   f.avx2 = ymm_state && avx2 && f16c;
   f.fma = f.avx2 && fma;
-  f.avx512 = f.fma && zmm_state && avx512f && avx512bw && avx512vl;
+  // QTOOL_AVX512 (simd.hpp) lets the compiler use DQ as well.
+  f.avx512 = f.fma && zmm_state && avx512f && avx512dq && avx512bw && avx512vl;
 #endif
   return f;
 }

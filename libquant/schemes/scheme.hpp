@@ -37,7 +37,7 @@ enum class Impl { Reference, Fast, FastAvx2 };
 struct CpuFeatures {
   bool avx2 = false;    // AVX2 and F16C
   bool fma = false;     // and FMA
-  bool avx512 = false;  // and AVX-512 F, BW, VL
+  bool avx512 = false;  // and AVX-512 F, DQ, BW, VL
 };
 const CpuFeatures& cpu_features();
 // True when the CPU has what the fast paths use (AVX2, F16C); otherwise Fast runs the reference.
