@@ -325,25 +325,29 @@ struct Plan {
   ~Plan() {
     while (!descs.empty()) descs.pop_back();
   }
+  // A new descriptor, kept with the others.
+  Desc& make(cudnnBackendDescriptorType_t type, std::string name) {
+    descs.push_back(std::make_unique<Desc>(type, std::move(name)));
+    return *descs.back();
+  }
 };
 
 using Dims = std::array<int64_t, 4>;
 
-// The SDPA forward graph (see attention_cudnn.hpp) for `k`, finalized into an execution plan with the
-// first engine configuration of cuDNN's heuristics (mode A) that finalizes with a workspace of at
-// most kMaxWorkspaceBytes. Throws CudnnFailure when there is none.
-void build_plan(cudnnHandle_t handle, const Key& k, Plan& p, bool graph_only = false) {
-  auto make = [&](cudnnBackendDescriptorType_t type, std::string name) -> Desc& {
-    p.descs.push_back(std::make_unique<Desc>(type, std::move(name)));
-    return *p.descs.back();
-  };
-  const cudnnDataType_t io = k.dt == fwd::kF16 ? CUDNN_DATA_HALF : CUDNN_DATA_BFLOAT16;
-  const cudnnDataType_t f32 = CUDNN_DATA_FLOAT, i32 = CUDNN_DATA_INT32, boolean = CUDNN_DATA_BOOLEAN;
-  int64_t next_virtual = kUidFirstVirtual;
+// The graph's data types besides its io type (bf16 or f16): the scores, the indices, the mask.
+constexpr cudnnDataType_t kDataF32 = CUDNN_DATA_FLOAT, kDataI32 = CUDNN_DATA_INT32,
+                          kDataBool = CUDNN_DATA_BOOLEAN;
 
-  auto tensor = [&](const char* name, int64_t uid, cudnnDataType_t dt, Dims dims, Dims strides,
-                    bool is_virtual, bool by_value = false) -> Desc& {
-    Desc& t = make(CUDNN_BACKEND_TENSOR_DESCRIPTOR, str_cat("tensor ", name));
+// The nodes of an operation graph, made into a plan's descriptors and each finalized as it is
+// made: tensors (the virtual ones numbered from kUidFirstVirtual on) and operations, which ops()
+// lists in the order they were added.
+class GraphBuilder {
+ public:
+  explicit GraphBuilder(Plan& plan) : plan_(plan) {}
+
+  Desc& tensor(const char* name, int64_t uid, cudnnDataType_t dt, Dims dims, Dims strides, bool is_virtual,
+               bool by_value = false) {
+    Desc& t = plan_.make(CUDNN_BACKEND_TENSOR_DESCRIPTOR, str_cat("tensor ", name));
     const int64_t alignment = 16;
     QTOOL_CUDNN_SET(t, CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &dt);
     QTOOL_CUDNN_SET(t, CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, 4, dims.data());
@@ -360,39 +364,25 @@ void build_plan(cudnnHandle_t handle, const Key& k, Plan& p, bool graph_only = f
     }
     t.finalize();
     return t;
-  };
-  auto virt = [&](const char* name, cudnnDataType_t dt, Dims dims, Dims strides) -> Desc& {
-    return tensor(name, next_virtual++, dt, dims, strides, true);
-  };
+  }
+  Desc& virt(const char* name, cudnnDataType_t dt, Dims dims, Dims strides) {
+    return tensor(name, next_virtual_++, dt, dims, strides, true);
+  }
 
-  // One node of the graph: the descriptor of what it computes (`what_type`, "<kind> <name>", its
-  // attributes set by `describe`) and the operation that applies it (`op_type`, "<kind> operation
-  // <name>", its tensors and that descriptor set by `connect`), each finalized; the operation joins ops.
-  std::vector<cudnnBackendDescriptor_t> ops;
-  auto operation = [&](cudnnBackendDescriptorType_t what_type, cudnnBackendDescriptorType_t op_type,
-                       const char* kind, const char* name, auto&& describe, auto&& connect) {
-    Desc& what = make(what_type, str_cat(kind, " ", name));
-    describe(what);
-    what.finalize();
-    Desc& op = make(op_type, str_cat(kind, " operation ", name));
-    connect(op, what);
-    op.finalize();
-    ops.push_back(op.get());
-  };
-  auto matmul = [&](const char* name, const Desc& a, const Desc& b, const Desc& c) {
+  void matmul(const char* name, const Desc& a, const Desc& b, const Desc& c) {
     operation(
         CUDNN_BACKEND_MATMUL_DESCRIPTOR, CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, "matmul", name,
-        [&](Desc& m) { QTOOL_CUDNN_SET(m, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32); },
+        [&](Desc& m) { QTOOL_CUDNN_SET(m, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &kDataF32); },
         [&](Desc& op, const Desc& m) {
           QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, a);
           QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, b);
           QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, c);
           QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, m);
         });
-  };
+  }
   // y = mode(x [, b] [, t]); gen_index takes `axis`.
-  auto pointwise = [&](const char* name, cudnnPointwiseMode_t mode, cudnnDataType_t prec, const Desc& x,
-                       const Desc* b, const Desc* t, const Desc& y, int64_t axis = -1) {
+  void pointwise(const char* name, cudnnPointwiseMode_t mode, cudnnDataType_t prec, const Desc& x,
+                 const Desc* b, const Desc* t, const Desc& y, int64_t axis = -1) {
     operation(
         CUDNN_BACKEND_POINTWISE_DESCRIPTOR, CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, "pointwise", name,
         [&](Desc& pw) {
@@ -411,69 +401,133 @@ void build_plan(cudnnHandle_t handle, const Key& k, Plan& p, bool graph_only = f
           QTOOL_CUDNN_SET(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, CUDNN_TYPE_FLOAT, 1, &one);
           QTOOL_CUDNN_SET(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, CUDNN_TYPE_FLOAT, 1, &one);
         });
-  };
-  auto reduction = [&](const char* name, cudnnReduceTensorOp_t kind, const Desc& x, const Desc& y) {
+  }
+  void reduction(const char* name, cudnnReduceTensorOp_t kind, const Desc& x, const Desc& y) {
     operation(
         CUDNN_BACKEND_REDUCTION_DESCRIPTOR, CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, "reduction", name,
         [&](Desc& r) {
           QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &kind);
-          QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32);
+          QTOOL_CUDNN_SET(r, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &kDataF32);
         },
         [&](Desc& op, const Desc& r) {
           QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x);
           QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y);
           QTOOL_CUDNN_SET_DESC(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, r);
         });
-  };
-
-  const int64_t b = k.batch, h = k.heads, hk = k.kv_heads, sq = k.q_len, skv = k.kv_len, d = k.head_dim;
-  // qtool's token-major views as [b, h, s, d] by strides; K as Kᵀ [b, h_kv, d, s_kv].
-  Desc& q = tensor("Q", kUidQ, io, {b, h, sq, d}, {sq * k.ld_q, d, k.ld_q, 1}, false);
-  Desc& kt = tensor("K^T", kUidK, io, {b, hk, d, skv}, {skv * k.ld_k, d, 1, k.ld_k}, false);
-  Desc& v = tensor("V", kUidV, io, {b, hk, skv, d}, {skv * k.ld_v, d, k.ld_v, 1}, false);
-  Desc& o = tensor("O", kUidO, io, {b, h, sq, d}, {sq * k.ld_o, d, k.ld_o, 1}, false);
-  Desc& scale = tensor("attn scale", kUidScale, f32, {1, 1, 1, 1}, {1, 1, 1, 1}, false, true);
-
-  const Dims s_dims{b, h, sq, skv}, s_strides{h * sq * skv, sq * skv, skv, 1};
-  const Dims row_dims{b, h, sq, 1}, row_strides{h * sq, sq, 1, 1};
-  Desc& s = virt("S = Q K^T", f32, s_dims, s_strides);
-  matmul("bmm1", q, kt, s);
-  Desc& s_scaled = virt("S * scale", f32, s_dims, s_strides);
-  pointwise("attn scale", CUDNN_POINTWISE_MUL, f32, s, &scale, nullptr, s_scaled);
-  const Desc* logits = &s_scaled;
-  if (k.causal) {
-    // Key col visible to query row iff row >= col (top-left diagonal): the others get -inf.
-    Desc& neg_inf = tensor("-inf", kUidNegInf, f32, {1, 1, 1, 1}, {1, 1, 1, 1}, false, true);
-    Desc& row = virt("row index", i32, s_dims, s_strides);
-    pointwise("gen row index", CUDNN_POINTWISE_GEN_INDEX, f32, s_scaled, nullptr, nullptr, row, 2);
-    Desc& col = virt("col index", i32, s_dims, s_strides);
-    pointwise("gen col index", CUDNN_POINTWISE_GEN_INDEX, f32, s_scaled, nullptr, nullptr, col, 3);
-    Desc& keep = virt("row >= col", boolean, s_dims, s_strides);
-    pointwise("row >= col", CUDNN_POINTWISE_CMP_GE, boolean, row, &col, nullptr, keep);
-    Desc& masked = virt("causal S", f32, s_dims, s_strides);
-    pointwise("causal select", CUDNN_POINTWISE_BINARY_SELECT, f32, s_scaled, &neg_inf, &keep, masked);
-    logits = &masked;
   }
-  Desc& m = virt("row max", f32, row_dims, row_strides);
-  reduction("max", CUDNN_REDUCE_TENSOR_MAX, *logits, m);
-  Desc& sub = virt("S - max", f32, s_dims, s_strides);
-  pointwise("sub max", CUDNN_POINTWISE_SUB, f32, *logits, &m, nullptr, sub);
-  Desc& e = virt("exp(S - max)", f32, s_dims, s_strides);
-  pointwise("exp", CUDNN_POINTWISE_EXP, f32, sub, nullptr, nullptr, e);
-  Desc& l = virt("row sum", f32, row_dims, row_strides);
-  reduction("sum", CUDNN_REDUCE_TENSOR_ADD, e, l);
-  Desc& pr = virt("P", io, s_dims, s_strides);  // bmm2's A operand in the io dtype, as cuDNN requires
-  pointwise("div sum", CUDNN_POINTWISE_DIV, f32, e, &l, nullptr, pr);
-  matmul("bmm2", pr, v, o);
 
-  Desc& graph = make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph");
+  const std::vector<cudnnBackendDescriptor_t>& ops() const { return ops_; }
+
+ private:
+  // One node of the graph: the descriptor of what it computes (`what_type`, "<kind> <name>", its
+  // attributes set by `describe`) and the operation that applies it (`op_type`, "<kind> operation
+  // <name>", its tensors and that descriptor set by `connect`), each finalized; the operation joins ops.
+  template <typename Describe, typename Connect>
+  void operation(cudnnBackendDescriptorType_t what_type, cudnnBackendDescriptorType_t op_type,
+                 const char* kind, const char* name, Describe&& describe, Connect&& connect) {
+    Desc& what = plan_.make(what_type, str_cat(kind, " ", name));
+    describe(what);
+    what.finalize();
+    Desc& op = plan_.make(op_type, str_cat(kind, " operation ", name));
+    connect(op, what);
+    op.finalize();
+    ops_.push_back(op.get());
+  }
+
+  Plan& plan_;
+  int64_t next_virtual_ = kUidFirstVirtual;
+  std::vector<cudnnBackendDescriptor_t> ops_;
+};
+
+// The graph's non-virtual tensors: qtool's token-major views as [b, h, s, d] by strides, K as
+// Kᵀ [b, h_kv, d, s_kv], and the scale, passed by value.
+struct IoTensors {
+  Desc &q, &kt, &v, &o, &scale;
+};
+
+IoTensors add_io_tensors(GraphBuilder& g, const Key& k, cudnnDataType_t io) {
+  const int64_t b = k.batch, h = k.heads, hk = k.kv_heads, sq = k.q_len, skv = k.kv_len, d = k.head_dim;
+  Desc& q = g.tensor("Q", kUidQ, io, {b, h, sq, d}, {sq * k.ld_q, d, k.ld_q, 1}, false);
+  Desc& kt = g.tensor("K^T", kUidK, io, {b, hk, d, skv}, {skv * k.ld_k, d, 1, k.ld_k}, false);
+  Desc& v = g.tensor("V", kUidV, io, {b, hk, skv, d}, {skv * k.ld_v, d, k.ld_v, 1}, false);
+  Desc& o = g.tensor("O", kUidO, io, {b, h, sq, d}, {sq * k.ld_o, d, k.ld_o, 1}, false);
+  Desc& scale = g.tensor("attn scale", kUidScale, kDataF32, {1, 1, 1, 1}, {1, 1, 1, 1}, false, true);
+  return {q, kt, v, o, scale};
+}
+
+// The dense layouts of the scores [b, h, s_q, s_kv] and of their row statistics [b, h, s_q, 1].
+struct ScoreLayout {
+  Dims s_dims, s_strides, row_dims, row_strides;
+};
+
+ScoreLayout score_layout(const Key& k) {
+  const int64_t b = k.batch, h = k.heads, sq = k.q_len, skv = k.kv_len;
+  return {{b, h, sq, skv}, {h * sq * skv, sq * skv, skv, 1}, {b, h, sq, 1}, {h * sq, sq, 1, 1}};
+}
+
+// The logits: S = Q Kᵀ * scale, with k.causal the entries of keys after their query set to -inf.
+const Desc& add_scores(GraphBuilder& g, const Key& k, const IoTensors& t, const ScoreLayout& l) {
+  Desc& s = g.virt("S = Q K^T", kDataF32, l.s_dims, l.s_strides);
+  g.matmul("bmm1", t.q, t.kt, s);
+  Desc& s_scaled = g.virt("S * scale", kDataF32, l.s_dims, l.s_strides);
+  g.pointwise("attn scale", CUDNN_POINTWISE_MUL, kDataF32, s, &t.scale, nullptr, s_scaled);
+  if (!k.causal) return s_scaled;
+  // Key col visible to query row iff row >= col (top-left diagonal): the others get -inf.
+  Desc& neg_inf = g.tensor("-inf", kUidNegInf, kDataF32, {1, 1, 1, 1}, {1, 1, 1, 1}, false, true);
+  Desc& row = g.virt("row index", kDataI32, l.s_dims, l.s_strides);
+  g.pointwise("gen row index", CUDNN_POINTWISE_GEN_INDEX, kDataF32, s_scaled, nullptr, nullptr, row, 2);
+  Desc& col = g.virt("col index", kDataI32, l.s_dims, l.s_strides);
+  g.pointwise("gen col index", CUDNN_POINTWISE_GEN_INDEX, kDataF32, s_scaled, nullptr, nullptr, col, 3);
+  Desc& keep = g.virt("row >= col", kDataBool, l.s_dims, l.s_strides);
+  g.pointwise("row >= col", CUDNN_POINTWISE_CMP_GE, kDataBool, row, &col, nullptr, keep);
+  Desc& masked = g.virt("causal S", kDataF32, l.s_dims, l.s_strides);
+  g.pointwise("causal select", CUDNN_POINTWISE_BINARY_SELECT, kDataF32, s_scaled, &neg_inf, &keep, masked);
+  return masked;
+}
+
+// P = softmax(logits) along the keys: exp(S - row max) / row sum, in the io type.
+const Desc& add_softmax(GraphBuilder& g, const Desc& logits, const ScoreLayout& l, cudnnDataType_t io) {
+  Desc& m = g.virt("row max", kDataF32, l.row_dims, l.row_strides);
+  g.reduction("max", CUDNN_REDUCE_TENSOR_MAX, logits, m);
+  Desc& sub = g.virt("S - max", kDataF32, l.s_dims, l.s_strides);
+  g.pointwise("sub max", CUDNN_POINTWISE_SUB, kDataF32, logits, &m, nullptr, sub);
+  Desc& e = g.virt("exp(S - max)", kDataF32, l.s_dims, l.s_strides);
+  g.pointwise("exp", CUDNN_POINTWISE_EXP, kDataF32, sub, nullptr, nullptr, e);
+  Desc& sum = g.virt("row sum", kDataF32, l.row_dims, l.row_strides);
+  g.reduction("sum", CUDNN_REDUCE_TENSOR_ADD, e, sum);
+  Desc& pr = g.virt("P", io, l.s_dims, l.s_strides);  // bmm2's A operand in the io dtype, as cuDNN requires
+  g.pointwise("div sum", CUDNN_POINTWISE_DIV, kDataF32, e, &sum, nullptr, pr);
+  return pr;
+}
+
+// The SDPA forward graph for `k` (see attention_cudnn.hpp), O = softmax(Q Kᵀ * scale) V, finalized;
+// its descriptors go into `p`. Without `graph_only` it names `handle`.
+const Desc& add_operation_graph(cudnnHandle_t handle, const Key& k, Plan& p, bool graph_only) {
+  const cudnnDataType_t io = k.dt == fwd::kF16 ? CUDNN_DATA_HALF : CUDNN_DATA_BFLOAT16;
+  GraphBuilder g(p);
+  const IoTensors t = add_io_tensors(g, k, io);
+  const ScoreLayout layout = score_layout(k);
+  const Desc& logits = add_scores(g, k, t, layout);
+  const Desc& pr = add_softmax(g, logits, layout, io);
+  g.matmul("bmm2", pr, t.v, t.o);
+
+  Desc& graph = p.make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph");
   if (!graph_only) QTOOL_CUDNN_SET(graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
   QTOOL_CUDNN_SET(graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                  static_cast<int64_t>(ops.size()), ops.data());
+                  static_cast<int64_t>(g.ops().size()), g.ops().data());
   graph.finalize();
-  if (graph_only) return;
+  return graph;
+}
 
-  Desc& heur = make(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "engine heuristics (mode A)");
+// The engine configurations cuDNN's heuristics (mode A) offer for `graph` (their descriptors go
+// into `p`): `configs` holds as many as the heuristics counted, the first `got` of them filled in.
+struct EngineConfigs {
+  std::vector<cudnnBackendDescriptor_t> configs;
+  int64_t got = 0;
+};
+
+EngineConfigs engine_configs(const Desc& graph, Plan& p) {
+  Desc& heur = p.make(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "engine heuristics (mode A)");
   const cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
   QTOOL_CUDNN_SET_DESC(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph);
   QTOOL_CUDNN_SET(heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode);
@@ -483,20 +537,27 @@ void build_plan(cudnnHandle_t handle, const Key& k, Plan& p, bool graph_only = f
                                       CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr),
                   "engine heuristics (mode A), number of results");
   if (count <= 0) throw CudnnFailure("cuDNN's heuristics (mode A) offer no engine for the attention graph");
-  std::vector<cudnnBackendDescriptor_t> configs;
+  EngineConfigs e;
   for (int64_t i = 0; i < count; ++i)
-    configs.push_back(make(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, str_cat("engine config ", i)).get());
-  int64_t got = 0;
+    e.configs.push_back(p.make(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, str_cat("engine config ", i)).get());
   QTOOL_CUDNN_TRY(api().get_attribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                                      CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &got, configs.data()),
+                                      CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &e.got, e.configs.data()),
                   "engine heuristics (mode A), results");
+  return e;
+}
+
+// The execution plan of the first of `e`'s configurations that finalizes with a workspace of at
+// most kMaxWorkspaceBytes, into p.plan and p.workspace. Throws CudnnFailure, with the first
+// refusal, when none does.
+void finalize_plan(cudnnHandle_t handle, const EngineConfigs& e, Plan& p) {
+  const int64_t count = static_cast<int64_t>(e.configs.size()), got = e.got;
   std::string first_refusal;
   for (int64_t i = 0; i < got && i < count; ++i) {
     auto plan = std::make_unique<Desc>(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR,
                                        str_cat("execution plan (engine config ", i, " of ", got, ")"));
     QTOOL_CUDNN_SET(*plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
     QTOOL_CUDNN_SET(*plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1,
-                    &configs[i]);
+                    &e.configs[i]);
     const cudnnStatus_t st = plan->try_finalize();
     if (st != CUDNN_STATUS_SUCCESS) {
       if (first_refusal.empty())
@@ -519,6 +580,15 @@ void build_plan(cudnnHandle_t handle, const Key& k, Plan& p, bool graph_only = f
     return;
   }
   throw CudnnFailure(str_cat("no engine configuration of ", got, " finalizes; the first: ", first_refusal));
+}
+
+// The SDPA forward graph (see attention_cudnn.hpp) for `k`, finalized into an execution plan with the
+// first engine configuration of cuDNN's heuristics (mode A) that finalizes with a workspace of at
+// most kMaxWorkspaceBytes. Throws CudnnFailure when there is none.
+void build_plan(cudnnHandle_t handle, const Key& k, Plan& p, bool graph_only = false) {
+  const Desc& graph = add_operation_graph(handle, k, p, graph_only);
+  if (graph_only) return;
+  finalize_plan(handle, engine_configs(graph, p), p);
 }
 
 }  // namespace

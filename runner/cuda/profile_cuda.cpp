@@ -6,7 +6,10 @@
 #include <cmath>
 #include <cstring>
 #include <ctime>
+#include <initializer_list>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "qtool/formats/error.hpp"
@@ -100,33 +103,304 @@ static void touch_forward_ops(Ops& ops, const Stream& stream) {
   stream.synchronize();
 }
 
-planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
-  const auto log = [&](const std::string& s) {
-    if (o.log) o.log(s);
-  };
-  const int dev = o.device;
-  if (dev < 0 || dev >= cuda::device_count())
-    fail(ErrorKind::Usage, "--device ", dev, ": there are ", cuda::device_count(), " CUDA devices");
-  cuda::DeviceScope scope(dev);
-  planner::DeviceProfile p;
+namespace {
+
+void log_line(const ProfileOptions& o, const std::string& s) {
+  if (o.log) o.log(s);
+}
+
+// The name, the memory, and the names `qtool plan` looks profiles up by.
+void read_device_properties(int dev, planner::DeviceProfile& p) {
   QTOOL_CUDA_CHECK(cudaFree(nullptr));
   cudaDeviceProp prop{};
   QTOOL_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
   p.name = prop.name;
   p.device_names = {prop.name};  // so that `qtool plan` finds this profile on such a GPU
   p.memory_bytes = prop.totalGlobalMem;
-  log("profiling " + cuda::describe_device(dev));
+}
 
-  // cudaMalloc's rounding: the change in free memory for a buffer of just over 1 MiB.
-  {
-    const uint64_t before = used_bytes();
-    DeviceBuffer probe(dev, (1 << 20) + 1);
-    const uint64_t after = used_bytes();
-    uint64_t g = after > before ? after - before : (2ull << 20);
-    uint64_t pow2 = 1;
-    while (pow2 < g) pow2 <<= 1;
-    p.alloc_granularity_bytes = std::max<uint64_t>(pow2, 4096);
+// cudaMalloc's rounding: the change in free memory for a buffer of just over 1 MiB.
+uint64_t measure_alloc_granularity(int dev) {
+  const uint64_t before = used_bytes();
+  DeviceBuffer probe(dev, (1 << 20) + 1);
+  const uint64_t after = used_bytes();
+  uint64_t g = after > before ? after - before : (2ull << 20);
+  uint64_t pow2 = 1;
+  while (pow2 < g) pow2 <<= 1;
+  return std::max<uint64_t>(pow2, 4096);
+}
+
+// The bandwidth measurements' buffers, `bytes` each. The copy latency reuses them, and they stay
+// allocated until the context is measured, which subtracts the device ones.
+struct CopyBuffers {
+  CopyBuffers(int dev, uint64_t n) : bytes(n), pinned(n), pageable(n, 2), d_a(dev, n), d_b(dev, n) {
+    std::memset(pinned.data(), 1, n);
   }
+  uint64_t bytes;
+  PinnedBuffer pinned;
+  std::vector<uint8_t> pageable;
+  DeviceBuffer d_a, d_b;
+};
+
+// Host-to-device from pinned and from pageable memory, and device-to-device.
+void measure_copies(const ProfileOptions& o, const Stream& stream, const CopyBuffers& c,
+                    planner::DeviceProfile& p) {
+  const uint64_t n = c.bytes;
+  const double pinned_ms = median_ms(stream, o.repeats, [&] {
+    QTOOL_CUDA_CHECK(cudaMemcpyAsync(c.d_a.data(), c.pinned.data(), n, cudaMemcpyHostToDevice, stream.get()));
+  });
+  p.h2d_pinned_gbps = static_cast<double>(n) / (pinned_ms * 1e6);
+  const double pageable_ms = median_ms(stream, std::max<uint32_t>(1, o.repeats / 2), [&] {
+    QTOOL_CUDA_CHECK(
+        cudaMemcpyAsync(c.d_a.data(), c.pageable.data(), n, cudaMemcpyHostToDevice, stream.get()));
+  });
+  p.h2d_pageable_gbps = static_cast<double>(n) / (pageable_ms * 1e6);
+  const double d2d_ms = median_ms(stream, o.repeats, [&] {
+    QTOOL_CUDA_CHECK(cudaMemcpyAsync(c.d_b.data(), c.d_a.data(), n, cudaMemcpyDeviceToDevice, stream.get()));
+  });
+  p.device_bandwidth_gbps = 2.0 * static_cast<double>(n) / (d2d_ms * 1e6);  // read + write
+  log_line(o, str_cat("  h2d pinned ", p.h2d_pinned_gbps, " GB/s, pageable ", p.h2d_pageable_gbps,
+                      " GB/s, d2d ", p.device_bandwidth_gbps, " GB/s (read + write)"));
+}
+
+// The copy rate from the other GPU (the first, or the second when `dev` is the first) into `dev`,
+// with peer access where the pair has it, in GB/s.
+double measure_peer_copy(const ProfileOptions& o, int dev, const Stream& stream, const CopyBuffers& c) {
+  const uint64_t n = c.bytes;
+  const int peer = dev == 0 ? 1 : 0;
+  int can = 0;
+  QTOOL_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, dev, peer));
+  if (can) {
+    const cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
+    if (err == cudaErrorPeerAccessAlreadyEnabled)
+      (void)cudaGetLastError();
+    else
+      QTOOL_CUDA_CHECK(err);
+  }
+  DeviceBuffer d_peer(peer, n);
+  const double p2p_ms = median_ms(stream, o.repeats, [&] {
+    QTOOL_CUDA_CHECK(cudaMemcpyPeerAsync(c.d_a.data(), dev, d_peer.data(), peer, n, stream.get()));
+  });
+  const double gbps = static_cast<double>(n) / (p2p_ms * 1e6);
+  log_line(o, str_cat("  peer copy gpu", peer, " -> gpu", dev, " ", gbps, " GB/s",
+                      can ? "" : " (no direct peer access)"));
+  return gbps;
+}
+
+// GEMM: the runner's call (bf16 in, fp32 accumulate, bf16 out) over a mix of the linear shapes
+// of the models qtool plans (FLUX widths 3072/12288 and half of them, Llama's 4096/14336), each
+// [tokens, in] x [in, out]: the rate is the mix's total FLOPs over its total time, which is what
+// a step of such layers sees (small GEMMs run well below the large-square peak). In TFLOP/s.
+double measure_gemm(const ProfileOptions& o, int dev, const Stream& stream,
+                    const cuda::CublasHandle& cublas) {
+  const uint64_t t = std::max<uint64_t>(1, o.gemm_tokens);
+  const std::pair<uint64_t, uint64_t> shapes[] = {{1536, 1536}, {1536, 6144},  {6144, 1536},
+                                                  {3072, 3072}, {3072, 12288}, {12288, 3072},
+                                                  {4096, 4096}, {4096, 14336}, {14336, 4096}};
+  uint64_t max_in = 0, max_w = 0, max_out = 0;
+  for (const auto& [in, out] : shapes) {
+    max_in = std::max(max_in, in);
+    max_out = std::max(max_out, out);
+    max_w = std::max(max_w, in * out);
+  }
+  DeviceBuffer x(dev, t * max_in * 2), w(dev, max_w * 2), y(dev, t * max_out * 2);
+  // Random bf16 data (never time on zeros), made on the device.
+  cuda::generate_activation(11, t, max_in, 0, max_in, x.as<uint16_t>(), stream.get());
+  cuda::generate_activation(12, max_w / 4096, 4096, 0, 4096, w.as<uint16_t>(), stream.get());
+  double flops = 0, ms = 0;
+  for (const auto& [in, out] : shapes) {
+    ms += median_ms(stream, o.repeats, [&] {
+      cuda::gemm_bf16(cublas, x.as<uint16_t>(), in, w.as<uint16_t>(), y.as<uint16_t>(), t, in, out);
+    });
+    flops += 2.0 * static_cast<double>(t * in * out);
+  }
+  const double tflops = flops / (ms * 1e9);
+  log_line(o, str_cat("  bf16 GEMM, mix of 9 shapes at ", t, " tokens: ", tflops, " TFLOP/s"));
+  // Other token counts load other cuBLAS kernels: run them once, so that the context measured
+  // below holds what a run of the runner loads.
+  for (uint64_t tt : {16ull, 64ull, 256ull, 1024ull})
+    for (const auto& [in, out] : shapes)
+      cuda::gemm_bf16(cublas, x.as<uint16_t>(), in, w.as<uint16_t>(), y.as<uint16_t>(), std::min(tt, t), in,
+                      out);
+  DeviceBuffer digest(dev, 16);
+  QTOOL_CUDA_CHECK(cudaMemsetAsync(digest.data(), 0, 16, stream.get()));
+  cuda::accumulate_digest(y.as<uint16_t>(), t * 1536, digest.as<unsigned long long>(), stream.get());
+  stream.synchronize();
+  return tflops;
+}
+
+// The runner's forward ops through its CUDA backend at Flux's shape (FLUX.1-dev: 24 heads of
+// 128, 4096 image + 512 text tokens): attention, and the memory-bound ops a block runs most (a
+// modulation, GELU over the MLP's hidden state, a gated residual), on random bf16 values. Fills
+// p.attention_tflops and p.activation_gbps.
+void measure_forward_ops(const ProfileOptions& o, int dev, const Stream& stream, planner::DeviceProfile& p) {
+  const int64_t t = 4608, heads = 24, hd = 128, d = heads * hd;
+  const auto elems = static_cast<uint64_t>(4 * t * d + 4 * t * d + 2 * d);
+  auto ops = make_cuda_ops(dev, stream.get(), elems * 2 + (16u << 20));
+  const Mat q = ops->alloc(t, d, DType::BF16), k = ops->alloc(t, d, DType::BF16),
+            v = ops->alloc(t, d, DType::BF16), out = ops->alloc(t, d, DType::BF16),
+            hidden = ops->alloc(t, 4 * d, DType::BF16), mod = ops->alloc(1, 2 * d, DType::BF16);
+  uint64_t seed = 21;
+  for (const Mat* m : {&q, &k, &v, &hidden, &mod})
+    cuda::generate_activation(seed++, static_cast<uint64_t>(m->rows), static_cast<uint64_t>(m->cols), 0,
+                              static_cast<uint64_t>(m->cols), static_cast<uint16_t*>(m->data), stream.get());
+  AttentionShape shape;
+  shape.q_len = shape.kv_len = t;
+  shape.heads = shape.kv_heads = heads;
+  shape.head_dim = hd;
+  shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const double att_ms = median_ms(stream, o.repeats, [&] { ops->attention(q, k, v, shape, out); });
+  p.attention_tflops =
+      4.0 * static_cast<double>(t) * static_cast<double>(t) * static_cast<double>(d) / (att_ms * 1e9);
+  const Mat shift = mod.cols_view(0, d), scale = mod.cols_view(d, d);
+  const double act_ms = median_ms(stream, o.repeats, [&] {
+    ops->modulate(q, shift, scale, 1, 1e-6f, out);
+    ops->activation(Activation::GeluTanh, hidden, hidden);
+    ops->residual(k, &shift, v, 1, k);
+  });
+  // Bytes read plus written: the modulation 2 x [t, d], GELU 2 x [t, 4d], the residual 3 x [t, d].
+  p.activation_gbps = static_cast<double>((2 + 8 + 3) * t * d * 2) / (act_ms * 1e6);
+  log_line(o, str_cat("  forward ops at Flux's shape: attention ", p.attention_tflops,
+                      " TFLOP/s; modulation, GELU, residual ", p.activation_gbps, " GB/s"));
+  touch_forward_ops(*ops, stream);
+}
+
+// The dequant measurements' buffers: an 8192 x 8192 weight of random (finite) codes, its scales,
+// the bf16 output and the lookup tables. They stay allocated until the context is measured, which
+// subtracts them.
+struct DequantBuffers {
+  static constexpr uint64_t kRows = 8192, kCols = 8192, kNumel = kRows * kCols;
+  DequantBuffers(int dev, const Stream& stream)
+      : q(dev, kNumel * 4),
+        scales(dev, (kNumel / 64 + kRows) * 4),
+        out(dev, kNumel * 2),
+        tables_mem(dev, cuda::kDeviceTablesBytes),
+        tables(cuda::upload_tables(tables_mem.data(), stream.get())) {
+    const std::vector<uint8_t> host = random_finite_codes(kNumel * 4, 3);
+    QTOOL_CUDA_CHECK(cudaMemcpy(q.data(), host.data(), host.size(), cudaMemcpyHostToDevice));
+    std::vector<float> s(kNumel / 64 + kRows, 0.01f);
+    QTOOL_CUDA_CHECK(cudaMemcpy(scales.data(), s.data(), s.size() * 4, cudaMemcpyHostToDevice));
+  }
+  DeviceBuffer q, scales, out, tables_mem;
+  cuda::DeviceTables tables;
+};
+
+// Dequant kernels: the 8192 x 8192 weight per scheme, into p.dequant_gelems_per_s.
+void measure_dequant(const ProfileOptions& o, const Stream& stream, const DequantBuffers& b,
+                     planner::DeviceProfile& p) {
+  const uint64_t rows = DequantBuffers::kRows, cols = DequantBuffers::kCols, numel = DequantBuffers::kNumel;
+  for (const auto& [key, kind] : kProfiledDequantKinds) {
+    const DequantParams dp = timing_weight(kind, rows, cols, b.q.as<uint8_t>(), b.scales.as<uint8_t>());
+    const double ms = median_ms(stream, o.repeats, [&] {
+      cuda::dequantize_to_bf16(dp, b.tables, b.out.as<uint16_t>(), stream.get());
+    });
+    p.dequant_gelems_per_s[key] = static_cast<double>(numel) / (ms * 1e6);
+    log_line(o, str_cat("  dequant ", key, ": ", p.dequant_gelems_per_s[key], " G weights/s"));
+  }
+}
+
+// The scalar paths (odd widths, 4-bit tails) and nf4's double quant load their own kernels: run
+// each once, so that the context measured below holds them.
+void touch_dequant_tails(const Stream& stream, const DequantBuffers& b) {
+  for (const auto& [key, kind] : kProfiledDequantKinds) {
+    const DequantParams odd = timing_weight(kind, 3, 17, b.q.as<uint8_t>(), b.scales.as<uint8_t>());
+    cuda::dequantize_to_bf16(odd, b.tables, b.out.as<uint16_t>(), stream.get());
+  }
+  DequantParams dq;
+  dq.kind = WeightKind::Nf4;
+  dq.rows = 64;
+  dq.cols = 64;
+  dq.double_quant = true;
+  dq.weight = b.q.as<uint8_t>();
+  dq.scale = b.q.as<uint8_t>();
+  dq.nested_absmax = b.scales.as<uint8_t>();
+  cuda::dequantize_to_bf16(dq, b.tables, b.out.as<uint16_t>(), stream.get());
+}
+
+// A second stream pair and events, as the runner makes, used once; held until the context is
+// measured.
+struct RunnerStreams {
+  explicit RunnerStreams(int dev)
+      : copy_stream(dev), compute_stream(dev), e1(dev), e2(dev, Event::Timing::On) {
+    e1.record(copy_stream.get());
+    compute_stream.wait(e1.get());
+    e2.record(compute_stream.get());
+    e2.synchronize();
+  }
+  Stream copy_stream, compute_stream;
+  Event e1, e2;
+};
+
+// Fixed costs: a launch of the smallest dequant, a 4 KiB pinned copy. Fills p.kernel_launch_us and
+// p.copy_latency_us.
+void measure_fixed_costs(const Stream& stream, const DequantBuffers& b, const CopyBuffers& c,
+                         planner::DeviceProfile& p) {
+  DequantParams tiny;
+  tiny.kind = WeightKind::Int8;
+  tiny.rows = 1;
+  tiny.cols = 16;
+  tiny.weight = b.q.as<uint8_t>();
+  tiny.scale = b.scales.as<uint8_t>();
+  constexpr int kLaunches = 1000;
+  const double launch_ms = median_ms(stream, 3, [&] {
+    for (int i = 0; i < kLaunches; ++i)
+      cuda::dequantize_to_bf16(tiny, b.tables, b.out.as<uint16_t>(), stream.get());
+  });
+  p.kernel_launch_us = 1000.0 * launch_ms / kLaunches;
+  const double copy_ms = median_ms(stream, 3, [&] {
+    for (int i = 0; i < kLaunches; ++i)
+      QTOOL_CUDA_CHECK(
+          cudaMemcpyAsync(c.d_a.data(), c.pinned.data(), 4096, cudaMemcpyHostToDevice, stream.get()));
+  });
+  p.copy_latency_us = 1000.0 * copy_ms / kLaunches;
+}
+
+// Everything is loaded now: what is in use beyond `buffers` (each rounded up to the allocation
+// granularity) is the context's.
+uint64_t measure_context(std::initializer_list<uint64_t> buffers, uint64_t granularity) {
+  const uint64_t used = used_bytes();
+  uint64_t rounded = 0;
+  for (uint64_t b : buffers) rounded += (b + granularity - 1) / granularity * granularity;
+  return used > rounded ? used - rounded : used;
+}
+
+// Pinned host memory is mapped into the GPU's address space: its page tables take device memory
+// (the plan's pinned_page_tables item), per started GiB pinned.
+uint64_t measure_pinned_page_tables(const ProfileOptions& o) {
+  const uint64_t before = used_bytes();
+  std::vector<PinnedBuffer> pins;
+  constexpr int kGiB = 3;
+  for (int gib = 1; gib <= kGiB; ++gib) {
+    pins.emplace_back(1ull << 30);
+    log_line(o, str_cat("  device memory in use after pinning ", gib, " GiB more host memory: +",
+                        format_size(used_bytes() - before)));
+  }
+  const uint64_t delta = used_bytes() - before;
+  return (delta + kGiB - 1) / kGiB;
+}
+
+std::string describe_profile(const ProfileOptions& o, int dev, uint64_t n) {
+  return "measured by qtool profile on " + today() + " on " + cuda::describe_device(dev) +
+         ": medians of CUDA-event timings; h2d of " + format_size(n) +
+         " buffers; device bandwidth counts bytes read plus written; bf16 GEMM rate over 9 linear shapes "
+         "(1536..14336 wide) at " +
+         std::to_string(o.gemm_tokens) +
+         " tokens; dequant on 8192 x 8192 weights; "
+         "context_bytes = (total - free) with cuBLAS and every kernel loaded, minus this run's buffers and "
+         "without pinned host memory; pinned_page_table_bytes_per_gib from pinning 3 GiB";
+}
+
+}  // namespace
+
+planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
+  const int dev = o.device;
+  if (dev < 0 || dev >= cuda::device_count())
+    fail(ErrorKind::Usage, "--device ", dev, ": there are ", cuda::device_count(), " CUDA devices");
+  cuda::DeviceScope scope(dev);
+  planner::DeviceProfile p;
+  read_device_properties(dev, p);
+  log_line(o, "profiling " + cuda::describe_device(dev));
+  p.alloc_granularity_bytes = measure_alloc_granularity(dev);
   p.host_alloc_granularity_bytes = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
 
   Stream stream(dev);
@@ -138,221 +412,33 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
   cublas.set_workspace(workspace.data(), workspace.size());
   cublas.set_stream(stream.get());
 
-  // Bandwidths.
-  PinnedBuffer pinned(n);
-  std::memset(pinned.data(), 1, n);
-  std::vector<uint8_t> pageable(n, 2);
-  DeviceBuffer d_a(dev, n), d_b(dev, n);
-  const double pinned_ms = median_ms(stream, o.repeats, [&] {
-    QTOOL_CUDA_CHECK(cudaMemcpyAsync(d_a.data(), pinned.data(), n, cudaMemcpyHostToDevice, stream.get()));
-  });
-  p.h2d_pinned_gbps = static_cast<double>(n) / (pinned_ms * 1e6);
-  const double pageable_ms = median_ms(stream, std::max<uint32_t>(1, o.repeats / 2), [&] {
-    QTOOL_CUDA_CHECK(cudaMemcpyAsync(d_a.data(), pageable.data(), n, cudaMemcpyHostToDevice, stream.get()));
-  });
-  p.h2d_pageable_gbps = static_cast<double>(n) / (pageable_ms * 1e6);
-  const double d2d_ms = median_ms(stream, o.repeats, [&] {
-    QTOOL_CUDA_CHECK(cudaMemcpyAsync(d_b.data(), d_a.data(), n, cudaMemcpyDeviceToDevice, stream.get()));
-  });
-  p.device_bandwidth_gbps = 2.0 * static_cast<double>(n) / (d2d_ms * 1e6);  // read + write
-  log(str_cat("  h2d pinned ", p.h2d_pinned_gbps, " GB/s, pageable ", p.h2d_pageable_gbps, " GB/s, d2d ",
-              p.device_bandwidth_gbps, " GB/s (read + write)"));
-  if (cuda::device_count() > 1) {
-    const int peer = dev == 0 ? 1 : 0;
-    int can = 0;
-    QTOOL_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, dev, peer));
-    if (can) {
-      const cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
-      if (err == cudaErrorPeerAccessAlreadyEnabled)
-        (void)cudaGetLastError();
-      else
-        QTOOL_CUDA_CHECK(err);
-    }
-    DeviceBuffer d_peer(peer, n);
-    const double p2p_ms = median_ms(stream, o.repeats, [&] {
-      QTOOL_CUDA_CHECK(cudaMemcpyPeerAsync(d_a.data(), dev, d_peer.data(), peer, n, stream.get()));
-    });
-    p.p2p_gbps = static_cast<double>(n) / (p2p_ms * 1e6);
-    log(str_cat("  peer copy gpu", peer, " -> gpu", dev, " ", p.p2p_gbps, " GB/s",
-                can ? "" : " (no direct peer access)"));
-  }
-  p.disk_read_gbps = measure_disk_read_gbps(o.tmp_dir, n, pinned.data());
-  log(str_cat("  checkpoint file reads ", p.disk_read_gbps, " GB/s"));
+  CopyBuffers copies(dev, n);
+  measure_copies(o, stream, copies, p);
+  if (cuda::device_count() > 1) p.p2p_gbps = measure_peer_copy(o, dev, stream, copies);
+  p.disk_read_gbps = measure_disk_read_gbps(o.tmp_dir, n, copies.pinned.data());
+  log_line(o, str_cat("  checkpoint file reads ", p.disk_read_gbps, " GB/s"));
 
-  // GEMM: the runner's call (bf16 in, fp32 accumulate, bf16 out) over a mix of the linear shapes
-  // of the models qtool plans (FLUX widths 3072/12288 and half of them, Llama's 4096/14336), each
-  // [tokens, in] x [in, out]: the rate is the mix's total FLOPs over its total time, which is what
-  // a step of such layers sees (small GEMMs run well below the large-square peak).
+  p.bf16_tflops = measure_gemm(o, dev, stream, cublas);
+  measure_forward_ops(o, dev, stream, p);
   {
-    const uint64_t t = std::max<uint64_t>(1, o.gemm_tokens);
-    const std::pair<uint64_t, uint64_t> shapes[] = {{1536, 1536}, {1536, 6144},  {6144, 1536},
-                                                    {3072, 3072}, {3072, 12288}, {12288, 3072},
-                                                    {4096, 4096}, {4096, 14336}, {14336, 4096}};
-    uint64_t max_in = 0, max_w = 0, max_out = 0;
-    for (const auto& [in, out] : shapes) {
-      max_in = std::max(max_in, in);
-      max_out = std::max(max_out, out);
-      max_w = std::max(max_w, in * out);
-    }
-    DeviceBuffer x(dev, t * max_in * 2), w(dev, max_w * 2), y(dev, t * max_out * 2);
-    // Random bf16 data (never time on zeros), made on the device.
-    cuda::generate_activation(11, t, max_in, 0, max_in, x.as<uint16_t>(), stream.get());
-    cuda::generate_activation(12, max_w / 4096, 4096, 0, 4096, w.as<uint16_t>(), stream.get());
-    double flops = 0, ms = 0;
-    for (const auto& [in, out] : shapes) {
-      ms += median_ms(stream, o.repeats, [&] {
-        cuda::gemm_bf16(cublas, x.as<uint16_t>(), in, w.as<uint16_t>(), y.as<uint16_t>(), t, in, out);
-      });
-      flops += 2.0 * static_cast<double>(t * in * out);
-    }
-    p.bf16_tflops = flops / (ms * 1e9);
-    log(str_cat("  bf16 GEMM, mix of 9 shapes at ", t, " tokens: ", p.bf16_tflops, " TFLOP/s"));
-    // Other token counts load other cuBLAS kernels: run them once, so that the context measured
-    // below holds what a run of the runner loads.
-    for (uint64_t tt : {16ull, 64ull, 256ull, 1024ull})
-      for (const auto& [in, out] : shapes)
-        cuda::gemm_bf16(cublas, x.as<uint16_t>(), in, w.as<uint16_t>(), y.as<uint16_t>(), std::min(tt, t), in,
-                        out);
-    DeviceBuffer digest(dev, 16);
-    QTOOL_CUDA_CHECK(cudaMemsetAsync(digest.data(), 0, 16, stream.get()));
-    cuda::accumulate_digest(y.as<uint16_t>(), t * 1536, digest.as<unsigned long long>(), stream.get());
-    stream.synchronize();
-  }
-
-  // The runner's forward ops through its CUDA backend at Flux's shape (FLUX.1-dev: 24 heads of
-  // 128, 4096 image + 512 text tokens): attention, and the memory-bound ops a block runs most (a
-  // modulation, GELU over the MLP's hidden state, a gated residual), on random bf16 values.
-  {
-    const int64_t t = 4608, heads = 24, hd = 128, d = heads * hd;
-    const auto elems = static_cast<uint64_t>(4 * t * d + 4 * t * d + 2 * d);
-    auto ops = make_cuda_ops(dev, stream.get(), elems * 2 + (16u << 20));
-    const Mat q = ops->alloc(t, d, DType::BF16), k = ops->alloc(t, d, DType::BF16),
-              v = ops->alloc(t, d, DType::BF16), out = ops->alloc(t, d, DType::BF16),
-              hidden = ops->alloc(t, 4 * d, DType::BF16), mod = ops->alloc(1, 2 * d, DType::BF16);
-    uint64_t seed = 21;
-    for (const Mat* m : {&q, &k, &v, &hidden, &mod})
-      cuda::generate_activation(seed++, static_cast<uint64_t>(m->rows), static_cast<uint64_t>(m->cols), 0,
-                                static_cast<uint64_t>(m->cols), static_cast<uint16_t*>(m->data),
-                                stream.get());
-    AttentionShape shape;
-    shape.q_len = shape.kv_len = t;
-    shape.heads = shape.kv_heads = heads;
-    shape.head_dim = hd;
-    shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const double att_ms = median_ms(stream, o.repeats, [&] { ops->attention(q, k, v, shape, out); });
-    p.attention_tflops =
-        4.0 * static_cast<double>(t) * static_cast<double>(t) * static_cast<double>(d) / (att_ms * 1e9);
-    const Mat shift = mod.cols_view(0, d), scale = mod.cols_view(d, d);
-    const double act_ms = median_ms(stream, o.repeats, [&] {
-      ops->modulate(q, shift, scale, 1, 1e-6f, out);
-      ops->activation(Activation::GeluTanh, hidden, hidden);
-      ops->residual(k, &shift, v, 1, k);
-    });
-    // Bytes read plus written: the modulation 2 x [t, d], GELU 2 x [t, 4d], the residual 3 x [t, d].
-    p.activation_gbps = static_cast<double>((2 + 8 + 3) * t * d * 2) / (act_ms * 1e6);
-    log(str_cat("  forward ops at Flux's shape: attention ", p.attention_tflops,
-                " TFLOP/s; modulation, GELU, residual ", p.activation_gbps, " GB/s"));
-    touch_forward_ops(*ops, stream);
-  }
-
-  // Dequant kernels: an 8192 x 8192 weight of random (finite) codes per scheme.
-  {
-    const uint64_t rows = 8192, cols = 8192, numel = rows * cols;
-    DeviceBuffer q(dev, numel * 4), scales(dev, (numel / 64 + rows) * 4), out(dev, numel * 2),
-        tables_mem(dev, cuda::kDeviceTablesBytes);
-    const cuda::DeviceTables tables = cuda::upload_tables(tables_mem.data(), stream.get());
-    {
-      const std::vector<uint8_t> host = random_finite_codes(numel * 4, 3);
-      QTOOL_CUDA_CHECK(cudaMemcpy(q.data(), host.data(), host.size(), cudaMemcpyHostToDevice));
-      std::vector<float> s(numel / 64 + rows, 0.01f);
-      QTOOL_CUDA_CHECK(cudaMemcpy(scales.data(), s.data(), s.size() * 4, cudaMemcpyHostToDevice));
-    }
-    for (const auto& [key, kind] : kProfiledDequantKinds) {
-      const DequantParams dp = timing_weight(kind, rows, cols, q.as<uint8_t>(), scales.as<uint8_t>());
-      const double ms = median_ms(
-          stream, o.repeats, [&] { cuda::dequantize_to_bf16(dp, tables, out.as<uint16_t>(), stream.get()); });
-      p.dequant_gelems_per_s[key] = static_cast<double>(numel) / (ms * 1e6);
-      log(str_cat("  dequant ", key, ": ", p.dequant_gelems_per_s[key], " G weights/s"));
-    }
-    // The scalar paths (odd widths, 4-bit tails) load their own kernel.
-    for (const auto& [key, kind] : kProfiledDequantKinds) {
-      const DequantParams odd = timing_weight(kind, 3, 17, q.as<uint8_t>(), scales.as<uint8_t>());
-      cuda::dequantize_to_bf16(odd, tables, out.as<uint16_t>(), stream.get());
-    }
-    {
-      DequantParams dq;
-      dq.kind = WeightKind::Nf4;
-      dq.rows = 64;
-      dq.cols = 64;
-      dq.double_quant = true;
-      dq.weight = q.as<uint8_t>();
-      dq.scale = q.as<uint8_t>();
-      dq.nested_absmax = scales.as<uint8_t>();
-      cuda::dequantize_to_bf16(dq, tables, out.as<uint16_t>(), stream.get());
-    }
-    // A second stream pair and events, as the runner makes.
-    Stream copy_stream(dev), compute_stream(dev);
-    Event e1(dev), e2(dev, Event::Timing::On);
-    e1.record(copy_stream.get());
-    compute_stream.wait(e1.get());
-    e2.record(compute_stream.get());
-    e2.synchronize();
-    // Fixed costs: a launch of the smallest dequant, a 4 KiB pinned copy.
-    DequantParams tiny;
-    tiny.kind = WeightKind::Int8;
-    tiny.rows = 1;
-    tiny.cols = 16;
-    tiny.weight = q.as<uint8_t>();
-    tiny.scale = scales.as<uint8_t>();
-    constexpr int kLaunches = 1000;
-    const double launch_ms = median_ms(stream, 3, [&] {
-      for (int i = 0; i < kLaunches; ++i)
-        cuda::dequantize_to_bf16(tiny, tables, out.as<uint16_t>(), stream.get());
-    });
-    p.kernel_launch_us = 1000.0 * launch_ms / kLaunches;
-    const double copy_ms = median_ms(stream, 3, [&] {
-      for (int i = 0; i < kLaunches; ++i)
-        QTOOL_CUDA_CHECK(
-            cudaMemcpyAsync(d_a.data(), pinned.data(), 4096, cudaMemcpyHostToDevice, stream.get()));
-    });
-    p.copy_latency_us = 1000.0 * copy_ms / kLaunches;
+    const DequantBuffers weights(dev, stream);
+    measure_dequant(o, stream, weights, p);
+    touch_dequant_tails(stream, weights);
+    const RunnerStreams runner_streams(dev);
+    measure_fixed_costs(stream, weights, copies, p);
     stream.synchronize();
     // The pinned buffer's page tables are the plan's pinned_page_tables item, not the context's.
-    pinned.reset();
-    // Everything is loaded now: what is in use beyond the buffers above is the context's.
-    const uint64_t used = used_bytes();
-    uint64_t rounded = 0;
-    for (uint64_t b :
-         {workspace.size(), d_a.size(), d_b.size(), q.size(), scales.size(), out.size(), tables_mem.size()})
-      rounded += (b + p.alloc_granularity_bytes - 1) / p.alloc_granularity_bytes * p.alloc_granularity_bytes;
-    p.context_bytes = used > rounded ? used - rounded : used;
-    log(str_cat("  context with cuBLAS and kernels: ", format_size(p.context_bytes),
-                "; allocation granularity ", format_size(p.alloc_granularity_bytes), "; launch ",
-                p.kernel_launch_us, " us; copy ", p.copy_latency_us, " us"));
+    copies.pinned.reset();
+    p.context_bytes =
+        measure_context({workspace.size(), copies.d_a.size(), copies.d_b.size(), weights.q.size(),
+                         weights.scales.size(), weights.out.size(), weights.tables_mem.size()},
+                        p.alloc_granularity_bytes);
+    log_line(o, str_cat("  context with cuBLAS and kernels: ", format_size(p.context_bytes),
+                        "; allocation granularity ", format_size(p.alloc_granularity_bytes), "; launch ",
+                        p.kernel_launch_us, " us; copy ", p.copy_latency_us, " us"));
   }
-  // Pinned host memory is mapped into the GPU's address space: its page tables take device memory
-  // (the plan's pinned_page_tables item), per started GiB pinned.
-  {
-    const uint64_t before = used_bytes();
-    std::vector<PinnedBuffer> pins;
-    constexpr int kGiB = 3;
-    for (int gib = 1; gib <= kGiB; ++gib) {
-      pins.emplace_back(1ull << 30);
-      log(str_cat("  device memory in use after pinning ", gib, " GiB more host memory: +",
-                  format_size(used_bytes() - before)));
-    }
-    const uint64_t delta = used_bytes() - before;
-    p.pinned_page_table_bytes_per_gib = (delta + kGiB - 1) / kGiB;
-  }
-  p.description =
-      "measured by qtool profile on " + today() + " on " + cuda::describe_device(dev) +
-      ": medians of CUDA-event timings; h2d of " + format_size(n) +
-      " buffers; device bandwidth counts bytes read plus written; bf16 GEMM rate over 9 linear shapes "
-      "(1536..14336 wide) at " +
-      std::to_string(o.gemm_tokens) +
-      " tokens; dequant on 8192 x 8192 weights; "
-      "context_bytes = (total - free) with cuBLAS and every kernel loaded, minus this run's buffers and "
-      "without pinned host memory; pinned_page_table_bytes_per_gib from pinning 3 GiB";
+  p.pinned_page_table_bytes_per_gib = measure_pinned_page_tables(o);
+  p.description = describe_profile(o, dev, n);
   return p;
 }
 
