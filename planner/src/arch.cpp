@@ -513,6 +513,12 @@ DType model_dtype(const Arch& arch, const Component& component) {
   return dt;
 }
 
+int64_t flux_pipeline_tokens(const Arch& component, int64_t tokens) {
+  if (const auto* clip = std::get_if<ClipTextArch>(&component)) return std::min(tokens, clip->max_positions);
+  if (std::holds_alternative<T5EncoderArch>(component)) return std::min(tokens, kFluxMaxSequenceLength);
+  return tokens;
+}
+
 std::vector<ActivationItem> activation_items(const Arch& arch, int64_t batch, int64_t tokens, DType dtype) {
   QTOOL_ASSERT(batch > 0 && tokens > 0);
   if (const auto* l = std::get_if<LlamaArch>(&arch)) return llama_items(*l, batch, tokens, dtype);

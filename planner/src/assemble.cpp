@@ -245,7 +245,7 @@ ScheduleStep Planner::schedule_step(const StepDraft& s) const {
   }
   const CompData& cd = comps_[st.component];
   for (const LinearOp& op : st.linears) {
-    const uint64_t rows = cd.arch ? linear_rows(*cd.arch, op.module, opt_.tokens) : opt_.tokens;
+    const uint64_t rows = cd.arch ? linear_rows(*cd.arch, op.module, cd.tokens) : opt_.tokens;
     st.flops += linear_flops(rows, op);
     st.compute_s += linear_seconds(op, rows, opt_.profile);
   }

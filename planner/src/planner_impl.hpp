@@ -54,6 +54,7 @@ struct CompData {
   std::vector<int32_t> tensor_unit;  // per tensor: global unit id
   uint64_t bytes = 0;
   std::optional<Arch> arch;              // a real forward runs (else linears only)
+  uint64_t tokens = 0;                   // its forward's tokens (--tokens, or a FluxPipeline encoder's)
   std::vector<ReserveItem> activations;  // its activation items at the plan's tokens
   uint64_t activation_bytes = 0;
   double forward_ops_s_per_block = 0;  // its attention and memory-bound ops, shared by its blocks

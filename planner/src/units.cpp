@@ -68,7 +68,7 @@ void Planner::unit_work(UnitInfo& u, const CompData& cd,
       op.in = wd.shape[1];
     }
     if (op.out <= 0 || op.in <= 0) continue;
-    const uint64_t rows = cd.arch ? linear_rows(*cd.arch, op.module, opt_.tokens) : opt_.tokens;
+    const uint64_t rows = cd.arch ? linear_rows(*cd.arch, op.module, cd.tokens) : opt_.tokens;
     u.flops += linear_flops(rows, op);
     const double secs = linear_seconds(op, rows, opt_.profile);
     u.compute_s += secs;
@@ -93,8 +93,12 @@ void Planner::unit_work(UnitInfo& u, const CompData& cd,
 // A component with a real forward: its activation items and its attention time per block.
 void Planner::set_forward(CompData& cd, const ComponentInput& input) const {
   cd.arch = input.arch;
+  cd.tokens = opt_.tokens;
   if (!cd.arch) return;
-  const auto tokens = static_cast<int64_t>(opt_.tokens);
+  // A FluxPipeline's text encoders run on the prompt's tokens, not the image's.
+  if (class_name_of(in_.model_index) == "FluxPipeline")
+    cd.tokens = static_cast<uint64_t>(flux_pipeline_tokens(*cd.arch, static_cast<int64_t>(opt_.tokens)));
+  const auto tokens = static_cast<int64_t>(cd.tokens);
   for (const ActivationItem& item : activation_items(*cd.arch, 1, tokens, input.activation_dtype)) {
     cd.activations.push_back({item.name, item.bytes, item.detail});
     cd.activation_bytes += item.bytes;

@@ -122,12 +122,6 @@ bool is_flux_pipeline(const Checkpoint& checkpoint) {
   return mi.is_object() && mi.value("_class_name", std::string()) == "FluxPipeline";
 }
 
-int64_t pipeline_text_tokens(const Forward& encoder, int64_t tokens) {
-  if (const auto* clip = std::get_if<planner::ClipTextArch>(&encoder.arch()))
-    return std::min(tokens, clip->max_positions);
-  return std::min<int64_t>(tokens, 512);
-}
-
 struct FluxPipelineFlow::Impl {
   uint32_t clip = 0, t5 = 0, transformer = 0;
   std::unique_ptr<Forward> clip_fwd, t5_fwd, flux_fwd;
@@ -175,10 +169,10 @@ FluxPipelineFlow::FluxPipelineFlow(const Checkpoint& ck, uint32_t denoise_steps,
   const auto encoder_inputs = [&](const char* name, const Forward& fwd, uint64_t s) {
     const auto it = given.find(name);
     if (it != given.end()) {
-      fwd.check_inputs(it->second, tokens);
+      fwd.check_inputs(it->second, planner::flux_pipeline_tokens(fwd.arch(), tokens));
       return it->second;
     }
-    return fwd.random_inputs(1, pipeline_text_tokens(fwd, tokens), s);
+    return fwd.random_inputs(1, planner::flux_pipeline_tokens(fwd.arch(), tokens), s);
   };
   given_["text_encoder"] = encoder_inputs("text_encoder", *m.clip_fwd, seed);
   given_["text_encoder_2"] = encoder_inputs("text_encoder_2", *m.t5_fwd, seed + 1);

@@ -120,6 +120,34 @@ TEST_CASE("phases: FluxPipeline's template gives its four phases, everything res
     CHECK(ph.devices.at(0).resident_bytes == p.phases[0].devices.at(0).resident_bytes);
 }
 
+TEST_CASE("phases: the text encoders' activations at the prompt's tokens, not the image's") {
+  // FluxPipeline runs CLIP on at most its max_position_embeddings tokens and T5 on at most
+  // max_sequence_length (512), whatever the image tokens: the runner draws its prompts so
+  // (flux_pipeline_tokens), and each phase's reserve must be sized the same way.
+  Fixture f;
+  f.opt.tokens = 4096;
+  const Plan p = f.plan(uint64_t{1} << 36);
+  check_valid(p, f.in);
+  REQUIRE(p.phases.size() == 4);
+  for (size_t i = 0; i < 3; ++i) {
+    const PhasePlan& ph = p.phases[i];
+    const ComponentInput& c = f.in.components[p.phases[i].components.at(0).component];
+    REQUIRE(c.arch);
+    const int64_t tokens = flux_pipeline_tokens(*c.arch, 4096);
+    CAPTURE(c.name);
+    CAPTURE(tokens);
+    if (c.name == "text_encoder") CHECK(tokens == std::get<ClipTextArch>(*c.arch).max_positions);
+    if (c.name == "text_encoder_2") CHECK(tokens == kFluxMaxSequenceLength);
+    if (c.name == "transformer") CHECK(tokens == 4096);
+    uint64_t planned = 0, expected = 0;
+    for (const ReserveItem& r : ph.devices.at(0).reserve)
+      if (r.name.starts_with("activations: ") && r.name != "activations: rounding") planned += r.bytes;
+    for (const ActivationItem& a : activation_items(*c.arch, 1, tokens, c.activation_dtype))
+      expected += a.bytes;
+    CHECK(planned == expected);
+  }
+}
+
 TEST_CASE("phases: budgets force each mode: resident, loaded at the phase's start, streamed") {
   Fixture f;
   const uint64_t lo = f.smallest();

@@ -38,6 +38,9 @@ struct LlamaArch {
   bool mlp_bias = false;
 };
 
+// FluxPipeline's max_sequence_length: the most T5 tokens its transformer takes.
+inline constexpr int64_t kFluxMaxSequenceLength = 512;
+
 // FluxTransformer2DModel (diffusers; MODELS.md §1).
 struct FluxArch {
   int64_t patch_size = 1;
@@ -51,7 +54,7 @@ struct FluxArch {
   int64_t pooled_projection_dim = 768;
   bool guidance_embeds = false;
   std::vector<int64_t> axes_dims_rope{16, 56, 56};  // sums to head_dim, each even
-  int64_t text_tokens = 512;  // Tt the plan assumes (the pipeline's max_sequence_length)
+  int64_t text_tokens = kFluxMaxSequenceLength;     // Tt the plan assumes
 
   int64_t dim() const { return n_heads * head_dim; }
 };
@@ -116,6 +119,12 @@ struct ActivationItem {
   std::string detail;  // how it was sized: "tokens 4608 x 3072 x bf16"
 };
 std::vector<ActivationItem> activation_items(const Arch& arch, int64_t batch, int64_t tokens, DType dtype);
+
+// The tokens a FluxPipeline's text encoder runs on in a job of `tokens` image tokens, as the
+// runner draws its prompts (runner/src/pipeline.cpp) and as the planner sizes its activations and
+// compute: CLIP at most its max_position_embeddings, T5 at most kFluxMaxSequenceLength, neither
+// more than `tokens`; any other architecture `tokens`.
+int64_t flux_pipeline_tokens(const Arch& component, int64_t tokens);
 
 // FLOPs (2 per multiply-add) of one forward: every linear, and attention (4 * q_len * kv_len * H * hd
 // per sample, halved for a causal mask).

@@ -22,7 +22,8 @@
 //                             bf16/f16/f32 (rounded once to the transformer's dtype)
 // The latent grid is (h/2) x (w/2) = Ti with the sides the factor pair of Ti closest to square
 // (rows <= cols), i.e. FluxPipeline's height = 16·rows, width = 16·cols for the usual VAE.
-// Drawn from the seed: the encoders' Forward::random_inputs at pipeline_text_tokens(), latents
+// Drawn from the seed: the encoders' Forward::random_inputs at planner::flux_pipeline_tokens() (CLIP
+// at most 77, T5 at most 512 tokens, as the plan sizes them), latents
 // N(0, 1) rounded to the model dtype. The final latents are the output `images` (what
 // FluxPipeline(..., output_type="latent").images holds: the packed latents, F32 values).
 #pragma once
@@ -82,11 +83,6 @@ void flow_match_euler_step(std::vector<float>& latents, const std::vector<float>
 // Whether `checkpoint` is a pipeline folder whose model_index.json names FluxPipeline.
 bool is_flux_pipeline(const Checkpoint& checkpoint);
 
-// Text tokens of the encoders' drawn inputs: min(CLIP's max_position_embeddings (77, the
-// pipeline's tokenizer_max_length), tokens) and min(512 (max_sequence_length), tokens), where
-// `tokens` is the plan's (its encoders' activations are planned at that many).
-int64_t pipeline_text_tokens(const Forward& encoder, int64_t tokens);
-
 // What a pipeline run did.
 struct PipelineRun {
   bool ran = false;
@@ -109,7 +105,7 @@ class FluxPipelineFlow {
     int32_t denoise_step = -1;  // the transformer's step, -1 for the encoders
   };
   // `given`: the encoders' inputs by component name and the pipeline's (kLatentsInput) under "";
-  // what is absent is drawn from `seed` (encoders: random_inputs at pipeline_text_tokens(tokens),
+  // what is absent is drawn from `seed` (encoders: random_inputs at flux_pipeline_tokens(tokens),
   // seeds seed, seed + 1; latents: seed + 2). Error(InvalidInput) naming the input for inputs that
   // do not fit together (batch sizes, latents' shape, more image tokens than `tokens`), and naming
   // the folder when a component is missing or has another architecture.
