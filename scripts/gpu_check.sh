@@ -3,7 +3,8 @@
 # with the CUDA backend, runs `ctest -L gpu`, then the benchmarks, each logged under $OUT (the
 # device runner's output folder; at most 8 files come back, so everything goes into a few logs).
 #
-#   bash scripts/gpu_check.sh [STAGE...]      STAGE: build tests bench full (default: build tests bench)
+#   bash scripts/gpu_check.sh [STAGE...]      STAGE: build tests bench full cudnn attn pipeline
+#                                             (default: build tests bench)
 #
 #   build:  configure and build build-gpu/ (kept between runs on a warm machine: a later call that
 #           names only `tests` or `bench` reuses it; a call is limited to 10 minutes).
@@ -13,6 +14,15 @@
 #   full:   bench_forward on the full-size flux transformer (--scale 1, nf4 at a 2.5 GiB budget;
 #           synthesizing and quantizing 24 GB is most of it) and bench_stream (--scale 0.5): name it
 #           alone in a call.
+#   cudnn:  the cuDNN attention path: runner_cudnn_graph_test, the CUDA ops' attention cases with
+#           QTOOL_TEST_REQUIRE_CUDNN=1 (a missing or refusing cuDNN fails instead of skipping), and
+#           the forwards against the CPU backend with QTOOL_ATTENTION=cudnn (QTOOL_CUDNN_DEBUG=1:
+#           each plan built and each shape refused is in the log).
+#   attn:   bench_attention (qtool's kernels and cuDNN's) and bench/attention_torch.py (torch's SDPA
+#           on the same shapes, and the ratios).
+#   pipeline: issue 13's run: the full-size FluxPipeline synthesized, quantized with
+#           sample_configs/flux-nf4.json, planned at 12, 16 and 24 GiB (the GPU's built-in profile)
+#           and verified with --backend cuda (4 denoising steps): name it alone in a call.
 #
 # Build dependencies (CLI11, nlohmann-json, doctest: header-only Debian packages) are taken from
 # the system when present, else from .deps/*.deb carried with the tree (nothing can be fetched
@@ -22,7 +32,8 @@
 # and name .deps in the run's carry list.
 #
 # Files written to $OUT: build.log, gpu_tests.log, bench_forward.log (with its JSON appended),
-# bench_stream.log (full), summary.txt. The exit status: 3 when the build fails, else that of the
+# bench_stream.log (full), cudnn.log (cudnn), attention.log (attn), pipeline.log, plan-*.svg and
+# pipeline_peer.json (pipeline), summary.txt. The exit status: 3 when the build fails, else that of the
 # GPU tests (0 when they did not run).
 set -u
 cd "$(dirname "$0")/.."
@@ -115,4 +126,65 @@ if has full; then
   grep -E "^\|" "$OUT/bench_stream.log" >>"$SUMMARY"
 fi
 grep -E "^\|" "$OUT/bench_forward.log" | tee -a "$SUMMARY"
+
+# --- cuDNN's attention. --------------------------------------------------------------------------
+if has cudnn; then
+  t0=$(date +%s)
+  {
+    QTOOL_CUDNN_DEBUG=1 "$BUILD/tests/runner/runner_cudnn_graph_test"
+    echo "runner_cudnn_graph_test exit $?"
+    QTOOL_CUDNN_DEBUG=1 QTOOL_TEST_REQUIRE_CUDNN=1 "$BUILD/tests/runner/runner_cuda_ops_test" \
+      -tc='*cuDNN*,*which attention*,*tensor-core*,*timings*'
+    echo "runner_cuda_ops_test (attention) exit $?"
+    QTOOL_ATTENTION=cudnn QTOOL_CUDNN_DEBUG=1 timeout 400 "$BUILD/tests/runner/runner_cuda_driver_test"
+    echo "runner_cuda_driver_test with QTOOL_ATTENTION=cudnn exit $?"
+  } >"$OUT/cudnn.log" 2>&1
+  say "cudnn stage in $(($(date +%s) - t0)) s"
+  grep -E "exit [0-9]+$|test cases:|plan built|refused|loaded from" "$OUT/cudnn.log" | head -20 | tee -a "$SUMMARY"
+fi
+
+# --- Attention against torch's SDPA. -------------------------------------------------------------
+if has attn; then
+  {
+    QTOOL_CUDNN_DEBUG=1 timeout 200 "$BUILD/bench/bench_attention" --json "$OUT/attention_qtool.json"
+    echo "bench_attention exit $?"
+    timeout 200 python3 bench/attention_torch.py --qtool-json "$OUT/attention_qtool.json"
+    echo "attention_torch.py exit $?"
+  } >"$OUT/attention.log" 2>&1
+  rm -f "$OUT/attention_qtool.json"
+  say "attention"
+  grep -E "TFLOP|ratio|exit" "$OUT/attention.log" | tail -24 | tee -a "$SUMMARY"
+fi
+
+# --- Issue 13: the full-size pipeline at 12, 16 and 24 GiB. ---------------------------------------
+if has pipeline; then
+  Q=$BUILD/apps/qtool/qtool
+  P=${QTOOL_PIPELINE_DIR:-/tmp/qtool-pipeline}
+  {
+    set -x
+    [ -d "$P/flux" ] || "$Q" synth --preset flux --scale 1 --seed 1 -o "$P/flux" -q
+    [ -d "$P/flux-nf4" ] || "$Q" quantize "$P/flux" --config sample_configs/flux-nf4.json -o "$P/flux-nf4" -q
+    for gib in 12 16 24; do
+      "$Q" plan "$P/flux-nf4" --max-memory "0=${gib}GiB" -o "$P/plan-$gib.json" --svg "$OUT/plan-$gib.svg"
+      timeout 150 "$Q" verify "$P/flux-nf4" --plan "$P/plan-$gib.json" --backend cuda --steps 2 \
+        --denoise-steps 4 --report "$P/verify-$gib.json"
+      echo "verify at $gib GiB exit $?"
+      # Per phase: predicted and measured load, step and peak (the report's plan_phases).
+      python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1])).get("plan_phases"), indent=1))' \
+        "$P/verify-$gib.json"
+    done
+    # The peer: diffusers' FluxPipeline bf16 with enable_model_cpu_offload (needs diffusers: carry
+    # its wheel, bench/README.md).
+    if python3 -c "import diffusers" 2>/dev/null; then
+      timeout 240 python3 bench/forward_peers.py --pipeline "$P/flux" --cases pipeline_model_cpu_offload \
+        --denoise-steps 4 --json "$OUT/pipeline_peer.json"
+      echo "forward_peers --pipeline exit $?"
+    else
+      echo "diffusers is not installed: no peer"
+    fi
+    set +x
+  } >"$OUT/pipeline.log" 2>&1
+  say "pipeline"
+  grep -E "verify at|\[(pass|FAIL)\]|predicted job" "$OUT/pipeline.log" | cut -c1-300 | tee -a "$SUMMARY"
+fi
 exit $test_rc
