@@ -55,10 +55,13 @@ PhasedPlanner::PhasedPlanner(const PipelineInput& in, const PlanOptions& opt, co
   if (host_budget_ == 0) host_budget_ = kUnlimited;
   host_source_ = opt.budget.cpu ? opt.budget.cpu_source : std::string("/proc/meminfo MemAvailable");
   // Every phase's reserve is charged the page tables of the job's pinned host memory, which is
-  // at most the cpu budget and at most every weight pinned plus the largest staging ring.
-  const uint64_t pinned_bound = std::min<uint64_t>(
-      host_budget_, total > kUnlimited / (kMaxPrefetch + 2) ? kUnlimited : total * (kMaxPrefetch + 2));
-  page_margin_ = pinned_page_table_bytes(opt.profile, pinned_bound);
+  // at most the cpu budget, at most every weight pinned when nothing is staged from disk, and at
+  // most every weight pinned plus the largest staging rings otherwise (run()).
+  all_pinned_margin_ = pinned_page_table_bytes(opt.profile, std::min<uint64_t>(host_budget_, total));
+  any_job_margin_ = pinned_page_table_bytes(
+      opt.profile,
+      std::min<uint64_t>(host_budget_,
+                         total > kUnlimited / (kMaxPrefetch + 2) ? kUnlimited : total * (kMaxPrefetch + 2)));
 }
 
 size_t PhasedPlanner::comp_index(const Plan& sub, uint32_t sub_comp) const {
@@ -258,7 +261,24 @@ bool PhasedPlanner::finalize(PhaseChoice& ch) const {
   return true;
 }
 
+// The page tables are known only once every phase is planned (merge). Planned first with the margin
+// of every weight pinned: the merged plan, which charges every phase its real page tables, is
+// taken when it fits as it is, and else (groups staged through pinned memory from disk) the job is
+// planned again with the margin of any job. The first margin alone made the H200's full-size Flux
+// bf16 plan at 2.5 GiB stream with one slot instead of two (a 1 TiB host budget charged 800 MiB).
 Plan PhasedPlanner::run() {
+  if (all_pinned_margin_ < any_job_margin_) {
+    page_margin_ = all_pinned_margin_;
+    if (std::optional<Plan> plan = plan_job(false)) return std::move(*plan);
+    not_resident_.clear();
+  }
+  page_margin_ = any_job_margin_;
+  return *plan_job(true);
+}
+
+// The job at the current page-table margin; nullopt when the merged plan exceeds a budget and
+// `drop_residents` is false (else components resident for the job are dropped until it fits).
+std::optional<Plan> PhasedPlanner::plan_job(bool drop_residents) {
   const std::vector<Plan> alone = alone_plans();
   PhaseChoice ch = choose_resident(alone);
   for (;;) {
@@ -270,6 +290,7 @@ Plan PhasedPlanner::run() {
           fits = fits && d.predicted_peak <= opt_.budget.gpus.at(d.location.gpu);
       if (fits) return plan;
     }
+    if (!drop_residents) return std::nullopt;
     if (ch.resident.empty()) fail(ErrorKind::Internal, "phased plan: no phase plan fits after the merge");
     not_resident_[ch.resident.back()] =
         "keeping it on the GPUs for the job leaves the phases' plans over the budget";

@@ -44,6 +44,7 @@ class PhasedPlanner {
                                  const std::map<size_t, GpuBytes>& placed, uint64_t host, bool explain) const;
   double trial_time(size_t p, const Plan& sub) const;
   std::vector<Plan> alone_plans() const;
+  std::optional<Plan> plan_job(bool drop_residents);
   PhaseChoice choose_resident(const std::vector<Plan>& alone);
   bool finalize(PhaseChoice& ch) const;
   std::vector<PhaseDevice> phase_devices(const PhaseChoice& ch, size_t p, uint64_t page_tables) const;
@@ -60,7 +61,9 @@ class PhasedPlanner {
   std::vector<std::unordered_map<std::string, uint64_t>> sizes_;  // per component: tensor bytes
   uint64_t host_budget_ = kUnlimited;
   std::string host_source_;
-  uint64_t page_margin_ = 0;                    // page tables of the most pinned host memory a job can hold
+  uint64_t all_pinned_margin_ = 0;  // page tables of every weight pinned (within the cpu budget)
+  uint64_t any_job_margin_ = 0;     // of the most pinned host memory any job can hold (staging rings)
+  uint64_t page_margin_ = 0;        // the one planned with (run())
   std::map<size_t, std::string> not_resident_;  // why a component is not resident for the job
   // Filled by merge: per component its host copy's pinning and the job's page tables.
   mutable std::vector<bool> load_pinned_;
