@@ -264,8 +264,9 @@ bool PhasedPlanner::finalize(PhaseChoice& ch) const {
 // The page tables are known only once every phase is planned (merge). Planned first with the margin
 // of every weight pinned: the merged plan, which charges every phase its real page tables, is
 // taken when it fits as it is, and else (groups staged through pinned memory from disk) the job is
-// planned again with the margin of any job. The first margin alone made the H200's full-size Flux
-// bf16 plan at 2.5 GiB stream with one slot instead of two (a 1 TiB host budget charged 800 MiB).
+// planned again with the margin of any job. That second margin alone, which follows the host
+// budget, made the full-size Flux bf16 plan at 2.5 GiB stream with one slot instead of two (a 1 TiB
+// host budget charged 800 MiB).
 Plan PhasedPlanner::run() {
   if (all_pinned_margin_ < any_job_margin_) {
     page_margin_ = all_pinned_margin_;
