@@ -651,6 +651,37 @@ struct AttnCase {
   int special = 0;      // 1: a NaN in q and an Inf in k; 2: a bias row of -inf (a row with no finite score)
 };
 
+// A case's shape and its inputs on both backends: q, k, v and |v| (whose output bounds the error).
+struct AttnInputs {
+  AttentionShape s;
+  int64_t qrows, kvrows, qcols, kvcols;
+  Pair q, k, v, va;
+};
+
+AttnInputs attn_inputs(Both& b, const AttnCase& c) {
+  AttnInputs in;
+  const float scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
+  in.s = AttentionShape{c.batch, c.q_len, c.kv_len, c.heads, c.kv_heads, c.hd, scale, c.causal};
+  in.qrows = c.batch * c.q_len;
+  in.kvrows = c.batch * c.kv_len;
+  in.qcols = c.heads * c.hd;
+  in.kvcols = c.kv_heads * c.hd;
+  std::vector<float> hq = normal_floats(b, in.qrows * in.qcols, c.qk_std);
+  std::vector<float> hk = normal_floats(b, in.kvrows * in.kvcols, c.qk_std);
+  std::vector<float> hv = normal_floats(b, in.kvrows * in.kvcols, 1.0f);
+  if (c.special == 1) {
+    hq[static_cast<size_t>(3 * in.qcols + 5)] = NAN;               // row 3, head 0: NaN
+    hk[static_cast<size_t>(7 * in.kvcols + c.hd + 2)] = INFINITY;  // key 7, kv head 1: +-Inf scores
+  }
+  std::vector<float> hv_abs(hv.size());
+  for (size_t i = 0; i < hv.size(); ++i) hv_abs[i] = std::fabs(hv[i]);
+  in.q = aligned_pair(b, hq, in.qrows, in.qcols, c.dt);
+  in.k = aligned_pair(b, hk, in.kvrows, in.kvcols, c.dt);
+  in.v = aligned_pair(b, hv, in.kvrows, in.kvcols, c.dt);
+  in.va = aligned_pair(b, hv_abs, in.kvrows, in.kvcols, c.dt);
+  return in;
+}
+
 TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-core kernel") {
   Both b;
   ImplScope own(rc::AttentionImpl::Own);  // Ops::attention below is our kernel, not cuDNN's
@@ -695,23 +726,10 @@ TEST_CASE("cuda ops: tensor-core attention against the CPU backend and the CUDA-
   for (const AttnCase& c : cases) {
     CAPTURE(c.name);
     const size_t mc = b.cpu->mark(), mg = b.gpu->mark();
-    const float scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
-    AttentionShape s{c.batch, c.q_len, c.kv_len, c.heads, c.kv_heads, c.hd, scale, c.causal};
-    const int64_t qrows = c.batch * c.q_len, kvrows = c.batch * c.kv_len;
-    const int64_t qcols = c.heads * c.hd, kvcols = c.kv_heads * c.hd;
-    std::vector<float> hq = normal_floats(b, qrows * qcols, c.qk_std);
-    std::vector<float> hk = normal_floats(b, kvrows * kvcols, c.qk_std);
-    std::vector<float> hv = normal_floats(b, kvrows * kvcols, 1.0f);
-    if (c.special == 1) {
-      hq[static_cast<size_t>(3 * qcols + 5)] = NAN;               // row 3, head 0: NaN
-      hk[static_cast<size_t>(7 * kvcols + c.hd + 2)] = INFINITY;  // key 7, kv head 1: +-Inf scores
-    }
-    std::vector<float> hv_abs(hv.size());
-    for (size_t i = 0; i < hv.size(); ++i) hv_abs[i] = std::fabs(hv[i]);
-    Pair q = aligned_pair(b, hq, qrows, qcols, c.dt);
-    Pair k = aligned_pair(b, hk, kvrows, kvcols, c.dt);
-    Pair v = aligned_pair(b, hv, kvrows, kvcols, c.dt);
-    Pair va = aligned_pair(b, hv_abs, kvrows, kvcols, c.dt);
+    const AttnInputs in = attn_inputs(b, c);
+    const AttentionShape& s = in.s;
+    const int64_t qrows = in.qrows, qcols = in.qcols;
+    const Pair &q = in.q, &k = in.k, &v = in.v, &va = in.va;
     std::vector<float> hbias;
     if (c.bias) {
       hbias = normal_floats(b, c.heads * c.q_len * c.kv_len, 2.0f);
@@ -814,26 +832,10 @@ TEST_CASE("cuda ops: cuDNN attention against the CPU backend") {
   for (const AttnCase& c : cases) {
     CAPTURE(c.name);
     const size_t mc = b.cpu->mark(), mg = b.gpu->mark();
-    AttentionShape s;
-    s.batch = c.batch;
-    s.q_len = c.q_len;
-    s.kv_len = c.kv_len;
-    s.heads = c.heads;
-    s.kv_heads = c.kv_heads;
-    s.head_dim = c.hd;
-    s.scale = c.scale > 0 ? c.scale : 1.0f / std::sqrt(static_cast<float>(c.hd));
-    s.causal = c.causal;
-    const int64_t qrows = c.batch * c.q_len, kvrows = c.batch * c.kv_len;
-    const int64_t qcols = c.heads * c.hd, kvcols = c.kv_heads * c.hd;
-    std::vector<float> hq = normal_floats(b, qrows * qcols, c.qk_std);
-    std::vector<float> hk = normal_floats(b, kvrows * kvcols, c.qk_std);
-    std::vector<float> hv = normal_floats(b, kvrows * kvcols, 1.0f);
-    std::vector<float> hv_abs(hv.size());
-    for (size_t i = 0; i < hv.size(); ++i) hv_abs[i] = std::fabs(hv[i]);
-    Pair q = aligned_pair(b, hq, qrows, qcols, c.dt);
-    Pair k = aligned_pair(b, hk, kvrows, kvcols, c.dt);
-    Pair v = aligned_pair(b, hv, kvrows, kvcols, c.dt);
-    Pair va = aligned_pair(b, hv_abs, kvrows, kvcols, c.dt);
+    const AttnInputs in = attn_inputs(b, c);
+    const AttentionShape& s = in.s;
+    const int64_t qrows = in.qrows, qcols = in.qcols;
+    const Pair &q = in.q, &k = in.k, &v = in.v, &va = in.va;
     Pair out = out_pair(b, qrows, qcols, c.dt, 8);
     Pair w = out_pair(b, qrows, qcols, c.dt, 0);
     Mat out2 = b.gpu->alloc(qrows, qcols, c.dt), out_mma = b.gpu->alloc(qrows, qcols, c.dt);
