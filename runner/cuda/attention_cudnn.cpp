@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "attention_mma.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/runner/cuda_resources.hpp"
 
@@ -63,9 +64,7 @@ std::string describe(const fwd::AttnArgs& a) {
                  a.k.ld, " v ", a.v.ld, " out ", a.out.ld, ")");
 }
 
-bool aligned_view(const fwd::View& v) {
-  return v.data && reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.ld % 8 == 0 && v.ld >= v.cols;
-}
+bool aligned_view(const fwd::View& v) { return v.data && fwd::aligned_rows(v); }
 
 // [first byte, one past the last byte] a view spans.
 std::pair<uintptr_t, uintptr_t> span_of(const fwd::View& v) {

@@ -371,11 +371,11 @@ void launch_dim(const AttnArgs& a, cudaStream_t stream, int warps) {
     launch_tiles<HD, 8, F16>(a, stream);
 }
 
+}  // namespace
+
 bool aligned_rows(const View& v) {
   return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.ld % 8 == 0 && v.ld >= v.cols;
 }
-
-}  // namespace
 
 bool attention_mma_supported(const AttnArgs& a) {
   const int dt = a.q.dt;

@@ -26,6 +26,9 @@ namespace qtool::runner::cuda::fwd {
 // aligned and its row stride a multiple of 8 elements (16-byte rows); q_len, kv_len >= 1;
 // heads % kv_heads == 0; heads and batch <= 65535. Causal or not, bias and key mask optional.
 bool attention_mma_supported(const AttnArgs& a);
+// A view whose data is 16-byte aligned and whose rows are whole 16-byte chunks (ld a multiple of 8
+// elements, ld >= cols): what the tensor-core kernel and cuDNN's fused attention load rows from.
+bool aligned_rows(const View& v);
 
 // Tile of 16·warps query rows per block (warps 4 or 8; 0: the default, 8) against tiles of 64
 // keys. Requires attention_mma_supported(a) (QTOOL_ASSERT).
