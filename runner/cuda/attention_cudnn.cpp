@@ -39,10 +39,10 @@ std::atomic<uint64_t> g_cudnn_calls{0};
 
 AttentionImpl impl_from_env() {
   const char* e = std::getenv("QTOOL_ATTENTION");
-  // Unset: qtool's kernel, until the cuDNN path has run on a GPU (it has been built and its graph
-  // checked against the library, never executed): auto and cudnn opt in.
-  if (!e || !*e || std::strcmp(e, "own") == 0) return AttentionImpl::Own;
-  if (std::strcmp(e, "auto") == 0) return AttentionImpl::Auto;
+  // Unset: auto (cuDNN where it takes the case: 4 to 5 times our kernel's rate at Flux's and
+  // Llama's shapes, bench/RESULTS.md).
+  if (!e || !*e || std::strcmp(e, "auto") == 0) return AttentionImpl::Auto;
+  if (std::strcmp(e, "own") == 0) return AttentionImpl::Own;
   if (std::strcmp(e, "cudnn") == 0) return AttentionImpl::Cudnn;
   fail(ErrorKind::InvalidInput, "environment variable QTOOL_ATTENTION=", e, ": expected auto, own or cudnn");
 }
@@ -494,6 +494,12 @@ const Desc& add_softmax(GraphBuilder& g, const Desc& logits, const ScoreLayout& 
   g.pointwise("exp", CUDNN_POINTWISE_EXP, kDataF32, sub, nullptr, nullptr, e);
   Desc& sum = g.virt("row sum", kDataF32, l.row_dims, l.row_strides);
   g.reduction("sum", CUDNN_REDUCE_TENSOR_ADD, e, sum);
+  // The row statistics max + log(sum), a virtual output: cuDNN's fused attention engines match the
+  // softmax only with this branch present (without it the heuristics offer no engine).
+  Desc& log_sum = g.virt("log(row sum)", kDataF32, l.row_dims, l.row_strides);
+  g.pointwise("log sum", CUDNN_POINTWISE_LOG, kDataF32, sum, nullptr, nullptr, log_sum);
+  Desc& stats = g.virt("row max + log(row sum)", kDataF32, l.row_dims, l.row_strides);
+  g.pointwise("stats", CUDNN_POINTWISE_ADD, kDataF32, m, &log_sum, nullptr, stats);
   Desc& pr = g.virt("P", io, l.s_dims, l.s_strides);  // bmm2's A operand in the io dtype, as cuDNN requires
   g.pointwise("div sum", CUDNN_POINTWISE_DIV, kDataF32, e, &sum, nullptr, pr);
   return pr;
@@ -542,6 +548,9 @@ EngineConfigs engine_configs(const Desc& graph, Plan& p) {
   QTOOL_CUDNN_TRY(api().get_attribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
                                       CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &e.got, e.configs.data()),
                   "engine heuristics (mode A), results");
+  if (e.got <= 0)
+    throw CudnnFailure(str_cat("cuDNN's heuristics (mode A) counted ", count,
+                               " engine configurations for the attention graph but returned none"));
   return e;
 }
 

@@ -16,9 +16,8 @@
 // kMaxWorkspaceBytes) is remembered and served by qtool's kernel; QTOOL_CUDNN_DEBUG=1 prints one
 // line per such shape, per plan built, and at load.
 //
-// Which implementation serves CudaOps::attention: QTOOL_ATTENTION=own (the default, until the cuDNN
-// path has run on a GPU: always ours), auto (cuDNN where it takes the case, else ours), cudnn (cuDNN
-// for every covered case; a covered case
+// Which implementation serves CudaOps::attention: QTOOL_ATTENTION=auto (the default: cuDNN where it
+// takes the case, else ours), own (always ours), cudnn (cuDNN for every covered case; a covered case
 // cuDNN cannot run is then Error(Unsupported) naming the reason, so that a fallback cannot pass as
 // cuDNN). Bias and key-mask cases (T5, CLIP) always take qtool's kernel.
 #pragma once
@@ -35,7 +34,7 @@
 namespace qtool::runner::cuda {
 
 enum class AttentionImpl : uint8_t { Auto, Own, Cudnn };
-// The process-wide choice: QTOOL_ATTENTION (auto|own|cudnn; unset: own) read at the first call
+// The process-wide choice: QTOOL_ATTENTION (auto|own|cudnn; unset: auto) read at the first call
 // (another value is Error(InvalidInput) naming it), unless set_attention_impl chose first.
 AttentionImpl attention_impl();
 void set_attention_impl(AttentionImpl impl);  // tests and benchmarks
