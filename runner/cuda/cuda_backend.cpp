@@ -43,10 +43,6 @@ class CudaBackend final : public Backend {
     CudaPlatformConfig config;
     config.device_names = names_;
     config.cublas_workspace_bytes = options.sizing.cublas_workspace_bytes;
-    // A component runs on its first GPU's ops but may dequantize weights held by the others.
-    uint64_t scratch = 0;
-    for (int d : schedule.devices) scratch = std::max(scratch, schedule.max_scratch_elems(d) * 2);
-    for (int d : schedule.devices) config.dequant_scratch_bytes[d] = scratch;
     workspace_bytes_ = options.sizing.cublas_workspace_bytes;
     const std::unique_ptr<Platform> platform = make_cuda_platform(config);
     return drive(*platform, checkpoint, schedule, options);

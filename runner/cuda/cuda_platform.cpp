@@ -46,7 +46,7 @@ struct Gpu {
   Stream copy;
   Stream compute;
   std::unique_ptr<Ops> ops;
-  uint64_t activation_capacity = 0;
+  uint64_t activation_capacity = 0, scratch_capacity = 0;
   std::vector<MemoryItem> ops_items;  // the ops' dequant scratch and cuBLAS workspace
 };
 
@@ -91,6 +91,7 @@ class CudaDevice final : public Device {
   void wait_copied(uint32_t slot) override;
   void release(uint32_t slot) override;
   void note(MemoryKind kind, uint64_t bytes) override { note_memory(items_, kind, bytes); }
+  void forget_activations() override { forget_activation_items(items_); }
   DeviceMemory memory() const override;
   void synchronize() override {
     DeviceScope scope(gpu_.device);
@@ -130,23 +131,34 @@ class CudaPlatform final : public Platform {
   std::unique_ptr<HostBuffer> host_buffer(uint64_t bytes) override {
     return std::make_unique<PinnedHost>(bytes, pinned_);
   }
-  Ops& ops(int device, uint64_t activation_bytes) override {
+  Ops& ops(int device, const OpsNeed& need) override {
     Gpu& g = gpu(device);
-    if (!g.ops || g.activation_capacity < activation_bytes) {
+    if (!g.ops || g.activation_capacity < need.activation_bytes ||
+        g.scratch_capacity < need.dequant_scratch_bytes) {
       g.ops.reset();  // the old block is freed before the new one is taken
       CudaOpsConfig c;
-      c.activation_bytes = activation_bytes;
-      const auto it = config_.dequant_scratch_bytes.find(device);
-      c.dequant_scratch_bytes = it == config_.dequant_scratch_bytes.end() ? 0 : it->second;
+      c.activation_bytes = need.activation_bytes;
+      c.dequant_scratch_bytes = need.dequant_scratch_bytes;
       c.cublas_workspace_bytes = config_.cublas_workspace_bytes;
       g.ops = make_cuda_ops(device, g.compute.get(), c);
-      g.activation_capacity = activation_bytes;
+      g.activation_capacity = need.activation_bytes;
+      g.scratch_capacity = need.dequant_scratch_bytes;
       g.ops_items.clear();
       note_memory(g.ops_items, MemoryKind::DequantScratch, c.dequant_scratch_bytes);
       note_memory(g.ops_items, MemoryKind::CublasWorkspace, c.cublas_workspace_bytes);
     }
     active_ = &g;
     return *g.ops;
+  }
+  void release_ops() override {
+    for (auto& [d, g] : gpus_) {
+      DeviceScope scope(d);
+      g->compute.synchronize();  // nothing may still use the ops' memory
+      g->ops.reset();
+      g->activation_capacity = 0;
+      g->scratch_capacity = 0;
+      g->ops_items.clear();
+    }
   }
 
   // The compute stream of the ops the driver asked for last (the component running now).

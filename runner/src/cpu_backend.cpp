@@ -94,6 +94,7 @@ class CpuDevice final : public Device {
   void wait_copied(uint32_t) override {}
   void release(uint32_t) override {}
   void note(MemoryKind kind, uint64_t bytes) override { note_memory(items_, kind, bytes); }
+  void forget_activations() override { forget_activation_items(items_); }
   DeviceMemory memory() const override {
     DeviceMemory m;
     m.device = index_;
@@ -132,12 +133,17 @@ class CpuPlatform final : public Platform {
   std::unique_ptr<HostBuffer> host_buffer(uint64_t bytes) override {
     return std::make_unique<HostMemory>(bytes);
   }
-  Ops& ops(int, uint64_t activation_bytes) override {
-    if (!ops_ || capacity_ < activation_bytes) {
-      ops_ = make_cpu_ops(pool_, activation_bytes);
-      capacity_ = activation_bytes;
+  Ops& ops(int, const OpsNeed& need) override {
+    if (!ops_ || capacity_ < need.activation_bytes) {
+      ops_.reset();
+      ops_ = make_cpu_ops(pool_, need.activation_bytes);
+      capacity_ = need.activation_bytes;
     }
     return *ops_;
+  }
+  void release_ops() override {
+    ops_.reset();
+    capacity_ = 0;
   }
 
  private:
@@ -174,7 +180,7 @@ LayerRun CpuBackend::run_layer(const DequantParams& hp, uint64_t tokens, uint64_
       std::memcpy(parts.data() + layout.offset[p], layout.source[p], layout.sizes.bytes[p]);
   const DequantParams w = rebase_parts(hp, layout, parts.data());
 
-  Ops& ops = platform_.ops(device, tokens * (ldx + hp.rows) * 2 + 2 * kArenaAlign);
+  Ops& ops = platform_.ops(device, {.activation_bytes = tokens * (ldx + hp.rows) * 2 + 2 * kArenaAlign});
   return run_linear_alone(ops, w, tokens, ldx, seed, &pool_);
 }
 

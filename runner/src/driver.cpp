@@ -68,16 +68,19 @@ LayerDigest host_digest(const uint8_t* bytes, uint64_t n, DType dtype) {
   return d;
 }
 
-uint64_t activation_capacity(const Checkpoint& checkpoint, const Schedule& schedule, uint64_t tokens,
-                             uint64_t batch, const std::vector<std::unique_ptr<Forward>>& forwards) {
-  uint64_t most = 0;
-  for (size_t ci = 0; ci < checkpoint.components().size(); ++ci) {
+std::vector<OpsNeed> ops_needs(const Checkpoint& checkpoint, const Schedule& schedule, uint64_t tokens,
+                               uint64_t batch, const std::vector<std::unique_ptr<Forward>>& forwards,
+                               bool pipeline) {
+  std::vector<OpsNeed> needs(checkpoint.components().size());
+  for (size_t ci = 0; ci < needs.size(); ++ci) {
     uint64_t need = 0;
     if (ci < forwards.size() && forwards[ci]) {
       const planner::Arch& arch = forwards[ci]->arch();
       const DType dtype = planner::model_dtype(arch, checkpoint.components()[ci]);
+      const int64_t t = pipeline ? planner::flux_pipeline_tokens(arch, static_cast<int64_t>(tokens))
+                                 : static_cast<int64_t>(tokens);
       for (const planner::ActivationItem& item :
-           planner::activation_items(arch, static_cast<int64_t>(batch), static_cast<int64_t>(tokens), dtype))
+           planner::activation_items(arch, static_cast<int64_t>(batch), t, dtype))
         need += item.bytes;
       need += need / 4 + (1u << 20);
     } else {
@@ -89,9 +92,14 @@ uint64_t activation_capacity(const Checkpoint& checkpoint, const Schedule& sched
         }
       need = tokens * (in + out) * 2 + 2 * kArenaAlign;
     }
-    most = std::max(most, need);
+    needs[ci].activation_bytes = need;
   }
-  return most;
+  for (const LinearTask& l : schedule.linears)
+    if (l.needs_scratch() && l.component_index < needs.size()) {
+      uint64_t& s = needs[l.component_index].dequant_scratch_bytes;
+      s = std::max<uint64_t>(s, l.params.numel() * 2);
+    }
+  return needs;
 }
 
 namespace driver_detail {
@@ -218,7 +226,7 @@ RunResult Driver::run() {
     for (const auto& [name, inputs] : flow_->given_inputs())
       for (const HostTensor& t : inputs)
         if (t.shape.size() >= 2) batch = std::max(batch, static_cast<uint64_t>(t.shape[0]));
-  activation_bytes_ = activation_capacity(checkpoint_, schedule_, options_.tokens, batch, forwards_);
+  ops_needs_ = ops_needs(checkpoint_, schedule_, options_.tokens, batch, forwards_, flow_ != nullptr);
   const auto& comps = checkpoint_.components();
   unit_steps_.resize(comps.size());
   last_unit_.resize(comps.size());

@@ -103,6 +103,18 @@ uint64_t Driver::slots_of(size_t si) const {
   return it == phase_k_[ph].end() ? k_ : it->second;
 }
 
+OpsNeed Driver::ops_need(uint32_t ci) const {
+  const auto& comps = checkpoint_.components();
+  const size_t ph = phased_ ? phase_of(options_.phases, comps[ci].name()) : SIZE_MAX;
+  OpsNeed n;
+  for (size_t c = 0; c < ops_needs_.size(); ++c) {
+    if (ph != SIZE_MAX && phase_of(options_.phases, comps[c].name()) != ph) continue;
+    n.activation_bytes = std::max(n.activation_bytes, ops_needs_[c].activation_bytes);
+    n.dequant_scratch_bytes = std::max(n.dequant_scratch_bytes, ops_needs_[c].dequant_scratch_bytes);
+  }
+  return n;
+}
+
 void Driver::note_phase_peak(size_t phase) {
   for (auto& [d, dev] : devices_) {
     uint64_t& peak = result_.phases[phase].peak_bytes[d];
@@ -118,6 +130,10 @@ void Driver::begin_phase(size_t phase) {
   pr.passes = 0;
   pr.load_bytes = 0;
   const auto t0 = Clock::now();
+  // The previous phase's ops (activation block, dequant scratch, handles) go: this phase's are made
+  // for its components at its first pass, as the plan reserves them per phase.
+  platform_.release_ops();
+  for (auto& [d, dev] : devices_) dev->forget_activations();
   for (auto& [key, span] : spans_) {
     if (!loaded_[key.first] || span.mem) continue;
     if (phase_of(options_.phases, checkpoint_.components()[key.first].name()) != phase) continue;

@@ -369,3 +369,42 @@ TEST_CASE("a run by phase: a loaded component is held during its phase only, the
     CHECK(phased.memory[0].measured_peak_bytes <= whole.memory[0].measured_peak_bytes);
   }
 }
+
+TEST_CASE("the ops of a FluxPipeline run are sized per component: the encoders at their own token counts") {
+  test::TempDir dir("driver-ops-needs");
+  const auto path =
+      test::quantize(test::synth(dir.path, "tiny-flux", 5), dir.path / "nf4", {"nf4", "nf4", 64, true});
+  const Checkpoint ckpt = Checkpoint::open(path);
+  const Schedule s = build_schedule(ckpt, test::plan_streamed(ckpt, 4.0, 0.5, 12, 2));
+  std::vector<std::unique_ptr<Forward>> forwards;
+  size_t t5 = SIZE_MAX, clip = SIZE_MAX, flux = SIZE_MAX;
+  for (size_t ci = 0; ci < ckpt.components().size(); ++ci) {
+    const Component& c = ckpt.components()[ci];
+    forwards.push_back(make_forward(c));
+    if (c.name() == "text_encoder") clip = ci;
+    if (c.name() == "text_encoder_2") t5 = ci;
+    if (c.name() == "transformer") flux = ci;
+  }
+  REQUIRE(t5 != SIZE_MAX);
+  REQUIRE(clip != SIZE_MAX);
+  REQUIRE(flux != SIZE_MAX);
+  REQUIRE(forwards[t5]);
+  // At 4096 tokens a T5 with 4096 positions would hold a [heads, 4096, 4096] bias; a FluxPipeline
+  // runs it at no more than 512 tokens (planner::flux_pipeline_tokens), CLIP at its 77 positions.
+  const std::vector<OpsNeed> run = ops_needs(ckpt, s, 4096, 1, forwards, false);
+  const std::vector<OpsNeed> pipe = ops_needs(ckpt, s, 4096, 1, forwards, true);
+  CHECK(pipe[flux].activation_bytes == run[flux].activation_bytes);
+  CHECK(pipe[t5].activation_bytes < run[t5].activation_bytes);
+  CHECK(pipe[clip].activation_bytes < run[clip].activation_bytes);
+  const std::vector<OpsNeed> at512 = ops_needs(ckpt, s, 512, 1, forwards, false);
+  CHECK(pipe[t5].activation_bytes == at512[t5].activation_bytes);
+  // The dequant scratch: each component's own largest dequantized linear (bf16 bytes).
+  for (size_t ci = 0; ci < pipe.size(); ++ci) {
+    uint64_t most = 0;
+    for (const LinearTask& l : s.linears)
+      if (l.component_index == ci && l.needs_scratch()) most = std::max<uint64_t>(most, l.params.numel() * 2);
+    CAPTURE(ckpt.components()[ci].name());
+    CHECK(pipe[ci].dequant_scratch_bytes == most);
+  }
+  CHECK(pipe[flux].dequant_scratch_bytes > 0);  // nf4: dequantized before the GEMM
+}

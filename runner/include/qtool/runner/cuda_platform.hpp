@@ -24,20 +24,29 @@
 
 namespace qtool::runner {
 
-// Records `bytes` of `kind` in `items`. The activation kinds (ForwardActivations, ActivationIn,
-// ActivationOut) are the same memory reused by one component after another: they keep one item,
-// their largest size; any other kind adds an item per allocation. Zero bytes record nothing.
+// The activation kinds (ForwardActivations, ActivationIn, ActivationOut): the ops' memory, reused
+// by one component after another.
+inline bool is_activation_kind(MemoryKind kind) {
+  return kind == MemoryKind::ForwardActivations || kind == MemoryKind::ActivationIn ||
+         kind == MemoryKind::ActivationOut;
+}
+
+// Records `bytes` of `kind` in `items`. The activation kinds keep one item, their largest size;
+// any other kind adds an item per allocation. Zero bytes record nothing.
 inline void note_memory(std::vector<MemoryItem>& items, MemoryKind kind, uint64_t bytes) {
   if (bytes == 0) return;
-  const bool reused = kind == MemoryKind::ForwardActivations || kind == MemoryKind::ActivationIn ||
-                      kind == MemoryKind::ActivationOut;
-  if (reused)
+  if (is_activation_kind(kind))
     for (MemoryItem& it : items)
       if (it.kind == kind) {
         it.bytes = it.bytes > bytes ? it.bytes : bytes;
         return;
       }
   items.push_back({kind, bytes});
+}
+
+// Drops the activation kinds' items (Device::forget_activations).
+inline void forget_activation_items(std::vector<MemoryItem>& items) {
+  std::erase_if(items, [](const MemoryItem& it) { return is_activation_kind(it.kind); });
 }
 
 // The bytes of `kind` in `items`.
@@ -66,7 +75,6 @@ inline uint64_t cuda_needed_peak(const std::vector<MemoryItem>& items, uint64_t 
 struct CudaPlatformConfig {
   std::string device_names;                       // Platform::device_names
   uint64_t cublas_workspace_bytes = 32ull << 20;  // per GPU (the plan's cublas_workspace)
-  std::map<int, uint64_t> dequant_scratch_bytes;  // per GPU (the plan's dequant_scratch)
 };
 
 #ifdef QTOOL_HAVE_CUDA

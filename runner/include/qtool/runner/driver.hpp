@@ -76,10 +76,24 @@ class Device {
   virtual void release(uint32_t slot) = 0;
   // Records an activation item the ops hold (their memory is the ops' own).
   virtual void note(MemoryKind kind, uint64_t bytes) = 0;
+  // Drops the activation items noted so far (a run by phase, at a phase's start: its ops are new).
+  virtual void forget_activations() = 0;
   virtual DeviceMemory memory() const = 0;
   // Waits until the work issued so far on the device (copies, and compute that reads its memory)
   // has completed: the driver calls it at the end of each run step, before it takes the step's time.
   virtual void synchronize() {}
+};
+
+// What the driver asks of the ops for one component: activation memory and dequant scratch.
+struct OpsNeed {
+  // Per forward component planner::activation_items at `batch` x its tokens (a FluxPipeline's
+  // encoders at planner::flux_pipeline_tokens) and a quarter and 1 MiB more (verify's memory
+  // check, not this capacity, holds the forward to the plan); per linears-only component its
+  // hidden state and output.
+  uint64_t activation_bytes = 0;
+  // The bf16 weight of its largest linear that is dequantized before the GEMM (the plan's
+  // dequant_scratch), wherever the weight is held: the component runs on its first GPU's ops.
+  uint64_t dequant_scratch_bytes = 0;
 };
 
 // What a backend provides to the driver.
@@ -90,10 +104,13 @@ class Platform {
   virtual std::string device_names() const = 0;
   virtual std::unique_ptr<Device> open(int index) = 0;
   virtual std::unique_ptr<HostBuffer> host_buffer(uint64_t bytes) = 0;
-  // The ops that run on GPU `device`, with at least `activation_bytes` of activation memory. The
-  // CPU backend has one set of ops for every "GPU" (they share host memory), so a forward's state
-  // may cross GPUs as it is.
-  virtual Ops& ops(int device, uint64_t activation_bytes) = 0;
+  // The ops that run on GPU `device`, with at least `need`'s activation memory and dequant scratch.
+  // The CPU backend has one set of ops for every "GPU" (they share host memory), so a forward's
+  // state may cross GPUs as it is.
+  virtual Ops& ops(int device, const OpsNeed& need) = 0;
+  // Frees every GPU's ops and their memory (a run by phase, between phases: the next phase's ops
+  // are sized for its components); the next ops() makes them anew.
+  virtual void release_ops() {}
 };
 
 // The digest of `n` elements of `dtype` in host memory: the wrapping sum of kmath::digest_term
@@ -104,12 +121,10 @@ LayerDigest host_digest(const uint8_t* bytes, uint64_t n, DType dtype);
 RunResult drive(Platform& platform, const Checkpoint& checkpoint, const Schedule& schedule,
                 const RunOptions& options);
 
-// Activation memory the driver asks of the ops for a run of `schedule` (the largest component's):
-// per forward component planner::activation_items at `batch` x `tokens` (and a quarter and 1 MiB
-// more: verify's memory check, not this capacity, holds the forward to the plan), per
-// linears-only component its hidden state and output.
-uint64_t activation_capacity(const Checkpoint& checkpoint, const Schedule& schedule, uint64_t tokens,
-                             uint64_t batch, const std::vector<std::unique_ptr<Forward>>& forwards);
+// OpsNeed per component of the checkpoint, for a run of `schedule`; `pipeline`: a FluxPipeline run.
+std::vector<OpsNeed> ops_needs(const Checkpoint& checkpoint, const Schedule& schedule, uint64_t tokens,
+                               uint64_t batch, const std::vector<std::unique_ptr<Forward>>& forwards,
+                               bool pipeline);
 
 // A WeightSource over one component's mapped tensors (verify's reference forward): each tensor is
 // copied once into 256-byte aligned host memory (a quantized linear with its quant state); a tied
