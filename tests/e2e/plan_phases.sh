@@ -108,6 +108,8 @@ r, p = (json.load(open(f)) for f in sys.argv[1:])
 assert r["passed"] and all(c["status"] != "fail" for c in r["checks"]), r["checks"]
 peak = next(c for c in r["checks"] if c["name"] == "peak memory")
 assert peak["status"] == "pass" and "by phase:" in peak["detail"], peak
+# The whole run's figure mixes phases: the check leads with each GPU's largest phase instead.
+assert peak["detail"].startswith("gpu 0 ") and "predicted (the largest phase's)" in peak["detail"], peak
 phases = r["plan_phases"]
 assert [ph["phase"] for ph in phases] == [ph["name"] for ph in p["phases"]], phases
 modes = {c["name"]: c["mode"] for ph in p["phases"] for c in ph["components"]}
