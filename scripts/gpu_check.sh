@@ -3,7 +3,8 @@
 # with the CUDA backend, runs `ctest -L gpu`, then the benchmarks, each logged under $OUT (the
 # device runner's output folder; at most 8 files come back, so everything goes into a few logs).
 #
-#   bash scripts/gpu_check.sh [STAGE...]      STAGE: build tests bench full cudnn attn pipeline
+#   bash scripts/gpu_check.sh [STAGE...]      STAGE: build tests bench full cudnn attn peers-flux
+#                                             peers-llama pipeline
 #                                             (default: build tests bench)
 #
 #   build:  configure and build build-gpu/ (kept between runs on a warm machine: a later call that
@@ -20,6 +21,14 @@
 #           each plan built and each shape refused is in the log).
 #   attn:   bench_attention (qtool's kernels and cuDNN's) and bench/attention_torch.py (torch's SDPA
 #           on the same shapes, and the ratios).
+#   peers-flux: issue 12's comparison: the full-size flux transformer synthesized (bf16) and
+#           quantized (nf4), then bench/forward_peers.py --qtool-bench (qtool's bench_forward first,
+#           before the Python process holds a CUDA context; then diffusers bf16 and bitsandbytes nf4
+#           resident and group offloading): needs diffusers and bitsandbytes (carry their wheels,
+#           bench/README.md). Name it alone in a call.
+#   peers-llama: the same for the Llama-3-8B shape at 4096 tokens of prefill (qtool nf4 streamed
+#           with a quarter of the weights resident, and resident; transformers bf16 and
+#           bitsandbytes nf4 resident). Name it alone in a call.
 #   pipeline: issue 13's run: the full-size FluxPipeline synthesized, quantized with
 #           sample_configs/flux-nf4.json, planned at 12, 16 and 24 GiB (the GPU's built-in profile)
 #           and verified with --backend cuda (4 denoising steps): name it alone in a call.
@@ -32,7 +41,8 @@
 # and name .deps in the run's carry list.
 #
 # Files written to $OUT: build.log, gpu_tests.log, bench_forward.log (with its JSON appended),
-# bench_stream.log (full), cudnn.log (cudnn), attention.log (attn), pipeline.log, plan-*.svg and
+# bench_stream.log (full), cudnn.log (cudnn), attention.log (attn), peers_FAMILY.log and .json
+# (peers-flux, peers-llama), pipeline.log, plan-*.svg and
 # pipeline_peer.json (pipeline), summary.txt. The exit status: 3 when the build fails, else that of the
 # GPU tests (0 when they did not run).
 set -u
@@ -155,6 +165,29 @@ if has attn; then
   say "attention"
   grep -E "TFLOP|ratio|exit" "$OUT/attention.log" | tail -24 | tee -a "$SUMMARY"
 fi
+
+# --- Issue 12: qtool against the frameworks on the same files, one family per call. ------------
+peers() {  # family: flux or llama
+  local fam=$1 Q=$BUILD/apps/qtool/qtool D=/tmp/qtool-peers
+  rm -rf /tmp/qtool-pipeline "$D"  # the disk holds one full-size model family at a time
+  {
+    set -x
+    if [ "$fam" = flux ]; then
+      "$Q" synth --preset flux --scale 1 --components transformer --seed 1 -o "$D/bf16" -q
+    else
+      "$Q" synth --preset llama --scale 1 --seed 1 -o "$D/bf16" -q
+    fi
+    "$Q" quantize "$D/bf16" -o "$D/nf4" --scheme nf4 -q
+    timeout 500 python3 bench/forward_peers.py "--$fam" "$D/bf16" "--$fam-nf4" "$D/nf4" \
+      --qtool-bench "$BUILD/bench/bench_forward" --json "$OUT/peers_$fam.json"
+    echo "forward_peers ($fam) exit $?"
+    set +x
+  } >"$OUT/peers_$fam.log" 2>&1
+  say "peers $fam"
+  grep -E "^\||exit [0-9]+$|crashed" "$OUT/peers_$fam.log" | cut -c1-300 | tee -a "$SUMMARY"
+}
+has peers-flux && peers flux
+has peers-llama && peers llama
 
 # --- Issue 13: the full-size pipeline at 12, 16 and 24 GiB. ---------------------------------------
 if has pipeline; then
