@@ -3,8 +3,8 @@
 # with the CUDA backend, runs `ctest -L gpu`, then the benchmarks, each logged under $OUT (the
 # device runner's output folder; at most 8 files come back, so everything goes into a few logs).
 #
-#   bash scripts/gpu_check.sh [STAGE...]      STAGE: build tests bench full cudnn attn peers-flux
-#                                             peers-llama pipeline
+#   bash scripts/gpu_check.sh [STAGE...]      STAGE: build tests bench full cudnn attn optimes
+#                                             peers-flux peers-llama pipeline
 #                                             (default: build tests bench)
 #
 #   build:  configure and build build-gpu/ (kept between runs on a warm machine: a later call that
@@ -21,6 +21,9 @@
 #           each plan built and each shape refused is in the log).
 #   attn:   bench_attention (qtool's kernels and cuDNN's) and bench/attention_torch.py (torch's SDPA
 #           on the same shapes, and the ratios).
+#   optimes: bench_forward on the flux transformer at --scale 0.25, bf16, with QTOOL_CUDA_OP_TIMES=1:
+#           each run's GPU time per op (norm, elementwise, rope, linear, attention, ...), what bounds
+#           a step.
 #   peers-flux: issue 12's comparison: the full-size flux transformer synthesized (bf16) and
 #           quantized (nf4), then bench/forward_peers.py --qtool-bench (qtool's bench_forward first,
 #           before the Python process holds a CUDA context; then diffusers bf16 and bitsandbytes nf4
@@ -164,6 +167,14 @@ if has attn; then
   rm -f "$OUT/attention_qtool.json"
   say "attention"
   grep -E "TFLOP|ratio|exit" "$OUT/attention.log" | tail -24 | tee -a "$SUMMARY"
+fi
+
+if has optimes; then
+  say "bench_forward with QTOOL_CUDA_OP_TIMES=1 (flux --scale 0.25, bf16)"
+  QTOOL_CUDA_OP_TIMES=1 timeout 300 "$BUILD/bench/bench_forward" --preset flux --scale 0.25 --tokens 4096 \
+    --steps 3 --schemes bf16 >"$OUT/optimes.log" 2>&1
+  echo "exit $?" | tee -a "$SUMMARY"
+  grep -E "CUDA op times|^  [a-z_]+ +[0-9]+ calls" "$OUT/optimes.log" | tail -16 | tee -a "$SUMMARY"
 fi
 
 # --- Issue 12: qtool against the frameworks on the same files, one family per call. ------------

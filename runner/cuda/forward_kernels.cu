@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 
@@ -130,24 +131,76 @@ __device__ float activate(int act, float x, int dt) {
   return x;
 }
 
+// Whether op reads b, and g (a gate row per sample).
+__host__ __device__ constexpr bool ew_reads_b(Ew op) {
+  return op == Ew::Gated || op == Ew::Add || op == Ew::Residual || op == Ew::ResidualGated;
+}
+__host__ __device__ constexpr bool ew_reads_g(Ew op) { return op == Ew::ResidualGated; }
+
+// One element of an element-wise op, before the rounding to dt: x from a, bv from b, gv from g.
+__device__ __forceinline__ float ew_value(Ew op, int act, float x, float bv, float gv, float bound, int dt) {
+  switch (op) {
+    case Ew::Activation: return activate(act, x, dt);
+    case Ew::Gated: return mul(activate(act, x, dt), bv);
+    case Ew::Add:
+    case Ew::Residual: return add(x, bv);
+    case Ew::ResidualGated: return add(x, rnd(dt, mul(gv, bv)));
+    case Ew::Copy: return x;
+    case Ew::Clamp: return x < -bound ? -bound : (x > bound ? bound : x);
+    default: return x;
+  }
+}
+
 __global__ void elementwise_kernel(Ew op, int act, View a, View b, View g, int64_t seq, float bound,
                                    View out) {
   for (int64_t r = row0(); r < out.rows; r += row_step()) {
     const int64_t rg = r / seq;  // the row of g (per sample)
     for (int64_t c = col0(); c < out.cols; c += col_step()) {
-      const float x = ld_el(a, r, c);
-      float y;
-      switch (op) {
-        case Ew::Activation: y = activate(act, x, out.dt); break;
-        case Ew::Gated: y = mul(activate(act, x, out.dt), ld_el(b, r, c)); break;
-        case Ew::Add: y = add(x, ld_el(b, r, c)); break;
-        case Ew::Residual: y = add(x, ld_el(b, r, c)); break;
-        case Ew::ResidualGated: y = add(x, rnd(out.dt, mul(ld_el(g, rg, c), ld_el(b, r, c)))); break;
-        case Ew::Copy: y = x; break;
-        case Ew::Clamp: y = x < -bound ? -bound : (x > bound ? bound : x); break;
-        default: y = x;
-      }
-      st_el(out, r, c, y);
+      const float bv = ew_reads_b(op) ? ld_el(b, r, c) : 0.0f;
+      const float gv = ew_reads_g(op) ? ld_el(g, rg, c) : 0.0f;
+      st_el(out, r, c, ew_value(op, act, ld_el(a, r, c), bv, gv, bound, out.dt));
+    }
+  }
+}
+
+// Eight bf16 elements [r, c..c+7] of m (16-byte aligned) as float32, and back (rounded as st_el).
+__device__ __forceinline__ void ld_bf16x8(const View& m, int64_t r, int64_t c, float (&v)[8]) {
+  const uint4 w = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(m.data) + r * m.ld + c);
+  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    v[2 * k] = kmath::bf16_bits_to_f32(static_cast<uint16_t>(u[k] & 0xFFFFu));
+    v[2 * k + 1] = kmath::bf16_bits_to_f32(static_cast<uint16_t>(u[k] >> 16));
+  }
+}
+__device__ __forceinline__ void st_bf16x8(const View& m, int64_t r, int64_t c, const float (&v)[8]) {
+  uint32_t u[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    u[k] = static_cast<uint32_t>(kmath::f32_to_bf16_bits(v[2 * k])) |
+           (static_cast<uint32_t>(kmath::f32_to_bf16_bits(v[2 * k + 1])) << 16);
+  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(m.data) + r * m.ld + c) =
+      make_uint4(u[0], u[1], u[2], u[3]);
+}
+
+// elementwise_kernel for bf16 views whose rows are 16-byte aligned and whose width is a multiple
+// of 8: each thread takes 8 elements with one 16-byte load per operand and one store, and computes
+// each with ew_value, so the bits are the generic kernel's.
+template <Ew kOp>
+__global__ void elementwise_bf16x8_kernel(int act, View a, View b, View g, int64_t seq, float bound,
+                                          View out) {
+  const int64_t vcols = out.cols / 8;
+  for (int64_t r = row0(); r < out.rows; r += row_step()) {
+    const int64_t rg = r / seq;
+    for (int64_t vc = col0(); vc < vcols; vc += col_step()) {
+      const int64_t c = vc * 8;
+      float x[8], bv[8] = {}, gv[8] = {}, y[8];
+      ld_bf16x8(a, r, c, x);
+      if (ew_reads_b(kOp)) ld_bf16x8(b, r, c, bv);
+      if (ew_reads_g(kOp)) ld_bf16x8(g, rg, c, gv);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) y[k] = ew_value(kOp, act, x[k], bv[k], gv[k], bound, kBf16);
+      st_bf16x8(out, r, c, y);
     }
   }
 }
@@ -388,11 +441,55 @@ size_t attention_smem(int64_t hd) {
 
 }  // namespace
 
+namespace {
+
+std::atomic<bool> g_elementwise_bf16x8{true};
+std::atomic<uint64_t> g_bf16x8_launches{0};
+
+// A bf16 view the 8-wide kernel can read or write: 16-byte aligned rows.
+bool bf16x8_view(const View& m) {
+  return m.dt == kBf16 && m.ld % 8 == 0 && (reinterpret_cast<uintptr_t>(m.data) & 15u) == 0;
+}
+
+template <Ew kOp>
+void launch_bf16x8(int act, const View& a, const View& b, const View& g, int64_t seq, float bound,
+                   const View& out, cudaStream_t stream) {
+  const Launch2 l = launch2(out.rows, out.cols / 8);
+  elementwise_bf16x8_kernel<kOp><<<l.grid, l.block, 0, stream>>>(act, a, b, g, seq, bound, out);
+}
+
+// Launches the 8-wide kernel when every view the op touches allows it; false otherwise.
+bool try_bf16x8(Ew op, int act, const View& a, const View& b, const View& g, int64_t seq, float bound,
+                const View& out, cudaStream_t stream) {
+  if (!g_elementwise_bf16x8.load(std::memory_order_relaxed) || out.cols % 8 != 0 || !bf16x8_view(out) ||
+      !bf16x8_view(a) || (ew_reads_b(op) && !bf16x8_view(b)) || (ew_reads_g(op) && !bf16x8_view(g)))
+    return false;
+  switch (op) {
+    case Ew::Activation: launch_bf16x8<Ew::Activation>(act, a, b, g, seq, bound, out, stream); break;
+    case Ew::Gated: launch_bf16x8<Ew::Gated>(act, a, b, g, seq, bound, out, stream); break;
+    case Ew::Add: launch_bf16x8<Ew::Add>(act, a, b, g, seq, bound, out, stream); break;
+    case Ew::Residual: launch_bf16x8<Ew::Residual>(act, a, b, g, seq, bound, out, stream); break;
+    case Ew::ResidualGated: launch_bf16x8<Ew::ResidualGated>(act, a, b, g, seq, bound, out, stream); break;
+    case Ew::Copy: launch_bf16x8<Ew::Copy>(act, a, b, g, seq, bound, out, stream); break;
+    case Ew::Clamp: launch_bf16x8<Ew::Clamp>(act, a, b, g, seq, bound, out, stream); break;
+    default: return false;
+  }
+  g_bf16x8_launches.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+}  // namespace
+
+void set_elementwise_bf16x8(bool on) { g_elementwise_bf16x8.store(on); }
+uint64_t elementwise_bf16x8_launches() { return g_bf16x8_launches.load(); }
+
 void launch_elementwise(Ew op, int act, const View& a, const View& b, const View& g, int64_t seq, float bound,
                         const View& out, cudaStream_t stream) {
   if (out.rows * out.cols == 0) return;
-  const Launch2 l = launch2(out.rows, out.cols);
-  elementwise_kernel<<<l.grid, l.block, 0, stream>>>(op, act, a, b, g, seq, bound, out);
+  if (!try_bf16x8(op, act, a, b, g, seq, bound, out, stream)) {
+    const Launch2 l = launch2(out.rows, out.cols);
+    elementwise_kernel<<<l.grid, l.block, 0, stream>>>(op, act, a, b, g, seq, bound, out);
+  }
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 

@@ -24,6 +24,7 @@
 #include "attention_cudnn.hpp"  // runner/cuda: cuDNN's attention path, its choice and counts
 #include "attention_mma.hpp"    // runner/cuda: the attention kernels, called directly below
 #include "forward_args.hpp"     // runner/cuda: their arguments as the CUDA backend builds them
+#include "forward_kernels.hpp"  // runner/cuda: the element-wise kernels' switch and count
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
@@ -312,6 +313,89 @@ TEST_CASE("cuda ops: element-wise ops equal the CPU backend's bits") {
     report("copy F32 to", to, bad, static_cast<size_t>(rows * cols));
     CHECK(bad == 0);
   }
+}
+
+TEST_CASE("cuda ops: bf16 element-wise ops through the 8-wide kernel equal the generic kernel and the CPU") {
+  Both b;
+  const DType dt = DType::BF16;
+  // Rows 16-byte aligned (ld a multiple of 8) and widths multiples of 8: the 8-wide kernel; the
+  // last shape (width 131) and the misaligned view must fall back to the generic one.
+  const struct {
+    int64_t rows, cols, extra;  // extra: ld = cols + extra, the views starting at column 0
+    bool wide;
+  } shapes[] = {
+      {37, 136, 8, true}, {5, 8, 0, true}, {63, 3072, 0, true}, {3, 264, 16, true}, {7, 131, 5, false}};
+  for (const auto& sh : shapes) {
+    CAPTURE(sh.cols);
+    const size_t m = b.cpu->mark(), mg = b.gpu->mark();
+    const auto view = [&](Pair p) { return Pair{p.c.cols_view(0, sh.cols), p.g.cols_view(0, sh.cols)}; };
+    const Pair x = view(random_pair(b, sh.rows, sh.cols + sh.extra, dt, 0, 2.0f));
+    const Pair y = view(random_pair(b, sh.rows, sh.cols + sh.extra, dt, 0, 2.0f));
+    const Pair gate = view(random_pair(b, 3, sh.cols + sh.extra, dt, 0, 1.0f));
+    const Pair gate_rows = {gate.c.rows_view(0, 1), gate.g.rows_view(0, 1)};
+    Pair out = view(random_pair(b, sh.rows, sh.cols + sh.extra, dt, 0, 1.0f, false));
+    const size_t n = static_cast<size_t>(sh.rows * sh.cols);
+    // Runs `op` on both backends (the GPU with the 8-wide kernel on, then off): the two GPU
+    // results equal bit for bit, the CPU's as the generic kernel's test allows.
+    const auto check = [&](const char* name, bool transcendental, auto&& op) {
+      CAPTURE(name);
+      op(*b.cpu, x.c, y.c, gate.c, gate_rows.c, out.c);
+      const uint64_t before = fwd::elementwise_bf16x8_launches();
+      op(*b.gpu, x.g, y.g, gate.g, gate_rows.g, out.g);
+      const uint64_t wide = fwd::elementwise_bf16x8_launches() - before;
+      const auto h_wide = fetch(*b.gpu, out.g);
+      fwd::set_elementwise_bf16x8(false);
+      op(*b.gpu, x.g, y.g, gate.g, gate_rows.g, out.g);
+      fwd::set_elementwise_bf16x8(true);
+      CHECK(fwd::elementwise_bf16x8_launches() - before == wide);  // off: the generic kernel only
+      CHECK(wide == (sh.wide ? 1u : 0u));
+      CHECK(fetch(*b.gpu, out.g) == h_wide);
+      const size_t bad = mismatches(b, out, transcendental);
+      if (transcendental)
+        CHECK(bad * 1000 <= n + 999);
+      else
+        CHECK(bad == 0);
+    };
+    for (Activation act : {Activation::Identity, Activation::Relu, Activation::Silu, Activation::GeluTanh,
+                           Activation::GeluNew, Activation::QuickGelu}) {
+      const bool tr = act != Activation::Identity && act != Activation::Relu;
+      check("activation", tr, [&](Ops& o, const Mat& a, const Mat&, const Mat&, const Mat&, const Mat& r) {
+        o.activation(act, a, r);
+      });
+      check("gated", tr, [&](Ops& o, const Mat& a, const Mat& c, const Mat&, const Mat&, const Mat& r) {
+        o.gated(act, a, c, r);
+      });
+    }
+    check("add", false,
+          [](Ops& o, const Mat& a, const Mat& c, const Mat&, const Mat&, const Mat& r) { o.add(a, c, r); });
+    check("residual", false, [](Ops& o, const Mat& a, const Mat& c, const Mat&, const Mat&, const Mat& r) {
+      o.residual(a, nullptr, c, 1, r);
+    });
+    check("residual gated, one gate row", false,
+          [](Ops& o, const Mat& a, const Mat& c, const Mat&, const Mat& g1, const Mat& r) {
+            o.residual(a, &g1, c, 1, r);
+          });
+    if (sh.rows % 3 == 0)  // a gate row per sample, 3 samples
+      check("residual gated, per sample", false,
+            [](Ops& o, const Mat& a, const Mat& c, const Mat& g3, const Mat&, const Mat& r) {
+              o.residual(a, &g3, c, 3, r);
+            });
+    check("clamp", false, [](Ops& o, const Mat& a, const Mat&, const Mat&, const Mat&, const Mat& r) {
+      o.clamp(a, 1.5f, r);
+    });
+    check("copy", false,
+          [](Ops& o, const Mat& a, const Mat&, const Mat&, const Mat&, const Mat& r) { o.copy(a, r); });
+    b.cpu->release(m);
+    b.gpu->release(mg);
+  }
+  // A view starting one element in (2 bytes): not 16-byte aligned, the generic kernel.
+  const Pair x = random_pair(b, 4, 64, dt, 8, 1.0f);  // pad > 0: starts at column 1
+  Pair out = out_pair(b, 4, 64, dt, 0);
+  const uint64_t before = fwd::elementwise_bf16x8_launches();
+  b.gpu->activation(Activation::Relu, x.g, out.g);
+  CHECK(fwd::elementwise_bf16x8_launches() == before);
+  b.cpu->activation(Activation::Relu, x.c, out.c);
+  CHECK(mismatches(b, out) == 0);
 }
 
 TEST_CASE("cuda ops: a view's digest on the device equals the host digest of its bytes") {
