@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "attention_cudnn.hpp"
+#include "forward_args.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/size.hpp"
 #include "qtool/runner/cuda_forward_ops.hpp"
@@ -265,6 +267,45 @@ void measure_forward_ops(const ProfileOptions& o, int dev, const Stream& stream,
   touch_forward_ops(*ops, stream);
 }
 
+// cuDNN's handle with one attention plan built and run, as every run whose attention cuDNN serves
+// holds them (the runner's default): kept until the context is measured, which leaves out the
+// buffers (q, k, v, out; the plan's workspace). Empty when the attention is qtool's own
+// (QTOOL_ATTENTION=own) or cuDNN cannot be loaded or refuses the shape (logged).
+struct CudnnContext {
+  std::unique_ptr<cuda::CudnnAttention> cudnn;
+  DeviceBuffer io, workspace;
+};
+
+CudnnContext hold_cudnn(const ProfileOptions& o, int dev, const Stream& stream) {
+  CudnnContext c;
+  std::string why;
+  if (cuda::attention_impl() == cuda::AttentionImpl::Own) return c;
+  if (!cuda::cudnn_available(&why)) {
+    log_line(o, "  cuDNN not loaded (" + why + "): the context leaves it out");
+    return c;
+  }
+  const int64_t t = 256, heads = 2, hd = 128, d = heads * hd;
+  const auto bytes = static_cast<size_t>(t * d) * 2;
+  c.io = DeviceBuffer(dev, 4 * bytes);
+  QTOOL_CUDA_CHECK(cudaMemsetAsync(c.io.data(), 0, 4 * bytes, stream.get()));
+  const auto mat = [&](int i) { return Mat{c.io.as<uint8_t>() + i * bytes, DType::BF16, t, d, d}; };
+  AttentionShape shape;
+  shape.q_len = shape.kv_len = t;
+  shape.heads = shape.kv_heads = heads;
+  shape.head_dim = hd;
+  shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  c.cudnn = std::make_unique<cuda::CudnnAttention>(dev, stream.get());
+  const auto workspace = [&](uint64_t n) -> void* {
+    c.workspace = DeviceBuffer(dev, static_cast<size_t>(n));
+    return c.workspace.data();
+  };
+  const bool ran =
+      c.cudnn->run(cuda::fwd::attention_args(mat(0), mat(1), mat(2), shape, mat(3)), workspace, &why);
+  stream.synchronize();
+  if (!ran) log_line(o, "  cuDNN attention not run (" + why + "): the context leaves its plan out");
+  return c;
+}
+
 // The dequant measurements' buffers: an 8192 x 8192 weight of random (finite) codes, its scales,
 // the bf16 output and the lookup tables. They stay allocated until the context is measured, which
 // subtracts them.
@@ -386,7 +427,8 @@ std::string describe_profile(const ProfileOptions& o, int dev, uint64_t n) {
          "(1536..14336 wide) at " +
          std::to_string(o.gemm_tokens) +
          " tokens; dequant on 8192 x 8192 weights; "
-         "context_bytes = (total - free) with cuBLAS and every kernel loaded, minus this run's buffers and "
+         "context_bytes = (total - free) with cuBLAS, cuDNN's handle (unless QTOOL_ATTENTION=own) and every "
+         "kernel loaded, minus this run's buffers and "
          "without pinned host memory; pinned_page_table_bytes_per_gib from pinning 3 GiB";
 }
 
@@ -426,16 +468,18 @@ planner::DeviceProfile measure_cuda_profile(const ProfileOptions& o) {
     touch_dequant_tails(stream, weights);
     const RunnerStreams runner_streams(dev);
     measure_fixed_costs(stream, weights, copies, p);
+    const CudnnContext cudnn = hold_cudnn(o, dev, stream);
     stream.synchronize();
     // The pinned buffer's page tables are the plan's pinned_page_tables item, not the context's.
     copies.pinned.reset();
-    p.context_bytes =
-        measure_context({workspace.size(), copies.d_a.size(), copies.d_b.size(), weights.q.size(),
-                         weights.scales.size(), weights.out.size(), weights.tables_mem.size()},
-                        p.alloc_granularity_bytes);
-    log_line(o, str_cat("  context with cuBLAS and kernels: ", format_size(p.context_bytes),
-                        "; allocation granularity ", format_size(p.alloc_granularity_bytes), "; launch ",
-                        p.kernel_launch_us, " us; copy ", p.copy_latency_us, " us"));
+    p.context_bytes = measure_context(
+        {workspace.size(), copies.d_a.size(), copies.d_b.size(), weights.q.size(), weights.scales.size(),
+         weights.out.size(), weights.tables_mem.size(), cudnn.io.size(), cudnn.workspace.size()},
+        p.alloc_granularity_bytes);
+    log_line(o, str_cat("  context with cuBLAS", cudnn.cudnn ? ", cuDNN" : "",
+                        " and kernels: ", format_size(p.context_bytes), "; allocation granularity ",
+                        format_size(p.alloc_granularity_bytes), "; launch ", p.kernel_launch_us, " us; copy ",
+                        p.copy_latency_us, " us"));
   }
   p.pinned_page_table_bytes_per_gib = measure_pinned_page_tables(o);
   p.description = describe_profile(o, dev, n);
