@@ -16,6 +16,10 @@
 //   bench_forward [--preset flux|llama] [--scale 0.25] [--tokens 4096] [--budget SIZE]
 //                 [--resident-fraction 0.1] [--steps 5] [--schemes bf16,nf4] [--work DIR]
 //                 [--data DIR (DIR/bf16, DIR/nf4 already made)] [--json FILE] [--models-dir DIR]
+//   bench_forward --first-step PROFILE.json --data DIR --schemes nf4 --budget 2.5GiB [--json FILE]
+//                 issue 12's set-up: from process start to the end of the first planned step
+//                 (the profile read from a file, the plan made, the runner's set-up, one step)
+#include <time.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -24,6 +28,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -37,6 +43,7 @@
 #include "qtool/formats/synth.hpp"
 #include "qtool/libquant/config.hpp"
 #include "qtool/libquant/convert.hpp"
+#include "qtool/planner/device_profile.hpp"
 #include "qtool/planner/planner.hpp"
 #include "qtool/planner/templates.hpp"
 #include "qtool/runner/cuda_resources.hpp"
@@ -61,6 +68,7 @@ struct Args {
   std::vector<std::string> schemes = {"bf16", "nf4"};
   std::filesystem::path work, data, json_out;
   std::filesystem::path models_dir = "sample_configs/models";
+  std::filesystem::path first_step_profile;  // --first-step: set-up from process start, nothing else
 };
 
 void log(const char* fmt_text, ...) __attribute__((format(printf, 1, 2)));
@@ -176,6 +184,73 @@ json run_scheme(const Args& a, const std::string& scheme, const std::filesystem:
           {"nonfinite", nonfinite}};
 }
 
+// Seconds since this process started (/proc/self/stat's start time against CLOCK_BOOTTIME).
+double seconds_since_process_start() {
+  std::ifstream stat("/proc/self/stat");
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  const size_t close = text.rfind(')');  // the command name may hold spaces
+  if (close == std::string::npos) fail(ErrorKind::Internal, "/proc/self/stat: no ')'");
+  std::istringstream fields(text.substr(close + 2));
+  std::string f;
+  for (int i = 3; i < 22 && fields >> f; ++i) {
+  }
+  unsigned long long start_ticks = 0;
+  if (!(fields >> start_ticks)) fail(ErrorKind::Internal, "/proc/self/stat: no start time (field 22)");
+  timespec now{};
+  clock_gettime(CLOCK_BOOTTIME, &now);
+  return static_cast<double>(now.tv_sec) + now.tv_nsec * 1e-9 -
+         static_cast<double>(start_ticks) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// --first-step: what a user's job pays before its first step is done, from process start: the
+// profile read from a file (not measured), the checkpoint opened and planned at --budget, the
+// schedule built, the runner's set-up (pinned host copies, uploads, rings) and one planned step,
+// without digests. One scheme (--schemes' first) under --data.
+int first_step(const Args& a) {
+  const double t_main = seconds_since_process_start();
+  const planner::DeviceProfile profile = planner::load_device_profile(a.first_step_profile);
+  planner::TemplateLibrary library;
+  if (std::filesystem::exists(a.models_dir)) library.load_dir(a.models_dir);
+  const std::string scheme = a.schemes.at(0);
+  const Checkpoint ckpt = Checkpoint::open(a.data / scheme);
+  const planner::Plan plan = bench::plan_streaming(ckpt, profile, a.tokens, a.resident_fraction,
+                                                   std::filesystem::exists(a.models_dir) ? &library : nullptr,
+                                                   planner::OffloadMode::Auto, a.budget);
+  const Schedule s = build_schedule(ckpt, plan);
+  const double t_planned = seconds_since_process_start();
+  RunOptions o;
+  o.tokens = a.tokens;
+  o.steps = 1;
+  o.seed = 1;
+  o.digests = false;
+  o.outputs = false;
+  o.sizing.cublas_workspace_bytes = profile.cublas_workspace_bytes;
+  o.sizing.alloc_granularity_bytes = profile.alloc_granularity_bytes;
+  o.sizing.staging_buffers = s.n_slots;
+  auto backend = make_cuda_backend();
+  const RunResult r = backend->run(ckpt, s, o);
+  const double t_done = seconds_since_process_start();
+  const double step_s = r.step_ms.empty() ? 0.0 : r.step_ms.front() / 1000.0;
+  std::printf(
+      "first step of %s %s at %s tokens: %.2f s from process start (process to main %.3f s, "
+      "profile, open, plan and schedule %.2f s, runner set-up %.2f s, the step %.3f s)\n",
+      a.preset.c_str(), scheme.c_str(), std::to_string(a.tokens).c_str(), t_done, t_main, t_planned - t_main,
+      t_done - t_planned - step_s, step_s);
+  if (!a.json_out.empty()) {
+    std::ofstream f(a.json_out);
+    f << json{{"first_step",
+               {{"scheme", scheme},
+                {"from_process_start_s", t_done},
+                {"to_main_s", t_main},
+                {"plan_s", t_planned - t_main},
+                {"runner_setup_s", t_done - t_planned - step_s},
+                {"step_s", step_s}}}}
+             .dump(2)
+      << "\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -206,11 +281,13 @@ int main(int argc, char** argv) {
       a.json_out = args.value();
     } else if (k == "--models-dir") {
       a.models_dir = args.value();
+    } else if (k == "--first-step") {
+      a.first_step_profile = args.value();
     } else {
       std::fprintf(stderr,
                    "usage: bench_forward [--preset flux|llama] [--scale S] [--tokens N] [--budget SIZE] "
                    "[--resident-fraction F] [--steps K] [--schemes bf16,nf4] [--work DIR] [--data DIR] "
-                   "[--json FILE] [--models-dir DIR]\n");
+                   "[--json FILE] [--models-dir DIR] [--first-step PROFILE.json]\n");
       return 2;
     }
   }
@@ -224,6 +301,7 @@ int main(int argc, char** argv) {
     return 77;
   }
   try {
+    if (!a.first_step_profile.empty()) return first_step(a);
     json out;
     const bench::BenchSetup setup("bench_forward", a.work, a.models_dir, out);
     out["args"] = {{"preset", a.preset}, {"scale", a.scale}, {"tokens", a.tokens},

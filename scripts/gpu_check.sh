@@ -192,10 +192,19 @@ peers() {  # family: flux or llama
     timeout 500 python3 bench/forward_peers.py "--$fam" "$D/bf16" "--$fam-nf4" "$D/nf4" \
       --qtool-bench "$BUILD/bench/bench_forward" --json "$OUT/peers_$fam.json"
     echo "forward_peers ($fam) exit $?"
+    if [ "$fam" = flux ]; then
+      # Set-up from process start to the end of the first step, nf4 at 2.5 GiB, with the GPU's
+      # built-in profile (as a user's job: nothing measured first), against the group-offloading
+      # set-up above.
+      prof=sample_configs/devices/h100-pcie-gen5.json
+      nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && prof=sample_configs/devices/h200.json
+      timeout 120 "$BUILD/bench/bench_forward" --first-step "$prof" --data "$D" --schemes nf4 --budget 2.5GiB
+      echo "bench_forward --first-step exit $?"
+    fi
     set +x
   } >"$OUT/peers_$fam.log" 2>&1
   say "peers $fam"
-  grep -E "^\||exit [0-9]+$|crashed" "$OUT/peers_$fam.log" | cut -c1-300 | tee -a "$SUMMARY"
+  grep -E "^\||exit [0-9]+$|crashed|^first step" "$OUT/peers_$fam.log" | cut -c1-300 | tee -a "$SUMMARY"
 }
 has peers-flux && peers flux
 has peers-llama && peers llama
