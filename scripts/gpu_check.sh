@@ -200,11 +200,15 @@ peers() {  # family: flux or llama
       nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && prof=sample_configs/devices/h200.json
       timeout 120 "$BUILD/bench/bench_forward" --first-step "$prof" --data "$D" --schemes nf4 --budget 2.5GiB
       echo "bench_forward --first-step exit $?"
+      # A trace of the streamed nf4 step at 2.5 GiB: the copy of group k+1 under the compute of k.
+      "$Q" plan "$D/nf4" --max-memory 0=2.5GiB,cpu=100GiB --device-profile "$prof" -o "$D/plan.json" -q
+      timeout 200 "$Q" verify "$D/nf4" --plan "$D/plan.json" --backend cuda --steps 2 --trace "$D/trace.json"
+      echo "verify --trace exit $?"
     fi
     set +x
   } >"$OUT/peers_$fam.log" 2>&1
   say "peers $fam"
-  grep -E "^\||exit [0-9]+$|crashed|^first step" "$OUT/peers_$fam.log" | cut -c1-300 | tee -a "$SUMMARY"
+  grep -E "^\||exit [0-9]+$|crashed|^first step|trace: |\[(pass|FAIL)\]" "$OUT/peers_$fam.log" | cut -c1-300 | tee -a "$SUMMARY"
 }
 has peers-flux && peers flux
 has peers-llama && peers llama
