@@ -14,7 +14,7 @@ rm -rf "$D" && mkdir -p "$D"
 $Q synth --preset flux --scale 0.15 -o "$D/flux"
 $Q inspect "$D/flux"
 $Q quantize "$D/flux" --config sample_configs/flux-nf4.json -o "$D/flux-nf4" --report "$D/quantize-report.json"
-$Q plan "$D/flux-nf4" --device-map balanced --max-memory 0=660MiB,cpu=4GiB --tokens 64 -o "$D/plan.json"
+$Q plan "$D/flux-nf4" --device-map balanced --max-memory 0=676MiB,cpu=4GiB --tokens 64 -o "$D/plan.json"
 $Q verify "$D/flux-nf4" --plan "$D/plan.json" --reference "$D/flux" --backend cpu --steps 2 --denoise-steps 2 \
   --outputs "$D/outputs.safetensors" --report "$D/verify-report.json"
 $Q verify "$D/flux-nf4" --plan "$D/plan.json" --backend cpu --steps 1 --denoise-steps 2 \
