@@ -9,7 +9,8 @@
 // h = d, s = ld, d = 1):
 //   S = Q·Kᵀ (float32) → S·scale (scale passed by value at execution) → [causal: row >= col kept,
 //   others −inf, through gen_index / cmp_ge / binary_select] → softmax as max / sub / exp / sum / div
-//   (float32, P in the io dtype) → O = P·V.
+//   (float32, P in the io dtype), with the row statistics max + log(sum) as a virtual output (the
+//   fused engines match the softmax only with it) → O = P·V.
 // The finalized execution plan is cached per shape (dtype, b, h, h_kv, s_q, s_kv, d, the four row
 // strides, causal): building one can take long (cuDNN compiles the fused kernel), so it happens once
 // per shape and CudnnAttention. A shape cuDNN cannot take (no engine, finalize fails, workspace over

@@ -186,8 +186,7 @@ __device__ __forceinline__ void st_bf16x8(const View& m, int64_t r, int64_t c, c
 // elementwise_kernel for bf16 views whose rows are 16-byte aligned and whose width is a multiple
 // of 8: each thread takes 8 elements with one 16-byte load per operand and one store, and computes
 // each with ew_value, so the bits are the generic kernel's.
-template <Ew kOp>
-__global__ void elementwise_bf16x8_kernel(int act, View a, View b, View g, int64_t seq, float bound,
+__global__ void elementwise_bf16x8_kernel(Ew op, int act, View a, View b, View g, int64_t seq, float bound,
                                           View out) {
   const int64_t vcols = out.cols / 8;
   for (int64_t r = row0(); r < out.rows; r += row_step()) {
@@ -196,10 +195,10 @@ __global__ void elementwise_bf16x8_kernel(int act, View a, View b, View g, int64
       const int64_t c = vc * 8;
       float x[8], bv[8] = {}, gv[8] = {}, y[8];
       ld_bf16x8(a, r, c, x);
-      if (ew_reads_b(kOp)) ld_bf16x8(b, r, c, bv);
-      if (ew_reads_g(kOp)) ld_bf16x8(g, rg, c, gv);
+      if (ew_reads_b(op)) ld_bf16x8(b, r, c, bv);
+      if (ew_reads_g(op)) ld_bf16x8(g, rg, c, gv);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) y[k] = ew_value(kOp, act, x[k], bv[k], gv[k], bound, kBf16);
+      for (int k = 0; k < 8; ++k) y[k] = ew_value(op, act, x[k], bv[k], gv[k], bound, kBf16);
       st_bf16x8(out, r, c, y);
     }
   }
@@ -439,43 +438,14 @@ size_t attention_smem(int64_t hd) {
   return static_cast<size_t>(kTile * (hd + 1) + kTile * hd + kRowsPerBlock * hd) * sizeof(float);
 }
 
-}  // namespace
-
-namespace {
-
 std::atomic<bool> g_elementwise_bf16x8{true};
 std::atomic<uint64_t> g_bf16x8_launches{0};
 
-// A bf16 view the 8-wide kernel can read or write: 16-byte aligned rows.
-bool bf16x8_view(const View& m) {
-  return m.dt == kBf16 && m.ld % 8 == 0 && (reinterpret_cast<uintptr_t>(m.data) & 15u) == 0;
-}
-
-template <Ew kOp>
-void launch_bf16x8(int act, const View& a, const View& b, const View& g, int64_t seq, float bound,
-                   const View& out, cudaStream_t stream) {
-  const Launch2 l = launch2(out.rows, out.cols / 8);
-  elementwise_bf16x8_kernel<kOp><<<l.grid, l.block, 0, stream>>>(act, a, b, g, seq, bound, out);
-}
-
-// Launches the 8-wide kernel when every view the op touches allows it; false otherwise.
-bool try_bf16x8(Ew op, int act, const View& a, const View& b, const View& g, int64_t seq, float bound,
-                const View& out, cudaStream_t stream) {
-  if (!g_elementwise_bf16x8.load(std::memory_order_relaxed) || out.cols % 8 != 0 || !bf16x8_view(out) ||
-      !bf16x8_view(a) || (ew_reads_b(op) && !bf16x8_view(b)) || (ew_reads_g(op) && !bf16x8_view(g)))
-    return false;
-  switch (op) {
-    case Ew::Activation: launch_bf16x8<Ew::Activation>(act, a, b, g, seq, bound, out, stream); break;
-    case Ew::Gated: launch_bf16x8<Ew::Gated>(act, a, b, g, seq, bound, out, stream); break;
-    case Ew::Add: launch_bf16x8<Ew::Add>(act, a, b, g, seq, bound, out, stream); break;
-    case Ew::Residual: launch_bf16x8<Ew::Residual>(act, a, b, g, seq, bound, out, stream); break;
-    case Ew::ResidualGated: launch_bf16x8<Ew::ResidualGated>(act, a, b, g, seq, bound, out, stream); break;
-    case Ew::Copy: launch_bf16x8<Ew::Copy>(act, a, b, g, seq, bound, out, stream); break;
-    case Ew::Clamp: launch_bf16x8<Ew::Clamp>(act, a, b, g, seq, bound, out, stream); break;
-    default: return false;
-  }
-  g_bf16x8_launches.fetch_add(1, std::memory_order_relaxed);
-  return true;
+// The 8-wide kernel takes the op when every view it touches is bf16 with 16-byte aligned rows.
+bool bf16x8_fits(Ew op, const View& a, const View& b, const View& g, const View& out) {
+  const auto fits = [](const View& m) { return m.dt == kBf16 && aligned_rows(m); };
+  return g_elementwise_bf16x8.load(std::memory_order_relaxed) && out.cols % 8 == 0 && fits(out) && fits(a) &&
+         (!ew_reads_b(op) || fits(b)) && (!ew_reads_g(op) || fits(g));
 }
 
 }  // namespace
@@ -486,7 +456,11 @@ uint64_t elementwise_bf16x8_launches() { return g_bf16x8_launches.load(); }
 void launch_elementwise(Ew op, int act, const View& a, const View& b, const View& g, int64_t seq, float bound,
                         const View& out, cudaStream_t stream) {
   if (out.rows * out.cols == 0) return;
-  if (!try_bf16x8(op, act, a, b, g, seq, bound, out, stream)) {
+  if (bf16x8_fits(op, a, b, g, out)) {
+    const Launch2 l = launch2(out.rows, out.cols / 8);
+    elementwise_bf16x8_kernel<<<l.grid, l.block, 0, stream>>>(op, act, a, b, g, seq, bound, out);
+    g_bf16x8_launches.fetch_add(1, std::memory_order_relaxed);
+  } else {
     const Launch2 l = launch2(out.rows, out.cols);
     elementwise_kernel<<<l.grid, l.block, 0, stream>>>(op, act, a, b, g, seq, bound, out);
   }

@@ -231,6 +231,16 @@ double measure_gemm(const ProfileOptions& o, int dev, const Stream& stream,
   return tflops;
 }
 
+// Non-causal attention of `t` tokens over themselves, `heads` heads of `hd`, softmax scale 1/sqrt(hd).
+AttentionShape self_attention(int64_t t, int64_t heads, int64_t hd) {
+  AttentionShape shape;
+  shape.q_len = shape.kv_len = t;
+  shape.heads = shape.kv_heads = heads;
+  shape.head_dim = hd;
+  shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  return shape;
+}
+
 // The runner's forward ops through its CUDA backend at Flux's shape (FLUX.1-dev: 24 heads of
 // 128, 4096 image + 512 text tokens): attention, and the memory-bound ops a block runs most (a
 // modulation, GELU over the MLP's hidden state, a gated residual), on random bf16 values. Fills
@@ -246,11 +256,7 @@ void measure_forward_ops(const ProfileOptions& o, int dev, const Stream& stream,
   for (const Mat* m : {&q, &k, &v, &hidden, &mod})
     cuda::generate_activation(seed++, static_cast<uint64_t>(m->rows), static_cast<uint64_t>(m->cols), 0,
                               static_cast<uint64_t>(m->cols), static_cast<uint16_t*>(m->data), stream.get());
-  AttentionShape shape;
-  shape.q_len = shape.kv_len = t;
-  shape.heads = shape.kv_heads = heads;
-  shape.head_dim = hd;
-  shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const AttentionShape shape = self_attention(t, heads, hd);
   const double att_ms = median_ms(stream, o.repeats, [&] { ops->attention(q, k, v, shape, out); });
   p.attention_tflops =
       4.0 * static_cast<double>(t) * static_cast<double>(t) * static_cast<double>(d) / (att_ms * 1e9);
@@ -289,11 +295,7 @@ CudnnContext hold_cudnn(const ProfileOptions& o, int dev, const Stream& stream) 
   c.io = DeviceBuffer(dev, 4 * bytes);
   QTOOL_CUDA_CHECK(cudaMemsetAsync(c.io.data(), 0, 4 * bytes, stream.get()));
   const auto mat = [&](int i) { return Mat{c.io.as<uint8_t>() + i * bytes, DType::BF16, t, d, d}; };
-  AttentionShape shape;
-  shape.q_len = shape.kv_len = t;
-  shape.heads = shape.kv_heads = heads;
-  shape.head_dim = hd;
-  shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const AttentionShape shape = self_attention(t, heads, hd);
   c.cudnn = std::make_unique<cuda::CudnnAttention>(dev, stream.get());
   const auto workspace = [&](uint64_t n) -> void* {
     c.workspace = DeviceBuffer(dev, static_cast<size_t>(n));
