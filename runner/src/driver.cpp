@@ -226,7 +226,7 @@ RunResult Driver::run() {
     for (const auto& [name, inputs] : flow_->given_inputs())
       for (const HostTensor& t : inputs)
         if (t.shape.size() >= 2) batch = std::max(batch, static_cast<uint64_t>(t.shape[0]));
-  ops_needs_ = ops_needs(checkpoint_, schedule_, options_.tokens, batch, forwards_, flow_ != nullptr);
+  size_ops(ops_needs(checkpoint_, schedule_, options_.tokens, batch, forwards_, flow_ != nullptr));
   const auto& comps = checkpoint_.components();
   unit_steps_.resize(comps.size());
   last_unit_.resize(comps.size());

@@ -94,9 +94,9 @@ class Driver {
   void end_phase(size_t phase);
   void note_phase_peak(size_t phase);
   uint64_t slots_of(size_t si) const;  // K of the ring step `si` is copied into
-  // The ops component `ci` runs on are made with the most any component of its phase needs (a run
-  // by phase), else with the most any component of the job needs.
-  OpsNeed ops_need(uint32_t ci) const;
+  // ops_need_ from each component's own need: per component the most any component of its phase
+  // needs (a run by phase), else the most any component of the job needs.
+  void size_ops(const std::vector<OpsNeed>& per_component);
   void make_forwards();
   void make_passes();
   void copy_loop(uint32_t run_step);
@@ -165,7 +165,7 @@ class Driver {
   std::vector<size_t> digest_base_;                           // per pass: its first unit digest
   std::vector<std::vector<std::vector<size_t>>> unit_steps_;  // per forward component, per unit: its steps
   std::vector<std::vector<size_t>> last_unit_;  // per forward component, per step: its last unit
-  std::vector<OpsNeed> ops_needs_;              // per component (ops_need: what its ops are made with)
+  std::vector<OpsNeed> ops_need_;               // per component: what its ops are made with (size_ops)
   std::unique_ptr<ShardFiles> files_;
   Clock::time_point origin_;
   std::mutex trace_mu_;

@@ -103,16 +103,19 @@ uint64_t Driver::slots_of(size_t si) const {
   return it == phase_k_[ph].end() ? k_ : it->second;
 }
 
-OpsNeed Driver::ops_need(uint32_t ci) const {
+void Driver::size_ops(const std::vector<OpsNeed>& per_component) {
   const auto& comps = checkpoint_.components();
-  const size_t ph = phased_ ? phase_of(options_.phases, comps[ci].name()) : SIZE_MAX;
-  OpsNeed n;
-  for (size_t c = 0; c < ops_needs_.size(); ++c) {
-    if (ph != SIZE_MAX && phase_of(options_.phases, comps[c].name()) != ph) continue;
-    n.activation_bytes = std::max(n.activation_bytes, ops_needs_[c].activation_bytes);
-    n.dequant_scratch_bytes = std::max(n.dequant_scratch_bytes, ops_needs_[c].dequant_scratch_bytes);
-  }
-  return n;
+  const auto group_of = [&](size_t c) {
+    return phased_ ? phase_of(options_.phases, comps[c].name()) : SIZE_MAX;
+  };
+  ops_need_.assign(per_component.size(), {});
+  for (size_t ci = 0; ci < per_component.size(); ++ci)
+    for (size_t c = 0; c < per_component.size(); ++c) {
+      if (group_of(ci) != SIZE_MAX && group_of(c) != group_of(ci)) continue;
+      OpsNeed& n = ops_need_[ci];
+      n.activation_bytes = std::max(n.activation_bytes, per_component[c].activation_bytes);
+      n.dequant_scratch_bytes = std::max(n.dequant_scratch_bytes, per_component[c].dequant_scratch_bytes);
+    }
 }
 
 void Driver::note_phase_peak(size_t phase) {

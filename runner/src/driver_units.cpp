@@ -270,7 +270,7 @@ void Driver::run_component(uint32_t ci, uint32_t run_step, size_t pass) {
   const int first_device = cu.steps_of.empty() || cu.steps_of.front().empty()
                                ? schedule_.devices.front()
                                : schedule_.steps[cu.steps_of.front().front()].device;
-  Ops& ops = platform_.ops(first_device, ops_need(ci));
+  Ops& ops = platform_.ops(first_device, ops_need_[ci]);
   const size_t mark = ops.mark();
   ops.reset_peak();
   UnitOps unit_ops(ops, forwards_[ci] && options_.digests);

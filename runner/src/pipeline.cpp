@@ -167,12 +167,13 @@ FluxPipelineFlow::FluxPipelineFlow(const Checkpoint& ck, uint32_t denoise_steps,
 
   // The encoders' ids: given (checked) or drawn.
   const auto encoder_inputs = [&](const char* name, const Forward& fwd, uint64_t s) {
+    const int64_t text_tokens = planner::flux_pipeline_tokens(fwd.arch(), tokens);
     const auto it = given.find(name);
     if (it != given.end()) {
-      fwd.check_inputs(it->second, planner::flux_pipeline_tokens(fwd.arch(), tokens));
+      fwd.check_inputs(it->second, text_tokens);
       return it->second;
     }
-    return fwd.random_inputs(1, planner::flux_pipeline_tokens(fwd.arch(), tokens), s);
+    return fwd.random_inputs(1, text_tokens, s);
   };
   given_["text_encoder"] = encoder_inputs("text_encoder", *m.clip_fwd, seed);
   given_["text_encoder_2"] = encoder_inputs("text_encoder_2", *m.t5_fwd, seed + 1);

@@ -503,13 +503,6 @@ uint64_t Schedule::max_out(int device) const {
   return m;
 }
 
-uint64_t Schedule::max_scratch_elems(int device) const {
-  uint64_t m = 0;
-  for (const LinearTask& l : linears)
-    if (steps[l.step].device == device && l.needs_scratch()) m = std::max(m, l.params.numel());
-  return m;
-}
-
 size_t Schedule::n_linears(int device) const {
   size_t n = 0;
   for (const LinearTask& l : linears)

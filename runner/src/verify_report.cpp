@@ -172,7 +172,11 @@ void phase_times(const planner::PhasePlan& ph, const RunResult::PhaseRun& run, j
 // peak; on the CPU backend with the phase's activation peak and the plan's context and workspace,
 // as for the whole run) against the phase's predicted peak, and its measured times beside the
 // predicted ones (step: one run of the phase's schedule; time: load + the plan's repeat x step).
-std::string check_phases(const Setup& s, const RunResult& planned, size_t& over, json& report) {
+// Per GPU, the most memory measured in any phase and the most predicted for any.
+using LargestPhase = std::map<int, std::pair<uint64_t, uint64_t>>;
+
+std::string check_phases(const Setup& s, const RunResult& planned, size_t& over, json& report,
+                         LargestPhase& largest) {
   std::string detail;
   for (size_t pi = 0; pi < s.plan.phases.size(); ++pi) {
     const planner::PhasePlan& ph = s.plan.phases[pi];
@@ -196,6 +200,9 @@ std::string check_phases(const Setup& s, const RunResult& planned, size_t& over,
           for (const planner::ReserveItem& ri : d.reserve)
             if (ri.name == "cuda_context" || ri.name == "cublas_workspace") measured += ri.bytes;
         }
+        auto& [most_measured, most_predicted] = largest[d.location.gpu];
+        most_measured = std::max(most_measured, measured);
+        most_predicted = std::max(most_predicted, d.predicted_peak);
         const bool ok = measured <= d.predicted_peak;
         if (!ok) ++over;
         dj["measured_peak_bytes"] = measured;
@@ -210,27 +217,6 @@ std::string check_phases(const Setup& s, const RunResult& planned, size_t& over,
     report.push_back(std::move(one));
   }
   return detail.empty() ? detail : "; by phase:" + detail.substr(1);
-}
-
-}  // namespace
-
-namespace {
-
-// Per GPU of a plan by phase (check_phases' report), its most memory measured in any phase against
-// the most predicted for any: "gpu 0 7.16 GiB measured vs 7.30 GiB predicted (the largest phase's)".
-std::string largest_phase(const json& plan_phases) {
-  std::map<int, std::pair<uint64_t, uint64_t>> most;  // per GPU: measured, predicted
-  for (const json& ph : plan_phases)
-    for (const json& d : ph.at("devices")) {
-      auto& [measured, predicted] = most[d.at("gpu").get<int>()];
-      measured = std::max(measured, d.value("measured_peak_bytes", uint64_t{0}));
-      predicted = std::max(predicted, d.at("predicted_peak_bytes").get<uint64_t>());
-    }
-  std::string out;
-  for (const auto& [gpu, mp] : most)
-    out += str_cat(out.empty() ? "" : "; ", "gpu ", gpu, " ", format_size(mp.first), " measured vs ",
-                   format_size(mp.second), " predicted (the largest phase's)");
-  return out;
 }
 
 }  // namespace
@@ -259,8 +245,13 @@ void check_peak_memory(const Setup& s, const RunResult& planned, const std::vect
   detail += phase_peaks;
   if (by_phase) {
     json plan_phases = json::array();
-    detail += check_phases(s, planned, over, plan_phases);
-    detail = largest_phase(plan_phases) + detail;
+    LargestPhase largest;
+    detail += check_phases(s, planned, over, plan_phases, largest);
+    std::string lead;  // per GPU its largest phase
+    for (const auto& [gpu, mp] : largest)
+      lead += str_cat(lead.empty() ? "" : "; ", "gpu ", gpu, " ", format_size(mp.first), " measured vs ",
+                      format_size(mp.second), " predicted (the largest phase's)");
+    detail = lead + detail;
     checks.json()["plan_phases"] = std::move(plan_phases);
   }
   if (!s.plan_tokens)

@@ -152,11 +152,10 @@ struct Schedule {
   DequantParams bind_mapped(const LinearTask& linear, const Checkpoint& checkpoint) const;
 
   // Per GPU: the largest arena streamed to it (one slot), its largest input and output widths,
-  // the largest weight it dequantizes (elements), and whether it runs anything.
+  // and whether it runs anything.
   uint64_t slot_bytes(int device) const;
   uint64_t max_in(int device) const;
   uint64_t max_out(int device) const;
-  uint64_t max_scratch_elems(int device) const;
   size_t n_linears(int device) const;
   uint64_t streamed_bytes() const;      // bytes copied host-to-device in one step (all GPUs)
   bool arena_used(size_t arena) const;  // resident, or streamed by some step
