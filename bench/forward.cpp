@@ -97,6 +97,18 @@ double plain_pinned_gbps(uint64_t bytes) {
   return static_cast<double>(bytes) / (bench::median(ms) * 1e6);
 }
 
+// One step of `s` at --tokens, seed 1, sized as `profile` says (the runs below change the rest).
+RunOptions run_options(const Args& a, const planner::DeviceProfile& profile, const Schedule& s) {
+  RunOptions o;
+  o.tokens = a.tokens;
+  o.steps = 1;
+  o.seed = 1;
+  o.sizing.cublas_workspace_bytes = profile.cublas_workspace_bytes;
+  o.sizing.alloc_granularity_bytes = profile.alloc_granularity_bytes;
+  o.sizing.staging_buffers = s.n_slots;
+  return o;
+}
+
 // One scheme's checkpoint: planned, checked, timed. Appends the table's rows.
 json run_scheme(const Args& a, const std::string& scheme, const std::filesystem::path& path,
                 const planner::DeviceProfile& profile, const planner::TemplateLibrary* templates,
@@ -107,13 +119,7 @@ json run_scheme(const Args& a, const std::string& scheme, const std::filesystem:
   const Schedule s = build_schedule(ckpt, plan);
   const planner::DevicePlan* gpu0 = plan.find_device(planner::Location::on_gpu(0));
   if (!gpu0) fail(ErrorKind::Internal, "the plan has no GPU 0");
-  RunOptions o;
-  o.tokens = a.tokens;
-  o.steps = 1;
-  o.seed = 1;
-  o.sizing.cublas_workspace_bytes = profile.cublas_workspace_bytes;
-  o.sizing.alloc_granularity_bytes = profile.alloc_granularity_bytes;
-  o.sizing.staging_buffers = s.n_slots;
+  RunOptions o = run_options(a, profile, s);
   // Each run with how long it took, set-up included (a full-size run's progress).
   const auto t_start = std::chrono::steady_clock::now();
   auto run = [&](const char* what) {
@@ -210,32 +216,29 @@ int first_step(const Args& a) {
   const double t_main = seconds_since_process_start();
   const planner::DeviceProfile profile = planner::load_device_profile(a.first_step_profile);
   planner::TemplateLibrary library;
-  if (std::filesystem::exists(a.models_dir)) library.load_dir(a.models_dir);
+  const planner::TemplateLibrary* templates = nullptr;
+  if (std::filesystem::exists(a.models_dir)) {
+    library.load_dir(a.models_dir);
+    templates = &library;
+  }
   const std::string scheme = a.schemes.at(0);
   const Checkpoint ckpt = Checkpoint::open(a.data / scheme);
-  const planner::Plan plan = bench::plan_streaming(ckpt, profile, a.tokens, a.resident_fraction,
-                                                   std::filesystem::exists(a.models_dir) ? &library : nullptr,
+  const planner::Plan plan = bench::plan_streaming(ckpt, profile, a.tokens, a.resident_fraction, templates,
                                                    planner::OffloadMode::Auto, a.budget);
   const Schedule s = build_schedule(ckpt, plan);
   const double t_planned = seconds_since_process_start();
-  RunOptions o;
-  o.tokens = a.tokens;
-  o.steps = 1;
-  o.seed = 1;
+  RunOptions o = run_options(a, profile, s);
   o.digests = false;
   o.outputs = false;
-  o.sizing.cublas_workspace_bytes = profile.cublas_workspace_bytes;
-  o.sizing.alloc_granularity_bytes = profile.alloc_granularity_bytes;
-  o.sizing.staging_buffers = s.n_slots;
   auto backend = make_cuda_backend();
   const RunResult r = backend->run(ckpt, s, o);
   const double t_done = seconds_since_process_start();
   const double step_s = r.step_ms.empty() ? 0.0 : r.step_ms.front() / 1000.0;
   std::printf(
-      "first step of %s %s at %s tokens: %.2f s from process start (process to main %.3f s, "
+      "first step of %s %s at %llu tokens: %.2f s from process start (process to main %.3f s, "
       "profile, open, plan and schedule %.2f s, runner set-up %.2f s, the step %.3f s)\n",
-      a.preset.c_str(), scheme.c_str(), std::to_string(a.tokens).c_str(), t_done, t_main, t_planned - t_main,
-      t_done - t_planned - step_s, step_s);
+      a.preset.c_str(), scheme.c_str(), static_cast<unsigned long long>(a.tokens), t_done, t_main,
+      t_planned - t_main, t_done - t_planned - step_s, step_s);
   if (!a.json_out.empty()) {
     std::ofstream f(a.json_out);
     f << json{{"first_step",
