@@ -316,6 +316,10 @@ TEST_CASE("cuda ops: element-wise ops equal the CPU backend's bits") {
 }
 
 TEST_CASE("cuda ops: bf16 element-wise ops through the 8-wide kernel equal the generic kernel and the CPU") {
+  struct On {  // the 8-wide kernel for this test, the default after it
+    On() { fwd::set_elementwise_bf16x8(true); }
+    ~On() { fwd::set_elementwise_bf16x8(false); }
+  } on;
   Both b;
   const DType dt = DType::BF16;
   // Rows 16-byte aligned (ld a multiple of 8) and widths multiples of 8: the 8-wide kernel; the
