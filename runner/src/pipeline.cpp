@@ -122,6 +122,13 @@ bool is_flux_pipeline(const Checkpoint& checkpoint) {
   return mi.is_object() && mi.value("_class_name", std::string()) == "FluxPipeline";
 }
 
+std::string missing_pipeline_components(const Checkpoint& checkpoint) {
+  std::string missing;
+  for (const char* name : {"text_encoder", "text_encoder_2", "transformer"})
+    if (!checkpoint.find_component(name)) missing += std::string(missing.empty() ? "" : ", ") + name;
+  return missing;
+}
+
 struct FluxPipelineFlow::Impl {
   uint32_t clip = 0, t5 = 0, transformer = 0;
   std::unique_ptr<Forward> clip_fwd, t5_fwd, flux_fwd;

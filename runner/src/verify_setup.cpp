@@ -48,12 +48,18 @@ uint64_t checked_tokens(const VerifyOptions& options, const planner::Plan& plan,
   return tokens;
 }
 
-// The denoising steps of a FluxPipeline run (0 for any other checkpoint).
+// The denoising steps of a FluxPipeline run (0 for any other checkpoint, and for a FluxPipeline
+// folder without its encoders: its components run on their own inputs).
 uint32_t checked_denoise_steps(const VerifyOptions& options, const Checkpoint& checkpoint) {
-  const bool flux_pipeline = is_flux_pipeline(checkpoint);
-  if (options.denoise_steps && !flux_pipeline)
+  const bool named = is_flux_pipeline(checkpoint);
+  const std::string missing = named ? missing_pipeline_components(checkpoint) : std::string();
+  const bool flux_pipeline = named && missing.empty();
+  if (options.denoise_steps && !named)
     fail(ErrorKind::Usage, "--denoise-steps: ", options.checkpoint.string(),
          " is not a pipeline folder whose model_index.json names FluxPipeline");
+  if (options.denoise_steps && !flux_pipeline)
+    fail(ErrorKind::Usage, "--denoise-steps: ", options.checkpoint.string(),
+         " is a FluxPipeline folder without its ", missing, ": it cannot run the pipeline");
   const uint32_t denoise_steps = options.denoise_steps.value_or(kDefaultDenoiseSteps);
   if (denoise_steps < 1 || denoise_steps > kMaxDenoiseSteps)
     fail(ErrorKind::Usage, "--denoise-steps: ", denoise_steps, " is not from 1 to ", kMaxDenoiseSteps);

@@ -17,6 +17,9 @@
 #     token input left out: the message names it.)
 #   verify_forward.sh QTOOL SOURCE_DIR WORK denoise-usage
 #     --denoise-steps on a model folder, 0 or past 1000: exit 2 naming the option.
+#   verify_forward.sh QTOOL SOURCE_DIR WORK transformer-folder
+#     a FluxPipeline folder of the transformer alone verifies as its component (the pipeline needs
+#     the encoders); --denoise-steps on it: exit 2 naming the missing components.
 #   verify_forward.sh QTOOL SOURCE_DIR WORK long-sequence
 #     the tiny Flux transformer planned and verified at 4096 image tokens (the benchmark's size):
 #     the activation memory follows the batch of hidden_states, not the 4096 rows of img_ids (a
@@ -176,6 +179,27 @@ if [ "$MODE" = long-sequence ]; then
   "$QTOOL" verify "$T/flux/transformer" --plan "$T/plan.json" --backend cpu >"$T/out" 2>&1 ||
     { echo "FAIL: verify at 4096 tokens"; cat "$T/out"; exit 1; }
   grep -q "\[pass\] peak memory" "$T/out" || { echo "FAIL: no peak memory check"; cat "$T/out"; exit 1; }
+  exit 0
+fi
+if [ "$MODE" = transformer-folder ]; then
+  # A FluxPipeline folder holding only its transformer (quantized for another folder's encoders):
+  # planned by phase, verified as its component runs (its own random inputs); --denoise-steps
+  # cannot run the pipeline without the encoders: exit 2 naming them.
+  T=$WORK/transformer-folder
+  rm -rf "$T"
+  mkdir -p "$T"
+  "$QTOOL" synth --preset tiny-flux --components transformer -o "$T/bf16" -q
+  "$QTOOL" quantize "$T/bf16" -o "$T/nf4" --scheme nf4 -q
+  "$QTOOL" plan "$T/nf4" --max-memory 0=1GiB,cpu=4GiB -o "$T/plan.json" -q
+  "$QTOOL" verify "$T/nf4" --plan "$T/plan.json" --backend cpu --steps 1 >"$T/out" 2>&1 ||
+    { echo "FAIL: verify of the transformer folder"; cat "$T/out"; exit 1; }
+  grep -q "transformer: FluxTransformer2DModel forward" "$T/out" || { echo "FAIL: no forward"; cat "$T/out"; exit 1; }
+  set +e
+  "$QTOOL" verify "$T/nf4" --plan "$T/plan.json" --backend cpu --steps 1 --denoise-steps 2 2>"$T/err"
+  rc=$?
+  set -e
+  [ "$rc" -eq 2 ] || { echo "FAIL: --denoise-steps on the transformer folder: exit $rc"; cat "$T/err"; exit 1; }
+  grep -q -- "--denoise-steps.*text_encoder, text_encoder_2" "$T/err" || { echo "FAIL: not named"; cat "$T/err"; exit 1; }
   exit 0
 fi
 if [ "$MODE" = denoise-usage ]; then

@@ -82,6 +82,10 @@ void flow_match_euler_step(std::vector<float>& latents, const std::vector<float>
 
 // Whether `checkpoint` is a pipeline folder whose model_index.json names FluxPipeline.
 bool is_flux_pipeline(const Checkpoint& checkpoint);
+// The components a FluxPipeline run needs (the VAE is optional) that `checkpoint` lacks, comma
+// separated; empty when it has them all. A folder of the transformer alone (quantized for use with
+// another folder's encoders) runs as its components do, each on its own inputs.
+std::string missing_pipeline_components(const Checkpoint& checkpoint);
 
 // What a pipeline run did.
 struct PipelineRun {
