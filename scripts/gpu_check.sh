@@ -4,6 +4,7 @@
 # device runner's output folder; at most 8 files come back, so everything goes into a few logs).
 #
 #   bash scripts/gpu_check.sh [STAGE...]      STAGE: build tests bench full cudnn attn optimes
+#                                             optimes-full
 #                                             peers-flux peers-llama pipeline
 #                                             (default: build tests bench)
 #
@@ -24,6 +25,9 @@
 #   optimes: bench_forward on the flux transformer at --scale 0.25, bf16, with QTOOL_CUDA_OP_TIMES=1:
 #           each run's GPU time per op (norm, elementwise, rope, linear, attention, ...), what bounds
 #           a step.
+#   optimes-full: the same on the full-size transformer, bf16 and nf4 with every weight resident,
+#           linear through cuBLASLt and through cuBLAS (QTOOL_GEMM; QTOOL_OPTIMES_GEMMS=cublaslt:
+#           the first only): optimes_full_*.log.
 #   peers-flux: issue 12's comparison: the full-size flux transformer synthesized (bf16) and
 #           quantized (nf4), then bench/forward_peers.py --qtool-bench (qtool's bench_forward first,
 #           before the Python process holds a CUDA context; then diffusers bf16 and bitsandbytes nf4
@@ -175,6 +179,23 @@ if has optimes; then
     --steps 3 --schemes bf16 >"$OUT/optimes.log" 2>&1
   echo "exit $?" | tee -a "$SUMMARY"
   grep -E "CUDA op times|^  [a-z_]+ +[0-9]+ calls" "$OUT/optimes.log" | tail -16 | tee -a "$SUMMARY"
+fi
+
+if has optimes-full; then
+  # The full-size transformer, every weight resident (a 70 GiB budget): per-op GPU times of the
+  # bf16 and nf4 steps, linear through cuBLASLt (bias and GELU in the epilogue) and through cuBLAS.
+  D=/tmp/qtool-optimes
+  rm -rf "$D" /tmp/qtool-peers /tmp/qtool-pipeline
+  "$BUILD/apps/qtool/qtool" synth --preset flux --scale 1 --components transformer --seed 1 -o "$D/bf16" -q &&
+    "$BUILD/apps/qtool/qtool" quantize "$D/bf16" -o "$D/nf4" --scheme nf4 -q
+  for gemm in ${QTOOL_OPTIMES_GEMMS:-cublaslt cublas}; do
+    say "bench_forward with QTOOL_CUDA_OP_TIMES=1 QTOOL_GEMM=$gemm (flux --scale 1, bf16 and nf4, resident)"
+    QTOOL_GEMM=$gemm QTOOL_CUDA_OP_TIMES=1 timeout 240 "$BUILD/bench/bench_forward" --data "$D" --tokens 4096 \
+      --steps 2 --schemes bf16,nf4 --budget 70GiB >"$OUT/optimes_full_$gemm.log" 2>&1
+    echo "exit $?" | tee -a "$SUMMARY"
+    grep -E "FluxTransformer2DModel forward" "$OUT/optimes_full_$gemm.log" | tee -a "$SUMMARY"
+  done
+  rm -rf "$D"
 fi
 
 # --- Issue 12: qtool against the frameworks on the same files, one family per call. ------------

@@ -116,14 +116,14 @@ bool CudnnAttention::covers(const fwd::AttnArgs& a) {
          !overlaps(a.out, a.q) && !overlaps(a.out, a.k) && !overlaps(a.out, a.v);
 }
 
-void run_attention(CudnnAttention& cudnn, const fwd::AttnArgs& a, cudaStream_t stream,
+bool run_attention(CudnnAttention& cudnn, const fwd::AttnArgs& a, cudaStream_t stream,
                    const CudnnAttention::Workspace& workspace) {
   const AttentionImpl impl = attention_impl();
   if (impl != AttentionImpl::Own && CudnnAttention::covers(a)) {
     std::string why;
     if (cudnn.run(a, workspace, &why)) {
       g_cudnn_calls.fetch_add(1);
-      return;
+      return true;
     }
     if (impl == AttentionImpl::Cudnn)
       fail(ErrorKind::Unsupported, "QTOOL_ATTENTION=cudnn: cuDNN does not run attention ", describe(a), ": ",
@@ -131,6 +131,7 @@ void run_attention(CudnnAttention& cudnn, const fwd::AttnArgs& a, cudaStream_t s
   }
   fwd::launch_attention(a, stream);
   g_own_calls.fetch_add(1);
+  return false;
 }
 
 #if QTOOL_HAVE_CUDNN_HEADERS

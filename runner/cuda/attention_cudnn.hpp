@@ -98,8 +98,9 @@ class CudnnAttention {
 
 // CudaOps::attention's dispatch: cuDNN when attention_impl() is not Own, CudnnAttention::covers(a)
 // and cuDNN runs it; else fwd::launch_attention. Counts which one served the call. With the choice
-// Cudnn, a covered case cuDNN does not run is Error(Unsupported) with cuDNN's reason.
-void run_attention(CudnnAttention& cudnn, const fwd::AttnArgs& a, cudaStream_t stream,
+// Cudnn, a covered case cuDNN does not run is Error(Unsupported) with cuDNN's reason. True when
+// cuDNN ran it.
+bool run_attention(CudnnAttention& cudnn, const fwd::AttnArgs& a, cudaStream_t stream,
                    const CudnnAttention::Workspace& workspace);
 
 }  // namespace qtool::runner::cuda

@@ -42,15 +42,9 @@ const char* cublas_status_name(cublasStatus_t status) {
 
 CublasApi load_cublas() {
   const std::string soname = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
-  const LoadedLibrary lib = open_first_library(
-      library_candidates(soname, {kLoaderSearch, kBuildToolkitDir, "/usr/local/cuda/lib64",
-                                  "/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib"}));
-  if (!lib.handle) {
-    fail(ErrorKind::Unsupported, "cannot load cuBLAS (", soname, "): ", lib.first_error,
-         "; install the CUDA toolkit's cuBLAS or add its folder to LD_LIBRARY_PATH");
-  }
+  void* const lib = open_toolkit_library(soname, "cuBLAS");
   auto sym = [&](auto& fn, const char* name) {
-    if (!resolve_symbol(lib.handle, name, fn))
+    if (!resolve_symbol(lib, name, fn))
       fail(ErrorKind::Unsupported, soname, " has no symbol ", name, ": is it cuBLAS ", CUBLAS_VER_MAJOR, "?");
   };
   CublasApi api{};
@@ -100,6 +94,16 @@ LoadedLibrary open_first_library(const std::vector<std::string>& candidates) {
 }
 
 void* library_symbol(void* library, const char* name) { return ::dlsym(library, name); }
+
+void* open_toolkit_library(const std::string& soname, const char* what) {
+  const LoadedLibrary lib = open_first_library(
+      library_candidates(soname, {kLoaderSearch, kBuildToolkitDir, "/usr/local/cuda/lib64",
+                                  "/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib"}));
+  if (!lib.handle)
+    fail(ErrorKind::Unsupported, "cannot load ", what, " (", soname, "): ", lib.first_error,
+         "; install the CUDA toolkit's ", what, " or add its folder to LD_LIBRARY_PATH");
+  return lib.handle;
+}
 
 const CublasApi& cublas() {
   static const CublasApi api = load_cublas();  // a failed load is tried again on the next call

@@ -248,36 +248,70 @@ __device__ __forceinline__ double warp_lane_sum(double v) {
   return v;
 }
 
+// Output element c (in group g, index i in it) of a norm, before the rounding to dt: the CPU's
+// operations in its order. st: the group's (mean, inv); sh, sc: the modulation's shift and scale.
+__device__ __forceinline__ float norm_value(int mode, float v, const float* st, const DequantParams& w,
+                                            bool has_w, const DequantParams& b, bool has_b, int64_t i,
+                                            float sh, float sc, int dt) {
+  const float inv = st[1];
+  if (mode == 0) return mul(mul(v, inv), dq::plain_value(w, static_cast<uint64_t>(i)));
+  if (mode == 1) return mul(dq::plain_value(w, static_cast<uint64_t>(i)), rnd(dt, mul(v, inv)));
+  if (mode == 2) {
+    float y = mul(add(v, -st[0]), inv);
+    if (has_w) y = mul(y, dq::plain_value(w, static_cast<uint64_t>(i)));
+    if (has_b) y = add(y, dq::plain_value(b, static_cast<uint64_t>(i)));
+    return y;
+  }
+  const float n = rnd(dt, mul(add(v, -st[0]), inv));
+  const float s1 = rnd(dt, add(1.0f, sc));
+  return add(rnd(dt, mul(n, s1)), sh);
+}
+
 // One block per row. The row is staged in shared memory; each group's statistics are summed by
-// one warp in double, in kmath's lane order (the CPU's order and precision: the same bits).
+// one warp in double, in kmath's lane order (the CPU's order and precision: the same bits). With
+// vec8 (bf16 views, 16-byte aligned rows, widths and the group a multiple of 8: norm_vec8), the
+// row is read and written 8 elements a thread with 16-byte loads and stores. Columns fit in an int
+// (max_norm_cols), so the group of a column is a 32-bit division, and a row's sample (r / seq) is
+// found once.
 __global__ void norm_kernel(int mode, View x, DequantParams w, bool has_w, DequantParams b, bool has_b,
-                            int64_t group, float eps, View shift, View scale, int64_t seq, View out) {
+                            int64_t group, float eps, View shift, View scale, int64_t seq, View out,
+                            bool vec8) {
   extern __shared__ float sm[];
-  float* v = sm;               // [cols]
-  float* stats = sm + x.cols;  // [2 * n_groups]: mean (or mean square), inv
+  float* v = sm;  // [cols]
+  const int cols = static_cast<int>(x.cols);
+  const int grp = static_cast<int>(group);
+  const int n_groups = cols / grp;
+  float* stats = sm + cols;  // [2 * n_groups]: mean (or mean square), inv
   const int64_t r = blockIdx.x;
-  const int64_t cols = x.cols;
-  const int64_t n_groups = cols / group;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) v[c] = ld_el(x, r, c);
+  if (vec8) {
+    for (int c = 8 * static_cast<int>(threadIdx.x); c < cols; c += 8 * static_cast<int>(blockDim.x)) {
+      float e[8];
+      ld_bf16x8(x, r, c, e);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[c + k] = e[k];
+    }
+  } else {
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) v[c] = ld_el(x, r, c);
+  }
   __syncthreads();
   const int lane = static_cast<int>(threadIdx.x) % kmath::kSumLanes;
-  const int64_t warps = blockDim.x / kmath::kSumLanes;
-  for (int64_t g = threadIdx.x / kmath::kSumLanes; g < n_groups; g += warps) {
-    const float* vg = v + g * group;
+  const int warps = static_cast<int>(blockDim.x) / kmath::kSumLanes;
+  for (int g = static_cast<int>(threadIdx.x) / kmath::kSumLanes; g < n_groups; g += warps) {
+    const float* vg = v + g * grp;
     if (mode <= 1) {
       double s = 0.0;
-      for (int64_t i = lane; i < group; i += kmath::kSumLanes) s += static_cast<double>(vg[i] * vg[i]);
+      for (int i = lane; i < grp; i += kmath::kSumLanes) s += static_cast<double>(vg[i] * vg[i]);
       s = warp_lane_sum(s);
-      const float ms = static_cast<float>(s / static_cast<double>(group));
+      const float ms = static_cast<float>(s / static_cast<double>(grp));
       if (lane == 0) stats[2 * g + 1] = 1.0f / sqrtf(ms + eps);
     } else {
       double s = 0.0;
-      for (int64_t i = lane; i < group; i += kmath::kSumLanes) s += vg[i];
-      const double mu = warp_lane_sum(s) / static_cast<double>(group);
+      for (int i = lane; i < grp; i += kmath::kSumLanes) s += vg[i];
+      const double mu = warp_lane_sum(s) / static_cast<double>(grp);
       double q = 0.0;
-      for (int64_t i = lane; i < group; i += kmath::kSumLanes) q += (vg[i] - mu) * (vg[i] - mu);
+      for (int i = lane; i < grp; i += kmath::kSumLanes) q += (vg[i] - mu) * (vg[i] - mu);
       q = warp_lane_sum(q);
-      const float var = static_cast<float>(q / static_cast<double>(group));
+      const float var = static_cast<float>(q / static_cast<double>(grp));
       if (lane == 0) {
         stats[2 * g] = static_cast<float>(mu);
         stats[2 * g + 1] = 1.0f / sqrtf(var + eps);
@@ -286,25 +320,27 @@ __global__ void norm_kernel(int mode, View x, DequantParams w, bool has_w, Dequa
   }
   __syncthreads();
   const int dt = out.dt;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const int64_t g = c / group;
-    const int64_t i = c - g * group;
-    const float inv = stats[2 * g + 1];
-    float y;
-    if (mode == 0) {
-      y = mul(mul(v[c], inv), dq::plain_value(w, i));
-    } else if (mode == 1) {
-      y = mul(dq::plain_value(w, i), rnd(dt, mul(v[c], inv)));
-    } else if (mode == 2) {
-      y = mul(add(v[c], -stats[2 * g]), inv);
-      if (has_w) y = mul(y, dq::plain_value(w, i));
-      if (has_b) y = add(y, dq::plain_value(b, i));
-    } else {
-      const float n = rnd(dt, mul(add(v[c], -stats[2 * g]), inv));
-      const float s1 = rnd(dt, add(1.0f, ld_el(scale, r / seq, c)));
-      y = add(rnd(dt, mul(n, s1)), ld_el(shift, r / seq, c));
+  const int64_t rs = mode == 3 ? r / seq : 0;  // the row of shift and scale
+  if (vec8) {
+    for (int c = 8 * static_cast<int>(threadIdx.x); c < cols; c += 8 * static_cast<int>(blockDim.x)) {
+      const int g = static_cast<int>(static_cast<unsigned>(c) / static_cast<unsigned>(grp));
+      const int i0 = c - g * grp;
+      float sh[8] = {}, sc[8] = {}, y[8];
+      if (mode == 3) {
+        ld_bf16x8(shift, rs, c, sh);
+        ld_bf16x8(scale, rs, c, sc);
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        y[k] = norm_value(mode, v[c + k], stats + 2 * g, w, has_w, b, has_b, i0 + k, sh[k], sc[k], kBf16);
+      st_bf16x8(out, r, c, y);
     }
-    st_el(out, r, c, y);
+    return;
+  }
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    const int g = static_cast<int>(static_cast<unsigned>(c) / static_cast<unsigned>(grp));
+    const float sh = mode == 3 ? ld_el(shift, rs, c) : 0.0f, sc = mode == 3 ? ld_el(scale, rs, c) : 0.0f;
+    st_el(out, r, c, norm_value(mode, v[c], stats + 2 * g, w, has_w, b, has_b, c - g * grp, sh, sc, dt));
   }
 }
 
@@ -438,9 +474,8 @@ size_t attention_smem(int64_t hd) {
   return static_cast<size_t>(kTile * (hd + 1) + kTile * hd + kRowsPerBlock * hd) * sizeof(float);
 }
 
-// Off until its GPU test (test_cuda_ops.cpp) has run on a device: it was written when no device
-// time was left, and the forwards' GPU path stays the one the GPU tests passed with.
-std::atomic<bool> g_elementwise_bf16x8{false};
+// On: its GPU test (test_cuda_ops.cpp) finds it equal to the generic kernel and the CPU.
+std::atomic<bool> g_elementwise_bf16x8{true};
 std::atomic<uint64_t> g_bf16x8_launches{0};
 
 // The 8-wide kernel takes the op when every view it touches is bf16 with 16-byte aligned rows.
@@ -500,8 +535,14 @@ void launch_norm(int mode, const View& x, const DequantParams* w, const DequantP
   QTOOL_CUDA_CHECK(
       cudaFuncSetAttribute(norm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const DequantParams none{};
-  norm_kernel<<<static_cast<unsigned>(x.rows), kThreads, smem, stream>>>(
-      mode, x, w ? *w : none, w != nullptr, b ? *b : none, b != nullptr, group, eps, shift, scale, seq, out);
+  // The 8-wide path: every view it reads or writes bf16 with 16-byte aligned rows.
+  const auto fits = [](const View& m) { return m.dt == kBf16 && aligned_rows(m); };
+  const bool vec8 = g_elementwise_bf16x8.load(std::memory_order_relaxed) && x.cols % 8 == 0 &&
+                    group % 8 == 0 && fits(x) && fits(out) && (mode != 3 || (fits(shift) && fits(scale)));
+  norm_kernel<<<static_cast<unsigned>(x.rows), kThreads, smem, stream>>>(mode, x, w ? *w : none, w != nullptr,
+                                                                         b ? *b : none, b != nullptr, group,
+                                                                         eps, shift, scale, seq, out, vec8);
+  if (vec8) g_bf16x8_launches.fetch_add(1, std::memory_order_relaxed);
   QTOOL_CUDA_CHECK_LAUNCH();
 }
 

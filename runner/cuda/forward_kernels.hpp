@@ -24,13 +24,12 @@ struct View {
 
 // Element-wise ops (op codes below); act: the ops.hpp Activation value.
 enum class Ew : int { Activation, Gated, Add, Residual, ResidualGated, Copy, Clamp };
-// With set_elementwise_bf16x8(true), bf16 views with 16-byte aligned rows and a width that is a
-// multiple of 8 take a kernel that moves 8 elements a thread (16-byte loads and stores), with the
-// same operations per element.
+// bf16 views with 16-byte aligned rows and a width that is a multiple of 8 take a kernel that
+// moves 8 elements a thread (16-byte loads and stores), with the same operations per element.
 void launch_elementwise(Ew op, int act, const View& a, const View& b, const View& g, int64_t seq, float bound,
                         const View& out, cudaStream_t stream);
-// Off (the default until the 8-wide kernel's GPU test has run): every element-wise op takes the
-// generic kernel. The GPU test compares the two.
+// Off: every element-wise op takes the generic kernel (the GPU test compares the two; on is the
+// default).
 void set_elementwise_bf16x8(bool on);
 uint64_t elementwise_bf16x8_launches();  // how many launches took the 8-wide kernel, process-wide
 void launch_embedding(const void* ids, bool ids_i64, int64_t ids_ld, const DequantParams& table,

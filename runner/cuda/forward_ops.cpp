@@ -2,10 +2,13 @@
 // of the views, the activation stack (activation_stack.hpp) in one device allocation, and linear
 // through the runner's dequant kernels and cuBLAS.
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "attention_cudnn.hpp"
 #include "forward_args.hpp"
 #include "forward_kernels.hpp"
+#include "matmul_lt.hpp"
 #include "op_times.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/runner/activation_stack.hpp"
@@ -89,6 +92,12 @@ class CudaOps final : public StackOps<cuda::DeviceBuffer> {
         tables_mem_(device, cuda::kDeviceTablesBytes + kDigestBytes),
         cudnn_attention_(device, stream) {
     if (config.dequant_scratch_bytes) scratch_ = cuda::DeviceBuffer(device, config.dequant_scratch_bytes);
+    if (const char* e = std::getenv("QTOOL_GEMM")) {
+      const std::string v = e;
+      if (v != "cublaslt" && v != "cublas")
+        fail(ErrorKind::InvalidInput, "environment variable QTOOL_GEMM=", v, ": expected cublaslt or cublas");
+      if (v == "cublas") config_.cublaslt = false;
+    }
     cuda::DeviceScope scope(device_);
     tables_ = cuda::upload_tables(tables_mem_.data(), stream_);
     max_norm_cols_ = fwd::max_norm_cols(device_);
@@ -145,7 +154,11 @@ class CudaOps final : public StackOps<cuda::DeviceBuffer> {
     fwd::launch_embedding(ids.data, ids.dtype == DType::I64, ids.ld, table, view(out), stream_);
   }
 
-  void linear(const Mat& x, const DequantParams& weight, const DequantParams* bias, const Mat& out) override;
+  void linear(const Mat& x, const DequantParams& weight, const DequantParams* bias, const Mat& out) override {
+    linear_act(Activation::Identity, x, weight, bias, out);
+  }
+  void linear_act(Activation act, const Mat& x, const DequantParams& weight, const DequantParams* bias,
+                  const Mat& out) override;
 
   void rms_norm(const Mat& x, const DequantParams& weight, float eps, RmsRounding rounding, int64_t head_dim,
                 const Mat& out) override {
@@ -234,15 +247,26 @@ class CudaOps final : public StackOps<cuda::DeviceBuffer> {
     fwd::launch_norm(mode, view(x), w, b, group, eps, shift ? view(*shift) : none,
                      scale ? view(*scale) : none, seq, view(out), stream_);
   }
+  // The GEMMs' workspace, shared by cuBLAS and cuBLASLt (one stream: never used concurrently).
+  void* workspace() {
+    if (!workspace_.data()) workspace_ = cuda::DeviceBuffer(device_, config_.cublas_workspace_bytes);
+    return workspace_.data();
+  }
   const cuda::CublasHandle& cublas() {
     if (!cublas_.get()) {
       cublas_ = cuda::CublasHandle(device_);
       cublas_.set_stream(stream_);
-      workspace_ = cuda::DeviceBuffer(device_, config_.cublas_workspace_bytes);
-      cublas_.set_workspace(workspace_.data(), workspace_.size());
+      cublas_.set_workspace(workspace(), workspace_.size());
     }
     return cublas_;
   }
+  cuda::LtMatmul& lt() {
+    if (!lt_) lt_ = std::make_unique<cuda::LtMatmul>(device_, stream_, workspace(), workspace_.size());
+    return *lt_;
+  }
+  // The old path of linear: cuBLAS's GEMM, the bias broadcast into the output first (beta = 1) or
+  // added to an fp32 accumulator by our kernel.
+  void linear_cublas(const Mat& x, const void* w, const DequantParams* bias, const Mat& out);
 
   int device_;
   cudaStream_t stream_;
@@ -251,8 +275,9 @@ class CudaOps final : public StackOps<cuda::DeviceBuffer> {
   static constexpr size_t kDigestBytes = 2 * sizeof(unsigned long long);
   cuda::DeviceBuffer tables_mem_;
   cuda::DeviceTables tables_;
-  cuda::CublasHandle cublas_;
   cuda::DeviceBuffer workspace_;
+  cuda::CublasHandle cublas_;
+  std::unique_ptr<cuda::LtMatmul> lt_;
   int64_t max_norm_cols_ = 0;
   // cuDNN's attention plans per shape (attention_cudnn.hpp).
   cuda::CudnnAttention cudnn_attention_;
@@ -269,7 +294,8 @@ DType plain_dtype(const DequantParams& w) {
   }
 }
 
-void CudaOps::linear(const Mat& x, const DequantParams& weight, const DequantParams* bias, const Mat& out) {
+void CudaOps::linear_act(Activation act, const Mat& x, const DequantParams& weight, const DequantParams* bias,
+                         const Mat& out) {
   check_view(x);
   check_view(out);
   QTOOL_ASSERT_MSG(x.dtype == out.dtype && x.rows == out.rows &&
@@ -300,11 +326,45 @@ void CudaOps::linear(const Mat& x, const DequantParams& weight, const DequantPar
     }
     w = wbuf;
   }
+  // cuBLASLt writes the output once: the bias (in the output's dtype) and GELU-tanh in its
+  // epilogue, on the float32 sums before their one rounding. A bias of another dtype, or a case
+  // cuBLASLt has no algorithm for, takes cuBLAS's GEMM and the activation kernel.
+  bool done = false, activated = act == Activation::Identity;
+  if (config_.cublaslt && in > 0 && (!bias || plain_dtype(*bias) == out.dtype)) {
+    cuda::OpTimes::Span span(
+        times_, act == Activation::GeluTanh ? "linear: gemm + bias + gelu" : "linear: gemm + bias", stream_);
+    cuda::LtGemm g;
+    g.m = n_out;
+    g.n = tokens;
+    g.k = in;
+    g.ab = g.d = cuda_type(x.dtype);
+    g.a = w;
+    g.lda = in;
+    g.b = x.data;
+    g.ldb = x.ld;
+    g.out = out.data;
+    g.ldd = out.ld;
+    g.bias = bias ? bias->weight : nullptr;
+    if (act == Activation::GeluTanh && x.dtype != DType::F32) {
+      g.act = cuda::LtActivation::GeluTanh;
+      done = activated = lt().run(g);
+      g.act = cuda::LtActivation::None;
+    }
+    if (!done) done = lt().run(g);
+  }
+  if (!done) linear_cublas(x, w, bias, out);
+  release(m);
+  if (!activated) activation(act, out, out);
+}
+
+void CudaOps::linear_cublas(const Mat& x, const void* w, const DequantParams* bias, const Mat& out) {
+  const int64_t in = x.cols, n_out = out.cols, tokens = x.rows;
+  const size_t m = mark();
   // Without a bias, or with one in the output's dtype (exact there), cuBLAS writes the output
   // itself: the bias broadcast into it first and added by the GEMM's epilogue (beta = 1) to the
   // float32 sums before their one rounding. Otherwise an fp32 accumulator on the stack, and the
   // bias added before the rounding by a kernel of our own.
-  cuda::OpTimes::Span span(times_, "linear: gemm + bias", stream_);
+  cuda::OpTimes::Span span(times_, "linear: gemm + bias (cuBLAS)", stream_);
   const bool direct = !bias || plain_dtype(*bias) == out.dtype;
   Mat acc = out;
   if (!direct) acc = alloc(tokens, n_out, DType::F32);
@@ -353,7 +413,7 @@ void CudaOps::attention(const Mat& q, const Mat& k, const Mat& v, const Attentio
   // cuDNN's fused kernel where it takes the case (its workspace, if any, on the activation stack),
   // else ours.
   const size_t m = mark();
-  cuda::run_attention(cudnn_attention_, a, stream_, [this](uint64_t bytes) -> void* {
+  const bool by_cudnn = cuda::run_attention(cudnn_attention_, a, stream_, [this](uint64_t bytes) -> void* {
     try {
       return alloc(1, static_cast<int64_t>(bytes), DType::U8).data;
     } catch (const Error& e) {
@@ -361,6 +421,9 @@ void CudaOps::attention(const Mat& q, const Mat& k, const Mat& v, const Attentio
       return nullptr;  // the stack cannot give it: our kernel serves the call
     }
   });
+  span.rename(!by_cudnn                                                ? "attention: own kernel"
+              : a.out.ld == a.heads * a.head_dim && a.q.ld == a.out.ld ? "attention: cuDNN"
+                                                                       : "attention: cuDNN, strided");
   release(m);
 }
 

@@ -42,6 +42,8 @@ class OpTimes {
     }
     Span(const Span&) = delete;
     Span& operator=(const Span&) = delete;
+    // The name the span's time is summed under, when it is known only after the launch.
+    void rename(const char* name) { name_ = name; }
     ~Span() {
       if (!times_.on_) return;
       cudaEventRecord(end_, stream_);

@@ -32,6 +32,11 @@ class UnitOps final : public Ops {
     in_.linear(x, w, b, out);
     fold(out);
   }
+  void linear_act(Activation act, const Mat& x, const DequantParams& w, const DequantParams* b,
+                  const Mat& out) override {
+    in_.linear_act(act, x, w, b, out);
+    fold(out);
+  }
   void rms_norm(const Mat& x, const DequantParams& w, float eps, RmsRounding r, int64_t hd,
                 const Mat& out) override {
     in_.rms_norm(x, w, eps, r, hd, out);

@@ -25,6 +25,7 @@
 #include "attention_mma.hpp"    // runner/cuda: the attention kernels, called directly below
 #include "forward_args.hpp"     // runner/cuda: their arguments as the CUDA backend builds them
 #include "forward_kernels.hpp"  // runner/cuda: the element-wise kernels' switch and count
+#include "matmul_lt.hpp"        // runner/cuda: cuBLASLt's count of fused activations
 #include "qtool/formats/dtype.hpp"
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
@@ -316,10 +317,6 @@ TEST_CASE("cuda ops: element-wise ops equal the CPU backend's bits") {
 }
 
 TEST_CASE("cuda ops: bf16 element-wise ops through the 8-wide kernel equal the generic kernel and the CPU") {
-  struct On {  // the 8-wide kernel for this test, the default after it
-    On() { fwd::set_elementwise_bf16x8(true); }
-    ~On() { fwd::set_elementwise_bf16x8(false); }
-  } on;
   Both b;
   const DType dt = DType::BF16;
   // Rows 16-byte aligned (ld a multiple of 8) and widths multiples of 8: the 8-wide kernel; the
@@ -451,57 +448,70 @@ TEST_CASE("cuda ops: embedding equals the CPU backend's bits") {
   }
 }
 
+// Strided views at column 1 take the generic path; dense bf16 views whose width is a multiple of 8
+// (aligned) the 8-wide one (16-byte loads and stores), which must run and give the same bits.
 TEST_CASE("cuda ops: norms equal the CPU backend's bits") {
   Both b;
   const int64_t rows = 29;
   for (DType dt : kDtypes) {
-    for (int64_t cols : {int64_t{192}, int64_t{3071}}) {
-      const size_t n = static_cast<size_t>(rows * cols);
-      for (RmsRounding rr : {RmsRounding::Once, RmsRounding::Twice}) {
-        for (int64_t hd : {int64_t{0}, int64_t{64}}) {
-          if (hd > 0 && cols % hd != 0) continue;
-          PlainWeight w = plain_weight(b, 1, hd > 0 ? hd : cols, dt, 1.0f);
-          Pair x = random_pair(b, rows, cols, dt, 3, 2.0f);
-          Pair out = out_pair(b, rows, cols, dt, 2);
-          b.cpu->rms_norm(x.c, w.pc, 1e-6f, rr, hd, out.c);
-          b.gpu->rms_norm(x.g, w.pg, 1e-6f, rr, hd, out.g);
-          const size_t bad = mismatches(b, out, true);
-          const std::string name = std::string("rms_norm ") + (rr == RmsRounding::Once ? "Once" : "Twice") +
-                                   (hd > 0 ? " per-head" : "") + " cols " + std::to_string(cols);
-          report(name.c_str(), dt, bad, n);
-          CHECK(bad == 0);
-          // In place.
-          b.cpu->rms_norm(x.c, w.pc, 1e-6f, rr, hd, x.c);
-          b.gpu->rms_norm(x.g, w.pg, 1e-6f, rr, hd, x.g);
-          CHECK(mismatches(b, x, true) == 0);
+    for (int64_t cols : {int64_t{192}, int64_t{3071}, int64_t{3072}}) {
+      for (bool aligned : {false, true}) {
+        if (aligned && cols % 8 != 0) continue;
+        CAPTURE(aligned);
+        const auto pad = [&](int64_t p) { return aligned ? int64_t{0} : p; };
+        const bool wide = aligned && dt == DType::BF16;
+        const uint64_t launches = fwd::elementwise_bf16x8_launches();
+        const size_t n = static_cast<size_t>(rows * cols);
+        for (RmsRounding rr : {RmsRounding::Once, RmsRounding::Twice}) {
+          for (int64_t hd : {int64_t{0}, int64_t{64}}) {
+            if (hd > 0 && cols % hd != 0) continue;
+            PlainWeight w = plain_weight(b, 1, hd > 0 ? hd : cols, dt, 1.0f);
+            Pair x = random_pair(b, rows, cols, dt, pad(3), 2.0f);
+            Pair out = out_pair(b, rows, cols, dt, pad(2));
+            b.cpu->rms_norm(x.c, w.pc, 1e-6f, rr, hd, out.c);
+            b.gpu->rms_norm(x.g, w.pg, 1e-6f, rr, hd, out.g);
+            const size_t bad = mismatches(b, out, true);
+            const std::string name = std::string("rms_norm ") + (rr == RmsRounding::Once ? "Once" : "Twice") +
+                                     (hd > 0 ? " per-head" : "") + " cols " + std::to_string(cols);
+            report((name + (aligned ? " aligned" : "")).c_str(), dt, bad, n);
+            CHECK(bad == 0);
+            // In place.
+            b.cpu->rms_norm(x.c, w.pc, 1e-6f, rr, hd, x.c);
+            b.gpu->rms_norm(x.g, w.pg, 1e-6f, rr, hd, x.g);
+            CHECK(mismatches(b, x, true) == 0);
+          }
         }
-      }
-      for (bool affine : {false, true}) {
-        PlainWeight w = plain_weight(b, 1, cols, DType::F32, 1.0f);
-        PlainWeight bias = plain_weight(b, 1, cols, DType::F32, 1.0f);
-        Pair x = random_pair(b, rows, cols, dt, 1, 2.0f);
-        Pair out = out_pair(b, rows, cols, dt, 0);
-        b.cpu->layer_norm(x.c, affine ? &w.pc : nullptr, affine ? &bias.pc : nullptr, 1e-5f, out.c);
-        b.gpu->layer_norm(x.g, affine ? &w.pg : nullptr, affine ? &bias.pg : nullptr, 1e-5f, out.g);
-        const size_t bad = mismatches(b, out, true);
-        report((std::string("layer_norm") + (affine ? " affine" : " no affine") + " cols " +
-                std::to_string(cols))
-                   .c_str(),
-               dt, bad, n);
-        CHECK(bad == 0);
-      }
-      for (int64_t bt : {int64_t{1}, int64_t{29}}) {
-        Pair x = random_pair(b, rows, cols, dt, 2, 2.0f, false);
-        Pair shift = random_pair(b, bt, cols, dt, 1, 1.0f, false);
-        Pair scale = random_pair(b, bt, cols, dt, 0, 1.0f, false);
-        Pair out = out_pair(b, rows, cols, dt, 1);
-        b.cpu->modulate(x.c, shift.c, scale.c, bt, 1e-6f, out.c);
-        b.gpu->modulate(x.g, shift.g, scale.g, bt, 1e-6f, out.g);
-        const size_t bad = mismatches(b, out, true);
-        report(
-            (std::string("modulate batch ") + std::to_string(bt) + " cols " + std::to_string(cols)).c_str(),
-            dt, bad, n);
-        CHECK(bad == 0);
+        for (bool affine : {false, true}) {
+          PlainWeight w = plain_weight(b, 1, cols, DType::F32, 1.0f);
+          PlainWeight bias = plain_weight(b, 1, cols, DType::F32, 1.0f);
+          Pair x = random_pair(b, rows, cols, dt, pad(1), 2.0f);
+          Pair out = out_pair(b, rows, cols, dt, 0);
+          b.cpu->layer_norm(x.c, affine ? &w.pc : nullptr, affine ? &bias.pc : nullptr, 1e-5f, out.c);
+          b.gpu->layer_norm(x.g, affine ? &w.pg : nullptr, affine ? &bias.pg : nullptr, 1e-5f, out.g);
+          const size_t bad = mismatches(b, out, true);
+          report((std::string("layer_norm") + (affine ? " affine" : " no affine") + " cols " +
+                  std::to_string(cols))
+                     .c_str(),
+                 dt, bad, n);
+          CHECK(bad == 0);
+        }
+        for (int64_t bt : {int64_t{1}, int64_t{29}}) {
+          Pair x = random_pair(b, rows, cols, dt, pad(2), 2.0f, false);
+          Pair shift = random_pair(b, bt, cols, dt, pad(1), 1.0f, false);
+          Pair scale = random_pair(b, bt, cols, dt, 0, 1.0f, false);
+          Pair out = out_pair(b, rows, cols, dt, pad(1));
+          b.cpu->modulate(x.c, shift.c, scale.c, bt, 1e-6f, out.c);
+          b.gpu->modulate(x.g, shift.g, scale.g, bt, 1e-6f, out.g);
+          const size_t bad = mismatches(b, out, true);
+          report(
+              (std::string("modulate batch ") + std::to_string(bt) + " cols " + std::to_string(cols)).c_str(),
+              dt, bad, n);
+          CHECK(bad == 0);
+        }
+        // Every norm above (4 rms_norm cases and their in-place runs, 2 layer norms, 2 modulations)
+        // took the 8-wide path, or none did.
+        const uint64_t took = fwd::elementwise_bf16x8_launches() - launches;
+        CHECK(took == (wide ? uint64_t{(cols % 64 == 0 ? 8u : 4u) + 4u} : uint64_t{0}));
       }
     }
   }
@@ -561,6 +571,128 @@ TEST_CASE("cuda ops: linear within one rounding of the CPU backend") {
             dn(dt).c_str(), static_cast<long long>(tokens), bias_kind, bad, mismatches(b, out), max_err);
         CHECK(bad == 0);
       }
+    }
+  }
+}
+
+// Bias: none, F32 (an fp32 accumulator, the bias added by our kernel), or in the activation dtype
+// (cuBLASLt's epilogue; with cuBLAS, broadcast into the output and added with beta = 1), aligned or
+// at an odd element (cuBLASLt picks kernels by the bias's alignment).
+TEST_CASE(
+    "cuda ops: linear through cuBLASLt and through cuBLAS, aligned or not, within one rounding of the CPU") {
+  Both b;
+  CudaOpsConfig cfg;
+  cfg.activation_bytes = uint64_t{64} << 20;
+  cfg.cublaslt = false;
+  auto cublas_ops = make_cuda_ops(0, b.stream.get(), cfg);
+  for (DType dt : {DType::BF16, DType::F16, DType::F32}) {
+    for (int64_t in : {int64_t{203}, int64_t{256}}) {
+      for (int64_t tokens : {int64_t{1}, int64_t{37}, int64_t{300}}) {
+        for (int bias_kind : {0, 1, 2, 3}) {
+          const int64_t out_f = 77;
+          PlainWeight w = plain_weight(b, out_f, in, dt, 0.1f);
+          // bias_kind 3: the bias one element into a row (2- or 4-byte aligned).
+          Pair braw = random_pair(b, 1, out_f + 1, bias_kind == 1 ? DType::F32 : dt, 0, 1.0f, false);
+          DequantParams bias_c, bias_g;
+          for (auto* d : {&bias_c, &bias_g}) {
+            d->kind = bias_kind == 1 || dt == DType::F32 ? WeightKind::F32
+                      : dt == DType::BF16                ? WeightKind::Bf16
+                                                         : WeightKind::F16;
+            d->rows = 1;
+            d->cols = static_cast<uint64_t>(out_f);
+          }
+          const size_t off = bias_kind == 3 ? dtype_size(braw.c.dtype) : 0;
+          bias_c.weight = static_cast<const uint8_t*>(braw.c.data) + off;
+          bias_g.weight = static_cast<const uint8_t*>(braw.g.data) + off;
+          const bool with_bias = bias_kind != 0;
+          Pair x = random_pair(b, tokens, in, dt, 3, 1.0f, false);
+          Pair out = out_pair(b, tokens, out_f, dt, 5);
+          Pair out2 = out_pair(b, tokens, out_f, dt, 0);
+          b.cpu->linear(x.c, w.pc, with_bias ? &bias_c : nullptr, out.c);
+          b.cpu->linear(x.c, w.pc, with_bias ? &bias_c : nullptr, out2.c);
+          b.gpu->linear(x.g, w.pg, with_bias ? &bias_g : nullptr, out.g);
+          cublas_ops->linear(x.g, w.pg, with_bias ? &bias_g : nullptr, out2.g);
+          const float rel = dt == DType::BF16 ? 1.0f / 128 : dt == DType::F16 ? 1.0f / 1024 : 1e-5f;
+          double e1 = 0.0, e2 = 0.0;
+          const size_t bad1 = beyond_tolerance(b, out, rel, 1e-4f, &e1);
+          const size_t bad2 = beyond_tolerance(b, out2, rel, 1e-4f, &e2);
+          std::printf(
+              "  linear %-4s in %lld tokens %lld bias %d: cuBLASLt %zu beyond (max %.3g), cuBLAS %zu (max "
+              "%.3g)\n",
+              dn(dt).c_str(), static_cast<long long>(in), static_cast<long long>(tokens), bias_kind, bad1, e1,
+              bad2, e2);
+          CHECK(bad1 == 0);
+          CHECK(bad2 == 0);
+        }
+      }
+    }
+  }
+}
+
+// linear_act(GeluTanh) takes cuBLASLt's GELU epilogue: one rounding of GELU(sums + bias) where the
+// CPU rounds the linear, then the GELU. One-hot inputs make the sums exact (each output is one
+// weight, a bf16/f16 value in [-6, 6]) and the bias is zero, so both compute GELU-tanh of the same
+// value. cuBLASLt evaluates it with fast intrinsics: on an H100 about a fifth of the outputs are an
+// ulp or two from the CPU's (bf16; f16 has 3 more bits: up to 4 of its ulps), and values below
+// about 1e-6 in magnitude (x < -5) come out as 0. Within two bf16 ulps (f16: 2^-8) relative plus
+// 2^-14 it must be the tanh form (the erf form is 4.1e-4 off at -3: 10 %). Random
+// inputs: within one rounding of the pre-activation (GELU's slope is at most 1.13) of the CPU's.
+TEST_CASE("cuda ops: linear_act's GELU-tanh in cuBLASLt's epilogue against the CPU's linear + GELU") {
+  Both b;
+  for (DType dt : kDtypes) {
+    const float ulp = dt == DType::BF16 ? 1.0f / 128 : 1.0f / 1024;
+    {
+      const int64_t n = 96;
+      std::vector<uint8_t> xh(static_cast<size_t>(n * n) * 2, 0), wh(static_cast<size_t>(n * n) * 2);
+      for (int64_t t = 0; t < n; ++t) put(dt, xh, static_cast<size_t>(t * n + t), 1.0f);
+      std::uniform_real_distribution<float> u(-6.0f, 6.0f);
+      for (size_t i = 0; i < static_cast<size_t>(n * n); ++i) put(dt, wh, i, u(b.rng));
+      PlainWeight w = plain_weight(b, n, n, dt, 1.0f);
+      b.cpu->upload(wh.data(), w.c);
+      b.gpu->upload(wh.data(), w.g);
+      PlainWeight zero = plain_weight(b, 1, n, dt, 1.0f);
+      const std::vector<uint8_t> zh(static_cast<size_t>(n) * 2, 0);
+      b.cpu->upload(zh.data(), zero.c);
+      b.gpu->upload(zh.data(), zero.g);
+      Pair x = out_pair(b, n, n, dt, 0);
+      b.cpu->upload(xh.data(), x.c);
+      b.gpu->upload(xh.data(), x.g);
+      Pair out = out_pair(b, n, n, dt, 0);
+      const uint64_t fused0 = rc::lt_fused_activations();
+      b.cpu->linear_act(Activation::GeluTanh, x.c, w.pc, &zero.pc, out.c);
+      b.gpu->linear_act(Activation::GeluTanh, x.g, w.pg, &zero.pg, out.g);
+      CHECK(rc::lt_fused_activations() == fused0 + 1);  // the epilogue, not the fallback, ran
+      double max_err = 0.0;
+      const size_t bad =
+          beyond_tolerance(b, out, dt == DType::BF16 ? 2 * ulp : 1.0f / 256, 0x1p-14f, &max_err);
+      const size_t differ = mismatches(b, out);
+      std::printf(
+          "  linear_act gelu %-4s one-hot: %zu beyond tolerance, %zu of %lld differ, max |diff| %.3g\n",
+          dn(dt).c_str(), bad, differ, static_cast<long long>(n * n), max_err);
+      CHECK(bad == 0);
+    }
+    for (int64_t tokens : {int64_t{1}, int64_t{300}}) {
+      const int64_t in = 256, out_f = 136;
+      PlainWeight w = plain_weight(b, out_f, in, dt, 0.15f);
+      PlainWeight bias = plain_weight(b, 1, out_f, dt, 1.0f);
+      Pair x = random_pair(b, tokens, in, dt, 0, 1.0f, false);
+      Pair pre = out_pair(b, tokens, out_f, dt, 0);
+      Pair out = out_pair(b, tokens, out_f, dt, 0);
+      b.cpu->linear(x.c, w.pc, &bias.pc, pre.c);
+      b.cpu->linear_act(Activation::GeluTanh, x.c, w.pc, &bias.pc, out.c);
+      b.gpu->linear_act(Activation::GeluTanh, x.g, w.pg, &bias.pg, out.g);
+      const auto hp = fetch(*b.cpu, pre.c), hc = fetch(*b.cpu, out.c), hg = fetch(*b.gpu, out.g);
+      size_t bad = 0;
+      for (size_t i = 0; i < static_cast<size_t>(tokens * out_f); ++i) {
+        const float p = get(dt, hp, i), c = get(dt, hc, i), g = get(dt, hg, i);
+        const float tol = ulp * (std::fabs(c) + 1.2f * std::fabs(p)) + 1e-4f;
+        if (!(std::fabs(c - g) <= tol) && ++bad <= 3)
+          std::printf("    element %zu: pre %.6g, cpu %.6g, gpu %.6g\n", i, static_cast<double>(p),
+                      static_cast<double>(c), static_cast<double>(g));
+      }
+      std::printf("  linear_act gelu %-4s tokens %lld: %zu beyond one rounding of the pre-activation\n",
+                  dn(dt).c_str(), static_cast<long long>(tokens), bad);
+      CHECK(bad == 0);
     }
   }
 }

@@ -343,11 +343,10 @@ class FluxForward final : public ModelForward {
     const Mat hidden = ops.alloc(n, f, dtype_);
     for (int64_t b = 0; b < batch_; ++b) {
       ops.modulate(img(hs_, b), chunk(mod_x, b, 3), chunk(mod_x, b, 4), 1, kEps, img(nrm, b));
-      ops.linear(img(nrm, b), *x.ff_in.weight, x.ff_in.bias, img(hidden, b));
+      ops.linear_act(Activation::GeluTanh, img(nrm, b), *x.ff_in.weight, x.ff_in.bias, img(hidden, b));
       ops.modulate(txt(hs_, b), chunk(mod_y, b, 3), chunk(mod_y, b, 4), 1, kEps, txt(nrm, b));
-      ops.linear(txt(nrm, b), *y.ff_in.weight, y.ff_in.bias, txt(hidden, b));
+      ops.linear_act(Activation::GeluTanh, txt(nrm, b), *y.ff_in.weight, y.ff_in.bias, txt(hidden, b));
     }
-    ops.activation(Activation::GeluTanh, hidden, hidden);
     for (int64_t b = 0; b < batch_; ++b) {
       gated_residual(x.ff_out, hidden, mod_x, 5, b, img_rows);
       gated_residual(y.ff_out, hidden, mod_y, 5, b, txt_rows);
@@ -376,8 +375,7 @@ class FluxForward final : public ModelForward {
     // [attention output | GELUt(proj_mlp)]: the input of proj_out, filled in place.
     const Mat cat = ops.alloc(n, d + f, dtype_);
     const Mat u = cat.cols_view(d, f);
-    ops.linear(nrm, *mlp.weight, mlp.bias, u);
-    ops.activation(Activation::GeluTanh, u, u);
+    ops.linear_act(Activation::GeluTanh, nrm, *mlp.weight, mlp.bias, u);
     const size_t m_qkv = ops.mark();
     const auto [q, k, v] = project_qkv(ops, nrm, to_q, to_k, to_v, d, d, dtype_);
     ops.rms_norm(q, norm_q, kEps, RmsRounding::Once, hd, q);

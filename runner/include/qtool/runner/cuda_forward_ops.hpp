@@ -26,10 +26,15 @@ struct CudaOpsConfig {
   uint64_t dequant_scratch_bytes = 0;
   // cuBLAS's workspace (the plan's cublas_workspace item); cuBLAS is loaded at the first linear.
   uint64_t cublas_workspace_bytes = uint64_t{32} << 20;
+  // linear through cuBLASLt, which adds a bias of the output's dtype in the GEMM's epilogue and
+  // applies linear_act's GeluTanh there too (one write of the output). false, or QTOOL_GEMM=cublas
+  // in the environment: cuBLAS's GEMM, as below, and the activation as a kernel of its own.
+  bool cublaslt = true;
 };
-// linear writes its output with cuBLAS (fp32 accumulation, one rounding), the bias broadcast into
-// the output first and added by the GEMM's epilogue when it has the output's dtype; a bias of
-// another dtype goes through an fp32 accumulator [tokens, out] on the activation stack.
+// linear writes its output with cuBLASLt (above) or cuBLAS (fp32 accumulation, one rounding): with
+// cuBLAS, the bias broadcast into the output first and added by the GEMM (beta = 1) when it has
+// the output's dtype. A bias of another dtype goes through an fp32 accumulator [tokens, out] on
+// the activation stack and a kernel of ours.
 std::unique_ptr<Ops> make_cuda_ops(int device, cudaStream_t stream, const CudaOpsConfig& config);
 // The same with `capacity_bytes` of activation memory, no dequant scratch, a 32 MiB workspace.
 std::unique_ptr<Ops> make_cuda_ops(int device, cudaStream_t stream, uint64_t capacity_bytes);

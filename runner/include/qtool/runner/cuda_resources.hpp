@@ -67,6 +67,9 @@ struct LoadedLibrary {
   std::string first_error;  // when none loaded: the first candidate's dlerror() ("not found")
 };
 LoadedLibrary open_first_library(const std::vector<std::string>& candidates);
+// The toolkit library `soname` (libcublas.so.13, ...) from the loader's search, the build's toolkit
+// or /usr/local/cuda; Error(Unsupported) naming `what` and the first dlerror() when none loads.
+void* open_toolkit_library(const std::string& soname, const char* what);
 // `fn` set to the symbol `name` of `library` (null when it has none); whether it has it.
 void* library_symbol(void* library, const char* name);
 template <class Fn>

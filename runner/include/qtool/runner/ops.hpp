@@ -139,6 +139,15 @@ class Ops {
   // in float32 before the one rounding.
   virtual void linear(const Mat& x, const DequantParams& weight, const DequantParams* bias,
                       const Mat& out) = 0;
+  // out = act(linear(x)): the frameworks' two ops, the linear rounded, then `activation`. A backend
+  // may apply the activation in the GEMM's epilogue to the float32 sums plus bias, rounding once
+  // (the CUDA backend does for GeluTanh through cuBLASLt): the result is then within one rounding
+  // of the two ops', the linear's own tolerance.
+  virtual void linear_act(Activation act, const Mat& x, const DequantParams& weight,
+                          const DequantParams* bias, const Mat& out) {
+    linear(x, weight, bias, out);
+    if (act != Activation::Identity) activation(act, out, out);
+  }
   // RMSNorm over the last dim of every row; `weight` [cols] (or, with head_dim > 0, [head_dim]
   // applied to each head of width head_dim separately: Flux's per-head q/k norms). In place allowed.
   virtual void rms_norm(const Mat& x, const DequantParams& weight, float eps, RmsRounding rounding,
