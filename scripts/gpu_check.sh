@@ -33,6 +33,7 @@
 #           before the Python process holds a CUDA context; then diffusers bf16 and bitsandbytes nf4
 #           resident and group offloading): needs diffusers and bitsandbytes (carry their wheels,
 #           bench/README.md). Name it alone in a call.
+#           QTOOL_PEERS_QTOOL_ONLY=1: qtool's set-up and trace only (no Python peers).
 #   peers-llama: the same for the Llama-3-8B shape at 4096 tokens of prefill (qtool nf4 streamed
 #           with a quarter of the weights resident, and resident; transformers bf16 and
 #           bitsandbytes nf4 resident). Name it alone in a call.
@@ -210,9 +211,11 @@ peers() {  # family: flux or llama
       "$Q" synth --preset llama --scale 1 --seed 1 -o "$D/bf16" -q
     fi
     "$Q" quantize "$D/bf16" -o "$D/nf4" --scheme nf4 -q
-    timeout 500 python3 bench/forward_peers.py "--$fam" "$D/bf16" "--$fam-nf4" "$D/nf4" \
-      --qtool-bench "$BUILD/bench/bench_forward" --json "$OUT/peers_$fam.json"
-    echo "forward_peers ($fam) exit $?"
+    if [ -z "${QTOOL_PEERS_QTOOL_ONLY:-}" ]; then
+      timeout 500 python3 bench/forward_peers.py "--$fam" "$D/bf16" "--$fam-nf4" "$D/nf4" \
+        --qtool-bench "$BUILD/bench/bench_forward" --json "$OUT/peers_$fam.json"
+      echo "forward_peers ($fam) exit $?"
+    fi
     if [ "$fam" = flux ]; then
       # Set-up from process start to the end of the first step, nf4 at 2.5 GiB, with the GPU's
       # built-in profile (as a user's job: nothing measured first), against the group-offloading

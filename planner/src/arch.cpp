@@ -563,10 +563,9 @@ ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens, uint
     f.linear = u(a->n_layers) * (4 * lin(n, d, d) + 2 * lin(n, d, a->intermediate_size));
     // Causal: half of dense attention.
     f.attention = u(a->n_layers) * u(batch) * 2 * u(tokens) * u(tokens) * u(d);
-    // Two layer norms, two residual adds, five biased linears of width d and fc1's (width in,
-    // broadcast and read back), QuickGELU over fc1's output.
-    f.activation_bytes =
-        u(a->n_layers) * (moved(n, d, 2 * 2 + 2 * 3 + 5 * 2) + moved(n, in, 2 + 2)) + moved(n, d, 2);
+    // Two layer norms, two residual adds, QuickGELU over fc1's output (the linears' biases are
+    // added in the GEMM's epilogue: no pass of their own).
+    f.activation_bytes = u(a->n_layers) * (moved(n, d, 2 * 2 + 2 * 3) + moved(n, in, 2)) + moved(n, d, 2);
     return f;
   }
   const FluxArch& a = std::get<FluxArch>(arch);
@@ -581,11 +580,11 @@ ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens, uint
   f.linear += u(a.n_double) * dbl + u(a.n_single) * sgl + lin(batch, d, 2 * d) + lin(batch * tokens, d, c);
   f.attention = u(a.n_double + a.n_single) * u(batch) * 4 * u(t) * u(t) * u(d);
   // Per double block, in units of n x d: two modulations (2 each), the q/k RMS norms and RoPE
-  // (4 + 4), q/k/v/out biases (2 each), two gated residuals (3 each), ff_in's bias and GELU over
-  // its 4d output (8 + 8), ff_out's bias (2). Per single block: one modulation, q/k/v biases, the
-  // norms and RoPE, the MLP's bias and GELU (4d: 8 + 8), the output's bias and one gated residual.
-  f.activation_bytes = u(a.n_double) * moved(n, d, 2 * 2 + 8 + 4 * 2 + 2 * 3 + 8 + 8 + 2) +
-                       u(a.n_single) * moved(n, d, 2 + 3 * 2 + 8 + 8 + 8 + 2 + 3);
+  // (4 + 4), two gated residuals (3 each). Per single block: one modulation, the norms and RoPE,
+  // one gated residual. The biases and the MLP's GELU-tanh are applied in the GEMMs' epilogues
+  // (the CUDA backend's linear_act): no pass of their own.
+  f.activation_bytes =
+      u(a.n_double) * moved(n, d, 2 * 2 + 8 + 2 * 3) + u(a.n_single) * moved(n, d, 2 + 8 + 3);
   return f;
 }
 

@@ -6,6 +6,7 @@
 
 #include "driver_impl.hpp"
 #include "qtool/formats/error.hpp"
+#include "qtool/formats/thread_pool.hpp"
 
 namespace qtool::runner::driver_detail {
 
@@ -13,6 +14,7 @@ void Driver::set_up() {
   for (int d : schedule_.devices) devices_[d] = platform_.open(d);
   on_device_.assign(schedule_.arenas.size(), nullptr);
   host_arena_.resize(schedule_.arenas.size());
+  std::vector<size_t> pinned;  // streamed groups held in host memory for the job
   for (size_t ai = 0; ai < schedule_.arenas.size(); ++ai) {
     const Arena& a = schedule_.arenas[ai];
     if (!schedule_.arena_used(ai) || a.bytes == 0) continue;
@@ -26,9 +28,22 @@ void Driver::set_up() {
       dev.upload(mem, {host->data(), a.bytes});
       on_device_[ai] = mem;
     } else if (a.placement == Placement::Cpu) {
-      host_arena_[ai] = platform_.host_buffer(a.bytes);
-      fill_arena(checkpoint_, a, host_arena_[ai]->data());
+      pinned.push_back(ai);
     }
+  }
+  // The host copies of the streamed groups, made and filled by several threads: pinning (the
+  // kernel zeroes and locks every page) and reading the mapped checkpoint are each bound by one
+  // core, and a job's first step waits for all of them.
+  if (!pinned.empty()) {
+    ThreadPool pool(
+        std::min<size_t>(pinned.size(), std::min<size_t>(8, std::thread::hardware_concurrency())));
+    pool.parallel_for(pinned.size(), 1, [&](size_t b, size_t e) {
+      for (size_t i = b; i < e; ++i) {
+        const size_t ai = pinned[i];
+        host_arena_[ai] = platform_.host_buffer(schedule_.arenas[ai].bytes);
+        fill_arena(checkpoint_, schedule_.arenas[ai], host_arena_[ai]->data());
+      }
+    });
   }
   k_ = std::max<uint64_t>(1, schedule_.n_slots);
   if (phased_) set_up_phases();

@@ -18,7 +18,7 @@
 //     "device_bandwidth_gbps": 2000.0,          // device memory copy (d2d) bandwidth, GB/s
 //     "bf16_tflops": 650.0,                     // effective dense bf16 GEMM rate, 1e12 FLOP/s
 //     "attention_tflops": 147.0,                // the runner's attention at Flux's shape, 1e12 FLOP/s
-//     "activation_gbps": 390.0,                 // the runner's norms, activations and residuals:
+//     "activation_gbps": 790.0,                 // the runner's norms, activations and residuals:
 //                                               // bytes read plus written per second, GB/s
 //     "dequant_gelems_per_s": {"int8": 600, "fp8_e4m3": 600, "fp8_e5m2": 600, "nf4": 500,
 //                              "fp4": 500, "f16": 700, "f32": 400},  // 1e9 bf16 weights out/s
@@ -62,7 +62,7 @@ struct DeviceProfile {
   // attention and kernels as `qtool profile` measured them on an H200 (2026-12-05, bench/RESULTS.md
   // "full-size Flux against diffusers"), with which the full Flux step was predicted within 7%.
   double attention_tflops = 147.0;
-  double activation_gbps = 390.0;
+  double activation_gbps = 790.0;
   // Dequantization (or conversion) to bf16, in 1e9 output elements per second, keyed by the
   // scheme name of libquant ("int8", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4") or the source dtype
   // of an unquantized non-bf16 weight ("f16", "f32"). A missing key falls back to "nf4"'s rate.
