@@ -91,6 +91,7 @@ class Driver {
   // A run by phase (RunOptions::phases, driver_phases.cpp).
   void set_up_phases();
   void begin_phase(size_t phase);
+  size_t ops_phase_ = SIZE_MAX;  // the phase the platform's ops were made for (SIZE_MAX: none)
   void end_phase(size_t phase);
   void note_phase_peak(size_t phase);
   uint64_t slots_of(size_t si) const;  // K of the ring step `si` is copied into

@@ -134,9 +134,15 @@ void Driver::begin_phase(size_t phase) {
   pr.load_bytes = 0;
   const auto t0 = Clock::now();
   // The previous phase's ops (activation block, dequant scratch, handles) go: this phase's are made
-  // for its components at its first pass, as the plan reserves them per phase.
-  platform_.release_ops();
-  for (auto& [d, dev] : devices_) dev->forget_activations();
+  // for its components at its first pass, as the plan reserves them per phase. A phase that begins
+  // again right after itself (a plan of one phase, run step after run step) keeps them: making
+  // them again would cost every step cuDNN's plans and cuBLASLt's heuristics.
+  if (ops_phase_ != phase) {
+    platform_.release_ops();
+    for (auto& [d, dev] : devices_) dev->forget_activations();
+    ops_phase_ = phase;
+    ++result_.ops_releases;
+  }
   for (auto& [key, span] : spans_) {
     if (!loaded_[key.first] || span.mem) continue;
     if (phase_of(options_.phases, checkpoint_.components()[key.first].name()) != phase) continue;

@@ -354,6 +354,15 @@ TEST_CASE("a run by phase: a loaded component is held during its phase only, the
     CHECK(phased.memory[0].measured_peak_bytes ==
           job + std::max({ph[0].load_bytes, ph[2].load_bytes, ph[3].load_bytes}) + acts);
     CHECK(whole.memory[0].measured_peak_bytes == whole.memory[0].allocated_bytes);
+    // Each phase's ops made once per run step (4 phases x 2 steps); one phase holding every
+    // component keeps its ops from one step to the next, with the same outputs.
+    CHECK(phased.ops_releases == 8);
+    RunOptions one = flux_phases(o);
+    one.phases = {{"all", {"text_encoder", "text_encoder_2", "transformer", "vae"}, {}, {}}};
+    const RunResult kept = backend->run(ckpt, s, one);
+    CHECK(kept.ops_releases == 1);
+    CHECK(kept.unit_digests == whole.unit_digests);
+    CHECK(kept.pipeline.images.bytes == whole.pipeline.images.bytes);
   }
   SUBCASE("a streamed plan: each phase's ring is allocated in its phase and freed after it") {
     const Schedule s = build_schedule(ckpt, test::plan_streamed(ckpt, 0.2, 0.5, 12, 2));

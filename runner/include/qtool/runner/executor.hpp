@@ -189,6 +189,10 @@ struct RunResult {
     std::map<int, uint64_t> peak_bytes;
   };
   std::vector<PhaseRun> phases;
+  // How many times a run by phase gave its ops back at a phase's start (the activation block,
+  // dequant scratch and library handles, made again for the new phase): once per change of phase,
+  // never when a phase begins again right after itself.
+  uint32_t ops_releases = 0;
 };
 
 // One layer run outside the schedule (verify's reference pass): its output [tokens, out], bf16 bits.
