@@ -19,6 +19,7 @@
 #include "qtool/runner/schedule.hpp"
 #include "qtool/runner/verify.hpp"
 #include "runner_test_util.hpp"
+#include "vectors_run.hpp"
 
 using namespace qtool;
 using namespace qtool::runner;
@@ -239,4 +240,22 @@ TEST_CASE(
   REQUIRE((a != nullptr && b != nullptr));
   const auto da = out.data(*a), db = out2.data(*b);
   CHECK((da.size() == db.size() && std::memcmp(da.data(), db.data(), da.size()) == 0));
+}
+
+// The interop check on the GPU: the frameworks' own outputs (transformers / diffusers on their tiny
+// checkpoints, tests/runner/data) against the CUDA forward through the driver, within the
+// bound the CPU backend meets (twice the framework's own bf16 noise, max and RMS).
+TEST_CASE("CUDA forwards on the frameworks' inputs give the frameworks' outputs (stored vectors)") {
+  auto gpu = make_cuda_backend();
+  for (const std::string& v : test::vector_variants()) {
+    CAPTURE(v);
+    const test::VectorRun r = test::run_vectors(*gpu, std::filesystem::path(QTOOL_RUNNER_TEST_DATA) / v);
+    for (const auto& [name, j] : r.judged) {
+      CAPTURE(name);
+      MESSAGE(v, " ", name, ": vs the framework max rel ", j.vs_framework.max_rel, ", rms rel ",
+              j.vs_framework.rms_rel, "; the framework's own noise max ", j.noise.max_rel, ", rms ",
+              j.noise.rms_rel);
+      CHECK(j.ok);
+    }
+  }
 }

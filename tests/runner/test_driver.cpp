@@ -13,6 +13,7 @@
 #include "qtool/runner/executor.hpp"
 #include "qtool/runner/schedule.hpp"
 #include "runner_test_util.hpp"
+#include "vectors_run.hpp"
 
 using namespace qtool;
 using namespace qtool::runner;
@@ -416,4 +417,17 @@ TEST_CASE("the ops of a FluxPipeline run are sized per component: the encoders a
     CHECK(pipe[ci].dequant_scratch_bytes == most);
   }
   CHECK(pipe[flux].dequant_scratch_bytes > 0);  // nf4: dequantized before the GEMM
+}
+
+TEST_CASE("the driver's forwards on the frameworks' inputs give the frameworks' outputs (stored vectors)") {
+  auto backend = make_cpu_backend(2);
+  for (const std::string& v : test::vector_variants()) {
+    CAPTURE(v);
+    const test::VectorRun r = test::run_vectors(*backend, std::filesystem::path(QTOOL_RUNNER_TEST_DATA) / v);
+    CHECK(r.judged.size() == (r.architecture == "CLIPTextModel" ? 2u : 1u));
+    for (const auto& [name, j] : r.judged) {
+      CAPTURE(name);
+      CHECK(j.ok);
+    }
+  }
 }
