@@ -269,7 +269,7 @@ __device__ __forceinline__ float norm_value(int mode, float v, const float* st, 
 
 // One block per row. The row is staged in shared memory; each group's statistics are summed by
 // one warp in double, in kmath's lane order (the CPU's order and precision: the same bits). With
-// vec8 (bf16 views, 16-byte aligned rows, widths and the group a multiple of 8: norm_vec8), the
+// vec8 (bf16 views, 16-byte aligned rows, widths and the group multiples of 8: launch_norm), the
 // row is read and written 8 elements a thread with 16-byte loads and stores. Columns fit in an int
 // (max_norm_cols), so the group of a column is a 32-bit division, and a row's sample (r / seq) is
 // found once.

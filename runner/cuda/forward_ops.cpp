@@ -1,6 +1,7 @@
 // The CUDA backend of ops.hpp (the entries; kernels and launchers in forward_kernels.cu): checks
 // of the views, the activation stack (activation_stack.hpp) in one device allocation, and linear
-// through the runner's dequant kernels and cuBLAS.
+// through the runner's dequant kernels and cuBLASLt (matmul_lt.hpp; cuBLAS where it has no
+// algorithm).
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -345,6 +346,8 @@ void CudaOps::linear_act(Activation act, const Mat& x, const DequantParams& weig
     g.out = out.data;
     g.ldd = out.ld;
     g.bias = bias ? bias->weight : nullptr;
+    // Not for float32 models: cuBLASLt's GELU (fast intrinsics, up to about 2^-9 relative) would
+    // be far outside a float32 rounding of the CPU's.
     if (act == Activation::GeluTanh && x.dtype != DType::F32) {
       g.act = cuda::LtActivation::GeluTanh;
       done = activated = lt().run(g);

@@ -1,10 +1,10 @@
 // The CUDA backend of the op vocabulary (ops.hpp): every op launched on one stream, no host
 // synchronisation except in upload/download. Only available when the CUDA backend is built
 // (QTOOL_HAVE_CUDA). The element-wise and norm ops give the CPU backend's bits (up to the
-// transcendentals' last ulp, see forward_kernels.cu); linear (dequant + cuBLAS, fp32 accumulation,
-// bias added in fp32 before the one rounding) and attention (cuDNN's fused flash attention where it
-// takes the case, else a fused kernel of our own: runner/cuda/attention_cudnn.hpp) match it within a
-// tolerance.
+// transcendentals' last ulp, see forward_kernels.cu); linear (dequant + cuBLASLt, fp32
+// accumulation, the bias and linear_act's GELU-tanh applied in fp32 before the one rounding) and
+// attention (cuDNN's fused flash attention where it takes the case, else a fused kernel of our
+// own: runner/cuda/attention_cudnn.hpp) match it within a tolerance.
 #pragma once
 
 #include <cuda_runtime.h>
