@@ -236,9 +236,12 @@ int first_step(const Args& a) {
   const double step_s = r.step_ms.empty() ? 0.0 : r.step_ms.front() / 1000.0;
   std::printf(
       "first step of %s %s at %llu tokens: %.2f s from process start (process to main %.3f s, "
-      "profile, open, plan and schedule %.2f s, runner set-up %.2f s, the step %.3f s)\n",
+      "profile, open, plan and schedule %.2f s, runner set-up %.2f s, the step %.3f s)\n"
+      "  the driver's set-up: %.3f s (GPU opened %.3f s, resident weights %.3f s, streamed groups' "
+      "pinned copies %.3f s)\n",
       a.preset.c_str(), scheme.c_str(), static_cast<unsigned long long>(a.tokens), t_done, t_main,
-      t_planned - t_main, t_done - t_planned - step_s, step_s);
+      t_planned - t_main, t_done - t_planned - step_s, step_s, r.setup.total_ms / 1000.0,
+      r.setup.open_ms / 1000.0, r.setup.resident_ms / 1000.0, r.setup.host_copies_ms / 1000.0);
   if (!a.json_out.empty()) {
     std::ofstream f(a.json_out);
     f << json{{"first_step",
@@ -247,6 +250,11 @@ int first_step(const Args& a) {
                 {"to_main_s", t_main},
                 {"plan_s", t_planned - t_main},
                 {"runner_setup_s", t_done - t_planned - step_s},
+                {"driver_setup_s",
+                 {{"total", r.setup.total_ms / 1000.0},
+                  {"open", r.setup.open_ms / 1000.0},
+                  {"resident", r.setup.resident_ms / 1000.0},
+                  {"host_copies", r.setup.host_copies_ms / 1000.0}}},
                 {"step_s", step_s}}}}
              .dump(2)
       << "\n";

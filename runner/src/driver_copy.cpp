@@ -11,7 +11,12 @@
 namespace qtool::runner::driver_detail {
 
 void Driver::set_up() {
+  const auto ms = [](Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double, std::milli>(b - a).count();
+  };
+  const auto t0 = Clock::now();
   for (int d : schedule_.devices) devices_[d] = platform_.open(d);
+  const auto t_open = Clock::now();
   on_device_.assign(schedule_.arenas.size(), nullptr);
   host_arena_.resize(schedule_.arenas.size());
   std::vector<size_t> pinned;  // streamed groups held in host memory for the job
@@ -31,6 +36,7 @@ void Driver::set_up() {
       pinned.push_back(ai);
     }
   }
+  const auto t_resident = Clock::now();
   // The host copies of the streamed groups, made and filled by several threads: pinning (the
   // kernel zeroes and locks every page) and reading the mapped checkpoint are each bound by one
   // core, and a job's first step waits for all of them.
@@ -45,6 +51,7 @@ void Driver::set_up() {
       }
     });
   }
+  const auto t_host = Clock::now();
   k_ = std::max<uint64_t>(1, schedule_.n_slots);
   if (phased_) set_up_phases();
   rank_.assign(schedule_.steps.size(), SIZE_MAX);
@@ -76,6 +83,7 @@ void Driver::set_up() {
   for (uint64_t i = 0; staging_bytes && i < std::max<uint64_t>(1, options_.sizing.staging_buffers); ++i)
     staging_.push_back(platform_.host_buffer(staging_bytes));
   if (staging_bytes) files_ = std::make_unique<ShardFiles>(checkpoint_);
+  result_.setup = {ms(t0, t_open), ms(t_open, t_resident), ms(t_resident, t_host), ms(t0, Clock::now())};
 }
 
 void Driver::copy_loop(uint32_t run_step) {

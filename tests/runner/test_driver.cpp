@@ -175,6 +175,9 @@ TEST_CASE(
         REQUIRE(r.components.size() == 1);
         CHECK(r.components[0].forward);
         CHECK(r.components[0].unread_tensors.empty());
+        // The set-up's parts add up within its total; a plan with pinned groups made their copies.
+        CHECK(r.setup.total_ms + 1e-6 >= r.setup.open_ms + r.setup.resident_ms + r.setup.host_copies_ms);
+        if (mode == Mode::Planned && streamed(s, Placement::Cpu) > 0) CHECK(r.setup.host_copies_ms > 0);
         if (mode == Mode::Planned) {
           size_t copies = 0;
           for (const TraceEvent& e : r.trace) copies += e.lane == Lane::Copy;

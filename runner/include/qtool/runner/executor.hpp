@@ -193,6 +193,12 @@ struct RunResult {
   // dequant scratch and library handles, made again for the new phase): once per change of phase,
   // never when a phase begins again right after itself.
   uint32_t ops_releases = 0;
+  // The driver's set-up before its first step, wall time in ms: the devices opened (a GPU's CUDA
+  // context at the first), the resident arenas filled and uploaded, the streamed groups' host
+  // copies made (pinned on a GPU) and filled, and all of it with the rings.
+  struct SetupTimes {
+    double open_ms = 0, resident_ms = 0, host_copies_ms = 0, total_ms = 0;
+  } setup;
 };
 
 // One layer run outside the schedule (verify's reference pass): its output [tokens, out], bf16 bits.
