@@ -192,7 +192,7 @@ if has optimes-full; then
   for gemm in ${QTOOL_OPTIMES_GEMMS:-cublaslt cublas}; do
     say "bench_forward with QTOOL_CUDA_OP_TIMES=1 QTOOL_GEMM=$gemm (flux --scale 1, bf16 and nf4, resident)"
     QTOOL_GEMM=$gemm QTOOL_CUDA_OP_TIMES=1 timeout 240 "$BUILD/bench/bench_forward" --data "$D" --tokens 4096 \
-      --steps 2 --schemes bf16,nf4 --budget 70GiB >"$OUT/optimes_full_$gemm.log" 2>&1
+      --steps 6 --schemes bf16,nf4 --budget 70GiB >"$OUT/optimes_full_$gemm.log" 2>&1
     echo "exit $?" | tee -a "$SUMMARY"
     grep -E "FluxTransformer2DModel forward" "$OUT/optimes_full_$gemm.log" | tee -a "$SUMMARY"
   done
