@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "qtool/formats/error.hpp"
@@ -41,20 +42,15 @@ const char* cublas_status_name(cublasStatus_t status) {
 }
 
 CublasApi load_cublas() {
-  const std::string soname = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
-  void* const lib = open_toolkit_library(soname, "cuBLAS");
-  auto sym = [&](auto& fn, const char* name) {
-    if (!resolve_symbol(lib, name, fn))
-      fail(ErrorKind::Unsupported, soname, " has no symbol ", name, ": is it cuBLAS ", CUBLAS_VER_MAJOR, "?");
-  };
+  const ToolkitLibrary lib("libcublas.so." + std::to_string(CUBLAS_VER_MAJOR), "cuBLAS");
   CublasApi api{};
-  sym(api.create, "cublasCreate_v2");
-  sym(api.destroy, "cublasDestroy_v2");
-  sym(api.set_stream, "cublasSetStream_v2");
-  sym(api.get_stream, "cublasGetStream_v2");
-  sym(api.set_pointer_mode, "cublasSetPointerMode_v2");
-  sym(api.set_workspace, "cublasSetWorkspace_v2");
-  sym(api.gemm_ex, "cublasGemmEx");
+  lib.require(api.create, "cublasCreate_v2");
+  lib.require(api.destroy, "cublasDestroy_v2");
+  lib.require(api.set_stream, "cublasSetStream_v2");
+  lib.require(api.get_stream, "cublasGetStream_v2");
+  lib.require(api.set_pointer_mode, "cublasSetPointerMode_v2");
+  lib.require(api.set_workspace, "cublasSetWorkspace_v2");
+  lib.require(api.gemm_ex, "cublasGemmEx");
   return api;  // the library stays loaded for the process's life
 }
 
@@ -95,14 +91,20 @@ LoadedLibrary open_first_library(const std::vector<std::string>& candidates) {
 
 void* library_symbol(void* library, const char* name) { return ::dlsym(library, name); }
 
-void* open_toolkit_library(const std::string& soname, const char* what) {
+ToolkitLibrary::ToolkitLibrary(std::string soname, const char* what)
+    : soname_(std::move(soname)), what_(what) {
   const LoadedLibrary lib = open_first_library(
-      library_candidates(soname, {kLoaderSearch, kBuildToolkitDir, "/usr/local/cuda/lib64",
-                                  "/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib"}));
+      library_candidates(soname_, {kLoaderSearch, kBuildToolkitDir, "/usr/local/cuda/lib64",
+                                   "/usr/local/cuda/lib", "/usr/local/cuda/targets/x86_64-linux/lib"}));
   if (!lib.handle)
-    fail(ErrorKind::Unsupported, "cannot load ", what, " (", soname, "): ", lib.first_error,
-         "; install the CUDA toolkit's ", what, " or add its folder to LD_LIBRARY_PATH");
-  return lib.handle;
+    fail(ErrorKind::Unsupported, "cannot load ", what_, " (", soname_, "): ", lib.first_error,
+         "; install the CUDA toolkit's ", what_, " or add its folder to LD_LIBRARY_PATH");
+  handle_ = lib.handle;
+}
+
+void ToolkitLibrary::missing(const char* name) const {
+  fail(ErrorKind::Unsupported, soname_, " has no symbol ", name, ": is it ", what_, " ", CUBLAS_VER_MAJOR,
+       "?");
 }
 
 const CublasApi& cublas() {

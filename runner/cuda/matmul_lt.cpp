@@ -27,26 +27,20 @@ struct LtApi {
 };
 
 LtApi load_lt() {
-  const std::string soname = "libcublasLt.so." + std::to_string(CUBLAS_VER_MAJOR);
-  void* const lib = open_toolkit_library(soname, "cuBLASLt");
-  auto sym = [&](auto& fn, const char* name) {
-    if (!resolve_symbol(lib, name, fn))
-      fail(ErrorKind::Unsupported, soname, " has no symbol ", name, ": is it cuBLASLt ", CUBLAS_VER_MAJOR,
-           "?");
-  };
+  const ToolkitLibrary lib("libcublasLt.so." + std::to_string(CUBLAS_VER_MAJOR), "cuBLASLt");
   LtApi api{};
-  sym(api.create, "cublasLtCreate");
-  sym(api.destroy, "cublasLtDestroy");
-  sym(api.desc_create, "cublasLtMatmulDescCreate");
-  sym(api.desc_destroy, "cublasLtMatmulDescDestroy");
-  sym(api.desc_set, "cublasLtMatmulDescSetAttribute");
-  sym(api.layout_create, "cublasLtMatrixLayoutCreate");
-  sym(api.layout_destroy, "cublasLtMatrixLayoutDestroy");
-  sym(api.pref_create, "cublasLtMatmulPreferenceCreate");
-  sym(api.pref_destroy, "cublasLtMatmulPreferenceDestroy");
-  sym(api.pref_set, "cublasLtMatmulPreferenceSetAttribute");
-  sym(api.heuristic, "cublasLtMatmulAlgoGetHeuristic");
-  sym(api.matmul, "cublasLtMatmul");
+  lib.require(api.create, "cublasLtCreate");
+  lib.require(api.destroy, "cublasLtDestroy");
+  lib.require(api.desc_create, "cublasLtMatmulDescCreate");
+  lib.require(api.desc_destroy, "cublasLtMatmulDescDestroy");
+  lib.require(api.desc_set, "cublasLtMatmulDescSetAttribute");
+  lib.require(api.layout_create, "cublasLtMatrixLayoutCreate");
+  lib.require(api.layout_destroy, "cublasLtMatrixLayoutDestroy");
+  lib.require(api.pref_create, "cublasLtMatmulPreferenceCreate");
+  lib.require(api.pref_destroy, "cublasLtMatmulPreferenceDestroy");
+  lib.require(api.pref_set, "cublasLtMatmulPreferenceSetAttribute");
+  lib.require(api.heuristic, "cublasLtMatmulAlgoGetHeuristic");
+  lib.require(api.matmul, "cublasLtMatmul");
   return api;
 }
 

@@ -67,9 +67,6 @@ struct LoadedLibrary {
   std::string first_error;  // when none loaded: the first candidate's dlerror() ("not found")
 };
 LoadedLibrary open_first_library(const std::vector<std::string>& candidates);
-// The toolkit library `soname` (libcublas.so.13, ...) from the loader's search, the build's toolkit
-// or /usr/local/cuda; Error(Unsupported) naming `what` and the first dlerror() when none loads.
-void* open_toolkit_library(const std::string& soname, const char* what);
 // `fn` set to the symbol `name` of `library` (null when it has none); whether it has it.
 void* library_symbol(void* library, const char* name);
 template <class Fn>
@@ -77,6 +74,24 @@ bool resolve_symbol(void* library, const char* name, Fn& fn) {
   fn = reinterpret_cast<Fn>(library_symbol(library, name));
   return fn != nullptr;
 }
+
+// A toolkit library every symbol of which the caller needs (cuBLAS, cuBLASLt), loaded from the
+// loader's search, the build's toolkit or /usr/local/cuda: Error(Unsupported) naming `what` and the
+// first dlerror() when none loads, and naming the symbol when require() does not find it.
+class ToolkitLibrary {
+ public:
+  ToolkitLibrary(std::string soname, const char* what);
+  template <class Fn>
+  void require(Fn& fn, const char* name) const {
+    if (!resolve_symbol(handle_, name, fn)) missing(name);
+  }
+
+ private:
+  [[noreturn]] void missing(const char* name) const;
+  std::string soname_;
+  const char* what_;
+  void* handle_;
+};
 
 // The number of CUDA devices; 0 when there is no driver or no device (never throws).
 int device_count();
