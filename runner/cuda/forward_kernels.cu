@@ -478,11 +478,15 @@ size_t attention_smem(int64_t hd) {
 std::atomic<bool> g_elementwise_bf16x8{true};
 std::atomic<uint64_t> g_bf16x8_launches{0};
 
-// The 8-wide kernel takes the op when every view it touches is bf16 with 16-byte aligned rows.
+// A view the 8-wide paths read or write: bf16 with 16-byte aligned rows, while they are on.
+bool wide_view(const View& m) {
+  return g_elementwise_bf16x8.load(std::memory_order_relaxed) && m.dt == kBf16 && aligned_rows(m);
+}
+
+// The 8-wide kernel takes the op when every view it touches is one.
 bool bf16x8_fits(Ew op, const View& a, const View& b, const View& g, const View& out) {
-  const auto fits = [](const View& m) { return m.dt == kBf16 && aligned_rows(m); };
-  return g_elementwise_bf16x8.load(std::memory_order_relaxed) && out.cols % 8 == 0 && fits(out) && fits(a) &&
-         (!ew_reads_b(op) || fits(b)) && (!ew_reads_g(op) || fits(g));
+  return out.cols % 8 == 0 && wide_view(out) && wide_view(a) && (!ew_reads_b(op) || wide_view(b)) &&
+         (!ew_reads_g(op) || wide_view(g));
 }
 
 }  // namespace
@@ -535,10 +539,8 @@ void launch_norm(int mode, const View& x, const DequantParams* w, const DequantP
   QTOOL_CUDA_CHECK(
       cudaFuncSetAttribute(norm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const DequantParams none{};
-  // The 8-wide path: every view it reads or writes bf16 with 16-byte aligned rows.
-  const auto fits = [](const View& m) { return m.dt == kBf16 && aligned_rows(m); };
-  const bool vec8 = g_elementwise_bf16x8.load(std::memory_order_relaxed) && x.cols % 8 == 0 &&
-                    group % 8 == 0 && fits(x) && fits(out) && (mode != 3 || (fits(shift) && fits(scale)));
+  const bool vec8 = x.cols % 8 == 0 && group % 8 == 0 && wide_view(x) && wide_view(out) &&
+                    (mode != 3 || (wide_view(shift) && wide_view(scale)));
   norm_kernel<<<static_cast<unsigned>(x.rows), kThreads, smem, stream>>>(mode, x, w ? *w : none, w != nullptr,
                                                                          b ? *b : none, b != nullptr, group,
                                                                          eps, shift, scale, seq, out, vec8);

@@ -28,10 +28,11 @@ enum class Ew : int { Activation, Gated, Add, Residual, ResidualGated, Copy, Cla
 // moves 8 elements a thread (16-byte loads and stores), with the same operations per element.
 void launch_elementwise(Ew op, int act, const View& a, const View& b, const View& g, int64_t seq, float bound,
                         const View& out, cudaStream_t stream);
-// Off: every element-wise op takes the generic kernel (the GPU test compares the two; on is the
-// default).
+// Off: every element-wise op takes the generic kernel and every norm its element-at-a-time loads
+// and stores (the GPU tests compare the two; on is the default).
 void set_elementwise_bf16x8(bool on);
-uint64_t elementwise_bf16x8_launches();  // how many launches took the 8-wide kernel, process-wide
+// How many element-wise and norm launches took the 8-wide path, process-wide.
+uint64_t elementwise_bf16x8_launches();
 void launch_embedding(const void* ids, bool ids_i64, int64_t ids_ld, const DequantParams& table,
                       const View& out, cudaStream_t stream);
 void launch_rope(bool adjacent, const View& x, int64_t head_dim, const View& cos, const View& sin,
