@@ -11,9 +11,6 @@
 namespace qtool::runner::driver_detail {
 
 void Driver::set_up() {
-  const auto ms = [](Clock::time_point a, Clock::time_point b) {
-    return std::chrono::duration<double, std::milli>(b - a).count();
-  };
   const auto t0 = Clock::now();
   for (int d : schedule_.devices) devices_[d] = platform_.open(d);
   const auto t_open = Clock::now();
@@ -83,7 +80,8 @@ void Driver::set_up() {
   for (uint64_t i = 0; staging_bytes && i < std::max<uint64_t>(1, options_.sizing.staging_buffers); ++i)
     staging_.push_back(platform_.host_buffer(staging_bytes));
   if (staging_bytes) files_ = std::make_unique<ShardFiles>(checkpoint_);
-  result_.setup = {ms(t0, t_open), ms(t_open, t_resident), ms(t_resident, t_host), ms(t0, Clock::now())};
+  result_.setup = {ms_between(t0, t_open), ms_between(t_open, t_resident), ms_between(t_resident, t_host),
+                   ms_since(t0)};
 }
 
 void Driver::copy_loop(uint32_t run_step) {

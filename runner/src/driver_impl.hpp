@@ -22,6 +22,12 @@ namespace qtool::runner::driver_detail {
 
 using Clock = std::chrono::steady_clock;
 
+// Milliseconds from a to b, and from t0 to now.
+inline double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+inline double ms_since(Clock::time_point t0) { return ms_between(t0, Clock::now()); }
+
 enum class StepState : uint8_t { Pending, Held, Released };
 
 // The units a component runs and how: its forward, or its linears (one unit per plan step).
@@ -91,7 +97,6 @@ class Driver {
   // A run by phase (RunOptions::phases, driver_phases.cpp).
   void set_up_phases();
   void begin_phase(size_t phase);
-  size_t ops_phase_ = SIZE_MAX;  // the phase the platform's ops were made for (SIZE_MAX: none)
   void end_phase(size_t phase);
   void note_phase_peak(size_t phase);
   uint64_t slots_of(size_t si) const;  // K of the ring step `si` is copied into
@@ -167,6 +172,7 @@ class Driver {
   std::vector<std::vector<std::vector<size_t>>> unit_steps_;  // per forward component, per unit: its steps
   std::vector<std::vector<size_t>> last_unit_;  // per forward component, per step: its last unit
   std::vector<OpsNeed> ops_need_;               // per component: what its ops are made with (size_ops)
+  size_t ops_phase_ = SIZE_MAX;                 // the phase the platform's ops were made for (SIZE_MAX: none)
   std::unique_ptr<ShardFiles> files_;
   Clock::time_point origin_;
   std::mutex trace_mu_;

@@ -12,10 +12,6 @@
 namespace qtool::runner::driver_detail {
 namespace {
 
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
 // The index of the phase that runs `component`, or SIZE_MAX.
 size_t phase_of(const std::vector<RunOptions::Phase>& phases, const std::string& component) {
   for (size_t p = 0; p < phases.size(); ++p)
