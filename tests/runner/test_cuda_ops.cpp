@@ -545,36 +545,6 @@ TEST_CASE("cuda ops: rope equals the CPU backend's bits") {
   }
 }
 
-TEST_CASE("cuda ops: linear within one rounding of the CPU backend") {
-  Both b;
-  for (DType dt : kDtypes) {
-    for (int64_t tokens : {int64_t{1}, int64_t{37}}) {
-      // Bias: none, F32 (an fp32 accumulator, the bias added by our kernel), or in the activation
-      // dtype (the bias broadcast into the output and added by cuBLAS's epilogue, beta = 1).
-      for (int bias_kind : {0, 1, 2}) {
-        const bool with_bias = bias_kind != 0;
-        const int64_t in = 203, out_f = 77;
-        PlainWeight w = plain_weight(b, out_f, in, dt, 0.1f);
-        PlainWeight bias = plain_weight(b, 1, out_f, bias_kind == 1 ? DType::F32 : dt, 1.0f);
-        Pair x = random_pair(b, tokens, in, dt, 9, 1.0f, false);
-        Pair out = out_pair(b, tokens, out_f, dt, 3);
-        b.cpu->linear(x.c, w.pc, with_bias ? &bias.pc : nullptr, out.c);
-        b.gpu->linear(x.g, w.pg, with_bias ? &bias.pg : nullptr, out.g);
-        // The fp32 sums differ in order only (relative ~1e-6), so the outputs differ by at most one
-        // rounding of the dtype: 2^-8 (bf16) / 2^-11 (f16) relative, plus a small absolute term
-        // for sums that cancel.
-        const float rel = dt == DType::BF16 ? 1.0f / 128 : 1.0f / 1024;
-        double max_err = 0.0;
-        const size_t bad = beyond_tolerance(b, out, rel, 1e-4f, &max_err);
-        std::printf(
-            "  linear %-4s tokens %lld bias %d: %zu beyond tolerance, %zu bits differ, max |diff| %.3g\n",
-            dn(dt).c_str(), static_cast<long long>(tokens), bias_kind, bad, mismatches(b, out), max_err);
-        CHECK(bad == 0);
-      }
-    }
-  }
-}
-
 // Bias: none, F32 (an fp32 accumulator, the bias added by our kernel), or in the activation dtype
 // (cuBLASLt's epilogue; with cuBLAS, broadcast into the output and added with beta = 1), aligned or
 // at an odd element (cuBLASLt picks kernels by the bias's alignment).
