@@ -527,6 +527,22 @@ std::vector<ActivationItem> activation_items(const Arch& arch, int64_t batch, in
   return flux_items(std::get<FluxArch>(arch), batch, tokens, dtype);
 }
 
+uint64_t handover_bytes(const Arch& arch, int64_t batch, int64_t tokens, DType dtype) {
+  QTOOL_ASSERT(batch > 0 && tokens > 0);
+  const uint64_t e = dtype_size(dtype), b = u(batch), t = u(tokens);
+  if (const auto* l = std::get_if<LlamaArch>(&arch))
+    return b * t * (u(l->hidden_size) + 2 * u(l->head_dim)) * e;
+  if (const auto* t5 = std::get_if<T5EncoderArch>(&arch)) {
+    const uint64_t stream = dtype == DType::F16 ? 4 : e;
+    return b * t * u(t5->d_model) * stream + u(t5->n_heads) * t * t * e + b * t * 8;
+  }
+  if (const auto* c = std::get_if<ClipTextArch>(&arch)) return b * t * u(c->hidden_size) * e + b * t * 8;
+  const FluxArch& a = std::get<FluxArch>(arch);
+  const uint64_t seq = u(a.text_tokens) + t, d = u(a.dim());
+  const uint64_t out = u(a.patch_size * a.patch_size * a.out_channels);
+  return b * seq * d * e + 2 * b * d * e + 2 * seq * u(a.head_dim) * 4 + b * t * out * e;
+}
+
 ForwardFlops forward_flops(const Arch& arch, int64_t batch, int64_t tokens, uint64_t dtype_bytes) {
   ForwardFlops f;
   const auto lin = [](int64_t rows, int64_t in, int64_t out) { return 2 * u(rows) * u(in) * u(out); };

@@ -25,13 +25,19 @@ void Planner::simulate(Outcome& o) const {
   const size_t k = std::max<uint32_t>(o.cand.k, 1);
   double t = 0;
   int32_t prev_exec = -1;
+  int64_t prev_comp = -1;
   o.transfer_s = 0;
   o.compute_s = 0;
   for (const StepDraft& s : o.steps) {
     double compute = 0;
-    uint64_t first_in = 0;
+    uint64_t first_in = 0, handover = 0;
+    int64_t comp = -1;
     for (uint32_t id : s.units) {
       const UnitInfo& u = units_[id];
+      if (comp < 0) {
+        comp = u.comp;
+        handover = comps_[u.comp].handover_bytes;
+      }
       if (s.leaf >= 0) {
         const Leaf& l = u.leaves[static_cast<size_t>(s.leaf)];
         compute += l.compute_s;
@@ -42,8 +48,12 @@ void Planner::simulate(Outcome& o) const {
       }
     }
     double start = t;
-    if (prev_exec >= 0 && s.exec != prev_exec && first_in) {
-      start += static_cast<double>(opt_.tokens) * static_cast<double>(first_in) * 2.0 / (p.p2p_gbps * 1e9);
+    // A new GPU inside a component: its forward's state crosses (handover_bytes), or a linears-only
+    // component's input (a component starts from its inputs, on its first GPU).
+    if (prev_exec >= 0 && s.exec != prev_exec && comp == prev_comp && (handover || first_in)) {
+      const double bytes = handover ? static_cast<double>(handover)
+                                    : static_cast<double>(opt_.tokens) * static_cast<double>(first_in) * 2.0;
+      start += bytes / (p.p2p_gbps * 1e9);
     }
     if (s.group >= 0) {
       const GroupDraft& g = o.groups[static_cast<size_t>(s.group)];
@@ -61,6 +71,7 @@ void Planner::simulate(Outcome& o) const {
     t = start + compute;
     o.compute_s += compute;
     prev_exec = s.exec;
+    prev_comp = comp;
   }
   o.step_s = t;
 }

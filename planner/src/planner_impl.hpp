@@ -58,6 +58,7 @@ struct CompData {
   std::vector<ReserveItem> activations;  // its activation items at the plan's tokens
   uint64_t activation_bytes = 0;
   double forward_ops_s_per_block = 0;  // its attention and memory-bound ops, shared by its blocks
+  uint64_t handover_bytes = 0;         // its forward's state crossing to another GPU (handover_bytes)
 };
 
 // A module a group or step holds: a whole unit, or one leaf of it (leaf mode).

@@ -109,6 +109,7 @@ void Planner::set_forward(CompData& cd, const ComponentInput& input) const {
     blocks = static_cast<uint64_t>(f->n_double + f->n_single);
   if (const auto* t = std::get_if<T5EncoderArch>(&*cd.arch)) blocks = static_cast<uint64_t>(t->n_layers);
   if (const auto* c = std::get_if<ClipTextArch>(&*cd.arch)) blocks = static_cast<uint64_t>(c->n_layers);
+  cd.handover_bytes = handover_bytes(*cd.arch, 1, tokens, input.activation_dtype);
   const ForwardFlops f = forward_flops(*cd.arch, 1, tokens, dtype_size(input.activation_dtype));
   const double seconds = static_cast<double>(f.attention) / (opt_.profile.attention_tflops * 1e12) +
                          static_cast<double>(f.activation_bytes) / (opt_.profile.activation_gbps * 1e9);

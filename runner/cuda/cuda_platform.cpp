@@ -168,6 +168,41 @@ class CudaPlatform final : public Platform {
   }
   uint64_t pinned_bytes() const { return pinned_; }
 
+  void transfer(int src_device, const Mat& src, int dst_device, const Mat& dst) override {
+    QTOOL_ASSERT(src.dense() && dst.dense() && src.rows == dst.rows && src.cols == dst.cols &&
+                 src.dtype == dst.dtype && src_device != dst_device);
+    Gpu& s = gpu(src_device);
+    Gpu& d = gpu(dst_device);
+    const size_t bytes = static_cast<size_t>(src.rows * src.cols) * src.elem_bytes();
+    Transfer& t = transfers_.emplace_back();
+    t.ready = Event(src_device);
+    t.start = Event(dst_device, Event::Timing::On);
+    t.stop = Event(dst_device, Event::Timing::On);
+    {
+      DeviceScope scope(src_device);
+      t.ready.record(s.compute.get());
+    }
+    {
+      DeviceScope scope(dst_device);
+      d.compute.wait(t.ready.get());
+      t.start.record(d.compute.get());
+      QTOOL_CUDA_CHECK(
+          cudaMemcpyPeerAsync(dst.data, dst_device, src.data, src_device, bytes, d.compute.get()));
+      t.stop.record(d.compute.get());
+    }
+    DeviceScope scope(src_device);
+    s.compute.wait(t.stop.get());  // the source's next work may reuse `src`
+  }
+  double take_transfer_ms() override {
+    double ms = 0;
+    for (const Transfer& t : transfers_) {
+      t.stop.synchronize();
+      ms += t.stop.elapsed_ms_since(t.start);
+    }
+    transfers_.clear();
+    return ms;
+  }
+
  private:
   Gpu& gpu(int index) {
     const int n = cuda::device_count();
@@ -185,7 +220,8 @@ class CudaPlatform final : public Platform {
     }
     g->copy = Stream(index);
     g->compute = Stream(index);
-    // A component's kernels run on its first GPU and read the others' memory: peer access both ways.
+    // A forward's state crosses GPUs between units (transfer): directly where the pair has peer
+    // access, else staged by the CUDA driver through host memory.
     for (auto& [other, og] : gpus_) enable_peer(index, other);
     return *gpus_.emplace(index, std::move(g)).first->second;
   }
@@ -193,10 +229,7 @@ class CudaPlatform final : public Platform {
     for (auto [src, dst] : {std::pair{a, b}, std::pair{b, a}}) {
       int can = 0;
       QTOOL_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, dst, src));
-      if (!can)
-        fail(ErrorKind::Unsupported, "GPU ", dst, " cannot access GPU ", src,
-             "'s memory (no peer access): the CUDA backend runs a component's forward on its first GPU and "
-             "reads the weights the others hold; plan the component onto one GPU");
+      if (!can) continue;
       DeviceScope scope(dst);
       const cudaError_t err = cudaDeviceEnablePeerAccess(src, 0);
       if (err == cudaErrorPeerAccessAlreadyEnabled)
@@ -206,8 +239,15 @@ class CudaPlatform final : public Platform {
     }
   }
 
+  // A transfer's events: recorded on the source once its work is issued, and around the copy on
+  // the destination's stream.
+  struct Transfer {
+    Event ready, start, stop;
+  };
+
   CudaPlatformConfig config_;
   std::map<int, std::unique_ptr<Gpu>> gpus_;
+  std::deque<Transfer> transfers_;
   Gpu* active_ = nullptr;
   std::atomic<uint64_t> pinned_{0};
 };

@@ -5,9 +5,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <map>
+#include <utility>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/thread_pool.hpp"
@@ -133,23 +136,33 @@ class CpuPlatform final : public Platform {
   std::unique_ptr<HostBuffer> host_buffer(uint64_t bytes) override {
     return std::make_unique<HostMemory>(bytes);
   }
-  Ops& ops(int, const OpsNeed& need) override {
-    if (!ops_ || capacity_ < need.activation_bytes) {
-      ops_.reset();
-      ops_ = make_cpu_ops(pool_, need.activation_bytes);
-      capacity_ = need.activation_bytes;
+  Ops& ops(int device, const OpsNeed& need) override {
+    PerDevice& d = ops_[device];
+    if (!d.ops || d.capacity < need.activation_bytes) {
+      d.ops.reset();
+      d.ops = make_cpu_ops(pool_, need.activation_bytes);
+      d.capacity = need.activation_bytes;
     }
-    return *ops_;
+    return *d.ops;
   }
-  void release_ops() override {
-    ops_.reset();
-    capacity_ = 0;
+  void release_ops() override { ops_.clear(); }
+  void transfer(int, const Mat& src, int, const Mat& dst) override {
+    QTOOL_ASSERT(src.dense() && dst.dense() && src.rows == dst.rows && src.cols == dst.cols &&
+                 src.dtype == dst.dtype);
+    const auto t0 = std::chrono::steady_clock::now();
+    std::memcpy(dst.data, src.data, static_cast<size_t>(src.rows * src.cols) * src.elem_bytes());
+    transfer_ms_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   }
+  double take_transfer_ms() override { return std::exchange(transfer_ms_, 0.0); }
 
  private:
+  struct PerDevice {
+    std::unique_ptr<Ops> ops;
+    uint64_t capacity = 0;
+  };
   ThreadPool& pool_;
-  std::unique_ptr<Ops> ops_;
-  uint64_t capacity_ = 0;
+  std::map<int, PerDevice> ops_;
+  double transfer_ms_ = 0;
 };
 
 class CpuBackend final : public Backend {

@@ -159,11 +159,13 @@ class CpuOps final : public StackOps<HostBlock> {
   }
 
   void upload(const void* host, const Mat& dst) override {
+    check_mine(dst);
     const size_t row_bytes = static_cast<size_t>(dst.cols) * dst.elem_bytes();
     for (int64_t r = 0; r < dst.rows; ++r)
       std::memcpy(row_ptr(dst, r), static_cast<const uint8_t*>(host) + r * row_bytes, row_bytes);
   }
   void download(const Mat& src, void* host) override {
+    check_mine(src);
     const size_t row_bytes = static_cast<size_t>(src.cols) * src.elem_bytes();
     for (int64_t r = 0; r < src.rows; ++r)
       std::memcpy(static_cast<uint8_t*>(host) + r * row_bytes, row_ptr(src, r), row_bytes);
@@ -189,12 +191,26 @@ class CpuOps final : public StackOps<HostBlock> {
             const Mat& out) override;
   void attention(const Mat& q, const Mat& k, const Mat& v, const AttentionShape& shape,
                  const Mat& out) override {
+    for (const Mat* m : {&q, &k, &v, &out}) check_view(*m);
+    if (shape.bias) check_view(*shape.bias);
+    if (shape.key_mask) check_mine(*shape.key_mask);
     cpu_ops::attention(pool_, scratch_, q, k, v, shape, out);
   }
   void copy(const Mat& src, const Mat& dst) override;
   void clamp(const Mat& x, float bound, const Mat& out) override;
 
  private:
+  // Every view an op is given is this ops' memory: on a plan over several "GPUs" each has its own
+  // CpuOps, and a forward that kept a view of another's (state the driver did not hand over) is a
+  // bug that the CUDA backend would turn into a wrong device's read.
+  void check_mine(const Mat& m) const {
+    QTOOL_ASSERT_MSG(stack().holds(m), "a view [", m.rows, ", ", m.cols,
+                     "] outside this device's ops memory");
+  }
+  void check_view(const Mat& m) const {
+    runner::check_view(m);
+    check_mine(m);
+  }
   // fn(row, buffers...) over the rows of `rows` in parallel chunks; `n_bufs` float buffers of
   // `width` values each per chunk.
   void for_rows(int64_t rows, int64_t width, int n_bufs,
@@ -217,6 +233,7 @@ void CpuOps::for_rows(int64_t rows, int64_t width, int n_bufs,
 
 void CpuOps::embedding(const Mat& ids, const DequantParams& table, const Mat& out) {
   check_view(out);
+  check_mine(ids);
   QTOOL_ASSERT(ids.dtype == DType::I64 || ids.dtype == DType::I32);
   QTOOL_ASSERT(ids.rows == out.rows && ids.cols == 1 && is_plain(table) &&
                table.cols == static_cast<uint64_t>(out.cols));
@@ -293,6 +310,8 @@ void CpuOps::modulate(const Mat& x, const Mat& shift, const Mat& scale, int64_t 
   check_same_shape(x, out);
   check_per_sample(x, shift, batch);
   check_per_sample(x, scale, batch);
+  check_mine(shift);
+  check_mine(scale);
   const int64_t seq = x.rows / batch;
   const DType dt = out.dtype;
   for_rows(x.rows, x.cols, 3, [&](int64_t r, float* const* buf) {
@@ -361,7 +380,10 @@ void CpuOps::residual(const Mat& h, const Mat* gate, const Mat& y, int64_t batch
   check_view(out);
   check_same_shape(h, out);
   check_same_shape(y, out);
-  if (gate) check_per_sample(h, *gate, batch);
+  if (gate) {
+    check_per_sample(h, *gate, batch);
+    check_mine(*gate);
+  }
   const int64_t seq = gate ? h.rows / batch : 1;
   const DType dt = out.dtype;
   for_rows(out.rows, out.cols, 3, [&](int64_t r, float* const* buf) {

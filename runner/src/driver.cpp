@@ -168,6 +168,7 @@ void Driver::make_passes() {
 void Driver::run_step(uint32_t run_step) {
   const auto t_step = Clock::now();
   copies_done_ = 0;
+  peer_bytes_ = 0;
   abort_ = false;
   copy_error_ = nullptr;
   state_.assign(items_.size(), StepState::Pending);
@@ -206,6 +207,8 @@ void Driver::run_step(uint32_t run_step) {
   if (copy_error_) std::rethrow_exception(copy_error_);
   for (auto& [d, dev] : devices_) dev->synchronize();
   result_.step_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t_step).count());
+  result_.peer_bytes_per_step = peer_bytes_;
+  result_.peer_ms.push_back(platform_.take_transfer_ms());
 }
 
 RunResult Driver::run() {

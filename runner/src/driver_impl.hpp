@@ -35,9 +35,15 @@ class UnitRunner {
  public:
   virtual ~UnitRunner() = default;
   virtual const std::vector<std::string>& units() const = 0;
-  virtual void begin(Ops& ops, uint32_t run_step) = 0;
+  // On `device`'s ops, the GPU of the first unit.
+  virtual void begin(Ops& ops, int device, uint32_t run_step) = 0;
   virtual void run_unit(size_t unit, Ops& ops, WeightSource& weights) = 0;
   virtual void end(Ops& ops, ComponentRun& run) = 0;
+  // The activations its units share (Forward::shared_state; linears only: their input), which
+  // the driver hands to the next unit's GPU.
+  virtual std::vector<Mat*> shared_state() = 0;
+  // After a hand-over, before the next unit: what it makes per GPU, on `device`'s `ops`.
+  virtual void moved_to(Ops& ops, int device) { (void)ops, (void)device; }
 };
 
 inline std::string label(const std::string& component, const std::string& name) {
@@ -111,8 +117,20 @@ class Driver {
   void run_step(uint32_t run_step);
   void run_component(uint32_t component, uint32_t run_step, size_t pass);
   ComponentUnits component_units(uint32_t component, uint32_t run_step, size_t pass, bool first_pass);
+  // The ops of each GPU a component's run has used, and the mark to release them to at its end.
+  struct OpsInUse {
+    Ops* ops = nullptr;
+    size_t mark = 0;
+  };
+  using ComponentOps = std::map<int, OpsInUse>;
+  // GPU `device`'s ops for component `component` (made the platform's active ones), marked and
+  // their peak reset when the run first uses them.
+  Ops& ops_on(uint32_t component, int device, ComponentOps& used);
   void run_units(uint32_t component, uint32_t run_step, size_t pass, const ComponentUnits& units,
-                 UnitOps& unit_ops, StepWeights& weights, int device);
+                 UnitOps& unit_ops, StepWeights& weights, int device, ComponentOps& used);
+  // Copies the runner's shared state from GPU `from` to `to`'s ops (each view once: aliases
+  // follow) and points it there; the bytes are the run step's peer bytes.
+  void hand_over(UnitRunner& runner, int from, int to, Ops& to_ops, uint32_t run_step);
   // A forward's output digested and handed to the pipeline; on its first pass, its unread tensors.
   void end_forward(uint32_t component, uint32_t run_step, size_t pass, size_t n_units,
                    const StepWeights& weights, bool first_pass);
@@ -181,6 +199,7 @@ class Driver {
   std::mutex mu_;
   std::condition_variable cv_;
   size_t copies_done_ = 0;
+  uint64_t peer_bytes_ = 0;  // this run step's hand-overs between GPUs
   bool abort_ = false;
   std::exception_ptr copy_error_;
   std::vector<StepState> state_;               // per item

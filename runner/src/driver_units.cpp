@@ -16,7 +16,7 @@ class ForwardRunner final : public UnitRunner {
   ForwardRunner(Forward& forward, std::vector<HostTensor> inputs, bool read_outputs)
       : forward_(forward), inputs_(std::move(inputs)), read_outputs_(read_outputs) {}
   const std::vector<std::string>& units() const override { return forward_.units(); }
-  void begin(Ops& ops, uint32_t) override { forward_.begin(ops, inputs_); }
+  void begin(Ops& ops, int, uint32_t) override { forward_.begin(ops, inputs_); }
   void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
     forward_.run_unit(unit, ops, weights);
   }
@@ -27,6 +27,7 @@ class ForwardRunner final : public UnitRunner {
     run.more_outputs.assign(std::make_move_iterator(outs.begin() + 1), std::make_move_iterator(outs.end()));
     run.inputs = inputs_;
   }
+  std::vector<Mat*> shared_state() override { return forward_.shared_state(); }
 
  private:
   Forward& forward_;
@@ -34,7 +35,10 @@ class ForwardRunner final : public UnitRunner {
   bool read_outputs_;
 };
 
-// Linears only: H [tokens, max_in] from the run step's seed, y = H[:, :in] W^T per linear.
+// Linears only: H [tokens, max_in] from the run step's seed, y = H[:, :in] W^T per linear. Each
+// GPU the component runs on makes its own H and y, sized by its own linears (what the plan
+// reserves there): H's values depend only on (token, column), so every linear reads the same
+// input wherever it runs, and nothing crosses between GPUs.
 class LinearRunner final : public UnitRunner {
  public:
   LinearRunner(const Checkpoint& checkpoint, const Schedule& schedule, uint32_t component, uint64_t tokens,
@@ -44,26 +48,23 @@ class LinearRunner final : public UnitRunner {
       if (schedule.steps[si].component != component) continue;
       steps_.push_back(si);
       names_.push_back(schedule.steps[si].name);
+      auto& [in, out] = max_[schedule.steps[si].device];
       for (uint32_t li : schedule.steps[si].linears) {
-        max_in_ = std::max(max_in_, schedule.linears[li].in());
-        max_out_ = std::max(max_out_, schedule.linears[li].out());
+        in = std::max(in, schedule.linears[li].in());
+        out = std::max(out, schedule.linears[li].out());
       }
     }
   }
   const std::vector<std::string>& units() const override { return names_; }
   const std::vector<size_t>& steps() const { return steps_; }
-  uint64_t in_bytes() const { return tokens_ * max_in_ * 2; }
-  uint64_t out_bytes() const { return tokens_ * max_out_ * 2; }
-  void begin(Ops& ops, uint32_t run_step) override {
+  // The bytes of H and y on `device` (0 where it runs none of the linears).
+  uint64_t in_bytes(int device) const { return max_.count(device) ? tokens_ * max_.at(device).first * 2 : 0; }
+  uint64_t out_bytes(int device) const {
+    return max_.count(device) ? tokens_ * max_.at(device).second * 2 : 0;
+  }
+  void begin(Ops& ops, int device, uint32_t run_step) override {
     run_step_ = run_step;
-    if (max_in_ == 0) return;
-    h_ = ops.alloc(static_cast<int64_t>(tokens_), static_cast<int64_t>(max_in_), DType::BF16);
-    y_ = ops.alloc(static_cast<int64_t>(tokens_), static_cast<int64_t>(max_out_), DType::BF16);
-    std::vector<uint16_t> host(tokens_ * max_in_);
-    for (uint64_t t = 0; t < tokens_; ++t)
-      cpu::generate_activation_rows(kmath::activation_stream(seed_ + run_step), max_in_, 0, max_in_,
-                                    host.data(), t, t + 1);
-    ops.upload(host.data(), h_);
+    moved_to(ops, device);
   }
   void run_unit(size_t unit, Ops& ops, WeightSource& weights) override {
     for (uint32_t li : schedule_.steps[steps_[unit]].linears) {
@@ -81,6 +82,19 @@ class LinearRunner final : public UnitRunner {
     }
   }
   void end(Ops&, ComponentRun&) override {}
+  std::vector<Mat*> shared_state() override { return {}; }
+  void moved_to(Ops& ops, int device) override {
+    const auto it = max_.find(device);
+    if (it == max_.end() || it->second.first == 0) return;
+    const auto [max_in, max_out] = it->second;
+    h_ = ops.alloc(static_cast<int64_t>(tokens_), static_cast<int64_t>(max_in), DType::BF16);
+    y_ = ops.alloc(static_cast<int64_t>(tokens_), static_cast<int64_t>(max_out), DType::BF16);
+    std::vector<uint16_t> host(tokens_ * max_in);
+    for (uint64_t t = 0; t < tokens_; ++t)
+      cpu::generate_activation_rows(kmath::activation_stream(seed_ + run_step_), max_in, 0, max_in,
+                                    host.data(), t, t + 1);
+    ops.upload(host.data(), h_);
+  }
 
  private:
   const Checkpoint& checkpoint_;
@@ -89,7 +103,7 @@ class LinearRunner final : public UnitRunner {
   std::vector<LayerDigest>* digests_;
   std::vector<size_t> steps_;
   std::vector<std::string> names_;
-  uint64_t max_in_ = 0, max_out_ = 0;
+  std::map<int, std::pair<uint64_t, uint64_t>> max_;  // per GPU: its linears' largest in and out
   uint32_t run_step_ = 0;
   Mat h_, y_;
 };
@@ -166,6 +180,14 @@ void Driver::unit_steps(uint32_t component, const std::vector<std::string>& unit
       last = si;
     }
   }
+  // A unit computes on one GPU, where each of its steps must be.
+  for (size_t u = 0; u < units.size(); ++u)
+    for (size_t si : out[u])
+      if (schedule_.steps[si].device != schedule_.steps[out[u].front()].device)
+        fail(ErrorKind::InvalidInput, "unit '", units[u], "' of the ", forwards_[component]->architecture(),
+             " forward reads plan steps on GPU ", schedule_.steps[out[u].front()].device, " ('",
+             schedule_.steps[out[u].front()].name, "') and GPU ", schedule_.steps[si].device, " ('",
+             schedule_.steps[si].name, "'): a unit runs on one GPU; plan again with this qtool");
   // A unit holds every step it reads until it ends: its streamed steps must fit the ring at once.
   for (size_t u = 0; u < units.size(); ++u) {
     std::map<int, std::pair<uint64_t, uint64_t>> span;  // GPU -> first, last seq
@@ -214,21 +236,65 @@ ComponentUnits Driver::component_units(uint32_t ci, uint32_t run_step, size_t pa
   if (first_pass)
     for (auto& [d, dev] : devices_) {
       if (!runs_on(cu.steps_of, d)) continue;
-      dev->note(MemoryKind::ActivationIn, lr->in_bytes());
-      dev->note(MemoryKind::ActivationOut, lr->out_bytes());
+      dev->note(MemoryKind::ActivationIn, lr->in_bytes(d));
+      dev->note(MemoryKind::ActivationOut, lr->out_bytes(d));
     }
   cu.runner = std::move(lr);
   return cu;
 }
 
+Ops& Driver::ops_on(uint32_t ci, int device, ComponentOps& used) {
+  Ops& ops = platform_.ops(device, ops_need_[ci]);
+  auto [it, fresh] = used.try_emplace(device, OpsInUse{&ops, 0});
+  if (fresh) {
+    it->second.mark = ops.mark();
+    ops.reset_peak();
+  }
+  QTOOL_ASSERT_MSG(it->second.ops == &ops, "GPU ", device, "'s ops were made anew during a component's run");
+  return ops;
+}
+
+void Driver::hand_over(UnitRunner& runner, int from, int to, Ops& to_ops, uint32_t run_step) {
+  const auto t0 = Clock::now();
+  std::vector<std::pair<const void*, Mat>> moved;  // a view's old data -> its copy
+  uint64_t bytes = 0;
+  for (Mat* m : runner.shared_state()) {
+    if (m->data == nullptr) continue;
+    const auto same =
+        std::find_if(moved.begin(), moved.end(), [&](const auto& p) { return p.first == m->data; });
+    if (same != moved.end()) {
+      *m = same->second;
+      continue;
+    }
+    QTOOL_ASSERT_MSG(m->dense(), "a forward's shared state [", m->rows, ", ", m->cols,
+                     "] is not a dense buffer");
+    const Mat dst = to_ops.alloc(m->rows, m->cols, m->dtype);
+    platform_.transfer(from, *m, to, dst);
+    bytes += static_cast<uint64_t>(m->rows * m->cols) * m->elem_bytes();
+    moved.emplace_back(m->data, dst);
+    *m = dst;
+  }
+  runner.moved_to(to_ops, to);
+  peer_bytes_ += bytes;
+  if (bytes)
+    trace(str_cat("peer copy gpu", from, " -> gpu", to), Lane::Compute, to, run_step, -1, t0, Clock::now(),
+          bytes);
+}
+
 void Driver::run_units(uint32_t ci, uint32_t run_step, size_t pass, const ComponentUnits& cu,
-                       UnitOps& unit_ops, StepWeights& weights, int device) {
+                       UnitOps& unit_ops, StepWeights& weights, int device, ComponentOps& used) {
   UnitRunner& runner = *cu.runner;
   const size_t digest0 = digest_base_[pass];
   for (size_t u = 0; u < runner.units().size(); ++u) {
     const std::vector<size_t>& steps = cu.steps_of[u];
     weights.enter(u, runner.units()[u], &steps);
-    if (!steps.empty()) device = schedule_.steps[steps.front()].device;
+    if (!steps.empty() && schedule_.steps[steps.front()].device != device) {
+      const int next = schedule_.steps[steps.front()].device;
+      Ops& ops = ops_on(ci, next, used);
+      hand_over(runner, device, next, ops, run_step);
+      unit_ops.rebind(ops);
+      device = next;
+    }
     unit_ops.start_unit();
     const auto t0 = Clock::now();
     runner.run_unit(u, unit_ops, weights);
@@ -267,24 +333,29 @@ void Driver::run_component(uint32_t ci, uint32_t run_step, size_t pass) {
   ComponentRun& run = result_.components[ci];
   const bool first_pass = run_step == 0 && run.passes == 0;
   const ComponentUnits cu = component_units(ci, run_step, pass, first_pass);
-  const int first_device = cu.steps_of.empty() || cu.steps_of.front().empty()
-                               ? schedule_.devices.front()
-                               : schedule_.steps[cu.steps_of.front().front()].device;
-  Ops& ops = platform_.ops(first_device, ops_need_[ci]);
-  const size_t mark = ops.mark();
-  ops.reset_peak();
-  UnitOps unit_ops(ops, forwards_[ci] && options_.digests);
+  int first_device = schedule_.devices.front();  // the GPU of its first unit with steps
+  for (const std::vector<size_t>& steps : cu.steps_of)
+    if (!steps.empty()) {
+      first_device = schedule_.steps[steps.front()].device;
+      break;
+    }
+  ComponentOps used;
+  UnitOps unit_ops(ops_on(ci, first_device, used), forwards_[ci] && options_.digests);
   StepWeights weights(*this, ci);
-  cu.runner->begin(unit_ops, run_step);
-  run_units(ci, run_step, pass, cu, unit_ops, weights, first_device);
+  cu.runner->begin(unit_ops, first_device, run_step);
+  run_units(ci, run_step, pass, cu, unit_ops, weights, first_device, used);
   cu.runner->end(unit_ops, run);
   if (forwards_[ci]) end_forward(ci, run_step, pass, cu.runner->units().size(), weights, first_pass);
-  run.activation_peak_bytes = std::max(run.activation_peak_bytes, ops.peak_bytes());
-  ops.release(mark);
+  for (auto& [d, in_use] : used) {
+    uint64_t& peak = run.activation_peak_by_gpu[d];
+    peak = std::max(peak, in_use.ops->peak_bytes());
+    run.activation_peak_bytes = std::max(run.activation_peak_bytes, peak);
+    in_use.ops->release(in_use.mark);
+  }
   if (run_step == 0) ++run.passes;
   if (forwards_[ci] && first_pass)
     for (auto& [d, dev] : devices_)
-      if (runs_on(cu.steps_of, d)) dev->note(MemoryKind::ForwardActivations, run.activation_peak_bytes);
+      if (runs_on(cu.steps_of, d)) dev->note(MemoryKind::ForwardActivations, run.activation_peak_by_gpu[d]);
 }
 
 }  // namespace qtool::runner::driver_detail

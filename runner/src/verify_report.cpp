@@ -95,6 +95,9 @@ struct StepTimes {
   double ratio = 0;
   double resident = 0;  // all-resident median, 0 when none ran
   double gbps = 0;      // host-to-device bytes per step over the measured time
+  double peer_ms = 0;   // median time of a step's hand-overs between GPUs
+  double peer_gbps = 0;
+  double profile_p2p_gbps = 0;  // the plan's device profile's peer copy bandwidth
 };
 
 StepTimes step_times(const Setup& s, const RunResult& planned, const std::vector<double>& planned_ms,
@@ -109,6 +112,11 @@ StepTimes step_times(const Setup& s, const RunResult& planned, const std::vector
   if (rms.size() >= 2) rms.erase(rms.begin());
   t.resident = median(rms);
   t.gbps = t.measured > 0 ? static_cast<double>(planned.h2d_bytes_per_step) / (t.measured * 1e6) : 0.0;
+  std::vector<double> peer = planned.peer_ms;
+  if (peer.size() >= 2) peer.erase(peer.begin());
+  t.peer_ms = median(peer);
+  t.peer_gbps = t.peer_ms > 0 ? static_cast<double>(planned.peer_bytes_per_step) / (t.peer_ms * 1e6) : 0.0;
+  t.profile_p2p_gbps = s.plan.profile.p2p_gbps;
   return t;
 }
 
@@ -119,6 +127,11 @@ std::string step_time_detail(const StepTimes& t, const RunResult& planned) {
   if (planned.h2d_bytes_per_step)
     detail += str_cat("; ", format_size(planned.h2d_bytes_per_step), " streamed per step (",
                       fmt("%.1f", t.gbps), " GB/s)");
+  if (planned.peer_bytes_per_step)
+    detail += str_cat("; ", format_size(planned.peer_bytes_per_step),
+                      " of forward state handed between GPUs per step in ", fmt("%.3f", t.peer_ms), " ms (",
+                      fmt("%.1f", t.peer_gbps), " GB/s; the profile's peer copy ",
+                      fmt("%.1f", t.profile_p2p_gbps), " GB/s)");
   if (planned.pipeline.ran)
     detail +=
         str_cat("; a run step is the whole pipeline (the encoders once, the transformer ",
@@ -128,15 +141,15 @@ std::string step_time_detail(const StepTimes& t, const RunResult& planned) {
 
 // A plan by phase, one phase: each forward's activation peak against the activation items of the
 // phase on the GPUs it ran on (the plan reserves a phase's own forward only). Returns the words of
-// the check; `over` counts what is over; `act` is the phase's largest activation peak.
+// the check; `over` counts what is over; `act` is, per GPU, the phase's largest activation peak there.
 std::string check_phase_activations(const Setup& s, const planner::PhasePlan& ph, const RunResult& planned,
-                                    size_t& over, uint64_t& act, json& one) {
+                                    size_t& over, std::map<int, uint64_t>& act, json& one) {
   std::string detail;
   for (const planner::PhaseComponent& pc : ph.components) {
     const std::string& name = s.plan.components[pc.component].name;
     for (const ComponentRun& c : planned.components) {
       if (c.component != name) continue;
-      act = std::max(act, c.activation_peak_bytes);
+      for (const auto& [gpu, bytes] : c.activation_peak_by_gpu) act[gpu] = std::max(act[gpu], bytes);
       if (!c.forward) continue;
       uint64_t plan_bytes = 0;
       for (const planner::PhaseDevice& d : ph.devices) {
@@ -186,7 +199,7 @@ std::string check_phases(const Setup& s, const RunResult& planned, size_t& over,
                 {"predicted_time_s", ph.time_s},
                 {"predicted_load_s", ph.load_s},
                 {"predicted_step_s", ph.step_s}};
-    uint64_t act = 0;
+    std::map<int, uint64_t> act;
     detail += check_phase_activations(s, ph, planned, over, act, one);
     if (run) phase_times(ph, *run, one);
     json devs = json::array();
@@ -196,7 +209,7 @@ std::string check_phases(const Setup& s, const RunResult& planned, size_t& over,
       if (run && it != run->peak_bytes.end()) {
         uint64_t measured = it->second;
         if (!s.on_gpu) {
-          measured += act;
+          measured += act[d.location.gpu];
           for (const planner::ReserveItem& ri : d.reserve)
             if (ri.name == "cuda_context" || ri.name == "cublas_workspace") measured += ri.bytes;
         }
@@ -320,6 +333,10 @@ void check_step_time(const Setup& s, const RunResult& planned, std::vector<doubl
                              {"all_resident_median_ms", st.resident},
                              {"h2d_bytes_per_step", planned.h2d_bytes_per_step},
                              {"peer_bytes_per_step", planned.peer_bytes_per_step},
+                             {"peer_ms", planned.peer_ms},
+                             {"peer_median_ms", st.peer_ms},
+                             {"peer_gbps", st.peer_gbps},
+                             {"profile_p2p_gbps", st.profile_p2p_gbps},
                              {"effective_h2d_gbps", st.gbps}};
   const std::string detail = step_time_detail(st, planned);
   if (!s.on_gpu) {

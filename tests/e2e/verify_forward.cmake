@@ -58,3 +58,7 @@ add_test(NAME e2e_verify_denoise_usage COMMAND bash ${VF} denoise-usage)
 set_tests_properties(e2e_verify_denoise_usage PROPERTIES LABELS e2e TIMEOUT 120 FIXTURES_REQUIRED verify_forward)
 add_test(NAME e2e_verify_transformer_folder COMMAND bash ${VF} transformer-folder)
 set_tests_properties(e2e_verify_transformer_folder PROPERTIES LABELS e2e TIMEOUT 300 FIXTURES_REQUIRED verify_forward)
+# Plans over two GPUs (verify_two_gpus.sh): each unit on its own GPU's ops, the forward's state
+# handed between them, the output equal to the one-GPU plan's.
+add_test(NAME e2e_verify_two_gpus COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/verify_two_gpus.sh ${QTOOL_EXE})
+set_tests_properties(e2e_verify_two_gpus PROPERTIES LABELS e2e TIMEOUT 300)

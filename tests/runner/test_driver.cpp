@@ -52,6 +52,7 @@ class ByteCheckForward final : public Forward {
   }
   int64_t batch_of(const std::vector<HostTensor>& in) const override { return real_->batch_of(in); }
   void begin(Ops&, const std::vector<HostTensor>&) override {}
+  std::vector<Mat*> shared_state() override { return {}; }
   void run_unit(size_t unit, Ops&, WeightSource& weights) override {
     const std::string& u = units()[unit];
     for (const Component::Entry& e : comp_.entries()) {

@@ -88,6 +88,7 @@ class ClipForward final : public TokenForward {
     positions_ = positions_of(inputs, batch_, seq_);
     mask_ = upload_key_mask(ops, inputs, batch_, seq_);
   }
+  std::vector<Mat*> shared_state() override { return {&h_, &out_, &mask_.mat}; }
 
   // The stream after every unit (the last one's normalised in place).
   std::vector<HostTensor> stages(Ops& ops, size_t unit) override { return {stream_stage(ops, unit)}; }

@@ -135,8 +135,13 @@ class FluxForward final : public ModelForward {
     cos_ = ops.alloc(t, a_.head_dim, DType::F32);
     sin_ = ops.alloc(t, a_.head_dim, DType::F32);
     sample_ = ops.alloc(batch_ * ti_, out_cols(), dtype_);
+    normed_ = {};
     ops.upload(cos.data(), cos_);
     ops.upload(sin.data(), sin_);
+  }
+
+  std::vector<Mat*> shared_state() override {
+    return {&hs_, &c_, &silu_c_, &cos_, &sin_, &sample_, &normed_};
   }
 
   std::vector<HostTensor> stages(Ops& ops, size_t unit) override {
@@ -397,7 +402,6 @@ class FluxForward final : public ModelForward {
     UnitWeights w(config_file_);
     const Linear lin = w.linear("norm_out.linear", d, 2 * d, true);
     w.fetch(weights);
-    norm_mark_ = ops.mark();
     normed_ = ops.alloc(batch_ * ti_, d, dtype_);
     const size_t m = ops.mark();
     const Mat mod = ops.alloc(batch_, 2 * d, dtype_);
@@ -412,7 +416,6 @@ class FluxForward final : public ModelForward {
     const Linear lin = w.linear("proj_out", a_.dim(), out_cols(), true);
     w.fetch(weights);
     ops.linear(normed_, *lin.weight, lin.bias, sample_);
-    ops.release(norm_mark_);
   }
 
   FluxArch a_;
@@ -420,7 +423,6 @@ class FluxForward final : public ModelForward {
   int64_t batch_ = 0, ti_ = 0, tt_ = 0;
   std::vector<uint8_t> x_in_, y_in_, pooled_in_, t_phi_, g_phi_;
   Mat hs_, c_, silu_c_, cos_, sin_, sample_, normed_;
-  size_t norm_mark_ = 0;
 };
 
 }  // namespace

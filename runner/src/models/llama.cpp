@@ -54,6 +54,7 @@ class LlamaForward final : public TokenForward {
     ops.upload(cos.data(), cos_);
     ops.upload(sin.data(), sin_);
   }
+  std::vector<Mat*> shared_state() override { return {&h_, &out_, &cos_, &sin_}; }
 
  private:
   void layer(int64_t i, Ops& ops, WeightSource& weights) {

@@ -440,6 +440,7 @@ void TokenForward::begin_stream(Ops& ops, const std::vector<HostTensor>& inputs,
   batch_ = ids_.shape[0];
   seq_ = ids_.shape[1];
   h_ = ops.alloc(rows(), model_.width, stream_dtype);
+  out_ = {};
 }
 
 void TokenForward::embed_tokens(Ops& ops, WeightSource& weights, const std::string& table) {

@@ -61,6 +61,7 @@ class T5Forward final : public TokenForward {
     bias_ = ops.alloc(a_.n_heads * seq_, seq_, dtype_);
     mask_ = upload_key_mask(ops, inputs, batch_, seq_);
   }
+  std::vector<Mat*> shared_state() override { return {&h_, &out_, &bias_, &mask_.mat}; }
 
  private:
   bool f16() const { return dtype_ == DType::F16; }

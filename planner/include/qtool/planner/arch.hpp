@@ -120,6 +120,14 @@ struct ActivationItem {
 };
 std::vector<ActivationItem> activation_items(const Arch& arch, int64_t batch, int64_t tokens, DType dtype);
 
+// The bytes of the forward's state that cross from one GPU to the next between two of its units
+// when a plan splits it (the runner's Forward::shared_state, copied as is): Flux the stream
+// [B (Tt + Ti), D], the embedding and its SiLU [B, D], RoPE cos and sin [Tt + Ti, hd] F32 and the
+// output [B Ti, p^2 C]; Llama the stream and RoPE cos and sin [B T, hd]; T5 the stream (F32 for an
+// F16 model), the position bias [H T, T] and the key mask [B, T] I64; CLIP the stream and the key
+// mask.
+uint64_t handover_bytes(const Arch& arch, int64_t batch, int64_t tokens, DType dtype);
+
 // The tokens a FluxPipeline's text encoder runs on in a job of `tokens` image tokens, as the
 // runner draws its prompts (runner/src/pipeline.cpp) and as the planner sizes its activations and
 // compute: CLIP at most its max_position_embeddings, T5 at most kFluxMaxSequenceLength, neither

@@ -48,6 +48,15 @@ class ActivationStack {
   void reset_peak() { peak_ = top_; }
   uint64_t capacity() const { return capacity_; }
   uint64_t held() const { return top_; }
+  // Whether every byte of view `m` lies in this memory (an empty view: any).
+  bool holds(const Mat& m) const {
+    if (m.rows == 0 || m.cols == 0) return true;
+    const auto* p = static_cast<const uint8_t*>(m.data);
+    const uint64_t extent =
+        (static_cast<uint64_t>(m.rows - 1) * static_cast<uint64_t>(m.ld) + static_cast<uint64_t>(m.cols)) *
+        dtype_size(m.dtype);
+    return p >= base_ && p <= base_ + capacity_ && extent <= static_cast<uint64_t>(base_ + capacity_ - p);
+  }
 
  private:
   uint8_t* base_;
@@ -70,6 +79,7 @@ class StackOps : public Ops {
   void reset_peak() override { stack_.reset_peak(); }
 
  protected:
+  const ActivationStack& stack() const { return stack_; }
   // `block` holds at least `capacity` bytes; `where` names the memory in errors.
   StackOps(Block block, uint64_t capacity, std::string where)
       : block_(std::move(block)), stack_(static_cast<uint8_t*>(block_.data()), capacity, std::move(where)) {}

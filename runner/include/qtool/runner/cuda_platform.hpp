@@ -8,9 +8,11 @@
 // group k+1 runs under the compute of group k with no host synchronisation. Host buffers are
 // pinned. The ops (cuda_forward_ops.hpp) of each GPU run on its compute stream, their memory
 // allocated when first asked for: the activation stack, the dequant scratch and the cuBLAS
-// workspace of the plan. A component's ops are those of its first GPU: on several GPUs its
-// kernels read the other GPUs' slots and arenas through peer access (refused, Error(Unsupported),
-// where two GPUs of the plan have none).
+// workspace of the plan. A component over several GPUs runs each unit on its own GPU's ops, which
+// read only that GPU's arena and slots; its forward's state crosses between units by transfer():
+// a cudaMemcpyPeerAsync on the receiving GPU's compute stream, ordered by events both ways (direct
+// where the pair has peer access, which is enabled; else the CUDA driver stages it through host
+// memory).
 #pragma once
 
 #include <cstdint>

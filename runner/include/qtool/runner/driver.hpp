@@ -92,7 +92,7 @@ struct OpsNeed {
   // hidden state and output.
   uint64_t activation_bytes = 0;
   // The bf16 weight of its largest linear that is dequantized before the GEMM (the plan's
-  // dequant_scratch), wherever the weight is held: the component runs on its first GPU's ops.
+  // dequant_scratch): each GPU the component runs units on has ops of this size.
   uint64_t dequant_scratch_bytes = 0;
 };
 
@@ -104,10 +104,19 @@ class Platform {
   virtual std::string device_names() const = 0;
   virtual std::unique_ptr<Device> open(int index) = 0;
   virtual std::unique_ptr<HostBuffer> host_buffer(uint64_t bytes) = 0;
-  // The ops that run on GPU `device`, with at least `need`'s activation memory and dequant scratch.
-  // The CPU backend has one set of ops for every "GPU" (they share host memory), so a forward's
-  // state may cross GPUs as it is.
+  // The ops that run on GPU `device`, with at least `need`'s activation memory and dequant scratch;
+  // the ops asked for last are the ones the compute waits and releases of the devices order (the
+  // unit running now). Each GPU has its own (the CPU backend too: separate host blocks whose ops
+  // refuse another's views), so a forward's state crosses GPUs only through transfer().
   virtual Ops& ops(int device, const OpsNeed& need) = 0;
+  // Copies the dense view `src` of GPU `src_device`'s ops into `dst` (same shape and dtype) of GPU
+  // `dst_device`'s: after the work issued so far on the source, before the work issued next on
+  // the destination, and before the source's next work may overwrite `src`.
+  virtual void transfer(int src_device, const Mat& src, int dst_device, const Mat& dst) = 0;
+  // The milliseconds the transfers since the last call took (CUDA: timed by events around each
+  // copy on the destination's stream, read once the devices are synchronized; CPU: the copies'
+  // wall time).
+  virtual double take_transfer_ms() = 0;
   // Frees every GPU's ops and their memory (a run by phase, between phases: the next phase's ops
   // are sized for its components); the next ops() makes them anew.
   virtual void release_ops() {}

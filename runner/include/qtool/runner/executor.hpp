@@ -145,15 +145,16 @@ struct DeviceMemory {
 
 // What one component ran.
 struct ComponentRun {
-  std::string component;                 // "" for a single model
-  std::string architecture;              // the forward's ("LlamaForCausalLM"), "" for linears-only
-  bool forward = false;                  // ran its real forward (else its linears only)
-  std::vector<std::string> units;        // forward units in execution order (digest names)
-  std::vector<HostTensor> inputs;        // the inputs it ran on (forwards)
-  HostTensor output;                     // the output of the last run step, F32 (forwards)
-  std::vector<HostTensor> more_outputs;  // its other outputs (CLIP's pooler_output)
-  uint64_t activation_peak_bytes = 0;    // Ops::peak_bytes over its run
-  uint32_t passes = 0;                   // forward runs per run step (a pipeline's transformer: its steps)
+  std::string component;                           // "" for a single model
+  std::string architecture;                        // the forward's ("LlamaForCausalLM"), "" for linears-only
+  bool forward = false;                            // ran its real forward (else its linears only)
+  std::vector<std::string> units;                  // forward units in execution order (digest names)
+  std::vector<HostTensor> inputs;                  // the inputs it ran on (forwards)
+  HostTensor output;                               // the output of the last run step, F32 (forwards)
+  std::vector<HostTensor> more_outputs;            // its other outputs (CLIP's pooler_output)
+  uint64_t activation_peak_bytes = 0;              // Ops::peak_bytes over its run (the largest of any GPU's)
+  std::map<int, uint64_t> activation_peak_by_gpu;  // per GPU it ran units on: its ops' peak
+  uint32_t passes = 0;  // forward runs per run step (a pipeline's transformer: its steps)
   // Tensors of the component the forward never asked for (every tensor must feed the forward).
   std::vector<std::string> unread_tensors;
 };
@@ -171,7 +172,10 @@ struct RunResult {
   std::vector<DeviceMemory> memory;  // per GPU of the schedule
   std::vector<TraceEvent> trace;
   uint64_t h2d_bytes_per_step = 0;  // streamed bytes copied to the devices per step
+  // A plan over several GPUs: the bytes of forward state handed from one unit's GPU to the next's
+  // per step (the last step's), and per step the time those copies took (Platform::take_transfer_ms).
   uint64_t peer_bytes_per_step = 0;
+  std::vector<double> peer_ms;
   std::vector<std::string> notes;
   // A FluxPipeline run (RunOptions::denoise_steps): its schedule, initial and final latents (the
   // last run step's).

@@ -73,6 +73,13 @@ class Forward {
   // embeddings' sinusoids). Allocates the state the units share (the residual stream) from `ops`.
   virtual void begin(Ops& ops, const std::vector<HostTensor>& inputs) = 0;
   virtual void run_unit(size_t unit, Ops& ops, WeightSource& weights) = 0;
+  // The activations the units share, live from begin() to output(): the residual stream and what
+  // a later unit reads (RoPE tables, the modulation input, a key mask, the output). Each is a
+  // dense buffer from ops.alloc, or empty (data null) until a unit makes it. Consecutive units may
+  // run on different GPUs (a plan over several): between them the driver copies each of these into
+  // the next GPU's ops and points the forward at the copy, so a unit only ever reads its own ops'
+  // memory. A unit keeps nothing else of the ops across units (no buffer, no mark).
+  virtual std::vector<Mat*> shared_state() = 0;
   // The output under the framework's name ("logits", "sample", "last_hidden_state"), F32.
   virtual HostTensor output(Ops& ops) = 0;
   // The names outputs() gives, in its order (an --outputs file replayed as --inputs skips them).
