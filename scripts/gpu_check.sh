@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_check.sh [STAGE...]      STAGE: build tests bench full cudnn attn optimes
 #                                             optimes-full
-#                                             peers-flux peers-llama pipeline
+#                                             peers-flux peers-llama pipeline two-gpus
 #                                             (default: build tests bench)
 #
 #   build:  configure and build build-gpu/ (kept between runs on a warm machine: a later call that
@@ -40,6 +40,12 @@
 #   pipeline: issue 13's run: the full-size FluxPipeline synthesized, quantized with
 #           sample_configs/flux-nf4.json, planned at 12, 16 and 24 GiB (the GPU's built-in profile)
 #           and verified with --backend cuda (4 denoising steps): name it alone in a call.
+#   two-gpus: issue 14's run, on a machine with two GPUs (nvidia-h200-x2): `qtool profile` (its
+#           peer copy bandwidth), ctest's gpu_verify_two_gpus, then the full-size flux transformer
+#           (nf4) planned balanced at 2.5 GiB per GPU (each GPU streams at least half its blocks)
+#           and the Llama-3-8B shape (bf16) balanced with everything resident, each verified with
+#           --backend cuda and its output compared with the one-GPU plan's: two_gpus.log. Name it
+#           alone in a call.
 #
 # Build dependencies (CLI11, nlohmann-json, doctest: header-only Debian packages) are taken from
 # the system when present, else from .deps/*.deb carried with the tree (nothing can be fetched
@@ -267,5 +273,69 @@ if has pipeline; then
   } >"$OUT/pipeline.log" 2>&1
   say "pipeline"
   grep -E "verify at|\[(pass|FAIL)\]|predicted job" "$OUT/pipeline.log" | cut -c1-300 | tee -a "$SUMMARY"
+fi
+# --- Issue 14: two GPUs, the real forward balanced across both. -----------------------------------
+if has two-gpus; then
+  Q=$BUILD/apps/qtool/qtool
+  D=/tmp/qtool-two
+  rm -rf /tmp/qtool-peers /tmp/qtool-pipeline "$D"
+  {
+    set -x
+    nvidia-smi -L
+    "$Q" profile -o "$D/profile.json"
+    (cd "$BUILD" && ctest -R gpu_verify_two_gpus --output-on-failure)
+    "$Q" synth --preset flux --scale 1 --components transformer --seed 1 -o "$D/flux" -q
+    "$Q" quantize "$D/flux" -o "$D/flux-nf4" --scheme nf4 -q
+    rm -rf "$D/flux"
+    "$Q" synth --preset llama --scale 1 --seed 1 -o "$D/llama" -q
+    # one family at a time: NAME CKPT TWO-GPU-BUDGET ONE-GPU-BUDGET
+    two() {
+      "$Q" plan "$2" --device-profile "$D/profile.json" --device-map balanced --max-memory "$3,cpu=100GiB" \
+        -o "$D/$1-2.json"
+      "$Q" plan "$2" --device-profile "$D/profile.json" --max-memory "$4,cpu=100GiB" -o "$D/$1-1.json" -q
+      python3 - "$D/$1-2.json" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))
+per = {}
+for s in p["schedule"]:
+    m = s["modules"][0]
+    if any(m.startswith(b) for b in ("transformer_blocks.", "single_transformer_blocks.", "model.layers.")):
+        n = per.setdefault(s["gpu"], [0, 0])
+        n[0] += 1
+        n[1] += s["group"] >= 0
+for gpu, (blocks, streamed) in sorted(per.items()):
+    print(f"plan: gpu {gpu}: {streamed} of {blocks} blocks streamed")
+PY
+      for n in 2 1; do
+        timeout 300 "$Q" verify "$2" --plan "$D/$1-$n.json" --backend cuda --steps 3 \
+          --report "$D/$1-$n.report.json" --outputs "$D/$1-$n.out.safetensors"
+        echo "verify $1 on $n GPU(s) exit $?"
+      done
+      python3 - "$D/$1-1.out.safetensors" "$D/$1-2.out.safetensors" "$D/$1-2.report.json" <<'PY'
+import json, struct, sys
+import numpy as np
+def tensors(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        h = json.loads(f.read(n))
+        data = f.read()
+    return {k: np.frombuffer(data[v["data_offsets"][0]:v["data_offsets"][1]], np.float32)
+            for k, v in h.items() if k != "__metadata__" and v["dtype"] == "F32"}
+one, two = tensors(sys.argv[1]), tensors(sys.argv[2])
+for k in one:
+    a, b = one[k].astype(np.float64), two[k].astype(np.float64)
+    print(f"two GPUs against one: {k}: relative RMS {np.sqrt(((a - b) ** 2).sum() / (a ** 2).sum()):.3g}")
+t = json.load(open(sys.argv[3]))["timing"]
+print("peer: {} bytes per step, median {:.3f} ms, {:.1f} GB/s against the profile's {:.1f} GB/s".format(
+    t["peer_bytes_per_step"], t["peer_median_ms"], t["peer_gbps"], t["profile_p2p_gbps"]))
+PY
+    }
+    two flux "$D/flux-nf4" "0=2.5GiB,1=2.5GiB" "0=2.5GiB"
+    two llama "$D/llama" "0=12GiB,1=12GiB" "0=40GiB"
+    set +x
+  } >"$OUT/two_gpus.log" 2>&1
+  say "two-gpus"
+  grep -E "plan: gpu|verify .* exit|relative RMS|peer:|\[(pass|FAIL)\]|step time|Passed|Failed|peer copy" "$OUT/two_gpus.log" \
+    | cut -c1-400 | tee -a "$SUMMARY"
 fi
 exit $test_rc

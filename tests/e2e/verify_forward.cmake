@@ -62,3 +62,5 @@ set_tests_properties(e2e_verify_transformer_folder PROPERTIES LABELS e2e TIMEOUT
 # handed between them, the output equal to the one-GPU plan's.
 add_test(NAME e2e_verify_two_gpus COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/verify_two_gpus.sh ${QTOOL_EXE})
 set_tests_properties(e2e_verify_two_gpus PROPERTIES LABELS e2e TIMEOUT 300)
+add_test(NAME gpu_verify_two_gpus COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/verify_two_gpus.sh ${QTOOL_EXE} cuda)
+set_tests_properties(gpu_verify_two_gpus PROPERTIES LABELS gpu TIMEOUT 600 SKIP_RETURN_CODE 77)
