@@ -121,6 +121,9 @@ class Driver {
   struct OpsInUse {
     Ops* ops = nullptr;
     size_t mark = 0;
+    // The shared state's views here when it last left this GPU: still allocated (the stack is
+    // released at the component's end), so a hand-over back here copies into them.
+    std::vector<Mat> left;
   };
   using ComponentOps = std::map<int, OpsInUse>;
   // GPU `device`'s ops for component `component` (made the platform's active ones), marked and
@@ -128,9 +131,10 @@ class Driver {
   Ops& ops_on(uint32_t component, int device, ComponentOps& used);
   void run_units(uint32_t component, uint32_t run_step, size_t pass, const ComponentUnits& units,
                  UnitOps& unit_ops, StepWeights& weights, int device, ComponentOps& used);
-  // Copies the runner's shared state from GPU `from` to `to`'s ops (each view once: aliases
-  // follow) and points it there; the bytes are the run step's peer bytes.
-  void hand_over(UnitRunner& runner, int from, int to, Ops& to_ops, uint32_t run_step);
+  // Copies the runner's shared state from GPU `from` to `to` (each view once: aliases follow),
+  // into the views it left on `to` before where they fit, else new ones from `to`'s ops, and points
+  // it there; the bytes are the run step's peer bytes.
+  void hand_over(UnitRunner& runner, int from, int to, ComponentOps& used, uint32_t run_step);
   // A forward's output digested and handed to the pipeline; on its first pass, its unread tensors.
   void end_forward(uint32_t component, uint32_t run_step, size_t pass, size_t n_units,
                    const StepWeights& weights, bool first_pass);

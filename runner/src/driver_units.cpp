@@ -1,6 +1,7 @@
 // The schedule driver's compute walk (driver_impl.hpp): a component's units run in order, by its
 // forward or by its linears, each unit's tensors fetched from the steps the plan puts them in.
 #include <algorithm>
+#include <tuple>
 
 #include "driver_impl.hpp"
 #include "qtool/formats/error.hpp"
@@ -86,6 +87,10 @@ class LinearRunner final : public UnitRunner {
   void moved_to(Ops& ops, int device) override {
     const auto it = max_.find(device);
     if (it == max_.end() || it->second.first == 0) return;
+    if (const auto made = made_.find(device); made != made_.end()) {  // back on a GPU: its buffers stay
+      std::tie(h_, y_) = made->second;
+      return;
+    }
     const auto [max_in, max_out] = it->second;
     h_ = ops.alloc(static_cast<int64_t>(tokens_), static_cast<int64_t>(max_in), DType::BF16);
     y_ = ops.alloc(static_cast<int64_t>(tokens_), static_cast<int64_t>(max_out), DType::BF16);
@@ -94,6 +99,7 @@ class LinearRunner final : public UnitRunner {
       cpu::generate_activation_rows(kmath::activation_stream(seed_ + run_step_), max_in, 0, max_in,
                                     host.data(), t, t + 1);
     ops.upload(host.data(), h_);
+    made_[device] = {h_, y_};
   }
 
  private:
@@ -104,6 +110,7 @@ class LinearRunner final : public UnitRunner {
   std::vector<size_t> steps_;
   std::vector<std::string> names_;
   std::map<int, std::pair<uint64_t, uint64_t>> max_;  // per GPU: its linears' largest in and out
+  std::map<int, std::pair<Mat, Mat>> made_;           // per GPU: its H and y
   uint32_t run_step_ = 0;
   Mat h_, y_;
 };
@@ -254,11 +261,18 @@ Ops& Driver::ops_on(uint32_t ci, int device, ComponentOps& used) {
   return ops;
 }
 
-void Driver::hand_over(UnitRunner& runner, int from, int to, Ops& to_ops, uint32_t run_step) {
+void Driver::hand_over(UnitRunner& runner, int from, int to, ComponentOps& used, uint32_t run_step) {
   const auto t0 = Clock::now();
   std::vector<std::pair<const void*, Mat>> moved;  // a view's old data -> its copy
   uint64_t bytes = 0;
-  for (Mat* m : runner.shared_state()) {
+  const std::vector<Mat*> state = runner.shared_state();
+  std::vector<Mat>& left = used.at(from).left;
+  left.clear();
+  for (const Mat* m : state) left.push_back(*m);
+  const std::vector<Mat>& back = used.at(to).left;  // empty: the state was never on `to`
+  Ops& to_ops = *used.at(to).ops;
+  for (size_t i = 0; i < state.size(); ++i) {
+    Mat* m = state[i];
     if (m->data == nullptr) continue;
     const auto same =
         std::find_if(moved.begin(), moved.end(), [&](const auto& p) { return p.first == m->data; });
@@ -268,7 +282,9 @@ void Driver::hand_over(UnitRunner& runner, int from, int to, Ops& to_ops, uint32
     }
     QTOOL_ASSERT_MSG(m->dense(), "a forward's shared state [", m->rows, ", ", m->cols,
                      "] is not a dense buffer");
-    const Mat dst = to_ops.alloc(m->rows, m->cols, m->dtype);
+    const bool fits = i < back.size() && back[i].data && back[i].rows == m->rows && back[i].cols == m->cols &&
+                      back[i].dtype == m->dtype;
+    const Mat dst = fits ? back[i] : to_ops.alloc(m->rows, m->cols, m->dtype);
     platform_.transfer(from, *m, to, dst);
     bytes += static_cast<uint64_t>(m->rows * m->cols) * m->elem_bytes();
     moved.emplace_back(m->data, dst);
@@ -291,7 +307,7 @@ void Driver::run_units(uint32_t ci, uint32_t run_step, size_t pass, const Compon
     if (!steps.empty() && schedule_.steps[steps.front()].device != device) {
       const int next = schedule_.steps[steps.front()].device;
       Ops& ops = ops_on(ci, next, used);
-      hand_over(runner, device, next, ops, run_step);
+      hand_over(runner, device, next, used, run_step);
       unit_ops.rebind(ops);
       device = next;
     }

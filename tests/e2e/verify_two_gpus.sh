@@ -3,7 +3,8 @@
 # every unit runs on the GPU the plan puts it on, and the forward's state crosses between units.
 #   - a Flux transformer (flux --scale 0.1, nf4) planned `balanced` at a budget where both GPUs
 #     stream at least half of their blocks;
-#   - a tiny Llama (nf4) `balanced` with everything resident;
+#   - a tiny Llama (nf4) `balanced` with everything resident, and a tied one (its head runs with the
+#     embedding it shares, on GPU 0: the state goes to GPU 1 and comes back);
 #   - a tiny FluxPipeline (bf16) `balanced`: the encoders, the transformer and the VAE's linears.
 # Each: every check passes, the output equals the one-GPU plan's bit for bit (the CPU ops are the
 # same), and the bytes handed between GPUs per step are the forward's state (planner
@@ -51,6 +52,8 @@ fi
 "$QTOOL" synth --preset tiny --seed "$SEED" -o "$WORK/t" -q
 "$QTOOL" quantize "$WORK/t" --scheme nf4 -o "$WORK/tq" -q
 "$QTOOL" synth --preset tiny-flux --seed "$SEED" -o "$WORK/p" -q
+"$QTOOL" synth --preset llama-tied --scale 0.1 --seed "$SEED" -o "$WORK/lt" -q
+"$QTOOL" quantize "$WORK/lt" --scheme nf4 -o "$WORK/ltq" -q
 
 # The smallest GPU budget for two GPUs, from the error for a 1 KiB one.
 set +e
@@ -204,6 +207,7 @@ for gpu, (blocks, streamed) in sorted(per.items()):
 assert len(per) == 2, per
 PY
 run llama "$WORK/tq" "0=1GiB,1=1GiB" 2 "streamed == resident,peak memory"
+run llama-tied "$WORK/ltq" "0=1GiB,1=1GiB" 2 "streamed == resident,peak memory"
 run pipeline "$WORK/p" "0=1GiB,1=1GiB" 1 "peak memory"
 [ "$fails" -eq 0 ] || { echo "$fails failure(s)"; exit 1; }
 echo "ok"
