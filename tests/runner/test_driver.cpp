@@ -6,8 +6,10 @@
 
 #include <cstring>
 #include <set>
+#include <variant>
 
 #include "qtool/formats/error.hpp"
+#include "qtool/planner/arch.hpp"
 #include "qtool/runner/cpu_ops.hpp"
 #include "qtool/runner/driver.hpp"
 #include "qtool/runner/executor.hpp"
@@ -433,5 +435,57 @@ TEST_CASE("the driver's forwards on the frameworks' inputs give the frameworks' 
       CAPTURE(name);
       CHECK(j.ok);
     }
+  }
+}
+
+TEST_CASE(
+    "a plan over two GPUs: each unit on its GPU's ops, the state handed over as the planner prices it") {
+  test::TempDir dir("driver-two");
+  auto backend = make_cpu_backend(2);
+  for (const std::string preset : {"tiny", "tiny-flux"}) {
+    CAPTURE(preset);
+    const auto bf16 = test::synth(dir.path, preset, 21);
+    const Checkpoint ckpt =
+        Checkpoint::open(test::quantize(bf16, dir.path / (preset + "-nf4"), {"nf4", "nf4"}));
+    const uint64_t tokens = 12;
+    const Schedule two = build_schedule(ckpt, test::plan_streamed(ckpt, 0.3, 0.5, tokens, 2, 2));
+    const Schedule one = build_schedule(ckpt, test::plan_streamed(ckpt, 0.3, 0.5, tokens, 2, 1));
+    // The bytes the planner prices for each change of GPU inside a component with a forward (a
+    // Flux change just before proj_out also carries norm_out's output, which only proj_out reads).
+    uint64_t expected = 0, crossings = 0;
+    for (size_t i = 1; i < two.steps.size(); ++i) {
+      const ExecStep &a = two.steps[i - 1], &b = two.steps[i];
+      if (a.component != b.component || a.device == b.device) continue;
+      const Component& comp = ckpt.components()[b.component];
+      const auto arch = planner::arch_of(comp);
+      if (!arch) continue;  // linears only: each GPU makes its own input
+      ++crossings;
+      const DType dt = planner::model_dtype(*arch, comp);
+      expected += planner::handover_bytes(*arch, 1, static_cast<int64_t>(tokens), dt);
+      if (const auto* f = std::get_if<planner::FluxArch>(&*arch); f && b.modules.front() == "proj_out")
+        expected += tokens * static_cast<uint64_t>(f->dim()) * dtype_size(dt);
+    }
+    REQUIRE(crossings > 0);
+    RunOptions o;
+    o.tokens = tokens;
+    o.steps = 2;
+    o.seed = 9;
+    const auto [planned, resident] = test::run_planned_and_resident(*backend, ckpt, two, o);
+    const RunResult single = backend->run(ckpt, one, o);
+    // The CPU ops compute alike on every "GPU": every op of every unit, and the outputs, as on one.
+    CHECK(planned.unit_digests == single.unit_digests);
+    CHECK(planned.unit_digests == resident.unit_digests);
+    CHECK(planned.digests == single.digests);
+    for (size_t ci = 0; ci < planned.components.size(); ++ci)
+      CHECK(planned.components[ci].output.bytes == single.components[ci].output.bytes);
+    CHECK(planned.peer_bytes_per_step == expected);
+    REQUIRE(planned.peer_ms.size() == 2);
+    CHECK(single.peer_bytes_per_step == 0);
+    // Both GPUs' ops ran forward units and held activations.
+    std::set<int> gpus;
+    for (const ComponentRun& c : planned.components)
+      for (const auto& [gpu, bytes] : c.activation_peak_by_gpu)
+        if (bytes > 0) gpus.insert(gpu);
+    CHECK(gpus == std::set<int>{0, 1});
   }
 }
