@@ -145,11 +145,13 @@ std::vector<double> column_error_variance(const DequantParams& p, WeightKind ref
   return total;
 }
 
-double error_spread(const DequantParams& p, WeightKind ref_kind, const std::vector<uint16_t>& x, uint64_t ldx,
-                    uint64_t tokens, ThreadPool& pool) {
+ErrorVariance error_variance(const DequantParams& p, WeightKind ref_kind, const std::vector<uint16_t>& x,
+                             uint64_t ldx, uint64_t tokens, ThreadPool& pool) {
   const uint64_t rows = p.rows, cols = p.cols;
-  if (rows == 0 || cols == 0 || tokens == 0) return 0;
-  QTOOL_ASSERT(x.size() >= (tokens - 1) * ldx + cols);
+  ErrorVariance out;
+  out.col.assign(cols, 0.0);
+  if (rows == 0 || cols == 0) return out;
+  QTOOL_ASSERT(tokens == 0 || x.size() >= (tokens - 1) * ldx + cols);
   // s_j = sum_t x[t,j]^2, q_j = sum_t x[t,j]^4, g_t = sum_j x[t,j]^2.
   std::vector<double> s(cols, 0.0), q(cols, 0.0);
   double trace = 0, sum_g_sq = 0;
@@ -165,17 +167,17 @@ double error_spread(const DequantParams& p, WeightKind ref_kind, const std::vect
     trace += g;
     sum_g_sq += g * g;
   }
-  if (!(trace > 0) || !std::isfinite(trace)) return 0;
   const ElementVariance var(p, ref_kind);
   std::mutex mu;
   double sum_m_sq = 0, sum_n = 0;
   pool.parallel_for(rows, std::max<uint64_t>(1, 4096 / cols), [&](size_t r0, size_t r1) {
-    std::vector<double> v(cols);
+    std::vector<double> v(cols), local(cols, 0.0);
     double local_m_sq = 0, local_n = 0;
     for (uint64_t r = r0; r < r1; ++r) {
       var.row(r, v.data());
       double m = 0, n = 0;
       for (uint64_t j = 0; j < cols; ++j) {
+        local[j] += v[j];
         m += v[j] * s[j];
         n += v[j] * v[j] * (s[j] * s[j] - q[j]);
       }
@@ -183,10 +185,13 @@ double error_spread(const DequantParams& p, WeightKind ref_kind, const std::vect
       local_n += n;
     }
     std::lock_guard<std::mutex> lock(mu);
+    for (uint64_t j = 0; j < cols; ++j) out.col[j] += local[j];
     sum_m_sq += local_m_sq;
     sum_n += local_n;
   });
-  return std::sqrt(2.0 * (sum_m_sq * sum_g_sq / (trace * trace) + sum_n));
+  if (trace > 0 && std::isfinite(trace))
+    out.spread_sq = std::sqrt(2.0 * (sum_m_sq * sum_g_sq / (trace * trace) + sum_n));
+  return out;
 }
 
 double ErrorPrediction::rel_error() const {

@@ -80,10 +80,9 @@ LayerResult compare_layer(const Setup& s, const Checkpoint& ref, const RunResult
   r.direct_mismatch = compared && !(yq.digest == planned.digests[0][li]);
   std::vector<uint16_t> x(s.tokens * ldx);
   cpu::generate_activation(kmath::activation_stream(seed), s.tokens, ldx, 0, l.in(), x.data(), pool);
-  const std::vector<double> col_var = column_error_variance(qp, rp.kind, pool);
-  const double spread = error_spread(qp, rp.kind, x, ldx, s.tokens, pool);
+  const ErrorVariance var = error_variance(qp, rp.kind, x, ldx, s.tokens, pool);
   const ErrorPrediction e =
-      predict_and_measure(yq.y, yr.y, x, ldx, s.tokens, l.in(), col_var, spread, l.params.kind);
+      predict_and_measure(yq.y, yr.y, x, ldx, s.tokens, l.in(), var.col, var.spread_sq, l.params.kind);
   r.ok = e.within();
   const bool must_match = !l.quantized() && l.params.kind == rp.kind;
   if (must_match && yq.y != yr.y) {

@@ -179,8 +179,11 @@ TEST_CASE("the error model predicts the measured error of every scheme and flags
     const LayerRun yr = backend->run_layer(rp, tokens, cols, 5, 0);
     std::vector<uint16_t> x(tokens * cols);
     cpu::generate_activation(kmath::activation_stream(5), tokens, cols, 0, cols, x.data(), pool);
-    const auto col_var = column_error_variance(qp, WeightKind::Bf16, pool);
-    const double spread = error_spread(qp, WeightKind::Bf16, x, cols, tokens, pool);
+    const ErrorVariance var = error_variance(qp, WeightKind::Bf16, x, cols, tokens, pool);
+    const std::vector<double>& col_var = var.col;
+    const double spread = var.spread_sq;
+    // One pass gives the columns' variances as column_error_variance does.
+    CHECK(col_var == column_error_variance(qp, WeightKind::Bf16, pool));
     const ErrorPrediction e =
         predict_and_measure(yq.y, yr.y, x, cols, tokens, cols, col_var, spread, qp.kind);
     std::printf("%s%s%s: measured %.4f predicted %.4f\n", std::string(quant::scheme_name(so.scheme)).c_str(),
@@ -235,7 +238,7 @@ TEST_CASE("the error bound covers the spread of a layer whose error sits in one 
     const LayerRun yr = backend->run_layer(rp, tokens, cols, s, 0);
     std::vector<uint16_t> x(tokens * cols);
     cpu::generate_activation(kmath::activation_stream(s), tokens, cols, 0, cols, x.data(), pool);
-    const double spread = error_spread(qp, WeightKind::Bf16, x, cols, tokens, pool);
+    const double spread = error_variance(qp, WeightKind::Bf16, x, cols, tokens, pool).spread_sq;
     const ErrorPrediction e =
         predict_and_measure(yq.y, yr.y, x, cols, tokens, cols, col_var, spread, qp.kind);
     CHECK(e.within());
@@ -267,6 +270,6 @@ TEST_CASE("the error bound covers the spread of a layer whose error sits in one 
   const LayerRun yr = backend->run_layer(rp, tokens, cols, 0, 0);
   std::vector<uint16_t> x(tokens * cols);
   cpu::generate_activation(kmath::activation_stream(0), tokens, cols, 0, cols, x.data(), pool);
-  const double spread = error_spread(qp, WeightKind::Bf16, x, cols, tokens, pool);
+  const double spread = error_variance(qp, WeightKind::Bf16, x, cols, tokens, pool).spread_sq;
   CHECK_FALSE(predict_and_measure(yc.y, yr.y, x, cols, tokens, cols, col_var, spread, qp.kind).within());
 }

@@ -61,16 +61,21 @@ inline double error_bound_factor(WeightKind kind) {
 // reference weight's storage (a non-bf16 reference is rounded to bf16 before its GEMM too).
 std::vector<double> column_error_variance(const DequantParams& params, WeightKind ref_kind, ThreadPool& pool);
 
-// The standard deviation of ||y_q - y_ref||^2 under the model (the spread above) for the weight
-// `params` run on x (bf16 bits, [tokens, ldx], first params.cols columns used).
-double error_spread(const DequantParams& params, WeightKind ref_kind, const std::vector<uint16_t>& x,
-                    uint64_t ldx, uint64_t tokens, ThreadPool& pool);
+// column_error_variance and, for the weight run on x (bf16 bits, [tokens, ldx], first params.cols
+// columns used), the standard deviation of ||y_q - y_ref||^2 under the model (the spread above),
+// in one pass over the weight.
+struct ErrorVariance {
+  std::vector<double> col;  // [cols], as column_error_variance
+  double spread_sq = 0;
+};
+ErrorVariance error_variance(const DequantParams& params, WeightKind ref_kind, const std::vector<uint16_t>& x,
+                             uint64_t ldx, uint64_t tokens, ThreadPool& pool);
 
 struct ErrorPrediction {
   double sum_sq_ref = 0;     // ||y_ref||^2
   double sum_sq_err = 0;     // ||y_q - y_ref||^2 (measured)
   double predicted_sq = 0;   // E ||y_q - y_ref||^2 (model)
-  double spread_sq = 0;      // its standard deviation (model), from error_spread
+  double spread_sq = 0;      // its standard deviation (model), ErrorVariance::spread_sq
   double rel_error() const;  // sqrt(sum_sq_err / sum_sq_ref), 0 when both are 0
   double predicted_rel() const;
   double factor = kErrorBoundFactor;
@@ -79,8 +84,8 @@ struct ErrorPrediction {
 };
 
 // Compares the two outputs (bf16 bits, [tokens, out]) of one layer: x is the activation it ran
-// on (bf16 bits, [tokens, ldx], first `in` columns used), `col_var` from column_error_variance,
-// `spread_sq` from error_spread (0 leaves the draw's spread out). `kind` is the quantized weight's
+// on (bf16 bits, [tokens, ldx], first `in` columns used), `col_var` and `spread_sq` from
+// error_variance (a spread of 0 leaves the draw's spread out). `kind` is the quantized weight's
 // (it sets the bound's factor).
 ErrorPrediction predict_and_measure(const std::vector<uint16_t>& y_q, const std::vector<uint16_t>& y_ref,
                                     const std::vector<uint16_t>& x, uint64_t ldx, uint64_t tokens,
