@@ -129,13 +129,11 @@ Planner::SearchResult Planner::search() const {
   const std::vector<uint32_t> ks_leaf =
       opt_.prefetch ? std::vector<uint32_t>{*opt_.prefetch} : std::vector<uint32_t>{1, 2, 4, 8};
   // With several GPUs, streaming through every GPU's slots or through one GPU only (the others
-  // then hold no slots at all). `balanced` asks for an even load: every GPU streams its part, and
-  // one GPU streams everything only when no such plan fits.
+  // then hold no slots at all).
   std::vector<int32_t> streams = {-1};
   if (gpu_budget_.size() > 1) {
     for (size_t pos = 0; pos < gpu_budget_.size(); ++pos) streams.push_back(static_cast<int32_t>(pos));
   }
-  const bool even = opt_.strategy == Strategy::Balanced && gpu_budget_.size() > 1;
   for (int32_t st : streams) {
     if (block) {
       for (uint32_t n : ns) {
@@ -154,7 +152,6 @@ Planner::SearchResult Planner::search() const {
     return a.peak_sum < b.peak_sum;
   };
   for (const Candidate& c : cands) {
-    if (even && c.stream >= 0 && r.best.ok) break;  // candidates are ordered: every GPU streaming first
     const size_t M = n_offloadable_;
     const Outcome all = place(c, M, false);
     if (!all.ok) {

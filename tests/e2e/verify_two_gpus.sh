@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # qtool verify of plans over two GPUs on the CPU backend (each "GPU" has its own ops and memory):
 # every unit runs on the GPU the plan puts it on, and the forward's state crosses between units.
-#   - a Flux transformer (flux --scale 0.1, nf4) planned `balanced` at a budget where both GPUs
-#     stream at least half of their blocks;
+#   - a Flux transformer (flux --scale 0.25, nf4) planned `balanced` at the first budget (from the
+#     smallest up, in steps of 5%) where both GPUs stream at least half of their blocks;
 #   - a tiny Llama (nf4) `balanced` with everything resident, and a tied one (its head runs with the
 #     embedding it shares, on GPU 0: the state goes to GPU 1 and comes back);
 #   - a tiny FluxPipeline (bf16) `balanced`: the encoders, the transformer and the VAE's linears.
@@ -11,7 +11,7 @@
 # handover_bytes: the stream, RoPE tables, ...) at each change of GPU inside a component, as the
 # report and the trace's "peer copy" events give them.
 # With BACKEND cuda (label gpu; skipped, exit 77, without two GPUs) the same on two real GPUs with
-# the GPUs' own device profile and a larger Flux (--scale 0.25); the outputs then agree with the
+# the GPUs' own device profile; the outputs then agree with the
 # one-GPU run's within the forward's tolerance (relative RMS 2e-2) rather than bit for bit.
 #   verify_two_gpus.sh QTOOL [BACKEND]
 set -eu
@@ -41,13 +41,9 @@ p = {"format": "qtool-device-profile", "version": 1, "name": "test-small", "devi
 json.dump(p, open(sys.argv[1], "w"))
 PY
 P="--device-profile $WORK/small.json --tokens 16"
-SCALE=0.1
-if [ "$BACKEND" = cuda ]; then
-  P="--tokens 16"
-  SCALE=0.25
-fi
+[ "$BACKEND" = cuda ] && P="--tokens 16"
 
-"$QTOOL" synth --preset flux --scale $SCALE --components transformer --seed "$SEED" -o "$WORK/f" -q
+"$QTOOL" synth --preset flux --scale 0.25 --components transformer --seed "$SEED" -o "$WORK/f" -q
 "$QTOOL" quantize "$WORK/f" --scheme nf4 -o "$WORK/fq" -q
 "$QTOOL" synth --preset tiny --seed "$SEED" -o "$WORK/t" -q
 "$QTOOL" quantize "$WORK/t" --scheme nf4 -o "$WORK/tq" -q
@@ -61,7 +57,34 @@ set +e
 set -e
 lo=$(sed -n 's/.*Smallest budget that fits: --max-memory 0=\([0-9]*\).*/\1/p' "$WORK/err")
 [ -n "$lo" ] || { echo "FAIL: no smallest budget: $(cat "$WORK/err")"; exit 1; }
-b=$((lo * 116 / 100))
+# Blocks streamed of the blocks each GPU runs, "GPU:STREAMED/BLOCKS ...", and whether each GPU
+# streams at least half of its own.
+streams() {
+  python3 - "$1" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))
+per = {}
+for s in p["schedule"]:
+    m = s["modules"][0]
+    if m.startswith("transformer_blocks.") or m.startswith("single_transformer_blocks."):
+        n = per.setdefault(s["gpu"], [0, 0])
+        n[0] += 1
+        n[1] += s["group"] >= 0
+ok = len(per) == 2 and all(2 * st >= n for n, st in per.values())
+print(" ".join(f"{g}:{st}/{n}" for g, (n, st) in sorted(per.items())), "yes" if ok else "no")
+PY
+}
+b=""
+for f in $(seq 100 5 300); do
+  try=$((lo * f / 100))
+  "$QTOOL" plan "$WORK/fq" $P --device-map balanced --max-memory "0=$try,1=$try,cpu=1GiB" -o "$WORK/scan.json" -q
+  if [ "$(streams "$WORK/scan.json" | awk '{print $NF}')" = yes ]; then
+    b=$try
+    echo "both GPUs stream at least half their blocks at $f% of the smallest budget: $(streams "$WORK/scan.json")"
+    break
+  fi
+done
+[ -n "$b" ] || { echo "FAIL: no budget up to 3 x the smallest streams half the blocks on each GPU"; exit 1; }
 
 fails=0
 # run NAME CKPT MAXMEM STEPS CHECKS: verify the two-GPU plan and the one-GPU plan, compare.
@@ -189,23 +212,7 @@ PY
   fi
 }
 
-run flux "$WORK/fq" "0=$b,1=$b" 2 "streamed == resident,peak memory"
-# Both GPUs stream at least half of their blocks.
-python3 - "$WORK/flux-2.json" <<'PY' || fails=$((fails + 1))
-import json, sys
-p = json.load(open(sys.argv[1]))
-per = {}
-for s in p["schedule"]:
-    m = s["modules"][0]
-    if m.startswith("transformer_blocks.") or m.startswith("single_transformer_blocks."):
-        n = per.setdefault(s["gpu"], [0, 0])
-        n[0] += 1
-        n[1] += s["group"] >= 0
-for gpu, (blocks, streamed) in sorted(per.items()):
-    print(f"gpu {gpu}: {streamed} of {blocks} blocks streamed")
-    assert streamed * 2 >= blocks, "FAIL: a GPU streams less than half of its blocks"
-assert len(per) == 2, per
-PY
+run flux "$WORK/fq" "0=$b,1=$b" 1 "streamed == resident,peak memory"
 run llama "$WORK/tq" "0=1GiB,1=1GiB" 2 "streamed == resident,peak memory"
 run llama-tied "$WORK/ltq" "0=1GiB,1=1GiB" 2 "streamed == resident,peak memory"
 run pipeline "$WORK/p" "0=1GiB,1=1GiB" 1 "peak memory"

@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 #   rms_once, rms_twice: bit-identical for most seeds; on some, a few elements in 10^5 one ulp
 #     apart (torch sums the squares in float32 in its own order, this backend in double); in
 #     f16, rms_twice's inner 1-ulp difference can become 2 ulp after the product with w (|w| < 2);
-#   layer_norm, modulate: ~0.005 % of elements 1 ulp apart (reduction order / rsqrt);
+#   layer_norm, modulate: ~0.005 % of elements 1 ulp apart (reduction order / rsqrt); modulate's
+#     can grow where the shift cancels (below);
 #   gelu_tanh: ~0.6 % differ where torch's vectorised tanhf saturates to -1 earlier than glibc's
 #     (x < -5: torch -0, ours ~-1.5e-7); elsewhere within 1 ulp;
 #   gelu_new: torch CPU computes x**3 of a bf16 tensor as ⟦⟦x·x⟧·x⟧ (two roundings), MODELS.md
@@ -46,7 +47,10 @@ LIMITS = {
     "rms_twice": (1e-4, 2, 0.05),
     "layer_norm": (1e-3, 1, 0.05),
     "layer_norm_no_affine": (1e-3, 1, 0.05),
-    "modulate": (1e-3, 1, 0.05),
+    # A 1-ulp difference of the normalised value stays one ulp of the product with (1 + scale),
+    # and where the shift cancels most of that product it is several ulps of the smaller result:
+    # bf16 measured 4 (|d| 0.0039, 1 element in 98685, 2026-12-05), f16 up to 8.
+    "modulate": (1e-3, 16, 0.05),
     "silu": (1e-3, 1, 1e-2),
     "gelu_tanh": (1e-2, 1, 1e-6),
     "gelu_new": (2e-2, 256, 0.25),
@@ -58,9 +62,8 @@ LIMITS = {
     "linear": (1.0, None, None),
 }
 # f16 (finer ulps) where it differs: gelu_tanh's tanhf ulp differences reach the result (1 ulp,
-# |d| <= 6.1e-5); modulate's 1-ulp difference of the normalised value, after the product and the
-# shift, is up to 8 result ulps where the shift cancels it (|d| <= 0.001).
-LIMITS_F16 = dict(LIMITS, gelu_tanh=(1e-2, 1, 1e-4), modulate=(1e-3, 16, 0.05))
+# |d| <= 6.1e-5).
+LIMITS_F16 = dict(LIMITS, gelu_tanh=(1e-2, 1, 1e-4))
 
 
 def ulps(a, b):

@@ -35,8 +35,7 @@
 // step time = a simulation of the copy stream (slots freed as steps finish) and the compute
 // stream (a step waits for its group's copy and the previous step, plus a peer copy when the GPU
 // changes inside a component: its forward's state, handover_bytes, or a linears-only component's
-// input). With several GPUs, `balanced` streams through every GPU's slots (each streams the
-// offloaded units in its part of the order); through one GPU only when no such plan fits.
+// input).
 //
 // Infeasible budgets throw Error(InvalidInput) with the shortfall in bytes and the smallest
 // budget that would fit.
