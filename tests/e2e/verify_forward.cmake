@@ -60,7 +60,11 @@ add_test(NAME e2e_verify_transformer_folder COMMAND bash ${VF} transformer-folde
 set_tests_properties(e2e_verify_transformer_folder PROPERTIES LABELS e2e TIMEOUT 300 FIXTURES_REQUIRED verify_forward)
 # Plans over two GPUs (verify_two_gpus.sh): each unit on its own GPU's ops, the forward's state
 # handed between them, the output equal to the one-GPU plan's.
-add_test(NAME e2e_verify_two_gpus COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/verify_two_gpus.sh ${QTOOL_EXE})
+# The Flux transformer's part (flux --scale 0.25: about 10 s optimised, minutes under the
+# sanitizers) has the label `long`, which the default suite runs and the sanitizer build does not.
+add_test(NAME e2e_verify_two_gpus COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/verify_two_gpus.sh ${QTOOL_EXE} cpu models)
 set_tests_properties(e2e_verify_two_gpus PROPERTIES LABELS e2e TIMEOUT 300)
+add_test(NAME e2e_verify_two_gpus_flux COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/verify_two_gpus.sh ${QTOOL_EXE} cpu flux)
+set_tests_properties(e2e_verify_two_gpus_flux PROPERTIES LABELS long TIMEOUT 300)
 add_test(NAME gpu_verify_two_gpus COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/verify_two_gpus.sh ${QTOOL_EXE} cuda)
 set_tests_properties(gpu_verify_two_gpus PROPERTIES LABELS gpu TIMEOUT 600 SKIP_RETURN_CODE 77)
