@@ -169,8 +169,8 @@ class CudaPlatform final : public Platform {
   uint64_t pinned_bytes() const { return pinned_; }
 
   void transfer(int src_device, const Mat& src, int dst_device, const Mat& dst) override {
-    QTOOL_ASSERT(src.dense() && dst.dense() && src.rows == dst.rows && src.cols == dst.cols &&
-                 src.dtype == dst.dtype && src_device != dst_device);
+    check_transfer(src, dst);
+    QTOOL_ASSERT(src_device != dst_device);
     Gpu& s = gpu(src_device);
     Gpu& d = gpu(dst_device);
     const size_t bytes = static_cast<size_t>(src.rows * src.cols) * src.elem_bytes();

@@ -147,8 +147,7 @@ class CpuPlatform final : public Platform {
   }
   void release_ops() override { ops_.clear(); }
   void transfer(int, const Mat& src, int, const Mat& dst) override {
-    QTOOL_ASSERT(src.dense() && dst.dense() && src.rows == dst.rows && src.cols == dst.cols &&
-                 src.dtype == dst.dtype);
+    check_transfer(src, dst);
     const auto t0 = std::chrono::steady_clock::now();
     std::memcpy(dst.data, src.data, static_cast<size_t>(src.rows * src.cols) * src.elem_bytes());
     transfer_ms_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

@@ -59,10 +59,8 @@ class LinearRunner final : public UnitRunner {
   const std::vector<std::string>& units() const override { return names_; }
   const std::vector<size_t>& steps() const { return steps_; }
   // The bytes of H and y on `device` (0 where it runs none of the linears).
-  uint64_t in_bytes(int device) const { return max_.count(device) ? tokens_ * max_.at(device).first * 2 : 0; }
-  uint64_t out_bytes(int device) const {
-    return max_.count(device) ? tokens_ * max_.at(device).second * 2 : 0;
-  }
+  uint64_t in_bytes(int device) const { return tokens_ * largest(device).first * 2; }
+  uint64_t out_bytes(int device) const { return tokens_ * largest(device).second * 2; }
   void begin(Ops& ops, int device, uint32_t run_step) override {
     run_step_ = run_step;
     moved_to(ops, device);
@@ -85,13 +83,12 @@ class LinearRunner final : public UnitRunner {
   void end(Ops&, ComponentRun&) override {}
   std::vector<Mat*> shared_state() override { return {}; }
   void moved_to(Ops& ops, int device) override {
-    const auto it = max_.find(device);
-    if (it == max_.end() || it->second.first == 0) return;
+    const auto [max_in, max_out] = largest(device);
+    if (max_in == 0) return;
     if (const auto made = made_.find(device); made != made_.end()) {  // back on a GPU: its buffers stay
       std::tie(h_, y_) = made->second;
       return;
     }
-    const auto [max_in, max_out] = it->second;
     h_ = ops.alloc(static_cast<int64_t>(tokens_), static_cast<int64_t>(max_in), DType::BF16);
     y_ = ops.alloc(static_cast<int64_t>(tokens_), static_cast<int64_t>(max_out), DType::BF16);
     std::vector<uint16_t> host(tokens_ * max_in);
@@ -109,6 +106,12 @@ class LinearRunner final : public UnitRunner {
   std::vector<LayerDigest>* digests_;
   std::vector<size_t> steps_;
   std::vector<std::string> names_;
+  // The largest in and out of the linears on `device` (0, 0 where none).
+  std::pair<uint64_t, uint64_t> largest(int device) const {
+    const auto it = max_.find(device);
+    return it == max_.end() ? std::pair<uint64_t, uint64_t>{0, 0} : it->second;
+  }
+
   std::map<int, std::pair<uint64_t, uint64_t>> max_;  // per GPU: its linears' largest in and out
   std::map<int, std::pair<Mat, Mat>> made_;           // per GPU: its H and y
   uint32_t run_step_ = 0;
@@ -252,7 +255,7 @@ ComponentUnits Driver::component_units(uint32_t ci, uint32_t run_step, size_t pa
 
 Ops& Driver::ops_on(uint32_t ci, int device, ComponentOps& used) {
   Ops& ops = platform_.ops(device, ops_need_[ci]);
-  auto [it, fresh] = used.try_emplace(device, OpsInUse{&ops, 0});
+  auto [it, fresh] = used.try_emplace(device, OpsInUse{&ops, 0, {}});
   if (fresh) {
     it->second.mark = ops.mark();
     ops.reset_peak();
@@ -365,7 +368,6 @@ void Driver::run_component(uint32_t ci, uint32_t run_step, size_t pass) {
   for (auto& [d, in_use] : used) {
     uint64_t& peak = run.activation_peak_by_gpu[d];
     peak = std::max(peak, in_use.ops->peak_bytes());
-    run.activation_peak_bytes = std::max(run.activation_peak_bytes, peak);
     in_use.ops->release(in_use.mark);
   }
   if (run_step == 0) ++run.passes;

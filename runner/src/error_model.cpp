@@ -13,8 +13,9 @@ namespace {
 // The bf16 rounding of a value v: variance <= v^2 * 4^-7 / 12 (relative spacing at most 2^-7).
 constexpr double kBf16RelVar = 1.0 / (16384.0 * 12.0);
 
-// Widths of the intervals of [-1, 1] that round to each code of a 16-entry table: between the
-// midpoints to the neighbouring values in sorted order, the outermost ending at -1 and 1.
+// Widths of the intervals of [-1, 1] that round to each entry of an n-entry table (a 4-bit code
+// table, or double quant's 256-entry dynamic map): between the midpoints to the neighbouring
+// values in sorted order, the outermost ending at -1 and 1.
 void code_widths(const float* table, size_t n, double* width) {
   std::vector<std::pair<double, size_t>> sorted;
   for (size_t i = 0; i < n; ++i) sorted.emplace_back(table[i], i);
@@ -46,17 +47,7 @@ class ElementVariance {
     if (!is_4bit(p.kind)) return;
     resolve_tables(p, code_table_, nested_map_);
     code_widths(code_table_, 16, width_);
-    // The dynamic map is ascending; half-gaps to its neighbours, the ends at +-1.
-    std::vector<std::pair<double, size_t>> sorted;
-    for (size_t i = 0; i < 256; ++i) sorted.emplace_back(nested_map_[i], i);
-    std::sort(sorted.begin(), sorted.end());
-    for (size_t k = 0; k < 256; ++k) {
-      const double lo =
-          k == 0 ? std::min(-1.0, sorted[0].first) : 0.5 * (sorted[k - 1].first + sorted[k].first);
-      const double hi =
-          k + 1 == 256 ? std::max(1.0, sorted[k].first) : 0.5 * (sorted[k].first + sorted[k + 1].first);
-      nested_width_[sorted[k].second] = std::max(0.0, hi - lo);
-    }
+    code_widths(nested_map_, 256, nested_width_);  // the absmax's dynamic map, likewise
   }
 
   // Row r's variances into v[cols]; a non-finite one (a garbage scale) counts as 0.
@@ -127,24 +118,6 @@ class ElementVariance {
 
 }  // namespace
 
-std::vector<double> column_error_variance(const DequantParams& p, WeightKind ref_kind, ThreadPool& pool) {
-  const uint64_t rows = p.rows, cols = p.cols;
-  std::vector<double> total(cols, 0.0);
-  if (rows == 0 || cols == 0) return total;
-  const ElementVariance var(p, ref_kind);
-  std::mutex mu;
-  pool.parallel_for(rows, std::max<uint64_t>(1, 4096 / cols), [&](size_t r0, size_t r1) {
-    std::vector<double> local(cols, 0.0), v(cols);
-    for (uint64_t r = r0; r < r1; ++r) {
-      var.row(r, v.data());
-      for (uint64_t c = 0; c < cols; ++c) local[c] += v[c];
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    for (uint64_t c = 0; c < cols; ++c) total[c] += local[c];
-  });
-  return total;
-}
-
 ErrorVariance error_variance(const DequantParams& p, WeightKind ref_kind, const std::vector<uint16_t>& x,
                              uint64_t ldx, uint64_t tokens, ThreadPool& pool) {
   const uint64_t rows = p.rows, cols = p.cols;
@@ -192,6 +165,10 @@ ErrorVariance error_variance(const DequantParams& p, WeightKind ref_kind, const 
   if (trace > 0 && std::isfinite(trace))
     out.spread_sq = std::sqrt(2.0 * (sum_m_sq * sum_g_sq / (trace * trace) + sum_n));
   return out;
+}
+
+std::vector<double> column_error_variance(const DequantParams& p, WeightKind ref_kind, ThreadPool& pool) {
+  return error_variance(p, ref_kind, {}, 0, 0, pool).col;
 }
 
 double ErrorPrediction::rel_error() const {

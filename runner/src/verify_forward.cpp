@@ -331,7 +331,7 @@ ForwardReference compare_forward_with_reference(const Component& quantized, cons
   if (!fwd || fwd->architecture() != run.architecture)
     fail(ErrorKind::InvalidInput, "--reference: component '", reference.name(), "' in ",
          reference.dir().string(), " is not a ", run.architecture, " (its config.json)");
-  auto ops = make_cpu_ops(pool, 2 * run.activation_peak_bytes + (16u << 20));
+  auto ops = make_cpu_ops(pool, 2 * run.activation_peak_bytes() + (16u << 20));
   MappedWeights ref_weights(reference, tied);
   const std::vector<float> y_ref = as_f32(run_forward(*fwd, *ops, ref_weights, run.inputs));
   const std::vector<float> y_q = as_f32(run.output);
@@ -402,7 +402,7 @@ ForwardReference compare_pipeline_with_reference(const Checkpoint& quantized, co
     return schedule.tied[static_cast<size_t>(qc - quantized.components().data())];
   };
   uint64_t peak = 0;
-  for (const ComponentRun& c : run.components) peak = std::max(peak, c.activation_peak_bytes);
+  for (const ComponentRun& c : run.components) peak = std::max(peak, c.activation_peak_bytes());
   auto ops = make_cpu_ops(pool, 2 * peak + (16u << 20));
   const std::vector<float> y_q = as_f32(run.pipeline.images);
   const std::vector<float> y_ref = run_pipeline(reference, run, tokens, *ops, [&](const Component& c) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <utility>
 
 #include "qtool/formats/error.hpp"
 #include "qtool/formats/json.hpp"
@@ -102,19 +103,18 @@ struct StepTimes {
 
 StepTimes step_times(const Setup& s, const RunResult& planned, const std::vector<double>& planned_ms,
                      const std::vector<double>& resident_ms) {
+  // The median of the steps after the first (which warms caches and loads kernels), when any.
+  const auto steady = [](std::vector<double> ms) {
+    if (ms.size() >= 2) ms.erase(ms.begin());
+    return median(std::move(ms));
+  };
   StepTimes t;
-  std::vector<double> ms = planned_ms;
-  if (ms.size() >= 2) ms.erase(ms.begin());  // the first step warms caches and loads kernels
-  t.measured = median(ms);
+  t.measured = steady(planned_ms);
   t.predicted = s.plan.predicted_step_s * 1000.0;
   t.ratio = t.predicted > 0 ? t.measured / t.predicted : 0.0;
-  std::vector<double> rms = resident_ms;
-  if (rms.size() >= 2) rms.erase(rms.begin());
-  t.resident = median(rms);
+  t.resident = steady(resident_ms);
   t.gbps = t.measured > 0 ? static_cast<double>(planned.h2d_bytes_per_step) / (t.measured * 1e6) : 0.0;
-  std::vector<double> peer = planned.peer_ms;
-  if (peer.size() >= 2) peer.erase(peer.begin());
-  t.peer_ms = median(peer);
+  t.peer_ms = steady(planned.peer_ms);
   t.peer_gbps = t.peer_ms > 0 ? static_cast<double>(planned.peer_bytes_per_step) / (t.peer_ms * 1e6) : 0.0;
   t.profile_p2p_gbps = s.plan.profile.p2p_gbps;
   return t;
@@ -158,11 +158,11 @@ std::string check_phase_activations(const Setup& s, const planner::PhasePlan& ph
           if (ri.name.rfind(planner::kForwardActivationPrefix, 0) == 0) b += ri.bytes;
         plan_bytes = std::max(plan_bytes, b);
       }
-      const bool ok = c.activation_peak_bytes <= plan_bytes;
+      const bool ok = c.activation_peak_bytes() <= plan_bytes;
       if (!ok) ++over;
-      one["activation_peak_bytes"] = c.activation_peak_bytes;
+      one["activation_peak_bytes"] = c.activation_peak_bytes();
       one["planned_activation_bytes"] = plan_bytes;
-      detail += str_cat(", ", ph.name, " activations ", format_size(c.activation_peak_bytes), " of ",
+      detail += str_cat(", ", ph.name, " activations ", format_size(c.activation_peak_bytes()), " of ",
                         format_size(plan_bytes), ok ? "" : " OVER");
     }
   }
@@ -254,7 +254,7 @@ void check_peak_memory(const Setup& s, const RunResult& planned, const std::vect
     for (const ComponentRun& c : planned.components)
       if (c.forward)
         phase_peaks += str_cat(phase_peaks.empty() ? "; forward activations per phase: " : ", ", c.component,
-                               " ", format_size(c.activation_peak_bytes));
+                               " ", format_size(c.activation_peak_bytes()));
   detail += phase_peaks;
   if (by_phase) {
     json plan_phases = json::array();
@@ -291,7 +291,7 @@ void report_phases(const RunResult& planned, const std::vector<Phase>& phases, C
                 {"nonfinite", p.nonfinite},
                 {"streamed_vs_resident_mismatches", p.mismatches},
                 {"unread_tensors", c ? c->unread_tensors.size() : 0},
-                {"activation_peak_bytes", c ? c->activation_peak_bytes : 0}};
+                {"activation_peak_bytes", c ? c->activation_peak_bytes() : 0}};
     if (j.contains("forward_reference"))
       for (const json& fr : j["forward_reference"])
         if (fr["component"] == p.component) one["reference"] = fr;

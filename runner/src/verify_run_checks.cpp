@@ -143,14 +143,14 @@ void report_components(const RunResult& run, Checks& checks) {
       cj["architecture"] = c.architecture;
       cj["units"] = c.units;
       cj["output"] = {{"name", c.output.name}, {"shape", c.output.shape}, {"dtype", "F32"}};
-      cj["activation_peak_bytes"] = c.activation_peak_bytes;
+      cj["activation_peak_bytes"] = c.activation_peak_bytes();
       std::string shape;
       for (int64_t d : c.output.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
       cj["passes"] = c.passes;
       checks.log(str_cat("  ", name, ": ", c.architecture, " forward, ", c.units.size(), " units",
                          c.passes > 1 ? str_cat(" x ", c.passes, " passes") : std::string(), ", output ",
                          c.output.name, " [", shape, "], activations ",
-                         format_size(c.activation_peak_bytes)));
+                         format_size(c.activation_peak_bytes())));
     } else {
       checks.log(str_cat("  ", name, ": linears only (no forward for its architecture yet)"));
     }

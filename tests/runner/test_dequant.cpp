@@ -153,6 +153,33 @@ TEST_CASE("dequantization equals libquant's on garbage bytes: NaN codes, NaN and
   }
 }
 
+namespace {
+
+// A plain bf16 weight [rows, cols] over `bytes`: the original a quantized one is compared with.
+DequantParams bf16_weight(uint64_t rows, uint64_t cols, const std::vector<uint8_t>& bytes) {
+  DequantParams p;
+  p.kind = WeightKind::Bf16;
+  p.rows = rows;
+  p.cols = cols;
+  p.weight = bytes.data();
+  return p;
+}
+
+// `run` and the original `ref` on the activations of `seed` (tokens x ref.cols), compared by the
+// error model of the quantized weight `model` (`run` itself, or a corrupted copy of it).
+ErrorPrediction compare(Backend& backend, const DequantParams& run, const DequantParams& model,
+                        const DequantParams& ref, uint64_t tokens, uint64_t seed, ThreadPool& pool) {
+  const uint64_t cols = ref.cols;
+  const LayerRun yq = backend.run_layer(run, tokens, cols, seed, 0);
+  const LayerRun yr = backend.run_layer(ref, tokens, cols, seed, 0);
+  std::vector<uint16_t> x(tokens * cols);
+  cpu::generate_activation(kmath::activation_stream(seed), tokens, cols, 0, cols, x.data(), pool);
+  const ErrorVariance var = error_variance(model, WeightKind::Bf16, x, cols, tokens, pool);
+  return predict_and_measure(yq.y, yr.y, x, cols, tokens, cols, var.col, var.spread_sq, model.kind);
+}
+
+}  // namespace
+
 TEST_CASE("the error model predicts the measured error of every scheme and flags corruption") {
   const uint64_t seed = 31337;
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
@@ -170,22 +197,13 @@ TEST_CASE("the error model predicts the measured error of every scheme and flags
         write_linears(b.dir.path / "w.safetensors", so, DType::BF16, {{rows, cols}}, rng, false, &originals);
     const quant::QuantizedLinear ql = quant::find_quantized_linears(comp).at(0);
     const DequantParams qp = quantized_params(ql, comp);
-    DequantParams rp;
-    rp.kind = WeightKind::Bf16;
-    rp.rows = rows;
-    rp.cols = cols;
-    rp.weight = originals[0].data();
-    const LayerRun yq = backend->run_layer(qp, tokens, cols, 5, 0);
-    const LayerRun yr = backend->run_layer(rp, tokens, cols, 5, 0);
+    const DequantParams rp = bf16_weight(rows, cols, originals[0]);
+    // One pass gives the columns' variances as column_error_variance does.
     std::vector<uint16_t> x(tokens * cols);
     cpu::generate_activation(kmath::activation_stream(5), tokens, cols, 0, cols, x.data(), pool);
-    const ErrorVariance var = error_variance(qp, WeightKind::Bf16, x, cols, tokens, pool);
-    const std::vector<double>& col_var = var.col;
-    const double spread = var.spread_sq;
-    // One pass gives the columns' variances as column_error_variance does.
-    CHECK(col_var == column_error_variance(qp, WeightKind::Bf16, pool));
-    const ErrorPrediction e =
-        predict_and_measure(yq.y, yr.y, x, cols, tokens, cols, col_var, spread, qp.kind);
+    CHECK(error_variance(qp, WeightKind::Bf16, x, cols, tokens, pool).col ==
+          column_error_variance(qp, WeightKind::Bf16, pool));
+    const ErrorPrediction e = compare(*backend, qp, qp, rp, tokens, 5, pool);
     std::printf("%s%s%s: measured %.4f predicted %.4f\n", std::string(quant::scheme_name(so.scheme)).c_str(),
                 so.double_quant ? " dq" : "", so.per_tensor ? " per-tensor" : "", e.rel_error(),
                 e.predicted_rel());
@@ -197,10 +215,7 @@ TEST_CASE("the error model predicts the measured error of every scheme and flags
     for (size_t i = 0; i < corrupt.size(); i += 10) corrupt[i] = static_cast<uint8_t>(corrupt[i] ^ 0x5A);
     DequantParams cp = qp;
     cp.weight = corrupt.data();
-    const LayerRun yc = backend->run_layer(cp, tokens, cols, 5, 0);
-    const ErrorPrediction ec =
-        predict_and_measure(yc.y, yr.y, x, cols, tokens, cols, col_var, spread, qp.kind);
-    CHECK_FALSE(ec.within());
+    CHECK_FALSE(compare(*backend, cp, qp, rp, tokens, 5, pool).within());
   }
 }
 
@@ -224,23 +239,12 @@ TEST_CASE("the error bound covers the spread of a layer whose error sits in one 
                                          std::memcpy(w.data() + (5 * cols + 7) * 2, &big, 2);
                                        });
   const DequantParams qp = quantized_params(quant::find_quantized_linears(comp).at(0), comp);
-  DequantParams rp;
-  rp.kind = WeightKind::Bf16;
-  rp.rows = rows;
-  rp.cols = cols;
-  rp.weight = originals[0].data();
-  const auto col_var = column_error_variance(qp, WeightKind::Bf16, pool);
+  const DequantParams rp = bf16_weight(rows, cols, originals[0]);
   double worst = 0, widest = 0, sum_err = 0, sum_err_sq = 0, sum_spread = 0;
   int outside_without_spread = 0;
   for (uint64_t s = 0; s < 200; ++s) {
     CAPTURE(s);
-    const LayerRun yq = backend->run_layer(qp, tokens, cols, s, 0);
-    const LayerRun yr = backend->run_layer(rp, tokens, cols, s, 0);
-    std::vector<uint16_t> x(tokens * cols);
-    cpu::generate_activation(kmath::activation_stream(s), tokens, cols, 0, cols, x.data(), pool);
-    const double spread = error_variance(qp, WeightKind::Bf16, x, cols, tokens, pool).spread_sq;
-    const ErrorPrediction e =
-        predict_and_measure(yq.y, yr.y, x, cols, tokens, cols, col_var, spread, qp.kind);
+    const ErrorPrediction e = compare(*backend, qp, qp, rp, tokens, s, pool);
     CHECK(e.within());
     worst = std::max(worst, e.rel_error() / e.predicted_rel());
     widest = std::max(widest, e.bound() / (e.factor * e.predicted_rel()));
@@ -266,10 +270,5 @@ TEST_CASE("the error bound covers the spread of a layer whose error sits in one 
   corrupt[5 * cols + 100] = static_cast<uint8_t>(static_cast<int8_t>(corrupt[5 * cols + 100]) + 40);
   DequantParams cp = qp;
   cp.weight = corrupt.data();
-  const LayerRun yc = backend->run_layer(cp, tokens, cols, 0, 0);
-  const LayerRun yr = backend->run_layer(rp, tokens, cols, 0, 0);
-  std::vector<uint16_t> x(tokens * cols);
-  cpu::generate_activation(kmath::activation_stream(0), tokens, cols, 0, cols, x.data(), pool);
-  const double spread = error_variance(qp, WeightKind::Bf16, x, cols, tokens, pool).spread_sq;
-  CHECK_FALSE(predict_and_measure(yc.y, yr.y, x, cols, tokens, cols, col_var, spread, qp.kind).within());
+  CHECK_FALSE(compare(*backend, cp, qp, rp, tokens, 0, pool).within());
 }

@@ -295,7 +295,7 @@ TEST_CASE(
     const Component& comp = *ckpt.find_component(fwd->component);
     auto forward = make_forward(comp);
     ThreadPool pool(2);
-    auto ops = make_cpu_ops(pool, 2 * fwd->activation_peak_bytes + (16u << 20));
+    auto ops = make_cpu_ops(pool, 2 * fwd->activation_peak_bytes() + (16u << 20));
     MappedWeights weights(comp, s.tied[static_cast<size_t>(&comp - ckpt.components().data())]);
     CHECK(run_forward(*forward, *ops, weights, fwd->inputs).bytes == fwd->output.bytes);
     CHECK(weights.read().size() > 0);

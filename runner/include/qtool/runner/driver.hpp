@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "qtool/formats/checkpoint.hpp"
+#include "qtool/formats/error.hpp"
 #include "qtool/runner/executor.hpp"
 #include "qtool/runner/forward.hpp"
 #include "qtool/runner/ops.hpp"
@@ -95,6 +96,12 @@ struct OpsNeed {
   // dequant_scratch): each GPU the component runs units on has ops of this size.
   uint64_t dequant_scratch_bytes = 0;
 };
+
+// What Platform::transfer is given: two dense views of one shape and dtype (our invariant).
+inline void check_transfer(const Mat& src, const Mat& dst) {
+  QTOOL_ASSERT(src.dense() && dst.dense() && src.rows == dst.rows && src.cols == dst.cols &&
+               src.dtype == dst.dtype);
+}
 
 // What a backend provides to the driver.
 class Platform {

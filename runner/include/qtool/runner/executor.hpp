@@ -14,6 +14,7 @@
 // activation_out for linears-only components), dequant_scratch and the cuBLAS workspace.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -152,8 +153,12 @@ struct ComponentRun {
   std::vector<HostTensor> inputs;                  // the inputs it ran on (forwards)
   HostTensor output;                               // the output of the last run step, F32 (forwards)
   std::vector<HostTensor> more_outputs;            // its other outputs (CLIP's pooler_output)
-  uint64_t activation_peak_bytes = 0;              // Ops::peak_bytes over its run (the largest of any GPU's)
-  std::map<int, uint64_t> activation_peak_by_gpu;  // per GPU it ran units on: its ops' peak
+  std::map<int, uint64_t> activation_peak_by_gpu;  // per GPU it ran units on: its ops' peak (Ops::peak_bytes)
+  uint64_t activation_peak_bytes() const {         // the largest of any GPU's
+    uint64_t peak = 0;
+    for (const auto& [gpu, bytes] : activation_peak_by_gpu) peak = std::max(peak, bytes);
+    return peak;
+  }
   uint32_t passes = 0;  // forward runs per run step (a pipeline's transformer: its steps)
   // Tensors of the component the forward never asked for (every tensor must feed the forward).
   std::vector<std::string> unread_tensors;
